@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds every example guest: guest-examples/<name>/*.c -> OUT_DIR/<name>.wasm,
+# through bin/upstare-cc (the one supported way to build C for UpStare).
+#
+# usage: guest-examples/build.sh [OUT_DIR]   (default: <repo>/target/guests)
+#
+# A guest folder may hold a `build.flags' file: extra upstare-cc flags,
+# whitespace-separated, `#' starting a comment line.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+out=${1:-$root/target/guests}
+
+"$root/scripts/install-toolchain"
+mkdir -p "$out"
+
+shopt -s nullglob
+built=0
+for d in "$here"/*/; do
+    d=${d%/}
+    name=$(basename "$d")
+    [ "$name" = include ] && continue
+    srcs=("$d"/*.c)
+    [ ${#srcs[@]} -gt 0 ] || continue
+    flags=()
+    if [ -f "$d/build.flags" ]; then
+        read -r -a flags <<<"$(grep -v '^[[:space:]]*#' "$d/build.flags" | tr '\n' ' ')"
+    fi
+    "$root/bin/upstare-cc" -Wall -Wextra "${flags[@]}" "${srcs[@]}" -o "$out/$name.wasm"
+    echo "built $out/$name.wasm"
+    built=$((built + 1))
+done
+[ "$built" -gt 0 ] || { echo "build.sh: no guests found under $here" >&2; exit 1; }

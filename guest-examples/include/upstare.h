@@ -1,0 +1,44 @@
+/*
+ * upstare.h: helpers for C programs run under upstare-host.
+ *
+ * bin/upstare-cc puts this folder on the include path, so a guest writes
+ * `#include <upstare.h>`. Everything here is plain C over wasi-libc; a guest
+ * that uses it still builds and runs on any WASI runtime.
+ *
+ * This header is where guest-side UpStare helpers belong as they come (for
+ * example, the naming convention for user-written state transformers, which
+ * does not exist yet). Today it holds only the listener lookup below.
+ */
+#ifndef UPSTARE_H
+#define UPSTARE_H
+
+#include <sys/stat.h>
+
+/*
+ * Returns the n-th (0-based) preopened TCP listener, or -1 if there is none.
+ *
+ * WASI preview 1 cannot create or bind sockets; the host opens listeners for
+ * the guest. upstare-host, like the wasmtime CLI, numbers them from fd 3 in
+ * the order of its --tcplisten flags, before any preopened directories. The
+ * scan does not rely on that exact numbering: it counts the descriptors from
+ * 3 up that fstat() reports as sockets, so it also works if a runtime puts
+ * them elsewhere below 1024.
+ *
+ * Call it at startup, before accepting: an accepted connection is a socket
+ * too and would be counted from then on.
+ */
+static inline int upstare_listener_fd(int n)
+{
+    int seen = 0;
+    for (int fd = 3; fd < 1024; fd++) {
+        struct stat st;
+        if (fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode))
+            continue;
+        if (seen == n)
+            return fd;
+        seen++;
+    }
+    return -1;
+}
+
+#endif /* UPSTARE_H */

@@ -1,0 +1,591 @@
+/*
+ * kv: an in-memory key-value server speaking a line protocol over TCP.
+ *
+ * One thread, one poll() loop, many connections, on a listener the host
+ * preopens (see upstare.h). It is the long-running, stateful guest for
+ * UpStare's update tests: its store lives on the heap, reachable from one
+ * global, and connections carry partial input and pending output across
+ * loop iterations. The protocol is described in guest-examples/README.md.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <upstare.h>
+
+#define READ_CHUNK 4096
+/* A client that sends this much without a newline is not speaking the
+   protocol; dropping it bounds the memory one connection can take. */
+#define MAX_LINE (1024 * 1024)
+/* Past this much unsent output, stop reading that client until it catches
+   up, so a client that pipelines requests but never reads cannot make the
+   server buffer without bound. */
+#define OUTPUT_HIGH_WATER (1024 * 1024)
+#define DEFAULT_MAX_CONNS 1024
+/* wasi-libc's poll() puts 80 bytes per descriptor on the shadow stack; the
+   1 MiB stack this guest is linked with (see build.flags) bounds this. */
+#define LIMIT_MAX_CONNS 4096
+#define INITIAL_BUCKETS 16
+
+/* ---- the store ----------------------------------------------------------- */
+
+struct entry {
+    struct entry *next;
+    uint32_t hash;
+    size_t key_len;
+    size_t value_len;
+    char *key;
+    char *value;
+};
+
+struct table {
+    struct entry **buckets;
+    size_t nbuckets; /* a power of two */
+    size_t count;
+};
+
+/* Everything the server knows hangs off this one global. */
+static struct table *store;
+
+static void die(const char *what)
+{
+    fprintf(stderr, "kv: %s\n", what);
+    exit(1);
+}
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p)
+        die("out of memory");
+    return p;
+}
+
+static void *xrealloc(void *old, size_t n)
+{
+    void *p = realloc(old, n ? n : 1);
+    if (!p)
+        die("out of memory");
+    return p;
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n, size);
+    if (!p)
+        die("out of memory");
+    return p;
+}
+
+static char *copy_bytes(const char *s, size_t n)
+{
+    char *p = xmalloc(n + 1);
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p;
+}
+
+/* FNV-1a: short keys, no adversary, and cheap. */
+static uint32_t hash_bytes(const char *s, size_t n)
+{
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 16777619u;
+    }
+    return h;
+}
+
+static struct table *table_new(void)
+{
+    struct table *t = xmalloc(sizeof *t);
+    t->nbuckets = INITIAL_BUCKETS;
+    t->buckets = xcalloc(t->nbuckets, sizeof *t->buckets);
+    t->count = 0;
+    return t;
+}
+
+static struct entry **table_slot(struct table *t, const char *key, size_t key_len, uint32_t h)
+{
+    struct entry **p = &t->buckets[h & (t->nbuckets - 1)];
+    while (*p && !((*p)->hash == h && (*p)->key_len == key_len &&
+                   memcmp((*p)->key, key, key_len) == 0))
+        p = &(*p)->next;
+    return p;
+}
+
+static void table_grow(struct table *t)
+{
+    size_t n = t->nbuckets * 2;
+    struct entry **b = xcalloc(n, sizeof *b);
+    for (size_t i = 0; i < t->nbuckets; i++) {
+        struct entry *e = t->buckets[i];
+        while (e) {
+            struct entry *next = e->next;
+            struct entry **head = &b[e->hash & (n - 1)];
+            e->next = *head;
+            *head = e;
+            e = next;
+        }
+    }
+    free(t->buckets);
+    t->buckets = b;
+    t->nbuckets = n;
+}
+
+static void table_set(struct table *t, const char *key, size_t key_len, const char *value,
+                      size_t value_len)
+{
+    uint32_t h = hash_bytes(key, key_len);
+    struct entry **slot = table_slot(t, key, key_len, h);
+    if (*slot) {
+        free((*slot)->value);
+        (*slot)->value = copy_bytes(value, value_len);
+        (*slot)->value_len = value_len;
+        return;
+    }
+    struct entry *e = xmalloc(sizeof *e);
+    e->next = NULL;
+    e->hash = h;
+    e->key = copy_bytes(key, key_len);
+    e->key_len = key_len;
+    e->value = copy_bytes(value, value_len);
+    e->value_len = value_len;
+    *slot = e;
+    t->count++;
+    /* grow after linking in, so the slot pointer above stayed valid */
+    if (t->count > t->nbuckets / 4 * 3)
+        table_grow(t);
+}
+
+static struct entry *table_get(struct table *t, const char *key, size_t key_len)
+{
+    return *table_slot(t, key, key_len, hash_bytes(key, key_len));
+}
+
+static int table_del(struct table *t, const char *key, size_t key_len)
+{
+    struct entry **slot = table_slot(t, key, key_len, hash_bytes(key, key_len));
+    struct entry *e = *slot;
+    if (!e)
+        return 0;
+    *slot = e->next;
+    free(e->key);
+    free(e->value);
+    free(e);
+    t->count--;
+    return 1;
+}
+
+/* ---- connections --------------------------------------------------------- */
+
+enum conn_state {
+    CONN_OPEN,
+    CONN_CLOSING, /* no more input; close once the output is sent */
+    CONN_DEAD,    /* close now */
+};
+
+struct conn {
+    int fd;
+    int nonblocking;
+    enum conn_state state;
+    char *in;
+    size_t in_len;
+    size_t in_cap;
+    char *out;
+    size_t out_len;
+    size_t out_sent;
+    size_t out_cap;
+};
+
+static struct conn **conns;
+static size_t nconns;
+static size_t max_conns = DEFAULT_MAX_CONNS;
+static struct pollfd *pfds;
+static int listener = -1;
+static int listener_nonblocking;
+static int shutdown_requested;
+
+static int set_nonblocking(int fd)
+{
+    int flags = fcntl(fd, F_GETFL);
+    return flags >= 0 && fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0;
+}
+
+static size_t pending_output(const struct conn *c)
+{
+    return c->out_len - c->out_sent;
+}
+
+static void out_append(struct conn *c, const char *s, size_t n)
+{
+    if (c->out_sent == c->out_len)
+        c->out_sent = c->out_len = 0;
+    if (c->out_len + n > c->out_cap) {
+        size_t cap = c->out_cap ? c->out_cap : 256;
+        while (cap < c->out_len + n)
+            cap *= 2;
+        c->out = xrealloc(c->out, cap);
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, s, n);
+    c->out_len += n;
+}
+
+static void reply(struct conn *c, const char *s)
+{
+    out_append(c, s, strlen(s));
+    out_append(c, "\n", 1);
+}
+
+static void conn_flush(struct conn *c)
+{
+    while (pending_output(c) > 0) {
+        ssize_t n = send(c->fd, c->out + c->out_sent, pending_output(c), 0);
+        if (n > 0) {
+            c->out_sent += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n == 0 || errno == EAGAIN || errno == EWOULDBLOCK) {
+            return; /* poll for POLLOUT and try again */
+        } else {
+            c->state = CONN_DEAD;
+            return;
+        }
+    }
+    c->out_sent = c->out_len = 0;
+}
+
+/* ---- the protocol --------------------------------------------------------- */
+
+struct args {
+    const char *p;
+    size_t n;
+};
+
+static int word_is(const char *w, size_t n, const char *name)
+{
+    return strlen(name) == n && strncasecmp(w, name, n) == 0;
+}
+
+static void skip_spaces(struct args *a)
+{
+    while (a->n > 0 && a->p[0] == ' ') {
+        a->p++;
+        a->n--;
+    }
+}
+
+static int only_spaces_left(struct args a)
+{
+    skip_spaces(&a);
+    return a.n == 0;
+}
+
+/* Takes the next space-delimited word; returns its length (0: none). */
+static size_t take_word(struct args *a, const char **word)
+{
+    skip_spaces(a);
+    size_t n = 0;
+    while (n < a->n && a->p[n] != ' ')
+        n++;
+    *word = a->p;
+    a->p += n;
+    a->n -= n;
+    return n;
+}
+
+static void handle_line(struct conn *c, const char *line, size_t len)
+{
+    if (len > 0 && line[len - 1] == '\r')
+        len--;
+    struct args a = {line, len};
+    const char *cmd;
+    size_t cmd_len = take_word(&a, &cmd);
+    if (cmd_len == 0)
+        return; /* blank lines get no reply */
+
+    const char *key;
+    size_t key_len;
+    if (word_is(cmd, cmd_len, "SET")) {
+        key_len = take_word(&a, &key);
+        /* the value is everything after the one space that ends the key */
+        if (key_len == 0 || a.n == 0) {
+            reply(c, "ERROR usage: SET <key> <value>");
+            return;
+        }
+        table_set(store, key, key_len, a.p + 1, a.n - 1);
+        reply(c, "OK");
+    } else if (word_is(cmd, cmd_len, "GET")) {
+        key_len = take_word(&a, &key);
+        if (key_len == 0 || !only_spaces_left(a)) {
+            reply(c, "ERROR usage: GET <key>");
+            return;
+        }
+        struct entry *e = table_get(store, key, key_len);
+        if (!e) {
+            reply(c, "NOT_FOUND");
+            return;
+        }
+        out_append(c, "VALUE ", 6);
+        out_append(c, e->value, e->value_len);
+        out_append(c, "\n", 1);
+    } else if (word_is(cmd, cmd_len, "DEL")) {
+        key_len = take_word(&a, &key);
+        if (key_len == 0 || !only_spaces_left(a)) {
+            reply(c, "ERROR usage: DEL <key>");
+            return;
+        }
+        reply(c, table_del(store, key, key_len) ? "DELETED" : "NOT_FOUND");
+    } else if (word_is(cmd, cmd_len, "COUNT")) {
+        if (!only_spaces_left(a)) {
+            reply(c, "ERROR usage: COUNT");
+            return;
+        }
+        char buf[40];
+        snprintf(buf, sizeof buf, "COUNT %zu", store->count);
+        reply(c, buf);
+    } else if (word_is(cmd, cmd_len, "QUIT")) {
+        reply(c, "BYE");
+        c->state = CONN_CLOSING;
+    } else if (word_is(cmd, cmd_len, "SHUTDOWN")) {
+        reply(c, "BYE");
+        c->state = CONN_CLOSING;
+        shutdown_requested = 1;
+    } else {
+        reply(c, "ERROR unknown command");
+    }
+}
+
+/* Runs every complete line in the input buffer, keeping a partial last line
+   for the next read: one read may hold many commands, or part of one. */
+static void process_input(struct conn *c)
+{
+    size_t start = 0;
+    while (c->state == CONN_OPEN && !shutdown_requested) {
+        char *nl = memchr(c->in + start, '\n', c->in_len - start);
+        if (!nl)
+            break;
+        size_t len = (size_t)(nl - (c->in + start));
+        handle_line(c, c->in + start, len);
+        start += len + 1;
+    }
+    if (c->state != CONN_OPEN || shutdown_requested) {
+        c->in_len = 0; /* whatever follows QUIT is not answered */
+        return;
+    }
+    memmove(c->in, c->in + start, c->in_len - start);
+    c->in_len -= start;
+    if (c->in_len > MAX_LINE) {
+        reply(c, "ERROR line too long");
+        c->state = CONN_CLOSING;
+        c->in_len = 0;
+    }
+}
+
+static void conn_read(struct conn *c)
+{
+    if (c->in_cap - c->in_len < READ_CHUNK) {
+        c->in_cap = c->in_len + READ_CHUNK;
+        c->in = xrealloc(c->in, c->in_cap);
+    }
+    ssize_t n = recv(c->fd, c->in + c->in_len, READ_CHUNK, 0);
+    if (n > 0) {
+        c->in_len += (size_t)n;
+        process_input(c);
+    } else if (n == 0) {
+        /* The client has finished sending. A last line without its newline
+           still counts, and replies already due are still sent. */
+        if (c->in_len > 0)
+            handle_line(c, c->in, c->in_len);
+        c->in_len = 0;
+        if (c->state == CONN_OPEN)
+            c->state = CONN_CLOSING;
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        c->state = CONN_DEAD;
+    }
+}
+
+static void conn_add(int fd)
+{
+    struct conn *c = xcalloc(1, sizeof *c);
+    c->fd = fd;
+    /* Blocking connections still work, since reads and writes only follow
+       poll() readiness; non-blocking ones also cope with partial sends. */
+    c->nonblocking = set_nonblocking(fd);
+    c->state = CONN_OPEN;
+    conns[nconns++] = c;
+}
+
+static void conn_free(struct conn *c)
+{
+    close(c->fd);
+    free(c->in);
+    free(c->out);
+    free(c);
+}
+
+static void accept_new(void)
+{
+    while (nconns < max_conns) {
+        struct sockaddr_storage addr;
+        socklen_t addr_len = sizeof addr;
+        /* this wasi-libc writes through addr and addr_len unchecked, so
+           they must not be NULL */
+        int fd = accept(listener, (struct sockaddr *)&addr, &addr_len);
+        if (fd >= 0) {
+            conn_add(fd);
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return;
+        } else if (errno != EINTR && errno != ECONNABORTED) {
+            fprintf(stderr, "kv: accept: %s\n", strerror(errno));
+            return;
+        }
+        /* a blocking listener may only be asked once per readiness */
+        if (!listener_nonblocking)
+            return;
+    }
+}
+
+/* Closes finished connections and packs the survivors, keeping their order. */
+static void sweep(void)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < nconns; i++) {
+        struct conn *c = conns[i];
+        if (c->state == CONN_DEAD || (c->state == CONN_CLOSING && pending_output(c) == 0))
+            conn_free(c);
+        else
+            conns[kept++] = c;
+    }
+    nconns = kept;
+}
+
+static void shutdown_all(void)
+{
+    for (size_t i = 0; i < nconns; i++) {
+        /* one last try at sending replies (the BYE to SHUTDOWN among them),
+           without waiting on slow clients */
+        if (conns[i]->state != CONN_DEAD)
+            conn_flush(conns[i]);
+        conn_free(conns[i]);
+    }
+    nconns = 0;
+    close(listener);
+    printf("kv: shutdown\n");
+    fflush(stdout);
+}
+
+static void serve(void)
+{
+    for (;;) {
+        size_t n = 0;
+        int listening = nconns < max_conns;
+        if (listening) {
+            pfds[n].fd = listener;
+            pfds[n].events = POLLIN;
+            pfds[n].revents = 0;
+            n++;
+        }
+        size_t first_conn = n;
+        for (size_t i = 0; i < nconns; i++) {
+            struct conn *c = conns[i];
+            short ev = 0;
+            if (c->state == CONN_OPEN && pending_output(c) < OUTPUT_HIGH_WATER)
+                ev |= POLLIN;
+            if (pending_output(c) > 0)
+                ev |= POLLOUT;
+            /* never 0: sweep() removed every connection with nothing to do,
+               and wasi-libc's poll() rejects an entry that asks for nothing */
+            pfds[n].fd = c->fd;
+            pfds[n].events = ev;
+            pfds[n].revents = 0;
+            n++;
+        }
+
+        if (poll(pfds, n, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            fprintf(stderr, "kv: poll: %s\n", strerror(errno));
+            exit(1);
+        }
+
+        for (size_t i = 0; i < nconns && !shutdown_requested; i++) {
+            struct conn *c = conns[i];
+            short re = pfds[first_conn + i].revents;
+            if (re & POLLNVAL) {
+                c->state = CONN_DEAD;
+                continue;
+            }
+            /* On hangup or error a read still drains what arrived before,
+               then reports end of stream or the error itself. */
+            if ((re & (POLLIN | POLLHUP | POLLERR)) && c->state == CONN_OPEN)
+                conn_read(c);
+            else if ((re & POLLERR) && c->state == CONN_CLOSING)
+                c->state = CONN_DEAD;
+            /* A hangup seen while closing may be only the client's half-close:
+               keep sending, and let send() say whether anyone is left. */
+            /* replies just produced usually fit in the socket buffer, so try
+               now rather than after another poll() */
+            if (c->state != CONN_DEAD && pending_output(c) > 0)
+                conn_flush(c);
+        }
+
+        if (shutdown_requested) {
+            shutdown_all();
+            return;
+        }
+        if (listening && (pfds[0].revents & (POLLIN | POLLHUP | POLLERR)))
+            accept_new();
+        sweep();
+    }
+}
+
+static void usage(void)
+{
+    fprintf(stderr, "usage: kv [--max-conns N]   (N from 1 to %d, default %d)\n", LIMIT_MAX_CONNS,
+            DEFAULT_MAX_CONNS);
+    exit(2);
+}
+
+int main(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *v = NULL;
+        if (strcmp(argv[i], "--max-conns") == 0 && i + 1 < argc)
+            v = argv[++i];
+        else if (strncmp(argv[i], "--max-conns=", 12) == 0)
+            v = argv[i] + 12;
+        else
+            usage();
+        char *end;
+        long m = strtol(v, &end, 10);
+        if (*v == '\0' || *end != '\0' || m < 1 || m > LIMIT_MAX_CONNS)
+            usage();
+        max_conns = (size_t)m;
+    }
+
+    listener = upstare_listener_fd(0);
+    if (listener < 0) {
+        fprintf(stderr, "kv: no preopened TCP listener (start the host with --tcplisten ADDR)\n");
+        return 1;
+    }
+    listener_nonblocking = set_nonblocking(listener);
+
+    store = table_new();
+    conns = xcalloc(max_conns, sizeof *conns);
+    pfds = xcalloc(max_conns + 1, sizeof *pfds);
+
+    printf("kv: listening on fd %d\n", listener);
+    fflush(stdout);
+
+    serve();
+    return 0;
+}
