@@ -1,0 +1,80 @@
+//! The `upstare-host` command line: parsing, and dispatch to one module per
+//! subcommand. `upstare-host app.wasm` means `upstare-host run app.wasm`.
+
+mod run;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for bad input: a missing or invalid module, a bad flag.
+pub const EXIT_BAD_INPUT: u8 = 2;
+
+/// Runs C programs compiled to wasm32-wasi, ready to be updated live.
+///
+/// `upstare-host [OPTIONS] app.wasm [ARGS...]` is short for
+/// `upstare-host run [OPTIONS] app.wasm [ARGS...]`.
+#[derive(Parser, Debug)]
+#[command(name = "upstare-host", version, about, long_about = None)]
+#[command(after_help = "Without a subcommand, `run` is assumed: `upstare-host app.wasm` runs app.wasm.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Run(run::RunArgs),
+}
+
+/// The subcommand names; anything else in first position is a module path
+/// or a `run` option.
+const SUBCOMMANDS: &[&str] = &["run", "help"];
+
+/// Puts `run` in front of the arguments unless a subcommand or a top-level
+/// flag is already there.
+fn with_default_subcommand(mut args: Vec<OsString>) -> Vec<OsString> {
+    let first = args.get(1).and_then(|a| a.to_str());
+    let explicit = match first {
+        None => true,
+        Some(a) => SUBCOMMANDS.contains(&a) || matches!(a, "-h" | "--help" | "-V" | "--version"),
+    };
+    if !explicit {
+        args.insert(1, "run".into());
+    }
+    args
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    init_logging();
+    let args = with_default_subcommand(std::env::args_os().collect());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_BAD_INPUT) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run::execute(args),
+    }
+}
+
+/// Host diagnostics go to stderr, filtered by `UPSTARE_LOG` (e.g.
+/// `UPSTARE_LOG=debug`); nothing is printed by default.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UPSTARE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Prints a one-line error and returns the bad-input exit status.
+fn bad_input(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_BAD_INPUT)
+}

@@ -1,0 +1,139 @@
+//! `upstare-host run`: run a module to completion, its exit status becoming
+//! the host's.
+
+use std::ffi::OsString;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::bad_input;
+use crate::{new_engine, Exit, Guest, GuestConfig, GuestModule, PreopenDir, GUEST_THREAD_STACK};
+
+/// Exit status when the guest traps (as a C program that aborts).
+const EXIT_TRAP: u8 = 134;
+/// Exit status when the host itself fails.
+const EXIT_HOST_ERROR: u8 = 1;
+
+/// Run a WebAssembly module (a C program built for wasm32-wasi).
+///
+/// Options come before the module; everything after the module is passed
+/// to the guest as its arguments. Listeners from --tcplisten get guest fds
+/// 3, 4, ... in order, then each --dir gets the next fd.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Give the guest a host directory, as GUEST (default: the HOST path
+    /// as written). Paths outside it are refused.
+    #[arg(long = "dir", value_name = "HOST[::GUEST]")]
+    dirs: Vec<String>,
+
+    /// Set an environment variable for the guest; `--env NAME` passes the
+    /// host's value of NAME.
+    #[arg(long = "env", value_name = "NAME[=VALUE]")]
+    env: Vec<String>,
+
+    /// Listen on a TCP address and hand the listener to the guest.
+    #[arg(long = "tcplisten", value_name = "ADDR")]
+    tcplisten: Vec<String>,
+
+    /// The module, then the guest's arguments.
+    #[arg(required = true, value_name = "WASM", trailing_var_arg = true, allow_hyphen_values = true)]
+    module_and_args: Vec<OsString>,
+}
+
+fn parse_dir(spec: &str) -> PreopenDir {
+    match spec.split_once("::") {
+        Some((host, guest)) => PreopenDir { host: host.into(), guest: guest.into() },
+        None => PreopenDir { host: spec.into(), guest: spec.into() },
+    }
+}
+
+fn parse_env(spec: &str) -> Option<(String, String)> {
+    match spec.split_once('=') {
+        Some((k, v)) => Some((k.into(), v.into())),
+        None => std::env::var(spec).ok().map(|v| (spec.into(), v)),
+    }
+}
+
+fn bind(spec: &str) -> Result<TcpListener, String> {
+    let addr: SocketAddr = spec
+        .parse()
+        .map_err(|_| format!("invalid --tcplisten address `{spec}` (expected IP:PORT, e.g. 127.0.0.1:8080)"))?;
+    TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} for --tcplisten: {e}"))
+}
+
+/// Runs the command.
+pub fn execute(args: RunArgs) -> ExitCode {
+    let mut words = args.module_and_args.into_iter();
+    let Some(module_path) = words.next().map(PathBuf::from) else {
+        return bad_input("no module given");
+    };
+    let mut guest_args = vec![module_path.to_string_lossy().into_owned()];
+    for w in words {
+        match w.into_string() {
+            Ok(s) => guest_args.push(s),
+            Err(w) => return bad_input(format!("guest argument {w:?} is not valid UTF-8")),
+        }
+    }
+
+    let engine = match new_engine() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: cannot create the engine: {e}");
+            return ExitCode::from(EXIT_HOST_ERROR);
+        }
+    };
+    let module = match GuestModule::load(&engine, &module_path) {
+        Ok(m) => m,
+        Err(e) => return bad_input(e),
+    };
+    let mut config = GuestConfig::new(guest_args);
+    config.env = args.env.iter().filter_map(|s| parse_env(s)).collect();
+    config.dirs = args.dirs.iter().map(|s| parse_dir(s)).collect();
+    for spec in &args.tcplisten {
+        match bind(spec) {
+            Ok(l) => config.listeners.push(l),
+            Err(msg) => return bad_input(msg),
+        }
+    }
+
+    // The guest runs on its own thread: deep C recursion needs a big native
+    // stack, and the main thread stays free to serve the host.
+    let runner = std::thread::Builder::new()
+        .name("guest".into())
+        .stack_size(GUEST_THREAD_STACK)
+        .spawn(move || Guest::new(&engine, &module, config).map(|mut guest| guest.run()));
+    let outcome = match runner.map(|h| h.join()) {
+        Ok(Ok(outcome)) => outcome,
+        _ => {
+            eprintln!("error: the guest thread failed");
+            return ExitCode::from(EXIT_HOST_ERROR);
+        }
+    };
+    match outcome {
+        Err(e) => bad_input(e),
+        Ok(Exit::Status(code)) => exit_status(code),
+        Ok(Exit::Trap(report)) => {
+            eprintln!("error: {report}");
+            ExitCode::from(EXIT_TRAP)
+        }
+        Ok(Exit::Interrupted { call }) => {
+            eprintln!("error: guest interrupted while blocked in `{call}`");
+            ExitCode::from(EXIT_HOST_ERROR)
+        }
+        Ok(Exit::HostError(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(EXIT_HOST_ERROR)
+        }
+    }
+}
+
+/// The guest's status as the host's: statuses outside 0..=255 cannot be
+/// represented by a process and become 1.
+fn exit_status(code: i32) -> ExitCode {
+    match u8::try_from(code) {
+        Ok(c) => ExitCode::from(c),
+        Err(_) => ExitCode::from(1),
+    }
+}

@@ -1,0 +1,66 @@
+//! `upstare-host` runs C programs compiled to wasm32-wasi on wasmtime, with
+//! its own WASI preview1 layer, and (in later stages) pauses and updates
+//! them while they run.
+//!
+//! The crate is a library first; the `upstare-host` binary is a thin CLI
+//! over it. To run a guest from Rust:
+//!
+//! ```no_run
+//! use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule};
+//!
+//! let engine = new_engine()?;
+//! let module = GuestModule::load(&engine, "app.wasm".as_ref())?;
+//! let mut config = GuestConfig::new(vec!["app.wasm".into()]);
+//! config.env.push(("GREETING".into(), "hello".into()));
+//! let mut guest = Guest::new(&engine, &module, config)?;
+//! match guest.run() {
+//!     Exit::Status(code) => println!("exited with {code}"),
+//!     other => eprintln!("{other:?}"),
+//! }
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
+//! Run guests on a thread with a large stack ([`GUEST_THREAD_STACK`]):
+//! wasm frames live on the native stack, and C programs recurse deeply.
+//!
+//! Modules:
+//! - [`module`]: reading, validating and compiling a guest;
+//! - [`process`]: a guest process and running it to an exit status;
+//! - [`wasi`]: the WASI preview1 layer;
+//! - [`interrupt`]: waking a blocked guest from another thread;
+//! - [`trap`]: trap reports with backtraces;
+//! - `cli`: the command line (binary only).
+
+#![deny(missing_docs)]
+
+pub mod interrupt;
+pub mod module;
+pub mod process;
+pub mod trap;
+pub mod wasi;
+
+#[doc(hidden)]
+pub mod cli;
+
+pub use interrupt::InterruptHandle;
+pub use module::{GuestModule, LoadError};
+pub use process::{Exit, Guest, GuestConfig, PreopenDir, SetupError};
+pub use wasi::fd_table::Stdio;
+
+/// Native stack size for threads that run guests.
+pub const GUEST_THREAD_STACK: usize = 64 << 20;
+
+/// How deep wasm may recurse on that stack before trapping with a stack
+/// overflow; the rest is headroom for the host's own frames.
+const MAX_WASM_STACK: usize = 48 << 20;
+
+/// An engine configured the way UpStare runs guests.
+pub fn new_engine() -> anyhow::Result<wasmtime::Engine> {
+    let mut config = wasmtime::Config::new();
+    config.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Enable);
+    // wasmtime checks the limit against the async stack even when guests
+    // run synchronously.
+    config.async_stack_size(MAX_WASM_STACK);
+    config.max_wasm_stack(MAX_WASM_STACK);
+    Ok(wasmtime::Engine::new(&config)?)
+}

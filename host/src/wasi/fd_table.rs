@@ -1,0 +1,219 @@
+//! A process's file descriptor table: what each guest fd refers to.
+//!
+//! Open objects are reference-counted (`Arc`) so that a future fork or dup
+//! shares them the way POSIX does (a prefork server's workers share one
+//! listener). Each entry also keeps what a snapshot needs to describe it
+//! (guest path, listener address), not only the host handle.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use super::abi::{fdflags, filetype, Errno};
+
+/// Where a standard stream of the guest goes.
+#[derive(Debug)]
+pub enum Stdio {
+    /// The host process's own stdin, stdout or stderr.
+    Inherit,
+    /// A descriptor the embedder supplies (a pipe, a file).
+    Fd(OwnedFd),
+}
+
+/// A standard stream as installed in the table.
+#[derive(Debug)]
+pub struct StdStream {
+    /// 0, 1 or 2: which host stream `Stdio::Inherit` stands for.
+    pub index: u8,
+    /// Where it goes.
+    pub target: Stdio,
+}
+
+impl StdStream {
+    /// The host descriptor behind this stream.
+    pub fn host_fd(&self) -> BorrowedFd<'_> {
+        match &self.target {
+            Stdio::Fd(fd) => fd.as_fd(),
+            // SAFETY-free: rustix hands out the process's standard fds with a
+            // 'static lifetime; the host never closes them.
+            Stdio::Inherit => match self.index {
+                0 => rustix::stdio::stdin(),
+                1 => rustix::stdio::stdout(),
+                _ => rustix::stdio::stderr(),
+            },
+        }
+    }
+}
+
+/// A regular file opened through a preopened directory.
+#[derive(Debug)]
+pub struct OpenFile {
+    /// The host file (cap-std opened it inside the sandbox).
+    pub file: std::fs::File,
+    /// The path the guest opened, relative to `dir_fd`'s directory.
+    pub guest_path: String,
+    /// Opened for reading.
+    pub readable: bool,
+    /// Opened for writing.
+    pub writable: bool,
+}
+
+/// A directory: a preopen or one the guest opened below it.
+#[derive(Debug)]
+pub struct OpenDir {
+    /// The sandboxed host directory.
+    pub dir: cap_std::fs::Dir,
+    /// For a preopen, the name the guest sees it under (`--dir HOST::GUEST`).
+    pub preopen_name: Option<String>,
+    /// The path the guest opened, relative to its parent fd (empty for a preopen).
+    pub guest_path: String,
+    /// The entries as listed at cookie 0, so later cookies index a stable list.
+    pub listing: Mutex<Vec<super::fs::DirListing>>,
+}
+
+/// A preopened TCP listener.
+#[derive(Debug)]
+pub struct Listener {
+    /// The host socket, always non-blocking: blocking is done in `wait`.
+    pub socket: TcpListener,
+    /// The address it is bound to.
+    pub addr: SocketAddr,
+}
+
+/// A connected TCP stream accepted by the guest.
+#[derive(Debug)]
+pub struct Stream {
+    /// The host socket, always non-blocking: blocking is done in `wait`.
+    pub socket: TcpStream,
+}
+
+/// What a guest fd refers to.
+#[derive(Debug, Clone)]
+pub enum Object {
+    /// stdin, stdout or stderr.
+    Std(Arc<StdStream>),
+    /// A regular file.
+    File(Arc<OpenFile>),
+    /// A directory.
+    Dir(Arc<OpenDir>),
+    /// A listening socket.
+    Listener(Arc<Listener>),
+    /// A connected socket.
+    Stream(Arc<Stream>),
+}
+
+impl Object {
+    /// The preview1 file type the guest sees.
+    pub fn filetype(&self) -> u8 {
+        match self {
+            Object::Std(s) => {
+                if rustix::termios::isatty(s.host_fd()) {
+                    filetype::CHARACTER_DEVICE
+                } else {
+                    match rustix::fs::fstat(s.host_fd()) {
+                        Ok(st) => host_mode_filetype(st.st_mode),
+                        Err(_) => filetype::UNKNOWN,
+                    }
+                }
+            }
+            Object::File(_) => filetype::REGULAR_FILE,
+            Object::Dir(_) => filetype::DIRECTORY,
+            Object::Listener(_) | Object::Stream(_) => filetype::SOCKET_STREAM,
+        }
+    }
+}
+
+/// Maps a host `st_mode` to a preview1 file type.
+pub fn host_mode_filetype(mode: u32) -> u8 {
+    match rustix::fs::FileType::from_raw_mode(mode) {
+        rustix::fs::FileType::RegularFile => filetype::REGULAR_FILE,
+        rustix::fs::FileType::Directory => filetype::DIRECTORY,
+        rustix::fs::FileType::Symlink => filetype::SYMBOLIC_LINK,
+        rustix::fs::FileType::CharacterDevice => filetype::CHARACTER_DEVICE,
+        rustix::fs::FileType::BlockDevice => filetype::BLOCK_DEVICE,
+        rustix::fs::FileType::Socket => filetype::SOCKET_STREAM,
+        _ => filetype::UNKNOWN,
+    }
+}
+
+/// One slot of the table.
+#[derive(Debug, Clone)]
+pub struct Descriptor {
+    /// The open object.
+    pub object: Object,
+    /// `fdflags` set on this fd (only NONBLOCK and APPEND change behaviour).
+    pub flags: u16,
+}
+
+impl Descriptor {
+    /// Whether calls on this fd return EAGAIN instead of blocking.
+    pub fn nonblocking(&self) -> bool {
+        self.flags & fdflags::NONBLOCK != 0
+    }
+}
+
+/// The table itself: guest fd number -> descriptor.
+#[derive(Debug, Default)]
+pub struct FdTable {
+    slots: Vec<Option<Descriptor>>,
+}
+
+/// The most fds one process may hold, so a leaking guest gets EMFILE rather
+/// than exhausting the host.
+const MAX_FDS: usize = 16 * 1024;
+
+impl FdTable {
+    /// Looks up an fd.
+    pub fn get(&self, fd: u32) -> Result<&Descriptor, Errno> {
+        self.slots
+            .get(fd as usize)
+            .and_then(Option::as_ref)
+            .ok_or(Errno::BADF)
+    }
+
+    /// Looks up an fd for changing its flags.
+    pub fn get_mut(&mut self, fd: u32) -> Result<&mut Descriptor, Errno> {
+        self.slots
+            .get_mut(fd as usize)
+            .and_then(Option::as_mut)
+            .ok_or(Errno::BADF)
+    }
+
+    /// Installs an object at the lowest free fd, as POSIX does.
+    pub fn insert(&mut self, object: Object, flags: u16) -> Result<u32, Errno> {
+        let desc = Descriptor { object, flags };
+        if let Some(i) = self.slots.iter().position(Option::is_none) {
+            self.slots[i] = Some(desc);
+            return Ok(i as u32);
+        }
+        if self.slots.len() >= MAX_FDS {
+            return Err(Errno::MFILE);
+        }
+        self.slots.push(Some(desc));
+        Ok(self.slots.len() as u32 - 1)
+    }
+
+    /// Removes an fd, returning what it held.
+    pub fn remove(&mut self, fd: u32) -> Result<Descriptor, Errno> {
+        self.slots
+            .get_mut(fd as usize)
+            .and_then(Option::take)
+            .ok_or(Errno::BADF)
+    }
+
+    /// Moves `from` onto `to`, closing what `to` held.
+    pub fn renumber(&mut self, from: u32, to: u32) -> Result<(), Errno> {
+        self.get(to)?;
+        let desc = self.remove(from)?;
+        self.slots[to as usize] = Some(desc);
+        Ok(())
+    }
+
+    /// Every open fd, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Descriptor)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.as_ref().map(|d| (i as u32, d)))
+    }
+}

@@ -1,0 +1,164 @@
+//! The host's own `wasi_snapshot_preview1` layer.
+//!
+//! wasmtime-wasi's preview1 layer has no sockets and cannot be interrupted
+//! from another thread, and a live-update host must be able to describe and
+//! rebuild its fd table, so UpStare implements preview1 itself:
+//!
+//! - [`abi`]: errno values, flags and struct layouts;
+//! - [`memory`]: bounds-checked access to guest memory;
+//! - [`fd_table`]: what each guest fd refers to;
+//! - [`fs`]: files and directories, sandboxed by cap-std preopens;
+//! - [`net`]: preopened TCP listeners and accepted connections;
+//! - [`io`]: reads and writes that dispatch on the fd's kind;
+//! - [`poll`]: `poll_oneoff` over clocks, files, stdio and sockets;
+//! - [`proc`]: args, environment, clocks, randomness, exit.
+//!
+//! Each implementation is a plain function over `(&mut WasiCtx, &mut
+//! GuestMemory)` returning `Result<_, CallError>`; [`add_to_linker`] is the
+//! only place that knows about wasmtime.
+//!
+//! Calls that can block wait through the process's
+//! [`Interrupter`](crate::interrupt::Interrupter) and end with
+//! [`CallError::Interrupted`] when the host asks; at the wasm boundary that
+//! becomes an [`Interrupted`] trap that the runner reports.
+
+pub mod abi;
+pub mod fd_table;
+pub mod fs;
+pub mod io;
+pub mod memory;
+pub mod net;
+pub mod poll;
+pub mod proc;
+mod linker;
+
+pub use linker::add_to_linker;
+
+use std::sync::Arc;
+
+use crate::interrupt::Interrupter;
+use abi::Errno;
+use fd_table::{FdTable, Object, StdStream, Stdio};
+
+/// How a WASI call ended without a value for the guest.
+#[derive(Debug)]
+pub enum CallError {
+    /// An error the guest sees as its errno.
+    Errno(Errno),
+    /// The host interrupted a blocking call; the guest sees nothing.
+    Interrupted,
+    /// The guest called `proc_exit`.
+    Exit(i32),
+}
+
+impl From<Errno> for CallError {
+    fn from(e: Errno) -> Self {
+        CallError::Errno(e)
+    }
+}
+
+impl From<std::io::Error> for CallError {
+    fn from(e: std::io::Error) -> Self {
+        CallError::Errno(e.into())
+    }
+}
+
+/// Result of a WASI implementation function.
+pub type CallResult<T = ()> = Result<T, CallError>;
+
+/// The trap a blocking call raises when the host interrupts it in a module
+/// that cannot unwind. Embedders recognise it with `downcast_ref`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("guest interrupted by the host while blocked in `{call}`")]
+pub struct Interrupted {
+    /// The WASI function that was blocked.
+    pub call: &'static str,
+}
+
+/// The trap `proc_exit` raises to stop the guest with a status.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("guest exited with status {0}")]
+pub struct GuestExit(pub i32);
+
+/// The WASI state of one process.
+#[derive(Debug)]
+pub struct WasiCtx {
+    pub(crate) args: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) fds: FdTable,
+    pub(crate) interrupter: Interrupter,
+}
+
+/// Gives the WASI layer its context inside a store's data.
+pub trait WasiView {
+    /// The process's WASI context.
+    fn wasi(&mut self) -> &mut WasiCtx;
+
+    /// The guest memory, for modules that import their memory instead of
+    /// exporting it as `memory`.
+    fn memory(&self) -> Option<wasmtime::Memory> {
+        None
+    }
+}
+
+impl WasiCtx {
+    /// A context with the standard streams installed at fds 0-2.
+    pub fn new(stdin: Stdio, stdout: Stdio, stderr: Stdio) -> std::io::Result<Self> {
+        let mut fds = FdTable::default();
+        for (index, target) in [stdin, stdout, stderr].into_iter().enumerate() {
+            let stream = StdStream {
+                index: index as u8,
+                target,
+            };
+            fds.insert(Object::Std(Arc::new(stream)), 0)
+                .map_err(|_| std::io::Error::other("fd table full"))?;
+        }
+        Ok(WasiCtx {
+            args: Vec::new(),
+            env: Vec::new(),
+            fds,
+            interrupter: Interrupter::new()?,
+        })
+    }
+
+    /// The guest's `argv`, program name first.
+    pub fn set_args(&mut self, args: Vec<String>) {
+        self.args = args;
+    }
+
+    /// The guest's environment.
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
+    }
+
+    /// Installs a preopened directory under `guest_name`, returning its fd.
+    pub fn push_preopen_dir(&mut self, dir: cap_std::fs::Dir, guest_name: &str) -> Result<u32, Errno> {
+        let open = fd_table::OpenDir {
+            dir,
+            preopen_name: Some(guest_name.to_string()),
+            guest_path: String::new(),
+            listing: Default::default(),
+        };
+        self.fds.insert(Object::Dir(Arc::new(open)), 0)
+    }
+
+    /// Installs a preopened listener, returning its fd.
+    pub fn push_listener(&mut self, socket: std::net::TcpListener) -> std::io::Result<u32> {
+        socket.set_nonblocking(true)?;
+        let addr = socket.local_addr()?;
+        let listener = fd_table::Listener { socket, addr };
+        self.fds
+            .insert(Object::Listener(Arc::new(listener)), 0)
+            .map_err(|_| std::io::Error::other("fd table full"))
+    }
+
+    /// The interrupter blocking calls wait through.
+    pub fn interrupter(&self) -> &Interrupter {
+        &self.interrupter
+    }
+
+    /// The fd table, for inspection.
+    pub fn fd_table(&self) -> &FdTable {
+        &self.fds
+    }
+}

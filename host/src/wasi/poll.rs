@@ -1,0 +1,152 @@
+//! `poll_oneoff`: waiting on clocks, files, stdio and sockets together.
+//!
+//! Subscriptions that are ready by nature (regular files, directories,
+//! stdout) produce events at once; sockets and stdin are waited on with one
+//! `poll(2)` through the interrupter, bounded by the earliest clock. A call
+//! with only a clock is how wasi-libc sleeps, so sleeping is interruptible
+//! too.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use super::abi::{eventtype, layout, Errno, EVENT_FD_READWRITE_HANGUP, SUBCLOCK_ABSTIME};
+use super::fd_table::{Descriptor, Object};
+use super::memory::GuestMemory;
+use super::proc::now_ns;
+use super::{CallError, CallResult, WasiCtx};
+use crate::interrupt::{Interest, Wait};
+
+/// One parsed subscription.
+enum Sub {
+    Clock { deadline: Instant },
+    Fd { desc: Descriptor, interest: Interest },
+    /// A subscription that fails at once with this errno.
+    Failed(Errno),
+}
+
+/// One event to report.
+struct Event {
+    userdata: u64,
+    error: Errno,
+    kind: u8,
+    nbytes: u64,
+    hangup: bool,
+}
+
+fn parse(ctx: &WasiCtx, mem: &GuestMemory<'_>, at: u32) -> CallResult<(u64, u8, Sub)> {
+    let userdata = mem.read_u64(at)?;
+    let tag = mem.slice(at + 8, 1)?[0];
+    let sub = match tag {
+        eventtype::CLOCK => {
+            let id = mem.read_u32(at + 16)?;
+            let timeout = mem.read_u64(at + 24)?;
+            let flags = mem.read_u16(at + 40)?;
+            let wait_ns = if flags & SUBCLOCK_ABSTIME != 0 {
+                match now_ns(id) {
+                    Ok(now) => timeout.saturating_sub(now),
+                    Err(e) => return Ok((userdata, tag, Sub::Failed(e))),
+                }
+            } else {
+                timeout
+            };
+            // Saturate far-future timeouts instead of overflowing `Instant`.
+            let wait = Duration::from_nanos(wait_ns.min(u64::MAX / 4));
+            let deadline = Instant::now()
+                .checked_add(wait)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+            Sub::Clock { deadline }
+        }
+        eventtype::FD_READ | eventtype::FD_WRITE => {
+            let fd = mem.read_u32(at + 16)?;
+            let interest = if tag == eventtype::FD_READ { Interest::Read } else { Interest::Write };
+            match ctx.fds.get(fd) {
+                Ok(desc) => Sub::Fd { desc: desc.clone(), interest },
+                Err(e) => Sub::Failed(e),
+            }
+        }
+        _ => return Err(Errno::INVAL.into()),
+    };
+    Ok((userdata, tag, sub))
+}
+
+/// The host descriptor to wait on, or `None` when the object is always ready.
+fn waitable(desc: &Descriptor, interest: Interest) -> Option<BorrowedFd<'_>> {
+    match (&desc.object, interest) {
+        (Object::Std(s), Interest::Read) => Some(s.host_fd()),
+        (Object::Listener(l), _) => Some(l.socket.as_fd()),
+        (Object::Stream(s), _) => Some(s.socket.as_fd()),
+        _ => None,
+    }
+}
+
+/// `poll_oneoff`
+pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, events_ptr: u32, count: u32, out: u32) -> CallResult {
+    if count == 0 {
+        return Err(Errno::INVAL.into());
+    }
+    let mut subs = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let at = i
+            .checked_mul(layout::SUBSCRIPTION_SIZE)
+            .and_then(|off| subs_ptr.checked_add(off))
+            .ok_or(Errno::FAULT)?;
+        subs.push(parse(ctx, mem, at)?);
+    }
+
+    let mut events = Vec::new();
+    let mut waits: Vec<(BorrowedFd<'_>, Interest)> = Vec::new();
+    let mut wait_owner: Vec<usize> = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    for (i, (userdata, kind, sub)) in subs.iter().enumerate() {
+        match sub {
+            Sub::Failed(error) => events.push(Event { userdata: *userdata, error: *error, kind: *kind, nbytes: 0, hangup: false }),
+            Sub::Clock { deadline: d } => deadline = Some(deadline.map_or(*d, |cur: Instant| cur.min(*d))),
+            Sub::Fd { desc, interest } => match waitable(desc, *interest) {
+                Some(fd) => {
+                    waits.push((fd, *interest));
+                    wait_owner.push(i);
+                }
+                None => events.push(Event { userdata: *userdata, error: Errno::SUCCESS, kind: *kind, nbytes: 0, hangup: false }),
+            },
+        }
+    }
+    // Something is ready already: only collect what else is ready now.
+    if !events.is_empty() {
+        deadline = Some(Instant::now());
+    }
+    let ready = match ctx.interrupter.wait(&waits, deadline)? {
+        Wait::Interrupted => return Err(CallError::Interrupted),
+        Wait::Ready(ready) => ready,
+        Wait::TimedOut => Vec::new(),
+    };
+    for (index, hangup) in ready {
+        let (userdata, kind, _) = &subs[wait_owner[index]];
+        let nbytes = if *kind == eventtype::FD_READ {
+            rustix::io::ioctl_fionread(waits[index].0).unwrap_or(0)
+        } else {
+            0
+        };
+        events.push(Event { userdata: *userdata, error: Errno::SUCCESS, kind: *kind, nbytes, hangup });
+    }
+    let now = Instant::now();
+    for (userdata, kind, sub) in &subs {
+        if let Sub::Clock { deadline } = sub {
+            if *deadline <= now {
+                events.push(Event { userdata: *userdata, error: Errno::SUCCESS, kind: *kind, nbytes: 0, hangup: false });
+            }
+        }
+    }
+
+    for (i, ev) in events.iter().enumerate() {
+        let mut buf = [0u8; layout::EVENT_SIZE as usize];
+        buf[0..8].copy_from_slice(&ev.userdata.to_le_bytes());
+        buf[8..10].copy_from_slice(&ev.error.0.to_le_bytes());
+        buf[10] = ev.kind;
+        buf[16..24].copy_from_slice(&ev.nbytes.to_le_bytes());
+        let flags = if ev.hangup { EVENT_FD_READWRITE_HANGUP } else { 0 };
+        buf[24..26].copy_from_slice(&flags.to_le_bytes());
+        mem.write(events_ptr + i as u32 * layout::EVENT_SIZE, &buf)?;
+    }
+    mem.write_u32(out, events.len() as u32)?;
+    Ok(())
+}
