@@ -1,0 +1,10 @@
+//! End-to-end tests: real C guests built by the documented toolchain, run
+//! by the real `upstare-host` binary (or its library, for interruption),
+//! talked to by real TCP clients on loopback.
+
+mod cli;
+mod compute;
+mod files;
+mod guests;
+mod interrupt;
+mod kv;
