@@ -1,0 +1,289 @@
+//! The guest/host contract of instrumented modules, defined once.
+//!
+//! Everything a host needs to drive an instrumented module lives here and only
+//! here: the import and export names, the states of `upstare_state`, the layout
+//! of the control memory header, the layout of a saved frame, and the
+//! resume-point metadata section ([`metadata`]). The instrumenter emits code
+//! from these constants; the host reads frames and metadata with the same
+//! constants and functions. Nothing here depends on an engine.
+//!
+//! The host must reject a module whose metadata version it does not know:
+//! [`Metadata::parse`] does that.
+
+pub mod frame;
+pub mod metadata;
+
+pub use frame::{read_frames, write_frames, RawFrame, TypedFrame, Value};
+pub use metadata::{
+    BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta, MemoryMeta, Metadata,
+    ResumeKind, ResumePoint,
+};
+
+/// Name of the custom section holding the resume-point metadata.
+pub const METADATA_SECTION: &str = "upstare.meta";
+
+/// Version of the metadata format (and of this whole ABI). Bumped whenever any
+/// constant or layout in this module changes meaning.
+pub const METADATA_VERSION: u32 = 1;
+
+/// Module name of every import the instrumenter adds.
+pub const IMPORT_MODULE: &str = "upstare";
+/// Import name of the program's linear memory (memory index 0), which the
+/// host creates and owns. Same limits as the original memory, shared if the
+/// original was shared. Modules without a memory import a zero-page memory.
+pub const MEMORY_IMPORT: &str = "memory";
+/// Import name of the control memory (memory index [`control::MEMORY_INDEX`]):
+/// a shared memory holding the control header and the frame stack.
+pub const CONTROL_IMPORT: &str = "control";
+
+/// Names of the exports the instrumenter adds.
+pub mod exports {
+    /// Mutable i32 global holding the current [`super::State`].
+    pub const STATE: &str = "upstare_state";
+    /// `() -> ()`: applies the data segments that were active in the original
+    /// module (in their original order, at their original offsets) and drops
+    /// them. Call once on a fresh memory, before anything else.
+    pub const INIT_MEMORY: &str = "upstare_init_memory";
+    /// `() -> ()`: drops those data segments without applying them, for an
+    /// instance created over memory that is already initialised (an update).
+    pub const DROP_DATA: &str = "upstare_drop_data";
+    /// The original start function (present only if the module had a start
+    /// section). The host calls it after [`INIT_MEMORY`].
+    pub const START: &str = "upstare_start";
+    /// `() -> ()`: sets the state to UNWINDING. A host import marked blocking
+    /// calls this (or sets [`STATE`] itself) to make the guest unwind as soon
+    /// as the import returns; the import's work must then count as not done,
+    /// because rewinding calls it again with the same arguments.
+    pub const START_UNWIND: &str = "upstare_start_unwind";
+    /// `() -> ()`: sets the state back to NORMAL once the outermost export has
+    /// returned with the frames saved.
+    pub const STOP_UNWIND: &str = "upstare_stop_unwind";
+    /// `() -> ()`: sets the state to REWINDING and raises the rewinding flag
+    /// byte. The host then calls the export that was unwound again.
+    pub const START_REWIND: &str = "upstare_start_rewind";
+    /// `() -> ()`: abandons a rewind: state NORMAL, flag cleared, side tables
+    /// released. Not needed when a rewind completes (the guest does it).
+    pub const STOP_REWIND: &str = "upstare_stop_rewind";
+    /// Table of funcref values saved in frames (present only if some frame can
+    /// hold a funcref). A frame slot of type funcref holds an index into it.
+    pub const FUNCREF_TABLE: &str = "upstare_funcrefs";
+    /// Table of externref values saved in frames, like [`FUNCREF_TABLE`].
+    pub const EXTERNREF_TABLE: &str = "upstare_externrefs";
+    /// Prefix of the export of each mutable global: `upstare_global_<index>`.
+    pub const GLOBAL_PREFIX: &str = "upstare_global_";
+
+    /// The export name of the mutable global with this index.
+    pub fn global(index: u32) -> String {
+        format!("{GLOBAL_PREFIX}{index}")
+    }
+}
+
+/// Values of the `upstare_state` global.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Running normally.
+    Normal = 0,
+    /// Saving frames and returning from every function up to the export.
+    Unwinding = 1,
+    /// Re-entering the saved frames, outermost first, up to the resume point.
+    Rewinding = 2,
+}
+
+impl State {
+    /// The state for a raw global value, if it is one.
+    pub fn from_i32(value: i32) -> Option<State> {
+        match value {
+            0 => Some(State::Normal),
+            1 => Some(State::Unwinding),
+            2 => Some(State::Rewinding),
+            _ => None,
+        }
+    }
+}
+
+/// Layout of the control memory header.
+///
+/// ```text
+/// offset  size  written by  meaning
+///  0      1     host        pause requested (nonzero: unwind at the next update point)
+///  1      1     guest/host  rewinding (set by upstare_start_rewind, cleared when done)
+///  2      1     host        stress mode (nonzero: count update points, see below)
+///  3      1     -           reserved, zero
+///  4      4     guest/host  frame stack pointer: address of the first free byte
+///  8      4     guest/host  stress countdown: update points left before the next forced unwind
+/// 12      4     host        stress period N: countdown reload value
+/// 16      4     guest       next free slot in the reference side tables
+/// 20..64        -           reserved, zero
+/// 64            guest       frame stack, growing upwards
+/// ```
+///
+/// Bytes 0..4 form one little-endian word that every loop header loads: it is
+/// zero on the hot path, so the check costs one load and one branch. Each of
+/// those bytes has a single writer at a time, so a host thread may store the
+/// pause byte (with an atomic byte store) while the guest runs.
+///
+/// Stress mode: with the stress byte set, each update point reached (loop
+/// header, or a blocking import call before it is made) decrements the
+/// countdown; when it reaches zero it is reloaded from the period and the
+/// guest unwinds there. Period 1 unwinds at every update point.
+pub mod control {
+    /// Memory index of the control memory in an instrumented module.
+    pub const MEMORY_INDEX: u32 = 1;
+    /// Minimum pages the instrumented module declares for the control memory.
+    pub const MIN_PAGES: u64 = 1;
+    /// Maximum pages it declares (the host may create a smaller maximum).
+    pub const MAX_PAGES: u64 = 65536;
+    /// The flag word (bytes 0..4).
+    pub const FLAGS: u32 = 0;
+    /// Pause-requested byte.
+    pub const PAUSE_BYTE: u32 = 0;
+    /// Rewinding byte.
+    pub const REWIND_BYTE: u32 = 1;
+    /// Stress-mode byte.
+    pub const STRESS_BYTE: u32 = 2;
+    /// Frame stack pointer (u32).
+    pub const FRAME_SP: u32 = 4;
+    /// Stress countdown (u32).
+    pub const STRESS_COUNTDOWN: u32 = 8;
+    /// Stress period (u32).
+    pub const STRESS_PERIOD: u32 = 12;
+    /// Next free reference side-table slot (u32).
+    pub const REF_TOP: u32 = 16;
+    /// Size of the header; the frame stack starts here.
+    pub const HEADER_SIZE: u32 = 64;
+    /// Address of the first frame.
+    pub const FRAMES_BASE: u32 = HEADER_SIZE;
+
+    /// The control header as plain values, for hosts and tests that copy it
+    /// in or out.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Header {
+        /// Pause requested.
+        pub pause: bool,
+        /// Rewinding.
+        pub rewinding: bool,
+        /// Stress mode on.
+        pub stress: bool,
+        /// Frame stack pointer.
+        pub frame_sp: u32,
+        /// Stress countdown.
+        pub stress_countdown: u32,
+        /// Stress period.
+        pub stress_period: u32,
+        /// Next free reference side-table slot.
+        pub ref_top: u32,
+    }
+
+    impl Default for Header {
+        /// A fresh header: nothing requested, empty frame stack.
+        fn default() -> Self {
+            Header {
+                pause: false,
+                rewinding: false,
+                stress: false,
+                frame_sp: FRAMES_BASE,
+                stress_countdown: 0,
+                stress_period: 0,
+                ref_top: 0,
+            }
+        }
+    }
+
+    impl Header {
+        /// A fresh header in stress mode: every `period`-th update point unwinds.
+        pub fn stress(period: u32) -> Self {
+            Header {
+                stress: true,
+                stress_countdown: period,
+                stress_period: period,
+                ..Header::default()
+            }
+        }
+
+        /// The header's bytes, to be written at offset 0 of the control memory.
+        pub fn encode(&self) -> [u8; HEADER_SIZE as usize] {
+            let mut out = [0u8; HEADER_SIZE as usize];
+            out[PAUSE_BYTE as usize] = self.pause as u8;
+            out[REWIND_BYTE as usize] = self.rewinding as u8;
+            out[STRESS_BYTE as usize] = self.stress as u8;
+            let mut put = |at: u32, v: u32| {
+                out[at as usize..at as usize + 4].copy_from_slice(&v.to_le_bytes())
+            };
+            put(FRAME_SP, self.frame_sp);
+            put(STRESS_COUNTDOWN, self.stress_countdown);
+            put(STRESS_PERIOD, self.stress_period);
+            put(REF_TOP, self.ref_top);
+            out
+        }
+
+        /// Reads a header from the first [`HEADER_SIZE`] bytes of `bytes`;
+        /// `None` if `bytes` is shorter.
+        pub fn decode(bytes: &[u8]) -> Option<Self> {
+            if bytes.len() < HEADER_SIZE as usize {
+                return None;
+            }
+            let get = |at: u32| {
+                let at = at as usize;
+                u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+            };
+            Some(Header {
+                pause: bytes[PAUSE_BYTE as usize] != 0,
+                rewinding: bytes[REWIND_BYTE as usize] != 0,
+                stress: bytes[STRESS_BYTE as usize] != 0,
+                frame_sp: get(FRAME_SP),
+                stress_countdown: get(STRESS_COUNTDOWN),
+                stress_period: get(STRESS_PERIOD),
+                ref_top: get(REF_TOP),
+            })
+        }
+    }
+}
+
+/// The value types a frame slot can hold, with their wasm binary codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ValType {
+    /// `i32`
+    I32,
+    /// `i64`
+    I64,
+    /// `f32`
+    F32,
+    /// `f64`
+    F64,
+    /// `funcref`: the slot holds an index into [`exports::FUNCREF_TABLE`].
+    FuncRef,
+    /// `externref`: the slot holds an index into [`exports::EXTERNREF_TABLE`].
+    ExternRef,
+}
+
+impl ValType {
+    /// The type's code in the wasm binary format.
+    pub fn code(self) -> u8 {
+        match self {
+            ValType::I32 => 0x7f,
+            ValType::I64 => 0x7e,
+            ValType::F32 => 0x7d,
+            ValType::F64 => 0x7c,
+            ValType::FuncRef => 0x70,
+            ValType::ExternRef => 0x6f,
+        }
+    }
+
+    /// The type with this wasm binary code, if a frame can hold it.
+    pub fn from_code(code: u8) -> Option<ValType> {
+        Some(match code {
+            0x7f => ValType::I32,
+            0x7e => ValType::I64,
+            0x7d => ValType::F32,
+            0x7c => ValType::F64,
+            0x70 => ValType::FuncRef,
+            0x6f => ValType::ExternRef,
+            _ => return None,
+        })
+    }
+
+    /// Whether values of this type live in a side table rather than the slot.
+    pub fn is_ref(self) -> bool {
+        matches!(self, ValType::FuncRef | ValType::ExternRef)
+    }
+}

@@ -1,0 +1,138 @@
+//! `upstare-instrument` rewrites a WebAssembly module so that a host can
+//! unwind its whole call stack into typed frames at an *update point*, and
+//! later rewind it, into the same module or into its next version.
+//!
+//! # What the output looks like
+//!
+//! The rewrite keeps the original: function indices, local indices, globals,
+//! tables, element and data segment indices stay as they were, and the
+//! operators of every function body are copied byte for byte except for
+//! branches whose depth changes. What the instrumenter adds is appended:
+//! types, helper functions, a mutable `upstare_state` global, side tables for
+//! reference-typed frame slots, exports, and the `upstare.meta` custom
+//! section ([`abi::metadata`]).
+//!
+//! Memory moves to the host: the program memory becomes the import
+//! `upstare.memory` (index 0, same limits), and a second, shared memory
+//! `upstare.control` (index 1) holds a small control header and the frame
+//! stack ([`abi::control`], [`abi::frame`]). Active data segments become
+//! passive; `upstare_init_memory` applies them on a fresh memory, and an
+//! instance created over live memory (an update) calls `upstare_drop_data`
+//! instead. A start function is not run by instantiation: it is exported as
+//! `upstare_start` for the host to call after initialising memory.
+//!
+//! # Update points and states
+//!
+//! Update points are loop headers and calls to imports the host marks as
+//! blocking ([`Options::blocking`]). A function is instrumented only if it
+//! can be on the stack when an unwind starts (see `callgraph`): it has a
+//! reachable loop, a call to a blocking import, or a call (direct, or
+//! indirect through a signature some such function has) to a function that
+//! can. All other functions are copied unchanged.
+//!
+//! `upstare_state` is 0 (normal), 1 (unwinding) or 2 (rewinding). In the
+//! normal state the only added work is, at each loop header, one `i32.load`
+//! of the control header's flag word and a branch, and after each call that
+//! can unwind, a `global.get` of the state and a branch. The flag word is
+//! nonzero only while a pause is requested, a rewind runs, or stress mode is
+//! on; then a helper decides.
+//!
+//! An instrumented function, in outline:
+//!
+//! ```text
+//! block $unwind
+//!   block (result ...)            ;; the original body
+//!     if state == REWINDING       ;; rewind prologue
+//!       pop my frame; restore locals and saved operands; br_table to the
+//!       resume point (through the enclosing blocks, see `plan`)
+//!     end
+//!     ...original code...
+//!     loop
+//!       if flags != 0 && should_pause() { $rp = K; br $unwind }
+//!       ...
+//!     end
+//!     call $f  (if state != NORMAL { $rp = J; br $unwind })
+//!   end
+//!   return
+//! end
+//! state = UNWINDING; push a frame {func, $rp, locals, saved operands}
+//! return zeros
+//! ```
+//!
+//! Operands that are on the stack at a resume point live in extra *shadow
+//! locals* across it, so the frame saves them with the locals and the rewind
+//! pushes them back. Each frame is self-describing with the metadata: the
+//! resume point gives the types of its slots, and records the original
+//! instruction's offset, kind, callee and ordinal, so a frame saved by one
+//! version can be matched to the code of another.
+//!
+//! # Driving it from a host
+//!
+//! 1. Create the program memory and the control memory (header from
+//!    [`abi::control::Header`]), instantiate, call `upstare_init_memory`
+//!    (or `upstare_drop_data` over live memory), then `upstare_start` if
+//!    exported, then the entry point.
+//! 2. To pause: set the pause byte. The guest unwinds at its next update
+//!    point; the entry call returns with `upstare_state == 1`. A blocking
+//!    import that the host interrupts calls `upstare_start_unwind` (or sets
+//!    the state) and returns; its work must count as not done, because the
+//!    rewind calls it again with the same arguments. Call
+//!    `upstare_stop_unwind` and read the frames ([`abi::read_frames`]).
+//! 3. To resume: clear the pause byte, write the frames back if they moved,
+//!    call `upstare_start_rewind`, then the same entry point again. The guest
+//!    returns to normal running at the resume point.
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod abi;
+mod analysis;
+mod callgraph;
+mod error;
+mod plan;
+mod rewrite;
+
+use std::collections::HashSet;
+
+pub use abi::Metadata;
+pub use error::{Error, ErrorKind, Result};
+
+/// The `wasi_snapshot_preview1` functions that can block, and so are update
+/// points by default.
+pub const WASI_BLOCKING: &[&str] =
+    &["poll_oneoff", "fd_read", "fd_write", "sock_accept", "sock_recv", "sock_send"];
+
+/// What to instrument.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Imports, as (module, name), at which the host may pause the guest.
+    pub blocking: HashSet<(String, String)>,
+}
+
+impl Default for Options {
+    /// The blocking calls of WASI preview1 ([`WASI_BLOCKING`]).
+    fn default() -> Self {
+        Options {
+            blocking: WASI_BLOCKING
+                .iter()
+                .map(|n| ("wasi_snapshot_preview1".to_string(), n.to_string()))
+                .collect(),
+        }
+    }
+}
+
+/// An instrumented module and what the host needs to know about it.
+#[derive(Debug, Clone)]
+pub struct Instrumented {
+    /// The output module.
+    pub wasm: Vec<u8>,
+    /// Its metadata, also stored in the module's `upstare.meta` section.
+    pub metadata: Metadata,
+}
+
+/// Instruments `wasm`. Invalid or unsupported input is an [`Error`] naming
+/// the offset and the reason; the output always validates.
+pub fn instrument(wasm: &[u8], options: &Options) -> Result<Instrumented> {
+    let (wasm, metadata) = rewrite::module::rewrite(wasm, &options.blocking)?;
+    Ok(Instrumented { wasm, metadata })
+}

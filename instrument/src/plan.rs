@@ -1,0 +1,301 @@
+//! The shape of one instrumented function: its resume points, and for every
+//! block level on the way to one of them, the "anchors" the rewind dispatch
+//! must be able to jump to.
+//!
+//! A *level* is the instruction sequence of the function body, of a block or
+//! loop, or of one arm of an `if`. An *anchor* of a level is an instruction
+//! directly in it that is a resume point (a call) or a construct containing
+//! one. Rewinding enters each level at its start and jumps straight to the
+//! anchor on the path to the saved resume point; see the crate docs.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use crate::abi::{ResumeKind, ValType as Ty};
+use crate::analysis::{Body, ModuleInfo, SiteKind};
+use crate::callgraph::CallGraph;
+use crate::error::{internal, Result};
+
+/// A resume point.
+pub(crate) struct Rp {
+    pub kind: ResumeKind,
+    pub offset: usize,
+    pub callee: u32,
+    pub ordinal: u32,
+    /// Types of the saved operands: the flat stack positions `0..len`.
+    pub saved: Vec<Ty>,
+}
+
+/// What an anchor is.
+pub(crate) enum AnchorKind {
+    /// A call resume point.
+    Call { rp: u32 },
+    /// A block, loop or if containing resume points `rps`; for an `if`,
+    /// `else_from` is the first resume point of the else arm.
+    Construct { rps: Range<u32>, is_if: bool, else_from: u32 },
+}
+
+/// An anchor: where it sits and what the stack looks like there.
+pub(crate) struct Anchor {
+    pub kind: AnchorKind,
+    /// The whole operand stack before the instruction.
+    pub stack: Vec<Ty>,
+    /// Height of the enclosing level's frame.
+    pub base: u32,
+    /// How many values the instruction consumes from the top of the stack.
+    pub consumed: u32,
+    /// Types the instruction leaves in place of the consumed values.
+    pub results: Vec<Ty>,
+}
+
+impl Anchor {
+    /// Stack height before the instruction.
+    pub fn height(&self) -> u32 {
+        self.stack.len() as u32
+    }
+    /// Types of the consumed values.
+    pub fn consumed_types(&self) -> &[Ty] {
+        &self.stack[(self.height() - self.consumed) as usize..]
+    }
+    /// Number of values of the level that must survive the instruction
+    /// (the level's part of the stack below the consumed values).
+    pub fn kept(&self) -> u32 {
+        self.height() - self.consumed - self.base
+    }
+    /// The first resume point inside the anchor.
+    pub fn first_rp(&self) -> u32 {
+        match &self.kind {
+            AnchorKind::Call { rp } => *rp,
+            AnchorKind::Construct { rps, .. } => rps.start,
+        }
+    }
+}
+
+/// A level with at least one anchor or a loop header resume point.
+pub(crate) struct Level {
+    /// The level's params (block params), on the stack at its start.
+    pub params: Vec<Ty>,
+    /// Height of the level's frame (params excluded).
+    pub base: u32,
+    /// Its anchors in code order (indices into [`Plan::anchors`]).
+    pub anchors: Vec<usize>,
+    /// The loop header resume point, for the body of a reachable loop.
+    pub loop_rp: Option<u32>,
+    /// Resume points inside the level.
+    pub rps: Range<u32>,
+}
+
+/// Where levels start, by operator index: the top level starts at "before
+/// operator 0", the others right after their `block`/`loop`/`if`/`else`.
+pub(crate) struct Plan {
+    pub rps: Vec<Rp>,
+    pub anchors: Vec<Anchor>,
+    /// Anchor index by operator index.
+    pub anchor_at: HashMap<u32, usize>,
+    pub levels: Vec<Level>,
+    /// The level starting after the operator with this index.
+    pub level_after: HashMap<u32, usize>,
+    /// The function body's level.
+    pub top: usize,
+    /// The function's result types.
+    pub results: Vec<Ty>,
+}
+
+struct Open {
+    /// Operator index that starts the level (None for the top level).
+    start: Option<u32>,
+    params: Vec<Ty>,
+    base: u32,
+    anchors: Vec<usize>,
+    loop_rp: Option<u32>,
+    first_rp: u32,
+    /// The construct this level belongs to: (site index, first rp of the construct).
+    construct: Option<(usize, u32)>,
+    else_from: Option<u32>,
+}
+
+/// Builds the plan of an instrumented function.
+pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Result<Plan> {
+    let fty = info.func_type(body.func);
+    let results = crate::analysis::tys(fty.results(), body.range.start)?;
+    let mut rps: Vec<Rp> = Vec::new();
+    let mut anchors: Vec<Anchor> = Vec::new();
+    let mut anchor_at = HashMap::new();
+    let mut levels: Vec<Level> = Vec::new();
+    let mut level_after = HashMap::new();
+    let mut ordinals: HashMap<(u8, u32), u32> = HashMap::new();
+    let mut open = vec![Open {
+        start: None,
+        params: vec![],
+        base: 0,
+        anchors: vec![],
+        loop_rp: None,
+        first_rp: 0,
+        construct: None,
+        else_from: None,
+    }];
+    let mut top = None;
+
+    let close_level = |o: &mut Open, next_rp: u32, levels: &mut Vec<Level>| -> Option<usize> {
+        if o.anchors.is_empty() && o.loop_rp.is_none() {
+            return None;
+        }
+        levels.push(Level {
+            params: std::mem::take(&mut o.params),
+            base: o.base,
+            anchors: std::mem::take(&mut o.anchors),
+            loop_rp: o.loop_rp,
+            rps: o.first_rp..next_rp,
+        });
+        Some(levels.len() - 1)
+    };
+
+    for (si, site) in body.sites.iter().enumerate() {
+        let key = match site.kind {
+            SiteKind::Loop { .. } => (0u8, 0),
+            SiteKind::Call { func } => (1, func),
+            SiteKind::CallIndirect { ty } => (2, ty),
+            _ => (3, 0),
+        };
+        let ordinal = if key.0 < 3 {
+            let o = ordinals.entry(key).or_insert(0);
+            *o += 1;
+            *o - 1
+        } else {
+            0
+        };
+        let kind = graph.resume_kind(info, site);
+        let next_rp = rps.len() as u32;
+        match &site.kind {
+            SiteKind::Call { .. } | SiteKind::CallIndirect { .. } => {
+                let Some(kind) = kind else { continue };
+                let (callee, fparams, fresults, extra) = match site.kind {
+                    SiteKind::Call { func } => {
+                        let t = info.func_type(func);
+                        (func, t.params(), t.results(), 0)
+                    }
+                    SiteKind::CallIndirect { ty } => {
+                        let t = &info.types[ty as usize];
+                        (ty, t.params(), t.results(), 1)
+                    }
+                    _ => unreachable!(),
+                };
+                let consumed = fparams.len() as u32 + extra;
+                let h = site.stack.len() as u32;
+                let saved_len = match kind {
+                    ResumeKind::Call => h - consumed,
+                    _ => h,
+                };
+                rps.push(Rp {
+                    kind,
+                    offset: site.offset,
+                    callee,
+                    ordinal,
+                    saved: site.stack[..saved_len as usize].to_vec(),
+                });
+                anchors.push(Anchor {
+                    kind: AnchorKind::Call { rp: next_rp },
+                    stack: site.stack.clone(),
+                    base: site.frame_height,
+                    consumed,
+                    results: crate::analysis::tys(fresults, site.offset)?,
+                });
+                anchor_at.insert(site.op_index, anchors.len() - 1);
+                open.last_mut().ok_or_else(|| internal("no open level"))?.anchors.push(anchors.len() - 1);
+            }
+            SiteKind::Block { params, .. } | SiteKind::Loop { params, .. } | SiteKind::If { params, .. } => {
+                let is_if = matches!(site.kind, SiteKind::If { .. });
+                let consumed = params.len() as u32 + is_if as u32;
+                let base = (site.stack.len() as u32).saturating_sub(consumed);
+                let mut loop_rp = None;
+                if let Some(ResumeKind::Loop) = kind {
+                    let callee = match site.kind {
+                        SiteKind::Loop { type_index, .. } => type_index.unwrap_or(u32::MAX),
+                        _ => u32::MAX,
+                    };
+                    rps.push(Rp {
+                        kind: ResumeKind::Loop,
+                        offset: site.offset,
+                        callee,
+                        ordinal,
+                        saved: site.stack.clone(),
+                    });
+                    loop_rp = Some(next_rp);
+                }
+                open.push(Open {
+                    start: Some(site.op_index),
+                    params: params.clone(),
+                    base,
+                    anchors: vec![],
+                    loop_rp,
+                    first_rp: next_rp,
+                    construct: Some((si, next_rp)),
+                    else_from: None,
+                });
+            }
+            SiteKind::Else => {
+                let mut o = open.pop().ok_or_else(|| internal("else without if"))?;
+                if let Some(l) = close_level(&mut o, next_rp, &mut levels) {
+                    level_after.insert(o.start.unwrap_or(0), l);
+                }
+                let (csite, _) = o.construct.ok_or_else(|| internal("else outside a construct"))?;
+                let params = match &body.sites[csite].kind {
+                    SiteKind::If { params, .. } => params.clone(),
+                    _ => return Err(internal("else of a non-if")),
+                };
+                open.push(Open {
+                    start: Some(site.op_index),
+                    params,
+                    base: o.base,
+                    anchors: vec![],
+                    loop_rp: None,
+                    first_rp: next_rp,
+                    construct: o.construct,
+                    else_from: Some(next_rp),
+                });
+            }
+            SiteKind::End => {
+                let mut o = open.pop().ok_or_else(|| internal("unbalanced end"))?;
+                let l = close_level(&mut o, next_rp, &mut levels);
+                match o.start {
+                    None => {
+                        top = l;
+                        break;
+                    }
+                    Some(start) => {
+                        if let Some(l) = l {
+                            level_after.insert(start, l);
+                        }
+                    }
+                }
+                let (csite, first) = o.construct.ok_or_else(|| internal("end outside a construct"))?;
+                if first == next_rp {
+                    continue;
+                }
+                let cs = &body.sites[csite];
+                let (params, res, is_if) = match &cs.kind {
+                    SiteKind::Block { params, results } | SiteKind::Loop { params, results, .. } => {
+                        (params, results, false)
+                    }
+                    SiteKind::If { params, results } => (params, results, true),
+                    _ => return Err(internal("construct site is not a block")),
+                };
+                anchors.push(Anchor {
+                    kind: AnchorKind::Construct {
+                        rps: first..next_rp,
+                        is_if,
+                        else_from: o.else_from.unwrap_or(next_rp),
+                    },
+                    stack: cs.stack.clone(),
+                    base: cs.frame_height,
+                    consumed: params.len() as u32 + is_if as u32,
+                    results: res.clone(),
+                });
+                anchor_at.insert(cs.op_index, anchors.len() - 1);
+                open.last_mut().ok_or_else(|| internal("no parent level"))?.anchors.push(anchors.len() - 1);
+            }
+        }
+    }
+    let top = top.ok_or_else(|| internal("instrumented function without resume points"))?;
+    Ok(Plan { rps, anchors, anchor_at, levels, level_after, top, results })
+}

@@ -1,0 +1,578 @@
+//! Instruments one function body, following its [`Plan`].
+//!
+//! The original operators are copied byte for byte, except branches whose
+//! label depth changes because of the blocks inserted around them; those are
+//! re-encoded with the new depth. Insertions happen only at level starts, at
+//! anchors and at the function's start and end (see the crate docs for the
+//! shape of the result).
+//!
+//! Every operand that must survive an anchor lives in a *shadow local* while
+//! the anchor runs: one local per (stack position, type). At any resume point
+//! the whole operand stack below it is therefore in shadow locals, which is
+//! what the unwind tail saves and the rewind prologue restores.
+
+use std::collections::HashMap;
+
+use wasm_encoder::{BlockType, Instruction as I};
+use wasmparser::{BinaryReader, Operator, OperatorsReader};
+
+use super::{ctrl, frames, Code, Cx};
+use crate::abi::{control, ResumeKind, State, ValType as Ty};
+use crate::analysis::{Body, ModuleInfo};
+use crate::error::{internal, Error, ErrorKind, Result};
+use crate::plan::{AnchorKind, Plan};
+
+/// One open block of the output.
+struct Frame {
+    /// It is a block of the original code (else inserted by the rewrite).
+    original: bool,
+    id: u32,
+    /// For an anchor construct: the anchor whose operands to restore after
+    /// its `end`.
+    restore: Option<usize>,
+}
+
+/// What the rewind dispatch of a level can jump to.
+enum Case {
+    /// The loop header itself: the rewind ends here.
+    LoopHeader { resume: u32 },
+    /// An anchor; for an `if`, which arm holds the target.
+    Anchor { anchor: usize, then_arm: Option<bool> },
+}
+
+struct Emitter<'a> {
+    cx: &'a mut Cx,
+    plan: &'a Plan,
+    body: &'a Body,
+    func: u32,
+    code: Code,
+    frames: Vec<Frame>,
+    next_id: u32,
+    n_locals: u32,
+    extra: Vec<Ty>,
+    shadow: HashMap<(u32, Ty), u32>,
+    fb: u32,
+    rp: u32,
+    unwind: u32,
+    /// Synthetic block closed right before each anchor.
+    anchor_block: HashMap<usize, u32>,
+    originals_open: u32,
+}
+
+/// Returns the instrumented body (local declarations and operators).
+pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: &Plan) -> Result<Vec<u8>> {
+    let n_locals = body.locals.len() as u32;
+    let mut e = Emitter {
+        cx,
+        plan,
+        body,
+        func: body.func,
+        code: Code::default(),
+        frames: Vec::new(),
+        next_id: 0,
+        n_locals,
+        extra: vec![Ty::I32, Ty::I32],
+        shadow: HashMap::new(),
+        fb: n_locals,
+        rp: n_locals + 1,
+        unwind: 0,
+        anchor_block: HashMap::new(),
+        originals_open: 0,
+    };
+    e.open_function()?;
+    let wasm = info.wasm;
+    let reader = BinaryReader::new(&wasm[body.ops_start..body.range.end], body.ops_start);
+    let mut ops = OperatorsReader::new(reader);
+    let mut index = 0u32;
+    while !ops.eof() {
+        let start = ops.original_position();
+        let op = ops.read().map_err(|e| Error::from_reader(ErrorKind::Invalid, e))?;
+        let bytes = &wasm[start..ops.original_position()];
+        let anchor = plan.anchor_at.get(&index).copied();
+        if let Some(a) = anchor {
+            e.anchor_prelude(a)?;
+        }
+        match op {
+            Operator::Call { .. } | Operator::CallIndirect { .. } if anchor.is_some() => {
+                e.call_anchor(anchor.unwrap_or_default(), bytes)?;
+            }
+            Operator::Block { .. } | Operator::Loop { .. } | Operator::If { .. } => {
+                e.code.raw(bytes);
+                e.push(true, anchor);
+                e.originals_open += 1;
+                if let Some(&l) = plan.level_after.get(&index) {
+                    e.open_level(l)?;
+                }
+            }
+            Operator::Else => {
+                e.code.raw(bytes);
+                if let Some(&l) = plan.level_after.get(&index) {
+                    e.open_level(l)?;
+                }
+            }
+            Operator::End if e.originals_open == 1 => {
+                e.close_function()?;
+                break;
+            }
+            Operator::End => {
+                e.code.raw(bytes);
+                let f = e.pop()?;
+                if !f.original {
+                    return Err(internal("original end closes an inserted block"));
+                }
+                e.originals_open -= 1;
+                if let Some(a) = f.restore {
+                    e.restore_after(a);
+                }
+            }
+            Operator::Br { relative_depth } => {
+                let d = e.remap(relative_depth)?;
+                if d == relative_depth { e.code.raw(bytes) } else { e.code.op(I::Br(d)) }
+            }
+            Operator::BrIf { relative_depth } => {
+                let d = e.remap(relative_depth)?;
+                if d == relative_depth { e.code.raw(bytes) } else { e.code.op(I::BrIf(d)) }
+            }
+            Operator::BrTable { targets } => {
+                let mut all = Vec::with_capacity(targets.len() as usize);
+                let mut same = true;
+                for t in targets.targets() {
+                    let t = t.map_err(|e| Error::from_reader(ErrorKind::Invalid, e))?;
+                    let d = e.remap(t)?;
+                    same &= d == t;
+                    all.push(d);
+                }
+                let default = e.remap(targets.default())?;
+                same &= default == targets.default();
+                if same {
+                    e.code.raw(bytes)
+                } else {
+                    e.code.op(I::BrTable(all.into(), default))
+                }
+            }
+            _ => e.code.raw(bytes),
+        }
+        index += 1;
+    }
+    Ok(e.finish(body))
+}
+
+impl Emitter<'_> {
+    fn push(&mut self, original: bool, restore: Option<usize>) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.frames.push(Frame { original, id, restore });
+        id
+    }
+
+    fn pop(&mut self) -> Result<Frame> {
+        self.frames.pop().ok_or_else(|| internal("block stack underflow"))
+    }
+
+    /// Opens an inserted block.
+    fn block(&mut self, bt: BlockType) -> u32 {
+        self.code.op(I::Block(bt));
+        self.push(false, None)
+    }
+
+    /// Opens an inserted `if`.
+    fn if_(&mut self, bt: BlockType) -> u32 {
+        self.code.op(I::If(bt));
+        self.push(false, None)
+    }
+
+    /// Closes the innermost inserted block.
+    fn end(&mut self) -> Result<()> {
+        let f = self.pop()?;
+        if f.original {
+            return Err(internal("inserted end closes an original block"));
+        }
+        self.code.op(I::End);
+        Ok(())
+    }
+
+    /// Label depth of the inserted block `id` from here.
+    fn depth_of(&self, id: u32) -> Result<u32> {
+        self.frames
+            .iter()
+            .rev()
+            .position(|f| f.id == id)
+            .map(|d| d as u32)
+            .ok_or_else(|| internal("branch to a closed block"))
+    }
+
+    /// Output depth of the original label `depth`.
+    fn remap(&self, depth: u32) -> Result<u32> {
+        let mut seen = 0;
+        for (d, f) in self.frames.iter().rev().enumerate() {
+            if f.original {
+                if seen == depth {
+                    return Ok(d as u32);
+                }
+                seen += 1;
+            }
+        }
+        Err(internal("branch depth beyond the function"))
+    }
+
+    fn br_to(&mut self, id: u32) -> Result<()> {
+        let d = self.depth_of(id)?;
+        self.code.op(I::Br(d));
+        Ok(())
+    }
+
+    fn shadow(&mut self, pos: u32, t: Ty) -> u32 {
+        let next = self.n_locals + self.extra.len() as u32;
+        *self.shadow.entry((pos, t)).or_insert_with(|| {
+            self.extra.push(t);
+            next
+        })
+    }
+
+    /// `i32.const rp; local.set $rp; br $unwind`
+    fn unwind_at(&mut self, rp: u32) -> Result<()> {
+        self.code.i32(rp as i32);
+        self.code.op(I::LocalSet(self.rp));
+        self.br_to(self.unwind)
+    }
+
+    fn is_rewinding(&mut self) {
+        self.code.op(I::GlobalGet(self.cx.state_global));
+        self.code.i32(State::Rewinding as i32);
+        self.code.op(I::I32Eq);
+    }
+
+    fn load_flags(&mut self) {
+        self.code.i32(0);
+        self.code.op(I::I32Load(ctrl(control::FLAGS, 2)));
+    }
+
+    fn open_function(&mut self) -> Result<()> {
+        self.unwind = self.block(BlockType::Empty);
+        let results = self.plan.results.clone();
+        let bt = self.cx.types.block(&[], &results);
+        self.code.op(I::Block(bt));
+        self.push(true, None);
+        self.originals_open = 1;
+        self.open_level(self.plan.top)
+    }
+
+    /// Emits the start of a level: one block per anchor, each ending right
+    /// before its anchor, then the rewind dispatch (or, for a loop body, the
+    /// pause check that also dispatches).
+    fn open_level(&mut self, l: usize) -> Result<()> {
+        let level = &self.plan.levels[l];
+        let params = level.params.clone();
+        for &a in level.anchors.iter().rev() {
+            let consumed = self.plan.anchors[a].consumed_types().to_vec();
+            let bt = self.cx.types.block(&params, &consumed);
+            let id = self.block(bt);
+            self.anchor_block.insert(a, id);
+        }
+        if let Some(loop_rp) = level.loop_rp {
+            self.loop_header(l, loop_rp)
+        } else {
+            self.is_rewinding();
+            self.if_(BlockType::Empty);
+            if l == self.plan.top {
+                self.prologue()?;
+            }
+            self.dispatch(l, None)?;
+            self.end()
+        }
+    }
+
+    /// The check at a loop header: one load and a branch on the hot path.
+    fn loop_header(&mut self, l: usize, loop_rp: u32) -> Result<()> {
+        let params = self.plan.levels[l].params.clone();
+        let base = self.plan.levels[l].base;
+        self.load_flags();
+        let bt = self.cx.types.block(&params, &params);
+        self.if_(bt);
+        for (i, t) in params.iter().enumerate().rev() {
+            let s = self.shadow(base + i as u32, *t);
+            self.code.op(I::LocalSet(s));
+        }
+        let resume = self.block(BlockType::Empty);
+        self.is_rewinding();
+        self.if_(BlockType::Empty);
+        self.dispatch(l, Some(resume))?;
+        self.end()?;
+        self.code.op(I::Call(self.cx.helpers.should_pause));
+        self.code.op(I::I32Eqz);
+        let d = self.depth_of(resume)?;
+        self.code.op(I::BrIf(d));
+        self.unwind_at(loop_rp)?;
+        self.end()?;
+        for (i, t) in params.iter().enumerate() {
+            let s = self.shadow(base + i as u32, *t);
+            self.code.op(I::LocalGet(s));
+        }
+        self.end()
+    }
+
+    /// The rewind dispatch of a level: a `br_table` on the saved resume point
+    /// to code that pushes the operands of the anchor on the path and jumps
+    /// to the block that ends right before it.
+    fn dispatch(&mut self, l: usize, resume: Option<u32>) -> Result<()> {
+        let level = &self.plan.levels[l];
+        let mut cases = Vec::new();
+        let mut case_of_rp = vec![0u32; (level.rps.end - level.rps.start) as usize];
+        let mut assign = |cases: &mut Vec<Case>, rps: std::ops::Range<u32>, case: Case| {
+            for rp in rps {
+                case_of_rp[(rp - level.rps.start) as usize] = cases.len() as u32;
+            }
+            cases.push(case);
+        };
+        if let (Some(rp), Some(resume)) = (level.loop_rp, resume) {
+            assign(&mut cases, rp..rp + 1, Case::LoopHeader { resume });
+        }
+        for &a in &level.anchors {
+            match &self.plan.anchors[a].kind {
+                AnchorKind::Call { rp } => assign(&mut cases, *rp..*rp + 1, Case::Anchor { anchor: a, then_arm: None }),
+                AnchorKind::Construct { rps, is_if: false, .. } => {
+                    assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None })
+                }
+                AnchorKind::Construct { rps, is_if: true, else_from } => {
+                    if rps.start < *else_from {
+                        assign(&mut cases, rps.start..*else_from, Case::Anchor { anchor: a, then_arm: Some(true) });
+                    }
+                    if *else_from < rps.end {
+                        assign(&mut cases, *else_from..rps.end, Case::Anchor { anchor: a, then_arm: Some(false) });
+                    }
+                }
+            }
+        }
+        let first = level.rps.start;
+        let k = cases.len() as u32;
+        for _ in 0..=k {
+            self.block(BlockType::Empty);
+        }
+        self.code.op(I::LocalGet(self.rp));
+        self.code.i32(first as i32);
+        self.code.op(I::I32Sub);
+        self.code.op(I::BrTable(case_of_rp.into(), k));
+        for case in cases {
+            self.end()?;
+            match case {
+                Case::LoopHeader { resume } => {
+                    self.code.op(I::Call(self.cx.helpers.rewind_done));
+                    self.br_to(resume)?;
+                }
+                Case::Anchor { anchor, then_arm } => {
+                    let a = &self.plan.anchors[anchor];
+                    let (h, c) = (a.height(), a.consumed);
+                    let stack = a.stack.clone();
+                    for p in h - c..h {
+                        match then_arm {
+                            Some(then) if p == h - 1 => self.code.i32(then as i32),
+                            _ => {
+                                let s = self.shadow(p, stack[p as usize]);
+                                self.code.op(I::LocalGet(s));
+                            }
+                        }
+                    }
+                    let id = *self.anchor_block.get(&anchor).ok_or_else(|| internal("anchor block missing"))?;
+                    self.br_to(id)?;
+                }
+            }
+        }
+        self.end()?;
+        self.code.op(I::Unreachable);
+        Ok(())
+    }
+
+    /// Before an anchor: move the level's operands below the anchor's own
+    /// into shadow locals (the anchor's operands too, where the frame must
+    /// save them), then close the anchor's block.
+    fn anchor_prelude(&mut self, a: usize) -> Result<()> {
+        let anchor = &self.plan.anchors[a];
+        let (h, c, base, kept) = (anchor.height(), anchor.consumed, anchor.base, anchor.kept());
+        let stash = match anchor.kind {
+            AnchorKind::Call { rp } => self.plan.rps[rp as usize].kind != ResumeKind::Call,
+            AnchorKind::Construct { .. } => false,
+        };
+        let stack = anchor.stack.clone();
+        if kept > 0 || stash {
+            let lo = if kept > 0 { base } else { h - c };
+            for p in (lo..h).rev() {
+                let s = self.shadow(p, stack[p as usize]);
+                self.code.op(I::LocalSet(s));
+            }
+            for p in h - c..h {
+                let s = self.shadow(p, stack[p as usize]);
+                self.code.op(I::LocalGet(s));
+            }
+        }
+        let id = *self.anchor_block.get(&a).ok_or_else(|| internal("anchor block missing"))?;
+        if self.frames.last().map(|f| f.id) != Some(id) {
+            return Err(internal("anchor block is not the innermost block"));
+        }
+        self.end()
+    }
+
+    /// A call resume point: optional pause check before a blocking import,
+    /// the call itself, the unwind check after it.
+    fn call_anchor(&mut self, a: usize, bytes: &[u8]) -> Result<()> {
+        let AnchorKind::Call { rp } = self.plan.anchors[a].kind else {
+            return Err(internal("call anchor expected"));
+        };
+        if self.plan.rps[rp as usize].kind == ResumeKind::BlockingCall {
+            self.load_flags();
+            self.if_(BlockType::Empty);
+            self.code.op(I::Call(self.cx.helpers.pre_call));
+            self.if_(BlockType::Empty);
+            self.unwind_at(rp)?;
+            self.end()?;
+            self.end()?;
+        }
+        self.code.raw(bytes);
+        self.code.op(I::GlobalGet(self.cx.state_global));
+        self.if_(BlockType::Empty);
+        self.unwind_at(rp)?;
+        self.end()?;
+        self.restore_after(a);
+        Ok(())
+    }
+
+    /// After an anchor: put the kept operands back under its results.
+    fn restore_after(&mut self, a: usize) {
+        let anchor = &self.plan.anchors[a];
+        let (base, kept) = (anchor.base, anchor.kept());
+        if kept == 0 {
+            return;
+        }
+        let stack = anchor.stack.clone();
+        let results = anchor.results.clone();
+        let top = base + kept;
+        for (i, t) in results.iter().enumerate().rev() {
+            let s = self.shadow(top + i as u32, *t);
+            self.code.op(I::LocalSet(s));
+        }
+        for p in base..top {
+            let s = self.shadow(p, stack[p as usize]);
+            self.code.op(I::LocalGet(s));
+        }
+        for (i, t) in results.iter().enumerate() {
+            let s = self.shadow(top + i as u32, *t);
+            self.code.op(I::LocalGet(s));
+        }
+    }
+
+    /// `br_table` on `$rp` over all resume points, running `each` for the
+    /// selected one, then continuing after the switch.
+    fn switch(&mut self, mut each: impl FnMut(&mut Self, u32) -> Result<()>) -> Result<()> {
+        let n = self.plan.rps.len() as u32;
+        let after = self.block(BlockType::Empty);
+        for _ in 0..=n {
+            self.block(BlockType::Empty);
+        }
+        self.code.op(I::LocalGet(self.rp));
+        self.code.op(I::BrTable((0..n).collect::<Vec<_>>().into(), n));
+        for rp in 0..n {
+            self.end()?;
+            each(self, rp)?;
+            self.br_to(after)?;
+        }
+        self.end()?;
+        self.code.op(I::Unreachable);
+        self.end()
+    }
+
+    /// Rewind prologue: pop this function's frame, restore the locals, and
+    /// the shadow locals the resume point saved.
+    fn prologue(&mut self) -> Result<()> {
+        let h = self.cx.helpers;
+        self.code.i32(self.func as i32);
+        self.code.op(I::Call(h.frame_pop));
+        self.code.op(I::LocalTee(self.fb));
+        self.code.op(I::I32Load(ctrl(crate::abi::frame::RESUME_POINT, 2)));
+        self.code.op(I::LocalSet(self.rp));
+        for i in 0..self.n_locals {
+            frames::load(&mut self.code, &h, self.fb, i, self.body.locals[i as usize], i)?;
+        }
+        let n_locals = self.n_locals;
+        self.switch(|e, rp| {
+            let saved = e.plan.rps[rp as usize].saved.clone();
+            for (p, t) in saved.iter().enumerate() {
+                let s = e.shadow(p as u32, *t);
+                frames::load(&mut e.code, &h, e.fb, s, *t, n_locals + p as u32)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Closes the body block, then emits the unwind tail: push a frame sized
+    /// for the resume point, save its operands and all locals, return zeros.
+    fn close_function(&mut self) -> Result<()> {
+        let f = self.pop()?;
+        if !f.original {
+            return Err(internal("function end closes an inserted block"));
+        }
+        self.code.op(I::End);
+        self.code.op(I::Return);
+        self.end()?;
+        let h = self.cx.helpers;
+        self.code.i32(State::Unwinding as i32);
+        self.code.op(I::GlobalSet(self.cx.state_global));
+        let n_locals = self.n_locals;
+        let func = self.func;
+        self.switch(|e, rp| {
+            let saved = e.plan.rps[rp as usize].saved.clone();
+            e.code.i32(func as i32);
+            e.code.i32(rp as i32);
+            e.code.i32((n_locals as usize + saved.len()) as i32);
+            e.code.op(I::Call(h.frame_push));
+            e.code.op(I::LocalSet(e.fb));
+            for (p, t) in saved.iter().enumerate() {
+                let s = e.shadow(p as u32, *t);
+                frames::store(&mut e.code, &h, e.fb, s, *t, n_locals + p as u32)?;
+            }
+            Ok(())
+        })?;
+        for i in 0..n_locals {
+            frames::store(&mut self.code, &h, self.fb, i, self.body.locals[i as usize], i)?;
+        }
+        for t in self.plan.results.clone() {
+            self.code.zero(t);
+        }
+        self.code.op(I::End);
+        if !self.frames.is_empty() {
+            return Err(internal("blocks left open at the end of the function"));
+        }
+        Ok(())
+    }
+
+    /// Local declarations (original groups, then the added locals) and code.
+    fn finish(self, body: &Body) -> Vec<u8> {
+        use wasm_encoder::Encode;
+        let mut groups: Vec<(u32, wasm_encoder::ValType)> = Vec::new();
+        for &(n, t) in &body.local_groups {
+            groups.push((n, orig_val(t)));
+        }
+        let original_groups = groups.len();
+        for &t in &self.extra {
+            let v = super::val(t);
+            let added = groups.len() > original_groups;
+            match groups.last_mut() {
+                Some((n, last)) if added && *last == v => *n += 1,
+                _ => groups.push((1, v)),
+            }
+        }
+        let mut out = Vec::new();
+        (groups.len() as u32).encode(&mut out);
+        for (n, t) in groups {
+            n.encode(&mut out);
+            t.encode(&mut out);
+        }
+        out.extend_from_slice(&self.code.0);
+        out
+    }
+}
+
+fn orig_val(t: wasmparser::ValType) -> wasm_encoder::ValType {
+    use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
+    // Only value types the analysis accepted reach here, and those always
+    // convert.
+    RoundtripReencoder.val_type(t).unwrap_or(wasm_encoder::ValType::I32)
+}

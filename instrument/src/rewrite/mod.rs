@@ -1,0 +1,181 @@
+//! The rewrite: from the analysis and per-function plans to the output module.
+//!
+//! [`body`] instruments one function body, [`frames`] emits the code that
+//! saves and restores a frame's slots, [`helpers`] builds the functions the
+//! instrumenter appends, and [`module`] assembles the sections. This file
+//! holds what they share: the byte sink, the block-type interner and the
+//! indices of everything appended.
+
+pub(crate) mod body;
+pub(crate) mod frames;
+pub(crate) mod helpers;
+pub(crate) mod module;
+
+use std::collections::HashMap;
+
+use wasm_encoder::{BlockType, Encode, HeapType, Instruction, MemArg, RefType, ValType};
+
+use crate::abi::{control, ValType as Ty};
+
+/// Encoded instructions.
+#[derive(Default)]
+pub(crate) struct Code(pub Vec<u8>);
+
+impl Code {
+    pub fn op(&mut self, i: Instruction<'_>) {
+        i.encode(&mut self.0);
+    }
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+    pub fn i32(&mut self, v: i32) {
+        self.op(Instruction::I32Const(v));
+    }
+    /// Pushes a zero (or null) of type `t`.
+    pub fn zero(&mut self, t: Ty) {
+        self.op(match t {
+            Ty::I32 => Instruction::I32Const(0),
+            Ty::I64 => Instruction::I64Const(0),
+            Ty::F32 => Instruction::F32Const(0.0f32.into()),
+            Ty::F64 => Instruction::F64Const(0.0f64.into()),
+            Ty::FuncRef => Instruction::RefNull(HeapType::FUNC),
+            Ty::ExternRef => Instruction::RefNull(HeapType::EXTERN),
+        });
+    }
+}
+
+/// A memory argument addressing the control memory.
+pub(crate) fn ctrl(offset: u32, align: u32) -> MemArg {
+    MemArg { offset: offset as u64, align, memory_index: control::MEMORY_INDEX }
+}
+
+/// The encoder's value type for a frame type.
+pub(crate) fn val(t: Ty) -> ValType {
+    match t {
+        Ty::I32 => ValType::I32,
+        Ty::I64 => ValType::I64,
+        Ty::F32 => ValType::F32,
+        Ty::F64 => ValType::F64,
+        Ty::FuncRef => ValType::Ref(RefType::FUNCREF),
+        Ty::ExternRef => ValType::Ref(RefType::EXTERNREF),
+    }
+}
+
+/// Function types: the original ones (reused when they fit) and the ones
+/// the rewrite appends for multi-value blocks and helpers.
+pub(crate) struct Types {
+    map: HashMap<(Vec<Ty>, Vec<Ty>), u32>,
+    next: u32,
+    /// Types to append, in index order.
+    pub added: Vec<(Vec<Ty>, Vec<Ty>)>,
+}
+
+impl Types {
+    pub fn new(original: &[wasmparser::FuncType]) -> Types {
+        let mut map = HashMap::new();
+        for (i, f) in original.iter().enumerate() {
+            let p = crate::analysis::tys(f.params(), 0);
+            let r = crate::analysis::tys(f.results(), 0);
+            if let (Ok(p), Ok(r)) = (p, r) {
+                map.entry((p, r)).or_insert(i as u32);
+            }
+        }
+        Types { map, next: original.len() as u32, added: Vec::new() }
+    }
+
+    /// Index of the function type `params -> results`.
+    pub fn func(&mut self, params: &[Ty], results: &[Ty]) -> u32 {
+        let key = (params.to_vec(), results.to_vec());
+        if let Some(&i) = self.map.get(&key) {
+            return i;
+        }
+        let i = self.next;
+        self.next += 1;
+        self.added.push(key.clone());
+        self.map.insert(key, i);
+        i
+    }
+
+    /// The most compact block type for `params -> results`.
+    pub fn block(&mut self, params: &[Ty], results: &[Ty]) -> BlockType {
+        match (params, results) {
+            ([], []) => BlockType::Empty,
+            ([], [r]) => BlockType::Result(val(*r)),
+            _ => BlockType::FunctionType(self.func(params, results)),
+        }
+    }
+}
+
+/// Indices of the functions the instrumenter appends, in the order they are
+/// appended after the original functions.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Helpers {
+    pub frame_push: u32,
+    pub frame_pop: u32,
+    pub should_pause: u32,
+    pub pre_call: u32,
+    pub rewind_done: u32,
+    pub init_memory: u32,
+    pub drop_data: u32,
+    pub start_unwind: u32,
+    pub stop_unwind: u32,
+    pub start_rewind: u32,
+    pub stop_rewind: u32,
+    /// Present when some frame can hold a reference.
+    pub refs: Option<RefHelpers>,
+}
+
+/// Helpers and tables for reference-typed slots.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RefHelpers {
+    pub spill_funcref: u32,
+    pub load_funcref: u32,
+    pub spill_externref: u32,
+    pub load_externref: u32,
+    pub funcref_table: u32,
+    pub externref_table: u32,
+}
+
+impl Helpers {
+    /// Lays the helpers out after `first` (the number of functions in the
+    /// original module), and the side tables after `tables`.
+    pub fn new(first: u32, tables: u32, with_refs: bool) -> Helpers {
+        Helpers {
+            frame_push: first,
+            frame_pop: first + 1,
+            should_pause: first + 2,
+            pre_call: first + 3,
+            rewind_done: first + 4,
+            init_memory: first + 5,
+            drop_data: first + 6,
+            start_unwind: first + 7,
+            stop_unwind: first + 8,
+            start_rewind: first + 9,
+            stop_rewind: first + 10,
+            refs: with_refs.then_some(RefHelpers {
+                spill_funcref: first + 11,
+                load_funcref: first + 12,
+                spill_externref: first + 13,
+                load_externref: first + 14,
+                funcref_table: tables,
+                externref_table: tables + 1,
+            }),
+        }
+    }
+
+    /// Number of helper functions.
+    pub fn count(&self) -> u32 {
+        if self.refs.is_some() {
+            15
+        } else {
+            11
+        }
+    }
+}
+
+/// Module-wide facts every body rewrite needs.
+pub(crate) struct Cx {
+    pub types: Types,
+    pub helpers: Helpers,
+    pub state_global: u32,
+}

@@ -1,0 +1,511 @@
+//! Assembles the output module: the original sections passed through or
+//! extended, the instrumented bodies, the appended helpers, and the metadata.
+//!
+//! Indices of everything the original defines stay where they were: the
+//! instrumenter only appends (types, functions, tables, one global, exports)
+//! and moves the program memory from a definition (or its own import) to the
+//! `upstare.memory` import, which keeps memory index 0.
+
+use std::collections::HashSet;
+
+use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
+use wasm_encoder::{
+    CodeSection, ConstExpr, CustomSection, DataCountSection, DataSection,
+    EntityType, ExportKind, ExportSection, FunctionSection, GlobalSection, GlobalType,
+    ImportSection, MemoryType, Module, RawSection, RefType, TableSection, TableType,
+    TypeSection,
+};
+use wasmparser::{Parser, Payload};
+
+use super::{body, helpers, val, Cx, Helpers, Types};
+use crate::abi::{
+    self, control, exports, BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta,
+    MemoryMeta, Metadata, ResumePoint,
+};
+use crate::analysis::{self, ModuleInfo};
+use crate::callgraph::CallGraph;
+use crate::error::{Error, ErrorKind, Result};
+use crate::plan::{self, Plan};
+
+/// Custom sections that describe the original code by offset or index and
+/// would mislead a reader of the output; the metadata points to the original
+/// module instead.
+fn describes_original_code(name: &str) -> bool {
+    name.starts_with(".debug_") || name == "linking" || name.starts_with("reloc.")
+}
+
+/// Instruments `wasm`, returning the output module and its metadata.
+pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>) -> Result<(Vec<u8>, Metadata)> {
+    let info = analysis::analyze(wasm)?;
+    check_names(&info)?;
+    let graph = CallGraph::new(&info, blocking);
+
+    let mut plans: Vec<Option<Plan>> = Vec::with_capacity(info.bodies.len());
+    for b in &info.bodies {
+        plans.push(if graph.can_unwind[b.func as usize] { Some(plan::plan(&info, &graph, b)?) } else { None });
+    }
+    let with_refs = info.bodies.iter().zip(&plans).any(|(b, p)| {
+        p.as_ref().is_some_and(|p| {
+            b.locals.iter().chain(p.rps.iter().flat_map(|r| &r.saved)).any(|t| t.is_ref())
+        })
+    });
+    let helpers = Helpers::new(info.func_types.len() as u32, info.num_tables, with_refs);
+    let state_global = info.globals.len() as u32;
+    let mut cx = Cx { types: Types::new(&info.types), helpers, state_global };
+
+    let mut bodies = Vec::with_capacity(info.bodies.len());
+    let mut functions = Vec::new();
+    for (b, p) in info.bodies.iter().zip(&plans) {
+        match p {
+            Some(p) => {
+                bodies.push(body::instrument(&mut cx, &info, b, p)?);
+                functions.push(FunctionMeta {
+                    index: b.func,
+                    type_index: info.func_types[b.func as usize],
+                    locals: b.locals.clone(),
+                    resume_points: p
+                        .rps
+                        .iter()
+                        .map(|r| ResumePoint {
+                            kind: r.kind,
+                            offset: r.offset as u32,
+                            callee: r.callee,
+                            ordinal: r.ordinal,
+                            operands: r.saved.clone(),
+                        })
+                        .collect(),
+                });
+            }
+            None => bodies.push(wasm[b.range.clone()].to_vec()),
+        }
+    }
+    let appended = helpers::build(&info, &mut cx.types, &helpers, state_global);
+    let metadata = metadata(&info, &graph, &helpers, state_global, functions);
+    let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata)?;
+
+    let mut validator = wasmparser::Validator::new_with_features(analysis::output_features());
+    validator.validate_all(&out).map_err(|e| {
+        Error::new(ErrorKind::Internal, Some(e.offset()), format!("output does not validate: {}", e.message()))
+    })?;
+    Ok((out, metadata))
+}
+
+/// Refuses modules that already use the names the instrumenter adds, which
+/// would make the output ambiguous (or a second instrumentation of the same
+/// module).
+fn check_names(info: &ModuleInfo<'_>) -> Result<()> {
+    if let Some(i) = info.imports.iter().find(|i| i.module == abi::IMPORT_MODULE) {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            None,
+            format!("the module already imports `{}.{}` (was it instrumented already?)", i.module, i.name),
+        ));
+    }
+    if let Some((name, ..)) = info.exports.iter().find(|(n, ..)| n.starts_with("upstare_")) {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            None,
+            format!("the module already exports `{name}`, a name reserved for instrumentation"),
+        ));
+    }
+    Ok(())
+}
+
+fn metadata(
+    info: &ModuleInfo<'_>,
+    graph: &CallGraph,
+    helpers: &Helpers,
+    state_global: u32,
+    functions: Vec<FunctionMeta>,
+) -> Metadata {
+    let memory = match &info.memory {
+        Some(m) => MemoryMeta {
+            original_import: m.import.map(|i| (info.imports[i].module.to_string(), info.imports[i].name.to_string())),
+            min: m.ty.initial as u32,
+            max: m.ty.maximum.map(|x| x as u32),
+            shared: m.ty.shared,
+        },
+        None => MemoryMeta { original_import: None, min: 0, max: Some(0), shared: false },
+    };
+    let mut blocking = Vec::new();
+    let mut func = 0u32;
+    for imp in &info.imports {
+        if matches!(imp.ty, wasmparser::TypeRef::Func(_) | wasmparser::TypeRef::FuncExact(_)) {
+            if graph.blocking[func as usize] {
+                blocking.push(BlockingImport { func, module: imp.module.into(), name: imp.name.into() });
+            }
+            func += 1;
+        }
+    }
+    let globals = info
+        .globals
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.mutable)
+        .filter_map(|(i, g)| {
+            let ty = analysis::ty(g.content_type, 0).ok()?;
+            Some(GlobalMeta { index: i as u32, ty, export: exports::global(i as u32) })
+        })
+        .collect();
+    let data = info
+        .data
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.active_offset.is_some())
+        .map(|(i, _)| DataSegmentMeta { index: i as u32 })
+        .collect();
+    Metadata {
+        code_section: info.code_section_start as u32,
+        memory,
+        state_global,
+        ref_tables: helpers.refs.map(|r| (r.funcref_table, r.externref_table)),
+        start: info.start,
+        blocking,
+        globals,
+        data,
+        functions,
+    }
+}
+
+fn program_memory_type(meta: &MemoryMeta) -> MemoryType {
+    MemoryType {
+        minimum: meta.min as u64,
+        maximum: meta.max.map(u64::from),
+        memory64: false,
+        shared: meta.shared,
+        page_size_log2: None,
+    }
+}
+
+fn control_memory_type() -> MemoryType {
+    MemoryType {
+        minimum: control::MIN_PAGES,
+        maximum: Some(control::MAX_PAGES),
+        memory64: false,
+        shared: true,
+        page_size_log2: None,
+    }
+}
+
+fn reencode_err(e: wasm_encoder::reencode::Error) -> Error {
+    Error::new(ErrorKind::Internal, None, format!("cannot re-encode the input: {e}"))
+}
+
+fn reader_err(e: wasmparser::BinaryReaderError) -> Error {
+    Error::from_reader(ErrorKind::Invalid, e)
+}
+
+/// Writes the output module. Sections the rewrite does not touch are copied
+/// raw; the others are re-encoded item by item with their indices kept.
+fn assemble(
+    info: &ModuleInfo<'_>,
+    types: &Types,
+    helpers: &Helpers,
+    bodies: &[Vec<u8>],
+    appended: &[helpers::HelperFunc],
+    meta: &Metadata,
+) -> Result<Vec<u8>> {
+    let mut re = RoundtripReencoder;
+    let mut module = Module::new();
+    let mut customs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut saw = Saw::default();
+
+    // Sections the input may lack still have to be emitted when the rewrite
+    // adds to them; `Saw` tracks which were present so the gaps are filled in
+    // section order.
+    for payload in Parser::new(0).parse_all(info.wasm) {
+        let payload = payload.map_err(reader_err)?;
+        match payload {
+            Payload::TypeSection(r) => {
+                let mut s = TypeSection::new();
+                re.parse_type_section(&mut s, r).map_err(reencode_err)?;
+                add_types(&mut s, types);
+                module.section(&s);
+                saw.types = true;
+            }
+            Payload::ImportSection(r) => {
+                if !saw.types {
+                    types_only(&mut module, types, &mut saw);
+                }
+                let mut s = ImportSection::new();
+                for group in r {
+                    let imports = match group.map_err(reader_err)? {
+                        wasmparser::Imports::Single(_, i) => vec![(i.module, i.name, i.ty)],
+                        wasmparser::Imports::Compact1 { module, items } => items
+                            .into_iter()
+                            .map(|x| x.map(|x| (module, x.name, x.ty)))
+                            .collect::<std::result::Result<_, _>>()
+                            .map_err(reader_err)?,
+                        wasmparser::Imports::Compact2 { module, ty, names } => names
+                            .into_iter()
+                            .map(|n| n.map(|n| (module, n, ty)))
+                            .collect::<std::result::Result<_, _>>()
+                            .map_err(reader_err)?,
+                    };
+                    for (m, n, ty) in imports {
+                        if matches!(ty, wasmparser::TypeRef::Memory(_)) {
+                            continue;
+                        }
+                        s.import(m, n, re.entity_type(ty).map_err(reencode_err)?);
+                    }
+                }
+                add_memory_imports(&mut s, meta);
+                module.section(&s);
+                saw.imports = true;
+            }
+            Payload::FunctionSection(r) => {
+                fill_before_functions(&mut module, types, meta, &mut saw);
+                let mut s = FunctionSection::new();
+                re.parse_function_section(&mut s, r).map_err(reencode_err)?;
+                for h in appended {
+                    s.function(h.type_index);
+                }
+                module.section(&s);
+                saw.functions = true;
+            }
+            Payload::TableSection(r) => {
+                fill_before_functions(&mut module, types, meta, &mut saw);
+                fill_functions(&mut module, appended, &mut saw);
+                let mut s = TableSection::new();
+                re.parse_table_section(&mut s, r).map_err(reencode_err)?;
+                add_side_tables(&mut s, helpers);
+                module.section(&s);
+                saw.tables = true;
+            }
+            // The program memory is imported now.
+            Payload::MemorySection(_) => {}
+            Payload::GlobalSection(r) => {
+                fill_through_tables(&mut module, types, helpers, appended, meta, &mut saw);
+                let mut s = GlobalSection::new();
+                re.parse_global_section(&mut s, r).map_err(reencode_err)?;
+                add_state_global(&mut s);
+                module.section(&s);
+                saw.globals = true;
+            }
+            Payload::ExportSection(r) => {
+                fill_through_globals(&mut module, types, helpers, appended, meta, &mut saw);
+                let mut s = ExportSection::new();
+                re.parse_export_section(&mut s, r).map_err(reencode_err)?;
+                add_exports(&mut s, info, helpers, meta);
+                module.section(&s);
+                saw.exports = true;
+            }
+            // The host calls the start function after initialising memory.
+            Payload::StartSection { .. } => {}
+            Payload::ElementSection(r) => {
+                fill_through_exports(&mut module, types, helpers, appended, meta, info, &mut saw);
+                let range = r.range();
+                module.section(&RawSection { id: 9, data: &info.wasm[range.start..range.end] });
+            }
+            Payload::DataCountSection { .. } => {}
+            Payload::CodeSectionStart { .. } => {
+                fill_through_exports(&mut module, types, helpers, appended, meta, info, &mut saw);
+                data_count(&mut module, info);
+                saw.code = true;
+                let mut s = CodeSection::new();
+                for b in bodies {
+                    s.raw(b);
+                }
+                for h in appended {
+                    s.raw(&h.body);
+                }
+                module.section(&s);
+            }
+            Payload::CodeSectionEntry(_) => {}
+            Payload::DataSection(r) => {
+                if !saw.code {
+                    fill_through_exports(&mut module, types, helpers, appended, meta, info, &mut saw);
+                    data_count(&mut module, info);
+                    code_only(&mut module, appended, &mut saw);
+                }
+                let mut s = DataSection::new();
+                for d in r {
+                    let d = d.map_err(reader_err)?;
+                    s.passive(d.data.iter().copied());
+                }
+                module.section(&s);
+            }
+            Payload::CustomSection(c) => {
+                if !describes_original_code(c.name()) {
+                    customs.push((c.name().to_string(), c.data().to_vec()));
+                }
+            }
+            Payload::End(_) => {}
+            Payload::Version { .. } => {}
+            other => {
+                // The validator with the input features lets nothing else
+                // through (tags, components, ...).
+                let offset = other.as_section().map(|(_, r)| r.start);
+                return Err(Error::new(ErrorKind::Unsupported, offset, "unsupported section"));
+            }
+        }
+    }
+    if !saw.code {
+        fill_through_exports(&mut module, types, helpers, appended, meta, info, &mut saw);
+        data_count(&mut module, info);
+        code_only(&mut module, appended, &mut saw);
+    }
+    for (name, data) in &customs {
+        module.section(&CustomSection { name: name.into(), data: data.into() });
+    }
+    let encoded = meta.encode();
+    module.section(&CustomSection { name: abi::METADATA_SECTION.into(), data: encoded.as_slice().into() });
+    Ok(module.finish())
+}
+
+#[derive(Default)]
+struct Saw {
+    types: bool,
+    imports: bool,
+    functions: bool,
+    tables: bool,
+    globals: bool,
+    exports: bool,
+    code: bool,
+}
+
+fn add_types(s: &mut TypeSection, types: &Types) {
+    for (params, results) in &types.added {
+        s.ty().function(params.iter().map(|t| val(*t)), results.iter().map(|t| val(*t)));
+    }
+}
+
+fn types_only(module: &mut Module, types: &Types, saw: &mut Saw) {
+    let mut s = TypeSection::new();
+    add_types(&mut s, types);
+    module.section(&s);
+    saw.types = true;
+}
+
+fn add_memory_imports(s: &mut ImportSection, meta: &Metadata) {
+    s.import(abi::IMPORT_MODULE, abi::MEMORY_IMPORT, EntityType::Memory(program_memory_type(&meta.memory)));
+    s.import(abi::IMPORT_MODULE, abi::CONTROL_IMPORT, EntityType::Memory(control_memory_type()));
+}
+
+fn fill_before_functions(module: &mut Module, types: &Types, meta: &Metadata, saw: &mut Saw) {
+    if !saw.types {
+        types_only(module, types, saw);
+    }
+    if !saw.imports {
+        let mut s = ImportSection::new();
+        add_memory_imports(&mut s, meta);
+        module.section(&s);
+        saw.imports = true;
+    }
+}
+
+fn fill_functions(module: &mut Module, appended: &[helpers::HelperFunc], saw: &mut Saw) {
+    if !saw.functions {
+        let mut s = FunctionSection::new();
+        for h in appended {
+            s.function(h.type_index);
+        }
+        module.section(&s);
+        saw.functions = true;
+    }
+}
+
+fn add_side_tables(s: &mut TableSection, helpers: &Helpers) {
+    if helpers.refs.is_some() {
+        for element_type in [RefType::FUNCREF, RefType::EXTERNREF] {
+            s.table(TableType { element_type, minimum: 0, maximum: None, table64: false, shared: false });
+        }
+    }
+}
+
+fn add_state_global(s: &mut GlobalSection) {
+    s.global(
+        GlobalType { val_type: wasm_encoder::ValType::I32, mutable: true, shared: false },
+        &ConstExpr::i32_const(0),
+    );
+}
+
+fn fill_through_tables(
+    module: &mut Module,
+    types: &Types,
+    helpers: &Helpers,
+    appended: &[helpers::HelperFunc],
+    meta: &Metadata,
+    saw: &mut Saw,
+) {
+    fill_before_functions(module, types, meta, saw);
+    fill_functions(module, appended, saw);
+    if !saw.tables {
+        if helpers.refs.is_some() {
+            let mut s = TableSection::new();
+            add_side_tables(&mut s, helpers);
+            module.section(&s);
+        }
+        saw.tables = true;
+    }
+}
+
+fn fill_through_globals(
+    module: &mut Module,
+    types: &Types,
+    helpers: &Helpers,
+    appended: &[helpers::HelperFunc],
+    meta: &Metadata,
+    saw: &mut Saw,
+) {
+    fill_through_tables(module, types, helpers, appended, meta, saw);
+    if !saw.globals {
+        let mut s = GlobalSection::new();
+        add_state_global(&mut s);
+        module.section(&s);
+        saw.globals = true;
+    }
+}
+
+fn fill_through_exports(
+    module: &mut Module,
+    types: &Types,
+    helpers: &Helpers,
+    appended: &[helpers::HelperFunc],
+    meta: &Metadata,
+    info: &ModuleInfo<'_>,
+    saw: &mut Saw,
+) {
+    fill_through_globals(module, types, helpers, appended, meta, saw);
+    if !saw.exports {
+        let mut s = ExportSection::new();
+        add_exports(&mut s, info, helpers, meta);
+        module.section(&s);
+        saw.exports = true;
+    }
+}
+
+fn add_exports(s: &mut ExportSection, info: &ModuleInfo<'_>, h: &Helpers, meta: &Metadata) {
+    s.export(exports::STATE, ExportKind::Global, meta.state_global);
+    s.export(exports::INIT_MEMORY, ExportKind::Func, h.init_memory);
+    s.export(exports::DROP_DATA, ExportKind::Func, h.drop_data);
+    s.export(exports::START_UNWIND, ExportKind::Func, h.start_unwind);
+    s.export(exports::STOP_UNWIND, ExportKind::Func, h.stop_unwind);
+    s.export(exports::START_REWIND, ExportKind::Func, h.start_rewind);
+    s.export(exports::STOP_REWIND, ExportKind::Func, h.stop_rewind);
+    if let Some(start) = info.start {
+        s.export(exports::START, ExportKind::Func, start);
+    }
+    if let Some(r) = h.refs {
+        s.export(exports::FUNCREF_TABLE, ExportKind::Table, r.funcref_table);
+        s.export(exports::EXTERNREF_TABLE, ExportKind::Table, r.externref_table);
+    }
+    for g in &meta.globals {
+        s.export(&g.export, ExportKind::Global, g.index);
+    }
+}
+
+fn data_count(module: &mut Module, info: &ModuleInfo<'_>) {
+    if !info.data.is_empty() {
+        module.section(&DataCountSection { count: info.data.len() as u32 });
+    }
+}
+
+fn code_only(module: &mut Module, appended: &[helpers::HelperFunc], saw: &mut Saw) {
+    let mut s = CodeSection::new();
+    for h in appended {
+        s.raw(&h.body);
+    }
+    module.section(&s);
+    saw.code = true;
+}
