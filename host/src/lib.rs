@@ -33,8 +33,10 @@
 
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod interrupt;
 pub mod module;
+pub mod pause;
 pub mod process;
 pub mod trap;
 pub mod wasi;
@@ -43,7 +45,8 @@ pub mod wasi;
 pub mod cli;
 
 pub use interrupt::InterruptHandle;
-pub use module::{GuestModule, LoadError};
+pub use module::{GuestModule, LoadError, LoadOptions};
+pub use pause::PauseHandle;
 pub use process::{Exit, Guest, GuestConfig, PreopenDir, SetupError};
 pub use wasi::fd_table::Stdio;
 
@@ -58,6 +61,10 @@ const MAX_WASM_STACK: usize = 48 << 20;
 pub fn new_engine() -> anyhow::Result<wasmtime::Engine> {
     let mut config = wasmtime::Config::new();
     config.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Enable);
+    // The control memory of instrumented guests is a shared memory, so the
+    // host can post a pause request while the guest runs.
+    config.shared_memory(true);
+    config.wasm_threads(true);
     // wasmtime checks the limit against the async stack even when guests
     // run synchronously.
     config.async_stack_size(MAX_WASM_STACK);

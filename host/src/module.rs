@@ -1,8 +1,16 @@
-//! Loading a guest module: reading, checking and compiling it, with one
-//! clear error per kind of bad input.
+//! Loading a guest module: reading, checking, instrumenting and compiling
+//! it, with one clear error per kind of bad input.
+//!
+//! Every module is instrumented by `upstare-instrument` unless the caller
+//! asks for it as it is ([`LoadOptions::instrument`]); the original bytes are
+//! kept beside the compiled module, because its DWARF and relocations
+//! describe the running code for later updates. Instrumented output is
+//! cached on disk by the content hash of the input ([`crate::cache`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use upstare_instrument::Metadata;
 use wasmtime::{Engine, Module};
 
 /// Why a module could not be loaded. Each message is one line naming the
@@ -56,6 +64,14 @@ pub enum LoadError {
         /// The module path.
         path: PathBuf,
     },
+    /// The instrumenter cannot rewrite the module.
+    #[error("{path} cannot be instrumented for live update: {reason} (run it with --no-instrument to run it without update support)")]
+    Instrument {
+        /// The module path.
+        path: PathBuf,
+        /// The instrumenter's reason, with the byte offset.
+        reason: String,
+    },
     /// The module's imports exist but have the wrong types, or
     /// instantiation failed for another reason.
     #[error("{path} cannot be instantiated: {reason}")]
@@ -67,11 +83,31 @@ pub enum LoadError {
     },
 }
 
+/// How to load a module.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Instrument the module so it can be paused, snapshotted and updated
+    /// (the default). Without it the module runs as it is: the baseline for
+    /// measurements, and a blocking call the host interrupts ends the run
+    /// with [`crate::Exit::Interrupted`].
+    pub instrument: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { instrument: true }
+    }
+}
+
 /// A compiled guest module and where it came from.
 #[derive(Clone)]
 pub struct GuestModule {
     pub(crate) module: Module,
     pub(crate) path: PathBuf,
+    /// The module as the user built it.
+    pub(crate) original: Arc<Vec<u8>>,
+    /// The instrumenter's metadata, for an instrumented module.
+    pub(crate) metadata: Option<Arc<Metadata>>,
 }
 
 impl std::fmt::Debug for GuestModule {
@@ -81,17 +117,33 @@ impl std::fmt::Debug for GuestModule {
 }
 
 impl GuestModule {
-    /// Reads, validates and compiles the module at `path`.
+    /// Reads, validates, instruments and compiles the module at `path`.
     pub fn load(engine: &Engine, path: &Path) -> Result<Self, LoadError> {
+        Self::load_with(engine, path, &LoadOptions::default())
+    }
+
+    /// Reads and loads the module at `path` as `options` say.
+    pub fn load_with(engine: &Engine, path: &Path, options: &LoadOptions) -> Result<Self, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_bytes(engine, path, &bytes)
+        Self::from_bytes_with(engine, path, &bytes, options)
     }
 
-    /// Validates and compiles `bytes`; `path` names them in errors.
+    /// Validates, instruments and compiles `bytes`; `path` names them in
+    /// errors.
     pub fn from_bytes(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
+        Self::from_bytes_with(engine, path, bytes, &LoadOptions::default())
+    }
+
+    /// Loads `bytes` as `options` say; `path` names them in errors.
+    pub fn from_bytes_with(
+        engine: &Engine,
+        path: &Path,
+        bytes: &[u8],
+        options: &LoadOptions,
+    ) -> Result<Self, LoadError> {
         let path = path.to_path_buf();
         if !bytes.starts_with(b"\0asm") {
             return Err(LoadError::NotWasm { path });
@@ -111,14 +163,44 @@ impl GuestModule {
                 reason: format!("{} (at byte offset {:#x})", e.message(), e.offset()),
             });
         }
-        let module = Module::new(engine, bytes).map_err(|e| LoadError::Invalid {
+        let (code, metadata) = if options.instrument {
+            let out = crate::cache::instrumented(bytes).map_err(|e| LoadError::Instrument {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            if out.metadata.memory.shared {
+                return Err(LoadError::Unsupported {
+                    path,
+                    reason: "the module uses a shared memory (threads), which upstare-host cannot pause yet; run it with --no-instrument".into(),
+                });
+            }
+            (out.wasm, Some(Arc::new(out.metadata)))
+        } else {
+            (bytes.to_vec(), None)
+        };
+        let module = Module::new(engine, &code).map_err(|e| LoadError::Invalid {
             path: path.clone(),
             reason: one_line(&e),
         })?;
         if module.get_export("_start").is_none() {
             return Err(LoadError::NoStart { path });
         }
-        Ok(GuestModule { module, path })
+        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), metadata })
+    }
+
+    /// Whether the module was instrumented (it can be paused).
+    pub fn is_instrumented(&self) -> bool {
+        self.metadata.is_some()
+    }
+
+    /// The instrumenter's metadata, for an instrumented module.
+    pub fn metadata(&self) -> Option<&Metadata> {
+        self.metadata.as_deref()
+    }
+
+    /// The module as it was given, before instrumentation.
+    pub fn original_bytes(&self) -> &[u8] {
+        &self.original
     }
 
     /// The path the module was loaded from.

@@ -7,14 +7,18 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use wasmtime::{Engine, Instance, Linker, Store};
+use upstare_instrument::abi::{control, exports, State, TypedFrame};
+use upstare_instrument::Metadata;
+use wasmtime::{Engine, Global, Instance, Linker, Memory, MemoryType, Store, TypedFunc};
 
 use crate::interrupt::InterruptHandle;
 use crate::module::{one_line, GuestModule, LoadError};
+use crate::pause::{ControlMemory, PauseHandle};
 use crate::trap::TrapReport;
 use crate::wasi::fd_table::Stdio;
-use crate::wasi::{self, GuestExit, Interrupted, WasiCtx, WasiView};
+use crate::wasi::{self, GuestExit, Interrupted, UnwindHooks, WasiCtx, WasiView};
 
 /// Everything a guest is given at start: arguments, environment,
 /// preopened directories and listeners, standard streams.
@@ -35,6 +39,9 @@ pub struct GuestConfig {
     pub stdout: Stdio,
     /// The guest's stderr.
     pub stderr: Stdio,
+    /// Diagnostic: unwind and immediately rewind the guest at every Nth
+    /// update point it reaches (instrumented modules only).
+    pub stress_pause: Option<u32>,
 }
 
 /// A host directory made visible to the guest.
@@ -57,6 +64,7 @@ impl GuestConfig {
             stdin: Stdio::Inherit,
             stdout: Stdio::Inherit,
             stderr: Stdio::Inherit,
+            stress_pause: None,
         }
     }
 }
@@ -88,6 +96,10 @@ pub enum Exit {
     Status(i32),
     /// The guest trapped.
     Trap(TrapReport),
+    /// The guest paused at an update point on the host's request
+    /// ([`PauseHandle::request`]); [`Guest::frames`] lists its stack, and
+    /// [`Guest::run`] resumes it.
+    Paused,
     /// The host interrupted a blocking call in a module that cannot pause.
     Interrupted {
         /// The WASI function that was blocked.
@@ -101,12 +113,32 @@ pub enum Exit {
 #[derive(Debug)]
 pub struct ProcessState {
     wasi: WasiCtx,
+    hooks: Option<UnwindHooks>,
 }
 
 impl WasiView for ProcessState {
     fn wasi(&mut self) -> &mut WasiCtx {
         &mut self.wasi
     }
+
+    fn unwind_hooks(&self) -> Option<UnwindHooks> {
+        self.hooks.clone()
+    }
+}
+
+/// What the host holds to unwind and rewind an instrumented instance.
+struct Unwinder {
+    control: ControlMemory,
+    metadata: Arc<Metadata>,
+    state: Global,
+    init_memory: TypedFunc<(), ()>,
+    start: Option<TypedFunc<(), ()>>,
+    stop_unwind: TypedFunc<(), ()>,
+    start_rewind: TypedFunc<(), ()>,
+    /// The frames of a paused guest, innermost first.
+    paused: Option<Vec<TypedFrame>>,
+    /// Unwinds so far (pauses and stress unwinds), for diagnostics.
+    unwinds: u64,
 }
 
 /// A guest process, instantiated and ready to run.
@@ -114,6 +146,8 @@ pub struct Guest {
     store: Store<ProcessState>,
     instance: Instance,
     interrupt: InterruptHandle,
+    unwinder: Option<Unwinder>,
+    started: bool,
 }
 
 impl std::fmt::Debug for Guest {
@@ -143,7 +177,11 @@ impl Guest {
 
         let mut linker = Linker::new(engine);
         wasi::add_to_linker(&mut linker).map_err(|e| SetupError::Host(one_line(&e)))?;
-        let mut store = Store::new(engine, ProcessState { wasi });
+        let mut store = Store::new(engine, ProcessState { wasi, hooks: None });
+        let control = match &module.metadata {
+            Some(meta) => Some(define_memories(&mut store, &mut linker, meta, config.stress_pause)?),
+            None => None,
+        };
         for import in module.module.imports() {
             if linker.get(&mut store, import.module(), import.name()).is_err() {
                 return Err(LoadError::UnknownImport {
@@ -158,7 +196,35 @@ impl Guest {
             path: module.path.clone(),
             reason: one_line(&e),
         })?;
-        Ok(Guest { store, instance, interrupt })
+        let unwinder = match (control, &module.metadata) {
+            (Some(control), Some(metadata)) => {
+                let unwinder = Unwinder::new(&mut store, &instance, control, metadata.clone())
+                    .map_err(|e| SetupError::Host(format!("instrumented module is missing a host export: {e}")))?;
+                let stop_rewind = instance
+                    .get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)
+                    .map_err(|e| SetupError::Host(one_line(&e)))?;
+                store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state, stop_rewind });
+                Some(unwinder)
+            }
+            _ => None,
+        };
+        Ok(Guest { store, instance, interrupt, unwinder, started: false })
+    }
+
+    /// A handle that pauses the guest from any thread; `None` for a module
+    /// loaded without instrumentation.
+    pub fn pause_handle(&self) -> Option<PauseHandle> {
+        self.unwinder.as_ref().map(|u| PauseHandle::new(u.control.clone(), self.interrupt.clone()))
+    }
+
+    /// The stack of a paused guest, innermost frame first.
+    pub fn frames(&self) -> Option<&[TypedFrame]> {
+        self.unwinder.as_ref().and_then(|u| u.paused.as_deref())
+    }
+
+    /// How many times the guest has unwound (pauses and stress unwinds).
+    pub fn unwinds(&self) -> u64 {
+        self.unwinder.as_ref().map_or(0, |u| u.unwinds)
     }
 
     /// A handle that interrupts the guest's blocking calls from any thread.
@@ -171,17 +237,141 @@ impl Guest {
         self.store.data_mut().wasi()
     }
 
-    /// Runs `_start` to completion.
+    /// Runs `_start` until the guest exits, traps or pauses; after a pause,
+    /// resumes it where it stopped.
     pub fn run(&mut self) -> Exit {
-        let start = match self.instance.get_typed_func::<(), ()>(&mut self.store, "_start") {
+        let entry = match self.instance.get_typed_func::<(), ()>(&mut self.store, "_start") {
             Ok(f) => f,
             Err(e) => return Exit::HostError(format!("`_start` has the wrong type: {}", one_line(&e))),
         };
-        match start.call(&mut self.store, ()) {
-            Ok(()) => Exit::Status(0),
-            Err(err) => classify(err),
+        if !self.started {
+            self.started = true;
+            if let Some(u) = &self.unwinder {
+                // A fresh memory: apply the data segments, then the start
+                // function that instantiation no longer runs.
+                let (init, start) = (u.init_memory.clone(), u.start.clone());
+                if let Err(e) = init.call(&mut self.store, ()) {
+                    return classify(e);
+                }
+                if let Some(start) = start {
+                    if let Err(e) = start.call(&mut self.store, ()) {
+                        return classify(e);
+                    }
+                }
+            }
+        } else if let Some(u) = &mut self.unwinder {
+            if u.paused.take().is_some() {
+                if let Err(e) = u.prepare_rewind(&mut self.store) {
+                    return classify(e);
+                }
+            }
+        }
+        loop {
+            if let Err(err) = entry.call(&mut self.store, ()) {
+                return classify(err);
+            }
+            let Some(u) = &mut self.unwinder else { return Exit::Status(0) };
+            match u.after_return(&mut self.store) {
+                Ok(AfterReturn::Finished) => return Exit::Status(0),
+                Ok(AfterReturn::Paused) => return Exit::Paused,
+                Ok(AfterReturn::Rewind) => {
+                    // A stress unwind, or a stale wake-up of a blocking call
+                    // with no pause behind it: continue at once.
+                    if let Err(e) = u.prepare_rewind(&mut self.store) {
+                        return classify(e);
+                    }
+                }
+                Err(e) => return Exit::HostError(e),
+            }
         }
     }
+}
+
+/// What the entry call's return meant.
+enum AfterReturn {
+    Finished,
+    Paused,
+    Rewind,
+}
+
+impl Unwinder {
+    fn new(
+        store: &mut Store<ProcessState>,
+        instance: &Instance,
+        control: ControlMemory,
+        metadata: Arc<Metadata>,
+    ) -> wasmtime::Result<Self> {
+        let func = |store: &mut Store<ProcessState>, name: &str| instance.get_typed_func::<(), ()>(&mut *store, name);
+        let state = instance
+            .get_global(&mut *store, exports::STATE)
+            .ok_or_else(|| wasmtime::format_err!("no `{}` global", exports::STATE))?;
+        let start = match metadata.start {
+            Some(_) => Some(func(store, exports::START)?),
+            None => None,
+        };
+        Ok(Unwinder {
+            init_memory: func(store, exports::INIT_MEMORY)?,
+            start,
+            stop_unwind: func(store, exports::STOP_UNWIND)?,
+            start_rewind: func(store, exports::START_REWIND)?,
+            control,
+            metadata,
+            state,
+            paused: None,
+            unwinds: 0,
+        })
+    }
+
+    /// After the entry call returned normally: finished, or unwound.
+    fn after_return(&mut self, store: &mut Store<ProcessState>) -> Result<AfterReturn, String> {
+        if self.state.get(&mut *store).i32() != Some(State::Unwinding as i32) {
+            return Ok(AfterReturn::Finished);
+        }
+        self.unwinds += 1;
+        self.stop_unwind.call(&mut *store, ()).map_err(|e| one_line(&e))?;
+        let raw = self.control.frames().map_err(|e| format!("the guest saved an unreadable stack: {e}"))?;
+        let frames = raw
+            .iter()
+            .map(|f| TypedFrame::new(f, &self.metadata))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the guest saved a stack its metadata does not describe: {e}"))?;
+        if self.control.pause_requested() {
+            self.paused = Some(frames);
+            return Ok(AfterReturn::Paused);
+        }
+        Ok(AfterReturn::Rewind)
+    }
+
+    /// Clears the request and any stale wake-up, and starts the rewind; the
+    /// caller then calls the entry point again.
+    fn prepare_rewind(&mut self, store: &mut Store<ProcessState>) -> wasmtime::Result<()> {
+        self.control.set_pause(false);
+        store.data_mut().wasi.interrupter().take_pending();
+        self.start_rewind.call(&mut *store, ())
+    }
+}
+
+/// Creates the program memory and the control memory of an instrumented
+/// module and defines them as its `upstare` imports.
+fn define_memories(
+    store: &mut Store<ProcessState>,
+    linker: &mut Linker<ProcessState>,
+    meta: &Metadata,
+    stress: Option<u32>,
+) -> Result<ControlMemory, SetupError> {
+    let host = |e: wasmtime::Error| SetupError::Host(one_line(&e));
+    let memory = Memory::new(&mut *store, MemoryType::new(meta.memory.min, meta.memory.max)).map_err(host)?;
+    let header = match stress {
+        Some(n) => control::Header::stress(n.max(1)),
+        None => control::Header::default(),
+    };
+    let control = ControlMemory::new(store.engine(), header).map_err(|e| SetupError::Host(e.to_string()))?;
+    let m = upstare_instrument::abi::IMPORT_MODULE;
+    linker.define(&mut *store, m, upstare_instrument::abi::MEMORY_IMPORT, memory).map_err(host)?;
+    linker
+        .define(&mut *store, m, upstare_instrument::abi::CONTROL_IMPORT, control.memory().clone())
+        .map_err(host)?;
+    Ok(control)
 }
 
 /// Sorts the error a guest call ended with into an exit.

@@ -1,14 +1,19 @@
 //! Every WASI call that can block is interrupted from another thread and
-//! ends with the host's own outcome (not an errno the guest sees). Each
-//! guest here is a few lines of WAT that blocks in one call; the host is the
-//! real library with a real listener, client and pipe.
+//! ends with the host's own outcome (not an errno the guest sees): a trap-like
+//! `Exit::Interrupted` for a module run without instrumentation, a pause at
+//! that call for an instrumented one, which then resumes into the same call.
+//! Each guest here is a few lines of WAT that blocks in one call; the host is
+//! the real library with a real listener, client and pipe.
 
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule, Stdio};
+use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, Stdio};
+use upstare_instrument::abi::ResumeKind;
+
+const AS_IS: LoadOptions = LoadOptions { instrument: false };
 
 /// Memory layout shared by the guests: an iovec at 0 (64 KiB buffer at
 /// 1024), a subscription at 128, events at 256, results at 512.
@@ -94,13 +99,14 @@ const CASES: &[Blocked] = &[
     },
 ];
 
-/// Runs one case: starts the guest, lets it block, interrupts it, and
-/// returns how it ended and how long the interruption took.
+/// Runs one case without instrumentation: starts the guest, lets it block,
+/// interrupts it, and returns how it ended and how long the interruption
+/// took.
 fn interrupt_case(case: &Blocked) -> (Exit, Duration) {
     let wat = format!("(module {PRELUDE} (func (export \"_start\") {}))", case.body);
     let wasm = wat::parse_str(&wat).expect("test guest assembles");
     let engine = new_engine().unwrap();
-    let module = GuestModule::from_bytes(&engine, "blocker.wasm".as_ref(), &wasm).unwrap();
+    let module = GuestModule::from_bytes_with(&engine, "blocker.wasm".as_ref(), &wasm, &AS_IS).unwrap();
 
     let mut config = GuestConfig::new(vec!["blocker".into()]);
     let mut port = 0;
@@ -153,7 +159,7 @@ fn a_request_made_before_blocking_is_not_lost() {
     let wat = format!("(module {PRELUDE} (func (export \"_start\") {}))", CASES[0].body);
     let wasm = wat::parse_str(&wat).unwrap();
     let engine = new_engine().unwrap();
-    let module = GuestModule::from_bytes(&engine, "early.wasm".as_ref(), &wasm).unwrap();
+    let module = GuestModule::from_bytes_with(&engine, "early.wasm".as_ref(), &wasm, &AS_IS).unwrap();
     let mut config = GuestConfig::new(vec!["early".into()]);
     config.listeners.push(TcpListener::bind("127.0.0.1:0").unwrap());
     let mut guest = Guest::new(&engine, &module, config).unwrap();
@@ -171,7 +177,7 @@ fn an_interrupted_call_leaves_no_request_behind() {
     );
     let wasm = wat::parse_str(&wat).unwrap();
     let engine = new_engine().unwrap();
-    let module = GuestModule::from_bytes(&engine, "once.wasm".as_ref(), &wasm).unwrap();
+    let module = GuestModule::from_bytes_with(&engine, "once.wasm".as_ref(), &wasm, &AS_IS).unwrap();
     let mut config = GuestConfig::new(vec!["once".into()]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -184,4 +190,61 @@ fn an_interrupted_call_leaves_no_request_behind() {
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(&mut client, b"data").unwrap();
     assert!(matches!(guest.run(), Exit::Status(0)));
+}
+
+/// An instrumented guest blocked in each call pauses there when asked, with
+/// the blocking call as its innermost resume point; resumed, it makes the
+/// call again and blocks, and pauses again on a second request.
+#[test]
+fn every_blocking_call_pauses_an_instrumented_guest() {
+    for case in CASES {
+        let wat = format!("(module {PRELUDE} (func (export \"_start\") {}))", case.body);
+        let wasm = wat::parse_str(&wat).unwrap();
+        let engine = new_engine().unwrap();
+        let module = GuestModule::from_bytes(&engine, "pauser.wasm".as_ref(), &wasm).unwrap();
+        assert!(module.is_instrumented());
+        let meta = module.metadata().unwrap().clone();
+
+        let mut config = GuestConfig::new(vec!["pauser".into()]);
+        let mut port = 0;
+        if case.listener {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            port = listener.local_addr().unwrap().port();
+            config.listeners.push(listener);
+        }
+        let (stdin_read, stdin_write) = std::io::pipe().unwrap();
+        config.stdin = Stdio::Fd(OwnedFd::from(stdin_read));
+
+        let (handle_tx, handle_rx) = mpsc::channel();
+        let (paused_tx, paused_rx) = mpsc::channel();
+        let runner = std::thread::spawn(move || {
+            let mut guest = Guest::new(&engine, &module, config).unwrap();
+            handle_tx.send(guest.pause_handle().unwrap()).unwrap();
+            let mut exits = Vec::new();
+            for _ in 0..2 {
+                let exit = guest.run();
+                let frames = guest.frames().map(|f| f.to_vec()).unwrap_or_default();
+                paused_tx.send(Instant::now()).unwrap();
+                exits.push((exit, frames));
+            }
+            exits
+        });
+        let pause = handle_rx.recv().unwrap();
+        let _client = case.client.then(|| TcpStream::connect(("127.0.0.1", port)).unwrap());
+        for round in 0..2 {
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!runner.is_finished(), "{} round {round}: the guest should be blocked", case.call);
+            let asked = pause.request();
+            let paused = paused_rx.recv_timeout(Duration::from_secs(5)).expect("the guest pauses");
+            assert!(paused.duration_since(asked) < Duration::from_secs(1), "{}: slow pause", case.call);
+        }
+        let exits = runner.join().unwrap();
+        drop(stdin_write);
+        for (exit, frames) in exits {
+            assert!(matches!(exit, Exit::Paused), "{}: expected a pause, got {exit:?}", case.call);
+            let inner = frames.first().expect("a paused guest has frames");
+            let rp = &meta.function(inner.func).unwrap().resume_points[inner.resume_point as usize];
+            assert_eq!(rp.kind, ResumeKind::BlockingCall, "{}: paused at {rp:?}", case.call);
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::bad_input;
-use crate::{new_engine, Exit, Guest, GuestConfig, GuestModule, PreopenDir, GUEST_THREAD_STACK};
+use crate::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, PreopenDir, GUEST_THREAD_STACK};
 
 /// Exit status when the guest traps (as a C program that aborts).
 const EXIT_TRAP: u8 = 134;
@@ -36,6 +36,17 @@ pub struct RunArgs {
     /// Listen on a TCP address and hand the listener to the guest.
     #[arg(long = "tcplisten", value_name = "ADDR")]
     tcplisten: Vec<String>,
+
+    /// Run the module as it is, without instrumentation: no pausing, no
+    /// snapshots, no live update. The baseline for measurements.
+    #[arg(long = "no-instrument", conflicts_with = "stress_pause")]
+    no_instrument: bool,
+
+    /// Diagnostic: unwind the guest's whole stack and rewind it at every
+    /// Nth update point it reaches (loop headers, blocking calls). The
+    /// program's behaviour must not change.
+    #[arg(long = "stress-pause", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    stress_pause: Option<u32>,
 
     /// The module, then the guest's arguments.
     #[arg(required = true, value_name = "WASM", trailing_var_arg = true, allow_hyphen_values = true)]
@@ -84,11 +95,13 @@ pub fn execute(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_HOST_ERROR);
         }
     };
-    let module = match GuestModule::load(&engine, &module_path) {
+    let options = LoadOptions { instrument: !args.no_instrument };
+    let module = match GuestModule::load_with(&engine, &module_path, &options) {
         Ok(m) => m,
         Err(e) => return bad_input(e),
     };
     let mut config = GuestConfig::new(guest_args);
+    config.stress_pause = args.stress_pause;
     config.env = args.env.iter().filter_map(|s| parse_env(s)).collect();
     config.dirs = args.dirs.iter().map(|s| parse_dir(s)).collect();
     for spec in &args.tcplisten {
@@ -117,6 +130,10 @@ pub fn execute(args: RunArgs) -> ExitCode {
         Ok(Exit::Trap(report)) => {
             eprintln!("error: {report}");
             ExitCode::from(EXIT_TRAP)
+        }
+        Ok(Exit::Paused) => {
+            eprintln!("error: the guest paused, but nothing asked it to");
+            ExitCode::from(EXIT_HOST_ERROR)
         }
         Ok(Exit::Interrupted { call }) => {
             eprintln!("error: guest interrupted while blocked in `{call}`");

@@ -4,7 +4,8 @@
 //! runs the implementation and turns its outcome into what wasm sees: an
 //! errno result, or a trap for exit and interruption.
 
-use wasmtime::{bail, Result};
+use upstare_instrument::abi::State;
+use wasmtime::{bail, Result, Val};
 use wasmtime::{Caller, Extern, Linker};
 
 use super::memory::GuestMemory;
@@ -20,6 +21,12 @@ fn dispatch<T: WasiView>(
     name: &'static str,
     f: impl FnOnce(&mut WasiCtx, &mut GuestMemory<'_>) -> CallResult,
 ) -> Result<i32> {
+    let hooks = caller.data().unwind_hooks();
+    if let Some(h) = &hooks {
+        if h.state.get(&mut *caller).i32() == Some(State::Rewinding as i32) {
+            h.stop_rewind.call(&mut *caller, ())?;
+        }
+    }
     let memory = match caller.get_export("memory") {
         Some(Extern::Memory(m)) => m,
         _ => match caller.data().memory() {
@@ -27,12 +34,20 @@ fn dispatch<T: WasiView>(
             None => bail!("`{name}` needs the guest's linear memory, but the module exports none named `memory`"),
         },
     };
-    let (bytes, state) = memory.data_and_store_mut(caller);
+    let (bytes, state) = memory.data_and_store_mut(&mut *caller);
     let mut mem = GuestMemory::new(bytes);
     match f(state.wasi(), &mut mem) {
         Ok(()) => Ok(0),
         Err(CallError::Errno(e)) => Ok(i32::from(e.0)),
-        Err(CallError::Interrupted) => Err(Interrupted { call: name }.into()),
+        Err(CallError::Interrupted) => match hooks {
+            // The guest ignores the result: it unwinds, and the rewind makes
+            // the call again.
+            Some(h) => {
+                h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+                Ok(0)
+            }
+            None => Err(Interrupted { call: name }.into()),
+        },
         Err(CallError::Exit(code)) => Err(GuestExit(code).into()),
     }
 }

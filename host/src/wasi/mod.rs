@@ -20,7 +20,8 @@
 //! Calls that can block wait through the process's
 //! [`Interrupter`](crate::interrupt::Interrupter) and end with
 //! [`CallError::Interrupted`] when the host asks; at the wasm boundary that
-//! becomes an [`Interrupted`] trap that the runner reports.
+//! becomes an unwind of an instrumented guest ([`UnwindHooks`]), or an
+//! [`Interrupted`] trap that the runner reports for one that cannot unwind.
 
 pub mod abi;
 pub mod fd_table;
@@ -89,6 +90,26 @@ pub struct WasiCtx {
     pub(crate) interrupter: Interrupter,
 }
 
+/// What the WASI layer needs of an instrumented instance: when a blocking
+/// call is interrupted, it sets the state global to UNWINDING and returns,
+/// so the guest unwinds from that call (which the rewind makes again); and a
+/// call entered while the state is still REWINDING (through `call_indirect`,
+/// the only way a rewind reaches an import with the flag still up) ends the
+/// rewind first.
+#[derive(Clone)]
+pub struct UnwindHooks {
+    /// The `upstare_state` global.
+    pub state: wasmtime::Global,
+    /// The `upstare_stop_rewind` export.
+    pub stop_rewind: wasmtime::TypedFunc<(), ()>,
+}
+
+impl std::fmt::Debug for UnwindHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnwindHooks").finish_non_exhaustive()
+    }
+}
+
 /// Gives the WASI layer its context inside a store's data.
 pub trait WasiView {
     /// The process's WASI context.
@@ -97,6 +118,12 @@ pub trait WasiView {
     /// The guest memory, for modules that import their memory instead of
     /// exporting it as `memory`.
     fn memory(&self) -> Option<wasmtime::Memory> {
+        None
+    }
+
+    /// The unwind hooks of an instrumented instance; `None` for a module
+    /// that cannot unwind, whose interrupted calls trap with [`Interrupted`].
+    fn unwind_hooks(&self) -> Option<UnwindHooks> {
         None
     }
 }

@@ -1,0 +1,75 @@
+//! The on-disk cache of instrumented modules, keyed by the SHA-256 of the
+//! input and the instrumenter's format version, so a server restarted on the
+//! same build skips the rewrite.
+//!
+//! The cache lives in `$UPSTARE_CACHE_DIR`, else `$XDG_CACHE_HOME/upstare`,
+//! else `$HOME/.cache/upstare`. It is an optimisation only: an entry that
+//! cannot be read, written or parsed is ignored and the module is
+//! instrumented again, so a damaged cache never stops a guest.
+
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+use upstare_instrument::{abi, Instrumented, Metadata, Options};
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("UPSTARE_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("upstare"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("upstare"))
+}
+
+/// The hex SHA-256 of `bytes`.
+pub fn content_hash(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Instruments `wasm` with the default options, through the cache.
+pub fn instrumented(wasm: &[u8]) -> Result<Instrumented, upstare_instrument::Error> {
+    let name = format!(
+        "{}-m{}-{}.wasm",
+        content_hash(wasm),
+        abi::METADATA_VERSION,
+        env!("CARGO_PKG_VERSION")
+    );
+    let entry = cache_dir().map(|d| d.join(name));
+    if let Some(hit) = entry.as_deref().and_then(load) {
+        return Ok(hit);
+    }
+    let out = upstare_instrument::instrument(wasm, &Options::default())?;
+    if let Some(path) = &entry {
+        if let Err(e) = store(path, &out.wasm) {
+            tracing::debug!("cannot cache {}: {e}", path.display());
+        }
+    }
+    Ok(out)
+}
+
+/// An entry is the instrumented module followed by its own SHA-256, so a
+/// damaged file is detected instead of run.
+fn load(path: &std::path::Path) -> Option<Instrumented> {
+    let mut bytes = std::fs::read(path).ok()?;
+    let split = bytes.len().checked_sub(32)?;
+    if Sha256::digest(&bytes[..split]).as_slice() != &bytes[split..] {
+        tracing::debug!("ignoring damaged cache entry {}", path.display());
+        return None;
+    }
+    bytes.truncate(split);
+    let metadata = Metadata::from_module(&bytes).ok()?;
+    Some(Instrumented { wasm: bytes, metadata })
+}
+
+/// Writes through a temporary file and a rename, so a reader never sees a
+/// half-written entry.
+fn store(path: &std::path::Path, module: &[u8]) -> std::io::Result<()> {
+    let mut bytes = module.to_vec();
+    bytes.extend_from_slice(&Sha256::digest(module));
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("cache path has no parent"))?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), path.file_name().and_then(|n| n.to_str()).unwrap_or("entry")));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

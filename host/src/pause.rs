@@ -1,0 +1,144 @@
+//! Pausing an instrumented guest: the control memory the guest shares with
+//! the host, pause requests from other threads, and reading the frames the
+//! guest saved when it unwound.
+//!
+//! The protocol is the instrumenter's (`upstare_instrument::abi`): the host
+//! sets the pause byte of the control header and wakes any blocking call;
+//! the guest unwinds at its next update point and its entry call returns
+//! with `upstare_state == UNWINDING`. The frames are then in the control
+//! memory, readable here, until the host rewinds.
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::time::Instant;
+
+use upstare_instrument::abi::{self, control, RawFrame};
+use wasmtime::{Engine, MemoryType, SharedMemory};
+
+use crate::interrupt::InterruptHandle;
+
+/// Pages the host gives the control memory at most: 256 MiB of frames,
+/// about a million frames of C code. The module declares more; a smaller
+/// maximum only bounds the reservation.
+const CONTROL_MAX_PAGES: u32 = 4096;
+
+/// The control memory of one guest instance.
+#[derive(Clone)]
+pub struct ControlMemory {
+    memory: SharedMemory,
+}
+
+impl std::fmt::Debug for ControlMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlMemory").finish_non_exhaustive()
+    }
+}
+
+impl ControlMemory {
+    /// A control memory holding `header`.
+    pub fn new(engine: &Engine, header: control::Header) -> anyhow::Result<Self> {
+        let ty = MemoryType::shared(control::MIN_PAGES as u32, CONTROL_MAX_PAGES);
+        let memory = SharedMemory::new(engine, ty)?;
+        let control = ControlMemory { memory };
+        control.write_bytes(0, &header.encode());
+        Ok(control)
+    }
+
+    /// The memory, to be imported as `upstare.control`.
+    pub fn memory(&self) -> &SharedMemory {
+        &self.memory
+    }
+
+    fn byte(&self, at: u32) -> &AtomicU8 {
+        let cell = &self.memory.data()[at as usize];
+        // SAFETY: the cell lies in the shared memory, which lives as long as
+        // `self.memory`; every access to the header from the host goes
+        // through atomics, and the guest's plain loads and stores of these
+        // bytes are racy only in the sense wasm threads allow.
+        unsafe { AtomicU8::from_ptr(cell.get()) }
+    }
+
+    fn word(&self, at: u32) -> &AtomicU32 {
+        debug_assert!(at % 4 == 0);
+        let cell = &self.memory.data()[at as usize];
+        // SAFETY: as in `byte`; `at` is 4-aligned within the page-aligned
+        // memory, which is what `AtomicU32` needs.
+        unsafe { AtomicU32::from_ptr(cell.get().cast()) }
+    }
+
+    /// Sets or clears the pause request.
+    pub fn set_pause(&self, on: bool) {
+        self.byte(control::PAUSE_BYTE).store(on as u8, Ordering::SeqCst);
+    }
+
+    /// Whether a pause is requested.
+    pub fn pause_requested(&self) -> bool {
+        self.byte(control::PAUSE_BYTE).load(Ordering::SeqCst) != 0
+    }
+
+    /// The current header.
+    pub fn header(&self) -> control::Header {
+        let mut bytes = [0u8; control::HEADER_SIZE as usize];
+        self.read_bytes(0, &mut bytes);
+        control::Header::decode(&bytes).unwrap_or_default()
+    }
+
+    /// The frames the guest saved, innermost first. Call only while the
+    /// guest is not running.
+    pub fn frames(&self) -> Result<Vec<RawFrame>, upstare_instrument::Error> {
+        let sp = self.word(control::FRAME_SP).load(Ordering::SeqCst);
+        let len = (sp as usize).min(self.memory.data().len());
+        let mut bytes = vec![0u8; len];
+        self.read_bytes(0, &mut bytes);
+        abi::read_frames(&bytes)
+    }
+
+    fn read_bytes(&self, at: u32, out: &mut [u8]) {
+        let data = self.memory.data();
+        let src = &data[at as usize..at as usize + out.len()];
+        for (o, cell) in out.iter_mut().zip(src) {
+            // SAFETY: the cell is in bounds (sliced above); a byte read races
+            // with the guest at most on the header, which is benign.
+            *o = unsafe { std::ptr::read_volatile(cell.get()) };
+        }
+    }
+
+    fn write_bytes(&self, at: u32, bytes: &[u8]) {
+        let data = self.memory.data();
+        let dst = &data[at as usize..at as usize + bytes.len()];
+        for (cell, b) in dst.iter().zip(bytes) {
+            // SAFETY: in bounds (sliced above); the host writes only while the
+            // guest is not running, or before it starts.
+            unsafe { std::ptr::write_volatile(cell.get(), *b) };
+        }
+    }
+}
+
+/// A cloneable, `Send` handle that asks a guest to pause at its next update
+/// point.
+#[derive(Debug, Clone)]
+pub struct PauseHandle {
+    control: ControlMemory,
+    interrupt: InterruptHandle,
+}
+
+impl PauseHandle {
+    pub(crate) fn new(control: ControlMemory, interrupt: InterruptHandle) -> Self {
+        PauseHandle { control, interrupt }
+    }
+
+    /// Asks the guest to pause: it unwinds at its next loop header or
+    /// blocking call, and [`crate::Guest::run`] returns
+    /// [`crate::Exit::Paused`]. Returns when the request is posted, not when
+    /// the guest has paused.
+    pub fn request(&self) -> Instant {
+        let asked = Instant::now();
+        self.control.set_pause(true);
+        self.interrupt.interrupt();
+        asked
+    }
+
+    /// Withdraws a request the guest has not acted on yet.
+    pub fn cancel(&self) {
+        self.control.set_pause(false);
+    }
+}
