@@ -1,6 +1,6 @@
 //! The on-disk cache of instrumented modules, keyed by the SHA-256 of the
-//! input and the instrumenter's format version, so a server restarted on the
-//! same build skips the rewrite.
+//! input and the fingerprint of the instrumenter that rewrote it, so a
+//! server restarted on the same build skips the rewrite.
 //!
 //! The cache lives in `$UPSTARE_CACHE_DIR`, else `$XDG_CACHE_HOME/upstare`,
 //! else `$HOME/.cache/upstare`. It is an optimisation only: an entry that
@@ -33,7 +33,7 @@ pub fn instrumented(wasm: &[u8]) -> Result<Instrumented, upstare_instrument::Err
         "{}-m{}-{}.wasm",
         content_hash(wasm),
         abi::METADATA_VERSION,
-        env!("CARGO_PKG_VERSION")
+        upstare_instrument::FINGERPRINT
     );
     let entry = cache_dir().map(|d| d.join(name));
     if let Some(hit) = entry.as_deref().and_then(load) {

@@ -38,6 +38,7 @@ pub mod interrupt;
 pub mod module;
 pub mod pause;
 pub mod process;
+pub mod sourcemap;
 pub mod trap;
 pub mod wasi;
 

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use upstare_instrument::Metadata;
+
+use crate::sourcemap::SourceMap;
 use wasmtime::{Engine, Module};
 
 /// Why a module could not be loaded. Each message is one line naming the
@@ -108,6 +110,8 @@ pub struct GuestModule {
     pub(crate) original: Arc<Vec<u8>>,
     /// The instrumenter's metadata, for an instrumented module.
     pub(crate) metadata: Option<Arc<Metadata>>,
+    /// Source lines for the instrumented code, from the original's DWARF.
+    pub(crate) source_map: Option<Arc<SourceMap>>,
 }
 
 impl std::fmt::Debug for GuestModule {
@@ -163,7 +167,7 @@ impl GuestModule {
                 reason: format!("{} (at byte offset {:#x})", e.message(), e.offset()),
             });
         }
-        let (code, metadata) = if options.instrument {
+        let (code, metadata, source_map) = if options.instrument {
             let out = crate::cache::instrumented(bytes).map_err(|e| LoadError::Instrument {
                 path: path.clone(),
                 reason: e.to_string(),
@@ -174,9 +178,10 @@ impl GuestModule {
                     reason: "the module uses a shared memory (threads), which upstare-host cannot pause yet; run it with --no-instrument".into(),
                 });
             }
-            (out.wasm, Some(Arc::new(out.metadata)))
+            let source_map = SourceMap::new(bytes, &out.wasm).map(Arc::new);
+            (out.wasm, Some(Arc::new(out.metadata)), source_map)
         } else {
-            (bytes.to_vec(), None)
+            (bytes.to_vec(), None, None)
         };
         let module = Module::new(engine, &code).map_err(|e| LoadError::Invalid {
             path: path.clone(),
@@ -185,7 +190,7 @@ impl GuestModule {
         if module.get_export("_start").is_none() {
             return Err(LoadError::NoStart { path });
         }
-        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), metadata })
+        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), metadata, source_map })
     }
 
     /// Whether the module was instrumented (it can be paused).

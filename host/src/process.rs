@@ -16,6 +16,7 @@ use wasmtime::{Engine, Global, Instance, Linker, Memory, MemoryType, Store, Type
 use crate::interrupt::InterruptHandle;
 use crate::module::{one_line, GuestModule, LoadError};
 use crate::pause::{ControlMemory, PauseHandle};
+use crate::sourcemap::SourceMap;
 use crate::trap::TrapReport;
 use crate::wasi::fd_table::Stdio;
 use crate::wasi::{self, GuestExit, Interrupted, UnwindHooks, WasiCtx, WasiView};
@@ -148,6 +149,7 @@ pub struct Guest {
     interrupt: InterruptHandle,
     unwinder: Option<Unwinder>,
     started: bool,
+    source_map: Option<Arc<SourceMap>>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -208,7 +210,7 @@ impl Guest {
             }
             _ => None,
         };
-        Ok(Guest { store, instance, interrupt, unwinder, started: false })
+        Ok(Guest { store, instance, interrupt, unwinder, started: false, source_map: module.source_map.clone() })
     }
 
     /// A handle that pauses the guest from any thread; `None` for a module
@@ -237,6 +239,10 @@ impl Guest {
         self.store.data_mut().wasi()
     }
 
+    fn classify(&self, err: wasmtime::Error) -> Exit {
+        classify(err, self.source_map.as_deref())
+    }
+
     /// Runs `_start` until the guest exits, traps or pauses; after a pause,
     /// resumes it where it stopped.
     pub fn run(&mut self) -> Exit {
@@ -251,24 +257,24 @@ impl Guest {
                 // function that instantiation no longer runs.
                 let (init, start) = (u.init_memory.clone(), u.start.clone());
                 if let Err(e) = init.call(&mut self.store, ()) {
-                    return classify(e);
+                    return self.classify(e);
                 }
                 if let Some(start) = start {
                     if let Err(e) = start.call(&mut self.store, ()) {
-                        return classify(e);
+                        return self.classify(e);
                     }
                 }
             }
         } else if let Some(u) = &mut self.unwinder {
             if u.paused.take().is_some() {
                 if let Err(e) = u.prepare_rewind(&mut self.store) {
-                    return classify(e);
+                    return self.classify(e);
                 }
             }
         }
         loop {
             if let Err(err) = entry.call(&mut self.store, ()) {
-                return classify(err);
+                return self.classify(err);
             }
             let Some(u) = &mut self.unwinder else { return Exit::Status(0) };
             match u.after_return(&mut self.store) {
@@ -278,7 +284,7 @@ impl Guest {
                     // A stress unwind, or a stale wake-up of a blocking call
                     // with no pause behind it: continue at once.
                     if let Err(e) = u.prepare_rewind(&mut self.store) {
-                        return classify(e);
+                        return self.classify(e);
                     }
                 }
                 Err(e) => return Exit::HostError(e),
@@ -375,7 +381,7 @@ fn define_memories(
 }
 
 /// Sorts the error a guest call ended with into an exit.
-fn classify(err: wasmtime::Error) -> Exit {
+fn classify(err: wasmtime::Error, source_map: Option<&SourceMap>) -> Exit {
     if let Some(GuestExit(code)) = err.downcast_ref::<GuestExit>() {
         return Exit::Status(*code);
     }
@@ -383,7 +389,7 @@ fn classify(err: wasmtime::Error) -> Exit {
         return Exit::Interrupted { call };
     }
     if err.downcast_ref::<wasmtime::Trap>().is_some() {
-        return Exit::Trap(TrapReport::from_error(&err));
+        return Exit::Trap(TrapReport::from_error(&err, source_map));
     }
     Exit::HostError(one_line(&err))
 }

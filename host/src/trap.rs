@@ -6,6 +6,8 @@ use std::fmt;
 
 use wasmtime::{Trap, WasmBacktrace};
 
+use crate::sourcemap::SourceMap;
+
 /// One frame of a guest backtrace, innermost first.
 #[derive(Debug, Clone)]
 pub struct TrapFrame {
@@ -29,12 +31,14 @@ pub struct TrapReport {
 }
 
 impl TrapReport {
-    /// Extracts the trap and backtrace wasmtime attached to `err`.
-    pub fn from_error(err: &wasmtime::Error) -> Self {
+    /// Extracts the trap and backtrace wasmtime attached to `err`; for an
+    /// instrumented module, `source_map` supplies the source lines.
+    pub fn from_error(err: &wasmtime::Error, source_map: Option<&SourceMap>) -> Self {
         let message = match err.downcast_ref::<Trap>() {
             Some(trap) => trap.to_string(),
             None => err.to_string(),
         };
+        let locator = source_map.and_then(SourceMap::locator);
         let frames = err
             .downcast_ref::<WasmBacktrace>()
             .map(|bt| {
@@ -42,10 +46,12 @@ impl TrapReport {
                     .iter()
                     .map(|f| {
                         let symbol = f.symbols().first();
-                        let location = symbol.and_then(|s| match (s.file(), s.line()) {
-                            (Some(file), Some(line)) => Some(format!("{file}:{line}")),
-                            _ => None,
-                        });
+                        let location = symbol
+                            .and_then(|s| match (s.file(), s.line()) {
+                                (Some(file), Some(line)) => Some(format!("{file}:{line}")),
+                                _ => None,
+                            })
+                            .or_else(|| locator.as_ref()?.location(f.func_index(), f.module_offset()?));
                         TrapFrame {
                             func_index: f.func_index(),
                             name: f.func_name().map(str::to_string),
