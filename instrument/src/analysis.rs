@@ -143,6 +143,28 @@ pub(crate) fn ty(t: wasmparser::ValType, offset: usize) -> Result<Ty> {
     })
 }
 
+/// Converts the type of a value on the operand stack. The validator tracks
+/// operands more precisely than locals and block types can be declared:
+/// `ref.func` pushes a non-null reference to its function's type. Any
+/// function reference fits in a `funcref` local and any extern reference in
+/// an `externref` one, and nothing in the accepted features can consume
+/// them in a way that depends on the more precise type.
+fn stack_ty(t: wasmparser::ValType, offset: usize) -> Result<Ty> {
+    use wasmparser::{AbstractHeapType as A, HeapType as H, ValType as V};
+    if let V::Ref(r) = t {
+        match r.heap_type() {
+            // The input has no GC types, so every concrete type is a
+            // function type.
+            H::Concrete(_) | H::Exact(_) | H::Abstract { shared: false, ty: A::Func | A::NoFunc } => {
+                return Ok(Ty::FuncRef)
+            }
+            H::Abstract { shared: false, ty: A::Extern | A::NoExtern } => return Ok(Ty::ExternRef),
+            _ => {}
+        }
+    }
+    ty(t, offset)
+}
+
 pub(crate) fn tys(ts: &[wasmparser::ValType], offset: usize) -> Result<Vec<Ty>> {
     ts.iter().map(|t| ty(*t, offset)).collect()
 }
@@ -392,42 +414,34 @@ fn scan_body(
     while !ops.eof() {
         let offset = ops.original_position();
         let op = ops.read().map_err(invalid)?;
-        let kind = match op {
-            Operator::Call { function_index } => Some(SiteKind::Call { func: function_index }),
-            Operator::CallIndirect { type_index, .. } => Some(SiteKind::CallIndirect { ty: type_index }),
-            Operator::Block { blockty } => {
-                let (params, results, _) = block_sig(info, blockty, offset)?;
-                Some(SiteKind::Block { params, results })
+        let is_site = matches!(
+            op,
+            Operator::Call { .. }
+                | Operator::CallIndirect { .. }
+                | Operator::Block { .. }
+                | Operator::Loop { .. }
+                | Operator::If { .. }
+                | Operator::Else
+                | Operator::End
+        );
+        if let Operator::RefFunc { function_index } = op {
+            if let Some(e) = escaping.get_mut(function_index as usize) {
+                *e = true;
             }
-            Operator::Loop { blockty } => {
-                let (params, results, type_index) = block_sig(info, blockty, offset)?;
-                Some(SiteKind::Loop { params, results, type_index })
-            }
-            Operator::If { blockty } => {
-                let (params, results, _) = block_sig(info, blockty, offset)?;
-                Some(SiteKind::If { params, results })
-            }
-            Operator::Else => Some(SiteKind::Else),
-            Operator::End => Some(SiteKind::End),
-            Operator::RefFunc { function_index } => {
-                if let Some(e) = escaping.get_mut(function_index as usize) {
-                    *e = true;
-                }
-                None
-            }
-            _ => None,
-        };
-        if let Some(kind) = kind {
+        }
+        // The stack is read before the operator, but the operator is
+        // validated before its immediates (type indices) are trusted.
+        let before = if is_site {
             let depth = fv.control_stack_height() as usize;
             let live = (0..depth).all(|d| fv.get_control_frame(d).is_some_and(|f| !f.unreachable));
             let frame_height = fv.get_control_frame(0).map_or(0, |f| f.height as u32);
             let mut stack = Vec::new();
-            let interesting = !matches!(kind, SiteKind::Else | SiteKind::End);
+            let interesting = !matches!(op, Operator::Else | Operator::End);
             if live && interesting {
                 let h = fv.operand_stack_height() as usize;
                 for d in (0..h).rev() {
                     match fv.get_operand_type(d) {
-                        Some(Some(t)) => stack.push(ty(t, offset)?),
+                        Some(Some(t)) => stack.push(stack_ty(t, offset)?),
                         _ => {
                             return Err(Error::new(
                                 ErrorKind::Internal,
@@ -438,9 +452,32 @@ fn scan_body(
                     }
                 }
             }
+            Some((live, frame_height, stack))
+        } else {
+            None
+        };
+        fv.op(offset, &op).map_err(invalid)?;
+        if let Some((live, frame_height, stack)) = before {
+            let kind = match op {
+                Operator::Call { function_index } => SiteKind::Call { func: function_index },
+                Operator::CallIndirect { type_index, .. } => SiteKind::CallIndirect { ty: type_index },
+                Operator::Block { blockty } => {
+                    let (params, results, _) = block_sig(info, blockty, offset)?;
+                    SiteKind::Block { params, results }
+                }
+                Operator::Loop { blockty } => {
+                    let (params, results, type_index) = block_sig(info, blockty, offset)?;
+                    SiteKind::Loop { params, results, type_index }
+                }
+                Operator::If { blockty } => {
+                    let (params, results, _) = block_sig(info, blockty, offset)?;
+                    SiteKind::If { params, results }
+                }
+                Operator::Else => SiteKind::Else,
+                _ => SiteKind::End,
+            };
             sites.push(Site { op_index, offset, kind, live, stack, frame_height });
         }
-        fv.op(offset, &op).map_err(invalid)?;
         op_index += 1;
     }
     ops.finish().map_err(invalid)?;

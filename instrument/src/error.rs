@@ -68,7 +68,7 @@ impl Error {
         Error {
             kind,
             offset,
-            message: message.into(),
+            message: one_line(message.into()),
             source: None,
         }
     }
@@ -78,7 +78,7 @@ impl Error {
         Error {
             kind,
             offset: Some(err.offset()),
-            message: err.message().to_string(),
+            message: one_line(err.message().to_string()),
             source: Some(err),
         }
     }
@@ -98,6 +98,16 @@ impl Error {
     pub fn message(&self) -> &str {
         &self.message
     }
+}
+
+/// Some parser messages embed pretty-printed values across lines; an error
+/// is shown as one line (the command prints `error: ...`), so line breaks
+/// and the indentation after them become single spaces.
+fn one_line(message: String) -> String {
+    if !message.contains('\n') {
+        return message;
+    }
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Shorthand for results of this crate.

@@ -32,8 +32,10 @@
 //!
 //! `upstare_state` is 0 (normal), 1 (unwinding) or 2 (rewinding). In the
 //! normal state the only added work is, at each loop header, one `i32.load`
-//! of the control header's flag word and a branch, and after each call that
-//! can unwind, a `global.get` of the state and a branch. The flag word is
+//! of the control header's flag word and a branch (the same before each
+//! `call_indirect` that can unwind, whose callee may be an interrupted
+//! blocking import where a rewind must end), and after each call that can
+//! unwind, a `global.get` of the state and a branch. The flag word is
 //! nonzero only while a pause is requested, a rewind runs, or stress mode is
 //! on; then a helper decides.
 //!
@@ -96,6 +98,10 @@ use std::collections::HashSet;
 
 pub use abi::Metadata;
 pub use error::{Error, ErrorKind, Result};
+
+/// Identifies this build of the instrumenter (a hash of its sources), for
+/// caches of its output.
+pub const FINGERPRINT: &str = env!("UPSTARE_INSTRUMENT_FINGERPRINT");
 
 /// The `wasi_snapshot_preview1` functions that can block, and so are update
 /// points by default.

@@ -62,13 +62,6 @@ impl Anchor {
     pub fn kept(&self) -> u32 {
         self.height() - self.consumed - self.base
     }
-    /// The first resume point inside the anchor.
-    pub fn first_rp(&self) -> u32 {
-        match &self.kind {
-            AnchorKind::Call { rp } => *rp,
-            AnchorKind::Construct { rps, .. } => rps.start,
-        }
-    }
 }
 
 /// A level with at least one anchor or a loop header resume point.

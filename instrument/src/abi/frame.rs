@@ -31,6 +31,8 @@ pub const FUNC: u32 = 0;
 pub const RESUME_POINT: u32 = 4;
 /// Offset of the frame size.
 pub const SIZE: u32 = 8;
+/// Offset of the reserved word, always zero.
+pub const RESERVED: u32 = 12;
 /// Offset of the first slot.
 pub const SLOTS: u32 = 16;
 /// Size of one slot.
@@ -101,7 +103,7 @@ pub fn read_frames(control: &[u8]) -> Result<Vec<RawFrame>> {
     let mut frames = Vec::new();
     while at < sp {
         let size = word(control, at + SIZE as usize)? as usize;
-        if size < frame_size(0) as usize || size % 8 != 0 || at + size > sp {
+        if size < frame_size(0) as usize || !size.is_multiple_of(8) || at + size > sp {
             return Err(frame_error(at, "frame size out of range"));
         }
         let end = at + size;

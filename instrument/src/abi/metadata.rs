@@ -11,7 +11,8 @@
 //!               code_section:u32            ; offset of the original code section's payload
 //!               memory                      ; the program memory, now imported
 //!               state_global:u32            ; index of upstare_state
-//!               ref_tables:opt<u32 u32>     ; funcref and externref side tables
+//!               funcref_table:opt<u32>      ; side table of funcref slots
+//!               externref_table:opt<u32>    ; side table of externref slots
 //!               start:opt<u32>              ; original start function
 //!               blocking:vec<u32 str str>   ; blocking imports: function index, module, name
 //!               globals:vec<u32 ty str>     ; mutable globals: index, type, export name
@@ -143,9 +144,11 @@ pub struct Metadata {
     pub memory: MemoryMeta,
     /// Index of the `upstare_state` global.
     pub state_global: u32,
-    /// Indices of the funcref and externref side tables, if any frame can
-    /// hold a reference.
-    pub ref_tables: Option<(u32, u32)>,
+    /// Index of the funcref side table, if any frame can hold a funcref.
+    pub funcref_table: Option<u32>,
+    /// Index of the externref side table, if any frame can hold an
+    /// externref.
+    pub externref_table: Option<u32>,
     /// The original start function, now exported as [`super::exports::START`].
     pub start: Option<u32>,
     /// Blocking imports found in the module.
@@ -184,10 +187,8 @@ impl Metadata {
         w.opt(self.memory.max, |w, v| w.u32(v));
         w.byte(self.memory.shared as u8);
         w.u32(self.state_global);
-        w.opt(self.ref_tables, |w, (f, e)| {
-            w.u32(f);
-            w.u32(e)
-        });
+        w.opt(self.funcref_table, |w, v| w.u32(v));
+        w.opt(self.externref_table, |w, v| w.u32(v));
         w.opt(self.start, |w, v| w.u32(v));
         w.vec(&self.blocking, |w, b| {
             w.u32(b.func);
@@ -242,7 +243,8 @@ impl Metadata {
             shared: r.byte()? != 0,
         };
         let state_global = r.u32()?;
-        let ref_tables = r.opt(|r| Ok((r.u32()?, r.u32()?)))?;
+        let funcref_table = r.opt(|r| r.u32())?;
+        let externref_table = r.opt(|r| r.u32())?;
         let start = r.opt(|r| r.u32())?;
         let blocking = r.vec(|r| {
             Ok(BlockingImport {
@@ -285,7 +287,8 @@ impl Metadata {
             code_section,
             memory,
             state_global,
-            ref_tables,
+            funcref_table,
+            externref_table,
             start,
             blocking,
             globals,

@@ -57,10 +57,19 @@ struct Emitter<'a> {
     /// Synthetic block closed right before each anchor.
     anchor_block: HashMap<usize, u32>,
     originals_open: u32,
+    /// Where copied original code sits: (offset in `code`, original offset),
+    /// one entry per contiguous run.
+    runs: Vec<(u32, u32)>,
 }
 
-/// Returns the instrumented body (local declarations and operators).
-pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: &Plan) -> Result<Vec<u8>> {
+/// Returns the instrumented body (local declarations and operators) and
+/// where its copied original code sits ([`crate::abi::offsets`]).
+pub(crate) fn instrument(
+    cx: &mut Cx,
+    info: &ModuleInfo<'_>,
+    body: &Body,
+    plan: &Plan,
+) -> Result<(Vec<u8>, Vec<(u32, u32)>)> {
     let n_locals = body.locals.len() as u32;
     let mut e = Emitter {
         cx,
@@ -78,6 +87,7 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
         unwind: 0,
         anchor_block: HashMap::new(),
         originals_open: 0,
+        runs: Vec::new(),
     };
     e.open_function()?;
     let wasm = info.wasm;
@@ -94,10 +104,10 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
         }
         match op {
             Operator::Call { .. } | Operator::CallIndirect { .. } if anchor.is_some() => {
-                e.call_anchor(anchor.unwrap_or_default(), bytes)?;
+                e.call_anchor(anchor.unwrap_or_default(), bytes, start)?;
             }
             Operator::Block { .. } | Operator::Loop { .. } | Operator::If { .. } => {
-                e.code.raw(bytes);
+                e.copy(bytes, start);
                 e.push(true, anchor);
                 e.originals_open += 1;
                 if let Some(&l) = plan.level_after.get(&index) {
@@ -105,7 +115,7 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
                 }
             }
             Operator::Else => {
-                e.code.raw(bytes);
+                e.copy(bytes, start);
                 if let Some(&l) = plan.level_after.get(&index) {
                     e.open_level(l)?;
                 }
@@ -115,7 +125,7 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
                 break;
             }
             Operator::End => {
-                e.code.raw(bytes);
+                e.copy(bytes, start);
                 let f = e.pop()?;
                 if !f.original {
                     return Err(internal("original end closes an inserted block"));
@@ -127,11 +137,11 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
             }
             Operator::Br { relative_depth } => {
                 let d = e.remap(relative_depth)?;
-                if d == relative_depth { e.code.raw(bytes) } else { e.code.op(I::Br(d)) }
+                if d == relative_depth { e.copy(bytes, start) } else { e.mark(start); e.code.op(I::Br(d)) }
             }
             Operator::BrIf { relative_depth } => {
                 let d = e.remap(relative_depth)?;
-                if d == relative_depth { e.code.raw(bytes) } else { e.code.op(I::BrIf(d)) }
+                if d == relative_depth { e.copy(bytes, start) } else { e.mark(start); e.code.op(I::BrIf(d)) }
             }
             Operator::BrTable { targets } => {
                 let mut all = Vec::with_capacity(targets.len() as usize);
@@ -145,12 +155,13 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
                 let default = e.remap(targets.default())?;
                 same &= default == targets.default();
                 if same {
-                    e.code.raw(bytes)
+                    e.copy(bytes, start)
                 } else {
+                    e.mark(start);
                     e.code.op(I::BrTable(all.into(), default))
                 }
             }
-            _ => e.code.raw(bytes),
+            _ => e.copy(bytes, start),
         }
         index += 1;
     }
@@ -158,6 +169,25 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
 }
 
 impl Emitter<'_> {
+    /// Notes that the original instruction at `orig` starts here, unless it
+    /// continues the current run of copied code.
+    fn mark(&mut self, orig: usize) {
+        let here = self.code.0.len() as u32;
+        let orig = orig as u32;
+        if let Some(&(out, from)) = self.runs.last() {
+            if out + (orig.wrapping_sub(from)) == here && orig >= from {
+                return;
+            }
+        }
+        self.runs.push((here, orig));
+    }
+
+    /// Copies an original instruction byte for byte.
+    fn copy(&mut self, bytes: &[u8], orig: usize) {
+        self.mark(orig);
+        self.code.raw(bytes);
+    }
+
     fn push(&mut self, original: bool, restore: Option<usize>) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
@@ -413,7 +443,7 @@ impl Emitter<'_> {
 
     /// A call resume point: optional pause check before a blocking import,
     /// the call itself, the unwind check after it.
-    fn call_anchor(&mut self, a: usize, bytes: &[u8]) -> Result<()> {
+    fn call_anchor(&mut self, a: usize, bytes: &[u8], start: usize) -> Result<()> {
         let AnchorKind::Call { rp } = self.plan.anchors[a].kind else {
             return Err(internal("call anchor expected"));
         };
@@ -426,13 +456,38 @@ impl Emitter<'_> {
             self.end()?;
             self.end()?;
         }
-        self.code.raw(bytes);
+        if self.plan.rps[rp as usize].kind == ResumeKind::CallIndirect {
+            self.indirect_rewind_end()?;
+        }
+        self.copy(bytes, start);
         self.code.op(I::GlobalGet(self.cx.state_global));
         self.if_(BlockType::Empty);
         self.unwind_at(rp)?;
         self.end()?;
         self.restore_after(a);
         Ok(())
+    }
+
+    /// Before a `call_indirect` resume point: a rewind that reaches it with
+    /// the frame stack empty has restored every frame, so the callee is a
+    /// blocking import that was interrupted (an instrumented callee would
+    /// still have its frame to pop). The rewind ends here and the import runs
+    /// again in the normal state, as a direct blocking call does after
+    /// `pre_call`. The flag word is nonzero while rewinding, so the normal
+    /// path pays one load and a branch.
+    fn indirect_rewind_end(&mut self) -> Result<()> {
+        self.load_flags();
+        self.if_(BlockType::Empty);
+        self.is_rewinding();
+        self.code.i32(0);
+        self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
+        self.code.i32(control::FRAMES_BASE as i32);
+        self.code.op(I::I32LeU);
+        self.code.op(I::I32And);
+        self.if_(BlockType::Empty);
+        self.code.op(I::Call(self.cx.helpers.rewind_done));
+        self.end()?;
+        self.end()
     }
 
     /// After an anchor: put the kept operands back under its results.
@@ -543,8 +598,9 @@ impl Emitter<'_> {
         Ok(())
     }
 
-    /// Local declarations (original groups, then the added locals) and code.
-    fn finish(self, body: &Body) -> Vec<u8> {
+    /// Local declarations (original groups, then the added locals) and code,
+    /// with the runs of copied code shifted past the declarations.
+    fn finish(self, body: &Body) -> (Vec<u8>, Vec<(u32, u32)>) {
         use wasm_encoder::Encode;
         let mut groups: Vec<(u32, wasm_encoder::ValType)> = Vec::new();
         for &(n, t) in &body.local_groups {
@@ -565,8 +621,10 @@ impl Emitter<'_> {
             n.encode(&mut out);
             t.encode(&mut out);
         }
+        let prefix = out.len() as u32;
         out.extend_from_slice(&self.code.0);
-        out
+        let runs = self.runs.iter().map(|&(at, orig)| (at + prefix, orig)).collect();
+        (out, runs)
     }
 }
 

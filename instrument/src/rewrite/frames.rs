@@ -27,8 +27,8 @@ pub(crate) fn store(code: &mut Code, h: &Helpers, fb: u32, src: u32, t: Ty, slot
         }
         Ty::F64 => code.op(I::F64Store(ctrl(at, 3))),
         Ty::FuncRef | Ty::ExternRef => {
-            let r = h.refs.ok_or_else(|| internal("reference slot without side tables"))?;
-            code.op(I::Call(if t == Ty::FuncRef { r.spill_funcref } else { r.spill_externref }));
+            let r = h.side(t).ok_or_else(|| internal("reference slot without a side table"))?;
+            code.op(I::Call(r.spill));
             code.op(I::I64ExtendI32U);
             code.op(I::I64Store(ctrl(at, 3)));
         }
@@ -46,9 +46,9 @@ pub(crate) fn load(code: &mut Code, h: &Helpers, fb: u32, dst: u32, t: Ty, slot:
         Ty::F32 => code.op(I::F32Load(ctrl(at, 2))),
         Ty::F64 => code.op(I::F64Load(ctrl(at, 3))),
         Ty::FuncRef | Ty::ExternRef => {
-            let r = h.refs.ok_or_else(|| internal("reference slot without side tables"))?;
+            let r = h.side(t).ok_or_else(|| internal("reference slot without a side table"))?;
             code.op(I::I32Load(ctrl(at, 2)));
-            code.op(I::Call(if t == Ty::FuncRef { r.load_funcref } else { r.load_externref }));
+            code.op(I::Call(r.load));
         }
     }
     code.op(I::LocalSet(dst));

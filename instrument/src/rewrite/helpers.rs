@@ -70,11 +70,9 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
     add(types, &[], &[], &[], just_state(state, State::Normal, None));
     add(types, &[], &[], &[], just_state(state, State::Rewinding, Some(1)));
     add(types, &[], &[], &[], stop_rewind(h, state));
-    if let Some(r) = h.refs {
-        for (t, table) in [(Ty::FuncRef, r.funcref_table), (Ty::ExternRef, r.externref_table)] {
-            add(types, &[t], &[I32], &[ValType::I32], spill_ref(t, table));
-            add(types, &[I32], &[t], &[], load_ref(table));
-        }
+    for (t, side) in h.sides() {
+        add(types, &[t], &[I32], &[ValType::I32], spill_ref(t, side.table));
+        add(types, &[I32], &[t], &[], load_ref(side.table));
     }
     out
 }
@@ -119,6 +117,11 @@ fn frame_push() -> Code {
         c.op(I::LocalGet(local));
         c.op(I::I32Store(ctrl(at, 2)));
     }
+    // The reserved word must read as zero, and the memory under a new frame
+    // still holds whatever older frames left there.
+    c.op(I::LocalGet(fb));
+    c.i32(0);
+    c.op(I::I32Store(ctrl(frame::RESERVED, 2)));
     // Trailer: size, then the magic word, so frames can be walked from the top.
     c.op(I::LocalGet(fb));
     c.op(I::LocalGet(size));
@@ -232,13 +235,14 @@ fn rewind_done(h: &Helpers, state: u32) -> Code {
 
 /// Drops the references held for saved frames.
 fn release_refs(c: &mut Code, h: &Helpers) {
-    if let Some(r) = h.refs {
-        for (table, heap) in [(r.funcref_table, HeapType::FUNC), (r.externref_table, HeapType::EXTERN)] {
-            c.i32(0);
-            c.op(I::RefNull(heap));
-            c.op(I::TableSize(table));
-            c.op(I::TableFill(table));
-        }
+    for (t, side) in h.sides() {
+        let heap = if t == Ty::FuncRef { HeapType::FUNC } else { HeapType::EXTERN };
+        c.i32(0);
+        c.op(I::RefNull(heap));
+        c.op(I::TableSize(side.table));
+        c.op(I::TableFill(side.table));
+    }
+    if h.sides().next().is_some() {
         c.i32(0);
         c.i32(0);
         c.op(I::I32Store(ctrl(control::REF_TOP, 2)));

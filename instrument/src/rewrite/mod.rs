@@ -121,25 +121,38 @@ pub(crate) struct Helpers {
     pub stop_unwind: u32,
     pub start_rewind: u32,
     pub stop_rewind: u32,
-    /// Present when some frame can hold a reference.
-    pub refs: Option<RefHelpers>,
+    /// Present when some frame can hold a funcref.
+    pub funcrefs: Option<RefSide>,
+    /// Present when some frame can hold an externref.
+    pub externrefs: Option<RefSide>,
 }
 
-/// Helpers and tables for reference-typed slots.
+/// The helpers and side table for one reference type. Each type gets its
+/// own only when some frame needs it: an engine without GC support cannot
+/// even compile a module that declares an externref table.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct RefHelpers {
-    pub spill_funcref: u32,
-    pub load_funcref: u32,
-    pub spill_externref: u32,
-    pub load_externref: u32,
-    pub funcref_table: u32,
-    pub externref_table: u32,
+pub(crate) struct RefSide {
+    pub spill: u32,
+    pub load: u32,
+    pub table: u32,
 }
 
 impl Helpers {
     /// Lays the helpers out after `first` (the number of functions in the
     /// original module), and the side tables after `tables`.
-    pub fn new(first: u32, tables: u32, with_refs: bool) -> Helpers {
+    pub fn new(first: u32, tables: u32, funcrefs: bool, externrefs: bool) -> Helpers {
+        let mut next_func = first + 11;
+        let mut next_table = tables;
+        let mut side = |present: bool| {
+            present.then(|| {
+                let s = RefSide { spill: next_func, load: next_func + 1, table: next_table };
+                next_func += 2;
+                next_table += 1;
+                s
+            })
+        };
+        let funcrefs = side(funcrefs);
+        let externrefs = side(externrefs);
         Helpers {
             frame_push: first,
             frame_pop: first + 1,
@@ -152,24 +165,26 @@ impl Helpers {
             stop_unwind: first + 8,
             start_rewind: first + 9,
             stop_rewind: first + 10,
-            refs: with_refs.then_some(RefHelpers {
-                spill_funcref: first + 11,
-                load_funcref: first + 12,
-                spill_externref: first + 13,
-                load_externref: first + 14,
-                funcref_table: tables,
-                externref_table: tables + 1,
-            }),
+            funcrefs,
+            externrefs,
         }
     }
 
-    /// Number of helper functions.
-    pub fn count(&self) -> u32 {
-        if self.refs.is_some() {
-            15
-        } else {
-            11
+    /// The side of reference type `t` (`None` for other types, or when no
+    /// frame holds that type).
+    pub fn side(&self, t: Ty) -> Option<RefSide> {
+        match t {
+            Ty::FuncRef => self.funcrefs,
+            Ty::ExternRef => self.externrefs,
+            _ => None,
         }
+    }
+
+    /// The reference sides present, with their types.
+    pub fn sides(&self) -> impl Iterator<Item = (Ty, RefSide)> {
+        [(Ty::FuncRef, self.funcrefs), (Ty::ExternRef, self.externrefs)]
+            .into_iter()
+            .filter_map(|(t, s)| Some((t, s?)))
     }
 }
 

@@ -22,6 +22,7 @@ use crate::abi::{
     self, control, exports, BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta,
     MemoryMeta, Metadata, ResumePoint,
 };
+use crate::abi::ValType as Ty;
 use crate::analysis::{self, ModuleInfo};
 use crate::callgraph::CallGraph;
 use crate::error::{Error, ErrorKind, Result};
@@ -36,29 +37,39 @@ fn describes_original_code(name: &str) -> bool {
 
 /// Instruments `wasm`, returning the output module and its metadata.
 pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>) -> Result<(Vec<u8>, Metadata)> {
+    check_names(wasm)?;
     let info = analysis::analyze(wasm)?;
-    check_names(&info)?;
     let graph = CallGraph::new(&info, blocking);
 
     let mut plans: Vec<Option<Plan>> = Vec::with_capacity(info.bodies.len());
     for b in &info.bodies {
         plans.push(if graph.can_unwind[b.func as usize] { Some(plan::plan(&info, &graph, b)?) } else { None });
     }
-    let with_refs = info.bodies.iter().zip(&plans).any(|(b, p)| {
-        p.as_ref().is_some_and(|p| {
-            b.locals.iter().chain(p.rps.iter().flat_map(|r| &r.saved)).any(|t| t.is_ref())
+    let in_frames = |want: Ty| {
+        info.bodies.iter().zip(&plans).any(|(b, p)| {
+            p.as_ref().is_some_and(|p| {
+                b.locals.iter().chain(p.rps.iter().flat_map(|r| &r.saved)).any(|t| *t == want)
+            })
         })
-    });
-    let helpers = Helpers::new(info.func_types.len() as u32, info.num_tables, with_refs);
+    };
+    let helpers = Helpers::new(
+        info.func_types.len() as u32,
+        info.num_tables,
+        in_frames(Ty::FuncRef),
+        in_frames(Ty::ExternRef),
+    );
     let state_global = info.globals.len() as u32;
     let mut cx = Cx { types: Types::new(&info.types), helpers, state_global };
 
     let mut bodies = Vec::with_capacity(info.bodies.len());
     let mut functions = Vec::new();
+    let mut offsets = abi::offsets::OffsetMap::default();
     for (b, p) in info.bodies.iter().zip(&plans) {
         match p {
             Some(p) => {
-                bodies.push(body::instrument(&mut cx, &info, b, p)?);
+                let (code, runs) = body::instrument(&mut cx, &info, b, p)?;
+                bodies.push(code);
+                offsets.functions.push((b.func, runs));
                 functions.push(FunctionMeta {
                     index: b.func,
                     type_index: info.func_types[b.func as usize],
@@ -81,7 +92,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>) -> Resu
     }
     let appended = helpers::build(&info, &mut cx.types, &helpers, state_global);
     let metadata = metadata(&info, &graph, &helpers, state_global, functions);
-    let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata)?;
+    let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata, &offsets)?;
 
     let mut validator = wasmparser::Validator::new_with_features(analysis::output_features());
     validator.validate_all(&out).map_err(|e| {
@@ -92,21 +103,45 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>) -> Resu
 
 /// Refuses modules that already use the names the instrumenter adds, which
 /// would make the output ambiguous (or a second instrumentation of the same
-/// module).
-fn check_names(info: &ModuleInfo<'_>) -> Result<()> {
-    if let Some(i) = info.imports.iter().find(|i| i.module == abi::IMPORT_MODULE) {
-        return Err(Error::new(
-            ErrorKind::Conflict,
-            None,
-            format!("the module already imports `{}.{}` (was it instrumented already?)", i.module, i.name),
-        ));
-    }
-    if let Some((name, ..)) = info.exports.iter().find(|(n, ..)| n.starts_with("upstare_")) {
-        return Err(Error::new(
-            ErrorKind::Conflict,
-            None,
-            format!("the module already exports `{name}`, a name reserved for instrumentation"),
-        ));
+/// module). This runs before validation: an instrumented module has two
+/// memories, which validation would report as merely unsupported.
+/// Unreadable input passes here and is reported by the analysis.
+fn check_names(wasm: &[u8]) -> Result<()> {
+    let conflict = |offset: usize, message: String| Err(Error::new(ErrorKind::Conflict, Some(offset), message));
+    for payload in Parser::new(0).parse_all(wasm) {
+        let Ok(payload) = payload else { return Ok(()) };
+        match payload {
+            Payload::CustomSection(c) if c.name() == abi::METADATA_SECTION => {
+                return conflict(
+                    c.range().start,
+                    format!("the module has an `{}` section: it was instrumented already", abi::METADATA_SECTION),
+                );
+            }
+            Payload::ImportSection(r) => {
+                for import in r.into_imports_with_offsets() {
+                    let Ok((offset, i)) = import else { return Ok(()) };
+                    if i.module == abi::IMPORT_MODULE {
+                        return conflict(
+                            offset,
+                            format!("the module already imports `{}.{}` (was it instrumented already?)", i.module, i.name),
+                        );
+                    }
+                }
+            }
+            Payload::ExportSection(r) => {
+                let at = r.range().start;
+                for export in r {
+                    let Ok(e) = export else { return Ok(()) };
+                    if e.name.starts_with("upstare_") {
+                        return conflict(
+                            at,
+                            format!("the module already exports `{}`, a name reserved for instrumentation", e.name),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -158,7 +193,8 @@ fn metadata(
         code_section: info.code_section_start as u32,
         memory,
         state_global,
-        ref_tables: helpers.refs.map(|r| (r.funcref_table, r.externref_table)),
+        funcref_table: helpers.funcrefs.map(|r| r.table),
+        externref_table: helpers.externrefs.map(|r| r.table),
         start: info.start,
         blocking,
         globals,
@@ -204,6 +240,7 @@ fn assemble(
     bodies: &[Vec<u8>],
     appended: &[helpers::HelperFunc],
     meta: &Metadata,
+    offsets: &abi::offsets::OffsetMap,
 ) -> Result<Vec<u8>> {
     let mut re = RoundtripReencoder;
     let mut module = Module::new();
@@ -350,6 +387,8 @@ fn assemble(
     }
     let encoded = meta.encode();
     module.section(&CustomSection { name: abi::METADATA_SECTION.into(), data: encoded.as_slice().into() });
+    let encoded = offsets.encode();
+    module.section(&CustomSection { name: abi::offsets::SECTION.into(), data: encoded.as_slice().into() });
     Ok(module.finish())
 }
 
@@ -406,10 +445,9 @@ fn fill_functions(module: &mut Module, appended: &[helpers::HelperFunc], saw: &m
 }
 
 fn add_side_tables(s: &mut TableSection, helpers: &Helpers) {
-    if helpers.refs.is_some() {
-        for element_type in [RefType::FUNCREF, RefType::EXTERNREF] {
-            s.table(TableType { element_type, minimum: 0, maximum: None, table64: false, shared: false });
-        }
+    for (t, _) in helpers.sides() {
+        let element_type = if t == Ty::FuncRef { RefType::FUNCREF } else { RefType::EXTERNREF };
+        s.table(TableType { element_type, minimum: 0, maximum: None, table64: false, shared: false });
     }
 }
 
@@ -431,7 +469,7 @@ fn fill_through_tables(
     fill_before_functions(module, types, meta, saw);
     fill_functions(module, appended, saw);
     if !saw.tables {
-        if helpers.refs.is_some() {
+        if helpers.sides().next().is_some() {
             let mut s = TableSection::new();
             add_side_tables(&mut s, helpers);
             module.section(&s);
@@ -486,9 +524,11 @@ fn add_exports(s: &mut ExportSection, info: &ModuleInfo<'_>, h: &Helpers, meta: 
     if let Some(start) = info.start {
         s.export(exports::START, ExportKind::Func, start);
     }
-    if let Some(r) = h.refs {
-        s.export(exports::FUNCREF_TABLE, ExportKind::Table, r.funcref_table);
-        s.export(exports::EXTERNREF_TABLE, ExportKind::Table, r.externref_table);
+    if let Some(r) = h.funcrefs {
+        s.export(exports::FUNCREF_TABLE, ExportKind::Table, r.table);
+    }
+    if let Some(r) = h.externrefs {
+        s.export(exports::EXTERNREF_TABLE, ExportKind::Table, r.table);
     }
     for g in &meta.globals {
         s.export(&g.export, ExportKind::Global, g.index);
