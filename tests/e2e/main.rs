@@ -8,3 +8,4 @@ mod files;
 mod guests;
 mod interrupt;
 mod kv;
+mod stress;

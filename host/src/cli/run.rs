@@ -116,7 +116,7 @@ pub fn execute(args: RunArgs) -> ExitCode {
     let runner = std::thread::Builder::new()
         .name("guest".into())
         .stack_size(GUEST_THREAD_STACK)
-        .spawn(move || Guest::new(&engine, &module, config).map(|mut guest| guest.run()));
+        .spawn(move || Guest::new(&engine, &module, config).map(|mut guest| (guest.run(), guest.unwinds())));
     let outcome = match runner.map(|h| h.join()) {
         Ok(Ok(outcome)) => outcome,
         _ => {
@@ -124,6 +124,12 @@ pub fn execute(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_HOST_ERROR);
         }
     };
+    let outcome = outcome.map(|(exit, unwinds)| {
+        if let Some(n) = args.stress_pause {
+            eprintln!("upstare-host: --stress-pause {n}: the stack was unwound and rewound {unwinds} times");
+        }
+        exit
+    });
     match outcome {
         Err(e) => bad_input(e),
         Ok(Exit::Status(code)) => exit_status(code),
