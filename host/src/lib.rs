@@ -50,6 +50,8 @@ pub use module::{GuestModule, LoadError, LoadOptions};
 pub use pause::PauseHandle;
 pub use process::{Exit, Guest, GuestConfig, PreopenDir, SetupError};
 pub use wasi::fd_table::Stdio;
+/// The engine type guests are compiled with ([`new_engine`]).
+pub use wasmtime::Engine;
 
 /// Native stack size for threads that run guests.
 pub const GUEST_THREAD_STACK: usize = 64 << 20;

@@ -102,12 +102,22 @@ const CASES: &[Blocked] = &[
 /// Runs one case without instrumentation: starts the guest, lets it block,
 /// interrupts it, and returns how it ended and how long the interruption
 /// took.
-fn interrupt_case(case: &Blocked) -> (Exit, Duration) {
+/// A case's guest, loaded as `options` say, and its configuration: the
+/// listener's port, and the write end of its stdin pipe, which nobody
+/// writes to but which stays open so the guest sees no end of file.
+struct Setup {
+    engine: upstare_host::Engine,
+    module: GuestModule,
+    config: GuestConfig,
+    port: u16,
+    stdin_write: std::io::PipeWriter,
+}
+
+fn setup(case: &Blocked, options: &LoadOptions) -> Setup {
     let wat = format!("(module {PRELUDE} (func (export \"_start\") {}))", case.body);
     let wasm = wat::parse_str(&wat).expect("test guest assembles");
     let engine = new_engine().unwrap();
-    let module = GuestModule::from_bytes_with(&engine, "blocker.wasm".as_ref(), &wasm, &AS_IS).unwrap();
-
+    let module = GuestModule::from_bytes_with(&engine, "blocker.wasm".as_ref(), &wasm, options).unwrap();
     let mut config = GuestConfig::new(vec!["blocker".into()]);
     let mut port = 0;
     if case.listener {
@@ -115,10 +125,13 @@ fn interrupt_case(case: &Blocked) -> (Exit, Duration) {
         port = listener.local_addr().unwrap().port();
         config.listeners.push(listener);
     }
-    // stdin is a pipe nobody writes to; the write end stays open so the
-    // guest sees no end of file.
     let (stdin_read, stdin_write) = std::io::pipe().unwrap();
     config.stdin = Stdio::Fd(OwnedFd::from(stdin_read));
+    Setup { engine, module, config, port, stdin_write }
+}
+
+fn interrupt_case(case: &Blocked) -> (Exit, Duration) {
+    let Setup { engine, module, config, port, stdin_write } = setup(case, &AS_IS);
 
     let (tx, rx) = mpsc::channel();
     let runner = std::thread::spawn(move || {
@@ -198,22 +211,9 @@ fn an_interrupted_call_leaves_no_request_behind() {
 #[test]
 fn every_blocking_call_pauses_an_instrumented_guest() {
     for case in CASES {
-        let wat = format!("(module {PRELUDE} (func (export \"_start\") {}))", case.body);
-        let wasm = wat::parse_str(&wat).unwrap();
-        let engine = new_engine().unwrap();
-        let module = GuestModule::from_bytes(&engine, "pauser.wasm".as_ref(), &wasm).unwrap();
+        let Setup { engine, module, config, port, stdin_write } = setup(case, &LoadOptions::default());
         assert!(module.is_instrumented());
         let meta = module.metadata().unwrap().clone();
-
-        let mut config = GuestConfig::new(vec!["pauser".into()]);
-        let mut port = 0;
-        if case.listener {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            port = listener.local_addr().unwrap().port();
-            config.listeners.push(listener);
-        }
-        let (stdin_read, stdin_write) = std::io::pipe().unwrap();
-        config.stdin = Stdio::Fd(OwnedFd::from(stdin_read));
 
         let (handle_tx, handle_rx) = mpsc::channel();
         let (paused_tx, paused_rx) = mpsc::channel();

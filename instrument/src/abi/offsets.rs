@@ -45,7 +45,7 @@ impl OffsetMap {
     /// Serialises to the custom section payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        let mut u32 = |out: &mut Vec<u8>, v: u32| {
+        let u32 = |out: &mut Vec<u8>, v: u32| {
             let mut v = v;
             loop {
                 let b = (v & 0x7f) as u8;

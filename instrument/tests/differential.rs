@@ -1,0 +1,759 @@
+//! Differential tests: a module and its instrumented version must be
+//! indistinguishable to the program, run plainly and with unwinds forced at
+//! update points (stress mode) and inside blocking imports.
+//!
+//! The subjects are random modules from wasm-smith, limited to the features
+//! the instrumenter accepts and made terminating with wasm-smith's fuel, and
+//! hand-written modules for the shapes the rewrite must get right. The
+//! harness is in `support`.
+
+mod support;
+
+use arbitrary::Unstructured;
+use support::{check, engine};
+
+/// Number of random modules; each runs plainly, in three stress modes and
+/// with host-requested pauses (see `support::MODES`).
+const RANDOM_MODULES: u64 = 250;
+
+/// A small deterministic byte source, so every run tests the same modules
+/// and a failure names its seed.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn smith_config(seed: u64) -> wasm_smith::Config {
+    let imports = !seed.is_multiple_of(3);
+    // Every fifth module is larger, for deeper stacks and nesting.
+    let big = seed % 5 == 1;
+    wasm_smith::Config {
+        simd_enabled: false,
+        relaxed_simd_enabled: false,
+        exceptions_enabled: false,
+        tail_call_enabled: false,
+        gc_enabled: false,
+        memory64_enabled: false,
+        threads_enabled: false,
+        extended_const_enabled: false,
+        custom_page_sizes_enabled: false,
+        wide_arithmetic_enabled: false,
+        shared_everything_threads_enabled: false,
+        custom_descriptors_enabled: false,
+        bulk_memory_enabled: true,
+        sign_extension_ops_enabled: true,
+        saturating_float_to_int_enabled: true,
+        multi_value_enabled: true,
+        // The test engine has no GC support, so modules using externref are
+        // only instrumented, not run; most modules with reference types use
+        // it.
+        reference_types_enabled: seed.is_multiple_of(4),
+        max_memories: 1,
+        max_tables: 2,
+        max_memory32_bytes: 4 * 65536,
+        max_table_elements: 64,
+        max_funcs: if big { 24 } else { 12 },
+        min_funcs: 1,
+        max_instructions: if big { 600 } else { 120 },
+        max_types: 16,
+        max_globals: 8,
+        max_data_segments: 4,
+        max_element_segments: 4,
+        max_elements: 16,
+        export_everything: true,
+        // Linkers pad LEBs; copied operators must keep their padding.
+        min_uleb_size: if seed % 7 == 3 { 5 } else { 1 },
+        // Random code traps early; half the modules run longer without
+        // traps (the fuel check still ends them).
+        disallow_traps: seed % 2 == 1,
+        max_imports: if imports { 3 } else { 0 },
+        available_imports: imports.then(|| wat::parse_str(support::AVAILABLE_IMPORTS).expect("imports wat")),
+        ..wasm_smith::Config::default()
+    }
+}
+
+/// The engine has no GC, so modules whose types need it are only
+/// instrumented and validated, not run.
+fn runnable(wasm: &[u8]) -> bool {
+    let mut features = wasmparser::WasmFeatures::default();
+    features.remove(wasmparser::WasmFeatures::GC_TYPES);
+    wasmparser::Validator::new_with_features(features).validate_all(wasm).is_ok()
+}
+
+#[test]
+fn random_modules_behave_the_same_instrumented() {
+    let engine = engine();
+    let started = std::time::Instant::now();
+    let (mut ran, mut unwinds, mut depth, mut not_run) = (0u64, 0u64, 0usize, 0u64);
+    let mut failures = Vec::new();
+    // UPSTARE_SEEDS=FIRST..LAST runs another range, for longer searches.
+    let seeds = match std::env::var("UPSTARE_SEEDS") {
+        Ok(r) => {
+            let (a, b) = r.split_once("..").expect("UPSTARE_SEEDS=FIRST..LAST");
+            a.parse().expect("first seed")..b.parse().expect("last seed")
+        }
+        Err(_) => 1..RANDOM_MODULES + 1,
+    };
+    let count = seeds.end - seeds.start;
+    for seed in seeds {
+        let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        // wasm-smith stops when the bytes run out, so size follows them.
+        let len = if seed % 5 == 1 { 8192 + (rng.next() % 32768) } else { 512 + (rng.next() % 8192) } as usize;
+        let data = rng.bytes(len);
+        let mut u = Unstructured::new(&data);
+        let Ok(mut module) = wasm_smith::Module::new(smith_config(seed), &mut u) else {
+            continue;
+        };
+        module.ensure_termination(1000).expect("fuel");
+        let wasm = module.to_bytes();
+        if !runnable(&wasm) {
+            if let Err(e) = upstare_instrument::instrument(&wasm, &support::options()) {
+                failures.push(format!("seed {seed}: instrument: {e}"));
+            }
+            not_run += 1;
+            continue;
+        }
+        let one = std::time::Instant::now();
+        let result = check(&engine, &wasm);
+        if one.elapsed() > std::time::Duration::from_secs(5) {
+            eprintln!("seed {seed} took {:?}", one.elapsed());
+        }
+        match result {
+            Ok(stats) => {
+                ran += 1;
+                unwinds += stats.unwinds;
+                depth = depth.max(stats.max_depth);
+            }
+            Err(e) => {
+                // Set UPSTARE_DUMP to a directory to keep the failing modules.
+                if let Some(dir) = std::env::var_os("UPSTARE_DUMP") {
+                    std::fs::write(std::path::Path::new(&dir).join(format!("seed-{seed}.wasm")), &wasm).ok();
+                }
+                failures.push(format!("seed {seed}: {e}"));
+            }
+        }
+    }
+    eprintln!(
+        "{ran} modules run, {not_run} only instrumented, {unwinds} unwinds, deepest {depth} frames, {:?}",
+        started.elapsed()
+    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(ran >= count / 3, "only {ran} of {count} modules ran");
+    assert!(unwinds > count, "stress mode unwound only {unwinds} times");
+}
+
+fn check_wat(name: &str, wat: &str) {
+    let wasm = wat::parse_str(wat).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let stats = check(&engine(), &wasm).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(stats.unwinds > 0, "{name}: stress mode never unwound");
+}
+
+#[test]
+fn loops_with_block_params_and_results() {
+    check_wat(
+        "multi-value loops",
+        r#"(module
+          (memory (export "mem") 1)
+          (global $g (export "g") (mut i64) (i64.const 0))
+          (func (export "sum") (param $n i32) (result i32 i64)
+            (local $i i32)
+            i32.const 0
+            i64.const 1
+            (loop $l (param i32 i64) (result i32 i64)
+              ;; acc, prod on the stack across the header
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 40
+              i32.lt_u
+              (if (param i32 i64) (result i32 i64)
+                (then
+                  i64.const 3
+                  i64.mul
+                  (block (param i64) (result i64)
+                    (loop (param i64) (result i64)))
+                  global.get $g
+                  i64.add
+                  global.set $g
+                  local.get $i
+                  i32.add
+                  global.get $g
+                  br $l)
+                (else)))
+          )
+          (func (export "nested") (result i32)
+            (local $a i32) (local $b i32)
+            i32.const 100
+            (block $out (param i32) (result i32)
+              (loop $outer (param i32) (result i32)
+                (loop $inner (param i32) (result i32)
+                  local.get $b
+                  i32.const 1
+                  i32.add
+                  local.tee $b
+                  i32.const 5
+                  i32.rem_u
+                  br_if $inner
+                  i32.const 1
+                  i32.add
+                  local.get $a
+                  i32.const 1
+                  i32.add
+                  local.tee $a
+                  i32.const 7
+                  i32.lt_u
+                  br_if $outer)
+                ))
+            i32.const 0
+            local.get $b
+            i32.store
+          )
+        )"#,
+    );
+}
+
+#[test]
+fn br_table_out_of_loops() {
+    check_wat(
+        "br_table",
+        r#"(module
+          (memory (export "mem") 1)
+          (func (export "run") (param $x i32) (result i32)
+            (local $i i32) (local $acc i32)
+            (block $a (result i32)
+              (block $b
+                (block $c
+                  (loop $l
+                    local.get $acc
+                    local.get $i
+                    i32.add
+                    local.set $acc
+                    local.get $i
+                    i32.const 1
+                    i32.add
+                    local.tee $i
+                    i32.const 3
+                    i32.and
+                    (br_table $l $l $c $l $b)
+                  )
+                  unreachable)
+                local.get $i
+                i32.const 30
+                i32.lt_u
+                br_if 0
+                local.get $acc
+                br $a)
+              i32.const -1))
+          (func (export "run2") (result i32)
+            (local $i i32)
+            i32.const 7
+            (block $done (param i32) (result i32)
+              (loop $l (param i32) (result i32)
+                (loop $m (param i32) (result i32)
+                  i32.const 1
+                  i32.add
+                  local.get $i
+                  i32.const 1
+                  i32.add
+                  local.tee $i
+                  i32.const 64
+                  i32.ge_u
+                  local.get $i
+                  i32.const 100
+                  i32.ge_u
+                  i32.add
+                  (br_table $m $l $done)))))
+          (func (export "run3") (result i32)
+            (local $i i32)
+            (block $exit (result i32)
+              i32.const 0
+              (loop $l (param i32) (result i32)
+                drop
+                local.get $i
+                local.get $i
+                i32.const 1
+                i32.add
+                local.tee $i
+                i32.const 50
+                i32.ge_u
+                (br_table $l $exit))))
+        )"#,
+    );
+}
+
+#[test]
+fn calls_in_if_arms_with_operands_below() {
+    check_wat(
+        "calls in if arms",
+        r#"(module
+          (memory (export "mem") 1)
+          (func $spin (param $n i32) (result i32)
+            (local $i i32)
+            (loop $l
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              local.get $n
+              i32.lt_u
+              br_if $l)
+            local.get $i
+            i32.const 1000
+            i32.mul)
+          (func $pair (param i32) (result i32 f64)
+            local.get 0
+            call $spin
+            local.get 0
+            f64.convert_i32_s)
+          (func (export "arms") (param $x i32) (result i32)
+            (local $t i32)
+            i32.const 11
+            i64.const 22
+            f32.const 3.5
+            local.get $x
+            (if (param f32) (result f32 i32)
+              (then
+                i32.const 5
+                call $spin
+                i32.const 2
+                call $spin
+                i32.add)
+              (else
+                f32.const 1
+                f32.add
+                i32.const 9
+                call $pair
+                i32.trunc_f64_s
+                i32.add))
+            i32.const 4
+            call $spin
+            i32.add
+            i32.const 0
+            local.get $x
+            i32.store
+            local.set $t
+            i32.trunc_f32_s
+            local.get $t
+            i32.add
+            local.set $t
+            i32.wrap_i64
+            i32.add
+            local.get $t
+            i32.add)
+          (func (export "arms0") (result i32)
+            i32.const 0
+            call 2)
+          (func (export "cond") (result i32)
+            i32.const 1
+            i32.const 3
+            call $spin
+            (if (result i32) (then i32.const 6 call $spin) (else i32.const 0))
+            i32.add)
+        )"#,
+    );
+}
+
+#[test]
+fn call_indirect_through_a_table() {
+    check_wat(
+        "call_indirect",
+        r#"(module
+          (import "env" "block" (func $block (param i32) (result i32)))
+          (import "env" "work" (func $work (param i32) (result i32)))
+          (type $t (func (param i32) (result i32)))
+          (memory (export "mem") 1)
+          (table $tab 5 funcref)
+          (elem (i32.const 0) func $loop $block $work $rec $plain)
+          (func $loop (param $n i32) (result i32)
+            (local $i i32)
+            (loop $l
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              local.get $n
+              i32.lt_u
+              br_if $l)
+            local.get $i)
+          (func $rec (param $n i32) (result i32)
+            local.get $n
+            i32.eqz
+            (if (result i32) (then i32.const 1)
+              (else
+                local.get $n
+                i32.const 1
+                i32.sub
+                i32.const 3
+                call_indirect (type $t)
+                local.get $n
+                local.get $n
+                i32.const 3
+                i32.rem_u
+                call_indirect (type $t)
+                i32.add)))
+          (func $plain (param i32) (result i32) local.get 0 i32.const 2 i32.mul)
+          (func (export "each") (result i32)
+            (local $k i32) (local $acc i32)
+            (loop $l
+              i64.const 99
+              local.get $acc
+              i32.const 8
+              local.get $k
+              call_indirect (type $t)
+              i32.add
+              local.set $acc
+              drop
+              local.get $k
+              i32.const 1
+              i32.add
+              local.tee $k
+              i32.const 5
+              i32.lt_u
+              br_if $l)
+            local.get $acc)
+          (func (export "rec") (result i32)
+            i32.const 12
+            call $rec)
+          (func (export "blocking") (result i32)
+            (local $i i32) (local $acc i32)
+            (loop $l
+              local.get $acc
+              local.get $i
+              call $block
+              i32.add
+              local.set $acc
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 10
+              i32.lt_u
+              br_if $l)
+            local.get $acc)
+        )"#,
+    );
+}
+
+#[test]
+fn numeric_and_reference_locals_survive_unwinds() {
+    check_wat(
+        "typed locals",
+        r#"(module
+          (memory (export "mem") 1)
+          (table $t 2 funcref)
+          (elem declare func $f $g)
+          (global $out (export "out") (mut f64) (f64.const 0))
+          (func $f (result i32) i32.const 17)
+          (func $g (result i32) i32.const 23)
+          (type $r (func (result i32)))
+          (func (export "mix") (param $p f32) (result i64 f64 f32 i32)
+            (local $a i64) (local $b f64) (local $fr funcref) (local $i i32)
+            ref.func $f
+            local.set $fr
+            i64.const 0x7fff_ffff_ffff
+            local.set $a
+            f64.const 1.25
+            local.set $b
+            (loop $l
+              local.get $a
+              i64.const 0x1_0000_0001
+              i64.mul
+              local.set $a
+              local.get $b
+              f64.const 1.5
+              f64.mul
+              local.set $b
+              local.get $p
+              f32.const -0.5
+              f32.add
+              local.set $p
+              local.get $i
+              i32.const 1
+              i32.and
+              (if (then ref.func $g local.set $fr) (else ref.func $f local.set $fr))
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 21
+              i32.lt_u
+              br_if $l)
+            i32.const 0
+            local.get $fr
+            table.set $t
+            local.get $b
+            global.set $out
+            i32.const 8
+            local.get $a
+            i64.store
+            local.get $a
+            local.get $b
+            local.get $p
+            i32.const 0
+            call_indirect $t (type $r))
+          (func (export "null") (result i32)
+            (local $fr funcref) (local $i i32)
+            (loop $l
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 4
+              i32.lt_u
+              br_if $l)
+            local.get $fr
+            ref.is_null)
+        )"#,
+    );
+}
+
+/// wasmtime here has no GC, so modules with externref are checked by the
+/// validator and the metadata only.
+#[test]
+fn externref_locals_are_saved_through_the_side_table() {
+    let wasm = wat::parse_str(
+        r#"(module
+          (func (export "keep") (param $r externref) (result externref)
+            (local $i i32) (local $s externref)
+            local.get $r
+            local.set $s
+            local.get $s
+            (loop $l (param externref) (result externref)
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 3
+              i32.lt_u
+              br_if $l)
+            drop
+            local.get $s))"#,
+    )
+    .expect("wat");
+    let out = upstare_instrument::instrument(&wasm, &support::options()).expect("instrument");
+    let meta = &out.metadata;
+    // Only the side table a frame needs: an engine without GC could not
+    // compile an externref table, and one with funcrefs only must not get one.
+    assert_eq!(meta.funcref_table, None);
+    assert_eq!(meta.externref_table, Some(0));
+    let f = meta.function(0).expect("keep is instrumented");
+    assert_eq!(f.locals, [upstare_instrument::abi::ValType::ExternRef, upstare_instrument::abi::ValType::I32, upstare_instrument::abi::ValType::ExternRef]);
+    assert_eq!(f.resume_points.len(), 1);
+    assert_eq!(f.resume_points[0].operands, [upstare_instrument::abi::ValType::ExternRef]);
+}
+
+#[test]
+fn start_function_and_active_data() {
+    check_wat(
+        "start and data",
+        r#"(module
+          (memory (export "mem") 1 2)
+          (global $g (export "g") (mut i32) (i32.const 0))
+          (data (i32.const 16) "hello, world")
+          (data $p "passive")
+          (data (i32.const 40) "\01\02\03\04")
+          (func $start
+            (local $i i32)
+            (loop $l
+              local.get $i
+              i32.const 16
+              i32.add
+              i32.load8_u
+              global.get $g
+              i32.add
+              global.set $g
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 12
+              i32.lt_u
+              br_if $l))
+          (start $start)
+          (func (export "copy") (result i32)
+            i32.const 100
+            i32.const 0
+            i32.const 7
+            memory.init $p
+            i32.const 100
+            i32.load
+            global.get $g
+            i32.add)
+          (func (export "grow") (result i32)
+            i32.const 1
+            memory.grow
+            i32.const 1
+            memory.grow
+            i32.add)
+        )"#,
+    );
+}
+
+#[test]
+fn recursion_a_thousand_deep_with_a_loop_at_each_level() {
+    check_wat(
+        "deep recursion",
+        r#"(module
+          (memory (export "mem") 1)
+          (func $down (param $n i32) (result i64)
+            (local $i i32) (local $acc i64)
+            (loop $l
+              local.get $acc
+              local.get $i
+              i64.extend_i32_u
+              i64.add
+              local.set $acc
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 2
+              i32.lt_u
+              br_if $l)
+            local.get $n
+            (if (result i64)
+              (then
+                local.get $acc
+                local.get $n
+                i32.const 1
+                i32.sub
+                call $down
+                i64.add
+                local.get $n
+                i64.extend_i32_u
+                i64.mul)
+              (else local.get $acc)))
+          (func (export "deep") (result i64)
+            i32.const 1000
+            call $down))"#,
+    );
+}
+
+#[test]
+fn shared_memory_with_atomics() {
+    check_wat(
+        "shared memory",
+        r#"(module
+          (memory (export "mem") 1 4 shared)
+          (data (i32.const 64) "\05\00\00\00")
+          (func (export "count") (result i32)
+            (local $i i32)
+            (loop $l
+              i32.const 0
+              i32.const 3
+              i32.atomic.rmw.add
+              drop
+              i32.const 8
+              i64.const 1
+              i64.atomic.rmw.xor
+              drop
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 25
+              i32.lt_u
+              br_if $l)
+            i32.const 0
+            i32.atomic.load
+            i32.const 64
+            i32.atomic.load
+            i32.add))"#,
+    );
+}
+
+/// The two ways out of the usual protocol: an instance created over memory
+/// that is already initialised (an update) drops the active segments
+/// instead of applying them, and a pause can be abandoned with
+/// `upstare_stop_rewind`, after which the export runs again from the start.
+#[test]
+fn drop_data_over_live_memory_and_abandoned_rewind() {
+    use upstare_instrument::abi::{control, exports};
+    use wasmtime::{Linker, Memory, MemoryType, Module, SharedMemory, Store};
+
+    let wasm = wat::parse_str(
+        r#"(module
+          (memory (export "mem") 1)
+          (data (i32.const 0) "abc")
+          (func (export "reinit") (result i32)
+            i32.const 10 i32.const 0 i32.const 3
+            memory.init 0
+            i32.const 10
+            i32.load8_u)
+          (func (export "spin") (result i32)
+            (local $i i32)
+            (loop $l
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 100
+              i32.lt_u
+              br_if $l)
+            local.get $i))"#,
+    )
+    .expect("wat");
+    let out = upstare_instrument::instrument(&wasm, &support::options()).expect("instrument");
+    let engine = engine();
+    let module = Module::new(&engine, &out.wasm).expect("compile");
+    let mut store = Store::new(&engine, ());
+    let memory = Memory::new(&mut store, MemoryType::new(1, None)).expect("memory");
+    let control = SharedMemory::new(&engine, MemoryType::shared(1, 65536)).expect("control");
+    let write = |at: usize, bytes: &[u8]| {
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: no wasm runs while the test writes.
+            unsafe { *control.data()[at + i].get() = *b };
+        }
+    };
+    write(0, &control::Header::default().encode());
+    let mut linker = Linker::new(&engine);
+    linker.define(&mut store, "upstare", "memory", memory).expect("define");
+    linker.define(&mut store, "upstare", "control", control.clone()).expect("define");
+
+    let first = linker.instantiate(&mut store, &module).expect("instantiate");
+    let call = |store: &mut Store<()>, i: &wasmtime::Instance, name: &str| {
+        i.get_typed_func::<(), ()>(&mut *store, name).expect(name).call(&mut *store, ())
+    };
+    call(&mut store, &first, exports::INIT_MEMORY).expect("init");
+    assert_eq!(&memory.data(&store)[..3], b"abc");
+    let reinit = first.get_typed_func::<(), i32>(&mut store, "reinit").expect("reinit");
+    assert!(reinit.call(&mut store, ()).is_err(), "an applied segment is dropped, as after instantiation");
+
+    // The next version over the same memory: nothing is applied again.
+    memory.data_mut(&mut store)[0] = b'z';
+    let second = linker.instantiate(&mut store, &module).expect("instantiate");
+    call(&mut store, &second, exports::DROP_DATA).expect("drop");
+    assert_eq!(&memory.data(&store)[..3], b"zbc");
+    let reinit = second.get_typed_func::<(), i32>(&mut store, "reinit").expect("reinit");
+    assert!(reinit.call(&mut store, ()).is_err(), "the segment is dropped without being applied");
+
+    // Pause at the first loop header, then abandon the rewind.
+    let spin = second.get_typed_func::<(), i32>(&mut store, "spin").expect("spin");
+    let state = second.get_global(&mut store, exports::STATE).expect("state");
+    write(0, &control::Header { pause: true, ..control::Header::default() }.encode());
+    spin.call(&mut store, ()).expect("spin unwinds");
+    assert_eq!(state.get(&mut store).i32(), Some(1));
+    call(&mut store, &second, exports::STOP_UNWIND).expect("stop unwind");
+    write(control::PAUSE_BYTE as usize, &[0]);
+    call(&mut store, &second, exports::START_REWIND).expect("start rewind");
+    call(&mut store, &second, exports::STOP_REWIND).expect("stop rewind");
+    assert_eq!(state.get(&mut store).i32(), Some(0));
+    // SAFETY: no wasm runs while the test reads.
+    let bytes: Vec<u8> = control.data()[..64].iter().map(|c| unsafe { *c.get() }).collect();
+    assert_eq!(control::Header::decode(&bytes), Some(control::Header::default()));
+    assert_eq!(spin.call(&mut store, ()).expect("spin runs"), 100);
+    assert_eq!(state.get(&mut store).i32(), Some(0));
+}

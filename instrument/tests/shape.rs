@@ -1,0 +1,251 @@
+//! The shape of the output, as the crate docs promise it: original indices
+//! kept, functions that cannot unwind copied byte for byte, memory moved to
+//! imports, data made passive, only appended types, functions, globals and
+//! exports, and metadata that points at the original instructions.
+
+use std::collections::HashMap;
+
+use upstare_instrument::abi::{self, exports, ResumeKind};
+use upstare_instrument::{instrument, Options};
+use wasmparser::{ExternalKind, Parser, Payload, TypeRef};
+
+const SUBJECT: &str = r#"(module
+  (import "env" "log" (func $log (param i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (type $t (func (param i32) (result i32)))
+  (memory (export "memory") 2 10)
+  (table 2 funcref)
+  (global $counter (mut i32) (i32.const 0))
+  (global $const i64 (i64.const 5))
+  (elem (i32.const 0) func $leaf $spin)
+  (data (i32.const 100) "abc")
+  (data $passive "xyz")
+  (func $leaf (param i32) (result i32)
+    local.get 0
+    i32.const 1
+    i32.add)
+  (func $spin (param $n i32) (result i32)
+    (loop $l
+      local.get $n
+      i32.const 1
+      i32.sub
+      local.tee $n
+      br_if $l)
+    local.get $n)
+  (func $caller (export "caller") (param i32) (result i32)
+    local.get 0
+    call $leaf
+    call $spin
+    i32.const 1
+    i32.const 0
+    call_indirect (type $t)
+    i32.add)
+  (func $waits (export "waits")
+    i32.const 0 i32.const 0 i32.const 0 i32.const 0
+    call $poll
+    call $log)
+  (func $start
+    i32.const 1
+    global.set $counter)
+  (start $start)
+)"#;
+
+/// The sections of a module, as far as this test looks at them.
+#[derive(Default)]
+struct Shape {
+    imports: Vec<(String, String, String)>,
+    funcs: Vec<u32>,
+    tables: usize,
+    memories: usize,
+    globals: usize,
+    exports: HashMap<String, (ExternalKind, u32)>,
+    start: Option<u32>,
+    bodies: Vec<Vec<u8>>,
+    data_active: Vec<bool>,
+    data_count: Option<u32>,
+    types: usize,
+    code_start: usize,
+}
+
+fn shape(wasm: &[u8]) -> Shape {
+    let mut s = Shape::default();
+    for p in Parser::new(0).parse_all(wasm) {
+        match p.expect("output parses") {
+            Payload::TypeSection(r) => s.types = r.count() as usize,
+            Payload::ImportSection(r) => {
+                for i in r.into_imports() {
+                    let i = i.expect("import");
+                    let kind = match i.ty {
+                        TypeRef::Func(t) => {
+                            s.funcs.push(t);
+                            "func"
+                        }
+                        TypeRef::Memory(_) => {
+                            s.memories += 1;
+                            "memory"
+                        }
+                        TypeRef::Table(_) => "table",
+                        TypeRef::Global(_) => "global",
+                        _ => "other",
+                    };
+                    s.imports.push((i.module.into(), i.name.into(), kind.into()));
+                }
+            }
+            Payload::FunctionSection(r) => s.funcs.extend(r.into_iter().map(|t| t.expect("func"))),
+            Payload::TableSection(r) => s.tables += r.count() as usize,
+            Payload::MemorySection(r) => s.memories += r.count() as usize,
+            Payload::GlobalSection(r) => s.globals += r.count() as usize,
+            Payload::ExportSection(r) => {
+                for e in r {
+                    let e = e.expect("export");
+                    s.exports.insert(e.name.into(), (e.kind, e.index));
+                }
+            }
+            Payload::StartSection { func, .. } => s.start = Some(func),
+            Payload::CodeSectionStart { range, .. } => s.code_start = range.start,
+            Payload::CodeSectionEntry(b) => s.bodies.push(wasm[b.range()].to_vec()),
+            Payload::DataCountSection { count, .. } => s.data_count = Some(count),
+            Payload::DataSection(r) => {
+                for d in r {
+                    let d = d.expect("data");
+                    s.data_active.push(matches!(d.kind, wasmparser::DataKind::Active { .. }));
+                }
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+#[test]
+fn output_keeps_the_original_and_only_appends() {
+    let wasm = wat::parse_str(SUBJECT).expect("wat");
+    let out = instrument(&wasm, &Options::default()).expect("instrument");
+    let (before, after) = (shape(&wasm), shape(&out.wasm));
+    let meta = &out.metadata;
+
+    // Function imports first and unchanged, then the two memories.
+    assert_eq!(after.imports[..2], before.imports[..2]);
+    assert_eq!(
+        after.imports[2..],
+        [
+            (abi::IMPORT_MODULE.into(), abi::MEMORY_IMPORT.into(), "memory".into()),
+            (abi::IMPORT_MODULE.into(), abi::CONTROL_IMPORT.into(), "memory".into()),
+        ]
+    );
+    assert_eq!(after.memories, 2, "no memory is defined any more");
+    assert_eq!(meta.memory.min, 2);
+    assert_eq!(meta.memory.max, Some(10));
+
+    // Every original function keeps its index and type; helpers follow.
+    assert_eq!(after.funcs[..before.funcs.len()], before.funcs[..]);
+    assert!(after.types >= before.types);
+    assert_eq!(after.tables, before.tables, "no reference slot, so no side table");
+    assert_eq!(after.globals, before.globals + 1);
+    assert_eq!(meta.state_global as usize, before.globals);
+
+    // Functions: 0 log, 1 poll, 2 leaf, 3 spin, 4 caller, 5 waits, 6 start.
+    let instrumented: Vec<u32> = meta.functions.iter().map(|f| f.index).collect();
+    assert_eq!(instrumented, [3, 4, 5], "leaf and start cannot unwind");
+    let imported = 2;
+    for (i, body) in before.bodies.iter().enumerate() {
+        let index = imported + i as u32;
+        if meta.function(index).is_none() {
+            assert_eq!(&after.bodies[i], body, "function {index} is not copied byte for byte");
+        } else {
+            assert_ne!(&after.bodies[i], body, "function {index} is not instrumented");
+        }
+    }
+
+    // Exports: the original ones unchanged, the reserved ones added.
+    for (name, e) in &before.exports {
+        assert_eq!(after.exports.get(name), Some(e), "export {name}");
+    }
+    for name in [
+        exports::STATE,
+        exports::INIT_MEMORY,
+        exports::DROP_DATA,
+        exports::START_UNWIND,
+        exports::STOP_UNWIND,
+        exports::START_REWIND,
+        exports::STOP_REWIND,
+        exports::START,
+    ] {
+        assert!(after.exports.contains_key(name), "missing export {name}");
+    }
+    assert_eq!(after.exports[exports::START], (ExternalKind::Func, 6));
+    assert_eq!(after.exports[&exports::global(0)], (ExternalKind::Global, 0));
+    assert!(!after.exports.contains_key(&exports::global(1)), "immutable globals are not exported");
+    assert_eq!(after.start, None, "the host calls the start function");
+    assert_eq!(meta.start, Some(6));
+
+    // Data: all passive now; the active one is applied by the init export.
+    assert_eq!(before.data_active, [true, false]);
+    assert_eq!(after.data_active, [false, false]);
+    assert_eq!(after.data_count, Some(2));
+    assert_eq!(meta.data.iter().map(|d| d.index).collect::<Vec<_>>(), [0]);
+
+    // Metadata: offsets into the original, blocking imports, kinds.
+    assert_eq!(meta.code_section as usize, before.code_start);
+    assert_eq!(meta.blocking.len(), 1);
+    assert_eq!((meta.blocking[0].func, meta.blocking[0].name.as_str()), (1, "poll_oneoff"));
+    let kinds = |f: u32| meta.function(f).unwrap().resume_points.iter().map(|r| r.kind).collect::<Vec<_>>();
+    assert_eq!(kinds(3), [ResumeKind::Loop]);
+    assert_eq!(kinds(4), [ResumeKind::Call, ResumeKind::CallIndirect]);
+    assert_eq!(kinds(5), [ResumeKind::BlockingCall]);
+    let caller = meta.function(4).unwrap();
+    assert_eq!(caller.resume_points[0].callee, 3);
+    assert_eq!(caller.resume_points[0].operands, [], "a call saves the stack below its arguments");
+    let indirect = &caller.resume_points[1];
+    assert_eq!(indirect.operands.len(), 3, "call_indirect saves the whole stack: {:?}", indirect.operands);
+    let blocking = &meta.function(5).unwrap().resume_points[0];
+    assert_eq!(blocking.operands.len(), 4, "a blocking call saves its arguments");
+    for f in &meta.functions {
+        for rp in &f.resume_points {
+            let opcode = wasm[rp.offset as usize];
+            let want = if rp.kind == ResumeKind::Loop { 0x03 } else if rp.kind == ResumeKind::CallIndirect { 0x11 } else { 0x10 };
+            assert_eq!(opcode, want, "function {} {:?} at {:#x}", f.index, rp.kind, rp.offset);
+        }
+    }
+    assert_eq!(abi::Metadata::from_module(&out.wasm).expect("metadata section"), *meta);
+}
+
+#[test]
+fn a_module_without_memory_imports_an_empty_one() {
+    let wasm = wat::parse_str(r#"(module (func (export "f") (loop)))"#).expect("wat");
+    let out = instrument(&wasm, &Options::default()).expect("instrument");
+    let s = shape(&out.wasm);
+    assert_eq!(s.memories, 2);
+    assert_eq!((out.metadata.memory.min, out.metadata.memory.max), (0, Some(0)));
+}
+
+#[test]
+fn a_module_that_cannot_unwind_keeps_every_body() {
+    let wasm = wat::parse_str(
+        r#"(module
+          (import "env" "f" (func $f (param i32)))
+          (func (export "g") (param i32) local.get 0 call $f)
+          (func (export "h") (result i32) i32.const 7))"#,
+    )
+    .expect("wat");
+    let out = instrument(&wasm, &Options::default()).expect("instrument");
+    assert!(out.metadata.functions.is_empty());
+    assert_eq!(shape(&out.wasm).bodies[..2], shape(&wasm).bodies[..]);
+}
+
+#[test]
+fn blocking_option_adds_update_points() {
+    let wasm = wat::parse_str(
+        r#"(module
+          (import "env" "wait" (func $w (result i32)))
+          (func (export "g") (result i32) call $w))"#,
+    )
+    .expect("wat");
+    let plain = instrument(&wasm, &Options::default()).expect("instrument");
+    assert!(plain.metadata.functions.is_empty());
+    let mut options = Options::default();
+    options.blocking.insert(("env".into(), "wait".into()));
+    let out = instrument(&wasm, &options).expect("instrument");
+    assert_eq!(out.metadata.functions.len(), 1);
+    assert_eq!(out.metadata.functions[0].resume_points[0].kind, ResumeKind::BlockingCall);
+}
