@@ -38,6 +38,7 @@ pub mod interrupt;
 pub mod module;
 pub mod pause;
 pub mod process;
+pub mod snapshot;
 pub mod sourcemap;
 pub mod trap;
 pub mod wasi;
@@ -48,6 +49,7 @@ pub mod cli;
 pub use interrupt::InterruptHandle;
 pub use module::{GuestModule, LoadError, LoadOptions};
 pub use pause::PauseHandle;
+pub use snapshot::{Snapshot, SnapshotError};
 pub use process::{Exit, Guest, GuestConfig, PreopenDir, SetupError};
 pub use wasi::fd_table::Stdio;
 /// The engine type guests are compiled with ([`new_engine`]).

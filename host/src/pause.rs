@@ -92,6 +92,31 @@ impl ControlMemory {
         abi::read_frames(&bytes)
     }
 
+    /// The frame stack's bytes, innermost frame first. Call only while the
+    /// guest is not running.
+    pub fn frame_bytes(&self) -> Vec<u8> {
+        let sp = self.word(control::FRAME_SP).load(Ordering::SeqCst) as usize;
+        let base = control::FRAMES_BASE as usize;
+        let end = sp.clamp(base, self.memory.data().len());
+        let mut bytes = vec![0u8; end - base];
+        self.read_bytes(control::FRAMES_BASE, &mut bytes);
+        bytes
+    }
+
+    /// Replaces the frame stack, growing the memory if needed. Call only
+    /// while the guest is not running.
+    pub fn set_frames(&self, frames: &[u8]) -> Result<(), String> {
+        let end = control::FRAMES_BASE as usize + frames.len();
+        let have = self.memory.data().len();
+        if end > have {
+            let pages = (end - have).div_ceil(64 << 10) as u64;
+            self.memory.grow(pages).map_err(|e| format!("cannot grow the frame stack: {e}"))?;
+        }
+        self.write_bytes(control::FRAMES_BASE, frames);
+        self.word(control::FRAME_SP).store(end as u32, Ordering::SeqCst);
+        Ok(())
+    }
+
     fn read_bytes(&self, at: u32, out: &mut [u8]) {
         let data = self.memory.data();
         let src = &data[at as usize..at as usize + out.len()];

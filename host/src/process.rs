@@ -9,13 +9,16 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use upstare_instrument::abi::{control, exports, State, TypedFrame};
+use sha2::{Digest, Sha256};
+use upstare_instrument::abi::{control, exports, State, TypedFrame, ValType};
 use upstare_instrument::Metadata;
-use wasmtime::{Engine, Global, Instance, Linker, Memory, MemoryType, Store, TypedFunc};
+use wasmtime::{Engine, Global, Instance, Linker, Memory, MemoryType, Store, TypedFunc, Val};
 
 use crate::interrupt::InterruptHandle;
 use crate::module::{one_line, GuestModule, LoadError};
 use crate::pause::{ControlMemory, PauseHandle};
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::wasi::fd_table::Object;
 use crate::sourcemap::SourceMap;
 use crate::trap::TrapReport;
 use crate::wasi::fd_table::Stdio;
@@ -130,6 +133,8 @@ impl WasiView for ProcessState {
 /// What the host holds to unwind and rewind an instrumented instance.
 struct Unwinder {
     control: ControlMemory,
+    /// The program memory, which the host created.
+    memory: Memory,
     metadata: Arc<Metadata>,
     state: Global,
     init_memory: TypedFunc<(), ()>,
@@ -150,6 +155,8 @@ pub struct Guest {
     unwinder: Option<Unwinder>,
     started: bool,
     source_map: Option<Arc<SourceMap>>,
+    /// The module as built, whose hash names it in snapshots.
+    original: Arc<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -199,8 +206,8 @@ impl Guest {
             reason: one_line(&e),
         })?;
         let unwinder = match (control, &module.metadata) {
-            (Some(control), Some(metadata)) => {
-                let unwinder = Unwinder::new(&mut store, &instance, control, metadata.clone())
+            (Some((memory, control)), Some(metadata)) => {
+                let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata.clone())
                     .map_err(|e| SetupError::Host(format!("instrumented module is missing a host export: {e}")))?;
                 let stop_rewind = instance
                     .get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)
@@ -210,7 +217,15 @@ impl Guest {
             }
             _ => None,
         };
-        Ok(Guest { store, instance, interrupt, unwinder, started: false, source_map: module.source_map.clone() })
+        Ok(Guest {
+            store,
+            instance,
+            interrupt,
+            unwinder,
+            started: false,
+            source_map: module.source_map.clone(),
+            original: module.original.clone(),
+        })
     }
 
     /// A handle that pauses the guest from any thread; `None` for a module
@@ -293,6 +308,112 @@ impl Guest {
     }
 }
 
+impl Guest {
+    /// Captures a paused guest ([`Exit::Paused`]): memory, mutable globals
+    /// and frames. The guest stays paused; [`Guest::run`] resumes it.
+    pub fn snapshot(&mut self) -> Result<Snapshot, SnapshotError> {
+        let state = |m: &str| SnapshotError::State(m.to_string());
+        let u = self.unwinder.as_ref().ok_or_else(|| state("a module loaded without instrumentation cannot be snapshotted"))?;
+        if u.paused.is_none() {
+            return Err(state("the guest is not paused"));
+        }
+        for (fd, d) in self.store.data().wasi.fd_table().iter() {
+            let capturable = match &d.object {
+                Object::Std(_) => true,
+                Object::Dir(dir) => dir.preopen_name.is_some(),
+                _ => false,
+            };
+            if !capturable {
+                return Err(SnapshotError::State(format!(
+                    "fd {fd} is an open file or socket, which snapshots cannot capture yet"
+                )));
+            }
+        }
+        let mut globals = Vec::new();
+        for g in &u.metadata.globals {
+            let global = self
+                .instance
+                .get_global(&mut self.store, &g.export)
+                .ok_or_else(|| SnapshotError::State(format!("global export `{}` is missing", g.export)))?;
+            let bits = match global.get(&mut self.store) {
+                Val::I32(v) => v as u32 as u64,
+                Val::I64(v) => v as u64,
+                Val::F32(v) => v as u64,
+                Val::F64(v) => v,
+                _ => return Err(state("a reference-typed global cannot be snapshotted")),
+            };
+            globals.push((g.index, g.ty, bits));
+        }
+        Ok(Snapshot {
+            module_hash: Sha256::digest(self.original.as_slice()).into(),
+            globals,
+            memory: u.memory.data(&self.store).to_vec(),
+            frames: u.control.frame_bytes(),
+        })
+    }
+
+    /// A new guest process of `module` that resumes `snapshot` when run:
+    /// memory, globals and frames restored, the stack rewound on
+    /// [`Guest::run`]. `config` gives it its arguments' successors: standard
+    /// streams, directories and listeners of the new process.
+    pub fn restore(
+        engine: &Engine,
+        module: &GuestModule,
+        config: GuestConfig,
+        snapshot: &Snapshot,
+    ) -> Result<Guest, SnapshotError> {
+        snapshot.check_module(module.original_bytes())?;
+        let mut guest = Guest::new(engine, module, config).map_err(|e| SnapshotError::State(e.to_string()))?;
+        let store = &mut guest.store;
+        let u = guest
+            .unwinder
+            .as_mut()
+            .ok_or_else(|| SnapshotError::State("a module loaded without instrumentation cannot resume a snapshot".into()))?;
+        let have = u.memory.data_size(&*store);
+        if snapshot.memory.len() < have || snapshot.memory.len() % (64 << 10) != 0 {
+            return Err(SnapshotError::Corrupt("memory size is not a whole number of pages above the module's minimum"));
+        }
+        let grow = ((snapshot.memory.len() - have) >> 16) as u64;
+        u.memory
+            .grow(&mut *store, grow)
+            .map_err(|e| SnapshotError::State(format!("cannot grow memory to the snapshot's size: {}", one_line(&e))))?;
+        u.memory.data_mut(&mut *store).copy_from_slice(&snapshot.memory);
+        for (index, ty, bits) in &snapshot.globals {
+            let export = upstare_instrument::abi::exports::global(*index);
+            let global = guest
+                .instance
+                .get_global(&mut *store, &export)
+                .ok_or(SnapshotError::Corrupt("a global the module does not have"))?;
+            let val = match ty {
+                ValType::I32 => Val::I32(*bits as u32 as i32),
+                ValType::I64 => Val::I64(*bits as i64),
+                ValType::F32 => Val::F32(*bits as u32),
+                ValType::F64 => Val::F64(*bits),
+                _ => return Err(SnapshotError::Corrupt("reference-typed global")),
+            };
+            global.set(&mut *store, val).map_err(|_| SnapshotError::Corrupt("global of the wrong type"))?;
+        }
+        u.control.set_frames(&snapshot.frames).map_err(SnapshotError::State)?;
+        let raw = u.control.frames().map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
+        let frames = raw
+            .iter()
+            .map(|f| TypedFrame::new(f, &u.metadata))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| SnapshotError::Corrupt("frames the module's metadata does not describe"))?;
+        if frames.is_empty() {
+            return Err(SnapshotError::Corrupt("no frames"));
+        }
+        let drop_data = guest
+            .instance
+            .get_typed_func::<(), ()>(&mut *store, exports::DROP_DATA)
+            .map_err(|e| SnapshotError::State(one_line(&e)))?;
+        drop_data.call(&mut *store, ()).map_err(|e| SnapshotError::State(one_line(&e)))?;
+        u.paused = Some(frames);
+        guest.started = true;
+        Ok(guest)
+    }
+}
+
 /// What the entry call's return meant.
 enum AfterReturn {
     Finished,
@@ -304,6 +425,7 @@ impl Unwinder {
     fn new(
         store: &mut Store<ProcessState>,
         instance: &Instance,
+        memory: Memory,
         control: ControlMemory,
         metadata: Arc<Metadata>,
     ) -> wasmtime::Result<Self> {
@@ -321,6 +443,7 @@ impl Unwinder {
             stop_unwind: func(store, exports::STOP_UNWIND)?,
             start_rewind: func(store, exports::START_REWIND)?,
             control,
+            memory,
             metadata,
             state,
             paused: None,
@@ -364,7 +487,7 @@ fn define_memories(
     linker: &mut Linker<ProcessState>,
     meta: &Metadata,
     stress: Option<u32>,
-) -> Result<ControlMemory, SetupError> {
+) -> Result<(Memory, ControlMemory), SetupError> {
     let host = |e: wasmtime::Error| SetupError::Host(one_line(&e));
     let memory = Memory::new(&mut *store, MemoryType::new(meta.memory.min, meta.memory.max)).map_err(host)?;
     let header = match stress {
@@ -377,7 +500,7 @@ fn define_memories(
     linker
         .define(&mut *store, m, upstare_instrument::abi::CONTROL_IMPORT, control.memory().clone())
         .map_err(host)?;
-    Ok(control)
+    Ok((memory, control))
 }
 
 /// Sorts the error a guest call ended with into an exit.

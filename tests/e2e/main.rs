@@ -8,4 +8,5 @@ mod files;
 mod guests;
 mod interrupt;
 mod kv;
+mod snapshot;
 mod stress;

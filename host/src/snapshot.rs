@@ -1,0 +1,176 @@
+//! A paused guest's state as a value and as bytes: linear memory, mutable
+//! globals and the frames of its stack; the file format; and resuming a
+//! snapshot in a new instance, in this process or another.
+//!
+//! File format, version [`FORMAT_VERSION`], all integers little-endian:
+//!
+//! ```text
+//! magic      16 bytes  "UPSTARE SNAPSHOT"
+//! version    u32
+//! module     32 bytes  SHA-256 of the original module the snapshot belongs to
+//! globals    u32 count, then per global: index u32, type u8 (wasm code), bits u64
+//! memory     u64 length, bytes
+//! frames     u64 length, bytes (the frame stack, as in upstare_instrument::abi::frame)
+//! checksum   32 bytes  SHA-256 of everything before it
+//! ```
+//!
+//! A snapshot names its module by hash: it can only be resumed by the same
+//! build, because the frames refer to its functions and resume points.
+//! What this version does not capture yet is the fd table beyond the
+//! standard streams and preopened directories: [`Guest::snapshot`] refuses a
+//! guest with open files or sockets instead of writing a snapshot that could
+//! not be resumed faithfully.
+
+use sha2::{Digest, Sha256};
+use upstare_instrument::abi::{self, ValType};
+
+/// The first 16 bytes of every snapshot file.
+pub const MAGIC: &[u8; 16] = b"UPSTARE SNAPSHOT";
+/// The version of the format this host reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A paused guest's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// SHA-256 of the original module.
+    pub module_hash: [u8; 32],
+    /// Mutable globals: index, type, raw bits.
+    pub globals: Vec<(u32, ValType, u64)>,
+    /// The program memory.
+    pub memory: Vec<u8>,
+    /// The frame stack, innermost frame first.
+    pub frames: Vec<u8>,
+}
+
+/// Why a snapshot could not be taken, read or resumed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The bytes are not a snapshot.
+    #[error("not an upstare snapshot (bad magic number)")]
+    NotASnapshot,
+    /// Written by another version of the format.
+    #[error("snapshot format version {found}; this host reads version {FORMAT_VERSION}")]
+    Version {
+        /// The version in the file.
+        found: u32,
+    },
+    /// Truncated, or damaged.
+    #[error("the snapshot is damaged: {0}")]
+    Corrupt(&'static str),
+    /// Belongs to another module.
+    #[error("the snapshot belongs to another module (its SHA-256 is {snapshot}, this module's is {module})")]
+    WrongModule {
+        /// Hash in the snapshot.
+        snapshot: String,
+        /// Hash of the module given.
+        module: String,
+    },
+    /// The guest is not in a state that can be captured or resumed.
+    #[error("{0}")]
+    State(String),
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Snapshot {
+    /// The module hash as hex.
+    pub fn module_hash_hex(&self) -> String {
+        hex(&self.module_hash)
+    }
+
+    /// Checks that the snapshot belongs to `original` (the module bytes as
+    /// built).
+    pub fn check_module(&self, original: &[u8]) -> Result<(), SnapshotError> {
+        let hash: [u8; 32] = Sha256::digest(original).into();
+        if hash != self.module_hash {
+            return Err(SnapshotError::WrongModule { snapshot: hex(&self.module_hash), module: hex(&hash) });
+        }
+        Ok(())
+    }
+
+    /// The file bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.memory.len() + self.frames.len() + 256);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.module_hash);
+        out.extend_from_slice(&(self.globals.len() as u32).to_le_bytes());
+        for (index, ty, bits) in &self.globals {
+            out.extend_from_slice(&index.to_le_bytes());
+            out.push(ty.code());
+            out.extend_from_slice(&bits.to_le_bytes());
+        }
+        for blob in [&self.memory, &self.frames] {
+            out.extend_from_slice(&(blob.len() as u64).to_le_bytes());
+            out.extend_from_slice(blob);
+        }
+        let sum = Sha256::digest(&out);
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    /// Reads file bytes, checking the magic number, version and checksum.
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(SnapshotError::NotASnapshot);
+        }
+        let mut r = Reader { bytes, at: MAGIC.len() };
+        let version = r.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::Version { found: version });
+        }
+        let body_len = bytes.len().checked_sub(32).ok_or(SnapshotError::Corrupt("too short"))?;
+        if body_len < r.at || Sha256::digest(&bytes[..body_len]).as_slice() != &bytes[body_len..] {
+            return Err(SnapshotError::Corrupt("checksum mismatch (truncated or modified)"));
+        }
+        let r = &mut Reader { bytes: &bytes[..body_len], at: r.at };
+        let module_hash: [u8; 32] = r.take(32)?.try_into().map_err(|_| SnapshotError::Corrupt("module hash"))?;
+        let count = r.u32()?;
+        let mut globals = Vec::new();
+        for _ in 0..count {
+            let index = r.u32()?;
+            let ty = ValType::from_code(r.take(1)?[0]).ok_or(SnapshotError::Corrupt("unknown global type"))?;
+            let bits = u64::from_le_bytes(r.take(8)?.try_into().map_err(|_| SnapshotError::Corrupt("global"))?);
+            globals.push((index, ty, bits));
+        }
+        let memory = r.blob()?.to_vec();
+        let frames = r.blob()?.to_vec();
+        if r.at != body_len {
+            return Err(SnapshotError::Corrupt("trailing bytes"));
+        }
+        // The frames must at least parse; typing them needs the module.
+        let mut control = vec![0u8; abi::control::FRAMES_BASE as usize];
+        control[abi::control::FRAME_SP as usize..abi::control::FRAME_SP as usize + 4]
+            .copy_from_slice(&(abi::control::FRAMES_BASE + frames.len() as u32).to_le_bytes());
+        control.extend_from_slice(&frames);
+        abi::read_frames(&control).map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
+        Ok(Snapshot { module_hash, globals, memory, frames })
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
+        let end = self.at.checked_add(n).ok_or(SnapshotError::Corrupt("length overflow"))?;
+        let out = self.bytes.get(self.at..end).ok_or(SnapshotError::Corrupt("truncated"))?;
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> Result<u32, SnapshotError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| SnapshotError::Corrupt("integer"))?))
+    }
+
+    fn blob(&mut self) -> Result<&'a [u8], SnapshotError> {
+        let len = u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| SnapshotError::Corrupt("length"))?);
+        let len = usize::try_from(len).map_err(|_| SnapshotError::Corrupt("length"))?;
+        self.take(len)
+    }
+}
