@@ -34,12 +34,14 @@
 #![deny(missing_docs)]
 
 pub mod cache;
+pub mod control;
 pub mod interrupt;
 pub mod module;
 pub mod pause;
 pub mod process;
 pub mod snapshot;
 pub mod sourcemap;
+pub mod supervise;
 pub mod trap;
 pub mod wasi;
 

@@ -344,8 +344,12 @@ impl Guest {
             };
             globals.push((g.index, g.ty, bits));
         }
+        let wasi = &self.store.data().wasi;
         Ok(Snapshot {
             module_hash: Sha256::digest(self.original.as_slice()).into(),
+            module: self.original.to_vec(),
+            args: wasi.args.clone(),
+            env: wasi.env.clone(),
             globals,
             memory: u.memory.data(&self.store).to_vec(),
             frames: u.control.frame_bytes(),

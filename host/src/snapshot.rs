@@ -8,6 +8,9 @@
 //! magic      16 bytes  "UPSTARE SNAPSHOT"
 //! version    u32
 //! module     32 bytes  SHA-256 of the original module the snapshot belongs to
+//! original   u64 length, bytes: that module, so a snapshot file is all a restore needs
+//! args       u32 count, then per argument: u32 length, UTF-8 bytes
+//! env        u32 count, then per variable: name and value as args are
 //! globals    u32 count, then per global: index u32, type u8 (wasm code), bits u64
 //! memory     u64 length, bytes
 //! frames     u64 length, bytes (the frame stack, as in upstare_instrument::abi::frame)
@@ -34,6 +37,12 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct Snapshot {
     /// SHA-256 of the original module.
     pub module_hash: [u8; 32],
+    /// The original module (as built, before instrumentation).
+    pub module: Vec<u8>,
+    /// The guest's `argv`.
+    pub args: Vec<String>,
+    /// The guest's environment.
+    pub env: Vec<(String, String)>,
     /// Mutable globals: index, type, raw bits.
     pub globals: Vec<(u32, ValType, u64)>,
     /// The program memory.
@@ -97,6 +106,21 @@ impl Snapshot {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&self.module_hash);
+        out.extend_from_slice(&(self.module.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.module);
+        let string = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        out.extend_from_slice(&(self.args.len() as u32).to_le_bytes());
+        for a in &self.args {
+            string(&mut out, a);
+        }
+        out.extend_from_slice(&(self.env.len() as u32).to_le_bytes());
+        for (k, v) in &self.env {
+            string(&mut out, k);
+            string(&mut out, v);
+        }
         out.extend_from_slice(&(self.globals.len() as u32).to_le_bytes());
         for (index, ty, bits) in &self.globals {
             out.extend_from_slice(&index.to_le_bytes());
@@ -128,6 +152,18 @@ impl Snapshot {
         }
         let r = &mut Reader { bytes: &bytes[..body_len], at: r.at };
         let module_hash: [u8; 32] = r.take(32)?.try_into().map_err(|_| SnapshotError::Corrupt("module hash"))?;
+        let module = r.blob()?.to_vec();
+        if Sha256::digest(&module).as_slice() != module_hash {
+            return Err(SnapshotError::Corrupt("the embedded module does not match its hash"));
+        }
+        let mut args = Vec::new();
+        for _ in 0..r.u32()? {
+            args.push(r.string()?);
+        }
+        let mut env = Vec::new();
+        for _ in 0..r.u32()? {
+            env.push((r.string()?, r.string()?));
+        }
         let count = r.u32()?;
         let mut globals = Vec::new();
         for _ in 0..count {
@@ -147,7 +183,7 @@ impl Snapshot {
             .copy_from_slice(&(abi::control::FRAMES_BASE + frames.len() as u32).to_le_bytes());
         control.extend_from_slice(&frames);
         abi::read_frames(&control).map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
-        Ok(Snapshot { module_hash, globals, memory, frames })
+        Ok(Snapshot { module_hash, module, args, env, globals, memory, frames })
     }
 }
 
@@ -166,6 +202,11 @@ impl<'a> Reader<'a> {
 
     fn u32(&mut self) -> Result<u32, SnapshotError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| SnapshotError::Corrupt("integer"))?))
+    }
+
+    fn string(&mut self) -> Result<String, SnapshotError> {
+        let len = self.u32()? as usize;
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| SnapshotError::Corrupt("string is not UTF-8"))
     }
 
     fn blob(&mut self) -> Result<&'a [u8], SnapshotError> {

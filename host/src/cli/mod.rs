@@ -1,10 +1,15 @@
 //! The `upstare-host` command line: parsing, and dispatch to one module per
 //! subcommand. `upstare-host app.wasm` means `upstare-host run app.wasm`.
 
+mod checkpoint;
+mod restore;
 mod run;
+mod status;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
+
+use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
@@ -26,11 +31,14 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Run(run::RunArgs),
+    Status(status::StatusArgs),
+    Checkpoint(checkpoint::CheckpointArgs),
+    Restore(restore::RestoreArgs),
 }
 
 /// The subcommand names; anything else in first position is a module path
 /// or a `run` option.
-const SUBCOMMANDS: &[&str] = &["run", "help"];
+const SUBCOMMANDS: &[&str] = &["run", "status", "checkpoint", "restore", "help"];
 
 /// Puts `run` in front of the arguments unless a subcommand or a top-level
 /// flag is already there.
@@ -59,6 +67,9 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run::execute(args),
+        Command::Status(args) => status::execute(args),
+        Command::Checkpoint(args) => checkpoint::execute(args),
+        Command::Restore(args) => restore::execute(args),
     }
 }
 
@@ -77,4 +88,36 @@ fn init_logging() {
 fn bad_input(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_BAD_INPUT)
+}
+
+/// Prints a control reply: `OK` lines to stdout with status 0, an `ERR`
+/// to stderr as `error: ...` with status 1; an unreachable host is bad
+/// input (status 2).
+fn print_reply(reply: Result<String, String>) -> ExitCode {
+    match reply {
+        Err(e) => bad_input(e),
+        Ok(text) => {
+            let text = text.trim_end();
+            match text.lines().last() {
+                Some(last) if last.starts_with("ERR ") => {
+                    eprintln!("error: {}", &last[4..]);
+                    ExitCode::from(1)
+                }
+                Some(last) if last == "OK" => {
+                    let body: Vec<&str> = text.lines().collect();
+                    // A closed pipe (`| head`) is the reader's choice, not an error.
+                    let _ = writeln!(std::io::stdout(), "{}", body[..body.len() - 1].join("\n"));
+                    ExitCode::SUCCESS
+                }
+                Some(last) if last.starts_with("OK ") => {
+                    let _ = writeln!(std::io::stdout(), "{}", &last[3..]);
+                    ExitCode::SUCCESS
+                }
+                _ => {
+                    eprintln!("error: unexpected reply from the host: {text:?}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }

@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::bad_input;
-use crate::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, PreopenDir, GUEST_THREAD_STACK};
+use crate::control::{self, ControlSocket};
+use crate::supervise::{self, Identity};
+use crate::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, PreopenDir};
 
 /// Exit status when the guest traps (as a C program that aborts).
 const EXIT_TRAP: u8 = 134;
@@ -48,6 +50,12 @@ pub struct RunArgs {
     #[arg(long = "stress-pause", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     stress_pause: Option<u32>,
 
+    /// The control socket for `upstare-host status` and `checkpoint`
+    /// [default: PID.sock in $XDG_RUNTIME_DIR/upstare-host, else in
+    /// /tmp/upstare-host-UID].
+    #[arg(long = "control", value_name = "PATH")]
+    control: Option<PathBuf>,
+
     /// The module, then the guest's arguments.
     #[arg(required = true, value_name = "WASM", trailing_var_arg = true, allow_hyphen_values = true)]
     module_and_args: Vec<OsString>,
@@ -67,7 +75,7 @@ fn parse_env(spec: &str) -> Option<(String, String)> {
     }
 }
 
-fn bind(spec: &str) -> Result<TcpListener, String> {
+pub(super) fn bind(spec: &str) -> Result<TcpListener, String> {
     let addr: SocketAddr = spec
         .parse()
         .map_err(|_| format!("invalid --tcplisten address `{spec}` (expected IP:PORT, e.g. 127.0.0.1:8080)"))?;
@@ -111,21 +119,32 @@ pub fn execute(args: RunArgs) -> ExitCode {
         }
     }
 
-    // The guest runs on its own thread: deep C recursion needs a big native
-    // stack, and the main thread stays free to serve the host.
-    let runner = std::thread::Builder::new()
-        .name("guest".into())
-        .stack_size(GUEST_THREAD_STACK)
-        .spawn(move || Guest::new(&engine, &module, config).map(|mut guest| (guest.run(), guest.unwinds())));
-    let outcome = match runner.map(|h| h.join()) {
-        Ok(Ok(outcome)) => outcome,
-        _ => {
-            eprintln!("error: the guest thread failed");
+    let control = match control_socket(args.control.as_deref()) {
+        Ok(c) => c,
+        Err(msg) => return bad_input(msg),
+    };
+    let identity = Identity {
+        module: module_path.display().to_string(),
+        hash: crate::cache::content_hash(module.original_bytes()),
+    };
+    // The guest runs on its own thread (deep C recursion needs a big native
+    // stack); this one waits, and another serves the control socket.
+    let make = move || Guest::new(&engine, &module, config).map_err(|e| e.to_string());
+    finish(supervise::run(make, identity, control), args.stress_pause)
+}
+
+/// Turns how a supervised guest ended into the host's exit status, printing
+/// what the user should see.
+pub(super) fn finish(outcome: Result<Result<(Exit, u64), String>, String>, stress_pause: Option<u32>) -> ExitCode {
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::from(EXIT_HOST_ERROR);
         }
     };
     let outcome = outcome.map(|(exit, unwinds)| {
-        if let Some(n) = args.stress_pause {
+        if let Some(n) = stress_pause {
             eprintln!("upstare-host: --stress-pause {n}: the stack was unwound and rewound {unwinds} times");
         }
         exit
@@ -150,6 +169,12 @@ pub fn execute(args: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_HOST_ERROR)
         }
     }
+}
+
+/// Binds the control socket, at `path` or at the default place.
+pub(super) fn control_socket(path: Option<&std::path::Path>) -> Result<Option<ControlSocket>, String> {
+    let path = path.map_or_else(control::default_path, std::path::Path::to_path_buf);
+    ControlSocket::bind(&path).map(Some).map_err(|e| format!("--control: {e}"))
 }
 
 /// The guest's status as the host's: statuses outside 0..=255 cannot be

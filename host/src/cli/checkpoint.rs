@@ -1,0 +1,35 @@
+//! `upstare-host checkpoint FILE`: a snapshot of a running program, which
+//! goes on running.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::control::{self, Request};
+
+/// Write a snapshot of the running program to FILE (versioned and
+/// checksummed; resume it with `upstare-host restore FILE`). The program
+/// pauses at its next update point for the capture only, then goes on.
+#[derive(Args, Debug)]
+pub struct CheckpointArgs {
+    /// The host's control socket [default: the only running host's, in
+    /// $XDG_RUNTIME_DIR/upstare-host or /tmp/upstare-host-UID].
+    #[arg(long = "control", value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    /// Where to write the snapshot.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+/// Runs the command.
+pub fn execute(args: CheckpointArgs) -> ExitCode {
+    let path = match args.control.map_or_else(control::find_default, Ok) {
+        Ok(p) => p,
+        Err(e) => return super::bad_input(e),
+    };
+    // The host writes the file: give it an absolute path.
+    let file = std::path::absolute(&args.file).unwrap_or(args.file);
+    super::print_reply(control::request(&path, &Request::Checkpoint(file)))
+}

@@ -1,0 +1,66 @@
+//! `upstare-host restore FILE`: resume a snapshot in this process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::bad_input;
+use super::run::{bind, control_socket, finish};
+use crate::supervise::{self, Identity};
+use crate::{new_engine, Guest, GuestConfig, GuestModule, Snapshot};
+
+/// Resume a program from a snapshot written by `upstare-host checkpoint`.
+/// The snapshot carries the module, its arguments and environment. Open
+/// files and sockets are not in snapshots yet: a program that had any
+/// cannot be checkpointed.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Listen on a TCP address and hand the listener to the guest, as for
+    /// `run`.
+    #[arg(long = "tcplisten", value_name = "ADDR")]
+    tcplisten: Vec<String>,
+
+    /// The control socket of the resumed program [default: as for `run`].
+    #[arg(long = "control", value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    /// The snapshot file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+/// Runs the command.
+pub fn execute(args: RestoreArgs) -> ExitCode {
+    let bytes = match std::fs::read(&args.file) {
+        Ok(b) => b,
+        Err(e) => return bad_input(format!("cannot read {}: {e}", args.file.display())),
+    };
+    let snapshot = match Snapshot::decode(&bytes) {
+        Ok(s) => s,
+        Err(e) => return bad_input(format!("{}: {e}", args.file.display())),
+    };
+    let engine = match new_engine() {
+        Ok(e) => e,
+        Err(e) => return bad_input(format!("cannot create the engine: {e}")),
+    };
+    let module = match GuestModule::from_bytes(&engine, &args.file, &snapshot.module) {
+        Ok(m) => m,
+        Err(e) => return bad_input(e),
+    };
+    let mut config = GuestConfig::new(snapshot.args.clone());
+    config.env = snapshot.env.clone();
+    for spec in &args.tcplisten {
+        match bind(spec) {
+            Ok(l) => config.listeners.push(l),
+            Err(msg) => return bad_input(msg),
+        }
+    }
+    let control = match control_socket(args.control.as_deref()) {
+        Ok(c) => c,
+        Err(msg) => return bad_input(msg),
+    };
+    let identity = Identity { module: args.file.display().to_string(), hash: snapshot.module_hash_hex() };
+    let make = move || Guest::restore(&engine, &module, config, &snapshot).map_err(|e| e.to_string());
+    finish(supervise::run(make, identity, control), None)
+}

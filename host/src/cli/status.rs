@@ -1,0 +1,27 @@
+//! `upstare-host status`: what a running host is running, and how.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::control::{self, Request};
+
+/// Show the module, its version hash, uptime, and the state of its
+/// instances, from a running upstare-host.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The host's control socket [default: the only running host's, in
+    /// $XDG_RUNTIME_DIR/upstare-host or /tmp/upstare-host-UID].
+    #[arg(long = "control", value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+/// Runs the command.
+pub fn execute(args: StatusArgs) -> ExitCode {
+    let path = match args.control.map_or_else(control::find_default, Ok) {
+        Ok(p) => p,
+        Err(e) => return super::bad_input(e),
+    };
+    super::print_reply(control::request(&path, &Request::Status))
+}
