@@ -1,6 +1,6 @@
 //! `upstare-host` runs C programs compiled to wasm32-wasi on wasmtime, with
-//! its own WASI preview1 layer, and (in later stages) pauses and updates
-//! them while they run.
+//! its own WASI preview1 layer, pauses them at update points, snapshots and
+//! restores them, and (in a later stage) updates them while they run.
 //!
 //! The crate is a library first; the `upstare-host` binary is a thin CLI
 //! over it. To run a guest from Rust:
@@ -24,8 +24,14 @@
 //! wasm frames live on the native stack, and C programs recurse deeply.
 //!
 //! Modules:
-//! - [`module`]: reading, validating and compiling a guest;
-//! - [`process`]: a guest process and running it to an exit status;
+//! - [`module`]: reading, validating, instrumenting and compiling a guest;
+//! - [`cache`]: the on-disk cache of instrumented modules;
+//! - [`process`]: a guest process, running it, pausing and resuming it;
+//! - [`pause`]: the control memory shared with an instrumented guest;
+//! - [`snapshot`]: a paused guest's state, its file format, restoring it;
+//! - [`control`]: the control socket and its protocol;
+//! - [`supervise`]: a guest on its thread, control requests served beside it;
+//! - [`sourcemap`]: source lines for instrumented code, from the original's DWARF;
 //! - [`wasi`]: the WASI preview1 layer;
 //! - [`interrupt`]: waking a blocked guest from another thread;
 //! - [`trap`]: trap reports with backtraces;

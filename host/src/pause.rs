@@ -58,7 +58,7 @@ impl ControlMemory {
     }
 
     fn word(&self, at: u32) -> &AtomicU32 {
-        debug_assert!(at % 4 == 0);
+        debug_assert!(at.is_multiple_of(4));
         let cell = &self.memory.data()[at as usize];
         // SAFETY: as in `byte`; `at` is 4-aligned within the page-aligned
         // memory, which is what `AtomicU32` needs.

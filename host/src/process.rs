@@ -374,7 +374,7 @@ impl Guest {
             .as_mut()
             .ok_or_else(|| SnapshotError::State("a module loaded without instrumentation cannot resume a snapshot".into()))?;
         let have = u.memory.data_size(&*store);
-        if snapshot.memory.len() < have || snapshot.memory.len() % (64 << 10) != 0 {
+        if snapshot.memory.len() < have || !snapshot.memory.len().is_multiple_of(64 << 10) {
             return Err(SnapshotError::Corrupt("memory size is not a whole number of pages above the module's minimum"));
         }
         let grow = ((snapshot.memory.len() - have) >> 16) as u64;

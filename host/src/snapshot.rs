@@ -20,7 +20,7 @@
 //! A snapshot names its module by hash: it can only be resumed by the same
 //! build, because the frames refer to its functions and resume points.
 //! What this version does not capture yet is the fd table beyond the
-//! standard streams and preopened directories: [`Guest::snapshot`] refuses a
+//! standard streams and preopened directories: [`crate::Guest::snapshot`] refuses a
 //! guest with open files or sockets instead of writing a snapshot that could
 //! not be resumed faithfully.
 

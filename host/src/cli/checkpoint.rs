@@ -8,9 +8,11 @@ use clap::Args;
 
 use crate::control::{self, Request};
 
-/// Write a snapshot of the running program to FILE (versioned and
-/// checksummed; resume it with `upstare-host restore FILE`). The program
-/// pauses at its next update point for the capture only, then goes on.
+/// Write a snapshot of the running program to FILE.
+///
+/// The snapshot is versioned and checksummed; resume it with
+/// `upstare-host restore FILE`. The program pauses at its next update point
+/// for the capture only, then goes on.
 #[derive(Args, Debug)]
 pub struct CheckpointArgs {
     /// The host's control socket [default: the only running host's, in

@@ -103,7 +103,7 @@ fn print_reply(reply: Result<String, String>) -> ExitCode {
                     eprintln!("error: {}", &last[4..]);
                     ExitCode::from(1)
                 }
-                Some(last) if last == "OK" => {
+                Some("OK") => {
                     let body: Vec<&str> = text.lines().collect();
                     // A closed pipe (`| head`) is the reader's choice, not an error.
                     let _ = writeln!(std::io::stdout(), "{}", body[..body.len() - 1].join("\n"));

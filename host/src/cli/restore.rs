@@ -11,6 +11,7 @@ use crate::supervise::{self, Identity};
 use crate::{new_engine, Guest, GuestConfig, GuestModule, Snapshot};
 
 /// Resume a program from a snapshot written by `upstare-host checkpoint`.
+///
 /// The snapshot carries the module, its arguments and environment. Open
 /// files and sockets are not in snapshots yet: a program that had any
 /// cannot be checkpointed.

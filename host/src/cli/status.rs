@@ -7,8 +7,7 @@ use clap::Args;
 
 use crate::control::{self, Request};
 
-/// Show the module, its version hash, uptime, and the state of its
-/// instances, from a running upstare-host.
+/// Show what a running upstare-host runs: module, version, uptime, state.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The host's control socket [default: the only running host's, in

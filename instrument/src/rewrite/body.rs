@@ -22,6 +22,10 @@ use crate::analysis::{Body, ModuleInfo};
 use crate::error::{internal, Error, ErrorKind, Result};
 use crate::plan::{AnchorKind, Plan};
 
+/// Runs of copied original code: (offset in the output body, original
+/// offset), see [`crate::abi::offsets`].
+type Runs = Vec<(u32, u32)>;
+
 /// One open block of the output.
 struct Frame {
     /// It is a block of the original code (else inserted by the rewrite).
@@ -69,7 +73,7 @@ pub(crate) fn instrument(
     info: &ModuleInfo<'_>,
     body: &Body,
     plan: &Plan,
-) -> Result<(Vec<u8>, Vec<(u32, u32)>)> {
+) -> Result<(Vec<u8>, Runs)> {
     let n_locals = body.locals.len() as u32;
     let mut e = Emitter {
         cx,
@@ -600,7 +604,7 @@ impl Emitter<'_> {
 
     /// Local declarations (original groups, then the added locals) and code,
     /// with the runs of copied code shifted past the declarations.
-    fn finish(self, body: &Body) -> (Vec<u8>, Vec<(u32, u32)>) {
+    fn finish(self, body: &Body) -> (Vec<u8>, Runs) {
         use wasm_encoder::Encode;
         let mut groups: Vec<(u32, wasm_encoder::ValType)> = Vec::new();
         for &(n, t) in &body.local_groups {
