@@ -106,6 +106,12 @@ impl Server {
         }
     }
 
+    /// Kills the host at once, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The rest of the guest's stdout, after it exited.
     pub fn remaining_output(&mut self) -> String {
         let mut s = String::new();

@@ -18,7 +18,6 @@ use crate::interrupt::InterruptHandle;
 use crate::module::{one_line, GuestModule, LoadError};
 use crate::pause::{ControlMemory, PauseHandle};
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::wasi::fd_table::Object;
 use crate::sourcemap::SourceMap;
 use crate::trap::TrapReport;
 use crate::wasi::fd_table::Stdio;
@@ -179,7 +178,7 @@ impl Guest {
         for dir in &config.dirs {
             let handle = cap_std::fs::Dir::open_ambient_dir(&dir.host, cap_std::ambient_authority())
                 .map_err(|source| SetupError::Dir { path: dir.host.clone(), source })?;
-            wasi.push_preopen_dir(handle, &dir.guest)
+            wasi.push_preopen_dir(handle, &dir.host, &dir.guest)
                 .map_err(|_| SetupError::Host("fd table full".into()))?;
         }
         let interrupt = wasi.interrupter().handle();
@@ -317,18 +316,8 @@ impl Guest {
         if u.paused.is_none() {
             return Err(state("the guest is not paused"));
         }
-        for (fd, d) in self.store.data().wasi.fd_table().iter() {
-            let capturable = match &d.object {
-                Object::Std(_) => true,
-                Object::Dir(dir) => dir.preopen_name.is_some(),
-                _ => false,
-            };
-            if !capturable {
-                return Err(SnapshotError::State(format!(
-                    "fd {fd} is an open file or socket, which snapshots cannot capture yet"
-                )));
-            }
-        }
+        let fds = crate::wasi::persist::describe(&self.store.data().wasi)
+            .map_err(|e| SnapshotError::State(format!("cannot describe the open files: {e}")))?;
         let mut globals = Vec::new();
         for g in &u.metadata.globals {
             let global = self
@@ -350,6 +339,7 @@ impl Guest {
             module: self.original.to_vec(),
             args: wasi.args.clone(),
             env: wasi.env.clone(),
+            fds,
             globals,
             memory: u.memory.data(&self.store).to_vec(),
             frames: u.control.frame_bytes(),
@@ -357,17 +347,24 @@ impl Guest {
     }
 
     /// A new guest process of `module` that resumes `snapshot` when run:
-    /// memory, globals and frames restored, the stack rewound on
-    /// [`Guest::run`]. `config` gives it its arguments' successors: standard
-    /// streams, directories and listeners of the new process.
+    /// memory, globals, frames and fd table restored, the stack rewound on
+    /// [`Guest::run`]. `config` gives the new process its standard streams,
+    /// and listeners that take the place of the recorded ones in order (the
+    /// others are bound to their old addresses); its directories, arguments
+    /// and environment come from the snapshot.
     pub fn restore(
         engine: &Engine,
         module: &GuestModule,
-        config: GuestConfig,
+        mut config: GuestConfig,
         snapshot: &Snapshot,
     ) -> Result<Guest, SnapshotError> {
         snapshot.check_module(module.original_bytes())?;
+        let listeners = std::mem::take(&mut config.listeners);
+        config.dirs.clear();
+        config.args = snapshot.args.clone();
+        config.env = snapshot.env.clone();
         let mut guest = Guest::new(engine, module, config).map_err(|e| SnapshotError::State(e.to_string()))?;
+        crate::wasi::persist::rebuild(guest.wasi(), &snapshot.fds, listeners).map_err(SnapshotError::State)?;
         let store = &mut guest.store;
         let u = guest
             .unwinder

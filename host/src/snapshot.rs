@@ -11,6 +11,11 @@
 //! original   u64 length, bytes: that module, so a snapshot file is all a restore needs
 //! args       u32 count, then per argument: u32 length, UTF-8 bytes
 //! env        u32 count, then per variable: name and value as args are
+//! fds        u32 count, then per fd: fd u32, flags u16, kind u8 and its fields:
+//!              0 std: index u8            1 preopen: name str, host path str
+//!              2 dir: path str            3 file: path str, offset u64, readable u8, writable u8
+//!              4 listener: address str    5 connected socket
+//!            (str: u32 length, UTF-8 bytes)
 //! globals    u32 count, then per global: index u32, type u8 (wasm code), bits u64
 //! memory     u64 length, bytes
 //! frames     u64 length, bytes (the frame stack, as in upstare_instrument::abi::frame)
@@ -19,13 +24,13 @@
 //!
 //! A snapshot names its module by hash: it can only be resumed by the same
 //! build, because the frames refer to its functions and resume points.
-//! What this version does not capture yet is the fd table beyond the
-//! standard streams and preopened directories: [`crate::Guest::snapshot`] refuses a
-//! guest with open files or sockets instead of writing a snapshot that could
-//! not be resumed faithfully.
+//! The fd table is described, not copied: see [`crate::wasi::persist`] for
+//! how each kind of fd is opened again.
 
 use sha2::{Digest, Sha256};
 use upstare_instrument::abi::{self, ValType};
+
+use crate::wasi::persist::{FdKind, FdRecord};
 
 /// The first 16 bytes of every snapshot file.
 pub const MAGIC: &[u8; 16] = b"UPSTARE SNAPSHOT";
@@ -43,6 +48,8 @@ pub struct Snapshot {
     pub args: Vec<String>,
     /// The guest's environment.
     pub env: Vec<(String, String)>,
+    /// The guest's fd table.
+    pub fds: Vec<FdRecord>,
     /// Mutable globals: index, type, raw bits.
     pub globals: Vec<(u32, ValType, u64)>,
     /// The program memory.
@@ -121,6 +128,34 @@ impl Snapshot {
             string(&mut out, k);
             string(&mut out, v);
         }
+        out.extend_from_slice(&(self.fds.len() as u32).to_le_bytes());
+        for r in &self.fds {
+            out.extend_from_slice(&r.fd.to_le_bytes());
+            out.extend_from_slice(&r.flags.to_le_bytes());
+            match &r.kind {
+                FdKind::Std { index } => out.extend_from_slice(&[0, *index]),
+                FdKind::Preopen { name, host } => {
+                    out.push(1);
+                    string(&mut out, name);
+                    string(&mut out, &host.to_string_lossy());
+                }
+                FdKind::Dir { path } => {
+                    out.push(2);
+                    string(&mut out, path);
+                }
+                FdKind::File { path, offset, readable, writable } => {
+                    out.push(3);
+                    string(&mut out, path);
+                    out.extend_from_slice(&offset.to_le_bytes());
+                    out.extend_from_slice(&[*readable as u8, *writable as u8]);
+                }
+                FdKind::Listener { addr } => {
+                    out.push(4);
+                    string(&mut out, &addr.to_string());
+                }
+                FdKind::Stream => out.push(5),
+            }
+        }
         out.extend_from_slice(&(self.globals.len() as u32).to_le_bytes());
         for (index, ty, bits) in &self.globals {
             out.extend_from_slice(&index.to_le_bytes());
@@ -164,6 +199,28 @@ impl Snapshot {
         for _ in 0..r.u32()? {
             env.push((r.string()?, r.string()?));
         }
+        let mut fds = Vec::new();
+        for _ in 0..r.u32()? {
+            let fd = r.u32()?;
+            let flags = u16::from_le_bytes(r.take(2)?.try_into().map_err(|_| SnapshotError::Corrupt("fd flags"))?);
+            let kind = match r.take(1)?[0] {
+                0 => FdKind::Std { index: r.take(1)?[0] },
+                1 => FdKind::Preopen { name: r.string()?, host: r.string()?.into() },
+                2 => FdKind::Dir { path: r.string()? },
+                3 => {
+                    let path = r.string()?;
+                    let offset = u64::from_le_bytes(r.take(8)?.try_into().map_err(|_| SnapshotError::Corrupt("offset"))?);
+                    let rw = r.take(2)?;
+                    FdKind::File { path, offset, readable: rw[0] != 0, writable: rw[1] != 0 }
+                }
+                4 => FdKind::Listener {
+                    addr: r.string()?.parse().map_err(|_| SnapshotError::Corrupt("listener address"))?,
+                },
+                5 => FdKind::Stream,
+                _ => return Err(SnapshotError::Corrupt("unknown fd kind")),
+            };
+            fds.push(FdRecord { fd, flags, kind });
+        }
         let count = r.u32()?;
         let mut globals = Vec::new();
         for _ in 0..count {
@@ -183,7 +240,7 @@ impl Snapshot {
             .copy_from_slice(&(abi::control::FRAMES_BASE + frames.len() as u32).to_le_bytes());
         control.extend_from_slice(&frames);
         abi::read_frames(&control).map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
-        Ok(Snapshot { module_hash, module, args, env, globals, memory, frames })
+        Ok(Snapshot { module_hash, module, args, env, fds, globals, memory, frames })
     }
 }
 

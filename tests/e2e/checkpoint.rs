@@ -109,3 +109,115 @@ fn control_commands_without_a_host_fail_clearly() {
         assert!(err.starts_with("error: cannot reach upstare-host"), "{cmd}: {err}");
     }
 }
+
+/// The KV server checkpointed while a client keeps it busy, killed, and
+/// restored on another port: every key written before the checkpoint is
+/// there, and the server serves new clients.
+#[test]
+fn kv_server_checkpointed_under_load_keeps_every_key() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use upstare_tests::{free_port, Client, Server};
+
+    let dir = TempDir::new("kv-checkpoint");
+    let sock = dir.0.join("control.sock");
+    let sock = sock.to_str().unwrap();
+    let (mut server, first) = Server::start(&guest("kv-server"), &["--control", sock], &[]);
+    assert!(first.starts_with("kv: listening"), "{first}");
+    let mut writer = server.client();
+    for i in 0..300 {
+        assert_eq!(writer.request(&format!("SET key{i} value-{i}")), "OK");
+    }
+
+    // Load: another client keeps writing and reading during the checkpoint.
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = server.port;
+    let load = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut c = Client::connect(port);
+            let mut n = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                assert_eq!(c.request(&format!("SET load{} {n}", n % 50)), "OK");
+                assert_eq!(c.request(&format!("GET load{}", n % 50)), format!("VALUE {n}"));
+                n += 1;
+            }
+            n
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let snap = dir.0.join("kv.snap");
+    let cp = host(&["checkpoint", "--control", sock, snap.to_str().unwrap()]);
+    assert!(cp.status.success(), "{}", String::from_utf8_lossy(&cp.stderr));
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::SeqCst);
+    assert!(load.join().unwrap() > 10, "the load ran through the checkpoint");
+    drop(writer);
+    server.kill();
+
+    let new_port = free_port();
+    let listen = format!("127.0.0.1:{new_port}");
+    let mut restored = Command::new(host_bin())
+        .args(["restore", "--tcplisten", &listen, snap.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut client = None;
+    for _ in 0..500 {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", new_port)) {
+            drop(s);
+            client = Some(Client::connect(new_port));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut client = client.expect("the restored server listens");
+    for i in 0..300 {
+        assert_eq!(client.request(&format!("GET key{i}")), format!("VALUE value-{i}"));
+    }
+    assert_eq!(client.request("SET after restore"), "OK");
+    assert_eq!(client.request("GET after"), "VALUE restore");
+    restored.kill().unwrap();
+    restored.wait().unwrap();
+}
+
+/// A program checkpointed while it holds a file open part-way through, and
+/// an append-only log: restored, it reads on from the same offset and
+/// appends to the same log.
+#[test]
+fn open_files_are_reopened_at_their_offsets() {
+    let dir = TempDir::new("files-checkpoint");
+    let data = dir.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("input.txt"), "0123456789abcdefghij\n").unwrap();
+    let sock = dir.0.join("control.sock");
+    let sock = sock.to_str().unwrap();
+    let spec = format!("{}::/data", data.display());
+    let reader = guest("reader");
+    let mut server = Command::new(host_bin())
+        .args(["--control", sock, "--dir", &spec, reader.to_str().unwrap(), "/data"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    assert_eq!(first, "first: 0123456789\n");
+    // Let it reach its wait: a checkpoint taken before its write to the log
+    // would, restored, make that write again (files are reopened, not
+    // copied, and the checkpointed process went on running).
+    std::thread::sleep(Duration::from_millis(300));
+    let snap = dir.0.join("reader.snap");
+    let cp = host(&["checkpoint", "--control", sock, snap.to_str().unwrap()]);
+    assert!(cp.status.success(), "{}", String::from_utf8_lossy(&cp.stderr));
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    let restored = Command::new(host_bin()).args(["restore", snap.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(data.join("go"), "").unwrap();
+    let done = restored.wait_with_output().unwrap();
+    assert!(done.status.success());
+    assert_eq!(String::from_utf8_lossy(&done.stdout), "rest: abcdefghij\n\n");
+    assert_eq!(std::fs::read_to_string(data.join("log.txt")).unwrap(), "before\nafter\n");
+}

@@ -12,13 +12,15 @@ use crate::{new_engine, Guest, GuestConfig, GuestModule, Snapshot};
 
 /// Resume a program from a snapshot written by `upstare-host checkpoint`.
 ///
-/// The snapshot carries the module, its arguments and environment. Open
-/// files and sockets are not in snapshots yet: a program that had any
-/// cannot be checkpointed.
+/// The snapshot carries the module, its arguments, environment and open
+/// files. Preopened directories are opened again at their recorded host
+/// paths, files reopened at their offsets, listeners bound again (to the
+/// addresses given with --tcplisten, in order, else to their old ones);
+/// connections cannot move between processes and reach the program closed
+/// by their peer.
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// Listen on a TCP address and hand the listener to the guest, as for
-    /// `run`.
+    /// Listen on this address in place of the snapshot's next listener.
     #[arg(long = "tcplisten", value_name = "ADDR")]
     tcplisten: Vec<String>,
 
@@ -50,7 +52,6 @@ pub fn execute(args: RestoreArgs) -> ExitCode {
         Err(e) => return bad_input(e),
     };
     let mut config = GuestConfig::new(snapshot.args.clone());
-    config.env = snapshot.env.clone();
     for spec in &args.tcplisten {
         match bind(spec) {
             Ok(l) => config.listeners.push(l),

@@ -65,6 +65,8 @@ pub struct OpenDir {
     pub dir: cap_std::fs::Dir,
     /// For a preopen, the name the guest sees it under (`--dir HOST::GUEST`).
     pub preopen_name: Option<String>,
+    /// For a preopen, the host directory, so a snapshot can reopen it.
+    pub host_path: Option<std::path::PathBuf>,
     /// The path the guest opened, relative to its parent fd (empty for a preopen).
     pub guest_path: String,
     /// The entries as listed at cookie 0, so later cookies index a stable list.
@@ -206,6 +208,20 @@ impl FdTable {
         self.get(to)?;
         let desc = self.remove(from)?;
         self.slots[to as usize] = Some(desc);
+        Ok(())
+    }
+
+    /// Installs an object at exactly `fd`, replacing what was there (for
+    /// rebuilding a table from a snapshot).
+    pub fn place(&mut self, fd: u32, object: Object, flags: u16) -> Result<(), Errno> {
+        let i = fd as usize;
+        if i >= MAX_FDS {
+            return Err(Errno::MFILE);
+        }
+        if self.slots.len() <= i {
+            self.slots.resize_with(i + 1, || None);
+        }
+        self.slots[i] = Some(Descriptor { object, flags });
         Ok(())
     }
 

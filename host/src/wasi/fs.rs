@@ -233,6 +233,7 @@ fn install_dir(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, dir: cap_std::fs::D
     let open = OpenDir {
         dir,
         preopen_name: None,
+        host_path: None,
         guest_path,
         listing: Default::default(),
     };

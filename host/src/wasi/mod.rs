@@ -33,6 +33,7 @@ pub mod fs;
 pub mod io;
 pub mod memory;
 pub mod net;
+pub mod persist;
 pub mod poll;
 pub mod proc;
 mod linker;
@@ -162,11 +163,18 @@ impl WasiCtx {
         self.env = env;
     }
 
-    /// Installs a preopened directory under `guest_name`, returning its fd.
-    pub fn push_preopen_dir(&mut self, dir: cap_std::fs::Dir, guest_name: &str) -> Result<u32, Errno> {
+    /// Installs a preopened directory (`host`, opened as `dir`) under
+    /// `guest_name`, returning its fd.
+    pub fn push_preopen_dir(
+        &mut self,
+        dir: cap_std::fs::Dir,
+        host: &std::path::Path,
+        guest_name: &str,
+    ) -> Result<u32, Errno> {
         let open = fd_table::OpenDir {
             dir,
             preopen_name: Some(guest_name.to_string()),
+            host_path: Some(host.to_path_buf()),
             guest_path: String::new(),
             listing: Default::default(),
         };
