@@ -202,3 +202,21 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A child process killed when dropped, so a failing test leaves no host
+/// running behind it.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Spawns `cmd`.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        KillOnDrop(cmd.spawn().expect("the process starts"))
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use crate::control::{ControlSocket, Request};
 use crate::{Exit, Guest, Snapshot, GUEST_THREAD_STACK};
 
-/// How long a checkpoint waits for the guest to reach an update point
-/// before it gives up and lets the guest run on.
-pub const PAUSE_LIMIT: Duration = Duration::from_secs(2);
+/// How long a checkpoint waits, by default, for the guest to reach an update
+/// point before it gives up and lets the guest run on.
+pub const DEFAULT_PAUSE_LIMIT: Duration = Duration::from_secs(2);
 
 /// What `status` reports besides the live state.
 #[derive(Debug, Clone)]
@@ -47,6 +47,7 @@ pub fn run(
     make: impl FnOnce() -> Result<Guest, String> + Send + 'static,
     identity: Identity,
     control: Option<ControlSocket>,
+    pause_limit: Duration,
 ) -> Result<Result<(Exit, u64), String>, String> {
     let live = Arc::new(Mutex::new(Live { state: "starting", ..Live::default() }));
     let (commands_tx, commands) = channel::<Command>();
@@ -81,7 +82,7 @@ pub fn run(
                     Request::Checkpoint(path) => match &pause {
                         None => "ERR the module runs without instrumentation (--no-instrument): it cannot be paused".into(),
                         Some(p) => {
-                            let (reply, latency) = checkpoint(p, &commands_tx, &path);
+                            let (reply, latency) = checkpoint(p, &commands_tx, &path, pause_limit);
                             if let (Some(d), Ok(mut l)) = (latency, serve_live.lock()) {
                                 l.pauses += 1;
                                 l.last_pause = Some(d);
@@ -144,6 +145,7 @@ fn checkpoint(
     pause: &crate::PauseHandle,
     commands: &Sender<Command>,
     path: &std::path::Path,
+    limit: Duration,
 ) -> (String, Option<Duration>) {
     let cancelled = Arc::new(AtomicBool::new(false));
     let (reply, answer) = channel();
@@ -151,15 +153,15 @@ fn checkpoint(
         return ("ERR the guest has exited".into(), None);
     }
     let asked = pause.request();
-    let (snapshot, paused_at) = match answer.recv_timeout(PAUSE_LIMIT) {
+    let (snapshot, paused_at) = match answer.recv_timeout(limit) {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return (format!("ERR cannot snapshot the guest: {e}"), None),
         Err(RecvTimeoutError::Timeout) => {
             cancelled.store(true, Ordering::SeqCst);
             pause.cancel();
             let reply = format!(
-                "ERR the guest did not reach an update point within {} s; it keeps running, no snapshot written",
-                PAUSE_LIMIT.as_secs()
+                "ERR the guest did not reach an update point within {} ms (--pause-limit); it keeps running, no snapshot written",
+                limit.as_millis()
             );
             return (reply, None);
         }

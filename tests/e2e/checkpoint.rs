@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use upstare_tests::{guest, host_bin, run_host, TempDir};
+use upstare_tests::{guest, host_bin, run_host, KillOnDrop, TempDir};
 
 /// Long enough that a checkpoint lands mid-run.
 const ARGS: [&str; 2] = ["5000", "2000"];
@@ -38,13 +38,13 @@ fn checkpoint_kill_and_restore_gives_the_uninterrupted_output() {
     let sock = dir.0.join("control.sock");
     let sock = sock.to_str().unwrap();
     let first_out = dir.0.join("first.txt");
-    let mut server = Command::new(host_bin())
-        .args(["--control", sock, compute])
-        .args(ARGS)
-        .stdout(std::fs::File::create(&first_out).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = KillOnDrop::spawn(
+        Command::new(host_bin())
+            .args(["--control", sock, compute])
+            .args(ARGS)
+            .stdout(std::fs::File::create(&first_out).unwrap())
+            .stderr(Stdio::null()),
+    );
     wait_for(Path::new(sock));
     std::thread::sleep(Duration::from_millis(300));
 
@@ -58,7 +58,7 @@ fn checkpoint_kill_and_restore_gives_the_uninterrupted_output() {
     let bad = host(&["checkpoint", "--control", sock, "/nonexistent-dir/snap"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).starts_with("error: cannot write"), "{bad:?}");
-    assert!(server.try_wait().unwrap().is_none(), "the program survives a failed checkpoint");
+    assert!(server.0.try_wait().unwrap().is_none(), "the program survives a failed checkpoint");
 
     let snap = dir.0.join("compute.snap");
     let cp = host(&["checkpoint", "--control", sock, snap.to_str().unwrap()]);
@@ -67,9 +67,8 @@ fn checkpoint_kill_and_restore_gives_the_uninterrupted_output() {
     // Both checkpoints paused the program, the failed one too.
     let status = host(&["status", "--control", sock]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("pauses: 2"), "{status:?}");
-    assert!(server.try_wait().unwrap().is_none(), "the program goes on after a checkpoint");
-    server.kill().unwrap();
-    server.wait().unwrap();
+    assert!(server.0.try_wait().unwrap().is_none(), "the program goes on after a checkpoint");
+    drop(server);
 
     let rest = host(&["restore", snap.to_str().unwrap()]);
     assert!(rest.status.success(), "{}", String::from_utf8_lossy(&rest.stderr));
@@ -157,11 +156,9 @@ fn kv_server_checkpointed_under_load_keeps_every_key() {
 
     let new_port = free_port();
     let listen = format!("127.0.0.1:{new_port}");
-    let mut restored = Command::new(host_bin())
-        .args(["restore", "--tcplisten", &listen, snap.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _restored = KillOnDrop::spawn(
+        Command::new(host_bin()).args(["restore", "--tcplisten", &listen, snap.to_str().unwrap()]).stdout(Stdio::null()),
+    );
     let mut client = None;
     for _ in 0..500 {
         if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", new_port)) {
@@ -177,8 +174,6 @@ fn kv_server_checkpointed_under_load_keeps_every_key() {
     }
     assert_eq!(client.request("SET after restore"), "OK");
     assert_eq!(client.request("GET after"), "VALUE restore");
-    restored.kill().unwrap();
-    restored.wait().unwrap();
 }
 
 /// A program checkpointed while it holds a file open part-way through, and
@@ -194,12 +189,12 @@ fn open_files_are_reopened_at_their_offsets() {
     let sock = sock.to_str().unwrap();
     let spec = format!("{}::/data", data.display());
     let reader = guest("reader");
-    let mut server = Command::new(host_bin())
-        .args(["--control", sock, "--dir", &spec, reader.to_str().unwrap(), "/data"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut server = KillOnDrop::spawn(
+        Command::new(host_bin())
+            .args(["--control", sock, "--dir", &spec, reader.to_str().unwrap(), "/data"])
+            .stdout(Stdio::piped()),
+    );
+    let mut out = std::io::BufReader::new(server.0.stdout.take().unwrap());
     let mut first = String::new();
     std::io::BufRead::read_line(&mut out, &mut first).unwrap();
     assert_eq!(first, "first: 0123456789\n");
@@ -210,8 +205,7 @@ fn open_files_are_reopened_at_their_offsets() {
     let snap = dir.0.join("reader.snap");
     let cp = host(&["checkpoint", "--control", sock, snap.to_str().unwrap()]);
     assert!(cp.status.success(), "{}", String::from_utf8_lossy(&cp.stderr));
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
 
     let restored = Command::new(host_bin()).args(["restore", snap.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -220,4 +214,31 @@ fn open_files_are_reopened_at_their_offsets() {
     assert!(done.status.success());
     assert_eq!(String::from_utf8_lossy(&done.stdout), "rest: abcdefghij\n\n");
     assert_eq!(std::fs::read_to_string(data.join("log.txt")).unwrap(), "before\nafter\n");
+}
+
+/// A guest deep in a computation with no update point (recursion without
+/// loops) cannot pause within the limit: the checkpoint is refused with the
+/// reason, and the program runs on.
+#[test]
+fn a_pause_that_cannot_happen_in_time_is_refused_and_the_program_runs_on() {
+    let dir = TempDir::new("pause-limit");
+    let sock = dir.0.join("control.sock");
+    let sock = sock.to_str().unwrap();
+    let fib = guest("fib");
+    let mut server = KillOnDrop::spawn(
+        Command::new(host_bin())
+            .args(["--control", sock, "--pause-limit", "200", fib.to_str().unwrap(), "60"])
+            .stdout(Stdio::null()),
+    );
+    wait_for(Path::new(sock));
+    std::thread::sleep(Duration::from_millis(200));
+    let snap = dir.0.join("never.snap");
+    let out = host(&["checkpoint", "--control", sock, snap.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("did not reach an update point within 200 ms"), "{err}");
+    assert!(!snap.exists());
+    assert!(server.0.try_wait().unwrap().is_none(), "the program runs on");
+    let status = host(&["status", "--control", sock]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("instance 0: running"));
 }

@@ -74,6 +74,13 @@ const CASES: &[Blocked] = &[
         client: true,
     },
     Blocked {
+        // stdout is a pipe nobody reads: once it is full, writing blocks.
+        call: "fd_write",
+        body: "(loop $again (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 516))) (br $again))",
+        listener: false,
+        client: false,
+    },
+    Blocked {
         call: "fd_write",
         body: "(local $fd i32) (local.set $fd (call $accepted))
                (loop $again (drop (call $write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 516))) (br $again))",
@@ -111,6 +118,8 @@ struct Setup {
     config: GuestConfig,
     port: u16,
     stdin_write: std::io::PipeWriter,
+    /// The read end of stdout, open and never read.
+    _stdout_read: std::io::PipeReader,
 }
 
 fn setup(case: &Blocked, options: &LoadOptions) -> Setup {
@@ -127,11 +136,13 @@ fn setup(case: &Blocked, options: &LoadOptions) -> Setup {
     }
     let (stdin_read, stdin_write) = std::io::pipe().unwrap();
     config.stdin = Stdio::Fd(OwnedFd::from(stdin_read));
-    Setup { engine, module, config, port, stdin_write }
+    let (stdout_read, stdout_write) = std::io::pipe().unwrap();
+    config.stdout = Stdio::Fd(OwnedFd::from(stdout_write));
+    Setup { engine, module, config, port, stdin_write, _stdout_read: stdout_read }
 }
 
 fn interrupt_case(case: &Blocked) -> (Exit, Duration) {
-    let Setup { engine, module, config, port, stdin_write } = setup(case, &AS_IS);
+    let Setup { engine, module, config, port, stdin_write, _stdout_read } = setup(case, &AS_IS);
 
     let (tx, rx) = mpsc::channel();
     let runner = std::thread::spawn(move || {
@@ -211,7 +222,7 @@ fn an_interrupted_call_leaves_no_request_behind() {
 #[test]
 fn every_blocking_call_pauses_an_instrumented_guest() {
     for case in CASES {
-        let Setup { engine, module, config, port, stdin_write } = setup(case, &LoadOptions::default());
+        let Setup { engine, module, config, port, stdin_write, _stdout_read } = setup(case, &LoadOptions::default());
         assert!(module.is_instrumented());
         let meta = module.metadata().unwrap().clone();
 

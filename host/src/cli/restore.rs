@@ -28,6 +28,11 @@ pub struct RestoreArgs {
     #[arg(long = "control", value_name = "PATH")]
     control: Option<PathBuf>,
 
+    /// How long a checkpoint may wait for the guest to reach an update point
+    /// before it is refused, in milliseconds.
+    #[arg(long = "pause-limit", value_name = "MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pause_limit: u64,
+
     /// The snapshot file.
     #[arg(value_name = "FILE")]
     file: PathBuf,
@@ -64,5 +69,6 @@ pub fn execute(args: RestoreArgs) -> ExitCode {
     };
     let identity = Identity { module: args.file.display().to_string(), hash: snapshot.module_hash_hex() };
     let make = move || Guest::restore(&engine, &module, config, &snapshot).map_err(|e| e.to_string());
-    finish(supervise::run(make, identity, control), None)
+    let limit = std::time::Duration::from_millis(args.pause_limit);
+    finish(supervise::run(make, identity, control, limit), None)
 }

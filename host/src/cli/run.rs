@@ -56,6 +56,11 @@ pub struct RunArgs {
     #[arg(long = "control", value_name = "PATH")]
     control: Option<PathBuf>,
 
+    /// How long a checkpoint may wait for the guest to reach an update point
+    /// before it is refused (the guest runs on), in milliseconds.
+    #[arg(long = "pause-limit", value_name = "MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pause_limit: u64,
+
     /// The module, then the guest's arguments.
     #[arg(required = true, value_name = "WASM", trailing_var_arg = true, allow_hyphen_values = true)]
     module_and_args: Vec<OsString>,
@@ -130,7 +135,8 @@ pub fn execute(args: RunArgs) -> ExitCode {
     // The guest runs on its own thread (deep C recursion needs a big native
     // stack); this one waits, and another serves the control socket.
     let make = move || Guest::new(&engine, &module, config).map_err(|e| e.to_string());
-    finish(supervise::run(make, identity, control), args.stress_pause)
+    let limit = std::time::Duration::from_millis(args.pause_limit);
+    finish(supervise::run(make, identity, control, limit), args.stress_pause)
 }
 
 /// Turns how a supervised guest ended into the host's exit status, printing

@@ -64,18 +64,29 @@ fn read_std(ctx: &WasiCtx, desc: &Descriptor, stream: &StdStream, len: usize) ->
     Ok(buf)
 }
 
-fn write_std(stream: &StdStream, data: &[u8]) -> CallResult<usize> {
+/// Writes to a standard stream, which may be a blocking pipe or terminal
+/// the host shares with its parent (so it cannot be made non-blocking):
+/// wait until it is writable through the interrupter, then write no more
+/// than a pipe takes without blocking. An interruption after some bytes
+/// went out is a short write, as POSIX allows; before any, it is an
+/// interruption the guest does not see.
+fn write_std(ctx: &WasiCtx, stream: &StdStream, data: &[u8]) -> CallResult<usize> {
+    /// What a writable pipe is guaranteed to take at once (PIPE_BUF).
+    const ATOMIC_PIPE_WRITE: usize = 4096;
     let fd = stream.host_fd();
+    let regular = rustix::fs::fstat(fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+    });
+    let chunk = if regular { data.len().max(1) } else { ATOMIC_PIPE_WRITE };
     let mut done = 0;
     while done < data.len() {
-        match rustix::io::write(fd, &data[done..]) {
+        if !regular && ctx.interrupter.wait(&[(fd, Interest::Write)], None)? == Wait::Interrupted {
+            return if done > 0 { Ok(done) } else { Err(CallError::Interrupted) };
+        }
+        let end = (done + chunk).min(data.len());
+        match rustix::io::write(fd, &data[done..end]) {
             Ok(n) => done += n,
-            Err(rustix::io::Errno::INTR) => continue,
-            // The host's stdout is non-blocking (its parent set it so): wait.
-            Err(rustix::io::Errno::AGAIN) => {
-                let mut set = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::OUT)];
-                let _ = rustix::event::poll(&mut set, None);
-            }
+            Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::AGAIN) => continue,
             Err(e) => return Err(std::io::Error::from(e).into()),
         }
     }
@@ -113,7 +124,7 @@ pub fn fd_write(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, iovs: u32
     let data = mem.gather(&iovs)?;
     let desc = ctx.fds.get(fd)?.clone();
     let n = match &desc.object {
-        Object::Std(s) => write_std(s, &data)?,
+        Object::Std(s) => write_std(ctx, s, &data)?,
         Object::File(f) => {
             if !f.writable {
                 return Err(Errno::BADF.into());
