@@ -162,6 +162,13 @@ impl PauseHandle {
         asked
     }
 
+    /// Whether the guest holds no saved frames: true while it runs normally,
+    /// false from an unwind until a rewind has popped its last frame. Lets
+    /// an observer on another thread see a resume complete.
+    pub fn frame_stack_empty(&self) -> bool {
+        self.control.word(control::FRAME_SP).load(Ordering::SeqCst) == control::FRAMES_BASE
+    }
+
     /// Withdraws a request the guest has not acted on yet.
     pub fn cancel(&self) {
         self.control.set_pause(false);
