@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::bad_input;
-use super::run::{bind, control_socket, finish};
+use super::run::{bind_all, control_socket, finish};
 use crate::supervise::{self, Identity};
 use crate::{new_engine, Guest, GuestConfig, GuestModule, Snapshot};
 
@@ -57,12 +57,10 @@ pub fn execute(args: RestoreArgs) -> ExitCode {
         Err(e) => return bad_input(e),
     };
     let mut config = GuestConfig::new(snapshot.args.clone());
-    for spec in &args.tcplisten {
-        match bind(spec) {
-            Ok(l) => config.listeners.push(l),
-            Err(msg) => return bad_input(msg),
-        }
-    }
+    config.listeners = match bind_all(&args.tcplisten) {
+        Ok(l) => l,
+        Err(msg) => return bad_input(msg),
+    };
     let control = match control_socket(args.control.as_deref()) {
         Ok(c) => c,
         Err(msg) => return bad_input(msg),

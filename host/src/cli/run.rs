@@ -80,7 +80,12 @@ fn parse_env(spec: &str) -> Option<(String, String)> {
     }
 }
 
-pub(super) fn bind(spec: &str) -> Result<TcpListener, String> {
+/// Binds every `--tcplisten` address, in order.
+pub(super) fn bind_all(specs: &[String]) -> Result<Vec<TcpListener>, String> {
+    specs.iter().map(|s| bind(s)).collect()
+}
+
+fn bind(spec: &str) -> Result<TcpListener, String> {
     let addr: SocketAddr = spec
         .parse()
         .map_err(|_| format!("invalid --tcplisten address `{spec}` (expected IP:PORT, e.g. 127.0.0.1:8080)"))?;
@@ -117,13 +122,10 @@ pub fn execute(args: RunArgs) -> ExitCode {
     config.stress_pause = args.stress_pause;
     config.env = args.env.iter().filter_map(|s| parse_env(s)).collect();
     config.dirs = args.dirs.iter().map(|s| parse_dir(s)).collect();
-    for spec in &args.tcplisten {
-        match bind(spec) {
-            Ok(l) => config.listeners.push(l),
-            Err(msg) => return bad_input(msg),
-        }
-    }
-
+    config.listeners = match bind_all(&args.tcplisten) {
+        Ok(l) => l,
+        Err(msg) => return bad_input(msg),
+    };
     let control = match control_socket(args.control.as_deref()) {
         Ok(c) => c,
         Err(msg) => return bad_input(msg),
