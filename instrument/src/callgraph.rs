@@ -1,8 +1,10 @@
 //! Which functions can be on the stack when the program pauses.
 //!
-//! A function can unwind if it has a reachable loop, a reachable call to a
-//! blocking import, a reachable direct call to a function that can unwind, or
-//! a reachable `call_indirect` whose type matches a function that can unwind
+//! A function can unwind if it can call itself (through any chain of calls:
+//! its entry is then an update point, or deep recursion without loops would
+//! never reach one), has a reachable loop, a reachable call to a blocking
+//! import, a reachable direct call to a function that can unwind, or a
+//! reachable `call_indirect` whose type matches a function that can unwind
 //! (or a blocking import) which could be in a table. The least fixpoint of
 //! these rules is computed; every other function is copied byte for byte.
 //!
@@ -24,6 +26,8 @@ pub(crate) struct CallGraph {
     pub blocking: Vec<bool>,
     /// The function can be on the stack during an unwind.
     pub can_unwind: Vec<bool>,
+    /// The function is on a cycle of calls: its entry is an update point.
+    pub recursive: Vec<bool>,
     /// For each type index used by a `call_indirect`: whether some escaping
     /// function of that type can unwind or blocks.
     indirect: HashMap<u32, bool>,
@@ -50,9 +54,11 @@ impl CallGraph {
                 by_sig.entry(info.func_type(func as u32).clone()).or_default().push(func as u32);
             }
         }
+        let recursive = on_cycles(info, &by_sig);
         let mut g = CallGraph {
             blocking: blocking.clone(),
-            can_unwind: vec![false; n],
+            can_unwind: recursive.clone(),
+            recursive,
             indirect: HashMap::new(),
             by_sig,
         };
@@ -107,4 +113,91 @@ impl CallGraph {
             _ => None,
         }
     }
+}
+
+/// Which functions lie on a cycle of the call graph, counting a
+/// `call_indirect` as a call to every escaping function of its type.
+/// Tarjan's algorithm, iterative so that deep call chains cannot overflow
+/// the host's stack.
+fn on_cycles(info: &ModuleInfo<'_>, by_sig: &HashMap<FuncType, Vec<u32>>) -> Vec<bool> {
+    let n = info.func_types.len();
+    let mut edges: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for body in &info.bodies {
+        let from = &mut edges[body.func as usize];
+        for s in body.sites.iter().filter(|s| s.live) {
+            match s.kind {
+                SiteKind::Call { func } => from.push(func),
+                SiteKind::CallIndirect { ty } => {
+                    if let Some(fs) = by_sig.get(&info.types[ty as usize]) {
+                        from.extend(fs);
+                    }
+                }
+                _ => {}
+            }
+        }
+        from.sort_unstable();
+        from.dedup();
+    }
+    const UNSEEN: u32 = u32::MAX;
+    let mut index = vec![UNSEEN; n];
+    let mut low = vec![0u32; n];
+    let mut on_stack = vec![false; n];
+    let mut stack: Vec<u32> = Vec::new();
+    let mut cyclic = vec![false; n];
+    let mut next = 0u32;
+    for root in 0..n as u32 {
+        if index[root as usize] != UNSEEN {
+            continue;
+        }
+        // (function, position in its edge list)
+        let mut work: Vec<(u32, usize)> = vec![(root, 0)];
+        index[root as usize] = next;
+        low[root as usize] = next;
+        next += 1;
+        stack.push(root);
+        on_stack[root as usize] = true;
+        while let Some(&mut (v, ref mut i)) = work.last_mut() {
+            let vu = v as usize;
+            if let Some(&w) = edges[vu].get(*i) {
+                *i += 1;
+                let wu = w as usize;
+                if index[wu] == UNSEEN {
+                    index[wu] = next;
+                    low[wu] = next;
+                    next += 1;
+                    stack.push(w);
+                    on_stack[wu] = true;
+                    work.push((w, 0));
+                } else if on_stack[wu] {
+                    low[vu] = low[vu].min(index[wu]);
+                }
+                continue;
+            }
+            work.pop();
+            if let Some(&(parent, _)) = work.last() {
+                low[parent as usize] = low[parent as usize].min(low[vu]);
+            }
+            if low[vu] == index[vu] {
+                let mut members = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on_stack[w as usize] = false;
+                    members.push(w);
+                    if w == v {
+                        break;
+                    }
+                }
+                let self_loop = edges[vu].binary_search(&v).is_ok();
+                if members.len() > 1 || self_loop {
+                    for w in members {
+                        cyclic[w as usize] = true;
+                    }
+                }
+            }
+        }
+    }
+    // Imports have no body: they are never on a cycle of this module's code.
+    for c in cyclic.iter_mut().take(info.num_imported_funcs as usize) {
+        *c = false;
+    }
+    cyclic
 }

@@ -23,12 +23,14 @@
 //!
 //! # Update points and states
 //!
-//! Update points are loop headers and calls to imports the host marks as
-//! blocking ([`Options::blocking`]). A function is instrumented only if it
-//! can be on the stack when an unwind starts (see `callgraph`): it has a
-//! reachable loop, a call to a blocking import, or a call (direct, or
-//! indirect through a signature some such function has) to a function that
-//! can. All other functions are copied unchanged.
+//! Update points are loop headers, calls to imports the host marks as
+//! blocking ([`Options::blocking`]), and the entries of functions on a
+//! cycle of calls (so that recursion without loops reaches one too). A
+//! function is instrumented only if it can be on the stack when an unwind
+//! starts (see `callgraph`): it is on a call cycle, has a reachable loop, a
+//! call to a blocking import, or a call (direct, or indirect through a
+//! signature some such function has) to a function that can. All other
+//! functions are copied unchanged.
 //!
 //! `upstare_state` is 0 (normal), 1 (unwinding) or 2 (rewinding). In the
 //! normal state the only added work is, at each loop header, one `i32.load`

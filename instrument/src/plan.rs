@@ -117,12 +117,25 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
     let mut levels: Vec<Level> = Vec::new();
     let mut level_after = HashMap::new();
     let mut ordinals: HashMap<(u8, u32), u32> = HashMap::new();
+    // A function on a call cycle gets an update point at its entry, which
+    // the rewrite treats like a loop header around the whole body.
+    let mut entry_rp = None;
+    if graph.recursive[body.func as usize] {
+        rps.push(Rp {
+            kind: ResumeKind::Entry,
+            offset: body.range.start,
+            callee: u32::MAX,
+            ordinal: 0,
+            saved: vec![],
+        });
+        entry_rp = Some(0);
+    }
     let mut open = vec![Open {
         start: None,
         params: vec![],
         base: 0,
         anchors: vec![],
-        loop_rp: None,
+        loop_rp: entry_rp,
         first_rp: 0,
         construct: None,
         else_from: None,

@@ -87,3 +87,22 @@ fn kv_server_under_stress_serves_clients_correctly() {
         assert_eq!(a.request("QUIT"), "BYE", "N={n}");
     }
 }
+
+/// Recursion without any loop reaches an update point too: the entry of
+/// every function on a call cycle is one, so a program deep in such a
+/// computation pauses, and its result is unchanged.
+#[test]
+fn recursion_without_loops_is_paused_and_resumed() {
+    let rec = guest("recurse");
+    let rec = rec.to_str().unwrap();
+    let plain = run_host(&["--no-instrument", rec, "22"]);
+    assert!(plain.status.success());
+    for n in PERIODS {
+        let n_str = n.to_string();
+        let stressed = run_host(&["--stress-pause", &n_str, rec, "22"]);
+        let stderr = String::from_utf8_lossy(&stressed.stderr);
+        assert!(stressed.status.success(), "N={n}: {stderr}");
+        assert_eq!(stressed.stdout, plain.stdout, "N={n}");
+        assert!(unwinds(&stderr) > 10, "N={n}: {stderr}");
+    }
+}

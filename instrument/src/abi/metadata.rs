@@ -47,6 +47,11 @@ pub enum ResumeKind {
     /// arguments included: rewinding calls the import again with them.
     /// Rewinding completes here, right before the call.
     BlockingCall = 3,
+    /// The entry of a function that can call itself (directly or through
+    /// others). Recursion without loops would otherwise never reach an
+    /// update point. Operands: none. Rewinding completes here: the function
+    /// starts over with its saved locals (its params).
+    Entry = 4,
 }
 
 impl ResumeKind {
@@ -56,6 +61,7 @@ impl ResumeKind {
             1 => ResumeKind::Call,
             2 => ResumeKind::CallIndirect,
             3 => ResumeKind::BlockingCall,
+            4 => ResumeKind::Entry,
             _ => return None,
         })
     }
@@ -67,7 +73,8 @@ pub struct ResumePoint {
     /// Instruction kind.
     pub kind: ResumeKind,
     /// Offset of the instruction (`loop`, `call`, `call_indirect`) in the
-    /// original module file.
+    /// original module file; for [`ResumeKind::Entry`], of the function
+    /// body (its local declarations).
     pub offset: u32,
     /// Callee function index, or type index for `call_indirect`; for a loop,
     /// the loop's block type index or `u32::MAX` if it has none.

@@ -330,6 +330,11 @@ impl Emitter<'_> {
         let resume = self.block(BlockType::Empty);
         self.is_rewinding();
         self.if_(BlockType::Empty);
+        // The function's own level has a "loop header" when its entry is an
+        // update point; rewinding must pop the frame there first.
+        if l == self.plan.top {
+            self.prologue()?;
+        }
         self.dispatch(l, Some(resume))?;
         self.end()?;
         self.code.op(I::Call(self.cx.helpers.should_pause));

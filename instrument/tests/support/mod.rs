@@ -437,7 +437,7 @@ impl Driver<'_> {
             }
             let rp = &self.meta.function(raw.func).ok_or("no function")?.resume_points[raw.resume_point as usize];
             let ok = if i == 0 {
-                matches!(rp.kind, ResumeKind::Loop | ResumeKind::BlockingCall | ResumeKind::CallIndirect)
+                matches!(rp.kind, ResumeKind::Loop | ResumeKind::Entry | ResumeKind::BlockingCall | ResumeKind::CallIndirect)
             } else {
                 matches!(rp.kind, ResumeKind::Call | ResumeKind::CallIndirect)
             };
@@ -689,11 +689,13 @@ pub fn check_metadata(wasm: &[u8], meta: &Metadata) -> Result<(), String> {
         for (i, rp) in f.resume_points.iter().enumerate() {
             let op = wasm.get(rp.offset as usize).copied();
             let want = match rp.kind {
-                ResumeKind::Loop => 0x03,
-                ResumeKind::Call | ResumeKind::BlockingCall => 0x10,
-                ResumeKind::CallIndirect => 0x11,
+                ResumeKind::Loop => Some(0x03),
+                ResumeKind::Call | ResumeKind::BlockingCall => Some(0x10),
+                ResumeKind::CallIndirect => Some(0x11),
+                // The body's start: local declarations, any byte.
+                ResumeKind::Entry => None,
             };
-            if op != Some(want) {
+            if want.is_some() && op != want {
                 return Err(format!("function {} rp {i}: {:?} at {:#x} is opcode {op:?}", f.index, rp.kind, rp.offset));
             }
             if rp.offset <= prev_offset {
@@ -702,6 +704,7 @@ pub fn check_metadata(wasm: &[u8], meta: &Metadata) -> Result<(), String> {
             prev_offset = rp.offset;
             let class = match rp.kind {
                 ResumeKind::Loop => (0, 0),
+                ResumeKind::Entry => (3, 0),
                 ResumeKind::Call | ResumeKind::BlockingCall => (1, rp.callee),
                 ResumeKind::CallIndirect => (2, rp.callee),
             };
