@@ -1,5 +1,6 @@
 //! A guest process: one store, one instance, one WASI context, and how to
-//! run it to an exit status.
+//! run it to an exit status; for an instrumented module, its control
+//! memory, and pausing and resuming it at update points.
 //!
 //! The process is the host's unit of execution: later, several of them (a
 //! forking server's workers) share open objects through their fd tables and
@@ -9,15 +10,13 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-use upstare_instrument::abi::{control, exports, State, TypedFrame, ValType};
+use upstare_instrument::abi::{control, exports, State, TypedFrame};
 use upstare_instrument::Metadata;
-use wasmtime::{Engine, Global, Instance, Linker, Memory, MemoryType, Store, TypedFunc, Val};
+use wasmtime::{Engine, Global, Instance, Linker, Memory, MemoryType, Store, TypedFunc};
 
 use crate::interrupt::InterruptHandle;
 use crate::module::{one_line, GuestModule, LoadError};
 use crate::pause::{ControlMemory, PauseHandle};
-use crate::snapshot::{Snapshot, SnapshotError};
 use crate::sourcemap::SourceMap;
 use crate::trap::TrapReport;
 use crate::wasi::fd_table::Stdio;
@@ -115,7 +114,7 @@ pub enum Exit {
 /// The store data of a guest process.
 #[derive(Debug)]
 pub struct ProcessState {
-    wasi: WasiCtx,
+    pub(crate) wasi: WasiCtx,
     hooks: Option<UnwindHooks>,
 }
 
@@ -130,32 +129,32 @@ impl WasiView for ProcessState {
 }
 
 /// What the host holds to unwind and rewind an instrumented instance.
-struct Unwinder {
-    control: ControlMemory,
+pub(crate) struct Unwinder {
+    pub(crate) control: ControlMemory,
     /// The program memory, which the host created.
-    memory: Memory,
-    metadata: Arc<Metadata>,
+    pub(crate) memory: Memory,
+    pub(crate) metadata: Arc<Metadata>,
     state: Global,
     init_memory: TypedFunc<(), ()>,
     start: Option<TypedFunc<(), ()>>,
     stop_unwind: TypedFunc<(), ()>,
     start_rewind: TypedFunc<(), ()>,
     /// The frames of a paused guest, innermost first.
-    paused: Option<Vec<TypedFrame>>,
+    pub(crate) paused: Option<Vec<TypedFrame>>,
     /// Unwinds so far (pauses and stress unwinds), for diagnostics.
     unwinds: u64,
 }
 
 /// A guest process, instantiated and ready to run.
 pub struct Guest {
-    store: Store<ProcessState>,
-    instance: Instance,
+    pub(crate) store: Store<ProcessState>,
+    pub(crate) instance: Instance,
     interrupt: InterruptHandle,
-    unwinder: Option<Unwinder>,
-    started: bool,
+    pub(crate) unwinder: Option<Unwinder>,
+    pub(crate) started: bool,
     source_map: Option<Arc<SourceMap>>,
     /// The module as built, whose hash names it in snapshots.
-    original: Arc<Vec<u8>>,
+    pub(crate) original: Arc<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -304,114 +303,6 @@ impl Guest {
                 Err(e) => return Exit::HostError(e),
             }
         }
-    }
-}
-
-impl Guest {
-    /// Captures a paused guest ([`Exit::Paused`]): memory, mutable globals
-    /// and frames. The guest stays paused; [`Guest::run`] resumes it.
-    pub fn snapshot(&mut self) -> Result<Snapshot, SnapshotError> {
-        let state = |m: &str| SnapshotError::State(m.to_string());
-        let u = self.unwinder.as_ref().ok_or_else(|| state("a module loaded without instrumentation cannot be snapshotted"))?;
-        if u.paused.is_none() {
-            return Err(state("the guest is not paused"));
-        }
-        let fds = crate::wasi::persist::describe(&self.store.data().wasi)
-            .map_err(|e| SnapshotError::State(format!("cannot describe the open files: {e}")))?;
-        let mut globals = Vec::new();
-        for g in &u.metadata.globals {
-            let global = self
-                .instance
-                .get_global(&mut self.store, &g.export)
-                .ok_or_else(|| SnapshotError::State(format!("global export `{}` is missing", g.export)))?;
-            let bits = match global.get(&mut self.store) {
-                Val::I32(v) => v as u32 as u64,
-                Val::I64(v) => v as u64,
-                Val::F32(v) => v as u64,
-                Val::F64(v) => v,
-                _ => return Err(state("a reference-typed global cannot be snapshotted")),
-            };
-            globals.push((g.index, g.ty, bits));
-        }
-        let wasi = &self.store.data().wasi;
-        Ok(Snapshot {
-            module_hash: Sha256::digest(self.original.as_slice()).into(),
-            module: self.original.to_vec(),
-            args: wasi.args.clone(),
-            env: wasi.env.clone(),
-            fds,
-            globals,
-            memory: u.memory.data(&self.store).to_vec(),
-            frames: u.control.frame_bytes(),
-        })
-    }
-
-    /// A new guest process of `module` that resumes `snapshot` when run:
-    /// memory, globals, frames and fd table restored, the stack rewound on
-    /// [`Guest::run`]. `config` gives the new process its standard streams,
-    /// and listeners that take the place of the recorded ones in order (the
-    /// others are bound to their old addresses); its directories, arguments
-    /// and environment come from the snapshot.
-    pub fn restore(
-        engine: &Engine,
-        module: &GuestModule,
-        mut config: GuestConfig,
-        snapshot: &Snapshot,
-    ) -> Result<Guest, SnapshotError> {
-        snapshot.check_module(module.original_bytes())?;
-        let listeners = std::mem::take(&mut config.listeners);
-        config.dirs.clear();
-        config.args = snapshot.args.clone();
-        config.env = snapshot.env.clone();
-        let mut guest = Guest::new(engine, module, config).map_err(|e| SnapshotError::State(e.to_string()))?;
-        crate::wasi::persist::rebuild(guest.wasi(), &snapshot.fds, listeners).map_err(SnapshotError::State)?;
-        let store = &mut guest.store;
-        let u = guest
-            .unwinder
-            .as_mut()
-            .ok_or_else(|| SnapshotError::State("a module loaded without instrumentation cannot resume a snapshot".into()))?;
-        let have = u.memory.data_size(&*store);
-        if snapshot.memory.len() < have || !snapshot.memory.len().is_multiple_of(64 << 10) {
-            return Err(SnapshotError::Corrupt("memory size is not a whole number of pages above the module's minimum"));
-        }
-        let grow = ((snapshot.memory.len() - have) >> 16) as u64;
-        u.memory
-            .grow(&mut *store, grow)
-            .map_err(|e| SnapshotError::State(format!("cannot grow memory to the snapshot's size: {}", one_line(&e))))?;
-        u.memory.data_mut(&mut *store).copy_from_slice(&snapshot.memory);
-        for (index, ty, bits) in &snapshot.globals {
-            let export = upstare_instrument::abi::exports::global(*index);
-            let global = guest
-                .instance
-                .get_global(&mut *store, &export)
-                .ok_or(SnapshotError::Corrupt("a global the module does not have"))?;
-            let val = match ty {
-                ValType::I32 => Val::I32(*bits as u32 as i32),
-                ValType::I64 => Val::I64(*bits as i64),
-                ValType::F32 => Val::F32(*bits as u32),
-                ValType::F64 => Val::F64(*bits),
-                _ => return Err(SnapshotError::Corrupt("reference-typed global")),
-            };
-            global.set(&mut *store, val).map_err(|_| SnapshotError::Corrupt("global of the wrong type"))?;
-        }
-        u.control.set_frames(&snapshot.frames).map_err(SnapshotError::State)?;
-        let raw = u.control.frames().map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
-        let frames = raw
-            .iter()
-            .map(|f| TypedFrame::new(f, &u.metadata))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| SnapshotError::Corrupt("frames the module's metadata does not describe"))?;
-        if frames.is_empty() {
-            return Err(SnapshotError::Corrupt("no frames"));
-        }
-        let drop_data = guest
-            .instance
-            .get_typed_func::<(), ()>(&mut *store, exports::DROP_DATA)
-            .map_err(|e| SnapshotError::State(one_line(&e)))?;
-        drop_data.call(&mut *store, ()).map_err(|e| SnapshotError::State(one_line(&e)))?;
-        u.paused = Some(frames);
-        guest.started = true;
-        Ok(guest)
     }
 }
 

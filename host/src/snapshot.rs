@@ -1,6 +1,7 @@
 //! A paused guest's state as a value and as bytes: linear memory, mutable
-//! globals and the frames of its stack; the file format; and resuming a
-//! snapshot in a new instance, in this process or another.
+//! globals, the frames of its stack and its fd table; the file format;
+//! capturing it ([`Guest::snapshot`]) and resuming it in a new instance, in
+//! this process or another ([`Guest::restore`]).
 //!
 //! File format, version [`FORMAT_VERSION`], all integers little-endian:
 //!
@@ -28,8 +29,12 @@
 //! how each kind of fd is opened again.
 
 use sha2::{Digest, Sha256};
-use upstare_instrument::abi::{self, ValType};
+use upstare_instrument::abi::{self, exports, TypedFrame, ValType};
 
+use wasmtime::{Engine, Val};
+
+use crate::module::{one_line, GuestModule};
+use crate::process::{Guest, GuestConfig};
 use crate::wasi::persist::{FdKind, FdRecord};
 
 /// The first 16 bytes of every snapshot file.
@@ -272,3 +277,112 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
 }
+
+impl Guest {
+    /// Captures a paused guest ([`crate::Exit::Paused`]): memory, mutable globals
+    /// and frames. The guest stays paused; [`Guest::run`] resumes it.
+    pub fn snapshot(&mut self) -> Result<Snapshot, SnapshotError> {
+        let state = |m: &str| SnapshotError::State(m.to_string());
+        let u = self.unwinder.as_ref().ok_or_else(|| state("a module loaded without instrumentation cannot be snapshotted"))?;
+        if u.paused.is_none() {
+            return Err(state("the guest is not paused"));
+        }
+        let fds = crate::wasi::persist::describe(&self.store.data().wasi)
+            .map_err(|e| SnapshotError::State(format!("cannot describe the open files: {e}")))?;
+        let mut globals = Vec::new();
+        for g in &u.metadata.globals {
+            let global = self
+                .instance
+                .get_global(&mut self.store, &g.export)
+                .ok_or_else(|| SnapshotError::State(format!("global export `{}` is missing", g.export)))?;
+            let bits = match global.get(&mut self.store) {
+                Val::I32(v) => v as u32 as u64,
+                Val::I64(v) => v as u64,
+                Val::F32(v) => v as u64,
+                Val::F64(v) => v,
+                _ => return Err(state("a reference-typed global cannot be snapshotted")),
+            };
+            globals.push((g.index, g.ty, bits));
+        }
+        let wasi = &self.store.data().wasi;
+        Ok(Snapshot {
+            module_hash: Sha256::digest(self.original.as_slice()).into(),
+            module: self.original.to_vec(),
+            args: wasi.args.clone(),
+            env: wasi.env.clone(),
+            fds,
+            globals,
+            memory: u.memory.data(&self.store).to_vec(),
+            frames: u.control.frame_bytes(),
+        })
+    }
+
+    /// A new guest process of `module` that resumes `snapshot` when run:
+    /// memory, globals, frames and fd table restored, the stack rewound on
+    /// [`Guest::run`]. `config` gives the new process its standard streams,
+    /// and listeners that take the place of the recorded ones in order (the
+    /// others are bound to their old addresses); its directories, arguments
+    /// and environment come from the snapshot.
+    pub fn restore(
+        engine: &Engine,
+        module: &GuestModule,
+        mut config: GuestConfig,
+        snapshot: &Snapshot,
+    ) -> Result<Guest, SnapshotError> {
+        snapshot.check_module(module.original_bytes())?;
+        let listeners = std::mem::take(&mut config.listeners);
+        config.dirs.clear();
+        config.args = snapshot.args.clone();
+        config.env = snapshot.env.clone();
+        let mut guest = Guest::new(engine, module, config).map_err(|e| SnapshotError::State(e.to_string()))?;
+        crate::wasi::persist::rebuild(guest.wasi(), &snapshot.fds, listeners).map_err(SnapshotError::State)?;
+        let store = &mut guest.store;
+        let u = guest
+            .unwinder
+            .as_mut()
+            .ok_or_else(|| SnapshotError::State("a module loaded without instrumentation cannot resume a snapshot".into()))?;
+        let have = u.memory.data_size(&*store);
+        if snapshot.memory.len() < have || !snapshot.memory.len().is_multiple_of(64 << 10) {
+            return Err(SnapshotError::Corrupt("memory size is not a whole number of pages above the module's minimum"));
+        }
+        let grow = ((snapshot.memory.len() - have) >> 16) as u64;
+        u.memory
+            .grow(&mut *store, grow)
+            .map_err(|e| SnapshotError::State(format!("cannot grow memory to the snapshot's size: {}", one_line(&e))))?;
+        u.memory.data_mut(&mut *store).copy_from_slice(&snapshot.memory);
+        for (index, ty, bits) in &snapshot.globals {
+            let export = upstare_instrument::abi::exports::global(*index);
+            let global = guest
+                .instance
+                .get_global(&mut *store, &export)
+                .ok_or(SnapshotError::Corrupt("a global the module does not have"))?;
+            let val = match ty {
+                ValType::I32 => Val::I32(*bits as u32 as i32),
+                ValType::I64 => Val::I64(*bits as i64),
+                ValType::F32 => Val::F32(*bits as u32),
+                ValType::F64 => Val::F64(*bits),
+                _ => return Err(SnapshotError::Corrupt("reference-typed global")),
+            };
+            global.set(&mut *store, val).map_err(|_| SnapshotError::Corrupt("global of the wrong type"))?;
+        }
+        u.control.set_frames(&snapshot.frames).map_err(SnapshotError::State)?;
+        let raw = u.control.frames().map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
+        let frames = raw
+            .iter()
+            .map(|f| TypedFrame::new(f, &u.metadata))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| SnapshotError::Corrupt("frames the module's metadata does not describe"))?;
+        if frames.is_empty() {
+            return Err(SnapshotError::Corrupt("no frames"));
+        }
+        let drop_data = guest
+            .instance
+            .get_typed_func::<(), ()>(&mut *store, exports::DROP_DATA)
+            .map_err(|e| SnapshotError::State(one_line(&e)))?;
+        drop_data.call(&mut *store, ()).map_err(|e| SnapshotError::State(one_line(&e)))?;
+        u.paused = Some(frames);
+        guest.started = true;
+        Ok(guest)
+    }
+}
+

@@ -18,7 +18,7 @@
 //! only place that knows about wasmtime.
 //!
 //! Calls that can block wait through the process's
-//! [`Interrupter`](crate::interrupt::Interrupter) and end with
+//! [`crate::interrupt::Interrupter`] and end with
 //! [`CallError::Interrupted`] when the host asks; at the wasm boundary that
 //! becomes an unwind of an instrumented guest ([`UnwindHooks`]), or an
 //! [`Interrupted`] trap that the runner reports for one that cannot unwind.
