@@ -46,6 +46,16 @@ fn store8_const(code: &mut Code, at: u32, v: i32) {
     code.op(I::I32Store8(ctrl(at, 0)));
 }
 
+/// Consumes the result of a `memory.grow` or `table.grow` and traps if it
+/// failed (-1): a frame that does not fit cannot be saved.
+fn trap_if_grow_failed(c: &mut Code) {
+    c.i32(-1);
+    c.op(I::I32Eq);
+    c.op(I::If(BlockType::Empty));
+    c.op(I::Unreachable);
+    c.op(I::End);
+}
+
 fn set_state(code: &mut Code, state_global: u32, s: State) {
     code.i32(s as i32);
     code.op(I::GlobalSet(state_global));
@@ -106,11 +116,7 @@ fn frame_push() -> Code {
     c.i32(1);
     c.op(I::I32Add);
     c.op(I::MemoryGrow(control::MEMORY_INDEX));
-    c.i32(-1);
-    c.op(I::I32Eq);
-    c.op(I::If(BlockType::Empty));
-    c.op(I::Unreachable);
-    c.op(I::End);
+    trap_if_grow_failed(&mut c);
     c.op(I::End);
     for (at, local) in [(frame::FUNC, func), (frame::RESUME_POINT, rp), (frame::SIZE, size)] {
         c.op(I::LocalGet(fb));
@@ -307,11 +313,7 @@ fn spill_ref(t: Ty, table: u32) -> Code {
     c.op(I::RefNull(heap));
     c.i32(16);
     c.op(I::TableGrow(table));
-    c.i32(-1);
-    c.op(I::I32Eq);
-    c.op(I::If(BlockType::Empty));
-    c.op(I::Unreachable);
-    c.op(I::End);
+    trap_if_grow_failed(&mut c);
     c.op(I::End);
     c.op(I::LocalGet(slot));
     c.op(I::LocalGet(value));

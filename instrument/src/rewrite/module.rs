@@ -243,27 +243,21 @@ fn assemble(
     offsets: &abi::offsets::OffsetMap,
 ) -> Result<Vec<u8>> {
     let mut re = RoundtripReencoder;
-    let mut module = Module::new();
+    let mut out = Out { info, types, helpers, appended, meta, module: Module::new(), next: Stage::Types };
     let mut customs: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut saw = Saw::default();
 
-    // Sections the input may lack still have to be emitted when the rewrite
-    // adds to them; `Saw` tracks which were present so the gaps are filled in
-    // section order.
     for payload in Parser::new(0).parse_all(info.wasm) {
         let payload = payload.map_err(reader_err)?;
         match payload {
             Payload::TypeSection(r) => {
+                out.fill_to(Stage::Types);
                 let mut s = TypeSection::new();
                 re.parse_type_section(&mut s, r).map_err(reencode_err)?;
                 add_types(&mut s, types);
-                module.section(&s);
-                saw.types = true;
+                out.emit(Stage::Types, &s);
             }
             Payload::ImportSection(r) => {
-                if !saw.types {
-                    types_only(&mut module, types, &mut saw);
-                }
+                out.fill_to(Stage::Imports);
                 let mut s = ImportSection::new();
                 for group in r {
                     let imports = match group.map_err(reader_err)? {
@@ -287,80 +281,66 @@ fn assemble(
                     }
                 }
                 add_memory_imports(&mut s, meta);
-                module.section(&s);
-                saw.imports = true;
+                out.emit(Stage::Imports, &s);
             }
             Payload::FunctionSection(r) => {
-                fill_before_functions(&mut module, types, meta, &mut saw);
+                out.fill_to(Stage::Functions);
                 let mut s = FunctionSection::new();
                 re.parse_function_section(&mut s, r).map_err(reencode_err)?;
-                for h in appended {
-                    s.function(h.type_index);
-                }
-                module.section(&s);
-                saw.functions = true;
+                add_functions(&mut s, appended);
+                out.emit(Stage::Functions, &s);
             }
             Payload::TableSection(r) => {
-                fill_before_functions(&mut module, types, meta, &mut saw);
-                fill_functions(&mut module, appended, &mut saw);
+                out.fill_to(Stage::Tables);
                 let mut s = TableSection::new();
                 re.parse_table_section(&mut s, r).map_err(reencode_err)?;
                 add_side_tables(&mut s, helpers);
-                module.section(&s);
-                saw.tables = true;
+                out.emit(Stage::Tables, &s);
             }
             // The program memory is imported now.
             Payload::MemorySection(_) => {}
             Payload::GlobalSection(r) => {
-                fill_through_tables(&mut module, types, helpers, appended, meta, &mut saw);
+                out.fill_to(Stage::Globals);
                 let mut s = GlobalSection::new();
                 re.parse_global_section(&mut s, r).map_err(reencode_err)?;
                 add_state_global(&mut s);
-                module.section(&s);
-                saw.globals = true;
+                out.emit(Stage::Globals, &s);
             }
             Payload::ExportSection(r) => {
-                fill_through_globals(&mut module, types, helpers, appended, meta, &mut saw);
+                out.fill_to(Stage::Exports);
                 let mut s = ExportSection::new();
                 re.parse_export_section(&mut s, r).map_err(reencode_err)?;
                 add_exports(&mut s, info, helpers, meta);
-                module.section(&s);
-                saw.exports = true;
+                out.emit(Stage::Exports, &s);
             }
             // The host calls the start function after initialising memory.
             Payload::StartSection { .. } => {}
             Payload::ElementSection(r) => {
-                fill_through_exports(&mut module, types, helpers, appended, meta, info, &mut saw);
+                // Elements sit between the exports and the code.
+                out.fill_to(Stage::Code);
                 let range = r.range();
-                module.section(&RawSection { id: 9, data: &info.wasm[range.start..range.end] });
+                out.module.section(&RawSection { id: 9, data: &info.wasm[range.start..range.end] });
             }
             Payload::DataCountSection { .. } => {}
             Payload::CodeSectionStart { .. } => {
-                fill_through_exports(&mut module, types, helpers, appended, meta, info, &mut saw);
-                data_count(&mut module, info);
-                saw.code = true;
+                out.fill_to(Stage::Code);
+                out.data_count();
                 let mut s = CodeSection::new();
                 for b in bodies {
                     s.raw(b);
                 }
-                for h in appended {
-                    s.raw(&h.body);
-                }
-                module.section(&s);
+                add_bodies(&mut s, appended);
+                out.emit(Stage::Code, &s);
             }
             Payload::CodeSectionEntry(_) => {}
             Payload::DataSection(r) => {
-                if !saw.code {
-                    fill_through_exports(&mut module, types, helpers, appended, meta, info, &mut saw);
-                    data_count(&mut module, info);
-                    code_only(&mut module, appended, &mut saw);
-                }
+                out.fill_to(Stage::Data);
                 let mut s = DataSection::new();
                 for d in r {
                     let d = d.map_err(reader_err)?;
                     s.passive(d.data.iter().copied());
                 }
-                module.section(&s);
+                out.module.section(&s);
             }
             Payload::CustomSection(c) => {
                 if !describes_original_code(c.name()) {
@@ -377,11 +357,8 @@ fn assemble(
             }
         }
     }
-    if !saw.code {
-        fill_through_exports(&mut module, types, helpers, appended, meta, info, &mut saw);
-        data_count(&mut module, info);
-        code_only(&mut module, appended, &mut saw);
-    }
+    out.fill_to(Stage::Data);
+    let mut module = out.module;
     for (name, data) in &customs {
         module.section(&CustomSection { name: name.into(), data: data.into() });
     }
@@ -392,15 +369,123 @@ fn assemble(
     Ok(module.finish())
 }
 
-#[derive(Default)]
-struct Saw {
-    types: bool,
-    imports: bool,
-    functions: bool,
-    tables: bool,
-    globals: bool,
-    exports: bool,
-    code: bool,
+/// The sections the rewrite adds to, in the order the binary format
+/// requires them.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Stage {
+    Types,
+    Imports,
+    Functions,
+    Tables,
+    Globals,
+    Exports,
+    Code,
+    /// Past the code: nothing more to add.
+    Data,
+}
+
+impl Stage {
+    fn after(self) -> Stage {
+        match self {
+            Stage::Types => Stage::Imports,
+            Stage::Imports => Stage::Functions,
+            Stage::Functions => Stage::Tables,
+            Stage::Tables => Stage::Globals,
+            Stage::Globals => Stage::Exports,
+            Stage::Exports => Stage::Code,
+            Stage::Code | Stage::Data => Stage::Data,
+        }
+    }
+}
+
+/// The output being written, and the first section it has not reached. An
+/// input may lack a section the rewrite adds to; [`Out::fill_to`] writes
+/// such a section with only the additions, in its place in the order.
+struct Out<'a> {
+    info: &'a ModuleInfo<'a>,
+    types: &'a Types,
+    helpers: &'a Helpers,
+    appended: &'a [helpers::HelperFunc],
+    meta: &'a Metadata,
+    module: Module,
+    next: Stage,
+}
+
+impl Out<'_> {
+    /// Writes the input's section `stage`, extended.
+    fn emit(&mut self, stage: Stage, section: &impl wasm_encoder::Section) {
+        self.module.section(section);
+        self.next = stage.after();
+    }
+
+    /// Writes every missing section before `stage`.
+    fn fill_to(&mut self, stage: Stage) {
+        while self.next < stage {
+            let missing = self.next;
+            match missing {
+                Stage::Types => {
+                    let mut s = TypeSection::new();
+                    add_types(&mut s, self.types);
+                    self.module.section(&s);
+                }
+                Stage::Imports => {
+                    let mut s = ImportSection::new();
+                    add_memory_imports(&mut s, self.meta);
+                    self.module.section(&s);
+                }
+                Stage::Functions => {
+                    let mut s = FunctionSection::new();
+                    add_functions(&mut s, self.appended);
+                    self.module.section(&s);
+                }
+                Stage::Tables => {
+                    if self.helpers.sides().next().is_some() {
+                        let mut s = TableSection::new();
+                        add_side_tables(&mut s, self.helpers);
+                        self.module.section(&s);
+                    }
+                }
+                Stage::Globals => {
+                    let mut s = GlobalSection::new();
+                    add_state_global(&mut s);
+                    self.module.section(&s);
+                }
+                Stage::Exports => {
+                    let mut s = ExportSection::new();
+                    add_exports(&mut s, self.info, self.helpers, self.meta);
+                    self.module.section(&s);
+                }
+                Stage::Code => {
+                    self.data_count();
+                    let mut s = CodeSection::new();
+                    add_bodies(&mut s, self.appended);
+                    self.module.section(&s);
+                }
+                Stage::Data => {}
+            }
+            self.next = missing.after();
+        }
+    }
+
+    /// The data count section, which `memory.init` and `data.drop` in the
+    /// helpers need; it comes right before the code.
+    fn data_count(&mut self) {
+        if !self.info.data.is_empty() {
+            self.module.section(&DataCountSection { count: self.info.data.len() as u32 });
+        }
+    }
+}
+
+fn add_functions(s: &mut FunctionSection, appended: &[helpers::HelperFunc]) {
+    for h in appended {
+        s.function(h.type_index);
+    }
+}
+
+fn add_bodies(s: &mut CodeSection, appended: &[helpers::HelperFunc]) {
+    for h in appended {
+        s.raw(&h.body);
+    }
 }
 
 fn add_types(s: &mut TypeSection, types: &Types) {
@@ -409,39 +494,9 @@ fn add_types(s: &mut TypeSection, types: &Types) {
     }
 }
 
-fn types_only(module: &mut Module, types: &Types, saw: &mut Saw) {
-    let mut s = TypeSection::new();
-    add_types(&mut s, types);
-    module.section(&s);
-    saw.types = true;
-}
-
 fn add_memory_imports(s: &mut ImportSection, meta: &Metadata) {
     s.import(abi::IMPORT_MODULE, abi::MEMORY_IMPORT, EntityType::Memory(program_memory_type(&meta.memory)));
     s.import(abi::IMPORT_MODULE, abi::CONTROL_IMPORT, EntityType::Memory(control_memory_type()));
-}
-
-fn fill_before_functions(module: &mut Module, types: &Types, meta: &Metadata, saw: &mut Saw) {
-    if !saw.types {
-        types_only(module, types, saw);
-    }
-    if !saw.imports {
-        let mut s = ImportSection::new();
-        add_memory_imports(&mut s, meta);
-        module.section(&s);
-        saw.imports = true;
-    }
-}
-
-fn fill_functions(module: &mut Module, appended: &[helpers::HelperFunc], saw: &mut Saw) {
-    if !saw.functions {
-        let mut s = FunctionSection::new();
-        for h in appended {
-            s.function(h.type_index);
-        }
-        module.section(&s);
-        saw.functions = true;
-    }
 }
 
 fn add_side_tables(s: &mut TableSection, helpers: &Helpers) {
@@ -456,61 +511,6 @@ fn add_state_global(s: &mut GlobalSection) {
         GlobalType { val_type: wasm_encoder::ValType::I32, mutable: true, shared: false },
         &ConstExpr::i32_const(0),
     );
-}
-
-fn fill_through_tables(
-    module: &mut Module,
-    types: &Types,
-    helpers: &Helpers,
-    appended: &[helpers::HelperFunc],
-    meta: &Metadata,
-    saw: &mut Saw,
-) {
-    fill_before_functions(module, types, meta, saw);
-    fill_functions(module, appended, saw);
-    if !saw.tables {
-        if helpers.sides().next().is_some() {
-            let mut s = TableSection::new();
-            add_side_tables(&mut s, helpers);
-            module.section(&s);
-        }
-        saw.tables = true;
-    }
-}
-
-fn fill_through_globals(
-    module: &mut Module,
-    types: &Types,
-    helpers: &Helpers,
-    appended: &[helpers::HelperFunc],
-    meta: &Metadata,
-    saw: &mut Saw,
-) {
-    fill_through_tables(module, types, helpers, appended, meta, saw);
-    if !saw.globals {
-        let mut s = GlobalSection::new();
-        add_state_global(&mut s);
-        module.section(&s);
-        saw.globals = true;
-    }
-}
-
-fn fill_through_exports(
-    module: &mut Module,
-    types: &Types,
-    helpers: &Helpers,
-    appended: &[helpers::HelperFunc],
-    meta: &Metadata,
-    info: &ModuleInfo<'_>,
-    saw: &mut Saw,
-) {
-    fill_through_globals(module, types, helpers, appended, meta, saw);
-    if !saw.exports {
-        let mut s = ExportSection::new();
-        add_exports(&mut s, info, helpers, meta);
-        module.section(&s);
-        saw.exports = true;
-    }
 }
 
 fn add_exports(s: &mut ExportSection, info: &ModuleInfo<'_>, h: &Helpers, meta: &Metadata) {
@@ -533,19 +533,4 @@ fn add_exports(s: &mut ExportSection, info: &ModuleInfo<'_>, h: &Helpers, meta: 
     for g in &meta.globals {
         s.export(&g.export, ExportKind::Global, g.index);
     }
-}
-
-fn data_count(module: &mut Module, info: &ModuleInfo<'_>) {
-    if !info.data.is_empty() {
-        module.section(&DataCountSection { count: info.data.len() as u32 });
-    }
-}
-
-fn code_only(module: &mut Module, appended: &[helpers::HelperFunc], saw: &mut Saw) {
-    let mut s = CodeSection::new();
-    for h in appended {
-        s.raw(&h.body);
-    }
-    module.section(&s);
-    saw.code = true;
 }
