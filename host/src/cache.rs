@@ -22,16 +22,23 @@ fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("upstare"))
 }
 
-/// The hex SHA-256 of `bytes`.
-pub fn content_hash(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+/// The SHA-256 of `bytes`, which names a module in the cache and in
+/// snapshots.
+pub fn content_hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
-/// Instruments `wasm` with the default options, through the cache.
-pub fn instrumented(wasm: &[u8]) -> Result<Instrumented, upstare_instrument::Error> {
+/// A hash as lowercase hex.
+pub fn hex(hash: &[u8]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Instruments `wasm`, whose [`content_hash`] is `hash`, with the default
+/// options, through the cache.
+pub fn instrumented(wasm: &[u8], hash: &[u8; 32]) -> Result<Instrumented, upstare_instrument::Error> {
     let name = format!(
         "{}-m{}-{}.wasm",
-        content_hash(wasm),
+        hex(hash),
         abi::METADATA_VERSION,
         upstare_instrument::FINGERPRINT
     );

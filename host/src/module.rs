@@ -108,6 +108,8 @@ pub struct GuestModule {
     pub(crate) path: PathBuf,
     /// The module as the user built it.
     pub(crate) original: Arc<Vec<u8>>,
+    /// Its SHA-256, which names it in the cache and in snapshots.
+    pub(crate) hash: [u8; 32],
     /// The instrumenter's metadata, for an instrumented module.
     pub(crate) metadata: Option<Arc<Metadata>>,
     /// Source lines for the instrumented code, from the original's DWARF.
@@ -167,8 +169,9 @@ impl GuestModule {
                 reason: format!("{} (at byte offset {:#x})", e.message(), e.offset()),
             });
         }
+        let hash = crate::cache::content_hash(bytes);
         let (code, metadata, source_map) = if options.instrument {
-            let out = crate::cache::instrumented(bytes).map_err(|e| LoadError::Instrument {
+            let out = crate::cache::instrumented(bytes, &hash).map_err(|e| LoadError::Instrument {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
@@ -190,7 +193,7 @@ impl GuestModule {
         if module.get_export("_start").is_none() {
             return Err(LoadError::NoStart { path });
         }
-        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), metadata, source_map })
+        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, source_map })
     }
 
     /// Whether the module was instrumented (it can be paused).
@@ -201,6 +204,11 @@ impl GuestModule {
     /// The instrumenter's metadata, for an instrumented module.
     pub fn metadata(&self) -> Option<&Metadata> {
         self.metadata.as_deref()
+    }
+
+    /// The SHA-256 of the module as it was given, in hex.
+    pub fn hash_hex(&self) -> String {
+        crate::cache::hex(&self.hash)
     }
 
     /// The module as it was given, before instrumentation.

@@ -153,8 +153,9 @@ pub struct Guest {
     pub(crate) unwinder: Option<Unwinder>,
     pub(crate) started: bool,
     source_map: Option<Arc<SourceMap>>,
-    /// The module as built, whose hash names it in snapshots.
+    /// The module as built, and its hash, which names it in snapshots.
     pub(crate) original: Arc<Vec<u8>>,
+    pub(crate) original_hash: [u8; 32],
 }
 
 impl std::fmt::Debug for Guest {
@@ -223,6 +224,7 @@ impl Guest {
             started: false,
             source_map: module.source_map.clone(),
             original: module.original.clone(),
+            original_hash: module.hash,
         })
     }
 

@@ -33,6 +33,7 @@ use upstare_instrument::abi::{self, exports, TypedFrame, ValType};
 
 use wasmtime::{Engine, Val};
 
+use crate::cache::hex;
 use crate::module::{one_line, GuestModule};
 use crate::process::{Guest, GuestConfig};
 use crate::wasi::persist::{FdKind, FdRecord};
@@ -92,22 +93,16 @@ pub enum SnapshotError {
     State(String),
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl Snapshot {
     /// The module hash as hex.
     pub fn module_hash_hex(&self) -> String {
         hex(&self.module_hash)
     }
 
-    /// Checks that the snapshot belongs to `original` (the module bytes as
-    /// built).
-    pub fn check_module(&self, original: &[u8]) -> Result<(), SnapshotError> {
-        let hash: [u8; 32] = Sha256::digest(original).into();
-        if hash != self.module_hash {
-            return Err(SnapshotError::WrongModule { snapshot: hex(&self.module_hash), module: hex(&hash) });
+    /// Checks that the snapshot belongs to `module`.
+    pub fn check_module(&self, module: &GuestModule) -> Result<(), SnapshotError> {
+        if module.hash != self.module_hash {
+            return Err(SnapshotError::WrongModule { snapshot: hex(&self.module_hash), module: module.hash_hex() });
         }
         Ok(())
     }
@@ -306,7 +301,7 @@ impl Guest {
         }
         let wasi = &self.store.data().wasi;
         Ok(Snapshot {
-            module_hash: Sha256::digest(self.original.as_slice()).into(),
+            module_hash: self.original_hash,
             module: self.original.to_vec(),
             args: wasi.args.clone(),
             env: wasi.env.clone(),
@@ -329,7 +324,7 @@ impl Guest {
         mut config: GuestConfig,
         snapshot: &Snapshot,
     ) -> Result<Guest, SnapshotError> {
-        snapshot.check_module(module.original_bytes())?;
+        snapshot.check_module(module)?;
         let listeners = std::mem::take(&mut config.listeners);
         config.dirs.clear();
         config.args = snapshot.args.clone();

@@ -132,7 +132,7 @@ pub fn execute(args: RunArgs) -> ExitCode {
     };
     let identity = Identity {
         module: module_path.display().to_string(),
-        hash: crate::cache::content_hash(module.original_bytes()),
+        hash: module.hash_hex(),
     };
     // The guest runs on its own thread (deep C recursion needs a big native
     // stack); this one waits, and another serves the control socket.
