@@ -6,6 +6,21 @@
  * UpStare's update tests: its store lives on the heap, reachable from one
  * global, and connections carry partial input and pending output across
  * loop iterations. The protocol is described in guest-examples/README.md.
+ *
+ * One source, several versions, chosen with -DKV_VERSION=N (default 1), so
+ * that each difference between versions sits in one #if here:
+ *   1  the protocol above.
+ *   2  counts handled requests and poll() wake-ups in a global struct and
+ *      answers STATS; everything else answers as in 1. It changes main (the
+ *      poll loop of serve() is inlined into it at -O2) without changing the
+ *      size of its shadow-stack frame, so it can be updated to while main
+ *      waits in poll(): the STATS reply is formatted in its own function,
+ *      whose buffer lives in its own frame.
+ *   3  adds a field to that struct, in the middle (bytes_in, bytes received),
+ *      and STATS reports it: an update 2 -> 3 maps the other fields by name.
+ *   4  changes the type of a field (requests becomes a pointer to the name
+ *      of the last command): no automatic mapping can carry a count into a
+ *      pointer, so an update 2 -> 4 must be refused. It exists to be refused.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -19,6 +34,13 @@
 #include <unistd.h>
 
 #include <upstare.h>
+
+#ifndef KV_VERSION
+#define KV_VERSION 1
+#endif
+#if KV_VERSION < 1 || KV_VERSION > 4
+#error "KV_VERSION must be 1, 2, 3 or 4"
+#endif
 
 #define READ_CHUNK 4096
 /* A client that sends this much without a newline is not speaking the
@@ -53,6 +75,21 @@ struct table {
 
 /* Everything the server knows hangs off this one global. */
 static struct table *store;
+
+#if KV_VERSION >= 2
+/* What STATS reports. */
+static struct server_stats {
+#if KV_VERSION == 4
+    const char *requests; /* the last command's name, or NULL */
+#else
+    unsigned long requests; /* request lines handled */
+#endif
+#if KV_VERSION == 3
+    unsigned long bytes_in; /* bytes received from clients */
+#endif
+    unsigned long wakeups; /* returns from poll() */
+} stats;
+#endif
 
 static void die(const char *what)
 {
@@ -302,6 +339,38 @@ static size_t take_word(struct args *a, const char **word)
     return n;
 }
 
+#if KV_VERSION >= 2
+/* Kept out of line so that its buffer does not grow the frame of any
+   function that is on the stack while the server waits (see the top). */
+__attribute__((noinline)) static void reply_stats(struct conn *c)
+{
+    char buf[160];
+#if KV_VERSION == 4
+    snprintf(buf, sizeof buf, "STATS last=%s keys=%zu wakeups=%lu",
+             stats.requests ? stats.requests : "-", store->count, stats.wakeups);
+#elif KV_VERSION == 3
+    snprintf(buf, sizeof buf, "STATS requests=%lu keys=%zu wakeups=%lu bytes_in=%lu",
+             stats.requests, store->count, stats.wakeups, stats.bytes_in);
+#else
+    snprintf(buf, sizeof buf, "STATS requests=%lu keys=%zu wakeups=%lu", stats.requests,
+             store->count, stats.wakeups);
+#endif
+    reply(c, buf);
+}
+#endif
+
+#if KV_VERSION == 4
+static const char *const command_names[] = {"SET", "GET", "DEL", "COUNT", "QUIT", "SHUTDOWN", "STATS"};
+
+static const char *command_name(const char *w, size_t n)
+{
+    for (size_t i = 0; i < sizeof command_names / sizeof command_names[0]; i++)
+        if (strlen(command_names[i]) == n && strncasecmp(w, command_names[i], n) == 0)
+            return command_names[i];
+    return "?";
+}
+#endif
+
 static void handle_line(struct conn *c, const char *line, size_t len)
 {
     if (len > 0 && line[len - 1] == '\r')
@@ -311,6 +380,11 @@ static void handle_line(struct conn *c, const char *line, size_t len)
     size_t cmd_len = take_word(&a, &cmd);
     if (cmd_len == 0)
         return; /* blank lines get no reply */
+#if KV_VERSION == 4
+    stats.requests = command_name(cmd, cmd_len);
+#elif KV_VERSION >= 2
+    stats.requests++;
+#endif
 
     const char *key;
     size_t key_len;
@@ -359,6 +433,14 @@ static void handle_line(struct conn *c, const char *line, size_t len)
         reply(c, "BYE");
         c->state = CONN_CLOSING;
         shutdown_requested = 1;
+#if KV_VERSION >= 2
+    } else if (word_is(cmd, cmd_len, "STATS")) {
+        if (!only_spaces_left(a)) {
+            reply(c, "ERROR usage: STATS");
+            return;
+        }
+        reply_stats(c);
+#endif
     } else {
         reply(c, "ERROR unknown command");
     }
@@ -399,6 +481,9 @@ static void conn_read(struct conn *c)
     ssize_t n = recv(c->fd, c->in + c->in_len, READ_CHUNK, 0);
     if (n > 0) {
         c->in_len += (size_t)n;
+#if KV_VERSION == 3
+        stats.bytes_in += (unsigned long)n;
+#endif
         process_input(c);
     } else if (n == 0) {
         /* The client has finished sending. A last line without its newline
@@ -516,6 +601,9 @@ static void serve(void)
             fprintf(stderr, "kv: poll: %s\n", strerror(errno));
             exit(1);
         }
+#if KV_VERSION >= 2
+        stats.wakeups++;
+#endif
 
         for (size_t i = 0; i < nconns && !shutdown_requested; i++) {
             struct conn *c = conns[i];

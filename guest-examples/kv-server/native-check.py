@@ -3,11 +3,16 @@
 the system C compiler, hands it a listening socket as fd 3 (where
 upstare-host puts its first --tcplisten listener) and talks to it.
 
-usage: guest-examples/kv-server/native-check.py [KV_BINARY]
+usage: [KV_VERSION=N] guest-examples/kv-server/native-check.py [KV_BINARY]
+
+KV_VERSION (default 1) is the version to build (-DKV_VERSION=N) or that
+KV_BINARY was built as; every version must pass the checks of version 1, and
+each is checked for its own STATS.
 """
 import atexit, os, select, shutil, socket, subprocess, sys, tempfile, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = int(os.environ.get("KV_VERSION", "1"))
 if len(sys.argv) > 1:
     BIN = sys.argv[1]
 else:
@@ -15,7 +20,7 @@ else:
     atexit.register(shutil.rmtree, tmp, True)
     BIN = os.path.join(tmp, "kv")
     cc = os.environ.get("CC", "cc")
-    subprocess.run([cc, "-O2", "-g", "-Wall", "-Wextra", "-I", os.path.join(HERE, "..", "include"),
+    subprocess.run([cc, "-O2", "-g", "-Wall", "-Wextra", f"-DKV_VERSION={VERSION}", "-I", os.path.join(HERE, "..", "include"),
                     os.path.join(HERE, "kv.c"), "-o", BIN], check=True)
 
 def start(args=()):
@@ -161,6 +166,34 @@ assert recv_lines(c, 1) == ["COUNT 0"]
 c.sendall(b"SHUTDOWN\n"); assert recv_lines(c, 1) == ["BYE"]
 assert p.wait(5) == 0
 print("--max-conns: ok")
+
+# STATS: unknown to version 1; counts in 2 and 3 (blank lines are not
+# requests; wake-ups are at least one per request read); in 4 the last command
+p, port = start()
+s = conn(port)
+if VERSION == 1:
+    assert talk(s, "STATS\n", 1) == ["ERROR unknown command"]
+else:
+    first = talk(s, "STATS\n", 1)[0].split()
+    assert talk(s, "\nSET a 1\n", 1) == ["OK"]
+    assert talk(s, "STATS x\n", 1) == ["ERROR usage: STATS"]
+    second = talk(s, "stats\n", 1)[0].split()
+    f, g = dict(w.split("=") for w in first[1:]), dict(w.split("=") for w in second[1:])
+    assert first[0] == second[0] == "STATS", (first, second)
+    assert int(f["wakeups"]) >= 1 and int(g["wakeups"]) >= int(f["wakeups"]) + 3, (f, g)
+    assert f["keys"] == "0" and g["keys"] == "1", (f, g)
+    if VERSION == 4:
+        assert list(f) == ["last", "keys", "wakeups"] and f["last"] == g["last"] == "STATS", (f, g)
+    else:
+        assert f["requests"] == "1" and g["requests"] == "4", (f, g)
+        names = ["requests", "keys", "wakeups"] + (["bytes_in"] if VERSION == 3 else [])
+        assert list(f) == names and list(g) == names, (f, g)
+        if VERSION == 3:
+            assert f["bytes_in"] == "6" and g["bytes_in"] == str(6 + 9 + 8 + 6), (f, g)
+s.sendall(b"SHUTDOWN\n")
+assert recv_lines(s, 1) == ["BYE"]
+assert p.wait(5) == 0
+print(f"STATS of version {VERSION}: ok")
 
 # no listener, bad arguments
 p = subprocess.run([BIN], capture_output=True)
