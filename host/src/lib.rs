@@ -28,6 +28,7 @@
 //! - [`cache`]: the on-disk cache of instrumented modules;
 //! - [`process`]: a guest process, running it, pausing and resuming it;
 //! - [`pause`]: the control memory shared with an instrumented guest;
+//! - [`program_memory`]: the program's linear memory, owned by the host;
 //! - [`snapshot`]: a paused guest's state, its file format, restoring it;
 //! - [`control`]: the control socket and its protocol;
 //! - [`supervise`]: a guest on its thread, control requests served beside it;
@@ -45,6 +46,7 @@ pub mod interrupt;
 pub mod module;
 pub mod pause;
 pub mod process;
+pub mod program_memory;
 pub mod snapshot;
 pub mod sourcemap;
 pub mod supervise;

@@ -12,11 +12,12 @@ use std::sync::Arc;
 
 use upstare_instrument::abi::{control, exports, State, TypedFrame};
 use upstare_instrument::Metadata;
-use wasmtime::{Engine, Global, Instance, Linker, Memory, MemoryType, Store, TypedFunc};
+use wasmtime::{Engine, Global, Instance, Linker, Store, TypedFunc};
 
 use crate::interrupt::InterruptHandle;
 use crate::module::{one_line, GuestModule, LoadError};
 use crate::pause::{ControlMemory, PauseHandle};
+use crate::program_memory::ProgramMemory;
 use crate::sourcemap::SourceMap;
 use crate::trap::TrapReport;
 use crate::wasi::fd_table::Stdio;
@@ -132,7 +133,7 @@ impl WasiView for ProcessState {
 pub(crate) struct Unwinder {
     pub(crate) control: ControlMemory,
     /// The program memory, which the host created.
-    pub(crate) memory: Memory,
+    pub(crate) memory: ProgramMemory,
     pub(crate) metadata: Arc<Metadata>,
     state: Global,
     init_memory: TypedFunc<(), ()>,
@@ -319,7 +320,7 @@ impl Unwinder {
     fn new(
         store: &mut Store<ProcessState>,
         instance: &Instance,
-        memory: Memory,
+        memory: ProgramMemory,
         control: ControlMemory,
         metadata: Arc<Metadata>,
     ) -> wasmtime::Result<Self> {
@@ -381,16 +382,18 @@ fn define_memories(
     linker: &mut Linker<ProcessState>,
     meta: &Metadata,
     stress: Option<u32>,
-) -> Result<(Memory, ControlMemory), SetupError> {
+) -> Result<(ProgramMemory, ControlMemory), SetupError> {
     let host = |e: wasmtime::Error| SetupError::Host(one_line(&e));
-    let memory = Memory::new(&mut *store, MemoryType::new(meta.memory.min, meta.memory.max)).map_err(host)?;
+    let memory = ProgramMemory::new(store.engine(), &meta.memory).map_err(|e| SetupError::Host(e.to_string()))?;
     let header = match stress {
         Some(n) => control::Header::stress(n.max(1)),
         None => control::Header::default(),
     };
     let control = ControlMemory::new(store.engine(), header).map_err(|e| SetupError::Host(e.to_string()))?;
     let m = upstare_instrument::abi::IMPORT_MODULE;
-    linker.define(&mut *store, m, upstare_instrument::abi::MEMORY_IMPORT, memory).map_err(host)?;
+    linker
+        .define(&mut *store, m, upstare_instrument::abi::MEMORY_IMPORT, memory.shared().clone())
+        .map_err(host)?;
     linker
         .define(&mut *store, m, upstare_instrument::abi::CONTROL_IMPORT, control.memory().clone())
         .map_err(host)?;

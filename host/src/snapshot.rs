@@ -307,7 +307,7 @@ impl Guest {
             env: wasi.env.clone(),
             fds,
             globals,
-            memory: u.memory.data(&self.store).to_vec(),
+            memory: u.memory.read(0, u.memory.size()).ok_or_else(|| state("the program memory cannot be read"))?,
             frames: u.control.frame_bytes(),
         })
     }
@@ -336,15 +336,17 @@ impl Guest {
             .unwinder
             .as_mut()
             .ok_or_else(|| SnapshotError::State("a module loaded without instrumentation cannot resume a snapshot".into()))?;
-        let have = u.memory.data_size(&*store);
+        let have = u.memory.size() as usize;
         if snapshot.memory.len() < have || !snapshot.memory.len().is_multiple_of(64 << 10) {
             return Err(SnapshotError::Corrupt("memory size is not a whole number of pages above the module's minimum"));
         }
         let grow = ((snapshot.memory.len() - have) >> 16) as u64;
         u.memory
-            .grow(&mut *store, grow)
-            .map_err(|e| SnapshotError::State(format!("cannot grow memory to the snapshot's size: {}", one_line(&e))))?;
-        u.memory.data_mut(&mut *store).copy_from_slice(&snapshot.memory);
+            .grow(grow)
+            .map_err(|e| SnapshotError::State(format!("cannot grow memory to the snapshot's size: {e}")))?;
+        if !u.memory.write(0, &snapshot.memory) {
+            return Err(SnapshotError::State("the program memory is smaller than the snapshot's".into()));
+        }
         for (index, ty, bits) in &snapshot.globals {
             let export = upstare_instrument::abi::exports::global(*index);
             let global = guest

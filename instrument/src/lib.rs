@@ -13,7 +13,8 @@
 //! section ([`abi::metadata`]).
 //!
 //! Memory moves to the host: the program memory becomes the import
-//! `upstare.memory` (index 0, same limits), and a second, shared memory
+//! `upstare.memory` (index 0, same minimum, always shared so that the next
+//! version can import the same memory from a fresh store), and a second, shared memory
 //! `upstare.control` (index 1) holds a small control header and the frame
 //! stack ([`abi::control`], [`abi::frame`]). Active data segments become
 //! passive; `upstare_init_memory` applies them on a fresh memory, and an

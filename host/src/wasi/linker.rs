@@ -9,6 +9,7 @@ use wasmtime::{bail, Result, Val};
 use wasmtime::{Caller, Extern, Linker};
 
 use super::memory::GuestMemory;
+use crate::program_memory::ProgramMemory;
 use super::{fs, io, net, poll, proc};
 use super::{CallError, CallResult, GuestExit, Interrupted, WasiCtx, WasiView};
 
@@ -27,14 +28,23 @@ fn dispatch<T: WasiView>(
             h.stop_rewind.call(&mut *caller, ())?;
         }
     }
-    let memory = match caller.get_export("memory") {
-        Some(Extern::Memory(m)) => m,
-        _ => match caller.data().memory() {
-            Some(m) => m,
+    // An instrumented module imports a shared program memory (and exports it
+    // again as `memory`); a module run as it is exports its own.
+    let export = caller.get_export("memory");
+    let shared = match &export {
+        Some(Extern::SharedMemory(m)) => Some(ProgramMemory::from_shared(m.clone())),
+        _ => None,
+    };
+    let (bytes, state): (&mut [u8], &mut T) = match (&shared, export) {
+        // SAFETY: the guest is single-threaded and is inside this call, so
+        // nothing else touches its memory until the call returns.
+        (Some(memory), _) => (unsafe { memory.bytes_mut() }, caller.data_mut()),
+        (None, Some(Extern::Memory(m))) => m.data_and_store_mut(&mut *caller),
+        (None, _) => match caller.data().memory() {
+            Some(m) => m.data_and_store_mut(&mut *caller),
             None => bail!("`{name}` needs the guest's linear memory, but the module exports none named `memory`"),
         },
     };
-    let (bytes, state) = memory.data_and_store_mut(&mut *caller);
     let mut mem = GuestMemory::new(bytes);
     match f(state.wasi(), &mut mem) {
         Ok(()) => Ok(0),

@@ -138,8 +138,17 @@ pub struct MemoryMeta {
     pub min: u32,
     /// Maximum pages.
     pub max: Option<u32>,
-    /// Whether the memory is shared.
+    /// Whether the original memory was shared (a threaded program); the
+    /// import is shared either way.
     pub shared: bool,
+}
+
+impl MemoryMeta {
+    /// The maximum the program memory import declares (see
+    /// [`super::MEMORY_IMPORT`]).
+    pub fn import_max(&self) -> u32 {
+        self.max.unwrap_or(super::PROGRAM_MEMORY_MAX_PAGES)
+    }
 }
 
 /// Everything the host needs to know about an instrumented module.

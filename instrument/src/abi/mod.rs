@@ -25,17 +25,25 @@ pub const METADATA_SECTION: &str = "upstare.meta";
 
 /// Version of the metadata format (and of this whole ABI). Bumped whenever any
 /// constant or layout in this module changes meaning.
-pub const METADATA_VERSION: u32 = 3;
+pub const METADATA_VERSION: u32 = 4;
 
 /// Module name of every import the instrumenter adds.
 pub const IMPORT_MODULE: &str = "upstare";
 /// Import name of the program's linear memory (memory index 0), which the
-/// host creates and owns. Same limits as the original memory, shared if the
-/// original was shared. Modules without a memory import a zero-page memory.
+/// host creates and owns. Always shared, whether or not the original was: a
+/// shared memory belongs to the engine, not to a store, so the next version
+/// of the program (instantiated in a fresh store) imports the very same
+/// memory, without a copy. Same minimum as the original; the maximum is the
+/// original's, or [`PROGRAM_MEMORY_MAX_PAGES`] when it had none
+/// ([`MemoryMeta::import_max`]). Modules without a memory import a zero-page
+/// memory.
 pub const MEMORY_IMPORT: &str = "memory";
 /// Import name of the control memory (memory index [`control::MEMORY_INDEX`]):
 /// a shared memory holding the control header and the frame stack.
 pub const CONTROL_IMPORT: &str = "control";
+/// Maximum pages of the imported program memory when the original memory
+/// declared none: all of wasm32's 4 GiB.
+pub const PROGRAM_MEMORY_MAX_PAGES: u32 = 65536;
 
 /// Names of the exports the instrumenter adds.
 pub mod exports {

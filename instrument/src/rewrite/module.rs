@@ -206,9 +206,9 @@ fn metadata(
 fn program_memory_type(meta: &MemoryMeta) -> MemoryType {
     MemoryType {
         minimum: meta.min as u64,
-        maximum: meta.max.map(u64::from),
+        maximum: Some(u64::from(meta.import_max())),
         memory64: false,
-        shared: meta.shared,
+        shared: true,
         page_size_log2: None,
     }
 }

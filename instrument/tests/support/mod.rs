@@ -531,16 +531,12 @@ pub fn run_instrumented(
         Mode::Plain => (None, None),
     };
     let mut store = new_store(engine, inject, pause);
-    let memory = if meta.memory.shared {
-        let max = meta.memory.max.ok_or("a shared memory without a maximum")?;
-        let m = SharedMemory::new(engine, MemoryType::shared(meta.memory.min, max))
-            .map_err(|e| format!("cannot create the program memory: {e}"))?;
-        Mem::Shared(m)
-    } else {
-        let m = Memory::new(&mut store, MemoryType::new(meta.memory.min, meta.memory.max))
-            .map_err(|e| format!("cannot create the program memory: {e}"))?;
-        Mem::Plain(m)
-    };
+    // The instrumented module imports its program memory shared (see
+    // `abi::MEMORY_IMPORT`).
+    let memory = Mem::Shared(
+        SharedMemory::new(engine, MemoryType::shared(meta.memory.min, meta.memory.import_max()))
+            .map_err(|e| format!("cannot create the program memory: {e}"))?,
+    );
     let control = SharedMemory::new(engine, MemoryType::shared(control::MIN_PAGES as u32, control::MAX_PAGES as u32))
         .map_err(|e| format!("cannot create the control memory: {e}"))?;
     let mut l = linker(engine);

@@ -1,0 +1,118 @@
+//! The program's linear memory, which the host creates and owns.
+//!
+//! It is a wasmtime `SharedMemory` even for single-threaded programs: a
+//! shared memory belongs to the engine rather than to a store, so each
+//! version of a program runs in a fresh store (a store frees no instance
+//! until it is dropped) while importing the very same memory. An update
+//! therefore copies nothing, however large the heap.
+//!
+//! Everything the host does to guest memory goes through here: the WASI
+//! layer's view during a call, snapshots, and the update's writes.
+
+use wasmtime::{Engine, MemoryType, SharedMemory};
+
+use upstare_instrument::abi::MemoryMeta;
+
+/// Size of a wasm page.
+pub const PAGE: u64 = 64 << 10;
+
+/// A handle to a program memory; clones refer to the same memory.
+#[derive(Clone)]
+pub struct ProgramMemory {
+    memory: SharedMemory,
+}
+
+impl std::fmt::Debug for ProgramMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProgramMemory").field("bytes", &self.size()).finish()
+    }
+}
+
+impl ProgramMemory {
+    /// A fresh, zeroed memory of the type the instrumented module imports.
+    pub fn new(engine: &Engine, meta: &MemoryMeta) -> anyhow::Result<Self> {
+        let ty = MemoryType::shared(meta.min, meta.import_max());
+        Ok(ProgramMemory { memory: SharedMemory::new(engine, ty)? })
+    }
+
+    /// Wraps a memory the host created earlier (found again through an
+    /// instance's exports).
+    pub fn from_shared(memory: SharedMemory) -> Self {
+        ProgramMemory { memory }
+    }
+
+    /// The memory, to be imported as `upstare.memory`.
+    pub fn shared(&self) -> &SharedMemory {
+        &self.memory
+    }
+
+    /// Current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.memory.data().len() as u64
+    }
+
+    /// Grows the memory by `pages`; returns the old size in bytes, which is
+    /// where the new pages start.
+    pub fn grow(&self, pages: u64) -> anyhow::Result<u64> {
+        Ok(self.memory.grow(pages)? * PAGE)
+    }
+
+    /// The memory as a mutable byte slice.
+    ///
+    /// # Safety
+    ///
+    /// No other thread may access the memory for as long as the slice lives:
+    /// call it from the thread that runs the guest (while it is inside a host
+    /// call, or not running at all), never while another thread could write.
+    /// The programs the host runs are single-threaded, so the guest's own
+    /// accesses are the only others there are.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self) -> &mut [u8] {
+        let data = self.memory.data();
+        // SAFETY: `UnsafeCell<u8>` has the layout of `u8`; the memory never
+        // moves (shared memories are reserved at their maximum) and lives as
+        // long as `self.memory`; exclusivity is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(data.as_ptr() as *mut u8, data.len()) }
+    }
+
+    /// Copies `len` bytes at `addr`; `None` if the range is out of bounds.
+    pub fn read(&self, addr: u64, len: u64) -> Option<Vec<u8>> {
+        // SAFETY: only called while the guest is not running (snapshots,
+        // updates), per the rule of `bytes_mut`.
+        let bytes = unsafe { self.bytes_mut() };
+        let range = range(addr, len, bytes.len())?;
+        Some(bytes[range].to_vec())
+    }
+
+    /// Writes `data` at `addr`; `false` if the range is out of bounds.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        // SAFETY: as for `read`.
+        let bytes = unsafe { self.bytes_mut() };
+        match range(addr, data.len() as u64, bytes.len()) {
+            Some(r) => {
+                bytes[r].copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Copies `len` bytes from `from` to `to` within the memory (the ranges
+    /// may overlap); `false` if either is out of bounds.
+    pub fn copy_within(&self, from: u64, to: u64, len: u64) -> bool {
+        // SAFETY: as for `read`.
+        let bytes = unsafe { self.bytes_mut() };
+        match (range(from, len, bytes.len()), range(to, len, bytes.len())) {
+            (Some(src), Some(dst)) => {
+                bytes.copy_within(src, dst.start);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn range(addr: u64, len: u64, size: usize) -> Option<std::ops::Range<usize>> {
+    let end = addr.checked_add(len)?;
+    (end <= size as u64).then_some(addr as usize..end as usize)
+}
