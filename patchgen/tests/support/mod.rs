@@ -8,7 +8,10 @@ use std::process::Command;
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Compiles `source` (C) with `bin/upstare-cc` plus `flags` and returns the
@@ -54,7 +57,78 @@ pub fn build_example(dir: &str, name: &str, extra: &[&str]) -> Vec<u8> {
             cmd.arg(p);
         }
     }
-    let status = cmd.arg("-o").arg(&out).status().expect("cannot run bin/upstare-cc");
-    assert!(status.success(), "bin/upstare-cc failed on guest-examples/{dir}");
+    let status = cmd
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("cannot run bin/upstare-cc");
+    assert!(
+        status.success(),
+        "bin/upstare-cc failed on guest-examples/{dir}"
+    );
     std::fs::read(&out).unwrap()
+}
+
+/// Decodes the relocated field at `at` in `bytes` the way a wasm reader
+/// would: a 5-byte padded LEB (signed for the `*_SLEB` types) or a
+/// little-endian u32. Returns the value and the field's width.
+pub fn decode_field(bytes: &[u8], at: usize, signed: bool, leb: bool) -> (i64, usize) {
+    if !leb {
+        let word: [u8; 4] = bytes[at..at + 4].try_into().unwrap();
+        return (u32::from_le_bytes(word) as i64, 4);
+    }
+    let (mut value, mut shift, mut len) = (0i64, 0u32, 0usize);
+    loop {
+        let byte = bytes[at + len];
+        value |= ((byte & 0x7f) as i64) << shift;
+        shift += 7;
+        len += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    if signed && shift < 64 && bytes[at + len - 1] & 0x40 != 0 {
+        value |= -1i64 << shift;
+    }
+    (value, len)
+}
+
+/// Rebuilds `wasm` section by section, letting `edit` drop a section
+/// (return `None`) or replace its payload. `edit` gets the section id, the
+/// custom section's name (empty for others) and the payload.
+pub fn edit_sections(
+    wasm: &[u8],
+    mut edit: impl FnMut(u8, &str, &[u8]) -> Option<Vec<u8>>,
+) -> Vec<u8> {
+    let mut module = wasm_encoder::Module::new();
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        let payload = payload.unwrap();
+        let Some((id, range)) = payload.as_section() else {
+            continue;
+        };
+        let name = match &payload {
+            wasmparser::Payload::CustomSection(c) => c.name().to_string(),
+            _ => String::new(),
+        };
+        let data = if id == 0 {
+            let c = match &payload {
+                wasmparser::Payload::CustomSection(c) => c,
+                _ => unreachable!(),
+            };
+            &wasm[c.data_offset()..range.end]
+        } else {
+            &wasm[range.clone()]
+        };
+        if let Some(new) = edit(id, &name, data) {
+            if id == 0 {
+                module.section(&wasm_encoder::CustomSection {
+                    name: name.as_str().into(),
+                    data: new.as_slice().into(),
+                });
+            } else {
+                module.section(&wasm_encoder::RawSection { id, data: &new });
+            }
+        }
+    }
+    module.finish()
 }
