@@ -394,6 +394,9 @@ impl Analysis {
         while !reader.eof() {
             let (op, abs) = reader.read_with_offset()?;
             let (i, offset) = (offsets.len(), rel(abs));
+            if cfg.frames.is_empty() {
+                return Err(cfg.malformed(offset, "instructions after the function's final `end`"));
+            }
             offsets.push(offset);
             let effect = match op {
                 Operator::LocalGet { local_index } => Effect::Read(local_index),

@@ -39,6 +39,17 @@ fn ops(wasm: &[u8], func: u32) -> Vec<(u32, Operator<'_>)> {
     panic!("function {func} has no body");
 }
 
+fn imported_functions(wasm: &[u8]) -> u32 {
+    let mut count = 0;
+    for payload in Parser::new(0).parse_all(wasm) {
+        if let Payload::ImportSection(r) = payload.unwrap() {
+            let funcs = r.into_imports().filter(|i| matches!(i.as_ref().unwrap().ty, wasmparser::TypeRef::Func(_)));
+            count += funcs.count() as u32;
+        }
+    }
+    count
+}
+
 /// Offset of the `nth` instruction of `func` for which `pick` holds.
 fn offset_of(wasm: &[u8], func: u32, nth: usize, pick: impl Fn(&Operator) -> bool) -> u32 {
     ops(wasm, func).into_iter().filter(|(_, op)| pick(op)).nth(nth).expect("no such instruction").0
@@ -302,4 +313,66 @@ fn c_variable_used_after_a_call_is_live_at_the_call() {
     for l in dead {
         assert!(!live[l as usize], "local {l} is not read after the call");
     }
+}
+
+/// Whether `op` can send control anywhere but the next instruction.
+fn is_control(op: &Operator) -> bool {
+    matches!(
+        op,
+        Operator::Block { .. }
+            | Operator::Loop { .. }
+            | Operator::If { .. }
+            | Operator::Else
+            | Operator::End
+            | Operator::Br { .. }
+            | Operator::BrIf { .. }
+            | Operator::BrTable { .. }
+            | Operator::Return
+            | Operator::Unreachable
+            | Operator::ReturnCall { .. }
+            | Operator::ReturnCallIndirect { .. }
+    )
+}
+
+#[test]
+fn every_function_of_a_real_guest_is_consistent_instruction_by_instruction() {
+    let wasm = support::build_example("kv-server", "liveness_kv", &[]);
+    let imported = imported_functions(&wasm);
+    let mut defined = 0;
+    for payload in Parser::new(0).parse_all(&wasm) {
+        if let Payload::FunctionSection(r) = payload.unwrap() {
+            defined = r.count();
+        }
+    }
+    let mut checked = 0;
+    for func in imported..imported + defined {
+        let body = ops(&wasm, func);
+        let offsets: Vec<u32> = body.iter().map(|(at, _)| *at).collect();
+        let live = live_at_many(&wasm, func, &offsets).unwrap();
+        assert!(live.last().unwrap().iter().all(|l| !l), "function {func}: live at its final end");
+        for (i, (at, op)) in body.iter().enumerate() {
+            match *op {
+                Operator::LocalGet { local_index } => assert!(live[i][local_index as usize], "{func} at {at:#x}"),
+                Operator::LocalSet { local_index } | Operator::LocalTee { local_index } => {
+                    assert!(!live[i][local_index as usize], "{func} at {at:#x}")
+                }
+                _ => {}
+            }
+            // Across an instruction that only falls through, liveness
+            // changes only by what it reads or writes.
+            if !is_control(op) {
+                let mut expected = live[i + 1].clone();
+                match *op {
+                    Operator::LocalGet { local_index } => expected[local_index as usize] = true,
+                    Operator::LocalSet { local_index } | Operator::LocalTee { local_index } => {
+                        expected[local_index as usize] = false
+                    }
+                    _ => {}
+                }
+                assert_eq!(live[i], expected, "function {func} at {at:#x}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 0);
 }
