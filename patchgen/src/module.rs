@@ -138,9 +138,10 @@ pub struct ModuleInfo {
     pub segments: Vec<Segment>,
     /// The `linking` symbol table, in order.
     pub symbols: Vec<Symbol>,
-    /// `reloc.CODE` entries (offsets are code offsets).
+    /// `reloc.CODE` entries sorted by offset (offsets are code offsets).
     pub code_relocs: Vec<Reloc>,
-    /// `reloc.DATA` entries (offsets relative to the data section payload).
+    /// `reloc.DATA` entries sorted by offset (offsets relative to the data
+    /// section payload).
     pub data_relocs: Vec<Reloc>,
     /// Address of the absolute symbol `__heap_base`.
     pub heap_base: Option<u32>,

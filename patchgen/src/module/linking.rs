@@ -228,6 +228,8 @@ pub(super) fn read(info: &mut ModuleInfo, raw: Raw) -> Result<(), Error> {
                 len,
             });
         }
+        let mut relocs = relocs;
+        relocs.sort_by_key(|r| r.offset);
         if Some(target) == raw.code_section_index {
             info.code_relocs = relocs;
         } else if Some(target) == raw.data_section_index {
