@@ -171,7 +171,8 @@ pub fn relink(wasm: &[u8], info: &ModuleInfo, placement: &Placement) -> Result<V
             }
         }
     }
-    if !placement.table.is_empty() && !(saw_table && saw_elements) {
+    let can_hold_slots = saw_table && saw_elements;
+    if !placement.table.is_empty() && !can_hold_slots {
         return Err(Error::NoTable(placement.table.len()));
     }
     Ok(module.finish())

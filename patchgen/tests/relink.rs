@@ -151,8 +151,8 @@ fn relinked_data_pointers_follow_the_placement() {
     let out_info = ModuleInfo::parse(&out).unwrap();
     let ops = f.info.symbols[f.info.symbol_named("ops").unwrap()]
         .data()
-        .unwrap()
-        .clone();
+        .copied()
+        .unwrap();
     let bytes =
         relocated_bytes(&f.info, &f.placement, ops.address..ops.address + ops.size).unwrap();
     let slots: Vec<u32> = bytes
@@ -183,8 +183,8 @@ fn moving_a_string_literal_rewrites_the_pointer_to_it() {
     let f = fixture();
     let msg = f.info.symbols[f.info.symbol_named("msg").unwrap()]
         .data()
-        .unwrap()
-        .clone();
+        .copied()
+        .unwrap();
     let own =
         relocated_bytes(&f.info, &Placement::default(), msg.address..msg.address + 4).unwrap();
     let literal = f
