@@ -349,7 +349,8 @@ impl<'a> Reader<'a, '_> {
         }
         for (offset, address, external, function) in found {
             let die = DieRef { unit: u, offset };
-            let name = self.name(die)?.unwrap_or_default();
+            // String literals have an address but no name: nothing to match.
+            let Some(name) = self.name(die)? else { continue };
             let ty = self.type_of(die)?;
             let function = match function {
                 Some(offset) => self.name(DieRef { unit: u, offset })?,

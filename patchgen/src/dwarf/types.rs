@@ -164,9 +164,18 @@ impl Types {
             Type::Struct { name, .. } => tagged("struct", name),
             Type::Union { name, .. } => tagged("union", name),
             Type::Enum { name, .. } => tagged("enum", name),
-            Type::Array { element, count } => {
-                let n = count.map(|c| c.to_string()).unwrap_or_default();
-                format!("{}[{n}]", self.name_depth(*element, depth + 1))
+            Type::Array { .. } => {
+                // C writes the outermost dimension first: `int[4][2]`.
+                let mut dims = String::new();
+                let mut at = id;
+                while let Type::Array { element, count } = self.get(at) {
+                    dims.push_str(&format!("[{}]", count.map(|c| c.to_string()).unwrap_or_default()));
+                    at = *element;
+                    if dims.len() > 16 * MAX_DEPTH {
+                        break;
+                    }
+                }
+                format!("{}{dims}", self.name_depth(at, depth + 1))
             }
             Type::Function => "function".to_string(),
             Type::Unknown => "<unknown type>".to_string(),

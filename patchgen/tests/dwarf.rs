@@ -1,0 +1,199 @@
+//! The DWARF reader on real guests: globals and their types, variables at a
+//! call site, and value maps between two versions of a struct. Expected
+//! layouts come from the guests themselves (`offsetof` tables in their data).
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use upstare_patchgen::dwarf::{
+    self, DebugInfo, GlobalVar, Location, ScopeKey, Type, TypeId, same_type, value_map, value_map_named,
+};
+
+/// Compiles several C files into one module (one compile unit each).
+fn build_many(name: &str, sources: &[(&str, &str)]) -> Vec<u8> {
+    let dir = support::root().join("target/patchgen-tests").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out.wasm");
+    let mut cmd = Command::new(support::root().join("bin/upstare-cc"));
+    for (file, text) in sources {
+        let path = dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        cmd.arg(path);
+    }
+    let status = cmd.arg("-o").arg(&out).status().expect("cannot run bin/upstare-cc");
+    assert!(status.success(), "bin/upstare-cc failed on {name}");
+    std::fs::read(&out).unwrap()
+}
+
+/// What a module's own sections say: initial data and memory size.
+struct Image {
+    data: HashMap<u32, u8>,
+    memory_bytes: u64,
+    /// Code section payload start and every body's range, in file offsets.
+    code_start: usize,
+    bodies: Vec<std::ops::Range<usize>>,
+    imported_funcs: u32,
+}
+
+fn image(wasm: &[u8]) -> Image {
+    let mut img = Image { data: HashMap::new(), memory_bytes: 0, code_start: 0, bodies: Vec::new(), imported_funcs: 0 };
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        match payload.unwrap() {
+            wasmparser::Payload::MemorySection(r) => {
+                for m in r {
+                    img.memory_bytes = m.unwrap().initial * 65536;
+                }
+            }
+            wasmparser::Payload::ImportSection(r) => {
+                for imp in r.into_imports() {
+                    if matches!(imp.unwrap().ty, wasmparser::TypeRef::Func(_)) {
+                        img.imported_funcs += 1;
+                    }
+                }
+            }
+            wasmparser::Payload::DataSection(r) => {
+                for seg in r {
+                    let seg = seg.unwrap();
+                    if let wasmparser::DataKind::Active { offset_expr, .. } = seg.kind {
+                        let Ok(wasmparser::Operator::I32Const { value }) = offset_expr.get_operators_reader().read() else {
+                            continue;
+                        };
+                        for (i, b) in seg.data.iter().enumerate() {
+                            img.data.insert(value as u32 + i as u32, *b);
+                        }
+                    }
+                }
+            }
+            wasmparser::Payload::CodeSectionStart { range, .. } => img.code_start = range.start,
+            wasmparser::Payload::CodeSectionEntry(body) => img.bodies.push(body.range()),
+            _ => {}
+        }
+    }
+    img
+}
+
+impl Image {
+    fn u32_at(&self, addr: u32) -> u32 {
+        let byte = |i: u32| u32::from(*self.data.get(&(addr + i)).unwrap_or(&0));
+        byte(0) | byte(1) << 8 | byte(2) << 16 | byte(3) << 24
+    }
+}
+
+fn global<'a>(d: &'a DebugInfo, name: &str) -> &'a GlobalVar {
+    d.globals().iter().find(|g| g.name == name).unwrap_or_else(|| panic!("no global {name}"))
+}
+
+/// The values of an `unsigned name[]` table in the module's data.
+fn table(d: &DebugInfo, img: &Image, name: &str) -> Vec<u64> {
+    let g = global(d, name);
+    let Type::Array { count: Some(n), .. } = d.ty(g.ty) else { panic!("{name} is not a sized array") };
+    (0..*n as u32).map(|i| u64::from(img.u32_at(g.address + 4 * i))).collect()
+}
+
+fn member<'a>(d: &'a DebugInfo, ty: TypeId, name: &str) -> &'a dwarf::Member {
+    let (Type::Struct { members, .. } | Type::Union { members, .. }) = d.ty(ty) else { panic!("not an aggregate") };
+    members.iter().find(|m| m.name.as_deref() == Some(name)).unwrap_or_else(|| panic!("no member {name}"))
+}
+
+const GLOBALS_A: &str = r#"
+#include <stdio.h>
+#include <stddef.h>
+struct inner { short a; char tag[3]; };
+struct outer { int id; struct inner in; int grid[4][2]; struct outer *next; unsigned flags : 3; unsigned mode : 5; };
+int plain = 5;
+struct outer table[3];
+char *name_ptr = "hello";
+static int counter;
+unsigned layout[] = { offsetof(struct outer, in), offsetof(struct outer, grid), offsetof(struct outer, next),
+                      sizeof(struct outer), offsetof(struct inner, tag), sizeof(struct inner) };
+int bump_a(void) { static int calls; calls += 2; return ++counter + calls; }
+int bump_b(void);
+int main(void) {
+  table[1].flags = 5; table[2].mode = 9; table[0].next = &table[1];
+  printf("%d %d %d %s %p %u\n", bump_a(), bump_b(), plain, name_ptr, (void *)&table, layout[0]);
+  return 0;
+}
+"#;
+
+const GLOBALS_B: &str = "static int counter;\nint bump_b(void) { return ++counter; }\n";
+
+#[test]
+fn globals_have_names_units_addresses_and_types() {
+    let wasm = build_many("dwarf-globals", &[("ga.c", GLOBALS_A), ("gb.c", GLOBALS_B)]);
+    let d = DebugInfo::parse(&wasm).unwrap();
+    let img = image(&wasm);
+
+    // Two `static int counter`, one per unit.
+    let counters: Vec<&GlobalVar> = d.globals().iter().filter(|g| g.name == "counter").collect();
+    assert_eq!(counters.len(), 2, "{counters:?}");
+    assert!(counters.iter().any(|g| g.cu.ends_with("ga.c")) && counters.iter().any(|g| g.cu.ends_with("gb.c")));
+    assert_ne!(counters[0].address, counters[1].address);
+    assert!(counters.iter().all(|g| !g.external && g.function.is_none()));
+    let calls = global(&d, "calls");
+    assert_eq!(calls.function.as_deref(), Some("bump_a"));
+    assert!(calls.cu.ends_with("ga.c"));
+    assert!(global(&d, "plain").external);
+
+    // Distinct, non-overlapping, inside the initial memory, found by address.
+    let gs = d.globals();
+    for pair in gs.windows(2) {
+        let end = u64::from(pair[0].address) + d.size_of(pair[0].ty).unwrap_or(0);
+        assert!(end <= u64::from(pair[1].address), "{:?} overlaps {:?}", pair[0], pair[1]);
+    }
+    for g in gs {
+        assert!(u64::from(g.address) + d.size_of(g.ty).unwrap_or(0) <= img.memory_bytes, "{g:?}");
+        assert_eq!(d.global_at(g.address).map(|x| &x.name), Some(&g.name));
+    }
+    // `plain` is initialised data: its address holds 5.
+    assert_eq!(img.u32_at(global(&d, "plain").address), 5);
+    let t = global(&d, "table");
+    assert_eq!(d.global_at(t.address + 7).unwrap().name, "table");
+    assert_eq!(DebugInfo::parse(&wasm).unwrap().globals(), gs, "two parses disagree");
+
+    // Types.
+    let plain = d.ty(global(&d, "plain").ty);
+    assert_eq!(plain, &Type::Base { name: "int".into(), size: 4, encoding: gimli::DW_ATE_signed.0 });
+    let Type::Pointer { to: Some(ch) } = d.ty(global(&d, "name_ptr").ty) else { panic!("name_ptr") };
+    assert!(matches!(d.ty(*ch), Type::Base { size: 1, .. }));
+    let layout = table(&d, &img, "layout");
+    let Type::Array { element: outer, count: Some(3) } = *d.ty(t.ty) else { panic!("table: {}", d.type_name(t.ty)) };
+    assert_eq!(d.type_name(outer), "struct outer");
+    assert_eq!(d.size_of(outer), Some(layout[3]));
+    assert_eq!(d.size_of(t.ty), Some(3 * layout[3]));
+    assert_eq!(member(&d, outer, "id").offset, 0);
+    let inner = member(&d, outer, "in");
+    assert_eq!(inner.offset, layout[0]);
+    assert_eq!(member(&d, inner.ty, "tag").offset, layout[4]);
+    assert_eq!(d.size_of(inner.ty), Some(layout[5]));
+    let grid = member(&d, outer, "grid");
+    assert_eq!(grid.offset, layout[1]);
+    assert_eq!(d.type_name(grid.ty), "int[4][2]");
+    let Type::Array { element: row, count: Some(4) } = *d.ty(grid.ty) else { panic!("grid") };
+    assert!(matches!(d.ty(row), Type::Array { count: Some(2), .. }));
+    let next = member(&d, outer, "next");
+    assert_eq!(next.offset, layout[2]);
+    assert_eq!(d.ty(next.ty), &Type::Pointer { to: Some(outer) }, "self reference");
+    let (flags, mode) = (member(&d, outer, "flags"), member(&d, outer, "mode"));
+    let (fb, fw) = flags.bit_field.unwrap();
+    let (mb, mw) = mode.bit_field.unwrap();
+    assert_eq!((fw, mw), (3, 5));
+    assert_eq!(mb, fb + fw);
+    assert!(fb >= 8 * (layout[2] + 4) && mb + mw <= 8 * layout[3]);
+}
+
+#[test]
+fn a_module_without_dwarf_is_empty_and_garbage_is_an_error() {
+    let d = DebugInfo::parse(b"\0asm\x01\0\0\0").unwrap();
+    assert!(d.is_empty() && d.globals().is_empty() && d.function_at(10).is_none());
+    assert!(DebugInfo::parse(b"\0asm\x01\0\0\0\x0a\x05").is_err());
+    let mut custom = b"\0asm\x01\0\0\0".to_vec();
+    // A .debug_info section holding a unit header cut short.
+    let body = [&[11u8][..], b".debug_info", &[0x20, 0, 0, 0, 4, 0]].concat();
+    custom.push(0);
+    custom.push(body.len() as u8);
+    custom.extend(body);
+    let err = DebugInfo::parse(&custom).unwrap_err();
+    assert!(matches!(err, dwarf::Error::Dwarf { .. }), "{err}");
+}
