@@ -197,3 +197,99 @@ fn a_module_without_dwarf_is_empty_and_garbage_is_an_error() {
     let err = DebugInfo::parse(&custom).unwrap_err();
     assert!(matches!(err, dwarf::Error::Dwarf { .. }), "{err}");
 }
+
+const VARS: &str = r#"
+extern int ext(int);
+extern void sink(int);
+static inline int twice(int v) { int doubled = v * 2 + ext(v); sink(doubled); return doubled + v; }
+__attribute__((noinline)) int f1(int n) {
+  int i = n * 7 + 1;
+  int r = ext(i);
+  return r + i;
+}
+__attribute__((noinline)) int f2(int n) {
+  int acc = n * 3;
+  int got = twice(acc);
+  return got * acc;
+}
+int main(int argc, char **argv) { return f1(argc) + f2(argc); }
+"#;
+
+const VARS_EXT: &str = "int ext(int x) { return x * 3; }\nvolatile int s;\nvoid sink(int x) { s = x; }\n";
+
+/// Code offsets of the calls from function `caller` to function `callee`
+/// (both named by DWARF, found in the code section by their code range).
+fn calls(wasm: &[u8], d: &DebugInfo, caller: &str, callee: &str) -> Vec<u32> {
+    let img = image(wasm);
+    let low = |name: &str| d.functions().iter().find(|f| f.name == name).unwrap_or_else(|| panic!("{name}")).low_pc;
+    let body_of = |name: &str| {
+        let at = img.code_start + low(name) as usize;
+        img.bodies.iter().position(|r| r.contains(&at)).unwrap_or_else(|| panic!("no body holds {name}"))
+    };
+    let (from, to) = (body_of(caller), body_of(callee) as u32 + img.imported_funcs);
+    let mut out = Vec::new();
+    let mut n = 0;
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        if let wasmparser::Payload::CodeSectionEntry(body) = payload.unwrap() {
+            if n == from {
+                let mut ops = body.get_operators_reader().unwrap();
+                while !ops.eof() {
+                    let (op, offset) = ops.read_with_offset().unwrap();
+                    if matches!(op, wasmparser::Operator::Call { function_index } if function_index == to) {
+                        out.push((offset - img.code_start) as u32);
+                    }
+                }
+            }
+            n += 1;
+        }
+    }
+    assert!(!out.is_empty(), "no call from {caller} to {callee}");
+    out
+}
+
+#[test]
+fn variables_at_a_call_live_in_locals_including_inlined_ones() {
+    let wasm = build_many("dwarf-vars", &[("va.c", VARS), ("vb.c", VARS_EXT)]);
+    let d = DebugInfo::parse(&wasm).unwrap();
+    let img = image(&wasm);
+    for f in d.functions() {
+        let start = img.code_start + f.low_pc as usize;
+        let end = img.code_start + f.high_pc as usize;
+        assert!(img.bodies.iter().any(|b| b.start <= start && end <= b.end), "{f:?} is not inside one body");
+    }
+
+    let call = calls(&wasm, &d, "f1", "ext")[0];
+    let f1 = d.function_at(call).unwrap();
+    assert_eq!((f1.name.as_str(), f1.frame_base.is_some()), ("f1", true));
+    assert!(f1.cu.ends_with("va.c"));
+    let vars = d.variables_at(call);
+    let find = |vars: &[dwarf::VarAt], scopes: &[ScopeKey], name: &str| {
+        vars.iter().find(|v| v.key.scopes == scopes && v.key.name == name).cloned()
+    };
+    let top = [ScopeKey::Function("f1".into())];
+    let i = find(&vars, &top, "i").unwrap_or_else(|| panic!("no i at {call}: {vars:?}"));
+    assert!(matches!(i.location, Location::Local(_)), "{i:?}");
+    assert!(!i.parameter);
+    assert_eq!(d.type_name(i.ty), "int");
+    assert_eq!(i.key.to_string(), "f1/i");
+    let n = find(&vars, &top, "n").unwrap();
+    assert!(n.parameter);
+    // Nothing of f1 is in scope outside its code.
+    assert!(d.variables_at(f1.high_pc).iter().all(|v| v.key.scopes[0] != top[0]));
+
+    // Inside f2, `twice` is inlined; at its call to sink, its `doubled` lives
+    // in a local.
+    let call = calls(&wasm, &d, "f2", "sink")[0];
+    assert_eq!(d.function_at(call).unwrap().name, "f2");
+    let vars = d.variables_at(call);
+    let inlined = [ScopeKey::Function("f2".into()), ScopeKey::Inlined { name: "twice".into(), ordinal: 0 }];
+    let doubled = find(&vars, &inlined, "doubled").unwrap_or_else(|| panic!("no doubled at {call}: {vars:?}"));
+    assert!(matches!(doubled.location, Location::Local(_)), "{doubled:?}");
+    assert_eq!(doubled.key.to_string(), "f2/twice#0/doubled");
+    // The same source built again gives the same keys at the same call.
+    let again = build_many("dwarf-vars-again", &[("va.c", VARS), ("vb.c", VARS_EXT)]);
+    let d2 = DebugInfo::parse(&again).unwrap();
+    let call2 = calls(&again, &d2, "f2", "sink")[0];
+    let keys = |vs: Vec<dwarf::VarAt>| vs.into_iter().map(|v| v.key).collect::<Vec<_>>();
+    assert_eq!(keys(d2.variables_at(call2)), keys(vars));
+}
