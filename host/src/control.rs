@@ -10,6 +10,10 @@
 //! STATUS              ->  key: value lines, then OK
 //! CHECKPOINT <path>   ->  OK <path> <bytes> bytes, paused <us> us
 //!                         or ERR <reason>
+//! UPDATE <ms> <path>   ->  report lines, then OK; or ERR <reason> (refused,
+//!                         the old version runs on) or BAD <reason> (the
+//!                         module cannot be used at all)
+//! ROLLBACK <ms>        ->  the same, back to the previous version
 //! ```
 //!
 //! Without `--control`, a host creates [`default_path`] (one per process),
@@ -68,6 +72,11 @@ pub enum Request {
     Status,
     /// Write a snapshot to this path (on the host's file system).
     Checkpoint(PathBuf),
+    /// Update the program to the module at this path, waiting at most this
+    /// many milliseconds for frames that cannot move yet to leave the stack.
+    Update(PathBuf, u64),
+    /// Return to the previous version.
+    Rollback(u64),
 }
 
 impl Request {
@@ -79,7 +88,16 @@ impl Request {
             "STATUS" if rest.is_empty() => Ok(Request::Status),
             "CHECKPOINT" if !rest.is_empty() => Ok(Request::Checkpoint(PathBuf::from(rest))),
             "CHECKPOINT" => Err("CHECKPOINT needs a file path".into()),
-            _ => Err(format!("unknown request `{}` (expected STATUS or CHECKPOINT <path>)", verb.escape_debug())),
+            "UPDATE" => {
+                let (ms, path) = rest.split_once(' ').ok_or("UPDATE needs a timeout and a module path")?;
+                let ms = ms.parse().map_err(|_| "UPDATE needs a timeout in milliseconds first")?;
+                Ok(Request::Update(PathBuf::from(path), ms))
+            }
+            "ROLLBACK" => Ok(Request::Rollback(rest.parse().map_err(|_| "ROLLBACK needs a timeout in milliseconds")?)),
+            _ => Err(format!(
+                "unknown request `{}` (expected STATUS, CHECKPOINT <path>, UPDATE <ms> <path> or ROLLBACK <ms>)",
+                verb.escape_debug()
+            )),
         }
     }
 
@@ -88,6 +106,8 @@ impl Request {
         match self {
             Request::Status => "STATUS\n".into(),
             Request::Checkpoint(p) => format!("CHECKPOINT {}\n", p.display()),
+            Request::Update(p, ms) => format!("UPDATE {ms} {}\n", p.display()),
+            Request::Rollback(ms) => format!("ROLLBACK {ms}\n"),
         }
     }
 }

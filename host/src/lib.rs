@@ -31,6 +31,7 @@
 //! - [`program_memory`]: the program's linear memory, owned by the host;
 //! - [`snapshot`]: a paused guest's state, its file format, restoring it;
 //! - [`control`]: the control socket and its protocol;
+//! - [`update`]: live update to the next version, as a transaction;
 //! - [`supervise`]: a guest on its thread, control requests served beside it;
 //! - [`sourcemap`]: source lines for instrumented code, from the original's DWARF;
 //! - [`wasi`]: the WASI preview1 layer;
@@ -51,6 +52,7 @@ pub mod snapshot;
 pub mod sourcemap;
 pub mod supervise;
 pub mod trap;
+pub mod update;
 pub mod wasi;
 
 #[doc(hidden)]

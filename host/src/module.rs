@@ -150,25 +150,8 @@ impl GuestModule {
         bytes: &[u8],
         options: &LoadOptions,
     ) -> Result<Self, LoadError> {
+        Self::check_bytes(path, bytes)?;
         let path = path.to_path_buf();
-        if !bytes.starts_with(b"\0asm") {
-            return Err(LoadError::NotWasm { path });
-        }
-        if wasmparser::Parser::is_component(bytes) {
-            return Err(LoadError::Unsupported {
-                path,
-                reason: "this is a WebAssembly component; upstare-host runs core modules built for wasm32-wasi (preview1)".into(),
-            });
-        }
-        // wasmparser gives a one-line reason with the byte offset; wasmtime's
-        // own compile errors are multi-line.
-        let mut validator = wasmparser::Validator::new_with_features(engine_features());
-        if let Err(e) = validator.validate_all(bytes) {
-            return Err(LoadError::Invalid {
-                path,
-                reason: format!("{} (at byte offset {:#x})", e.message(), e.offset()),
-            });
-        }
         let hash = crate::cache::content_hash(bytes);
         let (code, metadata, source_map) = if options.instrument {
             let out = crate::cache::instrumented(bytes, &hash).map_err(|e| LoadError::Instrument {
@@ -194,6 +177,28 @@ impl GuestModule {
             return Err(LoadError::NoStart { path });
         }
         Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, source_map })
+    }
+
+    /// Checks that `bytes` are a valid core module the engine accepts,
+    /// without instrumenting or compiling them.
+    pub fn check_bytes(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+        let path = path.to_path_buf();
+        if !bytes.starts_with(b"\0asm") {
+            return Err(LoadError::NotWasm { path });
+        }
+        if wasmparser::Parser::is_component(bytes) {
+            return Err(LoadError::Unsupported {
+                path,
+                reason: "this is a WebAssembly component; upstare-host runs core modules built for wasm32-wasi (preview1)".into(),
+            });
+        }
+        // wasmparser gives a one-line reason with the byte offset; wasmtime's
+        // own compile errors are multi-line.
+        let mut validator = wasmparser::Validator::new_with_features(engine_features());
+        validator.validate_all(bytes).map(|_| ()).map_err(|e| LoadError::Invalid {
+            path,
+            reason: format!("{} (at byte offset {:#x})", e.message(), e.offset()),
+        })
     }
 
     /// Whether the module was instrumented (it can be paused).

@@ -116,7 +116,7 @@ pub enum Exit {
 #[derive(Debug)]
 pub struct ProcessState {
     pub(crate) wasi: WasiCtx,
-    hooks: Option<UnwindHooks>,
+    pub(crate) hooks: Option<UnwindHooks>,
 }
 
 impl WasiView for ProcessState {
@@ -135,28 +135,28 @@ pub(crate) struct Unwinder {
     /// The program memory, which the host created.
     pub(crate) memory: ProgramMemory,
     pub(crate) metadata: Arc<Metadata>,
-    state: Global,
+    pub(crate) state: Global,
     init_memory: TypedFunc<(), ()>,
     start: Option<TypedFunc<(), ()>>,
-    stop_unwind: TypedFunc<(), ()>,
-    start_rewind: TypedFunc<(), ()>,
+    pub(crate) stop_unwind: TypedFunc<(), ()>,
+    pub(crate) start_rewind: TypedFunc<(), ()>,
     /// The frames of a paused guest, innermost first.
     pub(crate) paused: Option<Vec<TypedFrame>>,
     /// Unwinds so far (pauses and stress unwinds), for diagnostics.
-    unwinds: u64,
+    pub(crate) unwinds: u64,
 }
 
 /// A guest process, instantiated and ready to run.
 pub struct Guest {
     pub(crate) store: Store<ProcessState>,
     pub(crate) instance: Instance,
-    interrupt: InterruptHandle,
+    pub(crate) interrupt: InterruptHandle,
     pub(crate) unwinder: Option<Unwinder>,
     pub(crate) started: bool,
-    source_map: Option<Arc<SourceMap>>,
-    /// The module as built, and its hash, which names it in snapshots.
-    pub(crate) original: Arc<Vec<u8>>,
-    pub(crate) original_hash: [u8; 32],
+    pub(crate) source_map: Option<Arc<SourceMap>>,
+    /// The module that runs now (the next version's, after an update); its
+    /// bytes and hash name the guest in snapshots.
+    pub(crate) module: GuestModule,
 }
 
 impl std::fmt::Debug for Guest {
@@ -224,8 +224,7 @@ impl Guest {
             unwinder,
             started: false,
             source_map: module.source_map.clone(),
-            original: module.original.clone(),
-            original_hash: module.hash,
+            module: module.clone(),
         })
     }
 
@@ -238,6 +237,21 @@ impl Guest {
     /// The stack of a paused guest, innermost frame first.
     pub fn frames(&self) -> Option<&[TypedFrame]> {
         self.unwinder.as_ref().and_then(|u| u.paused.as_deref())
+    }
+
+    /// The program memory of an instrumented guest.
+    pub fn program_memory(&self) -> Option<ProgramMemory> {
+        self.unwinder.as_ref().map(|u| u.memory.clone())
+    }
+
+    /// The module the guest runs now.
+    pub fn module(&self) -> &GuestModule {
+        &self.module
+    }
+
+    /// The engine the guest runs on.
+    pub fn engine(&self) -> &Engine {
+        self.store.engine()
     }
 
     /// How many times the guest has unwound (pauses and stress unwinds).
@@ -310,14 +324,14 @@ impl Guest {
 }
 
 /// What the entry call's return meant.
-enum AfterReturn {
+pub(crate) enum AfterReturn {
     Finished,
     Paused,
     Rewind,
 }
 
 impl Unwinder {
-    fn new(
+    pub(crate) fn new(
         store: &mut Store<ProcessState>,
         instance: &Instance,
         memory: ProgramMemory,
@@ -347,7 +361,7 @@ impl Unwinder {
     }
 
     /// After the entry call returned normally: finished, or unwound.
-    fn after_return(&mut self, store: &mut Store<ProcessState>) -> Result<AfterReturn, String> {
+    pub(crate) fn after_return(&mut self, store: &mut Store<ProcessState>) -> Result<AfterReturn, String> {
         if self.state.get(&mut *store).i32() != Some(State::Unwinding as i32) {
             return Ok(AfterReturn::Finished);
         }
@@ -390,18 +404,26 @@ fn define_memories(
         None => control::Header::default(),
     };
     let control = ControlMemory::new(store.engine(), header).map_err(|e| SetupError::Host(e.to_string()))?;
-    let m = upstare_instrument::abi::IMPORT_MODULE;
-    linker
-        .define(&mut *store, m, upstare_instrument::abi::MEMORY_IMPORT, memory.shared().clone())
-        .map_err(host)?;
-    linker
-        .define(&mut *store, m, upstare_instrument::abi::CONTROL_IMPORT, control.memory().clone())
-        .map_err(host)?;
+    link_memories(store, linker, &memory, &control).map_err(host)?;
     Ok((memory, control))
 }
 
+/// Defines existing memories as the `upstare` imports: a new instance of a
+/// program (its next version) over the memories of the running one.
+pub(crate) fn link_memories(
+    store: &mut Store<ProcessState>,
+    linker: &mut Linker<ProcessState>,
+    memory: &ProgramMemory,
+    control: &ControlMemory,
+) -> wasmtime::Result<()> {
+    let m = upstare_instrument::abi::IMPORT_MODULE;
+    linker.define(&mut *store, m, upstare_instrument::abi::MEMORY_IMPORT, memory.shared().clone())?;
+    linker.define(&mut *store, m, upstare_instrument::abi::CONTROL_IMPORT, control.memory().clone())?;
+    Ok(())
+}
+
 /// Sorts the error a guest call ended with into an exit.
-fn classify(err: wasmtime::Error, source_map: Option<&SourceMap>) -> Exit {
+pub(crate) fn classify(err: wasmtime::Error, source_map: Option<&SourceMap>) -> Exit {
     if let Some(GuestExit(code)) = err.downcast_ref::<GuestExit>() {
         return Exit::Status(*code);
     }

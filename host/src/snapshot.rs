@@ -301,8 +301,8 @@ impl Guest {
         }
         let wasi = &self.store.data().wasi;
         Ok(Snapshot {
-            module_hash: self.original_hash,
-            module: self.original.to_vec(),
+            module_hash: self.module.hash,
+            module: self.module.original.to_vec(),
             args: wasi.args.clone(),
             env: wasi.env.clone(),
             fds,

@@ -1,15 +1,20 @@
 //! Running a guest under supervision: the guest on its own thread, and the
 //! control socket's requests served against it from another. A checkpoint
 //! pauses the guest, takes its snapshot, and resumes it before the file is
-//! written, so the program stops only for the capture.
+//! written, so the program stops only for the capture. An update is
+//! prepared on the control thread while the guest runs, and applied by the
+//! guest thread at a pause ([`crate::update`]); the control thread keeps the
+//! history of versions for rollback.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::control::{ControlSocket, Request};
-use crate::{Exit, Guest, Snapshot, GUEST_THREAD_STACK};
+use crate::program_memory::ProgramMemory;
+use crate::update::{self, Prepared, Report, RunningVersion, UpdateError};
+use crate::{Exit, Guest, GuestModule, PauseHandle, Snapshot, GUEST_THREAD_STACK};
 
 /// How long a checkpoint waits, by default, for the guest to reach an update
 /// point before it gives up and lets the guest run on.
@@ -29,6 +34,9 @@ struct Live {
     state: &'static str,
     pauses: u64,
     last_pause: Option<Duration>,
+    /// The version running after updates: module path and hash.
+    version: Option<(String, String)>,
+    updates: u64,
 }
 
 /// A request the guest thread serves while the guest is paused.
@@ -37,6 +45,26 @@ enum Command {
         reply: Sender<Result<(Snapshot, Instant), String>>,
         cancelled: Arc<AtomicBool>,
     },
+    Update {
+        current: RunningVersion,
+        prepared: Arc<Prepared>,
+        reply: Sender<Result<Report, UpdateError>>,
+        /// PENDING until one side claims it: the guest thread (APPLYING)
+        /// or the control thread giving up (CANCELLED). Whoever claims it
+        /// decides; an update is never both refused and applied.
+        claim: Arc<AtomicU8>,
+    },
+}
+
+/// What the control thread needs to prepare updates while the guest runs.
+struct Updater {
+    engine: wasmtime::Engine,
+    memory: ProgramMemory,
+    /// The module the guest started with; its version is built at the
+    /// first update.
+    first: GuestModule,
+    /// Versions run so far, the running one last.
+    history: Vec<RunningVersion>,
 }
 
 /// Runs the guest `make` builds until it exits, serving `control` (if any)
@@ -64,21 +92,40 @@ pub fn run(
                     return Err(e);
                 }
             };
-            let _ = handle_tx.send(guest.pause_handle());
+            let seed = guest.program_memory().map(|memory| (guest.engine().clone(), memory, guest.module().clone()));
+            let _ = handle_tx.send((guest.pause_handle(), seed));
             let exit = drive(&mut guest, &commands, &guest_live);
             guest_live.lock().map(|mut l| l.state = "exited").ok();
             Ok((exit, guest.unwinds()))
         })
         .map_err(|e| format!("cannot start the guest thread: {e}"))?;
     let socket_path = control.as_ref().map(|c| c.path().to_path_buf());
-    if let (Some(control), Ok(pause)) = (control, handle_rx.recv()) {
+    if let (Some(control), Ok((pause, seed))) = (control, handle_rx.recv()) {
         let started = Instant::now();
         let serve_live = live.clone();
+        let mut updater =
+            seed.map(|(engine, memory, first)| Updater { engine, memory, first, history: Vec::new() });
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
                 control.serve(|req| match req {
                     Request::Status => status(&identity, started, &serve_live, pause.is_some()),
+                    Request::Update(path, timeout) => match (&pause, &mut updater) {
+                        (Some(p), Some(u)) => {
+                            let reply = live_update(u, p, &commands_tx, Target::Module(path), Duration::from_millis(timeout), pause_limit);
+                            record_update(&serve_live, u, &reply);
+                            reply
+                        }
+                        _ => "ERR the module runs without instrumentation (--no-instrument): it cannot be updated".into(),
+                    },
+                    Request::Rollback(timeout) => match (&pause, &mut updater) {
+                        (Some(p), Some(u)) => {
+                            let reply = live_update(u, p, &commands_tx, Target::Previous, Duration::from_millis(timeout), pause_limit);
+                            record_update(&serve_live, u, &reply);
+                            reply
+                        }
+                        _ => "ERR the module runs without instrumentation (--no-instrument): it cannot be updated".into(),
+                    },
                     Request::Checkpoint(path) => match &pause {
                         None => "ERR the module runs without instrumentation (--no-instrument): it cannot be paused".into(),
                         Some(p) => {
@@ -111,12 +158,22 @@ fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>) ->
         }
         let paused_at = Instant::now();
         live.lock().map(|mut l| l.state = "paused").ok();
-        while let Ok(Command::Checkpoint { reply, cancelled }) = commands.try_recv() {
-            if cancelled.load(Ordering::SeqCst) {
-                continue;
+        while let Ok(command) = commands.try_recv() {
+            match command {
+                Command::Checkpoint { reply, cancelled } => {
+                    if cancelled.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let snapshot = guest.snapshot().map_err(|e| e.to_string());
+                    let _ = reply.send(snapshot.map(|s| (s, paused_at)));
+                }
+                Command::Update { current, prepared, reply, claim } => {
+                    if claim.compare_exchange(PENDING, APPLYING, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+                        continue;
+                    }
+                    let _ = reply.send(guest.apply_update(&current, &prepared));
+                }
             }
-            let snapshot = guest.snapshot().map_err(|e| e.to_string());
-            let _ = reply.send(snapshot.map(|s| (s, paused_at)));
         }
     }
 }
@@ -127,11 +184,11 @@ fn status(identity: &Identity, started: Instant, live: &Mutex<Live>, pausable: b
         Err(_) => return "ERR status unavailable".into(),
     };
     let last = live.last_pause.map_or("none yet".to_string(), |d| format!("{} us", d.as_micros()));
+    let (module, hash) = live.version.clone().unwrap_or_else(|| (identity.module.clone(), identity.hash.clone()));
     format!(
-        "module: {}\nversion: sha256:{}\nuptime: {:.1} s\ninstances: 1\ninstance 0: {}{}\npauses: {}\nlast pause (request to paused): {last}\nOK",
-        identity.module,
-        identity.hash,
+        "module: {module}\nversion: sha256:{hash}\nuptime: {:.1} s\nupdates: {}\ninstances: 1\ninstance 0: {}{}\npauses: {}\nlast pause (request to paused): {last}\nOK",
         started.elapsed().as_secs_f64(),
+        live.updates,
         live.state,
         if pausable { "" } else { " (not instrumented: cannot pause)" },
         live.pauses,
@@ -175,4 +232,135 @@ fn checkpoint(
         return (format!("ERR cannot write {}: {e}", path.display()), Some(latency));
     }
     (format!("OK {} {} bytes, paused {} us", path.display(), bytes.len(), latency.as_micros()), Some(latency))
+}
+
+const PENDING: u8 = 0;
+const APPLYING: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// What an update goes to.
+enum Target {
+    /// The module at this path.
+    Module(std::path::PathBuf),
+    /// The version before the running one.
+    Previous,
+}
+
+/// Prepares an update while the guest runs, then applies it at a pause;
+/// while a frame cannot move yet, lets the guest run on a little and tries
+/// again, until `timeout`. Returns the control reply.
+fn live_update(
+    updater: &mut Updater,
+    pause: &PauseHandle,
+    commands: &Sender<Command>,
+    target: Target,
+    timeout: Duration,
+    pause_limit: Duration,
+) -> String {
+    if updater.history.is_empty() {
+        match RunningVersion::initial(&updater.first) {
+            Ok(v) => updater.history.push(v),
+            Err(e) => return format!("ERR {e}"),
+        }
+    }
+    let current = updater.history.last().expect("a version runs").clone();
+    let (path, bytes) = match &target {
+        Target::Module(path) => match std::fs::read(path) {
+            Ok(b) => (path.clone(), b),
+            Err(e) => return format!("BAD cannot read {}: {e}", path.display()),
+        },
+        Target::Previous => match updater.history.len() {
+            n if n >= 2 => {
+                let previous = &updater.history[n - 2];
+                (previous.path.clone(), previous.version.wasm.to_vec())
+            }
+            _ => return "ERR no previous version to return to: the program has not been updated".into(),
+        },
+    };
+    let prepared = match update::prepare(&updater.engine, &current, &updater.memory, &path, bytes) {
+        Ok(p) => p,
+        Err(UpdateError::BadInput(e)) => return format!("BAD {e}"),
+        Err(e) => return format!("ERR {e}"),
+    };
+    if matches!(target, Target::Previous) {
+        if let Some(lost) = lossy_conversions(&prepared) {
+            return format!("ERR cannot roll back: the update changed the type of {lost}, and going back would lose it");
+        }
+    }
+    let prepared = Arc::new(prepared);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let claim = Arc::new(AtomicU8::new(PENDING));
+        let (reply, answer) = channel();
+        let command = Command::Update { current: current.clone(), prepared: prepared.clone(), reply, claim: claim.clone() };
+        if commands.send(command).is_err() {
+            return "ERR the guest has exited".into();
+        }
+        pause.request();
+        let outcome = match answer.recv_timeout(pause_limit) {
+            Ok(outcome) => outcome,
+            Err(RecvTimeoutError::Timeout)
+                if claim.compare_exchange(PENDING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst).is_err() =>
+            {
+                // The guest thread is applying it: its answer decides.
+                match answer.recv() {
+                    Ok(outcome) => outcome,
+                    Err(_) => return "ERR the guest has exited".into(),
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                pause.cancel();
+                return format!(
+                    "ERR update refused: the guest did not reach an update point within {} ms (--pause-limit); the old version runs on",
+                    pause_limit.as_millis()
+                );
+            }
+            Err(RecvTimeoutError::Disconnected) => return "ERR the guest has exited".into(),
+        };
+        match outcome {
+            Ok(report) => {
+                if matches!(target, Target::Previous) {
+                    updater.history.truncate(updater.history.len() - 2);
+                }
+                updater.history.push(prepared.next.clone());
+                return format!("{report}\nOK");
+            }
+            Err(UpdateError::Frame(frame)) if Instant::now() < deadline => {
+                // Let the program run on, so that frame can leave the stack.
+                tracing::debug!("update waits: {frame}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(UpdateError::Frame(frame)) => {
+                return format!(
+                    "ERR update refused: {} was still on the stack after {} ms and cannot move to the new version: {}; the old version runs on",
+                    frame.function,
+                    timeout.as_millis(),
+                    frame
+                )
+            }
+            Err(UpdateError::BadInput(e)) => return format!("BAD {e}"),
+            Err(e) => return format!("ERR {e}; the old version runs on"),
+        }
+    }
+}
+
+/// The converted globals whose conversion loses fields, if any.
+fn lossy_conversions(prepared: &Prepared) -> Option<String> {
+    let lost: Vec<String> = prepared
+        .linked
+        .conversions
+        .iter()
+        .flat_map(|(_, _, map, _)| map.dropped.iter().cloned())
+        .collect();
+    (!lost.is_empty()).then(|| lost.join(", "))
+}
+
+fn record_update(live: &Mutex<Live>, updater: &Updater, reply: &str) {
+    if !reply.ends_with("OK") {
+        return;
+    }
+    if let (Ok(mut l), Some(v)) = (live.lock(), updater.history.last()) {
+        l.version = Some((v.path.display().to_string(), v.hash.clone()));
+        l.updates += 1;
+    }
 }

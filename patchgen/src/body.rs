@@ -96,7 +96,15 @@ pub struct Fingerprint {
 
 /// Fingerprints function `func` of the module `wasm` described by `info`.
 pub fn fingerprint(info: &ModuleInfo, wasm: &[u8], func: u32) -> Result<Fingerprint, Error> {
-    let body = body_range(info, func)?;
+    fingerprint_prefix(info, wasm, func, u32::MAX)
+}
+
+/// The fingerprint of the first `len` bytes of a function's body (from
+/// its local declarations): two functions whose prefixes up to some
+/// instruction are equal compute the same things on the way there.
+pub fn fingerprint_prefix(info: &ModuleInfo, wasm: &[u8], func: u32, len: u32) -> Result<Fingerprint, Error> {
+    let mut body = body_range(info, func)?;
+    body.end = body.end.min(body.start.saturating_add(len));
     let start = info.code_section as usize + body.start as usize;
     let end = info.code_section as usize + body.end as usize;
     let mut bytes = wasm

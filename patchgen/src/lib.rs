@@ -1,11 +1,48 @@
-//! `upstare-patchgen` compares the running version of a program with its
-//! next version and plans the update. (Header to be written with the plan.)
+//! `upstare-patchgen` compares the running version of a C program (compiled
+//! to wasm32-wasi by `bin/upstare-cc`) with its next version and plans the
+//! update: which functions changed, where every piece of state goes, how
+//! the frames of active functions move, and whether it is safe at all.
+//!
+//! It reads only what the toolchain leaves in the modules: the `linking`
+//! symbol table and relocations (from `-Wl,--emit-relocs`) and DWARF (from
+//! `-g`). Nothing here knows wasmtime: the host applies the plan.
+//!
+//! The pipeline, one module per phase:
+//!
+//! 1. [`module`] reads a module's symbols, segments, table and relocations;
+//!    [`dwarf`] its variables, types and scopes; [`version`] pairs them with
+//!    the running [`version::Layout`] and keys symbols by name.
+//! 2. [`diff`] matches functions by name and compares bodies through
+//!    [`body`] fingerprints, which ignore where things moved.
+//! 3. [`plan`] decides each data object's fate (kept in place, added in
+//!    fresh memory, converted field by field), the table slots and the wasm
+//!    globals to carry, and collects refusals.
+//! 4. [`plan::Plan::link`] places fresh memory at the address the host
+//!    chose and [`relink`]s the new module against the running layout.
+//! 5. [`frames`] moves each saved frame to the new code, using
+//!    [`liveness`] and DWARF for functions that changed.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use upstare_patchgen::{plan::plan, version::Version};
+//! let old = Arc::new(Version::initial(Arc::new(std::fs::read("kv-v1.wasm")?))?);
+//! let plan = plan(old, Arc::new(std::fs::read("kv-v2.wasm")?))?;
+//! for reason in &plan.refusals {
+//!     eprintln!("refused: {reason}");
+//! }
+//! # Ok(()) }
+//! ```
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
 pub mod body;
+pub mod diff;
 pub mod dwarf;
+pub mod frames;
 pub mod liveness;
 pub mod module;
+pub mod plan;
 pub mod relink;
+pub mod version;

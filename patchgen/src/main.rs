@@ -1,2 +1,105 @@
-//! `upstare-patchgen OLD.wasm NEW.wasm`: prints the update plan and its verdict.
-fn main() {}
+//! `upstare-patchgen OLD.wasm NEW.wasm`: prints the plan for updating a
+//! program running OLD to NEW, and its verdict.
+//!
+//! Exit status: 0 when the update is safe, 1 when it would be refused (the
+//! reasons are printed), 2 for bad input.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use upstare_patchgen::plan::{plan, DataFate, Plan};
+use upstare_patchgen::version::Version;
+
+/// Plan a live update from OLD to NEW (both built with bin/upstare-cc).
+///
+/// OLD is taken as running at the addresses it was linked for (a program
+/// started from it and not yet updated). The frames of active functions
+/// are checked by the host at update time, not here.
+#[derive(Parser)]
+#[command(name = "upstare-patchgen", version)]
+struct Args {
+    /// The running version.
+    old: PathBuf,
+    /// The next version.
+    new: PathBuf,
+    /// Also list every data object and its fate.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<Arc<Vec<u8>>> {
+    use anyhow::Context;
+    Ok(Arc::new(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?))
+}
+
+fn run(args: &Args) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let old = Version::initial(read(&args.old)?).with_context(|| format!("{}", args.old.display()))?;
+    let plan = plan(Arc::new(old), read(&args.new)?).with_context(|| format!("{}", args.new.display()))?;
+    print!("{}", summary(&plan, args.verbose));
+    if plan.is_safe() {
+        println!("verdict: safe");
+    } else {
+        for reason in &plan.refusals {
+            println!("refused: {reason}");
+        }
+        println!("verdict: refused");
+    }
+    Ok(plan.is_safe())
+}
+
+fn summary(plan: &Plan, verbose: bool) -> String {
+    let f = &plan.functions;
+    let (kept, moved, transformed, added, removed) = plan.data_counts();
+    let mut out = format!(
+        "functions: {} changed, {} added, {} removed, {} unchanged\n",
+        f.changed.len(),
+        f.added.len(),
+        f.removed.len(),
+        f.unchanged.len()
+    );
+    for (label, names) in [("changed", &f.changed), ("added", &f.added), ("removed", &f.removed)] {
+        if !names.is_empty() {
+            out += &format!("  {label}: {}\n", names.join(", "));
+        }
+    }
+    out += &format!("globals: {kept} kept, {moved} moved, {transformed} transformed, {added} added, {removed} removed\n");
+    for d in &plan.data {
+        let line = match &d.fate {
+            DataFate::Kept { address } if verbose => format!("  kept {} at {address:#x}", d.key),
+            DataFate::Kept { .. } => continue,
+            DataFate::Added { .. } => format!("  added {} ({} bytes)", d.key, d.size),
+            DataFate::Converted { map, transformer, .. } => {
+                let mut s = format!("  {} {}", if transformer.is_some() { "transformed" } else { "moved" }, d.key);
+                if !map.zeroed.is_empty() {
+                    s += &format!("; new, zeroed: {}", map.zeroed.join(", "));
+                }
+                if !map.dropped.is_empty() {
+                    s += &format!("; dropped: {}", map.dropped.join(", "));
+                }
+                s
+            }
+        };
+        out += &line;
+        out.push('\n');
+    }
+    for key in &plan.removed {
+        out += &format!("  removed {key}\n");
+    }
+    out += &format!("fresh memory: {} bytes\n", plan.fresh_size);
+    out
+}

@@ -3,8 +3,10 @@
 
 mod checkpoint;
 mod restore;
+mod rollback;
 mod run;
 mod status;
+mod update;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -34,11 +36,13 @@ enum Command {
     Status(status::StatusArgs),
     Checkpoint(checkpoint::CheckpointArgs),
     Restore(restore::RestoreArgs),
+    Update(update::UpdateArgs),
+    Rollback(rollback::RollbackArgs),
 }
 
 /// The subcommand names; anything else in first position is a module path
 /// or a `run` option.
-const SUBCOMMANDS: &[&str] = &["run", "status", "checkpoint", "restore", "help"];
+const SUBCOMMANDS: &[&str] = &["run", "status", "checkpoint", "restore", "update", "rollback", "help"];
 
 /// Puts `run` in front of the arguments unless a subcommand or a top-level
 /// flag is already there.
@@ -70,6 +74,8 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::execute(args),
         Command::Checkpoint(args) => checkpoint::execute(args),
         Command::Restore(args) => restore::execute(args),
+        Command::Update(args) => update::execute(args),
+        Command::Rollback(args) => rollback::execute(args),
     }
 }
 
@@ -91,14 +97,15 @@ fn bad_input(message: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Prints a control reply: `OK` lines to stdout with status 0, an `ERR`
-/// to stderr as `error: ...` with status 1; an unreachable host is bad
-/// input (status 2).
+/// to stderr as `error: ...` with status 1; a `BAD` (the host could not
+/// use what it was given) or an unreachable host is bad input (status 2).
 fn print_reply(reply: Result<String, String>) -> ExitCode {
     match reply {
         Err(e) => bad_input(e),
         Ok(text) => {
             let text = text.trim_end();
             match text.lines().last() {
+                Some(last) if last.starts_with("BAD ") => bad_input(&last[4..]),
                 Some(last) if last.starts_with("ERR ") => {
                     eprintln!("error: {}", &last[4..]);
                     ExitCode::from(1)

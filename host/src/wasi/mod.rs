@@ -153,6 +153,12 @@ impl WasiCtx {
         })
     }
 
+    /// A context holding nothing: what a store keeps once its process has
+    /// moved to another store (the next version of the program).
+    pub(crate) fn detached() -> std::io::Result<Self> {
+        Ok(WasiCtx { args: Vec::new(), env: Vec::new(), fds: FdTable::default(), interrupter: Interrupter::new()? })
+    }
+
     /// The guest's `argv`, program name first.
     pub fn set_args(&mut self, args: Vec<String>) {
         self.args = args;

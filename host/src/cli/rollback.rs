@@ -1,0 +1,37 @@
+//! `upstare-host rollback`: back to the version that ran before the last
+//! update, live.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::control::{self, Request};
+
+/// Return the running program to its previous version, live.
+///
+/// This is an update to the previous version, planned against the running
+/// one. It is refused, and the running version goes on, when it cannot be
+/// inverted: the last update changed a global's type and going back would
+/// lose fields, or a frame cannot move back.
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    /// The host's control socket [default: the only running host's, in
+    /// $XDG_RUNTIME_DIR/upstare-host or /tmp/upstare-host-UID].
+    #[arg(long = "control", value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    /// How long to wait, in milliseconds, for frames that cannot move to
+    /// leave the stack before refusing.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    timeout: u64,
+}
+
+/// Runs the command.
+pub fn execute(args: RollbackArgs) -> ExitCode {
+    let path = match args.control.map_or_else(control::find_default, Ok) {
+        Ok(p) => p,
+        Err(e) => return super::bad_input(e),
+    };
+    super::print_reply(control::request(&path, &Request::Rollback(args.timeout)))
+}

@@ -1,0 +1,50 @@
+//! `upstare-host update NEW.wasm`: the running program becomes NEW, without
+//! stopping.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::control::{self, Request};
+
+/// Update the running program to NEW.wasm, live.
+///
+/// NEW.wasm is the next version of the program, built with bin/upstare-cc
+/// like the first. The host plans the update (functions, globals, table
+/// slots), compiles the new version while the program runs, then pauses it
+/// at its next update point, moves its state and stack to the new code and
+/// resumes it. It prints what changed and how long the program was paused.
+/// An update that cannot be applied safely is refused with the reason
+/// (status 1), and the old version runs on untouched.
+#[derive(Args, Debug)]
+pub struct UpdateArgs {
+    /// The host's control socket [default: the only running host's, in
+    /// $XDG_RUNTIME_DIR/upstare-host or /tmp/upstare-host-UID].
+    #[arg(long = "control", value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    /// How long to wait, in milliseconds, for functions whose frames cannot
+    /// move to the new version to leave the stack before refusing.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    timeout: u64,
+
+    /// The new version of the program.
+    #[arg(value_name = "NEW.wasm")]
+    module: PathBuf,
+}
+
+/// Runs the command.
+pub fn execute(args: UpdateArgs) -> ExitCode {
+    let path = match args.control.map_or_else(control::find_default, Ok) {
+        Ok(p) => p,
+        Err(e) => return super::bad_input(e),
+    };
+    // Checked here too, so a typo gets its answer without a round trip.
+    if let Err(e) = std::fs::metadata(&args.module) {
+        return super::bad_input(format!("cannot read {}: {e}", args.module.display()));
+    }
+    // The host reads the file: give it an absolute path.
+    let module = std::path::absolute(&args.module).unwrap_or(args.module);
+    super::print_reply(control::request(&path, &Request::Update(module, args.timeout)))
+}

@@ -1,0 +1,388 @@
+//! Live update: replacing the running version of a guest with its next one,
+//! as a transaction.
+//!
+//! [`prepare`] does everything that can happen while the program runs: plan
+//! the update with patchgen, reserve fresh memory, relink, instrument and
+//! compile the new module. [`Guest::apply_update`] runs while the guest is
+//! paused:
+//!
+//! 1. map every saved frame to the new code (a frame that cannot be mapped
+//!    yet ends the attempt with nothing changed: the caller resumes the old
+//!    version and may try again once that frame has left the stack);
+//! 2. instantiate the new module in a fresh store over the same memories,
+//!    with the process's WASI state moved over;
+//! 3. write the new version's fresh data, convert changed globals, carry the
+//!    wasm globals, run the C transformers;
+//! 4. rewind the mapped frames into the new code with a pause already
+//!    requested, so the guest unwinds again at the resume point: proof that
+//!    the new code accepts the frames, before any of its code has run;
+//! 5. commit (drop the old store) or, on any failure, roll back: the old
+//!    store, instance, frames and WASI state come back as they were.
+//!
+//! State of the old version is only read, never written, before the commit:
+//! kept globals stay in place, and everything the new version adds lives in
+//! fresh memory, so a rollback has nothing to undo in memory (except what a
+//! C transformer wrote: memory is backed up around transformers).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use upstare_instrument::abi::{exports, write_frames, TypedFrame};
+use upstare_instrument::Metadata;
+use upstare_patchgen::frames::{FrameMapper, Unmappable};
+use upstare_patchgen::plan::{plan, Linked, Plan};
+use upstare_patchgen::version::Version;
+use wasmtime::{Engine, Linker, Store};
+
+use crate::module::{one_line, GuestModule};
+use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinder};
+use crate::program_memory::{ProgramMemory, PAGE};
+use crate::wasi::{self, UnwindHooks, WasiCtx};
+use crate::{Exit, Guest};
+
+/// Why an update did not happen. In every case the old version runs on.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The new module cannot be used at all (unreadable, not wasm, not built
+    /// with the documented flags, not instrumentable).
+    #[error("{0}")]
+    BadInput(String),
+    /// The update would not be safe.
+    #[error("update refused: {0}")]
+    Refused(String),
+    /// A frame cannot move to the new version (yet).
+    #[error("update refused: a frame cannot move to the new version: {0}")]
+    Frame(Unmappable),
+    /// Applying the update failed; it was rolled back.
+    #[error("update failed and was rolled back: {0}")]
+    RolledBack(String),
+}
+
+/// A version of the program the host can run: what patchgen knows of it,
+/// and its compiled, instrumented module.
+#[derive(Clone)]
+pub struct RunningVersion {
+    /// Patchgen's view: the module as built and its layout.
+    pub version: Arc<Version>,
+    /// The module that runs (relinked, instrumented, compiled).
+    pub module: GuestModule,
+    /// Where the user's module came from, for reports.
+    pub path: PathBuf,
+    /// SHA-256 of the user's module, hex.
+    pub hash: String,
+}
+
+impl std::fmt::Debug for RunningVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVersion").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl RunningVersion {
+    /// The first version of a program: its module runs at the addresses it
+    /// was linked for.
+    pub fn initial(module: &GuestModule) -> Result<Self, UpdateError> {
+        let version = Version::initial(Arc::new(module.original_bytes().to_vec())).map_err(|e| {
+            UpdateError::BadInput(format!("the running program cannot be updated: {} ({e})", module.path().display()))
+        })?;
+        Ok(RunningVersion {
+            version: Arc::new(version),
+            module: module.clone(),
+            path: module.path().to_path_buf(),
+            hash: module.hash_hex(),
+        })
+    }
+}
+
+/// An update planned, placed and compiled, ready to apply at a pause.
+pub struct Prepared {
+    /// The plan.
+    pub plan: Plan,
+    /// The plan placed in fresh memory, and the relinked module.
+    pub linked: Linked,
+    /// The new version, once committed.
+    pub next: RunningVersion,
+    /// How long preparing took.
+    pub prepare_time: Duration,
+}
+
+/// What an update did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The new version's module path.
+    pub path: PathBuf,
+    /// Its hash.
+    pub hash: String,
+    /// Functions changed, added, removed, unchanged.
+    pub functions: (usize, usize, usize, usize),
+    /// Globals kept, moved (converted automatically), transformed (by C),
+    /// added, removed.
+    pub globals: (usize, usize, usize, usize, usize),
+    /// Frames moved to the new code.
+    pub frames: usize,
+    /// From paused to the new version ready to run.
+    pub pause: Duration,
+    /// Planning, relinking, instrumenting and compiling, before the pause.
+    pub prepare: Duration,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (c, a, r, u) = self.functions;
+        let (kept, moved, transformed, added, removed) = self.globals;
+        writeln!(f, "updated to {} (sha256:{})", self.path.display(), self.hash)?;
+        writeln!(f, "functions: {c} changed, {a} added, {r} removed, {u} unchanged")?;
+        writeln!(f, "globals: {kept} kept, {moved} moved, {transformed} transformed, {added} added, {removed} removed")?;
+        writeln!(f, "frames: {} mapped", self.frames)?;
+        writeln!(f, "pause: {} us", self.pause.as_micros())?;
+        write!(f, "prepare: {} ms", self.prepare.as_millis())
+    }
+}
+
+/// Plans the update of `current` to the module `bytes` and gets it ready:
+/// fresh memory reserved in `memory`, module relinked, instrumented and
+/// compiled. The program keeps running meanwhile.
+pub fn prepare(
+    engine: &Engine,
+    current: &RunningVersion,
+    memory: &ProgramMemory,
+    path: &Path,
+    bytes: Vec<u8>,
+) -> Result<Prepared, UpdateError> {
+    let started = Instant::now();
+    let hash = crate::cache::hex(&crate::cache::content_hash(&bytes));
+    let bad = |e: String| UpdateError::BadInput(format!("{}: {e}", path.display()));
+    // Everything the loader checks (wasm at all, valid) first, for its
+    // clear messages.
+    GuestModule::check_bytes(path, &bytes).map_err(|e| UpdateError::BadInput(e.to_string()))?;
+    let plan = plan(current.version.clone(), Arc::new(bytes)).map_err(|e| bad(e.to_string()))?;
+    if !plan.is_safe() {
+        return Err(UpdateError::Refused(plan.refusals.join("; ")));
+    }
+    let base = if plan.fresh_size > 0 {
+        let pages = u64::from(plan.fresh_size).div_ceil(PAGE);
+        let base = memory
+            .grow(pages)
+            .map_err(|e| UpdateError::Refused(format!("cannot reserve {pages} pages of memory for the new version: {e}")))?;
+        u32::try_from(base).map_err(|_| UpdateError::Refused("memory is full".into()))?
+    } else {
+        0
+    };
+    let linked = plan.link(base).map_err(|e| bad(format!("cannot relink: {e}")))?;
+    let module = GuestModule::from_bytes(engine, path, &linked.wasm).map_err(|e| UpdateError::BadInput(e.to_string()))?;
+    let next = RunningVersion { version: Arc::new(linked.version.clone()), module, path: path.to_path_buf(), hash };
+    Ok(Prepared { plan, linked, next, prepare_time: started.elapsed() })
+}
+
+/// The old instance, kept aside until the update commits.
+struct Previous {
+    module: GuestModule,
+    store: Store<ProcessState>,
+    instance: wasmtime::Instance,
+    unwinder: Unwinder,
+    frame_bytes: Vec<u8>,
+}
+
+impl Guest {
+    /// Applies a prepared update to this paused guest (see the module
+    /// docs). On success the guest is paused in the new version; on failure
+    /// it is paused in the old one, exactly as before.
+    pub fn apply_update(&mut self, current: &RunningVersion, prepared: &Prepared) -> Result<Report, UpdateError> {
+        let paused_at = Instant::now();
+        let rollback = |m: String| UpdateError::RolledBack(m);
+        let u = self.unwinder.as_ref().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
+        let frames = u.paused.clone().ok_or_else(|| UpdateError::Refused("the guest is not paused".into()))?;
+        let new_meta: Arc<Metadata> = prepared
+            .next
+            .module
+            .metadata
+            .clone()
+            .ok_or_else(|| UpdateError::Refused("the new module is not instrumented".into()))?;
+
+        let mapper = FrameMapper {
+            old: (&current.version, &u.metadata),
+            new: (&prepared.next.version, &new_meta),
+            functions: &prepared.plan.functions,
+        };
+        let mapped: Vec<TypedFrame> = frames.iter().map(|f| mapper.map(f)).collect::<Result<_, _>>().map_err(UpdateError::Frame)?;
+
+        let mut previous = self.switch_to(&prepared.next.module, new_meta).map_err(rollback)?;
+        match self.finish_update(&mut previous, prepared, &mapped) {
+            Ok(()) => {
+                drop(previous);
+                let p = &prepared.plan;
+                Ok(Report {
+                    path: prepared.next.path.clone(),
+                    hash: prepared.next.hash.clone(),
+                    functions: (
+                        p.functions.changed.len(),
+                        p.functions.added.len(),
+                        p.functions.removed.len(),
+                        p.functions.unchanged.len(),
+                    ),
+                    globals: p.data_counts(),
+                    frames: mapped.len(),
+                    pause: paused_at.elapsed(),
+                    prepare: prepared.prepare_time,
+                })
+            }
+            Err(reason) => {
+                self.switch_back(previous);
+                Err(rollback(reason))
+            }
+        }
+    }
+
+    /// Instantiates `module` in a fresh store over this guest's memories and
+    /// makes it the guest's instance, moving the WASI state over. Returns
+    /// the old instance.
+    fn switch_to(&mut self, module: &GuestModule, metadata: Arc<Metadata>) -> Result<Previous, String> {
+        let u = self.unwinder.as_ref().expect("checked by the caller");
+        let (memory, control) = (u.memory.clone(), u.control.clone());
+        let frame_bytes = control.frame_bytes();
+        let engine = self.store.engine().clone();
+        let detached = WasiCtx::detached().map_err(|e| format!("cannot set up the new store: {e}"))?;
+        let wasi = std::mem::replace(&mut self.store.data_mut().wasi, detached);
+        let mut store = Store::new(&engine, ProcessState { wasi, hooks: None });
+        let mut linker = Linker::new(&engine);
+        let built = wasi::add_to_linker(&mut linker)
+            .and_then(|_| link_memories(&mut store, &mut linker, &memory, &control))
+            .and_then(|_| linker.instantiate(&mut store, module.module()))
+            .and_then(|instance| {
+                let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata)?;
+                let stop_rewind = instance.get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)?;
+                store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state, stop_rewind });
+                Ok((instance, unwinder))
+            });
+        let (instance, unwinder) = match built {
+            Ok(v) => v,
+            Err(e) => {
+                let wasi = std::mem::replace(&mut store.data_mut().wasi, WasiCtx::detached().map_err(|e| e.to_string())?);
+                self.store.data_mut().wasi = wasi;
+                return Err(format!("cannot instantiate the new version: {}", one_line(&e)));
+            }
+        };
+        let old_store = std::mem::replace(&mut self.store, store);
+        let old_module = std::mem::replace(&mut self.module, module.clone());
+        let old_instance = std::mem::replace(&mut self.instance, instance);
+        let mut old_unwinder = self.unwinder.replace(unwinder).expect("checked by the caller");
+        old_unwinder.unwinds = 0;
+        self.source_map = module.source_map.clone();
+        Ok(Previous { module: old_module, store: old_store, instance: old_instance, unwinder: old_unwinder, frame_bytes })
+    }
+
+    /// Puts the old instance back, with its WASI state and frames.
+    fn switch_back(&mut self, previous: Previous) {
+        let Previous { module, store, instance, unwinder, frame_bytes } = previous;
+        let new_store = std::mem::replace(&mut self.store, store);
+        let mut new_store = new_store;
+        if let Ok(detached) = WasiCtx::detached() {
+            self.store.data_mut().wasi = std::mem::replace(&mut new_store.data_mut().wasi, detached);
+        }
+        self.instance = instance;
+        self.module = module;
+        let _ = unwinder.control.set_frames(&frame_bytes);
+        unwinder.control.set_pause(false);
+        self.unwinder = Some(unwinder);
+        drop(new_store);
+    }
+
+    /// Steps 3 and 4: state, then the verified rewind.
+    fn finish_update(&mut self, previous: &mut Previous, prepared: &Prepared, mapped: &[TypedFrame]) -> Result<(), String> {
+        let linked = &prepared.linked;
+        let store = &mut self.store;
+        let u = self.unwinder.as_mut().expect("switched in");
+        let drop_data = self
+            .instance
+            .get_typed_func::<(), ()>(&mut *store, exports::DROP_DATA)
+            .map_err(|e| one_line(&e))?;
+        drop_data.call(&mut *store, ()).map_err(|e| one_line(&e))?;
+
+        for (address, bytes) in &linked.writes {
+            if !u.memory.write(u64::from(*address), bytes) {
+                return Err(format!("fresh memory at {address:#x} is out of bounds"));
+            }
+        }
+        for (old, new, map, _) in &linked.conversions {
+            for c in &map.copies {
+                if !u.memory.copy_within(u64::from(*old) + c.from, u64::from(*new) + c.to, c.len) {
+                    return Err("a converted global lies out of bounds".into());
+                }
+            }
+        }
+        for (new_index, old_index) in &prepared.plan.globals {
+            let value = previous
+                .instance
+                .get_global(&mut previous.store, &exports::global(*old_index))
+                .ok_or_else(|| format!("the running version does not export global {old_index}"))?
+                .get(&mut previous.store);
+            let global = self
+                .instance
+                .get_global(&mut *store, &exports::global(*new_index))
+                .ok_or_else(|| format!("the new version does not export global {new_index}"))?;
+            global.set(&mut *store, value).map_err(|e| one_line(&e))?;
+        }
+        run_transformers(&self.instance, store, &u.memory, &u.control, linked)?;
+
+        // The verified rewind: the guest re-enters every frame and unwinds
+        // again at the innermost resume point, before running any code.
+        u.control.set_frames(&write_frames(&mapped.iter().map(TypedFrame::to_raw).collect::<Vec<_>>()))?;
+        u.paused = None;
+        u.start_rewind.call(&mut *store, ()).map_err(|e| one_line(&e))?;
+        // A request, not just the flag: a rewind that ends in a blocking
+        // call must find its wake-up waiting, or it would block there.
+        crate::PauseHandle::new(u.control.clone(), self.interrupt.clone()).request();
+        let entry = self
+            .instance
+            .get_typed_func::<(), ()>(&mut *store, "_start")
+            .map_err(|e| one_line(&e))?;
+        if let Err(e) = entry.call(&mut *store, ()) {
+            let exit = classify(e, self.source_map.as_deref());
+            return Err(format!("the new code did not accept the frames: {}", describe_exit(&exit)));
+        }
+        let u = self.unwinder.as_mut().expect("switched in");
+        match u.after_return(&mut self.store) {
+            Ok(AfterReturn::Paused) => Ok(()),
+            Ok(_) => Err("the new code ran on instead of stopping at the resume point".into()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn run_transformers(
+    instance: &wasmtime::Instance,
+    store: &mut Store<ProcessState>,
+    memory: &ProgramMemory,
+    control: &crate::pause::ControlMemory,
+    linked: &Linked,
+) -> Result<(), String> {
+    let calls: Vec<_> = linked.conversions.iter().filter_map(|(old, new, _, t)| t.as_ref().map(|t| (*old, *new, t))).collect();
+    if calls.is_empty() {
+        return Ok(());
+    }
+    // A transformer is the user's code: if it traps, the memory it wrote
+    // must be as it was.
+    let backup = memory.read(0, memory.size()).ok_or("cannot back up memory")?;
+    control.set_pause(false);
+    for (old, new, name) in calls {
+        let result = instance
+            .get_typed_func::<(i32, i32), ()>(&mut *store, name)
+            .map_err(|e| format!("transformer `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))
+            .and_then(|f| f.call(&mut *store, (old as i32, new as i32)).map_err(|e| format!("transformer `{name}` failed: {}", one_line(&e))));
+        if let Err(e) = result {
+            memory.write(0, &backup);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn describe_exit(exit: &Exit) -> String {
+    match exit {
+        Exit::Trap(t) => t.to_string().lines().next().unwrap_or("trap").to_string(),
+        Exit::Status(c) => format!("it exited with status {c}"),
+        Exit::HostError(e) => e.clone(),
+        other => format!("{other:?}"),
+    }
+}

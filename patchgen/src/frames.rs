@@ -1,0 +1,325 @@
+//! Moving the frames of active functions to the new version.
+//!
+//! A frame is saved at a resume point, which the instrumenter describes by
+//! kind, callee and ordinal ("the 2nd call to `poll` in `main`"). The frame
+//! moves to the resume point with the same description in the new version
+//! of its function (callees compared by name, `call_indirect` by
+//! signature). Then its values:
+//!
+//! - the function is unchanged: locals and saved operands are copied as
+//!   they are;
+//! - it changed: every local the new code can still read from that point
+//!   ([`crate::liveness`]) must be the home, per the new DWARF, of a variable
+//!   that the old DWARF places in a local of the old frame at the old point
+//!   (same scope path, name and type), or the frame base; those are copied,
+//!   the dead rest is zero. Where DWARF says nothing (at -O2 most values
+//!   live in compiler temporaries), a live local still carries over when
+//!   the two versions have the same locals, their code is identical from
+//!   the function's start up to the resume point, and neither version
+//!   writes that local anywhere after that prefix: its value was then
+//!   computed by the same code in both, and means the same. Saved operands
+//!   copy only when the two points save the same types. A function whose frame in linear memory changed
+//!   size, or whose variables moved within it, cannot be moved while it is
+//!   active.
+//!
+//! Anything else is [`Unmappable`]: the updater waits for that frame to leave
+//! the stack, or refuses.
+
+use std::collections::HashMap;
+
+use upstare_instrument::abi::{FunctionMeta, Metadata, ResumeKind, ResumePoint, TypedFrame, Value};
+
+use crate::body::shadow_frame_size;
+use crate::diff::FunctionMatch;
+use crate::dwarf::{same_type, Location, VarAt, VarKey};
+use crate::liveness::live_at;
+use crate::version::Version;
+
+/// A frame that cannot be moved to the new version, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{function}` at {point}: {reason}")]
+pub struct Unmappable {
+    /// The function's name.
+    pub function: String,
+    /// The resume point, described for people ("call to poll #0").
+    pub point: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Maps frames of one version to the next.
+#[derive(Debug)]
+pub struct FrameMapper<'a> {
+    /// The running version and its instrumenter metadata.
+    pub old: (&'a Version, &'a Metadata),
+    /// The new version (placed) and the metadata of its instrumented module.
+    pub new: (&'a Version, &'a Metadata),
+    /// How their functions correspond.
+    pub functions: &'a FunctionMatch,
+}
+
+impl FrameMapper<'_> {
+    /// The frame `frame` of the old version, as a frame of the new one.
+    pub fn map(&self, frame: &TypedFrame) -> Result<TypedFrame, Unmappable> {
+        let (old, old_meta) = self.old;
+        let (_, new_meta) = self.new;
+        let function = old.info.function_name(frame.func);
+        let old_fn = old_meta.function(frame.func).ok_or_else(|| Unmappable {
+            function: function.clone(),
+            point: "?".into(),
+            reason: "the frame names a function the metadata does not describe".into(),
+        })?;
+        let old_rp = old_fn.resume_points.get(frame.resume_point as usize).ok_or_else(|| Unmappable {
+            function: function.clone(),
+            point: "?".into(),
+            reason: "the frame names an unknown resume point".into(),
+        })?;
+        let point = describe(old, old_rp);
+        let fail = |reason: String| Unmappable { function: function.clone(), point: point.clone(), reason };
+
+        let new_func = *self
+            .functions
+            .old_to_new
+            .get(&frame.func)
+            .ok_or_else(|| fail("the new version has no function of that name".into()))?;
+        let new_fn = new_meta
+            .function(new_func)
+            .ok_or_else(|| fail("the new version of the function has no update point there".into()))?;
+        let (rp_index, new_rp) = self.find_point(old_fn, old_rp, new_fn).map_err(fail)?;
+
+        let unchanged = self.functions.is_unchanged(frame.func);
+        let locals = if unchanged {
+            if new_fn.locals != old_fn.locals {
+                return Err(fail("its locals changed although its body did not".into()));
+            }
+            frame.locals.clone()
+        } else {
+            self.changed_locals(frame, old_rp, old_fn, new_func, new_rp, new_fn).map_err(fail)?
+        };
+        let operand_types: Vec<_> = frame.operands.iter().map(|v| v.ty()).collect();
+        if operand_types != new_rp.operands {
+            return Err(fail("the values on the operand stack there differ between the versions".into()));
+        }
+        if frame.locals.iter().chain(&frame.operands).any(|v| v.ty().is_ref()) {
+            return Err(fail("it holds a reference value, which cannot cross instances".into()));
+        }
+        Ok(TypedFrame { func: new_func, resume_point: rp_index, locals, operands: frame.operands.clone() })
+    }
+
+    /// The new resume point matching `old_rp`: same kind, same callee (by
+    /// name, or signature for indirect calls), same ordinal, and as many
+    /// points of that kind and callee in both versions (so the ordinal
+    /// means the same place).
+    fn find_point<'m>(
+        &self,
+        old_fn: &FunctionMeta,
+        old_rp: &ResumePoint,
+        new_fn: &'m FunctionMeta,
+    ) -> Result<(u32, &'m ResumePoint), String> {
+        let same_kind = |rp: &ResumePoint| rp.kind == old_rp.kind && self.same_callee(old_rp, rp);
+        let old_count = old_fn.resume_points.iter().filter(|rp| rp.kind == old_rp.kind && rp.callee == old_rp.callee).count();
+        let candidates: Vec<(usize, &ResumePoint)> =
+            new_fn.resume_points.iter().enumerate().filter(|(_, rp)| same_kind(rp)).collect();
+        if candidates.len() != old_count {
+            return Err(format!(
+                "the function has {} such points in the old version and {} in the new one",
+                old_count,
+                candidates.len()
+            ));
+        }
+        candidates
+            .into_iter()
+            .find(|(_, rp)| rp.ordinal == old_rp.ordinal)
+            .map(|(i, rp)| (i as u32, rp))
+            .ok_or_else(|| "the new version has no such point".to_string())
+    }
+
+    fn same_callee(&self, old_rp: &ResumePoint, new_rp: &ResumePoint) -> bool {
+        let (old, _) = self.old;
+        let (new, _) = self.new;
+        match old_rp.kind {
+            ResumeKind::Call | ResumeKind::BlockingCall => self.functions.old_to_new.get(&old_rp.callee) == Some(&new_rp.callee),
+            ResumeKind::CallIndirect => old.info.types.get(old_rp.callee as usize) == new.info.types.get(new_rp.callee as usize),
+            ResumeKind::Loop => match (old_rp.callee, new_rp.callee) {
+                (u32::MAX, u32::MAX) => true,
+                (a, b) => old.info.types.get(a as usize).is_some() && old.info.types.get(a as usize) == new.info.types.get(b as usize),
+            },
+            ResumeKind::Entry => true,
+        }
+    }
+
+    /// Builds the locals of a changed function's frame from DWARF.
+    fn changed_locals(
+        &self,
+        frame: &TypedFrame,
+        old_rp: &ResumePoint,
+        old_fn: &FunctionMeta,
+        new_func: u32,
+        new_rp: &ResumePoint,
+        new_fn: &FunctionMeta,
+    ) -> Result<Vec<Value>, String> {
+        let (old, old_meta) = self.old;
+        let (new, new_meta) = self.new;
+        let mut locals: Vec<Value> = new_fn.locals.iter().map(|t| Value::from_slot(*t, 0)).collect();
+        let old_params = old.info.types[old.info.functions[frame.func as usize].ty as usize].params.len();
+        let new_params = new.info.types[new.info.functions[new_func as usize].ty as usize].params.len();
+
+        if old_rp.kind == ResumeKind::Entry {
+            // The function starts over: only its parameters matter.
+            if old_params != new_params || old_fn.locals[..old_params] != new_fn.locals[..new_params] {
+                return Err("its parameters changed".into());
+            }
+            locals[..new_params].copy_from_slice(&frame.locals[..old_params]);
+            return Ok(locals);
+        }
+
+        let old_frame_size = shadow_frame_size(&old.info, &old.wasm, frame.func);
+        let new_frame_size = shadow_frame_size(&new.info, &new.wasm, new_func);
+        if old_frame_size != new_frame_size {
+            return Err(format!(
+                "its frame in linear memory changed from {} to {} bytes while it is active",
+                old_frame_size.unwrap_or(0),
+                new_frame_size.unwrap_or(0)
+            ));
+        }
+        let old_pc = old_rp.offset.wrapping_sub(old_meta.code_section);
+        let new_pc = new_rp.offset.wrapping_sub(new_meta.code_section);
+        let old_vars: HashMap<VarKey, VarAt> = old.debug.variables_at(old_pc).into_iter().map(|v| (v.key.clone(), v)).collect();
+        let new_vars = new.debug.variables_at(new_pc);
+        for v in &new_vars {
+            if let (Location::FrameOffset(a), Some(Location::FrameOffset(b))) = (v.location, old_vars.get(&v.key).map(|o| o.location)) {
+                if a != b {
+                    return Err(format!("variable `{}` moved within its frame in linear memory", v.key));
+                }
+            }
+        }
+
+        let live = live_at(&new.wasm, new_func, new_pc).map_err(|e| format!("cannot analyse the new code: {e}"))?;
+        let frame_base = |v: &Version, pc: u32| match v.debug.function_at(pc).and_then(|f| f.frame_base) {
+            Some(Location::Local(l)) => Some(l),
+            _ => None,
+        };
+        let (old_base, new_base) = (frame_base(old, old_pc), frame_base(new, new_pc));
+
+        let prefix = self.common_prefix(frame.func, old_pc, new_func, new_pc, old_fn, new_fn);
+        for (local, is_live) in live.iter().enumerate() {
+            let local = local as u32;
+            let source = new_vars
+                .iter()
+                .filter(|v| v.location == Location::Local(local))
+                .find_map(|v| {
+                    let o = old_vars.get(&v.key)?;
+                    match o.location {
+                        Location::Local(j) if same_type(&old.debug, o.ty, &new.debug, v.ty) => Some(j),
+                        _ => None,
+                    }
+                })
+                .or_else(|| (new_base == Some(local)).then_some(old_base).flatten())
+                .or_else(|| prefix.as_ref().filter(|p| p.keeps(local)).map(|_| local));
+            let value = source.and_then(|j| frame.locals.get(j as usize)).copied();
+            match value {
+                Some(v) if v.ty() == new_fn.locals[local as usize] => locals[local as usize] = v,
+                _ if !is_live => {}
+                _ => {
+                    let named: Vec<String> = new_vars
+                        .iter()
+                        .filter(|v| v.location == Location::Local(local))
+                        .map(|v| format!("`{}`", v.key.name))
+                        .collect();
+                    let what = if named.is_empty() { "a compiler temporary".to_string() } else { named.join(", ") };
+                    return Err(format!(
+                        "local {local} ({what}) is live there and has no counterpart in the old frame"
+                    ));
+                }
+            }
+        }
+        Ok(locals)
+    }
+}
+
+/// Two versions of a function whose code is identical up to a resume point.
+struct CommonPrefix {
+    /// Locals written after the prefix in either version.
+    written_after: std::collections::HashSet<u32>,
+}
+
+impl CommonPrefix {
+    /// Whether `local`'s value at the resume point means the same in both.
+    fn keeps(&self, local: u32) -> bool {
+        !self.written_after.contains(&local)
+    }
+}
+
+impl FrameMapper<'_> {
+    /// The common prefix of the two bodies, if the code up to and including
+    /// the resume point is identical (references compared by name) and the
+    /// locals are the same.
+    fn common_prefix(
+        &self,
+        old_func: u32,
+        old_pc: u32,
+        new_func: u32,
+        new_pc: u32,
+        old_fn: &FunctionMeta,
+        new_fn: &FunctionMeta,
+    ) -> Option<CommonPrefix> {
+        let (old, _) = self.old;
+        let (new, _) = self.new;
+        if old_fn.locals != new_fn.locals {
+            return None;
+        }
+        let old_start = old.info.functions.get(old_func as usize)?.body.as_ref()?.start;
+        let new_start = new.info.functions.get(new_func as usize)?.body.as_ref()?.start;
+        let len = old_pc.checked_sub(old_start)?;
+        if new_pc.checked_sub(new_start)? != len {
+            return None;
+        }
+        // Through the resume point's instruction itself: up to 6 bytes
+        // (an opcode and a padded index) covers every kind of point.
+        let through = len + 6;
+        let a = crate::body::fingerprint_prefix(&old.info, &old.wasm, old_func, through).ok()?;
+        let b = crate::body::fingerprint_prefix(&new.info, &new.wasm, new_func, through).ok()?;
+        if a != b {
+            return None;
+        }
+        let mut written_after = std::collections::HashSet::new();
+        for (version, func) in [(old, old_func), (new, new_func)] {
+            for (local, offset) in local_writes(version, func)? {
+                if offset >= len {
+                    written_after.insert(local);
+                }
+            }
+        }
+        Some(CommonPrefix { written_after })
+    }
+}
+
+/// Every `local.set` and `local.tee` of a function: (local, offset from the
+/// start of its body).
+fn local_writes(version: &Version, func: u32) -> Option<Vec<(u32, u32)>> {
+    let body = version.info.functions.get(func as usize)?.body.clone()?;
+    let base = version.info.code_section as usize;
+    let bytes = version.wasm.get(base + body.start as usize..base + body.end as usize)?;
+    let reader = wasmparser::FunctionBody::new(wasmparser::BinaryReader::new(bytes, 0));
+    let mut ops = reader.get_operators_reader().ok()?;
+    let mut out = Vec::new();
+    while !ops.eof() {
+        let (op, offset) = ops.read_with_offset().ok()?;
+        if let wasmparser::Operator::LocalSet { local_index } | wasmparser::Operator::LocalTee { local_index } = op {
+            out.push((local_index, offset as u32));
+        }
+    }
+    Some(out)
+}
+
+/// A resume point described for people: "call to poll #0", "loop #2".
+pub fn describe(version: &Version, rp: &ResumePoint) -> String {
+    match rp.kind {
+        ResumeKind::Loop => format!("loop #{}", rp.ordinal),
+        ResumeKind::Call | ResumeKind::BlockingCall => {
+            format!("call to {} #{}", version.info.function_name(rp.callee), rp.ordinal)
+        }
+        ResumeKind::CallIndirect => format!("indirect call #{}", rp.ordinal),
+        ResumeKind::Entry => "entry".into(),
+    }
+}

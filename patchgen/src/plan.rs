@@ -1,0 +1,431 @@
+//! The update plan: what becomes of each function, data symbol, table slot
+//! and wasm global of the running version, and whether the update is safe.
+//!
+//! Data placement follows one rule: state stays where it is. A writable
+//! symbol (`.data`, `.bss`) the new version shares with the old one, with
+//! the same type, keeps its running address, so every pointer to it stays
+//! valid and nothing is copied. Everything else goes to *fresh memory*,
+//! pages the host adds above the running heap: the new version's read-only
+//! data (its string literals may have changed; the old ones stay where they
+//! are for any pointer still holding them), its new writable symbols (with
+//! their initial values), and globals whose type changed, rebuilt field by
+//! field from the old value. Table slots work the same way: a function the
+//! old table held keeps its slot, so function pointers stored anywhere in
+//! memory still call the same function; new ones take free slots.
+//!
+//! The plan is computed before the program pauses and placed at a fresh
+//! base address with [`Plan::link`], which also produces the relinked
+//! module.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::diff::{match_functions, FunctionMatch};
+use crate::dwarf::{same_type, value_map_named, ValueMap};
+use crate::relink::{relink, relocated_bytes, Placement};
+use crate::version::{Layout, SymbolKey, Version};
+
+/// Prefix of the export name of a state transformer written in C: the new
+/// version exports `upstare_transform_<global>(const void *old, void *new)`
+/// (see `guest-examples/include/upstare.h`).
+pub const TRANSFORMER_PREFIX: &str = "upstare_transform_";
+
+/// Alignment of every object placed in fresh memory: the largest alignment
+/// a wasm32 C type has (`long double`).
+const FRESH_ALIGN: u32 = 16;
+
+/// Why an update cannot be planned at all (as opposed to a refusal, which
+/// the plan reports).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A module could not be read.
+    #[error(transparent)]
+    Version(#[from] crate::version::Error),
+    /// A function body could not be compared.
+    #[error(transparent)]
+    Body(#[from] crate::body::Error),
+    /// Relinking failed.
+    #[error(transparent)]
+    Relink(#[from] crate::relink::Error),
+}
+
+/// What becomes of one writable data symbol of the new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataFate {
+    /// Shared with the old version, same type: stays at its running address.
+    Kept {
+        /// The running address.
+        address: u32,
+    },
+    /// Only in the new version: fresh memory, initial value from the module.
+    Added {
+        /// Offset in fresh memory.
+        fresh: u32,
+    },
+    /// Shared, but its type changed: rebuilt in fresh memory from the old
+    /// value by `map` (and the C transformer, if the new version has one).
+    Converted {
+        /// The old value's running address.
+        old_address: u32,
+        /// Offset of the new value in fresh memory.
+        fresh: u32,
+        /// How the old value's bytes become the new one's.
+        map: ValueMap,
+        /// Export name of the C transformer for it, if any.
+        transformer: Option<String>,
+    },
+}
+
+/// One writable data object of the new version and its fate.
+#[derive(Debug, Clone)]
+pub struct DataPlan {
+    /// Its symbol index in the new module.
+    pub symbol: u32,
+    /// Its key.
+    pub key: SymbolKey,
+    /// Its size.
+    pub size: u32,
+    /// What happens to it.
+    pub fate: DataFate,
+}
+
+/// A complete plan: its parts, and the reasons it must be refused (empty
+/// when it is safe).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The running version.
+    pub old: Arc<Version>,
+    /// The new version, not yet placed.
+    pub new: Arc<Version>,
+    /// How the functions correspond.
+    pub functions: FunctionMatch,
+    /// Every writable data object of the new version that is not inside
+    /// another one.
+    pub data: Vec<DataPlan>,
+    /// Keys of writable objects only the old version had.
+    pub removed: Vec<SymbolKey>,
+    /// Fresh offsets of the new version's read-only segments, by segment
+    /// index.
+    pub rodata: Vec<(usize, u32)>,
+    /// Bytes of fresh memory the new version needs.
+    pub fresh_size: u32,
+    /// The new table: slot -> new function index.
+    pub table: BTreeMap<u32, u32>,
+    /// Mutable wasm globals carried over: (new index, old index).
+    pub globals: Vec<(u32, u32)>,
+    /// Why the update must be refused; empty when it is safe.
+    pub refusals: Vec<String>,
+}
+
+/// The plan placed at a fresh base address.
+#[derive(Debug, Clone)]
+pub struct Linked {
+    /// The new module relinked against the running layout.
+    pub wasm: Vec<u8>,
+    /// The new version with its final layout: the running version once the
+    /// update commits.
+    pub version: Version,
+    /// Bytes to write into fresh memory: (address, bytes).
+    pub writes: Vec<(u32, Vec<u8>)>,
+    /// Converted globals: (old address, new address, map, transformer).
+    pub conversions: Vec<(u32, u32, ValueMap, Option<String>)>,
+}
+
+/// Plans the update from `old` (running) to the module `new_wasm`.
+pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
+    let new = Arc::new(Version::unplaced(new_wasm)?);
+    let functions = match_functions(&old, &new)?;
+    let transformers = transformer_exports(&new.wasm);
+    let mut refusals = Vec::new();
+    let mut fresh = 0u32;
+    let mut take = |size: u32| {
+        let at = fresh.next_multiple_of(FRESH_ALIGN);
+        fresh = at + size;
+        at
+    };
+
+    let rodata: Vec<(usize, u32)> = new
+        .info
+        .segments
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.writable)
+        .map(|(i, s)| (i, take(s.size)))
+        .collect();
+
+    let old_by_key: HashMap<&SymbolKey, u32> = old.data_keys.iter().map(|(i, k)| (k, *i)).collect();
+    let mut data = Vec::new();
+    let mut shared_keys = HashSet::new();
+    for root in writable_roots(&new) {
+        let key = new.data_keys[&root].clone();
+        let def = new.info.symbols[root as usize].data().cloned().expect("roots are data symbols");
+        let transformer = transformers.get(&key.name).cloned();
+        let fate = match old_by_key.get(&key) {
+            None => DataFate::Added { fresh: take(def.size) },
+            Some(&old_symbol) => {
+                shared_keys.insert(key.clone());
+                let old_def = old.info.symbols[old_symbol as usize].data().cloned().expect("keys name data symbols");
+                let old_address = old.layout.data.get(&old_symbol).copied().unwrap_or(old_def.address);
+                match compare_types(&old, old_def.address, old_def.size, &new, def.address, def.size, &key) {
+                    Ok(None) if transformer.is_none() => DataFate::Kept { address: old_address },
+                    Ok(None) => DataFate::Converted {
+                        old_address,
+                        fresh: take(def.size),
+                        map: identity_map(def.size),
+                        transformer,
+                    },
+                    Ok(Some(map)) => DataFate::Converted { old_address, fresh: take(def.size), map, transformer },
+                    Err(_) if transformer.is_some() => {
+                        // The user's transformer takes over what no automatic
+                        // mapping can do; the value starts zeroed.
+                        DataFate::Converted { old_address, fresh: take(def.size), map: ValueMap::default(), transformer }
+                    }
+                    Err(reason) => {
+                        refusals.push(reason);
+                        DataFate::Kept { address: old_address }
+                    }
+                }
+            }
+        };
+        data.push(DataPlan { symbol: root, key, size: def.size, fate });
+    }
+    let removed: Vec<SymbolKey> = writable_roots(&old)
+        .into_iter()
+        .map(|i| old.data_keys[&i].clone())
+        .filter(|k| !shared_keys.contains(k))
+        .collect();
+
+    let table = plan_table(&old, &new, &mut refusals);
+    let globals = carried_globals(&old, &new);
+    let fresh_size = fresh.next_multiple_of(FRESH_ALIGN);
+    Ok(Plan { old, new, functions, data, removed, rodata, fresh_size, table, globals, refusals })
+}
+
+impl Plan {
+    /// Whether the update is safe to apply.
+    pub fn is_safe(&self) -> bool {
+        self.refusals.is_empty()
+    }
+
+    /// Places the plan's fresh memory at `fresh_base` and relinks the new
+    /// module accordingly.
+    pub fn link(&self, fresh_base: u32) -> Result<Linked, Error> {
+        let new = &self.new;
+        let mut placement = Placement { data: HashMap::new(), table: self.table.clone() };
+        let old_absolute = absolute_symbols(&self.old);
+        for (i, symbol) in new.info.symbols.iter().enumerate() {
+            let Some(def) = symbol.data() else { continue };
+            let address = if symbol.is_absolute() {
+                // `__heap_base` and friends describe the running layout.
+                symbol.name.as_ref().and_then(|n| old_absolute.get(n)).copied().unwrap_or(def.address)
+            } else {
+                match self.place_of(def.address, fresh_base) {
+                    Some(a) => a,
+                    None => def.address,
+                }
+            };
+            placement.data.insert(i as u32, address);
+        }
+        let wasm = relink(&new.wasm, &new.info, &placement)?;
+
+        let mut writes = Vec::new();
+        for &(segment, offset) in &self.rodata {
+            let range = new.info.segments[segment].addresses();
+            writes.push((fresh_base + offset, relocated_bytes(&new.info, &placement, range)?));
+        }
+        let mut conversions = Vec::new();
+        for d in &self.data {
+            let def = new.info.symbols[d.symbol as usize].data().expect("data symbol");
+            match &d.fate {
+                DataFate::Kept { .. } => {}
+                DataFate::Added { fresh } => {
+                    let in_init = new.info.segment_at(def.address).is_some_and(|s| !new.info.segments[s].init.is_empty());
+                    if in_init {
+                        let bytes = relocated_bytes(&new.info, &placement, def.address..def.address + def.size)?;
+                        writes.push((fresh_base + fresh, bytes));
+                    }
+                }
+                DataFate::Converted { old_address, fresh, map, transformer } => {
+                    conversions.push((*old_address, fresh_base + fresh, map.clone(), transformer.clone()));
+                }
+            }
+        }
+        let mut version = (**new).clone();
+        version.layout = Layout { data: placement.data, table: self.table.clone() };
+        Ok(Linked { wasm, version, writes, conversions })
+    }
+
+    /// The final address of the new module's address `addr` (its own
+    /// layout), if it lies in a read-only segment or a writable object.
+    fn place_of(&self, addr: u32, fresh_base: u32) -> Option<u32> {
+        let info = &self.new.info;
+        for &(segment, offset) in &self.rodata {
+            let range = info.segments[segment].addresses();
+            if range.contains(&addr) || (addr == range.end && range.start != range.end) {
+                return Some(fresh_base + offset + (addr - range.start));
+            }
+        }
+        let d = self.data.iter().find(|d| {
+            let def = info.symbols[d.symbol as usize].data().expect("data symbol");
+            addr >= def.address && (addr - def.address < def.size.max(1))
+        })?;
+        let def = info.symbols[d.symbol as usize].data().expect("data symbol");
+        let base = match &d.fate {
+            DataFate::Kept { address } => *address,
+            DataFate::Added { fresh } | DataFate::Converted { fresh, .. } => fresh_base + fresh,
+        };
+        Some(base + (addr - def.address))
+    }
+
+    /// Counts for the report: (kept, converted automatically, converted by
+    /// a C transformer, added, removed).
+    pub fn data_counts(&self) -> (usize, usize, usize, usize, usize) {
+        let mut counts = (0, 0, 0, 0, self.removed.len());
+        for d in &self.data {
+            match &d.fate {
+                DataFate::Kept { .. } => counts.0 += 1,
+                DataFate::Converted { transformer: None, .. } => counts.1 += 1,
+                DataFate::Converted { transformer: Some(_), .. } => counts.2 += 1,
+                DataFate::Added { .. } => counts.3 += 1,
+            }
+        }
+        counts
+    }
+}
+
+/// Writable data symbols that are not inside a larger one (aliases and
+/// members follow their container), by symbol index.
+fn writable_roots(version: &Version) -> Vec<u32> {
+    let info = &version.info;
+    let mut symbols: Vec<(u32, u32, u32)> = info
+        .symbols
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_absolute())
+        .filter_map(|(i, s)| s.data().map(|d| (i as u32, d)))
+        .filter(|(_, d)| d.segment.is_some_and(|seg| info.segments.get(seg as usize).is_some_and(|s| s.writable)))
+        .filter(|(i, _)| version.data_keys.contains_key(i))
+        .map(|(i, d)| (i, d.address, d.size))
+        .collect();
+    symbols.sort_by_key(|&(i, address, size)| (address, std::cmp::Reverse(size), i));
+    let mut roots = Vec::new();
+    let mut covered_to = 0u32;
+    for (i, address, size) in symbols {
+        if address < covered_to || (size == 0 && address == covered_to && !roots.is_empty()) {
+            continue;
+        }
+        roots.push(i);
+        covered_to = address + size;
+    }
+    roots
+}
+
+/// `Ok(None)`: same type; `Ok(Some(map))`: changed, mapped; `Err`: refused.
+fn compare_types(
+    old: &Version,
+    old_address: u32,
+    old_size: u32,
+    new: &Version,
+    new_address: u32,
+    new_size: u32,
+    key: &SymbolKey,
+) -> Result<Option<ValueMap>, String> {
+    let old_var = old.debug.global_at(old_address).filter(|g| g.address == old_address);
+    let new_var = new.debug.global_at(new_address).filter(|g| g.address == new_address);
+    match (old_var, new_var) {
+        (Some(a), Some(b)) => {
+            if same_type(&old.debug, a.ty, &new.debug, b.ty) {
+                return Ok(None);
+            }
+            value_map_named(&old.debug, a.ty, &new.debug, b.ty, &key.name)
+                .map(Some)
+                .map_err(|e| format!("global `{key}` changed type and cannot be mapped: {e}"))
+        }
+        _ if old_size == new_size => Ok(None),
+        _ => Err(format!(
+            "global `{key}` changed size from {old_size} to {new_size} bytes and has no debug info to map it by (build both versions with bin/upstare-cc, which compiles with -g)"
+        )),
+    }
+}
+
+fn identity_map(size: u32) -> ValueMap {
+    ValueMap {
+        copies: vec![crate::dwarf::ByteCopy { from: 0, to: 0, len: u64::from(size) }],
+        ..ValueMap::default()
+    }
+}
+
+/// Functions in the old table keep their slots; new ones take slots above
+/// the old table.
+fn plan_table(old: &Version, new: &Version, refusals: &mut Vec<String>) -> BTreeMap<u32, u32> {
+    let old_slot_of_key: HashMap<&SymbolKey, u32> =
+        old.layout.table.iter().map(|(slot, f)| (&old.function_keys[*f as usize], *slot)).collect();
+    let mut next = old.layout.table.keys().next_back().map_or(1, |s| s + 1);
+    let mut table = BTreeMap::new();
+    let new_slots = new.info.table.as_ref().map(|t| t.slots.clone()).unwrap_or_default();
+    for (_, func) in new_slots {
+        let key = &new.function_keys[func as usize];
+        let slot = match old_slot_of_key.get(key) {
+            Some(&s) => s,
+            None => {
+                next += 1;
+                next - 1
+            }
+        };
+        if table.insert(slot, func).is_some() {
+            refusals.push(format!("two functions of the new version claim table slot {slot} (`{key}`)"));
+        }
+    }
+    table
+}
+
+/// Mutable wasm globals (`__stack_pointer` among them) present in both
+/// versions by name and type: their running values carry over.
+fn carried_globals(old: &Version, new: &Version) -> Vec<(u32, u32)> {
+    let old_by_name: HashMap<&str, (u32, &crate::module::Global)> = old
+        .info
+        .globals
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| g.name.as_deref().map(|n| (n, (i as u32, g))))
+        .collect();
+    new.info
+        .globals
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.mutable)
+        .filter_map(|(i, g)| {
+            let (old_index, old_global) = old_by_name.get(g.name.as_deref()?)?;
+            (old_global.mutable && old_global.ty == g.ty).then_some((i as u32, *old_index))
+        })
+        .collect()
+}
+
+fn absolute_symbols(version: &Version) -> HashMap<String, u32> {
+    version
+        .info
+        .symbols
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_absolute())
+        .filter_map(|(i, s)| {
+            let address = version.layout.data.get(&(i as u32)).copied().or(s.data().map(|d| d.address))?;
+            Some((s.name.clone()?, address))
+        })
+        .collect()
+}
+
+/// Exported C transformers, by the global they transform.
+fn transformer_exports(wasm: &[u8]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        if let Ok(wasmparser::Payload::ExportSection(exports)) = payload {
+            for export in exports.into_iter().flatten() {
+                if let Some(global) = export.name.strip_prefix(TRANSFORMER_PREFIX) {
+                    out.insert(global.to_string(), export.name.to_string());
+                }
+            }
+        }
+    }
+    out
+}
