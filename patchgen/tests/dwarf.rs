@@ -293,3 +293,122 @@ fn variables_at_a_call_live_in_locals_including_inlined_ones() {
     let keys = |vs: Vec<dwarf::VarAt>| vs.into_iter().map(|v| v.key).collect::<Vec<_>>();
     assert_eq!(keys(d2.variables_at(call2)), keys(vars));
 }
+
+/// One version of the program whose types change; `layout` lists
+/// (offset, length) of what survives to v2: hits, misses, last.when,
+/// last.zone, the first four hist entries.
+fn version(structs: &str) -> String {
+    format!(
+        r#"
+#include <stdio.h>
+#include <stddef.h>
+{structs}
+struct stats stats;
+struct node head;
+union u un;
+struct holder holder;
+struct bits bits;
+unsigned layout[] = {{
+  offsetof(struct stats, hits), sizeof(int), offsetof(struct stats, misses), sizeof(long),
+  offsetof(struct stats, last) + offsetof(struct when, when), sizeof(stats.last.when),
+  offsetof(struct stats, last) + offsetof(struct when, zone), sizeof(short),
+  offsetof(struct stats, hist), 4 * sizeof(int) }};
+int main(void) {{
+  printf("%p %p %p %p %p %u\n", (void *)&stats, (void *)&head, (void *)&un, (void *)&holder, (void *)&bits, layout[0]);
+  return 0;
+}}
+"#
+    )
+}
+
+const V1: &str = "struct when { int when; short zone; };
+struct node { int v; struct node *next; };
+union u { int i; float f; };
+struct holder { struct node *p; };
+struct bits { unsigned a : 3; unsigned b : 5; };
+struct stats { int hits; long misses; struct when last; int hist[4]; char gone; };";
+
+const V2: &str = "struct when { short zone; int when; int extra; };
+struct node { int v; struct node *next; };
+union u { int i; float f; };
+struct holder { struct node *p; };
+struct bits { unsigned a : 3; unsigned b : 5; };
+struct stats { int hits; double added; long misses; struct when last; int hist[6]; };";
+
+const V3: &str = "struct when { char *when; short zone; };
+struct node { long long v; struct node *next; };
+union u { int i; double f; };
+struct holder { struct node *p; };
+struct bits { unsigned a : 3; unsigned c : 2; unsigned b : 5; };
+struct stats { int hits; long misses; struct when last; int hist[4]; char gone; };";
+
+/// For each byte of the new value, the old byte it comes from.
+fn byte_map(copies: &[dwarf::ByteCopy]) -> HashMap<u64, u64> {
+    let mut out = HashMap::new();
+    for c in copies {
+        for i in 0..c.len {
+            assert!(out.insert(c.to + i, c.from + i).is_none(), "byte {} written twice", c.to + i);
+        }
+    }
+    out
+}
+
+#[test]
+fn value_maps_follow_members_by_name() {
+    let w1 = support::build_c("dwarf-v1", &version(V1), &[]);
+    let w2 = support::build_c("dwarf-v2", &version(V2), &[]);
+    let (d1, d2) = (DebugInfo::parse(&w1).unwrap(), DebugInfo::parse(&w2).unwrap());
+    let (l1, l2) = (table(&d1, &image(&w1), "layout"), table(&d2, &image(&w2), "layout"));
+    let ty = |d: &DebugInfo, name: &str| global(d, name).ty;
+
+    assert!(same_type(&d1, ty(&d1, "head"), &d2, ty(&d2, "head")), "self-referencing struct");
+    assert!(same_type(&d1, ty(&d1, "un"), &d2, ty(&d2, "un")));
+    assert!(same_type(&d1, ty(&d1, "holder"), &d2, ty(&d2, "holder")));
+    assert!(!same_type(&d1, ty(&d1, "stats"), &d2, ty(&d2, "stats")));
+    assert!(!same_type(&d1, ty(&d1, "head"), &d2, ty(&d2, "stats")));
+
+    let map = value_map(&d1, ty(&d1, "stats"), &d2, ty(&d2, "stats")).unwrap();
+    let mut expected = HashMap::new();
+    for k in (0..l1.len()).step_by(2) {
+        assert_eq!(l1[k + 1], l2[k + 1], "length {k} differs between versions");
+        for b in 0..l1[k + 1] {
+            expected.insert(l2[k] + b, l1[k] + b);
+        }
+    }
+    assert_eq!(byte_map(&map.copies), expected, "{map:?}");
+    let (size1, size2) = (d1.size_of(ty(&d1, "stats")).unwrap(), d2.size_of(ty(&d2, "stats")).unwrap());
+    assert!(map.copies.iter().all(|c| c.from + c.len <= size1 && c.to + c.len <= size2));
+    let mut zeroed = map.zeroed.clone();
+    zeroed.sort();
+    assert_eq!(zeroed, ["added", "hist[4..6]", "last.extra"]);
+    assert_eq!(map.dropped, ["gone"]);
+
+    // Unchanged types copy whole.
+    let whole = value_map(&d1, ty(&d1, "holder"), &d2, ty(&d2, "holder")).unwrap();
+    let size = d1.size_of(ty(&d1, "holder")).unwrap();
+    assert_eq!(whole.copies, [dwarf::ByteCopy { from: 0, to: 0, len: size }]);
+    assert!(whole.dropped.is_empty() && whole.zeroed.is_empty());
+    let bits = value_map(&d1, ty(&d1, "bits"), &d2, ty(&d2, "bits")).unwrap();
+    assert_eq!(bits.copies.iter().map(|c| c.len).sum::<u64>(), d1.size_of(ty(&d1, "bits")).unwrap());
+}
+
+#[test]
+fn value_maps_refuse_what_cannot_carry_over() {
+    // Its own name: tests run in parallel and must not share output files.
+    let w1 = support::build_c("dwarf-v1-again", &version(V1), &[]);
+    let w3 = support::build_c("dwarf-v3", &version(V3), &[]);
+    let (d1, d3) = (DebugInfo::parse(&w1).unwrap(), DebugInfo::parse(&w3).unwrap());
+    let ty = |d: &DebugInfo, name: &str| global(d, name).ty;
+    let err = |name: &str| value_map_named(&d1, ty(&d1, name), &d3, ty(&d3, name), name).unwrap_err();
+
+    let e = err("stats");
+    assert_eq!(e.path, "stats.last.when");
+    assert!(e.to_string().starts_with("stats.last.when: int became char*"), "{e}");
+    assert_eq!(err("head").path, "head.v");
+    assert!(matches!(err("un").reason, dwarf::MapReason::Union(_)));
+    assert_eq!(err("holder").path, "holder.p");
+    assert!(matches!(err("holder").reason, dwarf::MapReason::Pointee { .. }), "{}", err("holder"));
+    assert!(matches!(err("bits").reason, dwarf::MapReason::BitFields));
+    assert!(!same_type(&d1, ty(&d1, "head"), &d3, ty(&d3, "head")));
+    assert!(value_map(&d1, ty(&d1, "stats"), &d3, ty(&d3, "stats")).unwrap_err().path == "last.when");
+}
