@@ -77,8 +77,11 @@ struct table {
 static struct table *store;
 
 #if KV_VERSION >= 2
-/* What STATS reports. */
-static struct server_stats {
+/* What STATS reports. Not static: a static struct whose address never
+   escapes may be split by the optimizer into one symbol per field, which an
+   update cannot map field by field; with external linkage it stays whole and
+   its DWARF type lets v3's new field be added live. */
+struct server_stats {
 #if KV_VERSION == 4
     const char *requests; /* the last command's name, or NULL */
 #else

@@ -195,6 +195,7 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
         .filter(|k| !shared_keys.contains(k))
         .collect();
 
+    refuse_changed_splits(&old, &new, &mut refusals);
     let table = plan_table(&old, &new, &mut refusals);
     let globals = carried_globals(&old, &new);
     let fresh_size = fresh.next_multiple_of(FRESH_ALIGN);
@@ -345,6 +346,40 @@ fn compare_types(
         _ => Err(format!(
             "global `{key}` changed size from {old_size} to {new_size} bytes and has no debug info to map it by (build both versions with bin/upstare-cc, which compiles with -g)"
         )),
+    }
+}
+
+/// The optimizer may split a `static` struct whose address never escapes
+/// into one symbol per field (`stats.0`, `stats.1`, ...), numbered by field
+/// position and without DWARF of their own. Matching those pieces by name
+/// is only sound while the set of pieces stays the same: a field inserted
+/// in the middle would shift every number after it.
+fn refuse_changed_splits(old: &Version, new: &Version, refusals: &mut Vec<String>) {
+    let pieces = |v: &Version| {
+        let mut groups: BTreeMap<(String, Option<String>), Vec<(String, u32)>> = BTreeMap::new();
+        for (i, key) in &v.data_keys {
+            let Some((base, suffix)) = key.name.rsplit_once('.') else { continue };
+            if base.is_empty() || base.starts_with(".L") || !suffix.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let size = v.info.symbols[*i as usize].data().map_or(0, |d| d.size);
+            groups.entry((base.to_string(), key.unit.clone())).or_default().push((key.name.clone(), size));
+        }
+        for g in groups.values_mut() {
+            g.sort();
+        }
+        groups
+    };
+    let (before, after) = (pieces(old), pieces(new));
+    for (group, old_pieces) in &before {
+        if let Some(new_pieces) = after.get(group).filter(|p| *p != old_pieces) {
+            refusals.push(format!(
+                "global `{}` was split by the optimizer into one symbol per field, and its fields changed ({} pieces before, {} after): they cannot be matched safely (keep it whole, e.g. by giving it external linkage, so its type can be mapped through DWARF)",
+                group.0,
+                old_pieces.len(),
+                new_pieces.len()
+            ));
+        }
     }
 }
 

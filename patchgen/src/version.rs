@@ -122,8 +122,10 @@ fn data_keys(info: &ModuleInfo, debug: &DebugInfo) -> HashMap<u32, SymbolKey> {
         let (Some(name), SymbolTarget::Data(Some(def))) = (&symbol.name, &symbol.target) else {
             continue;
         };
+        // The file name alone: DW_AT_name is the path clang was given, which
+        // differs between two checkouts of the same program.
         let unit = if symbol.is_local() {
-            debug.global_at(def.address).map(|g| g.cu.clone())
+            debug.global_at(def.address).map(|g| file_name(&g.cu))
         } else {
             None
         };
@@ -132,6 +134,10 @@ fn data_keys(info: &ModuleInfo, debug: &DebugInfo) -> HashMap<u32, SymbolKey> {
         *ordinal += 1;
     }
     keys
+}
+
+fn file_name(path: &str) -> String {
+    path.rsplit(['/', '\\']).next().unwrap_or(path).to_string()
 }
 
 fn function_keys(info: &ModuleInfo) -> Vec<SymbolKey> {
