@@ -98,6 +98,8 @@ pub(super) struct Types {
     /// map to the id of what they name, `None` to void.
     by_offset: HashMap<usize, Option<TypeId>>,
     pointer_size: u64,
+    /// Types being resolved right now, one inside the other.
+    nesting: usize,
 }
 
 impl Default for Types {
@@ -109,10 +111,12 @@ impl Default for Types {
 /// How many typedefs and qualifiers may stack before the chain is deemed a
 /// cycle.
 const MAX_DEPTH: usize = 64;
+/// How deeply types may contain or point to other types being resolved.
+const MAX_NESTING: usize = 256;
 
 impl Types {
     pub(super) fn new() -> Types {
-        Types { table: vec![Type::Unknown, Type::Function], by_offset: HashMap::new(), pointer_size: 4 }
+        Types { table: vec![Type::Unknown, Type::Function], by_offset: HashMap::new(), pointer_size: 4, nesting: 0 }
     }
 
     pub(super) fn get(&self, id: TypeId) -> &Type {
@@ -185,7 +189,15 @@ impl Types {
 
 /// The type a type DIE describes; `None` for void.
 pub(super) fn resolve(r: &mut Reader<'_, '_>, die: DieRef) -> Result<Option<TypeId>, Error> {
-    resolve_depth(r, die, 0)
+    // Members and pointees recurse through here; bound the nesting so a
+    // hostile chain of distinct types cannot exhaust the stack.
+    if r.types.nesting > MAX_NESTING {
+        return Err(Error::Malformed(format!("type at {:#x} nests too deeply", r.global_offset(die))));
+    }
+    r.types.nesting += 1;
+    let id = resolve_depth(r, die, 0);
+    r.types.nesting -= 1;
+    id
 }
 
 fn resolve_depth<'a>(r: &mut Reader<'a, '_>, die: DieRef, depth: usize) -> Result<Option<TypeId>, Error> {
@@ -230,7 +242,7 @@ fn resolve_depth<'a>(r: &mut Reader<'a, '_>, die: DieRef, depth: usize) -> Resul
             let id = r.types.push(Type::Pointer { to: None });
             r.types.by_offset.insert(key, Some(id));
             let to = match referenced(r)? {
-                Some(target) => resolve_depth(r, target, 0)?,
+                Some(target) => resolve(r, target)?,
                 None => None,
             };
             r.types.table[id.0 as usize] = Type::Pointer { to };
@@ -254,7 +266,7 @@ fn resolve_depth<'a>(r: &mut Reader<'a, '_>, die: DieRef, depth: usize) -> Resul
         gimli::DW_TAG_array_type => {
             let counts = subranges(r, die)?;
             let mut element = match referenced(r)? {
-                Some(target) => resolve_depth(r, target, 0)?.unwrap_or(UNKNOWN),
+                Some(target) => resolve(r, target)?.unwrap_or(UNKNOWN),
                 None => UNKNOWN,
             };
             for count in counts.iter().rev() {
