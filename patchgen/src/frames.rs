@@ -16,8 +16,11 @@
 //!   live in compiler temporaries), a live local still carries over when
 //!   the two versions have the same locals, their code is identical from
 //!   the function's start up to the resume point, and neither version
-//!   writes that local anywhere after that prefix: its value was then
-//!   computed by the same code in both, and means the same. Saved operands
+//!   writes that local after that prefix in a loop that leads back to the
+//!   point: its value was then computed by the same code in both, and means
+//!   the same. So does a
+//!   parameter neither version assigns: it still holds the argument the
+//!   caller passed. Saved operands
 //!   copy only when the two points save the same types. A function whose frame in linear memory changed
 //!   size, or whose variables moved within it, cannot be moved while it is
 //!   active.
@@ -215,7 +218,13 @@ impl FrameMapper<'_> {
                     }
                 })
                 .or_else(|| (new_base == Some(local)).then_some(old_base).flatten())
-                .or_else(|| prefix.as_ref().filter(|p| p.keeps(local)).map(|_| local));
+                .or_else(|| prefix.as_ref().filter(|p| p.keeps(local)).map(|_| local))
+                .or_else(|| {
+                    // A parameter neither version ever assigns still holds
+                    // the argument the caller passed.
+                    let param = (local as usize) < new_params && (local as usize) < old_params;
+                    (param && old_fn.locals[local as usize] == new_fn.locals[local as usize] && !assigned(old, frame.func, local) && !assigned(new, new_func, local)).then_some(local)
+                });
             let value = source.and_then(|j| frame.locals.get(j as usize)).copied();
             match value {
                 Some(v) if v.ty() == new_fn.locals[local as usize] => locals[local as usize] = v,
@@ -282,10 +291,14 @@ impl FrameMapper<'_> {
         if a != b {
             return None;
         }
+        // A write after the prefix matters only if it can flow back to the
+        // resume point: through the back edge of a loop around both.
         let mut written_after = std::collections::HashSet::new();
         for (version, func) in [(old, old_func), (new, new_func)] {
-            for (local, offset) in local_writes(version, func)? {
-                if offset >= len {
+            let (writes, loops) = local_writes(version, func)?;
+            for (local, offset) in writes {
+                let loops_back = loops.iter().any(|l| l.start <= len && offset < l.end);
+                if offset >= len && loops_back {
                     written_after.insert(local);
                 }
             }
@@ -294,22 +307,41 @@ impl FrameMapper<'_> {
     }
 }
 
-/// Every `local.set` and `local.tee` of a function: (local, offset from the
-/// start of its body).
-fn local_writes(version: &Version, func: u32) -> Option<Vec<(u32, u32)>> {
+/// Every `local.set` and `local.tee` of a function, as (local, offset from
+/// the start of its body), and the extent of every loop.
+fn local_writes(version: &Version, func: u32) -> Option<(Vec<(u32, u32)>, Vec<std::ops::Range<u32>>)> {
     let body = version.info.functions.get(func as usize)?.body.clone()?;
     let base = version.info.code_section as usize;
     let bytes = version.wasm.get(base + body.start as usize..base + body.end as usize)?;
     let reader = wasmparser::FunctionBody::new(wasmparser::BinaryReader::new(bytes, 0));
     let mut ops = reader.get_operators_reader().ok()?;
     let mut out = Vec::new();
+    let mut loops = Vec::new();
+    // Open blocks: the start of each, and whether it is a loop.
+    let mut open: Vec<(u32, bool)> = Vec::new();
     while !ops.eof() {
         let (op, offset) = ops.read_with_offset().ok()?;
-        if let wasmparser::Operator::LocalSet { local_index } | wasmparser::Operator::LocalTee { local_index } = op {
-            out.push((local_index, offset as u32));
+        let offset = offset as u32;
+        match op {
+            wasmparser::Operator::LocalSet { local_index } | wasmparser::Operator::LocalTee { local_index } => {
+                out.push((local_index, offset))
+            }
+            wasmparser::Operator::Block { .. } | wasmparser::Operator::If { .. } => open.push((offset, false)),
+            wasmparser::Operator::Loop { .. } => open.push((offset, true)),
+            wasmparser::Operator::End => {
+                if let Some((start, true)) = open.pop() {
+                    loops.push(start..offset);
+                }
+            }
+            _ => {}
         }
     }
-    Some(out)
+    Some((out, loops))
+}
+
+/// Whether a function ever writes `local`.
+fn assigned(version: &Version, func: u32, local: u32) -> bool {
+    local_writes(version, func).is_none_or(|(w, _)| w.iter().any(|(l, _)| *l == local))
 }
 
 /// A resume point described for people: "call to poll #0", "loop #2".
