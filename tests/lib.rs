@@ -220,3 +220,317 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+// ---- live updates: versions, a controlled host, load, reports -------------
+
+/// The further versions of the example guests: the output names listed in
+/// `guest-examples/<name>/versions` (see `guest-examples/build.sh`), as
+/// `(guest, version)` pairs, sorted.
+pub fn example_guest_versions() -> Vec<(String, String)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-examples");
+    let mut versions = Vec::new();
+    for guest in example_guest_names() {
+        let Ok(text) = std::fs::read_to_string(dir.join(&guest).join("versions")) else { continue };
+        for line in text.lines() {
+            match line.split_whitespace().next() {
+                Some(name) if !name.starts_with('#') => versions.push((guest.clone(), name.to_string())),
+                _ => {}
+            }
+        }
+    }
+    versions.sort();
+    versions
+}
+
+/// The SHA-256 of a file, in hex, by coreutils' `sha256sum` (independent of
+/// the host's own hashing).
+pub fn sha256_file(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum (coreutils) is installed");
+    assert!(out.status.success(), "sha256sum {} failed", path.display());
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace().next().expect("sha256sum prints a digest").to_string()
+}
+
+/// Waits up to 10 s for a file (a control socket, say) to appear.
+pub fn wait_for_path(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A host's control socket, in a temporary directory of its own, and the
+/// control commands that go through it.
+pub struct Control {
+    dir: TempDir,
+}
+
+impl Control {
+    /// A fresh place for a control socket.
+    pub fn new(tag: &str) -> Self {
+        Control { dir: TempDir::new(tag) }
+    }
+
+    /// The socket's path, for `--control`.
+    pub fn path(&self) -> String {
+        self.dir.0.join("control.sock").to_str().expect("temporary paths are UTF-8").to_string()
+    }
+
+    /// The temporary directory, for other files of the test.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir.0
+    }
+
+    /// `upstare-host update --control SOCKET NEW`.
+    pub fn update(&self, new: &std::path::Path) -> Output {
+        run_host(&["update", "--control", &self.path(), new.to_str().unwrap()])
+    }
+
+    /// `upstare-host rollback --control SOCKET`.
+    pub fn rollback(&self) -> Output {
+        run_host(&["rollback", "--control", &self.path()])
+    }
+
+    /// The `version: sha256:<hex>` of `upstare-host status`: the digest of
+    /// the version running now.
+    pub fn running_version(&self) -> String {
+        let out = run_host(&["status", "--control", &self.path()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "status failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+        text.lines()
+            .find_map(|l| l.strip_prefix("version: sha256:"))
+            .unwrap_or_else(|| panic!("status has no version line: {text}"))
+            .trim()
+            .to_string()
+    }
+}
+
+/// The report `upstare-host update` (and `rollback`) prints on success:
+///
+/// ```text
+/// updated to NEW.wasm (sha256:<hex>)
+/// functions: <n> changed, <n> added, <n> removed, <n> unchanged
+/// globals: <n> kept, <n> moved, <n> transformed, <n> added, <n> removed
+/// frames: <n> mapped
+/// pause: <n> us
+/// ```
+#[derive(Debug)]
+pub struct UpdateReport {
+    /// The digest in the first line's `(sha256:<hex>)`.
+    pub sha256: String,
+    /// `(line, what) -> n`, e.g. `("functions", "changed") -> 3`.
+    pub counts: std::collections::BTreeMap<(String, String), u64>,
+}
+
+impl UpdateReport {
+    /// The counts every report has, by line.
+    pub const EXPECTED: &'static [(&'static str, &'static [&'static str])] = &[
+        ("functions", &["changed", "added", "removed", "unchanged"]),
+        ("globals", &["kept", "moved", "transformed", "added", "removed"]),
+        ("frames", &["mapped"]),
+        ("pause", &["us"]),
+    ];
+
+    /// Parses a successful command's stdout; every count of [`Self::EXPECTED`]
+    /// must be there.
+    pub fn parse(stdout: &str) -> Result<Self, String> {
+        let mut lines = stdout.lines();
+        let first = lines.next().ok_or("empty report")?;
+        let sha256 = first
+            .rsplit_once("(sha256:")
+            .and_then(|(_, rest)| rest.strip_suffix(')'))
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| format!("first line has no (sha256:<hex>): {first:?}"))?
+            .to_string();
+        let mut counts = std::collections::BTreeMap::new();
+        for line in lines {
+            let Some((label, rest)) = line.split_once(": ") else { continue };
+            for item in rest.split(", ") {
+                let (n, what) = item.split_once(' ').ok_or_else(|| format!("bad count {item:?} in {line:?}"))?;
+                let n: u64 = n.parse().map_err(|_| format!("bad number {n:?} in {line:?}"))?;
+                counts.insert((label.to_string(), what.to_string()), n);
+            }
+        }
+        for (label, whats) in Self::EXPECTED {
+            for what in *whats {
+                if !counts.contains_key(&(label.to_string(), what.to_string())) {
+                    return Err(format!("report has no `{label}: <n> {what}`:\n{stdout}"));
+                }
+            }
+        }
+        Ok(UpdateReport { sha256, counts })
+    }
+
+    /// One count, e.g. `count("globals", "added")`.
+    pub fn count(&self, label: &str, what: &str) -> u64 {
+        self.counts[&(label.to_string(), what.to_string())]
+    }
+}
+
+/// The stdout of a command that must have succeeded, parsed as a report.
+pub fn expect_report(out: &Output) -> UpdateReport {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "expected success, got {}; stdout: {stdout}; stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    UpdateReport::parse(&stdout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The one-line reason of a command that must have failed with `code`, after
+/// `error: `.
+pub fn expect_error(out: &Output, code: i32) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit status {code}; stdout: {}; stderr: {err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line on stderr: {err}");
+    err.trim_end().strip_prefix("error: ").unwrap_or_else(|| panic!("stderr starts with `error: `: {err}")).to_string()
+}
+
+impl Client {
+    /// Sends one line and reads one line back, or says what went wrong.
+    pub fn try_request(&mut self, line: &str) -> Result<String, String> {
+        self.writer.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("send {line:?}: {e}"))?;
+        let mut s = String::new();
+        match self.reader.read_line(&mut s) {
+            Ok(0) => Err(format!("connection closed before the reply to {line:?}")),
+            Ok(_) => Ok(s.trim_end_matches('\n').to_string()),
+            Err(e) => Err(format!("receive the reply to {line:?}: {e}")),
+        }
+    }
+}
+
+type Command_ = (String, std::sync::mpsc::Sender<Result<String, String>>);
+
+/// Load on a key-value server: clients on loopback, each on its own thread
+/// and its own connection, setting and getting keys of their own in a loop
+/// and checking every reply. Failures are recorded, not panicked on.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    clients: Vec<(std::sync::mpsc::Sender<Command_>, std::thread::JoinHandle<Vec<(String, String)>>)>,
+}
+
+/// What a [`Load`] did, once stopped.
+#[derive(Debug)]
+pub struct LoadOutcome {
+    /// Requests answered correctly.
+    pub requests: u64,
+    /// Every wrong reply, dropped connection or timeout.
+    pub failures: Vec<String>,
+    /// Each key the clients set, with the last value set.
+    pub stored: Vec<(String, String)>,
+}
+
+impl Load {
+    /// Connects `clients` clients to `port` (all connected when this
+    /// returns), each cycling through `keys` keys named `load<client>-<k>`.
+    pub fn start(port: u16, clients: usize, keys: usize) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let clients = (0..clients)
+            .map(|c| {
+                let mut client = Client::connect(port);
+                let (tx, rx) = std::sync::mpsc::channel::<Command_>();
+                let (stop, requests, failures) = (stop.clone(), requests.clone(), failures.clone());
+                let thread = std::thread::spawn(move || {
+                    let mut stored = std::collections::BTreeMap::new();
+                    let fail = |what: String| failures.lock().unwrap().push(format!("client {c}: {what}"));
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Ok((line, reply)) = rx.try_recv() {
+                            let _ = reply.send(client.try_request(&line));
+                        }
+                        let key = format!("load{c}-{}", n as usize % keys.max(1));
+                        let value = format!("v{n} of {c}");
+                        let checks = [(format!("SET {key} {value}"), "OK".to_string()), (format!("GET {key}"), format!("VALUE {value}"))];
+                        for (request, expected) in checks {
+                            match client.try_request(&request) {
+                                Ok(got) if got == expected => {
+                                    requests.fetch_add(1, Ordering::SeqCst);
+                                }
+                                Ok(got) => {
+                                    fail(format!("{request:?} got {got:?}, expected {expected:?}"));
+                                    return stored.into_iter().collect();
+                                }
+                                Err(e) => {
+                                    fail(e);
+                                    return stored.into_iter().collect();
+                                }
+                            }
+                            stored.insert(key.clone(), value.clone());
+                        }
+                        n += 1;
+                    }
+                    stored.into_iter().collect()
+                });
+                (tx, thread)
+            })
+            .collect();
+        Load { stop, requests, failures, clients }
+    }
+
+    /// Requests answered correctly so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Failures so far.
+    pub fn failures(&self) -> Vec<String> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// Waits until `more` further requests have been answered (at most 30 s).
+    pub fn wait_for_requests(&self, more: u64) {
+        let target = self.requests() + more;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.requests() < target {
+            assert!(self.failures().is_empty(), "load failed: {:?}", self.failures());
+            assert!(Instant::now() < deadline, "the load made no progress: {} of {target} requests", self.requests());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Sends `line` on client `n`'s own connection, between two of its
+    /// requests, and returns the reply.
+    pub fn command(&self, n: usize, line: &str) -> Result<String, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.clients[n].0.send((line.to_string(), tx)).map_err(|_| format!("client {n} has stopped"))?;
+        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("client {n} did not send {line:?}"))?
+    }
+
+    /// Stops every client and says what they did.
+    pub fn stop(self) -> LoadOutcome {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut stored = Vec::new();
+        for (_, thread) in self.clients {
+            stored.extend(thread.join().expect("load clients record failures, never panic"));
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        LoadOutcome { requests: self.requests.load(std::sync::atomic::Ordering::SeqCst), failures, stored }
+    }
+}
+
+/// The keys in `expected` that a new client on `port` does not read back
+/// with their value, as `key: got` lines.
+pub fn missing_keys(port: u16, expected: &[(String, String)]) -> Vec<String> {
+    let mut client = Client::connect(port);
+    expected
+        .iter()
+        .filter_map(|(k, v)| {
+            let got = client.try_request(&format!("GET {k}")).unwrap_or_else(|e| e);
+            (got != format!("VALUE {v}")).then(|| format!("{k}: {got}"))
+        })
+        .collect()
+}

@@ -9,5 +9,7 @@ mod files;
 mod guests;
 mod interrupt;
 mod kv;
+mod rollback;
 mod snapshot;
 mod stress;
+mod update;
