@@ -408,7 +408,15 @@ impl Client {
     }
 }
 
-type Command_ = (String, std::sync::mpsc::Sender<Result<String, String>>);
+/// A line for a load client to send on its connection, and where its reply goes.
+type LoadCommand = (String, std::sync::mpsc::Sender<Result<String, String>>);
+
+/// One client of a [`Load`]: how to reach its thread, and the thread, which
+/// returns the keys it set with their last values.
+struct LoadClient {
+    commands: std::sync::mpsc::Sender<LoadCommand>,
+    thread: std::thread::JoinHandle<Vec<(String, String)>>,
+}
 
 /// Load on a key-value server: clients on loopback, each on its own thread
 /// and its own connection, setting and getting keys of their own in a loop
@@ -417,7 +425,7 @@ pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
     failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    clients: Vec<(std::sync::mpsc::Sender<Command_>, std::thread::JoinHandle<Vec<(String, String)>>)>,
+    clients: Vec<LoadClient>,
 }
 
 /// What a [`Load`] did, once stopped.
@@ -442,7 +450,7 @@ impl Load {
         let clients = (0..clients)
             .map(|c| {
                 let mut client = Client::connect(port);
-                let (tx, rx) = std::sync::mpsc::channel::<Command_>();
+                let (commands, rx) = std::sync::mpsc::channel::<LoadCommand>();
                 let (stop, requests, failures) = (stop.clone(), requests.clone(), failures.clone());
                 let thread = std::thread::spawn(move || {
                     let mut stored = std::collections::BTreeMap::new();
@@ -475,7 +483,7 @@ impl Load {
                     }
                     stored.into_iter().collect()
                 });
-                (tx, thread)
+                LoadClient { commands, thread }
             })
             .collect();
         Load { stop, requests, failures, clients }
@@ -506,7 +514,7 @@ impl Load {
     /// requests, and returns the reply.
     pub fn command(&self, n: usize, line: &str) -> Result<String, String> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.clients[n].0.send((line.to_string(), tx)).map_err(|_| format!("client {n} has stopped"))?;
+        self.clients[n].commands.send((line.to_string(), tx)).map_err(|_| format!("client {n} has stopped"))?;
         rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("client {n} did not send {line:?}"))?
     }
 
@@ -514,8 +522,8 @@ impl Load {
     pub fn stop(self) -> LoadOutcome {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let mut stored = Vec::new();
-        for (_, thread) in self.clients {
-            stored.extend(thread.join().expect("load clients record failures, never panic"));
+        for client in self.clients {
+            stored.extend(client.thread.join().expect("load clients record failures, never panic"));
         }
         let failures = self.failures.lock().unwrap().clone();
         LoadOutcome { requests: self.requests.load(std::sync::atomic::Ordering::SeqCst), failures, stored }
