@@ -41,4 +41,27 @@ static inline int upstare_listener_fd(int n)
     return -1;
 }
 
+/*
+ * UPSTARE_TRANSFORM(global): a state transformer, written in the NEW version
+ * of a program, for a global whose type changed in a way no automatic
+ * mapping can carry (a field that changed type, a value to recompute):
+ *
+ *     UPSTARE_TRANSFORM(stats)
+ *     {
+ *         const struct old_stats *o = old_value;   (the old layout, declared
+ *         struct server_stats *n = new_value;       by hand in the new code)
+ *         n->requests = o->requests;
+ *     }
+ *
+ * During `upstare-host update`, after the automatic field-by-field mapping
+ * (which leaves what it cannot map zeroed), the host calls it with the
+ * address of the old value and of the new one, before the program resumes.
+ * It must write only the new value; if it traps, the update is rolled back
+ * and the old version runs on. The naming convention is the export name
+ * `upstare_transform_<global>`.
+ */
+#define UPSTARE_TRANSFORM(global)                                                            \
+    __attribute__((export_name("upstare_transform_" #global))) void                         \
+        upstare_transform_##global(const void *old_value, void *new_value)
+
 #endif /* UPSTARE_H */

@@ -96,14 +96,34 @@ pub struct Fingerprint {
 
 /// Fingerprints function `func` of the module `wasm` described by `info`.
 pub fn fingerprint(info: &ModuleInfo, wasm: &[u8], func: u32) -> Result<Fingerprint, Error> {
-    fingerprint_prefix(info, wasm, func, u32::MAX)
+    fingerprint_range(info, wasm, func, 0, u32::MAX)
 }
 
-/// The fingerprint of the first `len` bytes of a function's body (from
-/// its local declarations): two functions whose prefixes up to some
-/// instruction are equal compute the same things on the way there.
-pub fn fingerprint_prefix(info: &ModuleInfo, wasm: &[u8], func: u32, len: u32) -> Result<Fingerprint, Error> {
+/// The fingerprint of the first `len` bytes of a function's instructions
+/// (after its local declarations, which may differ): two functions whose
+/// code is equal up to some instruction compute the same things on the way
+/// there.
+pub fn fingerprint_code_prefix(info: &ModuleInfo, wasm: &[u8], func: u32, len: u32) -> Result<Fingerprint, Error> {
+    let skip = code_start(info, wasm, func)?;
+    fingerprint_range(info, wasm, func, skip, len)
+}
+
+/// Offset of a function's first instruction from the start of its body
+/// (the size of its local declarations).
+pub fn code_start(info: &ModuleInfo, wasm: &[u8], func: u32) -> Result<u32, Error> {
+    let body = body_range(info, func)?;
+    let base = info.code_section as usize;
+    let bytes = wasm
+        .get(base + body.start as usize..base + body.end as usize)
+        .ok_or(Error::Truncated { func, len: wasm.len() })?;
+    let reader = wasmparser::FunctionBody::new(wasmparser::BinaryReader::new(bytes, 0));
+    let ops = reader.get_operators_reader().map_err(|_| Error::Truncated { func, len: wasm.len() })?;
+    Ok(ops.original_position() as u32)
+}
+
+fn fingerprint_range(info: &ModuleInfo, wasm: &[u8], func: u32, skip: u32, len: u32) -> Result<Fingerprint, Error> {
     let mut body = body_range(info, func)?;
+    body.start = body.start.saturating_add(skip).min(body.end);
     body.end = body.end.min(body.start.saturating_add(len));
     let start = info.code_section as usize + body.start as usize;
     let end = info.code_section as usize + body.end as usize;

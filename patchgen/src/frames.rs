@@ -9,21 +9,24 @@
 //! - the function is unchanged: locals and saved operands are copied as
 //!   they are;
 //! - it changed: every local the new code can still read from that point
-//!   ([`crate::liveness`]) must be the home, per the new DWARF, of a variable
-//!   that the old DWARF places in a local of the old frame at the old point
-//!   (same scope path, name and type), or the frame base; those are copied,
-//!   the dead rest is zero. Where DWARF says nothing (at -O2 most values
-//!   live in compiler temporaries), a live local still carries over when
-//!   the two versions have the same locals, their code is identical from
-//!   the function's start up to the resume point, and neither version
-//!   writes that local after that prefix in a loop that leads back to the
-//!   point: its value was then computed by the same code in both, and means
-//!   the same. So does a
-//!   parameter neither version assigns: it still holds the argument the
-//!   caller passed. Saved operands
-//!   copy only when the two points save the same types. A function whose frame in linear memory changed
-//!   size, or whose variables moved within it, cannot be moved while it is
-//!   active.
+//!   ([`crate::liveness`]) needs a source in the old frame, and the dead
+//!   rest is zero. A source is, in order of preference:
+//!   - the local where the old DWARF places the variable (same scope path,
+//!     name and type) that the new DWARF places in this local;
+//!   - the old frame base, for the new frame base;
+//!   - the same local, when the code of both versions is identical from
+//!     the function's first instruction through the resume point (local
+//!     declarations may differ; the local keeps its type) and no loop
+//!     around the point that reaches changed code writes the local after
+//!     the point: its value was computed by the same code in both.
+//!     At -O2 most values live in compiler temporaries DWARF does not name,
+//!     so this is what moves most frames of changed functions;
+//!   - the same parameter, when neither version ever assigns it: it still
+//!     holds the caller's argument.
+//!
+//!   Saved operands copy only when the two points save the same types. A
+//!   function whose frame in linear memory changed size, or whose variables
+//!   moved within it, cannot be moved while it is active.
 //!
 //! Anything else is [`Unmappable`]: the updater waits for that frame to leave
 //! the stack, or refuses.
@@ -204,7 +207,7 @@ impl FrameMapper<'_> {
         };
         let (old_base, new_base) = (frame_base(old, old_pc), frame_base(new, new_pc));
 
-        let prefix = self.common_prefix(frame.func, old_pc, new_func, new_pc, old_fn, new_fn);
+        let prefix = self.common_prefix(frame.func, old_pc, new_func, new_pc);
         for (local, is_live) in live.iter().enumerate() {
             let local = local as u32;
             let source = new_vars
@@ -218,7 +221,10 @@ impl FrameMapper<'_> {
                     }
                 })
                 .or_else(|| (new_base == Some(local)).then_some(old_base).flatten())
-                .or_else(|| prefix.as_ref().filter(|p| p.keeps(local)).map(|_| local))
+                .or_else(|| {
+                    let same_type = old_fn.locals.get(local as usize) == new_fn.locals.get(local as usize);
+                    prefix.as_ref().filter(|p| same_type && p.keeps(local)).map(|_| local)
+                })
                 .or_else(|| {
                     // A parameter neither version ever assigns still holds
                     // the argument the caller passed.
@@ -260,51 +266,79 @@ impl CommonPrefix {
 }
 
 impl FrameMapper<'_> {
-    /// The common prefix of the two bodies, if the code up to and including
-    /// the resume point is identical (references compared by name) and the
-    /// locals are the same.
+    /// The common prefix of the two bodies, if their instructions up to and
+    /// including the resume point are identical (references compared by
+    /// name).
     fn common_prefix(
         &self,
         old_func: u32,
         old_pc: u32,
         new_func: u32,
         new_pc: u32,
-        old_fn: &FunctionMeta,
-        new_fn: &FunctionMeta,
     ) -> Option<CommonPrefix> {
         let (old, _) = self.old;
         let (new, _) = self.new;
-        if old_fn.locals != new_fn.locals {
-            return None;
-        }
-        let old_start = old.info.functions.get(old_func as usize)?.body.as_ref()?.start;
-        let new_start = new.info.functions.get(new_func as usize)?.body.as_ref()?.start;
+        let code_start = |v: &Version, f: u32| -> Option<u32> {
+            let body = v.info.functions.get(f as usize)?.body.as_ref()?.start;
+            Some(body + crate::body::code_start(&v.info, &v.wasm, f).ok()?)
+        };
+        let (old_start, new_start) = (code_start(old, old_func)?, code_start(new, new_func)?);
         let len = old_pc.checked_sub(old_start)?;
         if new_pc.checked_sub(new_start)? != len {
             return None;
         }
-        // Through the resume point's instruction itself: up to 6 bytes
-        // (an opcode and a padded index) covers every kind of point.
-        let through = len + 6;
-        let a = crate::body::fingerprint_prefix(&old.info, &old.wasm, old_func, through).ok()?;
-        let b = crate::body::fingerprint_prefix(&new.info, &new.wasm, new_func, through).ok()?;
-        if a != b {
+        let common = common_code_len(old, old_func, new, new_func)?;
+        // Through the resume point's instruction itself: up to 6 bytes (an
+        // opcode and a padded index) covers every kind of point.
+        if len + 6 > common {
             return None;
         }
-        // A write after the prefix matters only if it can flow back to the
-        // resume point: through the back edge of a loop around both.
+        // Values reach the point from the identical code before it, or
+        // around a loop that contains it. A loop that stays within the
+        // identical code computes the same in both; one that reaches changed
+        // code may carry changed values back: every local it writes after
+        // the point is suspect.
         let mut written_after = std::collections::HashSet::new();
         for (version, func) in [(old, old_func), (new, new_func)] {
             let (writes, loops) = local_writes(version, func)?;
+            let skip = crate::body::code_start(&version.info, &version.wasm, func).ok()?;
+            let code = |at: u32| at.saturating_sub(skip);
+            let escaping: Vec<_> = loops
+                .iter()
+                .map(|l| code(l.start)..code(l.end))
+                .filter(|l| l.start <= len && len < l.end && l.end >= common)
+                .collect();
             for (local, offset) in writes {
-                let loops_back = loops.iter().any(|l| l.start <= len && offset < l.end);
-                if offset >= len && loops_back {
+                let offset = code(offset);
+                if offset > len && escaping.iter().any(|l| l.contains(&offset)) {
                     written_after.insert(local);
                 }
             }
         }
         Some(CommonPrefix { written_after })
     }
+}
+
+/// How many bytes of the two functions' instructions are identical, with
+/// every relocated field read as what it names.
+fn common_code_len(old: &Version, old_func: u32, new: &Version, new_func: u32) -> Option<u32> {
+    let a = crate::body::fingerprint_code_prefix(&old.info, &old.wasm, old_func, u32::MAX).ok()?;
+    let b = crate::body::fingerprint_code_prefix(&new.info, &new.wasm, new_func, u32::MAX).ok()?;
+    let mut common = a.bytes.iter().zip(&b.bytes).take_while(|(x, y)| x == y).count() as u32;
+    // The relocated fields are blank in the bytes: the first one whose
+    // target differs ends the common code too.
+    let field_offsets = |v: &Version, f: u32| -> Option<Vec<u32>> {
+        let body = v.info.functions.get(f as usize)?.body.clone()?;
+        let start = body.start + crate::body::code_start(&v.info, &v.wasm, f).ok()?;
+        Some(v.info.code_relocs.iter().filter(|r| r.offset >= start && r.offset < body.end).map(|r| r.offset - start).collect())
+    };
+    let offsets = field_offsets(old, old_func)?;
+    if let Some(i) = a.refs.iter().zip(&b.refs).position(|(x, y)| x != y) {
+        common = common.min(offsets.get(i).copied().unwrap_or(0));
+    } else if a.refs.len() != b.refs.len() {
+        common = common.min(offsets.get(a.refs.len().min(b.refs.len())).copied().unwrap_or(common));
+    }
+    Some(common)
 }
 
 /// Every `local.set` and `local.tee` of a function, as (local, offset from
