@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::control::{ControlSocket, Request};
+use crate::pause::ControlMemory;
 use crate::program_memory::ProgramMemory;
 use crate::update::{self, Prepared, Report, RunningVersion, UpdateError};
 use crate::{Exit, Guest, GuestModule, PauseHandle, Snapshot, GUEST_THREAD_STACK};
@@ -60,6 +61,7 @@ enum Command {
 struct Updater {
     engine: wasmtime::Engine,
     memory: ProgramMemory,
+    control: ControlMemory,
     /// The module the guest started with; its version is built at the
     /// first update.
     first: GuestModule,
@@ -92,7 +94,10 @@ pub fn run(
                     return Err(e);
                 }
             };
-            let seed = guest.program_memory().map(|memory| (guest.engine().clone(), memory, guest.module().clone()));
+            let seed = guest
+                .unwinder
+                .as_ref()
+                .map(|u| (guest.engine().clone(), u.memory.clone(), u.control.clone(), guest.module().clone()));
             let _ = handle_tx.send((guest.pause_handle(), seed));
             let exit = drive(&mut guest, &commands, &guest_live);
             guest_live.lock().map(|mut l| l.state = "exited").ok();
@@ -104,7 +109,7 @@ pub fn run(
         let started = Instant::now();
         let serve_live = live.clone();
         let mut updater =
-            seed.map(|(engine, memory, first)| Updater { engine, memory, first, history: Vec::new() });
+            seed.map(|(engine, memory, control, first)| Updater { engine, memory, control, first, history: Vec::new() });
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -277,7 +282,7 @@ fn live_update(
             _ => return "ERR no previous version to return to: the program has not been updated".into(),
         },
     };
-    let prepared = match update::prepare(&updater.engine, &current, &updater.memory, &path, bytes) {
+    let prepared = match update::prepare(&updater.engine, &current, &updater.memory, &updater.control, &path, bytes) {
         Ok(p) => p,
         Err(UpdateError::BadInput(e)) => return format!("BAD {e}"),
         Err(e) => return format!("ERR {e}"),

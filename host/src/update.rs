@@ -30,12 +30,13 @@ use std::time::{Duration, Instant};
 
 use upstare_instrument::abi::{exports, write_frames, TypedFrame};
 use upstare_instrument::Metadata;
-use upstare_patchgen::frames::{FrameMapper, Unmappable};
+use upstare_patchgen::frames::{FrameMapper, FramePlan, Unmappable};
 use upstare_patchgen::plan::{plan, Linked, Plan};
 use upstare_patchgen::version::Version;
-use wasmtime::{Engine, Linker, Store};
+use wasmtime::{Engine, InstancePre, Linker, Store};
 
 use crate::module::{one_line, GuestModule};
+use crate::pause::ControlMemory;
 use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinder};
 use crate::program_memory::{ProgramMemory, PAGE};
 use crate::wasi::{self, UnwindHooks, WasiCtx};
@@ -103,6 +104,11 @@ pub struct Prepared {
     pub linked: Linked,
     /// The new version, once committed.
     pub next: RunningVersion,
+    /// How each frame moves, decided for every resume point.
+    pub frames: FramePlan,
+    /// The new module, linked against the running memories, ready to
+    /// instantiate.
+    pub instance_pre: InstancePre<ProcessState>,
     /// How long preparing took.
     pub prepare_time: Duration,
 }
@@ -147,6 +153,7 @@ pub fn prepare(
     engine: &Engine,
     current: &RunningVersion,
     memory: &ProgramMemory,
+    control: &ControlMemory,
     path: &Path,
     bytes: Vec<u8>,
 ) -> Result<Prepared, UpdateError> {
@@ -157,6 +164,7 @@ pub fn prepare(
     // clear messages.
     GuestModule::check_bytes(path, &bytes).map_err(|e| UpdateError::BadInput(e.to_string()))?;
     let plan = plan(current.version.clone(), Arc::new(bytes)).map_err(|e| bad(e.to_string()))?;
+    tracing::debug!("update: planned in {:?}", started.elapsed());
     if !plan.is_safe() {
         return Err(UpdateError::Refused(plan.refusals.join("; ")));
     }
@@ -170,9 +178,41 @@ pub fn prepare(
         0
     };
     let linked = plan.link(base).map_err(|e| bad(format!("cannot relink: {e}")))?;
+    tracing::debug!("update: relinked at {:?}", started.elapsed());
     let module = GuestModule::from_bytes(engine, path, &linked.wasm).map_err(|e| UpdateError::BadInput(e.to_string()))?;
+    tracing::debug!("update: instrumented and compiled at {:?}", started.elapsed());
     let next = RunningVersion { version: Arc::new(linked.version.clone()), module, path: path.to_path_buf(), hash };
-    Ok(Prepared { plan, linked, next, prepare_time: started.elapsed() })
+    let (old_meta, new_meta) = match (current.module.metadata(), next.module.metadata()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => return Err(UpdateError::Refused("both versions must be instrumented".into())),
+    };
+    let frames = FrameMapper {
+        old: (&current.version, old_meta),
+        new: (&next.version, new_meta),
+        functions: &plan.functions,
+    }
+    .plan();
+    tracing::debug!("update: frame recipes at {:?}", started.elapsed());
+    let instance_pre = link(engine, &next.module, memory, control)
+        .map_err(|e| UpdateError::BadInput(format!("{}: cannot link the new version: {}", path.display(), one_line(&e))))?;
+    Ok(Prepared { plan, linked, next, frames, instance_pre, prepare_time: started.elapsed() })
+}
+
+/// Links the new module against the WASI layer and the running memories,
+/// so that instantiating it at the pause costs only the instantiation.
+fn link(
+    engine: &Engine,
+    module: &GuestModule,
+    memory: &ProgramMemory,
+    control: &ControlMemory,
+) -> wasmtime::Result<InstancePre<ProcessState>> {
+    let mut linker = Linker::new(engine);
+    wasi::add_to_linker(&mut linker)?;
+    // `define` wants a store only to check types; the memories belong to
+    // the engine, so the linked module is not tied to this one.
+    let mut scratch = Store::new(engine, ProcessState { wasi: WasiCtx::detached()?, hooks: None });
+    link_memories(&mut scratch, &mut linker, memory, control)?;
+    linker.instantiate_pre(module.module())
 }
 
 /// The old instance, kept aside until the update commits.
@@ -200,14 +240,13 @@ impl Guest {
             .clone()
             .ok_or_else(|| UpdateError::Refused("the new module is not instrumented".into()))?;
 
-        let mapper = FrameMapper {
-            old: (&current.version, &u.metadata),
-            new: (&prepared.next.version, &new_meta),
-            functions: &prepared.plan.functions,
-        };
-        let mapped: Vec<TypedFrame> = frames.iter().map(|f| mapper.map(f)).collect::<Result<_, _>>().map_err(UpdateError::Frame)?;
+        if self.module.hash != current.module.hash {
+            return Err(UpdateError::Refused("the update was prepared for another version than the one running".into()));
+        }
+        let mapped: Vec<TypedFrame> =
+            frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map_err(UpdateError::Frame)?;
 
-        let mut previous = self.switch_to(&prepared.next.module, new_meta).map_err(rollback)?;
+        let mut previous = self.switch_to(prepared, new_meta).map_err(rollback)?;
         match self.finish_update(&mut previous, prepared, &mapped) {
             Ok(()) => {
                 drop(previous);
@@ -237,7 +276,8 @@ impl Guest {
     /// Instantiates `module` in a fresh store over this guest's memories and
     /// makes it the guest's instance, moving the WASI state over. Returns
     /// the old instance.
-    fn switch_to(&mut self, module: &GuestModule, metadata: Arc<Metadata>) -> Result<Previous, String> {
+    fn switch_to(&mut self, prepared: &Prepared, metadata: Arc<Metadata>) -> Result<Previous, String> {
+        let module = &prepared.next.module;
         let u = self.unwinder.as_ref().expect("checked by the caller");
         let (memory, control) = (u.memory.clone(), u.control.clone());
         let frame_bytes = control.frame_bytes();
@@ -245,11 +285,7 @@ impl Guest {
         let detached = WasiCtx::detached().map_err(|e| format!("cannot set up the new store: {e}"))?;
         let wasi = std::mem::replace(&mut self.store.data_mut().wasi, detached);
         let mut store = Store::new(&engine, ProcessState { wasi, hooks: None });
-        let mut linker = Linker::new(&engine);
-        let built = wasi::add_to_linker(&mut linker)
-            .and_then(|_| link_memories(&mut store, &mut linker, &memory, &control))
-            .and_then(|_| linker.instantiate(&mut store, module.module()))
-            .and_then(|instance| {
+        let built = prepared.instance_pre.instantiate(&mut store).and_then(|instance| {
                 let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata)?;
                 let stop_rewind = instance.get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)?;
                 store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state, stop_rewind });

@@ -29,11 +29,13 @@
 //!   moved within it, cannot be moved while it is active.
 //!
 //! Anything else is [`Unmappable`]: the updater waits for that frame to leave
-//! the stack, or refuses.
+//! the stack, or refuses. All of this is decided before the pause, for
+//! every resume point at once ([`FrameMapper::plan`]); the pause only copies
+//! slots ([`FramePlan::map`]).
 
 use std::collections::HashMap;
 
-use upstare_instrument::abi::{FunctionMeta, Metadata, ResumeKind, ResumePoint, TypedFrame, Value};
+use upstare_instrument::abi::{FunctionMeta, Metadata, ResumeKind, ResumePoint, TypedFrame, ValType, Value};
 
 use crate::body::shadow_frame_size;
 use crate::diff::FunctionMatch;
@@ -64,18 +66,88 @@ pub struct FrameMapper<'a> {
     pub functions: &'a FunctionMatch,
 }
 
-impl FrameMapper<'_> {
+/// How to build the new version's frame from an old frame saved at one
+/// resume point: decided before the pause, applied during it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipe {
+    /// The function in the new version.
+    pub func: u32,
+    /// The resume point in the new version's metadata.
+    pub resume_point: u32,
+    /// For each new local, the old local it takes its value from, or
+    /// `None` for zero (a local dead at that point).
+    pub locals: Vec<Option<u32>>,
+    /// The new locals' types (for the zeros).
+    pub types: Vec<ValType>,
+}
+
+/// Recipes for every resume point of the running version, by (function,
+/// resume point index), each one a recipe or the reason there is none.
+#[derive(Debug, Clone, Default)]
+pub struct FramePlan {
+    recipes: HashMap<(u32, u32), Result<Recipe, Unmappable>>,
+}
+
+impl FramePlan {
     /// The frame `frame` of the old version, as a frame of the new one.
     pub fn map(&self, frame: &TypedFrame) -> Result<TypedFrame, Unmappable> {
+        let recipe = match self.recipes.get(&(frame.func, frame.resume_point)) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return Err(e.clone()),
+            None => {
+                return Err(Unmappable {
+                    function: format!("func[{}]", frame.func),
+                    point: format!("#{}", frame.resume_point),
+                    reason: "the frame names a resume point the running version's metadata does not have".into(),
+                })
+            }
+        };
+        let locals = recipe
+            .locals
+            .iter()
+            .zip(&recipe.types)
+            .map(|(source, ty)| match source {
+                Some(j) => frame.locals.get(*j as usize).copied().unwrap_or(Value::from_slot(*ty, 0)),
+                None => Value::from_slot(*ty, 0),
+            })
+            .collect();
+        Ok(TypedFrame { func: recipe.func, resume_point: recipe.resume_point, locals, operands: frame.operands.clone() })
+    }
+
+    /// How many resume points have a recipe, and how many cannot move.
+    pub fn counts(&self) -> (usize, usize) {
+        let ok = self.recipes.values().filter(|r| r.is_ok()).count();
+        (ok, self.recipes.len() - ok)
+    }
+}
+
+impl FrameMapper<'_> {
+    /// Recipes for every resume point of every function of the old
+    /// version's metadata: the expensive part (DWARF, liveness, code
+    /// comparison) done once, before the program pauses.
+    pub fn plan(&self) -> FramePlan {
+        let (_, old_meta) = self.old;
+        let mut recipes = HashMap::new();
+        for f in &old_meta.functions {
+            for rp in 0..f.resume_points.len() as u32 {
+                recipes.insert((f.index, rp), self.recipe(f.index, rp));
+            }
+        }
+        FramePlan { recipes }
+    }
+
+    /// The recipe for frames of old function `func` saved at its resume
+    /// point `resume_point`.
+    pub fn recipe(&self, func: u32, resume_point: u32) -> Result<Recipe, Unmappable> {
         let (old, old_meta) = self.old;
         let (_, new_meta) = self.new;
-        let function = old.info.function_name(frame.func);
-        let old_fn = old_meta.function(frame.func).ok_or_else(|| Unmappable {
+        let function = old.info.function_name(func);
+        let old_fn = old_meta.function(func).ok_or_else(|| Unmappable {
             function: function.clone(),
             point: "?".into(),
             reason: "the frame names a function the metadata does not describe".into(),
         })?;
-        let old_rp = old_fn.resume_points.get(frame.resume_point as usize).ok_or_else(|| Unmappable {
+        let old_rp = old_fn.resume_points.get(resume_point as usize).ok_or_else(|| Unmappable {
             function: function.clone(),
             point: "?".into(),
             reason: "the frame names an unknown resume point".into(),
@@ -83,33 +155,30 @@ impl FrameMapper<'_> {
         let point = describe(old, old_rp);
         let fail = |reason: String| Unmappable { function: function.clone(), point: point.clone(), reason };
 
+        if old_fn.locals.iter().chain(&old_rp.operands).any(|t| t.is_ref()) {
+            return Err(fail("it holds a reference value, which cannot cross instances".into()));
+        }
         let new_func = *self
             .functions
             .old_to_new
-            .get(&frame.func)
+            .get(&func)
             .ok_or_else(|| fail("the new version has no function of that name".into()))?;
         let new_fn = new_meta
             .function(new_func)
             .ok_or_else(|| fail("the new version of the function has no update point there".into()))?;
         let (rp_index, new_rp) = self.find_point(old_fn, old_rp, new_fn).map_err(fail)?;
-
-        let unchanged = self.functions.is_unchanged(frame.func);
-        let locals = if unchanged {
+        if old_rp.operands != new_rp.operands {
+            return Err(fail("the values on the operand stack there differ between the versions".into()));
+        }
+        let locals = if self.functions.is_unchanged(func) {
             if new_fn.locals != old_fn.locals {
                 return Err(fail("its locals changed although its body did not".into()));
             }
-            frame.locals.clone()
+            (0..old_fn.locals.len() as u32).map(Some).collect()
         } else {
-            self.changed_locals(frame, old_rp, old_fn, new_func, new_rp, new_fn).map_err(fail)?
+            self.changed_locals(func, old_rp, old_fn, new_func, new_rp, new_fn).map_err(fail)?
         };
-        let operand_types: Vec<_> = frame.operands.iter().map(|v| v.ty()).collect();
-        if operand_types != new_rp.operands {
-            return Err(fail("the values on the operand stack there differ between the versions".into()));
-        }
-        if frame.locals.iter().chain(&frame.operands).any(|v| v.ty().is_ref()) {
-            return Err(fail("it holds a reference value, which cannot cross instances".into()));
-        }
-        Ok(TypedFrame { func: new_func, resume_point: rp_index, locals, operands: frame.operands.clone() })
+        Ok(Recipe { func: new_func, resume_point: rp_index, locals, types: new_fn.locals.clone() })
     }
 
     /// The new resume point matching `old_rp`: same kind, same callee (by
@@ -157,17 +226,17 @@ impl FrameMapper<'_> {
     /// Builds the locals of a changed function's frame from DWARF.
     fn changed_locals(
         &self,
-        frame: &TypedFrame,
+        old_func: u32,
         old_rp: &ResumePoint,
         old_fn: &FunctionMeta,
         new_func: u32,
         new_rp: &ResumePoint,
         new_fn: &FunctionMeta,
-    ) -> Result<Vec<Value>, String> {
+    ) -> Result<Vec<Option<u32>>, String> {
         let (old, old_meta) = self.old;
         let (new, new_meta) = self.new;
-        let mut locals: Vec<Value> = new_fn.locals.iter().map(|t| Value::from_slot(*t, 0)).collect();
-        let old_params = old.info.types[old.info.functions[frame.func as usize].ty as usize].params.len();
+        let mut locals: Vec<Option<u32>> = vec![None; new_fn.locals.len()];
+        let old_params = old.info.types[old.info.functions[old_func as usize].ty as usize].params.len();
         let new_params = new.info.types[new.info.functions[new_func as usize].ty as usize].params.len();
 
         if old_rp.kind == ResumeKind::Entry {
@@ -175,11 +244,13 @@ impl FrameMapper<'_> {
             if old_params != new_params || old_fn.locals[..old_params] != new_fn.locals[..new_params] {
                 return Err("its parameters changed".into());
             }
-            locals[..new_params].copy_from_slice(&frame.locals[..old_params]);
+            for (i, slot) in locals.iter_mut().enumerate().take(new_params) {
+                *slot = Some(i as u32);
+            }
             return Ok(locals);
         }
 
-        let old_frame_size = shadow_frame_size(&old.info, &old.wasm, frame.func);
+        let old_frame_size = shadow_frame_size(&old.info, &old.wasm, old_func);
         let new_frame_size = shadow_frame_size(&new.info, &new.wasm, new_func);
         if old_frame_size != new_frame_size {
             return Err(format!(
@@ -207,7 +278,7 @@ impl FrameMapper<'_> {
         };
         let (old_base, new_base) = (frame_base(old, old_pc), frame_base(new, new_pc));
 
-        let prefix = self.common_prefix(frame.func, old_pc, new_func, new_pc);
+        let prefix = self.common_prefix(old_func, old_pc, new_func, new_pc);
         for (local, is_live) in live.iter().enumerate() {
             let local = local as u32;
             let source = new_vars
@@ -229,11 +300,11 @@ impl FrameMapper<'_> {
                     // A parameter neither version ever assigns still holds
                     // the argument the caller passed.
                     let param = (local as usize) < new_params && (local as usize) < old_params;
-                    (param && old_fn.locals[local as usize] == new_fn.locals[local as usize] && !assigned(old, frame.func, local) && !assigned(new, new_func, local)).then_some(local)
+                    (param && old_fn.locals[local as usize] == new_fn.locals[local as usize] && !assigned(old, old_func, local) && !assigned(new, new_func, local)).then_some(local)
                 });
-            let value = source.and_then(|j| frame.locals.get(j as usize)).copied();
-            match value {
-                Some(v) if v.ty() == new_fn.locals[local as usize] => locals[local as usize] = v,
+            let typed = source.filter(|j| old_fn.locals.get(*j as usize) == Some(&new_fn.locals[local as usize]));
+            match typed {
+                Some(j) => locals[local as usize] = Some(j),
                 _ if !is_live => {}
                 _ => {
                     let named: Vec<String> = new_vars
