@@ -21,6 +21,26 @@
  *   4  changes the type of a field (requests becomes a pointer to the name
  *      of the last command): no automatic mapping can carry a count into a
  *      pointer, so an update 2 -> 4 must be refused. It exists to be refused.
+ *   5  is 4 with a state transformer (UPSTARE_TRANSFORM, see upstare.h) that
+ *      builds the new struct from version 2's: it carries `wakeups` and
+ *      sets `requests` to "(from-v2)". Its STATS does not count itself as
+ *      the last command, so the transformer's value shows until another
+ *      command replaces it. An update 2 -> 5 goes through.
+ *   6  is 5 with a transformer that traps: an update 2 -> 6 fails and is
+ *      rolled back. It exists to fail.
+ *   7  is 2 with main's shadow-stack frame grown (the listening line is
+ *      formatted in a buffer of main's): main waits in poll() for as long
+ *      as the server runs, so its frame never leaves the stack and can
+ *      never move to the new layout. An update 2 -> 7 must be refused.
+ *   8  is 2 with the poll loop keeping one connection slot spare: the code
+ *      before poll() computes `listening` differently, so a compiler
+ *      temporary live across the call may mean something else, and main's
+ *      frame cannot move either: an update 2 -> 8 must be refused.
+ *   9  is 2 with a SLEEP command (see sleep_command()), whose frame stays
+ *      on the stack while it sleeps.
+ *   10 is 9 with sleep_command() changed before its blocking call (its
+ *      reply buffer grows): its frame cannot move while it sleeps, so an
+ *      update 9 -> 10 during a SLEEP waits for it to return.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,9 +58,13 @@
 #ifndef KV_VERSION
 #define KV_VERSION 1
 #endif
-#if KV_VERSION < 1 || KV_VERSION > 4
-#error "KV_VERSION must be 1, 2, 3 or 4"
+#if KV_VERSION < 1 || KV_VERSION > 10
+#error "KV_VERSION must be 1 to 10"
 #endif
+/* Versions whose `stats.requests` is the last command's name. */
+#define KV_LAST_NAME (KV_VERSION >= 4 && KV_VERSION <= 6)
+/* Versions with the SLEEP command. */
+#define KV_SLEEP (KV_VERSION >= 9)
 
 #define READ_CHUNK 4096
 /* A client that sends this much without a newline is not speaking the
@@ -82,7 +106,7 @@ static struct table *store;
    update cannot map field by field; with external linkage it stays whole and
    its DWARF type lets v3's new field be added live. */
 struct server_stats {
-#if KV_VERSION == 4
+#if KV_LAST_NAME
     const char *requests; /* the last command's name, or NULL */
 #else
     unsigned long requests; /* request lines handled */
@@ -348,7 +372,7 @@ static size_t take_word(struct args *a, const char **word)
 __attribute__((noinline)) static void reply_stats(struct conn *c)
 {
     char buf[160];
-#if KV_VERSION == 4
+#if KV_LAST_NAME
     snprintf(buf, sizeof buf, "STATS last=%s keys=%zu wakeups=%lu",
              stats.requests ? stats.requests : "-", store->count, stats.wakeups);
 #elif KV_VERSION == 3
@@ -362,7 +386,7 @@ __attribute__((noinline)) static void reply_stats(struct conn *c)
 }
 #endif
 
-#if KV_VERSION == 4
+#if KV_LAST_NAME
 static const char *const command_names[] = {"SET", "GET", "DEL", "COUNT", "QUIT", "SHUTDOWN", "STATS"};
 
 static const char *command_name(const char *w, size_t n)
@@ -371,6 +395,63 @@ static const char *command_name(const char *w, size_t n)
         if (strlen(command_names[i]) == n && strncasecmp(w, command_names[i], n) == 0)
             return command_names[i];
     return "?";
+}
+#endif
+
+#if KV_VERSION == 5 || KV_VERSION == 6
+/* `stats` as versions 2 and 7 to 10 lay it out: what the transformer reads. */
+struct server_stats_v2 {
+    unsigned long requests;
+    unsigned long wakeups;
+};
+
+/* No automatic mapping turns a count into a name, so the update leaves the
+   new `stats` zero and this fills it in. */
+UPSTARE_TRANSFORM(stats)
+{
+#if KV_VERSION == 6
+    __builtin_trap(); /* a transformer with a bug: the update must roll back */
+#endif
+    const struct server_stats_v2 *old = old_value;
+    struct server_stats *new = new_value;
+    new->requests = "(from-v2)";
+    new->wakeups = old->wakeups;
+}
+#endif
+
+#if KV_SLEEP
+#include <time.h>
+
+#define SLEEP_MAX_MS 10000
+
+static long long now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* SLEEP <ms>: blocks the whole server for that long, in short blocking
+   sleeps, then replies. Kept out of line so that its frame is on the stack
+   for as long as it sleeps. */
+__attribute__((noinline)) static void sleep_command(struct conn *c, long ms)
+{
+#if KV_VERSION == 10
+    char buf[64];
+#else
+    char buf[32];
+#endif
+    long long deadline = now_ms() + ms;
+    for (long long left = ms; left > 0; left = deadline - now_ms()) {
+        struct timespec step = {0, (left < 10 ? left : 10) * 1000000L};
+        nanosleep(&step, NULL);
+    }
+#if KV_VERSION == 10
+    snprintf(buf, sizeof buf, "SLEPT %ld ms", ms);
+#else
+    snprintf(buf, sizeof buf, "SLEPT %ld", ms);
+#endif
+    reply(c, buf);
 }
 #endif
 
@@ -385,6 +466,10 @@ static void handle_line(struct conn *c, const char *line, size_t len)
         return; /* blank lines get no reply */
 #if KV_VERSION == 4
     stats.requests = command_name(cmd, cmd_len);
+#elif KV_LAST_NAME
+    /* STATS shows the command before it, or what a transformer left */
+    if (!word_is(cmd, cmd_len, "STATS"))
+        stats.requests = command_name(cmd, cmd_len);
 #elif KV_VERSION >= 2
     stats.requests++;
 #endif
@@ -443,6 +528,24 @@ static void handle_line(struct conn *c, const char *line, size_t len)
             return;
         }
         reply_stats(c);
+#endif
+#if KV_SLEEP
+    } else if (word_is(cmd, cmd_len, "SLEEP")) {
+        const char *ms_word;
+        size_t ms_len = take_word(&a, &ms_word);
+        char digits[8] = "";
+        char *end = digits;
+        long ms = -1;
+        if (ms_len > 0 && ms_len < sizeof digits && only_spaces_left(a)) {
+            memcpy(digits, ms_word, ms_len);
+            digits[ms_len] = '\0';
+            ms = strtol(digits, &end, 10);
+        }
+        if (ms < 0 || ms > SLEEP_MAX_MS || *end != '\0') {
+            reply(c, "ERROR usage: SLEEP <ms>");
+            return;
+        }
+        sleep_command(c, ms);
 #endif
     } else {
         reply(c, "ERROR unknown command");
@@ -575,7 +678,11 @@ static void serve(void)
 {
     for (;;) {
         size_t n = 0;
+#if KV_VERSION == 8
+        int listening = nconns + 1 < max_conns;
+#else
         int listening = nconns < max_conns;
+#endif
         if (listening) {
             pfds[n].fd = listener;
             pfds[n].events = POLLIN;
@@ -674,7 +781,13 @@ int main(int argc, char **argv)
     conns = xcalloc(max_conns, sizeof *conns);
     pfds = xcalloc(max_conns + 1, sizeof *pfds);
 
+#if KV_VERSION == 7
+    char line[64];
+    snprintf(line, sizeof line, "kv: listening on fd %d\n", listener);
+    fputs(line, stdout);
+#else
     printf("kv: listening on fd %d\n", listener);
+#endif
     fflush(stdout);
 
     serve();
