@@ -136,6 +136,11 @@ fn main() {
         assert_eq!(got[0].len(), "VALUE ".len() + value.len(), "{probe} lost after update {}", i + 1);
     }
     let rss_after = resident_kib();
+    // The heap still grows past the fresh pages the updates placed above
+    // it: malloc takes the next pages as a new segment.
+    let more: Vec<String> = (0..2048).map(|k| format!("SET more{k} {value}")).collect();
+    assert!(exchange(&mut client, &more).iter().all(|r| r == "OK"));
+    assert_eq!(exchange(&mut client, &["COUNT".into()]), vec![format!("COUNT {}", keys + 2048)]);
     pauses.sort_unstable();
     println!(
         "pause: median {} us, min {} us, max {} us over {updates} updates",

@@ -84,6 +84,11 @@ impl RunningVersion {
     /// The first version of a program: its module runs at the addresses it
     /// was linked for.
     pub fn initial(module: &GuestModule) -> Result<Self, UpdateError> {
+        if has_custom_section(module.original_bytes(), RELINKED_SECTION) {
+            return Err(UpdateError::Refused(
+                "this program was restored from a snapshot taken after a live update; its layout is not recorded in the snapshot, so it cannot be updated again (restart it from its module, or update it before checkpointing)".into(),
+            ));
+        }
         let version = Version::initial(Arc::new(module.original_bytes().to_vec())).map_err(|e| {
             UpdateError::BadInput(format!("the running program cannot be updated: {} ({e})", module.path().display()))
         })?;
@@ -177,7 +182,8 @@ pub fn prepare(
     } else {
         0
     };
-    let linked = plan.link(base).map_err(|e| bad(format!("cannot relink: {e}")))?;
+    let mut linked = plan.link(base).map_err(|e| bad(format!("cannot relink: {e}")))?;
+    mark_relinked(&mut linked.wasm);
     tracing::debug!("update: relinked at {:?}", started.elapsed());
     let module = GuestModule::from_bytes(engine, path, &linked.wasm).map_err(|e| UpdateError::BadInput(e.to_string()))?;
     tracing::debug!("update: instrumented and compiled at {:?}", started.elapsed());
@@ -196,6 +202,24 @@ pub fn prepare(
     let instance_pre = link(engine, &next.module, memory, control)
         .map_err(|e| UpdateError::BadInput(format!("{}: cannot link the new version: {}", path.display(), one_line(&e))))?;
     Ok(Prepared { plan, linked, next, frames, instance_pre, prepare_time: started.elapsed() })
+}
+
+/// Custom section marking a module relinked against a running layout: its
+/// own `linking` section no longer says where its data is.
+const RELINKED_SECTION: &str = "upstare.relinked";
+
+fn mark_relinked(wasm: &mut Vec<u8>) {
+    let name = RELINKED_SECTION.as_bytes();
+    wasm.push(0);
+    wasm.push((1 + name.len()) as u8);
+    wasm.push(name.len() as u8);
+    wasm.extend_from_slice(name);
+}
+
+fn has_custom_section(wasm: &[u8], name: &str) -> bool {
+    wasmparser::Parser::new(0)
+        .parse_all(wasm)
+        .any(|p| matches!(p, Ok(wasmparser::Payload::CustomSection(c)) if c.name() == name))
 }
 
 /// Links the new module against the WASI layer and the running memories,
