@@ -310,42 +310,41 @@ impl Guest {
         let wasi = std::mem::replace(&mut self.store.data_mut().wasi, detached);
         let mut store = Store::new(&engine, ProcessState { wasi, hooks: None });
         let built = prepared.instance_pre.instantiate(&mut store).and_then(|instance| {
-                let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata)?;
-                let stop_rewind = instance.get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)?;
-                store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state, stop_rewind });
-                Ok((instance, unwinder))
-            });
-        let (instance, unwinder) = match built {
+            let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata)?;
+            let stop_rewind = instance.get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)?;
+            store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state, stop_rewind });
+            Ok((instance, unwinder))
+        });
+        let (instance, mut unwinder) = match built {
             Ok(v) => v,
             Err(e) => {
-                let wasi = std::mem::replace(&mut store.data_mut().wasi, WasiCtx::detached().map_err(|e| e.to_string())?);
-                self.store.data_mut().wasi = wasi;
+                // The open files go back where they were.
+                std::mem::swap(&mut store.data_mut().wasi, &mut self.store.data_mut().wasi);
                 return Err(format!("cannot instantiate the new version: {}", one_line(&e)));
             }
         };
         let old_store = std::mem::replace(&mut self.store, store);
         let old_module = std::mem::replace(&mut self.module, module.clone());
         let old_instance = std::mem::replace(&mut self.instance, instance);
-        let mut old_unwinder = self.unwinder.replace(unwinder).expect("checked by the caller");
-        old_unwinder.unwinds = 0;
+        unwinder.unwinds = u.unwinds;
+        let old_unwinder = self.unwinder.replace(unwinder).expect("checked by the caller");
         self.source_map = module.source_map.clone();
         Ok(Previous { module: old_module, store: old_store, instance: old_instance, unwinder: old_unwinder, frame_bytes })
     }
 
     /// Puts the old instance back, with its WASI state and frames.
     fn switch_back(&mut self, previous: Previous) {
-        let Previous { module, store, instance, unwinder, frame_bytes } = previous;
-        let new_store = std::mem::replace(&mut self.store, store);
-        let mut new_store = new_store;
-        if let Ok(detached) = WasiCtx::detached() {
-            self.store.data_mut().wasi = std::mem::replace(&mut new_store.data_mut().wasi, detached);
-        }
+        let Previous { module, mut store, instance, unwinder, frame_bytes } = previous;
+        std::mem::swap(&mut store.data_mut().wasi, &mut self.store.data_mut().wasi);
+        self.store = store;
         self.instance = instance;
+        self.source_map = module.source_map.clone();
         self.module = module;
+        // The frames were read before the switch; writing them back cannot
+        // need more memory than they had.
         let _ = unwinder.control.set_frames(&frame_bytes);
         unwinder.control.set_pause(false);
         self.unwinder = Some(unwinder);
-        drop(new_store);
     }
 
     /// Steps 3 and 4: state, then the verified rewind.
