@@ -424,16 +424,11 @@ UPSTARE_TRANSFORM(stats)
 
 #define SLEEP_MAX_MS 10000
 
-static long long now_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
-/* SLEEP <ms>: blocks the whole server for that long, in short blocking
-   sleeps, then replies. Kept out of line so that its frame is on the stack
-   for as long as it sleeps. */
+/* SLEEP <ms>: blocks the whole server for that long, then replies. Kept
+   out of line so that its frame is on the stack for as long as it sleeps.
+   It sleeps until a deadline, not for an interval: a blocking call the host
+   interrupts (to pause the program) starts again when the program resumes,
+   and an interval would start over with it. */
 __attribute__((noinline)) static void sleep_command(struct conn *c, long ms)
 {
 #if KV_VERSION == 10
@@ -441,11 +436,16 @@ __attribute__((noinline)) static void sleep_command(struct conn *c, long ms)
 #else
     char buf[32];
 #endif
-    long long deadline = now_ms() + ms;
-    for (long long left = ms; left > 0; left = deadline - now_ms()) {
-        struct timespec step = {0, (left < 10 ? left : 10) * 1000000L};
-        nanosleep(&step, NULL);
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += ms / 1000;
+    deadline.tv_nsec += ms % 1000 * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
     }
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &deadline, NULL) == EINTR)
+        ;
 #if KV_VERSION == 10
     snprintf(buf, sizeof buf, "SLEPT %ld ms", ms);
 #else
