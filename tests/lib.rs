@@ -542,3 +542,15 @@ pub fn missing_keys(port: u16, expected: &[(String, String)]) -> Vec<String> {
         })
         .collect()
 }
+
+// ---- updates that wait for frames -------------------------------------------
+
+impl Control {
+    /// `upstare-host update --control SOCKET --timeout MS NEW`, and how long
+    /// it took.
+    pub fn update_with_timeout(&self, new: &std::path::Path, ms: u64) -> (Output, Duration) {
+        let started = Instant::now();
+        let out = run_host(&["update", "--control", &self.path(), "--timeout", &ms.to_string(), new.to_str().unwrap()]);
+        (out, started.elapsed())
+    }
+}

@@ -20,8 +20,14 @@ use upstare_tests::{
 const TESTED_VERSIONS: &[(&str, &str, &str)] = &[
     ("compute", "compute-v2", "update.rs: compute_updated_in_the_middle_of_its_recursion"),
     ("kv-server", "kv-server-bad", "update.rs: refused_updates_leave_the_old_version_serving"),
+    ("kv-server", "kv-server-stuck-frame", "frames.rs: a_main_that_cannot_move_is_refused_and_the_old_version_serves_on"),
+    ("kv-server", "kv-server-stuck-loop", "frames.rs: a_main_that_cannot_move_is_refused_and_the_old_version_serves_on"),
+    ("kv-server", "kv-server-trap", "transform.rs: a_transformer_that_traps_rolls_the_update_back"),
+    ("kv-server", "kv-server-v10", "frames.rs: an_update_waits_for_a_frame_that_cannot_move_to_leave_the_stack"),
     ("kv-server", "kv-server-v2", "update.rs: kv_v1_to_v2_under_load, rollback.rs"),
     ("kv-server", "kv-server-v3", "update.rs: kv_v2_to_v3_carries_the_counts_field_by_field"),
+    ("kv-server", "kv-server-v5", "transform.rs: a_c_transformer_carries_what_the_automatic_mapping_cannot"),
+    ("kv-server", "kv-server-v9", "frames.rs: an_update_waits_for_a_frame_that_cannot_move_to_leave_the_stack"),
 ];
 
 #[test]
