@@ -32,8 +32,8 @@
  *      formatted in a buffer of main's): main waits in poll() for as long
  *      as the server runs, so its frame never leaves the stack and can
  *      never move to the new layout. An update 2 -> 7 must be refused.
- *   8  is 2 with the poll loop keeping one connection slot spare: the code
- *      before poll() computes `listening` differently, so a compiler
+ *   8  is 2 with the poll loop also checking that it has a listener: the
+ *      code before poll() computes `listening` differently, so a compiler
  *      temporary live across the call may mean something else, and main's
  *      frame cannot move either: an update 2 -> 8 must be refused.
  *   9  is 2 with a SLEEP command (see sleep_command()), whose frame stays
@@ -679,7 +679,7 @@ static void serve(void)
     for (;;) {
         size_t n = 0;
 #if KV_VERSION == 8
-        int listening = nconns + 1 < max_conns;
+        int listening = nconns < max_conns && listener >= 0;
 #else
         int listening = nconns < max_conns;
 #endif
