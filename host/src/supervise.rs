@@ -294,6 +294,9 @@ fn live_update(
     }
     let prepared = Arc::new(prepared);
     let deadline = Instant::now() + timeout;
+    // Between attempts the program runs on, for longer each time, so a
+    // function that blocks the update can finish and leave the stack.
+    let mut backoff = Duration::from_millis(2);
     loop {
         let claim = Arc::new(AtomicU8::new(PENDING));
         let (reply, answer) = channel();
@@ -333,7 +336,8 @@ fn live_update(
             Err(UpdateError::Frame(frame)) if Instant::now() < deadline => {
                 // Let the program run on, so that frame can leave the stack.
                 tracing::debug!("update waits: {frame}");
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+                backoff = (backoff * 2).min(Duration::from_millis(100));
             }
             Err(UpdateError::Frame(frame)) => {
                 return format!(

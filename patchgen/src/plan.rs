@@ -212,7 +212,8 @@ impl Plan {
     /// module accordingly.
     pub fn link(&self, fresh_base: u32) -> Result<Linked, Error> {
         let new = &self.new;
-        let mut placement = Placement { data: HashMap::new(), table: self.table.clone() };
+        let mut placement =
+            Placement { data: HashMap::new(), table: self.table.clone(), exports: transformer_targets(&new.info, &new.wasm) };
         let old_absolute = absolute_symbols(&self.old);
         for (i, symbol) in new.info.symbols.iter().enumerate() {
             let Some(def) = symbol.data() else { continue };
@@ -448,6 +449,30 @@ fn absolute_symbols(version: &Version) -> HashMap<String, u32> {
             Some((s.name.clone()?, address))
         })
         .collect()
+}
+
+/// wasm-ld exports a function of a command module through a wrapper
+/// (`<name>.command_export`) that runs the program's constructors before
+/// it and its destructors (atexit handlers, stdio flushing) after it: right
+/// for a fresh call into a program, wrong in the middle of one. Transformer
+/// exports are pointed at the function itself.
+fn transformer_targets(info: &crate::module::ModuleInfo, wasm: &[u8]) -> HashMap<String, u32> {
+    let mut out = HashMap::new();
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        let Ok(wasmparser::Payload::ExportSection(exports)) = payload else { continue };
+        for export in exports.into_iter().flatten() {
+            if export.kind != wasmparser::ExternalKind::Func || !export.name.starts_with(TRANSFORMER_PREFIX) {
+                continue;
+            }
+            let wrapper = info.function_name(export.index);
+            let Some(inner) = wrapper.strip_suffix(".command_export") else { continue };
+            let target = (0..info.functions.len() as u32).find(|&f| info.functions[f as usize].name.as_deref() == Some(inner));
+            if let Some(f) = target {
+                out.insert(export.name.to_string(), f);
+            }
+        }
+    }
+    out
 }
 
 /// Exported C transformers, by the global they transform.

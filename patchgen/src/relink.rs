@@ -29,6 +29,9 @@ pub struct Placement {
     /// Final table: slot -> function index (in the new module). Slots not
     /// listed are empty (ref.null).
     pub table: BTreeMap<u32, u32>,
+    /// Function exports to point at another function: export name ->
+    /// function index. Exports not listed stay as they are.
+    pub exports: HashMap<String, u32>,
 }
 
 /// Why a module could not be relinked.
@@ -160,6 +163,19 @@ pub fn relink(wasm: &[u8], info: &ModuleInfo, placement: &Placement) -> Result<V
                 let mut code = raw.to_vec();
                 patch(&mut code, &info.code_relocs, info, placement, &slots)?;
                 module.section(&wasm_encoder::RawSection { id, data: &code });
+            }
+            Payload::ExportSection(reader) if !placement.exports.is_empty() => {
+                let mut exports = wasm_encoder::ExportSection::new();
+                for export in reader {
+                    let export = export?;
+                    let kind = wasm_encoder::ExportKind::from(export.kind);
+                    let index = match (export.kind, placement.exports.get(export.name)) {
+                        (wasmparser::ExternalKind::Func, Some(&func)) => func,
+                        _ => export.index,
+                    };
+                    exports.export(export.name, kind, index);
+                }
+                module.section(&exports);
             }
             Payload::DataSection(_) => {
                 let mut data = raw.to_vec();

@@ -93,6 +93,9 @@ pub struct WasiCtx {
     pub(crate) env: Vec<(String, String)>,
     pub(crate) fds: FdTable,
     pub(crate) interrupter: Interrupter,
+    /// The subscriptions of a `poll_oneoff` a pause interrupted, and the
+    /// deadline it had: the same call made again on resume keeps it.
+    pub(crate) interrupted_poll: Option<(Vec<u8>, Option<std::time::Instant>)>,
 }
 
 /// What the WASI layer needs of an instrumented instance: when a blocking
@@ -150,13 +153,20 @@ impl WasiCtx {
             env: Vec::new(),
             fds,
             interrupter: Interrupter::new()?,
+            interrupted_poll: None,
         })
     }
 
     /// A context holding nothing: what a store keeps once its process has
     /// moved to another store (the next version of the program).
     pub(crate) fn detached() -> std::io::Result<Self> {
-        Ok(WasiCtx { args: Vec::new(), env: Vec::new(), fds: FdTable::default(), interrupter: Interrupter::new()? })
+        Ok(WasiCtx {
+            args: Vec::new(),
+            env: Vec::new(),
+            fds: FdTable::default(),
+            interrupter: Interrupter::new()?,
+            interrupted_poll: None,
+        })
     }
 
     /// The guest's `argv`, program name first.

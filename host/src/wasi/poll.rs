@@ -111,11 +111,24 @@ pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, 
         }
     }
     // Something is ready already: only collect what else is ready now.
+    // A call interrupted by a pause is made again, with the same arguments,
+    // when the guest resumes: its timeouts count from the first attempt, or
+    // a relative sleep would start over at every pause and, under repeated
+    // pauses, never end.
+    let raw = mem.slice(subs_ptr, count.saturating_mul(layout::SUBSCRIPTION_SIZE))?.to_vec();
+    if let Some((previous, resumed)) = ctx.interrupted_poll.take() {
+        if previous == raw {
+            deadline = resumed;
+        }
+    }
     if !events.is_empty() {
         deadline = Some(Instant::now());
     }
     let ready = match ctx.interrupter.wait(&waits, deadline)? {
-        Wait::Interrupted => return Err(CallError::Interrupted),
+        Wait::Interrupted => {
+            ctx.interrupted_poll = Some((raw, deadline));
+            return Err(CallError::Interrupted);
+        }
         Wait::Ready(ready) => ready,
         Wait::TimedOut => Vec::new(),
     };

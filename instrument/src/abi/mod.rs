@@ -85,6 +85,15 @@ pub mod exports {
     pub fn global(index: u32) -> String {
         format!("{GLOBAL_PREFIX}{index}")
     }
+
+    /// Whether a module's own export would collide with a name the
+    /// instrumenter adds. Other `upstare_` names are the program's (the
+    /// state transformers of `upstare.h`, for one).
+    pub fn is_reserved(name: &str) -> bool {
+        [STATE, INIT_MEMORY, DROP_DATA, START, START_UNWIND, STOP_UNWIND, START_REWIND, STOP_REWIND, FUNCREF_TABLE, EXTERNREF_TABLE]
+            .contains(&name)
+            || name.starts_with(GLOBAL_PREFIX)
+    }
 }
 
 /// Values of the `upstare_state` global.

@@ -132,7 +132,7 @@ fn check_names(wasm: &[u8]) -> Result<()> {
                 let at = r.range().start;
                 for export in r {
                     let Ok(e) = export else { return Ok(()) };
-                    if e.name.starts_with("upstare_") {
+                    if crate::abi::exports::is_reserved(e.name) {
                         return conflict(
                             at,
                             format!("the module already exports `{}`, a name reserved for instrumentation", e.name),
