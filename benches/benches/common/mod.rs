@@ -1,0 +1,195 @@
+//! What the benches share: building C guests with the documented recipe
+//! (`bin/upstare-cc`), cached under `target/bench-guests` by a key of their
+//! sources and flags; their Asyncify variants; locating SQLite's
+//! amalgamation; code-section sizes and medians.
+//!
+//! Each bench target includes this with `mod common;` and uses a part of it.
+#![allow(dead_code)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where built guests are kept between runs.
+pub fn out_dir() -> PathBuf {
+    let out = root().join("target/bench-guests");
+    std::fs::create_dir_all(&out).unwrap_or_else(|e| panic!("cannot create {}: {e}", out.display()));
+    out
+}
+
+/// Runs a command to success, or panics naming it.
+pub fn run(cmd: &mut Command) {
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed: {status}");
+}
+
+/// A C guest: its sources and the extra `upstare-cc` flags it is built with.
+pub struct CGuest {
+    /// Output name (`<name>.wasm`).
+    pub name: String,
+    /// Sources, absolute or relative to the repository root.
+    pub sources: Vec<PathBuf>,
+    /// Flags before the sources (compile and link flags alike).
+    pub flags: Vec<String>,
+    /// Flags after the sources (libraries).
+    pub libs: Vec<String>,
+}
+
+/// Every guest gets a 1 MiB shadow stack (compute's and kv-server's own
+/// `build.flags`; SQLite's parser and VDBE need more than wasm-ld's 64 KiB).
+const STACK: &str = "-Wl,-z,stack-size=1048576";
+
+impl CGuest {
+    /// A guest from one source with the common flags only.
+    pub fn single(name: &str, source: &str) -> Self {
+        CGuest { name: name.into(), sources: vec![root().join(source)], flags: vec![STACK.into()], libs: Vec::new() }
+    }
+
+    /// Builds the guest unless a build with the same sources and flags is
+    /// already there, and returns the module's path. The key covers the
+    /// sources' contents and every flag, so editing either rebuilds;
+    /// SQLite takes minutes on a busy machine, hence the cache.
+    pub fn build(&self) -> PathBuf {
+        let mut h = DefaultHasher::new();
+        for src in &self.sources {
+            std::fs::read(src).unwrap_or_else(|e| panic!("cannot read {}: {e}", src.display())).hash(&mut h);
+        }
+        self.flags.hash(&mut h);
+        self.libs.hash(&mut h);
+        std::fs::read(root().join("bin/upstare-cc")).unwrap_or_default().hash(&mut h);
+        let out = out_dir().join(format!("{}-{:016x}.wasm", self.name, h.finish()));
+        if !out.exists() {
+            let partial = out.with_extension("partial");
+            run(Command::new(root().join("bin/upstare-cc"))
+                .args(&self.flags)
+                .args(&self.sources)
+                .args(&self.libs)
+                .arg("-o")
+                .arg(&partial));
+            std::fs::rename(&partial, &out).unwrap();
+        }
+        out
+    }
+}
+
+/// The imports the instrumenter treats as blocking, which Asyncify must
+/// treat as possible unwind points too for the comparison to be fair.
+fn asyncify_imports() -> String {
+    upstare_instrument::WASI_BLOCKING
+        .iter()
+        .map(|n| format!("wasi_snapshot_preview1.{n}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The module after Binaryen's `wasm-opt --asyncify -O2`, built next to it
+/// once (the original's name carries the key of its build).
+pub fn asyncify(original: &Path) -> PathBuf {
+    let out = original.with_extension("asyncify.wasm");
+    if !out.exists() {
+        let partial = original.with_extension("asyncify.partial");
+        run(Command::new("wasm-opt")
+            .arg("--asyncify")
+            .arg(format!("--pass-arg=asyncify-imports@{}", asyncify_imports()))
+            .arg("-O2")
+            .arg(original)
+            .arg("-o")
+            .arg(&partial)
+            .stderr(std::process::Stdio::null()));
+        std::fs::rename(&partial, &out).unwrap();
+    }
+    out
+}
+
+/// The directory of SQLite's amalgamation (`sqlite3.c`, `sqlite3.h`) in
+/// the sources of the `libsqlite3-sys` crate, which cargo fetched as a
+/// dev-dependency of this package; found through `cargo metadata`.
+pub fn sqlite_dir() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(&cargo)
+        .args(["metadata", "--format-version", "1", "--offline", "--manifest-path"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo} metadata: {e}"));
+    assert!(output.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&output.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&output.stdout).expect("cargo metadata printed no JSON");
+    let package = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "libsqlite3-sys")
+        .expect("libsqlite3-sys is not in cargo metadata: is it still a dev-dependency of upstare-benches?");
+    let manifest = Path::new(package["manifest_path"].as_str().expect("libsqlite3-sys has no manifest_path"));
+    manifest.parent().unwrap().join("sqlite3")
+}
+
+/// The SQLite workload guest (`benches/guests/sqlite-workload.c` linked
+/// with the amalgamation), with the flags that make SQLite build for
+/// wasm32-wasi: no threads, no extension loading, and wasi-libc's
+/// emulations of `mmap`, `getpid` and process clocks.
+pub fn sqlite_guest() -> CGuest {
+    let dir = sqlite_dir();
+    let mut flags = vec![STACK.to_string(), format!("-I{}", dir.display())];
+    flags.extend(
+        [
+            "-DSQLITE_THREADSAFE=0",
+            "-DSQLITE_OMIT_LOAD_EXTENSION",
+            "-D_WASI_EMULATED_MMAN",
+            "-D_WASI_EMULATED_GETPID",
+            "-D_WASI_EMULATED_PROCESS_CLOCKS",
+        ]
+        .map(String::from),
+    );
+    CGuest {
+        name: "sqlite".into(),
+        sources: vec![dir.join("sqlite3.c"), root().join("benches/guests/sqlite-workload.c")],
+        flags,
+        libs: ["-lwasi-emulated-mman", "-lwasi-emulated-getpid", "-lwasi-emulated-process-clocks"].map(String::from).to_vec(),
+    }
+}
+
+/// The KV server guest with its own `build.flags`.
+pub fn kv_guest() -> CGuest {
+    let flags_file = root().join("guest-examples/kv-server/build.flags");
+    let text = std::fs::read_to_string(&flags_file).unwrap_or_else(|e| panic!("cannot read {}: {e}", flags_file.display()));
+    let flags = text.lines().filter(|l| !l.trim_start().starts_with('#')).flat_map(|l| l.split_whitespace()).map(String::from);
+    CGuest {
+        name: "kv-server".into(),
+        sources: vec![root().join("guest-examples/kv-server/kv.c")],
+        flags: ["-Wall", "-Wextra"].map(String::from).into_iter().chain(flags).collect(),
+        libs: Vec::new(),
+    }
+}
+
+/// Size of the code section's payload.
+pub fn code_size(wasm: &[u8]) -> usize {
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        if let Ok(wasmparser::Payload::CodeSectionStart { size, .. }) = payload {
+            return size as usize;
+        }
+    }
+    0
+}
+
+/// The median (the upper one of an even count).
+pub fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Milliseconds, for printing.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Geometric mean of ratios.
+pub fn geomean(v: &[f64]) -> f64 {
+    (v.iter().map(|r| r.ln()).sum::<f64>() / v.len() as f64).exp()
+}

@@ -1,0 +1,168 @@
+//! Steady-state cost of instrumentation: the original module, the module
+//! as `upstare-host` instruments it, and the module after Binaryen's
+//! `wasm-opt --asyncify -O2` (the known alternative), all run by the same
+//! host library and engine, interleaved, in one process.
+//!
+//! Batch guests (the CPU-bound examples and an SQLite workload in a
+//! preopened directory): per guest, the median run time of each variant,
+//! its ratio to the original, and code-section sizes. Only `Guest::run` is
+//! timed: instrumentation, compilation and instantiation happen before.
+//! Then the KV server under a loopback load ([`server`]): requests per
+//! second and p99 latency of each variant, and their ratios.
+//!
+//! `cargo bench -p upstare-benches --bench overhead [-- ROUNDS] [-- --only NAME]`
+//! (default 7 rounds; `--only` runs one guest, `kv` for the server). Needs
+//! the guest toolchain and Binaryen's `wasm-opt` (`scripts/install-toolchain`
+//! installs both); builds are cached under `target/bench-guests`.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod server;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{asyncify, code_size, geomean, median, ms, CGuest};
+use upstare_host::{new_engine, Engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, PreopenDir, Stdio};
+
+/// Rows the SQLite workload inserts (then indexes, queries, updates).
+const SQLITE_ROWS: &str = "60000";
+
+/// A batch guest: how to build it and its arguments; `dir` is the name a
+/// preopened scratch directory is given, if it needs one.
+struct Batch {
+    guest: CGuest,
+    args: Vec<String>,
+    dir: Option<&'static str>,
+}
+
+fn batches(only: Option<&str>) -> Vec<Batch> {
+    let cpu = |name: &str, src: &str| Batch { guest: CGuest::single(name, src), args: Vec::new(), dir: None };
+    let wanted = |name: &str| only.is_none_or(|o| o == name);
+    let mut all = Vec::new();
+    for (name, src) in [
+        ("compute", "guest-examples/compute/compute.c"),
+        ("nbody", "benches/guests/nbody.c"),
+        ("interp", "benches/guests/interp.c"),
+        ("kernels", "benches/guests/kernels.c"),
+    ] {
+        if wanted(name) {
+            all.push(cpu(name, src));
+        }
+    }
+    // Last: locating the amalgamation runs `cargo metadata`.
+    if wanted("sqlite") {
+        all.push(Batch {
+            guest: common::sqlite_guest(),
+            args: vec!["/db".into(), SQLITE_ROWS.into()],
+            dir: Some("/db"),
+        });
+    }
+    all
+}
+
+fn time_run(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path) -> Duration {
+    let mut argv = vec![batch.guest.name.clone()];
+    argv.extend(batch.args.iter().cloned());
+    let mut config = GuestConfig::new(argv);
+    config.stdout = Stdio::Fd(std::fs::File::create("/dev/null").unwrap().into());
+    if let Some(guest) = batch.dir {
+        config.dirs.push(PreopenDir { host: scratch.to_path_buf(), guest: guest.into() });
+    }
+    let mut guest = Guest::new(engine, module, config).unwrap();
+    let start = Instant::now();
+    let exit = guest.run();
+    let took = start.elapsed();
+    assert!(matches!(exit, Exit::Status(0)), "{} failed: {exit:?}", batch.guest.name);
+    took
+}
+
+/// The three variants of one guest, loaded and ready to run.
+struct Variants {
+    original: GuestModule,
+    upstare: GuestModule,
+    asyncify: GuestModule,
+    /// Code-section sizes: original, instrumented, Asyncify.
+    code: [usize; 3],
+}
+
+fn load(engine: &Engine, guest: &CGuest) -> Variants {
+    let original_path = guest.build();
+    let async_path = asyncify(&original_path);
+    let original_bytes = std::fs::read(&original_path).unwrap();
+    let async_bytes = std::fs::read(&async_path).unwrap();
+    let as_is = LoadOptions { instrument: false };
+    let instrumented = upstare_instrument::instrument(&original_bytes, &Default::default()).unwrap().wasm;
+    Variants {
+        original: GuestModule::from_bytes_with(engine, &original_path, &original_bytes, &as_is).unwrap(),
+        upstare: GuestModule::from_bytes(engine, &original_path, &original_bytes).unwrap(),
+        asyncify: GuestModule::from_bytes_with(engine, &async_path, &async_bytes, &as_is).unwrap(),
+        code: [code_size(&original_bytes), code_size(&instrumented), code_size(&async_bytes)],
+    }
+}
+
+/// A fresh scratch directory per variant, so that no run sees another's
+/// files.
+fn scratch(name: &str, variant: &str) -> PathBuf {
+    let dir = common::out_dir().join(format!("scratch-{name}-{variant}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a bare number is the round count.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rounds: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(7);
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).map(String::as_str);
+    let engine = new_engine().unwrap();
+
+    println!("{rounds} interleaved rounds per guest; median run time; code = code section bytes");
+    println!(
+        "{:<9} {:>10} {:>10} {:>7} {:>10} {:>7} | {:>8} {:>8} {:>6} {:>8} {:>6}",
+        "guest", "original", "upstare", "ratio", "asyncify", "ratio", "code", "upstare", "ratio", "asyncify", "ratio"
+    );
+    let mut ratios: [Vec<f64>; 4] = Default::default();
+    for batch in batches(only) {
+        let v = load(&engine, &batch.guest);
+        let name = &batch.guest.name;
+        let dirs = [scratch(name, "original"), scratch(name, "upstare"), scratch(name, "asyncify")];
+        let (mut o, mut u, mut a) = (Vec::new(), Vec::new(), Vec::new());
+        time_run(&engine, &v.original, &batch, &dirs[0]); // warm-up
+        for _ in 0..rounds {
+            o.push(time_run(&engine, &v.original, &batch, &dirs[0]));
+            u.push(time_run(&engine, &v.upstare, &batch, &dirs[1]));
+            a.push(time_run(&engine, &v.asyncify, &batch, &dirs[2]));
+        }
+        let (o, u, a) = (median(o), median(u), median(a));
+        let ru = u.as_secs_f64() / o.as_secs_f64();
+        let ra = a.as_secs_f64() / o.as_secs_f64();
+        let [co, cu, ca] = v.code;
+        let (su, sa) = (cu as f64 / co as f64, ca as f64 / co as f64);
+        println!(
+            "{name:<9} {:>8.1}ms {:>8.1}ms {ru:>6.3}x {:>8.1}ms {ra:>6.3}x | {co:>8} {cu:>8} {su:>5.2}x {ca:>8} {sa:>5.2}x",
+            ms(o),
+            ms(u),
+            ms(a),
+        );
+        for (list, r) in ratios.iter_mut().zip([ru, ra, su, sa]) {
+            list.push(r);
+        }
+        for dir in dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    if !ratios[0].is_empty() {
+        println!(
+            "geomean: runtime upstare {:.3}x, asyncify {:.3}x; code upstare {:.2}x, asyncify {:.2}x",
+            geomean(&ratios[0]),
+            geomean(&ratios[1]),
+            geomean(&ratios[2]),
+            geomean(&ratios[3])
+        );
+    }
+    if only.is_none_or(|o| o == "kv") {
+        println!();
+        server::compare(&engine, &load(&engine, &common::kv_guest()), rounds);
+    }
+}
