@@ -371,7 +371,7 @@ impl FrameMapper<'_> {
         // the point is suspect.
         let mut written_after = std::collections::HashSet::new();
         for (version, func) in [(old, old_func), (new, new_func)] {
-            let (writes, loops) = local_writes(version, func)?;
+            let BodyWrites { writes, loops } = local_writes(version, func)?;
             let skip = crate::body::code_start(&version.info, &version.wasm, func).ok()?;
             let code = |at: u32| at.saturating_sub(skip);
             let escaping: Vec<_> = loops
@@ -412,9 +412,16 @@ fn common_code_len(old: &Version, old_func: u32, new: &Version, new_func: u32) -
     Some(common)
 }
 
-/// Every `local.set` and `local.tee` of a function, as (local, offset from
-/// the start of its body), and the extent of every loop.
-fn local_writes(version: &Version, func: u32) -> Option<(Vec<(u32, u32)>, Vec<std::ops::Range<u32>>)> {
+/// Where a function writes its locals and where its loops are, as offsets
+/// from the start of its body.
+struct BodyWrites {
+    /// Every `local.set` and `local.tee`: (local, offset).
+    writes: Vec<(u32, u32)>,
+    /// The extent of every loop.
+    loops: Vec<std::ops::Range<u32>>,
+}
+
+fn local_writes(version: &Version, func: u32) -> Option<BodyWrites> {
     let body = version.info.functions.get(func as usize)?.body.clone()?;
     let base = version.info.code_section as usize;
     let bytes = version.wasm.get(base + body.start as usize..base + body.end as usize)?;
@@ -441,12 +448,12 @@ fn local_writes(version: &Version, func: u32) -> Option<(Vec<(u32, u32)>, Vec<st
             _ => {}
         }
     }
-    Some((out, loops))
+    Some(BodyWrites { writes: out, loops })
 }
 
 /// Whether a function ever writes `local`.
 fn assigned(version: &Version, func: u32, local: u32) -> bool {
-    local_writes(version, func).is_none_or(|(w, _)| w.iter().any(|(l, _)| *l == local))
+    local_writes(version, func).is_none_or(|b| b.writes.iter().any(|(l, _)| *l == local))
 }
 
 /// A resume point described for people: "call to poll #0", "loop #2".

@@ -357,7 +357,9 @@ fn compare_types(
 /// in the middle would shift every number after it.
 fn refuse_changed_splits(old: &Version, new: &Version, refusals: &mut Vec<String>) {
     let pieces = |v: &Version| {
-        let mut groups: BTreeMap<(String, Option<String>), Vec<(String, u32)>> = BTreeMap::new();
+        // (base name, unit) -> the pieces' (name, size)
+        type Groups = BTreeMap<(String, Option<String>), Vec<(String, u32)>>;
+        let mut groups = Groups::new();
         for (i, key) in &v.data_keys {
             let Some((base, suffix)) = key.name.rsplit_once('.') else { continue };
             if base.is_empty() || base.starts_with(".L") || !suffix.bytes().all(|b| b.is_ascii_digit()) {
