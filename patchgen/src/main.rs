@@ -50,15 +50,13 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     use anyhow::Context;
     let old = Version::initial(read(&args.old)?).with_context(|| format!("{}", args.old.display()))?;
     let plan = plan(Arc::new(old), read(&args.new)?).with_context(|| format!("{}", args.new.display()))?;
-    print!("{}", summary(&plan, args.verbose));
-    if plan.is_safe() {
-        println!("verdict: safe");
-    } else {
-        for reason in &plan.refusals {
-            println!("refused: {reason}");
-        }
-        println!("verdict: refused");
+    let mut text = summary(&plan, args.verbose);
+    for reason in &plan.refusals {
+        text += &format!("refused: {reason}\n");
     }
+    text += if plan.is_safe() { "verdict: safe\n" } else { "verdict: refused\n" };
+    // A closed pipe (`| head`) is the reader's choice, not an error.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     Ok(plan.is_safe())
 }
 
