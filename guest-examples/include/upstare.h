@@ -5,9 +5,9 @@
  * `#include <upstare.h>`. Everything here is plain C over wasi-libc; a guest
  * that uses it still builds and runs on any WASI runtime.
  *
- * This header is where guest-side UpStare helpers belong as they come (for
- * example, the naming convention for user-written state transformers, which
- * does not exist yet). Today it holds only the listener lookup below.
+ * It holds the guest side of UpStare: finding the listeners the host
+ * preopens (upstare_listener_fd), and the naming convention for state
+ * transformers written in C (UPSTARE_TRANSFORM).
  */
 #ifndef UPSTARE_H
 #define UPSTARE_H
