@@ -176,7 +176,7 @@ fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>) ->
                     if claim.compare_exchange(PENDING, APPLYING, Ordering::SeqCst, Ordering::SeqCst).is_err() {
                         continue;
                     }
-                    let _ = reply.send(guest.apply_update(&current, &prepared));
+                    let _ = reply.send(guest.apply_update(&current, &prepared, paused_at));
                 }
             }
         }
@@ -238,6 +238,9 @@ fn checkpoint(
     }
     (format!("OK {} {} bytes, paused {} us", path.display(), bytes.len(), latency.as_micros()), Some(latency))
 }
+
+/// Versions kept for rollback, the running one included.
+const MAX_HISTORY: usize = 8;
 
 const PENDING: u8 = 0;
 const APPLYING: u8 = 1;
@@ -331,6 +334,11 @@ fn live_update(
                     updater.history.truncate(updater.history.len() - 2);
                 }
                 updater.history.push(prepared.next.clone());
+                // Each version holds its compiled code: keep what rollbacks
+                // can reach in a few steps, not every version ever run.
+                if updater.history.len() > MAX_HISTORY {
+                    updater.history.remove(0);
+                }
                 return format!("{report}\nOK");
             }
             Err(UpdateError::Frame(frame)) if Instant::now() < deadline => {

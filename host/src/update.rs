@@ -132,7 +132,7 @@ pub struct Report {
     pub globals: (usize, usize, usize, usize, usize),
     /// Frames moved to the new code.
     pub frames: usize,
-    /// From paused to the new version ready to run.
+    /// From the guest stopped (unwound) to the new version ready to run.
     pub pause: Duration,
     /// Planning, relinking, instrumenting and compiling, before the pause.
     pub prepare: Duration,
@@ -250,10 +250,15 @@ struct Previous {
 
 impl Guest {
     /// Applies a prepared update to this paused guest (see the module
-    /// docs). On success the guest is paused in the new version; on failure
-    /// it is paused in the old one, exactly as before.
-    pub fn apply_update(&mut self, current: &RunningVersion, prepared: &Prepared) -> Result<Report, UpdateError> {
-        let paused_at = Instant::now();
+    /// docs); `paused_at` is when it stopped, for the report's pause time.
+    /// On success the guest is paused in the new version; on failure it is
+    /// paused in the old one, exactly as before.
+    pub fn apply_update(
+        &mut self,
+        current: &RunningVersion,
+        prepared: &Prepared,
+        paused_at: Instant,
+    ) -> Result<Report, UpdateError> {
         let rollback = |m: String| UpdateError::RolledBack(m);
         let u = self.unwinder.as_ref().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
         let frames = u.paused.clone().ok_or_else(|| UpdateError::Refused("the guest is not paused".into()))?;
