@@ -34,7 +34,7 @@ fn request(state: &mut u32) -> String {
     *state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
     let r = *state >> 8;
     let key = r % KEYS;
-    if r % 5 == 0 {
+    if r.is_multiple_of(5) {
         format!("SET key{key} value-{r}\n")
     } else {
         format!("GET key{key}\n")
