@@ -42,8 +42,9 @@ pub struct CGuest {
     pub libs: Vec<String>,
 }
 
-/// Every guest gets a 1 MiB shadow stack (compute's and kv-server's own
-/// `build.flags`; SQLite's parser and VDBE need more than wasm-ld's 64 KiB).
+/// Every guest gets a 1 MiB shadow stack: compute's and kv-server's own
+/// `build.flags`, harmless for the others, and SQLite's recursive parser
+/// and query planner are then never near wasm-ld's 64 KiB default.
 const STACK: &str = "-Wl,-z,stack-size=1048576";
 
 impl CGuest {
