@@ -682,7 +682,7 @@ fn shared_memory_with_atomics() {
 #[test]
 fn drop_data_over_live_memory_and_abandoned_rewind() {
     use upstare_instrument::abi::{control, exports};
-    use wasmtime::{Linker, Memory, MemoryType, Module, SharedMemory, Store};
+    use wasmtime::{Linker, MemoryType, Module, SharedMemory, Store};
 
     let wasm = wat::parse_str(
         r#"(module
@@ -710,8 +710,13 @@ fn drop_data_over_live_memory_and_abandoned_rewind() {
     let engine = engine();
     let module = Module::new(&engine, &out.wasm).expect("compile");
     let mut store = Store::new(&engine, ());
-    let memory = Memory::new(&mut store, MemoryType::new(1, None)).expect("memory");
+    let memory = SharedMemory::new(&engine, MemoryType::shared(1, out.metadata.memory.import_max())).expect("memory");
     let control = SharedMemory::new(&engine, MemoryType::shared(1, 65536)).expect("control");
+    // The program memory is shared, as the instrumenter declares it.
+    // SAFETY: no wasm runs while the test reads.
+    let program = |at: usize| unsafe { *memory.data()[at].get() };
+    // SAFETY: no wasm runs while the test writes.
+    let set_program = |at: usize, b: u8| unsafe { *memory.data()[at].get() = b };
     let write = |at: usize, bytes: &[u8]| {
         for (i, b) in bytes.iter().enumerate() {
             // SAFETY: no wasm runs while the test writes.
@@ -720,7 +725,7 @@ fn drop_data_over_live_memory_and_abandoned_rewind() {
     };
     write(0, &control::Header::default().encode());
     let mut linker = Linker::new(&engine);
-    linker.define(&mut store, "upstare", "memory", memory).expect("define");
+    linker.define(&mut store, "upstare", "memory", memory.clone()).expect("define");
     linker.define(&mut store, "upstare", "control", control.clone()).expect("define");
 
     let first = linker.instantiate(&mut store, &module).expect("instantiate");
@@ -728,15 +733,15 @@ fn drop_data_over_live_memory_and_abandoned_rewind() {
         i.get_typed_func::<(), ()>(&mut *store, name).expect(name).call(&mut *store, ())
     };
     call(&mut store, &first, exports::INIT_MEMORY).expect("init");
-    assert_eq!(&memory.data(&store)[..3], b"abc");
+    assert_eq!([program(0), program(1), program(2)], *b"abc");
     let reinit = first.get_typed_func::<(), i32>(&mut store, "reinit").expect("reinit");
     assert!(reinit.call(&mut store, ()).is_err(), "an applied segment is dropped, as after instantiation");
 
     // The next version over the same memory: nothing is applied again.
-    memory.data_mut(&mut store)[0] = b'z';
+    set_program(0, b'z');
     let second = linker.instantiate(&mut store, &module).expect("instantiate");
     call(&mut store, &second, exports::DROP_DATA).expect("drop");
-    assert_eq!(&memory.data(&store)[..3], b"zbc");
+    assert_eq!([program(0), program(1), program(2)], *b"zbc");
     let reinit = second.get_typed_func::<(), i32>(&mut store, "reinit").expect("reinit");
     assert!(reinit.call(&mut store, ()).is_err(), "the segment is dropped without being applied");
 
