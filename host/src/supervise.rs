@@ -115,22 +115,13 @@ pub fn run(
             .spawn(move || {
                 control.serve(|req| match req {
                     Request::Status => status(&identity, started, &serve_live, pause.is_some()),
-                    Request::Update(path, timeout) => match (&pause, &mut updater) {
-                        (Some(p), Some(u)) => {
-                            let reply = live_update(u, p, &commands_tx, Target::Module(path), Duration::from_millis(timeout), pause_limit);
-                            record_update(&serve_live, u, &reply);
-                            reply
-                        }
-                        _ => "ERR the module runs without instrumentation (--no-instrument): it cannot be updated".into(),
-                    },
-                    Request::Rollback(timeout) => match (&pause, &mut updater) {
-                        (Some(p), Some(u)) => {
-                            let reply = live_update(u, p, &commands_tx, Target::Previous, Duration::from_millis(timeout), pause_limit);
-                            record_update(&serve_live, u, &reply);
-                            reply
-                        }
-                        _ => "ERR the module runs without instrumentation (--no-instrument): it cannot be updated".into(),
-                    },
+                    Request::Update(path, timeout) => {
+                        let target = Target::Module(path);
+                        serve_update(&mut updater, &pause, &commands_tx, &serve_live, target, timeout, pause_limit)
+                    }
+                    Request::Rollback(timeout) => {
+                        serve_update(&mut updater, &pause, &commands_tx, &serve_live, Target::Previous, timeout, pause_limit)
+                    }
                     Request::Checkpoint(path) => match &pause {
                         None => "ERR the module runs without instrumentation (--no-instrument): it cannot be paused".into(),
                         Some(p) => {
@@ -252,6 +243,25 @@ enum Target {
     Module(std::path::PathBuf),
     /// The version before the running one.
     Previous,
+}
+
+/// Serves an update or rollback request: the reply, and the live state
+/// updated if it committed.
+fn serve_update(
+    updater: &mut Option<Updater>,
+    pause: &Option<PauseHandle>,
+    commands: &Sender<Command>,
+    live: &Mutex<Live>,
+    target: Target,
+    timeout_ms: u64,
+    pause_limit: Duration,
+) -> String {
+    let (Some(pause), Some(updater)) = (pause, updater) else {
+        return "ERR the module runs without instrumentation (--no-instrument): it cannot be updated".into();
+    };
+    let reply = live_update(updater, pause, commands, target, Duration::from_millis(timeout_ms), pause_limit);
+    record_update(live, updater, &reply);
+    reply
 }
 
 /// Prepares an update while the guest runs, then applies it at a pause;
