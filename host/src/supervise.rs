@@ -377,7 +377,7 @@ fn lossy_conversions(prepared: &Prepared) -> Option<String> {
         .linked
         .conversions
         .iter()
-        .flat_map(|(_, _, map, _)| map.dropped.iter().cloned())
+        .flat_map(|c| c.map.dropped.iter().cloned())
         .collect();
     (!lost.is_empty()).then(|| lost.join(", "))
 }

@@ -274,6 +274,13 @@ impl Guest {
         }
         let mapped: Vec<TypedFrame> =
             frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map_err(UpdateError::Frame)?;
+        if !prepared.linked.conversions.is_empty() {
+            let sp = self.stack_pointer(&current.version);
+            let u = self.unwinder.as_ref().expect("checked above");
+            if let Some(reason) = stale_pointer(&frames, &current.version, &u.memory, sp, &prepared.linked.conversions) {
+                return Err(UpdateError::Refused(reason));
+            }
+        }
 
         let mut previous = self.switch_to(prepared, new_meta).map_err(rollback)?;
         match self.finish_update(&mut previous, prepared, &mapped) {
@@ -300,6 +307,13 @@ impl Guest {
                 Err(rollback(reason))
             }
         }
+    }
+
+    /// The running value of `__stack_pointer`, the shadow stack's top of use.
+    fn stack_pointer(&mut self, version: &Version) -> Option<u32> {
+        let index = version.info.globals.iter().position(|g| g.name.as_deref() == Some("__stack_pointer"))?;
+        let global = self.instance.get_global(&mut self.store, &exports::global(index as u32))?;
+        global.get(&mut self.store).i32().map(|v| v as u32)
     }
 
     /// Instantiates `module` in a fresh store over this guest's memories and
@@ -368,9 +382,10 @@ impl Guest {
                 return Err(format!("fresh memory at {address:#x} is out of bounds"));
             }
         }
-        for (old, new, map, _) in &linked.conversions {
-            for c in &map.copies {
-                if !u.memory.copy_within(u64::from(*old) + c.from, u64::from(*new) + c.to, c.len) {
+        for conversion in &linked.conversions {
+            let (old, new) = (u64::from(conversion.old_address), u64::from(conversion.new_address));
+            for c in &conversion.map.copies {
+                if !u.memory.copy_within(old + c.from, new + c.to, c.len) {
                     return Err("a converted global lies out of bounds".into());
                 }
             }
@@ -414,6 +429,80 @@ impl Guest {
     }
 }
 
+/// A converted global moves to fresh memory; code that names it is
+/// relinked, but a pointer to its old place held in a frame or in the old
+/// version's globals would go on reading and writing the old copy. Such a
+/// value (or an integer that merely looks like one: the check cannot tell)
+/// refuses the update. The heap is not searched.
+fn stale_pointer(
+    frames: &[TypedFrame],
+    old: &Version,
+    memory: &ProgramMemory,
+    stack_pointer: Option<u32>,
+    conversions: &[upstare_patchgen::plan::Conversion],
+) -> Option<String> {
+    if conversions.is_empty() {
+        return None;
+    }
+    let inside = |value: u32| {
+        conversions.iter().find(|c| value >= c.old_address && value - c.old_address < c.old_size.max(1))
+    };
+    for frame in frames {
+        for value in frame.locals.iter().chain(&frame.operands) {
+            if let upstare_instrument::abi::Value::I32(v) = value {
+                if let Some(c) = inside(*v as u32) {
+                    return Some(format!(
+                        "a frame of `{}` holds the address of `{}`, whose type changed: it would still point at the old copy",
+                        old.info.function_name(frame.func),
+                        c.key
+                    ));
+                }
+            }
+        }
+    }
+    // The old version's writable globals, and the live part of the shadow
+    // stack (from the stack pointer up to the stack's top).
+    let mut regions: Vec<(String, u32, u32)> = old
+        .info
+        .symbols
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_absolute())
+        .filter_map(|(i, s)| {
+            let d = s.data()?;
+            let writable = old.info.segments.get(d.segment? as usize)?.writable;
+            let at = old.layout.data.get(&(i as u32)).copied().unwrap_or(d.address);
+            let name = format!("global `{}`", s.name.clone().unwrap_or_default());
+            (writable && !conversions.iter().any(|c| c.old_address == at)).then_some((name, at, d.size))
+        })
+        .collect();
+    if let (Some(sp), Some(top)) = (stack_pointer, stack_top(old)) {
+        regions.push(("the shadow stack".into(), sp, top.saturating_sub(sp)));
+    }
+    for (holder, at, size) in regions {
+        let bytes = memory.read(u64::from(at), u64::from(size))?;
+        for word in bytes.chunks_exact(4) {
+            if let Some(c) = inside(u32::from_le_bytes([word[0], word[1], word[2], word[3]])) {
+                return Some(format!(
+                    "{holder} holds the address of `{}`, whose type changed: it would still point at the old copy",
+                    c.key
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The top of the shadow stack in the running layout: wasm-ld's
+/// `__stack_high`, else `__heap_base` (the stack ends where the heap
+/// starts).
+fn stack_top(old: &Version) -> Option<u32> {
+    ["__stack_high", "__heap_base"].iter().find_map(|name| {
+        let i = old.info.symbols.iter().position(|s| s.is_absolute() && s.name.as_deref() == Some(*name))?;
+        old.layout.data.get(&(i as u32)).copied().or(old.info.symbols[i].data().map(|d| d.address))
+    })
+}
+
 fn run_transformers(
     instance: &wasmtime::Instance,
     store: &mut Store<ProcessState>,
@@ -421,7 +510,8 @@ fn run_transformers(
     control: &crate::pause::ControlMemory,
     linked: &Linked,
 ) -> Result<(), String> {
-    let calls: Vec<_> = linked.conversions.iter().filter_map(|(old, new, _, t)| t.as_ref().map(|t| (*old, *new, t))).collect();
+    let calls: Vec<_> =
+        linked.conversions.iter().filter_map(|c| c.transformer.as_ref().map(|t| (c.old_address, c.new_address, t))).collect();
     if calls.is_empty() {
         return Ok(());
     }

@@ -67,6 +67,8 @@ pub enum DataFate {
     Converted {
         /// The old value's running address.
         old_address: u32,
+        /// The old value's size.
+        old_size: u32,
         /// Offset of the new value in fresh memory.
         fresh: u32,
         /// How the old value's bytes become the new one's.
@@ -127,8 +129,26 @@ pub struct Linked {
     pub version: Version,
     /// Bytes to write into fresh memory: (address, bytes).
     pub writes: Vec<(u32, Vec<u8>)>,
-    /// Converted globals: (old address, new address, map, transformer).
-    pub conversions: Vec<(u32, u32, ValueMap, Option<String>)>,
+    /// Converted globals.
+    pub conversions: Vec<Conversion>,
+}
+
+/// A global whose type changed, placed: where its old value is and where
+/// the new one goes.
+#[derive(Debug, Clone)]
+pub struct Conversion {
+    /// Its key.
+    pub key: SymbolKey,
+    /// The old value's address.
+    pub old_address: u32,
+    /// The old value's size.
+    pub old_size: u32,
+    /// The new value's address.
+    pub new_address: u32,
+    /// How the old value's bytes become the new one's.
+    pub map: ValueMap,
+    /// Export name of the C transformer for it, if any.
+    pub transformer: Option<String>,
 }
 
 /// Plans the update from `old` (running) to the module `new_wasm`.
@@ -166,19 +186,27 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
                 shared_keys.insert(key.clone());
                 let old_def = old.info.symbols[old_symbol as usize].data().cloned().expect("keys name data symbols");
                 let old_address = old.layout.data.get(&old_symbol).copied().unwrap_or(old_def.address);
+                let old_size = old_def.size;
                 match compare_types(&old, old_def.address, old_def.size, &new, def.address, def.size, &key) {
                     Ok(None) if transformer.is_none() => DataFate::Kept { address: old_address },
                     Ok(None) => DataFate::Converted {
                         old_address,
+                        old_size,
                         fresh: take(def.size),
                         map: identity_map(def.size),
                         transformer,
                     },
-                    Ok(Some(map)) => DataFate::Converted { old_address, fresh: take(def.size), map, transformer },
+                    Ok(Some(map)) => DataFate::Converted { old_address, old_size, fresh: take(def.size), map, transformer },
                     Err(_) if transformer.is_some() => {
                         // The user's transformer takes over what no automatic
                         // mapping can do; the value starts zeroed.
-                        DataFate::Converted { old_address, fresh: take(def.size), map: ValueMap::default(), transformer }
+                        DataFate::Converted {
+                            old_address,
+                            old_size,
+                            fresh: take(def.size),
+                            map: ValueMap::default(),
+                            transformer,
+                        }
                     }
                     Err(reason) => {
                         refusals.push(reason);
@@ -247,8 +275,15 @@ impl Plan {
                         writes.push((fresh_base + fresh, bytes));
                     }
                 }
-                DataFate::Converted { old_address, fresh, map, transformer } => {
-                    conversions.push((*old_address, fresh_base + fresh, map.clone(), transformer.clone()));
+                DataFate::Converted { old_address, old_size, fresh, map, transformer } => {
+                    conversions.push(Conversion {
+                        key: d.key.clone(),
+                        old_address: *old_address,
+                        old_size: *old_size,
+                        new_address: fresh_base + fresh,
+                        map: map.clone(),
+                        transformer: transformer.clone(),
+                    });
                 }
             }
         }
