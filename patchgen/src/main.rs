@@ -15,8 +15,9 @@ use upstare_patchgen::version::Version;
 /// Plan a live update from OLD to NEW (both built with bin/upstare-cc).
 ///
 /// OLD is taken as running at the addresses it was linked for (a program
-/// started from it and not yet updated). The frames of active functions
-/// are checked by the host at update time, not here.
+/// started from it and not yet updated). What depends on the running
+/// program's state is checked by the host at update time, not here: the
+/// frames of active functions, and pointers to globals whose type changed.
 #[derive(Parser)]
 #[command(name = "upstare-patchgen", version)]
 struct Args {

@@ -24,6 +24,8 @@ const TESTED_VERSIONS: &[(&str, &str, &str)] = &[
     ("kv-server", "kv-server-stuck-loop", "frames.rs: a_main_that_cannot_move_is_refused_and_the_old_version_serves_on"),
     ("kv-server", "kv-server-trap", "transform.rs: a_transformer_that_traps_rolls_the_update_back"),
     ("kv-server", "kv-server-v10", "frames.rs: an_update_waits_for_a_frame_that_cannot_move_to_leave_the_stack"),
+    ("kv-server", "kv-server-v11", "update.rs: a_pointer_to_a_global_whose_type_changes_refuses_the_update"),
+    ("kv-server", "kv-server-v12", "update.rs: a_pointer_to_a_global_whose_type_changes_refuses_the_update"),
     ("kv-server", "kv-server-v2", "update.rs: kv_v1_to_v2_under_load, rollback.rs"),
     ("kv-server", "kv-server-v3", "update.rs: kv_v2_to_v3_carries_the_counts_field_by_field"),
     ("kv-server", "kv-server-v5", "transform.rs: a_c_transformer_carries_what_the_automatic_mapping_cannot"),
@@ -235,6 +237,25 @@ fn refused_updates_leave_the_old_version_serving() {
     let stats_after = old.request("STATS");
     assert_eq!(stats_fields(&stats_after).len(), stats_fields(&stats_before).len(), "still v2: {stats_after}");
     assert_eq!(stat(&stats_after, "requests"), stat(&stats_before, "requests") + 1, "{stats_after}");
+    assert!(missing_keys(server.port, &seeded).is_empty());
+}
+
+/// v11 keeps `&stats` in a global; v12 adds a field to `stats`, which then
+/// moves to fresh memory. The pointer cannot follow it: refused, v11 serves
+/// on. (v3 adds the same field to v2, which holds no such pointer, and goes
+/// through: `kv_v2_to_v3_carries_the_counts_field_by_field`.)
+#[test]
+fn a_pointer_to_a_global_whose_type_changes_refuses_the_update() {
+    let (server, control) = start_kv("kv-server-v11", "update-pointer");
+    let seeded = seed(server.port, "p", 20);
+    let mut old = server.client();
+    let before = old.request("STATS");
+    let reason = expect_error(&control.update(&guest("kv-server-v12")), 1);
+    assert!(reason.starts_with("update refused: "), "{reason}");
+    assert!(reason.contains("stats_view") && reason.contains("`stats`"), "names the pointer and the global: {reason}");
+    assert_eq!(control.running_version(), sha256_file(&guest("kv-server-v11")), "v11 runs on");
+    let after = old.request("STATS");
+    assert_eq!(stat(&after, "requests"), stat(&before, "requests") + 1, "{before} then {after}");
     assert!(missing_keys(server.port, &seeded).is_empty());
 }
 
