@@ -110,13 +110,13 @@ pub fn asyncify(original: &Path) -> PathBuf {
 }
 
 /// The directory of SQLite's amalgamation (`sqlite3.c`, `sqlite3.h`) in
-/// the sources of the `libsqlite3-sys` crate, which cargo fetched as a
-/// dev-dependency of this package; found through `cargo metadata`.
+/// the sources of the `libsqlite3-sys` crate, which `cargo metadata` on
+/// `benches/sqlite-source` fetches (without building it) and locates.
 pub fn sqlite_dir() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(&cargo)
-        .args(["metadata", "--format-version", "1", "--offline", "--manifest-path"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("sqlite-source/Cargo.toml"))
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cargo} metadata: {e}"));
     assert!(output.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -126,7 +126,7 @@ pub fn sqlite_dir() -> PathBuf {
         .into_iter()
         .flatten()
         .find(|p| p["name"] == "libsqlite3-sys")
-        .expect("libsqlite3-sys is not in cargo metadata: is it still a dev-dependency of upstare-benches?");
+        .expect("libsqlite3-sys is not in cargo metadata: is it still the dependency of benches/sqlite-source?");
     let manifest = Path::new(package["manifest_path"].as_str().expect("libsqlite3-sys has no manifest_path"));
     manifest.parent().unwrap().join("sqlite3")
 }
