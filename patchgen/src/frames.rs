@@ -40,7 +40,7 @@ use upstare_instrument::abi::{FunctionMeta, Metadata, ResumeKind, ResumePoint, T
 use crate::body::shadow_frame_size;
 use crate::diff::FunctionMatch;
 use crate::dwarf::{same_type, Location, VarAt, VarKey};
-use crate::liveness::live_at;
+use crate::liveness::live_at_many;
 use crate::version::Version;
 
 /// A frame that cannot be moved to the new version, and why.
@@ -129,16 +129,42 @@ impl FrameMapper<'_> {
         let (_, old_meta) = self.old;
         let mut recipes = HashMap::new();
         for f in &old_meta.functions {
+            // What every resume point of a changed function needs is
+            // analysed once for the function, not once per point.
+            let pair = self.changed_pair(f.index);
             for rp in 0..f.resume_points.len() as u32 {
-                recipes.insert((f.index, rp), self.recipe(f.index, rp));
+                recipes.insert((f.index, rp), self.recipe(f.index, rp, pair.as_ref()));
             }
         }
         FramePlan { recipes }
     }
 
+    /// The analysis of old function `func` and its new version, if it has
+    /// changed and has a new version with update points.
+    fn changed_pair(&self, func: u32) -> Option<ChangedPair> {
+        let (old, _) = self.old;
+        let (new, new_meta) = self.new;
+        if self.functions.is_unchanged(func) {
+            return None;
+        }
+        let new_func = *self.functions.old_to_new.get(&func)?;
+        let new_fn = new_meta.function(new_func)?;
+        let offsets: Vec<u32> = new_fn.resume_points.iter().map(|rp| rp.offset.wrapping_sub(new_meta.code_section)).collect();
+        let live = live_at_many(&new.wasm, new_func, &offsets)
+            .map(|sets| offsets.iter().copied().zip(sets).collect())
+            .map_err(|e| format!("cannot analyse the new code: {e}"));
+        Some(ChangedPair {
+            old: FunctionCode::read(old, func),
+            new: FunctionCode::read(new, new_func),
+            common: common_code_len(old, func, new, new_func),
+            frame_sizes: (shadow_frame_size(&old.info, &old.wasm, func), shadow_frame_size(&new.info, &new.wasm, new_func)),
+            live,
+        })
+    }
+
     /// The recipe for frames of old function `func` saved at its resume
-    /// point `resume_point`.
-    pub fn recipe(&self, func: u32, resume_point: u32) -> Result<Recipe, Unmappable> {
+    /// point `resume_point`; `pair` is the function's analysis if it changed.
+    fn recipe(&self, func: u32, resume_point: u32, pair: Option<&ChangedPair>) -> Result<Recipe, Unmappable> {
         let (old, old_meta) = self.old;
         let (_, new_meta) = self.new;
         let function = old.info.function_name(func);
@@ -170,13 +196,14 @@ impl FrameMapper<'_> {
         if old_rp.operands != new_rp.operands {
             return Err(fail("the values on the operand stack there differ between the versions".into()));
         }
-        let locals = if self.functions.is_unchanged(func) {
-            if new_fn.locals != old_fn.locals {
-                return Err(fail("its locals changed although its body did not".into()));
+        let locals = match pair {
+            None => {
+                if new_fn.locals != old_fn.locals {
+                    return Err(fail("its locals changed although its body did not".into()));
+                }
+                (0..old_fn.locals.len() as u32).map(Some).collect()
             }
-            (0..old_fn.locals.len() as u32).map(Some).collect()
-        } else {
-            self.changed_locals(func, old_rp, old_fn, new_func, new_rp, new_fn).map_err(fail)?
+            Some(pair) => self.changed_locals(pair, old_rp, old_fn, new_rp, new_fn).map_err(fail)?,
         };
         Ok(Recipe { func: new_func, resume_point: rp_index, locals, types: new_fn.locals.clone() })
     }
@@ -226,18 +253,17 @@ impl FrameMapper<'_> {
     /// Builds the locals of a changed function's frame from DWARF.
     fn changed_locals(
         &self,
-        old_func: u32,
+        pair: &ChangedPair,
         old_rp: &ResumePoint,
         old_fn: &FunctionMeta,
-        new_func: u32,
         new_rp: &ResumePoint,
         new_fn: &FunctionMeta,
     ) -> Result<Vec<Option<u32>>, String> {
         let (old, old_meta) = self.old;
         let (new, new_meta) = self.new;
         let mut locals: Vec<Option<u32>> = vec![None; new_fn.locals.len()];
-        let old_params = old.info.types[old.info.functions[old_func as usize].ty as usize].params.len();
-        let new_params = new.info.types[new.info.functions[new_func as usize].ty as usize].params.len();
+        let params = |v: &Version, f: u32| v.info.types[v.info.functions[f as usize].ty as usize].params.len();
+        let (old_params, new_params) = (params(old, old_fn.index), params(new, new_fn.index));
 
         if old_rp.kind == ResumeKind::Entry {
             // The function starts over: only its parameters matter.
@@ -250,8 +276,7 @@ impl FrameMapper<'_> {
             return Ok(locals);
         }
 
-        let old_frame_size = shadow_frame_size(&old.info, &old.wasm, old_func);
-        let new_frame_size = shadow_frame_size(&new.info, &new.wasm, new_func);
+        let (old_frame_size, new_frame_size) = pair.frame_sizes;
         if old_frame_size != new_frame_size {
             return Err(format!(
                 "its frame in linear memory changed from {} to {} bytes while it is active",
@@ -271,14 +296,19 @@ impl FrameMapper<'_> {
             }
         }
 
-        let live = live_at(&new.wasm, new_func, new_pc).map_err(|e| format!("cannot analyse the new code: {e}"))?;
+        let live = pair
+            .live
+            .as_ref()
+            .map_err(Clone::clone)?
+            .get(&new_pc)
+            .ok_or("the new code has no instruction at the resume point")?;
         let frame_base = |v: &Version, pc: u32| match v.debug.function_at(pc).and_then(|f| f.frame_base) {
             Some(Location::Local(l)) => Some(l),
             _ => None,
         };
         let (old_base, new_base) = (frame_base(old, old_pc), frame_base(new, new_pc));
 
-        let prefix = self.common_prefix(old_func, old_pc, new_func, new_pc);
+        let prefix = pair.common_prefix(old_pc, new_pc);
         for (local, is_live) in live.iter().enumerate() {
             let local = local as u32;
             let source = new_vars
@@ -300,7 +330,8 @@ impl FrameMapper<'_> {
                     // A parameter neither version ever assigns still holds
                     // the argument the caller passed.
                     let param = (local as usize) < new_params && (local as usize) < old_params;
-                    (param && old_fn.locals[local as usize] == new_fn.locals[local as usize] && !assigned(old, old_func, local) && !assigned(new, new_func, local)).then_some(local)
+                    let same_type = old_fn.locals.get(local as usize) == new_fn.locals.get(local as usize);
+                    (param && same_type && !pair.assigned(local)).then_some(local)
                 });
             let typed = source.filter(|j| old_fn.locals.get(*j as usize) == Some(&new_fn.locals[local as usize]));
             match typed {
@@ -336,29 +367,40 @@ impl CommonPrefix {
     }
 }
 
-impl FrameMapper<'_> {
-    /// The common prefix of the two bodies, if their instructions up to and
-    /// including the resume point are identical (references compared by
-    /// name).
-    fn common_prefix(
-        &self,
-        old_func: u32,
-        old_pc: u32,
-        new_func: u32,
-        new_pc: u32,
-    ) -> Option<CommonPrefix> {
-        let (old, _) = self.old;
-        let (new, _) = self.new;
-        let code_start = |v: &Version, f: u32| -> Option<u32> {
-            let body = v.info.functions.get(f as usize)?.body.as_ref()?.start;
-            Some(body + crate::body::code_start(&v.info, &v.wasm, f).ok()?)
-        };
-        let (old_start, new_start) = (code_start(old, old_func)?, code_start(new, new_func)?);
-        let len = old_pc.checked_sub(old_start)?;
-        if new_pc.checked_sub(new_start)? != len {
+/// A changed function and its new version, analysed once for all of its
+/// resume points.
+struct ChangedPair {
+    /// The old version's instructions, `None` if they cannot be read.
+    old: Option<FunctionCode>,
+    /// The new version's.
+    new: Option<FunctionCode>,
+    /// How many bytes of instructions the two have in common from the start.
+    common: Option<u32>,
+    /// Shadow-stack frame sizes, old and new.
+    frame_sizes: (Option<u32>, Option<u32>),
+    /// Live locals of the new version at each of its resume points, by code
+    /// offset.
+    live: Result<HashMap<u32, Vec<bool>>, String>,
+}
+
+impl ChangedPair {
+    /// Whether either version ever writes `local` (unknown counts as yes).
+    fn assigned(&self, local: u32) -> bool {
+        [&self.old, &self.new]
+            .iter()
+            .any(|code| code.as_ref().is_none_or(|c| c.writes.iter().any(|(l, _)| *l == local)))
+    }
+
+    /// The common prefix of the two bodies at a resume point (code offsets
+    /// in each version), if their instructions up to and including it are
+    /// identical (references compared by name).
+    fn common_prefix(&self, old_pc: u32, new_pc: u32) -> Option<CommonPrefix> {
+        let (old, new) = (self.old.as_ref()?, self.new.as_ref()?);
+        let len = old_pc.checked_sub(old.start)?;
+        if new_pc.checked_sub(new.start)? != len {
             return None;
         }
-        let common = common_code_len(old, old_func, new, new_func)?;
+        let common = self.common?;
         // Through the resume point's instruction itself: up to 6 bytes (an
         // opcode and a padded index) covers every kind of point.
         if len + 6 > common {
@@ -370,17 +412,9 @@ impl FrameMapper<'_> {
         // code may carry changed values back: every local it writes after
         // the point is suspect.
         let mut written_after = std::collections::HashSet::new();
-        for (version, func) in [(old, old_func), (new, new_func)] {
-            let BodyWrites { writes, loops } = local_writes(version, func)?;
-            let skip = crate::body::code_start(&version.info, &version.wasm, func).ok()?;
-            let code = |at: u32| at.saturating_sub(skip);
-            let escaping: Vec<_> = loops
-                .iter()
-                .map(|l| code(l.start)..code(l.end))
-                .filter(|l| l.start <= len && len < l.end && l.end >= common)
-                .collect();
-            for (local, offset) in writes {
-                let offset = code(offset);
+        for code in [old, new] {
+            let escaping: Vec<_> = code.loops.iter().filter(|l| l.start <= len && len < l.end && l.end >= common).collect();
+            for &(local, offset) in &code.writes {
                 if offset > len && escaping.iter().any(|l| l.contains(&offset)) {
                     written_after.insert(local);
                 }
@@ -412,48 +446,48 @@ fn common_code_len(old: &Version, old_func: u32, new: &Version, new_func: u32) -
     Some(common)
 }
 
-/// Where a function writes its locals and where its loops are, as offsets
-/// from the start of its body.
-struct BodyWrites {
+/// Where a function's instructions start, where it writes its locals and
+/// where its loops are; offsets relative to its first instruction.
+struct FunctionCode {
+    /// Code offset of the first instruction.
+    start: u32,
     /// Every `local.set` and `local.tee`: (local, offset).
     writes: Vec<(u32, u32)>,
     /// The extent of every loop.
     loops: Vec<std::ops::Range<u32>>,
 }
 
-fn local_writes(version: &Version, func: u32) -> Option<BodyWrites> {
-    let body = version.info.functions.get(func as usize)?.body.clone()?;
-    let base = version.info.code_section as usize;
-    let bytes = version.wasm.get(base + body.start as usize..base + body.end as usize)?;
-    let reader = wasmparser::FunctionBody::new(wasmparser::BinaryReader::new(bytes, 0));
-    let mut ops = reader.get_operators_reader().ok()?;
-    let mut out = Vec::new();
-    let mut loops = Vec::new();
-    // Open blocks: the start of each, and whether it is a loop.
-    let mut open: Vec<(u32, bool)> = Vec::new();
-    while !ops.eof() {
-        let (op, offset) = ops.read_with_offset().ok()?;
-        let offset = offset as u32;
-        match op {
-            wasmparser::Operator::LocalSet { local_index } | wasmparser::Operator::LocalTee { local_index } => {
-                out.push((local_index, offset))
-            }
-            wasmparser::Operator::Block { .. } | wasmparser::Operator::If { .. } => open.push((offset, false)),
-            wasmparser::Operator::Loop { .. } => open.push((offset, true)),
-            wasmparser::Operator::End => {
-                if let Some((start, true)) = open.pop() {
-                    loops.push(start..offset);
+impl FunctionCode {
+    fn read(version: &Version, func: u32) -> Option<FunctionCode> {
+        let body = version.info.functions.get(func as usize)?.body.clone()?;
+        let base = version.info.code_section as usize;
+        let bytes = version.wasm.get(base + body.start as usize..base + body.end as usize)?;
+        let reader = wasmparser::FunctionBody::new(wasmparser::BinaryReader::new(bytes, 0));
+        let mut ops = reader.get_operators_reader().ok()?;
+        let skip = ops.original_position() as u32;
+        let mut writes = Vec::new();
+        let mut loops = Vec::new();
+        // Open blocks: the start of each, and whether it is a loop.
+        let mut open: Vec<(u32, bool)> = Vec::new();
+        while !ops.eof() {
+            let (op, offset) = ops.read_with_offset().ok()?;
+            let offset = offset as u32 - skip;
+            match op {
+                wasmparser::Operator::LocalSet { local_index } | wasmparser::Operator::LocalTee { local_index } => {
+                    writes.push((local_index, offset))
                 }
+                wasmparser::Operator::Block { .. } | wasmparser::Operator::If { .. } => open.push((offset, false)),
+                wasmparser::Operator::Loop { .. } => open.push((offset, true)),
+                wasmparser::Operator::End => {
+                    if let Some((start, true)) = open.pop() {
+                        loops.push(start..offset);
+                    }
+                }
+                _ => {}
             }
-            _ => {}
         }
+        Some(FunctionCode { start: body.start + skip, writes, loops })
     }
-    Some(BodyWrites { writes: out, loops })
-}
-
-/// Whether a function ever writes `local`.
-fn assigned(version: &Version, func: u32, local: u32) -> bool {
-    local_writes(version, func).is_none_or(|b| b.writes.iter().any(|(l, _)| *l == local))
 }
 
 /// A resume point described for people: "call to poll #0", "loop #2".
