@@ -155,7 +155,11 @@ pub struct Conversion {
 pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
     let new = Arc::new(Version::unplaced(new_wasm)?);
     let functions = match_functions(&old, &new)?;
-    let transformers = transformer_exports(&new.wasm);
+    // Transformer export names, by the global they transform.
+    let transformers: HashMap<String, String> = transformer_exports(&new.wasm)
+        .into_iter()
+        .map(|e| (e.name[TRANSFORMER_PREFIX.len()..].to_string(), e.name))
+        .collect();
     let mut refusals = Vec::new();
     let mut fresh = 0u32;
     let mut take = |size: u32| {
@@ -241,7 +245,7 @@ impl Plan {
     pub fn link(&self, fresh_base: u32) -> Result<Linked, Error> {
         let new = &self.new;
         let mut placement =
-            Placement { data: HashMap::new(), table: self.table.clone(), exports: transformer_targets(&new.info, &new.wasm) };
+            Placement { data: HashMap::new(), table: self.table.clone(), exports: transformer_targets(&new.info, &transformer_exports(&new.wasm)) };
         let old_absolute = absolute_symbols(&self.old);
         for (i, symbol) in new.info.symbols.iter().enumerate() {
             let Some(def) = symbol.data() else { continue };
@@ -493,33 +497,34 @@ fn absolute_symbols(version: &Version) -> HashMap<String, u32> {
 /// it and its destructors (atexit handlers, stdio flushing) after it: right
 /// for a fresh call into a program, wrong in the middle of one. Transformer
 /// exports are pointed at the function itself.
-fn transformer_targets(info: &crate::module::ModuleInfo, wasm: &[u8]) -> HashMap<String, u32> {
-    let mut out = HashMap::new();
-    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
-        let Ok(wasmparser::Payload::ExportSection(exports)) = payload else { continue };
-        for export in exports.into_iter().flatten() {
-            if export.kind != wasmparser::ExternalKind::Func || !export.name.starts_with(TRANSFORMER_PREFIX) {
-                continue;
-            }
-            let wrapper = info.function_name(export.index);
-            let Some(inner) = wrapper.strip_suffix(".command_export") else { continue };
-            let target = (0..info.functions.len() as u32).find(|&f| info.functions[f as usize].name.as_deref() == Some(inner));
-            if let Some(f) = target {
-                out.insert(export.name.to_string(), f);
-            }
-        }
-    }
-    out
+fn transformer_targets(info: &crate::module::ModuleInfo, exports: &[TransformerExport]) -> HashMap<String, u32> {
+    exports
+        .iter()
+        .filter(|e| e.kind == wasmparser::ExternalKind::Func)
+        .filter_map(|e| {
+            let wrapper = info.function_name(e.index);
+            let inner = wrapper.strip_suffix(".command_export")?;
+            let target = (0..info.functions.len() as u32).find(|&f| info.functions[f as usize].name.as_deref() == Some(inner))?;
+            Some((e.name.clone(), target))
+        })
+        .collect()
 }
 
-/// Exported C transformers, by the global they transform.
-fn transformer_exports(wasm: &[u8]) -> HashMap<String, String> {
-    let mut out = HashMap::new();
+/// An export named with [`TRANSFORMER_PREFIX`].
+struct TransformerExport {
+    name: String,
+    kind: wasmparser::ExternalKind,
+    index: u32,
+}
+
+/// The module's exports named as C transformers.
+fn transformer_exports(wasm: &[u8]) -> Vec<TransformerExport> {
+    let mut out = Vec::new();
     for payload in wasmparser::Parser::new(0).parse_all(wasm) {
         if let Ok(wasmparser::Payload::ExportSection(exports)) = payload {
             for export in exports.into_iter().flatten() {
-                if let Some(global) = export.name.strip_prefix(TRANSFORMER_PREFIX) {
-                    out.insert(global.to_string(), export.name.to_string());
+                if export.name.starts_with(TRANSFORMER_PREFIX) {
+                    out.push(TransformerExport { name: export.name.to_string(), kind: export.kind, index: export.index });
                 }
             }
         }
