@@ -239,11 +239,6 @@ impl Guest {
         self.unwinder.as_ref().and_then(|u| u.paused.as_deref())
     }
 
-    /// The program memory of an instrumented guest.
-    pub fn program_memory(&self) -> Option<ProgramMemory> {
-        self.unwinder.as_ref().map(|u| u.memory.clone())
-    }
-
     /// The module the guest runs now.
     pub fn module(&self) -> &GuestModule {
         &self.module

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::control::{self, Request};
+use crate::control::Request;
 
 /// Write a snapshot of the running program to FILE.
 ///
@@ -27,11 +27,7 @@ pub struct CheckpointArgs {
 
 /// Runs the command.
 pub fn execute(args: CheckpointArgs) -> ExitCode {
-    let path = match args.control.map_or_else(control::find_default, Ok) {
-        Ok(p) => p,
-        Err(e) => return super::bad_input(e),
-    };
     // The host writes the file: give it an absolute path.
     let file = std::path::absolute(&args.file).unwrap_or(args.file);
-    super::print_reply(control::request(&path, &Request::Checkpoint(file)))
+    super::ask(args.control, &Request::Checkpoint(file))
 }

@@ -96,6 +96,15 @@ fn bad_input(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_BAD_INPUT)
 }
 
+/// Sends `request` to the host behind `control` (else the only running
+/// host's socket) and prints its reply.
+fn ask(control: Option<std::path::PathBuf>, request: &crate::control::Request) -> ExitCode {
+    match control.map_or_else(crate::control::find_default, Ok) {
+        Ok(path) => print_reply(crate::control::request(&path, request)),
+        Err(e) => bad_input(e),
+    }
+}
+
 /// Prints a control reply: `OK` lines to stdout with status 0, an `ERR`
 /// to stderr as `error: ...` with status 1; a `BAD` (the host could not
 /// use what it was given) or an unreachable host is bad input (status 2).

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::control::{self, Request};
+use crate::control::Request;
 
 /// Return the running program to its previous version, live.
 ///
@@ -29,9 +29,5 @@ pub struct RollbackArgs {
 
 /// Runs the command.
 pub fn execute(args: RollbackArgs) -> ExitCode {
-    let path = match args.control.map_or_else(control::find_default, Ok) {
-        Ok(p) => p,
-        Err(e) => return super::bad_input(e),
-    };
-    super::print_reply(control::request(&path, &Request::Rollback(args.timeout)))
+    super::ask(args.control, &Request::Rollback(args.timeout))
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::control::{self, Request};
+use crate::control::Request;
 
 /// Show what a running upstare-host runs: module, version, uptime, state.
 #[derive(Args, Debug)]
@@ -18,9 +18,5 @@ pub struct StatusArgs {
 
 /// Runs the command.
 pub fn execute(args: StatusArgs) -> ExitCode {
-    let path = match args.control.map_or_else(control::find_default, Ok) {
-        Ok(p) => p,
-        Err(e) => return super::bad_input(e),
-    };
-    super::print_reply(control::request(&path, &Request::Status))
+    super::ask(args.control, &Request::Status)
 }

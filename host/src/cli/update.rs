@@ -36,8 +36,9 @@ pub struct UpdateArgs {
 
 /// Runs the command.
 pub fn execute(args: UpdateArgs) -> ExitCode {
-    let path = match args.control.map_or_else(control::find_default, Ok) {
-        Ok(p) => p,
+    // No host is the first thing to report, as for every client command.
+    let control = match args.control.map_or_else(control::find_default, Ok) {
+        Ok(path) => path,
         Err(e) => return super::bad_input(e),
     };
     // Checked here too, so a typo gets its answer without a round trip.
@@ -46,5 +47,5 @@ pub fn execute(args: UpdateArgs) -> ExitCode {
     }
     // The host reads the file: give it an absolute path.
     let module = std::path::absolute(&args.module).unwrap_or(args.module);
-    super::print_reply(control::request(&path, &Request::Update(module, args.timeout)))
+    super::ask(Some(control), &Request::Update(module, args.timeout))
 }
