@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use upstare_host::control::{self, ControlSocket, Request};
+use upstare_host::control::{self, ControlSocket, Request, Response};
 use upstare_host::supervise::{self, Identity};
 use upstare_host::{new_engine, Guest, GuestConfig, GuestModule};
 
@@ -119,8 +119,10 @@ fn main() {
     let mut pauses = Vec::new();
     for i in 0..updates {
         let to = if i % 2 == 0 { &v2 } else { &v1 };
-        let reply = control::request(&socket_path, &Request::Update(to.clone(), 2000)).unwrap();
-        assert!(reply.trim_end().ends_with("OK"), "update failed: {reply}");
+        let reply = match control::request(&socket_path, &Request::Update(to.clone(), 2000)).unwrap() {
+            Response::Done { body, .. } => body.join("\n"),
+            refused => panic!("update failed: {refused:?}"),
+        };
         let pause = field(&reply, "pause: ");
         println!(
             "{:>3} {:>14} {:>10} {:>12} {:>7}",

@@ -11,7 +11,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::control::{ControlSocket, Request};
+use crate::control::{ControlSocket, Request, Response};
 use crate::pause::ControlMemory;
 use crate::program_memory::ProgramMemory;
 use crate::update::{self, Prepared, Report, RunningVersion, UpdateError};
@@ -106,35 +106,20 @@ pub fn run(
         .map_err(|e| format!("cannot start the guest thread: {e}"))?;
     let socket_path = control.as_ref().map(|c| c.path().to_path_buf());
     if let (Some(control), Ok((pause, seed))) = (control, handle_rx.recv()) {
-        let started = Instant::now();
-        let serve_live = live.clone();
-        let mut updater =
+        let updater =
             seed.map(|(engine, memory, control, first)| Updater { engine, memory, control, first, history: Vec::new() });
+        let server = Server {
+            identity,
+            started: Instant::now(),
+            live: live.clone(),
+            pause,
+            commands: commands_tx,
+            pause_limit,
+            changes: Mutex::new(updater),
+        };
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || {
-                control.serve(|req| match req {
-                    Request::Status => status(&identity, started, &serve_live, pause.is_some()),
-                    Request::Update(path, timeout) => {
-                        let target = Target::Module(path);
-                        serve_update(&mut updater, &pause, &commands_tx, &serve_live, target, timeout, pause_limit)
-                    }
-                    Request::Rollback(timeout) => {
-                        serve_update(&mut updater, &pause, &commands_tx, &serve_live, Target::Previous, timeout, pause_limit)
-                    }
-                    Request::Checkpoint(path) => match &pause {
-                        None => "ERR the module runs without instrumentation (--no-instrument): it cannot be paused".into(),
-                        Some(p) => {
-                            let (reply, latency) = checkpoint(p, &commands_tx, &path, pause_limit);
-                            if let (Some(d), Ok(mut l)) = (latency, serve_live.lock()) {
-                                l.pauses += 1;
-                                l.last_pause = Some(d);
-                            }
-                            reply
-                        }
-                    },
-                })
-            })
+            .spawn(move || control.serve(move |req| server.handle(req)))
             .map_err(|e| format!("cannot start the control thread: {e}"))?;
     }
     let outcome = runner.join().map_err(|_| "the guest thread failed".to_string());
@@ -142,6 +127,57 @@ pub fn run(
         let _ = std::fs::remove_file(path);
     }
     outcome
+}
+
+/// What the control socket's requests are served against. Requests arrive
+/// on many threads at once: `status` reads only the live state and never
+/// waits; checkpoints, updates and rollbacks take `changes` in turn, so one
+/// runs at a time and each sees the version the previous one left.
+struct Server {
+    identity: Identity,
+    started: Instant,
+    live: Arc<Mutex<Live>>,
+    pause: Option<PauseHandle>,
+    commands: Sender<Command>,
+    pause_limit: Duration,
+    changes: Mutex<Option<Updater>>,
+}
+
+impl Server {
+    fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Status => status(&self.identity, self.started, &self.live, self.pause.is_some()),
+            Request::Update(path, timeout) => self.update(Target::Module(path), timeout),
+            Request::Rollback(timeout) => self.update(Target::Previous, timeout),
+            Request::Checkpoint(path) => self.checkpoint(&path),
+        }
+    }
+
+    /// Waits for the requests that change or capture the program before
+    /// this one. A request that panicked while holding the lock left no
+    /// half-done change behind (updates commit on the guest thread), so the
+    /// state behind it is still good to use.
+    fn changes(&self) -> std::sync::MutexGuard<'_, Option<Updater>> {
+        self.changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn update(&self, target: Target, timeout_ms: u64) -> Response {
+        let mut updater = self.changes();
+        serve_update(&mut updater, &self.pause, &self.commands, &self.live, target, timeout_ms, self.pause_limit)
+    }
+
+    fn checkpoint(&self, path: &std::path::Path) -> Response {
+        let Some(pause) = &self.pause else {
+            return Response::refused("the module runs without instrumentation (--no-instrument): it cannot be paused");
+        };
+        let _turn = self.changes();
+        let (reply, latency) = checkpoint(pause, &self.commands, path, self.pause_limit);
+        if let (Some(d), Ok(mut l)) = (latency, self.live.lock()) {
+            l.pauses += 1;
+            l.last_pause = Some(d);
+        }
+        reply
+    }
 }
 
 /// Runs the guest, serving commands at each pause, until it ends.
@@ -174,21 +210,24 @@ fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>) ->
     }
 }
 
-fn status(identity: &Identity, started: Instant, live: &Mutex<Live>, pausable: bool) -> String {
+fn status(identity: &Identity, started: Instant, live: &Mutex<Live>, pausable: bool) -> Response {
     let live = match live.lock() {
         Ok(l) => l,
-        Err(_) => return "ERR status unavailable".into(),
+        Err(_) => return Response::refused("status unavailable: the guest thread failed"),
     };
     let last = live.last_pause.map_or("none yet".to_string(), |d| format!("{} us", d.as_micros()));
     let (module, hash) = live.version.clone().unwrap_or_else(|| (identity.module.clone(), identity.hash.clone()));
-    format!(
-        "module: {module}\nversion: sha256:{hash}\nuptime: {:.1} s\nupdates: {}\ninstances: 1\ninstance 0: {}{}\npauses: {}\nlast pause (request to paused): {last}\nOK",
-        started.elapsed().as_secs_f64(),
-        live.updates,
-        live.state,
-        if pausable { "" } else { " (not instrumented: cannot pause)" },
-        live.pauses,
-    )
+    let body = vec![
+        format!("module: {module}"),
+        format!("version: sha256:{hash}"),
+        format!("uptime: {:.1} s", started.elapsed().as_secs_f64()),
+        format!("updates: {}", live.updates),
+        "instances: 1".to_string(),
+        format!("instance 0: {}{}", live.state, if pausable { "" } else { " (not instrumented: cannot pause)" }),
+        format!("pauses: {}", live.pauses),
+        format!("last pause (request to paused): {last}"),
+    ];
+    Response::Done { body, summary: None }
 }
 
 /// Pauses the guest for a snapshot and writes it to `path`, through a
@@ -199,35 +238,36 @@ fn checkpoint(
     commands: &Sender<Command>,
     path: &std::path::Path,
     limit: Duration,
-) -> (String, Option<Duration>) {
+) -> (Response, Option<Duration>) {
     let cancelled = Arc::new(AtomicBool::new(false));
     let (reply, answer) = channel();
     if commands.send(Command::Checkpoint { reply, cancelled: cancelled.clone() }).is_err() {
-        return ("ERR the guest has exited".into(), None);
+        return (Response::refused("the guest has exited"), None);
     }
     let asked = pause.request();
     let (snapshot, paused_at) = match answer.recv_timeout(limit) {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return (format!("ERR cannot snapshot the guest: {e}"), None),
+        Ok(Err(e)) => return (Response::refused(format!("cannot snapshot the guest: {e}")), None),
         Err(RecvTimeoutError::Timeout) => {
             cancelled.store(true, Ordering::SeqCst);
             pause.cancel();
-            let reply = format!(
-                "ERR the guest did not reach an update point within {} ms (--pause-limit); it keeps running, no snapshot written",
+            let reply = Response::refused(format!(
+                "the guest did not reach an update point within {} ms (--pause-limit); it keeps running, no snapshot written",
                 limit.as_millis()
-            );
+            ));
             return (reply, None);
         }
-        Err(RecvTimeoutError::Disconnected) => return ("ERR the guest has exited".into(), None),
+        Err(RecvTimeoutError::Disconnected) => return (Response::refused("the guest has exited"), None),
     };
     let latency = paused_at.saturating_duration_since(asked);
     let bytes = snapshot.encode();
     let tmp = path.with_extension("partial");
     if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
-        return (format!("ERR cannot write {}: {e}", path.display()), Some(latency));
+        return (Response::refused(format!("cannot write {}: {e}", path.display())), Some(latency));
     }
-    (format!("OK {} {} bytes, paused {} us", path.display(), bytes.len(), latency.as_micros()), Some(latency))
+    let summary = format!("{} {} bytes, paused {} us", path.display(), bytes.len(), latency.as_micros());
+    (Response::Done { body: Vec::new(), summary: Some(summary) }, Some(latency))
 }
 
 /// Versions kept for rollback, the running one included.
@@ -255,9 +295,9 @@ fn serve_update(
     target: Target,
     timeout_ms: u64,
     pause_limit: Duration,
-) -> String {
+) -> Response {
     let (Some(pause), Some(updater)) = (pause, updater) else {
-        return "ERR the module runs without instrumentation (--no-instrument): it cannot be updated".into();
+        return Response::refused("the module runs without instrumentation (--no-instrument): it cannot be updated");
     };
     let reply = live_update(updater, pause, commands, target, Duration::from_millis(timeout_ms), pause_limit);
     record_update(live, updater, &reply);
@@ -274,35 +314,39 @@ fn live_update(
     target: Target,
     timeout: Duration,
     pause_limit: Duration,
-) -> String {
+) -> Response {
     if updater.history.is_empty() {
         match RunningVersion::initial(&updater.first) {
             Ok(v) => updater.history.push(v),
-            Err(e) => return format!("ERR {e}"),
+            Err(e) => return Response::refused(e),
         }
     }
-    let current = updater.history.last().expect("a version runs").clone();
+    let Some(current) = updater.history.last().cloned() else {
+        return Response::refused("the running version is unknown to the updater");
+    };
     let (path, bytes) = match &target {
         Target::Module(path) => match std::fs::read(path) {
             Ok(b) => (path.clone(), b),
-            Err(e) => return format!("BAD cannot read {}: {e}", path.display()),
+            Err(e) => return Response::Unusable(format!("cannot read {}: {e}", path.display())),
         },
         Target::Previous => match updater.history.len() {
             n if n >= 2 => {
                 let previous = &updater.history[n - 2];
                 (previous.path.clone(), previous.version.wasm.to_vec())
             }
-            _ => return "ERR no previous version to return to: the program has not been updated".into(),
+            _ => return Response::refused("no previous version to return to: the program has not been updated"),
         },
     };
     let prepared = match update::prepare(&updater.engine, &current, &updater.memory, &updater.control, &path, bytes) {
         Ok(p) => p,
-        Err(UpdateError::BadInput(e)) => return format!("BAD {e}"),
-        Err(e) => return format!("ERR {e}"),
+        Err(UpdateError::BadInput(e)) => return Response::Unusable(e.to_string()),
+        Err(e) => return Response::refused(e),
     };
     if matches!(target, Target::Previous) {
         if let Some(lost) = lossy_conversions(&prepared) {
-            return format!("ERR cannot roll back: the update changed the type of {lost}, and going back would lose it");
+            return Response::refused(format!(
+                "cannot roll back: the update changed the type of {lost}, and going back would lose it"
+            ));
         }
     }
     let prepared = Arc::new(prepared);
@@ -315,7 +359,7 @@ fn live_update(
         let (reply, answer) = channel();
         let command = Command::Update { current: current.clone(), prepared: prepared.clone(), reply, claim: claim.clone() };
         if commands.send(command).is_err() {
-            return "ERR the guest has exited".into();
+            return Response::refused("the guest has exited");
         }
         pause.request();
         let outcome = match answer.recv_timeout(pause_limit) {
@@ -326,17 +370,17 @@ fn live_update(
                 // The guest thread is applying it: its answer decides.
                 match answer.recv() {
                     Ok(outcome) => outcome,
-                    Err(_) => return "ERR the guest has exited".into(),
+                    Err(_) => return Response::refused("the guest has exited"),
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
                 pause.cancel();
-                return format!(
-                    "ERR update refused: the guest did not reach an update point within {} ms (--pause-limit); the old version runs on",
+                return Response::refused(format!(
+                    "update refused: the guest did not reach an update point within {} ms (--pause-limit); the old version runs on",
                     pause_limit.as_millis()
-                );
+                ));
             }
-            Err(RecvTimeoutError::Disconnected) => return "ERR the guest has exited".into(),
+            Err(RecvTimeoutError::Disconnected) => return Response::refused("the guest has exited"),
         };
         match outcome {
             Ok(report) => {
@@ -349,7 +393,7 @@ fn live_update(
                 if updater.history.len() > MAX_HISTORY {
                     updater.history.remove(0);
                 }
-                return format!("{report}\nOK");
+                return Response::Done { body: report.to_string().lines().map(str::to_string).collect(), summary: None };
             }
             Err(UpdateError::Frame(frame)) if Instant::now() < deadline => {
                 // Let the program run on, so that frame can leave the stack.
@@ -358,15 +402,15 @@ fn live_update(
                 backoff = (backoff * 2).min(Duration::from_millis(100));
             }
             Err(UpdateError::Frame(frame)) => {
-                return format!(
-                    "ERR update refused: {} was still on the stack after {} ms and cannot move to the new version: {}; the old version runs on",
+                return Response::refused(format!(
+                    "update refused: {} was still on the stack after {} ms and cannot move to the new version: {}; the old version runs on",
                     frame.function,
                     timeout.as_millis(),
                     frame
-                )
+                ))
             }
-            Err(UpdateError::BadInput(e)) => return format!("BAD {e}"),
-            Err(e) => return format!("ERR {e}; the old version runs on"),
+            Err(UpdateError::BadInput(e)) => return Response::Unusable(e.to_string()),
+            Err(e) => return Response::refused(format!("{e}; the old version runs on")),
         }
     }
 }
@@ -382,8 +426,8 @@ fn lossy_conversions(prepared: &Prepared) -> Option<String> {
     (!lost.is_empty()).then(|| lost.join(", "))
 }
 
-fn record_update(live: &Mutex<Live>, updater: &Updater, reply: &str) {
-    if !reply.ends_with("OK") {
+fn record_update(live: &Mutex<Live>, updater: &Updater, reply: &Response) {
+    if !reply.is_done() {
         return;
     }
     if let (Ok(mut l), Some(v)) = (live.lock(), updater.history.last()) {

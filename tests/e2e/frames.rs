@@ -46,10 +46,10 @@ fn a_main_that_cannot_move_is_refused_and_the_old_version_serves_on() {
 /// How long the SLEEP in flight during an update lasts: longer than
 /// preparing the update takes (a few hundred ms in a debug build), so the
 /// first attempt finds `sleep_command` on the stack.
-const SLEEP_MS: u64 = 2500;
+pub(crate) const SLEEP_MS: u64 = 2500;
 
 /// kv v9 with a SLEEP in flight on `sleeper`, sent at the returned instant.
-fn v9_sleeping(tag: &str) -> (Server, Control, Client, Instant) {
+pub(crate) fn v9_sleeping(tag: &str) -> (Server, Control, Client, Instant) {
     let (server, control) = start_kv("kv-server-v9", tag);
     let mut sleeper = server.client();
     assert_eq!(sleeper.request("SLEEP 1"), "SLEPT 1", "v9 answers SLEEP");

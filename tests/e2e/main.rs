@@ -5,6 +5,7 @@
 mod checkpoint;
 mod cli;
 mod compute;
+mod control;
 mod files;
 mod frames;
 mod guests;

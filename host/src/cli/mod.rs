@@ -105,35 +105,29 @@ fn ask(control: Option<std::path::PathBuf>, request: &crate::control::Request) -
     }
 }
 
-/// Prints a control reply: `OK` lines to stdout with status 0, an `ERR`
-/// to stderr as `error: ...` with status 1; a `BAD` (the host could not
-/// use what it was given) or an unreachable host is bad input (status 2).
-fn print_reply(reply: Result<String, String>) -> ExitCode {
+/// Prints a control reply: a carried-out request's lines to stdout with
+/// status 0, a refusal to stderr as `error: ...` with status 1; a module the
+/// host could not use, or an unreachable host, is bad input (status 2).
+fn print_reply(reply: Result<crate::control::Response, String>) -> ExitCode {
+    use crate::control::Response;
     match reply {
         Err(e) => bad_input(e),
-        Ok(text) => {
-            let text = text.trim_end();
-            match text.lines().last() {
-                Some(last) if last.starts_with("BAD ") => bad_input(&last[4..]),
-                Some(last) if last.starts_with("ERR ") => {
-                    eprintln!("error: {}", &last[4..]);
-                    ExitCode::from(1)
+        Ok(Response::Unusable(reason)) => bad_input(reason),
+        Ok(Response::Refused(reason)) => {
+            eprintln!("error: {reason}");
+            ExitCode::from(1)
+        }
+        Ok(Response::Done { body, summary }) => {
+            let mut out = body.join("\n");
+            if let Some(summary) = summary {
+                if !out.is_empty() {
+                    out.push('\n');
                 }
-                Some("OK") => {
-                    let body: Vec<&str> = text.lines().collect();
-                    // A closed pipe (`| head`) is the reader's choice, not an error.
-                    let _ = writeln!(std::io::stdout(), "{}", body[..body.len() - 1].join("\n"));
-                    ExitCode::SUCCESS
-                }
-                Some(last) if last.starts_with("OK ") => {
-                    let _ = writeln!(std::io::stdout(), "{}", &last[3..]);
-                    ExitCode::SUCCESS
-                }
-                _ => {
-                    eprintln!("error: unexpected reply from the host: {text:?}");
-                    ExitCode::from(1)
-                }
+                out.push_str(&summary);
             }
+            // A closed pipe (`| head`) is the reader's choice, not an error.
+            let _ = writeln!(std::io::stdout(), "{out}");
+            ExitCode::SUCCESS
         }
     }
 }

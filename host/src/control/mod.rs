@@ -3,26 +3,35 @@
 //!
 //! A Unix stream socket created with mode 0600; connections from another
 //! user are refused (checked with `SO_PEERCRED`, not only by the file mode).
-//! The protocol is one request line and a reply of one or more lines, the
-//! last of which is `OK` or starts with `OK ` or `ERR `:
-//!
-//! ```text
-//! STATUS              ->  key: value lines, then OK
-//! CHECKPOINT <path>   ->  OK <path> <bytes> bytes, paused <us> us
-//!                         or ERR <reason>
-//! UPDATE <ms> <path>   ->  report lines, then OK; or ERR <reason> (refused,
-//!                         the old version runs on) or BAD <reason> (the
-//!                         module cannot be used at all)
-//! ROLLBACK <ms>        ->  the same, back to the previous version
-//! ```
+//! Each connection carries one request and its reply ([`protocol`]). Every
+//! connection is served on a thread of its own and must send its request
+//! line within [`REQUEST_DEADLINE`], so a client that connects and says
+//! nothing holds up no one; requests that change the program are
+//! serialized by the caller's handler, not by the socket.
 //!
 //! Without `--control`, a host creates [`default_path`] (one per process),
 //! and a client uses the only live socket there ([`find_default`]).
+
+pub mod protocol;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use protocol::{ProtocolError, Request, Response, MAX_REQUEST_LINE};
+
+/// How long a client has, once connected, to send its request line.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How many connections a host serves at once; more are told to retry.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// How long a host waits for a client to take its reply.
+const REPLY_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Where hosts put their control sockets when none is given:
 /// `$XDG_RUNTIME_DIR/upstare-host`, else `/tmp/upstare-host-<uid>`.
@@ -65,53 +74,6 @@ pub fn find_default() -> Result<PathBuf, String> {
     }
 }
 
-/// A request from a client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
-    /// Describe the running program.
-    Status,
-    /// Write a snapshot to this path (on the host's file system).
-    Checkpoint(PathBuf),
-    /// Update the program to the module at this path, waiting at most this
-    /// many milliseconds for frames that cannot move yet to leave the stack.
-    Update(PathBuf, u64),
-    /// Return to the previous version.
-    Rollback(u64),
-}
-
-impl Request {
-    /// Parses a request line.
-    pub fn parse(line: &str) -> Result<Request, String> {
-        let line = line.trim_end_matches(['\r', '\n']);
-        let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
-        match verb {
-            "STATUS" if rest.is_empty() => Ok(Request::Status),
-            "CHECKPOINT" if !rest.is_empty() => Ok(Request::Checkpoint(PathBuf::from(rest))),
-            "CHECKPOINT" => Err("CHECKPOINT needs a file path".into()),
-            "UPDATE" => {
-                let (ms, path) = rest.split_once(' ').ok_or("UPDATE needs a timeout and a module path")?;
-                let ms = ms.parse().map_err(|_| "UPDATE needs a timeout in milliseconds first")?;
-                Ok(Request::Update(PathBuf::from(path), ms))
-            }
-            "ROLLBACK" => Ok(Request::Rollback(rest.parse().map_err(|_| "ROLLBACK needs a timeout in milliseconds")?)),
-            _ => Err(format!(
-                "unknown request `{}` (expected STATUS, CHECKPOINT <path>, UPDATE <ms> <path> or ROLLBACK <ms>)",
-                verb.escape_debug()
-            )),
-        }
-    }
-
-    /// The request line, newline included.
-    pub fn line(&self) -> String {
-        match self {
-            Request::Status => "STATUS\n".into(),
-            Request::Checkpoint(p) => format!("CHECKPOINT {}\n", p.display()),
-            Request::Update(p, ms) => format!("UPDATE {ms} {}\n", p.display()),
-            Request::Rollback(ms) => format!("ROLLBACK {ms}\n"),
-        }
-    }
-}
-
 /// A bound control socket; the file is removed when it is dropped.
 #[derive(Debug)]
 pub struct ControlSocket {
@@ -151,30 +113,74 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Serves requests on the calling thread, forever: each connection
-    /// gets one request and `handle`'s reply.
-    pub fn serve(&self, mut handle: impl FnMut(Request) -> String) {
+    /// Serves requests forever: the calling thread accepts, and each
+    /// connection gets a thread that reads its one request and writes
+    /// `handle`'s reply. `handle` runs on many threads at once.
+    pub fn serve(&self, handle: impl Fn(Request) -> Response + Send + Sync + 'static) {
+        let handle = Arc::new(handle);
+        let open = Arc::new(AtomicUsize::new(0));
         let me = rustix::process::getuid();
         for conn in self.listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
+            let Ok(conn) = conn else { continue };
+            let _ = conn.set_write_timeout(Some(REPLY_DEADLINE));
             match rustix::net::sockopt::socket_peercred(&conn) {
                 Ok(cred) if cred.uid == me => {}
                 _ => {
-                    let _ = conn.write_all(b"ERR permission denied: the control socket serves only its owner\n");
+                    answer(&conn, &Response::refused("permission denied: the control socket serves only its owner"));
                     continue;
                 }
             }
-            let mut line = String::new();
-            let reply = match BufReader::new(&conn).take(64 << 10).read_line(&mut line) {
-                Ok(_) => match Request::parse(&line) {
-                    Ok(req) => handle(req),
-                    Err(e) => format!("ERR {e}"),
-                },
-                Err(e) => format!("ERR cannot read the request: {e}"),
-            };
-            let _ = conn.write_all(format!("{}\n", reply.trim_end()).as_bytes());
+            if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::SeqCst);
+                let busy = format!("the host serves {MAX_CONNECTIONS} control connections at once; try again");
+                answer(&conn, &Response::refused(busy));
+                continue;
+            }
+            let (handle, served) = (handle.clone(), open.clone());
+            let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
+                let reply = match read_request(&conn) {
+                    Ok(request) => handle(request),
+                    Err(e) => Response::refused(e),
+                };
+                answer(&conn, &reply);
+                served.fetch_sub(1, Ordering::SeqCst);
+            });
+            if spawned.is_err() {
+                // The connection went with the closure; the client sees it
+                // close without a reply.
+                open.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
+}
+
+/// Writes `reply` and closes the connection. What the client sent and the
+/// host did not read is drained first (briefly, and only so much): closing
+/// a Unix socket with unread input resets it, and the client would lose the
+/// reply.
+fn answer(mut conn: &UnixStream, reply: &Response) {
+    let _ = conn.write_all(reply.encode().as_bytes());
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let _ = std::io::copy(&mut conn.take(MAX_REQUEST_LINE as u64 * 4), &mut std::io::sink());
+}
+
+/// Reads one request line within [`REQUEST_DEADLINE`].
+fn read_request(conn: &UnixStream) -> Result<Request, String> {
+    conn.set_read_timeout(Some(REQUEST_DEADLINE)).map_err(|e| format!("cannot read the request: {e}"))?;
+    let mut line = Vec::new();
+    // One byte over the limit tells a long line from one that fits exactly.
+    let limit = MAX_REQUEST_LINE as u64 + 1;
+    match BufReader::new(conn).take(limit).read_until(b'\n', &mut line) {
+        Ok(_) if line.len() > MAX_REQUEST_LINE => return Err(ProtocolError::TooLong.to_string()),
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            return Err(format!("no request line within {} s; closing", REQUEST_DEADLINE.as_secs()))
+        }
+        Err(e) => return Err(format!("cannot read the request: {e}")),
+    }
+    let line = String::from_utf8(line).map_err(|_| ProtocolError::NotUtf8.to_string())?;
+    Request::parse(&line).map_err(|e| e.to_string())
 }
 
 impl Drop for ControlSocket {
@@ -184,12 +190,12 @@ impl Drop for ControlSocket {
 }
 
 /// Sends one request to the host behind `path` and returns its reply.
-pub fn request(path: &Path, req: &Request) -> Result<String, String> {
+pub fn request(path: &Path, req: &Request) -> Result<Response, String> {
     let mut conn = UnixStream::connect(path).map_err(|e| {
         format!("cannot reach upstare-host at {} ({e}); is it running, with this --control path?", path.display())
     })?;
     conn.write_all(req.line().as_bytes()).map_err(|e| format!("cannot send the request: {e}"))?;
     let mut reply = String::new();
-    std::io::Read::read_to_string(&mut conn, &mut reply).map_err(|e| format!("cannot read the reply: {e}"))?;
-    Ok(reply)
+    conn.read_to_string(&mut reply).map_err(|e| format!("cannot read the reply: {e}"))?;
+    Response::decode(&reply).map_err(|e| e.to_string())
 }
