@@ -2,9 +2,10 @@
 //! binary are, running the binary, and a line-protocol TCP client.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A guest built by this crate's build script.
@@ -55,38 +56,83 @@ pub fn run_host(args: &[&str]) -> Output {
         .expect("upstare-host runs")
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A guest server running under `upstare-host`, killed when dropped.
 pub struct Server {
     child: Child,
     stdout: BufReader<ChildStdout>,
+    stderr: HostStderr,
     /// The loopback port it listens on.
     pub port: u16,
 }
 
+/// What the host prints on stderr, read as it comes so the pipe never
+/// fills, kept for assertions.
+struct HostStderr {
+    text: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HostStderr {
+    /// Reads `child`'s stderr up to its `listening on ADDR` line, returning
+    /// the port, then goes on reading in the background.
+    fn listening(child: &mut Child) -> (Self, u16) {
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped"));
+        let text = Arc::new(Mutex::new(String::new()));
+        let mut port = None;
+        let mut line = String::new();
+        while port.is_none() {
+            line.clear();
+            let n = lines.read_line(&mut line).expect("read the host's stderr");
+            assert!(n > 0, "the host exited before it listened: {}", text.lock().unwrap());
+            text.lock().unwrap().push_str(&line);
+            port = listening_port(&line);
+        }
+        let reader = std::thread::spawn({
+            let text = text.clone();
+            move || {
+                let mut rest = String::new();
+                while matches!(lines.read_line(&mut rest), Ok(n) if n > 0) {
+                    text.lock().unwrap().push_str(&rest);
+                    rest.clear();
+                }
+            }
+        });
+        (HostStderr { text, reader: Some(reader) }, port.unwrap())
+    }
+}
+
+/// The port of an `upstare-host: listening on ADDR (guest fd N)` line.
+pub fn listening_port(line: &str) -> Option<u16> {
+    let addr = line.strip_prefix("upstare-host: listening on ")?.split(' ').next()?;
+    addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+}
+
 impl Server {
-    /// Starts `upstare-host --tcplisten 127.0.0.1:PORT EXTRA... GUEST ARGS...`
-    /// and waits for the guest's first line of output (its "listening" line).
+    /// Starts `upstare-host --tcplisten 127.0.0.1:0 EXTRA... GUEST ARGS...`,
+    /// learns its port from the host's stderr, and waits for the guest's
+    /// first line of output (its "listening" line).
     pub fn start(guest_path: &PathBuf, extra: &[&str], args: &[&str]) -> (Self, String) {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut child = Command::new(host_bin())
-            .arg("--tcplisten")
-            .arg(&listen)
-            .args(extra)
-            .arg(guest_path)
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("upstare-host starts");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut command = Command::new(host_bin());
+        command.args(["--tcplisten", "127.0.0.1:0"]).args(extra).arg(guest_path).args(args);
+        let mut server = Self::spawn(&mut command);
         let mut first = String::new();
-        stdout.read_line(&mut first).expect("server prints a first line");
-        (Server { child, stdout, port }, first)
+        server.stdout.read_line(&mut first).expect("server prints a first line");
+        (server, first)
+    }
+
+    /// Starts a host command that listens (`run`, or `restore` with
+    /// `--tcplisten 127.0.0.1:0`), and returns once it does.
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("upstare-host starts");
+        let (stderr, port) = HostStderr::listening(&mut child);
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Server { child, stdout, stderr, port }
+    }
+
+    /// Everything the host printed on stderr so far; all of it once the
+    /// host has exited ([`Server::wait`]).
+    pub fn stderr(&self) -> String {
+        self.stderr.text.lock().unwrap().clone()
     }
 
     /// Connects a new client.
@@ -94,11 +140,15 @@ impl Server {
         Client::connect(self.port)
     }
 
-    /// Waits for the host to exit and returns its status code.
-    pub fn wait(mut self) -> Option<i32> {
+    /// Waits for the host to exit and returns its status code; its stderr
+    /// is then complete.
+    pub fn wait(&mut self) -> Option<i32> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(reader) = self.stderr.reader.take() {
+                    reader.join().expect("the stderr reader does not panic");
+                }
                 return status.code();
             }
             assert!(Instant::now() < deadline, "server did not exit");
@@ -285,6 +335,16 @@ impl Control {
     /// `upstare-host update --control SOCKET NEW`.
     pub fn update(&self, new: &std::path::Path) -> Output {
         run_host(&["update", "--control", &self.path(), new.to_str().unwrap()])
+    }
+
+    /// `upstare-host checkpoint --control SOCKET` into this directory, as
+    /// `NAME.snap`, read back.
+    pub fn checkpoint(&self, name: &str) -> upstare_host::Snapshot {
+        let path = self.dir.0.join(format!("{name}.snap"));
+        let out = run_host(&["checkpoint", "--control", &self.path(), path.to_str().unwrap()]);
+        assert!(out.status.success(), "checkpoint failed: {}", String::from_utf8_lossy(&out.stderr));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        upstare_host::Snapshot::decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     /// `upstare-host rollback --control SOCKET`.

@@ -14,7 +14,7 @@ fn start() -> Server {
 
 #[test]
 fn serves_many_clients_at_once() {
-    let server = start();
+    let mut server = start();
     let clients = 8;
     let keys = 150;
     std::thread::scope(|s| {

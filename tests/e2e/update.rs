@@ -87,7 +87,7 @@ fn each_kv_version_answers_like_v1_and_reports_its_stats() {
         ("kv-server-v2", &["requests", "keys", "wakeups"][..]),
         ("kv-server-v3", &["requests", "keys", "wakeups", "bytes_in"][..]),
     ] {
-        let (server, first) = Server::start(&guest(version), &[], &[]);
+        let (mut server, first) = Server::start(&guest(version), &[], &[]);
         assert_eq!(first.trim(), "kv: listening on fd 3", "{version}");
         let mut c = server.client();
         let sent = ["SET a one two", "GET a", "COUNT", "FROB", "DEL a", "GET a"];

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::bad_input;
-use super::run::{bind_all, control_socket, finish};
+use super::run::{announce, bind_all, control_socket, finish};
+use crate::wasi::persist::FdKind;
 use crate::supervise::{self, Identity};
 use crate::{new_engine, Guest, GuestConfig, GuestModule, Snapshot};
 
@@ -20,7 +21,8 @@ use crate::{new_engine, Guest, GuestConfig, GuestModule, Snapshot};
 /// by their peer.
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// Listen on this address in place of the snapshot's next listener.
+    /// Listen on this address in place of the snapshot's next listener
+    /// (port 0 picks a free port; each is printed on stderr as for `run`).
     #[arg(long = "tcplisten", value_name = "ADDR")]
     tcplisten: Vec<String>,
 
@@ -65,6 +67,8 @@ pub fn execute(args: RestoreArgs) -> ExitCode {
         Ok(c) => c,
         Err(msg) => return bad_input(msg),
     };
+    let recorded = snapshot.fds.iter().filter(|r| matches!(r.kind, FdKind::Listener { .. })).map(|r| r.fd);
+    announce(&config.listeners, recorded);
     let identity = Identity { module: args.file.display().to_string(), hash: snapshot.module_hash_hex() };
     let make = move || Guest::restore(&engine, &module, config, &snapshot).map_err(|e| e.to_string());
     let limit = std::time::Duration::from_millis(args.pause_limit);

@@ -35,7 +35,9 @@ pub struct RunArgs {
     #[arg(long = "env", value_name = "NAME[=VALUE]")]
     env: Vec<String>,
 
-    /// Listen on a TCP address and hand the listener to the guest.
+    /// Listen on a TCP address and hand the listener to the guest. Port 0
+    /// picks a free port; the host prints `upstare-host: listening on
+    /// ADDR (guest fd N)` on stderr for each listener.
     #[arg(long = "tcplisten", value_name = "ADDR")]
     tcplisten: Vec<String>,
 
@@ -85,6 +87,20 @@ pub(super) fn bind_all(specs: &[String]) -> Result<Vec<TcpListener>, String> {
     specs.iter().map(|s| bind(s)).collect()
 }
 
+/// The guest fd of the first --tcplisten listener: the first after stdin,
+/// stdout and stderr (see [`RunArgs`]).
+const FIRST_LISTENER_FD: u32 = 3;
+
+/// Prints where each listener listens, as the guest's fd: with port 0 the
+/// system picks the port, and this line is how a user (or a test) learns it.
+pub(super) fn announce(listeners: &[TcpListener], fds: impl IntoIterator<Item = u32>) {
+    for (listener, fd) in listeners.iter().zip(fds) {
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("upstare-host: listening on {addr} (guest fd {fd})");
+        }
+    }
+}
+
 fn bind(spec: &str) -> Result<TcpListener, String> {
     let addr: SocketAddr = spec
         .parse()
@@ -130,6 +146,7 @@ pub fn execute(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(msg) => return bad_input(msg),
     };
+    announce(&config.listeners, FIRST_LISTENER_FD..);
     let identity = Identity {
         module: module_path.display().to_string(),
         hash: module.hash_hex(),
