@@ -26,8 +26,9 @@
  *      sets `requests` to "(from-v2)". Its STATS does not count itself as
  *      the last command, so the transformer's value shows until another
  *      command replaces it. An update 2 -> 5 goes through.
- *   6  is 5 with a transformer that traps: an update 2 -> 6 fails and is
- *      rolled back. It exists to fail.
+ *   6  is 5 with a transformer that overwrites version 2's `stats`, then
+ *      traps: an update 2 -> 6 fails and is rolled back, memory and all. It
+ *      exists to fail.
  *   7  is 2 with main's shadow-stack frame grown (the listening line is
  *      formatted in a buffer of main's): main waits in poll() for as long
  *      as the server runs, so its frame never leaves the stack and can
@@ -422,7 +423,12 @@ struct server_stats_v2 {
 UPSTARE_TRANSFORM(stats)
 {
 #if KV_VERSION == 6
-    __builtin_trap(); /* a transformer with a bug: the update must roll back */
+    /* A transformer with a bug: it overwrites the old version's state, then
+       traps. The update must roll back with memory as it was before. */
+    volatile struct server_stats_v2 *scribble = (volatile struct server_stats_v2 *)old_value;
+    scribble->requests = 0xdeadbeef;
+    scribble->wakeups = 0;
+    __builtin_trap();
 #endif
     const struct server_stats_v2 *old = old_value;
     struct server_stats *new = new_value;

@@ -14,21 +14,23 @@
 //! 3. write the new version's fresh data, convert changed globals, carry the
 //!    wasm globals, run the C transformers;
 //! 4. rewind the mapped frames into the new code with a pause already
-//!    requested, so the guest unwinds again at the resume point: proof that
-//!    the new code accepts the frames, before any of its code has run;
+//!    requested, so the guest unwinds again at the resume point before any
+//!    of its code has run, and compare the frames it saves with the frames
+//!    it was given: proof that the new code accepts them;
 //! 5. commit (drop the old store) or, on any failure, roll back: the old
 //!    store, instance, frames and WASI state come back as they were.
 //!
 //! State of the old version is only read, never written, before the commit:
 //! kept globals stay in place, and everything the new version adds lives in
 //! fresh memory, so a rollback has nothing to undo in memory (except what a
-//! C transformer wrote: memory is backed up around transformers).
+//! C transformer wrote: memory is backed up before the transformers run and
+//! restored on any failure after).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use upstare_instrument::abi::{exports, write_frames, TypedFrame};
+use upstare_instrument::abi::{exports, write_frames, TypedFrame, Value};
 use upstare_instrument::Metadata;
 use upstare_patchgen::frames::{FrameMapper, FramePlan, Unmappable};
 use upstare_patchgen::plan::{plan, Linked, Plan};
@@ -276,8 +278,8 @@ impl Guest {
             frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map_err(UpdateError::Frame)?;
         if !prepared.linked.conversions.is_empty() {
             let sp = self.stack_pointer(&current.version);
-            let u = self.unwinder.as_ref().expect("checked above");
-            if let Some(reason) = stale_pointer(&frames, &current.version, &u.memory, sp, &prepared.linked.conversions) {
+            let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
+            if let Some(reason) = stale_pointer(&frames, &current.version, memory, sp, &prepared.linked.conversions) {
                 return Err(UpdateError::Refused(reason));
             }
         }
@@ -321,8 +323,8 @@ impl Guest {
     /// the old instance.
     fn switch_to(&mut self, prepared: &Prepared, metadata: Arc<Metadata>) -> Result<Previous, String> {
         let module = &prepared.next.module;
-        let u = self.unwinder.as_ref().expect("checked by the caller");
-        let (memory, control) = (u.memory.clone(), u.control.clone());
+        let u = instrumented(&mut self.unwinder)?;
+        let (memory, control, unwinds) = (u.memory.clone(), u.control.clone(), u.unwinds);
         let frame_bytes = control.frame_bytes();
         let engine = self.store.engine().clone();
         let detached = WasiCtx::detached().map_err(|e| format!("cannot set up the new store: {e}"))?;
@@ -342,11 +344,12 @@ impl Guest {
                 return Err(format!("cannot instantiate the new version: {}", one_line(&e)));
             }
         };
+        unwinder.unwinds = unwinds;
+        // Found at the top, so this cannot fail and leave the files behind.
+        let old_unwinder = std::mem::replace(instrumented(&mut self.unwinder)?, unwinder);
         let old_store = std::mem::replace(&mut self.store, store);
         let old_module = std::mem::replace(&mut self.module, module.clone());
         let old_instance = std::mem::replace(&mut self.instance, instance);
-        unwinder.unwinds = u.unwinds;
-        let old_unwinder = self.unwinder.replace(unwinder).expect("checked by the caller");
         self.source_map = module.source_map.clone();
         Ok(Previous { module: old_module, store: old_store, instance: old_instance, unwinder: old_unwinder, frame_bytes })
     }
@@ -370,7 +373,7 @@ impl Guest {
     fn finish_update(&mut self, previous: &mut Previous, prepared: &Prepared, mapped: &[TypedFrame]) -> Result<(), String> {
         let linked = &prepared.linked;
         let store = &mut self.store;
-        let u = self.unwinder.as_mut().expect("switched in");
+        let u = instrumented(&mut self.unwinder)?;
         let drop_data = self
             .instance
             .get_typed_func::<(), ()>(&mut *store, exports::DROP_DATA)
@@ -402,10 +405,36 @@ impl Guest {
                 .ok_or_else(|| format!("the new version does not export global {new_index}"))?;
             global.set(&mut *store, value).map_err(|e| one_line(&e))?;
         }
-        run_transformers(&self.instance, store, &u.memory, &u.control, linked)?;
+        // From here on the user's transformers write memory the old version
+        // owns: a failure at any later step must find it as it was.
+        let backup = match has_transformers(linked) {
+            true => Some(u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before the transformers")?),
+            false => None,
+        };
+        let result = self.transform_and_rewind(linked, mapped, &prepared.next.version);
+        match (result, backup) {
+            (Ok(()), _) => Ok(()),
+            (Err(reason), None) => Err(reason),
+            (Err(reason), Some(backup)) => {
+                let u = instrumented(&mut self.unwinder)?;
+                match u.memory.write(0, &backup) {
+                    true => Err(reason),
+                    // Memory only grows, so this cannot happen; if it did,
+                    // the old version must not run on over half-written state.
+                    false => Err(format!("{reason}; restoring memory failed, so the program is stopped")),
+                }
+            }
+        }
+    }
 
-        // The verified rewind: the guest re-enters every frame and unwinds
-        // again at the innermost resume point, before running any code.
+    /// Runs the C transformers, then the verified rewind: the guest re-enters
+    /// every frame and unwinds again at the innermost resume point, before
+    /// running any code, and must save exactly the frames it was given.
+    fn transform_and_rewind(&mut self, linked: &Linked, mapped: &[TypedFrame], new: &Version) -> Result<(), String> {
+        let store = &mut self.store;
+        let u = instrumented(&mut self.unwinder)?;
+        run_transformers(&self.instance, store, &u.control, linked)?;
+
         u.control.set_frames(&write_frames(&mapped.iter().map(TypedFrame::to_raw).collect::<Vec<_>>()))?;
         u.paused = None;
         u.start_rewind.call(&mut *store, ()).map_err(|e| one_line(&e))?;
@@ -420,13 +449,57 @@ impl Guest {
             let exit = classify(e, self.source_map.as_deref());
             return Err(format!("the new code did not accept the frames: {}", describe_exit(&exit)));
         }
-        let u = self.unwinder.as_mut().expect("switched in");
+        let u = instrumented(&mut self.unwinder)?;
         match u.after_return(&mut self.store) {
-            Ok(AfterReturn::Paused) => Ok(()),
-            Ok(_) => Err("the new code ran on instead of stopping at the resume point".into()),
-            Err(e) => Err(e),
+            Ok(AfterReturn::Paused) => {}
+            Ok(_) => return Err("the new code ran on instead of stopping at the resume point".into()),
+            Err(e) => return Err(e),
         }
+        let resaved = u.paused.as_deref().unwrap_or_default();
+        frames_disagree(mapped, resaved, &|f| new.info.function_name(f)).map_or(Ok(()), Err)
     }
+}
+
+/// Where the frames the new code saved again differ from the frames it was
+/// given, described for people; `None` when they are the same. A rewind
+/// that resumed at another point, or read a frame as another shape, would
+/// otherwise pass as a successful pause.
+fn frames_disagree(given: &[TypedFrame], resaved: &[TypedFrame], name: &dyn Fn(u32) -> String) -> Option<String> {
+    if given.len() != resaved.len() {
+        return Some(format!(
+            "the new code did not accept the frames: it was given {} and saved {} again",
+            given.len(),
+            resaved.len()
+        ));
+    }
+    let (depth, (a, b)) = given.iter().zip(resaved).enumerate().find(|(_, (a, b))| a != b)?;
+    let what = if a.func != b.func {
+        format!("it resumed in `{}` instead of `{}`", name(b.func), name(a.func))
+    } else if a.resume_point != b.resume_point {
+        format!("`{}` stopped at resume point {} instead of {}", name(a.func), b.resume_point, a.resume_point)
+    } else if a.locals != b.locals {
+        format!("`{}` saved other locals than it was given{}", name(a.func), first_difference("local", &a.locals, &b.locals))
+    } else {
+        format!("`{}` saved other operands than it was given{}", name(a.func), first_difference("operand", &a.operands, &b.operands))
+    };
+    Some(format!("the new code did not accept the frames: frame {depth} (innermost is 0): {what}"))
+}
+
+/// ` (local 3: I32(1) then I32(0))`, or the counts when one list is longer.
+fn first_difference(what: &str, given: &[Value], resaved: &[Value]) -> String {
+    match given.iter().zip(resaved).position(|(a, b)| a != b) {
+        Some(i) => format!(" ({what} {i}: {:?} then {:?})", given[i], resaved[i]),
+        None => format!(" ({} {what}s then {})", given.len(), resaved.len()),
+    }
+}
+
+fn has_transformers(linked: &Linked) -> bool {
+    linked.conversions.iter().any(|c| c.transformer.is_some())
+}
+
+/// The unwinder of an instrumented guest; every step of an update needs it.
+fn instrumented(unwinder: &mut Option<Unwinder>) -> Result<&mut Unwinder, String> {
+    unwinder.as_mut().ok_or_else(|| "the module runs without instrumentation".to_string())
 }
 
 /// A converted global moves to fresh memory; code that names it is
@@ -503,31 +576,23 @@ fn stack_top(old: &Version) -> Option<u32> {
     })
 }
 
+/// Runs each conversion's C transformer with the old and new addresses of
+/// its global. The caller restores memory if one fails.
 fn run_transformers(
     instance: &wasmtime::Instance,
     store: &mut Store<ProcessState>,
-    memory: &ProgramMemory,
     control: &crate::pause::ControlMemory,
     linked: &Linked,
 ) -> Result<(), String> {
-    let calls: Vec<_> =
-        linked.conversions.iter().filter_map(|c| c.transformer.as_ref().map(|t| (c.old_address, c.new_address, t))).collect();
-    if calls.is_empty() {
-        return Ok(());
-    }
-    // A transformer is the user's code: if it traps, the memory it wrote
-    // must be as it was.
-    let backup = memory.read(0, memory.size()).ok_or("cannot back up memory")?;
     control.set_pause(false);
-    for (old, new, name) in calls {
-        let result = instance
+    for conversion in &linked.conversions {
+        let Some(name) = &conversion.transformer else { continue };
+        let (old, new) = (conversion.old_address, conversion.new_address);
+        instance
             .get_typed_func::<(i32, i32), ()>(&mut *store, name)
-            .map_err(|e| format!("transformer `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))
-            .and_then(|f| f.call(&mut *store, (old as i32, new as i32)).map_err(|e| format!("transformer `{name}` failed: {}", one_line(&e))));
-        if let Err(e) = result {
-            memory.write(0, &backup);
-            return Err(e);
-        }
+            .map_err(|e| format!("transformer `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))?
+            .call(&mut *store, (old as i32, new as i32))
+            .map_err(|e| format!("transformer `{name}` failed: {}", one_line(&e)))?;
     }
     Ok(())
 }
@@ -538,5 +603,47 @@ fn describe_exit(exit: &Exit) -> String {
         Exit::Status(c) => format!("it exited with status {c}"),
         Exit::HostError(e) => e.clone(),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(func: u32, resume_point: u32, locals: &[i32], operands: &[i32]) -> TypedFrame {
+        TypedFrame {
+            func,
+            resume_point,
+            locals: locals.iter().map(|v| Value::I32(*v)).collect(),
+            operands: operands.iter().map(|v| Value::I32(*v)).collect(),
+        }
+    }
+
+    fn disagree(given: &[TypedFrame], resaved: &[TypedFrame]) -> Option<String> {
+        frames_disagree(given, resaved, &|f| format!("f{f}"))
+    }
+
+    #[test]
+    fn the_same_frames_agree() {
+        let frames = [frame(3, 1, &[7, 8], &[9]), frame(1, 0, &[], &[])];
+        assert_eq!(disagree(&frames, &frames), None);
+    }
+
+    #[test]
+    fn each_difference_is_named_with_its_frame() {
+        let given = [frame(3, 1, &[7, 8], &[9]), frame(1, 0, &[], &[])];
+        let cases = [
+            ([frame(3, 1, &[7, 8], &[9]), frame(2, 0, &[], &[])], "frame 1 (innermost is 0): it resumed in `f2` instead of `f1`"),
+            ([frame(3, 2, &[7, 8], &[9]), frame(1, 0, &[], &[])], "frame 0 (innermost is 0): `f3` stopped at resume point 2 instead of 1"),
+            ([frame(3, 1, &[7, 0], &[9]), frame(1, 0, &[], &[])], "frame 0 (innermost is 0): `f3` saved other locals than it was given (local 1: I32(8) then I32(0))"),
+            ([frame(3, 1, &[7, 8], &[]), frame(1, 0, &[], &[])], "frame 0 (innermost is 0): `f3` saved other operands than it was given (1 operands then 0)"),
+        ];
+        for (resaved, expected) in cases {
+            assert_eq!(disagree(&given, &resaved), Some(format!("the new code did not accept the frames: {expected}")));
+        }
+        assert_eq!(
+            disagree(&given, &given[..1]),
+            Some("the new code did not accept the frames: it was given 2 and saved 1 again".into())
+        );
     }
 }

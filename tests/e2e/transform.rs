@@ -72,10 +72,22 @@ fn a_transformer_that_traps_rolls_the_update_back() {
     let mut old = server.client();
     let before = old.request("STATS");
 
+    // The transformer overwrites v2's `stats` before it traps. With no
+    // client talking, nothing but the update touches memory between these
+    // two checkpoints.
+    let idle = control.checkpoint("before");
     let reason = expect_error(&control.update(&guest("kv-server-trap")), 1);
     assert!(reason.contains("rolled back"), "{reason}");
     assert!(reason.contains("transformer") && reason.contains("upstare_transform_stats"), "the reason names the transformer: {reason}");
     assert_eq!(control.running_version(), v2, "v2 runs on");
+    let rolled_back = control.checkpoint("after");
+    // The update reserved fresh memory for v5's data; the rest must be
+    // byte for byte what it was.
+    assert!(rolled_back.memory.len() > idle.memory.len(), "the update reserved fresh memory");
+    let first_difference = idle.memory.iter().zip(&rolled_back.memory).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "memory differs after the rollback");
+    assert_eq!(rolled_back.globals, idle.globals);
+    assert_eq!(rolled_back.frames, idle.frames);
 
     // v2's counts, as they were plus this request: the memory the
     // transformer ran over is v2's again.

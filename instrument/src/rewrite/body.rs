@@ -38,8 +38,9 @@ struct Frame {
 
 /// What the rewind dispatch of a level can jump to.
 enum Case {
-    /// The loop header itself: the rewind ends here.
-    LoopHeader { resume: u32 },
+    /// The loop header itself: the rewind ends here. `resume` runs on into
+    /// the loop; `check` falls into the header's pause check.
+    LoopHeader { resume: u32, check: u32 },
     /// An anchor; for an `if`, which arm holds the target.
     Anchor { anchor: usize, then_arm: Option<bool> },
 }
@@ -329,13 +330,13 @@ impl Emitter<'_> {
         }
         let resume = self.block(BlockType::Empty);
         self.is_rewinding();
-        self.if_(BlockType::Empty);
+        let check = self.if_(BlockType::Empty);
         // The function's own level has a "loop header" when its entry is an
         // update point; rewinding must pop the frame there first.
         if l == self.plan.top {
             self.prologue()?;
         }
-        self.dispatch(l, Some(resume))?;
+        self.dispatch(l, Some((resume, check)))?;
         self.end()?;
         self.code.op(I::Call(self.cx.helpers.should_pause));
         self.code.op(I::I32Eqz);
@@ -353,7 +354,7 @@ impl Emitter<'_> {
     /// The rewind dispatch of a level: a `br_table` on the saved resume point
     /// to code that pushes the operands of the anchor on the path and jumps
     /// to the block that ends right before it.
-    fn dispatch(&mut self, l: usize, resume: Option<u32>) -> Result<()> {
+    fn dispatch(&mut self, l: usize, header: Option<(u32, u32)>) -> Result<()> {
         let level = &self.plan.levels[l];
         let mut cases = Vec::new();
         let mut case_of_rp = vec![0u32; (level.rps.end - level.rps.start) as usize];
@@ -363,8 +364,8 @@ impl Emitter<'_> {
             }
             cases.push(case);
         };
-        if let (Some(rp), Some(resume)) = (level.loop_rp, resume) {
-            assign(&mut cases, rp..rp + 1, Case::LoopHeader { resume });
+        if let (Some(rp), Some((resume, check))) = (level.loop_rp, header) {
+            assign(&mut cases, rp..rp + 1, Case::LoopHeader { resume, check });
         }
         for &a in &level.anchors {
             match &self.plan.anchors[a].kind {
@@ -394,9 +395,19 @@ impl Emitter<'_> {
         for case in cases {
             self.end()?;
             match case {
-                Case::LoopHeader { resume } => {
+                Case::LoopHeader { resume, check } => {
+                    // A pause the host still asks for stops the guest again
+                    // right here, before the loop runs: the host's checked
+                    // rewind of an update relies on it to run no new code.
+                    // The stress countdown is not consulted: a point the
+                    // rewind lands on was not reached by running.
                     self.code.op(I::Call(self.cx.helpers.rewind_done));
-                    self.br_to(resume)?;
+                    self.code.i32(0);
+                    self.code.op(I::I32Load8U(ctrl(control::PAUSE_BYTE, 0)));
+                    self.code.op(I::I32Eqz);
+                    let d = self.depth_of(resume)?;
+                    self.code.op(I::BrIf(d));
+                    self.br_to(check)?;
                 }
                 Case::Anchor { anchor, then_arm } => {
                     let a = &self.plan.anchors[anchor];
