@@ -116,7 +116,7 @@ fn control_commands_without_a_host_fail_clearly() {
 fn kv_server_checkpointed_under_load_keeps_every_key() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use upstare_tests::{free_port, Client, Server};
+    use upstare_tests::{Client, Server};
 
     let dir = TempDir::new("kv-checkpoint");
     let sock = dir.0.join("control.sock");
@@ -154,21 +154,8 @@ fn kv_server_checkpointed_under_load_keeps_every_key() {
     drop(writer);
     server.kill();
 
-    let new_port = free_port();
-    let listen = format!("127.0.0.1:{new_port}");
-    let _restored = KillOnDrop::spawn(
-        Command::new(host_bin()).args(["restore", "--tcplisten", &listen, snap.to_str().unwrap()]).stdout(Stdio::null()),
-    );
-    let mut client = None;
-    for _ in 0..500 {
-        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", new_port)) {
-            drop(s);
-            client = Some(Client::connect(new_port));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut client = client.expect("the restored server listens");
+    let restored = Server::spawn(Command::new(host_bin()).args(["restore", "--tcplisten", "127.0.0.1:0", snap.to_str().unwrap()]));
+    let mut client = restored.client();
     for i in 0..300 {
         assert_eq!(client.request(&format!("GET key{i}")), format!("VALUE value-{i}"));
     }
@@ -217,8 +204,8 @@ fn open_files_are_reopened_at_their_offsets() {
 }
 
 /// A guest blocked where the host cannot interrupt it (opening a FIFO that
-/// has no writer yet) cannot pause within the limit: the checkpoint is
-/// refused with the reason, and the program runs on and finishes.
+/// has no writer yet) cannot pause within the limit: the checkpoint and the
+/// update are refused with the reason, and the program runs on and finishes.
 #[test]
 fn a_pause_that_cannot_happen_in_time_is_refused_and_the_program_runs_on() {
     let dir = TempDir::new("pause-limit");
@@ -244,9 +231,66 @@ fn a_pause_that_cannot_happen_in_time_is_refused_and_the_program_runs_on() {
     assert!(err.contains("did not reach an update point within 200 ms"), "{err}");
     assert!(!snap.exists());
     assert!(server.0.try_wait().unwrap().is_none(), "the program runs on");
+    // An update waits for the same pause, and is refused the same way.
+    let update = host(&["update", "--control", sock, guest("fifo").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&update.stderr);
+    assert_eq!(update.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("update refused: the guest did not reach an update point within 200 ms (--pause-limit); the old version runs on"),
+        "{err}"
+    );
+    assert!(server.0.try_wait().unwrap().is_none(), "the program runs on");
     std::fs::write(&fifo, "hello").unwrap();
     let mut stdout = String::new();
     std::io::Read::read_to_string(server.0.stdout.as_mut().unwrap(), &mut stdout).unwrap();
     assert_eq!(stdout, "read: hello\n");
     assert!(server.0.wait().unwrap().success());
+}
+
+/// A program checkpointed after a live update resumes as the new version,
+/// with its state; it cannot be updated again (the snapshot does not record
+/// the layout the update gave it), and says so.
+#[test]
+fn a_checkpoint_after_an_update_resumes_the_new_version_and_refuses_further_updates() {
+    use upstare_tests::{expect_error, expect_report, missing_keys, Control, Server};
+
+    let control = Control::new("update-checkpoint");
+    let (mut server, first) = Server::start(&guest("kv-server"), &["--control", &control.path()], &[]);
+    assert_eq!(first.trim(), "kv: listening on fd 3");
+    let mut client = server.client();
+    let keys: Vec<(String, String)> = (0..50).map(|i| (format!("key{i}"), format!("value-{i}"))).collect();
+    for (k, v) in &keys {
+        assert_eq!(client.request(&format!("SET {k} {v}")), "OK");
+    }
+    expect_report(&control.update(&guest("kv-server-v2")));
+    let stats = client.request("STATS");
+    assert!(stats.starts_with("STATS requests=1 keys=50 "), "{stats}");
+    let snapshot = control.checkpoint("after-update");
+    drop(client);
+    server.kill();
+
+    let restored_control = Control::new("update-restored");
+    let path = restored_control.dir().join("after-update.snap");
+    std::fs::write(&path, snapshot.encode()).unwrap();
+    let restored = Server::spawn(Command::new(host_bin()).args([
+        "restore",
+        "--control",
+        &restored_control.path(),
+        "--tcplisten",
+        "127.0.0.1:0",
+        path.to_str().unwrap(),
+    ]));
+    let port = restored.port;
+    let mut client = restored.client();
+    // v2's counter, carried through the snapshot: two STATS so far.
+    let stats = client.request("STATS");
+    assert!(stats.starts_with("STATS requests=2 keys=50 "), "v2 resumed with its counts: {stats}");
+    assert!(missing_keys(port, &keys).is_empty());
+
+    let reason = expect_error(&restored_control.update(&guest("kv-server-v3")), 1);
+    assert!(
+        reason.starts_with("update refused: this program was restored from a snapshot taken after a live update"),
+        "{reason}"
+    );
+    assert_eq!(client.request("GET key7"), "VALUE value-7", "the restored program serves on");
 }

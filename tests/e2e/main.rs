@@ -6,6 +6,7 @@ mod checkpoint;
 mod cli;
 mod compute;
 mod control;
+mod demo;
 mod files;
 mod frames;
 mod guests;

@@ -56,3 +56,34 @@ fn rollback_after_a_type_change_is_refused_naming_the_global() {
     assert!(stat(&after, "bytes_in") > stat(&before, "bytes_in"), "{before} then {after}");
     assert!(upstare_tests::missing_keys(server.port, &seeded).is_empty());
 }
+
+/// Each rollback steps back one version: v1 -> v2 -> v9, then back to v2
+/// (STATS still answers, SLEEP no longer does), then back to v1, and then
+/// there is nothing further back. The keys survive every step.
+#[test]
+fn rollback_steps_back_two_versions_one_at_a_time() {
+    let (server, control) = start_kv("kv-server", "rollback-two");
+    let seeded = seed(server.port, "k", 30);
+    let mut old = server.client();
+    let (v1, v2, v9) = (guest("kv-server"), guest("kv-server-v2"), guest("kv-server-v9"));
+    expect_report(&control.update(&v2));
+    expect_report(&control.update(&v9));
+    assert_eq!(old.request("SLEEP 1"), "SLEPT 1");
+
+    let back = expect_report(&control.rollback());
+    assert_eq!(back.sha256, sha256_file(&v2));
+    assert_eq!(control.running_version(), sha256_file(&v2));
+    assert_eq!(old.request("SLEEP 1"), "ERROR unknown command", "v9's command is gone");
+    assert!(old.request("STATS").starts_with("STATS "), "v2 answers STATS");
+
+    let back = expect_report(&control.rollback());
+    assert_eq!(back.sha256, sha256_file(&v1));
+    assert_eq!(control.running_version(), sha256_file(&v1));
+    assert_eq!(old.request("STATS"), "ERROR unknown command", "v1 again");
+
+    let nothing = expect_error(&control.rollback(), 1);
+    assert_eq!(nothing, "no previous version to return to: the program has not been updated");
+    assert_eq!(control.running_version(), sha256_file(&v1));
+    assert_eq!(old.request("COUNT"), format!("COUNT {}", seeded.len()));
+    assert!(upstare_tests::missing_keys(server.port, &seeded).is_empty());
+}

@@ -64,11 +64,16 @@ fn files_under_stress_prints_what_a_plain_run_prints() {
     }
 }
 
+/// Requests in one run of the kv stress test: each waits for its own
+/// poll() wake-up, an update point, so the unwinds are at least this many
+/// over N.
+const KV_REQUESTS: u64 = 50 * 2 + 50 + 2;
+
 #[test]
 fn kv_server_under_stress_serves_clients_correctly() {
     for n in PERIODS {
         let n_str = n.to_string();
-        let (server, first) = Server::start(&guest("kv-server"), &["--stress-pause", &n_str], &[]);
+        let (mut server, first) = Server::start(&guest("kv-server"), &["--stress-pause", &n_str], &[]);
         assert!(first.starts_with("kv: listening"), "N={n}: {first}");
         let mut a = server.client();
         let mut b = server.client();
@@ -85,6 +90,13 @@ fn kv_server_under_stress_serves_clients_correctly() {
         }
         assert_eq!(b.request("COUNT"), "COUNT 0", "N={n}");
         assert_eq!(a.request("QUIT"), "BYE", "N={n}");
+        // The summary comes when the program ends, so end it cleanly.
+        assert_eq!(b.request("SHUTDOWN"), "BYE", "N={n}");
+        assert_eq!(server.wait(), Some(0), "N={n}: {}", server.stderr());
+        assert_eq!(server.remaining_output(), "kv: shutdown\n", "N={n}");
+        let stderr = server.stderr();
+        let count = unwinds(&stderr);
+        assert!(count >= (KV_REQUESTS / u64::from(n)).max(1), "N={n}: {count} unwinds: {stderr}");
     }
 }
 
