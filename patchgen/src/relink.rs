@@ -287,12 +287,35 @@ fn patch(
     slots: &HashMap<u32, u32>,
 ) -> Result<(), Error> {
     for r in relocs {
-        let Some(value) = final_value(r, info, placement, slots)? else {
-            continue;
+        let value = match final_value(r, info, placement, slots) {
+            Ok(Some(value)) => value,
+            Ok(None) => continue,
+            // The address of a weak function nothing defines: wasm-ld gave
+            // it no slot and wrote null (its stub only serves direct
+            // calls), and null it stays.
+            Err(Error::NoSlot { .. }) if read_field(bytes, r) == Some(0) => continue,
+            Err(e) => return Err(e),
         };
         write_field(bytes, r, value)?;
     }
     Ok(())
+}
+
+/// The value a table-index or memory-address field holds now, if it is one
+/// and well formed.
+fn read_field(bytes: &[u8], r: &Reloc) -> Option<i64> {
+    let field = bytes.get(r.offset as usize..r.offset as usize + r.ty.extent())?;
+    match r.ty {
+        RelocType::MemoryAddrI32 | RelocType::TableIndexI32 => Some(i64::from(u32::from_le_bytes(field.try_into().ok()?))),
+        RelocType::MemoryAddrLeb | RelocType::MemoryAddrSleb | RelocType::TableIndexSleb => {
+            let mut reader = wasmparser::BinaryReader::new(field, 0);
+            match r.ty {
+                RelocType::MemoryAddrLeb => reader.read_var_u32().ok().map(i64::from),
+                _ => reader.read_var_i32().ok().map(i64::from),
+            }
+        }
+        _ => None,
+    }
 }
 
 /// The value a memory-address or table-index field must hold; `None` for

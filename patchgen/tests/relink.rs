@@ -231,3 +231,28 @@ fn a_range_outside_the_data_segments_is_refused() {
         "{err}"
     );
 }
+
+/// wasm-ld resolves the address of a weak function nothing defines to
+/// null and gives it no slot (wasi-libc's `open` takes one such address):
+/// in data with no symbol at all, in code against the stub it makes for
+/// direct calls. Relinking keeps both null.
+#[test]
+fn the_address_of_an_undefined_weak_function_stays_null() {
+    const WEAK: &str = r#"
+extern int maybe(int) __attribute__((weak));
+int (*volatile hook)(int) = maybe;
+__attribute__((noinline)) int (*get(void))(int) { return maybe; }
+int main(void) { if (get()) return maybe(1); return hook ? hook(1) : 42; }
+"#;
+    let wasm = support::build_c("relink_weak", WEAK, &[]);
+    let info = ModuleInfo::parse(&wasm).unwrap();
+    let stub = info
+        .functions
+        .iter()
+        .position(|f| f.name.as_deref() == Some("undefined_weak:maybe"));
+    let table = info.table.as_ref().map(|t| t.slots.clone()).unwrap_or_default();
+    assert!(stub.is_none_or(|s| !table.values().any(|&f| f as usize == s)), "the stub has no slot");
+    let placement = Placement { table, ..Placement::default() };
+    let out = relink(&wasm, &info, &placement).expect("a null function address relinks");
+    assert!(out == wasm, "relinking in place changed the module");
+}

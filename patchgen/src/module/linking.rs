@@ -8,6 +8,10 @@ use wasmparser::{BinaryReader, Linking, LinkingSectionReader, SymbolInfo};
 
 use super::{Error, ModuleInfo, Segment, FLAG_ABSOLUTE, FLAG_LOCAL, FLAG_UNDEFINED};
 
+/// The symbol index wasm-ld gives a relocation whose symbol is not in the
+/// output's symbol table.
+const UNRESOLVED_SYMBOL: u32 = u32::MAX;
+
 /// Relocation types, as numbered by the tool conventions (`R_WASM_*`).
 pub type RelocType = wasmparser::RelocationType;
 
@@ -397,6 +401,13 @@ fn relocations(
             wasmparser::RelocAddendKind::Addend32 => r.read_var_i32()? as i64,
             wasmparser::RelocAddendKind::Addend64 => r.read_var_i64()?,
         };
+        // wasm-ld writes index -1 for a symbol it left out of the output's
+        // symbol table: an undefined weak one, whose address it resolved to
+        // null (plus the addend) for good. Nothing moves it, so nothing
+        // relinks it.
+        if symbol == UNRESOLVED_SYMBOL && !matches!(ty, RelocType::TypeIndexLeb) {
+            continue;
+        }
         if symbol as usize >= symbols && !matches!(ty, RelocType::TypeIndexLeb) {
             return Err(Error::RelocSymbol {
                 section: name.to_string(),
