@@ -102,9 +102,14 @@ use std::collections::HashSet;
 pub use abi::Metadata;
 pub use error::{Error, ErrorKind, Result};
 
-/// Identifies this build of the instrumenter (a hash of its sources), for
-/// caches of its output.
+/// Identifies this build of the instrumenter, for caches of its output: a
+/// hash of its sources and of [`FINGERPRINTED_CRATES`].
 pub const FINGERPRINT: &str = env!("UPSTARE_INSTRUMENT_FINGERPRINT");
+
+/// The crates (`name version source`, `;`-separated) whose locked versions
+/// the [`FINGERPRINT`] covers: everything the instrumenter depends on.
+/// Empty when built outside the workspace, without its Cargo.lock.
+pub const FINGERPRINTED_CRATES: &str = env!("UPSTARE_INSTRUMENT_FINGERPRINTED_CRATES");
 
 /// The `wasi_snapshot_preview1` functions that can block, and so are update
 /// points by default.
