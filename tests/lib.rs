@@ -50,10 +50,52 @@ pub fn host_bin() -> PathBuf {
 
 /// Runs `upstare-host ARGS` to completion.
 pub fn run_host(args: &[&str]) -> Output {
-    Command::new(host_bin())
-        .args(args)
-        .output()
-        .expect("upstare-host runs")
+    host_command().args(args).output().expect("upstare-host runs")
+}
+
+/// `upstare-host` as the tests run it: instrumented modules are cached in
+/// [`instrument_cache`], not the user's cache, and default control sockets
+/// go to this test process's own runtime directory, not the user's.
+pub fn host_command() -> Command {
+    let mut command = Command::new(host_bin());
+    command.env("UPSTARE_CACHE_DIR", instrument_cache()).env("XDG_RUNTIME_DIR", runtime_dir());
+    command
+}
+
+/// The suite's instrumentation cache, beside the binaries it belongs to
+/// (`cargo clean` removes it). Entries are named by content and written
+/// through a rename, so parallel tests share it safely.
+pub fn instrument_cache() -> PathBuf {
+    host_bin().with_file_name("upstare-test-cache")
+}
+
+/// How in-process tests load a guest: instrumented, through the suite's
+/// cache as [`host_command`]'s hosts do.
+pub fn instrumented() -> upstare_host::LoadOptions {
+    upstare_host::LoadOptions { instrument: true, cache_dir: Some(instrument_cache()) }
+}
+
+/// This test process's runtime directory (mode 0700, as XDG asks). A
+/// process cannot remove it at exit, so each run removes those of earlier
+/// runs whose process is gone.
+fn runtime_dir() -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let prefix = "upstare-test-runtime-";
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix(prefix)).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = tmp.join(format!("{prefix}{}", std::process::id()));
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).expect("create the runtime directory");
+        dir
+    })
+    .clone()
 }
 
 /// A guest server running under `upstare-host`, killed when dropped.
@@ -112,7 +154,7 @@ impl Server {
     /// learns its port from the host's stderr, and waits for the guest's
     /// first line of output (its "listening" line).
     pub fn start(guest_path: &PathBuf, extra: &[&str], args: &[&str]) -> (Self, String) {
-        let mut command = Command::new(host_bin());
+        let mut command = host_command();
         command.args(["--tcplisten", "127.0.0.1:0"]).args(extra).arg(guest_path).args(args);
         let mut server = Self::spawn(&mut command);
         let mut first = String::new();

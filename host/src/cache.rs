@@ -34,15 +34,19 @@ pub fn hex(hash: &[u8]) -> String {
 }
 
 /// Instruments `wasm`, whose [`content_hash`] is `hash`, with the default
-/// options, through the cache.
-pub fn instrumented(wasm: &[u8], hash: &[u8; 32]) -> Result<Instrumented, upstare_instrument::Error> {
+/// options, through the cache in `dir` (else the default place).
+pub fn instrumented(
+    wasm: &[u8],
+    hash: &[u8; 32],
+    dir: Option<&std::path::Path>,
+) -> Result<Instrumented, upstare_instrument::Error> {
     let name = format!(
         "{}-m{}-{}.wasm",
         hex(hash),
         abi::METADATA_VERSION,
         upstare_instrument::FINGERPRINT
     );
-    let entry = cache_dir().map(|d| d.join(name));
+    let entry = dir.map(PathBuf::from).or_else(cache_dir).map(|d| d.join(name));
     if let Some(hit) = entry.as_deref().and_then(load) {
         return Ok(hit);
     }

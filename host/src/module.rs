@@ -93,11 +93,14 @@ pub struct LoadOptions {
     /// measurements, and a blocking call the host interrupts ends the run
     /// with [`crate::Exit::Interrupted`].
     pub instrument: bool,
+    /// Where instrumented modules are cached; `None` for the default place
+    /// (see [`crate::cache`]).
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { instrument: true }
+        LoadOptions { instrument: true, cache_dir: None }
     }
 }
 
@@ -154,7 +157,7 @@ impl GuestModule {
         let path = path.to_path_buf();
         let hash = crate::cache::content_hash(bytes);
         let (code, metadata, source_map) = if options.instrument {
-            let out = crate::cache::instrumented(bytes, &hash).map_err(|e| LoadError::Instrument {
+            let out = crate::cache::instrumented(bytes, &hash, options.cache_dir.as_deref()).map_err(|e| LoadError::Instrument {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;

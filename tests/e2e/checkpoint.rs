@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use upstare_tests::{guest, host_bin, run_host, KillOnDrop, TempDir};
+use upstare_tests::{guest, host_command, run_host, KillOnDrop, TempDir};
 
 /// Long enough that a checkpoint lands mid-run.
 const ARGS: [&str; 2] = ["5000", "2000"];
@@ -39,7 +39,7 @@ fn checkpoint_kill_and_restore_gives_the_uninterrupted_output() {
     let sock = sock.to_str().unwrap();
     let first_out = dir.0.join("first.txt");
     let mut server = KillOnDrop::spawn(
-        Command::new(host_bin())
+        host_command()
             .args(["--control", sock, compute])
             .args(ARGS)
             .stdout(std::fs::File::create(&first_out).unwrap())
@@ -154,7 +154,7 @@ fn kv_server_checkpointed_under_load_keeps_every_key() {
     drop(writer);
     server.kill();
 
-    let restored = Server::spawn(Command::new(host_bin()).args(["restore", "--tcplisten", "127.0.0.1:0", snap.to_str().unwrap()]));
+    let restored = Server::spawn(host_command().args(["restore", "--tcplisten", "127.0.0.1:0", snap.to_str().unwrap()]));
     let mut client = restored.client();
     for i in 0..300 {
         assert_eq!(client.request(&format!("GET key{i}")), format!("VALUE value-{i}"));
@@ -177,7 +177,7 @@ fn open_files_are_reopened_at_their_offsets() {
     let spec = format!("{}::/data", data.display());
     let reader = guest("reader");
     let mut server = KillOnDrop::spawn(
-        Command::new(host_bin())
+        host_command()
             .args(["--control", sock, "--dir", &spec, reader.to_str().unwrap(), "/data"])
             .stdout(Stdio::piped()),
     );
@@ -194,7 +194,7 @@ fn open_files_are_reopened_at_their_offsets() {
     assert!(cp.status.success(), "{}", String::from_utf8_lossy(&cp.stderr));
     drop(server);
 
-    let restored = Command::new(host_bin()).args(["restore", snap.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
+    let restored = host_command().args(["restore", snap.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     std::fs::write(data.join("go"), "").unwrap();
     let done = restored.wait_with_output().unwrap();
@@ -218,7 +218,7 @@ fn a_pause_that_cannot_happen_in_time_is_refused_and_the_program_runs_on() {
     let sock = sock.to_str().unwrap();
     let spec = format!("{}::/data", data.display());
     let mut server = KillOnDrop::spawn(
-        Command::new(host_bin())
+        host_command()
             .args(["--control", sock, "--pause-limit", "200", "--dir", &spec, guest("fifo").to_str().unwrap(), "/data/pipe"])
             .stdout(Stdio::piped()),
     );
@@ -272,7 +272,7 @@ fn a_checkpoint_after_an_update_resumes_the_new_version_and_refuses_further_upda
     let restored_control = Control::new("update-restored");
     let path = restored_control.dir().join("after-update.snap");
     std::fs::write(&path, snapshot.encode()).unwrap();
-    let restored = Server::spawn(Command::new(host_bin()).args([
+    let restored = Server::spawn(host_command().args([
         "restore",
         "--control",
         &restored_control.path(),

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use upstare_tests::{guest, host_bin, TempDir};
+use upstare_tests::{guest, host_bin, instrument_cache, TempDir};
 
 fn live_update(guests: &Path) -> Output {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/live-update");
@@ -13,6 +13,7 @@ fn live_update(guests: &Path) -> Output {
         .arg("127.0.0.1:0")
         .env("UPSTARE_HOST", host_bin())
         .env("UPSTARE_GUESTS", guests)
+        .env("UPSTARE_CACHE_DIR", instrument_cache())
         .output()
         .expect("scripts/live-update runs")
 }

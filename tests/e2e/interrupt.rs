@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, Stdio};
 use upstare_instrument::abi::ResumeKind;
 
-const AS_IS: LoadOptions = LoadOptions { instrument: false };
+const AS_IS: LoadOptions = LoadOptions { instrument: false, cache_dir: None };
 
 /// Memory layout shared by the guests: an iovec at 0 (64 KiB buffer at
 /// 1024), a subscription at 128, events at 256, results at 512.
@@ -222,7 +222,7 @@ fn an_interrupted_call_leaves_no_request_behind() {
 #[test]
 fn every_blocking_call_pauses_an_instrumented_guest() {
     for case in CASES {
-        let Setup { engine, module, config, port, stdin_write, _stdout_read } = setup(case, &LoadOptions::default());
+        let Setup { engine, module, config, port, stdin_write, _stdout_read } = setup(case, &upstare_tests::instrumented());
         assert!(module.is_instrumented());
         let meta = module.metadata().unwrap().clone();
 

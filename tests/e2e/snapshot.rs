@@ -7,7 +7,7 @@ use std::io::Read;
 use std::time::Duration;
 
 use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule, Snapshot, SnapshotError, Stdio};
-use upstare_tests::{guest, TempDir};
+use upstare_tests::{guest, instrumented, TempDir};
 
 const ARGS: [&str; 3] = ["compute", "400", "1500"];
 
@@ -27,7 +27,7 @@ fn read(path: &std::path::Path) -> String {
 /// and what it printed before; the instance is dropped.
 fn checkpoint(after: Duration, dir: &TempDir) -> (Vec<u8>, String) {
     let engine = new_engine().unwrap();
-    let module = GuestModule::load(&engine, &guest("compute")).unwrap();
+    let module = GuestModule::load_with(&engine, &guest("compute"), &instrumented()).unwrap();
     let out = dir.0.join("first.txt");
     let mut g = Guest::new(&engine, &module, config(&out)).unwrap();
     let pause = g.pause_handle().unwrap();
@@ -50,7 +50,7 @@ fn checkpoint(after: Duration, dir: &TempDir) -> (Vec<u8>, String) {
 fn compute_resumed_from_a_snapshot_prints_what_an_uninterrupted_run_prints() {
     let dir = TempDir::new("snapshot");
     let engine = new_engine().unwrap();
-    let module = GuestModule::load(&engine, &guest("compute")).unwrap();
+    let module = GuestModule::load_with(&engine, &guest("compute"), &instrumented()).unwrap();
     let whole = dir.0.join("whole.txt");
     let exit = Guest::new(&engine, &module, config(&whole)).unwrap().run();
     assert!(matches!(exit, Exit::Status(0)), "{exit:?}");
@@ -92,7 +92,7 @@ fn damaged_truncated_and_foreign_snapshots_are_refused() {
 
     // A snapshot of compute cannot resume the files guest.
     let engine = new_engine().unwrap();
-    let other = GuestModule::load(&engine, &guest("files")).unwrap();
+    let other = GuestModule::load_with(&engine, &guest("files"), &instrumented()).unwrap();
     let snapshot = Snapshot::decode(&bytes).unwrap();
     let err = Guest::restore(&engine, &other, GuestConfig::new(vec!["files".into()]), &snapshot).err().unwrap();
     assert!(matches!(err, SnapshotError::WrongModule { .. }), "{err}");

@@ -8,11 +8,11 @@
 //! without updating.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use upstare_tests::{
-    example_guest_versions, expect_error, expect_report, guest, host_bin, missing_keys, run_host, sha256_file,
+    example_guest_versions, expect_error, expect_report, guest, host_command, missing_keys, run_host, sha256_file,
     wait_for_path, Client, Control, KillOnDrop, Load, Server,
 };
 
@@ -289,7 +289,7 @@ fn compute_updated_in_the_middle_of_its_recursion() {
     let v2 = guest("compute-v2");
     let out_path = control.dir().join("out.txt");
     let mut running = KillOnDrop::spawn(
-        Command::new(host_bin())
+        host_command()
             .args(["--control", &control.path(), guest("compute").to_str().unwrap()])
             .args(COMPUTE_ARGS)
             .stdout(std::fs::File::create(&out_path).unwrap())

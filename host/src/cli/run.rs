@@ -129,7 +129,7 @@ pub fn execute(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_HOST_ERROR);
         }
     };
-    let options = LoadOptions { instrument: !args.no_instrument };
+    let options = LoadOptions { instrument: !args.no_instrument, cache_dir: None };
     let module = match GuestModule::load_with(&engine, &module_path, &options) {
         Ok(m) => m,
         Err(e) => return bad_input(e),
