@@ -14,13 +14,33 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A directory of its own under `target/patchgen-tests/` for one build:
+/// tests run in parallel and several build the same source, so no two
+/// builds may share an output path. Removed when dropped.
+struct BuildDir(PathBuf);
+
+impl BuildDir {
+    fn new(name: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = root().join("target/patchgen-tests").join(format!("{name}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        BuildDir(dir)
+    }
+}
+
+impl Drop for BuildDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Compiles `source` (C) with `bin/upstare-cc` plus `flags` and returns the
-/// module's bytes. `name` must be unique per test source: the output and the
-/// source live under `target/patchgen-tests/`. Fails loudly if the toolchain
-/// is missing (run `scripts/install-toolchain`).
+/// module's bytes; `name` names the files in errors. Fails loudly if the
+/// toolchain is missing (run `scripts/install-toolchain`).
 pub fn build_c(name: &str, source: &str, flags: &[&str]) -> Vec<u8> {
-    let dir = root().join("target/patchgen-tests");
-    std::fs::create_dir_all(&dir).unwrap();
+    let build = BuildDir::new(name);
+    let dir = &build.0;
     let src = dir.join(format!("{name}.c"));
     let out = dir.join(format!("{name}.wasm"));
     std::fs::write(&src, source).unwrap();
@@ -46,9 +66,8 @@ pub fn build_example(dir: &str, name: &str, extra: &[&str]) -> Vec<u8> {
         }
     }
     flags.extend(extra.iter().map(|s| s.to_string()));
-    let out_dir = root().join("target/patchgen-tests");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = out_dir.join(format!("{name}.wasm"));
+    let build = BuildDir::new(name);
+    let out = build.0.join(format!("{name}.wasm"));
     let mut cmd = Command::new(root().join("bin/upstare-cc"));
     cmd.args(&flags);
     for entry in std::fs::read_dir(&folder).unwrap() {
