@@ -235,9 +235,12 @@ impl Snapshot {
             return Err(SnapshotError::Corrupt("trailing bytes"));
         }
         // The frames must at least parse; typing them needs the module.
+        let frame_sp = u32::try_from(frames.len())
+            .ok()
+            .and_then(|len| len.checked_add(abi::control::FRAMES_BASE))
+            .ok_or(SnapshotError::Corrupt("the frame stack is larger than a control memory can hold"))?;
         let mut control = vec![0u8; abi::control::FRAMES_BASE as usize];
-        control[abi::control::FRAME_SP as usize..abi::control::FRAME_SP as usize + 4]
-            .copy_from_slice(&(abi::control::FRAMES_BASE + frames.len() as u32).to_le_bytes());
+        control[abi::control::FRAME_SP as usize..abi::control::FRAME_SP as usize + 4].copy_from_slice(&frame_sp.to_le_bytes());
         control.extend_from_slice(&frames);
         abi::read_frames(&control).map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
         Ok(Snapshot { module_hash, module, args, env, fds, globals, memory, frames })

@@ -14,6 +14,7 @@ mod interrupt;
 mod kv;
 mod rollback;
 mod snapshot;
+mod snapshot_decode;
 mod stress;
 mod transform;
 mod update;

@@ -25,7 +25,7 @@ fn read(path: &std::path::Path) -> String {
 
 /// Runs compute, pauses it after `after`, and returns its snapshot's bytes
 /// and what it printed before; the instance is dropped.
-fn checkpoint(after: Duration, dir: &TempDir) -> (Vec<u8>, String) {
+pub(crate) fn checkpoint(after: Duration, dir: &TempDir) -> (Vec<u8>, String) {
     let engine = new_engine().unwrap();
     let module = GuestModule::load_with(&engine, &guest("compute"), &instrumented()).unwrap();
     let out = dir.0.join("first.txt");
