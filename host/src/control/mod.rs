@@ -191,10 +191,11 @@ impl Drop for ControlSocket {
 
 /// Sends one request to the host behind `path` and returns its reply.
 pub fn request(path: &Path, req: &Request) -> Result<Response, String> {
+    let line = req.encode().map_err(|e| e.to_string())?;
     let mut conn = UnixStream::connect(path).map_err(|e| {
         format!("cannot reach upstare-host at {} ({e}); is it running, with this --control path?", path.display())
     })?;
-    conn.write_all(req.line().as_bytes()).map_err(|e| format!("cannot send the request: {e}"))?;
+    conn.write_all(line.as_bytes()).map_err(|e| format!("cannot send the request: {e}"))?;
     let mut reply = String::new();
     conn.read_to_string(&mut reply).map_err(|e| format!("cannot read the reply: {e}"))?;
     Response::decode(&reply).map_err(|e| e.to_string())

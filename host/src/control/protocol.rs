@@ -82,6 +82,10 @@ pub enum ProtocolError {
     /// A request line that is not UTF-8.
     #[error("request line is not UTF-8")]
     NotUtf8,
+    /// A line break or NUL inside a request, which one line cannot carry
+    /// (a path holding one cannot be named to the host).
+    #[error("a request cannot contain a line break or NUL")]
+    ControlCharacter,
     /// A reply whose last line is none of OK, ERR or BAD.
     #[error("unexpected reply from the host: {0:?}")]
     BadReply(String),
@@ -93,6 +97,9 @@ impl Request {
         let line = line.trim_end_matches(['\r', '\n']);
         if line.is_empty() {
             return Err(ProtocolError::Empty);
+        }
+        if line.contains(['\r', '\n', '\0']) {
+            return Err(ProtocolError::ControlCharacter);
         }
         let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
         match verb {
@@ -113,8 +120,18 @@ impl Request {
         }
     }
 
-    /// The request line, newline included.
-    pub fn line(&self) -> String {
+    /// The request line, newline included, if the request can be sent:
+    /// its path holds no line break or NUL.
+    pub fn encode(&self) -> Result<String, ProtocolError> {
+        let line = self.line();
+        match line.trim_end_matches('\n').contains(['\r', '\n', '\0']) {
+            true => Err(ProtocolError::ControlCharacter),
+            false => Ok(line),
+        }
+    }
+
+    /// The request line, newline included, as [`Request::encode`] checks it.
+    fn line(&self) -> String {
         match self {
             Request::Status => "STATUS\n".into(),
             Request::Checkpoint(p) => format!("CHECKPOINT {}\n", p.display()),
@@ -199,7 +216,7 @@ mod tests {
             Request::Rollback(0),
         ];
         for r in requests {
-            assert_eq!(Request::parse(&r.line()), Ok(r));
+            assert_eq!(Request::parse(&r.encode().unwrap()), Ok(r));
         }
     }
 
@@ -240,6 +257,14 @@ mod tests {
     }
 
     #[test]
+    fn a_path_with_a_line_break_cannot_be_sent_or_received() {
+        let forged = Request::Checkpoint("/tmp/x\nROLLBACK 0".into());
+        assert_eq!(forged.encode(), Err(ProtocolError::ControlCharacter));
+        assert_eq!(Request::parse("CHECKPOINT /tmp/x\rROLLBACK 0"), Err(ProtocolError::ControlCharacter));
+        assert_eq!(Request::parse("UPDATE 5 a\0.wasm\n"), Err(ProtocolError::ControlCharacter));
+    }
+
+    #[test]
     fn a_reason_with_newlines_cannot_forge_a_status_line() {
         let r = Response::Refused("first\nOK".into());
         assert_eq!(Response::decode(&r.encode()), Ok(Response::Refused("first OK".into())));
@@ -251,6 +276,31 @@ mod tests {
     fn replies_that_end_in_no_status_are_errors() {
         for text in ["", "\n", "module: a\n", "OK?\n", "line\nERR reason\n", "ok\n"] {
             assert!(matches!(Response::decode(text), Err(ProtocolError::BadReply(_))), "{text:?}");
+        }
+    }
+
+    /// A short fuzz run (see docs/FUZZING.md): lines built from the
+    /// protocol's own words and hostile characters. Parsing never panics,
+    /// and whatever parses reads back the same from its own line.
+    #[test]
+    fn random_request_lines_parse_or_say_why() {
+        let iters = std::env::var("UPSTARE_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000u64);
+        let seed = std::env::var("UPSTARE_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let words = ["STATUS", "CHECKPOINT", "UPDATE", "ROLLBACK", " ", "  ", "0", "18446744073709551616", "-1", "/a b", "\r", "\n", "\u{0}", "\u{1b}", "é", "OK", "ERR"];
+        for i in 0..iters {
+            let line: String = (0..rng.usize(0..6)).map(|_| words[rng.usize(..words.len())]).collect();
+            let parsed = std::panic::catch_unwind(|| Request::parse(&line))
+                .unwrap_or_else(|_| panic!("line {i} {line:?} panicked; replay with UPSTARE_FUZZ_SEED={seed}"));
+            match parsed {
+                Ok(request) => {
+                    let again = request.encode().unwrap_or_else(|e| panic!("{request:?} parsed but cannot be sent: {e} (seed {seed})"));
+                    assert_eq!(Request::parse(&again), Ok(request), "{line:?} (seed {seed})");
+                }
+                Err(e) => assert!(!e.to_string().contains('\n'), "one-line error for {line:?}: {e} (seed {seed})"),
+            }
+            let reply = Response::Refused(line.clone());
+            assert_eq!(Response::decode(&reply.encode()), Ok(Response::Refused(one_line(&line))), "{line:?} (seed {seed})");
         }
     }
 }
