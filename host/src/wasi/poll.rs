@@ -84,7 +84,10 @@ pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, 
     if count == 0 {
         return Err(Errno::INVAL.into());
     }
-    let mut subs = Vec::with_capacity(count as usize);
+    // No capacity from `count`: it is the guest's word, and a huge one must
+    // end in EFAULT at the first subscription past memory, not in an
+    // allocation the host cannot make.
+    let mut subs = Vec::new();
     for i in 0..count {
         let at = i
             .checked_mul(layout::SUBSCRIPTION_SIZE)
