@@ -386,3 +386,123 @@ impl Guest {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot of a trivial module, with one of every fd kind.
+    fn sample() -> Snapshot {
+        let module = b"\0asm\x01\0\0\0".to_vec();
+        Snapshot {
+            module_hash: Sha256::digest(&module).into(),
+            module,
+            args: vec!["prog".into(), "é".into()],
+            env: vec![("A".into(), "b=c".into())],
+            fds: vec![
+                FdRecord { fd: 0, flags: 0, kind: FdKind::Std { index: 0 } },
+                FdRecord { fd: 3, flags: 0, kind: FdKind::Listener { addr: "127.0.0.1:80".parse().unwrap() } },
+                FdRecord { fd: 4, flags: 1, kind: FdKind::Preopen { name: "/data".into(), host: "/srv/data".into() } },
+                FdRecord { fd: 5, flags: 0, kind: FdKind::Dir { path: "/data/sub".into() } },
+                FdRecord {
+                    fd: 6,
+                    flags: 4,
+                    kind: FdKind::File { path: "/data/f".into(), offset: 1 << 40, readable: true, writable: false },
+                },
+                FdRecord { fd: 7, flags: 0, kind: FdKind::Stream },
+            ],
+            globals: vec![(0, ValType::I32, 66560), (2, ValType::F64, 1.5f64.to_bits())],
+            memory: vec![7; 65536],
+            frames: Vec::new(),
+        }
+    }
+
+    fn seal(mut body: Vec<u8>) -> Vec<u8> {
+        let sum = Sha256::digest(&body);
+        body.extend_from_slice(&sum);
+        body
+    }
+
+    fn corrupt(bytes: &[u8]) -> &'static str {
+        match Snapshot::decode(bytes) {
+            Err(SnapshotError::Corrupt(reason)) => reason,
+            other => panic!("expected a damaged snapshot, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn every_field_survives_encoding() {
+        let s = sample();
+        assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn the_header_and_checksum_are_checked_first() {
+        let bytes = sample().encode();
+        assert!(matches!(Snapshot::decode(b"UPSTARE"), Err(SnapshotError::NotASnapshot)));
+        let mut version = bytes.clone();
+        version[16] = 2;
+        assert!(matches!(Snapshot::decode(&version), Err(SnapshotError::Version { found: 2 })));
+        let mut flipped = bytes.clone();
+        flipped[40] ^= 1;
+        assert_eq!(corrupt(&flipped), "checksum mismatch (truncated or modified)");
+        assert_eq!(corrupt(&bytes[..bytes.len() - 1]), "checksum mismatch (truncated or modified)");
+        assert_eq!(corrupt(&bytes[..20]), "too short");
+    }
+
+    #[test]
+    fn sealed_structural_faults_are_named() {
+        let s = sample();
+        let body = |s: &Snapshot| {
+            let b = s.encode();
+            b[..b.len() - 32].to_vec()
+        };
+        let at_args = 16 + 4 + 32 + 8 + s.module.len();
+        let mut trailing = body(&s);
+        trailing.push(0);
+        assert_eq!(corrupt(&seal(trailing)), "trailing bytes");
+        let mut truncated = body(&s);
+        truncated.truncate(truncated.len() - 1);
+        assert_eq!(corrupt(&seal(truncated)), "truncated");
+        let mut many = body(&s);
+        many[at_args..at_args + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(corrupt(&seal(many)), "truncated");
+        let mut not_utf8 = body(&s);
+        not_utf8[at_args + 4 + 4 + 4 + 4] = 0xff; // the first byte of "é"
+        assert_eq!(corrupt(&seal(not_utf8)), "string is not UTF-8");
+        let mut hash = s.clone();
+        hash.module_hash[0] ^= 1;
+        assert_eq!(corrupt(&hash.encode()), "the embedded module does not match its hash");
+        let mut frames = s.clone();
+        frames.frames = vec![0; 12];
+        assert_eq!(corrupt(&frames.encode()), "unreadable frame stack");
+
+        // Each fd kind byte, found after its record's fd and flags, made
+        // unknown; the listener's address made unreadable.
+        let fds_at = at_args + 4 + (4 + 4) + (4 + 2) + 4 + (4 + 1) + (4 + 3);
+        let mut kind = body(&s);
+        assert_eq!(u32::from_le_bytes(kind[fds_at..fds_at + 4].try_into().unwrap()), 6, "the layout this test edits");
+        kind[fds_at + 4 + 4 + 2] = 9;
+        assert_eq!(corrupt(&seal(kind)), "unknown fd kind");
+        let mut listener = s.clone();
+        listener.fds[1].kind = FdKind::Dir { path: "127.0.0.1:80".into() };
+        let mut bytes = body(&listener);
+        let listener_kind = fds_at + 4 + (4 + 2 + 2) + 4 + 2;
+        assert_eq!(bytes[listener_kind], 2, "the layout this test edits");
+        bytes[listener_kind] = 4;
+        let mut port = bytes.clone();
+        let text = listener_kind + 1 + 4;
+        port[text..text + 9].copy_from_slice(b"nowhere:x");
+        assert_eq!(corrupt(&seal(port)), "listener address");
+        assert_eq!(
+            Snapshot::decode(&seal(bytes)).unwrap().fds[1].kind,
+            FdKind::Listener { addr: "127.0.0.1:80".parse().unwrap() }
+        );
+
+        let globals_at = body(&s).len() - (8 + s.frames.len()) - (8 + s.memory.len()) - 13 * s.globals.len() - 4;
+        let mut global = body(&s);
+        assert_eq!(u32::from_le_bytes(global[globals_at..globals_at + 4].try_into().unwrap()), 2, "the layout this test edits");
+        global[globals_at + 4 + 4] = 0x99;
+        assert_eq!(corrupt(&seal(global)), "unknown global type");
+    }
+}
