@@ -62,10 +62,25 @@ fn batches(only: Option<&str>) -> Vec<Batch> {
 }
 
 fn time_run(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path) -> Duration {
+    run(engine, module, batch, scratch, Path::new("/dev/null"))
+}
+
+/// What a variant prints, from a run before any timing: the three variants
+/// must compute the same thing, or their times compare nothing.
+fn output(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path) -> Vec<u8> {
+    let out = scratch.with_extension("stdout");
+    run(engine, module, batch, scratch, &out);
+    let printed = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert!(!printed.is_empty(), "{} printed nothing to compare", batch.guest.name);
+    printed
+}
+
+fn run(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path, stdout: &Path) -> Duration {
     let mut argv = vec![batch.guest.name.clone()];
     argv.extend(batch.args.iter().cloned());
     let mut config = GuestConfig::new(argv);
-    config.stdout = Stdio::Fd(std::fs::File::create("/dev/null").unwrap().into());
+    config.stdout = Stdio::Fd(std::fs::File::create(stdout).unwrap().into());
     if let Some(guest) = batch.dir {
         config.dirs.push(PreopenDir { host: scratch.to_path_buf(), guest: guest.into() });
     }
@@ -131,7 +146,17 @@ fn main() {
         let name = &batch.guest.name;
         let dirs = [scratch(name, "original"), scratch(name, "upstare"), scratch(name, "asyncify")];
         let (mut o, mut u, mut a) = (Vec::new(), Vec::new(), Vec::new());
-        time_run(&engine, &v.original, &batch, &dirs[0]); // warm-up
+        // Also the warm-up.
+        let expected = output(&engine, &v.original, &batch, &dirs[0]);
+        for (variant, module, dir) in [("upstare", &v.upstare, &dirs[1]), ("asyncify", &v.asyncify, &dirs[2])] {
+            let printed = output(&engine, module, &batch, dir);
+            assert!(
+                printed == expected,
+                "{name}: the {variant} variant prints something else than the original:\n{}\n---\n{}",
+                String::from_utf8_lossy(&printed),
+                String::from_utf8_lossy(&expected)
+            );
+        }
         for _ in 0..rounds {
             o.push(time_run(&engine, &v.original, &batch, &dirs[0]));
             u.push(time_run(&engine, &v.upstare, &batch, &dirs[1]));
