@@ -448,6 +448,10 @@ mod tests {
         assert_eq!(corrupt(&flipped), "checksum mismatch (truncated or modified)");
         assert_eq!(corrupt(&bytes[..bytes.len() - 1]), "checksum mismatch (truncated or modified)");
         assert_eq!(corrupt(&bytes[..20]), "too short");
+        // Exactly the magic number: a snapshot, cut short.
+        assert_eq!(corrupt(MAGIC), "truncated");
+        // A header and a checksum that matches it, and nothing else.
+        assert_eq!(corrupt(&seal(bytes[..20].to_vec())), "truncated");
     }
 
     #[test]
