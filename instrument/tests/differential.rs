@@ -96,7 +96,7 @@ fn runnable(wasm: &[u8]) -> bool {
 fn random_modules_behave_the_same_instrumented() {
     let engine = engine();
     let started = std::time::Instant::now();
-    let (mut ran, mut unwinds, mut depth, mut not_run) = (0u64, 0u64, 0usize, 0u64);
+    let (mut ran, mut unwinds, mut depth, mut not_run, mut rejected) = (0u64, 0u64, 0usize, 0u64, 0u64);
     let mut failures = Vec::new();
     // UPSTARE_SEEDS=FIRST..LAST runs another range, for longer searches.
     let seeds = match std::env::var("UPSTARE_SEEDS") {
@@ -114,6 +114,7 @@ fn random_modules_behave_the_same_instrumented() {
         let data = rng.bytes(len);
         let mut u = Unstructured::new(&data);
         let Ok(mut module) = wasm_smith::Module::new(smith_config(seed), &mut u) else {
+            rejected += 1;
             continue;
         };
         module.ensure_termination(1000).expect("fuel");
@@ -146,11 +147,15 @@ fn random_modules_behave_the_same_instrumented() {
         }
     }
     eprintln!(
-        "{ran} modules run, {not_run} only instrumented, {unwinds} unwinds, deepest {depth} frames, {:?}",
+        "{ran} modules run, {not_run} only instrumented, {rejected} seeds wasm-smith could not build, {unwinds} unwinds, deepest {depth} frames, {:?}",
         started.elapsed()
     );
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
-    assert!(ran >= count / 3, "only {ran} of {count} modules ran");
+    // The stated shares: wasm-smith builds nearly every seed, and at least
+    // two thirds of the modules run (the rest use references the test
+    // engine cannot run).
+    assert!(rejected * 20 <= count, "wasm-smith could not build {rejected} of {count} seeds");
+    assert!(ran * 3 >= count * 2, "only {ran} of {count} modules ran");
     assert!(unwinds > count, "stress mode unwound only {unwinds} times");
 }
 

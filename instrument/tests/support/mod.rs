@@ -10,6 +10,7 @@
 //! typed against the metadata on the way.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use upstare_instrument::abi::{self, control, exports, ResumeKind};
@@ -56,20 +57,44 @@ pub fn engine() -> Engine {
     Engine::new(&c).expect("engine")
 }
 
-/// A value as the comparison sees it: floats by bits with every NaN alike,
-/// references by null-ness (identities differ between instances).
+/// A value as the comparison sees it: floats by bits with every NaN alike;
+/// a function reference by the export name of the function it refers to
+/// (the same in both instances, whose identities differ); an external
+/// reference by null-ness (the host makes none).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum V {
     I32(i32),
     I64(i64),
     F32(u32),
     F64(u64),
-    Ref { null: bool },
+    /// `None` for null; `Some("")` for a function no export names.
+    Func(Option<String>),
+    Extern { null: bool },
     Other(String),
 }
 
+/// The export name of each exported function of an instance, by the
+/// function's identity in its store.
+pub struct FuncNames(HashMap<usize, String>);
+
+impl FuncNames {
+    fn of(store: &mut Store<Host>, instance: &Instance, ex: &Exports) -> Self {
+        let mut names = HashMap::new();
+        for (name, _) in &ex.funcs {
+            if let Some(f) = instance.get_func(&mut *store, name) {
+                names.entry(f.to_raw(&mut *store) as usize).or_insert_with(|| name.clone());
+            }
+        }
+        FuncNames(names)
+    }
+
+    fn name(&self, store: &mut Store<Host>, f: &wasmtime::Func) -> String {
+        self.0.get(&(f.to_raw(&mut *store) as usize)).cloned().unwrap_or_default()
+    }
+}
+
 impl V {
-    fn of(v: &Val) -> V {
+    fn of(v: &Val, store: &mut Store<Host>, funcs: &FuncNames) -> V {
         match v {
             Val::I32(x) => V::I32(*x),
             Val::I64(x) => V::I64(*x),
@@ -77,8 +102,8 @@ impl V {
             Val::F32(x) => V::F32(*x),
             Val::F64(x) if f64::from_bits(*x).is_nan() => V::F64(0x7ff8_0000_0000_0000),
             Val::F64(x) => V::F64(*x),
-            Val::FuncRef(f) => V::Ref { null: f.is_none() },
-            Val::ExternRef(r) => V::Ref { null: r.is_none() },
+            Val::FuncRef(f) => V::Func(f.as_ref().map(|f| funcs.name(store, f))),
+            Val::ExternRef(r) => V::Extern { null: r.is_none() },
             other => V::Other(format!("{other:?}")),
         }
     }
@@ -108,8 +133,8 @@ pub struct Outcome {
     pub memory: Vec<u8>,
     /// Final values of the exported globals.
     pub globals: Vec<(String, V)>,
-    /// Exported tables: which elements are null.
-    pub tables: Vec<(String, Vec<bool>)>,
+    /// Exported tables' elements.
+    pub tables: Vec<(String, Vec<V>)>,
     /// Calls of the host imports that did their work.
     pub log: Vec<String>,
 }
@@ -281,8 +306,8 @@ impl Mem {
     }
 }
 
-/// Memory bytes, exported globals, and exported tables' null elements.
-type Observed = (Vec<u8>, Vec<(String, V)>, Vec<(String, Vec<bool>)>);
+/// Memory bytes, exported globals, and exported tables' elements.
+type Observed = (Vec<u8>, Vec<(String, V)>, Vec<(String, Vec<V>)>);
 
 /// Reads state from a live instance: memory, globals, tables by export name.
 fn observe(store: &mut Store<Host>, instance: &Instance, ex: &Exports, memory: Option<Mem>) -> Observed {
@@ -294,12 +319,14 @@ fn observe(store: &mut Store<Host>, instance: &Instance, ex: &Exports, memory: O
         }
     });
     let bytes = mem.map(|m| m.bytes(store)).unwrap_or_default();
+    let funcs = FuncNames::of(store, instance, ex);
     let globals = ex
         .globals
         .iter()
         .map(|n| {
             let g = instance.get_global(&mut *store, n).expect("exported global");
-            (n.clone(), V::of(&g.get(&mut *store)))
+            let value = g.get(&mut *store);
+            (n.clone(), V::of(&value, store, &funcs))
         })
         .collect();
     let tables = ex
@@ -308,8 +335,13 @@ fn observe(store: &mut Store<Host>, instance: &Instance, ex: &Exports, memory: O
         .map(|n| {
             let t = instance.get_table(&mut *store, n).expect("exported table");
             let size = t.size(&*store);
-            let nulls = (0..size).map(|i| t.get(&mut *store, i).is_none_or(|r| r.is_null())).collect();
-            (n.clone(), nulls)
+            let elements = (0..size)
+                .map(|i| match t.get(&mut *store, i) {
+                    Some(r) => V::of(&r.into(), store, &funcs),
+                    None => V::Other("out of bounds".into()),
+                })
+                .collect();
+            (n.clone(), elements)
         })
         .collect();
     (bytes, globals, tables)
@@ -341,7 +373,10 @@ pub fn run_original(engine: &Engine, wasm: &[u8]) -> Outcome {
         let ty = f.ty(&store);
         let mut results = vec![Val::I32(0); ty.results().len()];
         let ret = match f.call(&mut store, &args(&ty), &mut results) {
-            Ok(()) => Ret::Values(results.iter().map(V::of).collect()),
+            Ok(()) => {
+                let funcs = FuncNames::of(&mut store, &instance, &ex);
+                Ret::Values(results.iter().map(|v| V::of(v, &mut store, &funcs)).collect())
+            }
             Err(e) => trap_of(&e),
         };
         let (mem, globals, _) = observe(&mut store, &instance, &ex, None);
@@ -384,6 +419,7 @@ struct Driver<'a> {
     instance: Instance,
     control: SharedMemory,
     meta: &'a Metadata,
+    exports: &'a Exports,
     stats: Stats,
 }
 
@@ -488,7 +524,8 @@ impl Driver<'_> {
                     if h.rewinding || h.frame_sp != control::FRAMES_BASE {
                         return Err(format!("{name}: returned normally with header {h:?}"));
                     }
-                    return Ok(Ret::Values(results.iter().map(V::of).collect()));
+                    let funcs = FuncNames::of(&mut self.store, &self.instance, &self.exports);
+                    return Ok(Ret::Values(results.iter().map(|v| V::of(v, &mut self.store, &funcs)).collect()));
                 }
                 1 => {
                     cycles += 1;
@@ -561,7 +598,7 @@ pub fn run_instrumented(
             return Ok((outcome, Stats::default()));
         }
     };
-    let mut d = Driver { store, instance, control, meta, stats: Stats::default() };
+    let mut d = Driver { store, instance, control, meta, exports: &ex, stats: Stats::default() };
     d.store.data_mut().control = Some(d.control.clone());
     let header = match mode {
         Mode::Plain | Mode::Pause { .. } => control::Header::default(),
