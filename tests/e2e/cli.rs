@@ -134,3 +134,31 @@ fn trap_prints_a_backtrace_with_function_names() {
     assert!(order.windows(2).all(|w| w[0] < w[1]), "innermost first: {err}");
     assert!(err.contains("compute.c:"), "source lines from DWARF: {err}");
 }
+
+/// The instrumentation cache is an optimisation only: damaged entries are
+/// ignored, the module is instrumented again, and the entry is rewritten.
+#[test]
+fn a_damaged_instrumentation_cache_entry_is_ignored_and_replaced() {
+    let cache = TempDir::new("cache");
+    let compute = guest("compute");
+    let run = || {
+        upstare_tests::host_command()
+            .env("UPSTARE_CACHE_DIR", &cache.0)
+            .args([compute.to_str().unwrap(), "3", "20"])
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success());
+    let entries: Vec<_> = std::fs::read_dir(&cache.0).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "one entry per module: {entries:?}");
+    let good = std::fs::read(&entries[0]).unwrap();
+    let mut damaged = good.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0xff;
+    std::fs::write(&entries[0], &damaged).unwrap();
+    let second = run();
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert_eq!(second.stdout, first.stdout);
+    assert_eq!(std::fs::read(&entries[0]).unwrap(), good, "the entry is written again");
+}

@@ -145,3 +145,12 @@ fn connections_beyond_the_limit_are_told_to_retry() {
     let out = run_host(&["status", "--control", &control.path()]);
     assert!(out.status.success(), "status works again once they closed: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The control socket is its owner's only: mode 0600.
+#[test]
+fn the_control_socket_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_server, control) = start_kv("kv-server", "control-mode");
+    let mode = std::fs::metadata(control.path()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+}

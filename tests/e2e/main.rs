@@ -7,6 +7,7 @@ mod cli;
 mod compute;
 mod control;
 mod demo;
+mod embed;
 mod files;
 mod frames;
 mod guests;
