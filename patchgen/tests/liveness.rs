@@ -376,3 +376,43 @@ fn every_function_of_a_real_guest_is_consistent_instruction_by_instruction() {
     }
     assert!(checked > 0);
 }
+
+#[test]
+fn a_br_if_that_skips_a_write_keeps_the_local_live() {
+    let wasm = wat(r#"(module (func (param i32) (result i32) (local i32 i32)
+        block $out
+          local.get 0
+          br_if $out
+          i32.const 5
+          local.set 1
+          i32.const 6
+          local.set 2
+        end
+        local.get 1))"#);
+    // The taken branch reaches the read of 1 without its write: 1 is live
+    // at the block's start; 2 is never read.
+    let start = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::Block { .. }));
+    assert_eq!(live_set(&live_at(&wasm, 0, start).unwrap()), [0, 1]);
+    // Past the branch, the write comes first on every path.
+    let write = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::I32Const { value: 5 }));
+    assert_eq!(live_set(&live_at(&wasm, 0, write).unwrap()), [] as [u32; 0]);
+}
+
+#[test]
+fn a_read_in_one_arm_is_live_before_the_if_and_dead_in_the_other() {
+    let wasm = wat(r#"(module (func (param i32) (result i32) (local i32 i32)
+        local.get 0
+        if (result i32)
+          local.get 1
+        else
+          local.get 2
+          drop
+          i32.const 0
+        end))"#);
+    let at_if = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::If { .. }));
+    assert_eq!(live_set(&live_at(&wasm, 0, at_if).unwrap()), [1, 2]);
+    let in_else = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::LocalGet { local_index: 2 }));
+    assert_eq!(live_set(&live_at(&wasm, 0, in_else).unwrap()), [2]);
+    let in_then = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::LocalGet { local_index: 1 }));
+    assert_eq!(live_set(&live_at(&wasm, 0, in_then).unwrap()), [1]);
+}
