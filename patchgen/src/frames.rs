@@ -107,11 +107,25 @@ impl FramePlan {
             .iter()
             .zip(&recipe.types)
             .map(|(source, ty)| match source {
-                Some(j) => frame.locals.get(*j as usize).copied().unwrap_or(Value::from_slot(*ty, 0)),
-                None => Value::from_slot(*ty, 0),
+                // A source the frame does not hold, or holds with another
+                // type, is a frame the recipe was not made for: refuse it
+                // rather than move a zero or a reinterpreted value.
+                Some(j) => frame.locals.get(*j as usize).copied().filter(|v| v.ty() == *ty).ok_or_else(|| Unmappable {
+                    function: format!("func[{}]", frame.func),
+                    point: format!("#{}", frame.resume_point),
+                    reason: format!("the saved frame has no {ty:?} local {j}, which its recipe reads"),
+                }),
+                None => Ok(Value::from_slot(*ty, 0)),
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(TypedFrame { func: recipe.func, resume_point: recipe.resume_point, locals, operands: frame.operands.clone() })
+    }
+
+    /// The recipe for frames saved at resume point `resume_point` of old
+    /// function `func`, or why there is none; `None` for a point the
+    /// running version's metadata does not have.
+    pub fn recipe(&self, func: u32, resume_point: u32) -> Option<&Result<Recipe, Unmappable>> {
+        self.recipes.get(&(func, resume_point))
     }
 
     /// How many resume points have a recipe, and how many cannot move.
