@@ -188,10 +188,10 @@ pub fn path_open(
     let display = guest_path(&parent, &path);
 
     if oflags & oflags::DIRECTORY != 0 {
-        // Rights are a ceiling, not a request: programs open directories
-        // with every right (Rust's std does), so only what would write the
-        // directory itself as a file is refused.
-        if append || oflags & (oflags::CREAT | oflags::TRUNC) != 0 {
+        // Asking to write a directory as a file is refused; a directory's
+        // own rights (fd_fdstat_get) do not include writing, so programs
+        // that reopen a directory with its rights get it.
+        if writable || oflags & (oflags::CREAT | oflags::TRUNC) != 0 {
             return Err(Errno::ISDIR.into());
         }
         let dir = match follow {
@@ -225,19 +225,7 @@ pub fn path_open(
     opts.truncate(oflags & oflags::TRUNC != 0);
     opts.follow(follow);
     opts.maybe_dir(true);
-    let file = match parent.dir.open_with(&path, &opts) {
-        // The write right asked for write access, which a directory
-        // refuses; as with O_DIRECTORY, a right is a ceiling, so the
-        // directory opens unless the call meant to write it as a file.
-        Err(e) if e.raw_os_error() == Some(libc_eisdir()) && !append && oflags & (oflags::CREAT | oflags::TRUNC) == 0 => {
-            let dir = match follow {
-                FollowSymlinks::Yes => parent.dir.open_dir(&path)?,
-                FollowSymlinks::No => parent.dir.open_dir_nofollow(&path)?,
-            };
-            return install_dir(ctx, mem, dir, display, fdflags, out);
-        }
-        other => other?,
-    };
+    let file = parent.dir.open_with(&path, &opts)?;
     if file.metadata()?.is_dir() {
         if writable {
             return Err(Errno::ISDIR.into());
@@ -254,11 +242,6 @@ pub fn path_open(
     let new_fd = ctx.fds.insert(Object::File(Arc::new(open)), fdflags)?;
     mem.write_u32(out, new_fd)?;
     Ok(())
-}
-
-/// `EISDIR` as the host's open reports it.
-fn libc_eisdir() -> i32 {
-    rustix::io::Errno::ISDIR.raw_os_error()
 }
 
 fn install_dir(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, dir: cap_std::fs::Dir, guest_path: String, flags: u16, out: u32) -> CallResult {

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 
-use super::abi::{fdflags, filetype, layout, rights, Errno};
+use super::abi::{fdflags, layout, rights, Errno};
 use super::fd_table::{Descriptor, Object, StdStream};
 use super::memory::{iovecs_len, GuestMemory};
 use super::{net, CallError, CallResult, WasiCtx};
@@ -156,16 +156,23 @@ pub fn fd_renumber(ctx: &mut WasiCtx, _: &mut GuestMemory<'_>, fd: u32, to: u32)
 pub fn fd_fdstat_get(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, out: u32) -> CallResult {
     let desc = ctx.fds.get(fd)?;
     let kind = desc.object.filetype();
-    let mut base = rights::ALL;
-    // wasi-libc's isatty() wants a character device that cannot seek.
-    if kind == filetype::CHARACTER_DEVICE || matches!(desc.object, Object::Listener(_) | Object::Stream(_)) {
-        base &= !(rights::FD_SEEK | rights::FD_TELL);
-    }
+    // Rights describe what each kind of fd can do; the host does not narrow
+    // them further (see fd_fdstat_set_rights).
+    let (base, inheriting) = match &desc.object {
+        Object::Dir(_) => (rights::DIRECTORY, rights::ALL),
+        Object::File(f) => {
+            let read = if f.readable { rights::FD_READ } else { 0 };
+            let write = if f.writable { rights::FILE_WRITE } else { 0 };
+            (rights::FILE | read | write, 0)
+        }
+        // wasi-libc's isatty() wants a character device that cannot seek.
+        _ => (rights::ALL & !(rights::FD_SEEK | rights::FD_TELL), rights::ALL),
+    };
     let mut buf = [0u8; layout::FDSTAT_SIZE];
     buf[0] = kind;
     buf[2..4].copy_from_slice(&desc.flags.to_le_bytes());
     buf[8..16].copy_from_slice(&base.to_le_bytes());
-    buf[16..24].copy_from_slice(&rights::ALL.to_le_bytes());
+    buf[16..24].copy_from_slice(&inheriting.to_le_bytes());
     mem.write(out, &buf)?;
     Ok(())
 }
@@ -184,9 +191,11 @@ pub fn fd_fdstat_set_flags(ctx: &mut WasiCtx, _: &mut GuestMemory<'_>, fd: u32, 
     Ok(())
 }
 
-/// `fd_fdstat_set_rights`: the host grants every right (the sandbox is the
-/// preopen), so dropping rights is accepted and changes nothing.
+/// `fd_fdstat_set_rights`: ENOTSUP, the answer preview1 programs take to
+/// mean "this host does not narrow rights". What an fd can do follows from
+/// its kind and how it was opened; the sandbox is the preopen. (Rights are
+/// gone from later WASI versions.)
 pub fn fd_fdstat_set_rights(ctx: &mut WasiCtx, _: &mut GuestMemory<'_>, fd: u32, _base: u64, _inheriting: u64) -> CallResult {
     ctx.fds.get(fd)?;
-    Ok(())
+    Err(Errno::NOTSUP.into())
 }
