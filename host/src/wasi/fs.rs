@@ -201,8 +201,14 @@ pub fn path_open(
         return install_dir(ctx, mem, dir, display, fdflags, out);
     }
 
+    let truncate = oflags & oflags::TRUNC != 0;
+    // Rust's open refuses append with truncate, which POSIX allows
+    // (`O_TRUNC|O_APPEND`): such a file opens for writing, and append mode
+    // is set on it once open.
+    let append_after_open = append && truncate;
+    let (write, append) = if append_after_open { (true, false) } else { (writable && !append, append) };
     let mut opts = cap_std::fs::OpenOptions::new();
-    opts.read(readable).write(writable && !append).append(append);
+    opts.read(readable).write(write).append(append);
     if oflags & oflags::CREAT != 0 {
         let mut create = cap_std::fs::OpenOptions::new();
         create.follow(follow);
@@ -212,7 +218,7 @@ pub fn path_open(
             create.create(true);
         }
         if writable {
-            opts = create.read(readable).write(!append).append(append).clone();
+            opts = create.read(readable).write(write).append(append).clone();
         } else {
             // POSIX creates a file opened read-only (`O_CREAT|O_RDONLY`, and
             // path_open with no rights at all); Rust's open refuses create
@@ -222,10 +228,14 @@ pub fn path_open(
             drop(parent.dir.open_with(&path, &create)?);
         }
     }
-    opts.truncate(oflags & oflags::TRUNC != 0);
+    opts.truncate(truncate);
     opts.follow(follow);
     opts.maybe_dir(true);
     let file = parent.dir.open_with(&path, &opts)?;
+    if append_after_open {
+        let flags = rustix::fs::fcntl_getfl(&file).map_err(std::io::Error::from)?;
+        rustix::fs::fcntl_setfl(&file, flags | rustix::fs::OFlags::APPEND).map_err(std::io::Error::from)?;
+    }
     if file.metadata()?.is_dir() {
         if writable {
             return Err(Errno::ISDIR.into());
