@@ -280,8 +280,12 @@ fn list_dir(dir: &cap_std::fs::Dir) -> CallResult<Vec<DirListing>> {
     }
     // A stable order keeps cookies meaningful between calls.
     entries.sort_by(|a, b| a.name.cmp(&b.name));
-    let dot = |name: &[u8]| DirListing { name: name.to_vec(), ino: 0, kind: filetype::DIRECTORY };
-    let mut all = vec![dot(b"."), dot(b"..")];
+    // `.` is the directory itself, with its own inode (programs compare it
+    // with fd_filestat_get); `..` may lie outside the sandbox, so its inode
+    // is not looked up.
+    let own = dir.dir_metadata().map(|m| m.ino()).unwrap_or(0);
+    let dot = |name: &[u8], ino| DirListing { name: name.to_vec(), ino, kind: filetype::DIRECTORY };
+    let mut all = vec![dot(b".", own), dot(b"..", 0)];
     all.extend(entries);
     Ok(all)
 }
@@ -476,9 +480,14 @@ pub fn path_rename(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, old: u
 }
 
 /// `path_link`: hard links never follow a final symlink (as linkat without
-/// AT_SYMLINK_FOLLOW), whatever the flags say.
+/// AT_SYMLINK_FOLLOW); asking to follow one is EINVAL.
 #[allow(clippy::too_many_arguments)]
-pub fn path_link(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, old_fd: u32, _flags: u32, old: u32, old_len: u32, new_fd: u32, new: u32, new_len: u32) -> CallResult {
+pub fn path_link(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, old_fd: u32, flags: u32, old: u32, old_len: u32, new_fd: u32, new: u32, new_len: u32) -> CallResult {
+    // Following would link whatever the symlink names, which may lie
+    // outside what the guest can see; wasmtime refuses it the same way.
+    if flags & LOOKUP_SYMLINK_FOLLOW != 0 {
+        return Err(Errno::INVAL.into());
+    }
     let from = dir_of(ctx, old_fd)?;
     let to = dir_of(ctx, new_fd)?;
     from.dir.hard_link(read_path(mem, old, old_len)?, &to.dir, read_path(mem, new, new_len)?)?;
