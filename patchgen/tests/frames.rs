@@ -147,6 +147,15 @@ fn a_function_the_new_version_lacks_is_refused() {
     let v1 = program("acc += helper(acc & 3);", helper);
     let p = pair("frames-removed", &v1, &program("", ""));
     assert_eq!(p.refusal("helper", "loop #0"), "the new version has no function of that name");
+    // The plan's counts cover every resume point of the old version, the
+    // moving ones and the refused ones.
+    let points: usize = p.old_meta.functions.iter().map(|f| f.resume_points.len()).sum();
+    let (moving, refused) = p.frames.counts();
+    assert_eq!(moving + refused, points);
+    assert!(moving > 0 && refused > 0, "{moving} moving, {refused} refused");
+    let step = p.func("step");
+    let step_points = p.old_meta.function(step).unwrap().resume_points.len();
+    assert!(moving >= step_points, "step is unchanged, so all its points move");
 }
 
 /// Recursion without loops: the entry of a function on a call cycle is an
@@ -171,6 +180,11 @@ int main(int argc, char **argv) {{ (void)argv; printf("%d\n", rec({call})); retu
 
     let more = rec("return n <= 1 ? k : n * rec(n - 1, k) % 1000003;", "int n, int k", "argc + 20, 1");
     let p = pair("frames-entry-params", &v1, &more);
+    assert_eq!(p.refusal("rec", "entry"), "its parameters changed");
+    // As many parameters, of another type: the saved bits would be read
+    // as something else.
+    let wider = rec("return n <= 1 ? 1 : (int)(n * rec(n - 1) % 1000003);", "long long n", "argc + 20");
+    let p = pair("frames-entry-types", &v1, &wider);
     assert_eq!(p.refusal("rec", "entry"), "its parameters changed");
 }
 
