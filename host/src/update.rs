@@ -419,9 +419,9 @@ impl Guest {
                 let u = instrumented(&mut self.unwinder)?;
                 match u.memory.write(0, &backup) {
                     true => Err(reason),
-                    // Memory only grows, so this cannot happen; if it did,
-                    // the old version must not run on over half-written state.
-                    false => Err(format!("{reason}; restoring memory failed, so the program is stopped")),
+                    // Memory only grows, so the backup always fits; the
+                    // message says it if that ever stops being true.
+                    false => Err(format!("{reason}; memory could not be restored to its state before the transformers")),
                 }
             }
         }
