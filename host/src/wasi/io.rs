@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 
-use super::abi::{fdflags, layout, rights, Errno};
+use super::abi::{fdflags, filetype, layout, rights, Errno};
 use super::fd_table::{Descriptor, Object, StdStream};
 use super::memory::{iovecs_len, GuestMemory};
 use super::{net, CallError, CallResult, WasiCtx};
@@ -166,7 +166,9 @@ pub fn fd_fdstat_get(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, out:
             (rights::FILE | read | write, 0)
         }
         // wasi-libc's isatty() wants a character device that cannot seek.
-        _ => (rights::ALL & !(rights::FD_SEEK | rights::FD_TELL), rights::ALL),
+        Object::Listener(_) | Object::Stream(_) => (rights::ALL & !(rights::FD_SEEK | rights::FD_TELL), rights::ALL),
+        _ if kind == filetype::CHARACTER_DEVICE => (rights::ALL & !(rights::FD_SEEK | rights::FD_TELL), rights::ALL),
+        _ => (rights::ALL, rights::ALL),
     };
     let mut buf = [0u8; layout::FDSTAT_SIZE];
     buf[0] = kind;
