@@ -70,6 +70,12 @@ impl ControlMemory {
         self.byte(control::PAUSE_BYTE).store(on as u8, Ordering::SeqCst);
     }
 
+    /// Sets or clears the checked-rewind byte (see
+    /// [`control::VERIFY_BYTE`]).
+    pub fn set_verify(&self, on: bool) {
+        self.byte(control::VERIFY_BYTE).store(on as u8, Ordering::SeqCst);
+    }
+
     /// Whether a pause is requested.
     pub fn pause_requested(&self) -> bool {
         self.byte(control::PAUSE_BYTE).load(Ordering::SeqCst) != 0

@@ -437,6 +437,17 @@ impl Guest {
 
         u.control.set_frames(&write_frames(&mapped.iter().map(TypedFrame::to_raw).collect::<Vec<_>>()))?;
         u.paused = None;
+        u.control.set_verify(true);
+        let result = self.checked_rewind(mapped, new);
+        instrumented(&mut self.unwinder)?.control.set_verify(false);
+        result
+    }
+
+    /// Rewinds the mapped frames (already in the control memory) into the
+    /// new code with a pause requested, and checks it saves them again.
+    fn checked_rewind(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), String> {
+        let store = &mut self.store;
+        let u = instrumented(&mut self.unwinder)?;
         u.start_rewind.call(&mut *store, ()).map_err(|e| one_line(&e))?;
         // A request, not just the flag: a rewind that ends in a blocking
         // call must find its wake-up waiting, or it would block there.

@@ -157,7 +157,7 @@ fn kv_v1_to_v2_under_load() {
     assert!(missing_keys(server.port, &outcome.stored).is_empty());
 }
 
-/// v2 -> v3 while four clients keep writing and reading: `stats` gains a
+/// v2 -> v3 while three clients keep writing and reading: `stats` gains a
 /// field in the middle, the other fields are carried by name, and every
 /// request the server handled, before and after the update, is counted
 /// exactly once.
@@ -168,7 +168,7 @@ fn kv_v2_to_v3_under_load_carries_the_counts_field_by_field() {
     let mut old = server.client();
     let before = old.request("STATS");
     assert_eq!(stat(&before, "requests"), seeded.len() as u64 + 1, "{before}");
-    let load = Load::start(server.port, 4, 20);
+    let load = Load::start(server.port, 3, 20);
     load.wait_for_requests(200);
 
     let report = expect_report(&control.update(&guest("kv-server-v3")));
@@ -197,7 +197,7 @@ fn kv_v2_to_v3_under_load_carries_the_counts_field_by_field() {
 fn a_hundred_updates_back_and_forth_under_load() {
     let (server, control) = start_kv("kv-server", "update-100");
     let seeded = seed(server.port, "kept", 100);
-    let load = Load::start(server.port, 4, 20);
+    let load = Load::start(server.port, 3, 20);
     let (v1, v2) = (guest("kv-server"), guest("kv-server-v2"));
     let mut watcher = server.client();
     for i in 0..100 {

@@ -159,6 +159,12 @@ pub mod control {
     pub const REWIND_BYTE: u32 = 1;
     /// Stress-mode byte.
     pub const STRESS_BYTE: u32 = 2;
+    /// Checked-rewind byte: while it is set, a rewind that lands on a loop
+    /// header stops there again (when a pause is requested) instead of
+    /// running the loop on. The host sets it only to verify that new code
+    /// accepts its frames; an ordinary resume runs on from the header, so
+    /// a guest paused again at once still makes progress.
+    pub const VERIFY_BYTE: u32 = 3;
     /// Frame stack pointer (u32).
     pub const FRAME_SP: u32 = 4;
     /// Stress countdown (u32).
@@ -182,6 +188,8 @@ pub mod control {
         pub rewinding: bool,
         /// Stress mode on.
         pub stress: bool,
+        /// A checked rewind is under way.
+        pub verify: bool,
         /// Frame stack pointer.
         pub frame_sp: u32,
         /// Stress countdown.
@@ -199,6 +207,7 @@ pub mod control {
                 pause: false,
                 rewinding: false,
                 stress: false,
+                verify: false,
                 frame_sp: FRAMES_BASE,
                 stress_countdown: 0,
                 stress_period: 0,
@@ -224,6 +233,7 @@ pub mod control {
             out[PAUSE_BYTE as usize] = self.pause as u8;
             out[REWIND_BYTE as usize] = self.rewinding as u8;
             out[STRESS_BYTE as usize] = self.stress as u8;
+            out[VERIFY_BYTE as usize] = self.verify as u8;
             let mut put = |at: u32, v: u32| {
                 out[at as usize..at as usize + 4].copy_from_slice(&v.to_le_bytes())
             };
@@ -248,6 +258,7 @@ pub mod control {
                 pause: bytes[PAUSE_BYTE as usize] != 0,
                 rewinding: bytes[REWIND_BYTE as usize] != 0,
                 stress: bytes[STRESS_BYTE as usize] != 0,
+                verify: bytes[VERIFY_BYTE as usize] != 0,
                 frame_sp: get(FRAME_SP),
                 stress_countdown: get(STRESS_COUNTDOWN),
                 stress_period: get(STRESS_PERIOD),

@@ -396,14 +396,14 @@ impl Emitter<'_> {
             self.end()?;
             match case {
                 Case::LoopHeader { resume, check } => {
-                    // A pause the host still asks for stops the guest again
-                    // right here, before the loop runs: the host's checked
-                    // rewind of an update relies on it to run no new code.
-                    // The stress countdown is not consulted: a point the
-                    // rewind lands on was not reached by running.
+                    // In a checked rewind the guest stops again right here,
+                    // before the loop runs, so the new code of an update
+                    // runs nothing before it is committed. An ordinary
+                    // resume runs on into the loop, so a guest paused again
+                    // at once still makes progress.
                     self.code.op(I::Call(self.cx.helpers.rewind_done));
                     self.code.i32(0);
-                    self.code.op(I::I32Load8U(ctrl(control::PAUSE_BYTE, 0)));
+                    self.code.op(I::I32Load8U(ctrl(control::VERIFY_BYTE, 0)));
                     self.code.op(I::I32Eqz);
                     let d = self.depth_of(resume)?;
                     self.code.op(I::BrIf(d));
