@@ -9,8 +9,10 @@
 //! - the function is unchanged: locals and saved operands are copied as
 //!   they are;
 //! - it changed: every local the new code can still read from that point
-//!   ([`crate::liveness`]) needs a source in the old frame, and the dead
-//!   rest is zero. A source is, in order of preference:
+//!   ([`crate::liveness`]) needs a source in the old frame, and only the
+//!   dead rest is zero ([`Source`]): a live local without a source makes the
+//!   frame [`Unmappable`], never a silent zero. A source is, in order of
+//!   preference:
 //!   - the local where the old DWARF places the variable (same scope path,
 //!     name and type) that the new DWARF places in this local;
 //!   - the old frame base, for the new frame base;
@@ -66,6 +68,19 @@ pub struct FrameMapper<'a> {
     pub functions: &'a FunctionMatch,
 }
 
+/// Where one local of the new frame gets its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The old frame's local with this index.
+    Old(u32),
+    /// Zero, because the new code writes the local before any read from
+    /// the resume point on.
+    Dead,
+    /// Zero, because the function starts over (an entry point) and zero is
+    /// what a fresh call's declared local holds.
+    Fresh,
+}
+
 /// How to build the new version's frame from an old frame saved at one
 /// resume point: decided before the pause, applied during it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,9 +89,8 @@ pub struct Recipe {
     pub func: u32,
     /// The resume point in the new version's metadata.
     pub resume_point: u32,
-    /// For each new local, the old local it takes its value from, or
-    /// `None` for zero (a local dead at that point).
-    pub locals: Vec<Option<u32>>,
+    /// For each new local, where its value comes from.
+    pub locals: Vec<Source>,
     /// The new locals' types (for the zeros).
     pub types: Vec<ValType>,
 }
@@ -107,23 +121,24 @@ impl FramePlan {
             .iter()
             .zip(&recipe.types)
             .map(|(source, ty)| match source {
-                // A source the frame does not hold, or holds with another
-                // type, is a frame the recipe was not made for: refuse it
-                // rather than move a zero or a reinterpreted value.
-                Some(j) => frame.locals.get(*j as usize).copied().filter(|v| v.ty() == *ty).ok_or_else(|| Unmappable {
-                    function: format!("func[{}]", frame.func),
-                    point: format!("#{}", frame.resume_point),
-                    reason: format!("the saved frame has no {ty:?} local {j}, which its recipe reads"),
+                // A frame that does not match its metadata must not be
+                // patched up with zeros the new code would read.
+                Source::Old(j) => frame.locals.get(*j as usize).copied().filter(|v| v.ty() == *ty).ok_or_else(|| {
+                    Unmappable {
+                        function: format!("func[{}]", frame.func),
+                        point: format!("#{}", frame.resume_point),
+                        reason: format!("the saved frame has no {ty:?} local {j}, which the recipe reads"),
+                    }
                 }),
-                None => Ok(Value::from_slot(*ty, 0)),
+                Source::Dead | Source::Fresh => Ok(Value::from_slot(*ty, 0)),
             })
             .collect::<Result<_, _>>()?;
         Ok(TypedFrame { func: recipe.func, resume_point: recipe.resume_point, locals, operands: frame.operands.clone() })
     }
 
-    /// The recipe for frames saved at resume point `resume_point` of old
-    /// function `func`, or why there is none; `None` for a point the
-    /// running version's metadata does not have.
+    /// The recipe for frames of old function `func` saved at its resume
+    /// point `resume_point`, or why there is none; `None` if the running
+    /// version has no such point.
     pub fn recipe(&self, func: u32, resume_point: u32) -> Option<&Result<Recipe, Unmappable>> {
         self.recipes.get(&(func, resume_point))
     }
@@ -163,7 +178,15 @@ impl FrameMapper<'_> {
         }
         let new_func = *self.functions.old_to_new.get(&func)?;
         let new_fn = new_meta.function(new_func)?;
-        let offsets: Vec<u32> = new_fn.resume_points.iter().map(|rp| rp.offset.wrapping_sub(new_meta.code_section)).collect();
+        // An entry point's offset is the body's local declarations, not an
+        // instruction, and its frame needs no liveness: leave it out, or the
+        // analysis rejects the whole function.
+        let offsets: Vec<u32> = new_fn
+            .resume_points
+            .iter()
+            .filter(|rp| rp.kind != ResumeKind::Entry)
+            .map(|rp| rp.offset.wrapping_sub(new_meta.code_section))
+            .collect();
         let live = live_at_many(&new.wasm, new_func, &offsets)
             .map(|sets| offsets.iter().copied().zip(sets).collect())
             .map_err(|e| format!("cannot analyse the new code: {e}"));
@@ -215,7 +238,7 @@ impl FrameMapper<'_> {
                 if new_fn.locals != old_fn.locals {
                     return Err(fail("its locals changed although its body did not".into()));
                 }
-                (0..old_fn.locals.len() as u32).map(Some).collect()
+                (0..old_fn.locals.len() as u32).map(Source::Old).collect()
             }
             Some(pair) => self.changed_locals(pair, old_rp, old_fn, new_rp, new_fn).map_err(fail)?,
         };
@@ -272,10 +295,10 @@ impl FrameMapper<'_> {
         old_fn: &FunctionMeta,
         new_rp: &ResumePoint,
         new_fn: &FunctionMeta,
-    ) -> Result<Vec<Option<u32>>, String> {
+    ) -> Result<Vec<Source>, String> {
         let (old, old_meta) = self.old;
         let (new, new_meta) = self.new;
-        let mut locals: Vec<Option<u32>> = vec![None; new_fn.locals.len()];
+        let mut locals: Vec<Source> = vec![Source::Fresh; new_fn.locals.len()];
         let params = |v: &Version, f: u32| v.info.types[v.info.functions[f as usize].ty as usize].params.len();
         let (old_params, new_params) = (params(old, old_fn.index), params(new, new_fn.index));
 
@@ -285,7 +308,7 @@ impl FrameMapper<'_> {
                 return Err("its parameters changed".into());
             }
             for (i, slot) in locals.iter_mut().enumerate().take(new_params) {
-                *slot = Some(i as u32);
+                *slot = Source::Old(i as u32);
             }
             return Ok(locals);
         }
@@ -316,6 +339,15 @@ impl FrameMapper<'_> {
             .map_err(Clone::clone)?
             .get(&new_pc)
             .ok_or("the new code has no instruction at the resume point")?;
+        // Every local needs a verdict: one the analysis did not cover would
+        // otherwise be zeroed without anyone knowing whether it is read.
+        if live.len() != new_fn.locals.len() {
+            return Err(format!(
+                "liveness covers {} locals but the new function has {}",
+                live.len(),
+                new_fn.locals.len()
+            ));
+        }
         let frame_base = |v: &Version, pc: u32| match v.debug.function_at(pc).and_then(|f| f.frame_base) {
             Some(Location::Local(l)) => Some(l),
             _ => None,
@@ -349,8 +381,8 @@ impl FrameMapper<'_> {
                 });
             let typed = source.filter(|j| old_fn.locals.get(*j as usize) == Some(&new_fn.locals[local as usize]));
             match typed {
-                Some(j) => locals[local as usize] = Some(j),
-                _ if !is_live => {}
+                Some(j) => locals[local as usize] = Source::Old(j),
+                _ if !is_live => locals[local as usize] = Source::Dead,
                 _ => {
                     let named: Vec<String> = new_vars
                         .iter()

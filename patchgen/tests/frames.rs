@@ -8,7 +8,8 @@ mod support;
 use std::sync::Arc;
 
 use upstare_instrument::abi::{Metadata, ResumeKind, TypedFrame, Value};
-use upstare_patchgen::frames::{describe, FrameMapper, FramePlan, Recipe, Unmappable};
+use Source::{Dead, Fresh, Old};
+use upstare_patchgen::frames::{describe, FrameMapper, FramePlan, Recipe, Source, Unmappable};
 use upstare_patchgen::plan::plan;
 use upstare_patchgen::version::Version;
 
@@ -17,6 +18,8 @@ use upstare_patchgen::version::Version;
 struct Pair {
     old: Arc<Version>,
     old_meta: Metadata,
+    /// The names of the functions whose code changed.
+    changed: Vec<String>,
     frames: FramePlan,
 }
 
@@ -25,14 +28,19 @@ fn metadata(wasm: &[u8]) -> Metadata {
 }
 
 fn pair(name: &str, v1: &str, v2: &str) -> Pair {
-    let old = Arc::new(Version::initial(Arc::new(support::build_c(&format!("{name}-v1"), v1, &[]))).unwrap());
-    let new = Arc::new(support::build_c(&format!("{name}-v2"), v2, &[]));
+    pair_with(name, v1, v2, &[])
+}
+
+/// [`pair`] with extra compiler flags for both versions (`-g0`: no DWARF).
+fn pair_with(name: &str, v1: &str, v2: &str, flags: &[&str]) -> Pair {
+    let old = Arc::new(Version::initial(Arc::new(support::build_c(&format!("{name}-v1"), v1, flags))).unwrap());
+    let new = Arc::new(support::build_c(&format!("{name}-v2"), v2, flags));
     let p = plan(old.clone(), new).unwrap();
     // Fresh data far above anything the old version uses, as the host places it.
     let linked = p.link(64 << 20).unwrap();
     let (old_meta, new_meta) = (metadata(&old.wasm), metadata(&linked.wasm));
     let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions }.plan();
-    Pair { old, old_meta, frames }
+    Pair { old, old_meta, changed: p.functions.changed.clone(), frames }
 }
 
 impl Pair {
@@ -60,9 +68,25 @@ impl Pair {
 
     fn moves(&self, function: &str, point: &str) -> &Recipe {
         match self.recipe(function, point) {
-            Ok(r) => r,
+            Ok(r) => {
+                assert_eq!(r.locals.len(), r.types.len(), "a type for every local");
+                r
+            }
             Err(e) => panic!("{function} at {point} cannot move: {e}"),
         }
+    }
+
+    /// Where each new local at `function`'s `point` comes from.
+    fn sources(&self, function: &str, point: &str) -> &[Source] {
+        &self.moves(function, point).locals
+    }
+
+    /// `function`'s frame at `point`, with the given local values.
+    fn frame(&self, function: &str, point: &str, locals: Vec<Value>) -> TypedFrame {
+        let func = self.func(function);
+        let meta = self.old_meta.function(func).unwrap();
+        let resume_point = meta.resume_points.iter().position(|rp| describe(&self.old, rp) == point).unwrap() as u32;
+        TypedFrame { func, resume_point, locals, operands: Vec::new() }
     }
 }
 
@@ -103,7 +127,7 @@ fn an_unchanged_function_moves_verbatim() {
     let p = pair("frames-same", &program("", ""), &program("acc ^= 3;", ""));
     let r = p.moves("step", "loop #0");
     let n = p.old_meta.function(p.func("step")).unwrap().locals.len() as u32;
-    assert_eq!(r.locals, (0..n).map(Some).collect::<Vec<_>>(), "every local copied to itself");
+    assert_eq!(r.locals, (0..n).map(Old).collect::<Vec<_>>(), "every local copied to itself");
 }
 
 /// `main` changes after its loop: the code up to the call and the whole
@@ -114,9 +138,9 @@ fn a_changed_function_moves_where_the_code_up_to_the_point_and_its_loop_are_the_
     let p = pair("frames-prefix", &program("", ""), &program_ending("", "", "total %d"));
     let r = p.moves("main", "call to step #0");
     for (new, source) in r.locals.iter().enumerate() {
-        assert!(source.is_none_or(|old| old as usize == new), "local {new} from {source:?}: {r:?}");
+        assert!(matches!(source, Dead) || *source == Old(new as u32), "local {new} from {source:?}: {r:?}");
     }
-    assert!(r.locals.iter().any(Option::is_some), "some locals are live across the call: {r:?}");
+    assert!(r.locals.iter().any(|s| matches!(s, Old(_))), "some locals are live across the call: {r:?}");
 }
 
 /// `main` changes inside the loop, after the call: the loop carries values
@@ -175,8 +199,12 @@ int main(int argc, char **argv) {{ (void)argv; printf("%d\n", rec({call})); retu
     let same = rec("return n <= 1 ? 2 : n * rec(n - 1) % 1000003;", "int n", "argc + 20");
     let p = pair("frames-entry", &v1, &same);
     let r = p.moves("rec", "entry");
-    assert_eq!(r.locals.first(), Some(&Some(0)), "the parameter is copied: {r:?}");
-    assert!(r.locals.iter().skip(1).all(Option::is_none), "the other locals start at zero: {r:?}");
+    assert_eq!(r.locals.first(), Some(&Old(0)), "the parameter is copied: {r:?}");
+    assert!(r.locals.iter().skip(1).all(|s| *s == Fresh), "the other locals start at zero: {r:?}");
+    // The entry point's offset is the body's local declarations, not an
+    // instruction: the function's other points are analysed all the same.
+    let call = p.recipe("rec", "call to rec #0");
+    assert!(!format!("{call:?}").contains("cannot analyse"), "{call:?}");
 
     let more = rec("return n <= 1 ? k : n * rec(n - 1, k) % 1000003;", "int n, int k", "argc + 20, 1");
     let p = pair("frames-entry-params", &v1, &more);
@@ -241,7 +269,7 @@ fn a_live_temporary_without_a_counterpart_is_refused() {
         let linked = p.link(64 << 20).unwrap();
         let new_meta = metadata(&linked.wasm);
         let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions }.plan();
-        let pair = Pair { old: old.clone(), old_meta: old_meta.clone(), frames };
+        let pair = Pair { old: old.clone(), old_meta: old_meta.clone(), changed: p.functions.changed.clone(), frames };
         match pair.recipe("main", "call to poll #0") {
             Ok(_) => assert!(expect_ok, "v2 -> v{v}: main moves"),
             Err(e) => {
@@ -253,4 +281,144 @@ fn a_live_temporary_without_a_counterpart_is_refused() {
             }
         }
     }
+}
+
+/// Parameters: `b` is never assigned, `c` is, and the code before every
+/// call changes, so without DWARF only the parameter rule moves values.
+const PARAMS_V1: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) int step(int x) { printf("%d\n", x); return x * 3 + 1; }
+__attribute__((noinline)) int keep(int a, int b) { int x = step(a + 1); return x + b; }
+__attribute__((noinline)) int clobber(int a, int c) {
+    while (c > 0) c = step(c + a) - 100;
+    return c;
+}
+typedef int (*fn)(int);
+__attribute__((noinline)) int indirect(fn f, int a, int b) { int x = f(a * 2); return x - b; }
+int main(int argc, char **argv) {
+    fn f = argc > 5 ? 0 : step;
+    printf("%d %d %d\n", keep(argc, argc + 1), clobber(argc, argc * 3), indirect(f, argc, 2));
+    return 0;
+}
+"#;
+
+const PARAMS_V2: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) int step(int x) { printf("%d\n", x); return x * 3 + 1; }
+__attribute__((noinline)) int keep(int a, int b) { int x = step(a * 3); return x + b; }
+__attribute__((noinline)) int clobber(int a, int c) {
+    while (c > 0) c = step(c * a) - 100;
+    return c;
+}
+typedef int (*fn)(int);
+__attribute__((noinline)) int indirect(fn f, int a, int b) { int x = f(a * 4); return x - b; }
+int main(int argc, char **argv) {
+    fn f = argc > 5 ? 0 : step;
+    printf("%d %d %d\n", keep(argc, argc + 1), clobber(argc, argc * 3), indirect(f, argc, 2));
+    return 0;
+}
+"#;
+
+#[test]
+fn parameters_never_assigned_are_copied_and_assigned_ones_are_not() {
+    let p = pair_with("frames-params", PARAMS_V1, PARAMS_V2, &["-g0"]);
+    assert!(["keep", "clobber", "indirect"].iter().all(|f| p.changed.iter().any(|c| c == f)), "{:?}", p.changed);
+    assert_eq!(p.sources("keep", "call to step #0"), [Old(0), Old(1)]);
+    assert_eq!(p.sources("indirect", "indirect call #0"), [Old(0), Old(1), Old(2)]);
+    // `c` (local 1) is assigned in the loop and read at its header.
+    assert_eq!(
+        p.refusal("clobber", "loop #0"),
+        "local 1 (a compiler temporary) is live there and has no counterpart in the old frame"
+    );
+    // Right after the call `c` is written before any read: dead, so the
+    // new frame's zero is never seen, and mapping a frame zeroes only it.
+    assert_eq!(p.sources("clobber", "call to step #0"), [Old(0), Dead, Dead]);
+    let frame = p.frame("clobber", "call to step #0", vec![Value::I32(11), Value::I32(22), Value::I32(33)]);
+    assert_eq!(p.frames.map(&frame).unwrap().locals, [Value::I32(11), Value::I32(0), Value::I32(0)]);
+}
+
+/// `framed` keeps its buffer in linear memory; the code before its call
+/// changed. `grown` doubles its buffer.
+const FRAME_V1: &str = r#"
+#include <stdio.h>
+#include <string.h>
+__attribute__((noinline)) int fill(char *p, int n) { memset(p, 'a', n); printf("%s\n", p); return n; }
+__attribute__((noinline)) int framed(int n) { char buf[32]; buf[n & 15] = 0; int r = fill(buf, n & 15); return r + buf[0]; }
+__attribute__((noinline)) int grown(int n) { char buf[32]; buf[n & 15] = 0; int r = fill(buf, n & 15); return r + buf[1]; }
+int main(int argc, char **argv) { (void)argv; printf("%d %d\n", framed(argc), grown(argc)); return 0; }
+"#;
+
+const FRAME_V2: &str = r#"
+#include <stdio.h>
+#include <string.h>
+__attribute__((noinline)) int fill(char *p, int n) { memset(p, 'a', n); printf("%s\n", p); return n; }
+__attribute__((noinline)) int framed(int n) { char buf[32]; buf[n & 7] = 0; int r = fill(buf, n & 7); return r + buf[0]; }
+__attribute__((noinline)) int grown(int n) { char buf[64]; buf[n & 15] = 0; int r = fill(buf, n & 15); return r + buf[1]; }
+int main(int argc, char **argv) { (void)argv; printf("%d %d\n", framed(argc), grown(argc)); return 0; }
+"#;
+
+#[test]
+fn the_frame_base_maps_to_the_old_frame_base_and_a_resized_frame_is_refused() {
+    // Local 1 holds the frame base: only DWARF's frame base moves it...
+    let p = pair("frames-base", FRAME_V1, FRAME_V2);
+    assert_eq!(p.sources("framed", "call to fill #0"), [Old(0), Old(1), Dead]);
+    assert_eq!(
+        p.refusal("grown", "call to fill #0"),
+        "its frame in linear memory changed from 32 to 64 bytes while it is active"
+    );
+    // `grown` alone cannot move.
+    let (moving, refused) = p.frames.counts();
+    assert_eq!(refused, 1, "{moving} moving");
+    // ...which the same guests built without DWARF lack.
+    let p = pair_with("frames-base-g0", FRAME_V1, FRAME_V2, &["-g0"]);
+    assert_eq!(
+        p.refusal("framed", "call to fill #0"),
+        "local 1 (a compiler temporary) is live there and has no counterpart in the old frame"
+    );
+}
+
+#[test]
+fn saved_operands_of_other_types_are_refused() {
+    let wide = |expr: &str| {
+        format!(
+            r#"
+#include <stdio.h>
+__attribute__((noinline)) int step(int x) {{ printf("%d\n", x); return x * 3 + 1; }}
+__attribute__((noinline)) long long wide(long long d, int n) {{ return {expr} * 3 + step(n); }}
+int main(int argc, char **argv) {{ (void)argv; printf("%lld\n", wide(argc, argc)); return 0; }}
+"#
+        )
+    };
+    // The i64 product waits on the operand stack across the call; in the
+    // new version an i32 does.
+    let p = pair("frames-operands", &wide("d"), &wide("(int)d"));
+    assert_eq!(p.refusal("wide", "call to step #0"), "the values on the operand stack there differ between the versions");
+}
+
+#[test]
+fn call_points_match_only_the_same_callee_counted_alike() {
+    let callees = |swapped: &str, added: &str| {
+        format!(
+            r#"
+#include <stdio.h>
+__attribute__((noinline)) int step(int x) {{ printf("%d\n", x); return x * 3 + 1; }}
+__attribute__((noinline)) int other(int x) {{ printf("o%d\n", x); return x - 1; }}
+__attribute__((noinline)) int swapped(int a) {{ return {swapped}(a) + 1; }}
+__attribute__((noinline)) int added(int a) {{ int x = step(a); {added} return other(x) + x; }}
+int main(int argc, char **argv) {{ (void)argv; printf("%d %d\n", swapped(argc), added(argc)); return 0; }}
+"#
+        )
+    };
+    let p = pair("frames-callees", &callees("step", ""), &callees("other", "x = step(x);"));
+    // A call to another function is no counterpart, even the only call.
+    assert_eq!(
+        p.refusal("swapped", "call to step #0"),
+        "the function has 1 such points in the old version and 0 in the new one"
+    );
+    // A second call to `step` makes "the first call" ambiguous; the call to
+    // `other` does not count as one.
+    assert_eq!(
+        p.refusal("added", "call to step #0"),
+        "the function has 1 such points in the old version and 2 in the new one"
+    );
 }

@@ -378,41 +378,104 @@ fn every_function_of_a_real_guest_is_consistent_instruction_by_instruction() {
 }
 
 #[test]
-fn a_br_if_that_skips_a_write_keeps_the_local_live() {
+fn if_else_join_where_only_one_arm_reads() {
     let wasm = wat(r#"(module (func (param i32) (result i32) (local i32 i32)
-        block $out
-          local.get 0
-          br_if $out
-          i32.const 5
-          local.set 1
-          i32.const 6
+        local.get 0
+        if
+          local.get 1
           local.set 2
+        else
+          nop
         end
-        local.get 1))"#);
-    // The taken branch reaches the read of 1 without its write: 1 is live
-    // at the block's start; 2 is never read.
-    let start = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::Block { .. }));
-    assert_eq!(live_set(&live_at(&wasm, 0, start).unwrap()), [0, 1]);
-    // Past the branch, the write comes first on every path.
-    let write = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::I32Const { value: 5 }));
-    assert_eq!(live_set(&live_at(&wasm, 0, write).unwrap()), [] as [u32; 0]);
+        local.get 2))"#);
+    let first = offset_of(&wasm, 0, 0, |_| true);
+    assert_eq!(live_set(&live_at(&wasm, 0, first).unwrap()), [0, 1, 2]);
+    // Either arm may run: the `then` arm reads 1, the `else` arm lets the
+    // read of 2 after the join through.
+    let at_if = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::If { .. }));
+    assert_eq!(live_set(&live_at(&wasm, 0, at_if).unwrap()), [1, 2]);
+    let then_arm = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::LocalGet { local_index: 1 }));
+    assert_eq!(live_set(&live_at(&wasm, 0, then_arm).unwrap()), [1]);
+    let else_arm = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::Nop));
+    assert_eq!(live_set(&live_at(&wasm, 0, else_arm).unwrap()), [2]);
 }
 
 #[test]
-fn a_read_in_one_arm_is_live_before_the_if_and_dead_in_the_other() {
+fn br_if_to_an_outer_block_skips_the_inner_join() {
     let wasm = wat(r#"(module (func (param i32) (result i32) (local i32 i32)
-        local.get 0
-        if (result i32)
-          local.get 1
-        else
+        block $out
+          block $in
+            local.get 0
+            br_if $out
+            local.get 1
+            drop
+          end
+          i32.const 0
+          local.set 2
+        end
+        local.get 1
+        local.get 2
+        i32.add))"#);
+    // Taken, the branch lands after $out, where 2 is read unwritten;
+    // through $in's end 2 would be written first.
+    let br = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::BrIf { .. }));
+    assert_eq!(live_set(&live_at(&wasm, 0, br).unwrap()), [1, 2]);
+    let after_in = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::I32Const { .. }));
+    assert_eq!(live_set(&live_at(&wasm, 0, after_in).unwrap()), [1]);
+    let first = offset_of(&wasm, 0, 0, |_| true);
+    assert_eq!(live_set(&live_at(&wasm, 0, first).unwrap()), [0, 1, 2]);
+}
+
+#[test]
+fn loop_carries_values_around_its_back_edge() {
+    let wasm = wat(r#"(module (func (param i32) (result i32) (local i32 i32)
+        i32.const 5
+        local.set 1
+        loop $l
           local.get 2
           drop
-          i32.const 0
-        end))"#);
-    let at_if = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::If { .. }));
-    assert_eq!(live_set(&live_at(&wasm, 0, at_if).unwrap()), [1, 2]);
-    let in_else = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::LocalGet { local_index: 2 }));
-    assert_eq!(live_set(&live_at(&wasm, 0, in_else).unwrap()), [2]);
-    let in_then = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::LocalGet { local_index: 1 }));
-    assert_eq!(live_set(&live_at(&wasm, 0, in_then).unwrap()), [1]);
+          local.get 0
+          local.set 2
+          local.get 0
+          i32.const 1
+          i32.sub
+          local.tee 0
+          br_if $l
+        end
+        local.get 1))"#);
+    // 2 is read at the top of the next iteration, 1 after the loop: both
+    // live at the back edge; 0 is read again around it.
+    let br = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::BrIf { .. }));
+    assert_eq!(live_set(&live_at(&wasm, 0, br).unwrap()), [0, 1, 2]);
+    // Just before 2 is written its old value is dead.
+    let before_write = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::LocalGet { local_index: 0 }));
+    assert_eq!(live_set(&live_at(&wasm, 0, before_write).unwrap()), [0, 1]);
+    let header = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::Loop { .. }));
+    assert_eq!(live_set(&live_at(&wasm, 0, header).unwrap()), [0, 1, 2]);
+    let first = offset_of(&wasm, 0, 0, |_| true);
+    assert_eq!(live_set(&live_at(&wasm, 0, first).unwrap()), [0, 2]);
+}
+
+#[test]
+fn br_table_to_a_loop_and_an_outer_block() {
+    let wasm = wat(r#"(module (func (param i32) (result i32) (local i32 i32 i32)
+        block $exit
+          loop $top
+            local.get 1
+            drop
+            local.get 0
+            br_table $top $exit
+            local.get 3
+            drop
+          end
+        end
+        local.get 2))"#);
+    // The loop's top reads 1 and 0, the exit reads 2; the code after the
+    // table is no successor, so 3 stays dead.
+    let table = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::BrTable { .. }));
+    assert_eq!(live_set(&live_at(&wasm, 0, table).unwrap()), [0, 1, 2]);
+    let exit = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::LocalGet { local_index: 2 }));
+    assert_eq!(live_set(&live_at(&wasm, 0, exit).unwrap()), [2]);
+    let top = offset_of(&wasm, 0, 0, |op| matches!(op, Operator::LocalGet { local_index: 1 }));
+    assert_eq!(live_set(&live_at(&wasm, 0, top).unwrap()), [0, 1, 2]);
 }
