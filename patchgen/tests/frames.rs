@@ -18,6 +18,9 @@ use upstare_patchgen::version::Version;
 struct Pair {
     old: Arc<Version>,
     old_meta: Metadata,
+    /// The new version as relinked, and its metadata.
+    new: Version,
+    new_meta: Metadata,
     /// The names of the functions whose code changed.
     changed: Vec<String>,
     frames: FramePlan,
@@ -40,7 +43,7 @@ fn pair_with(name: &str, v1: &str, v2: &str, flags: &[&str]) -> Pair {
     let linked = p.link(64 << 20).unwrap();
     let (old_meta, new_meta) = (metadata(&old.wasm), metadata(&linked.wasm));
     let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions }.plan();
-    Pair { old, old_meta, changed: p.functions.changed.clone(), frames }
+    Pair { old, old_meta, new: linked.version, new_meta, changed: p.functions.changed.clone(), frames }
 }
 
 impl Pair {
@@ -269,7 +272,8 @@ fn a_live_temporary_without_a_counterpart_is_refused() {
         let linked = p.link(64 << 20).unwrap();
         let new_meta = metadata(&linked.wasm);
         let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions }.plan();
-        let pair = Pair { old: old.clone(), old_meta: old_meta.clone(), changed: p.functions.changed.clone(), frames };
+        let changed = p.functions.changed.clone();
+        let pair = Pair { old: old.clone(), old_meta: old_meta.clone(), new: linked.version, new_meta, changed, frames };
         match pair.recipe("main", "call to poll #0") {
             Ok(_) => assert!(expect_ok, "v2 -> v{v}: main moves"),
             Err(e) => {
@@ -421,4 +425,81 @@ int main(int argc, char **argv) {{ (void)argv; printf("%d %d\n", swapped(argc), 
         p.refusal("added", "call to step #0"),
         "the function has 1 such points in the old version and 2 in the new one"
     );
+}
+
+/// `total` is computed differently before the call, so neither the
+/// identical-prefix nor the parameter rule covers it: only DWARF, which
+/// places the variable of that name and type in a local of each version
+/// (stored before the call, so it is computed there, and read twice after
+/// it, so it is not left on the operand stack).
+fn named(init: &str) -> String {
+    format!(
+        r#"
+#include <stdio.h>
+volatile int sink;
+__attribute__((noinline)) int step(int x) {{ printf("%d\n", x); return x * 3 + 1; }}
+__attribute__((noinline)) int named(int n) {{ {init}; sink = (int)total; int r = step(n); return r > 3 ? r - (int)total : (int)total * r; }}
+int main(int argc, char **argv) {{ (void)argv; printf("%d\n", named(argc)); return 0; }}
+"#
+    )
+}
+
+#[test]
+fn a_named_variable_moves_to_the_local_dwarf_places_it_in_if_its_type_is_the_same() {
+    let p = pair("frames-dwarf", &named("int total = n * 7 + sink"), &named("int total = n * 9 + sink"));
+    let point = "call to step #0";
+    // The local DWARF names `total` at the call, in each version.
+    let total = |v: &Version, func: u32, meta: &Metadata| {
+        let rp = meta.function(func).unwrap().resume_points.iter().find(|rp| describe(v, rp) == point).unwrap();
+        let pc = rp.offset.wrapping_sub(meta.code_section);
+        let vars = v.debug.variables_at(pc);
+        let var = vars.iter().find(|var| var.key.name == "total").expect("DWARF places `total` at the call");
+        match var.location {
+            upstare_patchgen::dwarf::Location::Local(l) => l,
+            other => panic!("`total` is not in a local: {other:?}"),
+        }
+    };
+    let old_local = total(&p.old, p.func("named"), &p.old_meta);
+    let r = p.moves("named", point);
+    let new_local = total(&p.new, r.func, &p.new_meta);
+    assert_eq!(r.locals[new_local as usize], Old(old_local), "{r:?}");
+
+    // The same without DWARF: `total` is then a temporary nobody can vouch for.
+    let p = pair_with("frames-dwarf-g0", &named("int total = n * 7 + sink"), &named("int total = n * 9 + sink"), &["-g0"]);
+    assert!(p.refusal("named", point).ends_with("(a compiler temporary) is live there and has no counterpart in the old frame"));
+
+    // Another C type in the same wasm type: the bits would be read as
+    // something else, so the variable has no counterpart.
+    let p = pair("frames-dwarf-type", &named("int total = n * 7 + sink"), &named("unsigned total = n * 9u + sink"));
+    assert_eq!(
+        p.refusal("named", point),
+        format!("local {new_local} (`total`) is live there and has no counterpart in the old frame")
+    );
+}
+
+/// Two buffers in linear memory; `first` names the one declared first,
+/// which clang places nearer the frame's start.
+fn buffers(first: &str, second: &str) -> String {
+    format!(
+        r#"
+#include <stdio.h>
+#include <string.h>
+__attribute__((noinline)) int fill(char *p, int n) {{ memset(p, 'a', n); printf("%s\n", p); return n; }}
+__attribute__((noinline)) int two(int n) {{
+    char {first}[16], {second}[16];
+    head[n & 7] = 0; tail[n & 3] = 0;
+    int r = fill(head, n & 7);
+    return r + fill(tail, n & 3);
+}}
+int main(int argc, char **argv) {{ (void)argv; printf("%d\n", two(argc)); return 0; }}
+"#
+    )
+}
+
+#[test]
+fn a_variable_moved_within_an_unchanged_frame_size_is_refused() {
+    let p = pair("frames-moved", &buffers("head", "tail"), &buffers("tail", "head"));
+    assert!(p.changed.iter().any(|f| f == "two"), "{:?}", p.changed);
+    let reason = p.refusal("two", "call to fill #0");
+    assert!(reason.starts_with("variable `") && reason.ends_with("` moved within its frame in linear memory"), "{reason}");
 }
