@@ -39,6 +39,10 @@ impl Drop for BuildDir {
 /// module's bytes; `name` names the files in errors. Fails loudly if the
 /// toolchain is missing (run `scripts/install-toolchain`).
 pub fn build_c(name: &str, source: &str, flags: &[&str]) -> Vec<u8> {
+    reused(&[source, &flags.join(" ")], || build_c_now(name, source, flags))
+}
+
+fn build_c_now(name: &str, source: &str, flags: &[&str]) -> Vec<u8> {
     let build = BuildDir::new(name);
     let dir = &build.0;
     let src = dir.join(format!("{name}.c"));
@@ -66,26 +70,59 @@ pub fn build_example(dir: &str, name: &str, extra: &[&str]) -> Vec<u8> {
         }
     }
     flags.extend(extra.iter().map(|s| s.to_string()));
-    let build = BuildDir::new(name);
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+        .collect();
+    sources.sort();
+    let mut key: Vec<String> = sources.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
+    key.push(flags.join(" "));
+    let key: Vec<&str> = key.iter().map(String::as_str).collect();
+    reused(&key, || {
+        let build = BuildDir::new(name);
     let out = build.0.join(format!("{name}.wasm"));
-    let mut cmd = Command::new(root().join("bin/upstare-cc"));
-    cmd.args(&flags);
-    for entry in std::fs::read_dir(&folder).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_some_and(|e| e == "c") {
-            cmd.arg(p);
-        }
+        let status = Command::new(root().join("bin/upstare-cc"))
+            .args(&flags)
+            .args(&sources)
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .expect("cannot run bin/upstare-cc");
+        assert!(status.success(), "bin/upstare-cc failed on guest-examples/{dir}");
+        std::fs::read(&out).unwrap()
+    })
+}
+
+/// Runs `build`, or, when `UPSTARE_TEST_GUEST_CACHE` names a directory,
+/// reuses what an earlier build of the same `key` (sources and flags, plus
+/// the compiler driver itself) left there. Only mutation runs set it: they
+/// rerun these tests hundreds of times against an unchanged toolchain, and
+/// clang's time would otherwise be most of theirs. Ordinary runs always
+/// build, so a toolchain change can never hide behind a stale module.
+fn reused(key: &[&str], build: impl FnOnce() -> Vec<u8>) -> Vec<u8> {
+    use std::hash::{Hash, Hasher};
+    let Some(dir) = std::env::var_os("UPSTARE_TEST_GUEST_CACHE") else {
+        return build();
+    };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    std::fs::read(root().join("bin/upstare-cc")).unwrap().hash(&mut hasher);
+    std::env::var("UPSTARE_OPT").ok().hash(&mut hasher);
+    std::env::var("UPSTARE_CC").ok().hash(&mut hasher);
+    let path = PathBuf::from(dir).join(format!("{:016x}.wasm", hasher.finish()));
+    if let Ok(wasm) = std::fs::read(&path) {
+        return wasm;
     }
-    let status = cmd
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .expect("cannot run bin/upstare-cc");
-    assert!(
-        status.success(),
-        "bin/upstare-cc failed on guest-examples/{dir}"
-    );
-    std::fs::read(&out).unwrap()
+    let wasm = build();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // Written aside and renamed, so a parallel test never reads half a module.
+    static WRITES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = path.with_extension(format!("{}-{n}.partial", std::process::id()));
+    std::fs::write(&partial, &wasm).unwrap();
+    std::fs::rename(&partial, &path).unwrap();
+    wasm
 }
 
 /// Decodes the relocated field at `at` in `bytes` the way a wasm reader
