@@ -503,3 +503,50 @@ fn a_variable_moved_within_an_unchanged_frame_size_is_refused() {
     let reason = p.refusal("two", "call to fill #0");
     assert!(reason.starts_with("variable `") && reason.ends_with("` moved within its frame in linear memory"), "{reason}");
 }
+
+/// `edge` keeps `t` in a local across the call; `after` is the expression
+/// right after the call, `first` the call before it.
+fn edge(first: &str, after: &str) -> String {
+    format!(
+        r#"
+#include <stdio.h>
+volatile int sink;
+__attribute__((noinline)) int step(int x) {{ printf("%d\n", x); return x * 3 + 1; }}
+__attribute__((noinline)) int one(int x) {{ return x * 5 + sink; }}
+__attribute__((noinline)) int other(int x) {{ return x * 5 + sink; }}
+__attribute__((noinline)) int edge(int n) {{ int t = {first}(n) * 7 + sink; sink = t; int r = step(n) {after}; return r > 3 ? r - t : t * r; }}
+int main(int argc, char **argv) {{ (void)argv; printf("%d\n", edge(argc)); return 0; }}
+"#
+    )
+}
+
+/// Without DWARF, the identical-prefix rule alone keeps `t`: it holds
+/// through the call's last byte, and no further.
+#[test]
+fn the_identical_prefix_ends_exactly_at_the_first_difference() {
+    // The first instruction after the call differs: the prefix covers the
+    // call, so `t` moves.
+    let p = pair_with("frames-edge", &edge("one", "+ t"), &edge("one", "^ 3"), &["-g0"]);
+    assert!(p.changed.iter().any(|f| f == "edge"));
+    let r = p.moves("edge", "call to step #0");
+    assert!(r.locals.contains(&Old(1)), "t keeps its local: {r:?}");
+    // The two versions differ only in which function the first call names:
+    // the bytes are the same (the callee's index is a relocated field), so
+    // only the relocation tells that `t` was computed differently.
+    let p = pair_with("frames-edge-reloc", &edge("one", "+ t"), &edge("other", "+ t"), &["-g0"]);
+    assert_eq!(
+        p.refusal("edge", "call to step #0"),
+        "local 1 (a compiler temporary) is live there and has no counterpart in the old frame"
+    );
+}
+
+/// As [`a_loop_that_reaches_changed_code_refuses_the_temporaries_it_writes`],
+/// with a branch in the loop before the call: the loop still ends where it
+/// ends, not at the branch's `end`.
+#[test]
+fn a_loop_with_a_branch_before_the_point_still_reaches_the_changed_code() {
+    let body = |change: &str| program(&format!("if (acc & 1) sink = acc; {change}"), "");
+    let p = pair("frames-escape-branch", &body(""), &body("acc ^= 3;"));
+    let reason = p.refusal("main", "call to step #0");
+    assert!(reason.ends_with("(a compiler temporary) is live there and has no counterpart in the old frame"), "{reason}");
+}
