@@ -242,6 +242,22 @@ fn offsets_and_functions_that_do_not_exist_are_refused() {
     assert!(matches!(live_at(&wasm[..wasm.len() - 3], 2, other), Err(Error::Parse(_))));
     let message = live_at(&wasm, 1, constant + 1).unwrap_err().to_string();
     assert!(message.contains(&format!("{:#x}", constant + 1)), "{message}");
+    // Imports and no code section at all: still the import named.
+    let bodiless = wat(r#"(module (import "env" "f" (func)) (import "env" "g" (func)))"#);
+    assert!(matches!(live_at(&bodiless, 1, 0), Err(Error::Imported { func: 1, imported: 2 })));
+    assert!(matches!(live_at(&bodiless, 2, 0), Err(Error::NoSuchFunction { func: 2, total: 2 })));
+    // A component is named as one, not as a parse failure.
+    let component = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+    assert!(matches!(live_at(&component, 0, 0), Err(Error::Component)));
+    // A body whose type index names no type: the offset named is the
+    // body's own in the code section (after the entry count and its size).
+    let mut bad = wat("(module (type (func)) (func (type 0)))");
+    let function_section = bad.windows(3).position(|w| w == [0x03, 0x02, 0x01]).expect("the function section");
+    bad[function_section + 3] = 7;
+    match live_at(&bad, 0, 0) {
+        Err(Error::Malformed { func: 0, offset, .. }) => assert_eq!(offset, 2),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// Index of the function named `name` in the module's name section.
