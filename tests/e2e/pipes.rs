@@ -111,22 +111,27 @@ fn a_reader_waiting_for_a_writer_or_for_data_pauses_at_once() {
     assert!(restored.0.wait().unwrap().success());
 }
 
-/// A writer waiting for the FIFO's first reader pauses within the limit,
-/// for a checkpoint and an update; when a reader comes, it gets the data
-/// and the program ends.
+/// A writer waiting for the FIFO's first reader, in `write` or in `poll`,
+/// pauses within the limit, for a checkpoint and an update; when a reader
+/// comes, it gets the data and the program ends.
 #[test]
 fn a_writer_waiting_for_a_reader_pauses_at_once() {
-    let control = Control::new("fifo-writer");
-    let (data, fifo) = fifo_in(&control);
-    let (mut host, mut lines) = start(&control, &data, &["-w", "/data/pipe", "hello"]);
+    for mode in ["-w", "-p"] {
+        let control = Control::new("fifo-writer");
+        let (data, fifo) = fifo_in(&control);
+        let (mut host, mut lines) = start(&control, &data, &[mode, "/data/pipe", "hello"]);
 
-    control.checkpoint("waiting");
-    update_in_place(&control);
-    assert!(host.0.try_wait().unwrap().is_none(), "the program waits on");
+        control.checkpoint("waiting");
+        update_in_place(&control);
+        assert!(
+            host.0.try_wait().unwrap().is_none(),
+            "{mode}: the program waits on"
+        );
 
-    assert_eq!(std::fs::read_to_string(&fifo).unwrap(), "hello");
-    assert_eq!(next_line(&mut lines), "wrote 5");
-    assert!(host.0.wait().unwrap().success());
+        assert_eq!(std::fs::read_to_string(&fifo).unwrap(), "hello", "{mode}");
+        assert_eq!(next_line(&mut lines), "wrote 5", "{mode}");
+        assert!(host.0.wait().unwrap().success(), "{mode}");
+    }
 }
 
 /// Opened with O_NONBLOCK, a FIFO behaves as POSIX says for non-blocking

@@ -3,6 +3,7 @@
  *   fifo PATH        opens PATH for reading and echoes each read
  *                    ("read: TEXT") until end of stream ("end");
  *   fifo -w PATH TEXT  opens PATH for writing and writes TEXT ("wrote N");
+ *   fifo -p PATH TEXT  the same, waiting in poll() until it can write;
  *   fifo -n PATH     opens PATH with O_NONBLOCK, with no other process at
  *                    the other end, and prints what each call gives.
  *
@@ -10,6 +11,7 @@
  * data; the host must be able to pause the program while it waits. */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -27,10 +29,14 @@ static int echo(const char *path)
     return 0;
 }
 
-static int send_text(const char *path, const char *text)
+static int send_text(const char *path, const char *text, int wait_in_poll)
 {
     int fd = open(path, O_WRONLY);
     if (fd < 0) { perror("open"); return 1; }
+    if (wait_in_poll) {
+        struct pollfd p = { .fd = fd, .events = POLLOUT };
+        if (poll(&p, 1, -1) != 1 || !(p.revents & POLLOUT)) { perror("poll"); return 1; }
+    }
     ssize_t n = write(fd, text, strlen(text));
     if (n < 0) { perror("write"); return 1; }
     printf("wrote %zd\n", n);
@@ -67,8 +73,9 @@ int main(int argc, char **argv)
     /* Each line goes out as it is printed: the tests wait for them. */
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc == 2) return echo(argv[1]);
-    if (argc == 4 && strcmp(argv[1], "-w") == 0) return send_text(argv[2], argv[3]);
+    if (argc == 4 && strcmp(argv[1], "-w") == 0) return send_text(argv[2], argv[3], 0);
+    if (argc == 4 && strcmp(argv[1], "-p") == 0) return send_text(argv[2], argv[3], 1);
     if (argc == 3 && strcmp(argv[1], "-n") == 0) return nonblocking(argv[2]);
-    fprintf(stderr, "usage: fifo PATH | fifo -w PATH TEXT | fifo -n PATH\n");
+    fprintf(stderr, "usage: fifo PATH | fifo -w|-p PATH TEXT | fifo -n PATH\n");
     return 2;
 }
