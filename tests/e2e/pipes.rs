@@ -113,7 +113,8 @@ fn a_reader_waiting_for_a_writer_or_for_data_pauses_at_once() {
 
 /// A writer waiting for the FIFO's first reader, in `write` or in `poll`,
 /// pauses within the limit, for a checkpoint and an update; when a reader
-/// comes, it gets the data and the program ends.
+/// comes, it gets the data and the program ends. The snapshot, restored,
+/// waits for a reader of its own.
 #[test]
 fn a_writer_waiting_for_a_reader_pauses_at_once() {
     for mode in ["-w", "-p"] {
@@ -131,6 +132,28 @@ fn a_writer_waiting_for_a_reader_pauses_at_once() {
         assert_eq!(std::fs::read_to_string(&fifo).unwrap(), "hello", "{mode}");
         assert_eq!(next_line(&mut lines), "wrote 5", "{mode}");
         assert!(host.0.wait().unwrap().success(), "{mode}");
+
+        let snap = control.dir().join("waiting.snap");
+        let mut restored = KillOnDrop::spawn(
+            host_command()
+                .args(["restore", snap.to_str().unwrap()])
+                .stdout(Stdio::piped()),
+        );
+        assert_eq!(
+            std::fs::read_to_string(&fifo).unwrap(),
+            "hello",
+            "{mode}: restored"
+        );
+        let mut out = String::new();
+        restored
+            .0
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, "wrote 5\n", "{mode}: restored");
+        assert!(restored.0.wait().unwrap().success(), "{mode}: restored");
     }
 }
 

@@ -252,3 +252,56 @@ pub fn write(ctx: &WasiCtx, desc: &Descriptor, pipe: &OpenPipe, data: &[u8]) -> 
     }
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use rustix::fs::{Mode, OFlags};
+
+    use super::awaiting_writer;
+
+    /// What the blocking read of a FIFO rests on: a reader that has seen
+    /// no writer reads an end of stream but polls as not ready; once a
+    /// writer has come and gone, it polls as hung up; data polls readable.
+    #[test]
+    fn a_fifo_reader_tells_no_writer_yet_from_a_writer_gone() {
+        let dir = std::env::temp_dir().join(format!("upstare-pipe-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fifo");
+        let _ = std::fs::remove_file(&path);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let reader =
+            rustix::fs::open(&path, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()).unwrap();
+        let mut buf = [0u8; 8];
+
+        assert_eq!(rustix::io::read(&reader, &mut buf), Ok(0));
+        assert!(awaiting_writer(reader.as_fd()).unwrap(), "no writer yet");
+
+        let writer =
+            rustix::fs::open(&path, OFlags::WRONLY | OFlags::NONBLOCK, Mode::empty()).unwrap();
+        rustix::io::write(&writer, b"x").unwrap();
+        let again = awaiting_writer(reader.as_fd()).unwrap_err();
+        assert_eq!(
+            again.kind(),
+            std::io::ErrorKind::Interrupted,
+            "data: read again"
+        );
+        assert_eq!(rustix::io::read(&reader, &mut buf), Ok(1));
+
+        drop(writer);
+        assert_eq!(rustix::io::read(&reader, &mut buf), Ok(0));
+        assert!(
+            !awaiting_writer(reader.as_fd()).unwrap(),
+            "the writer came and went: end of stream"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
