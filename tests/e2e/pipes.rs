@@ -1,7 +1,8 @@
-//! Named pipes: a program waiting for the other end of a FIFO, or for data
-//! on one, waits where the host can interrupt it, so a checkpoint or an
-//! update pauses it at once; and the program sees the blocking or
-//! non-blocking behaviour it asked for.
+//! Named pipes and devices: a program waiting for the other end of a FIFO,
+//! or for data on one, waits where the host can interrupt it, so a
+//! checkpoint or an update pauses it at once; and the program sees the
+//! blocking or non-blocking behaviour it asked for, and devices as the host
+//! has them.
 
 use std::io::{BufRead, BufReader, Lines, Read, Write};
 use std::path::{Path, PathBuf};
@@ -202,5 +203,28 @@ fn a_fifo_opened_non_blocking_never_waits() {
          write: 1\n\
          read: 1\n\
          read, writer gone: 0\n"
+    );
+}
+
+/// A device opened by path is used as the host uses it, without blocking
+/// in the kernel: `/dev/null` takes writes, reads as empty, seeks, and is
+/// no terminal.
+#[test]
+fn a_device_opened_by_path_behaves_as_on_the_host() {
+    let out = upstare_tests::run_host(&[
+        "--dir",
+        "/dev::/dev",
+        guest("fifo").to_str().unwrap(),
+        "-d",
+        "/dev/null",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "isatty: 0\nwrite: 3\nread: 0\nseek: 0\n"
     );
 }

@@ -5,7 +5,8 @@
  *   fifo -w PATH TEXT  opens PATH for writing and writes TEXT ("wrote N");
  *   fifo -p PATH TEXT  the same, waiting in poll() until it can write;
  *   fifo -n PATH     opens PATH with O_NONBLOCK, with no other process at
- *                    the other end, and prints what each call gives.
+ *                    the other end, and prints what each call gives;
+ *   fifo -d PATH     opens a device (/dev/null) and prints what it is.
  *
  * In blocking mode, opening waits for the other end and reading waits for
  * data; the host must be able to pause the program while it waits. */
@@ -68,6 +69,18 @@ static int nonblocking(const char *path)
     return 0;
 }
 
+static int device(const char *path)
+{
+    int fd = open(path, O_RDWR);
+    if (fd < 0) { perror("open"); return 1; }
+    char buf[8];
+    printf("isatty: %d\n", isatty(fd));
+    report("write", write(fd, "abc", 3));
+    report("read", read(fd, buf, sizeof buf));
+    report("seek", lseek(fd, 0, SEEK_CUR));
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     /* Each line goes out as it is printed: the tests wait for them. */
@@ -76,6 +89,7 @@ int main(int argc, char **argv)
     if (argc == 4 && strcmp(argv[1], "-w") == 0) return send_text(argv[2], argv[3], 0);
     if (argc == 4 && strcmp(argv[1], "-p") == 0) return send_text(argv[2], argv[3], 1);
     if (argc == 3 && strcmp(argv[1], "-n") == 0) return nonblocking(argv[2]);
-    fprintf(stderr, "usage: fifo PATH | fifo -w|-p PATH TEXT | fifo -n PATH\n");
+    if (argc == 3 && strcmp(argv[1], "-d") == 0) return device(argv[2]);
+    fprintf(stderr, "usage: fifo PATH | fifo -w|-p PATH TEXT | fifo -n|-d PATH\n");
     return 2;
 }

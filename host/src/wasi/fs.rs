@@ -336,24 +336,36 @@ pub fn fd_readdir(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, buf: u3
     Ok(())
 }
 
+/// Moves the offset of a file, or of a device as the host does (`/dev/null`
+/// seeks; a terminal or a FIFO gives ESPIPE).
+fn seek(ctx: &WasiCtx, fd: u32, pos: impl FnOnce() -> CallResult<SeekFrom>) -> CallResult<u64> {
+    if let Object::Pipe(p) = &ctx.fds.get(fd)?.object {
+        return match p.io() {
+            Some(device) if !p.fifo => Ok((&*device).seek(pos()?)?),
+            _ => Err(Errno::SPIPE.into()),
+        };
+    }
+    let file = file_of(ctx, fd)?;
+    Ok((&file.file).seek(pos()?)?)
+}
+
 /// `fd_seek`
 pub fn fd_seek(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, offset: i64, how: u32, out: u32) -> CallResult {
-    let file = file_of(ctx, fd)?;
-    let pos = match how as u8 {
-        whence::SET => SeekFrom::Start(u64::try_from(offset).map_err(|_| Errno::INVAL)?),
-        whence::CUR => SeekFrom::Current(offset),
-        whence::END => SeekFrom::End(offset),
-        _ => return Err(Errno::INVAL.into()),
-    };
-    let new = (&file.file).seek(pos)?;
+    let new = seek(ctx, fd, || {
+        Ok(match how as u8 {
+            whence::SET => SeekFrom::Start(u64::try_from(offset).map_err(|_| Errno::INVAL)?),
+            whence::CUR => SeekFrom::Current(offset),
+            whence::END => SeekFrom::End(offset),
+            _ => return Err(Errno::INVAL.into()),
+        })
+    })?;
     mem.write_u64(out, new)?;
     Ok(())
 }
 
 /// `fd_tell`
 pub fn fd_tell(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, out: u32) -> CallResult {
-    let file = file_of(ctx, fd)?;
-    let pos = (&file.file).stream_position()?;
+    let pos = seek(ctx, fd, || Ok(SeekFrom::Current(0)))?;
     mem.write_u64(out, pos)?;
     Ok(())
 }

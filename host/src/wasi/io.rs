@@ -167,10 +167,13 @@ pub fn fd_fdstat_get(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, out:
             let write = if f.writable { rights::FILE_WRITE } else { 0 };
             (rights::FILE | read | write, 0)
         }
+        // A FIFO or a terminal cannot seek; other devices (`/dev/null`)
+        // can, and so are not taken for terminals by isatty().
         Object::Pipe(p) => {
             let read = if p.readable { rights::FD_READ } else { 0 };
             let write = if p.writable { rights::FD_WRITE } else { 0 };
-            (rights::FILE & !(rights::FD_SEEK | rights::FD_TELL) | rights::POLL_FD_READWRITE | read | write, 0)
+            let seek = if p.fifo || rustix::termios::isatty(p.described()) { 0 } else { rights::FD_SEEK | rights::FD_TELL };
+            ((rights::FILE & !(rights::FD_SEEK | rights::FD_TELL)) | seek | rights::POLL_FD_READWRITE | read | write, 0)
         }
         // wasi-libc's isatty() wants a character device that cannot seek.
         Object::Listener(_) | Object::Stream(_) => (rights::ALL & !(rights::FD_SEEK | rights::FD_TELL), rights::ALL),
