@@ -66,6 +66,11 @@ static int nonblocking(const char *path)
     report("read", read(r, buf, sizeof buf));
     close(w);
     report("read, writer gone", read(r, buf, sizeof buf));
+    /* Opened non-blocking, the open did not wait for a writer: a read in
+     * blocking mode with none there is end of stream, as in POSIX. */
+    int r2 = open(path, O_RDONLY | O_NONBLOCK);
+    report("set blocking", fcntl(r2, F_SETFL, 0));
+    report("read in blocking mode, no writer", read(r2, buf, sizeof buf));
     return 0;
 }
 

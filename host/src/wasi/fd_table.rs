@@ -81,6 +81,9 @@ pub struct OpenPipe {
     /// A FIFO, whose reads find no data but no end of stream either until
     /// a writer has come and gone; else a character device.
     pub fifo: bool,
+    /// Opened in blocking mode, so that in POSIX the open would have waited
+    /// for the other end: a FIFO reader's first reads wait for a writer.
+    pub opened_blocking: bool,
 }
 
 impl OpenPipe {

@@ -244,7 +244,15 @@ pub fn path_open(
     let file = match pipe::open(&parent.dir, &path, &opts, follow, !readable, guest_blocking)? {
         Opened::File(file) => file,
         Opened::Pipe { file, pending, fifo } => {
-            let open = OpenPipe { file, pending, guest_path: display, readable, writable, fifo };
+            let open = OpenPipe {
+                file,
+                pending,
+                guest_path: display,
+                readable,
+                writable,
+                fifo,
+                opened_blocking: guest_blocking,
+            };
             let new_fd = ctx.fds.insert(Object::Pipe(Arc::new(open)), fdflags)?;
             mem.write_u32(out, new_fd)?;
             return Ok(());

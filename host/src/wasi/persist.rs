@@ -172,6 +172,7 @@ pub fn rebuild(ctx: &mut WasiCtx, records: &[FdRecord], listeners: Vec<TcpListen
                         readable: *readable,
                         writable: *writable,
                         fifo,
+                        opened_blocking: blocking,
                     })),
                 }
             }

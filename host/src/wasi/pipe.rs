@@ -22,7 +22,8 @@
 //! The guest sees every call return as it would in blocking mode, except
 //! that an open returns before the other end has come. A guest that asked
 //! for `FDFLAGS_NONBLOCK` sees what non-blocking POSIX calls give: `ENXIO`
-//! for a writer with no reader, `EAGAIN` for a read or write that would wait.
+//! for a writer with no reader, end of stream for a reader with no writer
+//! yet, `EAGAIN` for a read or write that would wait.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -204,7 +205,13 @@ pub fn read(ctx: &WasiCtx, desc: &Descriptor, pipe: &OpenPipe, len: usize) -> Ca
         desc.nonblocking(),
         || {
             let n = (&*file).read(&mut buf)?;
-            if n == 0 && len > 0 && pipe.fifo && blocking && awaiting_writer(file.as_fd())? {
+            if n == 0
+                && len > 0
+                && pipe.fifo
+                && pipe.opened_blocking
+                && blocking
+                && awaiting_writer(file.as_fd())?
+            {
                 return Err(std::io::ErrorKind::WouldBlock.into());
             }
             Ok(n)
