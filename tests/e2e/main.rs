@@ -13,6 +13,7 @@ mod frames;
 mod guests;
 mod interrupt;
 mod kv;
+mod pipes;
 mod rollback;
 mod snapshot;
 mod snapshot_decode;

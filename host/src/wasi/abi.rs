@@ -45,6 +45,7 @@ impl Errno {
     pub const NOTSOCK: Errno = Errno(57);
     pub const NOTSUP: Errno = Errno(58);
     pub const NOTTY: Errno = Errno(59);
+    pub const NXIO: Errno = Errno(60);
     pub const OVERFLOW: Errno = Errno(61);
     pub const PERM: Errno = Errno(63);
     pub const PIPE: Errno = Errno(64);
@@ -107,6 +108,7 @@ fn from_host_errno(code: i32) -> Errno {
         (H::MFILE, Errno::MFILE),
         (H::NAMETOOLONG, Errno::NAMETOOLONG),
         (H::NOENT, Errno::NOENT),
+        (H::NXIO, Errno::NXIO),
         (H::NOMEM, Errno::NOMEM),
         (H::NOSPC, Errno::NOSPC),
         (H::NOSYS, Errno::NOSYS),

@@ -7,7 +7,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::abi::{fdflags, filetype, Errno};
 
@@ -58,6 +58,65 @@ pub struct OpenFile {
     pub writable: bool,
 }
 
+/// A named pipe (FIFO) or character device opened by path: a stream with
+/// no offset. Its host descriptor is always non-blocking, so a guest fd in
+/// blocking mode waits where the host can interrupt it, never in the
+/// kernel. Opening one never waits: a FIFO opened for reading before any
+/// writer has it open waits for one at its first read, and one opened for
+/// writing before any reader does at its first write (see [`PendingWriter`]).
+#[derive(Debug)]
+pub struct OpenPipe {
+    /// The host descriptor, in non-blocking mode; for a writer opened
+    /// before any reader, the FIFO opened as a location only (`O_PATH`),
+    /// which `fstat` can describe until the writer connects.
+    pub file: std::fs::File,
+    /// For a writer opened before any reader: how it connects.
+    pub pending: Option<PendingWriter>,
+    /// The path the guest opened, relative to `dir_fd`'s directory.
+    pub guest_path: String,
+    /// Opened for reading.
+    pub readable: bool,
+    /// Opened for writing.
+    pub writable: bool,
+    /// A FIFO, whose reads find no data but no end of stream either until
+    /// a writer has come and gone; else a character device.
+    pub fifo: bool,
+    /// Opened in blocking mode, so that in POSIX the open would have waited
+    /// for the other end: a FIFO reader's first reads wait for a writer.
+    pub opened_blocking: bool,
+}
+
+impl OpenPipe {
+    /// The descriptor reads and writes use: `None` while a writer waits
+    /// for its first reader.
+    pub fn io(&self) -> Option<&std::fs::File> {
+        match &self.pending {
+            None => Some(&self.file),
+            Some(p) => p.connected.get(),
+        }
+    }
+
+    /// The descriptor `fstat` describes the pipe by.
+    pub fn described(&self) -> &std::fs::File {
+        self.io().unwrap_or(&self.file)
+    }
+}
+
+/// Where a FIFO opened for writing with no reader is: `open(2)` refuses a
+/// non-blocking writer then (ENXIO), so the host tries again when the guest
+/// first writes or polls, through the same sandboxed directory.
+#[derive(Debug)]
+pub struct PendingWriter {
+    /// The directory the path was resolved in.
+    pub dir: cap_std::fs::Dir,
+    /// The path, relative to `dir`.
+    pub path: String,
+    /// Whether a final symlink is followed.
+    pub follow: cap_fs_ext::FollowSymlinks,
+    /// The host descriptor (non-blocking), once a reader has come.
+    pub connected: OnceLock<std::fs::File>,
+}
+
 /// A directory: a preopen or one the guest opened below it.
 #[derive(Debug)]
 pub struct OpenDir {
@@ -96,6 +155,8 @@ pub enum Object {
     Std(Arc<StdStream>),
     /// A regular file.
     File(Arc<OpenFile>),
+    /// A named pipe or character device.
+    Pipe(Arc<OpenPipe>),
     /// A directory.
     Dir(Arc<OpenDir>),
     /// A listening socket.
@@ -119,6 +180,9 @@ impl Object {
                 }
             }
             Object::File(_) => filetype::REGULAR_FILE,
+            // preview1 has no type for a FIFO.
+            Object::Pipe(p) if p.fifo => filetype::UNKNOWN,
+            Object::Pipe(_) => filetype::CHARACTER_DEVICE,
             Object::Dir(_) => filetype::DIRECTORY,
             Object::Listener(_) | Object::Stream(_) => filetype::SOCKET_STREAM,
         }

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt, OpenOptionsMaybeDirExt, SystemTimeSpec};
-use cap_std::fs::MetadataExt;
+use cap_std::fs::{MetadataExt, OpenOptionsExt};
 
 use super::abi::{fdflags, filetype, fstflags, layout, oflags, rights, whence, Errno, LOOKUP_SYMLINK_FOLLOW};
 use super::abi::{PREOPENTYPE_DIR, PREOPENTYPE_OTHER};
-use super::fd_table::{host_mode_filetype, Object, OpenDir, OpenFile};
+use super::fd_table::{host_mode_filetype, Object, OpenDir, OpenFile, OpenPipe};
 use super::io::MAX_IO_CHUNK;
 use super::memory::{iovecs_len, GuestMemory};
+use super::pipe::{self, Opened};
 use super::{CallResult, WasiCtx};
 
 /// One entry of a directory listing, as `fd_readdir` reports it.
@@ -40,7 +41,7 @@ fn file_of(ctx: &WasiCtx, fd: u32) -> CallResult<Arc<OpenFile>> {
     match &ctx.fds.get(fd)?.object {
         Object::File(f) => Ok(f.clone()),
         Object::Dir(_) => Err(Errno::ISDIR.into()),
-        Object::Std(_) | Object::Stream(_) | Object::Listener(_) => Err(Errno::SPIPE.into()),
+        Object::Std(_) | Object::Pipe(_) | Object::Stream(_) | Object::Listener(_) => Err(Errno::SPIPE.into()),
     }
 }
 
@@ -48,6 +49,7 @@ fn host_fd(object: &Object) -> BorrowedFd<'_> {
     match object {
         Object::Std(s) => s.host_fd(),
         Object::File(f) => f.file.as_fd(),
+        Object::Pipe(p) => p.described().as_fd(),
         Object::Dir(d) => d.dir.as_fd(),
         Object::Listener(l) => l.socket.as_fd(),
         Object::Stream(s) => s.socket.as_fd(),
@@ -162,7 +164,8 @@ fn guest_path(parent: &OpenDir, rel: &str) -> String {
 
 /// `path_open`. Read and write access follow the FD_READ and FD_WRITE
 /// rights wasi-libc derives from O_RDONLY/O_WRONLY; everything else about
-/// access is left to the host OS inside the sandbox.
+/// access is left to the host OS inside the sandbox. Nothing is opened in a
+/// way that waits in the kernel: see [`pipe`] for named pipes and devices.
 #[allow(clippy::too_many_arguments)]
 pub fn path_open(
     ctx: &mut WasiCtx,
@@ -223,15 +226,38 @@ pub fn path_open(
             // POSIX creates a file opened read-only (`O_CREAT|O_RDONLY`, and
             // path_open with no rights at all); Rust's open refuses create
             // without write access, so the file is created first, then
-            // opened as asked.
-            create.write(true);
-            drop(parent.dir.open_with(&path, &create)?);
+            // opened as asked. Non-blocking, so that an existing FIFO with
+            // no reader does not wait here: ENXIO says it exists, which is
+            // all this step is for.
+            create.write(true).custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+            match parent.dir.open_with(&path, &create) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     opts.truncate(truncate);
     opts.follow(follow);
     opts.maybe_dir(true);
-    let file = parent.dir.open_with(&path, &opts)?;
+    let guest_blocking = fdflags & fdflags::NONBLOCK == 0;
+    let file = match pipe::open(&parent.dir, &path, &opts, follow, !readable, guest_blocking)? {
+        Opened::File(file) => file,
+        Opened::Pipe { file, pending, fifo } => {
+            let open = OpenPipe {
+                file,
+                pending,
+                guest_path: display,
+                readable,
+                writable,
+                fifo,
+                opened_blocking: guest_blocking,
+            };
+            let new_fd = ctx.fds.insert(Object::Pipe(Arc::new(open)), fdflags)?;
+            mem.write_u32(out, new_fd)?;
+            return Ok(());
+        }
+    };
     if append_after_open {
         let flags = rustix::fs::fcntl_getfl(&file).map_err(std::io::Error::from)?;
         rustix::fs::fcntl_setfl(&file, flags | rustix::fs::OFlags::APPEND).map_err(std::io::Error::from)?;
@@ -318,24 +344,36 @@ pub fn fd_readdir(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, buf: u3
     Ok(())
 }
 
+/// Moves the offset of a file, or of a device as the host does (`/dev/null`
+/// seeks; a terminal or a FIFO gives ESPIPE).
+fn seek(ctx: &WasiCtx, fd: u32, pos: impl FnOnce() -> CallResult<SeekFrom>) -> CallResult<u64> {
+    if let Object::Pipe(p) = &ctx.fds.get(fd)?.object {
+        return match p.io() {
+            Some(device) if !p.fifo => Ok((&*device).seek(pos()?)?),
+            _ => Err(Errno::SPIPE.into()),
+        };
+    }
+    let file = file_of(ctx, fd)?;
+    Ok((&file.file).seek(pos()?)?)
+}
+
 /// `fd_seek`
 pub fn fd_seek(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, offset: i64, how: u32, out: u32) -> CallResult {
-    let file = file_of(ctx, fd)?;
-    let pos = match how as u8 {
-        whence::SET => SeekFrom::Start(u64::try_from(offset).map_err(|_| Errno::INVAL)?),
-        whence::CUR => SeekFrom::Current(offset),
-        whence::END => SeekFrom::End(offset),
-        _ => return Err(Errno::INVAL.into()),
-    };
-    let new = (&file.file).seek(pos)?;
+    let new = seek(ctx, fd, || {
+        Ok(match how as u8 {
+            whence::SET => SeekFrom::Start(u64::try_from(offset).map_err(|_| Errno::INVAL)?),
+            whence::CUR => SeekFrom::Current(offset),
+            whence::END => SeekFrom::End(offset),
+            _ => return Err(Errno::INVAL.into()),
+        })
+    })?;
     mem.write_u64(out, new)?;
     Ok(())
 }
 
 /// `fd_tell`
 pub fn fd_tell(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, out: u32) -> CallResult {
-    let file = file_of(ctx, fd)?;
-    let pos = (&file.file).stream_position()?;
+    let pos = seek(ctx, fd, || Ok(SeekFrom::Current(0)))?;
     mem.write_u64(out, pos)?;
     Ok(())
 }

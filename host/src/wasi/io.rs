@@ -1,8 +1,8 @@
 //! Calls that work on any kind of fd: read, write, close, flags, renumber.
 //!
-//! Reads and writes dispatch on what the fd refers to; sockets and stdin go
-//! through [`blocking_io`], the one loop that turns "would block" into an
-//! interruptible wait or, on a non-blocking fd, into EAGAIN.
+//! Reads and writes dispatch on what the fd refers to; sockets, pipes and
+//! stdin go through [`blocking_io`], the one loop that turns "would block"
+//! into an interruptible wait or, on a non-blocking fd, into EAGAIN.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use super::abi::{fdflags, filetype, layout, rights, Errno};
 use super::fd_table::{Descriptor, Object, StdStream};
 use super::memory::{iovecs_len, GuestMemory};
-use super::{net, CallError, CallResult, WasiCtx};
+use super::{net, pipe, CallError, CallResult, WasiCtx};
 use crate::interrupt::{Interest, Wait};
 
 /// Largest single read or write the host performs for one call, so a guest
@@ -109,6 +109,7 @@ pub fn fd_read(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, iovs: u32,
             buf.truncate(n);
             buf
         }
+        Object::Pipe(p) => pipe::read(ctx, &desc, p, len)?,
         Object::Stream(s) => net::recv(ctx, &desc, s, len, false)?,
         Object::Dir(_) => return Err(Errno::ISDIR.into()),
         Object::Listener(_) => return Err(Errno::NOTCONN.into()),
@@ -132,6 +133,7 @@ pub fn fd_write(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, iovs: u32
             (&f.file).write_all(&data)?;
             data.len()
         }
+        Object::Pipe(p) => pipe::write(ctx, &desc, p, &data)?,
         Object::Stream(s) => net::send(ctx, &desc, s, &data)?,
         Object::Dir(_) => return Err(Errno::ISDIR.into()),
         Object::Listener(_) => return Err(Errno::NOTCONN.into()),
@@ -164,6 +166,14 @@ pub fn fd_fdstat_get(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, out:
             let read = if f.readable { rights::FD_READ } else { 0 };
             let write = if f.writable { rights::FILE_WRITE } else { 0 };
             (rights::FILE | read | write, 0)
+        }
+        // A FIFO or a terminal cannot seek; other devices (`/dev/null`)
+        // can, and so are not taken for terminals by isatty().
+        Object::Pipe(p) => {
+            let read = if p.readable { rights::FD_READ } else { 0 };
+            let write = if p.writable { rights::FD_WRITE } else { 0 };
+            let seek = if p.fifo || rustix::termios::isatty(p.described()) { 0 } else { rights::FD_SEEK | rights::FD_TELL };
+            ((rights::FILE & !(rights::FD_SEEK | rights::FD_TELL)) | seek | rights::POLL_FD_READWRITE | read | write, 0)
         }
         // wasi-libc's isatty() wants a character device that cannot seek.
         Object::Listener(_) | Object::Stream(_) => (rights::ALL & !(rights::FD_SEEK | rights::FD_TELL), rights::ALL),

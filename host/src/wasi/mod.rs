@@ -9,6 +9,8 @@
 //! - [`fd_table`]: what each guest fd refers to;
 //! - [`fs`]: files and directories, sandboxed by cap-std preopens;
 //! - [`net`]: preopened TCP listeners and accepted connections;
+//! - [`pipe`]: named pipes and devices, opened and used without waiting in
+//!   the kernel;
 //! - [`io`]: reads and writes that dispatch on the fd's kind;
 //! - [`poll`]: `poll_oneoff` over clocks, files, stdio and sockets;
 //! - [`proc`]: args, environment, clocks, randomness, exit.
@@ -34,6 +36,7 @@ pub mod io;
 pub mod memory;
 pub mod net;
 pub mod persist;
+pub mod pipe;
 pub mod poll;
 pub mod proc;
 mod linker;

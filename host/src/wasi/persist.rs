@@ -5,7 +5,9 @@
 //! Files and directories are described by their path as the guest sees it
 //! (under a preopen) and reopened through that preopen, never by host path
 //! alone, so a restore stays inside the sandbox. Files keep their offset and
-//! access mode; they are never created or truncated again. Listeners are
+//! access mode; they are never created or truncated again. Named pipes and
+//! devices are opened again by path, as the guest opened them, without
+//! waiting for the other end of a FIFO (see [`super::pipe`]). Listeners are
 //! bound again (to the same address, or to one the restoring user gives).
 //! A connected socket cannot move between processes: it is restored as a
 //! connection whose peer has closed it, which the program sees as an
@@ -16,7 +18,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::fd_table::{Listener, Object, OpenDir, OpenFile, Stream};
+use cap_fs_ext::FollowSymlinks;
+
+use super::fd_table::{Listener, Object, OpenDir, OpenFile, OpenPipe, Stream};
+use super::pipe::{self, Opened};
 use super::WasiCtx;
 
 /// What one fd refers to.
@@ -86,6 +91,13 @@ pub fn describe(ctx: &WasiCtx) -> std::io::Result<Vec<FdRecord>> {
                 readable: f.readable,
                 writable: f.writable,
             },
+            // A pipe has no offset; it is opened again by its path.
+            Object::Pipe(p) => FdKind::File {
+                path: p.guest_path.clone(),
+                offset: 0,
+                readable: p.readable,
+                writable: p.writable,
+            },
             Object::Listener(l) => FdKind::Listener { addr: l.addr },
             Object::Stream(_) => FdKind::Stream,
         };
@@ -144,10 +156,25 @@ pub fn rebuild(ctx: &mut WasiCtx, records: &[FdRecord], listeners: Vec<TcpListen
                 let append = r.flags & super::abi::fdflags::APPEND != 0;
                 let mut opts = cap_std::fs::OpenOptions::new();
                 opts.read(*readable).write(*writable && !append).append(append);
-                let file = base.open_with(&rel, &opts).map_err(|e| fail(format!("cannot reopen file {path}: {e}")))?;
-                let mut file = file.into_std();
-                file.seek(SeekFrom::Start(*offset)).map_err(|e| fail(format!("cannot seek {path}: {e}")))?;
-                Object::File(Arc::new(OpenFile { file, guest_path: path.clone(), readable: *readable, writable: *writable }))
+                let blocking = r.flags & super::abi::fdflags::NONBLOCK == 0;
+                let opened = pipe::open(&base, &rel, &opts, FollowSymlinks::Yes, !*readable, blocking)
+                    .map_err(|e| fail(format!("cannot reopen file {path}: {e}")))?;
+                match opened {
+                    Opened::File(file) => {
+                        let mut file = file.into_std();
+                        file.seek(SeekFrom::Start(*offset)).map_err(|e| fail(format!("cannot seek {path}: {e}")))?;
+                        Object::File(Arc::new(OpenFile { file, guest_path: path.clone(), readable: *readable, writable: *writable }))
+                    }
+                    Opened::Pipe { file, pending, fifo } => Object::Pipe(Arc::new(OpenPipe {
+                        file,
+                        pending,
+                        guest_path: path.clone(),
+                        readable: *readable,
+                        writable: *writable,
+                        fifo,
+                        opened_blocking: blocking,
+                    })),
+                }
             }
             FdKind::Listener { addr } => {
                 let socket = match listeners.next() {

@@ -1,10 +1,10 @@
 //! `poll_oneoff`: waiting on clocks, files, stdio and sockets together.
 //!
 //! Subscriptions that are ready by nature (regular files, directories,
-//! stdout) produce events at once; sockets and stdin are waited on with one
-//! `poll(2)` through the interrupter, bounded by the earliest clock. A call
-//! with only a clock is how wasi-libc sleeps, so sleeping is interruptible
-//! too.
+//! stdout) produce events at once; sockets, pipes and stdin are waited on
+//! with one `poll(2)` through the interrupter, bounded by the earliest
+//! clock. A call with only a clock is how wasi-libc sleeps, so sleeping is
+//! interruptible too.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use super::abi::{eventtype, layout, Errno, EVENT_FD_READWRITE_HANGUP, SUBCLOCK_A
 use super::fd_table::{Descriptor, Object};
 use super::memory::GuestMemory;
 use super::proc::now_ns;
-use super::{CallError, CallResult, WasiCtx};
+use super::{pipe, CallError, CallResult, WasiCtx};
 use crate::interrupt::{Interest, Wait};
 
 /// One parsed subscription.
@@ -69,14 +69,28 @@ fn parse(ctx: &WasiCtx, mem: &GuestMemory<'_>, at: u32) -> CallResult<(u64, u8, 
     Ok((userdata, tag, sub))
 }
 
-/// The host descriptor to wait on, or `None` when the object is always ready.
-fn waitable(desc: &Descriptor, interest: Interest) -> Option<BorrowedFd<'_>> {
-    match (&desc.object, interest) {
-        (Object::Std(s), Interest::Read) => Some(s.host_fd()),
-        (Object::Listener(l), _) => Some(l.socket.as_fd()),
-        (Object::Stream(s), _) => Some(s.socket.as_fd()),
-        _ => None,
-    }
+/// When a subscription can be ready.
+enum Readiness<'a> {
+    /// Now: the object is always ready.
+    Now,
+    /// When this host descriptor is.
+    On(BorrowedFd<'a>),
+    /// Not yet, and there is no descriptor to wait on: a FIFO writer whose
+    /// first reader has not come ([`pipe::try_connect`] again later).
+    Later,
+}
+
+fn readiness(desc: &Descriptor, interest: Interest) -> CallResult<Readiness<'_>> {
+    Ok(match (&desc.object, interest) {
+        (Object::Std(s), Interest::Read) => Readiness::On(s.host_fd()),
+        (Object::Listener(l), _) => Readiness::On(l.socket.as_fd()),
+        (Object::Stream(s), _) => Readiness::On(s.socket.as_fd()),
+        (Object::Pipe(p), _) => match pipe::try_connect(p)? {
+            Some(file) => Readiness::On(file.as_fd()),
+            None => Readiness::Later,
+        },
+        _ => Readiness::Now,
+    })
 }
 
 /// `poll_oneoff`
@@ -99,17 +113,21 @@ pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, 
     let mut events = Vec::new();
     let mut waits: Vec<(BorrowedFd<'_>, Interest)> = Vec::new();
     let mut wait_owner: Vec<usize> = Vec::new();
+    let mut later: Vec<usize> = Vec::new();
     let mut deadline: Option<Instant> = None;
     for (i, (userdata, kind, sub)) in subs.iter().enumerate() {
         match sub {
             Sub::Failed(error) => events.push(Event { userdata: *userdata, error: *error, kind: *kind, nbytes: 0, hangup: false }),
             Sub::Clock { deadline: d } => deadline = Some(deadline.map_or(*d, |cur: Instant| cur.min(*d))),
-            Sub::Fd { desc, interest } => match waitable(desc, *interest) {
-                Some(fd) => {
+            Sub::Fd { desc, interest } => match readiness(desc, *interest) {
+                Ok(Readiness::On(fd)) => {
                     waits.push((fd, *interest));
                     wait_owner.push(i);
                 }
-                None => events.push(Event { userdata: *userdata, error: Errno::SUCCESS, kind: *kind, nbytes: 0, hangup: false }),
+                Ok(Readiness::Later) => later.push(i),
+                Ok(Readiness::Now) => events.push(Event { userdata: *userdata, error: Errno::SUCCESS, kind: *kind, nbytes: 0, hangup: false }),
+                Err(CallError::Errno(error)) => events.push(Event { userdata: *userdata, error, kind: *kind, nbytes: 0, hangup: false }),
+                Err(e) => return Err(e),
             },
         }
     }
@@ -127,13 +145,40 @@ pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, 
     if !events.is_empty() {
         deadline = Some(Instant::now());
     }
-    let ready = match ctx.interrupter.wait(&waits, deadline)? {
-        Wait::Interrupted => {
-            ctx.interrupted_poll = Some((raw, deadline));
-            return Err(CallError::Interrupted);
+    let ready = loop {
+        let until = match later.is_empty() {
+            true => deadline,
+            false => {
+                let retry = Instant::now() + pipe::CONNECT_RETRY;
+                Some(deadline.map_or(retry, |d| d.min(retry)))
+            }
+        };
+        match ctx.interrupter.wait(&waits, until)? {
+            Wait::Interrupted => {
+                ctx.interrupted_poll = Some((raw, deadline));
+                return Err(CallError::Interrupted);
+            }
+            Wait::Ready(ready) => break ready,
+            Wait::TimedOut if deadline.is_some_and(|d| Instant::now() >= d) => break Vec::new(),
+            Wait::TimedOut => {
+                // A pending writer whose reader came is writable now.
+                let mut connected = false;
+                for &i in &later {
+                    let (userdata, kind, sub) = &subs[i];
+                    let Sub::Fd { desc: Descriptor { object: Object::Pipe(p), .. }, .. } = sub else { continue };
+                    let error = match pipe::try_connect(p) {
+                        Ok(None) => continue,
+                        Ok(Some(_)) => Errno::SUCCESS,
+                        Err(e) => e.into(),
+                    };
+                    events.push(Event { userdata: *userdata, error, kind: *kind, nbytes: 0, hangup: false });
+                    connected = true;
+                }
+                if connected {
+                    break Vec::new();
+                }
+            }
         }
-        Wait::Ready(ready) => ready,
-        Wait::TimedOut => Vec::new(),
     };
     for (index, hangup) in ready {
         let (userdata, kind, _) = &subs[wait_owner[index]];
