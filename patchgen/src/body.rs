@@ -96,16 +96,7 @@ pub struct Fingerprint {
 
 /// Fingerprints function `func` of the module `wasm` described by `info`.
 pub fn fingerprint(info: &ModuleInfo, wasm: &[u8], func: u32) -> Result<Fingerprint, Error> {
-    fingerprint_range(info, wasm, func, 0, u32::MAX)
-}
-
-/// The fingerprint of the first `len` bytes of a function's instructions
-/// (after its local declarations, which may differ): two functions whose
-/// code is equal up to some instruction compute the same things on the way
-/// there.
-pub fn fingerprint_code_prefix(info: &ModuleInfo, wasm: &[u8], func: u32, len: u32) -> Result<Fingerprint, Error> {
-    let skip = code_start(info, wasm, func)?;
-    fingerprint_range(info, wasm, func, skip, len)
+    fingerprint_body(info, wasm, func)
 }
 
 /// Offset of a function's first instruction from the start of its body
@@ -121,10 +112,27 @@ pub fn code_start(info: &ModuleInfo, wasm: &[u8], func: u32) -> Result<u32, Erro
     Ok(ops.original_position() as u32)
 }
 
-fn fingerprint_range(info: &ModuleInfo, wasm: &[u8], func: u32, skip: u32, len: u32) -> Result<Fingerprint, Error> {
+/// A function's instructions with every relocated field blanked, and what
+/// each field refers to.
+pub struct CodeFields {
+    /// The instruction bytes, relocated fields zeroed.
+    pub bytes: Vec<u8>,
+    /// Each relocated field, in code order: its offset in `bytes`, and what
+    /// it names.
+    pub fields: Vec<(u32, Ref)>,
+}
+
+/// The instructions of function `func` (after its local declarations),
+/// relocated fields blanked and listed.
+pub fn code_fields(info: &ModuleInfo, wasm: &[u8], func: u32) -> Result<CodeFields, Error> {
+    let skip = code_start(info, wasm, func)?;
+    blank_fields(info, wasm, func, skip)
+}
+
+/// The body of `func` from `skip` bytes in, fields blanked.
+fn blank_fields(info: &ModuleInfo, wasm: &[u8], func: u32, skip: u32) -> Result<CodeFields, Error> {
     let mut body = body_range(info, func)?;
     body.start = body.start.saturating_add(skip).min(body.end);
-    body.end = body.end.min(body.start.saturating_add(len));
     let start = info.code_section as usize + body.start as usize;
     let end = info.code_section as usize + body.end as usize;
     let mut bytes = wasm
@@ -135,7 +143,7 @@ fn fingerprint_range(info: &ModuleInfo, wasm: &[u8], func: u32, skip: u32, len: 
         })?
         .to_vec();
     let first = info.code_relocs.partition_point(|r| r.offset < body.start);
-    let mut refs = Vec::new();
+    let mut fields = Vec::new();
     for r in info.code_relocs[first..]
         .iter()
         .take_while(|r| r.offset < body.end)
@@ -145,8 +153,14 @@ fn fingerprint_range(info: &ModuleInfo, wasm: &[u8], func: u32, skip: u32, len: 
         if let Some(b) = bytes.get_mut(local) {
             b.fill(0);
         }
-        refs.push(reference(info, func, r)?);
+        fields.push((field.start - body.start, reference(info, func, r)?));
     }
+    Ok(CodeFields { bytes, fields })
+}
+
+fn fingerprint_body(info: &ModuleInfo, wasm: &[u8], func: u32) -> Result<Fingerprint, Error> {
+    let CodeFields { bytes, fields } = blank_fields(info, wasm, func, 0)?;
+    let refs = fields.into_iter().map(|(_, r)| r).collect();
     let ty = info.functions[func as usize].ty;
     let signature = info
         .types
@@ -154,7 +168,7 @@ fn fingerprint_range(info: &ModuleInfo, wasm: &[u8], func: u32, skip: u32, len: 
         .cloned()
         .ok_or(Error::Dangling {
             func,
-            offset: body.start,
+            offset: body_range(info, func)?.start,
             what: "type",
             index: ty,
         })?;

@@ -473,23 +473,17 @@ impl ChangedPair {
 /// How many bytes of the two functions' instructions are identical, with
 /// every relocated field read as what it names.
 fn common_code_len(old: &Version, old_func: u32, new: &Version, new_func: u32) -> Option<u32> {
-    let a = crate::body::fingerprint_code_prefix(&old.info, &old.wasm, old_func, u32::MAX).ok()?;
-    let b = crate::body::fingerprint_code_prefix(&new.info, &new.wasm, new_func, u32::MAX).ok()?;
-    let mut common = a.bytes.iter().zip(&b.bytes).take_while(|(x, y)| x == y).count() as u32;
+    let a = crate::body::code_fields(&old.info, &old.wasm, old_func).ok()?;
+    let b = crate::body::code_fields(&new.info, &new.wasm, new_func).ok()?;
+    let common = a.bytes.iter().zip(&b.bytes).take_while(|(x, y)| x == y).count() as u32;
     // The relocated fields are blank in the bytes: the first one whose
-    // target differs ends the common code too.
-    let field_offsets = |v: &Version, f: u32| -> Option<Vec<u32>> {
-        let body = v.info.functions.get(f as usize)?.body.clone()?;
-        let start = body.start + crate::body::code_start(&v.info, &v.wasm, f).ok()?;
-        Some(v.info.code_relocs.iter().filter(|r| r.offset >= start && r.offset < body.end).map(|r| r.offset - start).collect())
-    };
-    let offsets = field_offsets(old, old_func)?;
-    if let Some(i) = a.refs.iter().zip(&b.refs).position(|(x, y)| x != y) {
-        common = common.min(offsets.get(i).copied().unwrap_or(0));
-    } else if a.refs.len() != b.refs.len() {
-        common = common.min(offsets.get(a.refs.len().min(b.refs.len())).copied().unwrap_or(common));
-    }
-    Some(common)
+    // target differs, or that only one version has, ends the common code.
+    let first_difference = (0..a.fields.len().max(b.fields.len())).find_map(|i| match (a.fields.get(i), b.fields.get(i)) {
+        (Some((x, rx)), Some((y, ry))) if rx != ry || x != y => Some(*x.min(y)),
+        (Some((at, _)), None) | (None, Some((at, _))) => Some(*at),
+        _ => None,
+    });
+    Some(first_difference.map_or(common, |at| common.min(at)))
 }
 
 /// Where a function's instructions start, where it writes its locals and
