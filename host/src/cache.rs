@@ -1,6 +1,8 @@
 //! The on-disk cache of instrumented modules, keyed by the SHA-256 of the
 //! input and the fingerprint of the instrumenter that rewrote it, so a
-//! server restarted on the same build skips the rewrite.
+//! server restarted on the same build skips the rewrite; and, in its
+//! `compiled/` directory, wasmtime's cache of the machine code compiled
+//! from them, so it skips compiling too.
 //!
 //! The cache lives in `$UPSTARE_CACHE_DIR`, else `$XDG_CACHE_HOME/upstare`,
 //! else `$HOME/.cache/upstare`. It is an optimisation only: an entry that
@@ -20,6 +22,25 @@ fn cache_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(d).join("upstare"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("upstare"))
+}
+
+/// How much compiled code the cache keeps before wasmtime's cache worker
+/// removes the least recently used (every update compiles a relinked
+/// module of its own, so entries accumulate).
+const COMPILED_SIZE_LIMIT: u64 = 1 << 30;
+
+/// wasmtime's cache of compiled code, in `compiled/` under `dir` (else the
+/// default place). `None`, with a debug message, where it cannot be set
+/// up: like the rest of this cache it only saves time.
+pub(crate) fn compiled_code(dir: Option<&std::path::Path>) -> Option<wasmtime::Cache> {
+    let dir = dir.map(PathBuf::from).or_else(cache_dir)?.join("compiled");
+    // wasmtime requires an absolute directory.
+    let dir = std::path::absolute(&dir).ok()?;
+    let mut config = wasmtime::CacheConfig::new();
+    config.with_directory(&dir).with_files_total_size_soft_limit(COMPILED_SIZE_LIMIT);
+    wasmtime::Cache::new(config)
+        .inspect_err(|e| tracing::debug!("not caching compiled code in {}: {e}", dir.display()))
+        .ok()
 }
 
 /// The SHA-256 of `bytes`, which names a module in the cache and in

@@ -76,6 +76,21 @@ const MAX_WASM_STACK: usize = 48 << 20;
 
 /// An engine configured the way UpStare runs guests.
 pub fn new_engine() -> anyhow::Result<wasmtime::Engine> {
+    Ok(wasmtime::Engine::new(&engine_config())?)
+}
+
+/// An engine as [`new_engine`] makes, which also keeps the machine code it
+/// compiles on disk (wasmtime's cache, in `compiled/` under `cache_dir` or
+/// the instrumentation cache's default place), so a restarted guest, or a
+/// version it was updated to before, loads without compiling again.
+/// Without a usable directory it is a plain [`new_engine`].
+pub fn new_cached_engine(cache_dir: Option<&std::path::Path>) -> anyhow::Result<wasmtime::Engine> {
+    let mut config = engine_config();
+    config.cache(cache::compiled_code(cache_dir));
+    Ok(wasmtime::Engine::new(&config)?)
+}
+
+fn engine_config() -> wasmtime::Config {
     let mut config = wasmtime::Config::new();
     config.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Enable);
     // The control memory of instrumented guests is a shared memory, so the
@@ -86,5 +101,5 @@ pub fn new_engine() -> anyhow::Result<wasmtime::Engine> {
     // run synchronously.
     config.async_stack_size(MAX_WASM_STACK);
     config.max_wasm_stack(MAX_WASM_STACK);
-    Ok(wasmtime::Engine::new(&config)?)
+    config
 }

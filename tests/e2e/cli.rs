@@ -150,7 +150,7 @@ fn a_damaged_instrumentation_cache_entry_is_ignored_and_replaced() {
     };
     let first = run();
     assert!(first.status.success());
-    let entries: Vec<_> = std::fs::read_dir(&cache.0).unwrap().map(|e| e.unwrap().path()).collect();
+    let entries: Vec<_> = std::fs::read_dir(&cache.0).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
     assert_eq!(entries.len(), 1, "one entry per module: {entries:?}");
     let good = std::fs::read(&entries[0]).unwrap();
     let mut damaged = good.clone();
@@ -161,4 +161,44 @@ fn a_damaged_instrumentation_cache_entry_is_ignored_and_replaced() {
     assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
     assert_eq!(second.stdout, first.stdout);
     assert_eq!(std::fs::read(&entries[0]).unwrap(), good, "the entry is written again");
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// The machine code compiled from a module is cached beside it (wasmtime's
+/// cache, in `compiled/`), so a restart does not compile again; an entry
+/// that is not wasmtime's is compiled again, not run.
+#[test]
+fn compiled_code_is_cached_and_a_damaged_entry_is_compiled_again() {
+    let cache = TempDir::new("compiled");
+    let compute = guest("compute");
+    let run = || {
+        upstare_tests::host_command()
+            .env("UPSTARE_CACHE_DIR", &cache.0)
+            .args([compute.to_str().unwrap(), "3", "20"])
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let compiled = files_under(&cache.0.join("compiled"));
+    assert!(!compiled.is_empty(), "compiled code is cached under compiled/");
+    for file in &compiled {
+        std::fs::write(file, b"not compiled code").unwrap();
+    }
+    let second = run();
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert_eq!(second.stdout, first.stdout);
 }

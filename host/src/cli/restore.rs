@@ -9,7 +9,7 @@ use super::bad_input;
 use super::run::{announce, bind_all, control_socket, finish};
 use crate::wasi::persist::FdKind;
 use crate::supervise::{self, Identity};
-use crate::{new_engine, Guest, GuestConfig, GuestModule, Snapshot};
+use crate::{new_cached_engine, Guest, GuestConfig, GuestModule, Snapshot};
 
 /// Resume a program from a snapshot written by `upstare-host checkpoint`.
 ///
@@ -50,7 +50,7 @@ pub fn execute(args: RestoreArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return bad_input(format!("{}: {e}", args.file.display())),
     };
-    let engine = match new_engine() {
+    let engine = match new_cached_engine(None) {
         Ok(e) => e,
         Err(e) => return bad_input(format!("cannot create the engine: {e}")),
     };

@@ -11,7 +11,7 @@ use clap::Args;
 use super::bad_input;
 use crate::control::{self, ControlSocket};
 use crate::supervise::{self, Identity};
-use crate::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, PreopenDir};
+use crate::{new_cached_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, PreopenDir};
 
 /// Exit status when the guest traps (as a C program that aborts).
 const EXIT_TRAP: u8 = 134;
@@ -122,7 +122,7 @@ pub fn execute(args: RunArgs) -> ExitCode {
         }
     }
 
-    let engine = match new_engine() {
+    let engine = match new_cached_engine(None) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: cannot create the engine: {e}");
