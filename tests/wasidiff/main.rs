@@ -204,6 +204,11 @@ fn run_upstare(name: &str, args: &[&str]) -> Run {
     finish(&scratch.0, out.stdout, out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// The status a wasmtime run reports when the guest trapped (the trap goes
+/// first in its stderr); upstare-host exits with 134 then, so a trap never
+/// passes for the other host's status.
+const TRAPPED: i32 = -134;
+
 fn engine() -> &'static wasmtime::Engine {
     static ENGINE: OnceLock<wasmtime::Engine> = OnceLock::new();
     ENGINE.get_or_init(wasmtime::Engine::default)
@@ -237,15 +242,20 @@ fn run_wasmtime(name: &str, args: &[&str]) -> Run {
     let mut store = wasmtime::Store::new(engine(), ctx);
     let instance = linker.instantiate(&mut store, &module).unwrap();
     let start = instance.get_typed_func::<(), ()>(&mut store, "_start").unwrap();
+    let mut trap = None;
     let status = match start.call(&mut store, ()) {
         Ok(()) => 0,
         Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
             Some(exit) => exit.0,
-            None => panic!("{name} failed under wasmtime: {e:?}"),
+            None => {
+                trap = Some(format!("{e:?}"));
+                TRAPPED
+            }
         },
     };
     drop(store);
-    finish(&scratch.0, stdout.contents().to_vec(), status, String::from_utf8_lossy(&stderr.contents()).into_owned())
+    let stderr = trap.unwrap_or_default() + &String::from_utf8_lossy(&stderr.contents());
+    finish(&scratch.0, stdout.contents().to_vec(), status, stderr)
 }
 
 fn finish(root: &Path, stdout: Vec<u8>, status: i32, stderr: String) -> Run {
@@ -331,4 +341,18 @@ fn random_reads_writes_and_seeks_agree_with_wasmtime() {
     eprintln!("wasi_random seed {seed} (set UPSTARE_WASIDIFF_SEED={seed} to repeat)");
     let context = format!("seed {seed}: UPSTARE_WASIDIFF_SEED={seed} repeats this run");
     differential("wasi_random", &[&seed.to_string(), "300"], &context);
+}
+
+/// Out-of-range enum arguments: upstare-host answers EINVAL and the guest
+/// runs on; wasmtime traps. Bad input from a guest is an errno, never the
+/// end of the program (README, "Against wasmtime").
+#[test]
+fn out_of_range_enums_are_einval_where_wasmtime_traps() {
+    for (case, call) in [("clock", "clock_time_get clock 9"), ("advice", "fd_advise advice 9"), ("whence", "fd_seek whence 7")] {
+        let ours = run_upstare("wasi_badenum", &[case]);
+        assert_eq!((ours.status, ours.stdout.as_str()), (0, format!("{call}: EINVAL\n").as_str()), "{case}: {}", ours.stderr);
+        let theirs = run_wasmtime("wasi_badenum", &[case]);
+        assert_eq!(theirs.status, TRAPPED, "{case}: wasmtime no longer traps; the README's table is stale: {theirs:?}");
+        assert!(theirs.stderr.contains("Invalid enum value"), "{case}: {}", theirs.stderr);
+    }
 }
