@@ -217,3 +217,42 @@ fn renames_links_and_symlinks_that_leave_the_preopens_are_refused() {
     }
     assert_eq!(std::fs::read_link(a.join("made-out-2")).unwrap(), std::path::Path::new("../outside.txt"));
 }
+
+/// The `flags:` of the host's open file description for `path`, from
+/// /proc: how the host really opened a file the guest asked for.
+fn host_open_flags(pid: u32, path: &std::path::Path) -> u32 {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        if std::fs::read_link(entry.path()).ok().as_deref() == Some(path) {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy())).unwrap();
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).expect("fdinfo has flags");
+            return u32::from_str_radix(flags.trim(), 8).unwrap();
+        }
+    }
+    panic!("the host has no fd open on {}", path.display());
+}
+
+#[test]
+fn o_sync_and_o_dsync_reach_the_host_file() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    // Linux's values: O_SYNC includes O_DSYNC.
+    const O_DSYNC: u32 = 0o10000;
+    const O_SYNC: u32 = 0o4010000;
+    let dir = TempDir::new("sync");
+    let spec = format!("{}::/d", dir.0.display());
+    let mut command = upstare_tests::host_command();
+    command.args(["--dir", &spec]).arg(guest("syncopen")).args(["sync:/d/s", "dsync:/d/ds", "plain:/d/p"]);
+    let mut host = upstare_tests::KillOnDrop::spawn(command.stdin(Stdio::piped()).stdout(Stdio::piped()));
+    let mut line = String::new();
+    std::io::BufReader::new(host.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = host.0.id();
+    assert_eq!(host_open_flags(pid, &dir.0.join("s")) & O_SYNC, O_SYNC);
+    // At least data-synchronous (the host's file layer opens O_DSYNC as
+    // O_SYNC, stronger than asked).
+    assert_eq!(host_open_flags(pid, &dir.0.join("ds")) & O_DSYNC, O_DSYNC);
+    assert_eq!(host_open_flags(pid, &dir.0.join("p")) & O_SYNC, 0);
+    drop(host.0.stdin.take());
+    assert!(host.0.wait().unwrap().success());
+}

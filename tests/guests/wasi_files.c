@@ -53,9 +53,16 @@ static void access_mode(const char *label, int fd) {
            fl & O_APPEND ? " append" : "");
 }
 
+static void put_text(const char *path, const char *text) {
+    int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC, 0644);
+    if (fd < 0 || write(fd, text, strlen(text)) < 0)
+        printf("put %s: %s\n", path, errname(errno));
+    close(fd);
+}
+
 static void files(void) {
-    int fd = open("/a/hello.txt", O_RDONLY);
-    CHECK("open hello.txt", fd);
+    int fd;
+    CHECK("open hello.txt", fd = open("/a/hello.txt", O_RDONLY));
     read_hash("read 5", fd, 5);
     read_hash("read rest", fd, 100);
     read_hash("read at eof", fd, 100);
@@ -76,8 +83,7 @@ static void files(void) {
     CHECK("close again", close(fd));
     VALUE("read closed", read(fd, (char[1]){0}, 1));
 
-    fd = open("/a/new.txt", O_CREAT | O_WRONLY | O_TRUNC, 0644);
-    CHECK("create new.txt", fd);
+    CHECK("create new.txt", fd = open("/a/new.txt", O_CREAT | O_WRONLY | O_TRUNC, 0644));
     VALUE("write 1", write(fd, "first line\n", 11));
     VALUE("write 2", write(fd, "second\n", 7));
     VALUE("write empty", write(fd, "", 0));
@@ -93,8 +99,7 @@ static void files(void) {
     CHECK("fdatasync", fdatasync(fd));
     close(fd);
 
-    fd = open("/a/new.txt", O_RDWR);
-    CHECK("reopen rdwr", fd);
+    CHECK("reopen rdwr", fd = open("/a/new.txt", O_RDWR));
     access_mode("mode of rdwr", fd);
     char buf[64];
     VALUE("pread hole", pread(fd, buf, sizeof buf, 0));
@@ -121,8 +126,7 @@ static void files(void) {
     printf("readv: %s\n", n < 0 ? errname(errno) : n == 0 ? "0" : "some");
     close(fd);
 
-    fd = open("/a/new.txt", O_WRONLY | O_APPEND);
-    CHECK("open append", fd);
+    CHECK("open append", fd = open("/a/new.txt", O_WRONLY | O_APPEND));
     access_mode("mode of append", fd);
     VALUE("append write", write(fd, "end\n", 4));
     VALUE("tell after append", lseek(fd, 0, SEEK_CUR));
@@ -142,17 +146,14 @@ static void files(void) {
     access_mode("mode after clearing", fd);
     close(fd);
 
-    fd = open("/a/new.txt", O_WRONLY | O_TRUNC);
-    CHECK("open truncating", fd);
+    CHECK("open truncating", fd = open("/a/new.txt", O_WRONLY | O_TRUNC));
     close(fd);
     stat_path("after O_TRUNC", "/a/new.txt");
-    fd = open("/a/new.txt", O_WRONLY | O_APPEND | O_TRUNC);
-    CHECK("open append truncating", fd);
+    CHECK("open append truncating", fd = open("/a/new.txt", O_WRONLY | O_APPEND | O_TRUNC));
     VALUE("write after append truncate", write(fd, "z", 1));
     close(fd);
     stat_path("after O_APPEND|O_TRUNC", "/a/new.txt");
-    fd = open("/a/ro-created.txt", O_CREAT | O_RDONLY, 0644);
-    CHECK("create read-only", fd);
+    CHECK("create read-only", fd = open("/a/ro-created.txt", O_CREAT | O_RDONLY, 0644));
     VALUE("write to read-only created", write(fd, "x", 1));
     close(fd);
     stat_path("read-only created", "/a/ro-created.txt");
@@ -174,8 +175,9 @@ static void files(void) {
     longname[sizeof longname - 1] = 0;
     CHECK("open long name", open(longname, O_CREAT | O_WRONLY, 0644));
 
-    int dfd = open("/a/sub", O_RDONLY);
-    CHECK("open dir read-only", dfd);
+    int dfd;
+
+    CHECK("open dir read-only", dfd = open("/a/sub", O_RDONLY));
     VALUE("read dir", read(dfd, buf, sizeof buf));
     VALUE("write dir", write(dfd, "x", 1));
     VALUE("seek dir", lseek(dfd, 0, SEEK_SET));
@@ -313,6 +315,78 @@ static void descriptors(void) {
     fprintf(stderr, "stderr is not compared\n");
 }
 
+/* Less travelled corners of path_open, write and poll. */
+static void edges(void) {
+    int dfd = open("/a", O_RDONLY | O_DIRECTORY);
+    __wasi_fd_t fd = 0;
+    int e;
+    put_text("/a/t.txt", "0123456789");
+    int tfd;
+    CHECK("open read-only truncating", tfd = open("/a/t.txt", O_RDONLY | O_TRUNC));
+    close(tfd);
+    stat_path("after read-only truncate", "/a/t.txt");
+    CHECK("create excl on a dangling symlink", open("/a/dangling", O_CREAT | O_EXCL | O_WRONLY, 0644));
+    CHECK("create excl on a symlink", open("/a/link-to-hello", O_CREAT | O_EXCL | O_WRONLY, 0644));
+    e = __wasi_path_open(dfd, 0, "newdir-flag", __WASI_OFLAGS_CREAT | __WASI_OFLAGS_DIRECTORY, __WASI_RIGHTS_FD_READ, 0, 0, &fd);
+    printf("path_open CREAT|DIRECTORY: %s\n", e ? errname(e) : "ok");
+    e = __wasi_path_open(dfd, 0, "hello.txt", __WASI_OFLAGS_EXCL, __WASI_RIGHTS_FD_READ, 0, 0, &fd);
+    printf("path_open EXCL without CREAT: %s\n", e ? errname(e) : "ok");
+    if (!e)
+        close((int)fd);
+    e = __wasi_path_open(dfd, 0, "hello.txt", 0, 0, 0, 0, &fd);
+    printf("path_open no rights: %s\n", e ? errname(e) : "ok");
+    if (!e) {
+        read_hash("read with no rights", (int)fd, 4);
+        close((int)fd);
+    }
+    e = __wasi_path_open(dfd, 0, ".", __WASI_OFLAGS_DIRECTORY, __WASI_RIGHTS_FD_READDIR, 0, 0, &fd);
+    printf("path_open .: %s\n", e ? errname(e) : "ok");
+    if (!e)
+        close((int)fd);
+    e = __wasi_path_open(dfd, 0, "", 0, __WASI_RIGHTS_FD_READ, 0, 0, &fd);
+    printf("path_open empty: %s\n", e ? errname(e) : "ok");
+    e = __wasi_path_open(dfd, 0, "sub/", 0, __WASI_RIGHTS_FD_READ, 0, 0, &fd);
+    printf("path_open dir with a slash: %s\n", e ? errname(e) : "ok");
+    if (!e)
+        close((int)fd);
+    int sfd;
+    CHECK("open O_SYNC", sfd = open("/a/t.txt", O_WRONLY | O_SYNC));
+    VALUE("write O_SYNC", write(sfd, "ab", 2));
+    fdstat("fdstat O_SYNC", sfd);
+    close(sfd);
+    CHECK("open O_DSYNC", sfd = open("/a/t.txt", O_WRONLY | O_DSYNC));
+    fdstat("fdstat O_DSYNC", sfd);
+    close(sfd);
+    CHECK("mkdir a preopen", mkdir("/a", 0755));
+    CHECK("rmdir a preopen", rmdir("/a"));
+    CHECK("unlink a preopen", unlink("/a"));
+    CHECK("rename a preopen", rename("/a", "/b/a"));
+    put_text("/a/u.txt", "u");
+    CHECK("rename a file onto a symlink", rename("/a/u.txt", "/a/dangling"));
+    stat_path("through the replaced symlink", "/a/dangling");
+    CHECK("rename a symlink onto a file", rename("/a/link-to-hello", "/a/t.txt"));
+    stat_path("t.txt is now the link", "/a/t.txt");
+
+    int f = open("/a/hello.txt", O_RDWR);
+    VALUE("read nothing", read(f, NULL, 0));
+    VALUE("write nothing", write(f, NULL, 0));
+    /* Past the largest offset: the OS refuses it, whatever the file
+     * system (offsets this large depend on it, so none are tried). */
+    VALUE("seek to 1", lseek(f, 1, SEEK_SET));
+    __wasi_filesize_t at = 0;
+    e = __wasi_fd_seek(f, INT64_MAX, __WASI_WHENCE_CUR, &at);
+    if (e)
+        printf("seek past the largest offset: %s\n", errname(e));
+    else
+        printf("seek past the largest offset: %llu\n", (unsigned long long)at);
+    VALUE("position after", lseek(f, 0, SEEK_CUR));
+    VALUE("pwrite at the largest offset", pwrite(f, "x", 1, INT64_MAX));
+    __wasi_rights_t base = 0;
+    RAW("fd_fdstat_set_rights", __wasi_fd_fdstat_set_rights(f, base, 0));
+    close(f);
+    close(dfd);
+}
+
 int main(int argc, char **argv) {
     printf("argc %d\n", argc);
     for (int i = 1; i < argc; i++)
@@ -322,6 +396,7 @@ int main(int argc, char **argv) {
     printf("env MISSING %s\n", getenv("DIFF_MISSING") ? "set" : "(unset)");
     files();
     descriptors();
+    edges();
     clocks_and_random();
     fflush(stdout);
     return 7;

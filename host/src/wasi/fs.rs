@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt, OpenOptionsMaybeDirExt, SystemTimeSpec};
+use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt, OpenOptionsMaybeDirExt, OpenOptionsSyncExt, SystemTimeSpec};
 use cap_std::fs::{MetadataExt, OpenOptionsExt};
 
 use super::abi::{fdflags, filetype, fstflags, layout, oflags, rights, whence, Errno, LOOKUP_SYMLINK_FOLLOW};
@@ -191,10 +191,14 @@ pub fn path_open(
     let display = guest_path(&parent, &path);
 
     if oflags & oflags::DIRECTORY != 0 {
-        // Asking to write a directory as a file is refused; a directory's
-        // own rights (fd_fdstat_get) do not include writing, so programs
-        // that reopen a directory with its rights get it.
-        if writable || oflags & (oflags::CREAT | oflags::TRUNC) != 0 {
+        // open(2) cannot create a directory (EINVAL, as Linux and wasmtime
+        // say). Asking to write a directory as a file is refused; a
+        // directory's own rights (fd_fdstat_get) do not include writing, so
+        // programs that reopen a directory with its rights get it.
+        if oflags & oflags::CREAT != 0 {
+            return Err(Errno::INVAL.into());
+        }
+        if writable || oflags & oflags::TRUNC != 0 {
             return Err(Errno::ISDIR.into());
         }
         let dir = match follow {
@@ -237,7 +241,27 @@ pub fn path_open(
             }
         }
     }
-    opts.truncate(truncate);
+    if truncate && !write && !append {
+        // O_RDONLY|O_TRUNC truncates a regular file on Linux (POSIX leaves
+        // it open), and wasmtime does the same; Rust's open refuses
+        // truncation without write access, so it is done through a writing
+        // open first. Only for a regular file: Linux ignores O_TRUNC on
+        // anything else, and opening a FIFO for writing could block.
+        let meta = match follow {
+            FollowSymlinks::Yes => parent.dir.metadata(&path),
+            FollowSymlinks::No => parent.dir.symlink_metadata(&path),
+        };
+        if meta.is_ok_and(|m| m.is_file()) {
+            let mut trunc = cap_std::fs::OpenOptions::new();
+            trunc.write(true).truncate(true).follow(follow);
+            drop(parent.dir.open_with(&path, &trunc)?);
+        }
+    } else {
+        opts.truncate(truncate);
+    }
+    // The synchronous-write flags are the host file's own: they can only
+    // be set when it is opened (F_SETFL ignores them).
+    opts.sync(fdflags & fdflags::SYNC != 0).dsync(fdflags & fdflags::DSYNC != 0).rsync(fdflags & fdflags::RSYNC != 0);
     opts.follow(follow);
     opts.maybe_dir(true);
     let guest_blocking = fdflags & fdflags::NONBLOCK == 0;
