@@ -4,7 +4,9 @@
  * returned; also keeps its own model of each file and says whether the
  * files ended as the model says. Short transfers are carried on to the
  * end, as a program must: hosts may split them differently (wasmtime takes
- * one buffer of a readv and at most 64 KiB at a time). */
+ * one buffer of a readv and at most 64 KiB at a time). Then random
+ * creations, renames, links, symlinks and removals among a few names in
+ * /a/ns and /b. */
 #include <fcntl.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -203,6 +205,47 @@ static void step(int op_no) {
     }
 }
 
+/* Random namespace operations on a few names in /a/ns and /b: which
+ * succeed, with which errno the rest fail, and what is left. */
+static void namespace_step(int op_no) {
+    static const char *names[] = {"/a/ns/p", "/a/ns/q", "/a/ns/d", "/a/ns/d/p", "/a/ns/d/e", "/a/ns/d/e/q", "/b/p", "/b/d"};
+    const size_t count = sizeof names / sizeof names[0];
+    const char *x = names[rng_below(count)], *y = names[rng_below(count)];
+    printf("%d ", op_no);
+    switch (rng_below(8)) {
+    case 0: {
+        int fd = open(x, O_CREAT | O_WRONLY | (rng_below(2) ? O_EXCL : 0), 0644);
+        printf("create %s: %s\n", x, fd < 0 ? errname(errno) : "ok");
+        if (fd >= 0) {
+            write(fd, x, strlen(x));
+            close(fd);
+        }
+        break;
+    }
+    case 1: CHECK(x, mkdir(x, 0755)); break;
+    case 2: printf("rename %s ", x); CHECK(y, rename(x, y)); break;
+    case 3: printf("unlink "); CHECK(x, unlink(x)); break;
+    case 4: printf("rmdir "); CHECK(x, rmdir(x)); break;
+    case 5: printf("link %s ", x); CHECK(y, link(x, y)); break;
+    case 6: {
+        /* A relative target in the link's own directory, or one level up. */
+        const char *base = strrchr(x, '/') + 1;
+        char target[64];
+        snprintf(target, sizeof target, "%s%s", rng_below(2) ? "../" : "", base);
+        printf("symlink %s ", target);
+        CHECK(y, symlink(target, y));
+        break;
+    }
+    default: {
+        struct stat st;
+        errno = 0;
+        int r = rng_below(2) ? stat(x, &st) : lstat(x, &st);
+        printf("stat %s: %s\n", x, r < 0 ? errname(errno) : S_ISREG(st.st_mode) ? "file" : S_ISDIR(st.st_mode) ? "dir" : "symlink");
+        break;
+    }
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: wasi_random SEED STEPS\n");
@@ -231,5 +274,8 @@ int main(int argc, char **argv) {
         printf("r%d: %lld bytes %016llx model %s\n", i, got, (unsigned long long)fnv1a(whole, (size_t)got),
                got == m->size && memcmp(whole, m->data, (size_t)got) == 0 ? "agrees" : "differs");
     }
+    CHECK("mkdir /a/ns", mkdir("/a/ns", 0755));
+    for (int s = 0; s < steps; s++)
+        namespace_step(s);
     return 0;
 }
