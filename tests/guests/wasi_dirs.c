@@ -355,10 +355,61 @@ static void escapes(void) {
     content("hello.txt still there", "/a/hello.txt");
 }
 
+/* Corners: hard links renamed onto each other, trailing slashes, dots,
+ * listings of what changed, times set to now. */
+static void corners(void) {
+    put("/a/h1", "h\n");
+    CHECK("link h1 h2", link("/a/h1", "/a/h2"));
+    CHECK("rename onto its own hard link", rename("/a/h1", "/a/h2"));
+    kind("h1 after", "/a/h1", 0);
+    kind("h2 after", "/a/h2", 0);
+    CHECK("rename file to name/", rename("/a/h1", "/a/h3/"));
+    CHECK("mkdir /a/.", mkdir("/a/.", 0755));
+    CHECK("unlink sub/.", unlink("/a/sub/."));
+    CHECK("rmdir sub/..", rmdir("/a/sub/.."));
+    kind("stat link to a file with a slash", "/a/chain/", 1);
+    kind("stat /a", "/a", 1);
+    kind("stat /a/.", "/a/.", 1);
+    CHECK("mkdir x/y", mkdir("/a/xy", 0755));
+    CHECK("symlink to dir", symlink("xy", "/a/xylink"));
+    list("list with a dir symlink", "/a");
+    CHECK("rename into dir through its symlink", rename("/a/h2", "/a/xylink/h2"));
+    list("list xy", "/a/xy");
+    CHECK("rmdir through a symlink with a slash", rmdir("/a/xylink/"));
+    CHECK("rename a symlink to a dir, with a slash", rename("/a/xylink/", "/a/xylink2"));
+    struct stat before, after;
+    CHECK("set old times", utimensat(AT_FDCWD, "/a/xy/h2", (struct timespec[2]){{1, 0}, {2, 0}}, 0));
+    stat("/a/xy/h2", &before);
+    CHECK("set times to now", utimensat(AT_FDCWD, "/a/xy/h2", NULL, 0));
+    stat("/a/xy/h2", &after);
+    printf("times moved to now: %d %d\n", after.st_atim.tv_sec > 1000, after.st_mtim.tv_sec > 1000);
+    int dfd = open("/a/xy", O_RDONLY | O_DIRECTORY);
+    CHECK("futimens a directory", futimens(dfd, (struct timespec[2]){{3, 0}, {4, 0}}));
+    stat("/a/xy", &after);
+    printf("directory mtime: %lld\n", (long long)after.st_mtim.tv_sec);
+    char buf[256];
+    __wasi_size_t used = 1;
+    RAW("fd_readdir cookie past the end", __wasi_fd_readdir(dfd, (uint8_t *)buf, sizeof buf, 1000, &used));
+    printf("bytes past the end: %u\n", (unsigned)used);
+    close(dfd);
+    /* A listing sees entries made since the directory was opened, once it
+     * starts over. */
+    DIR *d = opendir("/a/xy");
+    put("/a/xy/late", "late\n");
+    rewinddir(d);
+    int seen = 0;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        seen += strcmp(e->d_name, "late") == 0;
+    printf("late entry seen after rewind: %d\n", seen);
+    closedir(d);
+}
+
 int main(void) {
     directories();
     renames();
     links();
+    corners();
     escapes();
     return 0;
 }

@@ -423,11 +423,20 @@ pub fn fd_pwrite(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, iovs: u3
     Ok(())
 }
 
-/// `fd_sync`
+/// The directory itself, opened for reading: the handle the fd table
+/// holds may be an O_PATH one (cap-std opens directories so), which can
+/// neither be synced nor given times.
+fn readable_dir(dir: &OpenDir) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    Ok(rustix::fs::openat(&dir.dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+}
+
+/// `fd_sync`: on a directory, makes its entries durable (a rename or a
+/// creation in it), as fsync(2) does.
 pub fn fd_sync(ctx: &mut WasiCtx, _: &mut GuestMemory<'_>, fd: u32) -> CallResult {
     match &ctx.fds.get(fd)?.object {
         Object::File(f) => f.file.sync_all()?,
-        Object::Dir(_) => {}
+        Object::Dir(d) => rustix::fs::fsync(readable_dir(d)?).map_err(std::io::Error::from)?,
         _ => return Err(Errno::INVAL.into()),
     }
     Ok(())
@@ -492,7 +501,11 @@ pub fn fd_filestat_set_times(ctx: &mut WasiCtx, _: &mut GuestMemory<'_>, fd: u32
         last_access: to_timestamp(time_spec(atim, flags, fstflags::ATIM, fstflags::ATIM_NOW)?),
         last_modification: to_timestamp(time_spec(mtim, flags, fstflags::MTIM, fstflags::MTIM_NOW)?),
     };
-    rustix::fs::futimens(host_fd(&desc.object), &times).map_err(std::io::Error::from)?;
+    match &desc.object {
+        Object::Dir(d) => rustix::fs::futimens(readable_dir(d)?, &times),
+        object => rustix::fs::futimens(host_fd(object), &times),
+    }
+    .map_err(std::io::Error::from)?;
     Ok(())
 }
 
@@ -537,7 +550,14 @@ pub fn path_unlink_file(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, p
 pub fn path_rename(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, old: u32, old_len: u32, new_fd: u32, new: u32, new_len: u32) -> CallResult {
     let from = dir_of(ctx, fd)?;
     let to = dir_of(ctx, new_fd)?;
-    from.dir.rename(read_path(mem, old, old_len)?, &to.dir, read_path(mem, new, new_len)?)?;
+    let (old, new) = (read_path(mem, old, old_len)?, read_path(mem, new, new_len)?);
+    // A trailing slash makes the new name a directory's; the path layer
+    // drops it, so a file renamed to `name/` is refused here, as rename(2)
+    // refuses it (ENOTDIR).
+    if new.ends_with('/') && !old.ends_with('/') && from.dir.symlink_metadata(&old).is_ok_and(|m| !m.is_dir()) {
+        return Err(Errno::NOTDIR.into());
+    }
+    from.dir.rename(old, &to.dir, new)?;
     Ok(())
 }
 
