@@ -576,8 +576,9 @@ pub fn path_link(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, old_fd: u32, flag
     Ok(())
 }
 
-/// `path_symlink`: the link's text is stored as given; following it later
-/// is still confined to the sandbox.
+/// `path_symlink`: a relative target is stored as given, even one that
+/// points out (following it later is still confined to the sandbox); an
+/// absolute one is refused (ENOTCAPABLE) by the path layer.
 pub fn path_symlink(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, old: u32, old_len: u32, fd: u32, new: u32, new_len: u32) -> CallResult {
     let dir = dir_of(ctx, fd)?;
     let target = read_path(mem, old, old_len)?;
