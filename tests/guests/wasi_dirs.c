@@ -116,6 +116,8 @@ static void directories(void) {
     list("list /a", "/a");
     list("list /b", "/b");
     list("list /a/empty", "/a/empty");
+    kind("lstat fifo", "/a/fifo", 0);
+    kind("stat fifo", "/a/fifo", 1);
     list("list a file", "/a/hello.txt");
     list("list missing", "/a/nothing");
     CHECK("mkdir d", mkdir("/a/d", 0755));

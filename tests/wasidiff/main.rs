@@ -206,6 +206,9 @@ fn make_tree(root: &Path) {
     symlink("../outside.txt", a.join("out-rel")).unwrap();
     symlink(root.join("outside.txt"), a.join("out-abs")).unwrap();
     symlink("..", a.join("up")).unwrap();
+    // A FIFO, listed and stat'ed (never opened: that could block).
+    let status = std::process::Command::new("mkfifo").arg(a.join("fifo")).status().expect("mkfifo (coreutils) runs");
+    assert!(status.success(), "mkfifo failed");
 }
 
 /// Names, kinds, contents and link targets under `dir`, sorted, with
@@ -224,6 +227,8 @@ fn describe_tree(dir: &Path, root: &Path) -> BTreeMap<String, String> {
             } else if meta.is_dir() {
                 stack.push(path.clone());
                 "dir".to_string()
+            } else if !meta.is_file() {
+                "other".to_string()
             } else {
                 let bytes = std::fs::read(&path).unwrap();
                 format!("file {} bytes {:016x}", bytes.len(), fnv1a(&bytes))
