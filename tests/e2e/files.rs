@@ -219,26 +219,32 @@ fn renames_links_and_symlinks_that_leave_the_preopens_are_refused() {
 }
 
 /// The `flags:` of the host's open file description for `path`, from
-/// /proc: how the host really opened a file the guest asked for.
+/// /proc: how the host really opened a file the guest asked for. Waits up
+/// to 10 s for the host to open it (a restore reopens files as it starts).
 fn host_open_flags(pid: u32, path: &std::path::Path) -> u32 {
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-        let entry = entry.unwrap();
-        if std::fs::read_link(entry.path()).ok().as_deref() == Some(path) {
-            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy())).unwrap();
-            let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).expect("fdinfo has flags");
-            return u32::from_str_radix(flags.trim(), 8).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+            let entry = entry.unwrap();
+            if std::fs::read_link(entry.path()).ok().as_deref() == Some(path) {
+                let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy())).unwrap();
+                let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).expect("fdinfo has flags");
+                return u32::from_str_radix(flags.trim(), 8).unwrap();
+            }
         }
+        assert!(std::time::Instant::now() < deadline, "the host has no fd open on {}", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    panic!("the host has no fd open on {}", path.display());
 }
+
+// Linux's values: O_SYNC includes O_DSYNC.
+const O_DSYNC: u32 = 0o10000;
+const O_SYNC: u32 = 0o4010000;
 
 #[test]
 fn o_sync_and_o_dsync_reach_the_host_file() {
     use std::io::BufRead;
     use std::process::Stdio;
-    // Linux's values: O_SYNC includes O_DSYNC.
-    const O_DSYNC: u32 = 0o10000;
-    const O_SYNC: u32 = 0o4010000;
     let dir = TempDir::new("sync");
     let spec = format!("{}::/d", dir.0.display());
     let mut command = upstare_tests::host_command();
@@ -255,4 +261,36 @@ fn o_sync_and_o_dsync_reach_the_host_file() {
     assert_eq!(host_open_flags(pid, &dir.0.join("p")) & O_SYNC, 0);
     drop(host.0.stdin.take());
     assert!(host.0.wait().unwrap().success());
+}
+
+#[test]
+fn a_restore_reopens_o_sync_files_with_o_sync() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let dir = TempDir::new("sync-restore");
+    let data = dir.0.join("d");
+    std::fs::create_dir_all(&data).unwrap();
+    let control = upstare_tests::Control::new("sync-restore");
+    let spec = format!("{}::/d", data.display());
+    let mut command = upstare_tests::host_command();
+    command.args(["--control", &control.path(), "--dir", &spec]).arg(guest("syncopen")).args(["sync:/d/s", "dsync:/d/ds", "plain:/d/p"]);
+    let mut host = upstare_tests::KillOnDrop::spawn(command.stdin(Stdio::piped()).stdout(Stdio::piped()));
+    let mut line = String::new();
+    std::io::BufReader::new(host.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // The guest now waits on stdin, where it can pause.
+    let snap = dir.0.join("sync.snap");
+    let out = run_host(&["checkpoint", "--control", &control.path(), snap.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(host);
+
+    let mut restored = upstare_tests::KillOnDrop::spawn(
+        upstare_tests::host_command().args(["restore", snap.to_str().unwrap()]).stdin(Stdio::piped()).stdout(Stdio::null()),
+    );
+    let pid = restored.0.id();
+    assert_eq!(host_open_flags(pid, &data.join("s")) & O_SYNC, O_SYNC);
+    assert_eq!(host_open_flags(pid, &data.join("ds")) & O_DSYNC, O_DSYNC);
+    assert_eq!(host_open_flags(pid, &data.join("p")) & O_SYNC, 0);
+    drop(restored.0.stdin.take());
+    assert!(restored.0.wait().unwrap().success());
 }
