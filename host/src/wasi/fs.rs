@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt, OpenOptionsMaybeDirExt, SystemTimeSpec};
+use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt, OpenOptionsMaybeDirExt, OpenOptionsSyncExt, SystemTimeSpec};
 use cap_std::fs::{MetadataExt, OpenOptionsExt};
 
 use super::abi::{fdflags, filetype, fstflags, layout, oflags, rights, whence, Errno, LOOKUP_SYMLINK_FOLLOW};
@@ -191,10 +191,14 @@ pub fn path_open(
     let display = guest_path(&parent, &path);
 
     if oflags & oflags::DIRECTORY != 0 {
-        // Asking to write a directory as a file is refused; a directory's
-        // own rights (fd_fdstat_get) do not include writing, so programs
-        // that reopen a directory with its rights get it.
-        if writable || oflags & (oflags::CREAT | oflags::TRUNC) != 0 {
+        // open(2) cannot create a directory (EINVAL, as Linux and wasmtime
+        // say). Asking to write a directory as a file is refused; a
+        // directory's own rights (fd_fdstat_get) do not include writing, so
+        // programs that reopen a directory with its rights get it.
+        if oflags & oflags::CREAT != 0 {
+            return Err(Errno::INVAL.into());
+        }
+        if writable || oflags & oflags::TRUNC != 0 {
             return Err(Errno::ISDIR.into());
         }
         let dir = match follow {
@@ -237,7 +241,27 @@ pub fn path_open(
             }
         }
     }
-    opts.truncate(truncate);
+    if truncate && !write && !append {
+        // O_RDONLY|O_TRUNC truncates a regular file on Linux (POSIX leaves
+        // it open), and wasmtime does the same; Rust's open refuses
+        // truncation without write access, so it is done through a writing
+        // open first. Only for a regular file: Linux ignores O_TRUNC on
+        // anything else, and opening a FIFO for writing could block.
+        let meta = match follow {
+            FollowSymlinks::Yes => parent.dir.metadata(&path),
+            FollowSymlinks::No => parent.dir.symlink_metadata(&path),
+        };
+        if meta.is_ok_and(|m| m.is_file()) {
+            let mut trunc = cap_std::fs::OpenOptions::new();
+            trunc.write(true).truncate(true).follow(follow);
+            drop(parent.dir.open_with(&path, &trunc)?);
+        }
+    } else {
+        opts.truncate(truncate);
+    }
+    // The synchronous-write flags are the host file's own: they can only
+    // be set when it is opened (F_SETFL ignores them).
+    opts.sync(fdflags & fdflags::SYNC != 0).dsync(fdflags & fdflags::DSYNC != 0).rsync(fdflags & fdflags::RSYNC != 0);
     opts.follow(follow);
     opts.maybe_dir(true);
     let guest_blocking = fdflags & fdflags::NONBLOCK == 0;
@@ -399,11 +423,20 @@ pub fn fd_pwrite(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, iovs: u3
     Ok(())
 }
 
-/// `fd_sync`
+/// The directory itself, opened for reading: the handle the fd table
+/// holds may be an O_PATH one (cap-std opens directories so), which can
+/// neither be synced nor given times.
+fn readable_dir(dir: &OpenDir) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    Ok(rustix::fs::openat(&dir.dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+}
+
+/// `fd_sync`: on a directory, makes its entries durable (a rename or a
+/// creation in it), as fsync(2) does.
 pub fn fd_sync(ctx: &mut WasiCtx, _: &mut GuestMemory<'_>, fd: u32) -> CallResult {
     match &ctx.fds.get(fd)?.object {
         Object::File(f) => f.file.sync_all()?,
-        Object::Dir(_) => {}
+        Object::Dir(d) => rustix::fs::fsync(readable_dir(d)?).map_err(std::io::Error::from)?,
         _ => return Err(Errno::INVAL.into()),
     }
     Ok(())
@@ -468,7 +501,11 @@ pub fn fd_filestat_set_times(ctx: &mut WasiCtx, _: &mut GuestMemory<'_>, fd: u32
         last_access: to_timestamp(time_spec(atim, flags, fstflags::ATIM, fstflags::ATIM_NOW)?),
         last_modification: to_timestamp(time_spec(mtim, flags, fstflags::MTIM, fstflags::MTIM_NOW)?),
     };
-    rustix::fs::futimens(host_fd(&desc.object), &times).map_err(std::io::Error::from)?;
+    match &desc.object {
+        Object::Dir(d) => rustix::fs::futimens(readable_dir(d)?, &times),
+        object => rustix::fs::futimens(host_fd(object), &times),
+    }
+    .map_err(std::io::Error::from)?;
     Ok(())
 }
 
@@ -513,7 +550,14 @@ pub fn path_unlink_file(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, p
 pub fn path_rename(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, old: u32, old_len: u32, new_fd: u32, new: u32, new_len: u32) -> CallResult {
     let from = dir_of(ctx, fd)?;
     let to = dir_of(ctx, new_fd)?;
-    from.dir.rename(read_path(mem, old, old_len)?, &to.dir, read_path(mem, new, new_len)?)?;
+    let (old, new) = (read_path(mem, old, old_len)?, read_path(mem, new, new_len)?);
+    // A trailing slash makes the new name a directory's; the path layer
+    // drops it, so a file renamed to `name/` is refused here, as rename(2)
+    // refuses it (ENOTDIR).
+    if new.ends_with('/') && !old.ends_with('/') && from.dir.symlink_metadata(&old).is_ok_and(|m| !m.is_dir()) {
+        return Err(Errno::NOTDIR.into());
+    }
+    from.dir.rename(old, &to.dir, new)?;
     Ok(())
 }
 
@@ -532,8 +576,9 @@ pub fn path_link(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, old_fd: u32, flag
     Ok(())
 }
 
-/// `path_symlink`: the link's text is stored as given; following it later
-/// is still confined to the sandbox.
+/// `path_symlink`: a relative target is stored as given, even one that
+/// points out (following it later is still confined to the sandbox); an
+/// absolute one is refused (ENOTCAPABLE) by the path layer.
 pub fn path_symlink(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, old: u32, old_len: u32, fd: u32, new: u32, new_len: u32) -> CallResult {
     let dir = dir_of(ctx, fd)?;
     let target = read_path(mem, old, old_len)?;

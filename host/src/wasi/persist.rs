@@ -18,8 +18,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cap_fs_ext::FollowSymlinks;
+use cap_fs_ext::{FollowSymlinks, OpenOptionsSyncExt};
 
+use super::abi::fdflags;
 use super::fd_table::{Listener, Object, OpenDir, OpenFile, OpenPipe, Stream};
 use super::pipe::{self, Opened};
 use super::WasiCtx;
@@ -153,10 +154,13 @@ pub fn rebuild(ctx: &mut WasiCtx, records: &[FdRecord], listeners: Vec<TcpListen
             }
             FdKind::File { path, offset, readable, writable } => {
                 let (base, rel) = through_preopen(ctx, &preopens, path).map_err(fail)?;
-                let append = r.flags & super::abi::fdflags::APPEND != 0;
+                let append = r.flags & fdflags::APPEND != 0;
                 let mut opts = cap_std::fs::OpenOptions::new();
                 opts.read(*readable).write(*writable && !append).append(append);
-                let blocking = r.flags & super::abi::fdflags::NONBLOCK == 0;
+                // The synchronous-write flags can only be given at open.
+                let sync = |flag| r.flags & flag != 0;
+                opts.sync(sync(fdflags::SYNC)).dsync(sync(fdflags::DSYNC)).rsync(sync(fdflags::RSYNC));
+                let blocking = r.flags & fdflags::NONBLOCK == 0;
                 let opened = pipe::open(&base, &rel, &opts, FollowSymlinks::Yes, !*readable, blocking)
                     .map_err(|e| fail(format!("cannot reopen file {path}: {e}")))?;
                 match opened {
