@@ -135,19 +135,21 @@ fn trap_prints_a_backtrace_with_function_names() {
     assert!(err.contains("compute.c:"), "source lines from DWARF: {err}");
 }
 
+/// A short run of the compute guest with its caches in `dir`.
+fn compute_with_cache(dir: &std::path::Path) -> std::process::Output {
+    upstare_tests::host_command()
+        .env("UPSTARE_CACHE_DIR", dir)
+        .args([guest("compute").to_str().unwrap(), "3", "20"])
+        .output()
+        .unwrap()
+}
+
 /// The instrumentation cache is an optimisation only: damaged entries are
 /// ignored, the module is instrumented again, and the entry is rewritten.
 #[test]
 fn a_damaged_instrumentation_cache_entry_is_ignored_and_replaced() {
     let cache = TempDir::new("cache");
-    let compute = guest("compute");
-    let run = || {
-        upstare_tests::host_command()
-            .env("UPSTARE_CACHE_DIR", &cache.0)
-            .args([compute.to_str().unwrap(), "3", "20"])
-            .output()
-            .unwrap()
-    };
+    let run = || compute_with_cache(&cache.0);
     let first = run();
     assert!(first.status.success());
     let entries: Vec<_> = std::fs::read_dir(&cache.0).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
@@ -183,14 +185,7 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn compiled_code_is_cached_and_a_damaged_entry_is_compiled_again() {
     let cache = TempDir::new("compiled");
-    let compute = guest("compute");
-    let run = || {
-        upstare_tests::host_command()
-            .env("UPSTARE_CACHE_DIR", &cache.0)
-            .args([compute.to_str().unwrap(), "3", "20"])
-            .output()
-            .unwrap()
-    };
+    let run = || compute_with_cache(&cache.0);
     let first = run();
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let compiled = files_under(&cache.0.join("compiled"));

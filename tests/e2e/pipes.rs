@@ -59,6 +59,19 @@ fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> String {
 }
 
 /// The paused program's update to the same module: it must pause for it.
+/// Restores the checkpoint `name` of `control`, its output piped.
+fn restore(control: &Control, name: &str) -> KillOnDrop {
+    let snap = control.dir().join(format!("{name}.snap"));
+    KillOnDrop::spawn(host_command().args(["restore", snap.to_str().unwrap()]).stdout(Stdio::piped()))
+}
+
+/// Everything `child` prints until it closes its output.
+fn all_output(child: &mut KillOnDrop) -> String {
+    let mut out = String::new();
+    child.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    out
+}
+
 fn update_in_place(control: &Control) {
     let report = expect_report(&control.update(&guest("fifo")));
     assert_eq!(report.count("functions", "changed"), 0);
@@ -92,22 +105,10 @@ fn a_reader_waiting_for_a_writer_or_for_data_pauses_at_once() {
     assert_eq!(next_line(&mut lines), "end");
     assert!(host.0.wait().unwrap().success());
 
-    let snap = control.dir().join("waiting.snap");
-    let mut restored = KillOnDrop::spawn(
-        host_command()
-            .args(["restore", snap.to_str().unwrap()])
-            .stdout(Stdio::piped()),
-    );
+    let mut restored = restore(&control, "waiting");
     // Opening for writing waits until the restored program reads the FIFO.
     std::fs::write(&fifo, "again").unwrap();
-    let mut out = String::new();
-    restored
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let out = all_output(&mut restored);
     assert_eq!(out, "read: again\nend\n");
     assert!(restored.0.wait().unwrap().success());
 }
@@ -134,25 +135,13 @@ fn a_writer_waiting_for_a_reader_pauses_at_once() {
         assert_eq!(next_line(&mut lines), "wrote 5", "{mode}");
         assert!(host.0.wait().unwrap().success(), "{mode}");
 
-        let snap = control.dir().join("waiting.snap");
-        let mut restored = KillOnDrop::spawn(
-            host_command()
-                .args(["restore", snap.to_str().unwrap()])
-                .stdout(Stdio::piped()),
-        );
+        let mut restored = restore(&control, "waiting");
         assert_eq!(
             std::fs::read_to_string(&fifo).unwrap(),
             "hello",
             "{mode}: restored"
         );
-        let mut out = String::new();
-        restored
-            .0
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+        let out = all_output(&mut restored);
         assert_eq!(out, "wrote 5\n", "{mode}: restored");
         assert!(restored.0.wait().unwrap().success(), "{mode}: restored");
     }
