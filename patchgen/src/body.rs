@@ -96,7 +96,24 @@ pub struct Fingerprint {
 
 /// Fingerprints function `func` of the module `wasm` described by `info`.
 pub fn fingerprint(info: &ModuleInfo, wasm: &[u8], func: u32) -> Result<Fingerprint, Error> {
-    fingerprint_body(info, wasm, func)
+    let CodeFields { bytes, fields } = blank_fields(info, wasm, func, 0)?;
+    let refs = fields.into_iter().map(|(_, r)| r).collect();
+    let ty = info.functions[func as usize].ty;
+    let signature = info
+        .types
+        .get(ty as usize)
+        .cloned()
+        .ok_or(Error::Dangling {
+            func,
+            offset: body_range(info, func)?.start,
+            what: "type",
+            index: ty,
+        })?;
+    Ok(Fingerprint {
+        signature,
+        bytes,
+        refs,
+    })
 }
 
 /// Offset of a function's first instruction from the start of its body
@@ -156,27 +173,6 @@ fn blank_fields(info: &ModuleInfo, wasm: &[u8], func: u32, skip: u32) -> Result<
         fields.push((field.start - body.start, reference(info, func, r)?));
     }
     Ok(CodeFields { bytes, fields })
-}
-
-fn fingerprint_body(info: &ModuleInfo, wasm: &[u8], func: u32) -> Result<Fingerprint, Error> {
-    let CodeFields { bytes, fields } = blank_fields(info, wasm, func, 0)?;
-    let refs = fields.into_iter().map(|(_, r)| r).collect();
-    let ty = info.functions[func as usize].ty;
-    let signature = info
-        .types
-        .get(ty as usize)
-        .cloned()
-        .ok_or(Error::Dangling {
-            func,
-            offset: body_range(info, func)?.start,
-            what: "type",
-            index: ty,
-        })?;
-    Ok(Fingerprint {
-        signature,
-        bytes,
-        refs,
-    })
 }
 
 fn body_range(info: &ModuleInfo, func: u32) -> Result<std::ops::Range<u32>, Error> {
