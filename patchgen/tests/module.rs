@@ -208,7 +208,14 @@ fn unknown_relocation_type_is_reported_by_number() {
 fn garbage_and_truncated_modules_are_errors_not_panics() {
     let (wasm, _) = facts();
     assert!(ModuleInfo::parse(b"not wasm at all").is_err());
-    for cut in (0..wasm.len()).step_by(97) {
+    // A cut right after a section leaves a shorter module that may be
+    // whole; where sections end depends on the build path in the DWARF,
+    // so those cuts are skipped rather than left to chance.
+    let section_ends: Vec<usize> = wasmparser::Parser::new(0)
+        .parse_all(&wasm)
+        .filter_map(|payload| payload.ok()?.as_section().map(|(_, range)| range.end))
+        .collect();
+    for cut in (0..wasm.len()).step_by(97).filter(|cut| !section_ends.contains(cut)) {
         assert!(
             ModuleInfo::parse(&wasm[..cut]).is_err(),
             "truncated at {cut}"
