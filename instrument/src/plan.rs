@@ -6,7 +6,10 @@
 //! loop, or of one arm of an `if`. An *anchor* of a level is an instruction
 //! directly in it that is a resume point (a call) or a construct containing
 //! one. Rewinding enters each level at its start and jumps straight to the
-//! anchor on the path to the saved resume point; see the crate docs.
+//! anchor on the path to the saved resume point; see the crate docs. A
+//! level that starts with a plain block anchor *defers*: its jump is taken
+//! by the dispatch of that block's level, so a chain of such levels (a
+//! `switch` nest) tests the state once.
 
 use std::collections::HashMap;
 use std::ops::Range;
