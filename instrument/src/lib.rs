@@ -64,6 +64,18 @@
 //! return zeros
 //! ```
 //!
+//! The rewind enters the block levels on the path to the resume point one
+//! by one: each level that contains a resume point starts with its own test
+//! of the state and a `br_table` to the anchor on the path (see `plan`).
+//! A level whose first instruction is a plain `block` holding resume
+//! points, with no operands of the level on the stack, has nothing to run
+//! before that block, so it leaves its test to the block's level: the inner
+//! test's `br_table` covers the outer levels' resume points too, and
+//! branches outward to their anchors. clang lowers a C `switch` to one
+//! `block` per case, opened back to back before its `br_table`; when the
+//! cases call functions that can unwind, this makes one test per nest on
+//! every dispatch instead of one per case.
+//!
 //! Operands that are on the stack at a resume point live in extra *shadow
 //! locals* across it, so the frame saves them with the locals and the rewind
 //! pushes them back. Each frame is self-describing with the metadata: the

@@ -6,7 +6,10 @@
 //! loop, or of one arm of an `if`. An *anchor* of a level is an instruction
 //! directly in it that is a resume point (a call) or a construct containing
 //! one. Rewinding enters each level at its start and jumps straight to the
-//! anchor on the path to the saved resume point; see the crate docs.
+//! anchor on the path to the saved resume point; see the crate docs. A
+//! level that starts with a plain block anchor *defers*: its jump is taken
+//! by the dispatch of that block's level, so a chain of such levels (a
+//! `switch` nest) tests the state once.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -32,7 +35,7 @@ pub(crate) enum AnchorKind {
     Call { rp: u32 },
     /// A block, loop or if containing resume points `rps`; for an `if`,
     /// `else_from` is the first resume point of the else arm.
-    Construct { rps: Range<u32>, is_if: bool, else_from: u32 },
+    Construct { rps: Range<u32>, is_if: bool, is_loop: bool, else_from: u32 },
 }
 
 /// An anchor: where it sits and what the stack looks like there.
@@ -76,6 +79,29 @@ pub(crate) struct Level {
     pub loop_rp: Option<u32>,
     /// Resume points inside the level.
     pub rps: Range<u32>,
+    /// Operator index of the level's first instruction.
+    pub first_op: u32,
+    /// The level hands its rewind dispatch to the level of its first anchor
+    /// (see [`Level::defers`]).
+    pub defer: bool,
+}
+
+impl Level {
+    /// Whether the level can leave its rewind test to the level of its first
+    /// anchor: that anchor is its first instruction, a plain `block` that
+    /// neither takes nor leaves operands below it, and the level is not a
+    /// loop body (whose header check runs on every iteration and is also its
+    /// dispatch). Nothing then runs between the two level starts, so one test
+    /// at the inner start sees the same state as a test at the outer one.
+    fn defers(&self, anchors: &[Anchor], anchor_at: &HashMap<u32, usize>) -> bool {
+        let Some(&first) = self.anchors.first() else { return false };
+        let a = &anchors[first];
+        self.loop_rp.is_none()
+            && anchor_at.get(&self.first_op) == Some(&first)
+            && matches!(a.kind, AnchorKind::Construct { is_if: false, is_loop: false, .. })
+            && a.consumed == 0
+            && a.kept() == 0
+    }
 }
 
 /// Where levels start, by operator index: the top level starts at "before
@@ -102,6 +128,8 @@ struct Open {
     anchors: Vec<usize>,
     loop_rp: Option<u32>,
     first_rp: u32,
+    /// Operator index of the level's first instruction.
+    first_op: u32,
     /// The construct this level belongs to: (site index, first rp of the construct).
     construct: Option<(usize, u32)>,
     else_from: Option<u32>,
@@ -137,6 +165,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
         anchors: vec![],
         loop_rp: entry_rp,
         first_rp: 0,
+        first_op: 0,
         construct: None,
         else_from: None,
     }];
@@ -152,6 +181,8 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
             anchors: std::mem::take(&mut o.anchors),
             loop_rp: o.loop_rp,
             rps: o.first_rp..next_rp,
+            first_op: o.first_op,
+            defer: false,
         });
         Some(levels.len() - 1)
     };
@@ -235,6 +266,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
                     anchors: vec![],
                     loop_rp,
                     first_rp: next_rp,
+                    first_op: site.op_index + 1,
                     construct: Some((si, next_rp)),
                     else_from: None,
                 });
@@ -256,6 +288,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
                     anchors: vec![],
                     loop_rp: None,
                     first_rp: next_rp,
+                    first_op: site.op_index + 1,
                     construct: o.construct,
                     else_from: Some(next_rp),
                 });
@@ -279,17 +312,17 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
                     continue;
                 }
                 let cs = &body.sites[csite];
-                let (params, res, is_if) = match &cs.kind {
-                    SiteKind::Block { params, results } | SiteKind::Loop { params, results, .. } => {
-                        (params, results, false)
-                    }
-                    SiteKind::If { params, results } => (params, results, true),
+                let (params, res, is_if, is_loop) = match &cs.kind {
+                    SiteKind::Block { params, results } => (params, results, false, false),
+                    SiteKind::Loop { params, results, .. } => (params, results, false, true),
+                    SiteKind::If { params, results } => (params, results, true, false),
                     _ => return Err(internal("construct site is not a block")),
                 };
                 anchors.push(Anchor {
                     kind: AnchorKind::Construct {
                         rps: first..next_rp,
                         is_if,
+                        is_loop,
                         else_from: o.else_from.unwrap_or(next_rp),
                     },
                     stack: cs.stack.clone(),
@@ -303,5 +336,8 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
         }
     }
     let top = top.ok_or_else(|| internal("instrumented function without resume points"))?;
+    for level in &mut levels {
+        level.defer = level.defers(&anchors, &anchor_at);
+    }
     Ok(Plan { rps, anchors, anchor_at, levels, level_after, top, results })
 }

@@ -371,6 +371,84 @@ fn calls_in_if_arms_with_operands_below() {
     );
 }
 
+/// A `switch` nest opened at the function's start: the levels of `$exit`
+/// and `$c2` and the top level leave their rewind dispatch to `$c1`, whose
+/// one test pops the frame and branches outward to their anchors (a call
+/// with an operand kept below it, an `if` with a param, a blocking call).
+#[test]
+fn switch_nests_share_one_rewind_test() {
+    check_wat(
+        "switch nest",
+        r#"(module
+          (import "env" "block" (func $block (param i32) (result i32)))
+          (memory (export "mem") 1)
+          (func $step (param $x i32) (result i32)
+            (local $i i32)
+            (loop $l
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              i32.const 3
+              i32.lt_u
+              br_if $l)
+            local.get $x
+            local.get $i
+            i32.add)
+          (func $dispatch (param $op i32) (param $v i32) (result i32)
+            (block $exit
+              (block $c2
+                (block $c1
+                  (block $c0
+                    local.get $op
+                    br_table $c0 $c1 $c2 $exit)
+                  local.get $v
+                  call $step
+                  local.set $v
+                  br $exit)
+                local.get $v
+                local.get $v
+                call $block
+                i32.add
+                local.set $v
+                br $exit)
+              local.get $v
+              i32.const 7
+              local.get $v
+              i32.const 1
+              i32.and
+              (if (param i32) (result i32)
+                (then local.get $v call $step i32.add)
+                (else local.get $v call $block i32.sub))
+              i32.add
+              local.set $v)
+            local.get $v
+            local.get $v
+            call $step
+            i32.add)
+          (func (export "run") (result i32)
+            (local $op i32) (local $acc i32)
+            (loop $l
+              local.get $op
+              i32.const 4
+              i32.rem_u
+              local.get $acc
+              local.get $op
+              i32.add
+              call $dispatch
+              local.set $acc
+              local.get $op
+              i32.const 1
+              i32.add
+              local.tee $op
+              i32.const 12
+              i32.lt_u
+              br_if $l)
+            local.get $acc)
+        )"#,
+    );
+}
+
 #[test]
 fn call_indirect_through_a_table() {
     check_wat(

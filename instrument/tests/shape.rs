@@ -251,3 +251,89 @@ fn blocking_option_adds_update_points() {
     assert_eq!(out.metadata.functions.len(), 1);
     assert_eq!(out.metadata.functions[0].resume_points[0].kind, ResumeKind::BlockingCall);
 }
+
+/// Builds a C guest of the workspace with `bin/upstare-cc`.
+fn build_guest(name: &str) -> Vec<u8> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.wasm"));
+    let status = std::process::Command::new(root.join("bin/upstare-cc"))
+        .arg(root.join("tests/guests").join(format!("{name}.c")))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("cannot run bin/upstare-cc");
+    assert!(status.success(), "bin/upstare-cc failed on {name}");
+    std::fs::read(&out).unwrap()
+}
+
+/// The index of the function the name section calls `name`.
+fn function_named(wasm: &[u8], name: &str) -> u32 {
+    for p in Parser::new(0).parse_all(wasm) {
+        if let Payload::CustomSection(c) = p.expect("parses") {
+            if let wasmparser::KnownCustom::Name(names) = c.as_known() {
+                for n in names {
+                    if let wasmparser::Name::Function(map) = n.expect("name subsection") {
+                        for f in map {
+                            let f = f.expect("name");
+                            if f.name == name {
+                                return f.index;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    panic!("no function named {name}")
+}
+
+/// How many times a body tests `upstare_state == REWINDING`, and how many
+/// `block`s of the original code it opens.
+fn rewind_tests_and_blocks(body: &[u8], state_global: u32) -> (usize, usize) {
+    use wasmparser::Operator as O;
+    let body = wasmparser::FunctionBody::new(wasmparser::BinaryReader::new(body, 0));
+    let ops: Vec<O> = body
+        .get_operators_reader()
+        .expect("operators")
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("operators");
+    let rewinding = abi::State::Rewinding as i32;
+    let tests = ops
+        .windows(3)
+        .filter(|w| {
+            matches!(w, [O::GlobalGet { global_index }, O::I32Const { value }, O::I32Eq]
+                if *global_index == state_global && *value == rewinding)
+        })
+        .count();
+    let blocks = ops.iter().filter(|o| matches!(o, O::Block { .. })).count();
+    (tests, blocks)
+}
+
+/// clang lowers a `switch` to one `block` per case opened back to back
+/// before its `br_table`. When every case calls a function that can unwind,
+/// each of those blocks holds resume points; the rewind dispatch of the
+/// whole nest is one test at its innermost level, not one per block.
+#[test]
+fn a_switch_nest_tests_for_a_rewind_once() {
+    let wasm = build_guest("switchvm");
+    let run = function_named(&wasm, "run");
+    let out = instrument(&wasm, &Options::default()).expect("instrument");
+    let meta = &out.metadata;
+    let calls = meta.function(run).expect("run is instrumented").resume_points.iter();
+    let calls = calls.filter(|r| r.kind == ResumeKind::Call).count();
+    assert!(calls >= 10, "each case calls a helper: {calls} call resume points");
+
+    let imported = shape(&wasm).imports.iter().filter(|i| i.2 == "func").count() as u32;
+    let (before, after) = (shape(&wasm), shape(&out.wasm));
+    let at = (run - imported) as usize;
+    let (_, original_blocks) = rewind_tests_and_blocks(&before.bodies[at], u32::MAX);
+    assert!(original_blocks >= 10, "the switch is a nest of blocks: {original_blocks}");
+    let (tests, _) = rewind_tests_and_blocks(&after.bodies[at], meta.state_global);
+    // One at the function's start (which stores to memory before its first
+    // block, so it keeps its own), one in the block around the loop (whose
+    // first instruction is the loop), one at the loop header, and one for
+    // the whole switch nest inside the loop, where a test per block would
+    // make one per case.
+    assert_eq!(tests, 4, "rewind tests in `run`, whose switch has {calls} cases");
+}

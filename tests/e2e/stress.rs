@@ -118,3 +118,23 @@ fn recursion_without_loops_is_paused_and_resumed() {
         assert!(unwinds(&stderr) > 10, "N={n}: {stderr}");
     }
 }
+
+/// An interpreter whose `switch` cases each call a helper that can unwind:
+/// the rewind of its block nest goes through one dispatch that branches out
+/// to the right case, and the output is unchanged at every period.
+#[test]
+fn switch_interpreter_under_stress_prints_what_a_plain_run_prints() {
+    let vm = guest("switchvm");
+    let vm = vm.to_str().unwrap();
+    let plain = run_host(&["--no-instrument", vm, "3"]);
+    assert!(plain.status.success());
+    assert_eq!(String::from_utf8_lossy(&plain.stdout).lines().count(), 3);
+    for n in [1u32, 7] {
+        let n_str = n.to_string();
+        let stressed = run_host(&["--stress-pause", &n_str, vm, "3"]);
+        let stderr = String::from_utf8_lossy(&stressed.stderr);
+        assert!(stressed.status.success(), "N={n}: {stderr}");
+        assert_eq!(String::from_utf8_lossy(&stressed.stdout), String::from_utf8_lossy(&plain.stdout), "N={n}");
+        assert!(unwinds(&stderr) > 1000, "N={n}: too few unwinds: {stderr}");
+    }
+}

@@ -11,7 +11,7 @@
 //! the whole operand stack below it is therefore in shadow locals, which is
 //! what the unwind tail saves and the rewind prologue restores.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use wasm_encoder::{BlockType, Instruction as I};
 use wasmparser::{BinaryReader, Operator, OperatorsReader};
@@ -61,6 +61,12 @@ struct Emitter<'a> {
     unwind: u32,
     /// Synthetic block closed right before each anchor.
     anchor_block: HashMap<usize, u32>,
+    /// First anchors of deferring levels: they start where their level does,
+    /// so they get no block.
+    no_block: HashSet<usize>,
+    /// Levels whose rewind dispatch waits for the next level to open,
+    /// outermost first (see [`crate::plan::Level::defer`]).
+    deferred: Vec<usize>,
     originals_open: u32,
     /// Where copied original code sits: (offset in `code`, original offset),
     /// one entry per contiguous run.
@@ -91,6 +97,8 @@ pub(crate) fn instrument(
         rp: n_locals + 1,
         unwind: 0,
         anchor_block: HashMap::new(),
+        no_block: HashSet::new(),
+        deferred: Vec::new(),
         originals_open: 0,
         runs: Vec::new(),
     };
@@ -103,6 +111,9 @@ pub(crate) fn instrument(
         let start = ops.original_position();
         let op = ops.read().map_err(|e| Error::from_reader(ErrorKind::Invalid, e))?;
         let bytes = &wasm[start..ops.original_position()];
+        if !e.deferred.is_empty() && !matches!(op, Operator::Block { .. }) {
+            return Err(internal("a deferred rewind dispatch is not followed by its block"));
+        }
         let anchor = plan.anchor_at.get(&index).copied();
         if let Some(a) = anchor {
             e.anchor_prelude(a)?;
@@ -294,25 +305,39 @@ impl Emitter<'_> {
 
     /// Emits the start of a level: one block per anchor, each ending right
     /// before its anchor, then the rewind dispatch (or, for a loop body, the
-    /// pause check that also dispatches).
+    /// pause check that also dispatches). A deferring level stops after its
+    /// blocks and leaves its dispatch to the level its first instruction
+    /// opens, whose test then covers both.
     fn open_level(&mut self, l: usize) -> Result<()> {
         let level = &self.plan.levels[l];
         let params = level.params.clone();
-        for &a in level.anchors.iter().rev() {
+        for (i, &a) in level.anchors.iter().enumerate().rev() {
+            if level.defer && i == 0 {
+                self.no_block.insert(a);
+                continue;
+            }
             let consumed = self.plan.anchors[a].consumed_types().to_vec();
             let bt = self.cx.types.block(&params, &consumed);
             let id = self.block(bt);
             self.anchor_block.insert(a, id);
         }
+        if level.defer {
+            self.deferred.push(l);
+            return Ok(());
+        }
+        let deferred = std::mem::take(&mut self.deferred);
         if let Some(loop_rp) = level.loop_rp {
+            if !deferred.is_empty() {
+                return Err(internal("a loop body cannot take a deferred dispatch"));
+            }
             self.loop_header(l, loop_rp)
         } else {
             self.is_rewinding();
             self.if_(BlockType::Empty);
-            if l == self.plan.top {
+            if deferred.first().copied().unwrap_or(l) == self.plan.top {
                 self.prologue()?;
             }
-            self.dispatch(l, None)?;
+            self.dispatch(&deferred, l, None)?;
             self.end()
         }
     }
@@ -336,7 +361,7 @@ impl Emitter<'_> {
         if l == self.plan.top {
             self.prologue()?;
         }
-        self.dispatch(l, Some((resume, check)))?;
+        self.dispatch(&[], l, Some((resume, check)))?;
         self.end()?;
         self.code.op(I::Call(self.cx.helpers.should_pause));
         self.code.op(I::I32Eqz);
@@ -353,27 +378,35 @@ impl Emitter<'_> {
 
     /// The rewind dispatch of a level: a `br_table` on the saved resume point
     /// to code that pushes the operands of the anchor on the path and jumps
-    /// to the block that ends right before it.
-    fn dispatch(&mut self, l: usize, header: Option<(u32, u32)>) -> Result<()> {
+    /// to the block that ends right before it. With `deferred` levels (the
+    /// chain of levels around this one that left their dispatch to it,
+    /// outermost first), the table spans the outermost one's resume points;
+    /// their anchors' blocks are still open around this code, so a case for
+    /// one of them branches outward to it.
+    fn dispatch(&mut self, deferred: &[usize], l: usize, header: Option<(u32, u32)>) -> Result<()> {
         let level = &self.plan.levels[l];
+        let span = deferred.first().map_or(level.rps.clone(), |&d| self.plan.levels[d].rps.clone());
         let mut cases = Vec::new();
-        let mut case_of_rp = vec![0u32; (level.rps.end - level.rps.start) as usize];
+        let mut case_of_rp = vec![0u32; (span.end - span.start) as usize];
         let mut assign = |cases: &mut Vec<Case>, rps: std::ops::Range<u32>, case: Case| {
             for rp in rps {
-                case_of_rp[(rp - level.rps.start) as usize] = cases.len() as u32;
+                case_of_rp[(rp - span.start) as usize] = cases.len() as u32;
             }
             cases.push(case);
         };
         if let (Some(rp), Some((resume, check))) = (level.loop_rp, header) {
             assign(&mut cases, rp..rp + 1, Case::LoopHeader { resume, check });
         }
-        for &a in &level.anchors {
+        // A deferred level's first anchor is the next level's construct,
+        // whose resume points the next level's cases cover.
+        let outer = deferred.iter().flat_map(|&d| self.plan.levels[d].anchors.iter().skip(1));
+        for &a in outer.chain(&level.anchors) {
             match &self.plan.anchors[a].kind {
                 AnchorKind::Call { rp } => assign(&mut cases, *rp..*rp + 1, Case::Anchor { anchor: a, then_arm: None }),
                 AnchorKind::Construct { rps, is_if: false, .. } => {
                     assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None })
                 }
-                AnchorKind::Construct { rps, is_if: true, else_from } => {
+                AnchorKind::Construct { rps, is_if: true, else_from, .. } => {
                     if rps.start < *else_from {
                         assign(&mut cases, rps.start..*else_from, Case::Anchor { anchor: a, then_arm: Some(true) });
                     }
@@ -383,7 +416,7 @@ impl Emitter<'_> {
                 }
             }
         }
-        let first = level.rps.start;
+        let first = span.start;
         let k = cases.len() as u32;
         for _ in 0..=k {
             self.block(BlockType::Empty);
@@ -442,6 +475,10 @@ impl Emitter<'_> {
             AnchorKind::Call { rp } => self.plan.rps[rp as usize].kind != ResumeKind::Call,
             AnchorKind::Construct { .. } => false,
         };
+        if self.no_block.contains(&a) {
+            // Deferring requires an anchor with nothing to stash.
+            return if kept > 0 || stash { Err(internal("a deferred anchor keeps operands")) } else { Ok(()) };
+        }
         let stack = anchor.stack.clone();
         if kept > 0 || stash {
             let lo = if kept > 0 { base } else { h - c };
