@@ -193,6 +193,12 @@ fn kv_v2_to_v3_under_load_carries_the_counts_field_by_field() {
     assert!(missing_keys(server.port, &outcome.stored).is_empty());
 }
 
+/// Each update may wait: under load, main is often paused inside its
+/// request loop, where a compiler temporary of v1 and v2 has no counterpart
+/// yet (issue 13's retreat to the loop header would move it), and the
+/// update tries again until main is caught waiting in `poll`. On a busy
+/// machine that can take longer than the default 2 s, so each update here
+/// may wait 20 s; any refusal still fails the test.
 #[test]
 fn a_hundred_updates_back_and_forth_under_load() {
     let (server, control) = start_kv("kv-server", "update-100");
@@ -202,7 +208,7 @@ fn a_hundred_updates_back_and_forth_under_load() {
     let mut watcher = server.client();
     for i in 0..100 {
         let (to, stats_known) = if i % 2 == 0 { (&v2, true) } else { (&v1, false) };
-        let out = control.update(to);
+        let (out, _) = control.update_with_timeout(to, 20_000);
         let report = expect_report(&out);
         assert_eq!(report.sha256, sha256_file(to), "update {i}");
         let stats = watcher.request("STATS");
