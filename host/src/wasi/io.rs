@@ -160,6 +160,7 @@ pub fn fd_fdstat_get(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, out:
     let kind = desc.object.filetype();
     // Rights describe what each kind of fd can do; the host does not narrow
     // them further (see fd_fdstat_set_rights).
+    let seek = rights::FD_SEEK | rights::FD_TELL;
     let (base, inheriting) = match &desc.object {
         Object::Dir(_) => (rights::DIRECTORY, rights::ALL),
         Object::File(f) => {
@@ -172,12 +173,12 @@ pub fn fd_fdstat_get(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, out:
         Object::Pipe(p) => {
             let read = if p.readable { rights::FD_READ } else { 0 };
             let write = if p.writable { rights::FD_WRITE } else { 0 };
-            let seek = if p.fifo || rustix::termios::isatty(p.described()) { 0 } else { rights::FD_SEEK | rights::FD_TELL };
-            ((rights::FILE & !(rights::FD_SEEK | rights::FD_TELL)) | seek | rights::POLL_FD_READWRITE | read | write, 0)
+            let seekable = if p.fifo || rustix::termios::isatty(p.described()) { 0 } else { seek };
+            ((rights::FILE & !seek) | seekable | rights::POLL_FD_READWRITE | read | write, 0)
         }
         // wasi-libc's isatty() wants a character device that cannot seek.
-        Object::Listener(_) | Object::Stream(_) => (rights::ALL & !(rights::FD_SEEK | rights::FD_TELL), rights::ALL),
-        _ if kind == filetype::CHARACTER_DEVICE => (rights::ALL & !(rights::FD_SEEK | rights::FD_TELL), rights::ALL),
+        Object::Listener(_) | Object::Stream(_) => (rights::ALL & !seek, rights::ALL),
+        _ if kind == filetype::CHARACTER_DEVICE => (rights::ALL & !seek, rights::ALL),
         _ => (rights::ALL, rights::ALL),
     };
     let mut buf = [0u8; layout::FDSTAT_SIZE];

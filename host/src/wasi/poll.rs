@@ -33,6 +33,14 @@ struct Event {
     hangup: bool,
 }
 
+impl Event {
+    /// An event that reports only its outcome: a clock, an object ready by
+    /// nature, or a subscription that failed.
+    fn outcome(userdata: u64, kind: u8, error: Errno) -> Event {
+        Event { userdata, error, kind, nbytes: 0, hangup: false }
+    }
+}
+
 fn parse(ctx: &WasiCtx, mem: &GuestMemory<'_>, at: u32) -> CallResult<(u64, u8, Sub)> {
     let userdata = mem.read_u64(at)?;
     let tag = mem.slice(at + 8, 1)?[0];
@@ -117,7 +125,7 @@ pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, 
     let mut deadline: Option<Instant> = None;
     for (i, (userdata, kind, sub)) in subs.iter().enumerate() {
         match sub {
-            Sub::Failed(error) => events.push(Event { userdata: *userdata, error: *error, kind: *kind, nbytes: 0, hangup: false }),
+            Sub::Failed(error) => events.push(Event::outcome(*userdata, *kind, *error)),
             Sub::Clock { deadline: d } => deadline = Some(deadline.map_or(*d, |cur: Instant| cur.min(*d))),
             Sub::Fd { desc, interest } => match readiness(desc, *interest) {
                 Ok(Readiness::On(fd)) => {
@@ -125,8 +133,8 @@ pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, 
                     wait_owner.push(i);
                 }
                 Ok(Readiness::Later) => later.push(i),
-                Ok(Readiness::Now) => events.push(Event { userdata: *userdata, error: Errno::SUCCESS, kind: *kind, nbytes: 0, hangup: false }),
-                Err(CallError::Errno(error)) => events.push(Event { userdata: *userdata, error, kind: *kind, nbytes: 0, hangup: false }),
+                Ok(Readiness::Now) => events.push(Event::outcome(*userdata, *kind, Errno::SUCCESS)),
+                Err(CallError::Errno(error)) => events.push(Event::outcome(*userdata, *kind, error)),
                 Err(e) => return Err(e),
             },
         }
@@ -171,7 +179,7 @@ pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, 
                         Ok(Some(_)) => Errno::SUCCESS,
                         Err(e) => e.into(),
                     };
-                    events.push(Event { userdata: *userdata, error, kind: *kind, nbytes: 0, hangup: false });
+                    events.push(Event::outcome(*userdata, *kind, error));
                     connected = true;
                 }
                 if connected {
@@ -193,7 +201,7 @@ pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, 
     for (userdata, kind, sub) in &subs {
         if let Sub::Clock { deadline } = sub {
             if *deadline <= now {
-                events.push(Event { userdata: *userdata, error: Errno::SUCCESS, kind: *kind, nbytes: 0, hangup: false });
+                events.push(Event::outcome(*userdata, *kind, Errno::SUCCESS));
             }
         }
     }
