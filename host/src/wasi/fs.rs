@@ -162,6 +162,15 @@ fn guest_path(parent: &OpenDir, rel: &str) -> String {
     }
 }
 
+/// The metadata of `path` below `dir`, of a final symlink itself unless
+/// `follow` says to follow it.
+pub(super) fn metadata_at(dir: &cap_std::fs::Dir, path: &str, follow: FollowSymlinks) -> std::io::Result<cap_std::fs::Metadata> {
+    match follow {
+        FollowSymlinks::Yes => dir.metadata(path),
+        FollowSymlinks::No => dir.symlink_metadata(path),
+    }
+}
+
 /// `path_open`. Read and write access follow the FD_READ and FD_WRITE
 /// rights wasi-libc derives from O_RDONLY/O_WRONLY; everything else about
 /// access is left to the host OS inside the sandbox. Nothing is opened in a
@@ -247,11 +256,7 @@ pub fn path_open(
         // truncation without write access, so it is done through a writing
         // open first. Only for a regular file: Linux ignores O_TRUNC on
         // anything else, and opening a FIFO for writing could block.
-        let meta = match follow {
-            FollowSymlinks::Yes => parent.dir.metadata(&path),
-            FollowSymlinks::No => parent.dir.symlink_metadata(&path),
-        };
-        if meta.is_ok_and(|m| m.is_file()) {
+        if metadata_at(&parent.dir, &path, follow).is_ok_and(|m| m.is_file()) {
             let mut trunc = cap_std::fs::OpenOptions::new();
             trunc.write(true).truncate(true).follow(follow);
             drop(parent.dir.open_with(&path, &trunc)?);

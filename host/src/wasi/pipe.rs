@@ -66,11 +66,7 @@ fn nonblocking(opts: &cap_std::fs::OpenOptions) -> cap_std::fs::OpenOptions {
 }
 
 fn is_fifo(dir: &cap_std::fs::Dir, path: &str, follow: FollowSymlinks) -> bool {
-    let meta = match follow {
-        FollowSymlinks::Yes => dir.metadata(path),
-        FollowSymlinks::No => dir.symlink_metadata(path),
-    };
-    meta.is_ok_and(|m| m.file_type().is_fifo())
+    super::fs::metadata_at(dir, path, follow).is_ok_and(|m| m.file_type().is_fifo())
 }
 
 /// Opens `path` below `dir` as `opts` says, without waiting in the kernel
