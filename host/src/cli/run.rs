@@ -23,6 +23,10 @@ const EXIT_HOST_ERROR: u8 = 1;
 /// Options come before the module; everything after the module is passed
 /// to the guest as its arguments. Listeners from --tcplisten get guest fds
 /// 3, 4, ... in order, then each --dir gets the next fd.
+///
+/// The instrumented module and the machine code compiled from it are cached
+/// in $UPSTARE_CACHE_DIR (else $XDG_CACHE_HOME/upstare, else
+/// ~/.cache/upstare), so a restart neither instruments nor compiles again.
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Give the guest a host directory, as GUEST (default: the HOST path
