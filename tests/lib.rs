@@ -248,6 +248,12 @@ impl Client {
         self.writer.write_all(format!("{line}\n").as_bytes()).expect("send");
     }
 
+    /// Sends bytes as they are: part of a line, or more than one.
+    pub fn send_raw(&mut self, bytes: &str) {
+        self.writer.write_all(bytes.as_bytes()).expect("send");
+        self.writer.flush().expect("send");
+    }
+
     /// Reads one line, without the newline.
     pub fn read_line(&mut self) -> String {
         let mut s = String::new();

@@ -162,4 +162,10 @@ impl InterruptHandle {
         // A full pipe already holds a wake-up; nothing more is needed.
         let _ = rustix::io::write(&self.shared.wake_write, &[1]);
     }
+
+    /// Withdraws a request the guest has not taken yet. (A wake-up byte
+    /// left in the pipe only makes one wait look once more.)
+    pub fn withdraw(&self) {
+        self.shared.pending.store(false, Ordering::Release);
+    }
 }

@@ -178,5 +178,15 @@ impl PauseHandle {
     /// Withdraws a request the guest has not acted on yet.
     pub fn cancel(&self) {
         self.control.set_pause(false);
+        self.interrupt.withdraw();
+    }
+
+    /// Asks the guest to pause at its next blocking call only, where a
+    /// frame that cannot move as it stands may go back to its loop header;
+    /// loop headers and calls elsewhere run on.
+    pub fn request_at_blocking_call(&self) -> Instant {
+        let asked = Instant::now();
+        self.interrupt.interrupt();
+        asked
     }
 }

@@ -354,6 +354,13 @@ fn live_update(
     // Between attempts the program runs on, for longer each time, so a
     // function that blocks the update can finish and leave the stack.
     let mut backoff = Duration::from_millis(2);
+    // After a frame could not move where the program paused, the next
+    // attempt pauses in a blocking call instead: there a server's loop
+    // stands between requests, and a frame of a changed loop can go back
+    // to its header; a busy server rarely pauses there on its own. Such an
+    // attempt waits briefly: a program that makes no blocking call
+    // meanwhile is paused at its next update point by the attempt after.
+    let mut at_blocking_call = false;
     loop {
         let claim = Arc::new(AtomicU8::new(PENDING));
         let (reply, answer) = channel();
@@ -361,8 +368,17 @@ fn live_update(
         if commands.send(command).is_err() {
             return Response::refused("the guest has exited");
         }
-        pause.request();
-        let outcome = match answer.recv_timeout(pause_limit) {
+        let wait = match at_blocking_call {
+            true => {
+                pause.request_at_blocking_call();
+                pause_limit.min(BLOCKING_CALL_WAIT)
+            }
+            false => {
+                pause.request();
+                pause_limit
+            }
+        };
+        let outcome = match answer.recv_timeout(wait) {
             Ok(outcome) => outcome,
             Err(RecvTimeoutError::Timeout)
                 if claim.compare_exchange(PENDING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst).is_err() =>
@@ -372,6 +388,11 @@ fn live_update(
                     Ok(outcome) => outcome,
                     Err(_) => return Response::refused("the guest has exited"),
                 }
+            }
+            Err(RecvTimeoutError::Timeout) if at_blocking_call => {
+                pause.cancel();
+                at_blocking_call = false;
+                continue;
             }
             Err(RecvTimeoutError::Timeout) => {
                 pause.cancel();
@@ -398,8 +419,11 @@ fn live_update(
             Err(UpdateError::Frame(frame)) if Instant::now() < deadline => {
                 // Let the program run on, so that frame can leave the stack.
                 tracing::debug!("update waits: {frame}");
-                std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
-                backoff = (backoff * 2).min(Duration::from_millis(100));
+                at_blocking_call = !at_blocking_call;
+                if !at_blocking_call {
+                    std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
             }
             Err(UpdateError::Frame(frame)) => {
                 return Response::refused(format!(
@@ -414,6 +438,9 @@ fn live_update(
         }
     }
 }
+
+/// How long an attempt that pauses only in a blocking call waits for one.
+const BLOCKING_CALL_WAIT: Duration = Duration::from_millis(200);
 
 /// The converted globals whose conversion loses fields, if any.
 fn lossy_conversions(prepared: &Prepared) -> Option<String> {

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use upstare_instrument::abi::{exports, write_frames, TypedFrame, Value};
 use upstare_instrument::Metadata;
-use upstare_patchgen::frames::{FrameMapper, FramePlan, Unmappable};
+use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack, Unmappable};
 use upstare_patchgen::plan::{plan, Linked, Plan};
 use upstare_patchgen::version::Version;
 use wasmtime::{Engine, InstancePre, Linker, Store};
@@ -134,6 +134,9 @@ pub struct Report {
     pub globals: (usize, usize, usize, usize, usize),
     /// Frames moved to the new code.
     pub frames: usize,
+    /// Frames that went back to their loop header, and frames above them
+    /// dropped (their blocking calls start again in the new version).
+    pub retreated: (usize, usize),
     /// From the guest stopped (unwound) to the new version ready to run.
     pub pause: Duration,
     /// Planning, relinking, instrumenting and compiling, before the pause.
@@ -147,7 +150,8 @@ impl std::fmt::Display for Report {
         writeln!(f, "updated to {} (sha256:{})", self.path.display(), self.hash)?;
         writeln!(f, "functions: {c} changed, {a} added, {r} removed, {u} unchanged")?;
         writeln!(f, "globals: {kept} kept, {moved} moved, {transformed} transformed, {added} added, {removed} removed")?;
-        writeln!(f, "frames: {} mapped", self.frames)?;
+        let (retreated, dropped) = self.retreated;
+        writeln!(f, "frames: {} mapped, {retreated} retreated, {dropped} dropped", self.frames)?;
         writeln!(f, "pause: {} us", self.pause.as_micros())?;
         write!(f, "prepare: {} ms", self.prepare.as_millis())
     }
@@ -274,18 +278,40 @@ impl Guest {
         if self.module.hash != current.module.hash {
             return Err(UpdateError::Refused("the update was prepared for another version than the one running".into()));
         }
-        let mapped: Vec<TypedFrame> =
-            frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map_err(UpdateError::Frame)?;
-        if !prepared.linked.conversions.is_empty() {
-            let sp = self.stack_pointer(&current.version);
-            let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
-            if let Some(reason) = stale_pointer(&frames, &current.version, memory, sp, &prepared.linked.conversions) {
+        let sp = self.stack_pointer(&current.version);
+        let stack = match sp {
+            Some(sp) => prepared.frames.map_stack(&frames, sp),
+            None => frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map(|frames| MappedStack { frames, ..MappedStack::default() }),
+        }
+        .map_err(UpdateError::Frame)?;
+        let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
+        // Dropped frames and the retreating frame's old values are gone once
+        // the update is done; what the other frames hold still matters.
+        let kept = &frames[frames.len() + 1 - stack.frames.len().max(1)..];
+        let kept = if stack.retreated.is_some() { kept } else { &frames[..] };
+        let stack_from = stack.kept_stack_from.or(sp);
+        let stale = |c: &dyn Fn(u32) -> Option<String>, skip| find_pointer(kept, &current.version, memory, stack_from, c, skip);
+        let moved_from = |v: u32| {
+            stack.moves.iter().any(|(from, _, len)| v >= *from && u64::from(v - from) < *len).then(|| {
+                "a variable of the frame that goes back to its loop header: it would still point at the variable's old place".to_string()
+            })
+        };
+        let converted = |v: u32| {
+            let conversions = &prepared.linked.conversions;
+            conversions
+                .iter()
+                .find(|c| v >= c.old_address && v - c.old_address < c.old_size.max(1))
+                .map(|c| format!("`{}`, whose type changed: it would still point at the old copy", c.key))
+        };
+        for (check, skip) in [(&moved_from as &dyn Fn(u32) -> Option<String>, false), (&converted, true)] {
+            if let Some(reason) = stale(check, skip) {
                 return Err(UpdateError::Refused(reason));
             }
         }
+        let mapped = &stack.frames;
 
         let mut previous = self.switch_to(prepared, new_meta).map_err(rollback)?;
-        match self.finish_update(&mut previous, prepared, &mapped) {
+        match self.finish_update(&mut previous, prepared, &stack) {
             Ok(()) => {
                 drop(previous);
                 let p = &prepared.plan;
@@ -300,6 +326,10 @@ impl Guest {
                     ),
                     globals: p.data_counts(),
                     frames: mapped.len(),
+                    retreated: match stack.retreated {
+                        Some(_) => (1, frames.len() + 1 - mapped.len()),
+                        None => (0, 0),
+                    },
                     pause: paused_at.elapsed(),
                     prepare: prepared.prepare_time,
                 })
@@ -313,8 +343,8 @@ impl Guest {
 
     /// The running value of `__stack_pointer`, the shadow stack's top of use.
     fn stack_pointer(&mut self, version: &Version) -> Option<u32> {
-        let index = version.info.globals.iter().position(|g| g.name.as_deref() == Some("__stack_pointer"))?;
-        let global = self.instance.get_global(&mut self.store, &exports::global(index as u32))?;
+        let index = stack_pointer_index(version)?;
+        let global = self.instance.get_global(&mut self.store, &exports::global(index))?;
         global.get(&mut self.store).i32().map(|v| v as u32)
     }
 
@@ -370,7 +400,7 @@ impl Guest {
     }
 
     /// Steps 3 and 4: state, then the verified rewind.
-    fn finish_update(&mut self, previous: &mut Previous, prepared: &Prepared, mapped: &[TypedFrame]) -> Result<(), String> {
+    fn finish_update(&mut self, previous: &mut Previous, prepared: &Prepared, stack: &MappedStack) -> Result<(), String> {
         let linked = &prepared.linked;
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
@@ -405,6 +435,34 @@ impl Guest {
                 .ok_or_else(|| format!("the new version does not export global {new_index}"))?;
             global.set(&mut *store, value).map_err(|e| one_line(&e))?;
         }
+        if let Some(sp) = stack.stack_pointer {
+            let new = &prepared.next.version;
+            let index = crate::update::stack_pointer_index(new).ok_or("the new version has no stack pointer global")?;
+            let global = self.instance.get_global(&mut *store, &exports::global(index)).ok_or("the new version does not export its stack pointer")?;
+            global.set(&mut *store, wasmtime::Val::I32(sp as i32)).map_err(|e| one_line(&e))?;
+        }
+        // A retreating frame's variables move within the shadow stack: the
+        // bytes they overwrite are kept for a rollback.
+        let u = instrumented(&mut self.unwinder)?;
+        let sources: Vec<Vec<u8>> = stack
+            .moves
+            .iter()
+            .map(|(from, _, len)| u.memory.read(u64::from(*from), *len).ok_or("a moving frame variable lies out of bounds"))
+            .collect::<Result<_, _>>()?;
+        let overwritten: Vec<Vec<u8>> = stack
+            .moves
+            .iter()
+            .map(|(_, to, len)| u.memory.read(u64::from(*to), *len).ok_or("a frame variable's new place lies out of bounds"))
+            .collect::<Result<_, _>>()?;
+        for ((_, to, _), bytes) in stack.moves.iter().zip(&sources) {
+            u.memory.write(u64::from(*to), bytes);
+        }
+        let restore_frame = |u: &Unwinder| {
+            for ((_, to, _), bytes) in stack.moves.iter().zip(&overwritten).rev() {
+                u.memory.write(u64::from(*to), bytes);
+            }
+        };
+        let mapped = &stack.frames;
         // From here on the user's transformers write memory the old version
         // owns: a failure at any later step must find it as it was.
         let backup = match has_transformers(linked) {
@@ -412,6 +470,9 @@ impl Guest {
             false => None,
         };
         let result = self.transform_and_rewind(linked, mapped, &prepared.next.version);
+        if result.is_err() {
+            restore_frame(instrumented(&mut self.unwinder)?);
+        }
         match (result, backup) {
             (Ok(()), _) => Ok(()),
             (Err(reason), None) => Err(reason),
@@ -513,32 +574,28 @@ fn instrumented(unwinder: &mut Option<Unwinder>) -> Result<&mut Unwinder, String
     unwinder.as_mut().ok_or_else(|| "the module runs without instrumentation".to_string())
 }
 
-/// A converted global moves to fresh memory; code that names it is
-/// relinked, but a pointer to its old place held in a frame or in the old
-/// version's globals would go on reading and writing the old copy. Such a
-/// value (or an integer that merely looks like one: the check cannot tell)
-/// refuses the update. The heap is not searched.
-fn stale_pointer(
+/// A value that points where nothing will be once the update is done: a
+/// converted global's old copy (code that names it is relinked, but a
+/// pointer to its old place would go on reading and writing the old copy),
+/// or the old place of a frame variable that moves. `target` names what an
+/// address would point into. Frames, the old version's writable globals and
+/// the live shadow stack are searched, not the heap; an integer that merely
+/// looks like such an address refuses the update too (the check cannot tell).
+fn find_pointer(
     frames: &[TypedFrame],
     old: &Version,
     memory: &ProgramMemory,
     stack_pointer: Option<u32>,
-    conversions: &[upstare_patchgen::plan::Conversion],
+    target: &dyn Fn(u32) -> Option<String>,
+    skip_targets: bool,
 ) -> Option<String> {
-    if conversions.is_empty() {
-        return None;
-    }
-    let inside = |value: u32| {
-        conversions.iter().find(|c| value >= c.old_address && value - c.old_address < c.old_size.max(1))
-    };
     for frame in frames {
         for value in frame.locals.iter().chain(&frame.operands) {
             if let upstare_instrument::abi::Value::I32(v) = value {
-                if let Some(c) = inside(*v as u32) {
+                if let Some(what) = target(*v as u32) {
                     return Some(format!(
-                        "a frame of `{}` holds the address of `{}`, whose type changed: it would still point at the old copy",
+                        "a frame of `{}` holds the address of {what}",
                         old.info.function_name(frame.func),
-                        c.key
                     ));
                 }
             }
@@ -557,7 +614,7 @@ fn stale_pointer(
             let writable = old.info.segments.get(d.segment? as usize)?.writable;
             let at = old.layout.data.get(&(i as u32)).copied().unwrap_or(d.address);
             let name = format!("global `{}`", s.name.clone().unwrap_or_default());
-            (writable && !conversions.iter().any(|c| c.old_address == at)).then_some((name, at, d.size))
+            (writable && !(skip_targets && target(at).is_some())).then_some((name, at, d.size))
         })
         .collect();
     if let (Some(sp), Some(top)) = (stack_pointer, stack_top(old)) {
@@ -565,16 +622,24 @@ fn stale_pointer(
     }
     for (holder, at, size) in regions {
         let bytes = memory.read(u64::from(at), u64::from(size))?;
-        for word in bytes.chunks_exact(4) {
-            if let Some(c) = inside(u32::from_le_bytes([word[0], word[1], word[2], word[3]])) {
-                return Some(format!(
-                    "{holder} holds the address of `{}`, whose type changed: it would still point at the old copy",
-                    c.key
-                ));
+        for (i, word) in bytes.chunks_exact(4).enumerate() {
+            let here = at + 4 * i as u32;
+            // A converted global's old copy is dropped, so what it holds
+            // does not matter; a moving variable keeps what it holds.
+            if skip_targets && target(here).is_some() {
+                continue;
+            }
+            if let Some(what) = target(u32::from_le_bytes([word[0], word[1], word[2], word[3]])) {
+                return Some(format!("{holder} holds the address of {what}"));
             }
         }
     }
     None
+}
+
+/// Index of the `__stack_pointer` global in `version`.
+pub(crate) fn stack_pointer_index(version: &Version) -> Option<u32> {
+    upstare_patchgen::symbolic::stack_pointer_global(version)
 }
 
 /// The top of the shadow stack in the running layout: wasm-ld's

@@ -42,7 +42,10 @@ use upstare_instrument::abi::{FunctionMeta, Metadata, ResumeKind, ResumePoint, T
 use crate::body::shadow_frame_size;
 use crate::diff::FunctionMatch;
 use crate::dwarf::{same_type, Location, VarAt, VarKey};
+use crate::equivalence::{align, Side};
 use crate::liveness::live_at_many;
+use crate::retreat::{Analyser, Discard, EntryStackPointer, RetreatPath};
+use crate::symbolic::Sym;
 use crate::version::Version;
 
 /// A frame that cannot be moved to the new version, and why.
@@ -79,6 +82,13 @@ pub enum Source {
     /// Zero, because the function starts over (an entry point) and zero is
     /// what a fresh call's declared local holds.
     Fresh,
+    /// The frame's entry stack pointer plus this offset: the new code
+    /// computed the local from the stack pointer alone (a frame base, the
+    /// address of a variable in the frame). Only in retreats.
+    Stack(i64),
+    /// This constant, the new code's only value for the local there. Only
+    /// in retreats.
+    Const(i64),
 }
 
 /// How to build the new version's frame from an old frame saved at one
@@ -100,6 +110,56 @@ pub struct Recipe {
 #[derive(Debug, Clone, Default)]
 pub struct FramePlan {
     recipes: HashMap<(u32, u32), Result<Recipe, Unmappable>>,
+    /// Frames that may be dropped when a frame below them retreats, by
+    /// (function, resume point).
+    discards: HashMap<(u32, u32), Result<Discard, String>>,
+    /// Frames of changed functions that may go back to their loop header.
+    retreats: HashMap<(u32, u32), Result<Retreat, String>>,
+    /// Names of the running version's instrumented functions, for messages.
+    names: HashMap<u32, String>,
+}
+
+/// How a frame goes back to its loop header in the new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retreat {
+    /// The new frame, at the new version's loop header.
+    pub recipe: Recipe,
+    /// The old path from the header to the point.
+    pub path: RetreatPath,
+    /// The new code's stack pointer at its header, relative to the entry one.
+    pub new_stack_at_header: i64,
+    /// The frame's variables in linear memory that change place, relative
+    /// to the entry stack pointer.
+    pub moves: Vec<Move>,
+}
+
+/// Bytes of a frame's memory that move, relative to its entry stack pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// Where they are in the old frame.
+    pub from: i64,
+    /// Where they go in the new one.
+    pub to: i64,
+    /// How many.
+    pub len: u64,
+}
+
+/// A whole stack of the old version, as a stack of the new one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MappedStack {
+    /// The new frames, innermost first.
+    pub frames: Vec<TypedFrame>,
+    /// The value to give the new version's stack pointer, when a frame
+    /// retreated and the frames above it were dropped.
+    pub stack_pointer: Option<u32>,
+    /// Bytes of linear memory to move (from, to, length), all read before
+    /// any is written.
+    pub moves: Vec<(u32, u32, u64)>,
+    /// The frame that retreated, described for people.
+    pub retreated: Option<String>,
+    /// Where the retreating frame's memory starts in the old layout: the
+    /// shadow stack below it belonged to the dropped frames.
+    pub kept_stack_from: Option<u32>,
 }
 
 impl FramePlan {
@@ -108,32 +168,92 @@ impl FramePlan {
         let recipe = match self.recipes.get(&(frame.func, frame.resume_point)) {
             Some(Ok(r)) => r,
             Some(Err(e)) => return Err(e.clone()),
-            None => {
-                return Err(Unmappable {
-                    function: format!("func[{}]", frame.func),
-                    point: format!("#{}", frame.resume_point),
-                    reason: "the frame names a resume point the running version's metadata does not have".into(),
-                })
-            }
+            None => return Err(unknown_point(frame)),
         };
-        let locals = recipe
-            .locals
-            .iter()
-            .zip(&recipe.types)
-            .map(|(source, ty)| match source {
-                // A frame that does not match its metadata must not be
-                // patched up with zeros the new code would read.
-                Source::Old(j) => frame.locals.get(*j as usize).copied().filter(|v| v.ty() == *ty).ok_or_else(|| {
-                    Unmappable {
-                        function: format!("func[{}]", frame.func),
-                        point: format!("#{}", frame.resume_point),
-                        reason: format!("the saved frame has no {ty:?} local {j}, which the recipe reads"),
+        build(recipe, frame, None)
+    }
+
+    /// The stack `frames` (innermost first) of the old version, whose stack
+    /// pointer global holds `stack_pointer`, as a stack of the new one.
+    ///
+    /// Each frame moves to its point in the new version when it can. When
+    /// one cannot, the outermost such frame may retreat to its loop header
+    /// ([`crate::retreat`]): the frames above it are dropped, the stack
+    /// pointer goes back to where it was at the header, and the frame's
+    /// memory is rearranged for the new code.
+    pub fn map_stack(&self, frames: &[TypedFrame], stack_pointer: u32) -> Result<MappedStack, Unmappable> {
+        let mapped: Vec<Result<TypedFrame, Unmappable>> = frames.iter().map(|f| self.map(f)).collect();
+        let Some(k) = mapped.iter().rposition(Result::is_err) else {
+            return Ok(MappedStack { frames: mapped.into_iter().map(Result::unwrap).collect(), ..MappedStack::default() });
+        };
+        let stuck = mapped[k].clone().unwrap_err();
+        let cannot = |why: String| Unmappable { reason: format!("{}; it cannot go back to its loop header: {why}", stuck.reason), ..stuck.clone() };
+        let frame = &frames[k];
+        let retreat = match self.retreats.get(&(frame.func, frame.resume_point)) {
+            Some(Ok(r)) => r,
+            Some(Err(why)) => return Err(cannot(why.clone())),
+            None => return Err(stuck),
+        };
+        // The entry stack pointer of each dropped frame, innermost first:
+        // what the stack pointer was when its caller called it.
+        let mut sp = stack_pointer;
+        for (i, inner) in frames[..k].iter().enumerate() {
+            let discard = match self.discards.get(&(inner.func, inner.resume_point)) {
+                Some(Ok(d)) => d,
+                Some(Err(why)) => {
+                    return Err(cannot(format!("the frame of `{}` above it would be dropped, but {why}", self.name(inner.func))))
+                }
+                None => {
+                    return Err(cannot(format!(
+                        "the frame of `{}` above it does not lead to a blocking call",
+                        self.name(inner.func)
+                    )))
+                }
+            };
+            if i == 0 && !discard.blocking {
+                return Err(cannot("the innermost frame does not wait in a blocking call".into()));
+            }
+            sp = entry_stack_pointer(discard.entry, inner, sp).map_err(&cannot)?;
+        }
+        if k == 0 && self.discards.get(&(frame.func, frame.resume_point)).is_none_or(|d| !d.as_ref().is_ok_and(|d| d.blocking)) {
+            return Err(cannot("it does not wait in a blocking call".into()));
+        }
+        let entry = entry_stack_pointer(retreat.path.entry, frame, sp).map_err(&cannot)?;
+        // No code between the header and the call moved the stack pointer,
+        // so at the call it is where the code puts it at the header.
+        if i64::from(entry) + retreat.path.stack_at_header != i64::from(sp) {
+            return Err(cannot(format!(
+                "its stack pointer is {sp:#x} at the call, not {:#x} as its code sets it",
+                i64::from(entry) + retreat.path.stack_at_header
+            )));
+        }
+        let at = |offset: i64| (i64::from(entry) + offset) as u32;
+        let new = build(&retreat.recipe, frame, Some(entry))?;
+        let old_frame = at(retreat.path.stack_at_header)..entry;
+        let moves: Vec<(u32, u32, u64)> =
+            retreat.moves.iter().filter(|m| m.from != m.to).map(|m| (at(m.from), at(m.to), m.len)).collect();
+        if !moves.is_empty() {
+            for (source, value) in retreat.recipe.locals.iter().zip(&new.locals) {
+                if let (Source::Old(j), Value::I32(v)) = (source, value) {
+                    if old_frame.contains(&(*v as u32)) {
+                        return Err(cannot(format!(
+                            "local {j} holds an address in its frame in linear memory, whose variables move"
+                        )));
                     }
-                }),
-                Source::Dead | Source::Fresh => Ok(Value::from_slot(*ty, 0)),
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(TypedFrame { func: recipe.func, resume_point: recipe.resume_point, locals, operands: frame.operands.clone() })
+                }
+            }
+        }
+        let mut out = vec![new];
+        for m in mapped.into_iter().skip(k + 1) {
+            out.push(m?);
+        }
+        Ok(MappedStack {
+            frames: out,
+            stack_pointer: Some(at(retreat.new_stack_at_header)),
+            moves,
+            retreated: Some(format!("{} (from {})", stuck.function, stuck.point)),
+            kept_stack_from: Some(old_frame.start),
+        })
     }
 
     /// The recipe for frames of old function `func` saved at its resume
@@ -141,6 +261,24 @@ impl FramePlan {
     /// version has no such point.
     pub fn recipe(&self, func: u32, resume_point: u32) -> Option<&Result<Recipe, Unmappable>> {
         self.recipes.get(&(func, resume_point))
+    }
+
+    fn name(&self, func: u32) -> String {
+        self.names.get(&func).cloned().unwrap_or_else(|| format!("func[{func}]"))
+    }
+
+    /// Whether a frame saved at this resume point may go back to its loop
+    /// header, and if not, why; `None` if the question does not arise (the
+    /// frame moves as it is, or is not in a changed function).
+    pub fn retreat(&self, func: u32, resume_point: u32) -> Option<&Result<Retreat, String>> {
+        self.retreats.get(&(func, resume_point))
+    }
+
+    /// Whether a frame saved at this resume point may be dropped when a
+    /// frame below it retreats, and if not, why; `None` if the point does
+    /// not lead to a blocking call.
+    pub fn discard(&self, func: u32, resume_point: u32) -> Option<&Result<Discard, String>> {
+        self.discards.get(&(func, resume_point))
     }
 
     /// How many resume points have a recipe, and how many cannot move.
@@ -165,7 +303,220 @@ impl FrameMapper<'_> {
                 recipes.insert((f.index, rp), self.recipe(f.index, rp, pair.as_ref()));
             }
         }
-        FramePlan { recipes }
+        let (old, _) = self.old;
+        let names = old_meta.functions.iter().map(|f| (f.index, old.info.function_name(f.index))).collect();
+        let mut plan = FramePlan { recipes, names, ..FramePlan::default() };
+        self.plan_retreats(&mut plan);
+        plan
+    }
+
+    /// Which frames may be dropped, and which frames of changed functions
+    /// that cannot move where they stand may retreat to their loop header.
+    fn plan_retreats(&self, plan: &mut FramePlan) {
+        let (old, old_meta) = self.old;
+        let (new, _) = self.new;
+        let (old_code, new_code) = (Analyser::new(old), Analyser::new(new));
+        let pc = |rp: &ResumePoint| rp.offset.wrapping_sub(old_meta.code_section);
+        // A frame can be dropped only above a blocking call: start from the
+        // blocking calls and go up the calls to functions already found
+        // droppable, which keeps the analysis to the chains that matter.
+        let mut droppable: std::collections::HashSet<u32> = std::collections::HashSet::new();
+        loop {
+            let mut grew = false;
+            for f in &old_meta.functions {
+                for (i, rp) in f.resume_points.iter().enumerate() {
+                    let key = (f.index, i as u32);
+                    let blocking = rp.kind == ResumeKind::BlockingCall;
+                    let leads_on = rp.kind == ResumeKind::Call && droppable.contains(&rp.callee);
+                    if plan.discards.contains_key(&key) || !(blocking || leads_on) {
+                        continue;
+                    }
+                    let discard = old_code.discard(f.index, pc(rp), blocking);
+                    if discard.is_ok() {
+                        grew |= droppable.insert(f.index);
+                    }
+                    plan.discards.insert(key, discard);
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+        for f in &old_meta.functions {
+            let pair = match self.functions.is_unchanged(f.index) {
+                true => continue,
+                false => self.changed_pair(f.index),
+            };
+            for (i, rp) in f.resume_points.iter().enumerate() {
+                let key = (f.index, i as u32);
+                let stuck = plan.recipes.get(&key).is_some_and(Result::is_err);
+                let waits = rp.kind == ResumeKind::BlockingCall
+                    || rp.kind == ResumeKind::Call && droppable.contains(&rp.callee);
+                if stuck && waits {
+                    let retreat = self.retreat(f, rp, pair.as_ref(), &old_code, &new_code);
+                    plan.retreats.insert(key, retreat);
+                }
+            }
+        }
+    }
+
+    /// How a frame of changed function `old_fn` saved at `old_rp` retreats
+    /// to its loop header in the new version, or why it cannot.
+    fn retreat(
+        &self,
+        old_fn: &FunctionMeta,
+        old_rp: &ResumePoint,
+        pair: Option<&ChangedPair>,
+        old_code: &Analyser<'_>,
+        new_code: &Analyser<'_>,
+    ) -> Result<Retreat, String> {
+        let (old, old_meta) = self.old;
+        let (new, new_meta) = self.new;
+        let pair = pair.ok_or("the new version has no such function with update points")?;
+        let path = old_code.retreat_path(old_fn.index, old_rp.offset.wrapping_sub(old_meta.code_section))?;
+        let header = old_fn
+            .resume_points
+            .iter()
+            .find(|rp| rp.kind == ResumeKind::Loop && rp.offset.wrapping_sub(old_meta.code_section) == path.header)
+            .ok_or("its loop header is not an update point")?;
+        let new_func = *self.functions.old_to_new.get(&old_fn.index).ok_or("the new version has no function of that name")?;
+        let new_fn = new_meta.function(new_func).ok_or("the new version of the function has no update points")?;
+        let old_body = &old_code.code(old_fn.index).ok_or("its code cannot be analysed")?.body;
+        let new_body = &new_code.code(new_func).ok_or("its new code cannot be analysed")?.body;
+        let old_at = old_body.index_of(path.header).ok_or("its loop header is not an instruction")?;
+        let pairs = match (Side::new(old, old_fn.index, old_body), Side::new(new, new_func, new_body)) {
+            (Some(a), Some(b)) => Some(align(&a, &b)),
+            _ => None,
+        };
+        // The new header is the old one's partner in the code, whatever
+        // loops the new version added or removed before it; by ordinal
+        // only when the code does not pair them.
+        let partner = pairs.as_ref().and_then(|p| p.partner.get(&old_at)).map(|&j| new_body.instrs[j].offset + new_meta.code_section);
+        let (new_index, new_header) = match partner
+            .and_then(|offset| new_fn.resume_points.iter().enumerate().find(|(_, rp)| rp.kind == ResumeKind::Loop && rp.offset == offset))
+        {
+            Some((i, rp)) => (i as u32, rp),
+            None => self.find_point(old_fn, header, new_fn)?,
+        };
+        if !header.operands.is_empty() || !new_header.operands.is_empty() {
+            return Err("values wait on the operand stack at its loop header".into());
+        }
+        let new_pc = new_header.offset.wrapping_sub(new_meta.code_section);
+        let new_at = new_body.index_of(new_pc).ok_or("the new loop header is not an instruction")?;
+        let new_stack_at_header = match new_body.instrs[new_at].sp {
+            Sym::Sp(k) => k,
+            _ => return Err("the new code's stack pointer at the loop header is not known".into()),
+        };
+
+        // Locals of the new frame.
+        let live = pair.live.as_ref().map_err(Clone::clone)?.get(&new_pc).ok_or("the new code has no instruction at the loop header")?;
+        if live.len() != new_fn.locals.len() {
+            return Err(format!("liveness covers {} locals but the new function has {}", live.len(), new_fn.locals.len()));
+        }
+        let old_vars: HashMap<VarKey, VarAt> = vars_at_header(old, old_body, old_at).into_iter().map(|v| (v.key.clone(), v)).collect();
+        let new_vars = vars_at_header(new, new_body, new_at);
+        // A local that nothing differing between the versions reaches holds
+        // the same value at both headers (frame addresses aside: those
+        // moved, and come from the stack pointer instead).
+        // New local -> old local computed the same way.
+        let same: HashMap<u32, u32> = match pairs {
+            Some(mut pairs) => {
+                // A call to a function that changed may return something
+                // else for the same arguments.
+                for (i, instr) in old_body.instrs.iter().enumerate() {
+                    if let crate::symbolic::Access::Call(g) = instr.access {
+                        if !self.functions.is_unchanged(g) {
+                            pairs.old_differs[i] = true;
+                            if let Some(&j) = pairs.partner.get(&i) {
+                                pairs.new_differs[j] = true;
+                            }
+                        }
+                    }
+                }
+                let old_walk = crate::symbolic::Body::compare(old, old_fn.index, &pairs.old_differs);
+                let new_walk = crate::symbolic::Body::compare(new, new_func, &pairs.new_differs);
+                match (old_walk, new_walk, pairs.partner.get(&old_at) == Some(&new_at)) {
+                    (Some(o), Some(n), true) => match (o.differs_at_header(old_at), n.differs_at_header(new_at)) {
+                        (Some(x), Some(y)) => pairs
+                            .locals
+                            .iter()
+                            .filter(|(a, b)| x.get(**a as usize) == Some(&false) && y.get(**b as usize) == Some(&false))
+                            .map(|(a, b)| (*b, *a))
+                            .collect(),
+                        _ => HashMap::new(),
+                    },
+                    _ => HashMap::new(),
+                }
+            }
+            None => HashMap::new(),
+        };
+        let addresses = |body: &crate::symbolic::Body| -> std::collections::HashSet<u32> {
+            body.instrs.iter().filter_map(|i| i.def.filter(|(_, v)| matches!(v, Sym::Sp(_) | Sym::Frame)).map(|(l, _)| l)).collect()
+        };
+        let (old_addresses, new_addresses) = (addresses(old_body), addresses(new_body));
+        let equivalent = |local: u32| same.get(&local).copied().filter(|old| !old_addresses.contains(old) && !new_addresses.contains(&local));
+        let params = |v: &Version, f: u32| v.info.types[v.info.functions[f as usize].ty as usize].params.len();
+        let shared_params = params(old, old_fn.index).min(params(new, new_func));
+        let mut locals = Vec::with_capacity(new_fn.locals.len());
+        for (local, is_live) in live.iter().enumerate() {
+            let local = local as u32;
+            let ty = new_fn.locals[local as usize];
+            let kept = |j: u32| !path.redefined.contains(&j) && old_fn.locals.get(j as usize) == Some(&ty);
+            let source = match new_body.value_at(local, new_at) {
+                Some(Sym::Sp(k)) if ty == ValType::I32 => Some(Source::Stack(k)),
+                Some(Sym::Const(c)) => Some(Source::Const(c)),
+                _ => None,
+            }
+            .or_else(|| {
+                new_vars.iter().filter(|v| v.location == Location::Local(local)).find_map(|v| {
+                    let o = old_vars.get(&v.key)?;
+                    match o.location {
+                        Location::Local(j) if kept(j) && same_type(&old.debug, o.ty, &new.debug, v.ty) => Some(Source::Old(j)),
+                        _ => None,
+                    }
+                })
+            })
+            .or_else(|| equivalent(local).filter(|&j| kept(j)).map(Source::Old))
+            .or_else(|| ((local as usize) < shared_params && kept(local) && !pair.assigned(local)).then_some(Source::Old(local)));
+            match source {
+                Some(s) => locals.push(s),
+                None if !is_live => locals.push(Source::Dead),
+                None => {
+                    let named: Vec<String> =
+                        new_vars.iter().filter(|v| v.location == Location::Local(local)).map(|v| format!("`{}`", v.key.name)).collect();
+                    let what = if named.is_empty() { "a compiler temporary".to_string() } else { named.join(", ") };
+                    return Err(format!("local {local} ({what}) is live at the new loop header and has no counterpart in the old frame"));
+                }
+            }
+        }
+
+        // Variables in linear memory, where the frame base puts them.
+        let frame_base = |v: &Version, body: &crate::symbolic::Body, pc: u32, at: usize, stack: i64| {
+            match v.debug.function_at(pc).and_then(|f| f.frame_base) {
+                Some(Location::Local(l)) => match body.value_at(l, at) {
+                    Some(Sym::Sp(k)) => Some(k),
+                    _ => None,
+                },
+                Some(Location::Global(_)) => Some(stack),
+                _ => None,
+            }
+        };
+        let old_base = frame_base(old, old_body, path.header, old_at, path.stack_at_header);
+        let new_base = frame_base(new, new_body, new_pc, new_at, new_stack_at_header);
+        let mut moves = Vec::new();
+        for v in &new_vars {
+            let Location::FrameOffset(to) = v.location else { continue };
+            let found = old_vars.get(&v.key).and_then(|o| match o.location {
+                Location::FrameOffset(from) if same_type(&old.debug, o.ty, &new.debug, v.ty) => Some(from),
+                _ => None,
+            });
+            let (Some(from), Some(old_base), Some(new_base), Some(len)) = (found, old_base, new_base, new.debug.size_of(v.ty)) else {
+                return Err(format!("variable `{}` in its frame in linear memory has no counterpart in the old frame", v.key));
+            };
+            moves.push(Move { from: old_base + from, to: new_base + to, len });
+        }
+        let recipe = Recipe { func: new_func, resume_point: new_index, locals, types: new_fn.locals.clone() };
+        Ok(Retreat { recipe, path, new_stack_at_header, moves })
     }
 
     /// The analysis of old function `func` and its new version, if it has
@@ -527,6 +878,86 @@ impl FunctionCode {
             }
         }
         Some(FunctionCode { start: body.start + skip, writes, loops })
+    }
+}
+
+/// The variables DWARF places at the loop header at instruction `at`.
+/// clang's location ranges often start just after the `loop` instruction,
+/// which itself does nothing: a variable placed in a local a few
+/// instructions on, before anything writes that local or branches, is in
+/// that local at the header too.
+fn vars_at_header(version: &Version, body: &crate::symbolic::Body, at: usize) -> Vec<VarAt> {
+    const LOOKAHEAD: usize = 8;
+    let mut found: Vec<VarAt> = version.debug.variables_at(body.instrs[at].offset);
+    let mut written = std::collections::HashSet::new();
+    for instr in body.instrs.iter().skip(at + 1).take(LOOKAHEAD) {
+        for v in version.debug.variables_at(instr.offset) {
+            let fresh = !found.iter().any(|f| f.key == v.key);
+            let valid = match v.location {
+                Location::Local(l) => !written.contains(&l),
+                Location::FrameOffset(_) => true,
+                _ => false,
+            };
+            if fresh && valid {
+                found.push(v);
+            }
+        }
+        if let Some((l, _)) = instr.def {
+            written.insert(l);
+        }
+        if !matches!(instr.access, crate::symbolic::Access::None | crate::symbolic::Access::FrameLoad(_)) || instr.is_control {
+            break;
+        }
+    }
+    found
+}
+
+/// The new frame from `recipe` and the old `frame`; `entry` is the old
+/// frame's entry stack pointer, which retreat recipes need.
+fn build(recipe: &Recipe, frame: &TypedFrame, entry: Option<u32>) -> Result<TypedFrame, Unmappable> {
+    let fail = |reason: String| Unmappable { function: format!("func[{}]", frame.func), point: format!("#{}", frame.resume_point), reason };
+    let locals = recipe
+        .locals
+        .iter()
+        .zip(&recipe.types)
+        .map(|(source, ty)| match source {
+            // A frame that does not match its metadata must not be
+            // patched up with zeros the new code would read.
+            Source::Old(j) => frame
+                .locals
+                .get(*j as usize)
+                .copied()
+                .filter(|v| v.ty() == *ty)
+                .ok_or_else(|| fail(format!("the saved frame has no {ty:?} local {j}, which the recipe reads"))),
+            Source::Dead | Source::Fresh => Ok(Value::from_slot(*ty, 0)),
+            Source::Stack(k) => match (entry, ty) {
+                (Some(sp), ValType::I32) => Ok(Value::I32((i64::from(sp) + k) as i32)),
+                _ => Err(fail("the recipe needs the frame's entry stack pointer".into())),
+            },
+            Source::Const(c) => Ok(Value::from_slot(*ty, *c as u64)),
+        })
+        .collect::<Result<_, _>>()?;
+    let operands = if entry.is_some() { Vec::new() } else { frame.operands.clone() };
+    Ok(TypedFrame { func: recipe.func, resume_point: recipe.resume_point, locals, operands })
+}
+
+fn unknown_point(frame: &TypedFrame) -> Unmappable {
+    Unmappable {
+        function: format!("func[{}]", frame.func),
+        point: format!("#{}", frame.resume_point),
+        reason: "the frame names a resume point the running version's metadata does not have".into(),
+    }
+}
+
+/// The entry stack pointer of `frame`, by `rule`; `at_point` is the stack
+/// pointer at the frame's point (its callee's entry one).
+fn entry_stack_pointer(rule: EntryStackPointer, frame: &TypedFrame, at_point: u32) -> Result<u32, String> {
+    match rule {
+        EntryStackPointer::AtPoint => Ok(at_point),
+        EntryStackPointer::Local { local, offset } => match frame.locals.get(local as usize) {
+            Some(Value::I32(v)) => Ok((i64::from(*v as u32) - offset) as u32),
+            _ => Err(format!("its frame lacks local {local}, which holds its stack pointer")),
+        },
     }
 }
 

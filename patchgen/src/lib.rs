@@ -40,9 +40,12 @@
 pub mod body;
 pub mod diff;
 pub mod dwarf;
+mod equivalence;
 pub mod frames;
 pub mod liveness;
 pub mod module;
 pub mod plan;
 pub mod relink;
+pub mod retreat;
+pub mod symbolic;
 pub mod version;

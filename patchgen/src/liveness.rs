@@ -183,6 +183,48 @@ fn locate(wasm: &[u8], func: u32) -> Result<Located<'_>, Error> {
     Err(Error::NoSuchFunction { func, total: imported + defined_seen })
 }
 
+/// Exception handling and stack switching, whose control edges leave from
+/// any call: neither analysis of a body models them.
+pub(crate) fn leaves_from_calls(op: &Operator<'_>) -> bool {
+    matches!(
+        op,
+        Operator::Try { .. }
+            | Operator::TryTable { .. }
+            | Operator::Catch { .. }
+            | Operator::CatchAll
+            | Operator::Delegate { .. }
+            | Operator::Rethrow { .. }
+            | Operator::Resume { .. }
+            | Operator::ResumeThrow { .. }
+            | Operator::ResumeThrowRef { .. }
+            | Operator::Switch { .. }
+    )
+}
+
+/// The basic blocks of one function body, for questions about paths
+/// ([`crate::retreat`]): instruction `i` (in code order) is at code offset
+/// `offsets[i]` and in block `block_of[i]`. Block 0 is the exit, block 1
+/// the entry.
+pub(crate) struct FlowGraph {
+    pub(crate) offsets: Vec<u32>,
+    pub(crate) blocks: Vec<(Range<usize>, Vec<usize>)>,
+    pub(crate) block_of: Vec<usize>,
+}
+
+/// The flow graph of defined function `func`; `None` if the body uses
+/// control flow the analysis does not model.
+pub(crate) fn flow_graph(wasm: &[u8], func: u32) -> Result<Option<FlowGraph>, Error> {
+    let a = Analysis::new(func, &locate(wasm, func)?)?;
+    if a.all_live {
+        return Ok(None);
+    }
+    Ok(Some(FlowGraph {
+        offsets: a.offsets,
+        blocks: a.blocks.into_iter().map(|b| (b.range, b.succs)).collect(),
+        block_of: a.block_of,
+    }))
+}
+
 /// What one instruction does to locals.
 #[derive(Clone, Copy)]
 enum Effect {
@@ -337,16 +379,7 @@ impl Cfg {
             | Operator::ReturnCallRef { .. }
             | Operator::Throw { .. }
             | Operator::ThrowRef => self.branch(i, Vec::new()),
-            Operator::Try { .. }
-            | Operator::TryTable { .. }
-            | Operator::Catch { .. }
-            | Operator::CatchAll
-            | Operator::Delegate { .. }
-            | Operator::Rethrow { .. }
-            | Operator::Resume { .. }
-            | Operator::ResumeThrow { .. }
-            | Operator::ResumeThrowRef { .. }
-            | Operator::Switch { .. } => return Ok(false),
+            op if leaves_from_calls(op) => return Ok(false),
             _ => {}
         }
         Ok(true)

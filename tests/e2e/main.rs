@@ -14,6 +14,7 @@ mod guests;
 mod interrupt;
 mod kv;
 mod pipes;
+mod retreat;
 mod rollback;
 mod snapshot;
 mod snapshot_decode;

@@ -30,6 +30,9 @@ const TESTED_VERSIONS: &[(&str, &str, &str)] = &[
     ("kv-server", "kv-server-v3", "update.rs: kv_v2_to_v3_under_load_carries_the_counts_field_by_field"),
     ("kv-server", "kv-server-v5", "transform.rs: a_c_transformer_carries_what_the_automatic_mapping_cannot"),
     ("kv-server", "kv-server-v9", "frames.rs: an_update_waits_for_a_frame_that_cannot_move_to_leave_the_stack"),
+    ("poll-server", "poll-server-effect", "retreat.rs: a_global_written_before_poll_keeps_the_frame_from_going_back"),
+    ("poll-server", "poll-server-v2", "retreat.rs: a_main_loop_changed_before_poll_is_updated_at_its_header_under_load"),
+    ("poll-server", "poll-server-v3", "retreat.rs: a_main_loop_changed_before_poll_is_updated_at_its_header_under_load"),
 ];
 
 #[test]
@@ -248,9 +251,9 @@ fn refused_updates_leave_the_old_version_serving() {
     }
 
     // Another program: its functions are not this one's, so main's frame
-    // (in poll) has nowhere to go.
+    // (in poll) has nowhere to go, nor can it go back to its loop header.
     let compute = expect_error(&control.update(&guest("compute")), 1);
-    assert!(compute.starts_with("update refused: __wasi_poll_oneoff was still on the stack after 2000 ms and cannot move to the new version: `__wasi_poll_oneoff` at call to __imported_wasi_snapshot_preview1_poll_oneoff #0: the new version has no function of that name"), "another program: {compute}");
+    assert!(compute.starts_with("update refused: main was still on the stack after 2000 ms and cannot move to the new version: `main` at call to poll #0: the function has 1 such points in the old version and 0 in the new one; it cannot go back to its loop header: "), "another program: {compute}");
 
     let bad = expect_error(&control.update(&guest("kv-server-bad")), 1);
     assert_eq!(

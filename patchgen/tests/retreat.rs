@@ -1,0 +1,96 @@
+//! Frames that go back to their loop header: the plan on the versions of
+//! the poll-loop example server, whose main loop changes before `poll()` in
+//! every version, built by the real toolchain.
+
+mod support;
+
+use std::sync::Arc;
+
+use upstare_instrument::abi::Metadata;
+use upstare_patchgen::frames::{describe, FrameMapper, FramePlan, Retreat, Source};
+use upstare_patchgen::plan::plan;
+use upstare_patchgen::version::Version;
+
+struct Pair {
+    old: Arc<Version>,
+    old_meta: Metadata,
+    frames: FramePlan,
+}
+
+fn metadata(wasm: &[u8]) -> Metadata {
+    upstare_instrument::instrument(wasm, &Default::default()).expect("instrumentable").metadata
+}
+
+fn poll_server(from: u32, to: u32) -> Pair {
+    let build = |v: u32| support::build_example("poll-server", &format!("poll-server-v{v}"), &[&format!("-DPOLL_VERSION={v}")]);
+    let old = Arc::new(Version::initial(Arc::new(build(from))).unwrap());
+    let p = plan(old.clone(), Arc::new(build(to))).unwrap();
+    let linked = p.link(64 << 20).unwrap();
+    let (old_meta, new_meta) = (metadata(&old.wasm), metadata(&linked.wasm));
+    let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions }.plan();
+    Pair { old, old_meta, frames }
+}
+
+impl Pair {
+    /// (function index, resume point index) of `function`'s `point`.
+    fn point(&self, function: &str, point: &str) -> (u32, u32) {
+        let func = self.old.info.functions.iter().position(|f| f.name.as_deref() == Some(function)).unwrap() as u32;
+        let meta = self.old_meta.function(func).unwrap();
+        let points: Vec<String> = meta.resume_points.iter().map(|rp| describe(&self.old, rp)).collect();
+        let index = points.iter().position(|p| p == point).unwrap_or_else(|| panic!("{function} has no {point}: {points:?}"));
+        (func, index as u32)
+    }
+}
+
+impl Pair {
+    fn retreat(&self, function: &str, point: &str) -> &Result<Retreat, String> {
+        let (f, rp) = self.point(function, point);
+        self.frames.retreat(f, rp).unwrap_or_else(|| panic!("{function} at {point} has no retreat plan"))
+    }
+}
+
+const MAIN: &str = "__original_main";
+const POLL: &str = "call to poll #0";
+
+/// v2 adds a timeout and an idle branch to the loop, and a global: main's
+/// frame in linear memory grows (the compiler inlines differently), so it
+/// cannot move where it stands, but it can go back to its loop header.
+#[test]
+fn a_main_loop_changed_before_poll_goes_back_to_its_header() {
+    let p = poll_server(1, 2);
+    let (f, rp) = p.point(MAIN, POLL);
+    let stuck = p.frames.recipe(f, rp).unwrap().as_ref().unwrap_err();
+    assert!(stuck.reason.contains("its frame in linear memory changed"), "{stuck}");
+    let retreat = p.retreat(MAIN, POLL).as_ref().unwrap_or_else(|e| panic!("no retreat: {e}"));
+    // The frame base and the address of `fds` are recomputed from the stack
+    // pointer for the new layout; the listener and the count of descriptors
+    // are the old frame's, found by pairing the two versions' code.
+    let stack: Vec<i64> = retreat.recipe.locals.iter().filter_map(|s| match s {
+        Source::Stack(k) => Some(*k),
+        _ => None,
+    }).collect();
+    assert!(stack.contains(&retreat.new_stack_at_header), "the new frame base comes from the stack pointer: {:?}", retreat.recipe.locals);
+    assert!(retreat.recipe.locals.iter().filter(|s| matches!(s, Source::Old(_))).count() >= 2, "{:?}", retreat.recipe.locals);
+    assert_ne!(retreat.path.stack_at_header, retreat.new_stack_at_header, "the frame changed size");
+    assert_eq!(retreat.moves.len(), 1, "`fds` is the frame's one variable in memory: {:?}", retreat.moves);
+    // The frames above main: poll() and its wrapper of the import.
+    let (g, grp) = p.point("poll", "call to __wasi_poll_oneoff #0");
+    assert!(p.frames.discard(g, grp).unwrap().is_ok(), "{:?}", p.frames.discard(g, grp));
+}
+
+#[test]
+fn the_next_version_of_the_loop_goes_back_too() {
+    let p = poll_server(2, 3);
+    assert!(p.retreat(MAIN, POLL).is_ok(), "{:?}", p.retreat(MAIN, POLL));
+}
+
+/// v6 counts its iterations in a global before poll(): going back to the
+/// header would count one twice.
+#[test]
+fn a_global_written_before_the_blocking_call_is_not_retreated() {
+    let p = poll_server(6, 2);
+    assert_eq!(
+        p.retreat(MAIN, POLL).as_ref().unwrap_err(),
+        "between its loop header and the call it stores to the global variable `loops`"
+    );
+}

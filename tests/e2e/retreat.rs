@@ -1,0 +1,132 @@
+//! Frames that go back to their loop header: a poll-loop server whose every
+//! version changes its main loop before `poll()` (`guest-examples/poll-server`)
+//! is updated along its version chain while clients keep talking to it.
+//! main waits in poll() for as long as the server runs, and its frame cannot
+//! move where it stands (the compiler lays the frame out anew); it moves back
+//! to its loop header, and the new version's loop calls poll() itself.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use upstare_tests::{expect_error, expect_report, guest, Client, Control, Server};
+
+/// A poll-server of the given version with a control socket.
+fn start(version: &str, tag: &str) -> (Server, Control) {
+    let control = Control::new(tag);
+    let (server, first) = Server::start(&guest(version), &["--control", &control.path()], &[]);
+    assert!(first.starts_with("poll-server v"), "{version} starts: {first:?}");
+    (server, control)
+}
+
+/// Clients that send `INCR` in a loop until stopped, each checking that
+/// the shared counter only goes up.
+struct Incrementers {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Incrementers {
+    fn start(port: u16, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, sent, failures) = (stop.clone(), sent.clone(), failures.clone());
+                std::thread::spawn(move || {
+                    let mut client = Client::connect(port);
+                    let mut last = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let reply = client.try_request("INCR");
+                        let count = reply.as_deref().ok().and_then(|r| r.strip_prefix("COUNT ")).and_then(|n| n.parse::<u64>().ok());
+                        match count {
+                            Some(n) if n > last => last = n,
+                            _ => {
+                                failures.lock().unwrap().push(format!("INCR -> {reply:?} after COUNT {last}"));
+                                return;
+                            }
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Incrementers { stop, sent, failures, threads }
+    }
+
+    fn wait_for(&self, more: u64) {
+        let target = self.sent.load(Ordering::Relaxed) + more;
+        for _ in 0..1000 {
+            if self.sent.load(Ordering::Relaxed) >= target || !self.failures.lock().unwrap().is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the clients made no progress");
+    }
+
+    /// Stops the clients; returns how many INCRs were answered, and the
+    /// failures.
+    fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.sent.load(Ordering::Relaxed), failures)
+    }
+}
+
+#[test]
+fn a_main_loop_changed_before_poll_is_updated_at_its_header_under_load() {
+    let (server, control) = start("poll-server", "retreat-chain");
+    // A line in flight across both updates: its first half is in the
+    // server's buffer when the loop goes back to its header.
+    let mut partial = server.client();
+    partial.send_raw("PI");
+    let load = Incrementers::start(server.port, 3);
+    load.wait_for(50);
+
+    let report = expect_report(&control.update(&guest("poll-server-v2")));
+    assert_eq!(report.count("frames", "retreated"), 1, "main went back to its loop header");
+    assert!(report.count("frames", "dropped") >= 1, "poll()'s frames were dropped");
+    load.wait_for(50);
+    // The new loop runs at once: poll() times out and counts idle ticks.
+    let mut fresh = server.client();
+    assert_eq!(fresh.request("PING"), "PONG v2");
+    std::thread::sleep(Duration::from_millis(100));
+    let ticks = fresh.request("TICKS");
+    assert!(ticks.starts_with("TICKS "), "{ticks}");
+
+    let report = expect_report(&control.update(&guest("poll-server-v3")));
+    assert_eq!(report.count("frames", "retreated"), 1);
+    load.wait_for(50);
+    let wakeups = fresh.request("WAKEUPS");
+    let n: u64 = wakeups.strip_prefix("WAKEUPS ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{wakeups}"));
+    assert!(n > 0, "v3 counts poll()'s returns from its first iteration: {wakeups}");
+
+    partial.send_raw("NG\n");
+    assert_eq!(partial.read_line(), "PONG v3", "the half line sent under v1 was kept");
+    let (sent, failures) = load.stop();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(fresh.request("INCR"), format!("COUNT {}", sent + 1), "no INCR lost or doubled");
+}
+
+#[test]
+fn a_global_written_before_poll_keeps_the_frame_from_going_back() {
+    let (server, control) = start("poll-server-effect", "retreat-effect");
+    let mut client = server.client();
+    assert_eq!(client.request("PING"), "PONG v6");
+    let (out, _) = control.update_with_timeout(&guest("poll-server-v2"), 300);
+    let reason = expect_error(&out, 1);
+    assert!(reason.starts_with("update refused: "), "{reason}");
+    assert!(
+        reason.contains("it cannot go back to its loop header: between its loop header and the call it stores to the global variable `loops`"),
+        "{reason}"
+    );
+    assert_eq!(client.request("PING"), "PONG v6", "the old version serves on");
+    assert_eq!(client.request("INCR"), "COUNT 1");
+}
