@@ -397,15 +397,57 @@ impl Control {
     /// The `version: sha256:<hex>` of `upstare-host status`: the digest of
     /// the version running now.
     pub fn running_version(&self) -> String {
-        let out = run_host(&["status", "--control", &self.path()]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "status failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
-        text.lines()
-            .find_map(|l| l.strip_prefix("version: sha256:"))
-            .unwrap_or_else(|| panic!("status has no version line: {text}"))
-            .trim()
-            .to_string()
+        self.status_line("version: sha256:")
     }
+
+    /// What follows `prefix` on its line of `upstare-host status`.
+    pub fn status_line(&self, prefix: &str) -> String {
+        status_line(&self.status(), prefix)
+    }
+
+    /// The output of `upstare-host status`.
+    pub fn status(&self) -> String {
+        let out = run_host(&["status", "--control", &self.path()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "status failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+        text
+    }
+
+    /// The program's memory as `status` reports it: its size, and the bytes
+    /// of fresh memory (reserved by updates) in use and free for reuse.
+    pub fn memory(&self) -> MemoryFigures {
+        let status = self.status();
+        let number = |prefix: &str, at: usize| -> u64 {
+            let line = status_line(&status, prefix);
+            line.split_whitespace().nth(at).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("bad status line {line:?}"))
+        };
+        MemoryFigures {
+            size: number("memory: ", 0),
+            fresh_used: number("fresh memory: ", 0),
+            fresh_free: number("fresh memory: ", 4),
+        }
+    }
+}
+
+/// What follows `prefix` on its line of a `status` output.
+fn status_line(status: &str, prefix: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("status has no `{prefix}` line: {status}"))
+        .trim()
+        .to_string()
+}
+
+/// A program's memory, from `upstare-host status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryFigures {
+    /// Bytes of linear memory.
+    pub size: u64,
+    /// Bytes of fresh memory holding a version's data, or not yet free.
+    pub fresh_used: u64,
+    /// Bytes of fresh memory free for the next update.
+    pub fresh_free: u64,
 }
 
 /// The report `upstare-host update` (and `rollback`) prints on success:
