@@ -662,6 +662,17 @@ impl Load {
         rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("client {n} did not send {line:?}"))?
     }
 
+    /// Stops every client, checks that none failed and that a new client
+    /// reads back every key `seeded` before the load and every key the load
+    /// stored, and says what the clients did.
+    pub fn stop_and_check(self, port: u16, seeded: &[(String, String)]) -> LoadOutcome {
+        let outcome = self.stop();
+        assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+        let missing = [missing_keys(port, seeded), missing_keys(port, &outcome.stored)].concat();
+        assert!(missing.is_empty(), "keys lost: {missing:?}");
+        outcome
+    }
+
     /// Stops every client and says what they did.
     pub fn stop(self) -> LoadOutcome {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -4,7 +4,7 @@
 //! next update instead of growing memory again. The figures are those
 //! `upstare-host status` reports.
 
-use upstare_tests::{expect_error, expect_report, guest, missing_keys, sha256_file, Load, MemoryFigures};
+use upstare_tests::{expect_error, expect_report, guest, sha256_file, Load, MemoryFigures};
 
 use crate::update::{seed, start_kv};
 
@@ -21,11 +21,10 @@ fn memory_stops_growing_after_the_first_updates_of_two_hundred() {
     assert_eq!((before.fresh_used, before.fresh_free), (0, 0), "no update yet: {before:?}");
     let mut settled: Option<MemoryFigures> = None;
     for i in 0..200 {
-        let to = if i % 2 == 0 { &v2 } else { &v1 };
         // Under load main may be caught inside its request loop, where it
         // cannot move yet: the update then waits (see update.rs).
-        let (out, _) = control.update_with_timeout(to, 20_000);
-        assert_eq!(expect_report(&out).sha256, sha256_file(to), "update {i}");
+        let to = [&v2, &v1][i % 2];
+        assert_eq!(expect_report(&control.update_with_timeout(to, 20_000).0).sha256, sha256_file(to), "update {i}");
         let now = control.memory();
         match settled {
             None if i == 3 => settled = Some(now),
@@ -39,10 +38,7 @@ fn memory_stops_growing_after_the_first_updates_of_two_hundred() {
     assert!(settled.fresh_used + settled.fresh_free <= 4 * 65536, "{settled:?}");
     assert!(settled.size - before.size <= settled.fresh_used + settled.fresh_free, "{before:?} then {settled:?}");
     load.wait_for_requests(100);
-    let outcome = load.stop();
-    assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
-    assert!(missing_keys(server.port, &seeded).is_empty());
-    assert!(missing_keys(server.port, &outcome.stored).is_empty());
+    load.stop_and_check(server.port, &seeded);
 }
 
 /// An update that is refused (main cannot move) or rolled back (its
@@ -85,8 +81,5 @@ fn refused_and_rolled_back_updates_leave_memory_as_it_was() {
     assert_eq!(after_good.size, after_first.size, "{after_first:?} then {after_good:?}");
     assert_eq!((after_good.fresh_used, after_good.fresh_free), (after_first.fresh_free, 0), "{after_good:?}");
 
-    let outcome = load.stop();
-    assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
-    assert!(missing_keys(server.port, &seeded).is_empty());
-    assert!(missing_keys(server.port, &outcome.stored).is_empty());
+    load.stop_and_check(server.port, &seeded);
 }
