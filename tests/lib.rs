@@ -177,6 +177,11 @@ impl Server {
         self.stderr.text.lock().unwrap().clone()
     }
 
+    /// The host's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Connects a new client.
     pub fn client(&self) -> Client {
         Client::connect(self.port)
