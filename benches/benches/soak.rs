@@ -5,9 +5,11 @@
 //! on their own connections the whole time (every reply checked), and idle
 //! connections stay open. The server is updated v1 -> v2 -> v1 -> ...
 //! through the control socket, as `upstare-host update` does, UPDATES
-//! times. The targets: no failed request, no dropped connection, every
-//! update applied, and the program memory growing by less than 16 MiB after
-//! the first 500 updates (fresh memory is reused, see `host/src/fresh.rs`).
+//! times; an update refused (the old version runs on) is counted, printed
+//! and tried again. The targets: no failed request, no dropped connection,
+//! every update applied, and the program memory growing by less than 16 MiB
+//! after the first 500 updates (fresh memory is reused, see
+//! `host/src/fresh.rs`).
 //!
 //! Every 500 updates (and at the end) a line gives the program memory and
 //! its fresh areas (`upstare-host status`), the host process's resident
@@ -31,6 +33,8 @@ const IDLE_CONNECTIONS: usize = 16;
 /// How long one update may wait for the server to reach a point where it
 /// can move (see the a_hundred_updates test in tests/e2e/update.rs).
 const UPDATE_TIMEOUT_MS: u64 = 20_000;
+/// How often one update may be refused before the run fails.
+const MAX_RETRIES: usize = 3;
 
 fn resident_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -75,12 +79,21 @@ fn main() {
     let mut warm = None;
     for i in 0..updates {
         let to = [&v2, &v1][i % 2];
-        match control::request(&socket, &Request::Update(to.clone(), UPDATE_TIMEOUT_MS)) {
-            Ok(Response::Done { body, .. }) => {
-                let report = UpdateReport::parse(&body.join("\n")).unwrap_or_else(|e| panic!("update {i}: {e}"));
-                pauses.push(report.count("pause", "us"));
+        // A refused update leaves the old version running: it is counted
+        // and tried again, so every update of the run is applied in the end.
+        for attempt in 0.. {
+            match control::request(&socket, &Request::Update(to.clone(), UPDATE_TIMEOUT_MS)) {
+                Ok(Response::Done { body, .. }) => {
+                    let report = UpdateReport::parse(&body.join("\n")).unwrap_or_else(|e| panic!("update {i}: {e}"));
+                    pauses.push(report.count("pause", "us"));
+                    break;
+                }
+                other => {
+                    println!("update {i}, attempt {attempt}: {other:?}");
+                    refusals.push(format!("update {i}: {other:?}"));
+                    assert!(attempt < MAX_RETRIES, "update {i} refused {} times", attempt + 1);
+                }
             }
-            other => refusals.push(format!("update {i}: {other:?}")),
         }
         let done = i + 1;
         if done == WARM_UP {
@@ -112,11 +125,11 @@ fn main() {
     let outcome = load.stop();
 
     all_pauses.sort_unstable();
-    let applied = updates - refusals.len();
     println!(
-        "{applied} of {updates} updates applied in {:.0} s ({:.1} per second); pause median {} us, p99 {} us, max {} us",
+        "{updates} updates applied in {:.0} s ({:.1} per second), {} refused and tried again; pause median {} us, p99 {} us, max {} us",
         elapsed.as_secs_f64(),
         updates as f64 / elapsed.as_secs_f64().max(1e-9),
+        refusals.len(),
         percentile(&all_pauses, 50),
         percentile(&all_pauses, 99),
         all_pauses.last().copied().unwrap_or(0)
@@ -136,7 +149,6 @@ fn main() {
     );
     println!("host resident memory: {} MiB at the start, {} MiB at the end", rss_start / 1024, rss_end / 1024);
 
-    assert!(refusals.is_empty(), "{} updates not applied, first: {}", refusals.len(), refusals[0]);
     assert!(outcome.failures.is_empty(), "failed requests: {:?}", outcome.failures);
     assert_eq!(dropped, 0, "idle connections dropped");
     if let Some(growth) = growth {

@@ -23,9 +23,10 @@
 //!   [`unreferenced`] looks for such values at the commit, while the guest
 //!   is still paused, in the same places the converted-globals check looks
 //!   (frames, writable globals, the live shadow stack; the heap is not
-//!   searched, so as not to make the pause depend on the heap's size). A
-//!   retired area something points into stays in use and is checked again
-//!   at the next update.
+//!   searched, so as not to make the pause depend on the heap's size; large
+//!   static arrays are read, though, at every update that retires an
+//!   area). A retired area something points into stays in use and is
+//!   checked again at the next update.
 //!
 //! Adjacent free areas merge, so versions of different sizes still fit.
 //! Free areas are not cleared when freed but zeroed when reused, at the
