@@ -177,6 +177,11 @@ impl Server {
         self.stderr.text.lock().unwrap().clone()
     }
 
+    /// The host's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Connects a new client.
     pub fn client(&self) -> Client {
         Client::connect(self.port)
@@ -403,15 +408,57 @@ impl Control {
     /// The `version: sha256:<hex>` of `upstare-host status`: the digest of
     /// the version running now.
     pub fn running_version(&self) -> String {
-        let out = run_host(&["status", "--control", &self.path()]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "status failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
-        text.lines()
-            .find_map(|l| l.strip_prefix("version: sha256:"))
-            .unwrap_or_else(|| panic!("status has no version line: {text}"))
-            .trim()
-            .to_string()
+        self.status_line("version: sha256:")
     }
+
+    /// What follows `prefix` on its line of `upstare-host status`.
+    pub fn status_line(&self, prefix: &str) -> String {
+        status_line(&self.status(), prefix)
+    }
+
+    /// The output of `upstare-host status`.
+    pub fn status(&self) -> String {
+        let out = run_host(&["status", "--control", &self.path()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "status failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+        text
+    }
+
+    /// The program's memory as `status` reports it: its size, and the bytes
+    /// of fresh memory (reserved by updates) in use and free for reuse.
+    pub fn memory(&self) -> MemoryFigures {
+        let status = self.status();
+        let number = |prefix: &str, at: usize| -> u64 {
+            let line = status_line(&status, prefix);
+            line.split_whitespace().nth(at).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("bad status line {line:?}"))
+        };
+        MemoryFigures {
+            size: number("memory: ", 0),
+            fresh_used: number("fresh memory: ", 0),
+            fresh_free: number("fresh memory: ", 4),
+        }
+    }
+}
+
+/// What follows `prefix` on its line of a `status` output.
+fn status_line(status: &str, prefix: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("status has no `{prefix}` line: {status}"))
+        .trim()
+        .to_string()
+}
+
+/// A program's memory, from `upstare-host status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryFigures {
+    /// Bytes of linear memory.
+    pub size: u64,
+    /// Bytes of fresh memory holding a version's data, or not yet free.
+    pub fresh_used: u64,
+    /// Bytes of fresh memory free for the next update.
+    pub fresh_free: u64,
 }
 
 /// The report `upstare-host update` (and `rollback`) prints on success:
@@ -624,6 +671,17 @@ impl Load {
         let (tx, rx) = std::sync::mpsc::channel();
         self.clients[n].commands.send((line.to_string(), tx)).map_err(|_| format!("client {n} has stopped"))?;
         rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("client {n} did not send {line:?}"))?
+    }
+
+    /// Stops every client, checks that none failed and that a new client
+    /// reads back every key `seeded` before the load and every key the load
+    /// stored, and says what the clients did.
+    pub fn stop_and_check(self, port: u16, seeded: &[(String, String)]) -> LoadOutcome {
+        let outcome = self.stop();
+        assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+        let missing = [missing_keys(port, seeded), missing_keys(port, &outcome.stored)].concat();
+        assert!(missing.is_empty(), "keys lost: {missing:?}");
+        outcome
     }
 
     /// Stops every client and says what they did.

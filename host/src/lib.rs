@@ -43,6 +43,7 @@
 
 pub mod cache;
 pub mod control;
+pub mod fresh;
 pub mod interrupt;
 pub mod module;
 pub mod pause;

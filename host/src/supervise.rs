@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::control::{ControlSocket, Request, Response};
+use crate::fresh::{FreshAreas, FreshFigures};
 use crate::pause::ControlMemory;
 use crate::program_memory::ProgramMemory;
 use crate::update::{self, Prepared, Report, RunningVersion, UpdateError};
@@ -38,6 +39,7 @@ struct Live {
     /// The version running after updates: module path and hash.
     version: Option<(String, String)>,
     updates: u64,
+    fresh: FreshFigures,
 }
 
 /// A request the guest thread serves while the guest is paused.
@@ -67,6 +69,8 @@ struct Updater {
     first: GuestModule,
     /// Versions run so far, the running one last.
     history: Vec<RunningVersion>,
+    /// The memory updates reserved, for reuse by later ones.
+    fresh: FreshAreas,
 }
 
 /// Runs the guest `make` builds until it exits, serving `control` (if any)
@@ -107,7 +111,15 @@ pub fn run(
     let socket_path = control.as_ref().map(|c| c.path().to_path_buf());
     if let (Some(control), Ok((pause, seed))) = (control, handle_rx.recv()) {
         let updater =
-            seed.map(|(engine, memory, control, first)| Updater { engine, memory, control, first, history: Vec::new() });
+            seed.map(|(engine, memory, control, first)| Updater {
+                engine,
+                memory,
+                control,
+                first,
+                history: Vec::new(),
+                fresh: FreshAreas::default(),
+            });
+        let memory = updater.as_ref().map(|u| u.memory.clone());
         let server = Server {
             identity,
             started: Instant::now(),
@@ -116,6 +128,7 @@ pub fn run(
             commands: commands_tx,
             pause_limit,
             changes: Mutex::new(updater),
+            memory,
         };
         std::thread::Builder::new()
             .name("control".into())
@@ -141,12 +154,14 @@ struct Server {
     commands: Sender<Command>,
     pause_limit: Duration,
     changes: Mutex<Option<Updater>>,
+    /// The program memory, for its size (none without instrumentation).
+    memory: Option<ProgramMemory>,
 }
 
 impl Server {
     fn handle(&self, req: Request) -> Response {
         match req {
-            Request::Status => status(&self.identity, self.started, &self.live, self.pause.is_some()),
+            Request::Status => status(&self.identity, self.started, &self.live, self.pause.is_some(), self.memory.as_ref()),
             Request::Update(path, timeout) => self.update(Target::Module(path), timeout),
             Request::Rollback(timeout) => self.update(Target::Previous, timeout),
             Request::Checkpoint(path) => self.checkpoint(&path),
@@ -210,14 +225,14 @@ fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>) ->
     }
 }
 
-fn status(identity: &Identity, started: Instant, live: &Mutex<Live>, pausable: bool) -> Response {
+fn status(identity: &Identity, started: Instant, live: &Mutex<Live>, pausable: bool, memory: Option<&ProgramMemory>) -> Response {
     let live = match live.lock() {
         Ok(l) => l,
         Err(_) => return Response::refused("status unavailable: the guest thread failed"),
     };
     let last = live.last_pause.map_or("none yet".to_string(), |d| format!("{} us", d.as_micros()));
     let (module, hash) = live.version.clone().unwrap_or_else(|| (identity.module.clone(), identity.hash.clone()));
-    let body = vec![
+    let mut body = vec![
         format!("module: {module}"),
         format!("version: sha256:{hash}"),
         format!("uptime: {:.1} s", started.elapsed().as_secs_f64()),
@@ -227,6 +242,10 @@ fn status(identity: &Identity, started: Instant, live: &Mutex<Live>, pausable: b
         format!("pauses: {}", live.pauses),
         format!("last pause (request to paused): {last}"),
     ];
+    if let Some(memory) = memory {
+        body.push(format!("memory: {} bytes", memory.size()));
+        body.push(format!("fresh memory: {} bytes in use, {} bytes free for reuse", live.fresh.used, live.fresh.free));
+    }
     Response::Done { body, summary: None }
 }
 
@@ -337,19 +356,53 @@ fn live_update(
             _ => return Response::refused("no previous version to return to: the program has not been updated"),
         },
     };
-    let prepared = match update::prepare(&updater.engine, &current, &updater.memory, &updater.control, &path, bytes) {
-        Ok(p) => p,
-        Err(UpdateError::BadInput(e)) => return Response::Unusable(e.to_string()),
-        Err(e) => return Response::refused(e),
+    let prepared =
+        match update::prepare(&updater.engine, &current, &updater.memory, &mut updater.fresh, &updater.control, &path, bytes) {
+            Ok(p) => p,
+            Err(UpdateError::BadInput(e)) => return Response::Unusable(e.to_string()),
+            Err(e) => return Response::refused(e),
+        };
+    let area = prepared.fresh;
+    let outcome = match (&target, lossy_conversions(&prepared)) {
+        (Target::Previous, Some(lost)) => Err(Response::refused(format!(
+            "cannot roll back: the update changed the type of {lost}, and going back would lose it"
+        ))),
+        _ => apply(pause, commands, &current, Arc::new(prepared), timeout, pause_limit),
+    };
+    let (report, next) = match outcome {
+        Ok(done) => done,
+        Err(reply) => {
+            // Nothing of the new version was left running: its area is free.
+            if let Some(area) = area {
+                updater.fresh.release(area);
+            }
+            return reply;
+        }
     };
     if matches!(target, Target::Previous) {
-        if let Some(lost) = lossy_conversions(&prepared) {
-            return Response::refused(format!(
-                "cannot roll back: the update changed the type of {lost}, and going back would lose it"
-            ));
-        }
+        updater.history.truncate(updater.history.len() - 2);
     }
-    let prepared = Arc::new(prepared);
+    updater.history.push(next);
+    // Each version holds its compiled code: keep what rollbacks can reach
+    // in a few steps, not every version ever run.
+    if updater.history.len() > MAX_HISTORY {
+        updater.history.remove(0);
+    }
+    updater.fresh.free(&report.freed);
+    Response::Done { body: report.to_string().lines().map(str::to_string).collect(), summary: None }
+}
+
+/// Sends a prepared update to the guest thread until it applies, refuses
+/// for good, or `timeout` ends its retries; the report and the version now
+/// running, or the control reply saying why not.
+fn apply(
+    pause: &PauseHandle,
+    commands: &Sender<Command>,
+    current: &RunningVersion,
+    prepared: Arc<Prepared>,
+    timeout: Duration,
+    pause_limit: Duration,
+) -> Result<(Report, RunningVersion), Response> {
     let deadline = Instant::now() + timeout;
     // Between attempts the program runs on, for longer each time, so a
     // function that blocks the update can finish and leave the stack.
@@ -366,7 +419,7 @@ fn live_update(
         let (reply, answer) = channel();
         let command = Command::Update { current: current.clone(), prepared: prepared.clone(), reply, claim: claim.clone() };
         if commands.send(command).is_err() {
-            return Response::refused("the guest has exited");
+            return Err(Response::refused("the guest has exited"));
         }
         let wait = match at_blocking_call {
             true => {
@@ -386,7 +439,7 @@ fn live_update(
                 // The guest thread is applying it: its answer decides.
                 match answer.recv() {
                     Ok(outcome) => outcome,
-                    Err(_) => return Response::refused("the guest has exited"),
+                    Err(_) => return Err(Response::refused("the guest has exited")),
                 }
             }
             Err(RecvTimeoutError::Timeout) if at_blocking_call => {
@@ -396,26 +449,15 @@ fn live_update(
             }
             Err(RecvTimeoutError::Timeout) => {
                 pause.cancel();
-                return Response::refused(format!(
+                return Err(Response::refused(format!(
                     "update refused: the guest did not reach an update point within {} ms (--pause-limit); the old version runs on",
                     pause_limit.as_millis()
-                ));
+                )));
             }
-            Err(RecvTimeoutError::Disconnected) => return Response::refused("the guest has exited"),
+            Err(RecvTimeoutError::Disconnected) => return Err(Response::refused("the guest has exited")),
         };
         match outcome {
-            Ok(report) => {
-                if matches!(target, Target::Previous) {
-                    updater.history.truncate(updater.history.len() - 2);
-                }
-                updater.history.push(prepared.next.clone());
-                // Each version holds its compiled code: keep what rollbacks
-                // can reach in a few steps, not every version ever run.
-                if updater.history.len() > MAX_HISTORY {
-                    updater.history.remove(0);
-                }
-                return Response::Done { body: report.to_string().lines().map(str::to_string).collect(), summary: None };
-            }
+            Ok(report) => return Ok((report, prepared.next.clone())),
             Err(UpdateError::Frame(frame)) if Instant::now() < deadline => {
                 // Let the program run on, so that frame can leave the stack.
                 tracing::debug!("update waits: {frame}");
@@ -426,15 +468,15 @@ fn live_update(
                 }
             }
             Err(UpdateError::Frame(frame)) => {
-                return Response::refused(format!(
+                return Err(Response::refused(format!(
                     "update refused: {} was still on the stack after {} ms and cannot move to the new version: {}; the old version runs on",
                     frame.function,
                     timeout.as_millis(),
                     frame
-                ))
+                )))
             }
-            Err(UpdateError::BadInput(e)) => return Response::Unusable(e.to_string()),
-            Err(e) => return Response::refused(format!("{e}; the old version runs on")),
+            Err(UpdateError::BadInput(e)) => return Err(Response::Unusable(e.to_string())),
+            Err(e) => return Err(Response::refused(format!("{e}; the old version runs on"))),
         }
     }
 }
@@ -454,6 +496,9 @@ fn lossy_conversions(prepared: &Prepared) -> Option<String> {
 }
 
 fn record_update(live: &Mutex<Live>, updater: &Updater, reply: &Response) {
+    if let Ok(mut l) = live.lock() {
+        l.fresh = updater.fresh.figures();
+    }
     if !reply.is_done() {
         return;
     }

@@ -24,7 +24,9 @@
 //! kept globals stay in place, and everything the new version adds lives in
 //! fresh memory, so a rollback has nothing to undo in memory (except what a
 //! C transformer wrote: memory is backed up before the transformers run and
-//! restored on any failure after).
+//! restored on any failure after). Fresh memory comes from
+//! [`crate::fresh`], which reuses the areas of versions no longer running
+//! and takes back the area of an update that did not happen.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,7 +42,8 @@ use wasmtime::{Engine, InstancePre, Linker, Store};
 use crate::module::{one_line, GuestModule};
 use crate::pause::ControlMemory;
 use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinder};
-use crate::program_memory::{ProgramMemory, PAGE};
+use crate::fresh::{unreferenced, Area, FreshAreas};
+use crate::program_memory::ProgramMemory;
 use crate::wasi::{self, UnwindHooks, WasiCtx};
 use crate::{Exit, Guest};
 
@@ -118,6 +121,11 @@ pub struct Prepared {
     pub instance_pre: InstancePre<ProcessState>,
     /// How long preparing took.
     pub prepare_time: Duration,
+    /// The fresh area reserved for the new version, if it needs one.
+    pub fresh: Option<Area>,
+    /// Fresh areas the new version no longer uses: freed at the commit if
+    /// nothing points into them.
+    pub retiring: Vec<Area>,
 }
 
 /// What an update did.
@@ -141,6 +149,8 @@ pub struct Report {
     pub pause: Duration,
     /// Planning, relinking, instrumenting and compiling, before the pause.
     pub prepare: Duration,
+    /// Retired fresh areas found unreferenced at the commit: free for reuse.
+    pub freed: Vec<Area>,
 }
 
 impl std::fmt::Display for Report {
@@ -158,12 +168,15 @@ impl std::fmt::Display for Report {
 }
 
 /// Plans the update of `current` to the module `bytes` and gets it ready:
-/// fresh memory reserved in `memory`, module relinked, instrumented and
-/// compiled. The program keeps running meanwhile.
+/// fresh memory reserved in `memory` from `fresh`, module relinked,
+/// instrumented and compiled. The program keeps running meanwhile. An
+/// update that is not applied must hand its area back
+/// ([`FreshAreas::release`]); on error here that is already done.
 pub fn prepare(
     engine: &Engine,
     current: &RunningVersion,
     memory: &ProgramMemory,
+    fresh: &mut FreshAreas,
     control: &ControlMemory,
     path: &Path,
     bytes: Vec<u8>,
@@ -179,15 +192,34 @@ pub fn prepare(
     if !plan.is_safe() {
         return Err(UpdateError::Refused(plan.refusals.join("; ")));
     }
-    let base = if plan.fresh_size > 0 {
-        let pages = u64::from(plan.fresh_size).div_ceil(PAGE);
-        let base = memory
-            .grow(pages)
-            .map_err(|e| UpdateError::Refused(format!("cannot reserve {pages} pages of memory for the new version: {e}")))?;
-        u32::try_from(base).map_err(|_| UpdateError::Refused("memory is full".into()))?
-    } else {
-        0
+    let area = match plan.fresh_size {
+        0 => None,
+        size => Some(fresh.reserve(memory, size).map_err(UpdateError::Refused)?),
     };
+    let placed = place(engine, current, memory, control, path, plan, area, hash, started);
+    if let (Err(_), Some(area)) = (&placed, area) {
+        fresh.release(area);
+    }
+    let mut prepared = placed?;
+    prepared.retiring = fresh.retiring(&prepared.next.version, area);
+    Ok(prepared)
+}
+
+/// The rest of [`prepare`], once the fresh area is reserved.
+#[allow(clippy::too_many_arguments)]
+fn place(
+    engine: &Engine,
+    current: &RunningVersion,
+    memory: &ProgramMemory,
+    control: &ControlMemory,
+    path: &Path,
+    plan: Plan,
+    area: Option<Area>,
+    hash: String,
+    started: Instant,
+) -> Result<Prepared, UpdateError> {
+    let bad = |e: String| UpdateError::BadInput(format!("{}: {e}", path.display()));
+    let base = area.map_or(0, |a| a.base);
     let mut linked = plan.link(base).map_err(|e| bad(format!("cannot relink: {e}")))?;
     mark_relinked(&mut linked.wasm);
     tracing::debug!("update: relinked at {:?}", started.elapsed());
@@ -207,7 +239,7 @@ pub fn prepare(
     tracing::debug!("update: frame recipes at {:?}", started.elapsed());
     let instance_pre = link(engine, &next.module, memory, control)
         .map_err(|e| UpdateError::BadInput(format!("{}: cannot link the new version: {}", path.display(), one_line(&e))))?;
-    Ok(Prepared { plan, linked, next, frames, instance_pre, prepare_time: started.elapsed() })
+    Ok(Prepared { plan, linked, next, frames, instance_pre, prepare_time: started.elapsed(), fresh: area, retiring: Vec::new() })
 }
 
 /// Custom section marking a module relinked against a running layout: its
@@ -314,6 +346,9 @@ impl Guest {
         match self.finish_update(&mut previous, prepared, &stack) {
             Ok(()) => {
                 drop(previous);
+                let sp = self.stack_pointer(&prepared.next.version);
+                let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
+                let freed = unreferenced(&prepared.retiring, &mapped, &prepared.next.version, memory, sp);
                 let p = &prepared.plan;
                 Ok(Report {
                     path: prepared.next.path.clone(),
@@ -332,6 +367,7 @@ impl Guest {
                     },
                     pause: paused_at.elapsed(),
                     prepare: prepared.prepare_time,
+                    freed,
                 })
             }
             Err(reason) => {
@@ -410,6 +446,12 @@ impl Guest {
             .map_err(|e| one_line(&e))?;
         drop_data.call(&mut *store, ()).map_err(|e| one_line(&e))?;
 
+        // A reused area holds what its last version left there.
+        if let Some(area) = prepared.fresh {
+            if !u.memory.write(u64::from(area.base), &vec![0; area.len as usize]) {
+                return Err(format!("fresh memory at {:#x} is out of bounds", area.base));
+            }
+        }
         for (address, bytes) in &linked.writes {
             if !u.memory.write(u64::from(*address), bytes) {
                 return Err(format!("fresh memory at {address:#x} is out of bounds"));
@@ -601,25 +643,9 @@ fn find_pointer(
             }
         }
     }
-    // The old version's writable globals, and the live part of the shadow
-    // stack (from the stack pointer up to the stack's top).
-    let mut regions: Vec<(String, u32, u32)> = old
-        .info
-        .symbols
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.is_absolute())
-        .filter_map(|(i, s)| {
-            let d = s.data()?;
-            let writable = old.info.segments.get(d.segment? as usize)?.writable;
-            let at = old.layout.data.get(&(i as u32)).copied().unwrap_or(d.address);
-            let name = format!("global `{}`", s.name.clone().unwrap_or_default());
-            (writable && !(skip_targets && target(at).is_some())).then_some((name, at, d.size))
-        })
-        .collect();
-    if let (Some(sp), Some(top)) = (stack_pointer, stack_top(old)) {
-        regions.push(("the shadow stack".into(), sp, top.saturating_sub(sp)));
-    }
+    let regions = pointer_holders(old, stack_pointer)
+        .into_iter()
+        .filter(|(_, at, _)| !(skip_targets && target(*at).is_some()));
     for (holder, at, size) in regions {
         let bytes = memory.read(u64::from(at), u64::from(size))?;
         for (i, word) in bytes.chunks_exact(4).enumerate() {
@@ -640,6 +666,31 @@ fn find_pointer(
 /// Index of the `__stack_pointer` global in `version`.
 pub(crate) fn stack_pointer_index(version: &Version) -> Option<u32> {
     upstare_patchgen::symbolic::stack_pointer_global(version)
+}
+
+/// Where a version keeps values that may be pointers, besides its frames:
+/// its writable globals, and the live part of the shadow stack (from the
+/// stack pointer up to the stack's top), as (name, address, size).
+pub(crate) fn pointer_holders(version: &Version, stack_pointer: Option<u32>) -> Vec<(String, u32, u32)> {
+    let old = version;
+    let mut regions: Vec<(String, u32, u32)> = old
+        .info
+        .symbols
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_absolute())
+        .filter_map(|(i, s)| {
+            let d = s.data()?;
+            let writable = old.info.segments.get(d.segment? as usize)?.writable;
+            let at = old.layout.data.get(&(i as u32)).copied().unwrap_or(d.address);
+            let name = format!("global `{}`", s.name.clone().unwrap_or_default());
+            writable.then_some((name, at, d.size))
+        })
+        .collect();
+    if let (Some(sp), Some(top)) = (stack_pointer, stack_top(old)) {
+        regions.push(("the shadow stack".into(), sp, top.saturating_sub(sp)));
+    }
+    regions
 }
 
 /// The top of the shadow stack in the running layout: wasm-ld's

@@ -10,6 +10,7 @@ mod demo;
 mod embed;
 mod files;
 mod frames;
+mod fresh_memory;
 mod guests;
 mod interrupt;
 mod kv;

@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::control::Request;
 
-/// Show what a running upstare-host runs: module, version, uptime, state.
+/// Show what a running upstare-host runs: module, version, uptime, state, memory.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The host's control socket [default: the only running host's, in

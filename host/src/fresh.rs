@@ -1,0 +1,250 @@
+//! Fresh memory: the areas of the program memory that updates reserve for
+//! what a new version adds (its read-only data, its new globals, the new
+//! copies of globals whose type changed), and their reuse.
+//!
+//! Wasm memory only grows, so without reuse every update would leave its
+//! area behind for good: a server updated back and forth ten thousand times
+//! would grow by ten thousand areas. Instead the updater keeps one small
+//! list, [`FreshAreas`], of every area it ever grew memory for, each either
+//! in use or free:
+//!
+//! - [`FreshAreas::reserve`] gives an update the smallest free area that
+//!   fits (splitting off what it does not need), and grows memory only when
+//!   none does;
+//! - an update that is refused, rolled back or given up hands its area back
+//!   with [`FreshAreas::release`]: nothing was written there that anything
+//!   can reach (the old version never knew the address), so it is free at
+//!   once and memory is as large as before the first such update;
+//! - an area whose version no longer runs is *retired* when an update
+//!   commits: the new layout places no symbol in it ([`FreshAreas::retiring`]).
+//!   It is free only once nothing points into it. The new version's code
+//!   cannot name it, but a frame, a global or the shadow stack may still
+//!   hold the address of an old string literal or of a removed global.
+//!   [`unreferenced`] looks for such values at the commit, while the guest
+//!   is still paused, in the same places the converted-globals check looks
+//!   (frames, writable globals, the live shadow stack; the heap is not
+//!   searched, so as not to make the pause depend on the heap's size; large
+//!   static arrays are read, though, at every update that retires an
+//!   area). A retired area something points into stays in use and is
+//!   checked again at the next update.
+//!
+//! Adjacent free areas merge, so versions of different sizes still fit.
+//! Free areas are not cleared when freed but zeroed when reused, at the
+//! pause, because a new version's zero-initialised globals rely on fresh
+//! memory reading as zero.
+//!
+//! The list lives with the updater, not in snapshots: a program restored
+//! from a snapshot taken after an update cannot be updated again (its layout
+//! is not recorded, see [`crate::update::RunningVersion::initial`]), so it
+//! never reserves fresh memory and has no use for the list.
+
+use upstare_instrument::abi::{TypedFrame, Value};
+use upstare_patchgen::version::Version;
+
+use crate::program_memory::{ProgramMemory, PAGE};
+
+/// A range of program memory an update reserved, in whole pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Area {
+    /// First byte.
+    pub base: u32,
+    /// Length in bytes, a multiple of the page size.
+    pub len: u32,
+}
+
+impl Area {
+    fn end(&self) -> u64 {
+        u64::from(self.base) + u64::from(self.len)
+    }
+
+    fn contains(&self, address: u32) -> bool {
+        address >= self.base && u64::from(address) < self.end()
+    }
+}
+
+/// Every fresh area of a program, in use or free, in address order.
+#[derive(Debug, Default)]
+pub struct FreshAreas {
+    areas: Vec<(Area, bool)>,
+}
+
+/// Figures for `status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FreshFigures {
+    /// Bytes of fresh memory in use by a version or waiting for pointers to
+    /// it to go.
+    pub used: u64,
+    /// Bytes free for the next update.
+    pub free: u64,
+}
+
+impl FreshAreas {
+    /// An area of at least `bytes` for an update: a free one if one fits,
+    /// else new pages at the end of `memory`.
+    pub fn reserve(&mut self, memory: &ProgramMemory, bytes: u32) -> Result<Area, String> {
+        let len = u64::from(bytes).div_ceil(PAGE) * PAGE;
+        let len = u32::try_from(len).map_err(|_| format!("{bytes} bytes of fresh memory do not fit in a 32-bit memory"))?;
+        let best = self
+            .areas
+            .iter()
+            .enumerate()
+            .filter(|(_, (a, free))| *free && a.len >= len)
+            .min_by_key(|(_, (a, _))| a.len)
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            let (area, _) = self.areas[i];
+            let taken = Area { base: area.base, len };
+            self.areas[i] = (taken, false);
+            if area.len > len {
+                self.areas.insert(i + 1, (Area { base: area.base + len, len: area.len - len }, true));
+            }
+            return Ok(taken);
+        }
+        let pages = u64::from(len) / PAGE;
+        let base = memory.grow(pages).map_err(|e| format!("cannot reserve {pages} pages of memory for the new version: {e}"))?;
+        let base = u32::try_from(base).map_err(|_| "memory is full".to_string())?;
+        let area = Area { base, len };
+        // The guest grows memory too, so a new area lies above every other.
+        self.areas.push((area, false));
+        Ok(area)
+    }
+
+    /// Marks `area` free again: its update did not happen.
+    pub fn release(&mut self, area: Area) {
+        self.free(&[area]);
+    }
+
+    /// Marks `areas` free: nothing uses or points into them any more.
+    pub fn free(&mut self, areas: &[Area]) {
+        for (a, free) in &mut self.areas {
+            if areas.contains(a) {
+                *free = true;
+            }
+        }
+        self.merge();
+    }
+
+    /// The areas in use that `next` (a version with its final layout) no
+    /// longer places anything in, besides `reserved`, its own: free once
+    /// nothing points into them.
+    pub fn retiring(&self, next: &Version, reserved: Option<Area>) -> Vec<Area> {
+        let placed: Vec<u32> = next
+            .layout
+            .data
+            .iter()
+            .filter(|(i, _)| next.info.symbols.get(**i as usize).is_some_and(|s| !s.is_absolute()))
+            .map(|(_, address)| *address)
+            .collect();
+        self.areas
+            .iter()
+            .filter(|(a, free)| !free && Some(*a) != reserved && !placed.iter().any(|p| a.contains(*p)))
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
+    /// Bytes in use and free.
+    pub fn figures(&self) -> FreshFigures {
+        let mut figures = FreshFigures::default();
+        for (a, free) in &self.areas {
+            match free {
+                true => figures.free += u64::from(a.len),
+                false => figures.used += u64::from(a.len),
+            }
+        }
+        figures
+    }
+
+    fn merge(&mut self) {
+        let mut merged: Vec<(Area, bool)> = Vec::with_capacity(self.areas.len());
+        for &(a, free) in &self.areas {
+            match merged.last_mut() {
+                Some((last, true)) if free && last.end() == u64::from(a.base) => last.len += a.len,
+                _ => merged.push((a, free)),
+            }
+        }
+        self.areas = merged;
+    }
+}
+
+/// The `candidates` nothing points into: no i32 in `frames`, and no aligned
+/// word of `running`'s writable globals or of the live shadow stack (from
+/// `stack_pointer` up), holds an address inside them. A candidate that is
+/// pointed into is live, and so are the candidates its own words point into.
+pub fn unreferenced(
+    candidates: &[Area],
+    frames: &[TypedFrame],
+    running: &Version,
+    memory: &ProgramMemory,
+    stack_pointer: Option<u32>,
+) -> Vec<Area> {
+    let mut dead: Vec<Area> = candidates.to_vec();
+    let mut live: Vec<Area> = Vec::new();
+    let pin = |value: u32, dead: &mut Vec<Area>, live: &mut Vec<Area>| {
+        if let Some(i) = dead.iter().position(|a| a.contains(value)) {
+            live.push(dead.swap_remove(i));
+        }
+    };
+    for value in frames.iter().flat_map(|f| f.locals.iter().chain(&f.operands)) {
+        if let Value::I32(v) = value {
+            pin(*v as u32, &mut dead, &mut live);
+        }
+    }
+    let mut regions: Vec<(u32, u32)> =
+        crate::update::pointer_holders(running, stack_pointer).into_iter().map(|(_, at, size)| (at, size)).collect();
+    while !dead.is_empty() {
+        let Some((at, size)) = regions.pop() else { break };
+        // Unreadable means out of bounds: nothing there to point anywhere.
+        let Some(bytes) = memory.read(u64::from(at), u64::from(size)) else { continue };
+        let pinned = live.len();
+        for word in bytes.chunks_exact(4) {
+            pin(u32::from_le_bytes([word[0], word[1], word[2], word[3]]), &mut dead, &mut live);
+        }
+        regions.extend(live[pinned..].iter().map(|a| (a.base, a.len)));
+    }
+    dead
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn areas(list: &[(u32, u32, bool)]) -> FreshAreas {
+        let areas = list.iter().map(|&(base, pages, free)| (Area { base: base * PAGE as u32, len: pages * PAGE as u32 }, free)).collect();
+        FreshAreas { areas }
+    }
+
+    fn memory(pages: u32) -> ProgramMemory {
+        let meta = upstare_instrument::abi::MemoryMeta { min: pages, max: Some(64), ..Default::default() };
+        ProgramMemory::new(&crate::new_engine().unwrap(), &meta).unwrap()
+    }
+
+    #[test]
+    fn a_released_area_is_reused_and_memory_grows_only_when_nothing_fits() {
+        let memory = memory(2);
+        let mut fresh = FreshAreas::default();
+        let first = fresh.reserve(&memory, 100).unwrap();
+        assert_eq!(first, Area { base: 2 * PAGE as u32, len: PAGE as u32 });
+        fresh.release(first);
+        assert_eq!(fresh.reserve(&memory, PAGE as u32).unwrap(), first, "the same area again");
+        assert_eq!(memory.size(), 3 * PAGE);
+        // Two pages do not fit in the one in use: new pages.
+        let second = fresh.reserve(&memory, PAGE as u32 + 1).unwrap();
+        assert_eq!(second, Area { base: 3 * PAGE as u32, len: 2 * PAGE as u32 });
+        fresh.free(&[first, second]);
+        // Freed neighbours merged: one page is split off their three.
+        let third = fresh.reserve(&memory, 1).unwrap();
+        assert_eq!(third, first);
+        assert_eq!(fresh.figures(), FreshFigures { used: PAGE, free: 2 * PAGE });
+        assert_eq!(memory.size(), 5 * PAGE, "nothing grew after the first two");
+    }
+
+    #[test]
+    fn adjacent_free_areas_merge_and_in_use_ones_do_not() {
+        let mut a = areas(&[(10, 1, false), (11, 2, false), (13, 1, false), (20, 1, false)]);
+        let all: Vec<Area> = a.areas.iter().map(|(x, _)| *x).collect();
+        a.free(&[all[0], all[1], all[3]]);
+        assert_eq!(a.areas.len(), 3, "{a:?}");
+        assert_eq!(a.areas[0], (Area { base: 10 * PAGE as u32, len: 3 * PAGE as u32 }, true));
+        assert_eq!(a.figures(), FreshFigures { used: PAGE, free: 4 * PAGE });
+    }
+}
