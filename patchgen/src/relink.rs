@@ -290,15 +290,37 @@ fn patch(
         let value = match final_value(r, info, placement, slots) {
             Ok(Some(value)) => value,
             Ok(None) => continue,
-            // The address of a weak function nothing defines: wasm-ld gave
-            // it no slot and wrote null (its stub only serves direct
-            // calls), and null it stays.
-            Err(Error::NoSlot { .. }) if read_field(bytes, r) == Some(0) => continue,
+            Err(Error::NoSlot { name, func }) => {
+                let own = read_field(bytes, r);
+                match own.and_then(|own| own_slot_function(info, own)).and_then(|f| slots.get(&f)) {
+                    // The symbol names one function and wasm-ld wrote
+                    // another's slot (a weak reference it resolved after
+                    // naming a stub for it): the slot it wrote says which
+                    // function the program gets, so that function's place
+                    // in the new table is the value.
+                    Some(&slot) => i64::from(slot),
+                    // The address of a weak function nothing defines:
+                    // wasm-ld gave it no slot and wrote null (its stub only
+                    // serves direct calls), and null it stays.
+                    None if own == Some(0) => continue,
+                    None if name.starts_with(UNDEFINED_WEAK) => 0,
+                    None => return Err(Error::NoSlot { name, func }),
+                }
+            }
             Err(e) => return Err(e),
         };
         write_field(bytes, r, value)?;
     }
     Ok(())
+}
+
+/// Name prefix wasm-ld gives the stub of a weak function nothing defines.
+const UNDEFINED_WEAK: &str = "undefined_weak:";
+
+/// The function the module's own table holds at `slot`.
+fn own_slot_function(info: &ModuleInfo, slot: i64) -> Option<u32> {
+    let slot = u32::try_from(slot).ok()?;
+    info.table.as_ref()?.slots.get(&slot).copied()
 }
 
 /// The value a table-index or memory-address field holds now, if it is one
