@@ -337,9 +337,23 @@ fn live_update(
             _ => return Response::refused("no previous version to return to: the program has not been updated"),
         },
     };
-    let prepared = match update::prepare(&updater.engine, &current, &updater.memory, &updater.control, &path, bytes) {
+    // Preparing reads the new module with a great deal of code, none of
+    // which touches the running program: a panic in it is a bug to report,
+    // and the program runs on.
+    let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // For the end-to-end test of this path, in debug builds only: no
+        // input makes a correct host panic here.
+        #[cfg(debug_assertions)]
+        if std::env::var_os("UPSTARE_TEST_PANIC_IN_PREPARE").is_some() {
+            panic!("UPSTARE_TEST_PANIC_IN_PREPARE is set");
+        }
+        update::prepare(&updater.engine, &current, &updater.memory, &updater.control, &path, bytes)
+    }))
+    .unwrap_or_else(|panic| Err(UpdateError::Internal(format!("preparing the update panicked: {}", panic_message(&*panic)))));
+    let prepared = match prepared {
         Ok(p) => p,
         Err(UpdateError::BadInput(e)) => return Response::Unusable(e.to_string()),
+        Err(e @ UpdateError::Internal(_)) => return Response::Internal(format!("{e}; the old version runs on")),
         Err(e) => return Response::refused(e),
     };
     if matches!(target, Target::Previous) {
@@ -410,8 +424,18 @@ fn live_update(
                 ))
             }
             Err(UpdateError::BadInput(e)) => return Response::Unusable(e.to_string()),
+            Err(e @ UpdateError::Internal(_)) => return Response::Internal(format!("{e}; the old version runs on")),
             Err(e) => return Response::refused(format!("{e}; the old version runs on")),
         }
+    }
+}
+
+/// What a panic said, for the report of an internal error.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "no message".into(),
     }
 }
 

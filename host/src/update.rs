@@ -60,6 +60,10 @@ pub enum UpdateError {
     /// Applying the update failed; it was rolled back.
     #[error("update failed and was rolled back: {0}")]
     RolledBack(String),
+    /// Something that cannot fail did: a bug in UpStare, not in the
+    /// program or its new version. Nothing was changed.
+    #[error("internal error (a bug in UpStare, please report it): {0}")]
+    Internal(String),
 }
 
 /// A version of the program the host can run: what patchgen knows of it,
@@ -184,7 +188,9 @@ pub fn prepare(
     } else {
         0
     };
-    let mut linked = plan.link(base).map_err(|e| bad(format!("cannot relink: {e}")))?;
+    // The plan's verdict already covers the relink: a failure here is ours.
+    let mut linked =
+        plan.link(base).map_err(|e| UpdateError::Internal(format!("the plan relinked, but not at address {base:#x}: {e}")))?;
     mark_relinked(&mut linked.wasm);
     tracing::debug!("update: relinked at {:?}", started.elapsed());
     let module = GuestModule::from_bytes(engine, path, &linked.wasm).map_err(|e| UpdateError::BadInput(e.to_string()))?;
