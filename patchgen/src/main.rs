@@ -1,8 +1,9 @@
 //! `upstare-patchgen OLD.wasm NEW.wasm`: prints the plan for updating a
 //! program running OLD to NEW, and its verdict.
 //!
-//! Exit status: 0 when the update is safe, 1 when it would be refused (the
-//! reasons are printed), 2 for bad input.
+//! Exit status, as for `upstare-host update`: 0 when the update is safe, 1
+//! when it would be refused (the reasons are printed), 2 for a module that
+//! cannot be used at all, 3 for an internal error (a bug).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,13 @@ use upstare_patchgen::version::Version;
 /// started from it and not yet updated). What depends on the running
 /// program's state is checked by the host at update time, not here: the
 /// frames of active functions, and pointers to globals whose type changed.
+///
+/// The verdict includes relinking NEW against OLD's layout: what cannot be
+/// relinked is refused here as it would be by `upstare-host update`.
+///
+/// Exit status: 0 safe, 1 refused (the reasons are printed), 2 a module
+/// that cannot be used at all (missing, not wasm, not built with
+/// bin/upstare-cc), 3 an internal error (a bug in upstare-patchgen).
 #[derive(Parser)]
 #[command(name = "upstare-patchgen", version)]
 struct Args {
@@ -32,12 +40,17 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
+    match std::panic::catch_unwind(|| run(&args)) {
+        Ok(Ok(true)) => ExitCode::SUCCESS,
+        Ok(Ok(false)) => ExitCode::from(1),
+        Ok(Err(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
+        }
+        Err(_) => {
+            // The panic message is already on stderr.
+            eprintln!("error: internal error (a bug in upstare-patchgen, please report it)");
+            ExitCode::from(3)
         }
     }
 }
@@ -52,6 +65,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let old = Version::initial(read(&args.old)?).with_context(|| format!("{}", args.old.display()))?;
     let plan = plan(Arc::new(old), read(&args.new)?).with_context(|| format!("{}", args.new.display()))?;
     let mut text = summary(&plan, args.verbose);
+    if let Some(note) = constructors_note(&plan) {
+        text += &note;
+    }
     for reason in &plan.refusals {
         text += &format!("refused: {reason}\n");
     }
@@ -101,4 +117,14 @@ fn summary(plan: &Plan, verbose: bool) -> String {
     }
     out += &format!("fresh memory: {} bytes\n", plan.fresh_size);
     out
+}
+
+/// Constructors run when a program starts, never at an update: what the
+/// running program's constructors set up is state that exists, and the new
+/// version's constructors do not run for it (nor for what it adds).
+fn constructors_note(plan: &Plan) -> Option<String> {
+    let f = &plan.functions;
+    let ctors = "__wasm_call_ctors";
+    let changed = f.changed.iter().chain(&f.added).any(|n| n == ctors);
+    changed.then(|| format!("note: {ctors} changed: constructors do not run at an update, the new version's included\n"))
 }
