@@ -57,11 +57,22 @@ fn main() -> ExitCode {
 
 fn read(path: &PathBuf) -> anyhow::Result<Arc<Vec<u8>>> {
     use anyhow::Context;
-    Ok(Arc::new(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?))
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Said in the host's words, before a parser says it in its own.
+    if !bytes.starts_with(b"\0asm") {
+        anyhow::bail!("{} is not a WebAssembly module (it does not start with the `\\0asm` magic number)", path.display());
+    }
+    Ok(Arc::new(bytes))
 }
 
 fn run(args: &Args) -> anyhow::Result<bool> {
     use anyhow::Context;
+    // For the end-to-end test of the internal-error path, in debug builds
+    // only: no input makes a correct planner panic.
+    #[cfg(debug_assertions)]
+    if std::env::var_os("UPSTARE_TEST_PANIC_IN_PLAN").is_some() {
+        panic!("UPSTARE_TEST_PANIC_IN_PLAN is set");
+    }
     let old = Version::initial(read(&args.old)?).with_context(|| format!("{}", args.old.display()))?;
     let plan = plan(Arc::new(old), read(&args.new)?).with_context(|| format!("{}", args.new.display()))?;
     let mut text = summary(&plan, args.verbose);

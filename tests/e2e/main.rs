@@ -18,6 +18,7 @@ mod pipes;
 mod rollback;
 mod snapshot;
 mod snapshot_decode;
+mod statuses;
 mod stress;
 mod transform;
 mod update;
