@@ -158,6 +158,8 @@ fn the_relink_chain_updates_live_and_refuses_a_section_that_would_come_apart() {
                 let counter: i64 = field(&line, "counter").parse().unwrap();
                 let before: i64 = field(&last, "counter").parse().unwrap();
                 assert_eq!(counter, before + 1, "the counter carries on: {last} then {line}");
+                let tls: i64 = field(&line, "tls").parse().unwrap();
+                assert_eq!(tls, field(&last, "tls").parse::<i64>().unwrap() + 1, "so does the thread-local: {last} then {line}");
                 // The walked section is the same, the weak symbols are still
                 // null, the function whose address v2 takes first is called
                 // through its new slot, and constructors do not run at an

@@ -4,6 +4,8 @@
  * - weak undefined functions and data: their addresses are null, tested
  *   and (for the function, guarded) called;
  * - an alias (`tally` names the same object as `counter`);
+ * - a thread-local variable, which a build without threads lowers to an
+ *   ordinary global;
  * - a section walked from `__start_relink_items` to `__stop_relink_items`;
  * - a constructor (version 2 adds one: constructors do not run at an
  *   update, so its flag stays 0 in a program updated to version 2);
@@ -14,7 +16,7 @@
  * - version 3: one more entry in the walked section, which cannot stay
  *   side by side with the entries kept in place: refused.
  *
- * It prints one line per tick: `vN tick=T counter=C items=S ...`, then
+ * It prints one line per tick: `vN tick=T counter=C tls=L items=S ...`, then
  * sleeps 20 ms (an update point). Built as relink, relink-v2, relink-v3
  * (see `versions`).
  */
@@ -33,6 +35,8 @@ extern int weak_function(int) __attribute__((weak));
  * starts right where the read-only data ends. */
 int counter = 1000;
 extern int tally __attribute__((alias("counter")));
+
+_Thread_local int per_thread = 7;
 
 #define ITEM(name, value) \
     __attribute__((used, section("relink_items"))) static const int name = value
@@ -68,6 +72,7 @@ int (*volatile through_table)(int) = twice;
 
 __attribute__((noinline)) static void tick(int t) {
     tally++;
+    per_thread++;
     int weak = (&weak_data == 0) + 2 * (weak_function == 0);
     if (weak_function)
         weak = weak_function(weak);
@@ -75,11 +80,11 @@ __attribute__((noinline)) static void tick(int t) {
     /* Never true: only links chdir and what it needs into version 2. */
     if (counter < 0)
         chdir("/");
-    printf("v%d tick=%d counter=%d items=%d weak=%d constructed=%d,%d twice=%d\n", RELINK_VERSION, t,
-           counter, items(), weak, constructed, constructed_v2, through_table(counter));
+    printf("v%d tick=%d counter=%d tls=%d items=%d weak=%d constructed=%d,%d twice=%d\n", RELINK_VERSION, t,
+           counter, per_thread, items(), weak, constructed, constructed_v2, through_table(counter));
 #else
-    printf("v%d tick=%d counter=%d items=%d weak=%d constructed=%d\n", RELINK_VERSION, t, counter,
-           items(), weak, constructed);
+    printf("v%d tick=%d counter=%d tls=%d items=%d weak=%d constructed=%d\n", RELINK_VERSION, t, counter,
+           per_thread, items(), weak, constructed);
 #endif
     fflush(stdout);
 }
