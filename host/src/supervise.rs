@@ -297,11 +297,27 @@ fn serve_update(
     pause_limit: Duration,
 ) -> Response {
     let (Some(pause), Some(updater)) = (pause, updater) else {
-        return Response::refused("the module runs without instrumentation (--no-instrument): it cannot be updated");
+        return refused_update("the module runs without instrumentation (--no-instrument): it cannot be updated");
     };
-    let reply = live_update(updater, pause, commands, target, Duration::from_millis(timeout_ms), pause_limit);
+    // A rollback's refusals keep their own words ("no previous version",
+    // "cannot roll back").
+    let rollback = matches!(target, Target::Previous);
+    let reply = match live_update(updater, pause, commands, target, Duration::from_millis(timeout_ms), pause_limit) {
+        Response::Refused(reason) if !rollback => refused_update(reason),
+        reply => reply,
+    };
     record_update(live, updater, &reply);
     reply
+}
+
+/// Every refused update says so in the same words, whichever step refused
+/// it: `update refused: <reason>`.
+fn refused_update(reason: impl std::fmt::Display) -> Response {
+    let reason = reason.to_string();
+    match reason.starts_with("update refused: ") {
+        true => Response::Refused(reason),
+        false => Response::Refused(format!("update refused: {reason}")),
+    }
 }
 
 /// Prepares an update while the guest runs, then applies it at a pause;

@@ -58,7 +58,7 @@ pub enum UpdateError {
     #[error("update refused: a frame cannot move to the new version: {0}")]
     Frame(Unmappable),
     /// Applying the update failed; it was rolled back.
-    #[error("update failed and was rolled back: {0}")]
+    #[error("update refused: applying it failed and it was rolled back: {0}")]
     RolledBack(String),
     /// Something that cannot fail did: a bug in UpStare, not in the
     /// program or its new version. Nothing was changed.

@@ -124,3 +124,20 @@ fn an_internal_error_exits_3_names_itself_a_bug_and_the_program_runs_on() {
     prints_on(&mut stdout, "v1 ");
     assert!(running.0.try_wait().unwrap().is_none(), "the host is still running");
 }
+
+/// Both commands' `--help` say what their statuses mean, in the same terms.
+#[test]
+fn both_helps_list_the_exit_statuses() {
+    let host = upstare_tests::run_host(&["update", "--help"]);
+    let patchgen = Command::new(patchgen_bin()).arg("--help").output().unwrap();
+    for (name, out, statuses) in [
+        ("update", &host, ["0 updated", "1 refused (`error: update refused: REASON`)", "2 bad input", "3 an internal error"]),
+        ("patchgen", &patchgen, ["0 safe", "1 refused", "2 a module that cannot be used at all", "3 an internal error"]),
+    ] {
+        let text = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(out.status.success(), "{name}");
+        for s in statuses {
+            assert!(text.contains(s), "{name} --help lacks {s:?}: {text}");
+        }
+    }
+}
