@@ -411,9 +411,10 @@ impl Guest {
                 .ok_or_else(|| format!("the new version does not export global {new_index}"))?;
             global.set(&mut *store, value).map_err(|e| one_line(&e))?;
         }
-        // From here on the user's transformers write memory the old version
-        // owns: a failure at any later step must find it as it was.
-        let backup = match has_transformers(linked) {
+        // From here on the user's transformers (and the constructors the new
+        // version adds) write memory the old version owns: a failure at any
+        // later step must find it as it was.
+        let backup = match has_transformers(linked) || !linked.constructors.is_empty() {
             true => Some(u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before the transformers")?),
             false => None,
         };
@@ -593,8 +594,9 @@ fn stack_top(old: &Version) -> Option<u32> {
     })
 }
 
-/// Runs each conversion's C transformer with the old and new addresses of
-/// its global. The caller restores memory if one fails.
+/// Runs the constructors the new version adds, then each conversion's C
+/// transformer with the old and new addresses of its global. The caller
+/// restores memory if one fails.
 fn run_transformers(
     instance: &wasmtime::Instance,
     store: &mut Store<ProcessState>,
@@ -602,6 +604,12 @@ fn run_transformers(
     linked: &Linked,
 ) -> Result<(), String> {
     control.set_pause(false);
+    for (export, name) in &linked.constructors {
+        instance
+            .get_typed_func::<(), ()>(&mut *store, export)
+            .and_then(|f| f.call(&mut *store, ()))
+            .map_err(|e| format!("constructor `{name}` failed: {}", one_line(&e)))?;
+    }
     for conversion in &linked.conversions {
         let Some(name) = &conversion.transformer else { continue };
         let (old, new) = (conversion.old_address, conversion.new_address);

@@ -130,12 +130,11 @@ fn summary(plan: &Plan, verbose: bool) -> String {
     out
 }
 
-/// Constructors run when a program starts, never at an update: what the
-/// running program's constructors set up is state that exists, and the new
-/// version's constructors do not run for it (nor for what it adds).
+/// What runs of the constructors (see `upstare_patchgen::constructors`):
+/// only those the new version adds, once.
 fn constructors_note(plan: &Plan) -> Option<String> {
-    let f = &plan.functions;
-    let ctors = "__wasm_call_ctors";
-    let changed = f.changed.iter().chain(&f.added).any(|n| n == ctors);
-    changed.then(|| format!("note: {ctors} changed: constructors do not run at an update, the new version's included\n"))
+    let names: Vec<String> = plan.constructors.iter().map(|&f| plan.new.info.function_name(f)).collect();
+    (!names.is_empty()).then(|| {
+        format!("constructors: the new version adds {}, run once at the update; the others do not run again\n", names.join(", "))
+    })
 }

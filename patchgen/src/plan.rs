@@ -126,6 +126,9 @@ pub struct Plan {
     pub table: BTreeMap<u32, u32>,
     /// Mutable wasm globals carried over: (new index, old index).
     pub globals: Vec<(u32, u32)>,
+    /// The new version's constructors that run at the update, in order
+    /// (function indices of the new module; see [`crate::constructors`]).
+    pub constructors: Vec<u32>,
     /// Why the update must be refused; empty when it is safe.
     pub refusals: Vec<String>,
 }
@@ -142,6 +145,9 @@ pub struct Linked {
     pub writes: Vec<(u32, Vec<u8>)>,
     /// Converted globals.
     pub conversions: Vec<Conversion>,
+    /// The constructors to run at the update, in order: (export name in
+    /// the relinked module, function name).
+    pub constructors: Vec<(String, String)>,
 }
 
 /// A global whose type changed, placed: where its old value is and where
@@ -256,8 +262,9 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
     refuse_changed_splits(&old, &new, &mut refusals);
     let table = plan_table(&old, &new, &mut refusals);
     let globals = carried_globals(&old, &new);
+    let constructors = crate::constructors::added(&old, &new);
     let fresh_size = fresh.end.next_multiple_of(FRESH_ALIGN);
-    let mut plan = Plan { old, new, functions, data, removed, rodata, fresh_size, table, globals, refusals };
+    let mut plan = Plan { old, new, functions, data, removed, rodata, fresh_size, table, globals, constructors, refusals };
     // The relink is part of the verdict: what cannot be relinked is refused
     // here, not found out by the host after it reserved memory. Nothing it
     // checks depends on where fresh memory starts, so any base will do.
@@ -305,7 +312,14 @@ impl Plan {
     pub fn link(&self, fresh_base: u32) -> Result<Linked, Error> {
         let new = &self.new;
         let mut placement =
-            Placement { data: HashMap::new(), table: self.table.clone(), exports: transformer_targets(&new.info, &transformer_exports(&new.wasm)) };
+            Placement { data: HashMap::new(), table: self.table.clone(), exports: transformer_targets(&new.info, &transformer_exports(&new.wasm)), added_exports: Vec::new() };
+        let constructors: Vec<(String, String)> = self
+            .constructors
+            .iter()
+            .enumerate()
+            .map(|(n, &f)| (format!("{}{n}", crate::constructors::EXPORT_PREFIX), new.info.function_name(f)))
+            .collect();
+        placement.added_exports = constructors.iter().zip(&self.constructors).map(|((export, _), &f)| (export.clone(), f)).collect();
         let old_absolute = absolute_symbols(&self.old);
         for (i, symbol) in new.info.symbols.iter().enumerate() {
             let Some(def) = symbol.data() else { continue };
@@ -356,7 +370,7 @@ impl Plan {
         }
         let mut version = (**new).clone();
         version.layout = Layout { data: placement.data, table: self.table.clone() };
-        Ok(Linked { wasm, version, writes, conversions })
+        Ok(Linked { wasm, version, writes, conversions, constructors })
     }
 
     /// The final address of the new module's address `addr` (its own

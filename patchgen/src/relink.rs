@@ -32,6 +32,8 @@ pub struct Placement {
     /// Function exports to point at another function: export name ->
     /// function index. Exports not listed stay as they are.
     pub exports: HashMap<String, u32>,
+    /// Function exports to add: (name, function index).
+    pub added_exports: Vec<(String, u32)>,
 }
 
 /// Why a module could not be relinked.
@@ -164,7 +166,7 @@ pub fn relink(wasm: &[u8], info: &ModuleInfo, placement: &Placement) -> Result<V
                 patch(&mut code, &info.code_relocs, info, placement, &slots)?;
                 module.section(&wasm_encoder::RawSection { id, data: &code });
             }
-            Payload::ExportSection(reader) if !placement.exports.is_empty() => {
+            Payload::ExportSection(reader) if !placement.exports.is_empty() || !placement.added_exports.is_empty() => {
                 let mut exports = wasm_encoder::ExportSection::new();
                 for export in reader {
                     let export = export?;
@@ -174,6 +176,9 @@ pub fn relink(wasm: &[u8], info: &ModuleInfo, placement: &Placement) -> Result<V
                         _ => export.index,
                     };
                     exports.export(export.name, kind, index);
+                }
+                for (name, func) in &placement.added_exports {
+                    exports.export(name, wasm_encoder::ExportKind::Func, *func);
                 }
                 module.section(&exports);
             }

@@ -7,12 +7,13 @@
  * - a thread-local variable, which a build without threads lowers to an
  *   ordinary global;
  * - a section walked from `__start_relink_items` to `__stop_relink_items`;
- * - a constructor (version 2 adds one: constructors do not run at an
- *   update, so its flag stays 0 in a program updated to version 2);
+ * - a constructor; version 2 adds one, which runs once when the program
+ *   is updated to version 2, while version 1's does not run again;
  * - `counter`, the first object of .data, right after the read-only data;
  * - version 2: a function whose address is taken for the first time (the
- *   table grows) and libc objects only it pulls in (`chdir`, and the
- *   wasi-libc code behind it);
+ *   table grows) and libc objects only it pulls in (`chdir`, `access` and
+ *   the wasi-libc code behind them, whose own constructor fills the table
+ *   of preopened directories: `file=1` when `/data/relink.c` is there);
  * - version 3: one more entry in the walked section, which cannot stay
  *   side by side with the entries kept in place: refused.
  *
@@ -80,8 +81,9 @@ __attribute__((noinline)) static void tick(int t) {
     /* Never true: only links chdir and what it needs into version 2. */
     if (counter < 0)
         chdir("/");
-    printf("v%d tick=%d counter=%d tls=%d items=%d weak=%d constructed=%d,%d twice=%d\n", RELINK_VERSION, t,
-           counter, per_thread, items(), weak, constructed, constructed_v2, through_table(counter));
+    int file = access("/data/relink.c", F_OK) == 0;
+    printf("v%d tick=%d counter=%d tls=%d items=%d weak=%d constructed=%d,%d twice=%d file=%d\n", RELINK_VERSION,
+           t, counter, per_thread, items(), weak, constructed, constructed_v2, through_table(counter), file);
 #else
     printf("v%d tick=%d counter=%d tls=%d items=%d weak=%d constructed=%d\n", RELINK_VERSION, t, counter,
            per_thread, items(), weak, constructed);
