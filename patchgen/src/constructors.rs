@@ -23,19 +23,33 @@ const CALL_CTORS: &str = "__wasm_call_ctors";
 /// The new version's constructors the old version does not have, as
 /// function indices of the new module, in the order they run.
 pub fn added(old: &Version, new: &Version) -> Vec<u32> {
-    let before: Vec<_> = called_at_start(old).into_iter().map(|f| &old.function_keys[f as usize]).collect();
-    called_at_start(new).into_iter().filter(|&f| !before.contains(&&new.function_keys[f as usize])).collect()
+    let before: Vec<_> = called_at_start(old)
+        .into_iter()
+        .map(|f| &old.function_keys[f as usize])
+        .collect();
+    called_at_start(new)
+        .into_iter()
+        .filter(|&f| !before.contains(&&new.function_keys[f as usize]))
+        .collect()
 }
 
 /// The functions `__wasm_call_ctors` calls, in order. It is synthesised by
 /// the linker, so it has no relocations: its calls are read from its code.
 fn called_at_start(version: &Version) -> Vec<u32> {
     let info = &version.info;
-    let Some(body) = info.functions.iter().find(|f| f.name.as_deref() == Some(CALL_CTORS)).and_then(|f| f.body.clone()) else {
+    let Some(body) = info
+        .functions
+        .iter()
+        .find(|f| f.name.as_deref() == Some(CALL_CTORS))
+        .and_then(|f| f.body.clone())
+    else {
         return Vec::new();
     };
     let start = (info.code_section + body.start) as usize;
-    let Some(bytes) = version.wasm.get(start..(info.code_section + body.end) as usize) else {
+    let Some(bytes) = version
+        .wasm
+        .get(start..(info.code_section + body.end) as usize)
+    else {
         return Vec::new();
     };
     let body = wasmparser::FunctionBody::new(wasmparser::BinaryReader::new(bytes, start));

@@ -11,7 +11,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use upstare_tests::{
-    expect_error, guest, host_command, patchgen_bin, sha256_file, version_chains, wait_for_path, Control, KillOnDrop,
+    expect_error, guest, host_command, patchgen_bin, sha256_file, version_chains, wait_for_path,
+    Control, KillOnDrop,
 };
 
 /// What patchgen says of an update: its exit status and the reasons it
@@ -23,10 +24,22 @@ struct Verdict {
 }
 
 fn patchgen(old: &str, new: &str) -> Verdict {
-    let out = Command::new(patchgen_bin()).arg(guest(old)).arg(guest(new)).output().expect("upstare-patchgen runs");
+    let out = Command::new(patchgen_bin())
+        .arg(guest(old))
+        .arg(guest(new))
+        .output()
+        .expect("upstare-patchgen runs");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let refusals = text.lines().filter_map(|l| l.strip_prefix("refused: ")).map(str::to_string).collect();
-    Verdict { status: out.status.code(), refusals, text: format!("{text}{}", String::from_utf8_lossy(&out.stderr)) }
+    let refusals = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("refused: "))
+        .map(str::to_string)
+        .collect();
+    Verdict {
+        status: out.status.code(),
+        refusals,
+        text: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
+    }
 }
 
 /// The host flags and guest arguments that keep the first version of a
@@ -35,7 +48,13 @@ fn how_to_run(chain: &str) -> (&'static [&'static str], &'static [&'static str])
     match chain {
         "compute" => (&[], &["4000", "2000"]),
         "kv-server" => (&["--tcplisten", "127.0.0.1:0"], &[]),
-        "relink" => (&["--dir", concat!(env!("CARGO_MANIFEST_DIR"), "/guests/chains/relink::/data")], &[]),
+        "relink" => (
+            &[
+                "--dir",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/guests/chains/relink::/data"),
+            ],
+            &[],
+        ),
         other => panic!("add how to run the chain `{other}` to how_to_run"),
     }
 }
@@ -60,13 +79,19 @@ fn start(chain: &str, version: &str, control: &Control) -> KillOnDrop {
 /// the running program's state, which patchgen does not see (its `--help`
 /// says so): frames that cannot move, pointers to a global whose type
 /// changed, and a C transformer that fails, rolled back.
-const DECIDED_AT_UPDATE_TIME: &[&str] =
-    &["cannot move to the new version", "whose type changed", "and it was rolled back"];
+const DECIDED_AT_UPDATE_TIME: &[&str] = &[
+    "cannot move to the new version",
+    "whose type changed",
+    "and it was rolled back",
+];
 
 #[test]
 fn patchgen_and_update_agree_on_every_consecutive_pair_of_every_chain() {
     let chains = version_chains();
-    assert!(chains.iter().any(|c| c[0] == "relink"), "the test-only chains are found: {chains:?}");
+    assert!(
+        chains.iter().any(|c| c[0] == "relink"),
+        "the test-only chains are found: {chains:?}"
+    );
     let mut pairs = 0;
     for chain in &chains {
         for pair in chain.windows(2) {
@@ -83,22 +108,43 @@ fn patchgen_and_update_agree_on_every_consecutive_pair_of_every_chain() {
                         // Long enough for the new code to run a while: a
                         // wrong relink tends to trap at its first use.
                         std::thread::sleep(std::time::Duration::from_millis(100));
-                        assert_eq!(control.running_version(), sha256_file(&guest(new)), "{what}");
+                        assert_eq!(
+                            control.running_version(),
+                            sha256_file(&guest(new)),
+                            "{what}"
+                        );
                     }
                     _ => {
                         let reason = expect_error(&out, 1);
-                        assert!(reason.starts_with("update refused: "), "{what}; update: {reason}");
-                        assert!(DECIDED_AT_UPDATE_TIME.iter().any(|r| reason.contains(r)), "{what}; update: {reason}");
+                        assert!(
+                            reason.starts_with("update refused: "),
+                            "{what}; update: {reason}"
+                        );
+                        assert!(
+                            DECIDED_AT_UPDATE_TIME.iter().any(|r| reason.contains(r)),
+                            "{what}; update: {reason}"
+                        );
                     }
                 },
                 Some(1) => {
                     assert!(!verdict.refusals.is_empty(), "{what}");
-                    assert_eq!(expect_error(&out, 1), format!("update refused: {}", verdict.refusals.join("; ")), "{what}");
-                    assert_eq!(control.running_version(), sha256_file(&guest(old)), "{what}: the old version runs on");
+                    assert_eq!(
+                        expect_error(&out, 1),
+                        format!("update refused: {}", verdict.refusals.join("; ")),
+                        "{what}"
+                    );
+                    assert_eq!(
+                        control.running_version(),
+                        sha256_file(&guest(old)),
+                        "{what}: the old version runs on"
+                    );
                 }
                 _ => panic!("{what}"),
             }
-            assert!(running.0.try_wait().unwrap().is_none(), "{what}: the program runs on");
+            assert!(
+                running.0.try_wait().unwrap().is_none(),
+                "{what}: the program runs on"
+            );
             pairs += 1;
         }
     }
@@ -114,7 +160,10 @@ impl Lines {
     fn next_starting(&mut self, prefix: &str) -> String {
         for _ in 0..1000 {
             let mut line = String::new();
-            assert!(self.0.read_line(&mut line).unwrap() > 0, "the guest ended before printing {prefix:?}");
+            assert!(
+                self.0.read_line(&mut line).unwrap() > 0,
+                "the guest ended before printing {prefix:?}"
+            );
             if line.starts_with(prefix) {
                 return line.trim_end().to_string();
             }
@@ -148,11 +197,23 @@ fn the_relink_chain_updates_live_and_refuses_a_section_that_would_come_apart() {
     );
     let mut lines = Lines(BufReader::new(running.0.stdout.take().unwrap()));
     let first = lines.next_starting("v1 ");
-    assert_eq!((field(&first, "items"), field(&first, "weak"), field(&first, "constructed")), ("11", "3", "1"), "{first}");
+    assert_eq!(
+        (
+            field(&first, "items"),
+            field(&first, "weak"),
+            field(&first, "constructed")
+        ),
+        ("11", "3", "1"),
+        "{first}"
+    );
     wait_for_path(Path::new(&control.path()));
 
     let out = control.update(&guest("relink-v2"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last_v1: i64 = {
         let mut last = first.clone();
         loop {
@@ -160,9 +221,17 @@ fn the_relink_chain_updates_live_and_refuses_a_section_that_would_come_apart() {
             if line.starts_with("v2 ") {
                 let counter: i64 = field(&line, "counter").parse().unwrap();
                 let before: i64 = field(&last, "counter").parse().unwrap();
-                assert_eq!(counter, before + 1, "the counter carries on: {last} then {line}");
+                assert_eq!(
+                    counter,
+                    before + 1,
+                    "the counter carries on: {last} then {line}"
+                );
                 let tls: i64 = field(&line, "tls").parse().unwrap();
-                assert_eq!(tls, field(&last, "tls").parse::<i64>().unwrap() + 1, "so does the thread-local: {last} then {line}");
+                assert_eq!(
+                    tls,
+                    field(&last, "tls").parse::<i64>().unwrap() + 1,
+                    "so does the thread-local: {last} then {line}"
+                );
                 // The walked section is the same, the weak symbols are still
                 // null, the function whose address v2 takes first is called
                 // through its new slot. Of the constructors, v1's ran once,
@@ -186,7 +255,10 @@ fn the_relink_chain_updates_live_and_refuses_a_section_that_would_come_apart() {
     assert_eq!(reason, expected);
     let verdict = patchgen("relink-v2", "relink-v3");
     assert_eq!(verdict.status, Some(1), "{}", verdict.text);
-    assert_eq!(verdict.refusals, [expected.strip_prefix("update refused: ").unwrap()]);
+    assert_eq!(
+        verdict.refusals,
+        [expected.strip_prefix("update refused: ").unwrap()]
+    );
     let line = lines.next_starting("v2 ");
     assert_eq!(field(&line, "items"), "11", "v2 runs on: {line}");
 }

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use upstare_tests::{
-    expect_error, guest, host_command, patchgen_bin, sha256_file, wait_for_path, Control, KillOnDrop, TempDir,
+    expect_error, guest, host_command, patchgen_bin, sha256_file, wait_for_path, Control,
+    KillOnDrop, TempDir,
 };
 
 /// `upstare-patchgen OLD NEW`, with `env` set.
@@ -28,7 +29,12 @@ fn unusable(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
     let not_wasm = dir.join("not.wasm");
     std::fs::write(&not_wasm, "hello").unwrap();
     let bare = dir.join("bare.wasm");
-    std::fs::write(&bare, wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#).unwrap()).unwrap();
+    std::fs::write(
+        &bare,
+        wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)
+            .unwrap(),
+    )
+    .unwrap();
     let missing = dir.join("missing.wasm");
     vec![
         (missing.clone(), format!("cannot read {}", missing.display())),
@@ -48,14 +54,21 @@ fn patchgen_exits_0_when_safe_1_when_refused_2_for_an_unusable_module_3_for_a_bu
     let refused = patchgen(&v2, &v3, &[]);
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
     let text = String::from_utf8_lossy(&refused.stdout);
-    assert!(text.contains("refused: cannot relink: the program walks section `relink_items`"), "{text}");
+    assert!(
+        text.contains("refused: cannot relink: the program walks section `relink_items`"),
+        "{text}"
+    );
     assert!(text.ends_with("verdict: refused\n"), "{text}");
 
     for (path, message) in unusable(dir.0.as_path()) {
         for out in [patchgen(&v1, &path, &[]), patchgen(&path, &v1, &[])] {
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{}: {err}", path.display());
-            assert!(err.starts_with("error: ") && err.contains(&message), "{}: expected {message:?} in {err}", path.display());
+            assert!(
+                err.starts_with("error: ") && err.contains(&message),
+                "{}: expected {message:?} in {err}",
+                path.display()
+            );
             assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
         }
     }
@@ -63,13 +76,27 @@ fn patchgen_exits_0_when_safe_1_when_refused_2_for_an_unusable_module_3_for_a_bu
     let bug = patchgen(&v1, &v2, &[("UPSTARE_TEST_PANIC_IN_PLAN", "1")]);
     let err = String::from_utf8_lossy(&bug.stderr);
     assert_eq!(bug.status.code(), Some(3), "{err}");
-    assert!(err.trim_end().ends_with("error: internal error (a bug in upstare-patchgen, please report it)"), "{err}");
+    assert!(
+        err.trim_end()
+            .ends_with("error: internal error (a bug in upstare-patchgen, please report it)"),
+        "{err}"
+    );
 }
 
 /// The relink guest under a host with a control socket, and its stdout.
-fn start_relink(control: &Control, env: &[(&str, &str)]) -> (KillOnDrop, BufReader<std::process::ChildStdout>) {
+fn start_relink(
+    control: &Control,
+    env: &[(&str, &str)],
+) -> (KillOnDrop, BufReader<std::process::ChildStdout>) {
     let mut command = host_command();
-    command.args(["--control", &control.path(), guest("relink").to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::null());
+    command
+        .args([
+            "--control",
+            &control.path(),
+            guest("relink").to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     for (k, v) in env {
         command.env(k, v);
     }
@@ -97,11 +124,18 @@ fn update_exits_1_for_a_refusal_2_for_an_unusable_module_and_the_program_runs_on
     let (mut running, mut stdout) = start_relink(&control, &[]);
     for (path, message) in unusable(control.dir()) {
         let reason = expect_error(&control.update(&path), 2);
-        assert!(reason.contains(&message), "{}: expected {message:?} in {reason}", path.display());
+        assert!(
+            reason.contains(&message),
+            "{}: expected {message:?} in {reason}",
+            path.display()
+        );
     }
     // A refusal found while relinking is a refusal like any other.
     let reason = expect_error(&control.update(&guest("relink-v3")), 1);
-    assert!(reason.starts_with("update refused: cannot relink: "), "{reason}");
+    assert!(
+        reason.starts_with("update refused: cannot relink: "),
+        "{reason}"
+    );
     assert_eq!(control.running_version(), sha256_file(&guest("relink")));
     prints_on(&mut stdout, "v1 ");
     assert!(running.0.try_wait().unwrap().is_none());
@@ -114,7 +148,8 @@ fn update_exits_1_for_a_refusal_2_for_an_unusable_module_and_the_program_runs_on
 #[test]
 fn an_internal_error_exits_3_names_itself_a_bug_and_the_program_runs_on() {
     let control = Control::new("update-bug");
-    let (mut running, mut stdout) = start_relink(&control, &[("UPSTARE_TEST_PANIC_IN_PREPARE", "1")]);
+    let (mut running, mut stdout) =
+        start_relink(&control, &[("UPSTARE_TEST_PANIC_IN_PREPARE", "1")]);
     let reason = expect_error(&control.update(&guest("relink-v2")), 3);
     assert_eq!(
         reason,
@@ -122,7 +157,10 @@ fn an_internal_error_exits_3_names_itself_a_bug_and_the_program_runs_on() {
     );
     assert_eq!(control.running_version(), sha256_file(&guest("relink")));
     prints_on(&mut stdout, "v1 ");
-    assert!(running.0.try_wait().unwrap().is_none(), "the host is still running");
+    assert!(
+        running.0.try_wait().unwrap().is_none(),
+        "the host is still running"
+    );
 }
 
 /// Both commands' `--help` say what their statuses mean, in the same terms.
@@ -131,10 +169,31 @@ fn both_helps_list_the_exit_statuses() {
     let host = upstare_tests::run_host(&["update", "--help"]);
     let patchgen = Command::new(patchgen_bin()).arg("--help").output().unwrap();
     for (name, out, statuses) in [
-        ("update", &host, ["0 updated", "1 refused (`error: update refused: REASON`)", "2 bad input", "3 an internal error"]),
-        ("patchgen", &patchgen, ["0 safe", "1 refused", "2 a module that cannot be used at all", "3 an internal error"]),
+        (
+            "update",
+            &host,
+            [
+                "0 updated",
+                "1 refused (`error: update refused: REASON`)",
+                "2 bad input",
+                "3 an internal error",
+            ],
+        ),
+        (
+            "patchgen",
+            &patchgen,
+            [
+                "0 safe",
+                "1 refused",
+                "2 a module that cannot be used at all",
+                "3 an internal error",
+            ],
+        ),
     ] {
-        let text = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+        let text = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(out.status.success(), "{name}");
         for s in statuses {
             assert!(text.contains(s), "{name} --help lacks {s:?}: {text}");
