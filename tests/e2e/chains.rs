@@ -183,9 +183,11 @@ fn field<'a>(line: &'a str, name: &str) -> &'a str {
 /// of its own), takes the address of a function for the first time (the
 /// table grows), and adds a constructor; version 3 adds an entry to a section the program walks from
 /// `__start_` to `__stop_`, which cannot stay side by side with the kept
-/// ones: refused, and patchgen says so in the same words.
+/// ones: refused, and patchgen says so in the same words; version 4 adds a
+/// constructor that traps at the update: rolled back.
 #[test]
-fn the_relink_chain_updates_live_and_refuses_a_section_that_would_come_apart() {
+fn the_relink_chain_updates_live_refuses_a_section_that_would_come_apart_and_rolls_back_a_failed_constructor(
+) {
     let control = Control::new("relink-live");
     let mut running = KillOnDrop::spawn(
         host_command()
@@ -261,4 +263,21 @@ fn the_relink_chain_updates_live_and_refuses_a_section_that_would_come_apart() {
     );
     let line = lines.next_starting("v2 ");
     assert_eq!(field(&line, "items"), "11", "v2 runs on: {line}");
+
+    // A constructor the new version adds traps when it runs at the update:
+    // rolled back, and v2 runs on with its state as it was.
+    let reason = expect_error(&control.update(&guest("relink-v4")), 1);
+    assert!(
+        reason.starts_with("update refused: applying it failed and it was rolled back: constructor `construct_v4` failed: "),
+        "{reason}"
+    );
+    assert!(reason.ends_with("; the old version runs on"), "{reason}");
+    let before = lines.next_starting("v2 ");
+    let after = lines.next_starting("v2 ");
+    assert_eq!(
+        field(&after, "counter").parse::<i64>().unwrap(),
+        field(&before, "counter").parse::<i64>().unwrap() + 1,
+        "{before} then {after}"
+    );
+    assert_eq!(field(&after, "constructed"), "1,1", "{after}");
 }

@@ -15,11 +15,13 @@
  *   the wasi-libc code behind them, whose own constructor fills the table
  *   of preopened directories: `file=1` when `/data/relink.c` is there);
  * - version 3: one more entry in the walked section, which cannot stay
- *   side by side with the entries kept in place: refused.
+ *   side by side with the entries kept in place: refused;
+ * - version 4: version 2 and a constructor that traps unless the program
+ *   has just started: the update to it is rolled back.
  *
  * It prints one line per tick: `vN tick=T counter=C tls=L items=S ...`, then
- * sleeps 20 ms (an update point). Built as relink, relink-v2, relink-v3
- * (see `versions`).
+ * sleeps 20 ms (an update point). Built as relink, relink-v2, relink-v3,
+ * relink-v4 (see `versions`).
  */
 #include <stdio.h>
 #include <time.h>
@@ -43,7 +45,7 @@ _Thread_local int per_thread = 7;
     __attribute__((used, section("relink_items"))) static const int name = value
 ITEM(item_a, 1);
 ITEM(item_b, 10);
-#if RELINK_VERSION >= 3
+#if RELINK_VERSION == 3
 ITEM(item_c, 100);
 #endif
 extern const int __start_relink_items[], __stop_relink_items[];
@@ -56,6 +58,12 @@ __attribute__((constructor)) static void construct(void) { constructed += one; }
 #if RELINK_VERSION >= 2
 int constructed_v2;
 __attribute__((constructor)) static void construct_v2(void) { constructed_v2 = one; }
+#endif
+#if RELINK_VERSION == 4
+__attribute__((constructor)) static void construct_v4(void) {
+    if (counter != 1000 * one)
+        __builtin_trap();
+}
 #endif
 
 static int items(void) {
