@@ -17,7 +17,8 @@
 //! 3. [`plan`] decides each data object's fate (kept in place, added in
 //!    fresh memory, converted field by field), the table slots and the wasm
 //!    globals to carry, which constructors run ([`constructors`]), and
-//!    collects refusals.
+//!    collects refusals, among them whatever the relink of step 4 cannot
+//!    do (the plan tries it), so its verdict is the update's.
 //! 4. [`plan::Plan::link`] places fresh memory at the address the host
 //!    chose and [`relink`]s the new module against the running layout.
 //! 5. [`frames`] moves each saved frame to the new code, using
