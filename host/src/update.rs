@@ -12,7 +12,8 @@
 //! 2. instantiate the new module in a fresh store over the same memories,
 //!    with the process's WASI state moved over;
 //! 3. write the new version's fresh data, convert changed globals, carry the
-//!    wasm globals, run the C transformers;
+//!    wasm globals, run the constructors only the new version has, then the
+//!    C transformers;
 //! 4. rewind the mapped frames into the new code with a pause already
 //!    requested, so the guest unwinds again at the resume point before any
 //!    of its code has run, and compare the frames it saves with the frames
@@ -190,7 +191,7 @@ pub fn prepare(
     };
     // The plan's verdict already covers the relink: a failure here is ours.
     let mut linked =
-        plan.link(base).map_err(|e| UpdateError::Internal(format!("the plan relinked, but not at address {base:#x}: {e}")))?;
+        plan.link(base).map_err(|e| UpdateError::Internal(format!("the plan's trial relink passed, but relinking at {base:#x} failed: {e}")))?;
     mark_relinked(&mut linked.wasm);
     tracing::debug!("update: relinked at {:?}", started.elapsed());
     let module = GuestModule::from_bytes(engine, path, &linked.wasm).map_err(|e| UpdateError::BadInput(e.to_string()))?;
