@@ -31,8 +31,15 @@ pub fn example_guest_names() -> Vec<String> {
 }
 
 /// The `upstare-host` binary of this build (built by `cargo build --bins`,
-/// which the test command runs first).
+/// which the test command runs first), or the one in
+/// `$UPSTARE_TEST_BIN_DIR` when that is set: binaries kept aside, for a
+/// target directory other builds write to meanwhile.
 pub fn host_bin() -> PathBuf {
+    if let Some(dir) = std::env::var_os("UPSTARE_TEST_BIN_DIR") {
+        let bin = PathBuf::from(dir).join("upstare-host");
+        assert!(bin.exists(), "{} is missing (UPSTARE_TEST_BIN_DIR)", bin.display());
+        return bin;
+    }
     let exe = std::env::current_exe().expect("current test executable");
     // target/<profile>/deps/e2e-<hash> -> target/<profile>/upstare-host
     let bin = exe
