@@ -2,7 +2,9 @@
 # Builds every example guest: guest-examples/<name>/*.c -> OUT_DIR/<name>.wasm,
 # through bin/upstare-cc (the one supported way to build C for UpStare).
 #
-# usage: guest-examples/build.sh [OUT_DIR]   (default: <repo>/target/guests)
+# usage: guest-examples/build.sh [OUT_DIR [SRC_DIR]]
+#        (default: <repo>/target/guests, and the guests of guest-examples/;
+#        the tests build their own version chains from another SRC_DIR)
 #
 # A guest folder may hold a `build.flags' file: extra upstare-cc flags,
 # whitespace-separated, `#' starting a comment line. It may also hold a
@@ -15,13 +17,14 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
 out=${1:-$root/target/guests}
+src=${2:-$here}
 
 "$root/scripts/install-toolchain"
 mkdir -p "$out"
 
 shopt -s nullglob
 built=0
-for d in "$here"/*/; do
+for d in "$src"/*/; do
     d=${d%/}
     name=$(basename "$d")
     [ "$name" = include ] && continue
@@ -46,4 +49,4 @@ for d in "$here"/*/; do
         echo "built $out/${version[0]}.wasm"
     done <"$d/versions"
 done
-[ "$built" -gt 0 ] || { echo "build.sh: no guests found under $here" >&2; exit 1; }
+[ "$built" -gt 0 ] || { echo "build.sh: no guests found under $src" >&2; exit 1; }

@@ -1,6 +1,8 @@
 //! Builds every guest the tests run, with the documented toolchain: the
-//! examples through `guest-examples/build.sh`, and the test-only guests in
-//! `tests/guests/` through `bin/upstare-cc`. A missing toolchain is
+//! examples through `guest-examples/build.sh`, the test-only guests in
+//! `tests/guests/` through `bin/upstare-cc`, and the test-only version
+//! chains in `tests/guests/chains/` (one folder each, laid out like an
+//! example's) through `guest-examples/build.sh` again. A missing toolchain is
 //! installed by the scripts or fails the build loudly; tests never skip.
 
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ fn main() {
     std::fs::create_dir_all(&out).unwrap();
 
     run(Command::new(root.join("guest-examples/build.sh")).arg(&out));
+    run(Command::new(root.join("guest-examples/build.sh")).arg(&out).arg(manifest.join("guests/chains")));
     for entry in std::fs::read_dir(manifest.join("guests")).unwrap() {
         let src = entry.unwrap().path();
         if src.extension().and_then(|e| e.to_str()) != Some("c") {

@@ -31,8 +31,15 @@ pub fn example_guest_names() -> Vec<String> {
 }
 
 /// The `upstare-host` binary of this build (built by `cargo build --bins`,
-/// which the test command runs first).
+/// which the test command runs first), or the one in
+/// `$UPSTARE_TEST_BIN_DIR` when that is set: binaries kept aside, for a
+/// target directory other builds write to meanwhile.
 pub fn host_bin() -> PathBuf {
+    if let Some(dir) = std::env::var_os("UPSTARE_TEST_BIN_DIR") {
+        let bin = PathBuf::from(dir).join("upstare-host");
+        assert!(bin.exists(), "{} is missing (UPSTARE_TEST_BIN_DIR)", bin.display());
+        return bin;
+    }
     let exe = std::env::current_exe().expect("current test executable");
     // target/<profile>/deps/e2e-<hash> -> target/<profile>/upstare-host
     let bin = exe
@@ -343,6 +350,43 @@ pub fn example_guest_versions() -> Vec<(String, String)> {
     }
     versions.sort();
     versions
+}
+
+/// Every version chain in the repository, each in the order it is built:
+/// the first version of an example (`guest-examples/NAME`) or of a
+/// test-only chain (`tests/guests/chains/NAME`), then the further versions
+/// its `versions` file lists. A guest without further versions is a chain
+/// of one.
+pub fn version_chains() -> Vec<Vec<String>> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut chains = Vec::new();
+    for root in [manifest.join("../guest-examples"), manifest.join("guests/chains")] {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+            .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "include"))
+            .collect();
+        dirs.sort();
+        for dir in dirs {
+            let mut chain = vec![dir.file_name().unwrap().to_str().unwrap().to_string()];
+            let text = std::fs::read_to_string(dir.join("versions")).unwrap_or_default();
+            chain.extend(
+                text.lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|name| !name.starts_with('#'))
+                    .map(str::to_string),
+            );
+            chains.push(chain);
+        }
+    }
+    chains
+}
+
+/// The `upstare-patchgen` binary of this build, beside `upstare-host`.
+pub fn patchgen_bin() -> PathBuf {
+    let bin = host_bin().with_file_name("upstare-patchgen");
+    assert!(bin.exists(), "{} is missing: build it with `cargo build --bins` (scripts/test does)", bin.display());
+    bin
 }
 
 /// The SHA-256 of a file, in hex, by coreutils' `sha256sum` (independent of

@@ -316,11 +316,27 @@ fn serve_update(
     pause_limit: Duration,
 ) -> Response {
     let (Some(pause), Some(updater)) = (pause, updater) else {
-        return Response::refused("the module runs without instrumentation (--no-instrument): it cannot be updated");
+        return refused_update("the module runs without instrumentation (--no-instrument): it cannot be updated");
     };
-    let reply = live_update(updater, pause, commands, target, Duration::from_millis(timeout_ms), pause_limit);
+    // A rollback's refusals keep their own words ("no previous version",
+    // "cannot roll back").
+    let rollback = matches!(target, Target::Previous);
+    let reply = match live_update(updater, pause, commands, target, Duration::from_millis(timeout_ms), pause_limit) {
+        Response::Refused(reason) if !rollback => refused_update(reason),
+        reply => reply,
+    };
     record_update(live, updater, &reply);
     reply
+}
+
+/// Every refused update says so in the same words, whichever step refused
+/// it: `update refused: <reason>`.
+fn refused_update(reason: impl std::fmt::Display) -> Response {
+    let reason = reason.to_string();
+    match reason.starts_with("update refused: ") {
+        true => Response::Refused(reason),
+        false => Response::Refused(format!("update refused: {reason}")),
+    }
 }
 
 /// Prepares an update while the guest runs, then applies it at a pause;
@@ -356,12 +372,25 @@ fn live_update(
             _ => return Response::refused("no previous version to return to: the program has not been updated"),
         },
     };
-    let prepared =
-        match update::prepare(&updater.engine, &current, &updater.memory, &mut updater.fresh, &updater.control, &path, bytes) {
-            Ok(p) => p,
-            Err(UpdateError::BadInput(e)) => return Response::Unusable(e.to_string()),
-            Err(e) => return Response::refused(e),
-        };
+    // Preparing reads the new module with a great deal of code, none of
+    // which touches the running program: a panic in it is a bug to report,
+    // and the program runs on.
+    let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // For the end-to-end test of this path, in debug builds only: no
+        // input makes a correct host panic here.
+        #[cfg(debug_assertions)]
+        if std::env::var_os("UPSTARE_TEST_PANIC_IN_PREPARE").is_some() {
+            panic!("UPSTARE_TEST_PANIC_IN_PREPARE is set");
+        }
+        update::prepare(&updater.engine, &current, &updater.memory, &mut updater.fresh, &updater.control, &path, bytes)
+    }))
+    .unwrap_or_else(|panic| Err(UpdateError::Internal(format!("preparing the update panicked: {}", panic_message(&*panic)))));
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(UpdateError::BadInput(e)) => return Response::Unusable(e.to_string()),
+        Err(e @ UpdateError::Internal(_)) => return Response::Internal(format!("{e}; the old version runs on")),
+        Err(e) => return Response::refused(e),
+    };
     let area = prepared.fresh;
     let outcome = match (&target, lossy_conversions(&prepared)) {
         (Target::Previous, Some(lost)) => Err(Response::refused(format!(
@@ -476,6 +505,7 @@ fn apply(
                 )))
             }
             Err(UpdateError::BadInput(e)) => return Err(Response::Unusable(e.to_string())),
+            Err(e @ UpdateError::Internal(_)) => return Err(Response::Internal(format!("{e}; the old version runs on"))),
             Err(e) => return Err(Response::refused(format!("{e}; the old version runs on"))),
         }
     }
@@ -483,6 +513,15 @@ fn apply(
 
 /// How long an attempt that pauses only in a blocking call waits for one.
 const BLOCKING_CALL_WAIT: Duration = Duration::from_millis(200);
+
+/// What a panic said, for the report of an internal error.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "no message".into(),
+    }
+}
 
 /// The converted globals whose conversion loses fields, if any.
 fn lossy_conversions(prepared: &Prepared) -> Option<String> {

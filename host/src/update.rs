@@ -12,7 +12,8 @@
 //! 2. instantiate the new module in a fresh store over the same memories,
 //!    with the process's WASI state moved over;
 //! 3. write the new version's fresh data, convert changed globals, carry the
-//!    wasm globals, run the C transformers;
+//!    wasm globals, run the constructors only the new version has, then the
+//!    C transformers;
 //! 4. rewind the mapped frames into the new code with a pause already
 //!    requested, so the guest unwinds again at the resume point before any
 //!    of its code has run, and compare the frames it saves with the frames
@@ -61,8 +62,12 @@ pub enum UpdateError {
     #[error("update refused: a frame cannot move to the new version: {0}")]
     Frame(Unmappable),
     /// Applying the update failed; it was rolled back.
-    #[error("update failed and was rolled back: {0}")]
+    #[error("update refused: applying it failed and it was rolled back: {0}")]
     RolledBack(String),
+    /// Something that cannot fail did: a bug in UpStare, not in the
+    /// program or its new version. Nothing was changed.
+    #[error("internal error (a bug in UpStare, please report it): {0}")]
+    Internal(String),
 }
 
 /// A version of the program the host can run: what patchgen knows of it,
@@ -218,9 +223,10 @@ fn place(
     hash: String,
     started: Instant,
 ) -> Result<Prepared, UpdateError> {
-    let bad = |e: String| UpdateError::BadInput(format!("{}: {e}", path.display()));
     let base = area.map_or(0, |a| a.base);
-    let mut linked = plan.link(base).map_err(|e| bad(format!("cannot relink: {e}")))?;
+    // The plan's verdict already covers the relink: a failure here is ours.
+    let mut linked =
+        plan.link(base).map_err(|e| UpdateError::Internal(format!("the plan's trial relink passed, but relinking at {base:#x} failed: {e}")))?;
     mark_relinked(&mut linked.wasm);
     tracing::debug!("update: relinked at {:?}", started.elapsed());
     let module = GuestModule::from_bytes(engine, path, &linked.wasm).map_err(|e| UpdateError::BadInput(e.to_string()))?;
@@ -505,9 +511,10 @@ impl Guest {
             }
         };
         let mapped = &stack.frames;
-        // From here on the user's transformers write memory the old version
-        // owns: a failure at any later step must find it as it was.
-        let backup = match has_transformers(linked) {
+        // From here on the user's transformers (and the constructors the new
+        // version adds) write memory the old version owns: a failure at any
+        // later step must find it as it was.
+        let backup = match has_transformers(linked) || !linked.constructors.is_empty() {
             true => Some(u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before the transformers")?),
             false => None,
         };
@@ -703,8 +710,9 @@ fn stack_top(old: &Version) -> Option<u32> {
     })
 }
 
-/// Runs each conversion's C transformer with the old and new addresses of
-/// its global. The caller restores memory if one fails.
+/// Runs the constructors the new version adds, then each conversion's C
+/// transformer with the old and new addresses of its global. The caller
+/// restores memory if one fails.
 fn run_transformers(
     instance: &wasmtime::Instance,
     store: &mut Store<ProcessState>,
@@ -712,6 +720,12 @@ fn run_transformers(
     linked: &Linked,
 ) -> Result<(), String> {
     control.set_pause(false);
+    for (export, name) in &linked.constructors {
+        instance
+            .get_typed_func::<(), ()>(&mut *store, export)
+            .and_then(|f| f.call(&mut *store, ()))
+            .map_err(|e| format!("constructor `{name}` failed: {}", one_line(&e)))?;
+    }
     for conversion in &linked.conversions {
         let Some(name) = &conversion.transformer else { continue };
         let (old, new) = (conversion.old_address, conversion.new_address);

@@ -16,7 +16,9 @@
 //!    [`body`] fingerprints, which ignore where things moved.
 //! 3. [`plan`] decides each data object's fate (kept in place, added in
 //!    fresh memory, converted field by field), the table slots and the wasm
-//!    globals to carry, and collects refusals.
+//!    globals to carry, which constructors run ([`constructors`]), and
+//!    collects refusals, among them whatever the relink of step 4 cannot
+//!    do (the plan tries it), so its verdict is the update's.
 //! 4. [`plan::Plan::link`] places fresh memory at the address the host
 //!    chose and [`relink`]s the new module against the running layout.
 //! 5. [`frames`] moves each saved frame to the new code, using
@@ -38,6 +40,7 @@
 #![deny(unsafe_code)]
 
 pub mod body;
+pub mod constructors;
 pub mod diff;
 pub mod dwarf;
 mod equivalence;

@@ -47,6 +47,17 @@ pub enum Error {
     /// Relinking failed.
     #[error(transparent)]
     Relink(#[from] crate::relink::Error),
+    /// A data symbol of the new version lies in no object the plan places.
+    #[error("data symbol `{name}` (at {address:#x} in the new module) lies in no object the plan places")]
+    Unplaced {
+        /// The symbol's name.
+        name: String,
+        /// Its address in the new module's own layout.
+        address: u32,
+    },
+    /// A section walked from `__start_` to `__stop_` would come apart.
+    #[error("the program walks section `{0}` from `__start_{0}` to `__stop_{0}`, but its objects would not stay side by side: some keep their running address and others go to fresh memory (keep the section's entries the same, or add new entries only in a new section)")]
+    SplitSection(String),
 }
 
 /// What becomes of one writable data symbol of the new version.
@@ -115,6 +126,9 @@ pub struct Plan {
     pub table: BTreeMap<u32, u32>,
     /// Mutable wasm globals carried over: (new index, old index).
     pub globals: Vec<(u32, u32)>,
+    /// The new version's constructors that run at the update, in order
+    /// (function indices of the new module; see [`crate::constructors`]).
+    pub constructors: Vec<u32>,
     /// Why the update must be refused; empty when it is safe.
     pub refusals: Vec<String>,
 }
@@ -131,6 +145,9 @@ pub struct Linked {
     pub writes: Vec<(u32, Vec<u8>)>,
     /// Converted globals.
     pub conversions: Vec<Conversion>,
+    /// The constructors to run at the update, in order: (export name in
+    /// the relinked module, function name).
+    pub constructors: Vec<(String, String)>,
 }
 
 /// A global whose type changed, placed: where its old value is and where
@@ -161,12 +178,7 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
         .map(|e| (e.name[TRANSFORMER_PREFIX.len()..].to_string(), e.name))
         .collect();
     let mut refusals = Vec::new();
-    let mut fresh = 0u32;
-    let mut take = |size: u32| {
-        let at = fresh.next_multiple_of(FRESH_ALIGN);
-        fresh = at + size;
-        at
-    };
+    let mut fresh = Fresh::default();
 
     let rodata: Vec<(usize, u32)> = new
         .info
@@ -174,20 +186,40 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
         .iter()
         .enumerate()
         .filter(|(_, s)| !s.writable)
-        .map(|(i, s)| (i, take(s.size)))
+        .map(|(i, s)| (i, fresh.take(s.size)))
         .collect();
 
     let old_by_key: HashMap<&SymbolKey, u32> = old.data_keys.iter().map(|(i, k)| (k, *i)).collect();
     let mut data = Vec::new();
-    let mut shared_keys = HashSet::new();
-    for root in writable_roots(&new) {
-        let key = new.data_keys[&root].clone();
+    let mut matched_old = HashSet::new();
+    // Objects added side by side in one segment stay side by side in fresh
+    // memory, so a section walked from `__start_` to `__stop_` stays whole:
+    // (segment, own address of the run's first object, its fresh offset).
+    let mut run: Option<(Option<u32>, u32, u32)> = None;
+    for (root, aliases) in writable_roots(&new) {
         let def = new.info.symbols[root as usize].data().cloned().expect("roots are data symbols");
+        // An alias the new version adds (or drops) must not make the object
+        // look new: any of its names that the old version has will do.
+        let counterpart = std::iter::once(root)
+            .chain(aliases)
+            .find_map(|s| old_by_key.get(&new.data_keys[&s]).map(|&old_symbol| (s, old_symbol)));
+        let key = new.data_keys[&counterpart.map_or(root, |(s, _)| s)].clone();
         let transformer = transformers.get(&key.name).cloned();
-        let fate = match old_by_key.get(&key) {
-            None => DataFate::Added { fresh: take(def.size) },
-            Some(&old_symbol) => {
-                shared_keys.insert(key.clone());
+        let fate = match counterpart {
+            None => {
+                let at = match run {
+                    Some((segment, own, at)) if segment == def.segment => fresh.place(at + (def.address - own), def.size),
+                    // Congruent to its own address modulo the largest
+                    // alignment, so every object the run adds later is
+                    // aligned as in the module.
+                    _ => fresh.place(fresh.end.next_multiple_of(FRESH_ALIGN) + def.address % FRESH_ALIGN, def.size),
+                };
+                run = Some(run.filter(|r| r.0 == def.segment).unwrap_or((def.segment, def.address, at)));
+                DataFate::Added { fresh: at }
+            }
+            Some((_, old_symbol)) => {
+                run = None;
+                matched_old.insert(old_symbol);
                 let old_def = old.info.symbols[old_symbol as usize].data().cloned().expect("keys name data symbols");
                 let old_address = old.layout.data.get(&old_symbol).copied().unwrap_or(old_def.address);
                 let old_size = old_def.size;
@@ -196,18 +228,18 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
                     Ok(None) => DataFate::Converted {
                         old_address,
                         old_size,
-                        fresh: take(def.size),
+                        fresh: fresh.take(def.size),
                         map: identity_map(def.size),
                         transformer,
                     },
-                    Ok(Some(map)) => DataFate::Converted { old_address, old_size, fresh: take(def.size), map, transformer },
+                    Ok(Some(map)) => DataFate::Converted { old_address, old_size, fresh: fresh.take(def.size), map, transformer },
                     Err(_) if transformer.is_some() => {
                         // The user's transformer takes over what no automatic
                         // mapping can do; the value starts zeroed.
                         DataFate::Converted {
                             old_address,
                             old_size,
-                            fresh: take(def.size),
+                            fresh: fresh.take(def.size),
                             map: ValueMap::default(),
                             transformer,
                         }
@@ -223,15 +255,50 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
     }
     let removed: Vec<SymbolKey> = writable_roots(&old)
         .into_iter()
-        .map(|i| old.data_keys[&i].clone())
-        .filter(|k| !shared_keys.contains(k))
+        .filter(|(root, aliases)| !std::iter::once(root).chain(aliases).any(|s| matched_old.contains(s)))
+        .map(|(root, _)| old.data_keys[&root].clone())
         .collect();
 
     refuse_changed_splits(&old, &new, &mut refusals);
     let table = plan_table(&old, &new, &mut refusals);
     let globals = carried_globals(&old, &new);
-    let fresh_size = fresh.next_multiple_of(FRESH_ALIGN);
-    Ok(Plan { old, new, functions, data, removed, rodata, fresh_size, table, globals, refusals })
+    let constructors = crate::constructors::added(&old, &new);
+    let fresh_size = fresh.end.next_multiple_of(FRESH_ALIGN);
+    let mut plan = Plan { old, new, functions, data, removed, rodata, fresh_size, table, globals, constructors, refusals };
+    // The relink is part of the verdict: what cannot be relinked is refused
+    // here, not found out by the host after it reserved memory. Nothing it
+    // checks depends on where fresh memory starts, so any base will do.
+    if plan.refusals.is_empty() {
+        if let Err(e) = plan.link(nominal_fresh_base(&plan.old)) {
+            plan.refusals.push(format!("cannot relink: {e}"));
+        }
+    }
+    Ok(plan)
+}
+
+/// Fresh memory as the plan hands it out: offsets from its base.
+#[derive(Default)]
+struct Fresh {
+    end: u32,
+}
+
+impl Fresh {
+    /// `size` bytes at the next aligned offset.
+    fn take(&mut self, size: u32) -> u32 {
+        self.place(self.end.next_multiple_of(FRESH_ALIGN), size)
+    }
+
+    /// `size` bytes at `at`, which lies at or past what was handed out.
+    fn place(&mut self, at: u32, size: u32) -> u32 {
+        self.end = self.end.max(at + size);
+        at
+    }
+}
+
+/// Where the host would put fresh memory for a program that has not grown
+/// its memory since it started: the first page above its heap base.
+fn nominal_fresh_base(old: &Version) -> u32 {
+    old.info.heap_base.unwrap_or(1 << 20).next_multiple_of(1 << 16)
 }
 
 impl Plan {
@@ -245,18 +312,28 @@ impl Plan {
     pub fn link(&self, fresh_base: u32) -> Result<Linked, Error> {
         let new = &self.new;
         let mut placement =
-            Placement { data: HashMap::new(), table: self.table.clone(), exports: transformer_targets(&new.info, &transformer_exports(&new.wasm)) };
+            Placement { data: HashMap::new(), table: self.table.clone(), exports: transformer_targets(&new.info, &transformer_exports(&new.wasm)), added_exports: Vec::new() };
+        let constructors: Vec<(String, String)> = self
+            .constructors
+            .iter()
+            .enumerate()
+            .map(|(n, &f)| (format!("{}{n}", crate::constructors::EXPORT_PREFIX), new.info.function_name(f)))
+            .collect();
+        placement.added_exports = constructors.iter().zip(&self.constructors).map(|((export, _), &f)| (export.clone(), f)).collect();
         let old_absolute = absolute_symbols(&self.old);
         for (i, symbol) in new.info.symbols.iter().enumerate() {
             let Some(def) = symbol.data() else { continue };
-            let address = if symbol.is_absolute() {
-                // `__heap_base` and friends describe the running layout.
-                symbol.name.as_ref().and_then(|n| old_absolute.get(n)).copied().unwrap_or(def.address)
-            } else {
-                match self.place_of(def.address, fresh_base) {
-                    Some(a) => a,
-                    None => def.address,
-                }
+            let name = || symbol.name.clone().unwrap_or_default();
+            let address = match def.segment {
+                Some(segment) => self
+                    .place_in_segment(segment, def.address, fresh_base)
+                    .ok_or_else(|| Error::Unplaced { name: name(), address: def.address })?,
+                None => match section_bound(&new.info, symbol.name.as_deref()) {
+                    // `__start_S` / `__stop_S`: where section S is now.
+                    Some(segment) => def.address.wrapping_add_signed(self.segment_shift(segment, fresh_base)?),
+                    // `__heap_base` and friends describe the running layout.
+                    None => symbol.name.as_ref().and_then(|n| old_absolute.get(n)).copied().unwrap_or(def.address),
+                },
             };
             placement.data.insert(i as u32, address);
         }
@@ -293,29 +370,52 @@ impl Plan {
         }
         let mut version = (**new).clone();
         version.layout = Layout { data: placement.data, table: self.table.clone() };
-        Ok(Linked { wasm, version, writes, conversions })
+        Ok(Linked { wasm, version, writes, conversions, constructors })
     }
 
     /// The final address of the new module's address `addr` (its own
-    /// layout), if it lies in a read-only segment or a writable object.
-    fn place_of(&self, addr: u32, fresh_base: u32) -> Option<u32> {
+    /// layout) in `segment`: in the segment's fresh copy if it is
+    /// read-only, else in the object of the plan containing it (or ending
+    /// at it: a pointer one past an object).
+    fn place_in_segment(&self, segment: u32, addr: u32, fresh_base: u32) -> Option<u32> {
         let info = &self.new.info;
-        for &(segment, offset) in &self.rodata {
-            let range = info.segments[segment].addresses();
-            if range.contains(&addr) || (addr == range.end && range.start != range.end) {
-                return Some(fresh_base + offset + (addr - range.start));
-            }
+        let seg = info.segments.get(segment as usize)?;
+        if let Some(&(_, offset)) = self.rodata.iter().find(|(s, _)| *s == segment as usize) {
+            return Some(fresh_base + offset + addr.checked_sub(seg.address)?);
         }
-        let d = self.data.iter().find(|d| {
-            let def = info.symbols[d.symbol as usize].data().expect("data symbol");
-            addr >= def.address && (addr - def.address < def.size.max(1))
-        })?;
-        let def = info.symbols[d.symbol as usize].data().expect("data symbol");
-        let base = match &d.fate {
+        let in_segment = |d: &&DataPlan| info.symbols[d.symbol as usize].data().is_some_and(|def| def.segment == Some(segment));
+        let own = |d: &DataPlan| info.symbols[d.symbol as usize].data().expect("data symbol").address;
+        let d = self
+            .data
+            .iter()
+            .filter(in_segment)
+            .find(|d| addr >= own(d) && addr - own(d) < d.size.max(1))
+            .or_else(|| self.data.iter().filter(in_segment).find(|d| own(d) + d.size == addr))?;
+        Some(self.base_of(d, fresh_base) + (addr - own(d)))
+    }
+
+    /// Where the object of `d` starts once placed.
+    fn base_of(&self, d: &DataPlan, fresh_base: u32) -> u32 {
+        match &d.fate {
             DataFate::Kept { address } => *address,
             DataFate::Added { fresh } | DataFate::Converted { fresh, .. } => fresh_base + fresh,
-        };
-        Some(base + (addr - def.address))
+        }
+    }
+
+    /// How far the objects of a section the program walks from `__start_`
+    /// to `__stop_` move; they must all move alike, or the walk would step
+    /// into memory that is not theirs.
+    fn segment_shift(&self, segment: u32, fresh_base: u32) -> Result<i32, Error> {
+        let info = &self.new.info;
+        let mut shifts = self.data.iter().filter_map(|d| {
+            let def = info.symbols[d.symbol as usize].data()?;
+            (def.segment == Some(segment)).then(|| self.base_of(d, fresh_base).wrapping_sub(def.address) as i32)
+        });
+        let first = shifts.next().unwrap_or(0);
+        match shifts.all(|s| s == first) {
+            true => Ok(first),
+            false => Err(Error::SplitSection(info.segments[segment as usize].name.clone())),
+        }
     }
 
     /// Counts for the report: (kept, converted automatically, converted by
@@ -334,9 +434,10 @@ impl Plan {
     }
 }
 
-/// Writable data symbols that are not inside a larger one (aliases and
-/// members follow their container), by symbol index.
-fn writable_roots(version: &Version) -> Vec<u32> {
+/// Writable data symbols that are not inside a larger one (members follow
+/// their container), by symbol index, each with its aliases: the other
+/// symbols covering exactly the same bytes.
+fn writable_roots(version: &Version) -> Vec<(u32, Vec<u32>)> {
     let info = &version.info;
     let mut symbols: Vec<(u32, u32, u32)> = info
         .symbols
@@ -349,16 +450,30 @@ fn writable_roots(version: &Version) -> Vec<u32> {
         .map(|(i, d)| (i, d.address, d.size))
         .collect();
     symbols.sort_by_key(|&(i, address, size)| (address, std::cmp::Reverse(size), i));
-    let mut roots = Vec::new();
+    let mut roots: Vec<(u32, Vec<u32>)> = Vec::new();
+    let mut last = (0u32, 0u32);
     let mut covered_to = 0u32;
     for (i, address, size) in symbols {
+        if !roots.is_empty() && (address, size) == last {
+            roots.last_mut().expect("not empty").1.push(i);
+            continue;
+        }
         if address < covered_to || (size == 0 && address == covered_to && !roots.is_empty()) {
             continue;
         }
-        roots.push(i);
+        roots.push((i, Vec::new()));
+        last = (address, size);
         covered_to = address + size;
     }
     roots
+}
+
+/// The segment whose bounds a `__start_NAME` or `__stop_NAME` symbol gives,
+/// for a section NAME of the module.
+fn section_bound(info: &crate::module::ModuleInfo, name: Option<&str>) -> Option<u32> {
+    let name = name?;
+    let section = name.strip_prefix("__start_").or_else(|| name.strip_prefix("__stop_"))?;
+    info.segments.iter().position(|s| s.name == section).map(|i| i as u32)
 }
 
 /// `Ok(None)`: same type; `Ok(Some(map))`: changed, mapped; `Err`: refused.

@@ -32,6 +32,8 @@ pub struct Placement {
     /// Function exports to point at another function: export name ->
     /// function index. Exports not listed stay as they are.
     pub exports: HashMap<String, u32>,
+    /// Function exports to add: (name, function index).
+    pub added_exports: Vec<(String, u32)>,
 }
 
 /// Why a module could not be relinked.
@@ -164,7 +166,7 @@ pub fn relink(wasm: &[u8], info: &ModuleInfo, placement: &Placement) -> Result<V
                 patch(&mut code, &info.code_relocs, info, placement, &slots)?;
                 module.section(&wasm_encoder::RawSection { id, data: &code });
             }
-            Payload::ExportSection(reader) if !placement.exports.is_empty() => {
+            Payload::ExportSection(reader) if !placement.exports.is_empty() || !placement.added_exports.is_empty() => {
                 let mut exports = wasm_encoder::ExportSection::new();
                 for export in reader {
                     let export = export?;
@@ -174,6 +176,9 @@ pub fn relink(wasm: &[u8], info: &ModuleInfo, placement: &Placement) -> Result<V
                         _ => export.index,
                     };
                     exports.export(export.name, kind, index);
+                }
+                for (name, func) in &placement.added_exports {
+                    exports.export(name, wasm_encoder::ExportKind::Func, *func);
                 }
                 module.section(&exports);
             }
@@ -290,15 +295,37 @@ fn patch(
         let value = match final_value(r, info, placement, slots) {
             Ok(Some(value)) => value,
             Ok(None) => continue,
-            // The address of a weak function nothing defines: wasm-ld gave
-            // it no slot and wrote null (its stub only serves direct
-            // calls), and null it stays.
-            Err(Error::NoSlot { .. }) if read_field(bytes, r) == Some(0) => continue,
+            Err(Error::NoSlot { name, func }) => {
+                let own = read_field(bytes, r);
+                match own.and_then(|own| own_slot_function(info, own)).and_then(|f| slots.get(&f)) {
+                    // The symbol names one function and wasm-ld wrote
+                    // another's slot (a weak reference it resolved after
+                    // naming a stub for it): the slot it wrote says which
+                    // function the program gets, so that function's place
+                    // in the new table is the value.
+                    Some(&slot) => i64::from(slot),
+                    // The address of a weak function nothing defines:
+                    // wasm-ld gave it no slot and wrote null (its stub only
+                    // serves direct calls), and null it stays.
+                    None if own == Some(0) => continue,
+                    None if name.starts_with(UNDEFINED_WEAK) => 0,
+                    None => return Err(Error::NoSlot { name, func }),
+                }
+            }
             Err(e) => return Err(e),
         };
         write_field(bytes, r, value)?;
     }
     Ok(())
+}
+
+/// Name prefix wasm-ld gives the stub of a weak function nothing defines.
+const UNDEFINED_WEAK: &str = "undefined_weak:";
+
+/// The function the module's own table holds at `slot`.
+fn own_slot_function(info: &ModuleInfo, slot: i64) -> Option<u32> {
+    let slot = u32::try_from(slot).ok()?;
+    info.table.as_ref()?.slots.get(&slot).copied()
 }
 
 /// The value a table-index or memory-address field holds now, if it is one

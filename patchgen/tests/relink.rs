@@ -206,9 +206,45 @@ fn a_pointer_to_a_function_without_a_slot_is_an_error() {
     let mut placement = f.placement.clone();
     placement.table.retain(|_, &mut func| func != f.cube);
     match relink(&f.wasm, &f.info, &placement) {
-        Err(Error::NoSlot { name, .. }) => assert_eq!(name, "cube"),
+        Err(e @ Error::NoSlot { .. }) => assert_eq!(
+            e.to_string(),
+            format!("function `cube` (index {}) is referenced as a pointer but the placement gives it no table slot", f.cube)
+        ),
         other => panic!("expected a missing slot, got {:?}", other.map(|_| ())),
     }
+}
+
+/// A module rewritten after linking (wasm-opt shrinks the padded LEBs)
+/// no longer has the fields its relocations describe: refused, saying why.
+#[test]
+fn a_field_that_is_not_a_padded_leb_is_refused_with_the_likely_cause() {
+    let f = fixture();
+    let r = f.info.code_relocs.iter().find(|r| r.ty == RelocType::MemoryAddrSleb).unwrap();
+    let mut wasm = f.wasm.clone();
+    // The same value, ending one byte early: still five bytes, no longer
+    // one padded LEB.
+    wasm[(f.info.code_section + r.offset + 3) as usize] &= 0x7f;
+    let e = relink(&wasm, &f.info, &f.placement).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("relocated field at {} is not a 5-byte padded LEB: was the module linked with --emit-relocs and not optimised after linking?", r.offset)
+    );
+}
+
+/// Thread-local relocations come only from builds with shared memory
+/// (threads), which relinking does not handle: refused, naming the type.
+#[test]
+fn a_relocation_type_relinking_does_not_handle_is_refused_by_name() {
+    let f = fixture();
+    let mut info = f.info.clone();
+    let r = info.code_relocs.iter_mut().find(|r| r.ty == RelocType::MemoryAddrSleb).unwrap();
+    r.ty = RelocType::MemoryAddrTlsSleb;
+    let offset = r.offset;
+    let e = relink(&f.wasm, &info, &f.placement).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("relocation at {offset} has type MemoryAddrTlsSleb, which relinking does not handle (wasm32 executables only)")
+    );
 }
 
 #[test]
@@ -255,4 +291,33 @@ int main(void) { if (get()) return maybe(1); return hook ? hook(1) : 42; }
     let placement = Placement { table, ..Placement::default() };
     let out = relink(&wasm, &info, &placement).expect("a null function address relinks");
     assert!(out == wasm, "relinking in place changed the module");
+}
+
+/// A relocation whose symbol names a function without a slot, over a field
+/// holding another function's slot (as wasm-ld leaves a weak reference it
+/// named after a stub and then resolved to a definition): the field follows
+/// the function whose slot wasm-ld wrote.
+#[test]
+fn a_pointer_field_follows_the_function_whose_slot_wasm_ld_wrote() {
+    let f = fixture();
+    let mut info = f.info.clone();
+    let pick = info.functions.iter().position(|g| g.name.as_deref() == Some("pick")).unwrap() as u32;
+    let pick_symbol =
+        info.symbols.iter().position(|s| s.index() == Some(pick) && s.kind == upstare_patchgen::module::SymbolKind::Function).unwrap() as u32;
+    assert!(!f.placement.table.values().any(|&g| g == pick), "pick has no slot");
+    let cube_sites: Vec<u32> = info
+        .code_relocs
+        .iter_mut()
+        .filter(|r| r.ty == RelocType::TableIndexSleb && f.info.symbols[r.symbol as usize].index() == Some(f.cube))
+        .map(|r| {
+            r.symbol = pick_symbol;
+            r.offset
+        })
+        .collect();
+    assert!(!cube_sites.is_empty());
+    let out = relink(&f.wasm, &info, &f.placement).unwrap();
+    let out_info = ModuleInfo::parse(&out).unwrap();
+    for at in cube_sites {
+        assert_eq!(decode(&payload(&out, &out_info), RelocType::TableIndexSleb, at), f.new_slot as i64);
+    }
 }

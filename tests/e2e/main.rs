@@ -2,6 +2,7 @@
 //! by the real `upstare-host` binary (or its library, for interruption),
 //! talked to by real TCP clients on loopback.
 
+mod chains;
 mod checkpoint;
 mod cli;
 mod compute;
@@ -19,6 +20,7 @@ mod retreat;
 mod rollback;
 mod snapshot;
 mod snapshot_decode;
+mod statuses;
 mod stress;
 mod transform;
 mod update;

@@ -15,8 +15,16 @@ use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
+/// Exit status for a request the host refused: nothing changed, the
+/// program runs on as it was (an update refused, or rolled back).
+pub const EXIT_REFUSED: u8 = 1;
+
 /// Exit status for bad input: a missing or invalid module, a bad flag.
 pub const EXIT_BAD_INPUT: u8 = 2;
+
+/// Exit status for an internal error of the host: a bug, reported instead
+/// of a crash; the program runs on as it was.
+pub const EXIT_INTERNAL: u8 = 3;
 
 /// Runs C programs compiled to wasm32-wasi, ready to be updated live.
 ///
@@ -107,7 +115,8 @@ fn ask(control: Option<std::path::PathBuf>, request: &crate::control::Request) -
 
 /// Prints a control reply: a carried-out request's lines to stdout with
 /// status 0, a refusal to stderr as `error: ...` with status 1; a module the
-/// host could not use, or an unreachable host, is bad input (status 2).
+/// host could not use, or an unreachable host, is bad input (status 2); an
+/// internal error is status 3.
 fn print_reply(reply: Result<crate::control::Response, String>) -> ExitCode {
     use crate::control::Response;
     match reply {
@@ -115,7 +124,11 @@ fn print_reply(reply: Result<crate::control::Response, String>) -> ExitCode {
         Ok(Response::Unusable(reason)) => bad_input(reason),
         Ok(Response::Refused(reason)) => {
             eprintln!("error: {reason}");
-            ExitCode::from(1)
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Ok(Response::Internal(reason)) => {
+            eprintln!("error: {reason}");
+            ExitCode::from(EXIT_INTERNAL)
         }
         Ok(Response::Done { body, summary }) => {
             let mut out = body.join("\n");

@@ -15,8 +15,15 @@ use crate::control::{self, Request};
 /// slots), compiles the new version while the program runs, then pauses it
 /// at its next update point, moves its state and stack to the new code and
 /// resumes it. It prints what changed and how long the program was paused.
-/// An update that cannot be applied safely is refused with the reason
-/// (status 1), and the old version runs on untouched.
+///
+/// Exit status: 0 updated; 1 refused (`error: update refused: REASON`),
+/// the old version runs on untouched; 2 bad input, nothing tried (the
+/// module is missing, not wasm or not built with bin/upstare-cc, or no host
+/// answers); 3 an internal error, a bug to report, the old version runs on.
+/// `upstare-patchgen OLD NEW` gives the same verdict, and the same status,
+/// without a running program (except for what only the running program can
+/// tell: frames that cannot move yet, pointers to a global whose type
+/// changed, a C transformer that fails).
 #[derive(Args, Debug)]
 pub struct UpdateArgs {
     /// The host's control socket [default: the only running host's, in

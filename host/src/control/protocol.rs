@@ -9,6 +9,7 @@
 //! ROLLBACK <ms>       ->  report lines, then OK
 //! any request         ->  ERR <reason>  (refused: the program runs on as before)
 //!                         BAD <reason>  (the input cannot be used at all)
+//!                         BUG <reason>  (an internal error: the program runs on)
 //! ```
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ pub enum Response {
     Refused(String),
     /// What the request names cannot be used (an unreadable or invalid module).
     Unusable(String),
+    /// The host failed where it should not have: a bug, reported instead of
+    /// a crash. The program runs on as it was.
+    Internal(String),
 }
 
 /// A request or reply that does not follow the protocol.
@@ -86,7 +90,7 @@ pub enum ProtocolError {
     /// (a path holding one cannot be named to the host).
     #[error("a request cannot contain a line break or NUL")]
     ControlCharacter,
-    /// A reply whose last line is none of OK, ERR or BAD.
+    /// A reply whose last line is none of OK, ERR, BAD or BUG.
     #[error("unexpected reply from the host: {0:?}")]
     BadReply(String),
 }
@@ -174,6 +178,7 @@ impl Response {
             }
             Response::Refused(reason) => format!("ERR {}", one_line(reason)),
             Response::Unusable(reason) => format!("BAD {}", one_line(reason)),
+            Response::Internal(reason) => format!("BUG {}", one_line(reason)),
         };
         out.push_str(&last);
         out.push('\n');
@@ -193,6 +198,8 @@ impl Response {
             Ok(Response::Refused(reason.to_string()))
         } else if let (Some(reason), true) = (last.strip_prefix("BAD "), lines.is_empty()) {
             Ok(Response::Unusable(reason.to_string()))
+        } else if let (Some(reason), true) = (last.strip_prefix("BUG "), lines.is_empty()) {
+            Ok(Response::Internal(reason.to_string()))
         } else {
             Err(ProtocolError::BadReply(text.to_string()))
         }
@@ -250,6 +257,7 @@ mod tests {
             Response::Done { body: vec!["functions: 2 changed".into()], summary: Some("/tmp/s 10 bytes".into()) },
             Response::Refused("update refused: f is on the stack".into()),
             Response::Unusable("cannot read a.wasm".into()),
+            Response::Internal("the plan relinked, but not at 0x10000".into()),
         ];
         for r in responses {
             assert_eq!(Response::decode(&r.encode()), Ok(r));
