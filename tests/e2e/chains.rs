@@ -47,7 +47,7 @@ fn patchgen(old: &str, new: &str) -> Verdict {
 fn how_to_run(chain: &str) -> (&'static [&'static str], &'static [&'static str]) {
     match chain {
         "compute" => (&[], &["4000", "2000"]),
-        "kv-server" => (&["--tcplisten", "127.0.0.1:0"], &[]),
+        "kv-server" | "poll-server" => (&["--tcplisten", "127.0.0.1:0"], &[]),
         "relink" => (
             &[
                 "--dir",

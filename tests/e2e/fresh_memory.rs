@@ -59,7 +59,7 @@ fn refused_and_rolled_back_updates_leave_memory_as_it_was() {
         let reason = expect_error(&out, 1);
         assert!(
             reason.starts_with("update refused: main was still on the stack")
-                || reason.starts_with("update failed and was rolled back: transformer `upstare_transform_stats` failed"),
+                || reason.starts_with("update refused: applying it failed and it was rolled back: transformer `upstare_transform_stats` failed"),
             "{reason}"
         );
         assert_eq!(control.running_version(), running, "v2 serves on");
