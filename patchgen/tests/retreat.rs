@@ -94,3 +94,36 @@ fn a_global_written_before_the_blocking_call_is_not_retreated() {
         "between its loop header and the call it stores to the global variable `loops`"
     );
 }
+
+/// Every function of a real program of some size, walked for retreats: the
+/// analyses answer for each call that leads to a blocking call, and never
+/// panic. (Run by hand on bigger modules with `UPSTARE_RETREAT_MODULE`.)
+#[test]
+fn every_call_of_a_real_program_gets_an_answer() {
+    let wasm = match std::env::var_os("UPSTARE_RETREAT_MODULE") {
+        Some(path) => std::fs::read(path).unwrap(),
+        None => support::build_example("kv-server", "kv-server", &[]),
+    };
+    let version = Version::initial(Arc::new(wasm)).unwrap();
+    let meta = metadata(&version.wasm);
+    let analyser = upstare_patchgen::retreat::Analyser::new(&version);
+    let (mut dropped, mut refused, mut retreats) = (0, 0, 0);
+    for f in &meta.functions {
+        for rp in &f.resume_points {
+            let pc = rp.offset - meta.code_section;
+            use upstare_instrument::abi::ResumeKind::*;
+            match rp.kind {
+                Call | BlockingCall => match analyser.discard(f.index, pc, rp.kind == BlockingCall) {
+                    Ok(_) => dropped += 1,
+                    Err(_) => refused += 1,
+                },
+                _ => continue,
+            }
+            if analyser.retreat_path(f.index, pc).is_ok() {
+                retreats += 1;
+            }
+        }
+    }
+    eprintln!("{dropped} droppable, {refused} not, {retreats} could retreat");
+    assert!(dropped > 0 && retreats > 0, "{dropped} droppable, {retreats} could retreat");
+}
