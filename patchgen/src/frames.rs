@@ -117,6 +117,9 @@ pub struct FramePlan {
     retreats: HashMap<(u32, u32), Result<Retreat, String>>,
     /// Names of the running version's instrumented functions, for messages.
     names: HashMap<u32, String>,
+    /// The loop headers among the keys of `retreats`: a frame paused there
+    /// is rebuilt in place rather than sent back.
+    headers: std::collections::HashSet<(u32, u32)>,
 }
 
 /// How a frame goes back to its loop header in the new version.
@@ -187,8 +190,12 @@ impl FramePlan {
             return Ok(MappedStack { frames: mapped.into_iter().map(Result::unwrap).collect(), ..MappedStack::default() });
         };
         let stuck = mapped[k].clone().unwrap_err();
-        let cannot = |why: String| Unmappable { reason: format!("{}; it cannot go back to its loop header: {why}", stuck.reason), ..stuck.clone() };
         let frame = &frames[k];
+        let how = match self.headers.contains(&(frame.func, frame.resume_point)) {
+            true => "nor can it be rebuilt at its loop header",
+            false => "it cannot go back to its loop header",
+        };
+        let cannot = |why: String| Unmappable { reason: format!("{}; {how}: {why}", stuck.reason), ..stuck.clone() };
         let retreat = match self.retreats.get(&(frame.func, frame.resume_point)) {
             Some(Ok(r)) => r,
             Some(Err(why)) => return Err(cannot(why.clone())),
@@ -215,7 +222,11 @@ impl FramePlan {
             }
             sp = entry_stack_pointer(discard.entry, inner, sp).map_err(&cannot)?;
         }
-        if k == 0 && self.discards.get(&(frame.func, frame.resume_point)).is_none_or(|d| !d.as_ref().is_ok_and(|d| d.blocking)) {
+        let at_header = retreat.path.at_header;
+        if at_header && k != 0 {
+            return Err(cannot("frames above a loop header cannot be".into()));
+        }
+        if k == 0 && !at_header && self.discards.get(&(frame.func, frame.resume_point)).is_none_or(|d| !d.as_ref().is_ok_and(|d| d.blocking)) {
             return Err(cannot("it does not wait in a blocking call".into()));
         }
         let entry = entry_stack_pointer(retreat.path.entry, frame, sp).map_err(&cannot)?;
@@ -251,7 +262,7 @@ impl FramePlan {
             frames: out,
             stack_pointer: Some(at(retreat.new_stack_at_header)),
             moves,
-            retreated: Some(format!("{} (from {})", stuck.function, stuck.point)),
+            retreated: (!at_header).then(|| format!("{} (from {})", stuck.function, stuck.point)),
             kept_stack_from: Some(old_frame.start),
         })
     }
@@ -352,9 +363,15 @@ impl FrameMapper<'_> {
                 let stuck = plan.recipes.get(&key).is_some_and(Result::is_err);
                 let waits = rp.kind == ResumeKind::BlockingCall
                     || rp.kind == ResumeKind::Call && droppable.contains(&rp.callee);
-                if stuck && waits {
+                // A frame paused at a loop header of a changed loop is
+                // rebuilt there by the same rules, with no path to undo.
+                let at_header = rp.kind == ResumeKind::Loop;
+                if stuck && (waits || at_header) {
                     let retreat = self.retreat(f, rp, pair.as_ref(), &old_code, &new_code);
                     plan.retreats.insert(key, retreat);
+                    if at_header {
+                        plan.headers.insert(key);
+                    }
                 }
             }
         }
@@ -373,7 +390,11 @@ impl FrameMapper<'_> {
         let (old, old_meta) = self.old;
         let (new, new_meta) = self.new;
         let pair = pair.ok_or("the new version has no such function with update points")?;
-        let path = old_code.retreat_path(old_fn.index, old_rp.offset.wrapping_sub(old_meta.code_section))?;
+        let pc = old_rp.offset.wrapping_sub(old_meta.code_section);
+        let path = match old_rp.kind {
+            ResumeKind::Loop => old_code.at_header(old_fn.index, pc)?,
+            _ => old_code.retreat_path(old_fn.index, pc)?,
+        };
         let header = old_fn
             .resume_points
             .iter()
@@ -433,8 +454,7 @@ impl FrameMapper<'_> {
                         }
                     }
                 }
-                let old_walk = crate::symbolic::Body::compare(old, old_fn.index, &pairs.old_differs);
-                let new_walk = crate::symbolic::Body::compare(new, new_func, &pairs.new_differs);
+                let (old_walk, new_walk) = walk_paired(old, old_fn.index, new, new_func, &mut pairs);
                 match (old_walk, new_walk, pairs.partner.get(&old_at) == Some(&new_at)) {
                     (Some(o), Some(n), true) => match (o.differs_at_header(old_at), n.differs_at_header(new_at)) {
                         (Some(x), Some(y)) => pairs
@@ -879,6 +899,68 @@ impl FunctionCode {
         }
         Some(FunctionCode { start: body.start + skip, writes, loops })
     }
+}
+
+/// Walks both versions of a function following where their values differ
+/// ([`crate::symbolic`]), until every paired instruction that is not marked
+/// as differing works on corresponding values: operands produced by paired
+/// instructions, or held by locals the renaming pairs where definitions
+/// meet. An instruction whose operands do not correspond (the new code adds
+/// `b` where the old one added `a`) differs, and the walks run again.
+fn walk_paired(
+    old: &Version,
+    old_func: u32,
+    new: &Version,
+    new_func: u32,
+    pairs: &mut crate::equivalence::Alignment,
+) -> (Option<crate::symbolic::Body>, Option<crate::symbolic::Body>) {
+    use crate::symbolic::{Body, Origin};
+    const ROUNDS: usize = 8;
+    // Locals the renaming leaves out and each version writes once.
+    let transparent = |version: &Version, func: u32, renamed: &dyn Fn(u32) -> bool| -> std::collections::HashSet<u32> {
+        let Some(body) = Body::analyse(version, func) else { return Default::default() };
+        let mut defs: HashMap<u32, usize> = HashMap::new();
+        for instr in &body.instrs {
+            if let Some((l, _)) = instr.def {
+                *defs.entry(l).or_default() += 1;
+            }
+        }
+        defs.into_iter().filter(|(l, n)| *n == 1 && !renamed(*l) && *l >= body.params).map(|(l, _)| l).collect()
+    };
+    let old_moves = transparent(old, old_func, &|l| pairs.locals.contains_key(&l));
+    let new_moves = transparent(new, new_func, &|l| pairs.locals.values().any(|v| *v == l));
+    for _ in 0..ROUNDS {
+        let (Some(o), Some(n)) = (
+            Body::compare(old, old_func, &pairs.old_differs, &old_moves),
+            Body::compare(new, new_func, &pairs.new_differs, &new_moves),
+        ) else {
+            return (None, None);
+        };
+        let corresponds = |a: &Origin, b: &Origin| match (a, b) {
+            (Origin::Instr(x), Origin::Instr(y)) => pairs.partner.get(x) == Some(y),
+            (Origin::Local(x), Origin::Local(y)) => pairs.locals.get(x) == Some(y),
+            (Origin::Unknown, Origin::Unknown) => true,
+            _ => false,
+        };
+        let mismatched: Vec<(usize, usize)> = pairs
+            .partner
+            .iter()
+            .filter(|(i, _)| !pairs.old_differs[**i])
+            .filter(|(i, j)| {
+                let (a, b) = (&o.instrs[**i].operands, &n.instrs[**j].operands);
+                a.len() != b.len() || !a.iter().zip(b).all(|(x, y)| corresponds(x, y))
+            })
+            .map(|(i, j)| (*i, *j))
+            .collect();
+        if mismatched.is_empty() {
+            return (Some(o), Some(n));
+        }
+        for (i, j) in mismatched {
+            pairs.old_differs[i] = true;
+            pairs.new_differs[j] = true;
+        }
+    }
+    (None, None)
 }
 
 /// The variables DWARF places at the loop header at instruction `at`.

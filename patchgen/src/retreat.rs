@@ -75,6 +75,9 @@ pub struct RetreatPath {
     pub stack_at_header: i64,
     /// How to recover the entry stack pointer.
     pub entry: EntryStackPointer,
+    /// Whether the frame stands at the header already (paused there): no
+    /// path, nothing dropped.
+    pub at_header: bool,
 }
 
 /// One function's code, as the retreat questions need it.
@@ -231,6 +234,25 @@ impl<'a> Analyser<'a> {
             redefined,
             stack_at_header,
             entry: entry_stack_pointer(body, point)?,
+            at_header: false,
+        })
+    }
+
+    /// The trivial path of a frame of `func` paused at the loop header at
+    /// `offset`, for rebuilding it there by the rules of a retreat.
+    pub fn at_header(&self, func: u32, offset: u32) -> Result<RetreatPath, String> {
+        let code = self.code(func).ok_or("its code cannot be analysed")?;
+        let at = code.body.index_of(offset).ok_or("its point is not an instruction")?;
+        let stack_at_header = match code.body.instrs[at].sp {
+            Sym::Sp(k) => k,
+            _ => return Err("its stack pointer at the loop header is not known".into()),
+        };
+        Ok(RetreatPath {
+            header: offset,
+            redefined: HashSet::new(),
+            stack_at_header,
+            entry: entry_stack_pointer(&code.body, at)?,
+            at_header: true,
         })
     }
 }

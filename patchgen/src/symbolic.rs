@@ -115,6 +115,9 @@ pub struct Instr {
     /// Whether the value it leaves (or writes to a local) may differ from
     /// the compared version's.
     pub differs: bool,
+    /// Where its operands came from, bottom of the stack first (control
+    /// instructions' conditions left out).
+    pub operands: Vec<Origin>,
     /// What it leaves on top of the operand stack, where the walk follows
     /// it (constants, arithmetic, locals, the stack pointer); else unknown.
     pub value: Sym,
@@ -151,13 +154,18 @@ impl Body {
     /// Walks defined function `func` of `version`; `None` if its body
     /// cannot be read or uses what the walk does not model.
     pub fn analyse(version: &Version, func: u32) -> Option<Body> {
-        Body::compare(version, func, &[])
+        Body::compare(version, func, &[], &Default::default())
     }
 
     /// [`Body::analyse`], following where values may differ from another
     /// version's given the instructions that differ (by index; indices past
     /// the end differ too). [`Body::differs_at_header`] then answers.
-    pub(crate) fn compare(version: &Version, func: u32, differs: &[bool]) -> Option<Body> {
+    pub(crate) fn compare(
+        version: &Version,
+        func: u32,
+        differs: &[bool],
+        transparent: &std::collections::HashSet<u32>,
+    ) -> Option<Body> {
         let info = &version.info;
         let f = info.functions.get(func as usize)?;
         let range = f.body.clone()?;
@@ -175,10 +183,12 @@ impl Body {
         let mut walk = Walk {
             version,
             sp_global: stack_pointer_global(version),
-            entry: (0..num_locals).map(|l| V(if (l as u32) < params { Sym::Unknown } else { Sym::Const(0) }, false)).collect(),
+            entry: (0..num_locals)
+                .map(|l| V(if (l as u32) < params { Sym::Unknown } else { Sym::Const(0) }, false, Origin::Local(l as u32)))
+                .collect(),
             back_edges: HashMap::new(),
             sp_set_in_loop: false,
-            taint: Taint { differs: differs.to_vec(), tracking: !differs.is_empty(), ..Taint::default() },
+            taint: Taint { differs: differs.to_vec(), tracking: !differs.is_empty(), transparent: transparent.clone() },
         };
         // What loops carry back to their headers feeds the next pass:
         // iterate to a fixed point (the lattice is shallow; a body that does
@@ -277,7 +287,20 @@ struct Open {
 /// A value during the walk: what it is, and whether it may differ from
 /// the other version's value at the same instruction ([`Taint`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct V(Sym, bool);
+struct V(Sym, bool, Origin);
+
+/// Where a value came from, to tell whether a paired instruction of the
+/// other version works on the corresponding values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Not followed.
+    Unknown,
+    /// The value this instruction (by index) produced, however it then
+    /// moved through locals.
+    Instr(usize),
+    /// What the local holds where several definitions meet (or at entry).
+    Local(u32),
+}
 
 /// Locals state: `None` where control cannot reach.
 type State = Option<Vec<V>>;
@@ -287,7 +310,10 @@ fn join_states(a: State, b: &State) -> State {
         (None, b) => b.clone(),
         (a, None) => a,
         (Some(mut a), Some(b)) => {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x = V(x.0.join(y.0), x.1 || y.1));
+            for (l, (x, y)) in a.iter_mut().zip(b).enumerate() {
+                let origin = if x.2 == y.2 { x.2 } else { Origin::Local(l as u32) };
+                *x = V(x.0.join(y.0), x.1 || y.1, origin);
+            }
             Some(a)
         }
     }
@@ -310,6 +336,11 @@ struct Taint {
     differs: Vec<bool>,
     /// Whether instructions past the end of `differs` differ.
     tracking: bool,
+    /// Locals only one version has, each written once: a compiler
+    /// temporary between a value and its use. Moving a value through one
+    /// changes nothing; its use is checked against the other version's
+    /// ([`Instr::operands`]).
+    transparent: std::collections::HashSet<u32>,
 }
 
 impl Walk<'_> {
@@ -352,12 +383,13 @@ impl Walk<'_> {
             let mut access = Access::None;
             let mut def = None;
             let mut def_differs = false;
+            let mut operands = Vec::new();
             let pop = |stack: &mut Vec<V>, unreachable: bool, height: usize| -> V {
                 if stack.len() > height {
-                    stack.pop().unwrap_or(V(Sym::Unknown, false))
+                    stack.pop().unwrap_or(V(Sym::Unknown, false, Origin::Unknown))
                 } else {
                     debug_assert!(unreachable || stack.len() == height);
-                    V(Sym::Unknown, false)
+                    V(Sym::Unknown, false, Origin::Unknown)
                 }
             };
             let height = open.last().map_or(0, |o| o.height);
@@ -388,7 +420,7 @@ impl Walk<'_> {
                         }
                     }
                     open.push(Open { height: stack.len(), results: r, arm: new_arm, loop_at, at_end: None, if_false });
-                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, differs), p));
+                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, differs, Origin::Unknown), p));
                     loops_open += usize::from(is_loop);
                 }
                 Operator::Else => {
@@ -408,7 +440,7 @@ impl Walk<'_> {
                     // for them is (branches carrying values are rare in C).
                     let tainted = differs || stack[o.height.min(stack.len())..].iter().any(|v| v.1);
                     stack.truncate(o.height);
-                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, tainted), o.results));
+                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, tainted, Origin::Unknown), o.results));
                     loops_open -= usize::from(o.loop_at.is_some());
                     if let Some(at) = o.loop_at {
                         loops.push((at, index));
@@ -444,13 +476,22 @@ impl Walk<'_> {
                 Operator::LocalGet { local_index } => {
                     let v = match &cur {
                         Some(locals) => *locals.get(*local_index as usize)?,
-                        None => V(Sym::Unknown, false),
+                        None => V(Sym::Unknown, false, Origin::Unknown),
                     };
-                    stack.push(V(v.0, v.1 || differs));
+                    let moves = self.taint.transparent.contains(local_index);
+                    stack.push(V(v.0, v.1 || (differs && !moves), v.2));
                 }
                 Operator::LocalSet { local_index } | Operator::LocalTee { local_index } => {
+                    let moves = self.taint.transparent.contains(local_index);
+                    let differs = differs && !moves;
                     let v = pop!();
-                    let v = V(v.0, v.1 || differs);
+                    operands.push(v.2);
+                    // A literal stored in a local is its initial value: a
+                    // local whose initialiser changed is still the same
+                    // variable, as a global keeps its value when its
+                    // initialiser changes.
+                    let literal = matches!(v.0, Sym::Const(_));
+                    let v = V(v.0, (v.1 || differs) && !literal, v.2);
                     if let Some(locals) = &mut cur {
                         *locals.get_mut(*local_index as usize)? = v;
                     }
@@ -470,7 +511,7 @@ impl Walk<'_> {
                     } else {
                         Sym::Unknown
                     };
-                    stack.push(V(v, differs));
+                    stack.push(V(v, differs, Origin::Instr(index)));
                 }
                 Operator::GlobalSet { global_index } => {
                     let v = pop!();
@@ -489,32 +530,32 @@ impl Walk<'_> {
                         });
                     }
                 }
-                // A literal is what it says wherever it stands: a local
-                // whose initial value changed is still the same variable,
-                // as a global keeps its value when its initialiser changes.
-                Operator::I32Const { value } => stack.push(V(Sym::Const(i64::from(*value)), false)),
-                Operator::I64Const { value } => stack.push(V(Sym::Const(*value), false)),
+                Operator::I32Const { value } => stack.push(V(Sym::Const(i64::from(*value)), differs, Origin::Instr(index))),
+                Operator::I64Const { value } => stack.push(V(Sym::Const(*value), differs, Origin::Instr(index))),
                 Operator::I32Add | Operator::I32Sub | Operator::I32Or | Operator::I32And | Operator::I32Mul => {
                     let b = pop!();
                     let a = pop!();
+                    operands.extend([a.2, b.2]);
                     let value = arith(op, a.0, b.0);
                     // A frame address turned into a number depends on the
                     // frame's layout, which may differ.
                     let layout = (a.0.is_frame() || b.0.is_frame()) && !value.is_frame();
-                    stack.push(V(value, a.1 || b.1 || differs || layout));
+                    stack.push(V(value, a.1 || b.1 || differs || layout, Origin::Instr(index)));
                 }
                 Operator::Call { function_index } => {
                     let ty = info.types.get(info.functions.get(*function_index as usize)?.ty as usize)?;
                     let args: Vec<V> = (0..ty.params.len()).map(|_| pop!()).collect();
+                    operands.extend(args.iter().rev().map(|a| a.2));
                     let taint = differs || args.iter().any(|a| a.1);
-                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, taint), ty.results.len()));
+                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, taint, Origin::Instr(index)), ty.results.len()));
                     access = Access::Call(*function_index);
                 }
                 Operator::CallIndirect { type_index, .. } => {
                     let ty = info.types.get(*type_index as usize)?;
                     let args: Vec<V> = (0..=ty.params.len()).map(|_| pop!()).collect();
+                    operands.extend(args.iter().rev().map(|a| a.2));
                     let taint = differs || args.iter().any(|a| a.1);
-                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, taint), ty.results.len()));
+                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, taint, Origin::Instr(index)), ty.results.len()));
                     access = Access::Outside("makes an indirect call".into());
                 }
                 op if crate::liveness::leaves_from_calls(op) => return None,
@@ -532,12 +573,12 @@ impl Walk<'_> {
                     let (p, r) = op.operator_arity(&NoModule)?;
                     let mut args: Vec<V> = (0..p).map(|_| pop!()).collect();
                     args.reverse();
+                    operands.extend(args.iter().map(|a| a.2));
                     let syms: Vec<Sym> = args.iter().map(|v| v.0).collect();
                     let debug = &self.version.debug;
                     let global = |at: u64| u32::try_from(at).ok().and_then(|a| debug.global_at(a)).map(|g| g.name.clone());
                     access = memory_access(op, &syms, &global);
-                    let literal = matches!(op, Operator::F32Const { .. } | Operator::F64Const { .. });
-                    let inputs = args.iter().any(|v| v.1) || (differs && !literal);
+                    let inputs = args.iter().any(|v| v.1) || differs;
                     let result = match &access {
                         // A load's address picks the same object in both.
                         Access::FrameLoad(_) => inputs,
@@ -546,7 +587,7 @@ impl Walk<'_> {
                         // on the layout.
                         _ => inputs || syms.iter().any(|s| s.is_frame()),
                     };
-                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, result), r as usize));
+                    stack.extend(std::iter::repeat_n(V(Sym::Unknown, result, Origin::Instr(index)), r as usize));
                 }
             }
             let pushed = if stack.len() > height_after(&open) { stack.last().map_or(Sym::Unknown, |v| v.0) } else { Sym::Unknown };
@@ -564,7 +605,7 @@ impl Walk<'_> {
                     | Operator::Unreachable
             );
             let differs = def_differs || (stack.len() > height_after(&open) && stack.last().is_some_and(|v| v.1));
-            instrs.push(Instr { offset: *offset, access, def, sp: sp_before, value: pushed, is_control, differs, arm });
+            instrs.push(Instr { offset: *offset, access, def, sp: sp_before, value: pushed, is_control, differs, operands, arm });
         }
         self.back_edges = back_edges;
         Some(Body { instrs, arm_parent, arm_loop, loops, params, writes_stack_pointer: writes_sp, headers })

@@ -127,3 +127,23 @@ fn every_call_of_a_real_program_gets_an_answer() {
     eprintln!("{dropped} droppable, {refused} not, {retreats} could retreat");
     assert!(dropped > 0 && retreats > 0, "{dropped} droppable, {retreats} could retreat");
 }
+
+/// A CPU-bound loop whose body changed (the test chain `spin`), paused at
+/// its header: the frame is rebuilt there, its sum and counter carried by
+/// pairing the two versions' code, though the new version keeps the
+/// callee's result in a temporary the old one does not have.
+#[test]
+fn a_frame_paused_at_the_header_of_a_changed_loop_is_rebuilt_there() {
+    let src = std::fs::read_to_string(support::root().join("tests/guests/chains/spin/spin.c")).unwrap();
+    let build = |v: &str| support::build_c(&format!("spin-{v}"), &src, &[&format!("-DSPIN_VERSION={v}")]);
+    let old = Arc::new(Version::initial(Arc::new(build("1"))).unwrap());
+    let p = plan(old.clone(), Arc::new(build("2"))).unwrap();
+    let linked = p.link(64 << 20).unwrap();
+    let (old_meta, new_meta) = (metadata(&old.wasm), metadata(&linked.wasm));
+    let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions }.plan();
+    let pair = Pair { old, old_meta, frames };
+    let retreat = pair.retreat("main", "loop #0").as_ref().unwrap_or_else(|e| panic!("not rebuilt: {e}"));
+    assert!(retreat.path.at_header, "nothing to go back over");
+    let old_locals = retreat.recipe.locals.iter().filter(|s| matches!(s, Source::Old(_))).count();
+    assert!(old_locals >= 3, "n, the sum and the counter come from the old frame: {:?}", retreat.recipe.locals);
+}
