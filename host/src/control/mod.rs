@@ -198,5 +198,10 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, String> {
     conn.write_all(line.as_bytes()).map_err(|e| format!("cannot send the request: {e}"))?;
     let mut reply = String::new();
     conn.read_to_string(&mut reply).map_err(|e| format!("cannot read the reply: {e}"))?;
+    // The host closes the socket without a word when the program ends
+    // while the request waits (an update waiting for a frame to move).
+    if reply.is_empty() {
+        return Err(format!("upstare-host at {} stopped before it answered: the program has probably exited", path.display()));
+    }
     Response::decode(&reply).map_err(|e| e.to_string())
 }
