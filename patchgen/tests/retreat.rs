@@ -147,3 +147,70 @@ fn a_frame_paused_at_the_header_of_a_changed_loop_is_rebuilt_there() {
     let old_locals = retreat.recipe.locals.iter().filter(|s| matches!(s, Source::Old(_))).count();
     assert!(old_locals >= 3, "n, the sum and the counter come from the old frame: {:?}", retreat.recipe.locals);
 }
+
+/// What the effect analysis says of `main`'s frame waiting in `poll()` when
+/// `before` runs between its loop header and the call.
+fn path_of(name: &str, before: &str) -> Result<(), String> {
+    let src = format!(
+        r#"
+#include <poll.h>
+#include <stdio.h>
+int counter;
+__attribute__((noinline)) static int pure_sum(const int *v, int n) {{
+    int s = 0;
+    for (int i = 0; i < n; i++) s += v[i];
+    return s;
+}}
+__attribute__((noinline)) static void bump(void) {{ counter++; }}
+__attribute__((noinline)) static void fill(int *p, int n) {{
+    for (int i = 0; i < n; i++) p[i] = i;
+}}
+int main(int argc, char **argv) {{
+    struct pollfd fds[1] = {{{{0, POLLIN, 0}}}};
+    int local[4] = {{argc, 2, 3, 4}};
+    volatile int ticks = 0;
+    (void)argv;
+    for (;;) {{
+        {before}
+        int r = poll(fds, 1, 1000);
+        printf("%d %d\n", r, local[0]);
+        if (r < 0) return 1;
+    }}
+}}
+"#
+    );
+    let version = Version::initial(Arc::new(support::build_c(name, &src, &[]))).unwrap();
+    let meta = metadata(&version.wasm);
+    let main = version.info.functions.iter().position(|f| f.name.as_deref() == Some("main")).unwrap() as u32;
+    let f = meta.function(main).unwrap();
+    let call = f.resume_points.iter().find(|rp| describe(&version, rp) == "call to poll #0").expect("main calls poll");
+    let analyser = upstare_patchgen::retreat::Analyser::new(&version);
+    analyser.retreat_path(main, call.offset - meta.code_section).map(|_| ())
+}
+
+#[test]
+fn a_path_that_only_reads_or_calls_what_has_no_effect_may_be_retreated() {
+    assert_eq!(path_of("effect-pure", "if (pure_sum(local, 4) == 42) continue;"), Ok(()));
+}
+
+#[test]
+fn a_path_that_calls_a_function_writing_a_global_is_not_retreated() {
+    assert_eq!(
+        path_of("effect-call", "bump();"),
+        Err("between its loop header and the call it calls `bump`, which stores to the global variable `counter`".into())
+    );
+}
+
+#[test]
+fn a_path_that_writes_through_a_pointer_is_not_retreated() {
+    assert_eq!(
+        path_of("effect-pointer", "fill(local, 4);"),
+        Err("between its loop header and the call it calls `fill`, which stores to memory outside its frame (through a pointer)".into())
+    );
+}
+
+#[test]
+fn a_path_that_reads_and_writes_the_same_frame_memory_is_not_retreated() {
+    let e = path_of("effect-rmw", "ticks++;").unwrap_err();
+    assert!(e.contains("reads and writes the same memory of its frame"), "{e}");
+}
