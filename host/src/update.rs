@@ -325,8 +325,10 @@ impl Guest {
         let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
         // Dropped frames and the retreating frame's old values are gone once
         // the update is done; what the other frames hold still matters.
-        let kept = &frames[frames.len() + 1 - stack.frames.len().max(1)..];
-        let kept = if stack.retreated.is_some() { kept } else { &frames[..] };
+        let kept = match stack.kept_stack_from {
+            Some(_) => &frames[frames.len() + 1 - stack.frames.len()..],
+            None => &frames[..],
+        };
         let stack_from = stack.kept_stack_from.or(sp);
         let stale = |c: &dyn Fn(u32) -> Option<String>, skip| find_pointer(kept, &current.version, memory, stack_from, c, skip);
         let moved_from = |v: u32| {
@@ -368,7 +370,7 @@ impl Guest {
                     globals: p.data_counts(),
                     frames: mapped.len(),
                     retreated: match stack.retreated {
-                        Some(_) => (1, frames.len() + 1 - mapped.len()),
+                        Some(_) => (1, frames.len() - mapped.len()),
                         None => (0, 0),
                     },
                     pause: paused_at.elapsed(),
@@ -489,9 +491,16 @@ impl Guest {
             let global = self.instance.get_global(&mut *store, &exports::global(index)).ok_or("the new version does not export its stack pointer")?;
             global.set(&mut *store, wasmtime::Val::I32(sp as i32)).map_err(|e| one_line(&e))?;
         }
+        let u = instrumented(&mut self.unwinder)?;
+        // From here on the user's transformers (and the constructors the new
+        // version adds) write memory the old version owns: a failure at any
+        // later step must find it as it was.
+        let backup = match has_transformers(linked) || !linked.constructors.is_empty() {
+            true => Some(u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before the transformers")?),
+            false => None,
+        };
         // A retreating frame's variables move within the shadow stack: the
         // bytes they overwrite are kept for a rollback.
-        let u = instrumented(&mut self.unwinder)?;
         let sources: Vec<Vec<u8>> = stack
             .moves
             .iter()
@@ -511,20 +520,13 @@ impl Guest {
             }
         };
         let mapped = &stack.frames;
-        // From here on the user's transformers (and the constructors the new
-        // version adds) write memory the old version owns: a failure at any
-        // later step must find it as it was.
-        let backup = match has_transformers(linked) || !linked.constructors.is_empty() {
-            true => Some(u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before the transformers")?),
-            false => None,
-        };
         let result = self.transform_and_rewind(linked, mapped, &prepared.next.version);
-        if result.is_err() {
-            restore_frame(instrumented(&mut self.unwinder)?);
-        }
         match (result, backup) {
             (Ok(()), _) => Ok(()),
-            (Err(reason), None) => Err(reason),
+            (Err(reason), None) => {
+                restore_frame(instrumented(&mut self.unwinder)?);
+                Err(reason)
+            }
             (Err(reason), Some(backup)) => {
                 let u = instrumented(&mut self.unwinder)?;
                 match u.memory.write(0, &backup) {

@@ -327,6 +327,7 @@ impl FrameMapper<'_> {
         let (old, old_meta) = self.old;
         let (new, _) = self.new;
         let (old_code, new_code) = (Analyser::new(old), Analyser::new(new));
+        let mut paired_code = HashMap::new();
         let pc = |rp: &ResumePoint| rp.offset.wrapping_sub(old_meta.code_section);
         // A frame can be dropped only above a blocking call: start from the
         // blocking calls and go up the calls to functions already found
@@ -367,7 +368,7 @@ impl FrameMapper<'_> {
                 // rebuilt there by the same rules, with no path to undo.
                 let at_header = rp.kind == ResumeKind::Loop;
                 if stuck && (waits || at_header) {
-                    let retreat = self.retreat(f, rp, pair.as_ref(), &old_code, &new_code);
+                    let retreat = self.retreat(f, rp, pair.as_ref(), &old_code, &new_code, &mut paired_code);
                     plan.retreats.insert(key, retreat);
                     if at_header {
                         plan.headers.insert(key);
@@ -375,6 +376,37 @@ impl FrameMapper<'_> {
                 }
             }
         }
+    }
+
+    /// The two versions of a changed function paired and walked, once for
+    /// all of its points.
+    fn paired_code(
+        &self,
+        old_func: u32,
+        old_body: &crate::symbolic::Body,
+        new_func: u32,
+        new_body: &crate::symbolic::Body,
+    ) -> Option<PairedCode> {
+        let (old, _) = self.old;
+        let (new, _) = self.new;
+        let mut pairs = align(&Side::new(old, old_func, old_body)?, &Side::new(new, new_func, new_body)?);
+        // A call to a function that changed may return something else for
+        // the same arguments.
+        for (i, instr) in old_body.instrs.iter().enumerate() {
+            if let crate::symbolic::Access::Call(g) = instr.access {
+                if !self.functions.is_unchanged(g) {
+                    pairs.old_differs[i] = true;
+                    if let Some(&j) = pairs.partner.get(&i) {
+                        pairs.new_differs[j] = true;
+                    }
+                }
+            }
+        }
+        let walks = match walk_paired(old, old_func, new, new_func, &mut pairs) {
+            (Some(o), Some(n)) => Some((o, n)),
+            _ => None,
+        };
+        Some(PairedCode { pairs, walks })
     }
 
     /// How a frame of changed function `old_fn` saved at `old_rp` retreats
@@ -386,6 +418,7 @@ impl FrameMapper<'_> {
         pair: Option<&ChangedPair>,
         old_code: &Analyser<'_>,
         new_code: &Analyser<'_>,
+        paired_code: &mut HashMap<u32, Option<PairedCode>>,
     ) -> Result<Retreat, String> {
         let (old, old_meta) = self.old;
         let (new, new_meta) = self.new;
@@ -405,10 +438,11 @@ impl FrameMapper<'_> {
         let old_body = &old_code.code(old_fn.index).ok_or("its code cannot be analysed")?.body;
         let new_body = &new_code.code(new_func).ok_or("its new code cannot be analysed")?.body;
         let old_at = old_body.index_of(path.header).ok_or("its loop header is not an instruction")?;
-        let pairs = match (Side::new(old, old_fn.index, old_body), Side::new(new, new_func, new_body)) {
-            (Some(a), Some(b)) => Some(align(&a, &b)),
-            _ => None,
-        };
+        let paired = paired_code
+            .entry(old_fn.index)
+            .or_insert_with(|| self.paired_code(old_fn.index, old_body, new_func, new_body))
+            .as_ref();
+        let pairs = paired.map(|p| &p.pairs);
         // The new header is the old one's partner in the code, whatever
         // loops the new version added or removed before it; by ordinal
         // only when the code does not pair them.
@@ -440,35 +474,19 @@ impl FrameMapper<'_> {
         // the same value at both headers (frame addresses aside: those
         // moved, and come from the stack pointer instead).
         // New local -> old local computed the same way.
-        let same: HashMap<u32, u32> = match pairs {
-            Some(mut pairs) => {
-                // A call to a function that changed may return something
-                // else for the same arguments.
-                for (i, instr) in old_body.instrs.iter().enumerate() {
-                    if let crate::symbolic::Access::Call(g) = instr.access {
-                        if !self.functions.is_unchanged(g) {
-                            pairs.old_differs[i] = true;
-                            if let Some(&j) = pairs.partner.get(&i) {
-                                pairs.new_differs[j] = true;
-                            }
-                        }
-                    }
-                }
-                let (old_walk, new_walk) = walk_paired(old, old_fn.index, new, new_func, &mut pairs);
-                match (old_walk, new_walk, pairs.partner.get(&old_at) == Some(&new_at)) {
-                    (Some(o), Some(n), true) => match (o.differs_at_header(old_at), n.differs_at_header(new_at)) {
-                        (Some(x), Some(y)) => pairs
-                            .locals
-                            .iter()
-                            .filter(|(a, b)| x.get(**a as usize) == Some(&false) && y.get(**b as usize) == Some(&false))
-                            .map(|(a, b)| (*b, *a))
-                            .collect(),
-                        _ => HashMap::new(),
-                    },
+        let same: HashMap<u32, u32> = match paired {
+            Some(PairedCode { pairs, walks: Some((o, n)) }) if pairs.partner.get(&old_at) == Some(&new_at) => {
+                match (o.differs_at_header(old_at), n.differs_at_header(new_at)) {
+                    (Some(x), Some(y)) => pairs
+                        .locals
+                        .iter()
+                        .filter(|(a, b)| x.get(**a as usize) == Some(&false) && y.get(**b as usize) == Some(&false))
+                        .map(|(a, b)| (*b, *a))
+                        .collect(),
                     _ => HashMap::new(),
                 }
             }
-            None => HashMap::new(),
+            _ => HashMap::new(),
         };
         let addresses = |body: &crate::symbolic::Body| -> std::collections::HashSet<u32> {
             body.instrs.iter().filter_map(|i| i.def.filter(|(_, v)| matches!(v, Sym::Sp(_) | Sym::Frame)).map(|(l, _)| l)).collect()
@@ -899,6 +917,13 @@ impl FunctionCode {
         }
         Some(FunctionCode { start: body.start + skip, writes, loops })
     }
+}
+
+/// A changed function's two versions, their instructions paired
+/// ([`crate::equivalence`]) and walked for what differs.
+struct PairedCode {
+    pairs: crate::equivalence::Alignment,
+    walks: Option<(crate::symbolic::Body, crate::symbolic::Body)>,
 }
 
 /// Walks both versions of a function following where their values differ
