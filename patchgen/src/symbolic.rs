@@ -19,9 +19,16 @@
 //! iterated to a fixed point. That gives the provenance of addresses (a
 //! local may hold a frame address in one place and a caller's pointer in
 //! another). The exact value of a local at one point is taken only from a
-//! single definition that dominates it ([`Body::value_at`]). In structured wasm a definition dominates a later
-//! instruction when every construct arm around the definition also holds
-//! the later instruction (an `if`'s two arms being distinct arms).
+//! single definition that dominates it ([`Body::value_at`]). In structured
+//! wasm a definition dominates a later instruction when every construct arm
+//! around the definition also holds the later instruction (an `if`'s two
+//! arms being distinct arms).
+//!
+//! Comparing two versions of a function (`Body::compare`), the walk also
+//! follows which values may be computed differently from the other
+//! version's (see `Taint`), and where each operand came from
+//! ([`Instr::operands`]), so that a paired instruction can be checked to
+//! work on the corresponding values.
 //!
 //! Anything the walk does not model (exception handling, stack switching,
 //! an operator whose arity it cannot tell) makes the whole body unknown:
