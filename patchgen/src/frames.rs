@@ -402,7 +402,7 @@ impl FrameMapper<'_> {
                 }
             }
         }
-        let walks = match walk_paired(old, old_func, new, new_func, &mut pairs) {
+        let walks = match walk_paired((old, old_func, old_body), (new, new_func, new_body), &mut pairs) {
             (Some(o), Some(n)) => Some((o, n)),
             _ => None,
         };
@@ -493,8 +493,7 @@ impl FrameMapper<'_> {
         };
         let (old_addresses, new_addresses) = (addresses(old_body), addresses(new_body));
         let equivalent = |local: u32| same.get(&local).copied().filter(|old| !old_addresses.contains(old) && !new_addresses.contains(&local));
-        let params = |v: &Version, f: u32| v.info.types[v.info.functions[f as usize].ty as usize].params.len();
-        let shared_params = params(old, old_fn.index).min(params(new, new_func));
+        let shared_params = param_count(old, old_fn.index).min(param_count(new, new_func));
         let mut locals = Vec::with_capacity(new_fn.locals.len());
         for (local, is_live) in live.iter().enumerate() {
             let local = local as u32;
@@ -505,24 +504,14 @@ impl FrameMapper<'_> {
                 Some(Sym::Const(c)) => Some(Source::Const(c)),
                 _ => None,
             }
-            .or_else(|| {
-                new_vars.iter().filter(|v| v.location == Location::Local(local)).find_map(|v| {
-                    let o = old_vars.get(&v.key)?;
-                    match o.location {
-                        Location::Local(j) if kept(j) && same_type(&old.debug, o.ty, &new.debug, v.ty) => Some(Source::Old(j)),
-                        _ => None,
-                    }
-                })
-            })
+            .or_else(|| dwarf_source((old, &old_vars), (new, &new_vars), local).filter(|&j| kept(j)).map(Source::Old))
             .or_else(|| equivalent(local).filter(|&j| kept(j)).map(Source::Old))
             .or_else(|| ((local as usize) < shared_params && kept(local) && !pair.assigned(local)).then_some(Source::Old(local)));
             match source {
                 Some(s) => locals.push(s),
                 None if !is_live => locals.push(Source::Dead),
                 None => {
-                    let named: Vec<String> =
-                        new_vars.iter().filter(|v| v.location == Location::Local(local)).map(|v| format!("`{}`", v.key.name)).collect();
-                    let what = if named.is_empty() { "a compiler temporary".to_string() } else { named.join(", ") };
+                    let what = describe_local(&new_vars, local);
                     return Err(format!("local {local} ({what}) is live at the new loop header and has no counterpart in the old frame"));
                 }
             }
@@ -688,8 +677,7 @@ impl FrameMapper<'_> {
         let (old, old_meta) = self.old;
         let (new, new_meta) = self.new;
         let mut locals: Vec<Source> = vec![Source::Fresh; new_fn.locals.len()];
-        let params = |v: &Version, f: u32| v.info.types[v.info.functions[f as usize].ty as usize].params.len();
-        let (old_params, new_params) = (params(old, old_fn.index), params(new, new_fn.index));
+        let (old_params, new_params) = (param_count(old, old_fn.index), param_count(new, new_fn.index));
 
         if old_rp.kind == ResumeKind::Entry {
             // The function starts over: only its parameters matter.
@@ -746,16 +734,7 @@ impl FrameMapper<'_> {
         let prefix = pair.common_prefix(old_pc, new_pc);
         for (local, is_live) in live.iter().enumerate() {
             let local = local as u32;
-            let source = new_vars
-                .iter()
-                .filter(|v| v.location == Location::Local(local))
-                .find_map(|v| {
-                    let o = old_vars.get(&v.key)?;
-                    match o.location {
-                        Location::Local(j) if same_type(&old.debug, o.ty, &new.debug, v.ty) => Some(j),
-                        _ => None,
-                    }
-                })
+            let source = dwarf_source((old, &old_vars), (new, &new_vars), local)
                 .or_else(|| (new_base == Some(local)).then_some(old_base).flatten())
                 .or_else(|| {
                     let same_type = old_fn.locals.get(local as usize) == new_fn.locals.get(local as usize);
@@ -773,12 +752,7 @@ impl FrameMapper<'_> {
                 Some(j) => locals[local as usize] = Source::Old(j),
                 _ if !is_live => locals[local as usize] = Source::Dead,
                 _ => {
-                    let named: Vec<String> = new_vars
-                        .iter()
-                        .filter(|v| v.location == Location::Local(local))
-                        .map(|v| format!("`{}`", v.key.name))
-                        .collect();
-                    let what = if named.is_empty() { "a compiler temporary".to_string() } else { named.join(", ") };
+                    let what = describe_local(&new_vars, local);
                     return Err(format!(
                         "local {local} ({what}) is live there and has no counterpart in the old frame"
                     ));
@@ -933,17 +907,14 @@ struct PairedCode {
 /// meet. An instruction whose operands do not correspond (the new code adds
 /// `b` where the old one added `a`) differs, and the walks run again.
 fn walk_paired(
-    old: &Version,
-    old_func: u32,
-    new: &Version,
-    new_func: u32,
+    (old, old_func, old_body): (&Version, u32, &crate::symbolic::Body),
+    (new, new_func, new_body): (&Version, u32, &crate::symbolic::Body),
     pairs: &mut crate::equivalence::Alignment,
 ) -> (Option<crate::symbolic::Body>, Option<crate::symbolic::Body>) {
     use crate::symbolic::{Body, Origin};
     const ROUNDS: usize = 8;
     // Locals the renaming leaves out and each version writes once.
-    let transparent = |version: &Version, func: u32, renamed: &dyn Fn(u32) -> bool| -> std::collections::HashSet<u32> {
-        let Some(body) = Body::analyse(version, func) else { return Default::default() };
+    let transparent = |body: &Body, renamed: &dyn Fn(u32) -> bool| -> std::collections::HashSet<u32> {
         let mut defs: HashMap<u32, usize> = HashMap::new();
         for instr in &body.instrs {
             if let Some((l, _)) = instr.def {
@@ -952,8 +923,8 @@ fn walk_paired(
         }
         defs.into_iter().filter(|(l, n)| *n == 1 && !renamed(*l) && *l >= body.params).map(|(l, _)| l).collect()
     };
-    let old_moves = transparent(old, old_func, &|l| pairs.locals.contains_key(&l));
-    let new_moves = transparent(new, new_func, &|l| pairs.locals.values().any(|v| *v == l));
+    let old_moves = transparent(old_body, &|l| pairs.locals.contains_key(&l));
+    let new_moves = transparent(new_body, &|l| pairs.locals.values().any(|v| *v == l));
     for _ in 0..ROUNDS {
         let (Some(o), Some(n)) = (
             Body::compare(old, old_func, &pairs.old_differs, &old_moves),
@@ -986,6 +957,39 @@ fn walk_paired(
         }
     }
     (None, None)
+}
+
+/// The old local where DWARF places the variable that the new DWARF places
+/// in new local `local` (same scope path, name and type).
+fn dwarf_source(
+    (old, old_vars): (&Version, &HashMap<VarKey, VarAt>),
+    (new, new_vars): (&Version, &[VarAt]),
+    local: u32,
+) -> Option<u32> {
+    new_vars.iter().filter(|v| v.location == Location::Local(local)).find_map(|v| {
+        let o = old_vars.get(&v.key)?;
+        match o.location {
+            Location::Local(j) if same_type(&old.debug, o.ty, &new.debug, v.ty) => Some(j),
+            _ => None,
+        }
+    })
+}
+
+/// A local for people: the variables DWARF places in it, or "a compiler
+/// temporary".
+fn describe_local(vars: &[VarAt], local: u32) -> String {
+    let named: Vec<String> =
+        vars.iter().filter(|v| v.location == Location::Local(local)).map(|v| format!("`{}`", v.key.name)).collect();
+    if named.is_empty() {
+        "a compiler temporary".to_string()
+    } else {
+        named.join(", ")
+    }
+}
+
+/// How many parameters function `func` of `version` takes.
+fn param_count(version: &Version, func: u32) -> usize {
+    version.info.types[version.info.functions[func as usize].ty as usize].params.len()
 }
 
 /// The variables DWARF places at the loop header at instruction `at`.
