@@ -51,6 +51,7 @@ pub mod process;
 pub mod program_memory;
 pub mod snapshot;
 pub mod sourcemap;
+pub mod stress_update;
 pub mod supervise;
 pub mod trap;
 pub mod update;

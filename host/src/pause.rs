@@ -76,6 +76,11 @@ impl ControlMemory {
         self.byte(control::VERIFY_BYTE).store(on as u8, Ordering::SeqCst);
     }
 
+    /// Ends stress mode: no more update points are counted.
+    pub fn stop_stress(&self) {
+        self.byte(control::STRESS_BYTE).store(0, Ordering::SeqCst);
+    }
+
     /// Whether a pause is requested.
     pub fn pause_requested(&self) -> bool {
         self.byte(control::PAUSE_BYTE).load(Ordering::SeqCst) != 0

@@ -45,6 +45,11 @@ pub struct GuestConfig {
     /// Diagnostic: unwind and immediately rewind the guest at every Nth
     /// update point it reaches (instrumented modules only).
     pub stress_pause: Option<u32>,
+    /// Diagnostic: stop the guest at every Nth update point it reaches, as
+    /// at a pause: [`Guest::run`] returns [`Exit::Paused`] there and
+    /// [`Guest::at_stress_point`] tells it from a requested pause. What
+    /// `--stress-update` and `--update-at` update the guest at.
+    pub stress_stop: Option<u32>,
 }
 
 /// A host directory made visible to the guest.
@@ -68,6 +73,7 @@ impl GuestConfig {
             stdout: Stdio::Inherit,
             stderr: Stdio::Inherit,
             stress_pause: None,
+            stress_stop: None,
         }
     }
 }
@@ -144,6 +150,10 @@ pub(crate) struct Unwinder {
     pub(crate) paused: Option<Vec<TypedFrame>>,
     /// Unwinds so far (pauses and stress unwinds), for diagnostics.
     pub(crate) unwinds: u64,
+    /// Whether a stress unwind stops the guest instead of rewinding it.
+    pub(crate) stress_stops: bool,
+    /// Whether the guest is stopped by a stress unwind, not by a request.
+    pub(crate) at_stress_point: bool,
 }
 
 /// A guest process, instantiated and ready to run.
@@ -188,7 +198,7 @@ impl Guest {
         wasi::add_to_linker(&mut linker).map_err(|e| SetupError::Host(one_line(&e)))?;
         let mut store = Store::new(engine, ProcessState { wasi, hooks: None });
         let control = match &module.metadata {
-            Some(meta) => Some(define_memories(&mut store, &mut linker, meta, config.stress_pause)?),
+            Some(meta) => Some(define_memories(&mut store, &mut linker, meta, config.stress_pause.or(config.stress_stop))?),
             None => None,
         };
         for import in module.module.imports() {
@@ -207,8 +217,9 @@ impl Guest {
         })?;
         let unwinder = match (control, &module.metadata) {
             (Some((memory, control)), Some(metadata)) => {
-                let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata.clone())
+                let mut unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata.clone())
                     .map_err(|e| SetupError::Host(format!("instrumented module is missing a host export: {e}")))?;
+                unwinder.stress_stops = config.stress_stop.is_some();
                 let stop_rewind = instance
                     .get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)
                     .map_err(|e| SetupError::Host(one_line(&e)))?;
@@ -247,6 +258,20 @@ impl Guest {
     /// The engine the guest runs on.
     pub fn engine(&self) -> &Engine {
         self.store.engine()
+    }
+
+    /// Whether the guest is paused at a stress point
+    /// ([`GuestConfig::stress_stop`]) rather than at a requested pause.
+    pub fn at_stress_point(&self) -> bool {
+        self.unwinder.as_ref().is_some_and(|u| u.paused.is_some() && u.at_stress_point)
+    }
+
+    /// Stops counting update points for [`GuestConfig::stress_stop`]: the
+    /// guest runs on without stopping again.
+    pub fn end_stress(&self) {
+        if let Some(u) = &self.unwinder {
+            u.control.stop_stress();
+        }
     }
 
     /// How many times the guest has unwound (pauses and stress unwinds).
@@ -352,6 +377,8 @@ impl Unwinder {
             state,
             paused: None,
             unwinds: 0,
+            stress_stops: false,
+            at_stress_point: false,
         })
     }
 
@@ -368,7 +395,9 @@ impl Unwinder {
             .map(|f| TypedFrame::new(f, &self.metadata))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("the guest saved a stack its metadata does not describe: {e}"))?;
-        if self.control.pause_requested() {
+        let requested = self.control.pause_requested();
+        if requested || self.stress_stops {
+            self.at_stress_point = !requested;
             self.paused = Some(frames);
             return Ok(AfterReturn::Paused);
         }

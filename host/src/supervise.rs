@@ -15,6 +15,7 @@ use crate::control::{ControlSocket, Request, Response};
 use crate::fresh::{FreshAreas, FreshFigures};
 use crate::pause::ControlMemory;
 use crate::program_memory::ProgramMemory;
+use crate::stress_update::{StressUpdates, Tally};
 use crate::update::{self, Prepared, Report, RunningVersion, UpdateError};
 use crate::{Exit, Guest, GuestModule, PauseHandle, Snapshot, GUEST_THREAD_STACK};
 
@@ -73,16 +74,28 @@ struct Updater {
     fresh: FreshAreas,
 }
 
+/// How a supervised guest ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// Its exit.
+    pub exit: Exit,
+    /// How many times it unwound (pauses and stress unwinds).
+    pub unwinds: u64,
+    /// The updates made at stress points, if any were asked for.
+    pub stress: Option<Tally>,
+}
+
 /// Runs the guest `make` builds until it exits, serving `control` (if any)
-/// meanwhile. Returns how it ended and how many times it unwound, or why
-/// `make` could not build it (the inner error); the outer error is the
-/// host's own failure.
+/// meanwhile, and updating it at its stress points with `stress` (if
+/// given). Returns how it ended, or why `make` could not build it (the
+/// inner error); the outer error is the host's own failure.
 pub fn run(
     make: impl FnOnce() -> Result<Guest, String> + Send + 'static,
     identity: Identity,
     control: Option<ControlSocket>,
     pause_limit: Duration,
-) -> Result<Result<(Exit, u64), String>, String> {
+    mut stress: Option<StressUpdates>,
+) -> Result<Result<Ended, String>, String> {
     let live = Arc::new(Mutex::new(Live { state: "starting", ..Live::default() }));
     let (commands_tx, commands) = channel::<Command>();
     let (handle_tx, handle_rx) = channel();
@@ -90,7 +103,7 @@ pub fn run(
     let runner = std::thread::Builder::new()
         .name("guest".into())
         .stack_size(GUEST_THREAD_STACK)
-        .spawn(move || -> Result<(Exit, u64), String> {
+        .spawn(move || -> Result<Ended, String> {
             let mut guest = match make() {
                 Ok(g) => g,
                 Err(e) => {
@@ -103,9 +116,9 @@ pub fn run(
                 .as_ref()
                 .map(|u| (guest.engine().clone(), u.memory.clone(), u.control.clone(), guest.module().clone()));
             let _ = handle_tx.send((guest.pause_handle(), seed));
-            let exit = drive(&mut guest, &commands, &guest_live);
+            let exit = drive(&mut guest, &commands, &guest_live, stress.as_mut());
             guest_live.lock().map(|mut l| l.state = "exited").ok();
-            Ok((exit, guest.unwinds()))
+            Ok(Ended { exit, unwinds: guest.unwinds(), stress: stress.map(|s| s.tally().clone()) })
         })
         .map_err(|e| format!("cannot start the guest thread: {e}"))?;
     let socket_path = control.as_ref().map(|c| c.path().to_path_buf());
@@ -195,8 +208,9 @@ impl Server {
     }
 }
 
-/// Runs the guest, serving commands at each pause, until it ends.
-fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>) -> Exit {
+/// Runs the guest, serving commands at each pause and updating it at each
+/// stress point, until it ends.
+fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>, mut stress: Option<&mut StressUpdates>) -> Exit {
     loop {
         live.lock().map(|mut l| l.state = "running").ok();
         let exit = guest.run();
@@ -220,6 +234,11 @@ fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>) ->
                     }
                     let _ = reply.send(guest.apply_update(&current, &prepared, paused_at));
                 }
+            }
+        }
+        if let Some(stress) = stress.as_deref_mut().filter(|_| guest.at_stress_point()) {
+            if let Err(e) = stress.at_stop(guest, paused_at) {
+                return Exit::HostError(format!("a stress update failed at update point {}: {e}", stress.tally().points));
             }
         }
     }

@@ -240,12 +240,49 @@ fn place(
         old: (&current.version, old_meta),
         new: (&next.version, new_meta),
         functions: &plan.functions,
+        identical_code_rule: true,
     }
     .plan();
     tracing::debug!("update: frame recipes at {:?}", started.elapsed());
     let instance_pre = link(engine, &next.module, memory, control)
         .map_err(|e| UpdateError::BadInput(format!("{}: cannot link the new version: {}", path.display(), one_line(&e))))?;
     Ok(Prepared { plan, linked, next, frames, instance_pre, prepare_time: started.elapsed(), fresh: area, retiring: Vec::new() })
+}
+
+/// Gets the update of `current` to its own module ready, with every
+/// function treated as changed and frames moved only by what their values
+/// mean ([`upstare_patchgen::plan::onto_itself`]): the diagnostic
+/// `--stress-update`. Nothing is relinked or compiled again; the running
+/// module is linked against the running memories once, and the result may
+/// be applied any number of times.
+pub fn prepare_onto_itself(
+    engine: &Engine,
+    current: &RunningVersion,
+    memory: &ProgramMemory,
+    control: &ControlMemory,
+) -> Result<Prepared, UpdateError> {
+    let started = Instant::now();
+    let internal = |e: String| UpdateError::Internal(format!("cannot plan the update onto the running module: {e}"));
+    let (plan, linked) = upstare_patchgen::plan::onto_itself(current.version.clone()).map_err(|e| internal(e.to_string()))?;
+    let meta = current.module.metadata().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
+    let frames = FrameMapper {
+        old: (&current.version, meta),
+        new: (&current.version, meta),
+        functions: &plan.functions,
+        identical_code_rule: false,
+    }
+    .plan();
+    let instance_pre = link(engine, &current.module, memory, control).map_err(|e| internal(one_line(&e)))?;
+    Ok(Prepared {
+        plan,
+        linked,
+        next: current.clone(),
+        frames,
+        instance_pre,
+        prepare_time: started.elapsed(),
+        fresh: None,
+        retiring: Vec::new(),
+    })
 }
 
 /// Custom section marking a module relinked against a running layout: its
@@ -398,7 +435,7 @@ impl Guest {
     fn switch_to(&mut self, prepared: &Prepared, metadata: Arc<Metadata>) -> Result<Previous, String> {
         let module = &prepared.next.module;
         let u = instrumented(&mut self.unwinder)?;
-        let (memory, control, unwinds) = (u.memory.clone(), u.control.clone(), u.unwinds);
+        let (memory, control, unwinds, stress_stops) = (u.memory.clone(), u.control.clone(), u.unwinds, u.stress_stops);
         let frame_bytes = control.frame_bytes();
         let engine = self.store.engine().clone();
         let detached = WasiCtx::detached().map_err(|e| format!("cannot set up the new store: {e}"))?;
@@ -419,6 +456,7 @@ impl Guest {
             }
         };
         unwinder.unwinds = unwinds;
+        unwinder.stress_stops = stress_stops;
         // Found at the top, so this cannot fail and leave the files behind.
         let old_unwinder = std::mem::replace(instrumented(&mut self.unwinder)?, unwinder);
         let old_store = std::mem::replace(&mut self.store, store);

@@ -35,7 +35,9 @@
 //! every resume point at once ([`FrameMapper::plan`]); the pause only copies
 //! slots ([`FramePlan::map`]).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use upstare_instrument::abi::{FunctionMeta, Metadata, ResumeKind, ResumePoint, TypedFrame, ValType, Value};
 
@@ -45,7 +47,7 @@ use crate::dwarf::{same_type, Location, VarAt, VarKey};
 use crate::equivalence::{align, Side};
 use crate::liveness::live_at_many;
 use crate::retreat::{Analyser, Discard, EntryStackPointer, RetreatPath};
-use crate::symbolic::Sym;
+use crate::symbolic::{Origin, Sym};
 use crate::version::Version;
 
 /// A frame that cannot be moved to the new version, and why.
@@ -69,6 +71,11 @@ pub struct FrameMapper<'a> {
     pub new: (&'a Version, &'a Metadata),
     /// How their functions correspond.
     pub functions: &'a FunctionMatch,
+    /// Whether a local keeps its value because the code of both versions is
+    /// identical up to the point. Off, frames of changed functions move only
+    /// by what their values mean (`--stress-update`, where the code is the
+    /// same everywhere and this rule alone would move every frame).
+    pub identical_code_rule: bool,
 }
 
 /// Where one local of the new frame gets its value.
@@ -304,30 +311,29 @@ impl FrameMapper<'_> {
     /// version's metadata: the expensive part (DWARF, liveness, code
     /// comparison) done once, before the program pauses.
     pub fn plan(&self) -> FramePlan {
-        let (_, old_meta) = self.old;
+        let (old, old_meta) = self.old;
+        let (new, _) = self.new;
+        let codes = Codes { old: Analyser::new(old), new: Analyser::new(new), paired: Default::default() };
         let mut recipes = HashMap::new();
         for f in &old_meta.functions {
             // What every resume point of a changed function needs is
             // analysed once for the function, not once per point.
             let pair = self.changed_pair(f.index);
             for rp in 0..f.resume_points.len() as u32 {
-                recipes.insert((f.index, rp), self.recipe(f.index, rp, pair.as_ref()));
+                recipes.insert((f.index, rp), self.recipe(f.index, rp, pair.as_ref(), &codes));
             }
         }
-        let (old, _) = self.old;
         let names = old_meta.functions.iter().map(|f| (f.index, old.info.function_name(f.index))).collect();
         let mut plan = FramePlan { recipes, names, ..FramePlan::default() };
-        self.plan_retreats(&mut plan);
+        self.plan_retreats(&mut plan, &codes);
         plan
     }
 
     /// Which frames may be dropped, and which frames of changed functions
     /// that cannot move where they stand may retreat to their loop header.
-    fn plan_retreats(&self, plan: &mut FramePlan) {
-        let (old, old_meta) = self.old;
-        let (new, _) = self.new;
-        let (old_code, new_code) = (Analyser::new(old), Analyser::new(new));
-        let mut paired_code = HashMap::new();
+    fn plan_retreats(&self, plan: &mut FramePlan, codes: &Codes<'_>) {
+        let (_, old_meta) = self.old;
+        let old_code = &codes.old;
         let pc = |rp: &ResumePoint| rp.offset.wrapping_sub(old_meta.code_section);
         // A frame can be dropped only above a blocking call: start from the
         // blocking calls and go up the calls to functions already found
@@ -368,7 +374,7 @@ impl FrameMapper<'_> {
                 // rebuilt there by the same rules, with no path to undo.
                 let at_header = rp.kind == ResumeKind::Loop;
                 if stuck && (waits || at_header) {
-                    let retreat = self.retreat(f, rp, pair.as_ref(), &old_code, &new_code, &mut paired_code);
+                    let retreat = self.retreat(f, rp, pair.as_ref(), codes);
                     plan.retreats.insert(key, retreat);
                     if at_header {
                         plan.headers.insert(key);
@@ -378,8 +384,21 @@ impl FrameMapper<'_> {
         }
     }
 
-    /// The two versions of a changed function paired and walked, once for
-    /// all of its points.
+    /// The two versions of changed function `old_func` paired and walked,
+    /// once for all of its points; `None` if either cannot be analysed.
+    fn paired(&self, codes: &Codes<'_>, old_func: u32) -> Option<Rc<PairedCode>> {
+        if let Some(known) = codes.paired.borrow().get(&old_func) {
+            return known.clone();
+        }
+        let paired = self.functions.old_to_new.get(&old_func).and_then(|&new_func| {
+            let old_body = &codes.old.code(old_func)?.body;
+            let new_body = &codes.new.code(new_func)?.body;
+            self.paired_code(old_func, old_body, new_func, new_body).map(Rc::new)
+        });
+        codes.paired.borrow_mut().insert(old_func, paired.clone());
+        paired
+    }
+
     fn paired_code(
         &self,
         old_func: u32,
@@ -389,19 +408,11 @@ impl FrameMapper<'_> {
     ) -> Option<PairedCode> {
         let (old, _) = self.old;
         let (new, _) = self.new;
+        // A call to a function that changed pairs with its counterpart like
+        // any instruction: the value the old version's callee returned is
+        // state the program computed before the update, kept as globals
+        // and the heap are, not a value the new code must compute again.
         let mut pairs = align(&Side::new(old, old_func, old_body)?, &Side::new(new, new_func, new_body)?);
-        // A call to a function that changed may return something else for
-        // the same arguments.
-        for (i, instr) in old_body.instrs.iter().enumerate() {
-            if let crate::symbolic::Access::Call(g) = instr.access {
-                if !self.functions.is_unchanged(g) {
-                    pairs.old_differs[i] = true;
-                    if let Some(&j) = pairs.partner.get(&i) {
-                        pairs.new_differs[j] = true;
-                    }
-                }
-            }
-        }
         let walks = match walk_paired((old, old_func, old_body), (new, new_func, new_body), &mut pairs) {
             (Some(o), Some(n)) => Some((o, n)),
             _ => None,
@@ -416,10 +427,9 @@ impl FrameMapper<'_> {
         old_fn: &FunctionMeta,
         old_rp: &ResumePoint,
         pair: Option<&ChangedPair>,
-        old_code: &Analyser<'_>,
-        new_code: &Analyser<'_>,
-        paired_code: &mut HashMap<u32, Option<PairedCode>>,
+        codes: &Codes<'_>,
     ) -> Result<Retreat, String> {
+        let (old_code, new_code) = (&codes.old, &codes.new);
         let (old, old_meta) = self.old;
         let (new, new_meta) = self.new;
         let pair = pair.ok_or("the new version has no such function with update points")?;
@@ -438,10 +448,8 @@ impl FrameMapper<'_> {
         let old_body = &old_code.code(old_fn.index).ok_or("its code cannot be analysed")?.body;
         let new_body = &new_code.code(new_func).ok_or("its new code cannot be analysed")?.body;
         let old_at = old_body.index_of(path.header).ok_or("its loop header is not an instruction")?;
-        let paired = paired_code
-            .entry(old_fn.index)
-            .or_insert_with(|| self.paired_code(old_fn.index, old_body, new_func, new_body))
-            .as_ref();
+        let paired = self.paired(codes, old_fn.index);
+        let paired = paired.as_deref();
         let pairs = paired.map(|p| &p.pairs);
         // The new header is the old one's partner in the code, whatever
         // loops the new version added or removed before it; by ordinal
@@ -579,7 +587,7 @@ impl FrameMapper<'_> {
 
     /// The recipe for frames of old function `func` saved at its resume
     /// point `resume_point`; `pair` is the function's analysis if it changed.
-    fn recipe(&self, func: u32, resume_point: u32, pair: Option<&ChangedPair>) -> Result<Recipe, Unmappable> {
+    fn recipe(&self, func: u32, resume_point: u32, pair: Option<&ChangedPair>, codes: &Codes<'_>) -> Result<Recipe, Unmappable> {
         let (old, old_meta) = self.old;
         let (_, new_meta) = self.new;
         let function = old.info.function_name(func);
@@ -618,7 +626,7 @@ impl FrameMapper<'_> {
                 }
                 (0..old_fn.locals.len() as u32).map(Source::Old).collect()
             }
-            Some(pair) => self.changed_locals(pair, old_rp, old_fn, new_rp, new_fn).map_err(fail)?,
+            Some(pair) => self.changed_locals(pair, old_rp, old_fn, new_rp, new_fn, codes).map_err(fail)?,
         };
         Ok(Recipe { func: new_func, resume_point: rp_index, locals, types: new_fn.locals.clone() })
     }
@@ -673,6 +681,7 @@ impl FrameMapper<'_> {
         old_fn: &FunctionMeta,
         new_rp: &ResumePoint,
         new_fn: &FunctionMeta,
+        codes: &Codes<'_>,
     ) -> Result<Vec<Source>, String> {
         let (old, old_meta) = self.old;
         let (new, new_meta) = self.new;
@@ -731,7 +740,13 @@ impl FrameMapper<'_> {
         };
         let (old_base, new_base) = (frame_base(old, old_pc), frame_base(new, new_pc));
 
-        let prefix = pair.common_prefix(old_pc, new_pc);
+        let prefix = pair.common_prefix(old_pc, new_pc).filter(|_| self.identical_code_rule);
+        // Computed only for the frames the rules above leave a local of.
+        let same = std::cell::OnceCell::new();
+        let same = || same.get_or_init(|| self.same_values(codes, old_fn.index, (old_rp, old_pc), (new_rp, new_pc)));
+        if prefix.is_none() && !old_rp.operands.is_empty() {
+            same().as_ref().map_err(Clone::clone)?;
+        }
         for (local, is_live) in live.iter().enumerate() {
             let local = local as u32;
             let source = dwarf_source((old, &old_vars), (new, &new_vars), local)
@@ -740,6 +755,7 @@ impl FrameMapper<'_> {
                     let same_type = old_fn.locals.get(local as usize) == new_fn.locals.get(local as usize);
                     prefix.as_ref().filter(|p| same_type && p.keeps(local)).map(|_| local)
                 })
+                .or_else(|| is_live.then(|| same().as_ref().ok().and_then(|m| m.get(&local).copied())).flatten())
                 .or_else(|| {
                     // A parameter neither version ever assigns still holds
                     // the argument the caller passed.
@@ -760,6 +776,87 @@ impl FrameMapper<'_> {
             }
         }
         Ok(locals)
+    }
+}
+
+impl FrameMapper<'_> {
+    /// At a resume point of changed function `old_func` and its partner in
+    /// the new version: new local -> old local holding a value computed the
+    /// same way ([`crate::equivalence`] pairs the instructions, the walks
+    /// follow what differs), or why the point has no such correspondence.
+    /// The point's saved operands must correspond too, one by one: they are
+    /// copied as they are.
+    fn same_values(
+        &self,
+        codes: &Codes<'_>,
+        old_func: u32,
+        (old_rp, old_pc): (&ResumePoint, u32),
+        (new_rp, new_pc): (&ResumePoint, u32),
+    ) -> Result<HashMap<u32, u32>, String> {
+        let paired = self.paired(codes, old_func).ok_or("its code cannot be compared with the new version's")?;
+        let PairedCode { pairs, walks: Some((o, n)) } = &*paired else {
+            return Err("the two versions' code does not settle into a correspondence".into());
+        };
+        let (old_at, new_at) = (o.index_of(old_pc), n.index_of(new_pc));
+        let (Some(old_at), Some(new_at)) = (old_at, new_at) else {
+            return Err("the resume point is not an instruction of the analysed code".into());
+        };
+        if pairs.partner.get(&old_at) != Some(&new_at) {
+            return Err("the new code's point is not the old one's counterpart".into());
+        }
+        let corresponds = |(a_differs, a): (bool, Origin), (b_differs, b): (bool, Origin)| {
+            !a_differs
+                && !b_differs
+                && match (a, b) {
+                    (Origin::Instr(x), Origin::Instr(y)) => pairs.partner.get(&x) == Some(&y),
+                    (Origin::Local(x), Origin::Local(y)) => pairs.locals.get(&x) == Some(&y),
+                    _ => false,
+                }
+        };
+        let (old_differs, new_differs) = match old_rp.kind {
+            ResumeKind::Loop => {
+                if !old_rp.operands.is_empty() {
+                    return Err("values wait on the operand stack at the loop header".into());
+                }
+                (o.differs_at_header(old_at), n.differs_at_header(new_at))
+            }
+            _ => {
+                let (Some(a), Some(b)) = (o.at_call(old_at), n.at_call(new_at)) else {
+                    return Err("the walk does not reach the call".into());
+                };
+                // Only the values below the call's arguments wait for the
+                // frame: the arguments (and an indirect call's table
+                // index) belong to the call in progress, made with the old
+                // code's values, and made again with them if it must be.
+                let waiting = |v: &Version, stack: &[(bool, Origin)], rp: &ResumePoint| {
+                    let taken = match rp.kind {
+                        ResumeKind::CallIndirect => v.info.types.get(rp.callee as usize)?.params.len() + 1,
+                        ResumeKind::BlockingCall => {
+                            let f = v.info.functions.get(rp.callee as usize)?;
+                            v.info.types.get(f.ty as usize)?.params.len()
+                        }
+                        _ => 0,
+                    };
+                    stack.get(..rp.operands.len().checked_sub(taken)?).map(<[_]>::to_vec)
+                };
+                let (old, _) = self.old;
+                let (new, _) = self.new;
+                match (waiting(old, &a.stack, old_rp), waiting(new, &b.stack, new_rp)) {
+                    (Some(x), Some(y)) if x.iter().zip(&y).all(|(p, q)| corresponds(*p, *q)) => {}
+                    _ => return Err("the values waiting on the operand stack there may differ between the versions".into()),
+                }
+                (Some(a.locals.as_slice()), Some(b.locals.as_slice()))
+            }
+        };
+        let (Some(x), Some(y)) = (old_differs, new_differs) else {
+            return Err("the walk does not reach the point".into());
+        };
+        Ok(pairs
+            .locals
+            .iter()
+            .filter(|(a, b)| x.get(**a as usize) == Some(&false) && y.get(**b as usize) == Some(&false))
+            .map(|(a, b)| (*b, *a))
+            .collect())
     }
 }
 
@@ -891,6 +988,15 @@ impl FunctionCode {
         }
         Some(FunctionCode { start: body.start + skip, writes, loops })
     }
+}
+
+/// The code of both versions, analysed on demand and kept for every point
+/// that asks again.
+struct Codes<'v> {
+    old: Analyser<'v>,
+    new: Analyser<'v>,
+    /// Changed functions paired and walked, by old function index.
+    paired: RefCell<HashMap<u32, Option<Rc<PairedCode>>>>,
 }
 
 /// A changed function's two versions, their instructions paired

@@ -276,6 +276,50 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
     Ok(plan)
 }
 
+/// The plan of updating a running version to its own module with every
+/// function treated as changed, for `upstare-host --stress-update`: every
+/// object stays where it is, every mutable wasm global carries over, nothing
+/// is relinked (the running module is already linked where it runs), and
+/// only the frames move, by the rules for changed code.
+pub fn onto_itself(version: Arc<Version>) -> Result<(Plan, Linked), Error> {
+    let mut functions = match_functions(&version, &version)?;
+    functions.changed = std::mem::take(&mut functions.unchanged)
+        .into_iter()
+        .map(|f| version.function_keys[f as usize].to_string())
+        .collect();
+    let data = writable_roots(&version)
+        .into_iter()
+        .filter_map(|(root, _)| {
+            let def = version.info.symbols[root as usize].data()?;
+            let address = version.layout.data.get(&root).copied().unwrap_or(def.address);
+            Some(DataPlan { symbol: root, key: version.data_keys[&root].clone(), size: def.size, fate: DataFate::Kept { address } })
+        })
+        .collect();
+    // By index: a global the name section leaves unnamed carries over too.
+    let globals = version.info.globals.iter().enumerate().filter(|(_, g)| g.mutable).map(|(i, _)| (i as u32, i as u32)).collect();
+    let linked = Linked {
+        wasm: version.wasm.to_vec(),
+        version: (*version).clone(),
+        writes: Vec::new(),
+        conversions: Vec::new(),
+        constructors: Vec::new(),
+    };
+    let plan = Plan {
+        old: version.clone(),
+        new: version.clone(),
+        functions,
+        data,
+        removed: Vec::new(),
+        rodata: Vec::new(),
+        fresh_size: 0,
+        table: version.layout.table.clone(),
+        globals,
+        constructors: Vec::new(),
+        refusals: Vec::new(),
+    };
+    Ok((plan, linked))
+}
+
 /// Fresh memory as the plan hands it out: offsets from its base.
 #[derive(Default)]
 struct Fresh {

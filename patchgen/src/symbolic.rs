@@ -150,6 +150,20 @@ pub struct Body {
     /// At each loop header (by the index of its `loop`), which locals may
     /// differ from the compared version's.
     headers: HashMap<usize, Vec<bool>>,
+    /// Right before each call (by its index): the same, and the values on
+    /// the operand stack, bottom first, arguments included.
+    calls: HashMap<usize, AtCall>,
+}
+
+/// What the walk knows right before a call: the resume point a frame
+/// waiting in the callee is saved at.
+#[derive(Debug, Clone)]
+pub(crate) struct AtCall {
+    /// Which locals may differ from the compared version's.
+    pub(crate) locals: Vec<bool>,
+    /// Each operand on the stack: whether it may differ, and where it came
+    /// from.
+    pub(crate) stack: Vec<(bool, Origin)>,
 }
 
 /// Index of `__stack_pointer` among the module's globals.
@@ -215,6 +229,12 @@ impl Body {
     /// the walk did not compare).
     pub(crate) fn differs_at_header(&self, at: usize) -> Option<&[bool]> {
         self.headers.get(&at).map(Vec::as_slice)
+    }
+
+    /// For the call at instruction `at`, what may differ from the other
+    /// version's right before it; `None` where the walk does not reach.
+    pub(crate) fn at_call(&self, at: usize) -> Option<&AtCall> {
+        self.calls.get(&at)
     }
 
     /// The instruction at code offset `offset`.
@@ -366,6 +386,7 @@ impl Walk<'_> {
         let mut cur: State = Some(self.entry.clone());
         let mut back_edges: HashMap<usize, Vec<V>> = HashMap::new();
         let mut headers: HashMap<usize, Vec<bool>> = HashMap::new();
+        let mut calls: HashMap<usize, AtCall> = HashMap::new();
         // Sends the current state along a branch to label `depth`.
         let send = |open: &mut Vec<Open>, back_edges: &mut HashMap<usize, Vec<V>>, state: &State, depth: u32| -> Option<()> {
             let target = open.len().checked_sub(1 + depth as usize)?;
@@ -400,6 +421,10 @@ impl Walk<'_> {
                 }
             };
             let height = open.last().map_or(0, |o| o.height);
+            if let (Operator::Call { .. } | Operator::CallIndirect { .. }, Some(locals)) = (op, &cur) {
+                let stack = stack.iter().map(|v| (v.1, v.2)).collect();
+                calls.insert(index, AtCall { locals: locals.iter().map(|v| v.1).collect(), stack });
+            }
             macro_rules! pop {
                 () => {
                     pop(&mut stack, unreachable, height)
@@ -615,7 +640,7 @@ impl Walk<'_> {
             instrs.push(Instr { offset: *offset, access, def, sp: sp_before, value: pushed, is_control, differs, operands, arm });
         }
         self.back_edges = back_edges;
-        Some(Body { instrs, arm_parent, arm_loop, loops, params, writes_stack_pointer: writes_sp, headers })
+        Some(Body { instrs, arm_parent, arm_loop, loops, params, writes_stack_pointer: writes_sp, headers, calls })
     }
 
     fn block_arity(&self, ty: BlockType) -> Option<(usize, usize)> {

@@ -27,7 +27,7 @@ fn poll_server(from: u32, to: u32) -> Pair {
     let p = plan(old.clone(), Arc::new(build(to))).unwrap();
     let linked = p.link(64 << 20).unwrap();
     let (old_meta, new_meta) = (metadata(&old.wasm), metadata(&linked.wasm));
-    let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions }.plan();
+    let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions, identical_code_rule: true }.plan();
     Pair { old, old_meta, frames }
 }
 
@@ -140,7 +140,7 @@ fn a_frame_paused_at_the_header_of_a_changed_loop_is_rebuilt_there() {
     let p = plan(old.clone(), Arc::new(build("2"))).unwrap();
     let linked = p.link(64 << 20).unwrap();
     let (old_meta, new_meta) = (metadata(&old.wasm), metadata(&linked.wasm));
-    let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions }.plan();
+    let frames = FrameMapper { old: (&old, &old_meta), new: (&linked.version, &new_meta), functions: &p.functions, identical_code_rule: true }.plan();
     let pair = Pair { old, old_meta, frames };
     let retreat = pair.retreat("main", "loop #0").as_ref().unwrap_or_else(|e| panic!("not rebuilt: {e}"));
     assert!(retreat.path.at_header, "nothing to go back over");

@@ -72,5 +72,5 @@ pub fn execute(args: RestoreArgs) -> ExitCode {
     let identity = Identity { module: args.file.display().to_string(), hash: snapshot.module_hash_hex() };
     let make = move || Guest::restore(&engine, &module, config, &snapshot).map_err(|e| e.to_string());
     let limit = std::time::Duration::from_millis(args.pause_limit);
-    finish(supervise::run(make, identity, control, limit), None)
+    finish(supervise::run(make, identity, control, limit, None), None, None)
 }

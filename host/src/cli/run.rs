@@ -10,7 +10,8 @@ use clap::Args;
 
 use super::bad_input;
 use crate::control::{self, ControlSocket};
-use crate::supervise::{self, Identity};
+use crate::stress_update::{StressUpdates, Target};
+use crate::supervise::{self, Ended, Identity};
 use crate::{new_cached_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, PreopenDir};
 
 /// Exit status when the guest traps (as a C program that aborts).
@@ -56,6 +57,22 @@ pub struct RunArgs {
     #[arg(long = "stress-pause", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     stress_pause: Option<u32>,
 
+    /// Diagnostic: at every Nth update point, update the guest to its own
+    /// module with every function treated as changed, so each frame moves
+    /// by what its values mean, not as it is. The program's behaviour must
+    /// not change; a summary of the points where the update applied,
+    /// retreated to a loop header or waited (a frame could not move yet)
+    /// is printed at the end. Live updates are refused meanwhile.
+    #[arg(long = "stress-update", value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with_all = ["stress_pause", "no_instrument", "update_at"])]
+    stress_update: Option<u32>,
+
+    /// Diagnostic: when the guest reaches its Kth update point, update it
+    /// to MODULE (another build of the same program), once; if a frame
+    /// cannot move there, the old version runs on. The program's behaviour
+    /// must not change; what happened is printed at the end.
+    #[arg(long = "update-at", value_name = "K:MODULE", value_parser = parse_update_at, conflicts_with_all = ["stress_pause", "no_instrument"])]
+    update_at: Option<(u32, PathBuf)>,
+
     /// The control socket for `upstare-host status` and `checkpoint`
     /// [default: PID.sock in $XDG_RUNTIME_DIR/upstare-host, else in
     /// /tmp/upstare-host-UID].
@@ -70,6 +87,15 @@ pub struct RunArgs {
     /// The module, then the guest's arguments.
     #[arg(required = true, value_name = "WASM", trailing_var_arg = true, allow_hyphen_values = true)]
     module_and_args: Vec<OsString>,
+}
+
+fn parse_update_at(spec: &str) -> Result<(u32, PathBuf), String> {
+    let (k, module) = spec.split_once(':').ok_or("expected K:MODULE, e.g. 100:app-v2.wasm")?;
+    let k: u32 = k.parse().map_err(|_| format!("`{k}` is not an update point number (1, 2, ...)"))?;
+    if k == 0 || module.is_empty() {
+        return Err("expected K:MODULE with K at least 1, e.g. 100:app-v2.wasm".into());
+    }
+    Ok((k, PathBuf::from(module)))
 }
 
 fn parse_dir(spec: &str) -> PreopenDir {
@@ -140,6 +166,22 @@ pub fn execute(args: RunArgs) -> ExitCode {
     };
     let mut config = GuestConfig::new(guest_args);
     config.stress_pause = args.stress_pause;
+    let stress = match (&args.stress_update, &args.update_at) {
+        (Some(n), _) => Some((*n, Target::Itself)),
+        (None, Some((k, path))) => {
+            // Found out now, not at the Kth point of a long run.
+            let checked = std::fs::read(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|bytes| GuestModule::check_bytes(path, &bytes).map_err(|e| e.to_string()));
+            if let Err(e) = checked {
+                return bad_input(format!("--update-at: {e}"));
+            }
+            Some((*k, Target::Module(path.clone())))
+        }
+        (None, None) => None,
+    };
+    config.stress_stop = stress.as_ref().map(|(n, _)| *n);
+    let stress = stress.map(|(_, target)| StressUpdates::new(target));
     config.env = args.env.iter().filter_map(|s| parse_env(s)).collect();
     config.dirs = args.dirs.iter().map(|s| parse_dir(s)).collect();
     config.listeners = match bind_all(&args.tcplisten) {
@@ -159,12 +201,17 @@ pub fn execute(args: RunArgs) -> ExitCode {
     // stack); this one waits, and another serves the control socket.
     let make = move || Guest::new(&engine, &module, config).map_err(|e| e.to_string());
     let limit = std::time::Duration::from_millis(args.pause_limit);
-    finish(supervise::run(make, identity, control, limit), args.stress_pause)
+    let stress_summary = match (args.stress_update, &args.update_at) {
+        (Some(n), _) => Some(format!("--stress-update {n}")),
+        (None, Some((k, path))) => Some(format!("--update-at {k}:{}", path.display())),
+        (None, None) => None,
+    };
+    finish(supervise::run(make, identity, control, limit, stress), args.stress_pause, stress_summary)
 }
 
 /// Turns how a supervised guest ended into the host's exit status, printing
 /// what the user should see.
-pub(super) fn finish(outcome: Result<Result<(Exit, u64), String>, String>, stress_pause: Option<u32>) -> ExitCode {
+pub(super) fn finish(outcome: Result<Result<Ended, String>, String>, stress_pause: Option<u32>, stress_update: Option<String>) -> ExitCode {
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -172,11 +219,14 @@ pub(super) fn finish(outcome: Result<Result<(Exit, u64), String>, String>, stres
             return ExitCode::from(EXIT_HOST_ERROR);
         }
     };
-    let outcome = outcome.map(|(exit, unwinds)| {
+    let outcome = outcome.map(|ended| {
         if let Some(n) = stress_pause {
-            eprintln!("upstare-host: --stress-pause {n}: the stack was unwound and rewound {unwinds} times");
+            eprintln!("upstare-host: --stress-pause {n}: the stack was unwound and rewound {} times", ended.unwinds);
         }
-        exit
+        if let (Some(option), Some(tally)) = (stress_update, &ended.stress) {
+            eprintln!("upstare-host: {option}: {tally}");
+        }
+        ended.exit
     });
     match outcome {
         Err(e) => bad_input(e),
