@@ -627,10 +627,17 @@ impl Guest {
 /// otherwise pass as a successful pause.
 fn frames_disagree(given: &[TypedFrame], resaved: &[TypedFrame], name: &dyn Fn(u32) -> String) -> Option<String> {
     if given.len() != resaved.len() {
+        // Frames are innermost first: where the rewind stopped short (or
+        // went on) shows at the top of the shorter list.
+        let top = |frames: &[TypedFrame]| {
+            frames.first().map_or("nothing".to_string(), |f| format!("`{}` at resume point {} innermost", name(f.func), f.resume_point))
+        };
         return Some(format!(
-            "the new code did not accept the frames: it was given {} and saved {} again",
+            "the new code did not accept the frames: it was given {} ({}) and saved {} again ({})",
             given.len(),
-            resaved.len()
+            top(given),
+            resaved.len(),
+            top(resaved)
         ));
     }
     let (depth, (a, b)) = given.iter().zip(resaved).enumerate().find(|(_, (a, b))| a != b)?;
@@ -823,8 +830,8 @@ mod tests {
             assert_eq!(disagree(&given, &resaved), Some(format!("the new code did not accept the frames: {expected}")));
         }
         assert_eq!(
-            disagree(&given, &given[..1]),
-            Some("the new code did not accept the frames: it was given 2 and saved 1 again".into())
+            disagree(&given, &given[1..]),
+            Some("the new code did not accept the frames: it was given 2 (`f3` at resume point 1 innermost) and saved 1 again (`f1` at resume point 0 innermost)".into())
         );
     }
 }

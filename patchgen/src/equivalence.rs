@@ -82,6 +82,11 @@ pub(crate) struct Alignment {
     /// Which new local each old local became, where the paired accesses
     /// agree on one.
     pub(crate) locals: std::collections::HashMap<u32, u32>,
+    /// Whether every paired frame-layout constant is the same number in
+    /// both: the frame in linear memory is laid out alike, so numbers
+    /// computed from frame addresses (a length between two of them) are
+    /// the same too.
+    pub(crate) same_frame_layout: bool,
 }
 
 /// What must be equal for two instructions to pair: their bytes with
@@ -142,6 +147,8 @@ pub(crate) fn align<'s>(old: &'s Side<'_>, new: &'s Side<'_>) -> Alignment {
     });
     out.locals = loose.locals;
     out.rename_check(old, new);
+    out.same_frame_layout =
+        out.partner.iter().all(|(&i, &j)| !(old.is_layout(i) || new.is_layout(j)) || old.fields.bytes[old.range(i)] == new.fields.bytes[new.range(j)]);
     // Control computes nothing: whatever it pairs with, it differs in no
     // value.
     for (i, d) in out.old_differs.iter_mut().enumerate() {
@@ -182,6 +189,7 @@ fn pair_up<'s>(old: &'s Side<'_>, new: &'s Side<'_>, local: &dyn Fn(Which, u32) 
         new_differs: vec![true; b.len()],
         partner: Default::default(),
         locals: Default::default(),
+        same_frame_layout: false,
     };
     let all_old: Vec<usize> = (0..a.len()).collect();
     let all_new: Vec<usize> = (0..b.len()).collect();

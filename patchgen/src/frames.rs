@@ -1033,8 +1033,8 @@ fn walk_paired(
     let new_moves = transparent(new_body, &|l| pairs.locals.values().any(|v| *v == l));
     for _ in 0..ROUNDS {
         let (Some(o), Some(n)) = (
-            Body::compare(old, old_func, &pairs.old_differs, &old_moves),
-            Body::compare(new, new_func, &pairs.new_differs, &new_moves),
+            Body::compare(old, old_func, &pairs.old_differs, &old_moves, !pairs.same_frame_layout),
+            Body::compare(new, new_func, &pairs.new_differs, &new_moves, !pairs.same_frame_layout),
         ) else {
             return (None, None);
         };

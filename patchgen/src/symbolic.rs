@@ -175,7 +175,7 @@ impl Body {
     /// Walks defined function `func` of `version`; `None` if its body
     /// cannot be read or uses what the walk does not model.
     pub fn analyse(version: &Version, func: u32) -> Option<Body> {
-        Body::compare(version, func, &[], &Default::default())
+        Body::compare(version, func, &[], &Default::default(), true)
     }
 
     /// [`Body::analyse`], following where values may differ from another
@@ -186,6 +186,7 @@ impl Body {
         func: u32,
         differs: &[bool],
         transparent: &std::collections::HashSet<u32>,
+        frame_layout_differs: bool,
     ) -> Option<Body> {
         let info = &version.info;
         let f = info.functions.get(func as usize)?;
@@ -209,7 +210,12 @@ impl Body {
                 .collect(),
             back_edges: HashMap::new(),
             sp_set_in_loop: false,
-            taint: Taint { differs: differs.to_vec(), tracking: !differs.is_empty(), transparent: transparent.clone() },
+            taint: Taint {
+                differs: differs.to_vec(),
+                tracking: !differs.is_empty(),
+                transparent: transparent.clone(),
+                frame_layout_differs,
+            },
         };
         // What loops carry back to their headers feeds the next pass:
         // iterate to a fixed point (the lattice is shallow; a body that does
@@ -368,6 +374,9 @@ struct Taint {
     /// changes nothing; its use is checked against the other version's
     /// ([`Instr::operands`]).
     transparent: std::collections::HashSet<u32>,
+    /// Whether the frames in linear memory are laid out differently, so
+    /// that a number computed from frame addresses may differ.
+    frame_layout_differs: bool,
 }
 
 impl Walk<'_> {
@@ -571,7 +580,7 @@ impl Walk<'_> {
                     let value = arith(op, a.0, b.0);
                     // A frame address turned into a number depends on the
                     // frame's layout, which may differ.
-                    let layout = (a.0.is_frame() || b.0.is_frame()) && !value.is_frame();
+                    let layout = self.taint.frame_layout_differs && (a.0.is_frame() || b.0.is_frame()) && !value.is_frame();
                     stack.push(V(value, a.1 || b.1 || differs || layout, Origin::Instr(index)));
                 }
                 Operator::Call { function_index } => {
@@ -617,7 +626,7 @@ impl Walk<'_> {
                         _ if touches_memory(op) => inputs,
                         // Comparing or converting frame addresses depends
                         // on the layout.
-                        _ => inputs || syms.iter().any(|s| s.is_frame()),
+                        _ => inputs || (self.taint.frame_layout_differs && syms.iter().any(|s| s.is_frame())),
                     };
                     stack.extend(std::iter::repeat_n(V(Sym::Unknown, result, Origin::Instr(index)), r as usize));
                 }

@@ -27,6 +27,16 @@ fn dispatch<T: WasiView>(
         if h.state.get(&mut *caller).i32() == Some(State::Rewinding as i32) {
             h.stop_rewind.call(&mut *caller, ())?;
         }
+        // A pause asked for before a blocking call runs stops the guest
+        // here, before it runs: the call is made again once the guest
+        // resumes. Calls that wait check for the request themselves; this
+        // covers those that do not (a write to a file), which would
+        // otherwise happen twice. An update's checked rewind, which ends
+        // at the call with a pause always asked for, relies on it.
+        if upstare_instrument::WASI_BLOCKING.contains(&name) && caller.data_mut().wasi().interrupter().take_pending() {
+            h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+            return Ok(0);
+        }
     }
     // An instrumented module imports a shared program memory (and exports it
     // again as `memory`); a module run as it is exports its own.
