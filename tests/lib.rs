@@ -1,6 +1,8 @@
 //! Shared pieces of the end-to-end tests: where the guests and the host
 //! binary are, running the binary, and a line-protocol TCP client.
 
+pub mod csmith;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;

@@ -52,15 +52,19 @@ impl Tally {
     pub fn applied(&self) -> u64 {
         self.moved + self.retreated
     }
+
+    /// The counts in one line, without the reasons.
+    pub fn counts(&self) -> String {
+        format!(
+            "{} points: {} moved, {} retreated, {} waited, {} refused",
+            self.points, self.moved, self.retreated, self.waited, self.refused
+        )
+    }
 }
 
 impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} points: {} moved, {} retreated, {} waited, {} refused",
-            self.points, self.moved, self.retreated, self.waited, self.refused
-        )?;
+        write!(f, "{}", self.counts())?;
         // The commonest reasons first: what to work on next.
         let mut reasons: Vec<(&String, &u64)> = self.reasons.iter().collect();
         reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));

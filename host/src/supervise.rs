@@ -41,6 +41,8 @@ struct Live {
     version: Option<(String, String)>,
     updates: u64,
     fresh: FreshFigures,
+    /// `--stress-update`'s figures so far, for a server that never exits.
+    stress: Option<String>,
 }
 
 /// A request the guest thread serves while the guest is paused.
@@ -240,6 +242,7 @@ fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>, mu
             if let Err(e) = stress.at_stop(guest, paused_at) {
                 return Exit::HostError(format!("a stress update failed at update point {}: {e}", stress.tally().points));
             }
+            live.lock().map(|mut l| l.stress = Some(stress.tally().counts())).ok();
         }
     }
 }
@@ -261,6 +264,9 @@ fn status(identity: &Identity, started: Instant, live: &Mutex<Live>, pausable: b
         format!("pauses: {}", live.pauses),
         format!("last pause (request to paused): {last}"),
     ];
+    if let Some(figures) = &live.stress {
+        body.push(format!("stress updates: {figures}"));
+    }
     if let Some(memory) = memory {
         body.push(format!("memory: {} bytes", memory.size()));
         body.push(format!("fresh memory: {} bytes in use, {} bytes free for reuse", live.fresh.used, live.fresh.free));

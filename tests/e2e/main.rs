@@ -22,5 +22,6 @@ mod snapshot;
 mod snapshot_decode;
 mod statuses;
 mod stress;
+mod stress_update;
 mod transform;
 mod update;
