@@ -615,7 +615,14 @@ impl FrameMapper<'_> {
         let new_fn = new_meta
             .function(new_func)
             .ok_or_else(|| fail("the new version of the function has no update point there".into()))?;
-        let (rp_index, new_rp) = self.find_point(old_fn, old_rp, new_fn).map_err(fail)?;
+        let found = match pair {
+            Some(_) => self.paired_point(codes, old_fn, old_rp, new_fn),
+            None => None,
+        };
+        let (rp_index, new_rp) = match found {
+            Some(found) => found,
+            None => self.find_point(old_fn, old_rp, new_fn).map_err(fail)?,
+        };
         if old_rp.operands != new_rp.operands {
             return Err(fail("the values on the operand stack there differ between the versions".into()));
         }
@@ -657,6 +664,35 @@ impl FrameMapper<'_> {
             .find(|(_, rp)| rp.ordinal == old_rp.ordinal)
             .map(|(i, rp)| (i as u32, rp))
             .ok_or_else(|| "the new version has no such point".to_string())
+    }
+
+    /// The new resume point at the old point's partner in the paired code
+    /// of a changed function, if it is one of the same kind and callee:
+    /// found by where it is in the code, so a call or a loop added earlier
+    /// in the function does not shift it.
+    fn paired_point<'m>(
+        &self,
+        codes: &Codes<'_>,
+        old_fn: &FunctionMeta,
+        old_rp: &ResumePoint,
+        new_fn: &'m FunctionMeta,
+    ) -> Option<(u32, &'m ResumePoint)> {
+        let (_, old_meta) = self.old;
+        let (_, new_meta) = self.new;
+        if old_rp.kind == ResumeKind::Entry {
+            return None;
+        }
+        let paired = self.paired(codes, old_fn.index)?;
+        let new_func = *self.functions.old_to_new.get(&old_fn.index)?;
+        let old_at = codes.old.code(old_fn.index)?.body.index_of(old_rp.offset.wrapping_sub(old_meta.code_section))?;
+        let new_at = *paired.pairs.partner.get(&old_at)?;
+        let offset = codes.new.code(new_func)?.body.instrs.get(new_at)?.offset + new_meta.code_section;
+        new_fn
+            .resume_points
+            .iter()
+            .enumerate()
+            .find(|(_, rp)| rp.offset == offset && rp.kind == old_rp.kind && self.same_callee(old_rp, rp))
+            .map(|(i, rp)| (i as u32, rp))
     }
 
     fn same_callee(&self, old_rp: &ResumePoint, new_rp: &ResumePoint) -> bool {
