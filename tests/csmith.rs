@@ -47,7 +47,9 @@ fn install() {
 pub fn source(seed: u32, dir: &Path) -> PathBuf {
     install();
     let path = dir.join(format!("csmith-{seed}.c"));
+    // csmith writes `platform.info` where it runs.
     let out = Command::new("csmith")
+        .current_dir(dir)
         .args(["--seed", &seed.to_string(), "--max-funcs", "4", "--no-packed-struct", "-o"])
         .arg(&path)
         .output()
