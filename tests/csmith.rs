@@ -50,7 +50,7 @@ pub fn source(seed: u32, dir: &Path) -> PathBuf {
     // csmith writes `platform.info` where it runs.
     let out = Command::new("csmith")
         .current_dir(dir)
-        .args(["--seed", &seed.to_string(), "--max-funcs", "4", "--no-packed-struct", "-o"])
+        .args(["--seed", &seed.to_string(), "--max-funcs", "12", "--no-packed-struct", "-o"])
         .arg(&path)
         .output()
         .expect("csmith runs");

@@ -237,7 +237,7 @@ fn random_programs_updated_mid_run_to_another_optimisation_level_keep_their_chec
         let points = same_output(&run_to_file(&["--stress-update", "1", o2]), &plain, "--stress-update", &format!("seed {seed}")).points;
         for opt in ["-O1", "-Os"] {
             let other = csmith::build(&source, opt);
-            for k in [1, points / 4, points / 2, points * 3 / 4].into_iter().filter(|&k| k >= 1) {
+            for k in std::iter::once(1).chain((1..6).map(|i| points * i / 6)).filter(|&k| k >= 1) {
                 let spec = format!("{k}:{}", other.display());
                 let out = run_to_file(&["--update-at", &spec, o2]);
                 let what = format!("seed {seed}, {opt} at point {k} of {points}");
