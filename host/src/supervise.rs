@@ -99,6 +99,7 @@ pub fn run(
     mut stress: Option<StressUpdates>,
 ) -> Result<Result<Ended, String>, String> {
     let live = Arc::new(Mutex::new(Live { state: "starting", ..Live::default() }));
+    let stressed = stress.is_some();
     let (commands_tx, commands) = channel::<Command>();
     let (handle_tx, handle_rx) = channel();
     let guest_live = live.clone();
@@ -144,6 +145,7 @@ pub fn run(
             pause_limit,
             changes: Mutex::new(updater),
             memory,
+            stressed,
         };
         std::thread::Builder::new()
             .name("control".into())
@@ -171,6 +173,9 @@ struct Server {
     changes: Mutex<Option<Updater>>,
     /// The program memory, for its size (none without instrumentation).
     memory: Option<ProgramMemory>,
+    /// Whether the guest thread makes updates of its own (`--stress-update`,
+    /// `--update-at`), which the updater here would not know of.
+    stressed: bool,
 }
 
 impl Server {
@@ -192,6 +197,9 @@ impl Server {
     }
 
     fn update(&self, target: Target, timeout_ms: u64) -> Response {
+        if self.stressed {
+            return refused_update("the program runs with --stress-update or --update-at, which make updates of their own");
+        }
         let mut updater = self.changes();
         serve_update(&mut updater, &self.pause, &self.commands, &self.live, target, timeout_ms, self.pause_limit)
     }

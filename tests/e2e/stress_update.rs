@@ -161,6 +161,14 @@ fn servers_updated_onto_themselves_at_every_nth_point_serve_their_clients() {
         }
         let tally = Tally::parse(&control.status(), "stress updates");
         assert!(tally.applied() >= 40 / n.parse::<u64>().unwrap(), "N={n}: {tally:?}");
+        // Its own updates would go behind the stress mode's back.
+        let refused = control.update(&guest("poll-server-v2"));
+        assert_eq!(refused.status.code(), Some(1), "N={n}");
+        assert_eq!(
+            String::from_utf8_lossy(&refused.stderr).trim(),
+            "error: update refused: the program runs with --stress-update or --update-at, which make updates of their own"
+        );
+        assert!(c.request("PING").starts_with("PONG v1"), "N={n}");
     }
 }
 
