@@ -2,9 +2,11 @@
 //!
 //! A frame is saved at a resume point, which the instrumenter describes by
 //! kind, callee and ordinal ("the 2nd call to `poll` in `main`"). The frame
-//! moves to the resume point with the same description in the new version
-//! of its function (callees compared by name, `call_indirect` by
-//! signature). Then its values:
+//! moves to the resume point of the new version of its function at the
+//! same place in the paired code of the two versions
+//! ([`crate::equivalence`]), if the pairing gives it one of the same kind
+//! and callee; else to the one with the same description (callees compared
+//! by name, `call_indirect` by signature). Then its values:
 //!
 //! - the function is unchanged: locals and saved operands are copied as
 //!   they are;
@@ -23,12 +25,23 @@
 //!     the point: its value was computed by the same code in both.
 //!     At -O2 most values live in compiler temporaries DWARF does not name,
 //!     so this is what moves most frames of changed functions;
+//!   - the old local the paired code computes the same way: the two bodies'
+//!     instructions paired by a diff, the locals renamed by the pairs, and
+//!     a walk of each version following what the unpaired instructions
+//!     compute ([`crate::symbolic`]); a local nothing differing reaches at
+//!     the point holds the same value in both. A value a changed callee
+//!     returned before the update counts as the same: it is state, as
+//!     globals are;
 //!   - the same parameter, when neither version ever assigns it: it still
 //!     holds the caller's argument.
 //!
-//!   Saved operands copy only when the two points save the same types. A
-//!   function whose frame in linear memory changed size, or whose variables
-//!   moved within it, cannot be moved while it is active.
+//!   Saved operands copy only when the two points save the same types and,
+//!   unless the code up to the point is identical, when the paired code
+//!   computes each the same way (the arguments of a call in progress
+//!   aside: the call was made with the old values, and is made again with
+//!   them if it must be). A function whose frame in linear memory changed
+//!   size, or whose variables moved within it, cannot be moved while it is
+//!   active.
 //!
 //! Anything else is [`Unmappable`]: the updater waits for that frame to leave
 //! the stack, or refuses. All of this is decided before the pause, for
