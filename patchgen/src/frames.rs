@@ -4,7 +4,7 @@
 //! kind, callee and ordinal ("the 2nd call to `poll` in `main`"). The frame
 //! moves to the resume point of the new version of its function at the
 //! same place in the paired code of the two versions
-//! ([`crate::equivalence`]), if the pairing gives it one of the same kind
+//! (the `equivalence` module), if the pairing gives it one of the same kind
 //! and callee; else to the one with the same description (callees compared
 //! by name, `call_indirect` by signature). Then its values:
 //!
