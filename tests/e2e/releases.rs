@@ -1,0 +1,120 @@
+//! Real releases of programs nobody here wrote, updated live: a key-value
+//! server embedding SQLite, built against consecutive SQLite releases, and
+//! one keeping its values compressed with zstd, built against consecutive
+//! zstd releases (`upstare_tests::releases`). The server's own code is the
+//! same in every build, and no build carries a line of update code: each
+//! step updates a running release to the next while clients keep writing
+//! and reading, and every row must be kept. A step that cannot be applied
+//! must be refused by `update` with the words `upstare-patchgen` prints,
+//! and the old release must serve on. `docs/RELEASES.md` records each
+//! step's report; run with `--nocapture` to print them.
+
+use std::path::PathBuf;
+
+use upstare_tests::releases::Program;
+use upstare_tests::{expect_error, expect_report, sha256_file, Control, Load, Server, Verdict};
+
+use crate::update::seed;
+
+/// What a step must do.
+enum Step {
+    /// Applied, under load.
+    Applied,
+    /// Refused, with a reason containing this.
+    Refused(&'static str),
+}
+
+/// A release running under load.
+struct Running {
+    release: usize,
+    server: Server,
+    control: Control,
+    load: Load,
+    seeded: Vec<(String, String)>,
+}
+
+impl Running {
+    fn start(program: Program, guests: &[PathBuf], release: usize) -> Self {
+        let name = format!("{}-{}", program.name(), program.releases()[release]);
+        let control = Control::new(&format!("release-{name}"));
+        let (server, first) = Server::start(&guests[release], &["--control", &control.path()], &[]);
+        assert!(first.contains(program.releases()[release]) && first.contains("listening on fd 3"), "{name} starts: {first}");
+        let seeded = seed(server.port, "row", 200);
+        let load = Load::start(server.port, 4, 30);
+        load.wait_for_requests(200);
+        Running { release, server, control, load, seeded }
+    }
+
+    /// The release the server says it runs.
+    fn version(&self) -> String {
+        let reply = self.load.command(0, "VERSION").expect("the server answers VERSION");
+        reply.strip_prefix("VERSION ").unwrap_or_else(|| panic!("bad VERSION reply {reply:?}")).to_string()
+    }
+
+    /// Stops the load and checks that every row written is there, and
+    /// that there are no others.
+    fn stop_and_check(self) {
+        let outcome = self.load.stop_and_check(self.server.port, &self.seeded);
+        let count = self.server.client().request("COUNT");
+        assert_eq!(count, format!("COUNT {}", self.seeded.len() + outcome.stored.len()), "every row is kept, once");
+    }
+}
+
+/// Runs the chain of `program`'s releases, each step as `steps` says.
+fn chain(program: Program, steps: &[Step]) {
+    let releases = program.releases();
+    assert_eq!(steps.len() + 1, releases.len(), "one expectation per step");
+    let guests: Vec<PathBuf> = releases.iter().map(|r| program.guest(r)).collect();
+    let mut running = Running::start(program, &guests, 0);
+    for (step, expected) in steps.iter().enumerate() {
+        if running.release != step {
+            running.stop_and_check();
+            running = Running::start(program, &guests, step);
+        }
+        let (old, new) = (releases[step], releases[step + 1]);
+        let what = format!("{} {old} -> {new}", program.name());
+        let verdict = Verdict::of(&guests[step], &guests[step + 1]);
+        let out = running.control.update(&guests[step + 1]);
+        println!("== {what}\n-- upstare-patchgen\n{}-- upstare-host update\n{}{}", verdict.text, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        match expected {
+            Step::Applied => {
+                assert_eq!(verdict.status, Some(0), "{what}: {}", verdict.text);
+                let report = expect_report(&out);
+                assert_eq!(report.sha256, sha256_file(&guests[step + 1]), "{what}: the report names the new release");
+                assert_eq!(running.control.running_version(), report.sha256, "{what}: status shows the new release");
+                assert_eq!(running.version(), new, "{what}: the new release's code answers");
+                running.release = step + 1;
+            }
+            Step::Refused(why) => {
+                assert_eq!(verdict.status, Some(1), "{what}: {}", verdict.text);
+                let reason = expect_error(&out, 1);
+                assert_eq!(reason, format!("update refused: {}", verdict.refusals.join("; ")), "{what}: one verdict");
+                assert!(reason.contains(why), "{what}: {reason}");
+                assert_eq!(running.control.running_version(), sha256_file(&guests[step]), "{what}: the old release runs on");
+                assert_eq!(running.version(), old, "{what}: the old release answers");
+            }
+        }
+        running.load.wait_for_requests(200);
+    }
+    running.stop_and_check();
+}
+
+#[test]
+fn sqlite_releases_update_live_keeping_every_row() {
+    chain(
+        Program::Sqlite,
+        &[
+            Step::Applied,
+            // Two limits added (SQLITE_N_LIMIT): every connection's
+            // `struct sqlite3` changes layout.
+            Step::Refused("(struct sqlite3, reached as BtShared.db, member aLimit became int[15] (was int[13]))"),
+            // A bug-fix release that adds a member to the parser's state.
+            Step::Refused("(struct Parse, reached as BtShared.db->pParse, gained member szOpAlloc)"),
+        ],
+    );
+}
+
+#[test]
+fn zstd_releases_update_live_keeping_every_value() {
+    chain(Program::Zstd, &[Step::Applied, Step::Applied, Step::Applied]);
+}
