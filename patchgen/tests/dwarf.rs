@@ -420,12 +420,12 @@ fn value_maps_refuse_what_cannot_carry_over() {
 /// it is reached, not only the pointer it was found through.
 #[test]
 fn a_refusal_names_the_struct_that_changed_deep_in_a_graph_and_how_it_is_reached() {
-    let program = |parse: &str, limits: usize| {
+    let program = |parse: &str, limits: usize, state: &str| {
         format!(
             r#"
 #include <stdio.h>
 struct parse {{ {parse} }};
-struct conn {{ int limits[{limits}]; int flags; struct parse *parse; }};
+struct conn {{ int limits[{limits}]; struct {{ {state} }} state; int flags; struct parse *parse; }};
 struct shared {{ struct conn *db; struct shared *next; }};
 union arg {{ int i; struct conn *db; }};
 struct shared *shared_list;
@@ -437,9 +437,10 @@ int main(void) {{
 "#
         )
     };
-    let old = support::build_c("dwarf-deep-v1", &program("int n; char *sql;", 4), &[]);
-    let gained = support::build_c("dwarf-deep-v2", &program("int n; int alloc; char *sql;", 4), &[]);
-    let resized = support::build_c("dwarf-deep-v3", &program("int n; char *sql;", 5), &[]);
+    let old = support::build_c("dwarf-deep-v1", &program("int n; char *sql;", 4, "int a;"), &[]);
+    let gained = support::build_c("dwarf-deep-v2", &program("int n; int alloc; char *sql;", 4, "int a;"), &[]);
+    let resized = support::build_c("dwarf-deep-v3", &program("int n; char *sql;", 5, "int a;"), &[]);
+    let nested = support::build_c("dwarf-deep-v4", &program("int n; char *sql;", 4, "int a; int b;"), &[]);
     let d1 = DebugInfo::parse(&old).unwrap();
     let ty = |d: &DebugInfo, name: &str| global(d, name).ty;
     let err = |d2: &DebugInfo, name: &str| value_map_named(&d1, ty(&d1, name), d2, ty(d2, name), name).unwrap_err().to_string();
@@ -465,6 +466,12 @@ int main(void) {{
     assert_eq!(
         err(&d3, "shared_list"),
         "shared_list: the type struct shared it points to changed layout (struct conn, reached as shared.db, member limits became int[5] (was int[4])) (keep the old type, or transform this value by hand)"
+    );
+    // A member struct that grows is explained from inside.
+    let d4 = DebugInfo::parse(&nested).unwrap();
+    assert_eq!(
+        dwarf::first_difference(&d1, ty(&d1, "shared_list"), &d4, ty(&d4, "shared_list")).as_deref(),
+        Some("struct <anonymous>, reached as shared.db->state, gained member b")
     );
     assert_eq!(dwarf::first_difference(&d1, ty(&d1, "shared_list"), &d1, ty(&d1, "shared_list")), None);
 }

@@ -140,12 +140,23 @@ fn member_changes(a: &DebugInfo, b: &DebugInfo, m1: &[Member], m2: &[Member], s1
         changes.push(format!("lost {}", names("member", &lost)));
     }
     // A member whose own size changed moves every member after it: name
-    // the cause, not the members it moved.
+    // the cause, not the members it moved. A struct member of the same
+    // type that grew is explained from inside (the caller goes on there).
+    let mut inside = false;
     for u in m1 {
         let Some(v) = counterpart(u, m2).map(|j| &m2[j]) else { continue };
-        if a.size_of(u.ty) != b.size_of(v.ty) {
+        if a.size_of(u.ty) == b.size_of(v.ty) {
+            continue;
+        }
+        let aggregate = |d: &DebugInfo, t: TypeId| matches!(d.ty(t), Type::Struct { .. } | Type::Union { .. });
+        if aggregate(a, u.ty) && aggregate(b, v.ty) && a.type_name(u.ty) == b.type_name(v.ty) {
+            inside = true;
+        } else {
             changes.push(format!("member {} became {} (was {})", label(u), b.type_name(v.ty), a.type_name(u.ty)));
         }
+    }
+    if inside && changes.is_empty() {
+        return None;
     }
     if changes.is_empty() {
         let moved: Vec<String> = m1
