@@ -65,6 +65,12 @@ impl Program {
     /// The server guest built against `release`, built now unless a build
     /// of the same sources and flags is kept.
     pub fn guest(self, release: &str) -> PathBuf {
+        self.guest_with(release, &[])
+    }
+
+    /// [`Program::guest`] with the server's source built with `defines`
+    /// (`-DNAME`), which select a variant of the server.
+    pub fn guest_with(self, release: &str, defines: &[&str]) -> PathBuf {
         let dir = self.sources(release);
         let include = format!("-I{}", dir.display());
         // Every guest gets a 1 MiB shadow stack, as the benches' SQLite:
@@ -88,7 +94,9 @@ impl Program {
             }
         };
         sources.push(repo().join(format!("tests/releases/{}-kv.c", self.name())));
-        build(&format!("{}-kv-{release}", self.name()), &sources, &flags, libs)
+        flags.extend(defines.iter().map(|d| format!("-D{d}")));
+        let variant: String = defines.iter().map(|d| format!("-{}", d.to_lowercase())).collect();
+        build(&format!("{}-kv{variant}-{release}", self.name()), &sources, &flags, libs)
     }
 }
 

@@ -34,11 +34,11 @@ struct Running {
 }
 
 impl Running {
-    fn start(program: Program, guests: &[PathBuf], release: usize) -> Self {
-        let name = format!("{}-{}", program.name(), program.releases()[release]);
+    fn start(program: Program, releases: &[&str], guests: &[PathBuf], release: usize) -> Self {
+        let name = format!("{}-{}", program.name(), releases[release]);
         let control = Control::new(&format!("release-{name}"));
         let (server, first) = Server::start(&guests[release], &["--control", &control.path()], &[]);
-        assert!(first.contains(program.releases()[release]) && first.contains("listening on fd 3"), "{name} starts: {first}");
+        assert!(first.contains(releases[release]) && first.contains("listening on fd 3"), "{name} starts: {first}");
         let seeded = seed(server.port, "row", 200);
         let load = Load::start(server.port, 4, 30);
         load.wait_for_requests(200);
@@ -49,6 +49,13 @@ impl Running {
     fn version(&self) -> String {
         let reply = self.load.command(0, "VERSION").expect("the server answers VERSION");
         reply.strip_prefix("VERSION ").unwrap_or_else(|| panic!("bad VERSION reply {reply:?}")).to_string()
+    }
+
+    /// The number of SETs a server that counts them (zstd-kv's `stats`
+    /// global, through `STATS`) has served; `None` for one that does not.
+    fn sets(&self) -> Option<u64> {
+        let reply = self.load.command(0, "STATS").ok()?;
+        reply.strip_prefix("STATS sets=")?.split(' ').next()?.parse().ok()
     }
 
     /// Stops the load and checks that every row written is there, and
@@ -63,16 +70,24 @@ impl Running {
 /// Runs the chain of `program`'s releases, each step as `steps` says.
 fn chain(program: Program, steps: &[Step]) {
     let releases = program.releases();
-    assert_eq!(steps.len() + 1, releases.len(), "one expectation per step");
     let guests: Vec<PathBuf> = releases.iter().map(|r| program.guest(r)).collect();
-    let mut running = Running::start(program, &guests, 0);
+    chain_of(program, releases, &guests, steps);
+}
+
+/// Runs `guests`, builds of `program` at `releases`, as a chain: starts the
+/// first under load, updates it to each next one as `steps` says, and
+/// after a refusal starts the next step's old release afresh.
+fn chain_of(program: Program, releases: &[&str], guests: &[PathBuf], steps: &[Step]) {
+    assert_eq!(steps.len() + 1, releases.len(), "one expectation per step");
+    let mut running = Running::start(program, releases, guests, 0);
     for (step, expected) in steps.iter().enumerate() {
         if running.release != step {
             running.stop_and_check();
-            running = Running::start(program, &guests, step);
+            running = Running::start(program, releases, guests, step);
         }
         let (old, new) = (releases[step], releases[step + 1]);
         let what = format!("{} {old} -> {new}", program.name());
+        let sets = running.sets();
         let verdict = Verdict::of(&guests[step], &guests[step + 1]);
         let out = running.control.update(&guests[step + 1]);
         println!("== {what}\n-- upstare-patchgen\n{}-- upstare-host update\n{}{}", verdict.text, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -95,6 +110,10 @@ fn chain(program: Program, steps: &[Step]) {
             }
         }
         running.load.wait_for_requests(200);
+        if let Some(before) = sets {
+            let after = running.sets().expect("STATS answers after the step");
+            assert!(after > before, "{what}: the count of SETs is carried: {before} before, {after} after");
+        }
     }
     running.stop_and_check();
 }
@@ -117,4 +136,23 @@ fn sqlite_releases_update_live_keeping_every_row() {
 #[test]
 fn zstd_releases_update_live_keeping_every_value() {
     chain(Program::Zstd, &[Step::Applied, Step::Applied, Step::Applied]);
+}
+
+/// A server that keeps one zstd compression context between requests
+/// holds an object of zstd's private `struct ZSTD_CCtx_s` on the heap,
+/// through a pointer whose type `zstd.h` only declares. Release 1.5.5
+/// changes that struct: the update is refused, naming it, and 1.5.4 serves
+/// on (before the planner looked up declared-only structs, it said safe).
+#[test]
+fn a_zstd_context_kept_between_requests_is_refused_at_a_release_that_changes_its_type() {
+    let releases = ["1.5.4", "1.5.5"];
+    let guests: Vec<PathBuf> = releases.iter().map(|r| Program::Zstd.guest_with(r, &["KEEP_CONTEXT"])).collect();
+    chain_of(
+        Program::Zstd,
+        &releases,
+        &guests,
+        &[Step::Refused(
+            "global `cctx` changed type and cannot be mapped: cctx: the type struct ZSTD_CCtx_s it points to changed layout (struct <anonymous>, reached as ZSTD_CCtx_s.workspace, gained member initOnceStart)",
+        )],
+    );
 }

@@ -11,6 +11,11 @@
  * (ZSTD_compress and ZSTD_decompress make their own), so no object of a
  * type private to zstd is alive between requests.
  *
+ * Built with -DKEEP_CONTEXT, it compresses with one ZSTD_CCtx made at
+ * start and kept in a global, `cctx`, as servers do to save allocations:
+ * then an object of zstd's private `struct ZSTD_CCtx_s` lives on the heap,
+ * and a release that changes that struct cannot be applied to it.
+ *
  * The protocol is kv-protocol.h's, with one more command:
  *   STATS  -> STATS sets=<n> raw=<bytes> compressed=<bytes>
  * and VERSION answers ZSTD_versionString().
@@ -47,6 +52,9 @@ struct totals {
 
 struct table *store;
 struct totals stats;
+#ifdef KEEP_CONTEXT
+ZSTD_CCtx *cctx;
+#endif
 
 static uint32_t hash(const char *s)
 {
@@ -94,7 +102,11 @@ static void set_value(int fd, const char *key, const char *value)
     size_t raw = strlen(value);
     size_t bound = ZSTD_compressBound(raw);
     void *frame = malloc(bound);
+#ifdef KEEP_CONTEXT
+    size_t n = ZSTD_compressCCtx(cctx, frame, bound, value, raw, LEVEL);
+#else
     size_t n = ZSTD_compress(frame, bound, value, raw, LEVEL);
+#endif
     if (ZSTD_isError(n)) {
         free(frame);
         reply(fd, "ERROR zstd: ", ZSTD_getErrorName(n), strlen(ZSTD_getErrorName(n)));
@@ -165,6 +177,9 @@ int main(void)
         return 1;
     }
     store = new_table(64);
+#ifdef KEEP_CONTEXT
+    cctx = ZSTD_createCCtx();
+#endif
     printf("zstd-kv: zstd %s, listening on fd %d\n", ZSTD_versionString(), listener);
     fflush(stdout);
 
