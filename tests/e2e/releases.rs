@@ -133,6 +133,21 @@ fn sqlite_releases_update_live_keeping_every_row() {
     );
 }
 
+/// An earlier patch release, 3.49.1 -> 3.49.2, adds one bit-field to
+/// `struct Index` (an index of a table; the server's table has one, on the
+/// heap): refused, naming it.
+#[test]
+fn a_sqlite_patch_release_that_adds_a_bit_field_to_an_index_is_refused() {
+    let releases = ["3.49.1", "3.49.2"];
+    let guests: Vec<PathBuf> = releases.iter().map(|r| Program::Sqlite.guest(r)).collect();
+    chain_of(
+        Program::Sqlite,
+        &releases,
+        &guests,
+        &[Step::Refused("global `db` changed type and cannot be mapped: db: the type struct sqlite3 it points to changed layout (struct Index, reached as sqlite3.pParse->pNewIndex, gained member bIdxRowid)")],
+    );
+}
+
 #[test]
 fn zstd_releases_update_live_keeping_every_value() {
     chain(Program::Zstd, &[Step::Applied, Step::Applied, Step::Applied]);
