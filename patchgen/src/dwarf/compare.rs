@@ -1,5 +1,6 @@
-//! Types across two versions: whether they are the same, and how a value of
-//! the old type becomes a value of the new one as byte copies.
+//! Types across two versions: whether they are the same, where they first
+//! differ (for a refusal a user can act on), and how a value of the old
+//! type becomes a value of the new one as byte copies.
 //!
 //! Sameness is structural and coinductive: a pair of types being compared
 //! is assumed equal while its parts are compared, so a self-referencing
