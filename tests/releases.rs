@@ -112,7 +112,8 @@ pub const SQLITE_WASI_FLAGS: &[&str] = &[
 ];
 
 /// The libraries [`SQLITE_WASI_FLAGS`] link against.
-pub const SQLITE_WASI_LIBS: &[&str] = &["-lwasi-emulated-mman", "-lwasi-emulated-getpid", "-lwasi-emulated-process-clocks"];
+pub const SQLITE_WASI_LIBS: &[&str] =
+    &["-lwasi-emulated-mman", "-lwasi-emulated-getpid", "-lwasi-emulated-process-clocks"];
 
 /// The repository root.
 fn repo() -> PathBuf {
@@ -128,7 +129,12 @@ pub fn crate_dir(manifest: &Path, crate_name: &str) -> PathBuf {
         .arg(manifest)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cargo} metadata: {e}"));
-    assert!(output.status.success(), "cargo metadata on {} failed: {}", manifest.display(), String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "cargo metadata on {} failed: {}",
+        manifest.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&output.stdout).expect("cargo metadata prints JSON");
     let package = meta["packages"]
         .as_array()

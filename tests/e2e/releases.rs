@@ -6,8 +6,11 @@
 //! step updates a running release to the next while clients keep writing
 //! and reading, and every row must be kept. A step that cannot be applied
 //! must be refused by `update` with the words `upstare-patchgen` prints,
-//! and the old release must serve on. `docs/RELEASES.md` records each
-//! step's report; run with `--nocapture` to print them.
+//! and the old release must serve on: the releases that change a type of
+//! the library's heap objects (SQLite's `struct Index`, `struct sqlite3`,
+//! `struct Parse`; zstd's compression context, for a server that keeps
+//! one), named in the refusal. `docs/RELEASES.md` records each step's plan
+//! and report; run with `--nocapture` to print them.
 
 use std::path::PathBuf;
 
@@ -90,7 +93,12 @@ fn chain_of(program: Program, releases: &[&str], guests: &[PathBuf], steps: &[St
         let sets = running.sets();
         let verdict = Verdict::of(&guests[step], &guests[step + 1]);
         let out = running.control.update(&guests[step + 1]);
-        println!("== {what}\n-- upstare-patchgen\n{}-- upstare-host update\n{}{}", verdict.text, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        println!(
+            "== {what}\n-- upstare-patchgen\n{}-- upstare-host update\n{}{}",
+            verdict.text,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         match expected {
             Step::Applied => {
                 assert_eq!(verdict.status, Some(0), "{what}: {}", verdict.text);
@@ -105,7 +113,11 @@ fn chain_of(program: Program, releases: &[&str], guests: &[PathBuf], steps: &[St
                 let reason = expect_error(&out, 1);
                 assert_eq!(reason, format!("update refused: {}", verdict.refusals.join("; ")), "{what}: one verdict");
                 assert!(reason.contains(why), "{what}: {reason}");
-                assert_eq!(running.control.running_version(), sha256_file(&guests[step]), "{what}: the old release runs on");
+                assert_eq!(
+                    running.control.running_version(),
+                    sha256_file(&guests[step]),
+                    "{what}: the old release runs on"
+                );
                 assert_eq!(running.version(), old, "{what}: the old release answers");
             }
         }
