@@ -448,7 +448,7 @@ int main(void) {{
     let d2 = DebugInfo::parse(&gained).unwrap();
     assert_eq!(
         err(&d2, "shared_list"),
-        "shared_list: the type struct shared it points to changed layout (struct parse, reached as shared.db->parse, gained member alloc) (keep the old type, or transform this value by hand)"
+        "shared_list: the type struct shared it points to changed layout (struct parse, reached as shared.db->parse, gained member alloc) (objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version)"
     );
     assert_eq!(
         err(&d2, "args"),
@@ -465,7 +465,7 @@ int main(void) {{
     let d3 = DebugInfo::parse(&resized).unwrap();
     assert_eq!(
         err(&d3, "shared_list"),
-        "shared_list: the type struct shared it points to changed layout (struct conn, reached as shared.db, member limits became int[5] (was int[4])) (keep the old type, or transform this value by hand)"
+        "shared_list: the type struct shared it points to changed layout (struct conn, reached as shared.db, member limits became int[5] (was int[4])) (objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version)"
     );
     // A member struct that grows is explained from inside.
     let d4 = DebugInfo::parse(&nested).unwrap();
@@ -523,7 +523,7 @@ struct lib *lib_open(void) {{ return last_opened = calloc(1, sizeof(struct lib))
     let err = value_map_named(&d1, ty(&d1, "handle"), &d2, ty(&d2, "handle"), "handle").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "handle: the type struct lib it points to changed layout (struct lib gained member flags) (keep the old type, or transform this value by hand)"
+        "handle: the type struct lib it points to changed layout (struct lib gained member flags) (objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version)"
     );
 
     let Type::Pointer { to: Some(other) } = d1.ty(ty(&d1, "ambiguous")) else { panic!("ambiguous is a pointer") };

@@ -250,9 +250,23 @@ pub enum MapReason {
     Opaque(String),
 }
 
+impl MapReason {
+    /// What a user can do about it.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            // The value itself would map; what it points to would not, and
+            // those objects (on the heap, mostly) are not converted.
+            MapReason::Pointee { .. } => {
+                "objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version"
+            }
+            _ => "keep the old type, or transform this value by hand",
+        }
+    }
+}
+
 /// A value that cannot be mapped, and the member path where it fails.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {reason} (keep the old type, or transform this value by hand)", if path.is_empty() { "value" } else { path })]
+#[error("{}: {reason} ({})", if path.is_empty() { "value" } else { path }, reason.advice())]
 pub struct MapError {
     /// Member path from the value, like `stats.last.when`; empty for the
     /// value itself.
