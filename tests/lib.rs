@@ -10,6 +10,8 @@ use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod releases;
+
 /// A guest built by this crate's build script.
 pub fn guest(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("UPSTARE_GUESTS")).join(format!("{name}.wasm"));
@@ -389,6 +391,27 @@ pub fn patchgen_bin() -> PathBuf {
     let bin = host_bin().with_file_name("upstare-patchgen");
     assert!(bin.exists(), "{} is missing: build it with `cargo build --bins` (scripts/test does)", bin.display());
     bin
+}
+
+/// What `upstare-patchgen OLD NEW` says of an update: its exit status and
+/// the reasons it prints for a refusal.
+pub struct Verdict {
+    /// Its exit status.
+    pub status: Option<i32>,
+    /// What follows each `refused: `.
+    pub refusals: Vec<String>,
+    /// Everything it printed, for messages.
+    pub text: String,
+}
+
+impl Verdict {
+    /// Runs `upstare-patchgen OLD NEW`.
+    pub fn of(old: &std::path::Path, new: &std::path::Path) -> Self {
+        let out = Command::new(patchgen_bin()).arg(old).arg(new).output().expect("upstare-patchgen runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let refusals = text.lines().filter_map(|l| l.strip_prefix("refused: ")).map(str::to_string).collect();
+        Verdict { status: out.status.code(), refusals, text: format!("{text}{}", String::from_utf8_lossy(&out.stderr)) }
+    }
 }
 
 /// The SHA-256 of a file, in hex, by coreutils' `sha256sum` (independent of

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use gimli::{AttributeValue, DebugInfoOffset, UnitOffset};
 
-pub use compare::{ByteCopy, MapError, MapReason, ValueMap, same_type, value_map, value_map_named};
+pub use compare::{ByteCopy, MapError, MapReason, ValueMap, first_difference, same_type, value_map, value_map_named};
 pub use scopes::{Location, ScopeKey, Subprogram, VarAt, VarKey};
 pub use types::{Member, Type, TypeId};
 
@@ -114,6 +114,7 @@ impl DebugInfo {
             reader.collect_globals(u, &cu, &mut info.globals)?;
             scopes::collect_functions(&mut reader, u, &cu, &mut info.functions, &mut info.trees)?;
         }
+        info.types.link_declarations();
         info.globals.sort_by_key(|g| g.address);
         let mut order: Vec<usize> = (0..info.functions.len()).collect();
         order.sort_by_key(|&i| info.functions[i].low_pc);

@@ -405,10 +405,128 @@ fn value_maps_refuse_what_cannot_carry_over() {
     assert_eq!(e.path, "stats.last.when");
     assert!(e.to_string().starts_with("stats.last.when: int became char*"), "{e}");
     assert_eq!(err("head").path, "head.v");
-    assert!(matches!(err("un").reason, dwarf::MapReason::Union(_)));
+    assert!(matches!(err("un").reason, dwarf::MapReason::Union { .. }));
     assert_eq!(err("holder").path, "holder.p");
     assert!(matches!(err("holder").reason, dwarf::MapReason::Pointee { .. }), "{}", err("holder"));
     assert!(matches!(err("bits").reason, dwarf::MapReason::BitFields));
     assert!(!same_type(&d1, ty(&d1, "head"), &d3, ty(&d3, "head")));
     assert!(value_map(&d1, ty(&d1, "stats"), &d3, ty(&d3, "stats")).unwrap_err().path == "last.when");
+}
+
+/// A release that changes a struct deep inside a graph of structs (as
+/// SQLite 3.54.1 adds a member to `struct Parse`, reached from every
+/// connection) changes the type of every pointer into the graph. The
+/// refusal must name the struct that changed, what changed in it and how
+/// it is reached, not only the pointer it was found through.
+#[test]
+fn a_refusal_names_the_struct_that_changed_deep_in_a_graph_and_how_it_is_reached() {
+    let program = |parse: &str, limits: usize, state: &str| {
+        format!(
+            r#"
+#include <stdio.h>
+struct parse {{ {parse} }};
+struct conn {{ int limits[{limits}]; struct {{ {state} }} state; int flags; struct parse *parse; }};
+struct shared {{ struct conn *db; struct shared *next; }};
+union arg {{ int i; struct conn *db; }};
+struct shared *shared_list;
+union arg args;
+int main(void) {{
+  printf("%p %p\n", (void *)&shared_list, (void *)&args);
+  return 0;
+}}
+"#
+        )
+    };
+    let old = support::build_c("dwarf-deep-v1", &program("int n; char *sql;", 4, "int a;"), &[]);
+    let gained = support::build_c("dwarf-deep-v2", &program("int n; int alloc; char *sql;", 4, "int a;"), &[]);
+    let resized = support::build_c("dwarf-deep-v3", &program("int n; char *sql;", 5, "int a;"), &[]);
+    let nested = support::build_c("dwarf-deep-v4", &program("int n; char *sql;", 4, "int a; int b;"), &[]);
+    let d1 = DebugInfo::parse(&old).unwrap();
+    let ty = |d: &DebugInfo, name: &str| global(d, name).ty;
+    let err = |d2: &DebugInfo, name: &str| value_map_named(&d1, ty(&d1, name), d2, ty(d2, name), name).unwrap_err().to_string();
+
+    let d2 = DebugInfo::parse(&gained).unwrap();
+    assert_eq!(
+        err(&d2, "shared_list"),
+        "shared_list: the type struct shared it points to changed layout (struct parse, reached as shared.db->parse, gained member alloc) (objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version)"
+    );
+    assert_eq!(
+        err(&d2, "args"),
+        "args: union arg changed layout (struct parse, reached as arg.db->parse, gained member alloc) (keep the old type, or transform this value by hand)"
+    );
+    assert_eq!(
+        dwarf::first_difference(&d1, ty(&d1, "shared_list"), &d2, ty(&d2, "shared_list")).as_deref(),
+        Some("struct parse, reached as shared.db->parse, gained member alloc"),
+        "a pointer's path starts at its pointee"
+    );
+
+    // A member that grows moves every member after it: the message names
+    // the one that grew.
+    let d3 = DebugInfo::parse(&resized).unwrap();
+    assert_eq!(
+        err(&d3, "shared_list"),
+        "shared_list: the type struct shared it points to changed layout (struct conn, reached as shared.db, member limits became int[5] (was int[4])) (objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version)"
+    );
+    // A member struct that grows is explained from inside.
+    let d4 = DebugInfo::parse(&nested).unwrap();
+    assert_eq!(
+        dwarf::first_difference(&d1, ty(&d1, "shared_list"), &d4, ty(&d4, "shared_list")).as_deref(),
+        Some("struct <anonymous>, reached as shared.db->state, gained member b")
+    );
+    assert_eq!(dwarf::first_difference(&d1, ty(&d1, "shared_list"), &d1, ty(&d1, "shared_list")), None);
+}
+
+/// A program keeps a library's objects through pointers to a type the
+/// library's header only declares (`sqlite3 *db`, `struct sqlite3;`): in
+/// the program's unit the type has no layout. Its layout is the library
+/// unit's definition, so a release of the library that changes it refuses
+/// the pointer; two units that define different layouts under one name
+/// leave the declaration opaque.
+#[test]
+fn a_pointer_to_a_type_only_declared_in_its_unit_is_checked_against_the_definition() {
+    let program = r#"
+#include <stdio.h>
+struct lib;
+struct other;
+struct lib *lib_open(void);
+struct lib *handle;
+struct other *ambiguous;
+int main(void) {
+  handle = lib_open();
+  printf("%p %p\n", (void *)handle, (void *)&ambiguous);
+  return 0;
+}
+"#;
+    let library = |members: &str| {
+        format!(
+            r#"
+#include <stdlib.h>
+struct lib {{ {members} }};
+struct other {{ int a; }};
+struct other one_other;
+struct lib *last_opened;
+struct lib *lib_open(void) {{ return last_opened = calloc(1, sizeof(struct lib)); }}
+"#
+        )
+    };
+    // A third unit defines `struct other` differently: which one the
+    // program's declaration means is unknown.
+    let elsewhere = "struct other { double d; long long e; };\nstruct other another_other;\n";
+    let old = build_many("dwarf-declared-v1", &[("main.c", program), ("lib.c", &library("int n; char *name;")), ("else.c", elsewhere)]);
+    let new = build_many("dwarf-declared-v2", &[("main.c", program), ("lib.c", &library("int n; int flags; char *name;")), ("else.c", elsewhere)]);
+    let (d1, d2) = (DebugInfo::parse(&old).unwrap(), DebugInfo::parse(&new).unwrap());
+    let ty = |d: &DebugInfo, name: &str| global(d, name).ty;
+
+    let Type::Pointer { to: Some(lib) } = d1.ty(ty(&d1, "handle")) else { panic!("handle is a pointer") };
+    assert!(matches!(d1.ty(*lib), Type::Struct { members, .. } if members.len() == 2), "{:?}", d1.ty(*lib));
+    assert_eq!(d1.size_of(*lib), Some(8));
+    let err = value_map_named(&d1, ty(&d1, "handle"), &d2, ty(&d2, "handle"), "handle").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "handle: the type struct lib it points to changed layout (struct lib gained member flags) (objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version)"
+    );
+
+    let Type::Pointer { to: Some(other) } = d1.ty(ty(&d1, "ambiguous")) else { panic!("ambiguous is a pointer") };
+    assert!(matches!(d1.ty(*other), Type::Struct { members, .. } if members.is_empty()), "{:?}", d1.ty(*other));
+    assert!(same_type(&d1, ty(&d1, "ambiguous"), &d2, ty(&d2, "ambiguous")));
 }

@@ -8,38 +8,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use upstare_tests::{
-    expect_error, guest, host_command, patchgen_bin, sha256_file, version_chains, wait_for_path,
-    Control, KillOnDrop,
+    expect_error, guest, host_command, sha256_file, version_chains, wait_for_path, Control,
+    KillOnDrop, Verdict,
 };
 
-/// What patchgen says of an update: its exit status and the reasons it
-/// prints for a refusal.
-struct Verdict {
-    status: Option<i32>,
-    refusals: Vec<String>,
-    text: String,
-}
-
 fn patchgen(old: &str, new: &str) -> Verdict {
-    let out = Command::new(patchgen_bin())
-        .arg(guest(old))
-        .arg(guest(new))
-        .output()
-        .expect("upstare-patchgen runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let refusals = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("refused: "))
-        .map(str::to_string)
-        .collect();
-    Verdict {
-        status: out.status.code(),
-        refusals,
-        text: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
-    }
+    Verdict::of(&guest(old), &guest(new))
 }
 
 /// The host flags and guest arguments that keep the first version of a

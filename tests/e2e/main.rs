@@ -16,6 +16,7 @@ mod guests;
 mod interrupt;
 mod kv;
 mod pipes;
+mod releases;
 mod retreat;
 mod rollback;
 mod snapshot;

@@ -113,22 +113,8 @@ pub fn asyncify(original: &Path) -> PathBuf {
 /// the sources of the `libsqlite3-sys` crate, which `cargo metadata` on
 /// `benches/sqlite-source` fetches (without building it) and locates.
 pub fn sqlite_dir() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(&cargo)
-        .args(["metadata", "--format-version", "1", "--manifest-path"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("sqlite-source/Cargo.toml"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cargo} metadata: {e}"));
-    assert!(output.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&output.stderr));
-    let meta: serde_json::Value = serde_json::from_slice(&output.stdout).expect("cargo metadata printed no JSON");
-    let package = meta["packages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["name"] == "libsqlite3-sys")
-        .expect("libsqlite3-sys is not in cargo metadata: is it still the dependency of benches/sqlite-source?");
-    let manifest = Path::new(package["manifest_path"].as_str().expect("libsqlite3-sys has no manifest_path"));
-    manifest.parent().unwrap().join("sqlite3")
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("sqlite-source/Cargo.toml");
+    upstare_tests::releases::crate_dir(&manifest, "libsqlite3-sys").join("sqlite3")
 }
 
 /// The SQLite workload guest (`benches/guests/sqlite-workload.c` linked
@@ -138,21 +124,12 @@ pub fn sqlite_dir() -> PathBuf {
 pub fn sqlite_guest() -> CGuest {
     let dir = sqlite_dir();
     let mut flags = vec![STACK.to_string(), format!("-I{}", dir.display())];
-    flags.extend(
-        [
-            "-DSQLITE_THREADSAFE=0",
-            "-DSQLITE_OMIT_LOAD_EXTENSION",
-            "-D_WASI_EMULATED_MMAN",
-            "-D_WASI_EMULATED_GETPID",
-            "-D_WASI_EMULATED_PROCESS_CLOCKS",
-        ]
-        .map(String::from),
-    );
+    flags.extend(upstare_tests::releases::SQLITE_WASI_FLAGS.iter().map(|f| f.to_string()));
     CGuest {
         name: "sqlite".into(),
         sources: vec![dir.join("sqlite3.c"), root().join("benches/guests/sqlite-workload.c")],
         flags,
-        libs: ["-lwasi-emulated-mman", "-lwasi-emulated-getpid", "-lwasi-emulated-process-clocks"].map(String::from).to_vec(),
+        libs: upstare_tests::releases::SQLITE_WASI_LIBS.iter().map(|l| l.to_string()).collect(),
     }
 }
 

@@ -1,12 +1,13 @@
-//! Types across two versions: whether they are the same, and how a value of
-//! the old type becomes a value of the new one as byte copies.
+//! Types across two versions: whether they are the same, where they first
+//! differ (for a refusal a user can act on), and how a value of the old
+//! type becomes a value of the new one as byte copies.
 //!
 //! Sameness is structural and coinductive: a pair of types being compared
 //! is assumed equal while its parts are compared, so a self-referencing
 //! struct (`struct node { struct node *next; }`) ends the recursion instead
 //! of looping.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use super::{DebugInfo, Member, Type, TypeId};
 
@@ -55,6 +56,136 @@ impl Same<'_> {
     }
 }
 
+/// Where two types that are not the same first differ, for a message: the
+/// type whose own layout changed nearest to the types compared, what
+/// changed in it, and how it is reached from them (`struct Parse, reached as
+/// BtShared.db->pParse, gained member szOpAlloc`). `None` when they are the
+/// same. A release that changes a type deep inside a graph of structs makes
+/// every pointer into that graph change type; the user needs the change
+/// itself, not the first pointer that leads to it.
+pub fn first_difference(a: &DebugInfo, ta: TypeId, b: &DebugInfo, tb: TypeId) -> Option<String> {
+    // Breadth first: the nearest change, reached by the shortest path.
+    let mut seen = HashSet::new();
+    let mut queue = VecDeque::from([(ta, tb, String::new())]);
+    while let Some((x, y, path)) = queue.pop_front() {
+        if !seen.insert((x, y)) {
+            continue;
+        }
+        let name = a.type_name(x);
+        let at = |what: String| match path.trim_end_matches("->") {
+            "" => Some(format!("{name} {what}")),
+            reached => Some(format!("{name}, reached as {reached}, {what}")),
+        };
+        // `s.m` for a member, `s.m->n` for a member of what `s.m` points to.
+        let step = |member: &str| match path.as_str() {
+            "" => format!("{}.{member}", name.trim_start_matches("struct ").trim_start_matches("union ")),
+            through if through.ends_with("->") => format!("{through}{member}"),
+            within => format!("{within}.{member}"),
+        };
+        match (a.ty(x), b.ty(y)) {
+            (Type::Base { size: s1, encoding: e1, .. }, Type::Base { size: s2, encoding: e2, .. }) => {
+                if (s1, e1) != (s2, e2) {
+                    return at(format!("became {}", b.type_name(y)));
+                }
+            }
+            (Type::Pointer { to: None }, Type::Pointer { to: None }) | (Type::Function, Type::Function) => {}
+            (Type::Pointer { to: Some(p) }, Type::Pointer { to: Some(q) }) => {
+                // A path starts at a struct: from a pointer, at its pointee.
+                let path = if path.is_empty() { path } else { format!("{path}->") };
+                queue.push_back((*p, *q, path));
+            }
+            (
+                Type::Struct { name: n1, size: s1, members: m1 },
+                Type::Struct { name: n2, size: s2, members: m2 },
+            )
+            | (Type::Union { name: n1, size: s1, members: m1 }, Type::Union { name: n2, size: s2, members: m2 }) => {
+                if n1 != n2 {
+                    return at(format!("became {}", b.type_name(y)));
+                }
+                if let Some(change) = member_changes(a, b, m1, m2, *s1, *s2) {
+                    return at(change);
+                }
+                for (u, v) in m1.iter().zip(m2) {
+                    queue.push_back((u.ty, v.ty, step(u.name.as_deref().unwrap_or("<anonymous>"))));
+                }
+            }
+            (Type::Enum { name: n1, size: s1 }, Type::Enum { name: n2, size: s2 }) => {
+                if (n1, s1) != (n2, s2) {
+                    return at(format!("became {}", b.type_name(y)));
+                }
+            }
+            (Type::Array { element: e1, count: c1 }, Type::Array { element: e2, count: c2 }) => {
+                if c1 != c2 {
+                    return at(format!("became {}", b.type_name(y)));
+                }
+                queue.push_back((*e1, *e2, format!("{path}[]")));
+            }
+            _ => return at(format!("became {}", b.type_name(y))),
+        }
+    }
+    None
+}
+
+/// What changed in a struct's or union's own members (names, sizes,
+/// places, bit-fields, the whole's size), if anything.
+fn member_changes(a: &DebugInfo, b: &DebugInfo, m1: &[Member], m2: &[Member], s1: u64, s2: u64) -> Option<String> {
+    let label = |m: &Member| m.name.clone().unwrap_or_else(|| "<anonymous>".into());
+    let counterpart = |m: &Member, ms: &[Member]| ms.iter().position(|o| o.name == m.name);
+    let mut changes = Vec::new();
+    let gained: Vec<String> = m2.iter().filter(|m| counterpart(m, m1).is_none()).map(label).collect();
+    let lost: Vec<String> = m1.iter().filter(|m| counterpart(m, m2).is_none()).map(label).collect();
+    if !gained.is_empty() {
+        changes.push(format!("gained {}", names("member", &gained)));
+    }
+    if !lost.is_empty() {
+        changes.push(format!("lost {}", names("member", &lost)));
+    }
+    // A member whose own size changed moves every member after it: name
+    // the cause, not the members it moved. A struct member of the same
+    // type that grew is explained from inside (the caller goes on there).
+    let mut inside = false;
+    for u in m1 {
+        let Some(v) = counterpart(u, m2).map(|j| &m2[j]) else { continue };
+        if a.size_of(u.ty) == b.size_of(v.ty) {
+            continue;
+        }
+        let aggregate = |d: &DebugInfo, t: TypeId| matches!(d.ty(t), Type::Struct { .. } | Type::Union { .. });
+        if aggregate(a, u.ty) && aggregate(b, v.ty) && a.type_name(u.ty) == b.type_name(v.ty) {
+            inside = true;
+        } else {
+            changes.push(format!("member {} became {} (was {})", label(u), b.type_name(v.ty), a.type_name(u.ty)));
+        }
+    }
+    if inside && changes.is_empty() {
+        return None;
+    }
+    if changes.is_empty() {
+        let moved: Vec<String> = m1
+            .iter()
+            .zip(m2)
+            .filter(|(u, v)| u.name != v.name || u.offset != v.offset || u.bit_field != v.bit_field)
+            .map(|(u, _)| label(u))
+            .collect();
+        if !moved.is_empty() {
+            changes.push(format!("moved {}", names("member", &moved)));
+        }
+    }
+    if changes.is_empty() && s1 != s2 {
+        changes.push(format!("grew from {s1} to {s2} bytes"));
+    }
+    (!changes.is_empty()).then(|| changes.join(" and "))
+}
+
+/// `member a`, `members a, b`, or `members a, b, c, d and 6 more`.
+fn names(what: &str, list: &[String]) -> String {
+    const SHOWN: usize = 4;
+    let s = if list.len() == 1 { "" } else { "s" };
+    match list.len() > SHOWN {
+        true => format!("{what}{s} {} and {} more", list[..SHOWN].join(", "), list.len() - SHOWN),
+        false => format!("{what}{s} {}", list.join(", ")),
+    }
+}
+
 /// One copy from the old value's bytes to the new value's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteCopy {
@@ -93,14 +224,21 @@ pub enum MapReason {
     },
     /// A pointer whose pointee type changed: the objects it points to
     /// would need transforming too.
-    #[error("the type {pointee} it points to changed layout")]
+    #[error("the type {pointee} it points to changed layout ({change})")]
     Pointee {
         /// The pointee type, spelled as C.
         pointee: String,
+        /// Where the pointee's layout changed ([`first_difference`]).
+        change: String,
     },
     /// A union changed: which member is live is unknown.
-    #[error("union {0} changed layout")]
-    Union(String),
+    #[error("union {name} changed layout ({change})")]
+    Union {
+        /// Its tag, or `<anonymous>`.
+        name: String,
+        /// Where its layout changed ([`first_difference`]).
+        change: String,
+    },
     /// Bit-fields moved, changed width or appeared.
     #[error("its bit-fields changed")]
     BitFields,
@@ -112,9 +250,23 @@ pub enum MapReason {
     Opaque(String),
 }
 
+impl MapReason {
+    /// What a user can do about it.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            // The value itself would map; what it points to would not, and
+            // those objects (on the heap, mostly) are not converted.
+            MapReason::Pointee { .. } => {
+                "objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version"
+            }
+            _ => "keep the old type, or transform this value by hand",
+        }
+    }
+}
+
 /// A value that cannot be mapped, and the member path where it fails.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {reason} (keep the old type, or transform this value by hand)", if path.is_empty() { "value" } else { path })]
+#[error("{}: {reason} ({})", if path.is_empty() { "value" } else { path }, reason.advice())]
 pub struct MapError {
     /// Member path from the value, like `stats.last.when`; empty for the
     /// value itself.
@@ -172,6 +324,10 @@ impl Mapper<'_> {
         self.fail(path, MapReason::Changed { from: self.a.type_name(from), to: self.b.type_name(to) })
     }
 
+    fn difference(&self, from: TypeId, to: TypeId) -> String {
+        first_difference(self.a, from, self.b, to).unwrap_or_else(|| "a change this reader does not describe".into())
+    }
+
     fn copy(&mut self, from: u64, to: u64, len: u64) {
         if len > 0 {
             self.out.copies.push(ByteCopy { from, to, len });
@@ -192,10 +348,11 @@ impl Mapper<'_> {
                 self.members(m1, m2, at_from, at_to, path)
             }
             (Type::Union { name, .. }, Type::Union { .. }) => {
-                Err(self.fail(path, MapReason::Union(name.clone().unwrap_or_else(|| "<anonymous>".into()))))
+                let name = name.clone().unwrap_or_else(|| "<anonymous>".into());
+                Err(self.fail(path, MapReason::Union { name, change: self.difference(from, to) }))
             }
-            (Type::Pointer { to: Some(p) }, Type::Pointer { to: Some(_) }) if a.type_name(from) == b.type_name(to) => {
-                Err(self.fail(path, MapReason::Pointee { pointee: a.type_name(*p) }))
+            (Type::Pointer { to: Some(p) }, Type::Pointer { to: Some(q) }) if a.type_name(from) == b.type_name(to) => {
+                Err(self.fail(path, MapReason::Pointee { pointee: a.type_name(*p), change: self.difference(*p, *q) }))
             }
             (Type::Enum { size: s1, .. }, Type::Enum { size: s2, .. }) if s1 == s2 => {
                 self.copy(at_from, at_to, *s1);

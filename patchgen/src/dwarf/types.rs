@@ -100,6 +100,10 @@ pub(super) struct Types {
     pointer_size: u64,
     /// Types being resolved right now, one inside the other.
     nesting: usize,
+    /// A struct or union only declared where it is used (`struct sqlite3;`
+    /// in a library's header) to its definition in another unit of the
+    /// module, where exactly one layout is defined under its name.
+    definitions: HashMap<TypeId, TypeId>,
 }
 
 impl Default for Types {
@@ -116,11 +120,60 @@ const MAX_NESTING: usize = 256;
 
 impl Types {
     pub(super) fn new() -> Types {
-        Types { table: vec![Type::Unknown, Type::Function], by_offset: HashMap::new(), pointer_size: 4, nesting: 0 }
+        Types {
+            table: vec![Type::Unknown, Type::Function],
+            by_offset: HashMap::new(),
+            pointer_size: 4,
+            nesting: 0,
+            definitions: HashMap::new(),
+        }
     }
 
     pub(super) fn get(&self, id: TypeId) -> &Type {
+        let id = self.definitions.get(&id).unwrap_or(&id);
         self.table.get(id.0 as usize).unwrap_or(&Type::Unknown)
+    }
+
+    /// Points every declaration-only struct or union at its definition in
+    /// another unit, once all units are read. A program that keeps a
+    /// library's objects through pointers to types the library's header
+    /// only declares (`sqlite3 *db`) then has those objects' layout checked
+    /// like any other. Where units define different layouts under one name,
+    /// the declaration stays opaque: which one it means is unknown. Only
+    /// the definitions read so far count: those the types of some unit's
+    /// variables reach (a library's own globals reach its main structs).
+    pub(super) fn link_declarations(&mut self) {
+        // (is a union, name) -> the shallow layout of its definitions
+        type Shape = (u64, Vec<(Option<String>, u64, Option<u64>, Option<(u64, u64)>)>);
+        let mut defined: HashMap<(bool, &str), Option<(TypeId, Shape)>> = HashMap::new();
+        let mut declared = Vec::new();
+        for (i, ty) in self.table.iter().enumerate() {
+            let (union, name, size, members) = match ty {
+                Type::Struct { name: Some(n), size, members } => (false, n.as_str(), *size, members),
+                Type::Union { name: Some(n), size, members } => (true, n.as_str(), *size, members),
+                _ => continue,
+            };
+            let id = TypeId(i as u32);
+            if size == 0 && members.is_empty() {
+                declared.push((id, (union, name)));
+                continue;
+            }
+            let shape: Shape =
+                (size, members.iter().map(|m| (m.name.clone(), m.offset, self.size_of(m.ty), m.bit_field)).collect());
+            defined
+                .entry((union, name))
+                .and_modify(|known| {
+                    if known.as_ref().is_some_and(|(_, s)| *s != shape) {
+                        *known = None;
+                    }
+                })
+                .or_insert(Some((id, shape)));
+        }
+        let links: Vec<(TypeId, TypeId)> = declared
+            .into_iter()
+            .filter_map(|(id, key)| defined.get(&key).and_then(|d| d.as_ref()).map(|(def, _)| (id, *def)))
+            .collect();
+        self.definitions.extend(links);
     }
 
     fn push(&mut self, ty: Type) -> TypeId {

@@ -1,0 +1,198 @@
+//! Real programs at their real releases: C sources that crates bundle
+//! (SQLite's amalgamation in `libsqlite3-sys`, zstd in `zstd-sys`), one
+//! release per crate version, each built with a server of ours
+//! (`tests/releases/*.c`) into a guest that the release chains update live
+//! (`tests/e2e/releases.rs`, `docs/RELEASES.md`).
+//!
+//! Each release has a manifest under `tests/releases/sources/` that is
+//! never built: `cargo metadata` on it makes cargo fetch the crate's
+//! sources (from crates.io, or its cache) and says where they are. Builds
+//! take a while (SQLite: about 20 s each), so they are kept beside the
+//! host binary, keyed by their sources and flags.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A program whose releases the chains update through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// SQLite, embedded in `tests/releases/sqlite-kv.c`.
+    Sqlite,
+    /// zstd, embedded in `tests/releases/zstd-kv.c`.
+    Zstd,
+}
+
+impl Program {
+    /// Its releases, oldest first: consecutive releases that consecutive
+    /// versions of the crate bundle (each manifest names the crate version).
+    pub fn releases(self) -> &'static [&'static str] {
+        match self {
+            Program::Sqlite => &["3.53.1", "3.53.2", "3.54.0", "3.54.1"],
+            Program::Zstd => &["1.5.4", "1.5.5", "1.5.6", "1.5.7"],
+        }
+    }
+
+    /// The short name, in manifests' folder names and guests' names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::Sqlite => "sqlite",
+            Program::Zstd => "zstd",
+        }
+    }
+
+    /// The crate that bundles the sources.
+    fn crate_name(self) -> &'static str {
+        match self {
+            Program::Sqlite => "libsqlite3-sys",
+            Program::Zstd => "zstd-sys",
+        }
+    }
+
+    /// The folder of the release's C sources (with its headers), fetched
+    /// by cargo.
+    pub fn sources(self, release: &str) -> PathBuf {
+        let manifest = repo().join(format!("tests/releases/sources/{}-{release}/Cargo.toml", self.name()));
+        assert!(manifest.exists(), "no manifest for {} {release}: {} is missing", self.name(), manifest.display());
+        let package = crate_dir(&manifest, self.crate_name());
+        match self {
+            Program::Sqlite => package.join("sqlite3"),
+            Program::Zstd => package.join("zstd/lib"),
+        }
+    }
+
+    /// The server guest built against `release`, built now unless a build
+    /// of the same sources and flags is kept.
+    pub fn guest(self, release: &str) -> PathBuf {
+        self.guest_with(release, &[])
+    }
+
+    /// [`Program::guest`] with the server's source built with `defines`
+    /// (`-DNAME`), which select a variant of the server.
+    pub fn guest_with(self, release: &str, defines: &[&str]) -> PathBuf {
+        let dir = self.sources(release);
+        let include = format!("-I{}", dir.display());
+        // Every guest gets a 1 MiB shadow stack, as the benches' SQLite:
+        // its parser and query planner recurse.
+        let mut flags = vec!["-Wall".to_string(), "-Wl,-z,stack-size=1048576".to_string(), include];
+        let (mut sources, libs): (Vec<PathBuf>, &[&str]) = match self {
+            Program::Sqlite => {
+                flags.extend(SQLITE_WASI_FLAGS.iter().map(|f| f.to_string()));
+                let libs = SQLITE_WASI_LIBS;
+                (vec![dir.join("sqlite3.c")], libs)
+            }
+            Program::Zstd => {
+                // The portable C decoder (no x86 assembly), no legacy
+                // formats, single-threaded (zstd's default).
+                flags.extend(["-DZSTD_DISABLE_ASM", "-DZSTD_LEGACY_SUPPORT=0"].map(String::from));
+                let mut sources = Vec::new();
+                for part in ["common", "compress", "decompress"] {
+                    sources.extend(c_files(&dir.join(part)));
+                }
+                (sources, &[][..])
+            }
+        };
+        sources.push(repo().join(format!("tests/releases/{}-kv.c", self.name())));
+        flags.extend(defines.iter().map(|d| format!("-D{d}")));
+        let variant: String = defines.iter().map(|d| format!("-{}", d.to_lowercase())).collect();
+        build(&format!("{}-kv{variant}-{release}", self.name()), &sources, &flags, libs)
+    }
+}
+
+/// What SQLite needs to build for wasm32-wasi: no threads, no extension
+/// loading, and wasi-libc's emulations of `mmap`, `getpid` and process
+/// clocks, with their libraries ([`SQLITE_WASI_LIBS`]).
+pub const SQLITE_WASI_FLAGS: &[&str] = &[
+    "-DSQLITE_THREADSAFE=0",
+    "-DSQLITE_OMIT_LOAD_EXTENSION",
+    "-D_WASI_EMULATED_MMAN",
+    "-D_WASI_EMULATED_GETPID",
+    "-D_WASI_EMULATED_PROCESS_CLOCKS",
+];
+
+/// The libraries [`SQLITE_WASI_FLAGS`] link against.
+pub const SQLITE_WASI_LIBS: &[&str] =
+    &["-lwasi-emulated-mman", "-lwasi-emulated-getpid", "-lwasi-emulated-process-clocks"];
+
+/// The repository root.
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The folder of `crate_name`'s sources, as `cargo metadata` on `manifest`
+/// fetches and locates them (without building anything).
+pub fn crate_dir(manifest: &Path, crate_name: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(&cargo)
+        .args(["metadata", "--format-version", "1", "--locked", "--manifest-path"])
+        .arg(manifest)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo} metadata: {e}"));
+    assert!(
+        output.status.success(),
+        "cargo metadata on {} failed: {}",
+        manifest.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&output.stdout).expect("cargo metadata prints JSON");
+    let package = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == crate_name)
+        .unwrap_or_else(|| panic!("{crate_name} is not in cargo metadata of {}", manifest.display()));
+    let path = package["manifest_path"].as_str().unwrap_or_else(|| panic!("{crate_name} has no manifest_path"));
+    Path::new(path).parent().expect("a manifest path has a folder").to_path_buf()
+}
+
+/// The `.c` files of a folder, sorted.
+fn c_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Builds `sources` with `bin/upstare-cc FLAGS SOURCES LIBS` into the kept
+/// builds, unless a build with the same key is there, and returns it. The
+/// key covers the sources' contents, the flags and `upstare-cc` itself.
+fn build(name: &str, sources: &[PathBuf], flags: &[String], libs: &[&str]) -> PathBuf {
+    let mut h = DefaultHasher::new();
+    for src in sources {
+        std::fs::read(src).unwrap_or_else(|e| panic!("cannot read {}: {e}", src.display())).hash(&mut h);
+    }
+    flags.hash(&mut h);
+    libs.hash(&mut h);
+    std::fs::read(repo().join("bin/upstare-cc")).expect("bin/upstare-cc is readable").hash(&mut h);
+    let kept = crate::host_bin().with_file_name("release-guests");
+    std::fs::create_dir_all(&kept).unwrap_or_else(|e| panic!("cannot create {}: {e}", kept.display()));
+    let out = kept.join(format!("{name}-{:016x}.wasm", h.finish()));
+    // One build at a time: tests run in parallel, and a build of SQLite
+    // takes the machine's cores anyway.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    if !out.exists() {
+        // Other test processes may build it too: the rename makes a
+        // complete file appear at once.
+        let partial = out.with_extension(format!("{}.partial", std::process::id()));
+        // At the lowest priority: the other tests of the suite run
+        // meanwhile, some of them timing a pause.
+        let status = Command::new("nice")
+            .args(["-n", "19"])
+            .arg(repo().join("bin/upstare-cc"))
+            .args(flags)
+            .args(sources)
+            .args(libs)
+            .arg("-o")
+            .arg(&partial)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run nice (coreutils) bin/upstare-cc: {e}"));
+        assert!(status.success(), "building {name} failed: {status}");
+        std::fs::rename(&partial, &out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+    }
+    out
+}

@@ -1,0 +1,1 @@
+//! Empty: this package exists only so that cargo fetches the sources of zstd-sys 2.0.10+zstd.1.5.6.
