@@ -1,7 +1,7 @@
 //! What the benches share: building C guests with the documented recipe
 //! (`bin/upstare-cc`), cached under `target/bench-guests` by a key of their
 //! sources and flags; their Asyncify variants; locating SQLite's
-//! amalgamation; code-section sizes and medians.
+//! amalgamation and Lua's sources; code-section sizes and medians.
 //!
 //! Each bench target includes this with `mod common;` and uses a part of it.
 #![allow(dead_code)]
@@ -113,22 +113,68 @@ pub fn asyncify(original: &Path) -> PathBuf {
 /// the sources of the `libsqlite3-sys` crate, which `cargo metadata` on
 /// `benches/sqlite-source` fetches (without building it) and locates.
 pub fn sqlite_dir() -> PathBuf {
+    crate_sources("sqlite-source", "libsqlite3-sys").join("sqlite3")
+}
+
+/// The directory of Lua 5.4's C sources in the `lua-src` crate, which
+/// `cargo metadata` on `benches/lua-source` fetches and locates.
+pub fn lua_dir() -> PathBuf {
+    crate_sources("lua-source", "lua-src").join("lua-5.4.7")
+}
+
+/// The root of the sources of `package`, a dependency of the never-built
+/// manifest `benches/<manifest>/Cargo.toml`: `cargo metadata` fetches the
+/// crate without compiling it and says where it is.
+fn crate_sources(manifest: &str, package: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(&cargo)
         .args(["metadata", "--format-version", "1", "--manifest-path"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("sqlite-source/Cargo.toml"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(manifest).join("Cargo.toml"))
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cargo} metadata: {e}"));
     assert!(output.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&output.stderr));
     let meta: serde_json::Value = serde_json::from_slice(&output.stdout).expect("cargo metadata printed no JSON");
-    let package = meta["packages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["name"] == "libsqlite3-sys")
-        .expect("libsqlite3-sys is not in cargo metadata: is it still the dependency of benches/sqlite-source?");
-    let manifest = Path::new(package["manifest_path"].as_str().expect("libsqlite3-sys has no manifest_path"));
-    manifest.parent().unwrap().join("sqlite3")
+    let found = meta["packages"].as_array().into_iter().flatten().find(|p| p["name"] == package);
+    let found = found.unwrap_or_else(|| {
+        panic!("{package} is not in cargo metadata: is it still the dependency of benches/{manifest}?")
+    });
+    let path = found["manifest_path"].as_str().unwrap_or_else(|| panic!("{package} has no manifest_path"));
+    Path::new(path).parent().unwrap().to_path_buf()
+}
+
+/// The Lua workload guest (`benches/guests/lua-workload.c` linked with
+/// Lua's core and its base, table, string and math libraries). Lua raises
+/// errors with setjmp/longjmp, which wasm32-wasi has only with exception
+/// handling: `LUAI_THROW` aborts instead (the workload raises none), and
+/// `benches/guests/lua-shim` stands in for `<setjmp.h>`. `l_signalT` is a
+/// plain int, as wasi-libc's `sig_atomic_t` needs its signal emulation.
+pub fn lua_guest() -> CGuest {
+    let dir = lua_dir();
+    let skipped = ["lua.c", "luac.c", "linit.c", "loslib.c", "liolib.c", "loadlib.c", "lcorolib.c", "ldblib.c"];
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "c"))
+        .filter(|p| !skipped.iter().any(|s| p.file_name().is_some_and(|n| n == *s)))
+        .collect();
+    sources.sort();
+    sources.push(root().join("benches/guests/lua-workload.c"));
+    let mut flags = vec![
+        STACK.to_string(),
+        format!("-I{}", root().join("benches/guests/lua-shim").display()),
+        format!("-I{}", dir.display()),
+    ];
+    flags.extend(
+        [
+            "-DLUAI_THROW(L,c)=abort()",
+            "-DLUAI_TRY(L,c,a)=a",
+            "-Dluai_jmpbuf=int",
+            "-Dl_signalT=int",
+            "-D_WASI_EMULATED_PROCESS_CLOCKS",
+        ]
+        .map(String::from),
+    );
+    CGuest { name: "lua".into(), sources, flags, libs: vec!["-lwasi-emulated-process-clocks".into()] }
 }
 
 /// The SQLite workload guest (`benches/guests/sqlite-workload.c` linked
