@@ -95,7 +95,7 @@ fn main() {
             config.listeners.push(listener);
             Guest::new(&make_engine, &module, config).map_err(|e| e.to_string())
         };
-        let _ = supervise::run(make, identity, Some(socket), Duration::from_secs(5));
+        let _ = supervise::run(make, identity, Some(socket), Duration::from_secs(5), None);
     });
     let mut client = loop {
         match TcpStream::connect(addr) {

@@ -2,7 +2,8 @@
 //!
 //! A function can unwind if it can call itself (through any chain of calls:
 //! its entry is then an update point, or deep recursion without loops would
-//! never reach one), has a reachable loop, a reachable call to a blocking
+//! never reach one), has a reachable loop that is not bounded (see
+//! `bound`), a reachable call to a blocking
 //! import, a reachable direct call to a function that can unwind, or a
 //! reachable `call_indirect` whose type matches a function that can unwind
 //! (or a blocking import) which could be in a table. The least fixpoint of
@@ -19,6 +20,8 @@ use std::collections::{HashMap, HashSet};
 use wasmparser::FuncType;
 
 use crate::analysis::{ModuleInfo, Site, SiteKind};
+use crate::bound::Loops;
+use crate::error::Result;
 
 /// Result of the analysis, indexed by function index.
 pub(crate) struct CallGraph {
@@ -33,12 +36,15 @@ pub(crate) struct CallGraph {
     indirect: HashMap<u32, bool>,
     /// Escaping functions grouped by signature.
     by_sig: HashMap<FuncType, Vec<u32>>,
+    /// Bounded loops, as (function, operator index of the `loop`): their
+    /// headers are no update points.
+    pub bounded: HashSet<(u32, u32)>,
 }
 
 impl CallGraph {
     /// Computes the fixpoint. `blocking` is the set of (module, name) imports
     /// at which the host may pause.
-    pub fn new(info: &ModuleInfo<'_>, blocking_names: &HashSet<(String, String)>) -> CallGraph {
+    pub fn new(info: &ModuleInfo<'_>, blocking_names: &HashSet<(String, String)>) -> Result<CallGraph> {
         let n = info.func_types.len();
         let mut blocking = vec![false; n];
         let mut f = 0usize;
@@ -55,26 +61,41 @@ impl CallGraph {
             }
         }
         let recursive = on_cycles(info, &by_sig);
+        let loops = Loops::scan(info)?;
         let mut g = CallGraph {
-            blocking: blocking.clone(),
+            blocking,
             can_unwind: recursive.clone(),
             recursive,
             indirect: HashMap::new(),
             by_sig,
+            bounded: loops.counted(info),
         };
+        // Loops only ever lose their exemption, functions only ever become
+        // able to unwind: this ends.
+        loop {
+            g.unwind_fixpoint(info);
+            if !loops.shrink(info, &g.can_unwind, &g.blocking, &mut g.bounded) {
+                return Ok(g);
+            }
+        }
+    }
+
+    /// Which functions can unwind, given the bounded loops.
+    fn unwind_fixpoint(&mut self, info: &ModuleInfo<'_>) {
+        self.can_unwind.clone_from(&self.recursive);
         loop {
             let mut changed = false;
-            g.refresh_indirect(info);
+            self.refresh_indirect(info);
             for body in &info.bodies {
-                if !g.can_unwind[body.func as usize]
-                    && body.sites.iter().any(|s| g.resume_kind(info, s).is_some())
+                if !self.can_unwind[body.func as usize]
+                    && body.sites.iter().any(|s| self.resume_kind(body.func, s).is_some())
                 {
-                    g.can_unwind[body.func as usize] = true;
+                    self.can_unwind[body.func as usize] = true;
                     changed = true;
                 }
             }
             if !changed {
-                return g;
+                return;
             }
         }
     }
@@ -97,13 +118,14 @@ impl CallGraph {
         }
     }
 
-    /// If the site is a resume point, its kind.
-    pub fn resume_kind(&self, _info: &ModuleInfo<'_>, site: &Site) -> Option<crate::abi::ResumeKind> {
+    /// If the site, in function `func`, is a resume point, its kind.
+    pub fn resume_kind(&self, func: u32, site: &Site) -> Option<crate::abi::ResumeKind> {
         use crate::abi::ResumeKind;
         if !site.live {
             return None;
         }
         match site.kind {
+            SiteKind::Loop { .. } if self.bounded.contains(&(func, site.op_index)) => None,
             SiteKind::Loop { .. } => Some(ResumeKind::Loop),
             SiteKind::Call { func } if self.blocking[func as usize] => Some(ResumeKind::BlockingCall),
             SiteKind::Call { func } if self.can_unwind[func as usize] => Some(ResumeKind::Call),

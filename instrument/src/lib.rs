@@ -24,14 +24,53 @@
 //!
 //! # Update points and states
 //!
-//! Update points are loop headers, calls to imports the host marks as
-//! blocking ([`Options::blocking`]), and the entries of functions on a
-//! cycle of calls (so that recursion without loops reaches one too). A
-//! function is instrumented only if it can be on the stack when an unwind
-//! starts (see `callgraph`): it is on a call cycle, has a reachable loop, a
+//! Update points are loop headers (except those of bounded loops, below),
+//! calls to imports the host marks as blocking ([`Options::blocking`]), and
+//! the entries of functions on a cycle of calls (so that recursion without
+//! loops reaches one too). A function is instrumented only if it can be on
+//! the stack when an unwind starts (see `callgraph`): it is on a call
+//! cycle, has a reachable loop that is not bounded, a
 //! call to a blocking import, or a call (direct, or indirect through a
 //! signature some such function has) to a function that can. All other
 //! functions are copied unchanged.
+//!
+//! Two kinds of code get no update point because their running time is
+//! bounded by a budget (`bound` checks the rules): a *bounded loop*, whose
+//! counter runs from a constant by a constant step against a constant bound
+//! for at most 64 iterations, calls nothing that can unwind, and costs at
+//! most 4,096 instructions (its trip count times its body, nested bounded
+//! loops and short callees included); and a *short function*, whose loops
+//! are all bounded and whose cost is at most 4,096 instructions: it is not
+//! instrumented, and calls to it are no resume points.
+//!
+//! # The pause bound
+//!
+//! From the moment a pause is requested, the guest reaches an update point
+//! (or returns from the call the host made) after a bounded amount of work.
+//! Take a path through one activation of an instrumented function that
+//! passes no update point. It crosses no back edge of a loop with a check
+//! (that loop's header is an update point), so every back edge it crosses
+//! belongs to a bounded loop, which it runs to the end at a cost of at most
+//! 4,096 instructions. Seen with each bounded loop as one step, the path is
+//! acyclic, so it is no longer than the function's code. Each call on it
+//! is either to an uninstrumented function, which costs at most 4,096
+//! instructions if it has loops and otherwise at most its code and its
+//! callees' (uninstrumented functions are on no call cycle, so that is a
+//! finite sum), or to an instrumented function, where the same argument
+//! applies; and such a chain of calls cannot come back to a function already
+//! on it without passing that function's entry check. So the work until the
+//! next update point is at most, for each frame on the stack when the
+//! request comes, one such path in it and in the chain of calls it makes:
+//! bounded by the stack depth times the code of the program, plus at most
+//! 4,096 instructions for every bounded loop and short call on those paths.
+//!
+//! Outside the argument, as in the original program: an import that does
+//! not block is assumed to return promptly, and `memory.copy`,
+//! `memory.fill` and `memory.grow` are single instructions whose time
+//! grows with their operands. wasi-libc's `memcpy`, `memset` and `strlen`
+//! loop over their length without bound, so they keep their checks and
+//! calls to them stay resume points (`docs/PERFORMANCE.md` has the
+//! measurement behind that choice).
 //!
 //! `upstare_state` is 0 (normal), 1 (unwinding) or 2 (rewinding). In the
 //! normal state the only added work is, at each loop header, one `i32.load`
@@ -104,6 +143,7 @@
 
 pub mod abi;
 mod analysis;
+mod bound;
 mod callgraph;
 mod error;
 mod plan;

@@ -201,7 +201,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
         } else {
             0
         };
-        let kind = graph.resume_kind(info, site);
+        let kind = graph.resume_kind(body.func, site);
         let next_rp = rps.len() as u32;
         match &site.kind {
             SiteKind::Call { .. } | SiteKind::CallIndirect { .. } => {

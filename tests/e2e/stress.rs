@@ -8,7 +8,7 @@ use upstare_tests::{guest, run_host, Server, TempDir};
 const PERIODS: [u32; 3] = [1, 7, 1000];
 
 /// The number of unwinds the host reported, from its stderr.
-fn unwinds(stderr: &str) -> u64 {
+pub(crate) fn unwinds(stderr: &str) -> u64 {
     let line = stderr
         .lines()
         .find(|l| l.contains("--stress-pause"))

@@ -1,7 +1,7 @@
 //! What the benches share: building C guests with the documented recipe
 //! (`bin/upstare-cc`), cached under `target/bench-guests` by a key of their
 //! sources and flags; their Asyncify variants; locating SQLite's
-//! amalgamation; code-section sizes and medians.
+//! amalgamation and Lua's sources; code-section sizes and medians.
 //!
 //! Each bench target includes this with `mod common;` and uses a part of it.
 #![allow(dead_code)]
@@ -115,6 +115,48 @@ pub fn asyncify(original: &Path) -> PathBuf {
 pub fn sqlite_dir() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("sqlite-source/Cargo.toml");
     upstare_tests::releases::crate_dir(&manifest, "libsqlite3-sys").join("sqlite3")
+}
+
+/// The directory of Lua 5.4's C sources in the `lua-src` crate, which
+/// `cargo metadata` on `benches/lua-source` fetches and locates.
+pub fn lua_dir() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("lua-source/Cargo.toml");
+    upstare_tests::releases::crate_dir(&manifest, "lua-src").join("lua-5.4.7")
+}
+
+/// The Lua workload guest (`benches/guests/lua-workload.c` linked with
+/// Lua's core and its base, table, string and math libraries). Lua raises
+/// errors with setjmp/longjmp, which wasm32-wasi has only with exception
+/// handling: `LUAI_THROW` aborts instead (the workload raises none), and
+/// `benches/guests/lua-shim` stands in for `<setjmp.h>`. `l_signalT` is a
+/// plain int, as wasi-libc's `sig_atomic_t` needs its signal emulation.
+pub fn lua_guest() -> CGuest {
+    let dir = lua_dir();
+    let skipped = ["lua.c", "luac.c", "linit.c", "loslib.c", "liolib.c", "loadlib.c", "lcorolib.c", "ldblib.c"];
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "c"))
+        .filter(|p| !skipped.iter().any(|s| p.file_name().is_some_and(|n| n == *s)))
+        .collect();
+    sources.sort();
+    sources.push(root().join("benches/guests/lua-workload.c"));
+    let mut flags = vec![
+        STACK.to_string(),
+        format!("-I{}", root().join("benches/guests/lua-shim").display()),
+        format!("-I{}", dir.display()),
+    ];
+    flags.extend(
+        [
+            "-DLUAI_THROW(L,c)=abort()",
+            "-DLUAI_TRY(L,c,a)=a",
+            "-Dluai_jmpbuf=int",
+            "-Dl_signalT=int",
+            "-D_WASI_EMULATED_PROCESS_CLOCKS",
+        ]
+        .map(String::from),
+    );
+    CGuest { name: "lua".into(), sources, flags, libs: vec!["-lwasi-emulated-process-clocks".into()] }
 }
 
 /// The SQLite workload guest (`benches/guests/sqlite-workload.c` linked

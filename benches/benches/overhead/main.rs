@@ -3,7 +3,7 @@
 //! `wasm-opt --asyncify -O2` (the known alternative), all run by the same
 //! host library and engine, interleaved, in one process.
 //!
-//! Batch guests (the CPU-bound examples and an SQLite workload in a
+//! Batch guests (the CPU-bound examples, a Lua workload, and an SQLite workload in a
 //! preopened directory): per guest, the median run time of each variant,
 //! its ratio to the original, and code-section sizes. Only `Guest::run` is
 //! timed: instrumentation, compilation and instantiation happen before.
@@ -28,6 +28,9 @@ use upstare_host::{new_engine, Engine, Exit, Guest, GuestConfig, GuestModule, Lo
 /// Rows the SQLite workload inserts (then indexes, queries, updates).
 const SQLITE_ROWS: &str = "30000";
 
+/// Rounds of the Lua workload's script.
+const LUA_ROUNDS: &str = "60";
+
 /// A batch guest: how to build it and its arguments; `dir` is the name a
 /// preopened scratch directory is given, if it needs one.
 struct Batch {
@@ -50,7 +53,10 @@ fn batches(only: Option<&str>) -> Vec<Batch> {
             all.push(cpu(name, src));
         }
     }
-    // Last: locating the amalgamation runs `cargo metadata`.
+    // Last: locating Lua's sources and SQLite's amalgamation runs `cargo metadata`.
+    if wanted("lua") {
+        all.push(Batch { guest: common::lua_guest(), args: vec![LUA_ROUNDS.into()], dir: None });
+    }
     if wanted("sqlite") {
         all.push(Batch {
             guest: common::sqlite_guest(),

@@ -39,7 +39,7 @@ fn describes_original_code(name: &str) -> bool {
 pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>) -> Result<(Vec<u8>, Metadata)> {
     check_names(wasm)?;
     let info = analysis::analyze(wasm)?;
-    let graph = CallGraph::new(&info, blocking);
+    let graph = CallGraph::new(&info, blocking)?;
 
     let mut plans: Vec<Option<Plan>> = Vec::with_capacity(info.bodies.len());
     for b in &info.bodies {

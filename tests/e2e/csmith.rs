@@ -1,0 +1,156 @@
+//! Random C programs nobody here wrote (Debian's `csmith`), built with
+//! `bin/upstare-cc`, print the same checksum as they are
+//! (`--no-instrument`), instrumented, and unwound and rewound at every
+//! first and every seventh update point (`--stress-pause 1` and `7`).
+//!
+//! A fixed handful of seeds runs by default; `UPSTARE_CSMITH_SEEDS=FIRST..LAST`
+//! runs that range instead, by hand. csmith's programs may run for a long
+//! time; the default seeds each finish in well under a second, and a seed of
+//! a hand-picked range whose plain run passes the time limit is reported
+//! and passed over (it says nothing about the instrumentation).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use upstare_tests::{host_command, KillOnDrop, TempDir};
+
+/// Seeds whose programs run in well under a second here.
+const DEFAULT_SEEDS: std::ops::RangeInclusive<u64> = 1..=8;
+
+/// How long one plain run of a hand-picked seed may take.
+const PLAIN_LIMIT: Duration = Duration::from_secs(10);
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn seeds() -> std::ops::RangeInclusive<u64> {
+    let Some(spec) = std::env::var_os("UPSTARE_CSMITH_SEEDS") else {
+        return DEFAULT_SEEDS;
+    };
+    let spec = spec.to_string_lossy().into_owned();
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("UPSTARE_CSMITH_SEEDS={spec}: expected FIRST..LAST"))
+    };
+    match spec.split_once("..") {
+        Some((a, b)) => parse(a)..=parse(b),
+        None => parse(&spec)..=parse(&spec),
+    }
+}
+
+/// Runs `upstare-host ARGS`, killed after `limit`: its stdout, or `None` if
+/// it ran out of time.
+fn run_limited(args: &[&str], limit: Duration) -> Option<String> {
+    let mut cmd = host_command();
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = KillOnDrop::spawn(&mut cmd);
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.0.try_wait().expect("wait for upstare-host") {
+            let mut out = String::new();
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .0
+                .stdout
+                .take()
+                .expect("stdout")
+                .read_to_string(&mut out)
+                .expect("read stdout");
+            child
+                .0
+                .stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut err)
+                .expect("read stderr");
+            assert!(
+                status.success(),
+                "upstare-host {args:?} failed ({status}): {err}"
+            );
+            return Some(out);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn random_csmith_programs_print_the_same_checksum_instrumented_and_under_stress() {
+    let install = Command::new(root().join("scripts/install-csmith"))
+        .status()
+        .expect("run scripts/install-csmith");
+    assert!(
+        install.success(),
+        "csmith is needed and could not be installed (scripts/install-csmith)"
+    );
+    let dir = TempDir::new("csmith");
+    let hand_picked = std::env::var_os("UPSTARE_CSMITH_SEEDS").is_some();
+    let mut checked = 0;
+    for seed in seeds() {
+        let src = dir.0.join(format!("p{seed}.c"));
+        let wasm = dir.0.join(format!("p{seed}.wasm"));
+        let status = Command::new("csmith")
+            .args(["--seed", &seed.to_string(), "--output"])
+            .arg(&src)
+            // csmith writes a `platform.info` where it runs
+            .current_dir(&dir.0)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run csmith");
+        assert!(status.success(), "csmith --seed {seed} failed");
+        let status = Command::new(root().join("bin/upstare-cc"))
+            .args(["-I/usr/include/csmith", "-w"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&wasm)
+            .status()
+            .expect("run bin/upstare-cc");
+        assert!(
+            status.success(),
+            "bin/upstare-cc failed on csmith seed {seed}"
+        );
+        let wasm = wasm.to_str().expect("utf-8 path");
+        let limit = if hand_picked {
+            PLAIN_LIMIT
+        } else {
+            Duration::from_secs(60)
+        };
+        let Some(plain) = run_limited(&["run", "--no-instrument", wasm], limit) else {
+            assert!(hand_picked, "seed {seed} ran longer than {limit:?} as is");
+            eprintln!("seed {seed}: runs longer than {limit:?} as is, passed over");
+            continue;
+        };
+        assert!(
+            plain.contains("checksum = "),
+            "seed {seed} printed no checksum: {plain:?}"
+        );
+        // Instrumented and stressed runs may be much slower, never wrong.
+        let slow = Duration::from_secs(600);
+        for mode in [
+            &[][..],
+            &["--stress-pause", "1"][..],
+            &["--stress-pause", "7"][..],
+        ] {
+            let args: Vec<&str> = ["run"]
+                .iter()
+                .copied()
+                .chain(mode.iter().copied())
+                .chain([wasm])
+                .collect();
+            let out = run_limited(&args, slow)
+                .unwrap_or_else(|| panic!("seed {seed} {mode:?}: no end in {slow:?}"));
+            assert_eq!(
+                out, plain,
+                "seed {seed} {mode:?}: output differs from the run as is"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no seed was checked");
+}
