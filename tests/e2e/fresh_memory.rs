@@ -29,7 +29,14 @@ fn memory_stops_growing_after_the_first_updates_of_two_hundred() {
         match settled {
             None if i == 3 => settled = Some(now),
             None => {}
-            Some(s) => assert_eq!(now, s, "update {i}: memory grew again (settled at {s:?} after 4 updates)"),
+            // Which area is in use and which free depends on whether a
+            // frame still pointed into the retired one at the commit (a
+            // string literal of the old version): only growth counts.
+            Some(s) => assert_eq!(
+                (now.size, now.fresh_used + now.fresh_free),
+                (s.size, s.fresh_used + s.fresh_free),
+                "update {i}: memory grew again ({now:?}, settled at {s:?} after 4 updates)"
+            ),
         }
         assert!(load.failures().is_empty(), "after update {i}: {:?}", load.failures());
     }
