@@ -41,7 +41,8 @@ struct Live {
     version: Option<(String, String)>,
     updates: u64,
     fresh: FreshFigures,
-    /// `--stress-update`'s figures so far, for a server that never exits.
+    /// The counts of `--stress-update` or `--update-at` so far, for a
+    /// server that never exits.
     stress: Option<String>,
 }
 
