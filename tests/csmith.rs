@@ -25,14 +25,23 @@ fn install() {
     });
 }
 
-/// The source of the random program with `seed`, in `dir`.
+/// The source of the random program with `seed`, in `dir`: at most 12
+/// functions, no packed structs.
 pub fn source(seed: u32, dir: &Path) -> PathBuf {
+    generate(seed, dir, &["--max-funcs", "12", "--no-packed-struct"])
+}
+
+/// The source of the random program csmith makes from `seed` with
+/// `options`, in `dir`.
+pub fn generate(seed: u32, dir: &Path, options: &[&str]) -> PathBuf {
     install();
     let path = dir.join(format!("csmith-{seed}.c"));
     // csmith writes `platform.info` where it runs.
     let out = Command::new("csmith")
         .current_dir(dir)
-        .args(["--seed", &seed.to_string(), "--max-funcs", "12", "--no-packed-struct", "-o"])
+        .args(["--seed", &seed.to_string()])
+        .args(options)
+        .arg("-o")
         .arg(&path)
         .output()
         .expect("csmith runs");

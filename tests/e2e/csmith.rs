@@ -9,21 +9,16 @@
 //! a hand-picked range whose plain run passes the time limit is reported
 //! and passed over (it says nothing about the instrumentation).
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use upstare_tests::{host_command, KillOnDrop, TempDir};
+use upstare_tests::{csmith, host_command, KillOnDrop, TempDir};
 
 /// Seeds whose programs run in well under a second here.
 const DEFAULT_SEEDS: std::ops::RangeInclusive<u64> = 1..=8;
 
 /// How long one plain run of a hand-picked seed may take.
 const PLAIN_LIMIT: Duration = Duration::from_secs(10);
-
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
 
 fn seeds() -> std::ops::RangeInclusive<u64> {
     let Some(spec) = std::env::var_os("UPSTARE_CSMITH_SEEDS") else {
@@ -82,39 +77,12 @@ fn run_limited(args: &[&str], limit: Duration) -> Option<String> {
 
 #[test]
 fn random_csmith_programs_print_the_same_checksum_instrumented_and_under_stress() {
-    let install = Command::new(root().join("scripts/install-csmith"))
-        .status()
-        .expect("run scripts/install-csmith");
-    assert!(
-        install.success(),
-        "csmith is needed and could not be installed (scripts/install-csmith)"
-    );
     let dir = TempDir::new("csmith");
     let hand_picked = std::env::var_os("UPSTARE_CSMITH_SEEDS").is_some();
     let mut checked = 0;
     for seed in seeds() {
-        let src = dir.0.join(format!("p{seed}.c"));
-        let wasm = dir.0.join(format!("p{seed}.wasm"));
-        let status = Command::new("csmith")
-            .args(["--seed", &seed.to_string(), "--output"])
-            .arg(&src)
-            // csmith writes a `platform.info` where it runs
-            .current_dir(&dir.0)
-            .stdout(Stdio::null())
-            .status()
-            .expect("run csmith");
-        assert!(status.success(), "csmith --seed {seed} failed");
-        let status = Command::new(root().join("bin/upstare-cc"))
-            .args(["-I/usr/include/csmith", "-w"])
-            .arg(&src)
-            .arg("-o")
-            .arg(&wasm)
-            .status()
-            .expect("run bin/upstare-cc");
-        assert!(
-            status.success(),
-            "bin/upstare-cc failed on csmith seed {seed}"
-        );
+        let src = csmith::generate(seed as u32, &dir.0, &[]);
+        let wasm = csmith::build(&src, "-O2");
         let wasm = wasm.to_str().expect("utf-8 path");
         let limit = if hand_picked {
             PLAIN_LIMIT

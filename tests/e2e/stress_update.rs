@@ -51,29 +51,28 @@ impl Tally {
 /// rewind must not make it happen twice); returns the output with that
 /// file's content as stdout.
 fn run_to_file(args: &[&str]) -> Output {
-    let dir = TempDir::new("stress-update-out");
-    let path = dir.0.join("stdout");
-    let file = std::fs::File::create(&path).unwrap();
-    let mut out = host_command().args(args).stdout(file).stderr(Stdio::piped()).output().expect("upstare-host runs");
-    out.stdout = std::fs::read(&path).unwrap();
-    out
+    run_to_file_within(args, None).expect("no limit, so the run ends")
 }
 
 /// [`run_to_file`], or `None` if the program is still running after
-/// `limit` (it is killed then).
-fn run_to_file_within(args: &[&str], limit: std::time::Duration) -> Option<Output> {
+/// `limit`, if any (it is killed then).
+fn run_to_file_within(args: &[&str], limit: Option<std::time::Duration>) -> Option<Output> {
     let dir = TempDir::new("stress-update-out");
     let path = dir.0.join("stdout");
     let file = std::fs::File::create(&path).unwrap();
     let mut child = host_command().args(args).stdout(file).stderr(Stdio::piped()).spawn().expect("upstare-host runs");
-    let deadline = std::time::Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
+    // Without a limit, waiting reads stderr as it comes, so a chatty
+    // program never fills the pipe.
+    if let Some(limit) = limit {
+        let deadline = std::time::Instant::now() + limit;
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let mut out = child.wait_with_output().unwrap();
     out.stdout = std::fs::read(&path).unwrap();
@@ -188,13 +187,13 @@ fn random_programs(dir: &std::path::Path, count: usize) -> Vec<(u32, std::path::
         }
         let source = csmith::source(seed, dir);
         let wasm = csmith::build(&source, "-O2");
-        let plain = run_to_file_within(&["--no-instrument", wasm.to_str().unwrap()], PLAIN_RUN_LIMIT);
+        let plain = run_to_file_within(&["--no-instrument", wasm.to_str().unwrap()], Some(PLAIN_RUN_LIMIT));
         let Some(plain) = plain.filter(|p| p.status.success() && String::from_utf8_lossy(&p.stdout).contains("checksum = ")) else {
             continue;
         };
         // A program that reaches very many update points makes as many
         // updates at N=1: leave it to runs by hand.
-        let paused = run_to_file_within(&["--stress-pause", "1", wasm.to_str().unwrap()], PLAIN_RUN_LIMIT);
+        let paused = run_to_file_within(&["--stress-pause", "1", wasm.to_str().unwrap()], Some(PLAIN_RUN_LIMIT));
         let unwinds = paused.and_then(|p| {
             let stderr = String::from_utf8_lossy(&p.stderr).to_string();
             let line = stderr.lines().find(|l| l.contains("unwound and rewound"))?.to_string();
