@@ -150,8 +150,8 @@ pub struct Body {
     /// At each loop header (by the index of its `loop`), which locals may
     /// differ from the compared version's.
     headers: HashMap<usize, Vec<bool>>,
-    /// Right before each call (by its index): the same, and the values on
-    /// the operand stack, bottom first, arguments included.
+    /// Right before each call (by its index), when comparing: the same, and
+    /// the values on the operand stack, bottom first, arguments included.
     calls: HashMap<usize, AtCall>,
 }
 
@@ -238,7 +238,8 @@ impl Body {
     }
 
     /// For the call at instruction `at`, what may differ from the other
-    /// version's right before it; `None` where the walk does not reach.
+    /// version's right before it; `None` where the walk does not reach,
+    /// or did not compare.
     pub(crate) fn at_call(&self, at: usize) -> Option<&AtCall> {
         self.calls.get(&at)
     }
@@ -430,7 +431,9 @@ impl Walk<'_> {
                 }
             };
             let height = open.last().map_or(0, |o| o.height);
-            if let (Operator::Call { .. } | Operator::CallIndirect { .. }, Some(locals)) = (op, &cur) {
+            // Only a comparison has anything to record: a plain walk
+            // differs nowhere.
+            if let (Operator::Call { .. } | Operator::CallIndirect { .. }, Some(locals), true) = (op, &cur, self.taint.tracking) {
                 let stack = stack.iter().map(|v| (v.1, v.2)).collect();
                 calls.insert(index, AtCall { locals: locals.iter().map(|v| v.1).collect(), stack });
             }
