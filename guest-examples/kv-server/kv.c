@@ -42,6 +42,13 @@
  *   10 is 9 with sleep_command() changed before its blocking call (its
  *      reply buffer grows): its frame cannot move while it sleeps, so an
  *      update 9 -> 10 during a SLEEP waits for it to return.
+ *   11 is 2 keeping a pointer to `stats` in another global; 12 is 11 with
+ *      v3's field added to `stats`: an update 11 -> 12 moves `stats` and
+ *      rewrites the typed pointer to it.
+ *   13 is 2 whose heap objects gain fields: every key's entry counts the
+ *      GETs it served (HITS <key>), every connection the requests it sent
+ *      (MINE). An update 2 -> 13 converts every entry and connection on
+ *      the heap, with no code written for it.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -59,8 +66,8 @@
 #ifndef KV_VERSION
 #define KV_VERSION 1
 #endif
-#if KV_VERSION < 1 || KV_VERSION > 12
-#error "KV_VERSION must be 1 to 12"
+#if KV_VERSION < 1 || KV_VERSION > 13
+#error "KV_VERSION must be 1 to 13"
 #endif
 /* Versions whose `stats.requests` is the last command's name. */
 #define KV_LAST_NAME (KV_VERSION >= 4 && KV_VERSION <= 6)
@@ -70,7 +77,9 @@
 #define KV_BYTES_IN (KV_VERSION == 3 || KV_VERSION == 12)
 /* Versions that keep a pointer to `stats` in another global: an update that
    moves `stats` (its type changed) cannot redirect that pointer. */
-#define KV_STATS_VIEW (KV_VERSION >= 11)
+#define KV_STATS_VIEW (KV_VERSION == 11 || KV_VERSION == 12)
+/* Versions whose entries and connections carry counters (see 13). */
+#define KV_HEAP_FIELDS (KV_VERSION == 13)
 
 #define READ_CHUNK 4096
 /* A client that sends this much without a newline is not speaking the
@@ -91,6 +100,9 @@
 struct entry {
     struct entry *next;
     uint32_t hash;
+#if KV_HEAP_FIELDS
+    uint32_t hits; /* GETs that found it */
+#endif
     size_t key_len;
     size_t value_len;
     char *key;
@@ -103,8 +115,11 @@ struct table {
     size_t count;
 };
 
-/* Everything the server knows hangs off this one global. */
-static struct table *store;
+/* Everything the server knows hangs off this one global. Not static: the
+   optimizer turns a static pointer that is assigned once from malloc() into
+   static storage, or not, depending on how the code around it inlines, and
+   two versions must agree on which the table is. */
+struct table *store;
 
 #if KV_VERSION >= 2
 /* What STATS reports. Not static: a static struct whose address never
@@ -126,6 +141,10 @@ struct server_stats {
 #if KV_STATS_VIEW
 /* Not static, so the optimizer keeps it. */
 struct server_stats *stats_view = &stats;
+/* STATS reads through the pointer, so a reply shows where it points. */
+#define STATS_READ (*stats_view)
+#else
+#define STATS_READ stats
 #endif
 
 static void die(const char *what)
@@ -228,6 +247,9 @@ static void table_set(struct table *t, const char *key, size_t key_len, const ch
     struct entry *e = xmalloc(sizeof *e);
     e->next = NULL;
     e->hash = h;
+#if KV_HEAP_FIELDS
+    e->hits = 0;
+#endif
     e->key = copy_bytes(key, key_len);
     e->key_len = key_len;
     e->value = copy_bytes(value, value_len);
@@ -267,6 +289,9 @@ enum conn_state {
 };
 
 struct conn {
+#if KV_HEAP_FIELDS
+    unsigned long requests; /* request lines from this client */
+#endif
     int fd;
     int nonblocking;
     enum conn_state state;
@@ -376,6 +401,16 @@ static size_t take_word(struct args *a, const char **word)
     return n;
 }
 
+#if KV_HEAP_FIELDS
+/* Out of line for the reason reply_stats() is. */
+__attribute__((noinline)) static void reply_count(struct conn *c, const char *what, unsigned long n)
+{
+    char buf[40];
+    snprintf(buf, sizeof buf, "%s %lu", what, n);
+    reply(c, buf);
+}
+#endif
+
 #if KV_VERSION >= 2
 /* Kept out of line so that its buffer does not grow the frame of any
    function that is on the stack while the server waits (see the top). */
@@ -387,7 +422,7 @@ __attribute__((noinline)) static void reply_stats(struct conn *c)
              stats.requests ? stats.requests : "-", store->count, stats.wakeups);
 #elif KV_BYTES_IN
     snprintf(buf, sizeof buf, "STATS requests=%lu keys=%zu wakeups=%lu bytes_in=%lu",
-             stats.requests, store->count, stats.wakeups, stats.bytes_in);
+             STATS_READ.requests, store->count, STATS_READ.wakeups, STATS_READ.bytes_in);
 #elif KV_STATS_VIEW
     snprintf(buf, sizeof buf, "STATS requests=%lu keys=%zu wakeups=%lu", stats_view->requests,
              store->count, stats_view->wakeups);
@@ -491,6 +526,9 @@ static void handle_line(struct conn *c, const char *line, size_t len)
 #elif KV_VERSION >= 2
     stats.requests++;
 #endif
+#if KV_HEAP_FIELDS
+    c->requests++;
+#endif
 
     const char *key;
     size_t key_len;
@@ -514,6 +552,9 @@ static void handle_line(struct conn *c, const char *line, size_t len)
             reply(c, "NOT_FOUND");
             return;
         }
+#if KV_HEAP_FIELDS
+        e->hits++;
+#endif
         out_append(c, "VALUE ", 6);
         out_append(c, e->value, e->value_len);
         out_append(c, "\n", 1);
@@ -546,6 +587,21 @@ static void handle_line(struct conn *c, const char *line, size_t len)
             return;
         }
         reply_stats(c);
+#endif
+#if KV_HEAP_FIELDS
+    } else if (word_is(cmd, cmd_len, "HITS")) {
+        key_len = take_word(&a, &key);
+        if (key_len == 0 || !only_spaces_left(a)) {
+            reply(c, "ERROR usage: HITS <key>");
+            return;
+        }
+        struct entry *e = table_get(store, key, key_len);
+        if (e)
+            reply_count(c, "HITS", e->hits);
+        else
+            reply(c, "NOT_FOUND");
+    } else if (word_is(cmd, cmd_len, "MINE")) {
+        reply_count(c, "MINE", c->requests);
 #endif
 #if KV_SLEEP
     } else if (word_is(cmd, cmd_len, "SLEEP")) {

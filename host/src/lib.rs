@@ -44,6 +44,7 @@
 pub mod cache;
 pub mod control;
 pub mod fresh;
+mod heap_conversion;
 pub mod interrupt;
 pub mod module;
 pub mod pause;

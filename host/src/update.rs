@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use upstare_instrument::abi::{exports, write_frames, TypedFrame, Value};
 use upstare_instrument::Metadata;
 use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack, Unmappable};
+use upstare_patchgen::heap;
 use upstare_patchgen::plan::{plan, Linked, Plan};
 use upstare_patchgen::version::Version;
 use wasmtime::{Engine, InstancePre, Linker, Store};
@@ -44,6 +45,7 @@ use crate::module::{one_line, GuestModule};
 use crate::pause::ControlMemory;
 use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinder};
 use crate::fresh::{unreferenced, Area, FreshAreas};
+use crate::heap_conversion;
 use crate::program_memory::ProgramMemory;
 use crate::wasi::{self, UnwindHooks, WasiCtx};
 use crate::{Exit, Guest};
@@ -367,7 +369,15 @@ impl Guest {
             None => &frames[..],
         };
         let stack_from = stack.kept_stack_from.or(sp);
-        let stale = |c: &dyn Fn(u32) -> Option<String>, skip| find_pointer(kept, &current.version, memory, stack_from, c, skip);
+        let shadow_stack = stack_from.zip(stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
+        let heap = heap_conversion::trace(&current.version, &prepared.plan, &prepared.linked, memory, shadow_stack)
+            .map_err(UpdateError::Refused)?;
+        // Typed pointers the tracer found are rewritten, wherever they point.
+        let rewritten: std::collections::HashSet<u32> =
+            heap.iter().flat_map(|h| h.slots.iter().map(|(slot, _)| *slot)).collect();
+        let stale = |c: &dyn Fn(u32) -> Option<String>, skip| {
+            find_pointer(kept, &current.version, memory, stack_from, c, skip, &rewritten)
+        };
         let moved_from = |v: u32| {
             stack.moves.iter().any(|(from, _, len)| v >= *from && u64::from(v - from) < *len).then(|| {
                 "a variable of the frame that goes back to its loop header: it would still point at the variable's old place".to_string()
@@ -386,9 +396,12 @@ impl Guest {
             }
         }
         let mapped = &stack.frames;
+        if let Some(reason) = heap.as_ref().and_then(|h| frame_holding_converted(mapped, h, &prepared.next.version)) {
+            return Err(UpdateError::Refused(reason));
+        }
 
         let mut previous = self.switch_to(prepared, new_meta).map_err(rollback)?;
-        match self.finish_update(&mut previous, prepared, &stack) {
+        match self.finish_update(&mut previous, prepared, &stack, heap.as_ref()) {
             Ok(()) => {
                 drop(previous);
                 let sp = self.stack_pointer(&prepared.next.version);
@@ -482,7 +495,13 @@ impl Guest {
     }
 
     /// Steps 3 and 4: state, then the verified rewind.
-    fn finish_update(&mut self, previous: &mut Previous, prepared: &Prepared, stack: &MappedStack) -> Result<(), String> {
+    fn finish_update(
+        &mut self,
+        previous: &mut Previous,
+        prepared: &Prepared,
+        stack: &MappedStack,
+        heap: Option<&heap::Plan>,
+    ) -> Result<(), String> {
         let linked = &prepared.linked;
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
@@ -501,14 +520,6 @@ impl Guest {
         for (address, bytes) in &linked.writes {
             if !u.memory.write(u64::from(*address), bytes) {
                 return Err(format!("fresh memory at {address:#x} is out of bounds"));
-            }
-        }
-        for conversion in &linked.conversions {
-            let (old, new) = (u64::from(conversion.old_address), u64::from(conversion.new_address));
-            for c in &conversion.map.copies {
-                if !u.memory.copy_within(old + c.from, new + c.to, c.len) {
-                    return Err("a converted global lies out of bounds".into());
-                }
             }
         }
         for (new_index, old_index) in &prepared.plan.globals {
@@ -530,13 +541,38 @@ impl Guest {
             global.set(&mut *store, wasmtime::Val::I32(sp as i32)).map_err(|e| one_line(&e))?;
         }
         let u = instrumented(&mut self.unwinder)?;
-        // From here on the user's transformers (and the constructors the new
-        // version adds) write memory the old version owns: a failure at any
-        // later step must find it as it was.
-        let backup = match has_transformers(linked) || !linked.constructors.is_empty() {
-            true => Some(u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before the transformers")?),
+        // From here on heap conversion, the user's transformers and the
+        // constructors the new version adds write memory the old version
+        // owns: a failure at any later step must find it as it was.
+        let converts_heap = heap.is_some_and(|h| !h.objects.is_empty() || !h.slots.is_empty());
+        let backup = match converts_heap || has_transformers(linked) || !linked.constructors.is_empty() {
+            true => Some(u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before converting state")?),
             false => None,
         };
+        let converted = match heap {
+            Some(h) => heap_conversion::convert(h, &self.instance, &mut self.store, u),
+            None => Ok(Vec::new()),
+        };
+        let u = instrumented(&mut self.unwinder)?;
+        let converted = converted.and_then(|starts| {
+            // After the heap: the tracer rewrote pointers inside the old
+            // copies, which these copies carry.
+            for conversion in &linked.conversions {
+                let (old, new) = (u64::from(conversion.old_address), u64::from(conversion.new_address));
+                for c in &conversion.map.copies {
+                    if !u.memory.copy_within(old + c.from, new + c.to, c.len) {
+                        return Err("a converted global lies out of bounds".to_string());
+                    }
+                }
+            }
+            Ok(starts)
+        });
+        if let Err(reason) = converted {
+            if let Some(backup) = &backup {
+                u.memory.write(0, backup);
+            }
+            return Err(reason);
+        }
         // A retreating frame's variables move within the shadow stack: the
         // bytes they overwrite are kept for a rollback.
         let sources: Vec<Vec<u8>> = stack
@@ -558,7 +594,12 @@ impl Guest {
             }
         };
         let mapped = &stack.frames;
-        let result = self.transform_and_rewind(linked, mapped, &prepared.next.version);
+        let mut result = self.transform_and_rewind(linked, mapped, &prepared.next.version);
+        if let (Ok(()), Some(h)) = (&result, heap) {
+            // The new code accepted the frames: the old copies can go.
+            let u = instrumented(&mut self.unwinder)?;
+            result = heap_conversion::free_old(h, &self.instance, &mut self.store, u);
+        }
         match (result, backup) {
             (Ok(()), _) => Ok(()),
             (Err(reason), None) => {
@@ -684,6 +725,7 @@ fn find_pointer(
     stack_pointer: Option<u32>,
     target: &dyn Fn(u32) -> Option<String>,
     skip_targets: bool,
+    rewritten: &std::collections::HashSet<u32>,
 ) -> Option<String> {
     for frame in frames {
         for value in frame.locals.iter().chain(&frame.operands) {
@@ -706,7 +748,7 @@ fn find_pointer(
             let here = at + 4 * i as u32;
             // A converted global's old copy is dropped, so what it holds
             // does not matter; a moving variable keeps what it holds.
-            if skip_targets && target(here).is_some() {
+            if (skip_targets && target(here).is_some()) || rewritten.contains(&here) {
                 continue;
             }
             if let Some(what) = target(u32::from_le_bytes([word[0], word[1], word[2], word[3]])) {
@@ -715,6 +757,24 @@ fn find_pointer(
         }
     }
     None
+}
+
+/// A frame value that points into a heap object the update converts: it
+/// would go on pointing at the old copy, which is freed. Frames hold no
+/// types the tracer could use, so any such value refuses the update.
+fn frame_holding_converted(frames: &[TypedFrame], heap: &heap::Plan, new: &Version) -> Option<String> {
+    frames.iter().find_map(|frame| {
+        frame.locals.iter().chain(&frame.operands).find_map(|value| {
+            let Value::I32(v) = value else { return None };
+            let o = heap.object_at(*v as u32)?;
+            Some(format!(
+                "a frame of `{}` holds the address of a heap object whose type changed ({} reached as {}): it would go on pointing at the old copy",
+                new.info.function_name(frame.func),
+                o.type_name,
+                o.path
+            ))
+        })
+    })
 }
 
 /// Index of the `__stack_pointer` global in `version`.

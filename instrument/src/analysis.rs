@@ -121,6 +121,9 @@ pub(crate) struct ModuleInfo<'a> {
     pub has_data_count: bool,
     pub code_section_start: usize,
     pub bodies: Vec<Body>,
+    /// The program's own `malloc` and `free`, by the name section: the host
+    /// converts heap objects through them (see [`crate::abi::exports::MALLOC`]).
+    pub allocator: Vec<(&'static str, u32)>,
 }
 
 impl ModuleInfo<'_> {
@@ -214,6 +217,7 @@ fn analyze_inner(wasm: &[u8]) -> Result<ModuleInfo<'_>> {
         has_data_count: false,
         code_section_start: 0,
         bodies: Vec::new(),
+        allocator: Vec::new(),
     };
     let mut ref_funcs: HashSet<u32> = HashSet::new();
     let mut pending: Vec<(FuncToValidate<ValidatorResources>, FunctionBody<'_>)> = Vec::new();
@@ -369,9 +373,33 @@ fn collect<'a>(info: &mut ModuleInfo<'a>, ref_funcs: &mut HashSet<u32>, payload:
             }
         }
         Payload::CodeSectionStart { range, .. } => info.code_section_start = range.start,
+        Payload::CustomSection(c) => {
+            if let wasmparser::KnownCustom::Name(names) = c.as_known() {
+                collect_allocator(info, names);
+            }
+        }
         _ => {}
     }
     Ok(())
+}
+
+/// Finds the defined functions named `malloc` and `free`. A malformed name
+/// section only means no allocator: names are not semantics.
+fn collect_allocator(info: &mut ModuleInfo<'_>, names: wasmparser::NameSectionReader<'_>) {
+    use crate::abi::exports::{FREE, MALLOC};
+    for name in names.into_iter().flatten() {
+        let wasmparser::Name::Function(map) = name else { continue };
+        for naming in map.into_iter().flatten() {
+            let export = match naming.name {
+                "malloc" => MALLOC,
+                "free" => FREE,
+                _ => continue,
+            };
+            if naming.index >= info.num_imported_funcs {
+                info.allocator.push((export, naming.index));
+            }
+        }
+    }
 }
 
 fn block_sig(info: &ModuleInfo<'_>, bt: BlockType, offset: usize) -> Result<(Vec<Ty>, Vec<Ty>, Option<u32>)> {

@@ -24,7 +24,10 @@ use std::collections::HashMap;
 
 use gimli::{AttributeValue, DebugInfoOffset, UnitOffset};
 
-pub use compare::{ByteCopy, MapError, MapReason, ValueMap, first_difference, same_type, value_map, value_map_named};
+pub use compare::{
+    ByteCopy, MapError, MapReason, PointerField, ValueMap, first_difference, same_type, value_map, value_map_named,
+    value_map_through_pointers,
+};
 pub use scopes::{Location, ScopeKey, Subprogram, VarAt, VarKey};
 pub use types::{Member, Type, TypeId};
 

@@ -45,6 +45,7 @@ pub mod diff;
 pub mod dwarf;
 mod equivalence;
 pub mod frames;
+pub mod heap;
 pub mod liveness;
 pub mod module;
 pub mod plan;

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::diff::{match_functions, FunctionMatch};
-use crate::dwarf::{same_type, value_map_named, ValueMap};
+use crate::dwarf::{same_type, value_map_through_pointers, ValueMap};
 use crate::relink::{relink, relocated_bytes, Placement};
 use crate::version::{Layout, SymbolKey, Version};
 
@@ -129,6 +129,8 @@ pub struct Plan {
     /// The new version's constructors that run at the update, in order
     /// (function indices of the new module; see [`crate::constructors`]).
     pub constructors: Vec<u32>,
+    /// The globals the heap tracer starts from during the pause.
+    pub heap_roots: crate::heap::Roots,
     /// Why the update must be refused; empty when it is safe.
     pub refusals: Vec<String>,
 }
@@ -225,6 +227,11 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
                 let old_size = old_def.size;
                 match compare_types(&old, old_def.address, old_def.size, &new, def.address, def.size, &key) {
                     Ok(None) if transformer.is_none() => DataFate::Kept { address: old_address },
+                    // Only what it points to changed: it stays, and the heap
+                    // tracer rewrites its pointers.
+                    Ok(Some(map)) if transformer.is_none() && map.is_whole_copy(old_size, def.size) => {
+                        DataFate::Kept { address: old_address }
+                    }
                     Ok(None) => DataFate::Converted {
                         old_address,
                         old_size,
@@ -264,7 +271,9 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
     let globals = carried_globals(&old, &new);
     let constructors = crate::constructors::added(&old, &new);
     let fresh_size = fresh.end.next_multiple_of(FRESH_ALIGN);
-    let mut plan = Plan { old, new, functions, data, removed, rodata, fresh_size, table, globals, constructors, refusals };
+    let heap_roots = crate::heap::Roots::of(&old, &new);
+    let mut plan =
+        Plan { old, new, functions, data, removed, rodata, fresh_size, table, globals, constructors, heap_roots, refusals };
     // The relink is part of the verdict: what cannot be relinked is refused
     // here, not found out by the host after it reserved memory. Nothing it
     // checks depends on where fresh memory starts, so any base will do.
@@ -315,6 +324,7 @@ pub fn onto_itself(version: Arc<Version>) -> Result<(Plan, Linked), Error> {
         table: version.layout.table.clone(),
         globals,
         constructors: Vec::new(),
+        heap_roots: crate::heap::Roots::default(),
         refusals: Vec::new(),
     };
     Ok((plan, linked))
@@ -537,7 +547,7 @@ fn compare_types(
             if same_type(&old.debug, a.ty, &new.debug, b.ty) {
                 return Ok(None);
             }
-            value_map_named(&old.debug, a.ty, &new.debug, b.ty, &key.name)
+            value_map_through_pointers(&old.debug, a.ty, &new.debug, b.ty, &key.name)
                 .map(Some)
                 .map_err(|e| format!("global `{key}` changed type and cannot be mapped: {e}"))
         }
@@ -572,6 +582,21 @@ fn refuse_changed_splits(old: &Version, new: &Version, refusals: &mut Vec<String
         groups
     };
     let (before, after) = (pieces(old), pieces(new));
+    // GlobalOpt also turns a static pointer that is assigned once, from
+    // `malloc`, into static storage (`store.body.0`, ...): the same state is
+    // then a pointer to the heap in one version and globals in the other.
+    let named = |v: &Version, name: &str| v.data_keys.values().any(|k| k.name == name);
+    for (pieces, other, was, is) in [(&before, new, "running", "new"), (&after, old, "new", "running")] {
+        for (group, _) in pieces {
+            let Some(pointer) = group.0.strip_suffix(".body") else { continue };
+            if named(other, pointer) {
+                refusals.push(format!(
+                    "the optimizer turned the heap object `{pointer}` points to into static storage (`{}.N`) in the {was} version but not in the {is} one: the two cannot be matched (give `{pointer}` external linkage so that it stays a pointer)",
+                    group.0
+                ));
+            }
+        }
+    }
     for (group, old_pieces) in &before {
         if let Some(new_pieces) = after.get(group).filter(|p| *p != old_pieces) {
             refusals.push(format!(

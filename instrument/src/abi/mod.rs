@@ -78,6 +78,14 @@ pub mod exports {
     pub const FUNCREF_TABLE: &str = "upstare_funcrefs";
     /// Table of externref values saved in frames, like [`FUNCREF_TABLE`].
     pub const EXTERNREF_TABLE: &str = "upstare_externrefs";
+    /// The program's `malloc` (found by its name), exported as it is: the
+    /// host reallocates heap objects whose type an update changes through
+    /// it. wasm-ld wraps a command's own exports in code that flushes stdio,
+    /// which must not run during a pause, so the program's `malloc` export
+    /// (if any) will not do.
+    pub const MALLOC: &str = "upstare_malloc";
+    /// The program's `free`, like [`MALLOC`].
+    pub const FREE: &str = "upstare_free";
     /// Prefix of the export of each mutable global: `upstare_global_<index>`.
     pub const GLOBAL_PREFIX: &str = "upstare_global_";
 
@@ -90,8 +98,21 @@ pub mod exports {
     /// instrumenter adds. Other `upstare_` names are the program's (the
     /// state transformers of `upstare.h`, for one).
     pub fn is_reserved(name: &str) -> bool {
-        [STATE, INIT_MEMORY, DROP_DATA, START, START_UNWIND, STOP_UNWIND, START_REWIND, STOP_REWIND, FUNCREF_TABLE, EXTERNREF_TABLE]
-            .contains(&name)
+        [
+            STATE,
+            INIT_MEMORY,
+            DROP_DATA,
+            START,
+            START_UNWIND,
+            STOP_UNWIND,
+            START_REWIND,
+            STOP_REWIND,
+            FUNCREF_TABLE,
+            EXTERNREF_TABLE,
+            MALLOC,
+            FREE,
+        ]
+        .contains(&name)
             || name.starts_with(GLOBAL_PREFIX)
     }
 }

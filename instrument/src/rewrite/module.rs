@@ -533,4 +533,7 @@ fn add_exports(s: &mut ExportSection, info: &ModuleInfo<'_>, h: &Helpers, meta: 
     for g in &meta.globals {
         s.export(&g.export, ExportKind::Global, g.index);
     }
+    for &(name, func) in &info.allocator {
+        s.export(name, ExportKind::Func, func);
+    }
 }

@@ -209,6 +209,35 @@ pub struct ValueMap {
     /// Paths of new members (or array tails) with no old counterpart: they
     /// start zeroed.
     pub zeroed: Vec<String>,
+    /// Pointers whose pointee type changed, copied as they are: the objects
+    /// they point to are converted by the heap tracer, which rewrites them.
+    /// Only [`value_map_through_pointers`] fills this in.
+    pub pointers: Vec<PointerField>,
+}
+
+impl ValueMap {
+    /// Whether this carries a value of `old_size` bytes whole, to the same
+    /// offsets of a value of `new_size` bytes: the bytes need not move.
+    pub fn is_whole_copy(&self, old_size: u32, new_size: u32) -> bool {
+        old_size == new_size
+            && self.zeroed.is_empty()
+            && self.dropped.is_empty()
+            && matches!(self.copies.as_slice(), [c] if c.from == 0 && c.to == 0 && c.len == u64::from(old_size))
+    }
+}
+
+/// A pointer inside a mapped value whose pointee type differs between the
+/// versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PointerField {
+    /// Its offset in the old value.
+    pub from: u64,
+    /// Its offset in the new value.
+    pub to: u64,
+    /// The old pointee type.
+    pub old: TypeId,
+    /// The new pointee type.
+    pub new: TypeId,
 }
 
 /// Why a value cannot be carried over.
@@ -290,8 +319,25 @@ pub fn value_map(a: &DebugInfo, from: TypeId, b: &DebugInfo, to: TypeId) -> Resu
 /// [`value_map`] with paths starting at `root` (the variable's name), so a
 /// message reads `stats.last.when: int became char*`.
 pub fn value_map_named(a: &DebugInfo, from: TypeId, b: &DebugInfo, to: TypeId, root: &str) -> Result<ValueMap, MapError> {
-    let mut m = Mapper { a, b, out: ValueMap::default() };
+    map_value(Mapper { a, b, out: ValueMap::default(), through_pointers: false }, from, to, root)
+}
+
+/// [`value_map_named`] for a program whose heap is converted too: a pointer
+/// whose pointee type changed is copied and listed in
+/// [`ValueMap::pointers`] instead of refusing the value.
+pub fn value_map_through_pointers(
+    a: &DebugInfo,
+    from: TypeId,
+    b: &DebugInfo,
+    to: TypeId,
+    root: &str,
+) -> Result<ValueMap, MapError> {
+    map_value(Mapper { a, b, out: ValueMap::default(), through_pointers: true }, from, to, root)
+}
+
+fn map_value(mut m: Mapper<'_>, from: TypeId, to: TypeId, root: &str) -> Result<ValueMap, MapError> {
     m.map(from, to, 0, 0, root)?;
+    m.out.pointers.sort_by_key(|p| p.from);
     m.out.copies.sort_by_key(|c| c.to);
     let mut merged: Vec<ByteCopy> = Vec::with_capacity(m.out.copies.len());
     for c in m.out.copies {
@@ -309,7 +355,11 @@ struct Mapper<'x> {
     a: &'x DebugInfo,
     b: &'x DebugInfo,
     out: ValueMap,
+    through_pointers: bool,
 }
+
+/// A data pointer's size on wasm32.
+const POINTER_SIZE: u64 = 4;
 
 fn join(path: &str, member: &str) -> String {
     if path.is_empty() { member.to_string() } else { format!("{path}.{member}") }
@@ -350,6 +400,13 @@ impl Mapper<'_> {
             (Type::Union { name, .. }, Type::Union { .. }) => {
                 let name = name.clone().unwrap_or_else(|| "<anonymous>".into());
                 Err(self.fail(path, MapReason::Union { name, change: self.difference(from, to) }))
+            }
+            (Type::Pointer { to: Some(p) }, Type::Pointer { to: Some(q) })
+                if self.through_pointers && a.type_name(from) == b.type_name(to) =>
+            {
+                self.copy(at_from, at_to, POINTER_SIZE);
+                self.out.pointers.push(PointerField { from: at_from, to: at_to, old: *p, new: *q });
+                Ok(())
             }
             (Type::Pointer { to: Some(p) }, Type::Pointer { to: Some(q) }) if a.type_name(from) == b.type_name(to) => {
                 Err(self.fail(path, MapReason::Pointee { pointee: a.type_name(*p), change: self.difference(*p, *q) }))

@@ -1,0 +1,144 @@
+//! Heap objects of changed types during an update, the host's half:
+//! patchgen's tracer ([`upstare_patchgen::heap`]) decides which allocations
+//! to convert and which pointers to rewrite; this module moves the bytes,
+//! allocating and freeing through the new version's own `malloc` and `free`
+//! (which the instrumenter exports), so the allocator's state stays its own.
+//!
+//! Everything here runs inside the update's transaction: memory is backed
+//! up before [`convert`] and restored on any failure, and the old objects
+//! are freed ([`free_old`]) only once the new code has accepted the frames.
+
+use upstare_instrument::abi::exports::{FREE, MALLOC};
+use upstare_patchgen::heap::{self, Landing, MemoryView, Moved, Region};
+use upstare_patchgen::plan::{Linked, Plan};
+use upstare_patchgen::version::Version;
+use wasmtime::{Instance, Store};
+
+use crate::module::one_line;
+use crate::pause::ControlMemory;
+use crate::process::{ProcessState, Unwinder};
+use crate::program_memory::ProgramMemory;
+
+impl MemoryView for ProgramMemory {
+    fn read(&self, address: u32, out: &mut [u8]) -> bool {
+        match ProgramMemory::read(self, u64::from(address), out.len() as u64) {
+            Some(bytes) => {
+                out.copy_from_slice(&bytes);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Traces the paused heap of `old` for the update `plan`; `None` when no
+/// global's type changed. `shadow_stack` is the live part of the shadow
+/// stack, whose words are not typed. An `Err` refuses the update.
+pub(crate) fn trace(
+    old: &Version,
+    plan: &Plan,
+    linked: &Linked,
+    memory: &ProgramMemory,
+    shadow_stack: Option<(u32, u32)>,
+) -> Result<Option<heap::Plan>, String> {
+    let moved = linked
+        .conversions
+        .iter()
+        .map(|c| Moved { old_address: c.old_address, old_size: c.old_size, new_address: c.new_address, map: c.map.clone() })
+        .collect();
+    let stack = shadow_stack
+        .map(|(address, size)| Region { address, size, what: "the shadow stack".into() })
+        .into_iter()
+        .collect();
+    heap::trace(old, &plan.new, &plan.heap_roots, moved, memory, stack)
+}
+
+/// Allocates a new copy of every converted object, rewrites every recorded
+/// pointer in place, then copies each object through its map (new members
+/// zeroed). Returns the new copies' addresses, in the plan's order.
+pub(crate) fn convert(
+    plan: &heap::Plan,
+    instance: &Instance,
+    store: &mut Store<ProcessState>,
+    unwinder: &Unwinder,
+) -> Result<Vec<u32>, String> {
+    let memory = &unwinder.memory;
+    let mut new_starts = Vec::with_capacity(plan.objects.len());
+    if !plan.objects.is_empty() {
+        let malloc = instance
+            .get_typed_func::<i32, i32>(&mut *store, MALLOC)
+            .map_err(|_| "the new version has no function named `malloc` to convert heap objects with".to_string())?;
+        for o in &plan.objects {
+            let at = with_pause_off(&unwinder.control, unwinder, store, |store| malloc.call(store, o.new_bytes() as i32))?;
+            if at == 0 {
+                return Err(format!("`malloc({})` failed while converting {} ({})", o.new_bytes(), o.type_name, o.path));
+            }
+            let at = at as u32;
+            if !memory.write(u64::from(at), &vec![0; o.new_bytes() as usize]) {
+                return Err(format!("`malloc` returned {at:#x}, out of bounds"));
+            }
+            new_starts.push(at);
+        }
+    }
+    for &(slot, value) in &plan.slots {
+        match plan.translate(value, &new_starts) {
+            Landing::Unmoved => {}
+            Landing::At(to) => {
+                if !memory.write(u64::from(slot), &to.to_le_bytes()) {
+                    return Err(format!("a pointer at {slot:#x} lies out of bounds"));
+                }
+            }
+            // The tracer refuses these before the pause ends.
+            Landing::Dropped => return Err(format!("the pointer at {slot:#x} points into a dropped member")),
+        }
+    }
+    for (o, &to) in plan.objects.iter().zip(&new_starts) {
+        for i in 0..o.count {
+            let (from, to) = (u64::from(o.start + i * o.old_size), u64::from(to + i * o.new_size));
+            for c in &o.map.copies {
+                if !memory.copy_within(from + c.from, to + c.to, c.len) {
+                    return Err(format!("converting {} ({}) ran out of bounds", o.type_name, o.path));
+                }
+            }
+        }
+    }
+    Ok(new_starts)
+}
+
+/// Frees the old copy of every converted object, once nothing refers to it.
+pub(crate) fn free_old(
+    plan: &heap::Plan,
+    instance: &Instance,
+    store: &mut Store<ProcessState>,
+    unwinder: &Unwinder,
+) -> Result<(), String> {
+    if plan.objects.is_empty() {
+        return Ok(());
+    }
+    let free = instance
+        .get_typed_func::<i32, ()>(&mut *store, FREE)
+        .map_err(|_| "the new version has no function named `free`".to_string())?;
+    for o in &plan.objects {
+        with_pause_off(&unwinder.control, unwinder, store, |store| free.call(store, o.start as i32))?;
+    }
+    Ok(())
+}
+
+/// Calls into the guest's allocator with no pause requested (its loops
+/// would otherwise unwind at once), and checks it returned normally.
+fn with_pause_off<T>(
+    control: &ControlMemory,
+    unwinder: &Unwinder,
+    store: &mut Store<ProcessState>,
+    call: impl FnOnce(&mut Store<ProcessState>) -> wasmtime::Result<T>,
+) -> Result<T, String> {
+    let paused = control.pause_requested();
+    control.set_pause(false);
+    let result = call(&mut *store);
+    control.set_pause(paused);
+    let value = result.map_err(|e| format!("the allocator failed: {}", one_line(&e)))?;
+    match unwinder.state.get(&mut *store).i32() {
+        Some(0) => Ok(value),
+        _ => Err("the allocator stopped at an update point instead of returning".into()),
+    }
+}

@@ -1,0 +1,304 @@
+//! Heap objects whose type changed: which allocations of a paused program
+//! must be converted to the new version's layout, how each one's bytes map,
+//! and which pointers to them must be rewritten.
+//!
+//! The host implements [`MemoryView`] over the paused memory; this module
+//! knows nothing of wasmtime. Planning an update ([`crate::plan::plan`])
+//! lists the [`Roots`] (every global, typed by its DWARF in both versions)
+//! before the pause; during the pause [`trace`] walks the allocator's chunks
+//! ([`dlmalloc`]) and traces the roots ([`trace`](self::trace)), only when some
+//! global's type differs between the versions, so an update that changes no
+//! type costs nothing here. The host then allocates every converted object
+//! anew through the program's own `malloc`, rewrites the recorded pointers
+//! in place, copies each object through its map, and frees the old ones
+//! once the update has committed.
+//!
+//! What is refused (the conservative side): a `void *`, a union or memory
+//! no typed pointer reaches that holds the address of a converted object; a
+//! pointer whose pointee type changed and that points outside every
+//! allocation and global; an allocation reached as two struct types when
+//! either changed; a pointer into a member the new version drops. Integers
+//! are not taken for pointers inside typed values: C programs that keep
+//! addresses in integers must give their structs a transformer.
+
+pub mod dlmalloc;
+mod trace;
+
+use std::collections::HashMap;
+
+use crate::dwarf::{ValueMap, same_type};
+use crate::version::{SymbolKey, Version};
+
+/// dlmalloc's state in wasi-libc.
+const ALLOCATOR_STATE: &str = "_gm_";
+
+/// Reads a paused program's memory.
+pub trait MemoryView {
+    /// Fills `out` from `address`; false when that lies out of bounds.
+    fn read(&self, address: u32, out: &mut [u8]) -> bool;
+}
+
+pub(crate) fn read_u32(memory: &dyn MemoryView, address: u32) -> Option<u32> {
+    let mut word = [0; 4];
+    memory.read(address, &mut word).then(|| u32::from_le_bytes(word))
+}
+
+/// A global the tracer starts from.
+#[derive(Debug, Clone)]
+pub struct Root {
+    /// Its name, for messages.
+    pub name: String,
+    /// Its running address.
+    pub address: u32,
+    /// Its size.
+    pub size: u32,
+    /// Its type in the old version.
+    pub old_ty: crate::dwarf::TypeId,
+    /// Its type in the new version, when that differs from the old one
+    /// (`None`: same type, or the global is gone).
+    pub new_ty: Option<crate::dwarf::TypeId>,
+}
+
+/// Memory whose words may hold pointers of unknown type.
+#[derive(Debug, Clone)]
+pub struct Region {
+    /// Where it starts.
+    pub address: u32,
+    /// Its size in bytes.
+    pub size: u32,
+    /// What it is, for messages.
+    pub what: String,
+}
+
+/// The roots of a trace, computed with the update's plan.
+#[derive(Debug, Clone, Default)]
+pub struct Roots {
+    /// The globals with debug info.
+    pub globals: Vec<Root>,
+    /// Writable data without debug info: scanned word by word.
+    pub untyped: Vec<Region>,
+}
+
+impl Roots {
+    /// Every writable global of `old`, with its type in both versions
+    /// (`new_of` gives a global's new DWARF type by its key).
+    pub fn of(old: &Version, new: &Version) -> Roots {
+        let new_by_key: HashMap<&SymbolKey, u32> = new.data_keys.iter().map(|(i, k)| (k, *i)).collect();
+        let new_type = |key: &SymbolKey| {
+            let symbol = *new_by_key.get(key)?;
+            let own = new.info.symbols[symbol as usize].data()?.address;
+            new.debug.global_at(own).filter(|g| g.address == own).map(|g| g.ty)
+        };
+        let mut roots = Roots::default();
+        for (i, s) in old.info.symbols.iter().enumerate() {
+            let Some(d) = s.data().filter(|_| !s.is_absolute()) else { continue };
+            let writable = d.segment.and_then(|seg| old.info.segments.get(seg as usize)).is_some_and(|seg| seg.writable);
+            let Some(key) = old.data_keys.get(&(i as u32)).filter(|_| writable && d.size > 0) else { continue };
+            // The allocator's own state points into chunk boundaries, not
+            // at objects; the walk reads it, the trace must not rewrite it.
+            if key.name == ALLOCATOR_STATE {
+                continue;
+            }
+            let address = old.layout.data.get(&(i as u32)).copied().unwrap_or(d.address);
+            match old.debug.global_at(d.address).filter(|g| g.address == d.address) {
+                Some(g) => {
+                    let new_ty = new_type(key).filter(|t| !same_type(&old.debug, g.ty, &new.debug, *t));
+                    roots.globals.push(Root { name: g.name.clone(), address, size: d.size, old_ty: g.ty, new_ty });
+                }
+                None => roots.untyped.push(Region { address, size: d.size, what: format!("global `{key}`") }),
+            }
+        }
+        roots
+    }
+
+    /// Whether some global's type changed, so that the heap may hold
+    /// objects to convert.
+    pub fn any_changed(&self) -> bool {
+        self.globals.iter().any(|r| r.new_ty.is_some())
+    }
+}
+
+/// A global that moves because its type changed (see
+/// [`crate::plan::Conversion`]): typed pointers to it are rewritten too.
+#[derive(Debug, Clone)]
+pub struct Moved {
+    /// Its running address.
+    pub old_address: u32,
+    /// Its old size.
+    pub old_size: u32,
+    /// Where the new value goes.
+    pub new_address: u32,
+    /// How its bytes map.
+    pub map: ValueMap,
+}
+
+impl Moved {
+    fn contains(&self, address: u32) -> bool {
+        address.wrapping_sub(self.old_address) <= self.old_size
+    }
+}
+
+/// An allocation to convert: `count` elements of the old type, each
+/// becoming one of the new type through `map`.
+#[derive(Debug, Clone)]
+pub struct Object {
+    /// The address the program holds.
+    pub start: u32,
+    /// Number of elements (the chunk's usable size over the element size).
+    pub count: u32,
+    /// Old element size.
+    pub old_size: u32,
+    /// New element size.
+    pub new_size: u32,
+    /// How one element's bytes map.
+    pub map: ValueMap,
+    /// Usable bytes of its chunk (at least `count * old_size`).
+    pub chunk_size: u32,
+    /// The old type, spelled as C.
+    pub type_name: String,
+    /// How it was reached first, like `conns[3]->next`.
+    pub path: String,
+}
+
+impl Object {
+    /// Bytes to allocate for the new copy.
+    pub fn new_bytes(&self) -> u32 {
+        self.count.max(1) * self.new_size
+    }
+}
+
+/// What the host must do to the heap for an update.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// The allocations to convert, by address.
+    pub objects: Vec<Object>,
+    /// Typed pointers found by the trace, as (address of the pointer, value
+    /// it holds): each one pointing into a converted object or a moved
+    /// global is rewritten.
+    pub slots: Vec<(u32, u32)>,
+    /// Globals that move.
+    pub moved: Vec<Moved>,
+    /// How many non-null pointers the trace followed.
+    pub pointers_traced: u64,
+}
+
+/// Where an address lands once converted objects are reallocated: the
+/// same address when nothing it points into moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    /// Into nothing that moves.
+    Unmoved,
+    /// At this new address.
+    At(u32),
+    /// Into bytes the new layout drops.
+    Dropped,
+}
+
+impl Plan {
+    /// Where `address` (old) lands, given the new start of each object of
+    /// [`Plan::objects`] in order.
+    pub fn translate(&self, address: u32, new_starts: &[u32]) -> Landing {
+        let after = self.objects.partition_point(|o| o.start <= address);
+        if let Some(i) = after.checked_sub(1) {
+            let o = &self.objects[i];
+            let (offset, end) = (address - o.start, o.count * o.old_size);
+            if offset == end {
+                return Landing::At(new_starts[i] + o.count * o.new_size);
+            }
+            if offset < end {
+                let (element, within) = (offset / o.old_size, offset % o.old_size);
+                return match map_offset(&o.map, within) {
+                    Some(to) => Landing::At(new_starts[i] + element * o.new_size + to),
+                    None => Landing::Dropped,
+                };
+            }
+            // In the slack dlmalloc rounds an allocation up with: no element.
+            if offset < o.chunk_size {
+                return Landing::Dropped;
+            }
+        }
+        match self.moved.iter().find(|m| m.contains(address)) {
+            Some(m) if address - m.old_address == m.old_size => {
+                Landing::At(m.new_address + m.map.copies.last().map_or(0, |c| (c.to + c.len) as u32))
+            }
+            Some(m) => match map_offset(&m.map, address - m.old_address) {
+                Some(to) => Landing::At(m.new_address + to),
+                None => Landing::Dropped,
+            },
+            None => Landing::Unmoved,
+        }
+    }
+
+    /// The converted object whose bytes hold `address`, for messages about
+    /// a value that would go on pointing at its old copy.
+    pub fn object_at(&self, address: u32) -> Option<&Object> {
+        let i = self.objects.partition_point(|o| o.start <= address).checked_sub(1)?;
+        let o = &self.objects[i];
+        (address - o.start < o.chunk_size).then_some(o)
+    }
+
+    fn check_slots(&self) -> Result<(), String> {
+        let starts: Vec<u32> = self.objects.iter().map(|o| o.start).collect();
+        for &(slot, value) in &self.slots {
+            if self.translate(value, &starts) == Landing::Dropped {
+                return Err(format!(
+                    "the pointer at {slot:#x} points into a member that the new version drops ({value:#x})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_untyped(&self, memory: &dyn MemoryView, regions: &[Region]) -> Result<(), String> {
+        if self.objects.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = Vec::new();
+        for r in regions {
+            bytes.resize(r.size as usize, 0);
+            if !memory.read(r.address, &mut bytes) {
+                continue;
+            }
+            for word in bytes.chunks_exact(4) {
+                let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                if let Some(o) = self.object_at(value) {
+                    return Err(format!(
+                        "{} may hold a pointer to an object of changed type {} ({}, at {value:#x}): it cannot be rewritten without knowing its type (give it one, or write a transformer)",
+                        r.what, o.type_name, o.path
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where byte `offset` of an old value goes in the new one.
+fn map_offset(map: &ValueMap, offset: u32) -> Option<u32> {
+    let offset = u64::from(offset);
+    if offset == 0 {
+        return Some(0);
+    }
+    map.copies.iter().find(|c| offset >= c.from && offset < c.from + c.len).map(|c| (c.to + offset - c.from) as u32)
+}
+
+/// Traces the heap of the paused program running `old` (see the module
+/// docs). `Ok(None)` when no global's type changed: nothing to do.
+/// `extra_untyped` are regions the host knows may hold pointers (the live
+/// shadow stack). An `Err` is a refusal, naming why.
+pub fn trace(
+    old: &Version,
+    new: &Version,
+    roots: &Roots,
+    moved: Vec<Moved>,
+    memory: &dyn MemoryView,
+    extra_untyped: Vec<Region>,
+) -> Result<Option<Plan>, String> {
+    if !roots.any_changed() {
+        return Ok(None);
+    }
+    let chunks = dlmalloc::walk(old, memory).map_err(|e| e.to_string())?.unwrap_or_default();
+    let mut untyped = roots.untyped.clone();
+    untyped.extend(extra_untyped);
+    trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, &roots.globals, &moved).run(untyped).map(Some)
+}

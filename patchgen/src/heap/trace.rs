@@ -1,0 +1,373 @@
+//! Typed tracing of a paused program's heap: from the globals, follow every
+//! pointer by its DWARF type into the allocations it reaches, give each
+//! allocation the type it is reached as, and decide which ones must be
+//! converted because their type changed layout.
+//!
+//! Each traced value is a pair of types, old and new. Where a pointer's
+//! pointee type is the same in both versions the pair's new side is `None`:
+//! the objects behind it are traced only to learn their type (so that a
+//! later scan need not guess what their words are) and stay as they are.
+//! Where it differs, every object reached is converted when its layout
+//! changed, and every pointer to it is rewritten.
+//!
+//! An allocation's type comes from the pointers to its start; a pointer to
+//! a base type (`char *`) is an alias that does not claim a type, so a
+//! buffer cleared through `memset` or walked as bytes is no conflict. Two
+//! pointers claiming different struct types for one allocation refuse the
+//! update when either type changed. An allocation of `n` elements has its
+//! length from the chunk (`malloc(n * sizeof *p)`).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::dlmalloc::Chunks;
+use super::{MemoryView, Moved, Plan, Region, Root, read_u32};
+use crate::dwarf::{DebugInfo, Type, TypeId, ValueMap, same_type, value_map_through_pointers};
+
+/// What a word inside a value is, for the tracer.
+#[derive(Debug, Clone)]
+enum FieldKind {
+    /// A data pointer to this (old) type.
+    Pointer(TypeId),
+    /// Bytes that may hold a pointer of unknown type (`void *`, a union).
+    Untyped(u32),
+}
+
+#[derive(Debug, Clone)]
+struct Field {
+    offset: u32,
+    kind: FieldKind,
+    /// Member path from the value, like `.next` or `.slots[3]`.
+    path: Rc<str>,
+}
+
+/// A value being traced: a root, or one element of an allocation.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Root(usize),
+    Object { chunk: usize, element: u32 },
+}
+
+/// The type an allocation was given.
+#[derive(Debug, Clone)]
+struct Claim {
+    old: TypeId,
+    new: Option<TypeId>,
+    /// Whether the type has members (a struct, union, array or pointer), as
+    /// opposed to plain bytes.
+    shaped: bool,
+    /// The value holding the first pointer that gave this type, and the
+    /// pointer's member path in it, for messages.
+    from: Via,
+    field: Rc<str>,
+}
+
+pub(super) struct Tracer<'a> {
+    old: &'a DebugInfo,
+    new: &'a DebugInfo,
+    memory: &'a dyn MemoryView,
+    chunks: &'a Chunks,
+    roots: &'a [Root],
+    moved: &'a [Moved],
+    claims: Vec<Option<Claim>>,
+    fields: HashMap<TypeId, Rc<Vec<Field>>>,
+    pairs: HashMap<(TypeId, TypeId), Rc<(ValueMap, HashMap<u64, TypeId>)>>,
+    work: Vec<(u32, TypeId, Option<TypeId>, Via)>,
+    slots: Vec<(u32, u32)>,
+    untyped: Vec<Region>,
+    pointers: u64,
+}
+
+impl<'a> Tracer<'a> {
+    pub(super) fn new(
+        old: &'a DebugInfo,
+        new: &'a DebugInfo,
+        memory: &'a dyn MemoryView,
+        chunks: &'a Chunks,
+        roots: &'a [Root],
+        moved: &'a [Moved],
+    ) -> Self {
+        Tracer {
+            old,
+            new,
+            memory,
+            chunks,
+            roots,
+            moved,
+            claims: vec![None; chunks.all().len()],
+            fields: HashMap::new(),
+            pairs: HashMap::new(),
+            work: Vec::new(),
+            slots: Vec::new(),
+            untyped: Vec::new(),
+            pointers: 0,
+        }
+    }
+
+    /// Traces from every root and plans the conversion.
+    pub(super) fn run(mut self, mut untyped: Vec<Region>) -> Result<Plan, String> {
+        for (i, root) in self.roots.iter().enumerate() {
+            self.work.push((root.address, root.old_ty, root.new_ty, Via::Root(i)));
+        }
+        while let Some((at, old, new, via)) = self.work.pop() {
+            self.visit(at, old, new, via)?;
+        }
+        let mut objects = Vec::new();
+        let claims = std::mem::take(&mut self.claims);
+        for (chunk, claim) in claims.iter().enumerate() {
+            let start = self.chunks.all()[chunk].start;
+            let Some(claim) = claim else {
+                let size = self.chunks.all()[chunk].size;
+                untyped.push(Region { address: start, size, what: format!("an allocation at {start:#x} that no typed pointer reaches") });
+                continue;
+            };
+            let Some(new) = claim.new else { continue };
+            let path = path(self.roots, &claims, claim.from, &claim.field);
+            let pair = self.pair(claim.old, new, &path)?;
+            let (old_elem, new_elem) = (self.size(self.old, claim.old)?, self.size(self.new, new)?);
+            if pair.0.is_whole_copy(old_elem, new_elem) {
+                continue;
+            }
+            let count = self.chunks.all()[chunk].size / old_elem;
+            objects.push(super::Object {
+                start,
+                count,
+                old_size: old_elem,
+                new_size: new_elem,
+                map: pair.0.clone(),
+                chunk_size: self.chunks.all()[chunk].size,
+                type_name: self.old.type_name(claim.old),
+                path,
+            });
+        }
+        untyped.append(&mut self.untyped);
+        let plan = Plan { objects, slots: self.slots, moved: self.moved.to_vec(), pointers_traced: self.pointers };
+        plan.check_untyped(self.memory, &untyped)?;
+        plan.check_slots()?;
+        Ok(plan)
+    }
+
+    fn size(&self, debug: &DebugInfo, ty: TypeId) -> Result<u32, String> {
+        match debug.size_of(ty) {
+            Some(s) if s > 0 => u32::try_from(s).map_err(|_| format!("type {} is too large", debug.type_name(ty))),
+            _ => Err(format!("objects of type {} have no known size", debug.type_name(ty))),
+        }
+    }
+
+    fn visit(&mut self, at: u32, old: TypeId, new: Option<TypeId>, via: Via) -> Result<(), String> {
+        let fields = self.fields_of(old);
+        let pair = match new {
+            Some(new) => Some(self.pair(old, new, &path(self.roots, &self.claims, via, ""))?),
+            None => None,
+        };
+        for f in fields.iter() {
+            let slot = at.wrapping_add(f.offset);
+            match &f.kind {
+                FieldKind::Untyped(size) => {
+                    let what = path(self.roots, &self.claims, via, &f.path);
+                    self.untyped.push(Region { address: slot, size: *size, what });
+                }
+                FieldKind::Pointer(pointee) => {
+                    let Some(value) = read_u32(self.memory, slot) else {
+                        return Err(format!("{} lies outside memory", path(self.roots, &self.claims, via, &f.path)));
+                    };
+                    if value == 0 {
+                        continue;
+                    }
+                    self.pointers += 1;
+                    let new_pointee = pair.as_ref().and_then(|p| p.1.get(&u64::from(f.offset)).copied());
+                    self.pointer(slot, value, *pointee, new_pointee, via, &f.path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pointer(
+        &mut self,
+        slot: u32,
+        value: u32,
+        pointee: TypeId,
+        new_pointee: Option<TypeId>,
+        via: Via,
+        field: &Rc<str>,
+    ) -> Result<(), String> {
+        if let Some(chunk) = self.chunks.containing(value) {
+            self.slots.push((slot, value));
+            if value != self.chunks.all()[chunk].start {
+                // Into the allocation, not at its start (an element, a
+                // member): an alias, rewritten with whatever the allocation
+                // turns out to be. Only the pointer `malloc` returned, or a
+                // copy of it, says what the allocation is.
+                return Ok(());
+            }
+            return self.claim(chunk, pointee, new_pointee, via, field.clone());
+        }
+        if self.moved.iter().any(|m| m.contains(value)) {
+            self.slots.push((slot, value));
+            return Ok(());
+        }
+        if new_pointee.is_some() {
+            // Not an allocation: a global of the same type, the shadow stack
+            // or memory the tracer cannot see. A pointer whose pointee type
+            // changed must not go on pointing at an old layout unseen.
+            let path = path(self.roots, &self.claims, via, field);
+            if !self.roots.iter().any(|r| value >= r.address && value - r.address < r.size.max(1)) {
+                return Err(format!(
+                    "{path} points to {value:#x}, outside every allocation and global, at an object of changed type {}",
+                    self.old.type_name(pointee)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives `chunk` the type `old` (converted to `new`), tracing its
+    /// elements the first time it is given a shape.
+    fn claim(&mut self, chunk: usize, old: TypeId, new: Option<TypeId>, from: Via, field: Rc<str>) -> Result<(), String> {
+        let shaped = !matches!(self.old.ty(old), Type::Base { .. } | Type::Enum { .. } | Type::Unknown | Type::Function);
+        let expand = match &self.claims[chunk] {
+            None => true,
+            Some(c) if !c.shaped && shaped => true,
+            Some(c) if !shaped || !c.shaped => false,
+            Some(c) => {
+                if same_type(self.old, c.old, self.old, old) {
+                    // Reached again as the same type; a pair found now where
+                    // the first visit saw none is converted all the same.
+                    c.new.is_none() && new.is_some()
+                } else if c.new.is_some() || new.is_some() {
+                    return Err(format!(
+                        "the allocation at {:#x} is reached as {} ({}) and as {} ({}), and one of the two types changed",
+                        self.chunks.all()[chunk].start,
+                        self.old.type_name(c.old),
+                        path(self.roots, &self.claims, c.from, &c.field),
+                        self.old.type_name(old),
+                        path(self.roots, &self.claims, from, &field),
+                    ));
+                } else {
+                    false
+                }
+            }
+        };
+        if !expand {
+            return Ok(());
+        }
+        let path = path(self.roots, &self.claims, from, &field);
+        self.claims[chunk] = Some(Claim { old, new, shaped, from, field });
+        let c = self.chunks.all()[chunk];
+        let size = self.old.size_of(old).unwrap_or(0) as u32;
+        if size == 0 {
+            return Ok(());
+        }
+        if size > c.size && new.is_some() {
+            return Err(format!(
+                "{path} points to an allocation of {} bytes, smaller than its type {} ({size} bytes)",
+                c.size,
+                self.old.type_name(old)
+            ));
+        }
+        if !self.fields_of(old).is_empty() {
+            for i in 0..c.size / size {
+                self.work.push((c.start + i * size, old, new, Via::Object { chunk, element: i }));
+            }
+        }
+        Ok(())
+    }
+
+    /// How a value of `old` becomes one of `new`, and the pointee pairs of
+    /// its pointers that changed, by offset.
+    fn pair(&mut self, old: TypeId, new: TypeId, path: &str) -> Result<Rc<(ValueMap, HashMap<u64, TypeId>)>, String> {
+        if let Some(p) = self.pairs.get(&(old, new)) {
+            return Ok(p.clone());
+        }
+        let map = value_map_through_pointers(self.old, old, self.new, new, path).map_err(|e| e.to_string())?;
+        let pointees = map.pointers.iter().map(|p| (p.from, p.new)).collect();
+        let p = Rc::new((map, pointees));
+        self.pairs.insert((old, new), p.clone());
+        Ok(p)
+    }
+
+    fn fields_of(&mut self, ty: TypeId) -> Rc<Vec<Field>> {
+        if let Some(f) = self.fields.get(&ty) {
+            return f.clone();
+        }
+        let mut out = Vec::new();
+        collect_fields(self.old, ty, 0, "", &mut out, 0);
+        let f = Rc::new(out);
+        self.fields.insert(ty, f.clone());
+        f
+    }
+}
+
+/// Nesting deeper than this is a type this reader does not follow.
+const MAX_DEPTH: u32 = 32;
+
+fn collect_fields(debug: &DebugInfo, ty: TypeId, at: u32, path: &str, out: &mut Vec<Field>, depth: u32) {
+    let untyped = |out: &mut Vec<Field>, size: u64| {
+        out.push(Field { offset: at, kind: FieldKind::Untyped(size as u32), path: Rc::from(path) });
+    };
+    if depth > MAX_DEPTH {
+        return untyped(out, debug.size_of(ty).unwrap_or(0));
+    }
+    match debug.ty(ty) {
+        Type::Base { .. } | Type::Enum { .. } | Type::Function => {}
+        Type::Pointer { to: None } => untyped(out, 4),
+        Type::Pointer { to: Some(p) } => {
+            if !matches!(debug.ty(*p), Type::Function) {
+                out.push(Field { offset: at, kind: FieldKind::Pointer(*p), path: Rc::from(path) });
+            }
+        }
+        Type::Struct { members, .. } => {
+            for m in members.iter().filter(|m| m.bit_field.is_none()) {
+                let name = m.name.as_deref().unwrap_or("<anonymous>");
+                collect_fields(debug, m.ty, at + m.offset as u32, &format!("{path}.{name}"), out, depth + 1);
+            }
+        }
+        Type::Union { size, .. } => untyped(out, *size),
+        Type::Array { element, count } => {
+            let (Some(n), Some(size)) = (*count, debug.size_of(*element)) else { return };
+            let mut inner = Vec::new();
+            collect_fields(debug, *element, 0, "", &mut inner, depth + 1);
+            if inner.is_empty() {
+                return;
+            }
+            for i in 0..n {
+                for f in &inner {
+                    out.push(Field {
+                        offset: at + (i * size) as u32 + f.offset,
+                        kind: f.kind.clone(),
+                        path: Rc::from(format!("{path}[{i}]{}", f.path)),
+                    });
+                }
+            }
+        }
+        Type::Unknown => untyped(out, debug.size_of(ty).unwrap_or(4)),
+    }
+}
+
+/// The C expression of `field` in the traced value `via`, from its root,
+/// for messages: `conns[3]->next->buf`.
+fn path(roots: &[Root], claims: &[Option<Claim>], via: Via, field: &str) -> String {
+    path_within(roots, claims, via, field, 0)
+}
+
+fn path_within(roots: &[Root], claims: &[Option<Claim>], via: Via, field: &str, depth: u32) -> String {
+    // A claim upgraded from bytes to a struct may name a value reached
+    // through itself; a long path says nothing more anyway.
+    if depth > 32 {
+        return format!("...{field}");
+    }
+    match via {
+        Via::Root(r) => format!("{}{field}", roots[r].name),
+        Via::Object { chunk, element } => {
+            let Some(c) = claims.get(chunk).and_then(|c| c.as_ref()) else { return format!("?{field}") };
+            let pointer = path_within(roots, claims, c.from, &c.field, depth + 1);
+            match (element, field.strip_prefix('.')) {
+                (0, Some(member)) => format!("{pointer}->{member}"),
+                (0, None) if field.is_empty() => format!("*{pointer}"),
+                (0, None) => format!("(*{pointer}){field}"),
+                (i, _) => format!("{pointer}[{i}]{field}"),
+            }
+        }
+    }
+}
