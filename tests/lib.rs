@@ -553,6 +553,7 @@ impl UpdateReport {
         ("functions", &["changed", "added", "removed", "unchanged"]),
         ("globals", &["kept", "moved", "transformed", "added", "removed"]),
         ("frames", &["mapped"]),
+        ("heap", &["objects converted", "pointers rewritten"]),
         ("pause", &["us"]),
     ];
 

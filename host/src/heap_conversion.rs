@@ -53,15 +53,24 @@ pub(crate) fn trace(
     heap::trace(old, &plan.new, &plan.heap_roots, moved, memory, stack)
 }
 
+/// What [`convert`] did, for the update's report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeapCounts {
+    /// Allocations reallocated at their new type.
+    pub converted: usize,
+    /// Pointers rewritten to follow them (or a moved global).
+    pub rewritten: usize,
+}
+
 /// Allocates a new copy of every converted object, rewrites every recorded
 /// pointer in place, then copies each object through its map (new members
-/// zeroed). Returns the new copies' addresses, in the plan's order.
+/// zeroed).
 pub(crate) fn convert(
     plan: &heap::Plan,
     instance: &Instance,
     store: &mut Store<ProcessState>,
     unwinder: &Unwinder,
-) -> Result<Vec<u32>, String> {
+) -> Result<HeapCounts, String> {
     let memory = &unwinder.memory;
     let mut new_starts = Vec::with_capacity(plan.objects.len());
     if !plan.objects.is_empty() {
@@ -80,10 +89,12 @@ pub(crate) fn convert(
             new_starts.push(at);
         }
     }
+    let mut rewritten = 0;
     for &(slot, value) in &plan.slots {
         match plan.translate(value, &new_starts) {
             Landing::Unmoved => {}
             Landing::At(to) => {
+                rewritten += 1;
                 if !memory.write(u64::from(slot), &to.to_le_bytes()) {
                     return Err(format!("a pointer at {slot:#x} lies out of bounds"));
                 }
@@ -102,7 +113,7 @@ pub(crate) fn convert(
             }
         }
     }
-    Ok(new_starts)
+    Ok(HeapCounts { converted: new_starts.len(), rewritten })
 }
 
 /// Frees the old copy of every converted object, once nothing refers to it.

@@ -46,6 +46,7 @@ use crate::pause::ControlMemory;
 use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinder};
 use crate::fresh::{unreferenced, Area, FreshAreas};
 use crate::heap_conversion;
+pub use crate::heap_conversion::HeapCounts;
 use crate::program_memory::ProgramMemory;
 use crate::wasi::{self, UnwindHooks, WasiCtx};
 use crate::{Exit, Guest};
@@ -158,6 +159,8 @@ pub struct Report {
     pub prepare: Duration,
     /// Retired fresh areas found unreferenced at the commit: free for reuse.
     pub freed: Vec<Area>,
+    /// Heap objects of changed types converted, and pointers rewritten.
+    pub heap: HeapCounts,
 }
 
 impl std::fmt::Display for Report {
@@ -169,6 +172,8 @@ impl std::fmt::Display for Report {
         writeln!(f, "globals: {kept} kept, {moved} moved, {transformed} transformed, {added} added, {removed} removed")?;
         let (retreated, dropped) = self.retreated;
         writeln!(f, "frames: {} mapped, {retreated} retreated, {dropped} dropped", self.frames)?;
+        let HeapCounts { converted, rewritten } = self.heap;
+        writeln!(f, "heap: {converted} objects converted, {rewritten} pointers rewritten")?;
         writeln!(f, "pause: {} us", self.pause.as_micros())?;
         write!(f, "prepare: {} ms", self.prepare.as_millis())
     }
@@ -402,7 +407,7 @@ impl Guest {
 
         let mut previous = self.switch_to(prepared, new_meta).map_err(rollback)?;
         match self.finish_update(&mut previous, prepared, &stack, heap.as_ref()) {
-            Ok(()) => {
+            Ok(heap) => {
                 drop(previous);
                 let sp = self.stack_pointer(&prepared.next.version);
                 let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
@@ -426,6 +431,7 @@ impl Guest {
                     pause: paused_at.elapsed(),
                     prepare: prepared.prepare_time,
                     freed,
+                    heap,
                 })
             }
             Err(reason) => {
@@ -501,7 +507,7 @@ impl Guest {
         prepared: &Prepared,
         stack: &MappedStack,
         heap: Option<&heap::Plan>,
-    ) -> Result<(), String> {
+    ) -> Result<HeapCounts, String> {
         let linked = &prepared.linked;
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
@@ -551,10 +557,10 @@ impl Guest {
         };
         let converted = match heap {
             Some(h) => heap_conversion::convert(h, &self.instance, &mut self.store, u),
-            None => Ok(Vec::new()),
+            None => Ok(HeapCounts::default()),
         };
         let u = instrumented(&mut self.unwinder)?;
-        let converted = converted.and_then(|starts| {
+        let converted = converted.and_then(|counts| {
             // After the heap: the tracer rewrote pointers inside the old
             // copies, which these copies carry.
             for conversion in &linked.conversions {
@@ -565,14 +571,17 @@ impl Guest {
                     }
                 }
             }
-            Ok(starts)
+            Ok(counts)
         });
-        if let Err(reason) = converted {
-            if let Some(backup) = &backup {
-                u.memory.write(0, backup);
+        let counts = match converted {
+            Ok(counts) => counts,
+            Err(reason) => {
+                if let Some(backup) = &backup {
+                    u.memory.write(0, backup);
+                }
+                return Err(reason);
             }
-            return Err(reason);
-        }
+        };
         // A retreating frame's variables move within the shadow stack: the
         // bytes they overwrite are kept for a rollback.
         let sources: Vec<Vec<u8>> = stack
@@ -601,7 +610,7 @@ impl Guest {
             result = heap_conversion::free_old(h, &self.instance, &mut self.store, u);
         }
         match (result, backup) {
-            (Ok(()), _) => Ok(()),
+            (Ok(()), _) => Ok(counts),
             (Err(reason), None) => {
                 restore_frame(instrumented(&mut self.unwinder)?);
                 Err(reason)

@@ -56,11 +56,13 @@ fn start(chain: &str, version: &str, control: &Control) -> KillOnDrop {
 /// Reasons an update may still be refused after patchgen found it safe:
 /// the running program's state, which patchgen does not see (its `--help`
 /// says so): frames that cannot move, pointers to a global whose type
-/// changed, and a C transformer that fails, rolled back.
+/// changed, a heap the tracer cannot convert, and a C transformer that
+/// fails, rolled back.
 const DECIDED_AT_UPDATE_TIME: &[&str] = &[
     "cannot move to the new version",
     "whose type changed",
     "and it was rolled back",
+    "the heap cannot be converted",
 ];
 
 #[test]

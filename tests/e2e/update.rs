@@ -24,8 +24,9 @@ const TESTED_VERSIONS: &[(&str, &str, &str)] = &[
     ("kv-server", "kv-server-stuck-loop", "frames.rs: a_main_that_cannot_move_is_refused_and_the_old_version_serves_on"),
     ("kv-server", "kv-server-trap", "transform.rs: a_transformer_that_traps_rolls_the_update_back"),
     ("kv-server", "kv-server-v10", "frames.rs: an_update_waits_for_a_frame_that_cannot_move_to_leave_the_stack"),
-    ("kv-server", "kv-server-v11", "update.rs: a_pointer_to_a_global_whose_type_changes_refuses_the_update"),
-    ("kv-server", "kv-server-v12", "update.rs: a_pointer_to_a_global_whose_type_changes_refuses_the_update"),
+    ("kv-server", "kv-server-v11", "update.rs: a_typed_pointer_to_a_global_whose_type_changes_follows_it"),
+    ("kv-server", "kv-server-v12", "update.rs: a_typed_pointer_to_a_global_whose_type_changes_follows_it"),
+    ("kv-server", "kv-server-v13", "heap.rs: kv_entries_and_connections_gain_fields_on_the_heap_under_load"),
     ("kv-server", "kv-server-v2", "update.rs: kv_v1_to_v2_under_load, rollback.rs"),
     ("kv-server", "kv-server-v3", "update.rs: kv_v2_to_v3_under_load_carries_the_counts_field_by_field"),
     ("kv-server", "kv-server-v5", "transform.rs: a_c_transformer_carries_what_the_automatic_mapping_cannot"),
@@ -269,23 +270,24 @@ fn refused_updates_leave_the_old_version_serving() {
 }
 
 /// v11 keeps `&stats` in a global; v12 adds a field to `stats`, which then
-/// moves to fresh memory. The pointer cannot follow it: refused, v11 serves
-/// on. (v3 adds the same field to v2, which holds no such pointer, and goes
-/// through: `kv_v2_to_v3_under_load_carries_the_counts_field_by_field`.)
+/// moves to fresh memory, and reads it through that pointer. The heap
+/// tracer finds the typed pointer and rewrites it: STATS counts on, through
+/// the pointer, in the new copy.
 #[test]
-fn a_pointer_to_a_global_whose_type_changes_refuses_the_update() {
+fn a_typed_pointer_to_a_global_whose_type_changes_follows_it() {
     let (server, control) = start_kv("kv-server-v11", "update-pointer");
     let seeded = seed(server.port, "p", 20);
     let mut old = server.client();
     let before = old.request("STATS");
-    let reason = expect_error(&control.update(&guest("kv-server-v12")), 1);
-    assert_eq!(
-        reason,
-        "update refused: global `stats_view` holds the address of `stats`, whose type changed: it would still point at the old copy; the old version runs on"
-    );
-    assert_eq!(control.running_version(), sha256_file(&guest("kv-server-v11")), "v11 runs on");
+    let report = expect_report(&control.update(&guest("kv-server-v12")));
+    assert_eq!(report.count("globals", "moved"), 1, "{report:?}");
+    assert_eq!(report.count("heap", "pointers rewritten"), 1, "{report:?}");
+    assert_eq!(control.running_version(), sha256_file(&guest("kv-server-v12")), "v12 runs");
     let after = old.request("STATS");
+    let again = old.request("STATS");
     assert_eq!(stat(&after, "requests"), stat(&before, "requests") + 1, "{before} then {after}");
+    assert_eq!(stat(&again, "requests"), stat(&after, "requests") + 1, "counted in the copy the pointer reads: {after} then {again}");
+    assert_eq!(stat(&again, "bytes_in"), stat(&after, "bytes_in") + "STATS\n".len() as u64, "{after} then {again}");
     assert!(missing_keys(server.port, &seeded).is_empty());
 }
 

@@ -297,8 +297,13 @@ pub fn trace(
     if !roots.any_changed() {
         return Ok(None);
     }
-    let chunks = dlmalloc::walk(old, memory).map_err(|e| e.to_string())?.unwrap_or_default();
+    let chunks = dlmalloc::walk(old, memory)
+        .map_err(|e| format!("the heap cannot be converted: {e}"))?
+        .unwrap_or_default();
     let mut untyped = roots.untyped.clone();
     untyped.extend(extra_untyped);
-    trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, &roots.globals, &moved).run(untyped).map(Some)
+    trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, &roots.globals, &moved)
+        .run(untyped)
+        .map(Some)
+        .map_err(|e| format!("the heap cannot be converted: {e}"))
 }
