@@ -121,8 +121,9 @@ pub(crate) struct ModuleInfo<'a> {
     pub has_data_count: bool,
     pub code_section_start: usize,
     pub bodies: Vec<Body>,
-    /// The program's own `malloc` and `free`, by the name section: the host
-    /// converts heap objects through them (see [`crate::abi::exports::MALLOC`]).
+    /// The program's own `malloc` and `free` (or `dlmalloc`, `dlfree`), by
+    /// the name section: the host converts heap objects through them (see
+    /// [`crate::abi::exports::MALLOC`]).
     pub allocator: Vec<(&'static str, u32)>,
 }
 
@@ -383,21 +384,30 @@ fn collect<'a>(info: &mut ModuleInfo<'a>, ref_funcs: &mut HashSet<u32>, payload:
     Ok(())
 }
 
-/// Finds the defined functions named `malloc` and `free`. A malformed name
-/// section only means no allocator: names are not semantics.
+/// Finds the defined functions named `malloc` and `free`, or dlmalloc's
+/// own `dlmalloc` and `dlfree` (wasi-libc's `free` is linked only if the
+/// program calls it; `realloc` calls `dlfree`). A malformed name section
+/// only means no allocator: names are not semantics.
 fn collect_allocator(info: &mut ModuleInfo<'_>, names: wasmparser::NameSectionReader<'_>) {
     use crate::abi::exports::{FREE, MALLOC};
+    // (export, preferred name, fallback name)
+    const WANTED: [(&str, &str, &str); 2] = [(MALLOC, "malloc", "dlmalloc"), (FREE, "free", "dlfree")];
+    let mut found: [(Option<u32>, Option<u32>); 2] = [(None, None); 2];
     for name in names.into_iter().flatten() {
         let wasmparser::Name::Function(map) = name else { continue };
-        for naming in map.into_iter().flatten() {
-            let export = match naming.name {
-                "malloc" => MALLOC,
-                "free" => FREE,
-                _ => continue,
-            };
-            if naming.index >= info.num_imported_funcs {
-                info.allocator.push((export, naming.index));
+        for naming in map.into_iter().flatten().filter(|n| n.index >= info.num_imported_funcs) {
+            for (slot, (_, preferred, fallback)) in found.iter_mut().zip(WANTED) {
+                if naming.name == preferred {
+                    slot.0 = Some(naming.index);
+                } else if naming.name == fallback {
+                    slot.1 = Some(naming.index);
+                }
             }
+        }
+    }
+    for ((preferred, fallback), (export, _, _)) in found.into_iter().zip(WANTED) {
+        if let Some(func) = preferred.or(fallback) {
+            info.allocator.push((export, func));
         }
     }
 }

@@ -4,7 +4,7 @@
 //! converted member by member (new members zero), and every typed pointer to
 //! it is rewritten, with no code written for it.
 
-use upstare_tests::{expect_report, guest, missing_keys, sha256_file, Load};
+use upstare_tests::{expect_error, expect_report, guest, missing_keys, sha256_file, Client, Control, Load, Server};
 
 use crate::update::{seed, start_kv};
 
@@ -52,4 +52,92 @@ fn kv_entries_and_connections_gain_fields_on_the_heap_under_load() {
     assert_eq!(reader.request("SET fresh one"), "OK");
     assert_eq!(reader.request("GET fresh"), "VALUE one");
     assert_eq!(reader.request("HITS fresh"), "HITS 1");
+}
+
+/// A heapgraph server of `version` with a control socket, grown to 1,000
+/// elements in each structure, and a client on it.
+fn start_graph(version: &str, tag: &str) -> (Server, Control, Client) {
+    let control = Control::new(tag);
+    let (server, first) = Server::start(&guest(version), &["--control", &control.path()], &[]);
+    assert_eq!(first.trim(), "heapgraph: listening", "{version} starts");
+    let mut client = server.client();
+    assert_eq!(client.request("GROW 1000"), "GREW 1000");
+    (server, control, client)
+}
+
+const SUM_OF_1000: &str =
+    "SUM list=1000/500500 tree=1000/49942098/ok recs=1000/500500/124875.00 heaviest=249.75/ok";
+
+/// Every element of a linked list, of a tree whose nodes point to their
+/// parents, and of an array allocated as `malloc(n * sizeof)` and grown by
+/// `realloc` is converted, with the pointer into one record's member
+/// (`heaviest`) following it; the new version's `realloc` then grows the
+/// converted array.
+#[test]
+fn a_list_a_tree_with_parents_and_a_grown_array_are_converted_element_by_element() {
+    let (_server, control, mut client) = start_graph("heapgraph", "heap-graph");
+    assert_eq!(client.request("SUM"), SUM_OF_1000);
+    let report = expect_report(&control.update(&guest("heapgraph-v2")));
+    // 1,000 list nodes, 1,000 tree nodes, one array.
+    assert_eq!(report.count("heap", "objects converted"), 2001, "{report:?}");
+    // `list` and 999 `next`s; `root`, 999 `left`s and `right`s and 999
+    // `parent`s; `records.recs` and `records.heaviest`.
+    assert_eq!(report.count("heap", "pointers rewritten"), 3001, "{report:?}");
+    assert_eq!(client.request("SUM"), SUM_OF_1000, "every structure whole, in the new layout");
+    assert_eq!(client.request("FRESH"), "FRESH nodes=1000 trees=1000 recs=1000", "new members start at zero");
+    assert_eq!(client.request("GROW 10"), "GREW 1010");
+    assert_eq!(
+        client.request("SUM"),
+        "SUM list=1010/510555 tree=1010/50565273/ok recs=1010/510555/125383.75 heaviest=249.75/ok"
+    );
+    assert_eq!(client.request("FRESH"), "FRESH nodes=1000 trees=1000 recs=1000");
+}
+
+/// The tracer cannot tell what a `void *` holds: when it holds the address
+/// of an object that would be converted, the update is refused, naming it.
+#[test]
+fn a_void_pointer_to_an_object_of_a_changed_type_refuses_the_update() {
+    let (_server, control, mut client) = start_graph("heapgraph-opaque", "heap-opaque");
+    let reason = expect_error(&control.update(&guest("heapgraph-opaque-v2")), 1);
+    assert!(
+        reason.starts_with("update refused: the heap cannot be converted: opaque may hold a pointer to an object of changed type struct node"),
+        "{reason}"
+    );
+    assert_eq!(control.running_version(), sha256_file(&guest("heapgraph-opaque")));
+    assert_eq!(client.request("SUM"), SUM_OF_1000);
+    assert_eq!(client.request("FRESH"), "ERROR unknown command", "the old version serves on");
+}
+
+/// Which member of a union is live is unknown, so a union over a changed
+/// struct cannot be carried.
+#[test]
+fn a_union_over_a_changed_struct_refuses_the_update() {
+    let (_server, control, mut client) = start_graph("heapgraph-union", "heap-union");
+    let reason = expect_error(&control.update(&guest("heapgraph-union-v2")), 1);
+    assert!(reason.contains("global `either` changed type") && reason.contains("union either changed layout"), "{reason}");
+    assert_eq!(client.request("SUM"), SUM_OF_1000);
+}
+
+/// v3's transformer traps after the heap was converted (objects allocated,
+/// pointers rewritten, members copied): the rollback leaves memory byte for
+/// byte as it was, allocator state included, and v2 then applies.
+#[test]
+fn a_failure_after_the_heap_was_converted_rolls_back_byte_for_byte() {
+    let (_server, control, mut client) = start_graph("heapgraph", "heap-rollback");
+    let idle = control.checkpoint("before");
+    let reason = expect_error(&control.update(&guest("heapgraph-trap")), 1);
+    assert!(reason.contains("rolled back") && reason.contains("upstare_transform_grown"), "{reason}");
+    let rolled_back = control.checkpoint("after");
+    // Memory may have grown (fresh memory, or malloc asking for more);
+    // what was there is as it was.
+    let first_difference = idle.memory.iter().zip(&rolled_back.memory).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "memory differs after the rollback");
+    assert_eq!(rolled_back.globals, idle.globals);
+    assert_eq!(rolled_back.frames, idle.frames);
+    assert_eq!(client.request("SUM"), SUM_OF_1000);
+    assert_eq!(client.request("GROW 5"), "GREW 1005", "the old allocator state works");
+
+    let report = expect_report(&control.update(&guest("heapgraph-v2")));
+    assert_eq!(report.count("heap", "objects converted"), 2011, "{report:?}");
+    assert_eq!(client.request("FRESH"), "FRESH nodes=1005 trees=1005 recs=1005");
 }

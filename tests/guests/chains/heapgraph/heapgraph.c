@@ -1,0 +1,273 @@
+/*
+ * heapgraph: a line server over linked structures on the heap, for the
+ * heap conversion tests. One connection at a time (accept, then recv until
+ * the client closes), on the listener the host preopens.
+ *
+ * The structures, all reached from globals: a singly linked list, a binary
+ * search tree whose nodes point to their parents, and an array of records
+ * allocated as malloc(n * sizeof) and grown with realloc(), with a pointer
+ * into one record's member (`heaviest`).
+ *
+ * Commands: GROW n (adds n elements to every structure), SUM (checks every
+ * structure and prints checksums), and from version 2 on, FRESH (counts the
+ * elements whose new members are still zero).
+ *
+ * -DGRAPH_VERSION=N:
+ *   1  as above.
+ *   2  every struct gains a member placed so that the members after it
+ *      move: an update 1 -> 2 converts every element.
+ *   3  is 2 with a transformer for `grown` that traps once the heap has
+ *      been converted: an update 1 -> 3 is rolled back, memory and all.
+ * -DGRAPH_OPAQUE also keeps a list node in a `void *` global, and
+ * -DGRAPH_UNION in a union: the tracer cannot tell what those hold, so an
+ * update that converts list nodes is refused.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <upstare.h>
+
+#ifndef GRAPH_VERSION
+#define GRAPH_VERSION 1
+#endif
+
+struct node {
+#if GRAPH_VERSION >= 2
+    long stamp;
+#endif
+    int value;
+    struct node *next;
+};
+
+struct tree {
+    int key;
+#if GRAPH_VERSION >= 2
+    int depth;
+#endif
+    struct tree *left, *right, *parent;
+};
+
+struct rec {
+    int id;
+#if GRAPH_VERSION >= 2
+    double bias;
+#endif
+    double weight;
+};
+
+struct records {
+    struct rec *recs; /* malloc(n * sizeof *recs), grown by realloc */
+    int n, cap;
+    double *heaviest; /* &recs[i].weight of the heaviest record */
+};
+
+/* Not static: the optimizer may split a static struct into one symbol per
+   member, without the debug info the tracer types pointers by. */
+struct node *list;
+struct tree *root;
+struct records records;
+int grown;
+#if GRAPH_OPAQUE
+void *opaque;
+#endif
+#if GRAPH_UNION
+union either {
+    struct node *node;
+    long bits;
+} either;
+#endif
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n);
+    if (!p) {
+        fputs("heapgraph: out of memory\n", stderr);
+        exit(1);
+    }
+    return p;
+}
+
+static void grow(int n)
+{
+    for (int i = 0; i < n; i++) {
+        int k = ++grown;
+        struct node *node = xmalloc(sizeof *node);
+        node->value = k;
+        node->next = list;
+#if GRAPH_VERSION >= 2
+        node->stamp = k;
+#endif
+        list = node;
+
+        struct tree *t = xmalloc(sizeof *t);
+        t->key = (int)((k * 7919L) % 100003);
+        t->left = t->right = t->parent = NULL;
+        struct tree **at = &root;
+        struct tree *parent = NULL;
+        int depth = 0;
+        while (*at) {
+            parent = *at;
+            at = t->key < parent->key ? &parent->left : &parent->right;
+            depth++;
+        }
+        t->parent = parent;
+#if GRAPH_VERSION >= 2
+        t->depth = depth + 1;
+#else
+        (void)depth;
+#endif
+        *at = t;
+
+        if (records.n == records.cap) {
+            size_t heaviest = records.heaviest ? (size_t)((char *)records.heaviest - (char *)records.recs) : 0;
+            records.cap = records.cap ? records.cap * 2 : 4;
+            records.recs = realloc(records.recs, records.cap * sizeof *records.recs);
+            if (!records.recs)
+                exit(1);
+            if (records.heaviest)
+                records.heaviest = (double *)((char *)records.recs + heaviest);
+        }
+        struct rec *r = &records.recs[records.n++];
+        r->id = k;
+        r->weight = (k * 37 % 1000) / 4.0;
+#if GRAPH_VERSION >= 2
+        r->bias = 1.0;
+#endif
+        if (!records.heaviest || r->weight > *records.heaviest)
+            records.heaviest = &r->weight;
+    }
+#if GRAPH_OPAQUE
+    opaque = list;
+#endif
+#if GRAPH_UNION
+    either.node = list;
+#endif
+}
+
+/* Walks the tree in order: counts, sums, and checks order and parents. */
+static int walk(const struct tree *t, const struct tree *parent, long *sum, int *last, int *ok)
+{
+    if (!t)
+        return 0;
+    if (t->parent != parent)
+        *ok = 0;
+    int n = walk(t->left, t, sum, last, ok);
+    if (t->key < *last)
+        *ok = 0;
+    *last = t->key;
+    *sum += t->key;
+    return n + 1 + walk(t->right, t, sum, last, ok);
+}
+
+static void sum(char *out, size_t cap)
+{
+    long list_sum = 0, tree_sum = 0, ids = 0;
+    int list_n = 0, last = -1, ok = 1;
+    for (const struct node *n = list; n; n = n->next) {
+        list_n++;
+        list_sum += n->value;
+    }
+    int tree_n = walk(root, NULL, &tree_sum, &last, &ok);
+    double weight = 0;
+    int heaviest_ok = records.n == 0;
+    for (int i = 0; i < records.n; i++) {
+        ids += records.recs[i].id;
+        weight += records.recs[i].weight;
+        if (&records.recs[i].weight == records.heaviest)
+            heaviest_ok = 1;
+    }
+    snprintf(out, cap, "SUM list=%d/%ld tree=%d/%ld/%s recs=%d/%ld/%.2f heaviest=%.2f/%s", list_n, list_sum,
+             tree_n, tree_sum, ok ? "ok" : "broken", records.n, ids, weight,
+             records.heaviest ? *records.heaviest : 0.0, heaviest_ok ? "ok" : "dangling");
+}
+
+#if GRAPH_VERSION >= 2
+static void fresh(char *out, size_t cap)
+{
+    int nodes = 0, trees = 0, recs = 0;
+    for (const struct node *n = list; n; n = n->next)
+        nodes += n->stamp == 0;
+    /* every tree node is reachable from its parent: walk them by pointer */
+    const struct tree *stack[64];
+    int top = 0;
+    if (root)
+        stack[top++] = root;
+    while (top) {
+        const struct tree *t = stack[--top];
+        trees += t->depth == 0;
+        if (t->left && top < 64)
+            stack[top++] = t->left;
+        if (t->right && top < 64)
+            stack[top++] = t->right;
+    }
+    for (int i = 0; i < records.n; i++)
+        recs += records.recs[i].bias == 0;
+    snprintf(out, cap, "FRESH nodes=%d trees=%d recs=%d", nodes, trees, recs);
+}
+#endif
+
+#if GRAPH_VERSION == 3
+UPSTARE_TRANSFORM(grown)
+{
+    *(int *)new_value = *(const int *)old_value;
+    __builtin_trap();
+}
+#endif
+
+/* Answers one line into `out`. Out of line, so that main's frame stays the
+   same in every version. */
+__attribute__((noinline)) static void handle(const char *line, char *out, size_t cap)
+{
+    if (strncmp(line, "GROW ", 5) == 0) {
+        grow(atoi(line + 5));
+        snprintf(out, cap, "GREW %d", grown);
+    } else if (strcmp(line, "SUM") == 0) {
+        sum(out, cap);
+#if GRAPH_VERSION >= 2
+    } else if (strcmp(line, "FRESH") == 0) {
+        fresh(out, cap);
+#endif
+    } else {
+        snprintf(out, cap, "ERROR unknown command");
+    }
+}
+
+int main(void)
+{
+    int listener = upstare_listener_fd(0);
+    if (listener < 0) {
+        fputs("heapgraph: no listener\n", stderr);
+        return 1;
+    }
+    printf("heapgraph: listening\n");
+    fflush(stdout);
+    static char in[4096], out[256];
+    for (;;) {
+        int fd = accept(listener, NULL, NULL);
+        if (fd < 0)
+            continue;
+        size_t len = 0;
+        for (;;) {
+            ssize_t got = recv(fd, in + len, sizeof in - 1 - len, 0);
+            if (got <= 0)
+                break;
+            len += (size_t)got;
+            char *nl;
+            while ((nl = memchr(in, '\n', len))) {
+                *nl = '\0';
+                handle(in, out, sizeof out);
+                size_t n = strlen(out);
+                out[n++] = '\n';
+                send(fd, out, n, 0);
+                len -= (size_t)(nl + 1 - in);
+                memmove(in, nl + 1, len);
+            }
+            if (len == sizeof in - 1)
+                break;
+        }
+        close(fd);
+    }
+}
