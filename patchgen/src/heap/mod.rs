@@ -217,10 +217,9 @@ impl Plan {
                 return Landing::Dropped;
             }
         }
+        // One past a moved global's end has no counterpart the map knows
+        // of (its new size is not the map's): dropped.
         match self.moved.iter().find(|m| m.contains(address)) {
-            Some(m) if address - m.old_address == m.old_size => {
-                Landing::At(m.new_address + m.map.copies.last().map_or(0, |c| (c.to + c.len) as u32))
-            }
             Some(m) => match map_offset(&m.map, address - m.old_address) {
                 Some(to) => Landing::At(m.new_address + to),
                 None => Landing::Dropped,
@@ -306,4 +305,50 @@ pub fn trace(
         .run(untyped)
         .map(Some)
         .map_err(|e| format!("the heap cannot be converted: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dwarf::ByteCopy;
+
+    /// `struct { int a; int b; }` becoming `struct { long n; int a; int b; }`
+    /// with `b` dropped: `a` moves from 0 to 8.
+    fn plan() -> Plan {
+        let map = ValueMap { copies: vec![ByteCopy { from: 0, to: 8, len: 4 }], ..ValueMap::default() };
+        let object = Object {
+            start: 0x1000,
+            count: 3,
+            old_size: 8,
+            new_size: 16,
+            map: map.clone(),
+            chunk_size: 28,
+            type_name: "struct s".into(),
+            path: "s".into(),
+        };
+        let moved = Moved { old_address: 0x200, old_size: 8, new_address: 0x9000, map };
+        Plan { objects: vec![object], slots: Vec::new(), moved: vec![moved], pointers_traced: 0 }
+    }
+
+    #[test]
+    fn addresses_land_on_the_same_member_of_the_same_element() {
+        let p = plan();
+        assert_eq!(p.translate(0x1000, &[0x5000]), Landing::At(0x5000), "the start");
+        assert_eq!(p.translate(0x1010, &[0x5000]), Landing::At(0x5020), "element 2");
+        assert_eq!(p.translate(0x1018, &[0x5000]), Landing::At(0x5030), "one past the end");
+        assert_eq!(p.translate(0x1014, &[0x5000]), Landing::Dropped, "`b` of element 2 is dropped");
+        assert_eq!(p.translate(0x101a, &[0x5000]), Landing::Dropped, "the chunk's slack holds no element");
+        assert_eq!(p.translate(0x101c, &[0x5000]), Landing::Unmoved, "past the chunk");
+        assert_eq!(p.translate(0x0fff, &[0x5000]), Landing::Unmoved);
+    }
+
+    #[test]
+    fn addresses_in_a_moved_global_follow_it() {
+        let p = plan();
+        assert_eq!(p.translate(0x200, &[0x5000]), Landing::At(0x9000));
+        assert_eq!(p.translate(0x204, &[0x5000]), Landing::Dropped);
+        assert_eq!(p.translate(0x208, &[0x5000]), Landing::Dropped, "one past the end: the new size is unknown");
+        assert_eq!(p.object_at(0x101b).map(|o| o.start), Some(0x1000));
+        assert!(p.object_at(0x101c).is_none());
+    }
 }

@@ -75,7 +75,17 @@ pub(super) struct Tracer<'a> {
     work: Vec<(u32, TypeId, Option<TypeId>, Via)>,
     slots: Vec<(u32, u32)>,
     untyped: Vec<Region>,
+    inside: Vec<Inside>,
     pointers: u64,
+}
+
+/// A pointer to a changed type into the middle of an allocation.
+struct Inside {
+    chunk: usize,
+    value: u32,
+    pointee: TypeId,
+    from: Via,
+    field: Rc<str>,
 }
 
 impl<'a> Tracer<'a> {
@@ -100,6 +110,7 @@ impl<'a> Tracer<'a> {
             work: Vec::new(),
             slots: Vec::new(),
             untyped: Vec::new(),
+            inside: Vec::new(),
             pointers: 0,
         }
     }
@@ -113,6 +124,18 @@ impl<'a> Tracer<'a> {
             self.visit(at, old, new, via)?;
         }
         let mut objects = Vec::new();
+        for i in &self.inside {
+            if !self.claims[i.chunk].as_ref().is_some_and(|c| c.new.is_some()) {
+                let c = self.chunks.all()[i.chunk];
+                return Err(format!(
+                    "{} points {} bytes into an allocation of {} bytes whose type the trace cannot tell, where an object of changed type {} cannot be converted (an allocator wrapper that keeps a header before each object hides it)",
+                    path(self.roots, &self.claims, i.from, &i.field),
+                    i.value - c.start,
+                    c.size,
+                    self.old.type_name(i.pointee)
+                ));
+            }
+        }
         let claims = std::mem::take(&mut self.claims);
         for (chunk, claim) in claims.iter().enumerate() {
             let start = self.chunks.all()[chunk].start;
@@ -198,7 +221,11 @@ impl<'a> Tracer<'a> {
                 // Into the allocation, not at its start (an element, a
                 // member): an alias, rewritten with whatever the allocation
                 // turns out to be. Only the pointer `malloc` returned, or a
-                // copy of it, says what the allocation is.
+                // copy of it, says what the allocation is; a pointer to a
+                // changed type must find that it was converted.
+                if new_pointee.is_some() {
+                    self.inside.push(Inside { chunk, value, pointee, from: via, field: field.clone() });
+                }
                 return Ok(());
             }
             return self.claim(chunk, pointee, new_pointee, via, field.clone());
