@@ -411,6 +411,16 @@ fn value_maps_refuse_what_cannot_carry_over() {
     assert!(matches!(err("bits").reason, dwarf::MapReason::BitFields));
     assert!(!same_type(&d1, ty(&d1, "head"), &d3, ty(&d3, "head")));
     assert!(value_map(&d1, ty(&d1, "stats"), &d3, ty(&d3, "stats")).unwrap_err().path == "last.when");
+    // Through pointers, for a heap that is traced: `holder.p` is copied as
+    // it is and listed with its two pointee types, for the tracer to follow.
+    let through = dwarf::value_map_through_pointers(&d1, ty(&d1, "holder"), &d3, ty(&d3, "holder"), "holder").unwrap();
+    let p = member(&d1, ty(&d1, "holder"), "p");
+    assert_eq!(through.pointers.len(), 1, "{through:?}");
+    assert_eq!((through.pointers[0].from, through.pointers[0].to), (p.offset, member(&d3, ty(&d3, "holder"), "p").offset));
+    assert!(through.copies.iter().any(|c| c.from <= p.offset && p.offset + 4 <= c.from + c.len), "the pointer is copied: {through:?}");
+    // Unions and members that changed kind are refused all the same.
+    assert!(dwarf::value_map_through_pointers(&d1, ty(&d1, "un"), &d3, ty(&d3, "un"), "un").is_err());
+    assert!(dwarf::value_map_through_pointers(&d1, ty(&d1, "stats"), &d3, ty(&d3, "stats"), "stats").is_err());
 }
 
 /// A release that changes a struct deep inside a graph of structs (as
@@ -448,7 +458,7 @@ int main(void) {{
     let d2 = DebugInfo::parse(&gained).unwrap();
     assert_eq!(
         err(&d2, "shared_list"),
-        "shared_list: the type struct shared it points to changed layout (struct parse, reached as shared.db->parse, gained member alloc) (objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version)"
+        "shared_list: the type struct shared it points to changed layout (struct parse, reached as shared.db->parse, gained member alloc) (the objects it points to must be converted too: map it with value_map_through_pointers and trace them)"
     );
     assert_eq!(
         err(&d2, "args"),
@@ -465,7 +475,7 @@ int main(void) {{
     let d3 = DebugInfo::parse(&resized).unwrap();
     assert_eq!(
         err(&d3, "shared_list"),
-        "shared_list: the type struct shared it points to changed layout (struct conn, reached as shared.db, member limits became int[5] (was int[4])) (objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version)"
+        "shared_list: the type struct shared it points to changed layout (struct conn, reached as shared.db, member limits became int[5] (was int[4])) (the objects it points to must be converted too: map it with value_map_through_pointers and trace them)"
     );
     // A member struct that grows is explained from inside.
     let d4 = DebugInfo::parse(&nested).unwrap();
@@ -523,7 +533,7 @@ struct lib *lib_open(void) {{ return last_opened = calloc(1, sizeof(struct lib))
     let err = value_map_named(&d1, ty(&d1, "handle"), &d2, ty(&d2, "handle"), "handle").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "handle: the type struct lib it points to changed layout (struct lib gained member flags) (objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version)"
+        "handle: the type struct lib it points to changed layout (struct lib gained member flags) (the objects it points to must be converted too: map it with value_map_through_pointers and trace them)"
     );
 
     let Type::Pointer { to: Some(other) } = d1.ty(ty(&d1, "ambiguous")) else { panic!("ambiguous is a pointer") };

@@ -283,10 +283,10 @@ impl MapReason {
     /// What a user can do about it.
     pub fn advice(&self) -> &'static str {
         match self {
-            // The value itself would map; what it points to would not, and
-            // those objects (on the heap, mostly) are not converted.
+            // The value itself would map; what it points to needs
+            // converting too, which only a mapping through pointers plans.
             MapReason::Pointee { .. } => {
-                "objects of a changed type are not converted yet: keep the old type, convert them in a transformer, or restart onto the new version"
+                "the objects it points to must be converted too: map it with value_map_through_pointers and trace them"
             }
             _ => "keep the old type, or transform this value by hand",
         }

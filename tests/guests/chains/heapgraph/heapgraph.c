@@ -9,8 +9,9 @@
  * into one record's member (`heaviest`).
  *
  * Commands: GROW n (adds n elements to every structure), SUM (checks every
- * structure and prints checksums), and from version 2 on, FRESH (counts the
- * elements whose new members are still zero).
+ * structure and prints checksums), BALLAST n (allocates n MiB of bytes, for
+ * a big heap), and from version 2 on, FRESH (counts the elements whose new
+ * members are still zero).
  *
  * -DGRAPH_VERSION=N:
  *   1  as above.
@@ -70,6 +71,7 @@ struct node *list;
 struct tree *root;
 struct records records;
 int grown;
+char *ballast;
 #if GRAPH_OPAQUE
 void *opaque;
 #endif
@@ -224,6 +226,12 @@ __attribute__((noinline)) static void handle(const char *line, char *out, size_t
     if (strncmp(line, "GROW ", 5) == 0) {
         grow(atoi(line + 5));
         snprintf(out, cap, "GREW %d", grown);
+    } else if (strncmp(line, "BALLAST ", 8) == 0) {
+        size_t bytes = (size_t)atoi(line + 8) << 20;
+        ballast = malloc(bytes);
+        if (ballast)
+            memset(ballast, 1, bytes);
+        snprintf(out, cap, ballast ? "BALLAST %s" : "ERROR out of memory", line + 8);
     } else if (strcmp(line, "SUM") == 0) {
         sum(out, cap);
 #if GRAPH_VERSION >= 2
