@@ -15,18 +15,12 @@
 //! (defaults 500000 elements, that is 10^6 objects, and 1024 MiB).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use upstare_host::control::{self, ControlSocket, Request, Response};
-use upstare_host::supervise::{self, Identity};
-use upstare_host::{new_engine, Guest, GuestConfig, GuestModule};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+mod common;
+use common::{report_field as field, root, Served};
 
 fn request(stream: &mut TcpStream, line: &str) -> String {
     stream.write_all(format!("{line}\n").as_bytes()).unwrap();
@@ -34,15 +28,6 @@ fn request(stream: &mut TcpStream, line: &str) -> String {
     let mut reply = String::new();
     reader.read_line(&mut reply).unwrap();
     reply.trim_end().to_string()
-}
-
-fn field(report: &str, label: &str) -> u64 {
-    report
-        .lines()
-        .find_map(|l| l.strip_prefix(label))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no `{label}` in the report:\n{report}"))
 }
 
 fn main() {
@@ -59,28 +44,8 @@ fn main() {
     assert!(status.success(), "guest-examples/build.sh failed");
     let (v1, v2) = (guests.join("heapgraph.wasm"), guests.join("heapgraph-v2.wasm"));
 
-    let engine = new_engine().unwrap();
-    let module = GuestModule::load(&engine, &v1).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let socket_path = std::env::temp_dir().join(format!("upstare-bench-heap-{}.sock", std::process::id()));
-    let socket = ControlSocket::bind(&socket_path).unwrap();
-    let identity = Identity { module: v1.display().to_string(), hash: module.hash_hex() };
-    let make_engine = engine.clone();
-    std::thread::spawn(move || {
-        let make = move || {
-            let mut config = GuestConfig::new(vec!["heapgraph".into()]);
-            config.listeners.push(listener);
-            Guest::new(&make_engine, &module, config).map_err(|e| e.to_string())
-        };
-        let _ = supervise::run(make, identity, Some(socket), Duration::from_secs(5), None);
-    });
-    let mut client = loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => break s,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let served = Served::start(&v1, &["heapgraph"], "heap");
+    let mut client = served.connect();
     let started = Instant::now();
     assert_eq!(request(&mut client, &format!("BALLAST {ballast}")), format!("BALLAST {ballast}"));
     assert_eq!(request(&mut client, &format!("GROW {elements}")), format!("GREW {elements}"));
@@ -92,10 +57,7 @@ fn main() {
     println!("{:<28} {:>10} {:>10} {:>10} {:>12}", "update", "pause us", "converted", "rewritten", "us/object");
     let mut none = 0;
     for (what, to) in [("same module (no type change)", &v1), ("to v2 (every object)", &v2), ("v2 again (no type change)", &v2)] {
-        let reply = match control::request(&socket_path, &Request::Update(to.clone(), 10_000)).unwrap() {
-            Response::Done { body, .. } => body.join("\n"),
-            refused => panic!("update failed: {refused:?}"),
-        };
+        let reply = served.update(to, 10_000);
         let (pause, converted) = (field(&reply, "pause: "), field(&reply, "heap: "));
         let rewritten = reply
             .lines()
@@ -114,5 +76,4 @@ fn main() {
         println!("{what:<28} {pause:>10} {converted:>10} {rewritten:>10} {per:>12}");
         assert_eq!(request(&mut client, "SUM"), sum, "the structures after `{what}`");
     }
-    let _ = std::fs::remove_file(&socket_path);
 }

@@ -18,21 +18,14 @@
 //! (defaults 20 updates, 100 MB).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
 
-use upstare_host::control::{self, ControlSocket, Request, Response};
-use upstare_host::supervise::{self, Identity};
-use upstare_host::{new_engine, Guest, GuestConfig, GuestModule};
+mod common;
+use common::{report_field as field, root, Served};
 
 const VALUE_SIZE: usize = 4096;
 const IDLE_CONNECTIONS: usize = 50;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
 
 fn resident_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -61,15 +54,6 @@ fn exchange(stream: &mut TcpStream, lines: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn field(report: &str, label: &str) -> u64 {
-    report
-        .lines()
-        .find_map(|l| l.strip_prefix(label))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no `{label}` in the report:\n{report}"))
-}
-
 fn main() {
     let mut numbers = std::env::args().skip(1).filter_map(|a| a.parse::<usize>().ok());
     let updates = numbers.next().unwrap_or(20);
@@ -81,28 +65,9 @@ fn main() {
     let v1 = guests.join("kv-server.wasm");
     let v2 = guests.join("kv-server-v2.wasm");
 
-    let engine = new_engine().unwrap();
-    let module = GuestModule::load(&engine, &v1).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let socket_path = std::env::temp_dir().join(format!("upstare-bench-update-{}.sock", std::process::id()));
-    let socket = ControlSocket::bind(&socket_path).unwrap();
-    let identity = Identity { module: v1.display().to_string(), hash: module.hash_hex() };
-    let make_engine = engine.clone();
-    std::thread::spawn(move || {
-        let make = move || {
-            let mut config = GuestConfig::new(vec!["kv".into(), "--max-conns".into(), "200".into()]);
-            config.listeners.push(listener);
-            Guest::new(&make_engine, &module, config).map_err(|e| e.to_string())
-        };
-        let _ = supervise::run(make, identity, Some(socket), Duration::from_secs(5), None);
-    });
-    let mut client = loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => break s,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let served = Served::start(&v1, &["kv", "--max-conns", "200"], "update");
+    let addr = served.addr;
+    let mut client = served.connect();
 
     let keys = megabytes * (1 << 20) / VALUE_SIZE;
     let value = "v".repeat(VALUE_SIZE - 1);
@@ -119,10 +84,7 @@ fn main() {
     let mut pauses = Vec::new();
     for i in 0..updates {
         let to = if i % 2 == 0 { &v2 } else { &v1 };
-        let reply = match control::request(&socket_path, &Request::Update(to.clone(), 2000)).unwrap() {
-            Response::Done { body, .. } => body.join("\n"),
-            refused => panic!("update failed: {refused:?}"),
-        };
+        let reply = served.update(to, 2000);
         let pause = field(&reply, "pause: ");
         println!(
             "{:>3} {:>14} {:>10} {:>12} {:>7}",
@@ -156,5 +118,4 @@ fn main() {
         rss_after / 1024
     );
     drop(idle);
-    let _ = std::fs::remove_file(&socket_path);
 }

@@ -1,7 +1,9 @@
 //! What the benches share: building C guests with the documented recipe
 //! (`bin/upstare-cc`), cached under `target/bench-guests` by a key of their
 //! sources and flags; their Asyncify variants; locating SQLite's
-//! amalgamation and Lua's sources; code-section sizes and medians.
+//! amalgamation and Lua's sources; code-section sizes and medians; a guest
+//! served by the host library behind a control socket, and the figures of
+//! an update's report.
 //!
 //! Each bench target includes this with `mod common;` and uses a part of it.
 #![allow(dead_code)]
@@ -212,4 +214,75 @@ pub fn ms(d: Duration) -> f64 {
 /// Geometric mean of ratios.
 pub fn geomean(v: &[f64]) -> f64 {
     (v.iter().map(|r| r.ln()).sum::<f64>() / v.len() as f64).exp()
+}
+
+/// A guest run by the host library as `upstare-host` runs it (its
+/// supervisor and control socket), on a loopback listener.
+pub struct Served {
+    /// The guest's listener.
+    pub addr: std::net::SocketAddr,
+    /// The control socket, for `upstare_host::control::request`.
+    pub socket: PathBuf,
+}
+
+impl Served {
+    /// Starts `module` with `args` on a thread of its own.
+    pub fn start(module: &Path, args: &[&str], tag: &str) -> Served {
+        use upstare_host::control::ControlSocket;
+        use upstare_host::supervise::{self, Identity};
+        use upstare_host::{new_engine, Guest, GuestConfig, GuestModule};
+
+        let engine = new_engine().unwrap();
+        let loaded = GuestModule::load(&engine, module).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let socket = std::env::temp_dir().join(format!("upstare-bench-{tag}-{}.sock", std::process::id()));
+        let control = ControlSocket::bind(&socket).unwrap();
+        let identity = Identity { module: module.display().to_string(), hash: loaded.hash_hex() };
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        std::thread::spawn(move || {
+            let make = move || {
+                let mut config = GuestConfig::new(args);
+                config.listeners.push(listener);
+                Guest::new(&engine, &loaded, config).map_err(|e| e.to_string())
+            };
+            let _ = supervise::run(make, identity, Some(control), Duration::from_secs(5), None);
+        });
+        Served { addr, socket }
+    }
+
+    /// A client, once the guest accepts connections.
+    pub fn connect(&self) -> std::net::TcpStream {
+        loop {
+            match std::net::TcpStream::connect(self.addr) {
+                Ok(s) => return s,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Updates the guest to `to` as `upstare-host update` does; the report.
+    pub fn update(&self, to: &Path, timeout_ms: u64) -> String {
+        use upstare_host::control::{self, Request, Response};
+        match control::request(&self.socket, &Request::Update(to.to_path_buf(), timeout_ms)).unwrap() {
+            Response::Done { body, .. } => body.join("\n"),
+            refused => panic!("update failed: {refused:?}"),
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// The first number after `label` in an update's report (`pause: `).
+pub fn report_field(report: &str, label: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(label))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no `{label}` in the report:\n{report}"))
 }
