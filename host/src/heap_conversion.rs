@@ -9,6 +9,7 @@
 //! are freed ([`free_old`]) only once the new code has accepted the frames.
 
 use upstare_instrument::abi::exports::{FREE, MALLOC};
+use upstare_instrument::abi::{TypedFrame, Value};
 use upstare_patchgen::heap::{self, Landing, MemoryView, Moved, Region};
 use upstare_patchgen::plan::{Linked, Plan};
 use upstare_patchgen::version::Version;
@@ -58,19 +59,21 @@ pub(crate) fn trace(
 pub struct HeapCounts {
     /// Allocations reallocated at their new type.
     pub converted: usize,
-    /// Pointers rewritten to follow them (or a moved global).
+    /// Pointers rewritten to follow them (or a moved global), in memory
+    /// and in frames.
     pub rewritten: usize,
 }
 
 /// Allocates a new copy of every converted object, rewrites every recorded
 /// pointer in place, then copies each object through its map (new members
-/// zeroed).
+/// zeroed). Returns the counts and the new copies' addresses, in the
+/// plan's order.
 pub(crate) fn convert(
     plan: &heap::Plan,
     instance: &Instance,
     store: &mut Store<ProcessState>,
     unwinder: &Unwinder,
-) -> Result<HeapCounts, String> {
+) -> Result<(HeapCounts, Vec<u32>), String> {
     let memory = &unwinder.memory;
     let mut new_starts = Vec::with_capacity(plan.objects.len());
     if !plan.objects.is_empty() {
@@ -113,7 +116,23 @@ pub(crate) fn convert(
             }
         }
     }
-    Ok(HeapCounts { converted: new_starts.len(), rewritten })
+    Ok((HeapCounts { converted: new_starts.len(), rewritten }, new_starts))
+}
+
+/// Rewrites the frame locals [`heap::frame_pointers`] found to the new
+/// copies of what they point to.
+/// Returns how many it rewrote.
+pub(crate) fn rewrite_frames(plan: &heap::Plan, new_starts: &[u32], locals: &[(usize, usize)], frames: &mut [TypedFrame]) -> usize {
+    let mut rewritten = 0;
+    for &(f, i) in locals {
+        if let Value::I32(v) = &mut frames[f].locals[i] {
+            if let Landing::At(to) = plan.translate(*v as u32, new_starts) {
+                *v = to as i32;
+                rewritten += 1;
+            }
+        }
+    }
+    rewritten
 }
 
 /// Frees the old copy of every converted object, once nothing refers to it.

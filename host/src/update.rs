@@ -336,6 +336,14 @@ struct Previous {
     frame_bytes: Vec<u8>,
 }
 
+/// The heap's part of an update, decided while paused.
+struct HeapStep {
+    /// What to convert and rewrite in memory.
+    plan: heap::Plan,
+    /// Frame locals to rewrite, as (mapped frame, local).
+    frame_pointers: Vec<(usize, usize)>,
+}
+
 impl Guest {
     /// Applies a prepared update to this paused guest (see the module
     /// docs); `paused_at` is when it stopped, for the report's pause time.
@@ -400,12 +408,14 @@ impl Guest {
                 return Err(UpdateError::Refused(reason));
             }
         }
+        let frame_pointers = match &heap {
+            Some(h) => heap::frame_pointers(h, &stack.frames, &prepared.next.version, &new_meta).map_err(UpdateError::Refused)?,
+            None => Vec::new(),
+        };
         let mapped = &stack.frames;
-        if let Some(reason) = heap.as_ref().and_then(|h| frame_holding_converted(mapped, h, &prepared.next.version)) {
-            return Err(UpdateError::Refused(reason));
-        }
 
         let mut previous = self.switch_to(prepared, new_meta).map_err(rollback)?;
+        let heap = heap.map(|plan| HeapStep { plan, frame_pointers });
         match self.finish_update(&mut previous, prepared, &stack, heap.as_ref()) {
             Ok(heap) => {
                 drop(previous);
@@ -506,7 +516,7 @@ impl Guest {
         previous: &mut Previous,
         prepared: &Prepared,
         stack: &MappedStack,
-        heap: Option<&heap::Plan>,
+        heap: Option<&HeapStep>,
     ) -> Result<HeapCounts, String> {
         let linked = &prepared.linked;
         let store = &mut self.store;
@@ -550,14 +560,14 @@ impl Guest {
         // From here on heap conversion, the user's transformers and the
         // constructors the new version adds write memory the old version
         // owns: a failure at any later step must find it as it was.
-        let converts_heap = heap.is_some_and(|h| !h.objects.is_empty() || !h.slots.is_empty());
+        let converts_heap = heap.is_some_and(|h| !h.plan.objects.is_empty() || !h.plan.slots.is_empty());
         let backup = match converts_heap || has_transformers(linked) || !linked.constructors.is_empty() {
             true => Some(u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before converting state")?),
             false => None,
         };
         let converted = match heap {
-            Some(h) => heap_conversion::convert(h, &self.instance, &mut self.store, u),
-            None => Ok(HeapCounts::default()),
+            Some(h) => heap_conversion::convert(&h.plan, &self.instance, &mut self.store, u),
+            None => Ok((HeapCounts::default(), Vec::new())),
         };
         let u = instrumented(&mut self.unwinder)?;
         let converted = converted.and_then(|counts| {
@@ -573,8 +583,8 @@ impl Guest {
             }
             Ok(counts)
         });
-        let counts = match converted {
-            Ok(counts) => counts,
+        let (mut counts, new_starts) = match converted {
+            Ok(done) => done,
             Err(reason) => {
                 if let Some(backup) = &backup {
                     u.memory.write(0, backup);
@@ -602,12 +612,15 @@ impl Guest {
                 u.memory.write(u64::from(*to), bytes);
             }
         };
-        let mapped = &stack.frames;
-        let mut result = self.transform_and_rewind(linked, mapped, &prepared.next.version);
+        let mut frames = std::borrow::Cow::Borrowed(&stack.frames);
+        if let Some(h) = heap.filter(|h| !h.frame_pointers.is_empty()) {
+            counts.rewritten += heap_conversion::rewrite_frames(&h.plan, &new_starts, &h.frame_pointers, frames.to_mut());
+        }
+        let mut result = self.transform_and_rewind(linked, &frames, &prepared.next.version);
         if let (Ok(()), Some(h)) = (&result, heap) {
             // The new code accepted the frames: the old copies can go.
             let u = instrumented(&mut self.unwinder)?;
-            result = heap_conversion::free_old(h, &self.instance, &mut self.store, u);
+            result = heap_conversion::free_old(&h.plan, &self.instance, &mut self.store, u);
         }
         match (result, backup) {
             (Ok(()), _) => Ok(counts),
@@ -766,24 +779,6 @@ fn find_pointer(
         }
     }
     None
-}
-
-/// A frame value that points into a heap object the update converts: it
-/// would go on pointing at the old copy, which is freed. Frames hold no
-/// types the tracer could use, so any such value refuses the update.
-fn frame_holding_converted(frames: &[TypedFrame], heap: &heap::Plan, new: &Version) -> Option<String> {
-    frames.iter().find_map(|frame| {
-        frame.locals.iter().chain(&frame.operands).find_map(|value| {
-            let Value::I32(v) = value else { return None };
-            let o = heap.object_at(*v as u32)?;
-            Some(format!(
-                "a frame of `{}` holds the address of a heap object whose type changed ({} reached as {}): it would go on pointing at the old copy",
-                new.info.function_name(frame.func),
-                o.type_name,
-                o.path
-            ))
-        })
-    })
 }
 
 /// Index of the `__stack_pointer` global in `version`.

@@ -141,3 +141,19 @@ fn a_failure_after_the_heap_was_converted_rolls_back_byte_for_byte() {
     assert_eq!(report.count("heap", "objects converted"), 2011, "{report:?}");
     assert_eq!(client.request("FRESH"), "FRESH nodes=1005 trees=1005 recs=1005");
 }
+
+/// A frame that holds the list's head in a local while it waits for input
+/// (HOLD) is on the stack when the update lands: the local is a pointer by
+/// the new version's DWARF, so it is rewritten to the head's new copy, and
+/// the reply reads the head through it in the new layout.
+#[test]
+fn a_pointer_held_in_a_waiting_frame_follows_its_object() {
+    let (_server, control, mut client) = start_graph("heapgraph", "heap-frame");
+    assert_eq!(client.request("HOLD"), "HOLDING", "inside HOLD, waiting");
+    let report = expect_report(&control.update(&guest("heapgraph-v2")));
+    // The 3,001 pointers in memory and the frame's local.
+    assert_eq!(report.count("heap", "pointers rewritten"), 3002, "{report:?}");
+    client.send("go on");
+    assert_eq!(client.read_line(), "HELD 1000", "the head, read through the rewritten local");
+    assert_eq!(client.request("SUM"), SUM_OF_1000);
+}

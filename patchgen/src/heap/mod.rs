@@ -272,6 +272,75 @@ impl Plan {
     }
 }
 
+/// The locals of `frames` (already mapped to the new version, which `meta`
+/// describes) that hold the address of an object `plan` converts, as
+/// (frame, local): each one is a pointer variable by the new version's
+/// DWARF at its frame's resume point, and is rewritten like a pointer in
+/// memory. Any other frame value holding such an address (a temporary, an
+/// operand saved under a call, an integer) refuses the update, naming the
+/// function: frames carry no other types.
+pub fn frame_pointers(
+    plan: &Plan,
+    frames: &[upstare_instrument::abi::TypedFrame],
+    new: &Version,
+    meta: &upstare_instrument::abi::Metadata,
+) -> Result<Vec<(usize, usize)>, String> {
+    use crate::dwarf::{Location, Type};
+    use upstare_instrument::abi::Value;
+    let mut found = Vec::new();
+    for (f, frame) in frames.iter().enumerate() {
+        let held = |v: &Value| match v {
+            Value::I32(v) => plan.object_at(*v as u32),
+            _ => None,
+        };
+        let refuse = |o: &Object| {
+            format!(
+                "a frame of `{}` holds the address of a heap object whose type changed ({} reached as {}) where it has no pointer type: it would go on pointing at the old copy",
+                new.info.function_name(frame.func),
+                o.type_name,
+                o.path
+            )
+        };
+        if let Some(o) = frame.operands.iter().find_map(held) {
+            return Err(refuse(o));
+        }
+        let pc = meta
+            .functions
+            .iter()
+            .find(|m| m.index == frame.func)
+            .and_then(|m| m.resume_points.get(frame.resume_point as usize))
+            .map(|rp| rp.offset.wrapping_sub(meta.code_section));
+        let pointers: Vec<u32> = pc
+            .map(|pc| new.debug.variables_at(pc))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| matches!(new.debug.ty(v.ty), Type::Pointer { to: Some(_) }))
+            .filter_map(|v| match v.location {
+                Location::Local(i) => Some(i),
+                _ => None,
+            })
+            .collect();
+        for (i, value) in frame.locals.iter().enumerate() {
+            let Some(o) = held(value) else { continue };
+            if !pointers.contains(&(i as u32)) {
+                return Err(refuse(o));
+            }
+            if let Value::I32(v) = value {
+                if plan.translate(*v as u32, &vec![0; plan.objects.len()]) == Landing::Dropped {
+                    return Err(format!(
+                        "a frame of `{}` points into a member of {} ({}) that the new version drops",
+                        new.info.function_name(frame.func),
+                        o.type_name,
+                        o.path
+                    ));
+                }
+            }
+            found.push((f, i));
+        }
+    }
+    Ok(found)
+}
+
 /// Where byte `offset` of an old value goes in the new one.
 fn map_offset(map: &ValueMap, offset: u32) -> Option<u32> {
     let offset = u64::from(offset);

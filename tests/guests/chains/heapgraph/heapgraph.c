@@ -10,8 +10,10 @@
  *
  * Commands: GROW n (adds n elements to every structure), SUM (checks every
  * structure and prints checksums), BALLAST n (allocates n MiB of bytes, for
- * a big heap), and from version 2 on, FRESH (counts the elements whose new
- * members are still zero).
+ * a big heap), HOLD (answers HOLDING, keeps the list's head in a local
+ * while it waits for the next line, then answers with the head's value),
+ * and from version 2 on, FRESH (counts the elements whose new members are
+ * still zero).
  *
  * -DGRAPH_VERSION=N:
  *   1  as above.
@@ -72,6 +74,7 @@ struct tree *root;
 struct records records;
 int grown;
 char *ballast;
+int client; /* the connection being served */
 #if GRAPH_OPAQUE
 void *opaque;
 #endif
@@ -187,7 +190,9 @@ static void sum(char *out, size_t cap)
 }
 
 #if GRAPH_VERSION >= 2
-static void fresh(char *out, size_t cap)
+/* Out of line, so that its stack does not grow handle()'s frame, which is
+   on the stack during a HOLD. */
+__attribute__((noinline)) static void fresh(char *out, size_t cap)
 {
     int nodes = 0, trees = 0, recs = 0;
     for (const struct node *n = list; n; n = n->next)
@@ -219,6 +224,18 @@ UPSTARE_TRANSFORM(grown)
 }
 #endif
 
+/* Waits for a line with the list's head in a local: an update that lands
+   meanwhile must redirect the local to the head's new copy. */
+__attribute__((noinline)) static void hold(char *out, size_t cap)
+{
+    struct node *head = list;
+    char c = 0;
+    send(client, "HOLDING\n", 8, 0);
+    while (recv(client, &c, 1, 0) == 1 && c != '\n')
+        ;
+    snprintf(out, cap, "HELD %d", head ? head->value : -1);
+}
+
 /* Answers one line into `out`. Out of line, so that main's frame stays the
    same in every version. */
 __attribute__((noinline)) static void handle(const char *line, char *out, size_t cap)
@@ -232,6 +249,8 @@ __attribute__((noinline)) static void handle(const char *line, char *out, size_t
         if (ballast)
             memset(ballast, 1, bytes);
         snprintf(out, cap, ballast ? "BALLAST %s" : "ERROR out of memory", line + 8);
+    } else if (strcmp(line, "HOLD") == 0) {
+        hold(out, cap);
     } else if (strcmp(line, "SUM") == 0) {
         sum(out, cap);
 #if GRAPH_VERSION >= 2
@@ -257,6 +276,7 @@ int main(void)
         int fd = accept(listener, NULL, NULL);
         if (fd < 0)
             continue;
+        client = fd;
         size_t len = 0;
         for (;;) {
             ssize_t got = recv(fd, in + len, sizeof in - 1 - len, 0);
