@@ -7,7 +7,7 @@
  *
  * It holds the guest side of UpStare: finding the listeners the host
  * preopens (upstare_listener_fd), and the naming convention for state
- * transformers written in C (UPSTARE_TRANSFORM).
+ * transformers written in C (UPSTARE_TRANSFORM, UPSTARE_CONVERT).
  */
 #ifndef UPSTARE_H
 #define UPSTARE_H
@@ -63,5 +63,29 @@ static inline int upstare_listener_fd(int n)
 #define UPSTARE_TRANSFORM(global)                                                            \
     __attribute__((export_name("upstare_transform_" #global))) void                         \
         upstare_transform_##global(const void *old_value, void *new_value)
+
+/*
+ * UPSTARE_CONVERT(tag): the same for every object of `struct tag` that an
+ * update converts on the heap (the objects a changed struct's pointers
+ * reach, found by tracing the heap from the globals), where the automatic
+ * member-by-member mapping misses something (a member renamed, a value to
+ * recompute):
+ *
+ *     UPSTARE_CONVERT(node)
+ *     {
+ *         const struct old_node *o = old_object;
+ *         struct node *n = new_object;
+ *         n->weight = o->value;                      (renamed)
+ *     }
+ *
+ * It runs once per object (once per element of an array of them), after
+ * the automatic mapping and after every pointer the old object held to a
+ * converted object was rewritten to the new copy. It must write only the
+ * new object; if it traps, the update is rolled back. The export name is
+ * `upstare_convert_<tag>`.
+ */
+#define UPSTARE_CONVERT(tag)                                                                 \
+    __attribute__((export_name("upstare_convert_" #tag))) void                              \
+        upstare_convert_##tag(const void *old_object, void *new_object)
 
 #endif /* UPSTARE_H */

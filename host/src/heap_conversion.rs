@@ -81,7 +81,8 @@ pub(crate) fn convert(
             .get_typed_func::<i32, i32>(&mut *store, MALLOC)
             .map_err(|_| "the new version has no function named `malloc` to convert heap objects with".to_string())?;
         for o in &plan.objects {
-            let at = with_pause_off(&unwinder.control, unwinder, store, |store| malloc.call(store, o.new_bytes() as i32))?;
+            let at = with_pause_off(&unwinder.control, unwinder, store, |store| malloc.call(store, o.new_bytes() as i32))
+                .map_err(|e| format!("`malloc` failed: {e}"))?;
             if at == 0 {
                 return Err(format!("`malloc({})` failed while converting {} ({})", o.new_bytes(), o.type_name, o.path));
             }
@@ -114,6 +115,17 @@ pub(crate) fn convert(
                     return Err(format!("converting {} ({}) ran out of bounds", o.type_name, o.path));
                 }
             }
+        }
+    }
+    for (o, &to) in plan.objects.iter().zip(&new_starts) {
+        let Some(name) = &o.converter else { continue };
+        let convert = instance
+            .get_typed_func::<(i32, i32), ()>(&mut *store, name)
+            .map_err(|e| format!("converter `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))?;
+        for i in 0..o.count {
+            let (from, to) = ((o.start + i * o.old_size) as i32, (to + i * o.new_size) as i32);
+            with_pause_off(&unwinder.control, unwinder, store, |store| convert.call(store, (from, to)))
+                .map_err(|e| format!("converter `{name}` failed: {e}"))?;
         }
     }
     Ok((HeapCounts { converted: new_starts.len(), rewritten }, new_starts))
@@ -149,13 +161,15 @@ pub(crate) fn free_old(
         .get_typed_func::<i32, ()>(&mut *store, FREE)
         .map_err(|_| "the new version has no function named `free`".to_string())?;
     for o in &plan.objects {
-        with_pause_off(&unwinder.control, unwinder, store, |store| free.call(store, o.start as i32))?;
+        with_pause_off(&unwinder.control, unwinder, store, |store| free.call(store, o.start as i32))
+            .map_err(|e| format!("`free` failed: {e}"))?;
     }
     Ok(())
 }
 
-/// Calls into the guest's allocator with no pause requested (its loops
-/// would otherwise unwind at once), and checks it returned normally.
+/// Calls into the guest (its allocator, a converter) with no pause
+/// requested (its loops would otherwise unwind at once), and checks it
+/// returned normally.
 fn with_pause_off<T>(
     control: &ControlMemory,
     unwinder: &Unwinder,
@@ -166,9 +180,9 @@ fn with_pause_off<T>(
     control.set_pause(false);
     let result = call(&mut *store);
     control.set_pause(paused);
-    let value = result.map_err(|e| format!("the allocator failed: {}", one_line(&e)))?;
+    let value = result.map_err(|e| one_line(&e))?;
     match unwinder.state.get(&mut *store).i32() {
         Some(0) => Ok(value),
-        _ => Err("the allocator stopped at an update point instead of returning".into()),
+        _ => Err("it stopped at an update point instead of returning".into()),
     }
 }

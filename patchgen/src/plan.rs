@@ -30,6 +30,11 @@ use crate::version::{Layout, SymbolKey, Version};
 /// (see `guest-examples/include/upstare.h`).
 pub const TRANSFORMER_PREFIX: &str = "upstare_transform_";
 
+/// Prefix of the export name of a converter written in C for the heap
+/// objects of a struct: `upstare_convert_<tag>(const void *old, void *new)`
+/// (see `guest-examples/include/upstare.h` and [`crate::heap`]).
+pub const CONVERTER_PREFIX: &str = "upstare_convert_";
+
 /// Alignment of every object placed in fresh memory: the largest alignment
 /// a wasm32 C type has (`long double`).
 const FRESH_ALIGN: u32 = 16;
@@ -175,7 +180,7 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
     let new = Arc::new(Version::unplaced(new_wasm)?);
     let functions = match_functions(&old, &new)?;
     // Transformer export names, by the global they transform.
-    let transformers: HashMap<String, String> = transformer_exports(&new.wasm)
+    let transformers: HashMap<String, String> = exports_named(&new.wasm, TRANSFORMER_PREFIX)
         .into_iter()
         .map(|e| (e.name[TRANSFORMER_PREFIX.len()..].to_string(), e.name))
         .collect();
@@ -366,7 +371,7 @@ impl Plan {
     pub fn link(&self, fresh_base: u32) -> Result<Linked, Error> {
         let new = &self.new;
         let mut placement =
-            Placement { data: HashMap::new(), table: self.table.clone(), exports: transformer_targets(&new.info, &transformer_exports(&new.wasm)), added_exports: Vec::new() };
+            Placement { data: HashMap::new(), table: self.table.clone(), exports: transformer_targets(&new.info, &user_code_exports(&new.wasm)), added_exports: Vec::new() };
         let constructors: Vec<(String, String)> = self
             .constructors
             .iter()
@@ -676,11 +681,19 @@ fn absolute_symbols(version: &Version) -> HashMap<String, u32> {
         .collect()
 }
 
+/// The exports the host calls during an update: transformers and
+/// converters.
+fn user_code_exports(wasm: &[u8]) -> Vec<TransformerExport> {
+    let mut exports = exports_named(wasm, TRANSFORMER_PREFIX);
+    exports.extend(exports_named(wasm, CONVERTER_PREFIX));
+    exports
+}
+
 /// wasm-ld exports a function of a command module through a wrapper
 /// (`<name>.command_export`) that runs the program's constructors before
 /// it and its destructors (atexit handlers, stdio flushing) after it: right
 /// for a fresh call into a program, wrong in the middle of one. Transformer
-/// exports are pointed at the function itself.
+/// and converter exports are pointed at the function itself.
 fn transformer_targets(info: &crate::module::ModuleInfo, exports: &[TransformerExport]) -> HashMap<String, u32> {
     exports
         .iter()
@@ -694,20 +707,21 @@ fn transformer_targets(info: &crate::module::ModuleInfo, exports: &[TransformerE
         .collect()
 }
 
-/// An export named with [`TRANSFORMER_PREFIX`].
-struct TransformerExport {
-    name: String,
+/// An export named with [`TRANSFORMER_PREFIX`] or [`CONVERTER_PREFIX`].
+pub(crate) struct TransformerExport {
+    pub(crate) name: String,
     kind: wasmparser::ExternalKind,
     index: u32,
 }
 
-/// The module's exports named as C transformers.
-fn transformer_exports(wasm: &[u8]) -> Vec<TransformerExport> {
+/// The module's exports whose names start with `prefix`: its C transformers
+/// or converters.
+pub(crate) fn exports_named(wasm: &[u8], prefix: &str) -> Vec<TransformerExport> {
     let mut out = Vec::new();
     for payload in wasmparser::Parser::new(0).parse_all(wasm) {
         if let Ok(wasmparser::Payload::ExportSection(exports)) = payload {
             for export in exports.into_iter().flatten() {
-                if export.name.starts_with(TRANSFORMER_PREFIX) {
+                if export.name.starts_with(prefix) {
                     out.push(TransformerExport { name: export.name.to_string(), kind: export.kind, index: export.index });
                 }
             }

@@ -157,3 +157,16 @@ fn a_pointer_held_in_a_waiting_frame_follows_its_object() {
     assert_eq!(client.read_line(), "HELD 1000", "the head, read through the rewritten local");
     assert_eq!(client.request("SUM"), SUM_OF_1000);
 }
+
+/// v4 renames the list nodes' `value` to `weight`: by name, the automatic
+/// mapping drops one and zeroes the other. Its `UPSTARE_CONVERT(node)`
+/// copies it across for every node, after the mapping and the pointer
+/// rewrites (the nodes' `next` already leads to new copies).
+#[test]
+fn a_converter_in_c_carries_a_renamed_member_of_every_object() {
+    let (_server, control, mut client) = start_graph("heapgraph", "heap-convert");
+    let report = expect_report(&control.update(&guest("heapgraph-renamed")));
+    assert_eq!(report.count("heap", "objects converted"), 2001, "{report:?}");
+    assert_eq!(client.request("SUM"), SUM_OF_1000, "every node's value, under its new name");
+    assert_eq!(client.request("GROW 1"), "GREW 1001");
+}

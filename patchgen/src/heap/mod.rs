@@ -77,6 +77,8 @@ pub struct Roots {
     pub globals: Vec<Root>,
     /// Writable data without debug info: scanned word by word.
     pub untyped: Vec<Region>,
+    /// The new version's C converters, export name by struct tag.
+    pub converters: HashMap<String, String>,
 }
 
 impl Roots {
@@ -89,7 +91,11 @@ impl Roots {
             let own = new.info.symbols[symbol as usize].data()?.address;
             new.debug.global_at(own).filter(|g| g.address == own).map(|g| g.ty)
         };
-        let mut roots = Roots::default();
+        let converters = crate::plan::exports_named(&new.wasm, crate::plan::CONVERTER_PREFIX)
+            .into_iter()
+            .map(|e| (e.name[crate::plan::CONVERTER_PREFIX.len()..].to_string(), e.name))
+            .collect();
+        let mut roots = Roots { converters, ..Roots::default() };
         for (i, s) in old.info.symbols.iter().enumerate() {
             let Some(d) = s.data().filter(|_| !s.is_absolute()) else { continue };
             let writable = d.segment.and_then(|seg| old.info.segments.get(seg as usize)).is_some_and(|seg| seg.writable);
@@ -158,6 +164,9 @@ pub struct Object {
     pub type_name: String,
     /// How it was reached first, like `conns[3]->next`.
     pub path: String,
+    /// The export of the new version's C converter for its struct, run on
+    /// each element after the automatic mapping.
+    pub converter: Option<String>,
 }
 
 impl Object {
@@ -370,7 +379,7 @@ pub fn trace(
         .unwrap_or_default();
     let mut untyped = roots.untyped.clone();
     untyped.extend(extra_untyped);
-    trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, &roots.globals, &moved)
+    trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, roots, &moved)
         .run(untyped)
         .map(Some)
         .map_err(|e| format!("the heap cannot be converted: {e}"))
@@ -394,6 +403,7 @@ mod tests {
             chunk_size: 28,
             type_name: "struct s".into(),
             path: "s".into(),
+            converter: None,
         };
         let moved = Moved { old_address: 0x200, old_size: 8, new_address: 0x9000, map };
         Plan { objects: vec![object], slots: Vec::new(), moved: vec![moved], pointers_traced: 0 }

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::dlmalloc::Chunks;
-use super::{MemoryView, Moved, Plan, Region, Root, read_u32};
+use super::{MemoryView, Moved, Plan, Region, Root, Roots, read_u32};
 use crate::dwarf::{DebugInfo, Type, TypeId, ValueMap, same_type, value_map_through_pointers};
 
 /// What a word inside a value is, for the tracer.
@@ -68,6 +68,7 @@ pub(super) struct Tracer<'a> {
     memory: &'a dyn MemoryView,
     chunks: &'a Chunks,
     roots: &'a [Root],
+    converters: &'a HashMap<String, String>,
     moved: &'a [Moved],
     claims: Vec<Option<Claim>>,
     fields: HashMap<TypeId, Rc<Vec<Field>>>,
@@ -94,7 +95,7 @@ impl<'a> Tracer<'a> {
         new: &'a DebugInfo,
         memory: &'a dyn MemoryView,
         chunks: &'a Chunks,
-        roots: &'a [Root],
+        roots: &'a Roots,
         moved: &'a [Moved],
     ) -> Self {
         Tracer {
@@ -102,7 +103,8 @@ impl<'a> Tracer<'a> {
             new,
             memory,
             chunks,
-            roots,
+            roots: &roots.globals,
+            converters: &roots.converters,
             moved,
             claims: vec![None; chunks.all().len()],
             fields: HashMap::new(),
@@ -161,6 +163,10 @@ impl<'a> Tracer<'a> {
                 chunk_size: self.chunks.all()[chunk].size,
                 type_name: self.old.type_name(claim.old),
                 path,
+                converter: match self.old.ty(claim.old) {
+                    Type::Struct { name: Some(tag), .. } => self.converters.get(tag).cloned(),
+                    _ => None,
+                },
             });
         }
         untyped.append(&mut self.untyped);

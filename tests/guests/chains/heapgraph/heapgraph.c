@@ -21,6 +21,8 @@
  *      move: an update 1 -> 2 converts every element.
  *   3  is 2 with a transformer for `grown` that traps once the heap has
  *      been converted: an update 1 -> 3 is rolled back, memory and all.
+ *   4  is 2 with the list nodes' `value` renamed `weight`: no automatic
+ *      mapping can know, so a converter (UPSTARE_CONVERT) carries it.
  * -DGRAPH_OPAQUE also keeps a list node in a `void *` global, and
  * -DGRAPH_UNION in a union: the tracer cannot tell what those hold, so an
  * update that converts list nodes is refused.
@@ -41,7 +43,12 @@ struct node {
 #if GRAPH_VERSION >= 2
     long stamp;
 #endif
+#if GRAPH_VERSION == 4
+    int weight; /* `value` before */
+#define value weight
+#else
     int value;
+#endif
     struct node *next;
 };
 
@@ -213,6 +220,21 @@ __attribute__((noinline)) static void fresh(char *out, size_t cap)
     for (int i = 0; i < records.n; i++)
         recs += records.recs[i].bias == 0;
     snprintf(out, cap, "FRESH nodes=%d trees=%d recs=%d", nodes, trees, recs);
+}
+#endif
+
+#if GRAPH_VERSION == 4
+/* A list node as versions 1 to 3 lay it out. */
+struct node_v1 {
+    int value;
+    struct node *next;
+};
+
+UPSTARE_CONVERT(node)
+{
+    const struct node_v1 *old = old_object;
+    struct node *new = new_object;
+    new->weight = old->value;
 }
 #endif
 
