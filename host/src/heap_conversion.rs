@@ -22,13 +22,7 @@ use crate::program_memory::ProgramMemory;
 
 impl MemoryView for ProgramMemory {
     fn read(&self, address: u32, out: &mut [u8]) -> bool {
-        match ProgramMemory::read(self, u64::from(address), out.len() as u64) {
-            Some(bytes) => {
-                out.copy_from_slice(&bytes);
-                true
-            }
-            None => false,
-        }
+        self.read_into(u64::from(address), out)
     }
 }
 
@@ -84,10 +78,10 @@ pub(crate) fn convert(
             let at = with_pause_off(&unwinder.control, unwinder, store, |store| malloc.call(store, o.new_bytes() as i32))
                 .map_err(|e| format!("`malloc` failed: {e}"))?;
             if at == 0 {
-                return Err(format!("`malloc({})` failed while converting {} ({})", o.new_bytes(), o.type_name, o.path));
+                return Err(format!("`malloc({})` failed while converting {} ({})", o.new_bytes(), o.kind.type_name, plan.path_of(o)));
             }
             let at = at as u32;
-            if !memory.write(u64::from(at), &vec![0; o.new_bytes() as usize]) {
+            if !memory.fill(u64::from(at), u64::from(o.new_bytes()), 0) {
                 return Err(format!("`malloc` returned {at:#x}, out of bounds"));
             }
             new_starts.push(at);
@@ -108,22 +102,23 @@ pub(crate) fn convert(
         }
     }
     for (o, &to) in plan.objects.iter().zip(&new_starts) {
+        let k = &o.kind;
         for i in 0..o.count {
-            let (from, to) = (u64::from(o.start + i * o.old_size), u64::from(to + i * o.new_size));
-            for c in &o.map.copies {
+            let (from, to) = (u64::from(o.start + i * k.old_size), u64::from(to + i * k.new_size));
+            for c in &k.map.copies {
                 if !memory.copy_within(from + c.from, to + c.to, c.len) {
-                    return Err(format!("converting {} ({}) ran out of bounds", o.type_name, o.path));
+                    return Err(format!("converting {} ({}) ran out of bounds", k.type_name, plan.path_of(o)));
                 }
             }
         }
     }
     for (o, &to) in plan.objects.iter().zip(&new_starts) {
-        let Some(name) = &o.converter else { continue };
+        let Some(name) = &o.kind.converter else { continue };
         let convert = instance
             .get_typed_func::<(i32, i32), ()>(&mut *store, name)
             .map_err(|e| format!("converter `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))?;
         for i in 0..o.count {
-            let (from, to) = ((o.start + i * o.old_size) as i32, (to + i * o.new_size) as i32);
+            let (from, to) = ((o.start + i * o.kind.old_size) as i32, (to + i * o.kind.new_size) as i32);
             with_pause_off(&unwinder.control, unwinder, store, |store| convert.call(store, (from, to)))
                 .map_err(|e| format!("converter `{name}` failed: {e}"))?;
         }
@@ -145,6 +140,34 @@ pub(crate) fn rewrite_frames(plan: &heap::Plan, new_starts: &[u32], locals: &[(u
         }
     }
     rewritten
+}
+
+/// What converting the heap overwrites, copied before: the allocator's own
+/// bytes and the old value of every rewritten pointer. The new copies land
+/// in memory the allocator kept free (or grew), so with these written back
+/// the old version's memory, allocator included, is as it was.
+pub(crate) struct Undo {
+    regions: Vec<(u32, Vec<u8>)>,
+    slots: Vec<(u32, u32)>,
+}
+
+impl Undo {
+    pub(crate) fn take(plan: &heap::Plan, memory: &ProgramMemory) -> Result<Undo, String> {
+        let regions = plan
+            .allocator
+            .iter()
+            .map(|&(at, len)| {
+                memory.read(u64::from(at), u64::from(len)).map(|b| (at, b)).ok_or_else(|| format!("the allocator's bytes at {at:#x} lie out of bounds"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Undo { regions, slots: plan.slots.clone() })
+    }
+
+    pub(crate) fn restore(&self, memory: &ProgramMemory) -> bool {
+        let regions = self.regions.iter().all(|(at, bytes)| memory.write(u64::from(*at), bytes));
+        let slots = self.slots.iter().all(|(at, value)| memory.write(u64::from(*at), &value.to_le_bytes()));
+        regions && slots
+    }
 }
 
 /// Frees the old copy of every converted object, once nothing refers to it.

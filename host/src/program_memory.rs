@@ -84,6 +84,35 @@ impl ProgramMemory {
         Some(bytes[range].to_vec())
     }
 
+    /// Fills `out` from `addr`; `false` if the range is out of bounds. Like
+    /// [`ProgramMemory::read`], without allocating: the heap tracer reads
+    /// one pointer at a time.
+    pub fn read_into(&self, addr: u64, out: &mut [u8]) -> bool {
+        // SAFETY: as for `read`.
+        let bytes = unsafe { self.bytes_mut() };
+        match range(addr, out.len() as u64, bytes.len()) {
+            Some(r) => {
+                out.copy_from_slice(&bytes[r]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets `len` bytes at `addr` to `byte`; `false` if the range is out of
+    /// bounds.
+    pub fn fill(&self, addr: u64, len: u64, byte: u8) -> bool {
+        // SAFETY: as for `read`.
+        let bytes = unsafe { self.bytes_mut() };
+        match range(addr, len, bytes.len()) {
+            Some(r) => {
+                bytes[r].fill(byte);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Writes `data` at `addr`; `false` if the range is out of bounds.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         // SAFETY: as for `read`.

@@ -336,6 +336,24 @@ struct Previous {
     frame_bytes: Vec<u8>,
 }
 
+/// What an update copies before it writes memory the old version owns.
+enum Backup {
+    /// All of it: C transformers and constructors may write anywhere.
+    Whole(Vec<u8>),
+    /// What converting the heap writes.
+    Heap(heap_conversion::Undo),
+}
+
+impl Backup {
+    /// Writes the copy back; false if memory shrank under it (it cannot).
+    fn restore(&self, memory: &ProgramMemory) -> bool {
+        match self {
+            Backup::Whole(bytes) => memory.write(0, bytes),
+            Backup::Heap(undo) => undo.restore(memory),
+        }
+    }
+}
+
 /// The heap's part of an update, decided while paused.
 struct HeapStep {
     /// What to convert and rewrite in memory.
@@ -560,10 +578,19 @@ impl Guest {
         // From here on heap conversion, the user's transformers and the
         // constructors the new version adds write memory the old version
         // owns: a failure at any later step must find it as it was.
-        let converts_heap = heap.is_some_and(|h| !h.plan.objects.is_empty() || !h.plan.slots.is_empty());
-        let backup = match converts_heap || has_transformers(linked) || !linked.constructors.is_empty() {
-            true => Some(u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before converting state")?),
-            false => None,
+        let converters = heap.is_some_and(|h| h.plan.objects.iter().any(|o| o.kind.converter.is_some()));
+        let user_code = has_transformers(linked) || !linked.constructors.is_empty() || converters;
+        let backup = match heap {
+            // C code may write anywhere.
+            _ if user_code => Some(Backup::Whole(
+                u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before converting state")?,
+            )),
+            // Heap conversion writes the slots it rewrites, the new copies
+            // (free memory) and the allocator's own bytes: only those.
+            Some(h) if !h.plan.slots.is_empty() || !h.plan.objects.is_empty() => {
+                Some(Backup::Heap(heap_conversion::Undo::take(&h.plan, &u.memory)?))
+            }
+            _ => None,
         };
         let converted = match heap {
             Some(h) => heap_conversion::convert(&h.plan, &self.instance, &mut self.store, u),
@@ -587,7 +614,7 @@ impl Guest {
             Ok(done) => done,
             Err(reason) => {
                 if let Some(backup) = &backup {
-                    u.memory.write(0, backup);
+                    backup.restore(&u.memory);
                 }
                 return Err(reason);
             }
@@ -616,11 +643,15 @@ impl Guest {
         if let Some(h) = heap.filter(|h| !h.frame_pointers.is_empty()) {
             counts.rewritten += heap_conversion::rewrite_frames(&h.plan, &new_starts, &h.frame_pointers, frames.to_mut());
         }
-        let mut result = self.transform_and_rewind(linked, &frames, &prepared.next.version);
+        let result = self.transform_and_rewind(linked, &frames, &prepared.next.version);
         if let (Ok(()), Some(h)) = (&result, heap) {
-            // The new code accepted the frames: the old copies can go.
+            // The new code accepted the frames: the update is done, and the
+            // old copies can go. A `free` that fails leaks them; it cannot
+            // undo what is done.
             let u = instrumented(&mut self.unwinder)?;
-            result = heap_conversion::free_old(&h.plan, &self.instance, &mut self.store, u);
+            if let Err(e) = heap_conversion::free_old(&h.plan, &self.instance, &mut self.store, u) {
+                tracing::warn!("update: the old copies of converted heap objects were not all freed: {e}");
+            }
         }
         match (result, backup) {
             (Ok(()), _) => Ok(counts),
@@ -630,11 +661,11 @@ impl Guest {
             }
             (Err(reason), Some(backup)) => {
                 let u = instrumented(&mut self.unwinder)?;
-                match u.memory.write(0, &backup) {
+                match backup.restore(&u.memory) {
                     true => Err(reason),
                     // Memory only grows, so the backup always fits; the
                     // message says it if that ever stops being true.
-                    false => Err(format!("{reason}; memory could not be restored to its state before the transformers")),
+                    false => Err(format!("{reason}; memory could not be restored to its state before the update")),
                 }
             }
         }

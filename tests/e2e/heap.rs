@@ -170,3 +170,29 @@ fn a_converter_in_c_carries_a_renamed_member_of_every_object() {
     assert_eq!(client.request("SUM"), SUM_OF_1000, "every node's value, under its new name");
     assert_eq!(client.request("GROW 1"), "GREW 1001");
 }
+
+/// In a memory capped at 6 MiB, a heap of 60,000 elements has no room for
+/// a second copy: `malloc` fails in the middle of the conversion, after
+/// many objects were allocated and pointers rewritten. The update rolls
+/// back with no C code involved, from a copy of only what converting
+/// writes (the allocator's bytes and the rewritten pointers): memory is as
+/// it was, byte for byte, and the old allocator serves on.
+#[test]
+fn a_conversion_that_runs_out_of_memory_rolls_back_the_allocator_exactly() {
+    let control = Control::new("heap-oom");
+    let (server, first) = Server::start(&guest("heapsmall"), &["--control", &control.path()], &[]);
+    assert_eq!(first.trim(), "heapgraph: listening");
+    let mut client = server.client();
+    assert_eq!(client.request("GROW 60000"), "GREW 60000");
+    let sum = client.request("SUM");
+    let idle = control.checkpoint("before");
+    let reason = expect_error(&control.update(&guest("heapsmall-v2")), 1);
+    assert!(reason.contains("rolled back") && reason.contains("`malloc(") && reason.contains("failed while converting"), "{reason}");
+    let rolled_back = control.checkpoint("after");
+    let first_difference = idle.memory.iter().zip(&rolled_back.memory).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "memory differs after the rollback");
+    assert_eq!(rolled_back.globals, idle.globals);
+    assert_eq!(client.request("SUM"), sum);
+    assert_eq!(client.request("GROW 10"), "GREW 60010", "the allocator works on");
+    assert_eq!(control.running_version(), sha256_file(&guest("heapsmall")));
+}

@@ -40,16 +40,47 @@ pub struct Chunk {
     pub size: u32,
 }
 
-/// Every allocation in use, by address.
+/// Every allocation in use, by address, and where the allocator keeps its
+/// own state.
 #[derive(Debug, Clone, Default)]
 pub struct Chunks {
     chunks: Vec<Chunk>,
+    /// The memory segments, as (base, size).
+    segments: Vec<(u32, u32)>,
+    /// What else `malloc` writes, as (address, size): `_gm_`, dlmalloc's
+    /// parameters (`mparams`, set on first use) and `errno` (set when it
+    /// fails).
+    state: Vec<(u32, u32)>,
 }
 
 impl Chunks {
     /// The allocations, in address order.
     pub fn all(&self) -> &[Chunk] {
         &self.chunks
+    }
+
+    /// Everything `malloc` and `free` may write, as (address, size): the
+    /// allocator's state, and every byte of its segments that is not the
+    /// payload of an allocation in use (chunk headers, free chunks, the top
+    /// chunk). Payloads in use are the program's; the allocator never
+    /// writes them, so they need no copy for an exact undo.
+    pub fn allocator_bytes(&self) -> Vec<(u32, u32)> {
+        let mut out = self.state.clone();
+        for &(base, size) in &self.segments {
+            let end = base.saturating_add(size);
+            let mut at = base;
+            let first = self.chunks.partition_point(|c| c.start < base);
+            for c in self.chunks[first..].iter().take_while(|c| c.start < end) {
+                if c.start > at {
+                    out.push((at, c.start - at));
+                }
+                at = at.max(c.start.saturating_add(c.size));
+            }
+            if end > at {
+                out.push((at, end - at));
+            }
+        }
+        out
     }
 
     /// The allocation whose bytes contain `address`.
@@ -74,6 +105,7 @@ pub enum Error {
 /// Where `_gm_`'s members are.
 struct Layout {
     address: u32,
+    size: u32,
     top: u64,
     seg: u64,
     seg_base: u64,
@@ -92,16 +124,21 @@ pub fn walk(version: &Version, memory: &dyn MemoryView) -> Result<Option<Chunks>
     let base = u64::from(layout.address);
     let top = word(base + layout.top)?;
     let mut chunks = Vec::new();
+    let mut segments = Vec::new();
     let mut segment = base + layout.seg;
     for _ in 0..MAX_SEGMENTS {
         let (start, size) = (word(segment + layout.seg_base)?, word(segment + layout.seg_size)?);
         if start != 0 {
             walk_segment(start, size, top, &word, &mut chunks)?;
+            segments.push((start, size));
         }
         segment = u64::from(word(segment + layout.seg_next)?);
         if segment == 0 {
             chunks.sort_by_key(|c| c.start);
-            return Ok(Some(Chunks { chunks }));
+            segments.sort_unstable();
+            let mut state = vec![(layout.address, layout.size)];
+            state.extend(["mparams", "errno"].iter().filter_map(|name| global_bytes(version, name)));
+            return Ok(Some(Chunks { chunks, segments, state }));
         }
     }
     Err(Error::Corrupt("its list of segments does not end".into()))
@@ -141,8 +178,10 @@ fn layout(version: &Version) -> Result<Option<Layout>, Error> {
     let top = member(debug, gm.ty, "top").ok_or(Error::NoLayout("no member `top`"))?;
     let (seg, seg_ty) = member_typed(debug, gm.ty, "seg").ok_or(Error::NoLayout("no member `seg`"))?;
     let field = |name| member(debug, seg_ty, name).ok_or(Error::NoLayout("no segment members"));
+    let size = debug.size_of(gm.ty).and_then(|s| u32::try_from(s).ok()).ok_or(Error::NoLayout("no size"))?;
     Ok(Some(Layout {
         address,
+        size,
         top,
         seg,
         seg_base: field("base")?,
@@ -162,6 +201,17 @@ fn member_typed(debug: &DebugInfo, ty: TypeId, name: &str) -> Option<(u64, TypeI
         }
         _ => None,
     }
+}
+
+/// The running address and size of the data symbol `name` (by the
+/// symbol table: wasi-libc's `errno` has no DWARF address).
+fn global_bytes(version: &Version, name: &str) -> Option<(u32, u32)> {
+    let (i, def) = version.info.symbols.iter().enumerate().find_map(|(i, s)| {
+        let d = s.data()?;
+        (!s.is_absolute() && s.name.as_deref() == Some(name)).then_some((i, d))
+    })?;
+    let address = version.layout.data.get(&(i as u32)).copied().unwrap_or(def.address);
+    Some((address, def.size))
 }
 
 /// The running address of the data symbol `name` that its module placed at

@@ -144,36 +144,52 @@ impl Moved {
     }
 }
 
-/// An allocation to convert: `count` elements of the old type, each
-/// becoming one of the new type through `map`.
+/// How the objects of one changed type convert; shared by all of them.
 #[derive(Debug, Clone)]
-pub struct Object {
-    /// The address the program holds.
-    pub start: u32,
-    /// Number of elements (the chunk's usable size over the element size).
-    pub count: u32,
+pub struct ObjectKind {
     /// Old element size.
     pub old_size: u32,
     /// New element size.
     pub new_size: u32,
     /// How one element's bytes map.
     pub map: ValueMap,
-    /// Usable bytes of its chunk (at least `count * old_size`).
-    pub chunk_size: u32,
     /// The old type, spelled as C.
     pub type_name: String,
-    /// How it was reached first, like `conns[3]->next`.
-    pub path: String,
     /// The export of the new version's C converter for its struct, run on
     /// each element after the automatic mapping.
     pub converter: Option<String>,
 }
 
+/// An allocation to convert: `count` elements of the old type, each
+/// becoming one of the new type.
+#[derive(Debug, Clone)]
+pub struct Object {
+    /// The address the program holds.
+    pub start: u32,
+    /// Number of elements (the chunk's usable size over the element size).
+    pub count: u32,
+    /// Usable bytes of its chunk (at least `count * old_size`).
+    pub chunk_size: u32,
+    /// Its type and how it converts.
+    pub kind: std::sync::Arc<ObjectKind>,
+    /// Its chunk's index in the trace, for [`Plan::path_of`].
+    chunk: usize,
+}
+
 impl Object {
     /// Bytes to allocate for the new copy.
     pub fn new_bytes(&self) -> u32 {
-        self.count.max(1) * self.new_size
+        self.count.max(1) * self.kind.new_size
     }
+}
+
+/// How each traced allocation was reached, for messages: kept whole and
+/// rendered only when one is needed, since a path costs a walk up the
+/// trace and most conversions never print one.
+#[derive(Debug, Clone, Default)]
+struct Paths {
+    roots: Vec<String>,
+    claims: Vec<Option<trace::Claim>>,
 }
 
 /// What the host must do to the heap for an update.
@@ -189,6 +205,12 @@ pub struct Plan {
     pub moved: Vec<Moved>,
     /// How many non-null pointers the trace followed.
     pub pointers_traced: u64,
+    /// What converting may write besides the slots and the new copies: the
+    /// allocator's own bytes ([`dlmalloc::Chunks::allocator_bytes`]), as
+    /// (address, size). With the slots' old values, a copy of these undoes
+    /// a conversion exactly.
+    pub allocator: Vec<(u32, u32)>,
+    paths: Paths,
 }
 
 /// Where an address lands once converted objects are reallocated: the
@@ -210,14 +232,15 @@ impl Plan {
         let after = self.objects.partition_point(|o| o.start <= address);
         if let Some(i) = after.checked_sub(1) {
             let o = &self.objects[i];
-            let (offset, end) = (address - o.start, o.count * o.old_size);
+            let k = &o.kind;
+            let (offset, end) = (address - o.start, o.count * k.old_size);
             if offset == end {
-                return Landing::At(new_starts[i] + o.count * o.new_size);
+                return Landing::At(new_starts[i] + o.count * k.new_size);
             }
             if offset < end {
-                let (element, within) = (offset / o.old_size, offset % o.old_size);
-                return match map_offset(&o.map, within) {
-                    Some(to) => Landing::At(new_starts[i] + element * o.new_size + to),
+                let (element, within) = (offset / k.old_size, offset % k.old_size);
+                return match map_offset(&k.map, within) {
+                    Some(to) => Landing::At(new_starts[i] + element * k.new_size + to),
                     None => Landing::Dropped,
                 };
             }
@@ -257,24 +280,30 @@ impl Plan {
         Ok(())
     }
 
-    fn check_untyped(&self, memory: &dyn MemoryView, regions: &[Region]) -> Result<(), String> {
-        if self.objects.is_empty() {
+    /// How `o` was reached from a root, like `conns[3]->next`.
+    pub fn path_of(&self, o: &Object) -> String {
+        match self.paths.claims.get(o.chunk).and_then(|c| c.as_ref()) {
+            Some(c) => trace::path(&self.paths.roots, &self.paths.claims, c.from, &c.field),
+            None => format!("the allocation at {:#x}", o.start),
+        }
+    }
+
+    /// Refuses when a word of the `size` bytes at `address`, whose type is
+    /// unknown (`what` names them), holds an address in a converted object.
+    fn check_words(&self, memory: &dyn MemoryView, address: u32, size: u32, what: impl FnOnce() -> String) -> Result<(), String> {
+        let mut bytes = vec![0; size as usize];
+        if !memory.read(address, &mut bytes) {
             return Ok(());
         }
-        let mut bytes = Vec::new();
-        for r in regions {
-            bytes.resize(r.size as usize, 0);
-            if !memory.read(r.address, &mut bytes) {
-                continue;
-            }
-            for word in bytes.chunks_exact(4) {
-                let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-                if let Some(o) = self.object_at(value) {
-                    return Err(format!(
-                        "{} may hold a pointer to an object of changed type {} ({}, at {value:#x}): it cannot be rewritten without knowing its type (give it one, or write a transformer)",
-                        r.what, o.type_name, o.path
-                    ));
-                }
+        for word in bytes.chunks_exact(4) {
+            let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            if let Some(o) = self.object_at(value) {
+                return Err(format!(
+                    "{} may hold a pointer to an object of changed type {} ({}, at {value:#x}): it cannot be rewritten without knowing its type (give it one, or write a transformer)",
+                    what(),
+                    o.kind.type_name,
+                    self.path_of(o)
+                ));
             }
         }
         Ok(())
@@ -306,8 +335,8 @@ pub fn frame_pointers(
             format!(
                 "a frame of `{}` holds the address of a heap object whose type changed ({} reached as {}) where it has no pointer type: it would go on pointing at the old copy",
                 new.info.function_name(frame.func),
-                o.type_name,
-                o.path
+                o.kind.type_name,
+                plan.path_of(o)
             )
         };
         if let Some(o) = frame.operands.iter().find_map(held) {
@@ -339,8 +368,8 @@ pub fn frame_pointers(
                     return Err(format!(
                         "a frame of `{}` points into a member of {} ({}) that the new version drops",
                         new.info.function_name(frame.func),
-                        o.type_name,
-                        o.path
+                        o.kind.type_name,
+                        plan.path_of(o)
                     ));
                 }
             }
@@ -379,10 +408,13 @@ pub fn trace(
         .unwrap_or_default();
     let mut untyped = roots.untyped.clone();
     untyped.extend(extra_untyped);
-    trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, roots, &moved)
+    let mut plan = trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, roots, &moved)
         .run(untyped)
-        .map(Some)
-        .map_err(|e| format!("the heap cannot be converted: {e}"))
+        .map_err(|e| format!("the heap cannot be converted: {e}"))?;
+    if !plan.objects.is_empty() {
+        plan.allocator = chunks.allocator_bytes();
+    }
+    Ok(Some(plan))
 }
 
 #[cfg(test)]
@@ -394,19 +426,10 @@ mod tests {
     /// with `b` dropped: `a` moves from 0 to 8.
     fn plan() -> Plan {
         let map = ValueMap { copies: vec![ByteCopy { from: 0, to: 8, len: 4 }], ..ValueMap::default() };
-        let object = Object {
-            start: 0x1000,
-            count: 3,
-            old_size: 8,
-            new_size: 16,
-            map: map.clone(),
-            chunk_size: 28,
-            type_name: "struct s".into(),
-            path: "s".into(),
-            converter: None,
-        };
+        let kind = ObjectKind { old_size: 8, new_size: 16, map: map.clone(), type_name: "struct s".into(), converter: None };
+        let object = Object { start: 0x1000, count: 3, chunk_size: 28, kind: std::sync::Arc::new(kind), chunk: 0 };
         let moved = Moved { old_address: 0x200, old_size: 8, new_address: 0x9000, map };
-        Plan { objects: vec![object], slots: Vec::new(), moved: vec![moved], pointers_traced: 0 }
+        Plan { objects: vec![object], moved: vec![moved], ..Plan::default() }
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! length from the chunk (`malloc(n * sizeof *p)`).
 
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::Arc as Rc;
 
 use super::dlmalloc::Chunks;
 use super::{MemoryView, Moved, Plan, Region, Root, Roots, read_u32};
@@ -43,14 +43,14 @@ struct Field {
 
 /// A value being traced: a root, or one element of an allocation.
 #[derive(Debug, Clone, Copy)]
-enum Via {
+pub(super) enum Via {
     Root(usize),
     Object { chunk: usize, element: u32 },
 }
 
 /// The type an allocation was given.
 #[derive(Debug, Clone)]
-struct Claim {
+pub(super) struct Claim {
     old: TypeId,
     new: Option<TypeId>,
     /// Whether the type has members (a struct, union, array or pointer), as
@@ -58,8 +58,8 @@ struct Claim {
     shaped: bool,
     /// The value holding the first pointer that gave this type, and the
     /// pointer's member path in it, for messages.
-    from: Via,
-    field: Rc<str>,
+    pub(super) from: Via,
+    pub(super) field: Rc<str>,
 }
 
 pub(super) struct Tracer<'a> {
@@ -68,6 +68,8 @@ pub(super) struct Tracer<'a> {
     memory: &'a dyn MemoryView,
     chunks: &'a Chunks,
     roots: &'a [Root],
+    /// The roots' names, for messages.
+    root_names: Vec<String>,
     converters: &'a HashMap<String, String>,
     moved: &'a [Moved],
     claims: Vec<Option<Claim>>,
@@ -75,8 +77,11 @@ pub(super) struct Tracer<'a> {
     pairs: HashMap<(TypeId, TypeId), Rc<(ValueMap, HashMap<u64, TypeId>)>>,
     work: Vec<(u32, TypeId, Option<TypeId>, Via)>,
     slots: Vec<(u32, u32)>,
-    untyped: Vec<Region>,
+    /// `void *` and union members met while tracing, named lazily.
+    untyped: Vec<(u32, u32, Via, Rc<str>)>,
     inside: Vec<Inside>,
+    /// One description per changed type pair, shared by its objects.
+    kinds: HashMap<(TypeId, TypeId), Rc<super::ObjectKind>>,
     pointers: u64,
 }
 
@@ -104,6 +109,7 @@ impl<'a> Tracer<'a> {
             memory,
             chunks,
             roots: &roots.globals,
+            root_names: roots.globals.iter().map(|r| r.name.clone()).collect(),
             converters: &roots.converters,
             moved,
             claims: vec![None; chunks.all().len()],
@@ -113,67 +119,100 @@ impl<'a> Tracer<'a> {
             slots: Vec::new(),
             untyped: Vec::new(),
             inside: Vec::new(),
+            kinds: HashMap::new(),
             pointers: 0,
         }
     }
 
-    /// Traces from every root and plans the conversion.
-    pub(super) fn run(mut self, mut untyped: Vec<Region>) -> Result<Plan, String> {
+    /// Traces from every root and plans the conversion. `untyped` are the
+    /// regions outside the heap whose words may hold pointers.
+    pub(super) fn run(mut self, untyped: Vec<Region>) -> Result<Plan, String> {
         for (i, root) in self.roots.iter().enumerate() {
             self.work.push((root.address, root.old_ty, root.new_ty, Via::Root(i)));
         }
         while let Some((at, old, new, via)) = self.work.pop() {
             self.visit(at, old, new, via)?;
         }
-        let mut objects = Vec::new();
         for i in &self.inside {
             if !self.claims[i.chunk].as_ref().is_some_and(|c| c.new.is_some()) {
                 let c = self.chunks.all()[i.chunk];
                 return Err(format!(
                     "{} points {} bytes into an allocation of {} bytes whose type the trace cannot tell, where an object of changed type {} cannot be converted (an allocator wrapper that keeps a header before each object hides it)",
-                    path(self.roots, &self.claims, i.from, &i.field),
+                    path(&self.root_names, &self.claims, i.from, &i.field),
                     i.value - c.start,
                     c.size,
                     self.old.type_name(i.pointee)
                 ));
             }
         }
-        let claims = std::mem::take(&mut self.claims);
-        for (chunk, claim) in claims.iter().enumerate() {
-            let start = self.chunks.all()[chunk].start;
-            let Some(claim) = claim else {
-                let size = self.chunks.all()[chunk].size;
-                untyped.push(Region { address: start, size, what: format!("an allocation at {start:#x} that no typed pointer reaches") });
-                continue;
-            };
-            let Some(new) = claim.new else { continue };
-            let path = path(self.roots, &claims, claim.from, &claim.field);
-            let pair = self.pair(claim.old, new, &path)?;
-            let (old_elem, new_elem) = (self.size(self.old, claim.old)?, self.size(self.new, new)?);
-            if pair.0.is_whole_copy(old_elem, new_elem) {
-                continue;
-            }
-            let count = self.chunks.all()[chunk].size / old_elem;
+        let mut objects = Vec::new();
+        for chunk in 0..self.claims.len() {
+            let Some(Claim { old, new: Some(new), from, field, .. }) = self.claims[chunk].clone() else { continue };
+            let Some(kind) = self.kind(old, new, from, &field)? else { continue };
+            let c = self.chunks.all()[chunk];
             objects.push(super::Object {
-                start,
-                count,
-                old_size: old_elem,
-                new_size: new_elem,
-                map: pair.0.clone(),
-                chunk_size: self.chunks.all()[chunk].size,
-                type_name: self.old.type_name(claim.old),
-                path,
-                converter: match self.old.ty(claim.old) {
-                    Type::Struct { name: Some(tag), .. } => self.converters.get(tag).cloned(),
-                    _ => None,
-                },
+                start: c.start,
+                count: c.size / kind.old_size,
+                chunk_size: c.size,
+                chunk,
+                kind,
             });
         }
-        untyped.append(&mut self.untyped);
-        let plan = Plan { objects, slots: self.slots, moved: self.moved.to_vec(), pointers_traced: self.pointers };
-        plan.check_untyped(self.memory, &untyped)?;
+        let paths = super::Paths { roots: self.root_names, claims: self.claims };
+        let plan = Plan {
+            objects,
+            slots: self.slots,
+            moved: self.moved.to_vec(),
+            pointers_traced: self.pointers,
+            allocator: Vec::new(),
+            paths,
+        };
+        if !plan.objects.is_empty() {
+            for r in &untyped {
+                plan.check_words(self.memory, r.address, r.size, || r.what.clone())?;
+            }
+            for &(address, size, via, ref field) in &self.untyped {
+                plan.check_words(self.memory, address, size, || path(&plan.paths.roots, &plan.paths.claims, via, field))?;
+            }
+            for (chunk, claim) in plan.paths.claims.iter().enumerate() {
+                if claim.is_none() {
+                    let c = self.chunks.all()[chunk];
+                    plan.check_words(self.memory, c.start, c.size, || {
+                        format!("an allocation at {:#x} that no typed pointer reaches", c.start)
+                    })?;
+                }
+            }
+        }
         plan.check_slots()?;
         Ok(plan)
+    }
+
+    /// What converting objects of `old` to `new` takes; `None` when their
+    /// bytes need not move (only pointers inside them change type).
+    fn kind(&mut self, old: TypeId, new: TypeId, from: Via, field: &str) -> Result<Option<Rc<super::ObjectKind>>, String> {
+        if let Some(k) = self.kinds.get(&(old, new)) {
+            return Ok(Some(k.clone()));
+        }
+        let Some(pair) = self.pair(old, new) else {
+            let root = format!("*{}", path(&self.root_names, &self.claims, from, field));
+            return Err(self.unmappable(old, new, &root));
+        };
+        let (old_size, new_size) = (self.size(self.old, old)?, self.size(self.new, new)?);
+        if pair.0.is_whole_copy(old_size, new_size) {
+            return Ok(None);
+        }
+        let kind = Rc::new(super::ObjectKind {
+            old_size,
+            new_size,
+            map: pair.0.clone(),
+            type_name: self.old.type_name(old),
+            converter: match self.old.ty(old) {
+                Type::Struct { name: Some(tag), .. } => self.converters.get(tag).cloned(),
+                _ => None,
+            },
+        });
+        self.kinds.insert((old, new), kind.clone());
+        Ok(Some(kind))
     }
 
     fn size(&self, debug: &DebugInfo, ty: TypeId) -> Result<u32, String> {
@@ -186,19 +225,19 @@ impl<'a> Tracer<'a> {
     fn visit(&mut self, at: u32, old: TypeId, new: Option<TypeId>, via: Via) -> Result<(), String> {
         let fields = self.fields_of(old);
         let pair = match new {
-            Some(new) => Some(self.pair(old, new, &path(self.roots, &self.claims, via, ""))?),
+            Some(new) => match self.pair(old, new) {
+                Some(pair) => Some(pair),
+                None => return Err(self.unmappable(old, new, &path(&self.root_names, &self.claims, via, ""))),
+            },
             None => None,
         };
         for f in fields.iter() {
             let slot = at.wrapping_add(f.offset);
             match &f.kind {
-                FieldKind::Untyped(size) => {
-                    let what = path(self.roots, &self.claims, via, &f.path);
-                    self.untyped.push(Region { address: slot, size: *size, what });
-                }
+                FieldKind::Untyped(size) => self.untyped.push((slot, *size, via, f.path.clone())),
                 FieldKind::Pointer(pointee) => {
                     let Some(value) = read_u32(self.memory, slot) else {
-                        return Err(format!("{} lies outside memory", path(self.roots, &self.claims, via, &f.path)));
+                        return Err(format!("{} lies outside memory", path(&self.root_names, &self.claims, via, &f.path)));
                     };
                     if value == 0 {
                         continue;
@@ -244,7 +283,7 @@ impl<'a> Tracer<'a> {
             // Not an allocation: a global of the same type, the shadow stack
             // or memory the tracer cannot see. A pointer whose pointee type
             // changed must not go on pointing at an old layout unseen.
-            let path = path(self.roots, &self.claims, via, field);
+            let path = path(&self.root_names, &self.claims, via, field);
             if !self.roots.iter().any(|r| value >= r.address && value - r.address < r.size.max(1)) {
                 return Err(format!(
                     "{path} points to {value:#x}, outside every allocation and global, at an object of changed type {}",
@@ -273,9 +312,9 @@ impl<'a> Tracer<'a> {
                         "the allocation at {:#x} is reached as {} ({}) and as {} ({}), and one of the two types changed",
                         self.chunks.all()[chunk].start,
                         self.old.type_name(c.old),
-                        path(self.roots, &self.claims, c.from, &c.field),
+                        path(&self.root_names, &self.claims, c.from, &c.field),
                         self.old.type_name(old),
-                        path(self.roots, &self.claims, from, &field),
+                        path(&self.root_names, &self.claims, from, &field),
                     ));
                 } else {
                     false
@@ -285,7 +324,6 @@ impl<'a> Tracer<'a> {
         if !expand {
             return Ok(());
         }
-        let path = path(self.roots, &self.claims, from, &field);
         self.claims[chunk] = Some(Claim { old, new, shaped, from, field });
         let c = self.chunks.all()[chunk];
         let size = self.old.size_of(old).unwrap_or(0) as u32;
@@ -293,8 +331,10 @@ impl<'a> Tracer<'a> {
             return Ok(());
         }
         if size > c.size && new.is_some() {
+            let claim = self.claims[chunk].as_ref().expect("just made");
             return Err(format!(
-                "{path} points to an allocation of {} bytes, smaller than its type {} ({size} bytes)",
+                "{} points to an allocation of {} bytes, smaller than its type {} ({size} bytes)",
+                path(&self.root_names, &self.claims, claim.from, &claim.field),
                 c.size,
                 self.old.type_name(old)
             ));
@@ -309,15 +349,26 @@ impl<'a> Tracer<'a> {
 
     /// How a value of `old` becomes one of `new`, and the pointee pairs of
     /// its pointers that changed, by offset.
-    fn pair(&mut self, old: TypeId, new: TypeId, path: &str) -> Result<Rc<(ValueMap, HashMap<u64, TypeId>)>, String> {
+    /// `None` when no automatic mapping carries `old` to `new`
+    /// ([`Tracer::unmappable`] says why).
+    fn pair(&mut self, old: TypeId, new: TypeId) -> Option<Rc<(ValueMap, HashMap<u64, TypeId>)>> {
         if let Some(p) = self.pairs.get(&(old, new)) {
-            return Ok(p.clone());
+            return Some(p.clone());
         }
-        let map = value_map_through_pointers(self.old, old, self.new, new, path).map_err(|e| e.to_string())?;
+        let map = value_map_through_pointers(self.old, old, self.new, new, "").ok()?;
         let pointees = map.pointers.iter().map(|p| (p.from, p.new)).collect();
         let p = Rc::new((map, pointees));
         self.pairs.insert((old, new), p.clone());
-        Ok(p)
+        Some(p)
+    }
+
+    /// Why the value `root` of `old` cannot become one of `new`: the
+    /// mapping again, for its message.
+    fn unmappable(&self, old: TypeId, new: TypeId, root: &str) -> String {
+        match value_map_through_pointers(self.old, old, self.new, new, root) {
+            Err(e) => e.to_string(),
+            Ok(_) => format!("{root}: cannot be mapped"),
+        }
     }
 
     fn fields_of(&mut self, ty: TypeId) -> Rc<Vec<Field>> {
@@ -380,18 +431,18 @@ fn collect_fields(debug: &DebugInfo, ty: TypeId, at: u32, path: &str, out: &mut 
 
 /// The C expression of `field` in the traced value `via`, from its root,
 /// for messages: `conns[3]->next->buf`.
-fn path(roots: &[Root], claims: &[Option<Claim>], via: Via, field: &str) -> String {
+pub(super) fn path(roots: &[String], claims: &[Option<Claim>], via: Via, field: &str) -> String {
     path_within(roots, claims, via, field, 0)
 }
 
-fn path_within(roots: &[Root], claims: &[Option<Claim>], via: Via, field: &str, depth: u32) -> String {
+fn path_within(roots: &[String], claims: &[Option<Claim>], via: Via, field: &str, depth: u32) -> String {
     // A claim upgraded from bytes to a struct may name a value reached
     // through itself; a long path says nothing more anyway.
     if depth > 32 {
         return format!("...{field}");
     }
     match via {
-        Via::Root(r) => format!("{}{field}", roots[r].name),
+        Via::Root(r) => format!("{}{field}", roots[r]),
         Via::Object { chunk, element } => {
             let Some(c) = claims.get(chunk).and_then(|c| c.as_ref()) else { return format!("?{field}") };
             let pointer = path_within(roots, claims, c.from, &c.field, depth + 1);
