@@ -48,6 +48,7 @@ pub mod frames;
 pub mod liveness;
 pub mod module;
 pub mod plan;
+pub mod rebuild;
 pub mod relink;
 pub mod retreat;
 pub mod symbolic;
