@@ -17,6 +17,7 @@ mod guests;
 mod interrupt;
 mod kv;
 mod pipes;
+mod rebuild;
 mod releases;
 mod retreat;
 mod rollback;
