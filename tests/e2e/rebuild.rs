@@ -7,11 +7,9 @@
 //! the partial line moved to the buffer's new place, and the frames of
 //! `recv()` above it shifted with their addresses rewritten.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use upstare_tests::{expect_error, expect_report, guest, Client, Control, Server};
+use upstare_tests::{expect_error, expect_report, guest, Client, ClientThreads, Control, Server};
 
 /// A recv-server of the given version with a control socket.
 fn start(version: &str, tag: &str) -> (Server, Control) {
@@ -22,67 +20,26 @@ fn start(version: &str, tag: &str) -> (Server, Control) {
 }
 
 /// Clients that each connect, send `INCR` and `PING`, and close, over and
-/// over until stopped: the server serves one connection at a time, so the
-/// others wait in the listen backlog meanwhile. Each checks that the shared
-/// counter only goes up.
-struct Visitors {
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Visitors {
-    fn start(port: u16, clients: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
-                std::thread::spawn(move || {
-                    let mut last = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        let mut client = Client::connect(port);
-                        let count = client.try_request("INCR");
-                        let n = count.as_deref().ok().and_then(|r| r.strip_prefix("COUNT ")).and_then(|n| n.parse::<u64>().ok());
-                        let ping = client.try_request("PING");
-                        match (n, ping.as_deref()) {
-                            (Some(n), Ok("PONG v1" | "PONG v2")) if n > last => last = n,
-                            _ => {
-                                failures.lock().unwrap().push(format!("INCR -> {count:?}, PING -> {ping:?} after COUNT {last}"));
-                                return;
-                            }
-                        }
-                        served.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        Visitors { stop, served, failures, threads }
-    }
-
-    fn wait_for(&self, more: u64) {
-        let target = self.served.load(Ordering::Relaxed) + more;
-        for _ in 0..1000 {
-            if self.served.load(Ordering::Relaxed) >= target || !self.failures.lock().unwrap().is_empty() {
-                return;
+/// over: the server serves one connection at a time, so the others wait in
+/// the listen backlog meanwhile. Each checks that the shared counter only
+/// goes up.
+fn visitors(port: u16, clients: usize) -> ClientThreads {
+    ClientThreads::start(clients, || {
+        let mut last = 0u64;
+        move || {
+            let mut client = Client::connect(port);
+            let count = client.try_request("INCR");
+            let n = count.as_deref().ok().and_then(|r| r.strip_prefix("COUNT ")).and_then(|n| n.parse::<u64>().ok());
+            let ping = client.try_request("PING");
+            match (n, ping.as_deref()) {
+                (Some(n), Ok("PONG v1" | "PONG v2")) if n > last => {
+                    last = n;
+                    Ok(())
+                }
+                _ => Err(format!("INCR -> {count:?}, PING -> {ping:?} after COUNT {last}")),
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("the clients made no progress");
-    }
-
-    /// Stops the clients; returns how many connections were served, and
-    /// the failures.
-    fn stop(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let failures = self.failures.lock().unwrap().clone();
-        (self.served.load(Ordering::Relaxed), failures)
-    }
+    })
 }
 
 #[test]
@@ -94,7 +51,7 @@ fn a_serving_loop_whose_frame_grew_is_rebuilt_at_recv_with_its_partial_line_unde
     assert_eq!(served.request("PING"), "PONG v1");
     served.send_raw("ECHO hel");
     // More clients queue behind it.
-    let visitors = Visitors::start(server.port, 3);
+    let visitors = visitors(server.port, 3);
     std::thread::sleep(Duration::from_millis(200));
 
     let report = expect_report(&control.update(&guest("recv-server-v2")));
