@@ -40,8 +40,9 @@
 //!   computes each the same way (the arguments of a call in progress
 //!   aside: the call was made with the old values, and is made again with
 //!   them if it must be). A function whose frame in linear memory changed
-//!   size, or whose variables moved within it, cannot be moved while it is
-//!   active.
+//!   size, or whose variables moved within it, is rebuilt where it stands
+//!   with the frames above it shifted ([`crate::rebuild`], by
+//!   [`FramePlan::map_stack`], which reads the paused stack).
 //!
 //! Anything else is [`Unmappable`]: the updater waits for that frame to leave
 //! the stack, or refuses. All of this is decided before the pause, for
