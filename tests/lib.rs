@@ -790,3 +790,67 @@ impl Control {
         (out, started.elapsed())
     }
 }
+
+/// Client threads that each repeat a step (a request, a connection) until
+/// stopped, counting the steps done; a step's error is recorded and ends
+/// its thread. Failures are recorded, not panicked on.
+pub struct ClientThreads {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ClientThreads {
+    /// `clients` threads, each running the step `new_step()` makes (on
+    /// this thread, so it may connect first).
+    pub fn start<S>(clients: usize, new_step: impl Fn() -> S) -> Self
+    where
+        S: FnMut() -> Result<(), String> + Send + 'static,
+    {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, done, failures, mut step) = (stop.clone(), done.clone(), failures.clone(), new_step());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Err(e) = step() {
+                            failures.lock().unwrap().push(e);
+                            return;
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        ClientThreads { stop, done, failures, threads }
+    }
+
+    /// Waits until `more` steps are done (or one failed); panics after 10 s.
+    pub fn wait_for(&self, more: u64) {
+        use std::sync::atomic::Ordering;
+        let target = self.done.load(Ordering::Relaxed) + more;
+        for _ in 0..1000 {
+            if self.done.load(Ordering::Relaxed) >= target || !self.failures.lock().unwrap().is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the clients made no progress");
+    }
+
+    /// Stops the clients; returns how many steps were done, and the
+    /// failures.
+    pub fn stop(self) -> (u64, Vec<String>) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.done.load(Ordering::Relaxed), failures)
+    }
+}

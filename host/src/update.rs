@@ -153,6 +153,9 @@ pub struct Report {
     /// Frames that went back to their loop header, and frames above them
     /// dropped (their blocking calls start again in the new version).
     pub retreated: (usize, usize),
+    /// Frames rebuilt where they stand because their area in linear memory
+    /// changed (the frames above them shifted).
+    pub rebuilt: usize,
     /// From the guest stopped (unwound) to the new version ready to run.
     pub pause: Duration,
     /// Planning, relinking, instrumenting and compiling, before the pause.
@@ -171,7 +174,7 @@ impl std::fmt::Display for Report {
         writeln!(f, "functions: {c} changed, {a} added, {r} removed, {u} unchanged")?;
         writeln!(f, "globals: {kept} kept, {moved} moved, {transformed} transformed, {added} added, {removed} removed")?;
         let (retreated, dropped) = self.retreated;
-        writeln!(f, "frames: {} mapped, {retreated} retreated, {dropped} dropped", self.frames)?;
+        writeln!(f, "frames: {} mapped, {retreated} retreated, {dropped} dropped, {} rebuilt", self.frames, self.rebuilt)?;
         let HeapCounts { converted, rewritten } = self.heap;
         writeln!(f, "heap: {converted} objects converted, {rewritten} pointers rewritten")?;
         writeln!(f, "pause: {} us", self.pause.as_micros())?;
@@ -387,19 +390,20 @@ impl Guest {
             return Err(UpdateError::Refused("the update was prepared for another version than the one running".into()));
         }
         let sp = self.stack_pointer(&current.version);
+        let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
         let stack = match sp {
-            Some(sp) => prepared.frames.map_stack(&frames, sp),
+            Some(sp) => prepared.frames.map_stack(&frames, sp, &StackReader(memory)),
             None => frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map(|frames| MappedStack { frames, ..MappedStack::default() }),
         }
         .map_err(UpdateError::Frame)?;
-        let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
         // Dropped frames and the retreating frame's old values are gone once
-        // the update is done; what the other frames hold still matters.
-        let kept = match stack.kept_stack_from {
-            Some(_) => &frames[frames.len() + 1 - stack.frames.len()..],
-            None => &frames[..],
+        // the update is done, and a rebuilt frame's stack had its addresses
+        // rewritten by the plan; what the other frames hold still matters.
+        let (kept, stack_from) = match (&stack.rebuilt, stack.kept_stack_from) {
+            (Some(r), _) => (&frames[r.frames..], Some(r.stack_from)),
+            (None, Some(from)) => (&frames[frames.len() + 1 - stack.frames.len()..], Some(from)),
+            (None, None) => (&frames[..], sp),
         };
-        let stack_from = stack.kept_stack_from.or(sp);
         let shadow_stack = stack_from.zip(stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
         let heap = heap_conversion::trace(&current.version, &prepared.plan, &prepared.linked, memory, shadow_stack)
             .map_err(UpdateError::Refused)?;
@@ -410,8 +414,13 @@ impl Guest {
             find_pointer(kept, &current.version, memory, stack_from, c, skip, &rewritten)
         };
         let moved_from = |v: u32| {
-            stack.moves.iter().any(|(from, _, len)| v >= *from && u64::from(v - from) < *len).then(|| {
-                "a variable of the frame that goes back to its loop header: it would still point at the variable's old place".to_string()
+            stack.moves.iter().any(|(from, _, len)| v >= *from && u64::from(v - from) < *len).then(|| match &stack.rebuilt {
+                Some(r) => format!(
+                    "the stack of `{}`, whose frame is rebuilt where it stands: it would still point at the old place",
+                    r.frame
+                ),
+                None => "a variable of the frame that goes back to its loop header: it would still point at the variable's old place"
+                    .to_string(),
             })
         };
         let converted = |v: u32| {
@@ -456,6 +465,7 @@ impl Guest {
                         Some(_) => (1, frames.len() - mapped.len()),
                         None => (0, 0),
                     },
+                    rebuilt: usize::from(stack.rebuilt.is_some()),
                     pause: paused_at.elapsed(),
                     prepare: prepared.prepare_time,
                     freed,
@@ -631,14 +641,32 @@ impl Guest {
             .iter()
             .map(|(_, to, len)| u.memory.read(u64::from(*to), *len).ok_or("a frame variable's new place lies out of bounds"))
             .collect::<Result<_, _>>()?;
+        // Then the rewritten addresses, over the moved bytes: what they
+        // overwrite is read after the moves, to be put back before them.
         for ((_, to, _), bytes) in stack.moves.iter().zip(&sources) {
             u.memory.write(u64::from(*to), bytes);
         }
+        let mut patched = Vec::with_capacity(stack.patches.len());
+        for (at, value) in &stack.patches {
+            let Some(before) = u.memory.read(u64::from(*at), 4) else { break };
+            u.memory.write(u64::from(*at), &value.to_le_bytes());
+            patched.push((*at, before));
+        }
         let restore_frame = |u: &Unwinder| {
+            for (at, before) in patched.iter().rev() {
+                u.memory.write(u64::from(*at), before);
+            }
             for ((_, to, _), bytes) in stack.moves.iter().zip(&overwritten).rev() {
                 u.memory.write(u64::from(*to), bytes);
             }
         };
+        if patched.len() != stack.patches.len() {
+            restore_frame(u);
+            if let Some(backup) = &backup {
+                backup.restore(&u.memory);
+            }
+            return Err("a rewritten address in the stack lies out of bounds".into());
+        }
         let mut frames = std::borrow::Cow::Borrowed(&stack.frames);
         if let Some(h) = heap.filter(|h| !h.frame_pointers.is_empty()) {
             counts.rewritten += heap_conversion::rewrite_frames(&h.plan, &new_starts, &h.frame_pointers, frames.to_mut());
@@ -661,6 +689,9 @@ impl Guest {
             }
             (Err(reason), Some(backup)) => {
                 let u = instrumented(&mut self.unwinder)?;
+                // In the reverse order of the writes: the frame's moves
+                // came after the conversion the backup undoes.
+                restore_frame(u);
                 match backup.restore(&u.memory) {
                     true => Err(reason),
                     // Memory only grows, so the backup always fits; the
@@ -810,6 +841,16 @@ fn find_pointer(
         }
     }
     None
+}
+
+/// The paused program's memory, as patchgen reads it to rebuild a frame.
+struct StackReader<'m>(&'m ProgramMemory);
+
+impl upstare_patchgen::rebuild::StackMemory for StackReader<'_> {
+    fn read_u32(&self, address: u32) -> Option<u32> {
+        let bytes = self.0.read(u64::from(address), 4)?;
+        Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
 }
 
 /// Index of the `__stack_pointer` global in `version`.

@@ -40,8 +40,9 @@
 //!   computes each the same way (the arguments of a call in progress
 //!   aside: the call was made with the old values, and is made again with
 //!   them if it must be). A function whose frame in linear memory changed
-//!   size, or whose variables moved within it, cannot be moved while it is
-//!   active.
+//!   size, or whose variables moved within it, is rebuilt where it stands
+//!   with the frames above it shifted ([`crate::rebuild`], by
+//!   [`FramePlan::map_stack`], which reads the paused stack).
 //!
 //! Anything else is [`Unmappable`]: the updater waits for that frame to leave
 //! the stack, or refuses. All of this is decided before the pause, for
@@ -59,6 +60,10 @@ use crate::diff::FunctionMatch;
 use crate::dwarf::{same_type, Location, VarAt, VarKey};
 use crate::equivalence::{align, Side};
 use crate::liveness::live_at_many;
+use crate::rebuild::{
+    dwarf_pointer_locals, frame_address_locals, frame_base_offset, pointer_offsets, translate_frame, AboveFacts, Relayout, StackMemory,
+    Translation,
+};
 use crate::retreat::{Analyser, Discard, EntryStackPointer, RetreatPath};
 use crate::symbolic::{Origin, Sym};
 use crate::version::Version;
@@ -123,6 +128,9 @@ pub struct Recipe {
     pub locals: Vec<Source>,
     /// The new locals' types (for the zeros).
     pub types: Vec<ValType>,
+    /// When the function's frame in linear memory changed size or layout:
+    /// how the frame is rebuilt where it stands ([`crate::rebuild`]).
+    pub relayout: Option<Box<Relayout>>,
 }
 
 /// Recipes for every resume point of the running version, by (function,
@@ -140,6 +148,11 @@ pub struct FramePlan {
     /// The loop headers among the keys of `retreats`: a frame paused there
     /// is rebuilt in place rather than sent back.
     headers: std::collections::HashSet<(u32, u32)>,
+    /// Which values of frames that may stand above a rebuilt frame are
+    /// addresses, by (function, resume point).
+    above: HashMap<(u32, u32), Result<AboveFacts, String>>,
+    /// The lowest address the shadow stack may reach, if the module says.
+    stack_low: Option<u32>,
 }
 
 /// How a frame goes back to its loop header in the new version.
@@ -183,6 +196,24 @@ pub struct MappedStack {
     /// Where the retreating frame's memory starts in the old layout: the
     /// shadow stack below it belonged to the dropped frames.
     pub kept_stack_from: Option<u32>,
+    /// 32-bit words to write after the moves (address, value): pointers
+    /// into the moving stack, rewritten.
+    pub patches: Vec<(u32, u32)>,
+    /// The frame rebuilt where it stands, if one was.
+    pub rebuilt: Option<Rebuilt>,
+}
+
+/// A frame rebuilt where it stands, with the frames above it shifted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// The frame, described for people.
+    pub frame: String,
+    /// How many of the innermost frames (the rebuilt one included) had
+    /// their addresses into the moving stack rewritten by the plan.
+    pub frames: usize,
+    /// The rebuilt frame's entry stack pointer: the stack above it (higher
+    /// addresses) did not move, and its frames' values are as they were.
+    pub stack_from: u32,
 }
 
 impl FramePlan {
@@ -193,6 +224,13 @@ impl FramePlan {
             Some(Err(e)) => return Err(e.clone()),
             None => return Err(unknown_point(frame)),
         };
+        if recipe.relayout.is_some() {
+            return Err(Unmappable {
+                function: self.name(frame.func),
+                point: format!("#{}", frame.resume_point),
+                reason: "its frame in linear memory changed: it is rebuilt only with the stack it stands in".into(),
+            });
+        }
         build(recipe, frame, None)
     }
 
@@ -204,12 +242,18 @@ impl FramePlan {
     /// ([`crate::retreat`]): the frames above it are dropped, the stack
     /// pointer goes back to where it was at the header, and the frame's
     /// memory is rearranged for the new code.
-    pub fn map_stack(&self, frames: &[TypedFrame], stack_pointer: u32) -> Result<MappedStack, Unmappable> {
+    pub fn map_stack(&self, frames: &[TypedFrame], stack_pointer: u32, memory: &dyn StackMemory) -> Result<MappedStack, Unmappable> {
         let mapped: Vec<Result<TypedFrame, Unmappable>> = frames.iter().map(|f| self.map(f)).collect();
         let Some(k) = mapped.iter().rposition(Result::is_err) else {
             return Ok(MappedStack { frames: mapped.into_iter().map(Result::unwrap).collect(), ..MappedStack::default() });
         };
-        let stuck = mapped[k].clone().unwrap_err();
+        let mut stuck = mapped[k].clone().unwrap_err();
+        if let Some(Ok(recipe @ Recipe { relayout: Some(r), .. })) = self.recipes.get(&(frames[k].func, frames[k].resume_point)) {
+            match self.rebuild(frames, k, (recipe, r), stack_pointer, memory, &mapped) {
+                Ok(stack) => return Ok(stack),
+                Err(why) => stuck.reason = format!("its frame in linear memory changed and cannot be rebuilt where it stands: {why}"),
+            }
+        }
         let frame = &frames[k];
         let how = match self.headers.contains(&(frame.func, frame.resume_point)) {
             true => "nor can it be rebuilt at its loop header",
@@ -284,6 +328,125 @@ impl FramePlan {
             moves,
             retreated: (!at_header).then(|| format!("{} (from {})", stuck.function, stuck.point)),
             kept_stack_from: Some(old_frame.start),
+            ..MappedStack::default()
+        })
+    }
+
+    /// The stack `frames` with frame `k` rebuilt where it stands and the
+    /// frames above it shifted ([`crate::rebuild`]), or why not.
+    fn rebuild(
+        &self,
+        frames: &[TypedFrame],
+        k: usize,
+        (recipe, r): (&Recipe, &Relayout),
+        sp: u32,
+        memory: &dyn StackMemory,
+        mapped: &[Result<TypedFrame, Unmappable>],
+    ) -> Result<MappedStack, String> {
+        // The frames above: unchanged code, entry stack pointers innermost
+        // first, as a retreat finds them.
+        let mut facts = Vec::with_capacity(k);
+        let mut point = sp;
+        for (inner, m) in frames[..k].iter().zip(mapped) {
+            let name = self.name(inner.func);
+            let fact = match self.above.get(&(inner.func, inner.resume_point)) {
+                Some(Ok(f)) => f,
+                Some(Err(why)) => return Err(format!("the frame of `{name}` above it cannot be shifted: {why}")),
+                None => return Err(format!("the frame of `{name}` above it is not one the analysis followed")),
+            };
+            let unchanged = matches!(self.recipes.get(&(inner.func, inner.resume_point)), Some(Ok(ri))
+                if ri.relayout.is_none() && ri.locals.iter().enumerate().all(|(i, s)| *s == Source::Old(i as u32)));
+            if m.is_err() || !unchanged {
+                return Err(format!("the frame of `{name}` above it changed too"));
+            }
+            facts.push(fact);
+            point = entry_stack_pointer(fact.entry, inner, point).map_err(|why| format!("the frame of `{name}` above it: {why}"))?;
+        }
+        let frame = &frames[k];
+        let entry = entry_stack_pointer(r.entry, frame, point)?;
+        let (old_stack, new_stack) = r.stack_at_point;
+        if i64::from(entry) + old_stack != i64::from(point) {
+            return Err(format!("its stack pointer is {point:#x} at the point, not {:#x} as its code sets it", i64::from(entry) + old_stack));
+        }
+        let at = |offset: i64| (i64::from(entry) + offset) as u32;
+        let delta = new_stack - old_stack;
+        let new_sp = i64::from(sp) + delta;
+        if new_sp < i64::from(self.stack_low.unwrap_or(0)) || new_sp < 0 {
+            return Err(format!("the shadow stack has no room for its frame to grow by {} bytes", -delta));
+        }
+        let variables: Vec<(u32, u32, u64)> = r.moves.iter().map(|(m, _)| (at(m.from), at(m.to), m.len)).collect();
+        let tr = Translation { sp, point, entry, delta, moves: variables.clone() };
+
+        // The rebuilt frame: its locals by the recipe, addresses among
+        // them recomputed or translated.
+        let mut new = build(recipe, frame, Some(entry)).map_err(|e| e.reason)?;
+        for (source, value) in recipe.locals.iter().zip(new.locals.iter_mut()) {
+            if let Source::Old(j) = *source {
+                *value = tr.value(*value, r.old_pointers.contains(&j), &|| format!("local {j} of its old frame"))?;
+            }
+        }
+        new.operands = frame
+            .operands
+            .iter()
+            .enumerate()
+            .map(|(i, v)| tr.value(*v, false, &|| format!("its saved operand {i}")))
+            .collect::<Result<_, _>>()?;
+
+        // The frames above, shifted, and their pointers in memory.
+        let mut out = Vec::with_capacity(frames.len());
+        let mut patches = Vec::new();
+        for ((inner, m), fact) in frames[..k].iter().zip(mapped).zip(&facts) {
+            let name = self.name(inner.func);
+            let Ok(m) = m else { unreachable!("checked above") };
+            let live = |l: u32| fact.live.get(l as usize).copied().unwrap_or(true).then(|| fact.pointers.contains(&l));
+            let operand = |i: usize| fact.pointer_operands.get(i).copied().unwrap_or(false);
+            out.push(translate_frame(m, &tr, &live, &operand, &name)?);
+            let Some(base) = fact.frame_base.filter(|_| !fact.pointer_slots.is_empty()) else { continue };
+            let Some(Value::I32(base)) = inner.locals.get(base as usize) else {
+                return Err(format!("the frame of `{name}` above it lacks its frame base"));
+            };
+            for (offset, what) in &fact.pointer_slots {
+                let address = i64::from(*base as u32) + offset;
+                if address < i64::from(sp) || address + 4 > i64::from(point) {
+                    continue;
+                }
+                let address = address as u32;
+                let v = memory.read_u32(address).ok_or_else(|| format!("the frame of `{name}` lies out of bounds"))?;
+                if let Value::I32(t) = tr.value(Value::I32(v as i32), true, &|| format!("{what} in the frame of `{name}`"))? {
+                    if t as u32 != v {
+                        patches.push(((i64::from(address) + delta) as u32, t as u32));
+                    }
+                }
+            }
+        }
+        for (slot, what) in &r.new_pointer_slots {
+            let to = at(*slot);
+            let Some((from, place, _)) = variables.iter().find(|(_, place, len)| to >= *place && u64::from(to - place) + 4 <= *len) else {
+                continue;
+            };
+            let v = memory.read_u32(from + (to - place)).ok_or("its frame lies out of bounds")?;
+            if let Value::I32(t) = tr.value(Value::I32(v as i32), true, &|| format!("{what} in its frame"))? {
+                if t as u32 != v {
+                    patches.push((to, t as u32));
+                }
+            }
+        }
+        out.push(new);
+        for m in &mapped[k + 1..] {
+            out.push(m.clone().map_err(|e| e.to_string())?);
+        }
+        let mut moves = Vec::new();
+        if delta != 0 && point > sp {
+            moves.push((sp, new_sp as u32, u64::from(point - sp)));
+        }
+        moves.extend(variables.into_iter().filter(|(from, to, _)| from != to));
+        Ok(MappedStack {
+            frames: out,
+            stack_pointer: Some(new_sp as u32),
+            moves,
+            patches,
+            rebuilt: Some(Rebuilt { frame: self.name(frame.func), frames: k + 1, stack_from: entry }),
+            ..MappedStack::default()
         })
     }
 
@@ -337,9 +500,52 @@ impl FrameMapper<'_> {
             }
         }
         let names = old_meta.functions.iter().map(|f| (f.index, old.info.function_name(f.index))).collect();
-        let mut plan = FramePlan { recipes, names, ..FramePlan::default() };
+        let mut plan = FramePlan { recipes, names, stack_low: stack_low(old), ..FramePlan::default() };
+        self.plan_above(&mut plan, &codes);
         self.plan_retreats(&mut plan, &codes);
         plan
+    }
+
+    /// What the frames that may stand above a rebuilt frame hold that is an
+    /// address: every resume point of the functions a rebuilt frame's call
+    /// reaches through direct calls (at most [`ABOVE_LIMIT`] functions).
+    fn plan_above(&self, plan: &mut FramePlan, codes: &Codes<'_>) {
+        const ABOVE_LIMIT: usize = 256;
+        let (old, old_meta) = self.old;
+        let mut todo: Vec<u32> = Vec::new();
+        for ((func, rp), recipe) in &plan.recipes {
+            let Ok(Recipe { relayout: Some(_), .. }) = recipe else { continue };
+            let Some(point) = old_meta.function(*func).and_then(|f| f.resume_points.get(*rp as usize)) else { continue };
+            if matches!(point.kind, ResumeKind::Call | ResumeKind::BlockingCall) {
+                todo.push(point.callee);
+            }
+        }
+        let mut seen: std::collections::HashSet<u32> = todo.iter().copied().collect();
+        while let Some(f) = todo.pop() {
+            if seen.len() > ABOVE_LIMIT {
+                break;
+            }
+            let Some(code) = codes.old.code(f) else { continue };
+            for instr in &code.body.instrs {
+                if let crate::symbolic::Access::Call(g) = instr.access {
+                    if seen.insert(g) {
+                        todo.push(g);
+                    }
+                }
+            }
+            let Some(meta) = old_meta.function(f) else { continue };
+            let points: Vec<(usize, &ResumePoint)> =
+                meta.resume_points.iter().enumerate().filter(|(_, rp)| rp.kind != ResumeKind::Entry).collect();
+            let offsets: Vec<u32> = points.iter().map(|(_, rp)| rp.offset.wrapping_sub(old_meta.code_section)).collect();
+            let live = live_at_many(&old.wasm, f, &offsets).map_err(|e| format!("its code cannot be analysed: {e}"));
+            for (n, (i, rp)) in points.iter().enumerate() {
+                let facts = match &live {
+                    Ok(sets) => crate::rebuild::above_facts(old, &code.body, rp, offsets[n], sets[n].clone()),
+                    Err(e) => Err(e.clone()),
+                };
+                plan.above.insert((f, *i as u32), facts);
+            }
+        }
     }
 
     /// Which frames may be dropped, and which frames of changed functions
@@ -380,7 +586,7 @@ impl FrameMapper<'_> {
             };
             for (i, rp) in f.resume_points.iter().enumerate() {
                 let key = (f.index, i as u32);
-                let stuck = plan.recipes.get(&key).is_some_and(Result::is_err);
+                let stuck = plan.recipes.get(&key).is_some_and(|r| r.as_ref().map_or(true, |r| r.relayout.is_some()));
                 let waits = rp.kind == ResumeKind::BlockingCall
                     || rp.kind == ResumeKind::Call && droppable.contains(&rp.callee);
                 // A frame paused at a loop header of a changed loop is
@@ -539,18 +745,8 @@ impl FrameMapper<'_> {
         }
 
         // Variables in linear memory, where the frame base puts them.
-        let frame_base = |v: &Version, body: &crate::symbolic::Body, pc: u32, at: usize, stack: i64| {
-            match v.debug.function_at(pc).and_then(|f| f.frame_base) {
-                Some(Location::Local(l)) => match body.value_at(l, at) {
-                    Some(Sym::Sp(k)) => Some(k),
-                    _ => None,
-                },
-                Some(Location::Global(_)) => Some(stack),
-                _ => None,
-            }
-        };
-        let old_base = frame_base(old, old_body, path.header, old_at, path.stack_at_header);
-        let new_base = frame_base(new, new_body, new_pc, new_at, new_stack_at_header);
+        let old_base = frame_base_offset(old, old_body, path.header, old_at, path.stack_at_header);
+        let new_base = frame_base_offset(new, new_body, new_pc, new_at, new_stack_at_header);
         let mut moves = Vec::new();
         for v in &new_vars {
             let Location::FrameOffset(to) = v.location else { continue };
@@ -563,7 +759,7 @@ impl FrameMapper<'_> {
             };
             moves.push(Move { from: old_base + from, to: new_base + to, len });
         }
-        let recipe = Recipe { func: new_func, resume_point: new_index, locals, types: new_fn.locals.clone() };
+        let recipe = Recipe { func: new_func, resume_point: new_index, locals, types: new_fn.locals.clone(), relayout: None };
         Ok(Retreat { recipe, path, new_stack_at_header, moves })
     }
 
@@ -639,16 +835,16 @@ impl FrameMapper<'_> {
         if old_rp.operands != new_rp.operands {
             return Err(fail("the values on the operand stack there differ between the versions".into()));
         }
-        let locals = match pair {
+        let (locals, relayout) = match pair {
             None => {
                 if new_fn.locals != old_fn.locals {
                     return Err(fail("its locals changed although its body did not".into()));
                 }
-                (0..old_fn.locals.len() as u32).map(Source::Old).collect()
+                ((0..old_fn.locals.len() as u32).map(Source::Old).collect(), None)
             }
             Some(pair) => self.changed_locals(pair, old_rp, old_fn, new_rp, new_fn, codes).map_err(fail)?,
         };
-        Ok(Recipe { func: new_func, resume_point: rp_index, locals, types: new_fn.locals.clone() })
+        Ok(Recipe { func: new_func, resume_point: rp_index, locals, types: new_fn.locals.clone(), relayout: relayout.map(Box::new) })
     }
 
     /// The new resume point matching `old_rp`: same kind, same callee (by
@@ -731,7 +927,7 @@ impl FrameMapper<'_> {
         new_rp: &ResumePoint,
         new_fn: &FunctionMeta,
         codes: &Codes<'_>,
-    ) -> Result<Vec<Source>, String> {
+    ) -> Result<(Vec<Source>, Option<Relayout>), String> {
         let (old, old_meta) = self.old;
         let (new, new_meta) = self.new;
         let mut locals: Vec<Source> = vec![Source::Fresh; new_fn.locals.len()];
@@ -745,28 +941,33 @@ impl FrameMapper<'_> {
             for (i, slot) in locals.iter_mut().enumerate().take(new_params) {
                 *slot = Source::Old(i as u32);
             }
-            return Ok(locals);
+            return Ok((locals, None));
         }
 
-        let (old_frame_size, new_frame_size) = pair.frame_sizes;
-        if old_frame_size != new_frame_size {
-            return Err(format!(
-                "its frame in linear memory changed from {} to {} bytes while it is active",
-                old_frame_size.unwrap_or(0),
-                new_frame_size.unwrap_or(0)
-            ));
-        }
         let old_pc = old_rp.offset.wrapping_sub(old_meta.code_section);
         let new_pc = new_rp.offset.wrapping_sub(new_meta.code_section);
         let old_vars: HashMap<VarKey, VarAt> = old.debug.variables_at(old_pc).into_iter().map(|v| (v.key.clone(), v)).collect();
         let new_vars = new.debug.variables_at(new_pc);
-        for v in &new_vars {
-            if let (Location::FrameOffset(a), Some(Location::FrameOffset(b))) = (v.location, old_vars.get(&v.key).map(|o| o.location)) {
-                if a != b {
-                    return Err(format!("variable `{}` moved within its frame in linear memory", v.key));
-                }
+        let moved = new_vars.iter().any(|v| match (v.location, old_vars.get(&v.key).map(|o| o.location)) {
+            (Location::FrameOffset(a), Some(Location::FrameOffset(b))) => a != b,
+            _ => false,
+        });
+        // A frame whose area in linear memory changed is rebuilt where it
+        // stands; its locals that the new code computes from the stack
+        // pointer are computed again from the entry one.
+        let (relayout, stack_sources) = match pair.frame_sizes.0 != pair.frame_sizes.1 || moved {
+            true => {
+                let (r, s) = self.relayout(codes, (old_fn.index, old_pc, &old_vars), (new_fn, new_pc, &new_vars)).map_err(|why| {
+                    format!(
+                        "its frame in linear memory changed ({} to {} bytes) and cannot be rebuilt: {why}",
+                        pair.frame_sizes.0.unwrap_or(0),
+                        pair.frame_sizes.1.unwrap_or(0)
+                    )
+                })?;
+                (Some(r), s)
             }
-        }
+            false => (None, HashMap::new()),
+        };
 
         let live = pair
             .live
@@ -798,6 +999,10 @@ impl FrameMapper<'_> {
         }
         for (local, is_live) in live.iter().enumerate() {
             let local = local as u32;
+            if let Some(&k) = stack_sources.get(&local) {
+                locals[local as usize] = Source::Stack(k);
+                continue;
+            }
             let source = dwarf_source((old, &old_vars), (new, &new_vars), local)
                 .or_else(|| (new_base == Some(local)).then_some(old_base).flatten())
                 .or_else(|| {
@@ -824,7 +1029,66 @@ impl FrameMapper<'_> {
                 }
             }
         }
-        Ok(locals)
+        Ok((locals, relayout))
+    }
+
+    /// How the frame of changed function `old_func` at code offset
+    /// `old_pc` is rebuilt at the new version's point `new_pc` when its area
+    /// in linear memory changed ([`crate::rebuild`]), and the new locals the
+    /// new code computes from the stack pointer there (entry-relative).
+    fn relayout(
+        &self,
+        codes: &Codes<'_>,
+        (old_func, old_pc, old_vars): (u32, u32, &HashMap<VarKey, VarAt>),
+        (new_fn, new_pc, new_vars): (&FunctionMeta, u32, &[VarAt]),
+    ) -> Result<(Relayout, HashMap<u32, i64>), String> {
+        let (old, _) = self.old;
+        let (new, _) = self.new;
+        let old_body = &codes.old.code(old_func).ok_or("its code cannot be analysed")?.body;
+        let new_body = &codes.new.code(new_fn.index).ok_or("its new code cannot be analysed")?.body;
+        let old_at = old_body.index_of(old_pc).ok_or("its point is not an instruction")?;
+        let new_at = new_body.index_of(new_pc).ok_or("the new point is not an instruction")?;
+        let stack = |body: &crate::symbolic::Body, at: usize| match body.instrs[at].sp {
+            Sym::Sp(k) => Ok(k),
+            _ => Err("the stack pointer at the point is not known"),
+        };
+        let stack_at_point = (stack(old_body, old_at)?, stack(new_body, new_at)?);
+        let entry = crate::retreat::entry_stack_pointer(old_body, old_at)?;
+        let old_base = frame_base_offset(old, old_body, old_pc, old_at, stack_at_point.0).ok_or("its old frame base is not known")?;
+        let new_base = frame_base_offset(new, new_body, new_pc, new_at, stack_at_point.1).ok_or("its new frame base is not known")?;
+        let mut moves = Vec::new();
+        let mut new_pointer_slots = Vec::new();
+        for v in new_vars {
+            let Location::FrameOffset(to) = v.location else { continue };
+            let from = old_vars.get(&v.key).and_then(|o| match o.location {
+                Location::FrameOffset(from) if same_type(&old.debug, o.ty, &new.debug, v.ty) => Some(from),
+                _ => None,
+            });
+            let Some(from) = from else {
+                return Err(format!(
+                    "variable `{}` is in scope at the point and the old frame has no counterpart for it: its value there is unknown",
+                    v.key
+                ));
+            };
+            let len = new.debug.size_of(v.ty).ok_or_else(|| format!("the size of variable `{}` is unknown", v.key))?;
+            let slots = pointer_offsets(&new.debug, v.ty, crate::rebuild::SLOT_LIMIT);
+            if crate::rebuild::too_many(&slots) {
+                return Err(format!("variable `{}` holds too many pointers to follow", v.key));
+            }
+            let to = new_base + to;
+            new_pointer_slots.extend(slots.into_iter().map(|s| (to + s as i64, format!("`{}`", v.key.name))));
+            moves.push((Move { from: old_base + from, to, len }, v.key.name.clone()));
+        }
+        let mut old_pointers = frame_address_locals(old_body);
+        old_pointers.extend(dwarf_pointer_locals(old, old_pc));
+        let stack_sources = (0..new_fn.locals.len() as u32)
+            .filter(|&l| new_fn.locals[l as usize] == ValType::I32)
+            .filter_map(|l| match new_body.value_at(l, new_at) {
+                Some(Sym::Sp(k)) => Some((l, k)),
+                _ => None,
+            })
+            .collect();
+        Ok((Relayout { entry, stack_at_point, moves, old_pointers, new_pointer_slots }, stack_sources))
     }
 }
 
@@ -1217,7 +1481,7 @@ fn unknown_point(frame: &TypedFrame) -> Unmappable {
 
 /// The entry stack pointer of `frame`, by `rule`; `at_point` is the stack
 /// pointer at the frame's point (its callee's entry one).
-fn entry_stack_pointer(rule: EntryStackPointer, frame: &TypedFrame, at_point: u32) -> Result<u32, String> {
+pub(crate) fn entry_stack_pointer(rule: EntryStackPointer, frame: &TypedFrame, at_point: u32) -> Result<u32, String> {
     match rule {
         EntryStackPointer::AtPoint => Ok(at_point),
         EntryStackPointer::Local { local, offset } => match frame.locals.get(local as usize) {
@@ -1225,6 +1489,15 @@ fn entry_stack_pointer(rule: EntryStackPointer, frame: &TypedFrame, at_point: u3
             _ => Err(format!("its frame lacks local {local}, which holds its stack pointer")),
         },
     }
+}
+
+/// The lowest address the shadow stack may reach in `version`'s layout:
+/// wasm-ld's `__stack_low`, else the end of the data (`__data_end`).
+fn stack_low(version: &Version) -> Option<u32> {
+    ["__stack_low", "__data_end"].iter().find_map(|name| {
+        let i = version.info.symbols.iter().position(|s| s.name.as_deref() == Some(*name))?;
+        version.layout.data.get(&(i as u32)).copied().or(version.info.symbols[i].data().map(|d| d.address))
+    })
 }
 
 /// A resume point described for people: "call to poll #0", "loop #2".

@@ -22,7 +22,9 @@
 //! 4. [`plan::Plan::link`] places fresh memory at the address the host
 //!    chose and [`relink`]s the new module against the running layout.
 //! 5. [`frames`] moves each saved frame to the new code, using
-//!    [`liveness`] and DWARF for functions that changed.
+//!    [`liveness`] and DWARF for functions that changed; [`retreat`] sends
+//!    a frame back to its loop header, [`rebuild`] rebuilds one whose area
+//!    in linear memory changed where it stands.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -49,6 +51,7 @@ pub mod heap;
 pub mod liveness;
 pub mod module;
 pub mod plan;
+pub mod rebuild;
 pub mod relink;
 pub mod retreat;
 pub mod symbolic;

@@ -258,7 +258,7 @@ impl<'a> Analyser<'a> {
 }
 
 /// How a frame saved at instruction `point` tells its entry stack pointer.
-fn entry_stack_pointer(body: &Body, point: usize) -> Result<EntryStackPointer, String> {
+pub(crate) fn entry_stack_pointer(body: &Body, point: usize) -> Result<EntryStackPointer, String> {
     let locals = body.instrs.iter().filter_map(|i| i.def.map(|(l, _)| l)).collect::<HashSet<_>>();
     let mut candidates: Vec<u32> = locals.into_iter().collect();
     candidates.sort_unstable();

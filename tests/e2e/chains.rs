@@ -24,7 +24,9 @@ fn patchgen(old: &str, new: &str) -> Verdict {
 fn how_to_run(chain: &str) -> (&'static [&'static str], &'static [&'static str]) {
     match chain {
         "compute" => (&[], &["4000", "2000"]),
-        "kv-server" | "poll-server" | "heapgraph" | "heapsmall" => (&["--tcplisten", "127.0.0.1:0"], &[]),
+        "kv-server" | "poll-server" | "recv-server" | "heapgraph" | "heapsmall" => {
+            (&["--tcplisten", "127.0.0.1:0"], &[])
+        }
         "spin" => (&[], &["2000000000"]),
         "relink" => (
             &[

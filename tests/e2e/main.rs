@@ -18,6 +18,7 @@ mod heap;
 mod interrupt;
 mod kv;
 mod pipes;
+mod rebuild;
 mod releases;
 mod retreat;
 mod rollback;

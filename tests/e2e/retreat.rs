@@ -5,11 +5,9 @@
 //! move where it stands (the compiler lays the frame out anew); it moves back
 //! to its loop header, and the new version's loop calls poll() itself.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use upstare_tests::{expect_error, expect_report, guest, Client, Control, Server};
+use upstare_tests::{expect_error, expect_report, guest, Client, ClientThreads, Control, Server};
 
 /// A poll-server of the given version with a control socket.
 fn start(version: &str, tag: &str) -> (Server, Control) {
@@ -19,65 +17,23 @@ fn start(version: &str, tag: &str) -> (Server, Control) {
     (server, control)
 }
 
-/// Clients that send `INCR` in a loop until stopped, each checking that
-/// the shared counter only goes up.
-struct Incrementers {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Incrementers {
-    fn start(port: u16, clients: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, sent, failures) = (stop.clone(), sent.clone(), failures.clone());
-                std::thread::spawn(move || {
-                    let mut client = Client::connect(port);
-                    let mut last = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        let reply = client.try_request("INCR");
-                        let count = reply.as_deref().ok().and_then(|r| r.strip_prefix("COUNT ")).and_then(|n| n.parse::<u64>().ok());
-                        match count {
-                            Some(n) if n > last => last = n,
-                            _ => {
-                                failures.lock().unwrap().push(format!("INCR -> {reply:?} after COUNT {last}"));
-                                return;
-                            }
-                        }
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        Incrementers { stop, sent, failures, threads }
-    }
-
-    fn wait_for(&self, more: u64) {
-        let target = self.sent.load(Ordering::Relaxed) + more;
-        for _ in 0..1000 {
-            if self.sent.load(Ordering::Relaxed) >= target || !self.failures.lock().unwrap().is_empty() {
-                return;
+/// Clients that send `INCR` in a loop until stopped, each on its own
+/// connection, checking that the shared counter only goes up.
+fn incrementers(port: u16, clients: usize) -> ClientThreads {
+    ClientThreads::start(clients, || {
+        let mut client = Client::connect(port);
+        let mut last = 0u64;
+        move || {
+            let reply = client.try_request("INCR");
+            match reply.as_deref().ok().and_then(|r| r.strip_prefix("COUNT ")).and_then(|n| n.parse::<u64>().ok()) {
+                Some(n) if n > last => {
+                    last = n;
+                    Ok(())
+                }
+                _ => Err(format!("INCR -> {reply:?} after COUNT {last}")),
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("the clients made no progress");
-    }
-
-    /// Stops the clients; returns how many INCRs were answered, and the
-    /// failures.
-    fn stop(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let failures = self.failures.lock().unwrap().clone();
-        (self.sent.load(Ordering::Relaxed), failures)
-    }
+    })
 }
 
 #[test]
@@ -94,7 +50,7 @@ fn a_main_loop_changed_before_poll_is_updated_at_its_header_under_load() {
     let report = expect_report(&control.update(&guest("poll-server-v2")));
     assert_eq!(report.count("frames", "retreated"), 1, "main went back to its loop header");
     assert!(report.count("frames", "dropped") >= 1, "poll()'s frames were dropped");
-    let load = Incrementers::start(server.port, 3);
+    let load = incrementers(server.port, 3);
     load.wait_for(50);
     // The new loop runs at once: poll() times out and counts idle ticks.
     let mut fresh = server.client();
