@@ -45,7 +45,19 @@ pub(crate) fn trace(
         .map(|(address, size)| Region { address, size, what: "the shadow stack".into() })
         .into_iter()
         .collect();
-    heap::trace(old, &plan.new, &plan.heap_roots, moved, memory, stack)
+    let started = std::time::Instant::now();
+    let traced = heap::trace(old, &plan.new, &plan.heap_roots, moved, memory, stack)?;
+    if let Some(t) = &traced {
+        tracing::debug!(
+            "update: heap traced in {:?}: {} allocations in {} segments, {} pointers followed, {} objects to convert",
+            started.elapsed(),
+            t.chunks.0,
+            t.chunks.1,
+            t.pointers_traced,
+            t.objects.len()
+        );
+    }
+    Ok(traced)
 }
 
 /// What [`convert`] did, for the update's report.

@@ -196,3 +196,21 @@ fn a_conversion_that_runs_out_of_memory_rolls_back_the_allocator_exactly() {
     assert_eq!(client.request("GROW 10"), "GREW 60010", "the allocator works on");
     assert_eq!(control.running_version(), sha256_file(&guest("heapsmall")));
 }
+
+/// An update reserves fresh memory right above the heap; the heap then
+/// grows past it, and the allocator takes the pages beyond as a second
+/// segment. A later update converts the objects of both segments.
+#[test]
+fn objects_in_a_second_heap_segment_are_converted_too() {
+    let (_server, control, mut client) = start_graph("heapgraph", "heap-segments");
+    // The same module again: nothing on the heap changes, but its
+    // constant data is placed in fresh memory above the heap.
+    let report = expect_report(&control.update(&guest("heapgraph")));
+    assert_eq!(report.count("heap", "objects converted"), 0, "{report:?}");
+    assert_eq!(client.request("GROW 20000"), "GREW 21000");
+    let sum = client.request("SUM");
+    let report = expect_report(&control.update(&guest("heapgraph-v2")));
+    assert_eq!(report.count("heap", "objects converted"), 42001, "{report:?}");
+    assert_eq!(client.request("SUM"), sum);
+    assert_eq!(client.request("FRESH"), "FRESH nodes=21000 trees=21000 recs=21000");
+}

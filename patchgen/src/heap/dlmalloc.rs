@@ -47,6 +47,9 @@ pub struct Chunks {
     chunks: Vec<Chunk>,
     /// The memory segments, as (base, size).
     segments: Vec<(u32, u32)>,
+    /// Chunks the allocator keeps for itself (the record of each segment
+    /// after the first lives in an allocation marked in use), by index.
+    internal: Vec<usize>,
     /// What else `malloc` writes, as (address, size): `_gm_`, dlmalloc's
     /// parameters (`mparams`, set on first use) and `errno` (set when it
     /// fails).
@@ -66,6 +69,7 @@ impl Chunks {
     /// writes them, so they need no copy for an exact undo.
     pub fn allocator_bytes(&self) -> Vec<(u32, u32)> {
         let mut out = self.state.clone();
+        out.extend(self.internal.iter().map(|&i| (self.chunks[i].start, self.chunks[i].size)));
         for &(base, size) in &self.segments {
             let end = base.saturating_add(size);
             let mut at = base;
@@ -81,6 +85,17 @@ impl Chunks {
             }
         }
         out
+    }
+
+    /// The allocator's memory segments (one, until the heap had to grow
+    /// past memory something else took).
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether allocation `i` is the allocator's own, not the program's.
+    pub fn is_internal(&self, i: usize) -> bool {
+        self.internal.contains(&i)
     }
 
     /// The allocation whose bytes contain `address`.
@@ -125,6 +140,7 @@ pub fn walk(version: &Version, memory: &dyn MemoryView) -> Result<Option<Chunks>
     let top = word(base + layout.top)?;
     let mut chunks = Vec::new();
     let mut segments = Vec::new();
+    let mut records = Vec::new();
     let mut segment = base + layout.seg;
     for _ in 0..MAX_SEGMENTS {
         let (start, size) = (word(segment + layout.seg_base)?, word(segment + layout.seg_size)?);
@@ -133,12 +149,20 @@ pub fn walk(version: &Version, memory: &dyn MemoryView) -> Result<Option<Chunks>
             segments.push((start, size));
         }
         segment = u64::from(word(segment + layout.seg_next)?);
+        if segment != 0 {
+            records.push(segment as u32);
+        }
         if segment == 0 {
             chunks.sort_by_key(|c| c.start);
             segments.sort_unstable();
+            let mut found = Chunks { chunks, ..Chunks::default() };
+            let internal = records.iter().filter_map(|&r| found.containing(r)).collect();
             let mut state = vec![(layout.address, layout.size)];
             state.extend(["mparams", "errno"].iter().filter_map(|name| global_bytes(version, name)));
-            return Ok(Some(Chunks { chunks, segments, state }));
+            found.segments = segments;
+            found.internal = internal;
+            found.state = state;
+            return Ok(Some(found));
         }
     }
     Err(Error::Corrupt("its list of segments does not end".into()))

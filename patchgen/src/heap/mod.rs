@@ -82,8 +82,7 @@ pub struct Roots {
 }
 
 impl Roots {
-    /// Every writable global of `old`, with its type in both versions
-    /// (`new_of` gives a global's new DWARF type by its key).
+    /// Every writable global of `old`, with its type in both versions.
     pub fn of(old: &Version, new: &Version) -> Roots {
         let new_by_key: HashMap<&SymbolKey, u32> = new.data_keys.iter().map(|(i, k)| (k, *i)).collect();
         let new_type = |key: &SymbolKey| {
@@ -94,6 +93,12 @@ impl Roots {
         let converters = crate::plan::exports_named(&new.wasm, crate::plan::CONVERTER_PREFIX)
             .into_iter()
             .map(|e| (e.name[crate::plan::CONVERTER_PREFIX.len()..].to_string(), e.name))
+            .collect();
+        // A global with a C transformer is the transformer's to convert:
+        // the trace only learns the types behind it.
+        let transformed: std::collections::HashSet<String> = crate::plan::exports_named(&new.wasm, crate::plan::TRANSFORMER_PREFIX)
+            .into_iter()
+            .map(|e| e.name[crate::plan::TRANSFORMER_PREFIX.len()..].to_string())
             .collect();
         let mut roots = Roots { converters, ..Roots::default() };
         for (i, s) in old.info.symbols.iter().enumerate() {
@@ -108,7 +113,9 @@ impl Roots {
             let address = old.layout.data.get(&(i as u32)).copied().unwrap_or(d.address);
             match old.debug.global_at(d.address).filter(|g| g.address == d.address) {
                 Some(g) => {
-                    let new_ty = new_type(key).filter(|t| !same_type(&old.debug, g.ty, &new.debug, *t));
+                    let new_ty = new_type(key)
+                        .filter(|t| !same_type(&old.debug, g.ty, &new.debug, *t))
+                        .filter(|_| !transformed.contains(&key.name));
                     roots.globals.push(Root { name: g.name.clone(), address, size: d.size, old_ty: g.ty, new_ty });
                 }
                 None => roots.untyped.push(Region { address, size: d.size, what: format!("global `{key}`") }),
@@ -210,6 +217,8 @@ pub struct Plan {
     /// (address, size). With the slots' old values, a copy of these undoes
     /// a conversion exactly.
     pub allocator: Vec<(u32, u32)>,
+    /// Allocations in use, and the allocator's segments, for diagnostics.
+    pub chunks: (usize, usize),
     paths: Paths,
 }
 
@@ -414,6 +423,7 @@ pub fn trace(
     if !plan.objects.is_empty() {
         plan.allocator = chunks.allocator_bytes();
     }
+    plan.chunks = (chunks.all().len(), chunks.segments());
     Ok(Some(plan))
 }
 

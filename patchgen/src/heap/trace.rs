@@ -165,6 +165,7 @@ impl<'a> Tracer<'a> {
             moved: self.moved.to_vec(),
             pointers_traced: self.pointers,
             allocator: Vec::new(),
+            chunks: (0, 0),
             paths,
         };
         if !plan.objects.is_empty() {
@@ -175,7 +176,7 @@ impl<'a> Tracer<'a> {
                 plan.check_words(self.memory, address, size, || path(&plan.paths.roots, &plan.paths.claims, via, field))?;
             }
             for (chunk, claim) in plan.paths.claims.iter().enumerate() {
-                if claim.is_none() {
+                if claim.is_none() && !self.chunks.is_internal(chunk) {
                     let c = self.chunks.all()[chunk];
                     plan.check_words(self.memory, c.start, c.size, || {
                         format!("an allocation at {:#x} that no typed pointer reaches", c.start)
@@ -260,7 +261,7 @@ impl<'a> Tracer<'a> {
         via: Via,
         field: &Rc<str>,
     ) -> Result<(), String> {
-        if let Some(chunk) = self.chunks.containing(value) {
+        if let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) {
             self.slots.push((slot, value));
             if value != self.chunks.all()[chunk].start {
                 // Into the allocation, not at its start (an element, a
