@@ -100,8 +100,8 @@ pub(crate) fn convert(
         }
     }
     let mut rewritten = 0;
-    for &(slot, value) in &plan.slots {
-        match plan.translate(value, &new_starts) {
+    for (i, &(slot, _)) in plan.slots.iter().enumerate() {
+        match plan.slot_landing(i, &new_starts) {
             Landing::Unmoved => {}
             Landing::At(to) => {
                 rewritten += 1;

@@ -29,6 +29,8 @@ const HEADER: u32 = 8;
 const OVERHEAD: u32 = 4;
 /// More segments than this means the list is corrupt (it loops).
 const MAX_SEGMENTS: usize = 1 << 16;
+/// The granule of the index [`Chunks::containing`] searches by.
+const PAGE_SHIFT: u32 = 12;
 
 /// One allocation in use: the address `malloc` returned and how many bytes
 /// from there belong to it (at least what was asked for).
@@ -47,6 +49,11 @@ pub struct Chunks {
     chunks: Vec<Chunk>,
     /// The memory segments, as (base, size).
     segments: Vec<(u32, u32)>,
+    /// For each 4 KiB page from `first_page` on, the index of the first
+    /// allocation that ends after the page's start: a lookup searches only
+    /// the allocations of one page.
+    pages: Vec<u32>,
+    first_page: u32,
     /// Chunks the allocator keeps for itself (the record of each segment
     /// after the first lives in an allocation marked in use), by index.
     internal: Vec<usize>,
@@ -100,9 +107,29 @@ impl Chunks {
 
     /// The allocation whose bytes contain `address`.
     pub fn containing(&self, address: u32) -> Option<usize> {
-        let after = self.chunks.partition_point(|c| c.start <= address);
+        let page = (address >> PAGE_SHIFT).checked_sub(self.first_page)? as usize;
+        let from = *self.pages.get(page)? as usize;
+        let to = self.pages.get(page + 1).map_or(self.chunks.len(), |&t| (t as usize + 1).min(self.chunks.len()));
+        let after = from + self.chunks[from..to].partition_point(|c| c.start <= address);
         let i = after.checked_sub(1)?;
-        (address - self.chunks[i].start < self.chunks[i].size).then_some(i)
+        (address.wrapping_sub(self.chunks[i].start) < self.chunks[i].size).then_some(i)
+    }
+
+    /// Fills [`Chunks::pages`] once the allocations are sorted.
+    fn index_pages(&mut self) {
+        let (Some(first), Some(last)) = (self.chunks.first(), self.chunks.last()) else { return };
+        self.first_page = first.start >> PAGE_SHIFT;
+        let end_page = (last.start + last.size) >> PAGE_SHIFT;
+        let mut i = 0;
+        self.pages = (self.first_page..=end_page)
+            .map(|page| {
+                let page_start = u64::from(page) << PAGE_SHIFT;
+                while i < self.chunks.len() && u64::from(self.chunks[i].start) + u64::from(self.chunks[i].size) <= page_start {
+                    i += 1;
+                }
+                i as u32
+            })
+            .collect();
     }
 }
 
@@ -156,6 +183,7 @@ pub fn walk(version: &Version, memory: &dyn MemoryView) -> Result<Option<Chunks>
             chunks.sort_by_key(|c| c.start);
             segments.sort_unstable();
             let mut found = Chunks { chunks, ..Chunks::default() };
+            found.index_pages();
             let internal = records.iter().filter_map(|&r| found.containing(r)).collect();
             let mut state = vec![(layout.address, layout.size)];
             state.extend(["mparams", "errno"].iter().filter_map(|name| global_bytes(version, name)));

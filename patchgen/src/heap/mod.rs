@@ -188,6 +188,26 @@ impl Object {
     pub fn new_bytes(&self) -> u32 {
         self.count.max(1) * self.kind.new_size
     }
+
+    /// Where `address` lands once this object's new copy is at `new_start`;
+    /// `Unmoved` when it lies outside the object's chunk.
+    fn landing(&self, address: u32, new_start: u32) -> Landing {
+        let k = &self.kind;
+        let Some(offset) = address.checked_sub(self.start) else { return Landing::Unmoved };
+        let end = self.count * k.old_size;
+        if offset == end {
+            return Landing::At(new_start + self.count * k.new_size);
+        }
+        if offset < end {
+            let (element, within) = (offset / k.old_size, offset % k.old_size);
+            return match map_offset(&k.map, within) {
+                Some(to) => Landing::At(new_start + element * k.new_size + to),
+                None => Landing::Dropped,
+            };
+        }
+        // In the slack dlmalloc rounds an allocation up with: no element.
+        if offset < self.chunk_size { Landing::Dropped } else { Landing::Unmoved }
+    }
 }
 
 /// How each traced allocation was reached, for messages: kept whole and
@@ -208,6 +228,9 @@ pub struct Plan {
     /// it holds): each one pointing into a converted object or a moved
     /// global is rewritten.
     pub slots: Vec<(u32, u32)>,
+    /// For each slot, the index in `objects` of the object it points into,
+    /// or `u32::MAX` (a moved global, or nothing that moves).
+    slot_objects: Vec<u32>,
     /// Globals that move.
     pub moved: Vec<Moved>,
     /// How many non-null pointers the trace followed.
@@ -240,22 +263,9 @@ impl Plan {
     pub fn translate(&self, address: u32, new_starts: &[u32]) -> Landing {
         let after = self.objects.partition_point(|o| o.start <= address);
         if let Some(i) = after.checked_sub(1) {
-            let o = &self.objects[i];
-            let k = &o.kind;
-            let (offset, end) = (address - o.start, o.count * k.old_size);
-            if offset == end {
-                return Landing::At(new_starts[i] + o.count * k.new_size);
-            }
-            if offset < end {
-                let (element, within) = (offset / k.old_size, offset % k.old_size);
-                return match map_offset(&k.map, within) {
-                    Some(to) => Landing::At(new_starts[i] + element * k.new_size + to),
-                    None => Landing::Dropped,
-                };
-            }
-            // In the slack dlmalloc rounds an allocation up with: no element.
-            if offset < o.chunk_size {
-                return Landing::Dropped;
+            match self.objects[i].landing(address, new_starts[i]) {
+                Landing::Unmoved => {}
+                landing => return landing,
             }
         }
         // One past a moved global's end has no counterpart the map knows
@@ -269,6 +279,16 @@ impl Plan {
         }
     }
 
+    /// Where the pointer in slot `i` of [`Plan::slots`] lands: as
+    /// [`Plan::translate`], without searching for the object.
+    pub fn slot_landing(&self, i: usize, new_starts: &[u32]) -> Landing {
+        let value = self.slots[i].1;
+        match self.slot_objects.get(i).copied().filter(|&o| o != u32::MAX) {
+            Some(o) => self.objects[o as usize].landing(value, new_starts[o as usize]),
+            None => self.translate(value, new_starts),
+        }
+    }
+
     /// The converted object whose bytes hold `address`, for messages about
     /// a value that would go on pointing at its old copy.
     pub fn object_at(&self, address: u32) -> Option<&Object> {
@@ -279,8 +299,8 @@ impl Plan {
 
     fn check_slots(&self) -> Result<(), String> {
         let starts: Vec<u32> = self.objects.iter().map(|o| o.start).collect();
-        for &(slot, value) in &self.slots {
-            if self.translate(value, &starts) == Landing::Dropped {
+        for (i, &(slot, value)) in self.slots.iter().enumerate() {
+            if self.slot_landing(i, &starts) == Landing::Dropped {
                 return Err(format!(
                     "the pointer at {slot:#x} points into a member that the new version drops ({value:#x})"
                 ));

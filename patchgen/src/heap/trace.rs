@@ -17,7 +17,7 @@
 //! update when either type changed. An allocation of `n` elements has its
 //! length from the chunk (`malloc(n * sizeof *p)`).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc as Rc;
 
 use super::dlmalloc::Chunks;
@@ -70,13 +70,15 @@ pub(super) struct Tracer<'a> {
     roots: &'a [Root],
     /// The roots' names, for messages.
     root_names: Vec<String>,
-    converters: &'a HashMap<String, String>,
+    converters: &'a std::collections::HashMap<String, String>,
     moved: &'a [Moved],
     claims: Vec<Option<Claim>>,
     fields: HashMap<TypeId, Rc<Vec<Field>>>,
     pairs: HashMap<(TypeId, TypeId), Rc<(ValueMap, HashMap<u64, TypeId>)>>,
     work: Vec<(u32, TypeId, Option<TypeId>, Via)>,
     slots: Vec<(u32, u32)>,
+    /// The allocation each slot points into, or `u32::MAX`.
+    slot_chunks: Vec<u32>,
     /// `void *` and union members met while tracing, named lazily.
     untyped: Vec<(u32, u32, Via, Rc<str>)>,
     inside: Vec<Inside>,
@@ -113,13 +115,14 @@ impl<'a> Tracer<'a> {
             converters: &roots.converters,
             moved,
             claims: vec![None; chunks.all().len()],
-            fields: HashMap::new(),
-            pairs: HashMap::new(),
+            fields: HashMap::default(),
+            pairs: HashMap::default(),
             work: Vec::new(),
             slots: Vec::new(),
+            slot_chunks: Vec::new(),
             untyped: Vec::new(),
             inside: Vec::new(),
-            kinds: HashMap::new(),
+            kinds: HashMap::default(),
             pointers: 0,
         }
     }
@@ -159,9 +162,15 @@ impl<'a> Tracer<'a> {
             });
         }
         let paths = super::Paths { roots: self.root_names, claims: self.claims };
+        let mut object_of_chunk = vec![u32::MAX; self.chunks.all().len()];
+        for (i, o) in objects.iter().enumerate() {
+            object_of_chunk[o.chunk] = i as u32;
+        }
+        let slot_objects = self.slot_chunks.iter().map(|&c| object_of_chunk.get(c as usize).copied().unwrap_or(u32::MAX)).collect();
         let plan = Plan {
             objects,
             slots: self.slots,
+            slot_objects,
             moved: self.moved.to_vec(),
             pointers_traced: self.pointers,
             allocator: Vec::new(),
@@ -263,6 +272,7 @@ impl<'a> Tracer<'a> {
     ) -> Result<(), String> {
         if let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) {
             self.slots.push((slot, value));
+            self.slot_chunks.push(chunk as u32);
             if value != self.chunks.all()[chunk].start {
                 // Into the allocation, not at its start (an element, a
                 // member): an alias, rewritten with whatever the allocation
@@ -278,6 +288,7 @@ impl<'a> Tracer<'a> {
         }
         if self.moved.iter().any(|m| m.contains(value)) {
             self.slots.push((slot, value));
+            self.slot_chunks.push(u32::MAX);
             return Ok(());
         }
         if new_pointee.is_some() {
