@@ -146,6 +146,7 @@ mod analysis;
 mod bound;
 mod callgraph;
 mod error;
+pub mod liveness;
 mod plan;
 mod rewrite;
 
@@ -173,6 +174,11 @@ pub const WASI_BLOCKING: &[&str] =
 pub struct Options {
     /// Imports, as (module, name), at which the host may pause the guest.
     pub blocking: HashSet<(String, String)>,
+    /// Instrument for stress mode ([`abi::control::Header::stress`]): loop
+    /// headers call the pause decision, which counts them down. Without
+    /// it a loop header only tests the pause and rewind bytes, with no
+    /// call, and the stress byte counts blocking calls alone.
+    pub stress: bool,
 }
 
 impl Default for Options {
@@ -183,6 +189,7 @@ impl Default for Options {
                 .iter()
                 .map(|n| ("wasi_snapshot_preview1".to_string(), n.to_string()))
                 .collect(),
+            stress: false,
         }
     }
 }
@@ -199,6 +206,6 @@ pub struct Instrumented {
 /// Instruments `wasm`. Invalid or unsupported input is an [`Error`] naming
 /// the offset and the reason; the output always validates.
 pub fn instrument(wasm: &[u8], options: &Options) -> Result<Instrumented> {
-    let (wasm, metadata) = rewrite::module::rewrite(wasm, &options.blocking)?;
+    let (wasm, metadata) = rewrite::module::rewrite(wasm, &options.blocking, options.stress)?;
     Ok(Instrumented { wasm, metadata })
 }

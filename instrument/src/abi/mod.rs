@@ -25,7 +25,7 @@ pub const METADATA_SECTION: &str = "upstare.meta";
 
 /// Version of the metadata format (and of this whole ABI). Bumped whenever any
 /// constant or layout in this module changes meaning.
-pub const METADATA_VERSION: u32 = 4;
+pub const METADATA_VERSION: u32 = 5;
 
 /// Module name of every import the instrumenter adds.
 pub const IMPORT_MODULE: &str = "upstare";

@@ -7,7 +7,7 @@
 
 use wasm_encoder::{BlockType, Encode, HeapType, Instruction as I, ValType};
 
-use super::{ctrl, Code, Helpers, Types};
+use super::{ctrl, frames, Code, Helpers, Packs, Types};
 use crate::abi::{control, frame, State, ValType as Ty};
 use crate::analysis::ModuleInfo;
 
@@ -85,6 +85,37 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
         add(types, &[I32], &[t], &[], load_ref(side.table));
     }
     out
+}
+
+/// The pack helpers ([`Packs`]), in the order they are numbered.
+pub(crate) fn build_packs(types: &mut Types, h: &Helpers, packs: &Packs) -> crate::error::Result<Vec<HelperFunc>> {
+    use Ty::I32;
+    let mut out = Vec::new();
+    for &key in packs.map.keys() {
+        let values = frames::pack_types(key);
+        // save(func, rp, slots, values...) -> frame; local: the frame.
+        let fb = 3 + values.len() as u32;
+        let mut c = Code::default();
+        for p in 0..3 {
+            c.op(I::LocalGet(p));
+        }
+        c.op(I::Call(h.frame_push));
+        c.op(I::LocalSet(fb));
+        for (slot, t) in values.iter().enumerate() {
+            frames::store(&mut c, h, fb, 3 + slot as u32, *t, slot as u32)?;
+        }
+        c.op(I::LocalGet(fb));
+        let params: Vec<Ty> = [I32, I32, I32].into_iter().chain(values.iter().copied()).collect();
+        out.push(HelperFunc { type_index: types.func(&params, &[I32]), body: body(&[ValType::I32], c) });
+        // load(frame) -> values.
+        let mut c = Code::default();
+        for (slot, t) in values.iter().enumerate() {
+            c.op(I::LocalGet(0));
+            frames::push(&mut c, h, *t, slot as u32)?;
+        }
+        out.push(HelperFunc { type_index: types.func(&[I32], &values), body: body(&[], c) });
+    }
+    Ok(out)
 }
 
 /// `frame_push(func, rp, slots) -> frame`: reserves a frame on the frame

@@ -125,6 +125,35 @@ pub(crate) struct Helpers {
     pub funcrefs: Option<RefSide>,
     /// Present when some frame can hold an externref.
     pub externrefs: Option<RefSide>,
+    /// The first function index after these helpers.
+    pub next: u32,
+}
+
+/// The pack helpers, appended after the [`Helpers`]: for each count of
+/// numeric locals a save class holds ([`frames::PackKey`]),
+/// `save(func, rp, slots, values...) -> frame` pushes the frame and stores
+/// the values in its first slots, and `load(frame) -> values` reads them
+/// back. One call then moves all of a class's numbers, instead of a load
+/// or store per value at every class and every resume point; the calls
+/// sit only where the values are about to be stored or have just been
+/// lost (the unwind code after the body, a rewind case before its
+/// branch), so nothing the hot path keeps lives across them.
+pub(crate) struct Packs {
+    /// (save, load) function indices by key.
+    pub map: std::collections::BTreeMap<frames::PackKey, (u32, u32)>,
+}
+
+impl Packs {
+    /// Numbers the helpers of `keys` from `first`.
+    pub fn new(first: u32, keys: std::collections::BTreeSet<frames::PackKey>) -> Packs {
+        let map = keys.into_iter().enumerate().map(|(i, k)| (k, (first + 2 * i as u32, first + 2 * i as u32 + 1))).collect();
+        Packs { map }
+    }
+
+    /// The (save, load) helpers of `key`.
+    pub fn get(&self, key: frames::PackKey) -> crate::error::Result<(u32, u32)> {
+        self.map.get(&key).copied().ok_or_else(|| crate::error::internal("a pack helper is missing"))
+    }
 }
 
 /// The helpers and side table for one reference type. Each type gets its
@@ -167,6 +196,7 @@ impl Helpers {
             stop_rewind: first + 10,
             funcrefs,
             externrefs,
+            next: next_func,
         }
     }
 
@@ -193,4 +223,7 @@ pub(crate) struct Cx {
     pub types: Types,
     pub helpers: Helpers,
     pub state_global: u32,
+    /// The stress variant: loop headers call the pause decision.
+    pub stress: bool,
+    pub packs: Packs,
 }
