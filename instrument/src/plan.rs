@@ -408,3 +408,76 @@ impl Plan {
         (classes, class_of)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plans of a module's instrumented functions, by function index.
+    fn plans(wat: &str) -> HashMap<u32, Plan> {
+        let wasm = wat::parse_str(wat).expect("wat");
+        let info = crate::analysis::analyze(&wasm).expect("analysis");
+        let graph = CallGraph::new(&info, &Default::default()).expect("call graph");
+        info.bodies
+            .iter()
+            .filter(|b| graph.can_unwind[b.func as usize])
+            .map(|b| (b.func, plan(&info, &graph, b).expect("plan")))
+            .collect()
+    }
+
+    /// Each point saves the locals live after it, numbers grouped by type;
+    /// points that save the same locals and operand types share a class.
+    #[test]
+    fn save_classes_group_points_by_live_locals_and_operand_types() {
+        let plans = plans(
+            r#"(module
+              (func $spin (param $n i32) (result i32)
+                (loop $l
+                  local.get $n i32.const 1 i32.sub local.tee $n
+                  br_if $l)
+                local.get $n)
+              (func $main (param $a i32) (param $b i32) (result i32) (local $t i32)
+                local.get $a
+                call $spin      ;; $b is read later, $a never, $t written first
+                local.set $t
+                local.get $b
+                call $spin      ;; $t and $b are read later
+                local.get $t
+                i32.add
+                local.get $b
+                call $spin      ;; nothing is read later; one i32 waits below
+                i32.add
+                i32.const 5
+                call $spin      ;; the same again: the same class
+                i32.add)
+              (func $mix (param $x f64) (param $n i32) (result f64)
+                local.get $n
+                call $spin      ;; both read later: the i32 slot first
+                drop
+                local.get $x
+                local.get $n
+                f64.convert_i32_s
+                f64.add))"#,
+        );
+        let spin = &plans[&0];
+        assert_eq!(spin.rps[0].kind, ResumeKind::Loop);
+        assert_eq!(spin.rps[0].locals, [0], "the counter is live at the header");
+
+        let main = &plans[&1];
+        let locals: Vec<&[u32]> = main.rps.iter().map(|rp| rp.locals.as_slice()).collect();
+        assert_eq!(locals, [&[1][..], &[1, 2], &[], &[]]);
+        let (classes, class_of) = main.save_classes();
+        assert_eq!(
+            classes,
+            [
+                SaveClass { locals: vec![1], operands: vec![] },
+                SaveClass { locals: vec![1, 2], operands: vec![] },
+                SaveClass { locals: vec![], operands: vec![Ty::I32] },
+            ]
+        );
+        assert_eq!(class_of, [0, 1, 2, 2]);
+
+        let mix = &plans[&2];
+        assert_eq!(mix.rps[0].locals, [1, 0], "the i32 before the f64, whatever their indices");
+    }
+}

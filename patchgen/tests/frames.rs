@@ -593,3 +593,31 @@ fn a_loop_with_a_branch_before_the_point_still_reaches_the_changed_code() {
     let reason = p.refusal("main", "call to step #0");
     assert!(reason.ends_with("(a compiler temporary) is live there and has no counterpart in the old frame"), "{reason}");
 }
+
+/// `b` is read after the call only in the new version: the old frame,
+/// saved at the call, does not hold it (it was dead there), so the
+/// parameter rule that would copy it has nothing to copy.
+const DEAD_THEN_LIVE_V1: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) int step(int x) { int s = 0; for (int i = 0; i < x; i++) s += i; printf("%d\n", s); return s; }
+__attribute__((noinline)) int keep(int a, int b) { int x = step(a + b); return x + 1; }
+int main(int argc, char **argv) { printf("%d\n", keep(argc, argc + 1)); return 0; }
+"#;
+
+const DEAD_THEN_LIVE_V2: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) int step(int x) { int s = 0; for (int i = 0; i < x; i++) s += i; printf("%d\n", s); return s; }
+__attribute__((noinline)) int keep(int a, int b) { int x = step(a + b); return x + b; }
+int main(int argc, char **argv) { printf("%d\n", keep(argc, argc + 1)); return 0; }
+"#;
+
+#[test]
+fn a_local_the_old_frame_did_not_save_is_refused_not_invented() {
+    let p = pair_with("frames-dead-then-live", DEAD_THEN_LIVE_V1, DEAD_THEN_LIVE_V2, &["-g0"]);
+    assert!(p.changed.iter().any(|c| c == "keep"), "{:?}", p.changed);
+    let keep = p.func("keep");
+    let old_rp = p.old_meta.function(keep).unwrap().resume_points.iter().find(|rp| rp.kind == ResumeKind::Call).unwrap();
+    assert!(!old_rp.locals.contains(&1), "b is dead after the old call: {:?}", old_rp.locals);
+    let reason = p.refusal("keep", "call to step #0");
+    assert!(reason.contains("old local 1, which the old frame does not hold"), "{reason}");
+}
