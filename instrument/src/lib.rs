@@ -147,9 +147,9 @@
 //! every point, and temporaries loop-carried). The rewind restores the
 //! locals in the dispatch case that reaches the point, right before its
 //! branch, reading the resume point from the popped frame rather than
-//! keeping it in a local through the loops on the way. Numbers move
-//! through *pack* helpers, one pair per count of each numeric type, so a
-//! class's stores and a case's loads are one call each.
+//! keeping it in a local through the loops on the way. It loads the
+//! numbers with one call to a *pack* helper, one per count of each numeric
+//! type (the slots group them by type); the class code stores them inline.
 //!
 //! The rewind enters the block levels on the path to the resume point one
 //! by one: each level that contains a resume point starts with its own test

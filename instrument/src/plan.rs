@@ -382,7 +382,7 @@ fn live_locals(info: &ModuleInfo<'_>, body: &Body, params: u32, rps: &mut [Rp]) 
         let set = at.and_then(|at| live.live_at(at)).ok_or_else(|| internal("a resume point is not an instruction"))?;
         rp.locals = set.iter().enumerate().filter(|(_, l)| **l).map(|(i, _)| i as u32).collect();
         // Slot order: numbers grouped by type, so that one pack helper per
-        // type count stores and loads them (`rewrite::Packs`).
+        // type count loads them (`rewrite::Packs`).
         rp.locals.sort_by_key(|&l| (crate::rewrite::frames::rank(body.locals[l as usize]), l));
     }
     Ok(())

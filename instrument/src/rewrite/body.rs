@@ -309,7 +309,7 @@ impl Emitter<'_> {
         let h = self.cx.helpers;
         let (key, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
         if n > 0 {
-            let (_, load) = self.cx.packs.get(key)?;
+            let load = self.cx.packs.get(key)?;
             self.code.i32(0);
             self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
             self.code.op(I::Call(load));
@@ -797,24 +797,20 @@ impl Emitter<'_> {
 
     /// The unwind code of one save class: `frame_push(func, $rp, slots)`,
     /// then the class's locals and the operands' shadow locals into the
-    /// slots, in that order.
+    /// slots, in that order. The stores are inline: passing the values to
+    /// a helper instead (smaller code) ties them to the call's argument
+    /// places, which Cranelift's allocator then keeps some of them in
+    /// across the loops they come from (nbody ran 7% more instructions,
+    /// `docs/PERFORMANCE.md`).
     fn save_class(&mut self, class: usize) -> Result<()> {
         let h = self.cx.helpers;
         let SaveClass { locals, operands } = self.classes[class].clone();
-        let (key, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
         self.code.i32(self.func as i32);
         self.code.op(I::LocalGet(self.rp));
         self.code.i32((locals.len() + operands.len()) as i32);
-        if n > 0 {
-            for &l in &locals[..n] {
-                self.code.op(I::LocalGet(l));
-            }
-            self.code.op(I::Call(self.cx.packs.get(key)?.0));
-        } else {
-            self.code.op(I::Call(h.frame_push));
-        }
+        self.code.op(I::Call(h.frame_push));
         self.code.op(I::LocalSet(self.fb));
-        for (slot, &l) in locals.iter().enumerate().skip(n) {
+        for (slot, &l) in locals.iter().enumerate() {
             frames::store(&mut self.code, &h, self.fb, l, self.body.locals[l as usize], slot as u32)?;
         }
         let first = locals.len() as u32;

@@ -62,9 +62,9 @@ pub(crate) fn push(code: &mut Code, h: &Helpers, t: Ty, slot: u32) -> Result<()>
     Ok(())
 }
 
-/// How many locals of each numeric type (i32, i64, f32, f64) a save
-/// class holds before its references: the key of the pack helpers that
-/// store and load them ([`super::Packs`]).
+/// How many locals of each numeric type (i32, i64, f32, f64) a frame
+/// holds before its references: the key of the pack helper that loads
+/// them ([`super::Packs`]).
 pub(crate) type PackKey = [u32; 4];
 
 /// The rank of a type in a frame's local slots: numbers grouped by type,

@@ -87,33 +87,18 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
     out
 }
 
-/// The pack helpers ([`Packs`]), in the order they are numbered.
+/// The pack helpers ([`Packs`]), in the order they are numbered:
+/// `load(frame) -> values`.
 pub(crate) fn build_packs(types: &mut Types, h: &Helpers, packs: &Packs) -> crate::error::Result<Vec<HelperFunc>> {
-    use Ty::I32;
     let mut out = Vec::new();
     for &key in packs.map.keys() {
         let values = frames::pack_types(key);
-        // save(func, rp, slots, values...) -> frame; local: the frame.
-        let fb = 3 + values.len() as u32;
-        let mut c = Code::default();
-        for p in 0..3 {
-            c.op(I::LocalGet(p));
-        }
-        c.op(I::Call(h.frame_push));
-        c.op(I::LocalSet(fb));
-        for (slot, t) in values.iter().enumerate() {
-            frames::store(&mut c, h, fb, 3 + slot as u32, *t, slot as u32)?;
-        }
-        c.op(I::LocalGet(fb));
-        let params: Vec<Ty> = [I32, I32, I32].into_iter().chain(values.iter().copied()).collect();
-        out.push(HelperFunc { type_index: types.func(&params, &[I32]), body: body(&[ValType::I32], c) });
-        // load(frame) -> values.
         let mut c = Code::default();
         for (slot, t) in values.iter().enumerate() {
             c.op(I::LocalGet(0));
             frames::push(&mut c, h, *t, slot as u32)?;
         }
-        out.push(HelperFunc { type_index: types.func(&[I32], &values), body: body(&[], c) });
+        out.push(HelperFunc { type_index: types.func(&[Ty::I32], &values), body: body(&[], c) });
     }
     Ok(out)
 }

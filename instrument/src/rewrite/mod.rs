@@ -130,28 +130,26 @@ pub(crate) struct Helpers {
 }
 
 /// The pack helpers, appended after the [`Helpers`]: for each count of
-/// numeric locals a save class holds ([`frames::PackKey`]),
-/// `save(func, rp, slots, values...) -> frame` pushes the frame and stores
-/// the values in its first slots, and `load(frame) -> values` reads them
-/// back. One call then moves all of a class's numbers, instead of a load
-/// or store per value at every class and every resume point; the calls
-/// sit only where the values are about to be stored or have just been
-/// lost (the unwind code after the body, a rewind case before its
-/// branch), so nothing the hot path keeps lives across them.
+/// numeric locals a resume point saves ([`frames::PackKey`]),
+/// `load(frame) -> values` reads them from the frame's first slots. One
+/// call in a rewind case then restores all of a point's numbers, instead of
+/// a load per value at every resume point; nothing the hot path keeps
+/// lives across it (the case restores every local live at its point).
+/// Frames are saved with inline stores (see `body`).
 pub(crate) struct Packs {
-    /// (save, load) function indices by key.
-    pub map: std::collections::BTreeMap<frames::PackKey, (u32, u32)>,
+    /// Load function index by key.
+    pub map: std::collections::BTreeMap<frames::PackKey, u32>,
 }
 
 impl Packs {
     /// Numbers the helpers of `keys` from `first`.
     pub fn new(first: u32, keys: std::collections::BTreeSet<frames::PackKey>) -> Packs {
-        let map = keys.into_iter().enumerate().map(|(i, k)| (k, (first + 2 * i as u32, first + 2 * i as u32 + 1))).collect();
+        let map = keys.into_iter().enumerate().map(|(i, k)| (k, first + i as u32)).collect();
         Packs { map }
     }
 
-    /// The (save, load) helpers of `key`.
-    pub fn get(&self, key: frames::PackKey) -> crate::error::Result<(u32, u32)> {
+    /// The load helper of `key`.
+    pub fn get(&self, key: frames::PackKey) -> crate::error::Result<u32> {
         self.map.get(&key).copied().ok_or_else(|| crate::error::internal("a pack helper is missing"))
     }
 }
