@@ -305,8 +305,14 @@ impl Emitter<'_> {
     /// point, right before the branch to it, so the values meet the normal
     /// path only where the point is.
     fn load_locals(&mut self, rp: u32) -> Result<()> {
+        self.load_refs(rp)?;
+        self.load_numbers(rp)
+    }
+
+    /// The numeric part of [`Self::load_locals`], in one call to the pack
+    /// helper of their type counts.
+    fn load_numbers(&mut self, rp: u32) -> Result<()> {
         let locals = self.plan.rps[rp as usize].locals.clone();
-        let h = self.cx.helpers;
         let (key, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
         if n > 0 {
             let load = self.cx.packs.get(key)?;
@@ -317,6 +323,15 @@ impl Emitter<'_> {
                 self.code.op(I::LocalSet(l));
             }
         }
+        Ok(())
+    }
+
+    /// The reference part of [`Self::load_locals`], through the side
+    /// tables, which the end of the rewind releases.
+    fn load_refs(&mut self, rp: u32) -> Result<()> {
+        let locals = self.plan.rps[rp as usize].locals.clone();
+        let h = self.cx.helpers;
+        let (_, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
         if n < locals.len() {
             self.code.i32(0);
             self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
@@ -556,13 +571,19 @@ impl Emitter<'_> {
             match case {
                 Case::LoopHeader { resume, check } => {
                     let rp = level_loop_rp.ok_or_else(|| internal("a loop header case without its point"))?;
-                    self.load_locals(rp)?;
+                    // References before the end of the rewind releases
+                    // their side tables; numbers after it, so that none of
+                    // them is live across the call (a value live across a
+                    // call takes a callee-saved register or a stack slot
+                    // from what the function's hot path keeps there).
+                    self.load_refs(rp)?;
+                    self.code.op(I::Call(self.cx.helpers.rewind_done));
+                    self.load_numbers(rp)?;
                     // In a checked rewind the guest stops again right here,
                     // before the loop runs, so the new code of an update
                     // runs nothing before it is committed. An ordinary
                     // resume runs on into the loop, so a guest paused again
                     // at once still makes progress.
-                    self.code.op(I::Call(self.cx.helpers.rewind_done));
                     self.code.i32(0);
                     self.code.op(I::I32Load8U(ctrl(control::VERIFY_BYTE, 0)));
                     self.code.op(I::I32Eqz);
@@ -574,11 +595,12 @@ impl Emitter<'_> {
                     let AnchorKind::Construct { header_rp: Some(rp), .. } = self.plan.anchors[anchor].kind else {
                         return Err(internal("a loop entry case without its header point"));
                     };
-                    // Loads first: ending the rewind releases the side
-                    // tables that reference slots point into.
-                    self.load_locals(rp)?;
-                    self.push_consumed(anchor, None);
+                    // As in the loop header case: no loaded number is live
+                    // across the call that ends the rewind.
+                    self.load_refs(rp)?;
                     self.code.op(I::Call(self.cx.helpers.rewind_done));
+                    self.load_numbers(rp)?;
+                    self.push_consumed(anchor, None);
                     let id = *self.anchor_block.get(&anchor).ok_or_else(|| internal("anchor block missing"))?;
                     self.br_to(id)?;
                 }
