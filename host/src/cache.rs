@@ -1,5 +1,6 @@
 //! The on-disk cache of instrumented modules, keyed by the SHA-256 of the
-//! input and the fingerprint of the instrumenter that rewrote it, so a
+//! input, the fingerprint of the instrumenter that rewrote it and the
+//! variant (plain or stress, [`crate::LoadOptions::stress`]), so a
 //! server restarted on the same build skips the rewrite; and, in its
 //! `compiled/` directory, wasmtime's cache of the machine code compiled
 //! from them, so it skips compiling too.
