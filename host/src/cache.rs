@@ -1,5 +1,6 @@
 //! The on-disk cache of instrumented modules, keyed by the SHA-256 of the
-//! input and the fingerprint of the instrumenter that rewrote it, so a
+//! input, the fingerprint of the instrumenter that rewrote it and the
+//! variant (plain or stress, [`crate::LoadOptions::stress`]), so a
 //! server restarted on the same build skips the rewrite; and, in its
 //! `compiled/` directory, wasmtime's cache of the machine code compiled
 //! from them, so it skips compiling too.
@@ -55,23 +56,27 @@ pub fn hex(hash: &[u8]) -> String {
 }
 
 /// Instruments `wasm`, whose [`content_hash`] is `hash`, with the default
-/// options, through the cache in `dir` (else the default place).
+/// options (the stress variant when `stress` is set), through the cache in
+/// `dir` (else the default place). The variant is part of the entry's name:
+/// the two variants of one module differ in code, not in metadata.
 pub fn instrumented(
     wasm: &[u8],
     hash: &[u8; 32],
+    stress: bool,
     dir: Option<&std::path::Path>,
 ) -> Result<Instrumented, upstare_instrument::Error> {
     let name = format!(
-        "{}-m{}-{}.wasm",
+        "{}-m{}-{}{}.wasm",
         hex(hash),
         abi::METADATA_VERSION,
-        upstare_instrument::FINGERPRINT
+        upstare_instrument::FINGERPRINT,
+        if stress { "-stress" } else { "" }
     );
     let entry = dir.map(PathBuf::from).or_else(cache_dir).map(|d| d.join(name));
     if let Some(hit) = entry.as_deref().and_then(load) {
         return Ok(hit);
     }
-    let out = upstare_instrument::instrument(wasm, &Options::default())?;
+    let out = upstare_instrument::instrument(wasm, &Options { stress, ..Options::default() })?;
     if let Some(path) = &entry {
         if let Err(e) = store(path, &out.wasm) {
             tracing::debug!("cannot cache {}: {e}", path.display());

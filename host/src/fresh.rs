@@ -184,7 +184,7 @@ pub fn unreferenced(
             live.push(dead.swap_remove(i));
         }
     };
-    for value in frames.iter().flat_map(|f| f.locals.iter().chain(&f.operands)) {
+    for value in frames.iter().flat_map(|f| f.locals.iter().flatten().chain(&f.operands)) {
         if let Value::I32(v) = value {
             pin(*v as u32, &mut dead, &mut live);
         }

@@ -144,7 +144,7 @@ pub(crate) fn convert(
 pub(crate) fn rewrite_frames(plan: &heap::Plan, new_starts: &[u32], locals: &[(usize, usize)], frames: &mut [TypedFrame]) -> usize {
     let mut rewritten = 0;
     for &(f, i) in locals {
-        if let Value::I32(v) = &mut frames[f].locals[i] {
+        if let Some(Value::I32(v)) = &mut frames[f].locals[i] {
             if let Landing::At(to) = plan.translate(*v as u32, new_starts) {
                 *v = to as i32;
                 rewritten += 1;

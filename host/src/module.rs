@@ -93,6 +93,12 @@ pub struct LoadOptions {
     /// measurements, and a blocking call the host interrupts ends the run
     /// with [`crate::Exit::Interrupted`].
     pub instrument: bool,
+    /// Instrument the stress variant, whose loop headers count down to the
+    /// next forced unwind ([`upstare_instrument::Options::stress`]): what
+    /// [`crate::GuestConfig::stress_pause`] and
+    /// [`crate::GuestConfig::stress_stop`] need. Its loop checks call out,
+    /// so it runs slower than the default.
+    pub stress: bool,
     /// Where instrumented modules are cached; `None` for the default place
     /// (see [`crate::cache`]).
     pub cache_dir: Option<PathBuf>,
@@ -100,7 +106,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { instrument: true, cache_dir: None }
+        LoadOptions { instrument: true, stress: false, cache_dir: None }
     }
 }
 
@@ -117,6 +123,8 @@ pub struct GuestModule {
     pub(crate) metadata: Option<Arc<Metadata>>,
     /// Source lines for the instrumented code, from the original's DWARF.
     pub(crate) source_map: Option<Arc<SourceMap>>,
+    /// Instrumented as the stress variant ([`LoadOptions::stress`]).
+    pub(crate) stress: bool,
 }
 
 impl std::fmt::Debug for GuestModule {
@@ -157,7 +165,7 @@ impl GuestModule {
         let path = path.to_path_buf();
         let hash = crate::cache::content_hash(bytes);
         let (code, metadata, source_map) = if options.instrument {
-            let out = crate::cache::instrumented(bytes, &hash, options.cache_dir.as_deref()).map_err(|e| LoadError::Instrument {
+            let out = crate::cache::instrumented(bytes, &hash, options.stress, options.cache_dir.as_deref()).map_err(|e| LoadError::Instrument {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
@@ -179,7 +187,8 @@ impl GuestModule {
         if module.get_export("_start").is_none() {
             return Err(LoadError::NoStart { path });
         }
-        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, source_map })
+        let stress = options.instrument && options.stress;
+        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, source_map, stress })
     }
 
     /// Checks that `bytes` are a valid core module the engine accepts,

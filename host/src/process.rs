@@ -197,6 +197,11 @@ impl Guest {
         let mut linker = Linker::new(engine);
         wasi::add_to_linker(&mut linker).map_err(|e| SetupError::Host(one_line(&e)))?;
         let mut store = Store::new(engine, ProcessState { wasi, hooks: None });
+        if (config.stress_pause.is_some() || config.stress_stop.is_some()) && module.metadata.is_some() && !module.stress {
+            return Err(SetupError::Host(
+                "stress mode needs the module instrumented for it (LoadOptions::stress); its loop headers would not count".into(),
+            ));
+        }
         let control = match &module.metadata {
             Some(meta) => Some(define_memories(&mut store, &mut linker, meta, config.stress_pause.or(config.stress_stop))?),
             None => None,

@@ -239,7 +239,10 @@ fn place(
         plan.link(base).map_err(|e| UpdateError::Internal(format!("the plan's trial relink passed, but relinking at {base:#x} failed: {e}")))?;
     mark_relinked(&mut linked.wasm);
     tracing::debug!("update: relinked at {:?}", started.elapsed());
-    let module = GuestModule::from_bytes(engine, path, &linked.wasm).map_err(|e| UpdateError::BadInput(e.to_string()))?;
+    // The same variant as the running version: under --stress-update the
+    // next version must count loop headers too.
+    let options = crate::LoadOptions { stress: current.module.stress, ..crate::LoadOptions::default() };
+    let module = GuestModule::from_bytes_with(engine, path, &linked.wasm, &options).map_err(|e| UpdateError::BadInput(e.to_string()))?;
     tracing::debug!("update: instrumented and compiled at {:?}", started.elapsed());
     let next = RunningVersion { version: Arc::new(linked.version.clone()), module, path: path.to_path_buf(), hash };
     let (old_meta, new_meta) = match (current.module.metadata(), next.module.metadata()) {
@@ -771,7 +774,7 @@ fn frames_disagree(given: &[TypedFrame], resaved: &[TypedFrame], name: &dyn Fn(u
     } else if a.resume_point != b.resume_point {
         format!("`{}` stopped at resume point {} instead of {}", name(a.func), b.resume_point, a.resume_point)
     } else if a.locals != b.locals {
-        format!("`{}` saved other locals than it was given{}", name(a.func), first_difference("local", &a.locals, &b.locals))
+        format!("`{}` saved other locals than it was given{}", name(a.func), first_difference("local", &slots(&a.locals), &slots(&b.locals)))
     } else {
         format!("`{}` saved other operands than it was given{}", name(a.func), first_difference("operand", &a.operands, &b.operands))
     };
@@ -779,7 +782,26 @@ fn frames_disagree(given: &[TypedFrame], resaved: &[TypedFrame], name: &dyn Fn(u
 }
 
 /// ` (local 3: I32(1) then I32(0))`, or the counts when one list is longer.
-fn first_difference(what: &str, given: &[Value], resaved: &[Value]) -> String {
+/// Saved locals for [`first_difference`]: a local the frame does not
+/// save shows as such.
+fn slots(locals: &[Option<Value>]) -> Vec<Slot> {
+    locals.iter().map(|l| Slot(*l)).collect()
+}
+
+/// A local's slot as a message shows it.
+#[derive(PartialEq)]
+struct Slot(Option<Value>);
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => write!(f, "{v:?}"),
+            None => f.write_str("not saved"),
+        }
+    }
+}
+
+fn first_difference<T: PartialEq + std::fmt::Debug>(what: &str, given: &[T], resaved: &[T]) -> String {
     match given.iter().zip(resaved).position(|(a, b)| a != b) {
         Some(i) => format!(" ({what} {i}: {:?} then {:?})", given[i], resaved[i]),
         None => format!(" ({} {what}s then {})", given.len(), resaved.len()),
@@ -812,7 +834,7 @@ fn find_pointer(
     rewritten: &std::collections::HashSet<u32>,
 ) -> Option<String> {
     for frame in frames {
-        for value in frame.locals.iter().chain(&frame.operands) {
+        for value in frame.locals.iter().flatten().chain(&frame.operands) {
             if let upstare_instrument::abi::Value::I32(v) = value {
                 if let Some(what) = target(*v as u32) {
                     return Some(format!(
@@ -938,7 +960,8 @@ mod tests {
         TypedFrame {
             func,
             resume_point,
-            locals: locals.iter().map(|v| Value::I32(*v)).collect(),
+            locals: locals.iter().map(|v| Some(Value::I32(*v))).collect(),
+            slots: (0..locals.len() as u32).collect(),
             operands: operands.iter().map(|v| Value::I32(*v)).collect(),
         }
     }

@@ -72,36 +72,84 @@
 //! calls to them stay resume points (`docs/PERFORMANCE.md` has the
 //! measurement behind that choice).
 //!
+//! The argument holds for both instrumentation variants (below): in each,
+//! the check at a loop header unwinds whenever the pause byte is set, and
+//! the other update points are the same in both. It does not depend on
+//! which locals a frame saves: saving fewer changes no path.
+//!
 //! `upstare_state` is 0 (normal), 1 (unwinding) or 2 (rewinding). In the
-//! normal state the only added work is, at each loop header, one `i32.load`
-//! of the control header's flag word and a branch (the same before each
-//! `call_indirect` that can unwind, whose callee may be an interrupted
-//! blocking import where a rewind must end), and after each call that can
-//! unwind, a `global.get` of the state and a branch. The flag word is
-//! nonzero only while a pause is requested, a rewind runs, or stress mode is
-//! on; then a helper decides.
+//! normal state the only added work is, at each loop header, one
+//! `i32.load16_u` of the control header's pause and rewind bytes and a
+//! branch (before each `call_indirect` that can unwind, whose callee may be
+//! an interrupted blocking import where a rewind must end, a load of the
+//! whole flag word and a branch), and after each call that can unwind, a
+//! `global.get` of the state and a branch. Those bytes are nonzero only
+//! while a pause is requested or a rewind runs.
 //!
 //! An instrumented function, in outline:
 //!
 //! ```text
-//! block $unwind
-//!   block (result ...)            ;; the original body
-//!     if state == REWINDING       ;; rewind prologue
-//!       pop my frame; restore locals and saved operands; br_table to the
-//!       resume point (through the enclosing blocks, see `plan`)
+//! block $done
+//!   block $class_0 ... block $class_n   ;; one per save class, see below
+//!     block (result ...)            ;; the original body
+//!       if state == REWINDING       ;; rewind prologue
+//!         pop my frame; restore the saved operands; br_table on the
+//!         frame's resume point to the anchor on the path to it (through
+//!         the enclosing blocks, see `plan`); the case that reaches the
+//!         point restores the locals it saved, then branches
+//!       end
+//!       ...original code...
+//!       loop
+//!         if pause|rewind bytes != 0
+//!           [if state == REWINDING: dispatch to a point inside the loop]
+//!           $rp = K; br $class_of_K
+//!         end
+//!         ...
+//!       end
+//!       call $f  (if state != NORMAL { $rp = J; br $class_of_J })
 //!     end
-//!     ...original code...
-//!     loop
-//!       if flags != 0 && should_pause() { $rp = K; br $unwind }
-//!       ...
-//!     end
-//!     call $f  (if state != NORMAL { $rp = J; br $unwind })
-//!   end
-//!   return
+//!     return
+//!   end  ;; $class_n: push a frame {func, $rp, class n's locals, operands}
+//!   br $done
+//!   ...
 //! end
-//! state = UNWINDING; push a frame {func, $rp, locals, saved operands}
-//! return zeros
+//! state = UNWINDING; return zeros
 //! ```
+//!
+//! The loop check's cold path calls nothing and never goes back to the
+//! header: it unwinds, or, in a rewind to a point inside the loop,
+//! dispatches there. A rewind to the loop header itself ends in the
+//! dispatch of the level around the loop, right before the `loop`, which
+//! then starts as on any entry (so a checked rewind, with a pause
+//! requested, stops again at the check). A call on the cold path, or a
+//! branch from it back to the header, would make Cranelift keep every
+//! value live across the loop in a stack slot (its calling convention
+//! keeps no float register across a call).
+//!
+//! With [`Options::stress`] the loop check is the *stress variant*: it
+//! calls `should_pause`, which also counts down the stress period, and a
+//! rewind to a header ends in the check and runs on into the loop, so a
+//! guest paused again at once still makes progress. `--stress-pause` and
+//! `--stress-update` run it; a function's entry point (which is in no
+//! loop) always has this shape.
+//!
+//! # What a frame holds
+//!
+//! A frame saves exactly the locals live at its resume point
+//! ([`liveness`], the analysis patchgen uses too), numbers grouped by type,
+//! then the operands below the anchor; the metadata lists, per resume
+//! point, which locals its slots hold ([`abi::ResumePoint::locals`]). A
+//! local that is not live needs no value: the code writes it before any
+//! read. Resume points whose frames hold the same locals and operand types
+//! form a *save class*; each point unwinds straight to its class's code
+//! after the body, so the edge out of the point carries only the values the
+//! class saves (a tail shared by all points would make every local live at
+//! every point, and temporaries loop-carried). The rewind restores the
+//! locals in the dispatch case that reaches the point, right before its
+//! branch, reading the resume point from the popped frame rather than
+//! keeping it in a local through the loops on the way. It loads the
+//! numbers with one call to a *pack* helper, one per count of each numeric
+//! type (the slots group them by type); the class code stores them inline.
 //!
 //! The rewind enters the block levels on the path to the resume point one
 //! by one: each level that contains a resume point starts with its own test
@@ -116,9 +164,10 @@
 //! every dispatch instead of one per case.
 //!
 //! Operands that are on the stack at a resume point live in extra *shadow
-//! locals* across it, so the frame saves them with the locals and the rewind
-//! pushes them back. Each frame is self-describing with the metadata: the
-//! resume point gives the types of its slots, and records the original
+//! locals* across it, so the frame saves them after the locals and the
+//! rewind pushes them back. Each frame is self-describing with the
+//! metadata: the resume point gives its slots' locals and types, and
+//! records the original
 //! instruction's offset, kind, callee and ordinal, so a frame saved by one
 //! version can be matched to the code of another.
 //!
@@ -146,6 +195,7 @@ mod analysis;
 mod bound;
 mod callgraph;
 mod error;
+pub mod liveness;
 mod plan;
 mod rewrite;
 
@@ -173,6 +223,11 @@ pub const WASI_BLOCKING: &[&str] =
 pub struct Options {
     /// Imports, as (module, name), at which the host may pause the guest.
     pub blocking: HashSet<(String, String)>,
+    /// Instrument for stress mode ([`abi::control::Header::stress`]): loop
+    /// headers call the pause decision, which counts them down. Without
+    /// it a loop header only tests the pause and rewind bytes, with no
+    /// call, and the stress byte counts blocking calls alone.
+    pub stress: bool,
 }
 
 impl Default for Options {
@@ -183,6 +238,7 @@ impl Default for Options {
                 .iter()
                 .map(|n| ("wasi_snapshot_preview1".to_string(), n.to_string()))
                 .collect(),
+            stress: false,
         }
     }
 }
@@ -199,6 +255,6 @@ pub struct Instrumented {
 /// Instruments `wasm`. Invalid or unsupported input is an [`Error`] naming
 /// the offset and the reason; the output always validates.
 pub fn instrument(wasm: &[u8], options: &Options) -> Result<Instrumented> {
-    let (wasm, metadata) = rewrite::module::rewrite(wasm, &options.blocking)?;
+    let (wasm, metadata) = rewrite::module::rewrite(wasm, &options.blocking, options.stress)?;
     Ok(Instrumented { wasm, metadata })
 }

@@ -18,6 +18,7 @@ use crate::abi::{ResumeKind, ValType as Ty};
 use crate::analysis::{Body, ModuleInfo, SiteKind};
 use crate::callgraph::CallGraph;
 use crate::error::{internal, Result};
+use crate::liveness::Liveness;
 
 /// A resume point.
 pub(crate) struct Rp {
@@ -27,6 +28,21 @@ pub(crate) struct Rp {
     pub ordinal: u32,
     /// Types of the saved operands: the flat stack positions `0..len`.
     pub saved: Vec<Ty>,
+    /// The locals live at the point ([`crate::liveness`]), in slot order
+    /// (by type, then index): the only ones its frame saves and its rewind
+    /// restores.
+    pub locals: Vec<u32>,
+}
+
+/// A *save class*: the resume points whose frames hold the same slots (the
+/// same live locals, then operands of the same types) share one piece of
+/// unwind code, so the class count, not the point count, sets its size.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct SaveClass {
+    /// Locals saved, in slot order.
+    pub locals: Vec<u32>,
+    /// Types of the operands saved after them.
+    pub operands: Vec<Ty>,
 }
 
 /// What an anchor is.
@@ -34,8 +50,10 @@ pub(crate) enum AnchorKind {
     /// A call resume point.
     Call { rp: u32 },
     /// A block, loop or if containing resume points `rps`; for an `if`,
-    /// `else_from` is the first resume point of the else arm.
-    Construct { rps: Range<u32>, is_if: bool, is_loop: bool, else_from: u32 },
+    /// `else_from` is the first resume point of the else arm; for a loop
+    /// whose header is an update point, `header_rp` is that point (the
+    /// first of `rps`).
+    Construct { rps: Range<u32>, is_if: bool, is_loop: bool, else_from: u32, header_rp: Option<u32> },
 }
 
 /// An anchor: where it sits and what the stack looks like there.
@@ -155,6 +173,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
             callee: u32::MAX,
             ordinal: 0,
             saved: vec![],
+            locals: vec![],
         });
         entry_rp = Some(0);
     }
@@ -229,6 +248,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
                     callee,
                     ordinal,
                     saved: site.stack[..saved_len as usize].to_vec(),
+                    locals: vec![],
                 });
                 anchors.push(Anchor {
                     kind: AnchorKind::Call { rp: next_rp },
@@ -256,6 +276,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
                         callee,
                         ordinal,
                         saved: site.stack.clone(),
+                        locals: vec![],
                     });
                     loop_rp = Some(next_rp);
                 }
@@ -324,6 +345,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
                         is_if,
                         is_loop,
                         else_from: o.else_from.unwrap_or(next_rp),
+                        header_rp: if is_loop { o.loop_rp } else { None },
                     },
                     stack: cs.stack.clone(),
                     base: cs.frame_height,
@@ -339,5 +361,123 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
     for level in &mut levels {
         level.defer = level.defers(&anchors, &anchor_at);
     }
+    live_locals(info, body, fty.params().len() as u32, &mut rps)?;
     Ok(Plan { rps, anchors, anchor_at, levels, level_after, top, results })
+}
+
+/// Fills in the locals live at each resume point. Where the frame resumes
+/// decides what "at" means: a loop header's frame resumes at the `loop`; a
+/// call's after the call returns, and calls touch no caller locals, so at
+/// the call; an entry's at the first instruction (a declared local read
+/// there before any write holds zero in the new activation too).
+fn live_locals(info: &ModuleInfo<'_>, body: &Body, params: u32, rps: &mut [Rp]) -> Result<()> {
+    let reader = wasmparser::BinaryReader::new(&info.wasm[body.range.clone()], body.range.start);
+    let live = Liveness::new(&wasmparser::FunctionBody::new(reader), params, 0)
+        .map_err(|e| internal(format!("liveness of function {}: {e}", body.func)))?;
+    for rp in rps {
+        let at = match rp.kind {
+            ResumeKind::Entry => live.first_instruction(),
+            _ => Some(rp.offset as u32),
+        };
+        let set = at.and_then(|at| live.live_at(at)).ok_or_else(|| internal("a resume point is not an instruction"))?;
+        rp.locals = set.iter().enumerate().filter(|(_, l)| **l).map(|(i, _)| i as u32).collect();
+        // Slot order: numbers grouped by type, so that one pack helper per
+        // type count loads them (`rewrite::Packs`).
+        rp.locals.sort_by_key(|&l| (crate::rewrite::frames::rank(body.locals[l as usize]), l));
+    }
+    Ok(())
+}
+
+impl Plan {
+    /// The distinct save classes of the resume points, in order of first
+    /// appearance, and the class of each point.
+    pub fn save_classes(&self) -> (Vec<SaveClass>, Vec<u32>) {
+        let mut classes: Vec<SaveClass> = Vec::new();
+        let mut index: HashMap<SaveClass, u32> = HashMap::new();
+        let class_of = self
+            .rps
+            .iter()
+            .map(|rp| {
+                let class = SaveClass { locals: rp.locals.clone(), operands: rp.saved.clone() };
+                *index.entry(class.clone()).or_insert_with(|| {
+                    classes.push(class);
+                    classes.len() as u32 - 1
+                })
+            })
+            .collect();
+        (classes, class_of)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plans of a module's instrumented functions, by function index.
+    fn plans(wat: &str) -> HashMap<u32, Plan> {
+        let wasm = wat::parse_str(wat).expect("wat");
+        let info = crate::analysis::analyze(&wasm).expect("analysis");
+        let graph = CallGraph::new(&info, &Default::default()).expect("call graph");
+        info.bodies
+            .iter()
+            .filter(|b| graph.can_unwind[b.func as usize])
+            .map(|b| (b.func, plan(&info, &graph, b).expect("plan")))
+            .collect()
+    }
+
+    /// Each point saves the locals live after it, numbers grouped by type;
+    /// points that save the same locals and operand types share a class.
+    #[test]
+    fn save_classes_group_points_by_live_locals_and_operand_types() {
+        let plans = plans(
+            r#"(module
+              (func $spin (param $n i32) (result i32)
+                (loop $l
+                  local.get $n i32.const 1 i32.sub local.tee $n
+                  br_if $l)
+                local.get $n)
+              (func $main (param $a i32) (param $b i32) (result i32) (local $t i32)
+                local.get $a
+                call $spin      ;; $b is read later, $a never, $t written first
+                local.set $t
+                local.get $b
+                call $spin      ;; $t and $b are read later
+                local.get $t
+                i32.add
+                local.get $b
+                call $spin      ;; nothing is read later; one i32 waits below
+                i32.add
+                i32.const 5
+                call $spin      ;; the same again: the same class
+                i32.add)
+              (func $mix (param $x f64) (param $n i32) (result f64)
+                local.get $n
+                call $spin      ;; both read later: the i32 slot first
+                drop
+                local.get $x
+                local.get $n
+                f64.convert_i32_s
+                f64.add))"#,
+        );
+        let spin = &plans[&0];
+        assert_eq!(spin.rps[0].kind, ResumeKind::Loop);
+        assert_eq!(spin.rps[0].locals, [0], "the counter is live at the header");
+
+        let main = &plans[&1];
+        let locals: Vec<&[u32]> = main.rps.iter().map(|rp| rp.locals.as_slice()).collect();
+        assert_eq!(locals, [&[1][..], &[1, 2], &[], &[]]);
+        let (classes, class_of) = main.save_classes();
+        assert_eq!(
+            classes,
+            [
+                SaveClass { locals: vec![1], operands: vec![] },
+                SaveClass { locals: vec![1, 2], operands: vec![] },
+                SaveClass { locals: vec![], operands: vec![Ty::I32] },
+            ]
+        );
+        assert_eq!(class_of, [0, 1, 2, 2]);
+
+        let mix = &plans[&2];
+        assert_eq!(mix.rps[0].locals, [1, 0], "the i32 before the f64, whatever their indices");
+    }
 }

@@ -337,3 +337,47 @@ fn a_switch_nest_tests_for_a_rewind_once() {
     // make one per case.
     assert_eq!(tests, 4, "rewind tests in `run`, whose switch has {calls} cases");
 }
+
+/// The calls a body makes inside its first `loop`.
+fn calls_in_first_loop(body: &[u8]) -> usize {
+    use wasmparser::Operator as O;
+    let body = wasmparser::FunctionBody::new(wasmparser::BinaryReader::new(body, 0));
+    let (mut depth, mut calls) = (None::<usize>, 0);
+    let mut nesting = 0usize;
+    for op in body.get_operators_reader().expect("operators") {
+        match op.expect("operator") {
+            O::Loop { .. } if depth.is_none() => {
+                depth = Some(nesting);
+                nesting += 1;
+            }
+            O::Block { .. } | O::Loop { .. } | O::If { .. } => nesting += 1,
+            O::End => {
+                nesting = nesting.saturating_sub(1);
+                if depth == Some(nesting) {
+                    return calls;
+                }
+            }
+            O::Call { .. } | O::CallIndirect { .. } if depth.is_some() => calls += 1,
+            _ => {}
+        }
+    }
+    panic!("no loop in the body")
+}
+
+/// A loop header's check calls nothing: a call on its path, even a cold
+/// one, would make Cranelift keep every value live across the loop in a
+/// stack slot. Only the stress variant, whose countdown needs it, calls
+/// the pause decision there.
+#[test]
+fn a_loop_check_calls_nothing_but_in_the_stress_variant() {
+    let wasm = wat::parse_str(SUBJECT).expect("wat");
+    let imported = shape(&wasm).imports.iter().filter(|i| i.2 == "func").count();
+    let spin = 3 - imported;
+    let plain = instrument(&wasm, &Options::default()).expect("instrument");
+    let stress = instrument(&wasm, &Options { stress: true, ..Options::default() }).expect("instrument");
+    assert_eq!(plain.metadata, stress.metadata, "the variants differ in code only");
+    assert_eq!(calls_in_first_loop(&shape(&wasm).bodies[spin]), 0, "spin's loop calls nothing");
+    assert_eq!(calls_in_first_loop(&shape(&plain.wasm).bodies[spin]), 0);
+    let stressed = calls_in_first_loop(&shape(&stress.wasm).bodies[spin]);
+    assert!(stressed >= 1, "the stress variant calls should_pause at the header: {stressed} calls");
+}

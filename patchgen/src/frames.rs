@@ -131,6 +131,27 @@ pub struct Recipe {
     /// When the function's frame in linear memory changed size or layout:
     /// how the frame is rebuilt where it stands ([`crate::rebuild`]).
     pub relayout: Option<Box<Relayout>>,
+    /// The locals the new frame saves ([`ResumePoint::locals`]): only these
+    /// get a value; the others have no slot.
+    pub saved: Vec<u32>,
+}
+
+impl Recipe {
+    /// Refuses a recipe that would fill a saved local of the new frame
+    /// from a local the old frame, saved at `old_rp`, does not hold: a
+    /// local dead at the old point has no value to carry.
+    fn check_saved(&self, old_rp: &ResumePoint) -> Result<(), String> {
+        for &local in &self.saved {
+            if let Some(Source::Old(j)) = self.locals.get(local as usize) {
+                if !old_rp.locals.contains(j) {
+                    return Err(format!(
+                        "local {local} needs the value of old local {j}, which the old frame does not hold (it is dead at the old point)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Recipes for every resume point of the running version, by (function,
@@ -309,7 +330,7 @@ impl FramePlan {
             retreat.moves.iter().filter(|m| m.from != m.to).map(|m| (at(m.from), at(m.to), m.len)).collect();
         if !moves.is_empty() {
             for (source, value) in retreat.recipe.locals.iter().zip(&new.locals) {
-                if let (Source::Old(j), Value::I32(v)) = (source, value) {
+                if let (Source::Old(j), Some(Value::I32(v))) = (source, value) {
                     if old_frame.contains(&(*v as u32)) {
                         return Err(cannot(format!(
                             "local {j} holds an address in its frame in linear memory, whose variables move"
@@ -381,8 +402,8 @@ impl FramePlan {
         // them recomputed or translated.
         let mut new = build(recipe, frame, Some(entry)).map_err(|e| e.reason)?;
         for (source, value) in recipe.locals.iter().zip(new.locals.iter_mut()) {
-            if let Source::Old(j) = *source {
-                *value = tr.value(*value, r.old_pointers.contains(&j), &|| format!("local {j} of its old frame"))?;
+            if let (Source::Old(j), Some(v)) = (*source, value.as_mut()) {
+                *v = tr.value(*v, r.old_pointers.contains(&j), &|| format!("local {j} of its old frame"))?;
             }
         }
         new.operands = frame
@@ -402,7 +423,7 @@ impl FramePlan {
             let operand = |i: usize| fact.pointer_operands.get(i).copied().unwrap_or(false);
             out.push(translate_frame(m, &tr, &live, &operand, &name)?);
             let Some(base) = fact.frame_base.filter(|_| !fact.pointer_slots.is_empty()) else { continue };
-            let Some(Value::I32(base)) = inner.locals.get(base as usize) else {
+            let Some(Some(Value::I32(base))) = inner.locals.get(base as usize) else {
                 return Err(format!("the frame of `{name}` above it lacks its frame base"));
             };
             for (offset, what) in &fact.pointer_slots {
@@ -759,7 +780,15 @@ impl FrameMapper<'_> {
             };
             moves.push(Move { from: old_base + from, to: new_base + to, len });
         }
-        let recipe = Recipe { func: new_func, resume_point: new_index, locals, types: new_fn.locals.clone(), relayout: None };
+        let recipe = Recipe {
+            func: new_func,
+            resume_point: new_index,
+            locals,
+            types: new_fn.locals.clone(),
+            relayout: None,
+            saved: new_header.locals.clone(),
+        };
+        recipe.check_saved(old_rp)?;
         Ok(Retreat { recipe, path, new_stack_at_header, moves })
     }
 
@@ -844,7 +873,16 @@ impl FrameMapper<'_> {
             }
             Some(pair) => self.changed_locals(pair, old_rp, old_fn, new_rp, new_fn, codes).map_err(fail)?,
         };
-        Ok(Recipe { func: new_func, resume_point: rp_index, locals, types: new_fn.locals.clone(), relayout: relayout.map(Box::new) })
+        let recipe = Recipe {
+            func: new_func,
+            resume_point: rp_index,
+            locals,
+            types: new_fn.locals.clone(),
+            relayout: relayout.map(Box::new),
+            saved: new_rp.locals.clone(),
+        };
+        recipe.check_saved(old_rp).map_err(fail)?;
+        Ok(recipe)
     }
 
     /// The new resume point matching `old_rp`: same kind, same callee (by
@@ -1446,17 +1484,20 @@ fn vars_at_header(version: &Version, body: &crate::symbolic::Body, at: usize) ->
 /// frame's entry stack pointer, which retreat recipes need.
 fn build(recipe: &Recipe, frame: &TypedFrame, entry: Option<u32>) -> Result<TypedFrame, Unmappable> {
     let fail = |reason: String| Unmappable { function: format!("func[{}]", frame.func), point: format!("#{}", frame.resume_point), reason };
-    let locals = recipe
-        .locals
-        .iter()
-        .zip(&recipe.types)
-        .map(|(source, ty)| match source {
-            // A frame that does not match its metadata must not be
-            // patched up with zeros the new code would read.
+    let mut locals = vec![None; recipe.types.len()];
+    for &local in &recipe.saved {
+        let (Some(source), Some(ty)) = (recipe.locals.get(local as usize), recipe.types.get(local as usize)) else {
+            return Err(fail(format!("the recipe has no source for local {local}, which the new frame saves")));
+        };
+        let value = match source {
+            // A frame that does not match its metadata, or lacks a local
+            // it did not save, must not be patched up with zeros the new
+            // code would read.
             Source::Old(j) => frame
                 .locals
                 .get(*j as usize)
                 .copied()
+                .flatten()
                 .filter(|v| v.ty() == *ty)
                 .ok_or_else(|| fail(format!("the saved frame has no {ty:?} local {j}, which the recipe reads"))),
             Source::Dead | Source::Fresh => Ok(Value::from_slot(*ty, 0)),
@@ -1465,10 +1506,11 @@ fn build(recipe: &Recipe, frame: &TypedFrame, entry: Option<u32>) -> Result<Type
                 _ => Err(fail("the recipe needs the frame's entry stack pointer".into())),
             },
             Source::Const(c) => Ok(Value::from_slot(*ty, *c as u64)),
-        })
-        .collect::<Result<_, _>>()?;
+        }?;
+        locals[local as usize] = Some(value);
+    }
     let operands = if entry.is_some() { Vec::new() } else { frame.operands.clone() };
-    Ok(TypedFrame { func: recipe.func, resume_point: recipe.resume_point, locals, operands })
+    Ok(TypedFrame { func: recipe.func, resume_point: recipe.resume_point, locals, slots: recipe.saved.clone(), operands })
 }
 
 fn unknown_point(frame: &TypedFrame) -> Unmappable {
@@ -1485,7 +1527,7 @@ pub(crate) fn entry_stack_pointer(rule: EntryStackPointer, frame: &TypedFrame, a
     match rule {
         EntryStackPointer::AtPoint => Ok(at_point),
         EntryStackPointer::Local { local, offset } => match frame.locals.get(local as usize) {
-            Some(Value::I32(v)) => Ok((i64::from(*v as u32) - offset) as u32),
+            Some(Some(Value::I32(v))) => Ok((i64::from(*v as u32) - offset) as u32),
             _ => Err(format!("its frame lacks local {local}, which holds its stack pointer")),
         },
     }

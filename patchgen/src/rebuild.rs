@@ -307,7 +307,7 @@ pub(crate) fn translate_frame(
     let mut out = frame.clone();
     for (l, value) in out.locals.iter_mut().enumerate() {
         // A dead local is never read again: what it holds does not matter.
-        let Some(proven) = local_proven(l as u32) else { continue };
+        let (Some(proven), Some(value)) = (local_proven(l as u32), value.as_mut()) else { continue };
         if value.ty() == ValType::I32 {
             *value = tr.value(*value, proven, &|| format!("local {l} of `{name}`"))?;
         }
@@ -370,11 +370,12 @@ mod tests {
         let frame = TypedFrame {
             func: 1,
             resume_point: 0,
-            locals: vec![Value::I32(0x1150), Value::I32(0x1010), Value::I64(0x1010)],
+            locals: vec![Some(Value::I32(0x1150)), Some(Value::I32(0x1010)), Some(Value::I64(0x1010))],
+            slots: vec![0, 1, 2],
             operands: vec![Value::I32(0x1020)],
         };
         let out = translate_frame(&frame, &tr(), &|l| (l != 0).then_some(true), &|_| true, "f").unwrap();
-        assert_eq!(out.locals, vec![Value::I32(0x1150), Value::I32(0xfd0), Value::I64(0x1010)]);
+        assert_eq!(out.locals, vec![Some(Value::I32(0x1150)), Some(Value::I32(0xfd0)), Some(Value::I64(0x1010))]);
         assert_eq!(out.operands, vec![Value::I32(0xfe0)]);
         let refused = translate_frame(&frame, &tr(), &|_| Some(false), &|_| true, "f").unwrap_err();
         assert!(refused.starts_with("local 0 of `f`"), "{refused}");

@@ -84,13 +84,22 @@ impl Pair {
         &self.moves(function, point).locals
     }
 
-    /// `function`'s frame at `point`, with the given local values.
+    /// `function`'s frame at `point`, with the given local values for the
+    /// locals it saves.
     fn frame(&self, function: &str, point: &str, locals: Vec<Value>) -> TypedFrame {
         let func = self.func(function);
         let meta = self.old_meta.function(func).unwrap();
         let resume_point = meta.resume_points.iter().position(|rp| describe(&self.old, rp) == point).unwrap() as u32;
-        TypedFrame { func, resume_point, locals, operands: Vec::new() }
+        saved_frame(meta, resume_point, locals)
     }
+}
+
+/// A frame of `meta`'s function at `resume_point` holding, of `locals`,
+/// those the point saves.
+fn saved_frame(meta: &upstare_instrument::abi::FunctionMeta, resume_point: u32, locals: Vec<Value>) -> TypedFrame {
+    let slots = meta.resume_points[resume_point as usize].locals.clone();
+    let locals = locals.into_iter().enumerate().map(|(i, v)| slots.contains(&(i as u32)).then_some(v)).collect();
+    TypedFrame { func: meta.index, resume_point, locals, slots, operands: Vec::new() }
 }
 
 /// A leaf with a loop (so calls to it are resume points), called from a
@@ -244,16 +253,12 @@ fn a_frame_that_lacks_a_local_its_recipe_reads_is_refused() {
     let func = p.func("step");
     let meta = p.old_meta.function(func).unwrap();
     let rp = meta.resume_points.iter().position(|rp| rp.kind == ResumeKind::Loop).unwrap() as u32;
-    let full = TypedFrame {
-        func,
-        resume_point: rp,
-        locals: meta.locals.iter().map(|t| Value::from_slot(*t, 7)).collect(),
-        operands: Vec::new(),
-    };
+    let full = saved_frame(meta, rp, meta.locals.iter().map(|t| Value::from_slot(*t, 7)).collect());
     let moved = p.frames.map(&full).expect("a whole frame moves");
     assert_eq!(moved.locals, full.locals, "step is unchanged");
     let mut short = full.clone();
-    short.locals.pop();
+    let last = *full.slots.last().expect("the loop header saves a local");
+    short.locals[last as usize] = None;
     let err = p.frames.map(&short).unwrap_err();
     assert!(err.reason.starts_with("the saved frame has no "), "{err}");
     let unknown = TypedFrame { resume_point: 999, ..full };
@@ -338,11 +343,13 @@ fn parameters_never_assigned_are_copied_and_assigned_ones_are_not() {
         p.refusal("clobber", "loop #0"),
         "local 1 (a compiler temporary) is live there and has no counterpart in the old frame"
     );
-    // Right after the call `c` is written before any read: dead, so the
-    // new frame's zero is never seen, and mapping a frame zeroes only it.
+    // Right after the call `c` is written before any read: dead, so
+    // neither frame saves it, and mapping a frame carries only the live
+    // local.
     assert_eq!(p.sources("clobber", "call to step #0"), [Old(0), Dead, Dead]);
     let frame = p.frame("clobber", "call to step #0", vec![Value::I32(11), Value::I32(22), Value::I32(33)]);
-    assert_eq!(p.frames.map(&frame).unwrap().locals, [Value::I32(11), Value::I32(0), Value::I32(0)]);
+    assert_eq!(frame.locals, [Some(Value::I32(11)), None, None], "the old frame saves only the live local");
+    assert_eq!(p.frames.map(&frame).unwrap().locals, [Some(Value::I32(11)), None, None]);
 }
 
 /// `framed` keeps its buffer in linear memory; the code before its call
@@ -628,4 +635,32 @@ fn a_loop_with_a_branch_before_the_point_still_reaches_the_changed_code() {
     let p = pair("frames-escape-branch", &body(""), &body("acc ^= 3;"));
     let reason = p.refusal("main", "call to step #0");
     assert!(reason.ends_with("(a compiler temporary) is live there and has no counterpart in the old frame"), "{reason}");
+}
+
+/// `b` is read after the call only in the new version: the old frame,
+/// saved at the call, does not hold it (it was dead there), so the
+/// parameter rule that would copy it has nothing to copy.
+const DEAD_THEN_LIVE_V1: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) int step(int x) { int s = 0; for (int i = 0; i < x; i++) s += i; printf("%d\n", s); return s; }
+__attribute__((noinline)) int keep(int a, int b) { int x = step(a + b); return x + 1; }
+int main(int argc, char **argv) { printf("%d\n", keep(argc, argc + 1)); return 0; }
+"#;
+
+const DEAD_THEN_LIVE_V2: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) int step(int x) { int s = 0; for (int i = 0; i < x; i++) s += i; printf("%d\n", s); return s; }
+__attribute__((noinline)) int keep(int a, int b) { int x = step(a + b); return x + b; }
+int main(int argc, char **argv) { printf("%d\n", keep(argc, argc + 1)); return 0; }
+"#;
+
+#[test]
+fn a_local_the_old_frame_did_not_save_is_refused_not_invented() {
+    let p = pair_with("frames-dead-then-live", DEAD_THEN_LIVE_V1, DEAD_THEN_LIVE_V2, &["-g0"]);
+    assert!(p.changed.iter().any(|c| c == "keep"), "{:?}", p.changed);
+    let keep = p.func("keep");
+    let old_rp = p.old_meta.function(keep).unwrap().resume_points.iter().find(|rp| rp.kind == ResumeKind::Call).unwrap();
+    assert!(!old_rp.locals.contains(&1), "b is dead after the old call: {:?}", old_rp.locals);
+    let reason = p.refusal("keep", "call to step #0");
+    assert!(reason.contains("old local 1, which the old frame does not hold"), "{reason}");
 }

@@ -112,7 +112,7 @@ fn load(engine: &Engine, guest: &CGuest) -> Variants {
     let async_path = asyncify(&original_path);
     let original_bytes = std::fs::read(&original_path).unwrap();
     let async_bytes = std::fs::read(&async_path).unwrap();
-    let as_is = LoadOptions { instrument: false, cache_dir: None };
+    let as_is = LoadOptions { instrument: false, stress: false, cache_dir: None };
     let instrumented = upstare_instrument::instrument(&original_bytes, &Default::default()).unwrap().wasm;
     Variants {
         original: GuestModule::from_bytes_with(engine, &original_path, &original_bytes, &as_is).unwrap(),

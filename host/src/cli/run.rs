@@ -159,7 +159,8 @@ pub fn execute(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_HOST_ERROR);
         }
     };
-    let options = LoadOptions { instrument: !args.no_instrument, cache_dir: None };
+    let stress = args.stress_pause.is_some() || args.stress_update.is_some() || args.update_at.is_some();
+    let options = LoadOptions { instrument: !args.no_instrument, stress, cache_dir: None };
     let module = match GuestModule::load_with(&engine, &module_path, &options) {
         Ok(m) => m,
         Err(e) => return bad_input(e),

@@ -7,8 +7,9 @@
 //!  4            4     resume point: index into that function's list in the metadata
 //!  8            4     frame size in bytes, header and trailer included: 24 + 8 * slots
 //! 12            4     reserved, zero
-//! 16            8*n   slots: the function's locals in index order (params first),
-//!                     then the saved operands from the bottom of the stack up
+//! 16            8*n   slots: the locals live at the resume point, in index order
+//!                     ([`super::ResumePoint::locals`]), then the saved operands
+//!                     from the bottom of the stack up
 //! 16+8n         4     frame size again, so a frame can be found from the top
 //! 20+8n         4     TRAILER_MAGIC
 //! ```
@@ -18,9 +19,11 @@
 //! to the frame stack pointer lists them innermost first. All integers are
 //! little-endian. A slot holds: `i32` zero-extended; `i64`; `f32` bits
 //! zero-extended; `f64` bits; `funcref`/`externref` the zero-extended index of
-//! the reference in the matching side table. The types of the slots are not in
-//! the frame: they are in the metadata of the resume point
-//! ([`super::FunctionMeta::locals`] and [`super::ResumePoint::operands`]).
+//! the reference in the matching side table. Which locals the slots hold, and
+//! their types, are not in the frame: they are in the metadata of the
+//! resume point ([`super::ResumePoint::locals`], [`super::FunctionMeta::locals`]
+//! and [`super::ResumePoint::operands`]). A local that is not live at the
+//! point has no slot: nothing may read or invent a value for it.
 
 use super::{metadata::Metadata, ValType};
 use crate::error::{Error, ErrorKind, Result};
@@ -196,8 +199,12 @@ pub struct TypedFrame {
     pub func: u32,
     /// Index of the resume point in the function's metadata.
     pub resume_point: u32,
-    /// The function's locals, params first.
-    pub locals: Vec<Value>,
+    /// The function's locals, params first: `None` for a local the frame
+    /// does not save (it is not live at the resume point).
+    pub locals: Vec<Option<Value>>,
+    /// The saved locals in the order of their slots
+    /// ([`super::ResumePoint::locals`]).
+    pub slots: Vec<u32>,
     /// The saved operands, bottom of the stack first.
     pub operands: Vec<Value>,
 }
@@ -212,30 +219,42 @@ impl TypedFrame {
         let rp = func.resume_points.get(raw.resume_point as usize).ok_or_else(|| {
             bad(format!("frame of function {} names unknown resume point {}", raw.func, raw.resume_point))
         })?;
-        if raw.slots.len() != func.locals.len() + rp.operands.len() {
+        if raw.slots.len() != rp.locals.len() + rp.operands.len() {
             return Err(bad(format!(
                 "frame of function {} at resume point {} has {} slots, metadata says {}",
                 raw.func,
                 raw.resume_point,
                 raw.slots.len(),
-                func.locals.len() + rp.operands.len()
+                rp.locals.len() + rp.operands.len()
             )));
         }
-        let (l, o) = raw.slots.split_at(func.locals.len());
+        let (l, o) = raw.slots.split_at(rp.locals.len());
+        let mut locals = vec![None; func.locals.len()];
+        for (&local, slot) in rp.locals.iter().zip(l) {
+            let ty = func.locals.get(local as usize).ok_or_else(|| {
+                bad(format!("resume point {} of function {} saves local {local}, which it does not have", raw.resume_point, raw.func))
+            })?;
+            locals[local as usize] = Some(Value::from_slot(*ty, *slot));
+        }
         Ok(TypedFrame {
             func: raw.func,
             resume_point: raw.resume_point,
-            locals: func.locals.iter().zip(l).map(|(t, s)| Value::from_slot(*t, *s)).collect(),
+            locals,
+            slots: rp.locals.clone(),
             operands: rp.operands.iter().zip(o).map(|(t, s)| Value::from_slot(*t, *s)).collect(),
         })
     }
 
-    /// Back to the raw slots.
+    /// Back to the raw slots: the saved locals in slot order, then the
+    /// operands. A local named in [`TypedFrame::slots`] without a value
+    /// (a frame built wrongly) becomes a zero slot, which typing the frame
+    /// again with its metadata does not hide: it reads back as a value.
     pub fn to_raw(&self) -> RawFrame {
+        let saved = self.slots.iter().map(|&l| self.locals.get(l as usize).copied().flatten().map_or(0, Value::to_slot));
         RawFrame {
             func: self.func,
             resume_point: self.resume_point,
-            slots: self.locals.iter().chain(&self.operands).map(|v| v.to_slot()).collect(),
+            slots: saved.chain(self.operands.iter().map(|v| v.to_slot())).collect(),
         }
     }
 }

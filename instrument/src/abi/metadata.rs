@@ -19,9 +19,14 @@
 //!               data:vec<u32>               ; data segments that were active
 //!               functions:vec<function>
 //! memory     := original_import:opt<str str> min:u32 max:opt<u32> shared:u8
-//! function   := index:u32 type:u32 locals:vec<ty> resume_points:vec<rp>
-//! rp         := kind:u8 offset:u32 callee:u32 ordinal:u32 operands:vec<ty>
+//! function   := index:u32 type:u32 locals:vec<ty> saved:vec<vec<u32>> resume_points:vec<rp>
+//! rp         := kind:u8 offset:u32 callee:u32 ordinal:u32 saved_locals:u32 operands:vec<ty>
 //! ```
+//!
+//! `saved` lists the distinct lists of locals the function's frames save
+//! (each in slot order, by local index); a resume point names its list by
+//! position (`saved_locals`), and parsing expands it into
+//! [`ResumePoint::locals`].
 //!
 //! Offsets are byte offsets in the ORIGINAL module file (subtract
 //! `code_section` for the code-section-relative offsets DWARF uses).
@@ -83,6 +88,11 @@ pub struct ResumePoint {
     /// (0-based, in code order, counting unreachable ones too): "the 2nd call
     /// to `f` in `g`", "the 3rd loop in `g`".
     pub ordinal: u32,
+    /// The locals its frame saves, in the order of their slots: those live
+    /// at the point, which the rewind restores. Any other local needs no
+    /// value there (the code writes it before reading it) and has no slot in
+    /// the frame.
+    pub locals: Vec<u32>,
     /// Types of the saved operands, bottom of the stack first.
     pub operands: Vec<ValType>,
 }
@@ -221,11 +231,25 @@ impl Metadata {
             w.u32(f.index);
             w.u32(f.type_index);
             w.vec(&f.locals, |w, t| w.byte(t.code()));
-            w.vec(&f.resume_points, |w, rp| {
+            let mut sets: Vec<&[u32]> = Vec::new();
+            let set_of: Vec<u32> = f
+                .resume_points
+                .iter()
+                .map(|rp| match sets.iter().position(|s| *s == rp.locals.as_slice()) {
+                    Some(i) => i as u32,
+                    None => {
+                        sets.push(&rp.locals);
+                        sets.len() as u32 - 1
+                    }
+                })
+                .collect();
+            w.vec(&sets, |w, s| w.vec(s, |w, l| w.u32(*l)));
+            w.vec(&f.resume_points.iter().zip(&set_of).collect::<Vec<_>>(), |w, (rp, set)| {
                 w.byte(rp.kind as u8);
                 w.u32(rp.offset);
                 w.u32(rp.callee);
                 w.u32(rp.ordinal);
+                w.u32(**set);
                 w.vec(&rp.operands, |w, t| w.byte(t.code()));
             });
         });
@@ -278,23 +302,32 @@ impl Metadata {
         })?;
         let data = r.vec(|r| Ok(DataSegmentMeta { index: r.u32()? }))?;
         let functions = r.vec(|r| {
-            Ok(FunctionMeta {
-                index: r.u32()?,
-                type_index: r.u32()?,
-                locals: r.vec(|r| r.ty())?,
-                resume_points: r.vec(|r| {
-                    let at = r.at;
-                    let kind = ResumeKind::from_u8(r.byte()?)
-                        .ok_or_else(|| r.error(at, "unknown resume point kind"))?;
-                    Ok(ResumePoint {
-                        kind,
-                        offset: r.u32()?,
-                        callee: r.u32()?,
-                        ordinal: r.u32()?,
-                        operands: r.vec(|r| r.ty())?,
-                    })
-                })?,
-            })
+            let index = r.u32()?;
+            let type_index = r.u32()?;
+            let locals = r.vec(|r| r.ty())?;
+            let sets = r.vec(|r| {
+                let at = r.at;
+                let set = r.vec(|r| r.u32())?;
+                // Distinct locals of the function, or a frame would be read
+                // with slots that mean other locals.
+                let mut seen = vec![false; locals.len()];
+                for &l in &set {
+                    match seen.get_mut(l as usize) {
+                        Some(s) if !*s => *s = true,
+                        _ => return Err(r.error(at, "a list of saved locals repeats a local or names one the function does not have")),
+                    }
+                }
+                Ok(set)
+            })?;
+            let resume_points = r.vec(|r| {
+                let at = r.at;
+                let kind = ResumeKind::from_u8(r.byte()?).ok_or_else(|| r.error(at, "unknown resume point kind"))?;
+                let (offset, callee, ordinal) = (r.u32()?, r.u32()?, r.u32()?);
+                let at = r.at;
+                let set = sets.get(r.u32()? as usize).ok_or_else(|| r.error(at, "unknown set of saved locals"))?;
+                Ok(ResumePoint { kind, offset, callee, ordinal, locals: set.clone(), operands: r.vec(|r| r.ty())? })
+            })?;
+            Ok(FunctionMeta { index, type_index, locals, resume_points })
         })?;
         if r.at != bytes.len() {
             return Err(r.error(r.at, "trailing bytes after the metadata"));

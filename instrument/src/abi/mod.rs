@@ -25,7 +25,7 @@ pub const METADATA_SECTION: &str = "upstare.meta";
 
 /// Version of the metadata format (and of this whole ABI). Bumped whenever any
 /// constant or layout in this module changes meaning.
-pub const METADATA_VERSION: u32 = 4;
+pub const METADATA_VERSION: u32 = 5;
 
 /// Module name of every import the instrumenter adds.
 pub const IMPORT_MODULE: &str = "upstare";
@@ -156,15 +156,19 @@ impl State {
 /// 64            guest       frame stack, growing upwards
 /// ```
 ///
-/// Bytes 0..4 form one little-endian word that every loop header loads: it is
-/// zero on the hot path, so the check costs one load and one branch. Each of
-/// those bytes has a single writer at a time, so a host thread may store the
+/// Bytes 0..2 (pause and rewind) form one little-endian half-word that every
+/// loop header loads; the stress variant's loop headers, and the checks
+/// before blocking and indirect calls, load the whole word 0..4. It is zero on
+/// the hot path, so the check costs one load and one branch. Each of those
+/// bytes has a single writer at a time, so a host thread may store the
 /// pause byte (with an atomic byte store) while the guest runs.
 ///
 /// Stress mode: with the stress byte set, each update point reached (loop
 /// header, or a blocking import call before it is made) decrements the
 /// countdown; when it reaches zero it is reloaded from the period and the
-/// guest unwinds there. Period 1 unwinds at every update point.
+/// guest unwinds there. Period 1 unwinds at every update point. Loop headers
+/// count only in a module instrumented as the stress variant
+/// (`Options::stress`); in the other they ignore the stress byte.
 pub mod control {
     /// Memory index of the control memory in an instrumented module.
     pub const MEMORY_INDEX: u32 = 1;

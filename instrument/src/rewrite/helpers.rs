@@ -7,7 +7,7 @@
 
 use wasm_encoder::{BlockType, Encode, HeapType, Instruction as I, ValType};
 
-use super::{ctrl, Code, Helpers, Types};
+use super::{ctrl, frames, Code, Helpers, Packs, Types};
 use crate::abi::{control, frame, State, ValType as Ty};
 use crate::analysis::ModuleInfo;
 
@@ -85,6 +85,22 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
         add(types, &[I32], &[t], &[], load_ref(side.table));
     }
     out
+}
+
+/// The pack helpers ([`Packs`]), in the order they are numbered:
+/// `load(frame) -> values`.
+pub(crate) fn build_packs(types: &mut Types, h: &Helpers, packs: &Packs) -> crate::error::Result<Vec<HelperFunc>> {
+    let mut out = Vec::new();
+    for &key in packs.map.keys() {
+        let values = frames::pack_types(key);
+        let mut c = Code::default();
+        for (slot, t) in values.iter().enumerate() {
+            c.op(I::LocalGet(0));
+            frames::push(&mut c, h, *t, slot as u32)?;
+        }
+        out.push(HelperFunc { type_index: types.func(&[Ty::I32], &values), body: body(&[], c) });
+    }
+    Ok(out)
 }
 
 /// `frame_push(func, rp, slots) -> frame`: reserves a frame on the frame

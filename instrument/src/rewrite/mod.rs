@@ -125,6 +125,33 @@ pub(crate) struct Helpers {
     pub funcrefs: Option<RefSide>,
     /// Present when some frame can hold an externref.
     pub externrefs: Option<RefSide>,
+    /// The first function index after these helpers.
+    pub next: u32,
+}
+
+/// The pack helpers, appended after the [`Helpers`]: for each count of
+/// numeric locals a resume point saves ([`frames::PackKey`]),
+/// `load(frame) -> values` reads them from the frame's first slots. One
+/// call in a rewind case then restores all of a point's numbers, instead of
+/// a load per value at every resume point; nothing the hot path keeps
+/// lives across it (the case restores every local live at its point).
+/// Frames are saved with inline stores (see `body`).
+pub(crate) struct Packs {
+    /// Load function index by key.
+    pub map: std::collections::BTreeMap<frames::PackKey, u32>,
+}
+
+impl Packs {
+    /// Numbers the helpers of `keys` from `first`.
+    pub fn new(first: u32, keys: std::collections::BTreeSet<frames::PackKey>) -> Packs {
+        let map = keys.into_iter().enumerate().map(|(i, k)| (k, first + i as u32)).collect();
+        Packs { map }
+    }
+
+    /// The load helper of `key`.
+    pub fn get(&self, key: frames::PackKey) -> crate::error::Result<u32> {
+        self.map.get(&key).copied().ok_or_else(|| crate::error::internal("a pack helper is missing"))
+    }
 }
 
 /// The helpers and side table for one reference type. Each type gets its
@@ -167,6 +194,7 @@ impl Helpers {
             stop_rewind: first + 10,
             funcrefs,
             externrefs,
+            next: next_func,
         }
     }
 
@@ -193,4 +221,7 @@ pub(crate) struct Cx {
     pub types: Types,
     pub helpers: Helpers,
     pub state_global: u32,
+    /// The stress variant: loop headers call the pause decision.
+    pub stress: bool,
+    pub packs: Packs,
 }

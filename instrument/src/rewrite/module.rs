@@ -17,7 +17,7 @@ use wasm_encoder::{
 };
 use wasmparser::{Parser, Payload};
 
-use super::{body, helpers, val, Cx, Helpers, Types};
+use super::{body, frames, helpers, val, Cx, Helpers, Packs, Types};
 use crate::abi::{
     self, control, exports, BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta,
     MemoryMeta, Metadata, ResumePoint,
@@ -36,7 +36,7 @@ fn describes_original_code(name: &str) -> bool {
 }
 
 /// Instruments `wasm`, returning the output module and its metadata.
-pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>) -> Result<(Vec<u8>, Metadata)> {
+pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress: bool) -> Result<(Vec<u8>, Metadata)> {
     check_names(wasm)?;
     let info = analysis::analyze(wasm)?;
     let graph = CallGraph::new(&info, blocking)?;
@@ -59,7 +59,16 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>) -> Resu
         in_frames(Ty::ExternRef),
     );
     let state_global = info.globals.len() as u32;
-    let mut cx = Cx { types: Types::new(&info.types), helpers, state_global };
+    let keys = info
+        .bodies
+        .iter()
+        .zip(&plans)
+        .filter_map(|(b, p)| Some((b, p.as_ref()?)))
+        .flat_map(|(b, p)| p.rps.iter().map(move |rp| frames::pack_key(rp.locals.iter().map(|&l| b.locals[l as usize])).0))
+        .filter(|k| k.iter().any(|&n| n > 0))
+        .collect();
+    let packs = Packs::new(helpers.next, keys);
+    let mut cx = Cx { types: Types::new(&info.types), helpers, state_global, stress, packs };
 
     let mut bodies = Vec::with_capacity(info.bodies.len());
     let mut functions = Vec::new();
@@ -82,6 +91,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>) -> Resu
                             offset: r.offset as u32,
                             callee: r.callee,
                             ordinal: r.ordinal,
+                            locals: r.locals.clone(),
                             operands: r.saved.clone(),
                         })
                         .collect(),
@@ -90,7 +100,8 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>) -> Resu
             None => bodies.push(wasm[b.range.clone()].to_vec()),
         }
     }
-    let appended = helpers::build(&info, &mut cx.types, &helpers, state_global);
+    let mut appended = helpers::build(&info, &mut cx.types, &helpers, state_global);
+    appended.extend(helpers::build_packs(&mut cx.types, &helpers, &cx.packs)?);
     let metadata = metadata(&info, &graph, &helpers, state_global, functions);
     let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata, &offsets)?;
 

@@ -679,6 +679,7 @@ pub const MODES: &[Mode] = &[
     Mode::Stress { period: 1, inject: Some(2) },
     Mode::Stress { period: 3, inject: None },
     Mode::Stress { period: 17, inject: Some(3) },
+    Mode::Pause { every: 3 },
     Mode::Pause { every: 2 },
 ];
 
@@ -693,13 +694,26 @@ pub fn check(engine: &Engine, wasm: &[u8]) -> Result<Stats, String> {
         .map_err(|_| "the check panicked".to_string())?
 }
 
+/// The options a mode needs: stress mode counts loop headers only in the
+/// stress variant.
+pub fn options_for(mode: Mode) -> Options {
+    let mut o = options();
+    o.stress = matches!(mode, Mode::Stress { .. });
+    o
+}
+
 fn check_here(engine: &Engine, wasm: &[u8]) -> Result<Stats, String> {
-    let inst = upstare_instrument::instrument(wasm, &options()).map_err(|e| format!("instrument: {e}"))?;
-    check_metadata(wasm, &inst.metadata)?;
+    let plain = upstare_instrument::instrument(wasm, &options()).map_err(|e| format!("instrument: {e}"))?;
+    let stressed = upstare_instrument::instrument(wasm, &options_for(MODES[1])).map_err(|e| format!("instrument for stress: {e}"))?;
+    check_metadata(wasm, &plain.metadata)?;
+    if stressed.metadata != plain.metadata {
+        return Err("the stress variant's metadata differs from the plain one's".into());
+    }
     let want = run_original(engine, wasm);
     let mut total = Stats::default();
     for &mode in MODES {
-        let (got, stats) = run_instrumented(engine, wasm, &inst, mode).map_err(|e| format!("{mode:?}: {e}"))?;
+        let inst = if options_for(mode).stress { &stressed } else { &plain };
+        let (got, stats) = run_instrumented(engine, wasm, inst, mode).map_err(|e| format!("{mode:?}: {e}"))?;
         if let Some(d) = diff(&want, &got) {
             return Err(format!("{mode:?}: {d}"));
         }

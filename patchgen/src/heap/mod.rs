@@ -388,6 +388,7 @@ pub fn frame_pointers(
             })
             .collect();
         for (i, value) in frame.locals.iter().enumerate() {
+            let Some(value) = value else { continue };
             let Some(o) = held(value) else { continue };
             if !pointers.contains(&(i as u32)) {
                 return Err(refuse(o));
