@@ -18,7 +18,7 @@
 //! length from the chunk (`malloc(n * sizeof *p)`).
 
 use rustc_hash::FxHashMap as HashMap;
-use std::sync::Arc as Rc;
+use std::sync::Arc;
 
 use super::dlmalloc::Chunks;
 use super::{MemoryView, Moved, Plan, Region, Root, Roots, read_u32};
@@ -38,7 +38,7 @@ struct Field {
     offset: u32,
     kind: FieldKind,
     /// Member path from the value, like `.next` or `.slots[3]`.
-    path: Rc<str>,
+    path: Arc<str>,
 }
 
 /// A value being traced: a root, or one element of an allocation.
@@ -59,9 +59,11 @@ pub(super) struct Claim {
     /// The value holding the first pointer that gave this type, and the
     /// pointer's member path in it, for messages.
     pub(super) from: Via,
-    pub(super) field: Rc<str>,
+    pub(super) field: Arc<str>,
 }
 
+/// One trace of a paused heap: the work list, what each allocation was
+/// claimed as, and the pointers found on the way.
 pub(super) struct Tracer<'a> {
     old: &'a DebugInfo,
     new: &'a DebugInfo,
@@ -73,17 +75,17 @@ pub(super) struct Tracer<'a> {
     converters: &'a std::collections::HashMap<String, String>,
     moved: &'a [Moved],
     claims: Vec<Option<Claim>>,
-    fields: HashMap<TypeId, Rc<Vec<Field>>>,
-    pairs: HashMap<(TypeId, TypeId), Rc<(ValueMap, HashMap<u64, TypeId>)>>,
+    fields: HashMap<TypeId, Arc<Vec<Field>>>,
+    pairs: HashMap<(TypeId, TypeId), Arc<(ValueMap, HashMap<u64, TypeId>)>>,
     work: Vec<(u32, TypeId, Option<TypeId>, Via)>,
     slots: Vec<(u32, u32)>,
     /// The allocation each slot points into, or `u32::MAX`.
     slot_chunks: Vec<u32>,
     /// `void *` and union members met while tracing, named lazily.
-    untyped: Vec<(u32, u32, Via, Rc<str>)>,
+    untyped: Vec<(u32, u32, Via, Arc<str>)>,
     inside: Vec<Inside>,
     /// One description per changed type pair, shared by its objects.
-    kinds: HashMap<(TypeId, TypeId), Rc<super::ObjectKind>>,
+    kinds: HashMap<(TypeId, TypeId), Arc<super::ObjectKind>>,
     pointers: u64,
 }
 
@@ -93,7 +95,7 @@ struct Inside {
     value: u32,
     pointee: TypeId,
     from: Via,
-    field: Rc<str>,
+    field: Arc<str>,
 }
 
 impl<'a> Tracer<'a> {
@@ -199,7 +201,7 @@ impl<'a> Tracer<'a> {
 
     /// What converting objects of `old` to `new` takes; `None` when their
     /// bytes need not move (only pointers inside them change type).
-    fn kind(&mut self, old: TypeId, new: TypeId, from: Via, field: &str) -> Result<Option<Rc<super::ObjectKind>>, String> {
+    fn kind(&mut self, old: TypeId, new: TypeId, from: Via, field: &str) -> Result<Option<Arc<super::ObjectKind>>, String> {
         if let Some(k) = self.kinds.get(&(old, new)) {
             return Ok(Some(k.clone()));
         }
@@ -211,7 +213,7 @@ impl<'a> Tracer<'a> {
         if pair.0.is_whole_copy(old_size, new_size) {
             return Ok(None);
         }
-        let kind = Rc::new(super::ObjectKind {
+        let kind = Arc::new(super::ObjectKind {
             old_size,
             new_size,
             map: pair.0.clone(),
@@ -268,7 +270,7 @@ impl<'a> Tracer<'a> {
         pointee: TypeId,
         new_pointee: Option<TypeId>,
         via: Via,
-        field: &Rc<str>,
+        field: &Arc<str>,
     ) -> Result<(), String> {
         if let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) {
             self.slots.push((slot, value));
@@ -308,7 +310,7 @@ impl<'a> Tracer<'a> {
 
     /// Gives `chunk` the type `old` (converted to `new`), tracing its
     /// elements the first time it is given a shape.
-    fn claim(&mut self, chunk: usize, old: TypeId, new: Option<TypeId>, from: Via, field: Rc<str>) -> Result<(), String> {
+    fn claim(&mut self, chunk: usize, old: TypeId, new: Option<TypeId>, from: Via, field: Arc<str>) -> Result<(), String> {
         let shaped = !matches!(self.old.ty(old), Type::Base { .. } | Type::Enum { .. } | Type::Unknown | Type::Function);
         let expand = match &self.claims[chunk] {
             None => true,
@@ -363,13 +365,13 @@ impl<'a> Tracer<'a> {
     /// its pointers that changed, by offset.
     /// `None` when no automatic mapping carries `old` to `new`
     /// ([`Tracer::unmappable`] says why).
-    fn pair(&mut self, old: TypeId, new: TypeId) -> Option<Rc<(ValueMap, HashMap<u64, TypeId>)>> {
+    fn pair(&mut self, old: TypeId, new: TypeId) -> Option<Arc<(ValueMap, HashMap<u64, TypeId>)>> {
         if let Some(p) = self.pairs.get(&(old, new)) {
             return Some(p.clone());
         }
         let map = value_map_through_pointers(self.old, old, self.new, new, "").ok()?;
         let pointees = map.pointers.iter().map(|p| (p.from, p.new)).collect();
-        let p = Rc::new((map, pointees));
+        let p = Arc::new((map, pointees));
         self.pairs.insert((old, new), p.clone());
         Some(p)
     }
@@ -383,13 +385,13 @@ impl<'a> Tracer<'a> {
         }
     }
 
-    fn fields_of(&mut self, ty: TypeId) -> Rc<Vec<Field>> {
+    fn fields_of(&mut self, ty: TypeId) -> Arc<Vec<Field>> {
         if let Some(f) = self.fields.get(&ty) {
             return f.clone();
         }
         let mut out = Vec::new();
         collect_fields(self.old, ty, 0, "", &mut out, 0);
-        let f = Rc::new(out);
+        let f = Arc::new(out);
         self.fields.insert(ty, f.clone());
         f
     }
@@ -400,7 +402,7 @@ const MAX_DEPTH: u32 = 32;
 
 fn collect_fields(debug: &DebugInfo, ty: TypeId, at: u32, path: &str, out: &mut Vec<Field>, depth: u32) {
     let untyped = |out: &mut Vec<Field>, size: u64| {
-        out.push(Field { offset: at, kind: FieldKind::Untyped(size as u32), path: Rc::from(path) });
+        out.push(Field { offset: at, kind: FieldKind::Untyped(size as u32), path: Arc::from(path) });
     };
     if depth > MAX_DEPTH {
         return untyped(out, debug.size_of(ty).unwrap_or(0));
@@ -410,7 +412,7 @@ fn collect_fields(debug: &DebugInfo, ty: TypeId, at: u32, path: &str, out: &mut 
         Type::Pointer { to: None } => untyped(out, 4),
         Type::Pointer { to: Some(p) } => {
             if !matches!(debug.ty(*p), Type::Function) {
-                out.push(Field { offset: at, kind: FieldKind::Pointer(*p), path: Rc::from(path) });
+                out.push(Field { offset: at, kind: FieldKind::Pointer(*p), path: Arc::from(path) });
             }
         }
         Type::Struct { members, .. } => {
@@ -432,7 +434,7 @@ fn collect_fields(debug: &DebugInfo, ty: TypeId, at: u32, path: &str, out: &mut 
                     out.push(Field {
                         offset: at + (i * size) as u32 + f.offset,
                         kind: f.kind.clone(),
-                        path: Rc::from(format!("{path}[{i}]{}", f.path)),
+                        path: Arc::from(format!("{path}[{i}]{}", f.path)),
                     });
                 }
             }
