@@ -7,7 +7,8 @@
  *
  * It holds the guest side of UpStare: finding the listeners the host
  * preopens (upstare_listener_fd), and the naming convention for state
- * transformers written in C (UPSTARE_TRANSFORM, UPSTARE_CONVERT).
+ * transformers written in C (UPSTARE_TRANSFORM, UPSTARE_CONVERT), and
+ * what an untyped pointer holds (UPSTARE_POINTS_TO).
  */
 #ifndef UPSTARE_H
 #define UPSTARE_H
@@ -26,8 +27,13 @@
  *
  * Call it at startup, before accepting: an accepted connection is a socket
  * too and would be counted from then on.
+ *
+ * Not inlined: the `struct stat` it fills then lives in its own frame, gone
+ * once it returns, rather than in its caller's, where a server's main loop
+ * would keep the socket's inode number on its stack for good, and an update
+ * that converts heap objects would have to take it for a possible pointer.
  */
-static inline int upstare_listener_fd(int n)
+__attribute__((noinline, unused)) static int upstare_listener_fd(int n)
 {
     int seen = 0;
     for (int fd = 3; fd < 1024; fd++) {
@@ -87,5 +93,22 @@ static inline int upstare_listener_fd(int n)
 #define UPSTARE_CONVERT(tag)                                                                 \
     __attribute__((export_name("upstare_convert_" #tag))) void                              \
         upstare_convert_##tag(const void *old_object, void *new_object)
+
+/*
+ * UPSTARE_POINTS_TO(tag, member, type): in the new version, says that the
+ * `void *` member `member` of `struct tag` points to a `type`:
+ *
+ *     UPSTARE_POINTS_TO(slot, value, struct entry);   (a hash table's values)
+ *     UPSTARE_POINTS_TO(slot, key, char);             (plain bytes)
+ *
+ * The heap trace cannot tell what a `void *` holds. When some struct's type
+ * changes, an allocation that only `void *` members reach and whose size
+ * fits that struct refuses the update; with this declaration the member is
+ * followed as a `type *` instead, and the objects behind it are converted
+ * like those any typed pointer reaches (`type` not a struct: they are plain
+ * data and stay as they are). Only the declared global's type is read; it
+ * is never used.
+ */
+#define UPSTARE_POINTS_TO(tag, member, type) __attribute__((used)) type *upstare_points_to_##tag##__##member
 
 #endif /* UPSTARE_H */

@@ -26,27 +26,35 @@ impl MemoryView for ProgramMemory {
     }
 }
 
+/// What the paused stack gives the trace.
+pub(crate) struct Stacks<'a> {
+    /// The part of the shadow stack that stays where it is, as (start,
+    /// size): its words are not typed, save the frames' variables.
+    pub live: Option<(u32, u32)>,
+    /// Shadow-stack bytes the frame mapping moves, as (from, to, length):
+    /// scanned untyped, since their pointers are not rewritten.
+    pub moving: &'a [(u32, u32, u64)],
+    /// The frames' typed variables.
+    pub frames: &'a heap::FrameRoots,
+}
+
 /// Traces the paused heap of `old` for the update `plan`; `None` when no
-/// global's type changed. `shadow_stack` is the live part of the shadow
-/// stack, whose words are not typed. An `Err` refuses the update.
-pub(crate) fn trace(
-    old: &Version,
-    plan: &Plan,
-    linked: &Linked,
-    memory: &ProgramMemory,
-    shadow_stack: Option<(u32, u32)>,
-) -> Result<Option<heap::Plan>, String> {
+/// root reaches a changed type. An `Err` refuses the update.
+pub(crate) fn trace(old: &Version, plan: &Plan, linked: &Linked, memory: &ProgramMemory, stacks: Stacks<'_>) -> Result<Option<heap::Plan>, String> {
     let moved = linked
         .conversions
         .iter()
         .map(|c| Moved { old_address: c.old_address, old_size: c.old_size, new_address: c.new_address, map: c.map.clone() })
         .collect();
-    let stack = shadow_stack
-        .map(|(address, size)| Region { address, size, what: "the shadow stack".into() })
-        .into_iter()
-        .collect();
+    let live = stacks.live.map(|(address, size)| Region { address, size, what: "the shadow stack".into() });
+    let moving = stacks.moving.iter().map(|&(from, _, len)| Region {
+        address: from,
+        size: u32::try_from(len).unwrap_or(u32::MAX),
+        what: "the memory of a frame that moves to its new layout".into(),
+    });
+    let untyped = live.into_iter().chain(moving).collect();
     let started = std::time::Instant::now();
-    let traced = heap::trace(old, &plan.new, &plan.heap_roots, moved, memory, stack)?;
+    let traced = heap::trace(old, &plan.new, &plan.heap_roots, stacks.frames, moved, memory, untyped)?;
     if let Some(t) = &traced {
         tracing::debug!(
             "update: heap traced in {:?}: {} allocations in {} segments, {} pointers followed, {} objects to convert",

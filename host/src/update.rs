@@ -408,7 +408,23 @@ impl Guest {
             (None, None) => (&frames[..], sp),
         };
         let shadow_stack = stack_from.zip(stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
-        let heap = heap_conversion::trace(&current.version, &prepared.plan, &prepared.linked, memory, shadow_stack)
+        let frame_roots = match self.module.metadata() {
+            // Onto itself (`--stress-update`) no type changes.
+            Some(old_meta) if !Arc::ptr_eq(&current.version, &prepared.next.version) => heap::frame_roots(
+                &current.version,
+                old_meta,
+                &frames,
+                sp,
+                stack_top(&current.version),
+                &prepared.next.version,
+                &new_meta,
+                &stack.frames,
+                kept.len(),
+            ),
+            _ => heap::FrameRoots::default(),
+        };
+        let stacks = heap_conversion::Stacks { live: shadow_stack, moving: &stack.moves, frames: &frame_roots };
+        let heap = heap_conversion::trace(&current.version, &prepared.plan, &prepared.linked, memory, stacks)
             .map_err(UpdateError::Refused)?;
         // Typed pointers the tracer found are rewritten, wherever they point.
         let rewritten: std::collections::HashSet<u32> =

@@ -180,6 +180,23 @@ impl DebugInfo {
         }
     }
 
+    /// Every struct the module defines with a tag, as (type, tag): those
+    /// the types of its variables reach.
+    pub fn defined_structs(&self) -> impl Iterator<Item = (TypeId, &str)> {
+        self.types.defined_structs()
+    }
+
+    /// Every variable of the function containing `code_offset` that lives
+    /// in its frame's memory at some point, in scope there or not, as
+    /// (offset from the frame base, type).
+    pub fn frame_variables(&self, code_offset: u32) -> Vec<(i64, TypeId)> {
+        let mut out = Vec::new();
+        if let Some(i) = self.function_index(code_offset) {
+            scopes::frame_variables(&self.trees[i], &mut out);
+        }
+        out
+    }
+
     /// The type behind an id handed out by this DebugInfo.
     pub fn ty(&self, id: TypeId) -> &Type {
         self.types.get(id)

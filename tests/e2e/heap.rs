@@ -108,6 +108,31 @@ fn a_void_pointer_to_an_object_of_a_changed_type_refuses_the_update() {
     assert_eq!(client.request("FRESH"), "ERROR unknown command", "the old version serves on");
 }
 
+/// A table of `void *` values holds copies of list nodes that no typed
+/// pointer reaches: the tracer cannot tell they are nodes, so an update
+/// that changes `struct node` is refused, naming the slot, rather than
+/// leaving them in the old layout. The new version's
+/// `UPSTARE_POINTS_TO(slot, value, struct node)` says what the values are:
+/// the same update then converts the 16 copies with the rest.
+#[test]
+fn a_void_pointer_table_is_refused_until_the_new_version_says_what_it_holds() {
+    let (_server, control, mut client) = start_graph("heapgraph-table", "heap-table");
+    let table = "TABLE sum=15880"; // the copies of nodes 985 to 1000
+    assert_eq!(client.request("TABLE"), table);
+    let reason = expect_error(&control.update(&guest("heapgraph-table-v2")), 1);
+    assert!(reason.starts_with("update refused: the heap cannot be converted: table["), "{reason}");
+    assert!(
+        reason.contains("].value points to an allocation of 12 bytes whose type no typed pointer tells: it may hold `struct node`"),
+        "{reason}"
+    );
+    assert_eq!(client.request("TABLE"), table, "the old version serves on");
+
+    let report = expect_report(&control.update(&guest("heapgraph-table-rule")));
+    assert_eq!(report.count("heap", "objects converted"), 2017, "{report:?}");
+    assert_eq!(client.request("TABLE"), format!("{table} fresh=16"));
+    assert_eq!(client.request("SUM"), SUM_OF_1000);
+}
+
 /// Which member of a union is live is unknown, so a union over a changed
 /// struct cannot be carried.
 #[test]
@@ -155,6 +180,23 @@ fn a_pointer_held_in_a_waiting_frame_follows_its_object() {
     assert_eq!(report.count("heap", "pointers rewritten"), 3002, "{report:?}");
     client.send("go on");
     assert_eq!(client.read_line(), "HELD 1000", "the head, read through the rewritten local");
+    assert_eq!(client.request("SUM"), SUM_OF_1000);
+}
+
+/// A list that no global reaches (CHAIN): its head is a local of a frame
+/// waiting for input, its last node sits in the frame's memory. The frame's
+/// variables are roots of the trace too, so its 50 nodes are converted with
+/// the 2,001 allocations the globals reach, and both of the frame's pointers
+/// follow them: the new version reads the list in its own layout, every new
+/// member zeroed.
+#[test]
+fn a_list_whose_only_head_is_in_a_waiting_frame_is_converted() {
+    let (_server, control, mut client) = start_graph("heapgraph", "heap-frame-list");
+    assert_eq!(client.request("CHAIN 50"), "CHAINING", "inside CHAIN, waiting");
+    let report = expect_report(&control.update(&guest("heapgraph-v2")));
+    assert_eq!(report.count("heap", "objects converted"), 2051, "{report:?}");
+    client.send("go on");
+    assert_eq!(client.read_line(), "CHAINED 1275 tail=1 fresh=50", "the frame's list, in the new layout");
     assert_eq!(client.request("SUM"), SUM_OF_1000);
 }
 

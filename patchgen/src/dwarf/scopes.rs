@@ -272,6 +272,21 @@ fn fill<'a>(
     Ok(())
 }
 
+/// Every variable of `tree` placed in the frame's memory somewhere in it,
+/// in scope or not, as (offset from the frame base, type).
+pub(super) fn frame_variables(tree: &Scope, out: &mut Vec<(i64, TypeId)>) {
+    for v in &tree.vars {
+        for l in &v.locations {
+            if let Location::FrameOffset(offset) = l {
+                out.push((*offset, v.ty));
+            }
+        }
+    }
+    for child in &tree.children {
+        frame_variables(child, out);
+    }
+}
+
 /// The variables of `tree` live at `offset`, outermost scope first.
 pub(super) fn variables_at(tree: &Scope, offset: u32) -> Vec<VarAt> {
     let mut out = Vec::new();

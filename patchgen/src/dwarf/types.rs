@@ -176,6 +176,16 @@ impl Types {
         self.definitions.extend(links);
     }
 
+    /// Every struct defined with a tag (not only declared), with its tag.
+    pub(super) fn defined_structs(&self) -> impl Iterator<Item = (TypeId, &str)> {
+        self.table.iter().enumerate().filter_map(|(i, ty)| match ty {
+            Type::Struct { name: Some(n), size, members } if *size > 0 || !members.is_empty() => {
+                Some((TypeId(i as u32), n.as_str()))
+            }
+            _ => None,
+        })
+    }
+
     fn push(&mut self, ty: Type) -> TypeId {
         self.table.push(ty);
         TypeId(self.table.len() as u32 - 1)

@@ -21,7 +21,7 @@ const FLAGS: u32 = 7;
 /// `FENCEPOST_HEAD` (`INUSE_BITS | SIZE_T_SIZE`): closes a segment.
 const FENCEPOST: u32 = 7;
 /// `MALLOC_ALIGNMENT` in wasi-libc.
-const ALIGN: u32 = 16;
+pub(crate) const ALIGN: u32 = 16;
 /// From a chunk to the memory it hands out (`chunk2mem`).
 const HEADER: u32 = 8;
 /// What an in-use chunk spends on its own bookkeeping (`CHUNK_OVERHEAD`):

@@ -5,10 +5,11 @@
 //! The host implements [`MemoryView`] over the paused memory; this module
 //! knows nothing of wasmtime. Planning an update ([`crate::plan::plan`])
 //! lists the [`Roots`] (every global, typed by its DWARF in both versions)
-//! before the pause; during the pause [`trace`] walks the allocator's chunks
+//! before the pause; during the pause the paused frames add theirs
+//! ([`frame_roots`]), and [`trace`] walks the allocator's chunks
 //! ([`dlmalloc`]) and traces the roots ([`trace`](self::trace)), only when some
-//! global's type differs between the versions, so an update that changes no
-//! type costs nothing here. The host then allocates every converted object
+//! root reaches a type that differs between the versions, so an update that
+//! changes no type costs nothing here. The host then allocates every converted object
 //! anew through the program's own `malloc`, rewrites the recorded pointers
 //! in place, copies each object through its map, and frees the old ones
 //! once the update has committed.
@@ -22,11 +23,14 @@
 //! addresses in integers must give their structs a transformer.
 
 pub mod dlmalloc;
+mod frames;
 mod trace;
+
+pub use frames::{FrameRoots, FrameValue, frame_pointers, frame_roots};
 
 use std::collections::HashMap;
 
-use crate::dwarf::{ValueMap, same_type};
+use crate::dwarf::{Type, ValueMap, same_type};
 use crate::version::{SymbolKey, Version};
 
 /// dlmalloc's state in wasi-libc.
@@ -79,6 +83,68 @@ pub struct Roots {
     pub untyped: Vec<Region>,
     /// The new version's C converters, export name by struct tag.
     pub converters: HashMap<String, String>,
+    /// Structs whose type differs between the versions, as (tag, old
+    /// size): an allocation that only untyped memory reaches may hold one.
+    pub changed_structs: Vec<(String, u32)>,
+    /// What `void *` members point to, by (struct tag, member), as the new
+    /// version declares with `UPSTARE_POINTS_TO` (see [`pointee_hints`]).
+    pub pointees: HashMap<(String, String), Pointee>,
+}
+
+/// What a `void *` member points to, by the new version's word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pointee {
+    /// A struct: its old type, and its new one when that differs.
+    Struct(crate::dwarf::TypeId, Option<crate::dwarf::TypeId>),
+    /// Anything else: bytes that hold no object to convert.
+    Data,
+}
+
+/// The prefix of the globals `UPSTARE_POINTS_TO(tag, member, type)`
+/// declares: `upstare_points_to_<tag>__<member>`, of type `type *`.
+pub const POINTEE_PREFIX: &str = "upstare_points_to_";
+
+/// The new version's declarations of what `void *` members point to: each
+/// global `upstare_points_to_<tag>__<member>` of type `T *` says that
+/// member `member` of `struct tag` holds a `T *`. Only its type is read
+/// (the global itself is never used), so it need not survive linking.
+fn pointee_hints(old: &Version, new: &Version) -> HashMap<(String, String), Pointee> {
+    let old_structs: HashMap<&str, crate::dwarf::TypeId> = old.debug.defined_structs().map(|(id, tag)| (tag, id)).collect();
+    let mut hints = HashMap::new();
+    for g in new.debug.globals() {
+        let Some((tag, member)) = g.name.strip_prefix(POINTEE_PREFIX).and_then(|rest| rest.rsplit_once("__")) else { continue };
+        let Type::Pointer { to: Some(pointee) } = *new.debug.ty(g.ty) else { continue };
+        let hint = match new.debug.ty(pointee) {
+            Type::Struct { name: Some(name), .. } => match old_structs.get(name.as_str()) {
+                Some(&old_ty) => Pointee::Struct(old_ty, (!same_type(&old.debug, old_ty, &new.debug, pointee)).then_some(pointee)),
+                None => Pointee::Data,
+            },
+            _ => Pointee::Data,
+        };
+        hints.insert((tag.to_string(), member.to_string()), hint);
+    }
+    hints
+}
+
+/// Structs whose type differs from every definition under their tag in
+/// the new version, as (tag, old size); structs the new version no longer
+/// defines are left out (no code of the new version can read them).
+fn changed_structs(old: &Version, new: &Version) -> Vec<(String, u32)> {
+    let mut new_by_tag: HashMap<&str, Vec<crate::dwarf::TypeId>> = HashMap::new();
+    for (id, tag) in new.debug.defined_structs() {
+        new_by_tag.entry(tag).or_default().push(id);
+    }
+    let mut changed: Vec<(String, u32)> = old
+        .debug
+        .defined_structs()
+        .filter(|(id, tag)| {
+            new_by_tag.get(tag).is_some_and(|news| !news.iter().any(|n| same_type(&old.debug, *id, &new.debug, *n)))
+        })
+        .filter_map(|(id, tag)| Some((tag.to_string(), u32::try_from(old.debug.size_of(id)?).ok().filter(|s| *s > 0)?)))
+        .collect();
+    changed.sort();
+    changed.dedup();
+    changed
 }
 
 impl Roots {
@@ -100,7 +166,12 @@ impl Roots {
             .into_iter()
             .map(|e| e.name[crate::plan::TRANSFORMER_PREFIX.len()..].to_string())
             .collect();
-        let mut roots = Roots { converters, ..Roots::default() };
+        let mut roots = Roots {
+            converters,
+            changed_structs: changed_structs(old, new),
+            pointees: pointee_hints(old, new),
+            ..Roots::default()
+        };
         for (i, s) in old.info.symbols.iter().enumerate() {
             let Some(d) = s.data().filter(|_| !s.is_absolute()) else { continue };
             let writable = d.segment.and_then(|seg| old.info.segments.get(seg as usize)).is_some_and(|seg| seg.writable);
@@ -124,10 +195,10 @@ impl Roots {
         roots
     }
 
-    /// Whether some global's type changed, so that the heap may hold
-    /// objects to convert.
+    /// Whether some global's or struct's type changed, so that the heap
+    /// may hold objects to convert.
     pub fn any_changed(&self) -> bool {
-        self.globals.iter().any(|r| r.new_ty.is_some())
+        !self.changed_structs.is_empty() || self.globals.iter().any(|r| r.new_ty.is_some())
     }
 }
 
@@ -318,17 +389,30 @@ impl Plan {
     }
 
     /// Refuses when a word of the `size` bytes at `address`, whose type is
-    /// unknown (`what` names them), holds an address in a converted object.
-    fn check_words(&self, memory: &dyn MemoryView, address: u32, size: u32, what: impl FnOnce() -> String) -> Result<(), String> {
+    /// unknown (`what` names them), holds an address in a converted object;
+    /// words at the addresses in `typed` are pointers the trace rewrites (a
+    /// frame's typed variable in the shadow stack).
+    fn check_words(
+        &self,
+        memory: &dyn MemoryView,
+        address: u32,
+        size: u32,
+        typed: &rustc_hash::FxHashSet<u32>,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), String> {
         let mut bytes = vec![0; size as usize];
         if !memory.read(address, &mut bytes) {
             return Ok(());
         }
-        for word in bytes.chunks_exact(4) {
+        for (i, word) in bytes.chunks_exact(4).enumerate() {
+            if typed.contains(&address.wrapping_add(4 * i as u32)) {
+                continue;
+            }
             let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
             if let Some(o) = self.object_at(value) {
+                let at = address.wrapping_add(4 * i as u32);
                 return Err(format!(
-                    "{} may hold a pointer to an object of changed type {} ({}, at {value:#x}): it cannot be rewritten without knowing its type (give it one, or write a transformer)",
+                    "{} may hold a pointer to an object of changed type {} ({}, at {value:#x}; the word at {at:#x}): it cannot be rewritten without knowing its type (give it one, or write a transformer)",
                     what(),
                     o.kind.type_name,
                     self.path_of(o)
@@ -337,76 +421,6 @@ impl Plan {
         }
         Ok(())
     }
-}
-
-/// The locals of `frames` (already mapped to the new version, which `meta`
-/// describes) that hold the address of an object `plan` converts, as
-/// (frame, local): each one is a pointer variable by the new version's
-/// DWARF at its frame's resume point, and is rewritten like a pointer in
-/// memory. Any other frame value holding such an address (a temporary, an
-/// operand saved under a call, an integer) refuses the update, naming the
-/// function: frames carry no other types.
-pub fn frame_pointers(
-    plan: &Plan,
-    frames: &[upstare_instrument::abi::TypedFrame],
-    new: &Version,
-    meta: &upstare_instrument::abi::Metadata,
-) -> Result<Vec<(usize, usize)>, String> {
-    use crate::dwarf::{Location, Type};
-    use upstare_instrument::abi::Value;
-    let mut found = Vec::new();
-    for (f, frame) in frames.iter().enumerate() {
-        let held = |v: &Value| match v {
-            Value::I32(v) => plan.object_at(*v as u32),
-            _ => None,
-        };
-        let refuse = |o: &Object| {
-            format!(
-                "a frame of `{}` holds the address of a heap object whose type changed ({} reached as {}) where it has no pointer type: it would go on pointing at the old copy",
-                new.info.function_name(frame.func),
-                o.kind.type_name,
-                plan.path_of(o)
-            )
-        };
-        if let Some(o) = frame.operands.iter().find_map(held) {
-            return Err(refuse(o));
-        }
-        let pc = meta
-            .functions
-            .iter()
-            .find(|m| m.index == frame.func)
-            .and_then(|m| m.resume_points.get(frame.resume_point as usize))
-            .map(|rp| rp.offset.wrapping_sub(meta.code_section));
-        let pointers: Vec<u32> = pc
-            .map(|pc| new.debug.variables_at(pc))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|v| matches!(new.debug.ty(v.ty), Type::Pointer { to: Some(_) }))
-            .filter_map(|v| match v.location {
-                Location::Local(i) => Some(i),
-                _ => None,
-            })
-            .collect();
-        for (i, value) in frame.locals.iter().enumerate() {
-            let Some(value) = value else { continue };
-            let Some(o) = held(value) else { continue };
-            if !pointers.contains(&(i as u32)) {
-                return Err(refuse(o));
-            }
-            if let Value::I32(v) = value {
-                if plan.translate(*v as u32, &vec![0; plan.objects.len()]) == Landing::Dropped {
-                    return Err(format!(
-                        "a frame of `{}` points into a member of {} ({}) that the new version drops",
-                        new.info.function_name(frame.func),
-                        o.kind.type_name,
-                        plan.path_of(o)
-                    ));
-                }
-            }
-            found.push((f, i));
-        }
-    }
-    Ok(found)
 }
 
 /// Where byte `offset` of an old value goes in the new one.
@@ -419,18 +433,20 @@ fn map_offset(map: &ValueMap, offset: u32) -> Option<u32> {
 }
 
 /// Traces the heap of the paused program running `old` (see the module
-/// docs). `Ok(None)` when no global's type changed: nothing to do.
+/// docs). `Ok(None)` when no root reaches a changed type: nothing to do.
 /// `extra_untyped` are regions the host knows may hold pointers (the live
-/// shadow stack). An `Err` is a refusal, naming why.
+/// shadow stack, the frames' memory that moves). An `Err` is a refusal,
+/// naming why.
 pub fn trace(
     old: &Version,
     new: &Version,
     roots: &Roots,
+    frames: &FrameRoots,
     moved: Vec<Moved>,
     memory: &dyn MemoryView,
     extra_untyped: Vec<Region>,
 ) -> Result<Option<Plan>, String> {
-    if !roots.any_changed() {
+    if !roots.any_changed() && !frames.any_changed() {
         return Ok(None);
     }
     let chunks = dlmalloc::walk(old, memory)
@@ -438,7 +454,7 @@ pub fn trace(
         .unwrap_or_default();
     let mut untyped = roots.untyped.clone();
     untyped.extend(extra_untyped);
-    let mut plan = trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, roots, &moved)
+    let mut plan = trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, roots, frames, &moved)
         .run(untyped)
         .map_err(|e| format!("the heap cannot be converted: {e}"))?;
     if !plan.objects.is_empty() {

@@ -1,4 +1,5 @@
-//! Typed tracing of a paused program's heap: from the globals, follow every
+//! Typed tracing of a paused program's heap: from the globals and the
+//! paused frames' variables ([`super::frames`]), follow every
 //! pointer by its DWARF type into the allocations it reaches, give each
 //! allocation the type it is reached as, and decide which ones must be
 //! converted because their type changed layout.
@@ -21,7 +22,9 @@ use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use super::dlmalloc::Chunks;
-use super::{MemoryView, Moved, Plan, Region, Root, Roots, read_u32};
+use super::{FrameRoots, MemoryView, Moved, Plan, Pointee, Region, Roots, read_u32};
+
+type Pointees = std::collections::HashMap<(String, String), Pointee>;
 use crate::dwarf::{DebugInfo, Type, TypeId, ValueMap, same_type, value_map_through_pointers};
 
 /// What a word inside a value is, for the tracer.
@@ -29,6 +32,9 @@ use crate::dwarf::{DebugInfo, Type, TypeId, ValueMap, same_type, value_map_throu
 enum FieldKind {
     /// A data pointer to this (old) type.
     Pointer(TypeId),
+    /// A `void *` the new version says points to this struct (old type),
+    /// converted to this new one when it changed (`UPSTARE_POINTS_TO`).
+    Declared(TypeId, Option<TypeId>),
     /// Bytes that may hold a pointer of unknown type (`void *`, a union).
     Untyped(u32),
 }
@@ -69,10 +75,12 @@ pub(super) struct Tracer<'a> {
     new: &'a DebugInfo,
     memory: &'a dyn MemoryView,
     chunks: &'a Chunks,
-    roots: &'a [Root],
-    /// The roots' names, for messages.
+    /// The globals, and what the plan learnt of the two versions.
+    roots: &'a Roots,
+    frames: &'a FrameRoots,
+    /// The roots' names, for messages: the globals, then the frames'
+    /// variables in memory, then those in locals.
     root_names: Vec<String>,
-    converters: &'a std::collections::HashMap<String, String>,
     moved: &'a [Moved],
     claims: Vec<Option<Claim>>,
     fields: HashMap<TypeId, Arc<Vec<Field>>>,
@@ -105,16 +113,19 @@ impl<'a> Tracer<'a> {
         memory: &'a dyn MemoryView,
         chunks: &'a Chunks,
         roots: &'a Roots,
+        frames: &'a FrameRoots,
         moved: &'a [Moved],
     ) -> Self {
+        let globals = roots.globals.iter().map(|r| &r.name);
+        let in_frames = frames.memory.iter().map(|r| &r.name).chain(frames.values.iter().map(|v| &v.name));
         Tracer {
             old,
             new,
             memory,
             chunks,
-            roots: &roots.globals,
-            root_names: roots.globals.iter().map(|r| r.name.clone()).collect(),
-            converters: &roots.converters,
+            roots,
+            frames,
+            root_names: globals.chain(in_frames).cloned().collect(),
             moved,
             claims: vec![None; chunks.all().len()],
             fields: HashMap::default(),
@@ -132,11 +143,23 @@ impl<'a> Tracer<'a> {
     /// Traces from every root and plans the conversion. `untyped` are the
     /// regions outside the heap whose words may hold pointers.
     pub(super) fn run(mut self, untyped: Vec<Region>) -> Result<Plan, String> {
-        for (i, root) in self.roots.iter().enumerate() {
+        let frames = self.frames;
+        for (i, root) in self.roots.globals.iter().chain(&frames.memory).enumerate() {
             self.work.push((root.address, root.old_ty, root.new_ty, Via::Root(i)));
+        }
+        let first_value = self.roots.globals.len() + frames.memory.len();
+        let no_field: Arc<str> = Arc::from("");
+        for (i, v) in frames.values.iter().enumerate() {
+            self.pointers += 1;
+            self.pointer(None, v.value, v.pointee, v.new_pointee, Via::Root(first_value + i), &no_field)?;
         }
         while let Some((at, old, new, via)) = self.work.pop() {
             self.visit(at, old, new, via)?;
+        }
+        if !self.roots.changed_structs.is_empty() {
+            for &(address, size, via, ref field) in &self.untyped {
+                self.check_untyped(address, size, via, field)?;
+            }
         }
         for i in &self.inside {
             if !self.claims[i.chunk].as_ref().is_some_and(|c| c.new.is_some()) {
@@ -180,16 +203,25 @@ impl<'a> Tracer<'a> {
             paths,
         };
         if !plan.objects.is_empty() {
-            for r in &untyped {
-                plan.check_words(self.memory, r.address, r.size, || r.what.clone())?;
+            // In the untyped regions, the words the frames' DWARF accounts
+            // for: pointers the trace rewrites, bytes of typed variables
+            // (not pointers, as inside any typed value), dead variables.
+            let mut known: rustc_hash::FxHashSet<u32> = plan.slots.iter().map(|&(slot, _)| slot).collect();
+            let spans = self.frames.memory.iter().map(|r| (r.address, r.size)).chain(self.frames.dead.iter().copied());
+            for (address, size) in spans {
+                known.extend((address..address.saturating_add(size)).step_by(4));
             }
+            for r in &untyped {
+                plan.check_words(self.memory, r.address, r.size, &known, || r.what.clone())?;
+            }
+            let none = rustc_hash::FxHashSet::default();
             for &(address, size, via, ref field) in &self.untyped {
-                plan.check_words(self.memory, address, size, || path(&plan.paths.roots, &plan.paths.claims, via, field))?;
+                plan.check_words(self.memory, address, size, &none, || path(&plan.paths.roots, &plan.paths.claims, via, field))?;
             }
             for (chunk, claim) in plan.paths.claims.iter().enumerate() {
                 if claim.is_none() && !self.chunks.is_internal(chunk) {
                     let c = self.chunks.all()[chunk];
-                    plan.check_words(self.memory, c.start, c.size, || {
+                    plan.check_words(self.memory, c.start, c.size, &none, || {
                         format!("an allocation at {:#x} that no typed pointer reaches", c.start)
                     })?;
                 }
@@ -197,6 +229,34 @@ impl<'a> Tracer<'a> {
         }
         plan.check_slots()?;
         Ok(plan)
+    }
+
+    /// Refuses when the `size` bytes at `address`, a `void *` or a union
+    /// (`field` of `via`), hold the start of an allocation that no typed
+    /// pointer reached and whose size fits an array of some struct whose
+    /// type changed: what it holds cannot be told, so it could not be
+    /// converted.
+    fn check_untyped(&self, address: u32, size: u32, via: Via, field: &str) -> Result<(), String> {
+        let mut bytes = vec![0; size as usize];
+        if !self.memory.read(address, &mut bytes) {
+            return Ok(());
+        }
+        for word in bytes.chunks_exact(4) {
+            let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) else { continue };
+            let c = self.chunks.all()[chunk];
+            if c.start != value || self.claims[chunk].is_some() {
+                continue;
+            }
+            if let Some((tag, _)) = self.roots.changed_structs.iter().find(|(_, s)| fits(c.size, *s)) {
+                return Err(format!(
+                    "{} points to an allocation of {} bytes whose type no typed pointer tells: it may hold `struct {tag}`, whose type changed, and would not be converted (declare what it points to with UPSTARE_POINTS_TO in the new version)",
+                    path(&self.root_names, &self.claims, via, field),
+                    c.size
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// What converting objects of `old` to `new` takes; `None` when their
@@ -219,7 +279,7 @@ impl<'a> Tracer<'a> {
             map: pair.0.clone(),
             type_name: self.old.type_name(old),
             converter: match self.old.ty(old) {
-                Type::Struct { name: Some(tag), .. } => self.converters.get(tag).cloned(),
+                Type::Struct { name: Some(tag), .. } => self.roots.converters.get(tag).cloned(),
                 _ => None,
             },
         });
@@ -247,7 +307,7 @@ impl<'a> Tracer<'a> {
             let slot = at.wrapping_add(f.offset);
             match &f.kind {
                 FieldKind::Untyped(size) => self.untyped.push((slot, *size, via, f.path.clone())),
-                FieldKind::Pointer(pointee) => {
+                FieldKind::Pointer(_) | FieldKind::Declared(..) => {
                     let Some(value) = read_u32(self.memory, slot) else {
                         return Err(format!("{} lies outside memory", path(&self.root_names, &self.claims, via, &f.path)));
                     };
@@ -255,17 +315,23 @@ impl<'a> Tracer<'a> {
                         continue;
                     }
                     self.pointers += 1;
-                    let new_pointee = pair.as_ref().and_then(|p| p.1.get(&u64::from(f.offset)).copied());
-                    self.pointer(slot, value, *pointee, new_pointee, via, &f.path)?;
+                    let (pointee, new_pointee) = match f.kind {
+                        FieldKind::Declared(old, new) => (old, new),
+                        FieldKind::Pointer(old) => (old, pair.as_ref().and_then(|p| p.1.get(&u64::from(f.offset)).copied())),
+                        FieldKind::Untyped(_) => unreachable!("matched above"),
+                    };
+                    self.pointer(Some(slot), value, pointee, new_pointee, via, &f.path)?;
                 }
             }
         }
         Ok(())
     }
 
+    /// Follows the pointer `value`, held at `slot` in memory or, with no
+    /// slot, in a frame's local (which [`super::frame_pointers`] rewrites).
     fn pointer(
         &mut self,
-        slot: u32,
+        slot: Option<u32>,
         value: u32,
         pointee: TypeId,
         new_pointee: Option<TypeId>,
@@ -273,8 +339,10 @@ impl<'a> Tracer<'a> {
         field: &Arc<str>,
     ) -> Result<(), String> {
         if let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) {
-            self.slots.push((slot, value));
-            self.slot_chunks.push(chunk as u32);
+            if let Some(slot) = slot {
+                self.slots.push((slot, value));
+                self.slot_chunks.push(chunk as u32);
+            }
             if value != self.chunks.all()[chunk].start {
                 // Into the allocation, not at its start (an element, a
                 // member): an alias, rewritten with whatever the allocation
@@ -288,6 +356,11 @@ impl<'a> Tracer<'a> {
             }
             return self.claim(chunk, pointee, new_pointee, via, field.clone());
         }
+        let Some(slot) = slot else {
+            // A local pointing outside the heap: the frame checks of the
+            // update see to globals that move and to the shadow stack.
+            return Ok(());
+        };
         if self.moved.iter().any(|m| m.contains(value)) {
             self.slots.push((slot, value));
             self.slot_chunks.push(u32::MAX);
@@ -298,7 +371,7 @@ impl<'a> Tracer<'a> {
             // or memory the tracer cannot see. A pointer whose pointee type
             // changed must not go on pointing at an old layout unseen.
             let path = path(&self.root_names, &self.claims, via, field);
-            if !self.roots.iter().any(|r| value >= r.address && value - r.address < r.size.max(1)) {
+            if !self.roots.globals.iter().any(|r| value >= r.address && value - r.address < r.size.max(1)) {
                 return Err(format!(
                     "{path} points to {value:#x}, outside every allocation and global, at an object of changed type {}",
                     self.old.type_name(pointee)
@@ -390,17 +463,23 @@ impl<'a> Tracer<'a> {
             return f.clone();
         }
         let mut out = Vec::new();
-        collect_fields(self.old, ty, 0, "", &mut out, 0);
+        collect_fields(self.old, &self.roots.pointees, ty, 0, "", &mut out, 0);
         let f = Arc::new(out);
         self.fields.insert(ty, f.clone());
         f
     }
 }
 
+/// Whether an allocation of `usable` bytes may be an array of elements of
+/// `size` bytes: dlmalloc rounds a request up by less than its alignment.
+fn fits(usable: u32, size: u32) -> bool {
+    usable >= size && usable % size < super::dlmalloc::ALIGN
+}
+
 /// Nesting deeper than this is a type this reader does not follow.
 const MAX_DEPTH: u32 = 32;
 
-fn collect_fields(debug: &DebugInfo, ty: TypeId, at: u32, path: &str, out: &mut Vec<Field>, depth: u32) {
+fn collect_fields(debug: &DebugInfo, pointees: &Pointees, ty: TypeId, at: u32, path: &str, out: &mut Vec<Field>, depth: u32) {
     let untyped = |out: &mut Vec<Field>, size: u64| {
         out.push(Field { offset: at, kind: FieldKind::Untyped(size as u32), path: Arc::from(path) });
     };
@@ -415,17 +494,30 @@ fn collect_fields(debug: &DebugInfo, ty: TypeId, at: u32, path: &str, out: &mut 
                 out.push(Field { offset: at, kind: FieldKind::Pointer(*p), path: Arc::from(path) });
             }
         }
-        Type::Struct { members, .. } => {
+        Type::Struct { name: tag, members, .. } => {
             for m in members.iter().filter(|m| m.bit_field.is_none()) {
                 let name = m.name.as_deref().unwrap_or("<anonymous>");
-                collect_fields(debug, m.ty, at + m.offset as u32, &format!("{path}.{name}"), out, depth + 1);
+                let member_path = format!("{path}.{name}");
+                let declared = match (tag, debug.ty(m.ty)) {
+                    (Some(tag), Type::Pointer { to: None }) => pointees.get(&(tag.clone(), name.to_string())),
+                    _ => None,
+                };
+                match declared {
+                    Some(Pointee::Struct(old, new)) => out.push(Field {
+                        offset: at + m.offset as u32,
+                        kind: FieldKind::Declared(*old, *new),
+                        path: Arc::from(member_path),
+                    }),
+                    Some(Pointee::Data) => {}
+                    None => collect_fields(debug, pointees, m.ty, at + m.offset as u32, &member_path, out, depth + 1),
+                }
             }
         }
         Type::Union { size, .. } => untyped(out, *size),
         Type::Array { element, count } => {
             let (Some(n), Some(size)) = (*count, debug.size_of(*element)) else { return };
             let mut inner = Vec::new();
-            collect_fields(debug, *element, 0, "", &mut inner, depth + 1);
+            collect_fields(debug, pointees, *element, 0, "", &mut inner, depth + 1);
             if inner.is_empty() {
                 return;
             }

@@ -12,7 +12,10 @@
  * structure and prints checksums), BALLAST n (allocates n MiB of bytes, for
  * a big heap), HOLD (answers HOLDING, keeps the list's head in a local
  * while it waits for the next line, then answers with the head's value),
- * and from version 2 on, FRESH (counts the elements whose new members are
+ * CHAIN n (answers CHAINING, builds a list of n nodes that only its frame
+ * holds, waits for the next line, then answers with the list's sum and its
+ * last node's value, and from version 2 on how many nodes have a zero
+ * `stamp`), and from version 2 on, FRESH (counts the elements whose new members are
  * still zero).
  *
  * -DGRAPH_VERSION=N:
@@ -26,6 +29,12 @@
  * -DGRAPH_OPAQUE also keeps a list node in a `void *` global, and
  * -DGRAPH_UNION in a union: the tracer cannot tell what those hold, so an
  * update that converts list nodes is refused.
+ * -DGRAPH_TABLE also keeps a copy of each of the last 16 nodes in a table
+ * of `void *` values (no typed pointer reaches the copies), with a command
+ * TABLE (the copies' sum, and from version 2 on how many have a zero
+ * `stamp`); -DGRAPH_TABLE_RULE declares what the values point to
+ * (UPSTARE_POINTS_TO), so that an update that converts list nodes converts
+ * the copies too instead of being refused.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,6 +94,16 @@ int client; /* the connection being served */
 #if GRAPH_OPAQUE
 void *opaque;
 #endif
+#if GRAPH_TABLE
+struct slot {
+    int key;
+    void *value; /* a struct node */
+};
+struct slot table[16];
+#if GRAPH_TABLE_RULE
+UPSTARE_POINTS_TO(slot, value, struct node);
+#endif
+#endif
 #if GRAPH_UNION
 union either {
     struct node *node;
@@ -102,16 +121,22 @@ static void *xmalloc(size_t n)
     return p;
 }
 
+static struct node *new_node(int value, struct node *next)
+{
+    struct node *node = xmalloc(sizeof *node);
+    node->value = value;
+    node->next = next;
+#if GRAPH_VERSION >= 2
+    node->stamp = value;
+#endif
+    return node;
+}
+
 static void grow(int n)
 {
     for (int i = 0; i < n; i++) {
         int k = ++grown;
-        struct node *node = xmalloc(sizeof *node);
-        node->value = k;
-        node->next = list;
-#if GRAPH_VERSION >= 2
-        node->stamp = k;
-#endif
+        struct node *node = new_node(k, list);
         list = node;
 
         struct tree *t = xmalloc(sizeof *t);
@@ -150,6 +175,13 @@ static void grow(int n)
 #endif
         if (!records.heaviest || r->weight > *records.heaviest)
             records.heaviest = &r->weight;
+#if GRAPH_TABLE
+        struct node *copy = xmalloc(sizeof *copy);
+        *copy = *node;
+        copy->next = NULL;
+        free(table[k % 16].value);
+        table[k % 16] = (struct slot){k, copy};
+#endif
     }
 #if GRAPH_OPAQUE
     opaque = list;
@@ -258,6 +290,88 @@ __attribute__((noinline)) static void hold(char *out, size_t cap)
     snprintf(out, cap, "HELD %d", head ? head->value : -1);
 }
 
+#if GRAPH_TABLE
+static void table_sum(char *out, size_t cap)
+{
+    long total = 0;
+    int stale = 0;
+    for (int i = 0; i < 16; i++) {
+        const struct node *n = table[i].value;
+        if (!n)
+            continue;
+        total += n->value;
+#if GRAPH_VERSION >= 2
+        stale += n->stamp == 0;
+#endif
+    }
+    (void)stale;
+#if GRAPH_VERSION >= 2
+    snprintf(out, cap, "TABLE sum=%ld fresh=%d", total, stale);
+#else
+    snprintf(out, cap, "TABLE sum=%ld", total);
+#endif
+}
+#endif
+
+/* Keeps `ends` in the frame's memory: its address escapes. */
+__attribute__((noinline)) static void keep(struct node **ends)
+{
+    __asm__ volatile("" : : "r"(ends) : "memory");
+}
+
+/* Sums a list CHAIN built, frees it, and answers. Out of line, so that
+   what chain() holds across its wait is the same in every version. */
+__attribute__((noinline)) static void chained(struct node *head, struct node *tail, char *out, size_t cap)
+{
+    int last = tail ? tail->value : -1;
+    long total = 0;
+    int stale = 0;
+    while (head) {
+        struct node *next = head->next;
+        total += head->value;
+#if GRAPH_VERSION >= 2
+        stale += head->stamp == 0;
+#endif
+        free(head);
+        head = next;
+    }
+    (void)stale;
+#if GRAPH_VERSION >= 2
+    snprintf(out, cap, "CHAINED %ld tail=%d fresh=%d", total, last, stale);
+#else
+    snprintf(out, cap, "CHAINED %ld tail=%d", total, last);
+#endif
+}
+
+/* Builds a list of n nodes out of line, so that chain()'s code is the same
+   in every version. */
+__attribute__((noinline)) static struct node *build_chain(int n, struct node **tail)
+{
+    struct node *head = NULL;
+    for (int i = 1; i <= n; i++) {
+        struct node *node = new_node(i, head);
+        if (!*tail)
+            *tail = node;
+        head = node;
+    }
+    return head;
+}
+
+/* Waits for a line with a list that no global reaches: its head in a local,
+   its last node in the frame's memory. An update that lands meanwhile must
+   convert its nodes all the same, and redirect both. */
+__attribute__((noinline)) static void chain(int n, char *out, size_t cap)
+{
+    struct node *ends[1] = {NULL};
+    struct node *head = build_chain(n, ends);
+    keep(ends);
+    char c = 0;
+    send(client, "CHAINING\n", 9, 0);
+    while (recv(client, &c, 1, 0) == 1 && c != '\n')
+        ;
+    chained(head, ends[0], out, cap);
+}
+
 /* Answers one line into `out`. Out of line, so that main's frame stays the
    same in every version. */
 __attribute__((noinline)) static void handle(const char *line, char *out, size_t cap)
@@ -273,6 +387,12 @@ __attribute__((noinline)) static void handle(const char *line, char *out, size_t
         snprintf(out, cap, ballast ? "BALLAST %s" : "ERROR out of memory", line + 8);
     } else if (strcmp(line, "HOLD") == 0) {
         hold(out, cap);
+#if GRAPH_TABLE
+    } else if (strcmp(line, "TABLE") == 0) {
+        table_sum(out, cap);
+#endif
+    } else if (strncmp(line, "CHAIN ", 6) == 0) {
+        chain(atoi(line + 6), out, cap);
     } else if (strcmp(line, "SUM") == 0) {
         sum(out, cap);
 #if GRAPH_VERSION >= 2
