@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use wasm_encoder::{BlockType, Instruction as I};
 use wasmparser::{BinaryReader, Operator, OperatorsReader};
 
-use super::{ctrl, frames, Code, Cx};
+use super::{ctrl, frames, Code, Cx, SaveCode};
 use crate::abi::{control, ResumeKind, State, ValType as Ty};
 use crate::analysis::{Body, ModuleInfo};
 use crate::error::{internal, Error, ErrorKind, Result};
@@ -25,6 +25,15 @@ use crate::plan::{AnchorKind, Plan, SaveClass};
 /// Runs of copied original code: (offset in the output body, original
 /// offset), see [`crate::abi::offsets`].
 type Runs = Vec<(u32, u32)>;
+
+/// An instrumented body: its bytes (local declarations and operators),
+/// where its copied original code sits ([`crate::abi::offsets`]), and the
+/// offsets in it of the inserted `if`s that are hardly ever taken.
+pub(crate) struct Output {
+    pub body: Vec<u8>,
+    pub runs: Runs,
+    pub cold_ifs: Vec<u32>,
+}
 
 /// One open block of the output.
 struct Frame {
@@ -60,7 +69,6 @@ struct Emitter<'a> {
     extra: Vec<Ty>,
     shadow: HashMap<(u32, Ty), u32>,
     fb: u32,
-    rp: u32,
     /// The block the unwind tail's common end follows.
     done: u32,
     /// The save classes ([`crate::plan::SaveClass`]), the block each one's
@@ -80,16 +88,12 @@ struct Emitter<'a> {
     /// Where copied original code sits: (offset in `code`, original offset),
     /// one entry per contiguous run.
     runs: Vec<(u32, u32)>,
+    /// Offsets in `code` of the `if`s of [`Self::cold_if`].
+    hints: Vec<u32>,
 }
 
-/// Returns the instrumented body (local declarations and operators) and
-/// where its copied original code sits ([`crate::abi::offsets`]).
-pub(crate) fn instrument(
-    cx: &mut Cx,
-    info: &ModuleInfo<'_>,
-    body: &Body,
-    plan: &Plan,
-) -> Result<(Vec<u8>, Runs)> {
+/// Instruments one body.
+pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: &Plan) -> Result<Output> {
     let n_locals = body.locals.len() as u32;
     let (classes, class_of_rp) = plan.save_classes();
     let mut e = Emitter {
@@ -101,10 +105,9 @@ pub(crate) fn instrument(
         frames: Vec::new(),
         next_id: 0,
         n_locals,
-        extra: vec![Ty::I32, Ty::I32],
+        extra: vec![Ty::I32],
         shadow: HashMap::new(),
         fb: n_locals,
-        rp: n_locals + 1,
         done: 0,
         classes,
         class_block: Vec::new(),
@@ -114,6 +117,7 @@ pub(crate) fn instrument(
         deferred: Vec::new(),
         originals_open: 0,
         runs: Vec::new(),
+        hints: Vec::new(),
     };
     e.open_function()?;
     let wasm = info.wasm;
@@ -240,6 +244,15 @@ impl Emitter<'_> {
         self.push(false, None)
     }
 
+    /// Opens an inserted `if` whose arm runs only while a pause is requested
+    /// or the stack unwinds or rewinds, and notes it for the branch hints
+    /// (`metadata.code.branch_hint`: not taken), which lay its arm out away
+    /// from the hot path.
+    fn cold_if(&mut self, bt: BlockType) -> u32 {
+        self.hints.push(self.code.0.len() as u32);
+        self.if_(bt)
+    }
+
     /// Closes the innermost inserted block.
     fn end(&mut self) -> Result<()> {
         let f = self.pop()?;
@@ -288,13 +301,12 @@ impl Emitter<'_> {
         })
     }
 
-    /// `i32.const rp; local.set $rp; br $class`: straight to the unwind
-    /// code of the point's save class, so the edge carries only the locals
-    /// that class saves (a tail shared by all points would make every
-    /// local live at every point).
+    /// `i32.const rp; br $class`: straight to the unwind code of the
+    /// point's save class, which receives the point as its block's result,
+    /// so the edge carries only the locals that class saves (a tail shared
+    /// by all points would make every local live at every point).
     fn unwind_at(&mut self, rp: u32) -> Result<()> {
         self.code.i32(rp as i32);
-        self.code.op(I::LocalSet(self.rp));
         let class = self.class_of_rp[rp as usize] as usize;
         self.br_to(self.class_block[class])
     }
@@ -310,14 +322,12 @@ impl Emitter<'_> {
     }
 
     /// The numeric part of [`Self::load_locals`], in one call to the pack
-    /// helper of their type counts.
+    /// helper of their type counts (which finds the frame itself).
     fn load_numbers(&mut self, rp: u32) -> Result<()> {
         let locals = self.plan.rps[rp as usize].locals.clone();
         let (key, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
         if n > 0 {
             let load = self.cx.packs.get(key)?;
-            self.code.i32(0);
-            self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
             self.code.op(I::Call(load));
             for &l in locals[..n].iter().rev() {
                 self.code.op(I::LocalSet(l));
@@ -343,15 +353,13 @@ impl Emitter<'_> {
         Ok(())
     }
 
-    /// Pushes the saved resume point of this function's frame. The rewind
-    /// prologue popped the frame, so it starts at the frame stack pointer
-    /// until a callee pops its own: reading it there, rather than keeping
-    /// it in a local, keeps it from being live across the loops between the
-    /// prologue and the dispatch that reads it.
+    /// Pushes the saved resume point of this function's frame, which the
+    /// rewind prologue put in the `rp` global: a global, rather than a
+    /// local, keeps it from being live across the loops between the
+    /// prologue and the dispatch that reads it, and no callee rewinds
+    /// before the last dispatch of this function has run.
     fn saved_rp(&mut self) {
-        self.code.i32(0);
-        self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
-        self.code.op(I::I32Load(ctrl(crate::abi::frame::RESUME_POINT, 2)));
+        self.code.op(I::GlobalGet(self.cx.rp_global));
     }
 
     /// Pushes the values anchor `anchor` consumes from their shadow locals;
@@ -385,7 +393,7 @@ impl Emitter<'_> {
     fn open_function(&mut self) -> Result<()> {
         self.done = self.block(BlockType::Empty);
         for _ in 0..self.classes.len() {
-            let id = self.block(BlockType::Empty);
+            let id = self.block(BlockType::Result(wasm_encoder::ValType::I32));
             self.class_block.push(id);
         }
         let results = self.plan.results.clone();
@@ -426,7 +434,7 @@ impl Emitter<'_> {
             self.loop_header(l, loop_rp)
         } else {
             self.is_rewinding();
-            self.if_(BlockType::Empty);
+            self.cold_if(BlockType::Empty);
             if deferred.first().copied().unwrap_or(l) == self.plan.top {
                 self.prologue()?;
             }
@@ -453,7 +461,7 @@ impl Emitter<'_> {
         self.code.i32(0);
         self.code.op(I::I32Load16U(ctrl(control::FLAGS, 1)));
         let bt = self.cx.types.block(&params, &params);
-        self.if_(bt);
+        self.cold_if(bt);
         for (i, t) in params.iter().enumerate().rev() {
             let s = self.shadow(base + i as u32, *t);
             self.code.op(I::LocalSet(s));
@@ -477,7 +485,7 @@ impl Emitter<'_> {
         let base = self.plan.levels[l].base;
         self.load_flags();
         let bt = self.cx.types.block(&params, &params);
-        self.if_(bt);
+        self.cold_if(bt);
         for (i, t) in params.iter().enumerate().rev() {
             let s = self.shadow(base + i as u32, *t);
             self.code.op(I::LocalSet(s));
@@ -563,8 +571,10 @@ impl Emitter<'_> {
             self.block(BlockType::Empty);
         }
         self.saved_rp();
-        self.code.i32(first as i32);
-        self.code.op(I::I32Sub);
+        if first > 0 {
+            self.code.i32(first as i32);
+            self.code.op(I::I32Sub);
+        }
         self.code.op(I::BrTable(case_of_rp.into(), k));
         for case in cases {
             self.end()?;
@@ -660,7 +670,7 @@ impl Emitter<'_> {
         };
         if self.plan.rps[rp as usize].kind == ResumeKind::BlockingCall {
             self.load_flags();
-            self.if_(BlockType::Empty);
+            self.cold_if(BlockType::Empty);
             self.code.op(I::Call(self.cx.helpers.pre_call));
             self.if_(BlockType::Empty);
             self.unwind_at(rp)?;
@@ -672,7 +682,7 @@ impl Emitter<'_> {
         }
         self.copy(bytes, start);
         self.code.op(I::GlobalGet(self.cx.state_global));
-        self.if_(BlockType::Empty);
+        self.cold_if(BlockType::Empty);
         self.unwind_at(rp)?;
         self.end()?;
         self.restore_after(a);
@@ -688,7 +698,7 @@ impl Emitter<'_> {
     /// path pays one load and a branch.
     fn indirect_rewind_end(&mut self) -> Result<()> {
         self.load_flags();
-        self.if_(BlockType::Empty);
+        self.cold_if(BlockType::Empty);
         self.is_rewinding();
         self.code.i32(0);
         self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
@@ -733,8 +743,7 @@ impl Emitter<'_> {
         for _ in 0..=n {
             self.block(BlockType::Empty);
         }
-        self.code.op(I::LocalGet(self.fb));
-        self.code.op(I::I32Load(ctrl(crate::abi::frame::RESUME_POINT, 2)));
+        self.saved_rp();
         let table: Vec<u32> = case_of_rp.iter().map(|&c| c.min(n)).collect();
         self.code.op(I::BrTable(table.into(), n));
         for case in 0..n {
@@ -753,7 +762,9 @@ impl Emitter<'_> {
         let h = self.cx.helpers;
         self.code.i32(self.func as i32);
         self.code.op(I::Call(h.frame_pop));
-        self.code.op(I::LocalSet(self.fb));
+        self.code.op(I::LocalTee(self.fb));
+        self.code.op(I::I32Load(ctrl(crate::abi::frame::RESUME_POINT, 2)));
+        self.code.op(I::GlobalSet(self.cx.rp_global));
         // One case per distinct (first operand slot, operand types).
         let mut cases: Vec<(u32, Vec<Ty>)> = Vec::new();
         let case_of_rp: Vec<u32> = self
@@ -817,35 +828,49 @@ impl Emitter<'_> {
         Ok(())
     }
 
-    /// The unwind code of one save class: `frame_push(func, $rp, slots)`,
-    /// then the class's locals and the operands' shadow locals into the
-    /// slots, in that order. The stores are inline: passing the values to
-    /// a helper instead (smaller code) ties them to the call's argument
-    /// places, which Cranelift's allocator then keeps some of them in
-    /// across the loops they come from (nbody ran 7% more instructions,
-    /// `docs/PERFORMANCE.md`).
+    /// The unwind code of one save class, with the resume point on the
+    /// stack (its block's result): the class's locals and the operands'
+    /// shadow locals, in slot order, passed to the save helpers
+    /// ([`super::Packs`]): one call that pushes the frame and stores them
+    /// all, or `frame_push` and one call per chunk of same-typed slots.
+    /// Passing the values to calls rather than storing them inline makes
+    /// the code smaller, and the guests run no more instructions for it
+    /// (`docs/PERFORMANCE.md`).
     fn save_class(&mut self, class: usize) -> Result<()> {
         let h = self.cx.helpers;
-        let SaveClass { locals, operands } = self.classes[class].clone();
-        self.code.i32(self.func as i32);
-        self.code.op(I::LocalGet(self.rp));
-        self.code.i32((locals.len() + operands.len()) as i32);
-        self.code.op(I::Call(h.frame_push));
-        self.code.op(I::LocalSet(self.fb));
-        for (slot, &l) in locals.iter().enumerate() {
-            frames::store(&mut self.code, &h, self.fb, l, self.body.locals[l as usize], slot as u32)?;
-        }
-        let first = locals.len() as u32;
+        let slots = self.classes[class].types(&self.body.locals);
+        let SaveClass { mut locals, operands } = self.classes[class].clone();
         for (p, t) in operands.iter().enumerate() {
             let s = self.shadow(p as u32, *t);
-            frames::store(&mut self.code, &h, self.fb, s, *t, first + p as u32)?;
+            locals.push(s);
+        }
+        self.code.i32(self.func as i32);
+        match self.cx.packs.save(&slots)? {
+            SaveCode::Whole(save) => {
+                for &l in &locals {
+                    self.code.op(I::LocalGet(l));
+                }
+                self.code.op(I::Call(save));
+            }
+            SaveCode::Chunks(chunks) => {
+                self.code.i32(slots.len() as i32);
+                self.code.op(I::Call(h.frame_push));
+                let mut values = locals.iter();
+                for (put, n) in chunks {
+                    for &l in values.by_ref().take(n as usize) {
+                        self.code.op(I::LocalGet(l));
+                    }
+                    self.code.op(I::Call(put));
+                }
+                self.code.op(I::Drop);
+            }
         }
         Ok(())
     }
 
     /// Local declarations (original groups, then the added locals) and code,
-    /// with the runs of copied code shifted past the declarations.
-    fn finish(self, body: &Body) -> (Vec<u8>, Runs) {
+    /// with the offsets into the code shifted past the declarations.
+    fn finish(self, body: &Body) -> Output {
         use wasm_encoder::Encode;
         let mut groups: Vec<(u32, wasm_encoder::ValType)> = Vec::new();
         for &(n, t) in &body.local_groups {
@@ -869,7 +894,8 @@ impl Emitter<'_> {
         let prefix = out.len() as u32;
         out.extend_from_slice(&self.code.0);
         let runs = self.runs.iter().map(|&(at, orig)| (at + prefix, orig)).collect();
-        (out, runs)
+        let cold_ifs = self.hints.iter().map(|&at| at + prefix).collect();
+        Output { body: out, runs, cold_ifs }
     }
 }
 

@@ -103,3 +103,67 @@ pub(crate) fn pack_types(key: PackKey) -> Vec<Ty> {
         .flat_map(|(t, n)| std::iter::repeat_n(*t, n as usize))
         .collect()
 }
+
+/// How the save classes with one list of slot types store their slots
+/// ([`super::Packs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SavePlan {
+    /// One `save` helper for the whole frame.
+    Whole,
+    /// `frame_push`, then one `put` helper per chunk: (type, count).
+    Chunks(Vec<(Ty, u32)>),
+}
+
+/// Picks the smaller code for `uses` save classes with slot types `slots`.
+/// A class calling a whole-frame helper spends 3 + 2 * chunks bytes less
+/// than one calling `frame_push` and the chunks (its `i32.const` of the
+/// slot count, the `frame_push` call and a `drop`; two bytes per call,
+/// the function indices of large modules taking two), against the
+/// helper's own body, which stores every slot (about 8 bytes each). The
+/// chunk helpers are shared by every class and few, so they are not
+/// counted.
+pub(crate) fn save_plan(slots: &[Ty], uses: usize) -> SavePlan {
+    let chunks = chunks(slots);
+    let helper = 16 + slots.iter().enumerate().map(|(i, &t)| store_len(t, i as u32)).sum::<usize>();
+    if helper < uses * (3 + 2 * chunks.len()) {
+        SavePlan::Whole
+    } else {
+        SavePlan::Chunks(chunks)
+    }
+}
+
+/// Splits slot types into runs of one type, and each run into
+/// power-of-two counts, largest first.
+fn chunks(slots: &[Ty]) -> Vec<(Ty, u32)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < slots.len() {
+        let t = slots[i];
+        let run = slots[i..].iter().take_while(|&&u| u == t).count() as u32;
+        let mut left = run;
+        while left > 0 {
+            let n = 1 << left.ilog2();
+            out.push((t, n));
+            left -= n;
+        }
+        i += run as usize;
+    }
+    out
+}
+
+/// Bytes of [`store`] of a value of type `t` into slot `slot`, about.
+fn store_len(t: Ty, slot: u32) -> usize {
+    let convert = match t {
+        Ty::I32 => 1,
+        Ty::I64 | Ty::F64 => 0,
+        Ty::F32 => 2,
+        Ty::FuncRef | Ty::ExternRef => 4,
+    };
+    let offset = if slot_offset(slot) < 128 { 1 } else { 2 };
+    4 + convert + 2 + offset
+}
+
+/// Slot offsets relative to a frame address.
+fn slot_offset(slot: u32) -> u32 {
+    frame::slot_offset(slot)
+}

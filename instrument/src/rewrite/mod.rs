@@ -11,7 +11,7 @@ pub(crate) mod frames;
 pub(crate) mod helpers;
 pub(crate) mod module;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use wasm_encoder::{BlockType, Encode, HeapType, Instruction, MemArg, RefType, ValType};
 
@@ -129,28 +129,92 @@ pub(crate) struct Helpers {
     pub next: u32,
 }
 
-/// The pack helpers, appended after the [`Helpers`]: for each count of
-/// numeric locals a resume point saves ([`frames::PackKey`]),
-/// `load(frame) -> values` reads them from the frame's first slots. One
-/// call in a rewind case then restores all of a point's numbers, instead of
-/// a load per value at every resume point; nothing the hot path keeps
-/// lives across it (the case restores every local live at its point).
-/// Frames are saved with inline stores (see `body`).
+/// The pack helpers, appended after the [`Helpers`], which move a frame's
+/// slots in one call instead of a load or a store per value at every
+/// resume point or save class.
+///
+/// - For each count of numeric locals a resume point saves
+///   ([`frames::PackKey`]), `load() -> values` reads them from the first
+///   slots of the frame at the frame stack pointer (the one the rewind
+///   prologue popped). A rewind case restores all of a point's numbers
+///   with it; nothing the hot path keeps lives across the call (the case
+///   restores every local live at its point).
+/// - For the slot types of a save class, either `save(rp, func,
+///   values...)`, which pushes the frame and stores them all, or, when
+///   that helper would cost more bytes than it saves its few users, chunk
+///   helpers `put(frame, values...) -> frame + 8 * n`, one per type and
+///   power-of-two count, which the class calls in turn after `frame_push`
+///   ([`frames::save_plan`] decides).
 pub(crate) struct Packs {
     /// Load function index by key.
-    pub map: std::collections::BTreeMap<frames::PackKey, u32>,
+    pub map: BTreeMap<frames::PackKey, u32>,
+    /// How each list of slot types is saved.
+    saves: HashMap<Vec<Ty>, SaveCode>,
+    /// The whole-frame save helpers, in index order, by slot types.
+    pub wholes: Vec<Vec<Ty>>,
+    /// The chunk helpers, in index order: (type, count).
+    pub chunks: Vec<(Ty, u32)>,
+}
+
+/// How a save class's code stores its slots (see [`Packs`]).
+#[derive(Clone, Debug)]
+pub(crate) enum SaveCode {
+    /// One call to this `save` helper.
+    Whole(u32),
+    /// `frame_push`, then these `put` helpers with their value counts.
+    Chunks(Vec<(u32, u32)>),
 }
 
 impl Packs {
-    /// Numbers the helpers of `keys` from `first`.
-    pub fn new(first: u32, keys: std::collections::BTreeSet<frames::PackKey>) -> Packs {
-        let map = keys.into_iter().enumerate().map(|(i, k)| (k, first + i as u32)).collect();
-        Packs { map }
+    /// Numbers the load helpers of `keys` from `first`, then the save
+    /// helpers that the slot types in `saves` (each with the number of
+    /// save classes that have them) need.
+    pub fn new(first: u32, keys: BTreeSet<frames::PackKey>, saves: BTreeMap<Vec<Ty>, usize>) -> Packs {
+        let map: BTreeMap<_, _> = keys.into_iter().enumerate().map(|(i, k)| (k, first + i as u32)).collect();
+        let plans: Vec<(Vec<Ty>, frames::SavePlan)> =
+            saves.into_iter().map(|(slots, uses)| (slots.clone(), frames::save_plan(&slots, uses))).collect();
+        let mut next = first + map.len() as u32;
+        let mut wholes = Vec::new();
+        let mut whole_of = HashMap::new();
+        for (slots, plan) in &plans {
+            if let frames::SavePlan::Whole = plan {
+                whole_of.insert(slots.clone(), next);
+                wholes.push(slots.clone());
+                next += 1;
+            }
+        }
+        let chunks: Vec<(Ty, u32)> = plans
+            .iter()
+            .filter_map(|(_, p)| match p {
+                frames::SavePlan::Chunks(c) => Some(c.iter().copied()),
+                frames::SavePlan::Whole => None,
+            })
+            .flatten()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let chunk_of: HashMap<(Ty, u32), u32> = chunks.iter().enumerate().map(|(i, &c)| (c, next + i as u32)).collect();
+        let saves = plans
+            .into_iter()
+            .map(|(slots, plan)| {
+                let code = match plan {
+                    frames::SavePlan::Whole => SaveCode::Whole(whole_of[&slots]),
+                    frames::SavePlan::Chunks(c) => SaveCode::Chunks(c.iter().map(|&(t, n)| (chunk_of[&(t, n)], n)).collect()),
+                };
+                (slots, code)
+            })
+            .collect();
+        Packs { map, saves, wholes, chunks }
     }
 
     /// The load helper of `key`.
     pub fn get(&self, key: frames::PackKey) -> crate::error::Result<u32> {
         self.map.get(&key).copied().ok_or_else(|| crate::error::internal("a pack helper is missing"))
+    }
+
+    /// How a frame whose slots have types `slots` is saved.
+    pub fn save(&self, slots: &[Ty]) -> crate::error::Result<SaveCode> {
+        self.saves.get(slots).cloned().ok_or_else(|| crate::error::internal("a save helper is missing"))
     }
 }
 
@@ -221,6 +285,8 @@ pub(crate) struct Cx {
     pub types: Types,
     pub helpers: Helpers,
     pub state_global: u32,
+    /// The global the rewind prologue puts its frame's resume point in.
+    pub rp_global: u32,
     /// The stress variant: loop headers call the pause decision.
     pub stress: bool,
     pub packs: Packs,
