@@ -104,8 +104,5 @@ fn engine_config() -> wasmtime::Config {
     // run synchronously.
     config.async_stack_size(MAX_WASM_STACK);
     config.max_wasm_stack(MAX_WASM_STACK);
-    // The instrumenter marks its pause and unwind checks as not taken
-    // (`metadata.code.branch_hint`), so their cold arms go out of line.
-    config.wasm_branch_hinting(std::env::var_os("UPSTARE_NO_BRANCH_HINTS").is_none());
     config
 }

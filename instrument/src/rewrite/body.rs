@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use wasm_encoder::{BlockType, Instruction as I};
 use wasmparser::{BinaryReader, Operator, OperatorsReader};
 
-use super::{ctrl, frames, Code, Cx, SaveCode};
+use super::{ctrl, frames, Code, Cx};
 use crate::abi::{control, ResumeKind, State, ValType as Ty};
 use crate::analysis::{Body, ModuleInfo};
 use crate::error::{internal, Error, ErrorKind, Result};
@@ -27,12 +27,10 @@ use crate::plan::{AnchorKind, Plan, SaveClass};
 type Runs = Vec<(u32, u32)>;
 
 /// An instrumented body: its bytes (local declarations and operators),
-/// where its copied original code sits ([`crate::abi::offsets`]), and the
-/// offsets in it of the inserted `if`s that are hardly ever taken.
+/// and where its copied original code sits ([`crate::abi::offsets`]).
 pub(crate) struct Output {
     pub body: Vec<u8>,
     pub runs: Runs,
-    pub cold_ifs: Vec<u32>,
 }
 
 /// One open block of the output.
@@ -88,8 +86,6 @@ struct Emitter<'a> {
     /// Where copied original code sits: (offset in `code`, original offset),
     /// one entry per contiguous run.
     runs: Vec<(u32, u32)>,
-    /// Offsets in `code` of the `if`s of [`Self::cold_if`].
-    hints: Vec<u32>,
 }
 
 /// Instruments one body.
@@ -117,7 +113,6 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
         deferred: Vec::new(),
         originals_open: 0,
         runs: Vec::new(),
-        hints: Vec::new(),
     };
     e.open_function()?;
     let wasm = info.wasm;
@@ -242,15 +237,6 @@ impl Emitter<'_> {
     fn if_(&mut self, bt: BlockType) -> u32 {
         self.code.op(I::If(bt));
         self.push(false, None)
-    }
-
-    /// Opens an inserted `if` whose arm runs only while a pause is requested
-    /// or the stack unwinds or rewinds, and notes it for the branch hints
-    /// (`metadata.code.branch_hint`: not taken), which lay its arm out away
-    /// from the hot path.
-    fn cold_if(&mut self, bt: BlockType) -> u32 {
-        self.hints.push(self.code.0.len() as u32);
-        self.if_(bt)
     }
 
     /// Closes the innermost inserted block.
@@ -434,7 +420,7 @@ impl Emitter<'_> {
             self.loop_header(l, loop_rp)
         } else {
             self.is_rewinding();
-            self.cold_if(BlockType::Empty);
+            self.if_(BlockType::Empty);
             if deferred.first().copied().unwrap_or(l) == self.plan.top {
                 self.prologue()?;
             }
@@ -461,7 +447,7 @@ impl Emitter<'_> {
         self.code.i32(0);
         self.code.op(I::I32Load16U(ctrl(control::FLAGS, 1)));
         let bt = self.cx.types.block(&params, &params);
-        self.cold_if(bt);
+        self.if_(bt);
         for (i, t) in params.iter().enumerate().rev() {
             let s = self.shadow(base + i as u32, *t);
             self.code.op(I::LocalSet(s));
@@ -485,7 +471,7 @@ impl Emitter<'_> {
         let base = self.plan.levels[l].base;
         self.load_flags();
         let bt = self.cx.types.block(&params, &params);
-        self.cold_if(bt);
+        self.if_(bt);
         for (i, t) in params.iter().enumerate().rev() {
             let s = self.shadow(base + i as u32, *t);
             self.code.op(I::LocalSet(s));
@@ -670,7 +656,7 @@ impl Emitter<'_> {
         };
         if self.plan.rps[rp as usize].kind == ResumeKind::BlockingCall {
             self.load_flags();
-            self.cold_if(BlockType::Empty);
+            self.if_(BlockType::Empty);
             self.code.op(I::Call(self.cx.helpers.pre_call));
             self.if_(BlockType::Empty);
             self.unwind_at(rp)?;
@@ -682,7 +668,7 @@ impl Emitter<'_> {
         }
         self.copy(bytes, start);
         self.code.op(I::GlobalGet(self.cx.state_global));
-        self.cold_if(BlockType::Empty);
+        self.if_(BlockType::Empty);
         self.unwind_at(rp)?;
         self.end()?;
         self.restore_after(a);
@@ -698,7 +684,7 @@ impl Emitter<'_> {
     /// path pays one load and a branch.
     fn indirect_rewind_end(&mut self) -> Result<()> {
         self.load_flags();
-        self.cold_if(BlockType::Empty);
+        self.if_(BlockType::Empty);
         self.is_rewinding();
         self.code.i32(0);
         self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
@@ -830,41 +816,24 @@ impl Emitter<'_> {
 
     /// The unwind code of one save class, with the resume point on the
     /// stack (its block's result): the class's locals and the operands'
-    /// shadow locals, in slot order, passed to the save helpers
-    /// ([`super::Packs`]): one call that pushes the frame and stores them
-    /// all, or `frame_push` and one call per chunk of same-typed slots.
-    /// Passing the values to calls rather than storing them inline makes
-    /// the code smaller, and the guests run no more instructions for it
+    /// shadow locals, in slot order, passed to the class's save helper
+    /// ([`super::Packs`]), which pushes the frame and stores them. Passing
+    /// the values to a call rather than storing them inline makes the code
+    /// smaller, and the guests run no more instructions for it
     /// (`docs/PERFORMANCE.md`).
     fn save_class(&mut self, class: usize) -> Result<()> {
-        let h = self.cx.helpers;
         let slots = self.classes[class].types(&self.body.locals);
-        let SaveClass { mut locals, operands } = self.classes[class].clone();
+        let save = self.cx.packs.save(&slots)?;
+        let SaveClass { locals, operands } = self.classes[class].clone();
+        self.code.i32(self.func as i32);
+        for &l in &locals {
+            self.code.op(I::LocalGet(l));
+        }
         for (p, t) in operands.iter().enumerate() {
             let s = self.shadow(p as u32, *t);
-            locals.push(s);
+            self.code.op(I::LocalGet(s));
         }
-        self.code.i32(self.func as i32);
-        match self.cx.packs.save(&slots)? {
-            SaveCode::Whole(save) => {
-                for &l in &locals {
-                    self.code.op(I::LocalGet(l));
-                }
-                self.code.op(I::Call(save));
-            }
-            SaveCode::Chunks(chunks) => {
-                self.code.i32(slots.len() as i32);
-                self.code.op(I::Call(h.frame_push));
-                let mut values = locals.iter();
-                for (put, n) in chunks {
-                    for &l in values.by_ref().take(n as usize) {
-                        self.code.op(I::LocalGet(l));
-                    }
-                    self.code.op(I::Call(put));
-                }
-                self.code.op(I::Drop);
-            }
-        }
+        self.code.op(I::Call(save));
         Ok(())
     }
 
@@ -894,8 +863,7 @@ impl Emitter<'_> {
         let prefix = out.len() as u32;
         out.extend_from_slice(&self.code.0);
         let runs = self.runs.iter().map(|&(at, orig)| (at + prefix, orig)).collect();
-        let cold_ifs = self.hints.iter().map(|&at| at + prefix).collect();
-        Output { body: out, runs, cold_ifs }
+        Output { body: out, runs }
     }
 }
 

@@ -88,7 +88,7 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
 }
 
 /// The pack helpers ([`Packs`]), in the order they are numbered: the
-/// loads, the whole-frame saves, the chunk saves.
+/// loads, then the saves.
 pub(crate) fn build_packs(types: &mut Types, h: &Helpers, packs: &Packs) -> crate::error::Result<Vec<HelperFunc>> {
     let mut out = Vec::new();
     for &key in packs.map.keys() {
@@ -102,7 +102,7 @@ pub(crate) fn build_packs(types: &mut Types, h: &Helpers, packs: &Packs) -> crat
         }
         out.push(HelperFunc { type_index: types.func(&[], &values), body: body(&[ValType::I32], c) });
     }
-    for slots in &packs.wholes {
+    for slots in packs.saves.keys() {
         let fb = 2 + slots.len() as u32;
         let mut c = Code::default();
         c.op(I::LocalGet(0));
@@ -115,17 +115,6 @@ pub(crate) fn build_packs(types: &mut Types, h: &Helpers, packs: &Packs) -> crat
         }
         let params: Vec<Ty> = [Ty::I32, Ty::I32].into_iter().chain(slots.iter().copied()).collect();
         out.push(HelperFunc { type_index: types.func(&params, &[]), body: body(&[ValType::I32], c) });
-    }
-    for &(t, n) in &packs.chunks {
-        let mut c = Code::default();
-        for slot in 0..n {
-            frames::store(&mut c, h, 0, 1 + slot, t, slot)?;
-        }
-        c.op(I::LocalGet(0));
-        c.i32((frame::SLOT_SIZE * n) as i32);
-        c.op(I::I32Add);
-        let params: Vec<Ty> = std::iter::once(Ty::I32).chain(std::iter::repeat_n(t, n as usize)).collect();
-        out.push(HelperFunc { type_index: types.func(&params, &[Ty::I32]), body: body(&[], c) });
     }
     Ok(out)
 }

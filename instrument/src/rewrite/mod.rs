@@ -139,72 +139,26 @@ pub(crate) struct Helpers {
 ///   prologue popped). A rewind case restores all of a point's numbers
 ///   with it; nothing the hot path keeps lives across the call (the case
 ///   restores every local live at its point).
-/// - For the slot types of a save class, either `save(rp, func,
-///   values...)`, which pushes the frame and stores them all, or, when
-///   that helper would cost more bytes than it saves its few users, chunk
-///   helpers `put(frame, values...) -> frame + 8 * n`, one per type and
-///   power-of-two count, which the class calls in turn after `frame_push`
-///   ([`frames::save_plan`] decides).
+/// - For the slot types of each save class, `save(rp, func, values...)`
+///   pushes the frame and stores them all. (Splitting the values into
+///   chunks by type, so that helpers are shared more, made the code 10%
+///   smaller and nbody run 9% more instructions: the values of later
+///   chunks live across the earlier calls; `docs/PERFORMANCE.md`.)
 pub(crate) struct Packs {
     /// Load function index by key.
     pub map: BTreeMap<frames::PackKey, u32>,
-    /// How each list of slot types is saved.
-    saves: HashMap<Vec<Ty>, SaveCode>,
-    /// The whole-frame save helpers, in index order, by slot types.
-    pub wholes: Vec<Vec<Ty>>,
-    /// The chunk helpers, in index order: (type, count).
-    pub chunks: Vec<(Ty, u32)>,
-}
-
-/// How a save class's code stores its slots (see [`Packs`]).
-#[derive(Clone, Debug)]
-pub(crate) enum SaveCode {
-    /// One call to this `save` helper.
-    Whole(u32),
-    /// `frame_push`, then these `put` helpers with their value counts.
-    Chunks(Vec<(u32, u32)>),
+    /// Save function index by slot types.
+    pub saves: BTreeMap<Vec<Ty>, u32>,
 }
 
 impl Packs {
     /// Numbers the load helpers of `keys` from `first`, then the save
-    /// helpers that the slot types in `saves` (each with the number of
-    /// save classes that have them) need.
-    pub fn new(first: u32, keys: BTreeSet<frames::PackKey>, saves: BTreeMap<Vec<Ty>, usize>) -> Packs {
+    /// helpers of the slot types `saves`.
+    pub fn new(first: u32, keys: BTreeSet<frames::PackKey>, saves: BTreeSet<Vec<Ty>>) -> Packs {
         let map: BTreeMap<_, _> = keys.into_iter().enumerate().map(|(i, k)| (k, first + i as u32)).collect();
-        let plans: Vec<(Vec<Ty>, frames::SavePlan)> =
-            saves.into_iter().map(|(slots, uses)| (slots.clone(), frames::save_plan(&slots, uses))).collect();
-        let mut next = first + map.len() as u32;
-        let mut wholes = Vec::new();
-        let mut whole_of = HashMap::new();
-        for (slots, plan) in &plans {
-            if let frames::SavePlan::Whole = plan {
-                whole_of.insert(slots.clone(), next);
-                wholes.push(slots.clone());
-                next += 1;
-            }
-        }
-        let chunks: Vec<(Ty, u32)> = plans
-            .iter()
-            .filter_map(|(_, p)| match p {
-                frames::SavePlan::Chunks(c) => Some(c.iter().copied()),
-                frames::SavePlan::Whole => None,
-            })
-            .flatten()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let chunk_of: HashMap<(Ty, u32), u32> = chunks.iter().enumerate().map(|(i, &c)| (c, next + i as u32)).collect();
-        let saves = plans
-            .into_iter()
-            .map(|(slots, plan)| {
-                let code = match plan {
-                    frames::SavePlan::Whole => SaveCode::Whole(whole_of[&slots]),
-                    frames::SavePlan::Chunks(c) => SaveCode::Chunks(c.iter().map(|&(t, n)| (chunk_of[&(t, n)], n)).collect()),
-                };
-                (slots, code)
-            })
-            .collect();
-        Packs { map, saves, wholes, chunks }
+        let next = first + map.len() as u32;
+        let saves = saves.into_iter().enumerate().map(|(i, k)| (k, next + i as u32)).collect();
+        Packs { map, saves }
     }
 
     /// The load helper of `key`.
@@ -212,9 +166,9 @@ impl Packs {
         self.map.get(&key).copied().ok_or_else(|| crate::error::internal("a pack helper is missing"))
     }
 
-    /// How a frame whose slots have types `slots` is saved.
-    pub fn save(&self, slots: &[Ty]) -> crate::error::Result<SaveCode> {
-        self.saves.get(slots).cloned().ok_or_else(|| crate::error::internal("a save helper is missing"))
+    /// The save helper of a frame whose slots have types `slots`.
+    pub fn save(&self, slots: &[Ty]) -> crate::error::Result<u32> {
+        self.saves.get(slots).copied().ok_or_else(|| crate::error::internal("a save helper is missing"))
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{
-    BranchHint, BranchHints, CodeSection, ConstExpr, CustomSection, DataCountSection, DataSection,
+    CodeSection, ConstExpr, CustomSection, DataCountSection, DataSection,
     EntityType, ExportKind, ExportSection, FunctionSection, GlobalSection, GlobalType,
     ImportSection, MemoryType, Module, RawSection, RefType, TableSection, TableType,
     TypeSection,
@@ -28,14 +28,11 @@ use crate::callgraph::CallGraph;
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan::{self, Plan};
 
-/// The branch hints section: the output's describes its inserted `if`s.
-const BRANCH_HINTS: &str = "metadata.code.branch_hint";
-
 /// Custom sections that describe the original code by offset or index and
 /// would mislead a reader of the output; the metadata points to the original
 /// module instead.
 fn describes_original_code(name: &str) -> bool {
-    name.starts_with(".debug_") || name == "linking" || name.starts_with("reloc.") || name == BRANCH_HINTS
+    name.starts_with(".debug_") || name == "linking" || name.starts_with("reloc.")
 }
 
 /// Instruments `wasm`, returning the output module and its metadata.
@@ -70,11 +67,9 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         .flat_map(|(b, p)| p.rps.iter().map(move |rp| frames::pack_key(rp.locals.iter().map(|&l| b.locals[l as usize])).0))
         .filter(|k| k.iter().any(|&n| n > 0))
         .collect();
-    let mut saves = std::collections::BTreeMap::new();
+    let mut saves = std::collections::BTreeSet::new();
     for (b, p) in info.bodies.iter().zip(&plans) {
-        for class in p.iter().flat_map(|p| p.save_classes().0) {
-            *saves.entry(class.types(&b.locals)).or_insert(0) += 1;
-        }
+        saves.extend(p.iter().flat_map(|p| p.save_classes().0).map(|class| class.types(&b.locals)));
     }
     let packs = Packs::new(helpers.next, keys, saves);
     let rp_global = state_global + 1;
@@ -83,17 +78,12 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     let mut bodies = Vec::with_capacity(info.bodies.len());
     let mut functions = Vec::new();
     let mut offsets = abi::offsets::OffsetMap::default();
-    let mut branch_hints = BranchHints::new();
     for (b, p) in info.bodies.iter().zip(&plans) {
         match p {
             Some(p) => {
                 let out = body::instrument(&mut cx, &info, b, p)?;
                 bodies.push(out.body);
                 offsets.functions.push((b.func, out.runs));
-                if !out.cold_ifs.is_empty() {
-                    let hints = out.cold_ifs.iter().map(|&at| BranchHint { branch_func_offset: at, branch_hint_value: 0 });
-                    branch_hints.function_hints(b.func, hints.collect::<Vec<_>>());
-                }
                 functions.push(FunctionMeta {
                     index: b.func,
                     type_index: info.func_types[b.func as usize],
@@ -118,7 +108,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     let mut appended = helpers::build(&info, &mut cx.types, &helpers, state_global);
     appended.extend(helpers::build_packs(&mut cx.types, &helpers, &cx.packs)?);
     let metadata = metadata(&info, &graph, &helpers, state_global, functions);
-    let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata, &offsets, &branch_hints)?;
+    let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata, &offsets)?;
 
     let mut validator = wasmparser::Validator::new_with_features(analysis::output_features());
     validator.validate_all(&out).map_err(|e| {
@@ -267,7 +257,6 @@ fn assemble(
     appended: &[helpers::HelperFunc],
     meta: &Metadata,
     offsets: &abi::offsets::OffsetMap,
-    branch_hints: &BranchHints,
 ) -> Result<Vec<u8>> {
     let mut re = RoundtripReencoder;
     let mut out = Out { info, types, helpers, appended, meta, module: Module::new(), next: Stage::Types };
@@ -351,10 +340,6 @@ fn assemble(
             Payload::DataCountSection { .. } => {}
             Payload::CodeSectionStart { .. } => {
                 out.fill_to(Stage::Code);
-                // Before the code, as the branch-hinting proposal asks.
-                if !branch_hints.is_empty() {
-                    out.module.section(branch_hints);
-                }
                 out.data_count();
                 let mut s = CodeSection::new();
                 for b in bodies {
