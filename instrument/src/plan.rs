@@ -388,6 +388,13 @@ fn live_locals(info: &ModuleInfo<'_>, body: &Body, params: u32, rps: &mut [Rp]) 
     Ok(())
 }
 
+impl SaveClass {
+    /// The types of its slots, given the function's local types.
+    pub fn types(&self, local_types: &[Ty]) -> Vec<Ty> {
+        self.locals.iter().map(|&l| local_types[l as usize]).chain(self.operands.iter().copied()).collect()
+    }
+}
+
 impl Plan {
     /// The distinct save classes of the resume points, in order of first
     /// appearance, and the class of each point.

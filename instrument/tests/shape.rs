@@ -141,7 +141,7 @@ fn output_keeps_the_original_and_only_appends() {
     assert_eq!(after.funcs[..before.funcs.len()], before.funcs[..]);
     assert!(after.types >= before.types);
     assert_eq!(after.tables, before.tables, "no reference slot, so no side table");
-    assert_eq!(after.globals, before.globals + 1);
+    assert_eq!(after.globals, before.globals + 2, "the state, and the resume point of a rewind");
     assert_eq!(meta.state_global as usize, before.globals);
 
     // Functions: 0 log, 1 poll, 2 leaf, 3 spin, 4 caller, 5 waits, 6 start.

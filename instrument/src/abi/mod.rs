@@ -294,7 +294,7 @@ pub mod control {
 }
 
 /// The value types a frame slot can hold, with their wasm binary codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ValType {
     /// `i32`
     I32,

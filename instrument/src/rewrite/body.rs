@@ -26,6 +26,13 @@ use crate::plan::{AnchorKind, Plan, SaveClass};
 /// offset), see [`crate::abi::offsets`].
 type Runs = Vec<(u32, u32)>;
 
+/// An instrumented body: its bytes (local declarations and operators),
+/// and where its copied original code sits ([`crate::abi::offsets`]).
+pub(crate) struct Output {
+    pub body: Vec<u8>,
+    pub runs: Runs,
+}
+
 /// One open block of the output.
 struct Frame {
     /// It is a block of the original code (else inserted by the rewrite).
@@ -60,7 +67,6 @@ struct Emitter<'a> {
     extra: Vec<Ty>,
     shadow: HashMap<(u32, Ty), u32>,
     fb: u32,
-    rp: u32,
     /// The block the unwind tail's common end follows.
     done: u32,
     /// The save classes ([`crate::plan::SaveClass`]), the block each one's
@@ -82,14 +88,8 @@ struct Emitter<'a> {
     runs: Vec<(u32, u32)>,
 }
 
-/// Returns the instrumented body (local declarations and operators) and
-/// where its copied original code sits ([`crate::abi::offsets`]).
-pub(crate) fn instrument(
-    cx: &mut Cx,
-    info: &ModuleInfo<'_>,
-    body: &Body,
-    plan: &Plan,
-) -> Result<(Vec<u8>, Runs)> {
+/// Instruments one body.
+pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: &Plan) -> Result<Output> {
     let n_locals = body.locals.len() as u32;
     let (classes, class_of_rp) = plan.save_classes();
     let mut e = Emitter {
@@ -101,10 +101,9 @@ pub(crate) fn instrument(
         frames: Vec::new(),
         next_id: 0,
         n_locals,
-        extra: vec![Ty::I32, Ty::I32],
+        extra: vec![Ty::I32],
         shadow: HashMap::new(),
         fb: n_locals,
-        rp: n_locals + 1,
         done: 0,
         classes,
         class_block: Vec::new(),
@@ -288,13 +287,12 @@ impl Emitter<'_> {
         })
     }
 
-    /// `i32.const rp; local.set $rp; br $class`: straight to the unwind
-    /// code of the point's save class, so the edge carries only the locals
-    /// that class saves (a tail shared by all points would make every
-    /// local live at every point).
+    /// `i32.const rp; br $class`: straight to the unwind code of the
+    /// point's save class, which receives the point as its block's result,
+    /// so the edge carries only the locals that class saves (a tail shared
+    /// by all points would make every local live at every point).
     fn unwind_at(&mut self, rp: u32) -> Result<()> {
         self.code.i32(rp as i32);
-        self.code.op(I::LocalSet(self.rp));
         let class = self.class_of_rp[rp as usize] as usize;
         self.br_to(self.class_block[class])
     }
@@ -310,14 +308,12 @@ impl Emitter<'_> {
     }
 
     /// The numeric part of [`Self::load_locals`], in one call to the pack
-    /// helper of their type counts.
+    /// helper of their type counts (which finds the frame itself).
     fn load_numbers(&mut self, rp: u32) -> Result<()> {
         let locals = self.plan.rps[rp as usize].locals.clone();
         let (key, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
         if n > 0 {
             let load = self.cx.packs.get(key)?;
-            self.code.i32(0);
-            self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
             self.code.op(I::Call(load));
             for &l in locals[..n].iter().rev() {
                 self.code.op(I::LocalSet(l));
@@ -343,15 +339,13 @@ impl Emitter<'_> {
         Ok(())
     }
 
-    /// Pushes the saved resume point of this function's frame. The rewind
-    /// prologue popped the frame, so it starts at the frame stack pointer
-    /// until a callee pops its own: reading it there, rather than keeping
-    /// it in a local, keeps it from being live across the loops between the
-    /// prologue and the dispatch that reads it.
+    /// Pushes the saved resume point of this function's frame, which the
+    /// rewind prologue put in the `rp` global: a global, rather than a
+    /// local, keeps it from being live across the loops between the
+    /// prologue and the dispatch that reads it, and no callee rewinds
+    /// before the last dispatch of this function has run.
     fn saved_rp(&mut self) {
-        self.code.i32(0);
-        self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
-        self.code.op(I::I32Load(ctrl(crate::abi::frame::RESUME_POINT, 2)));
+        self.code.op(I::GlobalGet(self.cx.rp_global));
     }
 
     /// Pushes the values anchor `anchor` consumes from their shadow locals;
@@ -385,7 +379,7 @@ impl Emitter<'_> {
     fn open_function(&mut self) -> Result<()> {
         self.done = self.block(BlockType::Empty);
         for _ in 0..self.classes.len() {
-            let id = self.block(BlockType::Empty);
+            let id = self.block(BlockType::Result(wasm_encoder::ValType::I32));
             self.class_block.push(id);
         }
         let results = self.plan.results.clone();
@@ -563,8 +557,10 @@ impl Emitter<'_> {
             self.block(BlockType::Empty);
         }
         self.saved_rp();
-        self.code.i32(first as i32);
-        self.code.op(I::I32Sub);
+        if first > 0 {
+            self.code.i32(first as i32);
+            self.code.op(I::I32Sub);
+        }
         self.code.op(I::BrTable(case_of_rp.into(), k));
         for case in cases {
             self.end()?;
@@ -733,8 +729,7 @@ impl Emitter<'_> {
         for _ in 0..=n {
             self.block(BlockType::Empty);
         }
-        self.code.op(I::LocalGet(self.fb));
-        self.code.op(I::I32Load(ctrl(crate::abi::frame::RESUME_POINT, 2)));
+        self.saved_rp();
         let table: Vec<u32> = case_of_rp.iter().map(|&c| c.min(n)).collect();
         self.code.op(I::BrTable(table.into(), n));
         for case in 0..n {
@@ -753,7 +748,9 @@ impl Emitter<'_> {
         let h = self.cx.helpers;
         self.code.i32(self.func as i32);
         self.code.op(I::Call(h.frame_pop));
-        self.code.op(I::LocalSet(self.fb));
+        self.code.op(I::LocalTee(self.fb));
+        self.code.op(I::I32Load(ctrl(crate::abi::frame::RESUME_POINT, 2)));
+        self.code.op(I::GlobalSet(self.cx.rp_global));
         // One case per distinct (first operand slot, operand types).
         let mut cases: Vec<(u32, Vec<Ty>)> = Vec::new();
         let case_of_rp: Vec<u32> = self
@@ -817,35 +814,32 @@ impl Emitter<'_> {
         Ok(())
     }
 
-    /// The unwind code of one save class: `frame_push(func, $rp, slots)`,
-    /// then the class's locals and the operands' shadow locals into the
-    /// slots, in that order. The stores are inline: passing the values to
-    /// a helper instead (smaller code) ties them to the call's argument
-    /// places, which Cranelift's allocator then keeps some of them in
-    /// across the loops they come from (nbody ran 7% more instructions,
-    /// `docs/PERFORMANCE.md`).
+    /// The unwind code of one save class, with the resume point on the
+    /// stack (its block's result): the class's locals and the operands'
+    /// shadow locals, in slot order, passed to the class's save helper
+    /// ([`super::Packs`]), which pushes the frame and stores them. Passing
+    /// the values to a call rather than storing them inline makes the code
+    /// smaller, and the guests run no more instructions for it
+    /// (`docs/PERFORMANCE.md`).
     fn save_class(&mut self, class: usize) -> Result<()> {
-        let h = self.cx.helpers;
+        let slots = self.classes[class].types(&self.body.locals);
+        let save = self.cx.packs.save(&slots)?;
         let SaveClass { locals, operands } = self.classes[class].clone();
         self.code.i32(self.func as i32);
-        self.code.op(I::LocalGet(self.rp));
-        self.code.i32((locals.len() + operands.len()) as i32);
-        self.code.op(I::Call(h.frame_push));
-        self.code.op(I::LocalSet(self.fb));
-        for (slot, &l) in locals.iter().enumerate() {
-            frames::store(&mut self.code, &h, self.fb, l, self.body.locals[l as usize], slot as u32)?;
+        for &l in &locals {
+            self.code.op(I::LocalGet(l));
         }
-        let first = locals.len() as u32;
         for (p, t) in operands.iter().enumerate() {
             let s = self.shadow(p as u32, *t);
-            frames::store(&mut self.code, &h, self.fb, s, *t, first + p as u32)?;
+            self.code.op(I::LocalGet(s));
         }
+        self.code.op(I::Call(save));
         Ok(())
     }
 
     /// Local declarations (original groups, then the added locals) and code,
-    /// with the runs of copied code shifted past the declarations.
-    fn finish(self, body: &Body) -> (Vec<u8>, Runs) {
+    /// with the offsets into the code shifted past the declarations.
+    fn finish(self, body: &Body) -> Output {
         use wasm_encoder::Encode;
         let mut groups: Vec<(u32, wasm_encoder::ValType)> = Vec::new();
         for &(n, t) in &body.local_groups {
@@ -869,7 +863,7 @@ impl Emitter<'_> {
         let prefix = out.len() as u32;
         out.extend_from_slice(&self.code.0);
         let runs = self.runs.iter().map(|&(at, orig)| (at + prefix, orig)).collect();
-        (out, runs)
+        Output { body: out, runs }
     }
 }
 

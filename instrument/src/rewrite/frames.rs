@@ -103,3 +103,4 @@ pub(crate) fn pack_types(key: PackKey) -> Vec<Ty> {
         .flat_map(|(t, n)| std::iter::repeat_n(*t, n as usize))
         .collect()
 }
+

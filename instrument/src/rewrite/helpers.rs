@@ -87,27 +87,44 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
     out
 }
 
-/// The pack helpers ([`Packs`]), in the order they are numbered:
-/// `load(frame) -> values`.
+/// The pack helpers ([`Packs`]), in the order they are numbered: the
+/// loads, then the saves.
 pub(crate) fn build_packs(types: &mut Types, h: &Helpers, packs: &Packs) -> crate::error::Result<Vec<HelperFunc>> {
     let mut out = Vec::new();
     for &key in packs.map.keys() {
         let values = frames::pack_types(key);
         let mut c = Code::default();
+        load32(&mut c, control::FRAME_SP);
+        c.op(I::LocalSet(0));
         for (slot, t) in values.iter().enumerate() {
             c.op(I::LocalGet(0));
             frames::push(&mut c, h, *t, slot as u32)?;
         }
-        out.push(HelperFunc { type_index: types.func(&[Ty::I32], &values), body: body(&[], c) });
+        out.push(HelperFunc { type_index: types.func(&[], &values), body: body(&[ValType::I32], c) });
+    }
+    for slots in packs.saves.keys() {
+        let fb = 2 + slots.len() as u32;
+        let mut c = Code::default();
+        c.op(I::LocalGet(0));
+        c.op(I::LocalGet(1));
+        c.i32(slots.len() as i32);
+        c.op(I::Call(h.frame_push));
+        c.op(I::LocalSet(fb));
+        for (slot, &t) in slots.iter().enumerate() {
+            frames::store(&mut c, h, fb, 2 + slot as u32, t, slot as u32)?;
+        }
+        let params: Vec<Ty> = [Ty::I32, Ty::I32].into_iter().chain(slots.iter().copied()).collect();
+        out.push(HelperFunc { type_index: types.func(&params, &[]), body: body(&[ValType::I32], c) });
     }
     Ok(out)
 }
 
-/// `frame_push(func, rp, slots) -> frame`: reserves a frame on the frame
+/// `frame_push(rp, func, slots) -> frame`: reserves a frame on the frame
 /// stack, growing the control memory when needed, and writes its header and
-/// trailer. Locals: 3 = frame address, 4 = frame size, 5 = frame end.
+/// trailer. Locals: 3 = frame address, 4 = frame size, 5 = frame end. The
+/// resume point comes first because a save class finds it on the stack.
 fn frame_push() -> Code {
-    let (func, rp, slots, fb, size, end) = (0, 1, 2, 3, 4, 5);
+    let (rp, func, slots, fb, size, end) = (0, 1, 2, 3, 4, 5);
     let mut c = Code::default();
     load32(&mut c, control::FRAME_SP);
     c.op(I::LocalSet(fb));

@@ -11,7 +11,7 @@ pub(crate) mod frames;
 pub(crate) mod helpers;
 pub(crate) mod module;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use wasm_encoder::{BlockType, Encode, HeapType, Instruction, MemArg, RefType, ValType};
 
@@ -129,28 +129,46 @@ pub(crate) struct Helpers {
     pub next: u32,
 }
 
-/// The pack helpers, appended after the [`Helpers`]: for each count of
-/// numeric locals a resume point saves ([`frames::PackKey`]),
-/// `load(frame) -> values` reads them from the frame's first slots. One
-/// call in a rewind case then restores all of a point's numbers, instead of
-/// a load per value at every resume point; nothing the hot path keeps
-/// lives across it (the case restores every local live at its point).
-/// Frames are saved with inline stores (see `body`).
+/// The pack helpers, appended after the [`Helpers`], which move a frame's
+/// slots in one call instead of a load or a store per value at every
+/// resume point or save class.
+///
+/// - For each count of numeric locals a resume point saves
+///   ([`frames::PackKey`]), `load() -> values` reads them from the first
+///   slots of the frame at the frame stack pointer (the one the rewind
+///   prologue popped). A rewind case restores all of a point's numbers
+///   with it; nothing the hot path keeps lives across the call (the case
+///   restores every local live at its point).
+/// - For the slot types of each save class, `save(rp, func, values...)`
+///   pushes the frame and stores them all. (Splitting the values into
+///   chunks by type, so that helpers are shared more, made the code 10%
+///   smaller and nbody run 9% more instructions: the values of later
+///   chunks live across the earlier calls; `docs/PERFORMANCE.md`.)
 pub(crate) struct Packs {
     /// Load function index by key.
-    pub map: std::collections::BTreeMap<frames::PackKey, u32>,
+    pub map: BTreeMap<frames::PackKey, u32>,
+    /// Save function index by slot types.
+    pub saves: BTreeMap<Vec<Ty>, u32>,
 }
 
 impl Packs {
-    /// Numbers the helpers of `keys` from `first`.
-    pub fn new(first: u32, keys: std::collections::BTreeSet<frames::PackKey>) -> Packs {
-        let map = keys.into_iter().enumerate().map(|(i, k)| (k, first + i as u32)).collect();
-        Packs { map }
+    /// Numbers the load helpers of `keys` from `first`, then the save
+    /// helpers of the slot types `saves`.
+    pub fn new(first: u32, keys: BTreeSet<frames::PackKey>, saves: BTreeSet<Vec<Ty>>) -> Packs {
+        let map: BTreeMap<_, _> = keys.into_iter().enumerate().map(|(i, k)| (k, first + i as u32)).collect();
+        let next = first + map.len() as u32;
+        let saves = saves.into_iter().enumerate().map(|(i, k)| (k, next + i as u32)).collect();
+        Packs { map, saves }
     }
 
     /// The load helper of `key`.
     pub fn get(&self, key: frames::PackKey) -> crate::error::Result<u32> {
         self.map.get(&key).copied().ok_or_else(|| crate::error::internal("a pack helper is missing"))
+    }
+
+    /// The save helper of a frame whose slots have types `slots`.
+    pub fn save(&self, slots: &[Ty]) -> crate::error::Result<u32> {
+        self.saves.get(slots).copied().ok_or_else(|| crate::error::internal("a save helper is missing"))
     }
 }
 
@@ -221,6 +239,8 @@ pub(crate) struct Cx {
     pub types: Types,
     pub helpers: Helpers,
     pub state_global: u32,
+    /// The global the rewind prologue puts its frame's resume point in.
+    pub rp_global: u32,
     /// The stress variant: loop headers call the pause decision.
     pub stress: bool,
     pub packs: Packs,

@@ -2,7 +2,7 @@
 //! extended, the instrumented bodies, the appended helpers, and the metadata.
 //!
 //! Indices of everything the original defines stay where they were: the
-//! instrumenter only appends (types, functions, tables, one global, exports)
+//! instrumenter only appends (types, functions, tables, two globals, exports)
 //! and moves the program memory from a definition (or its own import) to the
 //! `upstare.memory` import, which keeps memory index 0.
 
@@ -67,8 +67,13 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         .flat_map(|(b, p)| p.rps.iter().map(move |rp| frames::pack_key(rp.locals.iter().map(|&l| b.locals[l as usize])).0))
         .filter(|k| k.iter().any(|&n| n > 0))
         .collect();
-    let packs = Packs::new(helpers.next, keys);
-    let mut cx = Cx { types: Types::new(&info.types), helpers, state_global, stress, packs };
+    let mut saves = std::collections::BTreeSet::new();
+    for (b, p) in info.bodies.iter().zip(&plans) {
+        saves.extend(p.iter().flat_map(|p| p.save_classes().0).map(|class| class.types(&b.locals)));
+    }
+    let packs = Packs::new(helpers.next, keys, saves);
+    let rp_global = state_global + 1;
+    let mut cx = Cx { types: Types::new(&info.types), helpers, state_global, rp_global, stress, packs };
 
     let mut bodies = Vec::with_capacity(info.bodies.len());
     let mut functions = Vec::new();
@@ -76,9 +81,9 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     for (b, p) in info.bodies.iter().zip(&plans) {
         match p {
             Some(p) => {
-                let (code, runs) = body::instrument(&mut cx, &info, b, p)?;
-                bodies.push(code);
-                offsets.functions.push((b.func, runs));
+                let out = body::instrument(&mut cx, &info, b, p)?;
+                bodies.push(out.body);
+                offsets.functions.push((b.func, out.runs));
                 functions.push(FunctionMeta {
                     index: b.func,
                     type_index: info.func_types[b.func as usize],
@@ -517,11 +522,16 @@ fn add_side_tables(s: &mut TableSection, helpers: &Helpers) {
     }
 }
 
+/// The state global, then the one the rewind prologue keeps its frame's
+/// resume point in (not exported: only the function's own dispatch reads
+/// it).
 fn add_state_global(s: &mut GlobalSection) {
-    s.global(
-        GlobalType { val_type: wasm_encoder::ValType::I32, mutable: true, shared: false },
-        &ConstExpr::i32_const(0),
-    );
+    for _ in 0..2 {
+        s.global(
+            GlobalType { val_type: wasm_encoder::ValType::I32, mutable: true, shared: false },
+            &ConstExpr::i32_const(0),
+        );
+    }
 }
 
 fn add_exports(s: &mut ExportSection, info: &ModuleInfo<'_>, h: &Helpers, meta: &Metadata) {
