@@ -760,7 +760,8 @@ impl FrameMapper<'_> {
                 None if !is_live => locals.push(Source::Dead),
                 None => {
                     let what = describe_local(&new_vars, local);
-                    return Err(format!("local {local} ({what}) is live at the new loop header and has no counterpart in the old frame"));
+                    let why = self.why_unpaired(codes, old_fn.index, (old_at, new_at), true, local);
+                    return Err(format!("local {local} ({what}) is live at the new loop header and has no counterpart in the old frame{why}"));
                 }
             }
         }
@@ -1061,9 +1062,14 @@ impl FrameMapper<'_> {
                 _ if !is_live => locals[local as usize] = Source::Dead,
                 _ => {
                     let what = describe_local(&new_vars, local);
-                    return Err(format!(
-                        "local {local} ({what}) is live there and has no counterpart in the old frame"
-                    ));
+                    let at = |body: Option<Rc<crate::retreat::Code>>, pc: u32| body.and_then(|c| c.body.index_of(pc));
+                    let why = match (at(codes.old.code(old_fn.index), old_pc), at(codes.new.code(new_fn.index), new_pc)) {
+                        (Some(old_at), Some(new_at)) => {
+                            self.why_unpaired(codes, old_fn.index, (old_at, new_at), old_rp.kind == ResumeKind::Loop, local)
+                        }
+                        _ => String::new(),
+                    };
+                    return Err(format!("local {local} ({what}) is live there and has no counterpart in the old frame{why}"));
                 }
             }
         }
@@ -1208,6 +1214,34 @@ impl FrameMapper<'_> {
             .filter(|(a, b)| x.get(**a as usize) == Some(&false) && y.get(**b as usize) == Some(&false))
             .map(|(a, b)| (*b, *a))
             .collect())
+    }
+}
+
+impl FrameMapper<'_> {
+    /// Why new local `local` of changed function `old_func` holds no value
+    /// the old frame holds too, at a point (a loop header, or a call) at
+    /// instructions `old_at` and `new_at` of the two versions: said as the
+    /// end of a refusal, empty if the comparison tells nothing.
+    fn why_unpaired(&self, codes: &Codes<'_>, old_func: u32, (old_at, new_at): (usize, usize), header: bool, local: u32) -> String {
+        let Some(paired) = self.paired(codes, old_func) else { return String::new() };
+        let PairedCode { pairs, walks: Some((o, n)) } = &*paired else { return String::new() };
+        let differs = |body: &crate::symbolic::Body, at: usize| match header {
+            true => body.differs_at_header(at).map(<[bool]>::to_vec),
+            false => body.at_call(at).map(|c| c.locals.clone()),
+        };
+        let (old_differs, new_differs) = (differs(o, old_at), differs(n, new_at));
+        let Some((&old_local, _)) = pairs.locals.iter().find(|(_, b)| **b == local) else {
+            return ": no local of the old version is written by the same code".into();
+        };
+        if new_differs.is_some_and(|d| d.get(local as usize) == Some(&true)) {
+            format!(
+                ": the new version computes it otherwise than the old one computed local {old_local} (code only the new version has writes it, or writes it from other values)"
+            )
+        } else if old_differs.is_some_and(|d| d.get(old_local as usize) == Some(&true)) {
+            format!(": the old version computed its counterpart, local {old_local}, with code the new version does not have")
+        } else {
+            String::new()
+        }
     }
 }
 

@@ -522,8 +522,15 @@ impl Walk<'_> {
                         Some(locals) => *locals.get(*local_index as usize)?,
                         None => V(Sym::Unknown, false, Origin::Unknown),
                     };
-                    let moves = self.taint.transparent.contains(local_index);
-                    stack.push(V(v.0, v.1 || (differs && !moves), v.2));
+                    // Reading a local computes nothing: whether the value
+                    // read is the other version's is told by where it came
+                    // from (its origin, checked where it is used) and by
+                    // the definitions that reached the local, not by
+                    // whether this read pairs with one of the other
+                    // version's. Code that moved is paired piecemeal by the
+                    // diff, and an unpaired read of a paired variable is
+                    // no new value.
+                    stack.push(v);
                 }
                 Operator::LocalSet { local_index } | Operator::LocalTee { local_index } => {
                     let moves = self.taint.transparent.contains(local_index);
