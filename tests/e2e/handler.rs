@@ -10,29 +10,19 @@
 
 use std::time::Duration;
 
-use upstare_tests::{expect_report, guest, Client, ClientThreads, Control, Server};
+use upstare_tests::{expect_report, guest, Client, Control, Server};
 
-/// Clients that each connect, send `INCR`, `DATA` in one piece (its
-/// payload `abc` and the line end the request adds) and `PING`, and close,
-/// over and over, checking each answer against either version.
-fn visitors(port: u16, clients: usize) -> ClientThreads {
-    ClientThreads::start(clients, || {
-        let mut last = 0u64;
-        move || {
-            let mut client = Client::connect(port);
-            let count = client.try_request("INCR");
-            let n = count.as_deref().ok().and_then(|r| r.strip_prefix("COUNT ")).and_then(|n| n.parse::<u64>().ok());
-            let data = client.try_request("DATA 4\nabc");
-            let ping = client.try_request("PING");
-            match (n, data.as_deref(), ping.as_deref()) {
-                (Some(n), Ok("DATA 4 304" | "DATA 4 bytes, sum 304, v3"), Ok("PONG v1" | "PONG v3")) if n > last => {
-                    last = n;
-                    Ok(())
-                }
-                _ => Err(format!("INCR -> {count:?}, DATA -> {data:?}, PING -> {ping:?} after COUNT {last}")),
-            }
-        }
-    })
+use crate::rebuild::visitors;
+
+/// `DATA` in one piece (its payload `abc` and the line end the request
+/// adds), then `PING`, answered by either version.
+fn data_and_ping(client: &mut Client) -> Result<(), String> {
+    let data = client.try_request("DATA 4\nabc");
+    let ping = client.try_request("PING");
+    match (data.as_deref(), ping.as_deref()) {
+        (Ok("DATA 4 304" | "DATA 4 bytes, sum 304, v3"), Ok("PONG v1" | "PONG v3")) => Ok(()),
+        _ => Err(format!("DATA -> {data:?}, PING -> {ping:?}")),
+    }
 }
 
 #[test]
@@ -40,7 +30,7 @@ fn a_request_half_received_inside_a_changed_handler_completes_with_the_new_versi
     let control = Control::new("handler-data");
     let (server, first) = Server::start(&guest("recv-server"), &["--control", &control.path()], &[]);
     assert!(first.starts_with("recv-server v1"), "{first:?}");
-    let visitors = visitors(server.port, 3);
+    let visitors = visitors(server.port, 3, data_and_ping);
     visitors.wait_for(20);
 
     // The connection being served: a DATA request of 10 bytes, 4 of them
