@@ -662,3 +662,48 @@ fn a_local_the_old_frame_did_not_save_is_refused_not_invented() {
     let reason = p.refusal("keep", "call to step #0");
     assert!(reason.contains("old local 1, which the old frame does not hold"), "{reason}");
 }
+
+/// A loop body whose two statements of the same shape swapped places,
+/// without DWARF: the diff pairs each statement with the other one's
+/// (they differ only in which local they read), so the renaming of locals
+/// comes out crosswise. The walks catch it, and each call point is
+/// refused naming the variable, never mapped crosswise. (Told apart only
+/// by which variable each reads, the two would need pairing by value
+/// rather than by position: not done.)
+#[test]
+fn a_loop_body_whose_look_alike_statements_swapped_is_refused_not_mapped_crosswise() {
+    let body = |first: &str, second: &str| {
+        format!(
+            r#"
+#include <stdio.h>
+volatile int sink, running = 300;
+__attribute__((noinline)) int step(int n) {{
+    int s = 0;
+    for (int i = 0; i < n; i++) {{ s += i * i; sink = s; }}
+    return s;
+}}
+int main(int argc, char **argv) {{
+    (void)argv;
+    int a = argc, b = 1;
+    while (running-- > 0) {{
+        {first}
+        {second}
+        sink = a ^ b;
+    }}
+    printf("%d %d\n", a, b);
+    return 0;
+}}
+"#
+        )
+    };
+    let (x, y) = ("a += step(a & 7);", "b += step(b & 7) * 2;");
+    let p = pair_with("frames-reordered", &body(x, y), &body(y, x), &["-g0"]);
+    assert!(p.changed.iter().any(|c| c == "main"), "{:?}", p.changed);
+    for point in ["call to step #0", "call to step #1"] {
+        let refusal = p.refusal("main", point);
+        assert!(
+            refusal.contains("(a compiler temporary) is live there and has no counterpart in the old frame: the new version computes it otherwise"),
+            "{point}: {refusal}"
+        );
+    }
+}
