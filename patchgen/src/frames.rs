@@ -111,8 +111,8 @@ pub enum Source {
     /// computed the local from the stack pointer alone (a frame base, the
     /// address of a variable in the frame). Only in retreats.
     Stack(i64),
-    /// This constant, the new code's only value for the local there. Only
-    /// in retreats.
+    /// This constant, the new code's only value for the local there, on
+    /// every path that reaches the point.
     Const(i64),
 }
 
@@ -747,9 +747,9 @@ impl FrameMapper<'_> {
             let local = local as u32;
             let ty = new_fn.locals[local as usize];
             let kept = |j: u32| !path.redefined.contains(&j) && old_fn.locals.get(j as usize) == Some(&ty);
-            let source = match new_body.value_at(local, new_at) {
-                Some(Sym::Sp(k)) if ty == ValType::I32 => Some(Source::Stack(k)),
-                Some(Sym::Const(c)) => Some(Source::Const(c)),
+            let source = match (new_body.value_at(local, new_at), new_body.constant_at(local, new_at)) {
+                (Some(Sym::Sp(k)), _) if ty == ValType::I32 => Some(Source::Stack(k)),
+                (_, Some(c)) => Some(Source::Const(c)),
                 _ => None,
             }
             .or_else(|| dwarf_source((old, &old_vars), (new, &new_vars), local).filter(|&j| kept(j)).map(Source::Old))
@@ -1030,6 +1030,11 @@ impl FrameMapper<'_> {
         let (old_base, new_base) = (frame_base(old, old_pc), frame_base(new, new_pc));
 
         let prefix = pair.common_prefix(old_pc, new_pc).filter(|_| self.identical_code_rule);
+        let new_code = codes.new.code(new_fn.index);
+        let new_constant = |local: u32| {
+            let body = &new_code.as_ref()?.body;
+            body.constant_at(local, body.index_of(new_pc)?)
+        };
         // Computed only for the frames the rules above leave a local of.
         let same = std::cell::OnceCell::new();
         let same = || same.get_or_init(|| self.same_values(codes, old_fn.index, (old_rp, old_pc), (new_rp, new_pc)));
@@ -1057,9 +1062,14 @@ impl FrameMapper<'_> {
                     (param && same_type && !pair.assigned(local)).then_some(local)
                 });
             let typed = source.filter(|j| old_fn.locals.get(*j as usize) == Some(&new_fn.locals[local as usize]));
+            // A live local the new code holds the same constant in on every
+            // path to the point is given that constant: exactly what the
+            // new code would hold there.
+            let constant = || is_live.then(|| new_constant(local)).flatten();
             match typed {
                 Some(j) => locals[local as usize] = Source::Old(j),
                 _ if !is_live => locals[local as usize] = Source::Dead,
+                None if constant().is_some() => locals[local as usize] = Source::Const(constant().unwrap_or_default()),
                 _ => {
                     let what = describe_local(&new_vars, local);
                     let at = |body: Option<Rc<crate::retreat::Code>>, pc: u32| body.and_then(|c| c.body.index_of(pc));

@@ -101,6 +101,14 @@ fn a_reordered_body_and_a_new_call_before_poll_go_back_too() {
         };
         assert!(moves.is_ok(), "v{from} to v{to}: {moves:?}");
     }
+    // v4 keeps the address of the counter to increment (`ticks` on a
+    // timeout, `wakeups` at the end of the loop) in a local set on each
+    // branch that leads there: in the loop that serves the connections it
+    // is `wakeups`' on every path, and the frame is given that constant.
+    let p = poll_server(3, 4);
+    let (f, rp) = p.point(MAIN, "call to recv #0");
+    let recipe = p.frames.recipe(f, rp).unwrap().as_ref().unwrap_or_else(|e| panic!("{e}"));
+    assert!(recipe.locals.iter().any(|s| matches!(s, Source::Const(_))), "{:?}", recipe.locals);
 }
 
 /// v7 computes the count of entries in use anew before poll(), in code v4

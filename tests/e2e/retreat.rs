@@ -99,25 +99,28 @@ fn a_main_loop_changed_before_poll_is_updated_at_its_header_under_load() {
 /// v7 computes the count of entries in use anew before poll(), in code v4
 /// does not have: the value main's frame holds is not the one the new code
 /// would, neither where it stands nor at its loop header, so the update is
-/// refused naming that temporary, and v4 serves on.
+/// refused naming that temporary, and v4 serves on, under load.
 #[test]
 fn a_temporary_the_new_loop_computes_otherwise_is_refused_naming_it() {
     let (server, control) = start("poll-server-v4", "retreat-trim");
     let mut client = server.client();
     assert_eq!(client.request("PING"), "PONG v4");
-    let load = incrementers(server.port, 2);
-    load.wait_for(20);
+    // Idle, main waits in poll() at every attempt, so the reason given is
+    // the one for that point (busy, the last attempt may find main at any
+    // of its points, where the same temporary refuses in other words).
     let (out, _) = control.update_with_timeout(&guest("poll-server-trim"), 300);
     let reason = expect_error(&out, 1);
     assert!(reason.starts_with("update refused: __original_main was still on the stack"), "{reason}");
-    // Whichever point of main's loop the last attempt found it at (poll()
-    // when idle; under load also recv() or accept()), the count of entries
-    // in use is what cannot move.
     assert!(
-        reason.contains("(a compiler temporary) is live ")
-            && reason.contains("has no counterpart in the old frame: the new version computes it otherwise than the old one computed local "),
+        reason.contains("at call to poll #0: local ")
+            && reason.contains("it cannot go back to its loop header: local ")
+            && reason.contains(
+                "(a compiler temporary) is live at the new loop header and has no counterpart in the old frame: the new version computes it otherwise than the old one computed local "
+            ),
         "{reason}"
     );
+    let load = incrementers(server.port, 2);
+    load.wait_for(50);
     let (sent, failures) = load.stop();
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(client.request("PING"), "PONG v4", "the old version serves on");
