@@ -9,9 +9,12 @@
  *   INCR      -> COUNT <n>  (a counter shared by all clients)
  *   TICKS     -> TICKS <n>  (v2 on: how many times poll() timed out)
  *   WAKEUPS   -> WAKEUPS <n> (v3 on: how many times poll() returned)
+ *   ACCEPTS   -> ACCEPTS <n> (v4 on: how many times the listener was ready)
+ *   CONNS     -> CONNS <n>  (v5: connections open at the last poll())
  *   anything else -> ERR unknown command
  *
- * POLL_VERSION selects the version (undefined: 1):
+ * POLL_VERSION selects the version (undefined: 1); each of 2 to 5 is the
+ * one before it with one more change:
  *   1  poll() blocks forever
  *   2  poll() times out after 20 ms; a timeout counts an idle tick (new
  *      global `ticks`, new branch in the loop)
@@ -19,11 +22,19 @@
  *      (longer once the server has been idle a while); poll()'s returns
  *      counted (new global `wakeups`)
  *   4  the loop body reordered: new connections are accepted before the
- *      others are served, and wakeups are counted at the end
- *   5  a new call before poll(): housekeeping() trims the pollfd array
+ *      others are served (and counted, new global `accepts`), and wakeups
+ *      are counted at the end
+ *   5  a new call before poll(): census() counts the open connections
+ *      (new global `open_conns`)
  *   6  v1 that writes a global (`loops`) between the loop header and
  *      poll(): a frame waiting in that poll() must not go back to the loop
  *      header, since the write would happen twice
+ *   7  v4 with a new call before poll() that shortens the array, trim():
+ *      the count of entries in use, which the debug information places in
+ *      no local inside the loop, is computed anew by code the old version
+ *      does not have, so the value the old frame holds is not the one the
+ *      new code would hold: main cannot move to the new version while it
+ *      waits in poll()
  */
 #include <errno.h>
 #include <poll.h>
@@ -48,11 +59,26 @@ struct pending {
 
 static struct pending pending[MAX_FDS];
 static unsigned long counter;
-#if POLL_VERSION >= 2 && POLL_VERSION != 6
+
+/* What each version has (v6 is v1 with an effect before poll()). */
+#define SINCE(v) (POLL_VERSION >= (v) && POLL_VERSION != 6)
+#define HAS_TICKS SINCE(2)
+#define HAS_WAKEUPS SINCE(3)
+#define ACCEPTS_FIRST SINCE(4)
+#define HAS_CENSUS (POLL_VERSION == 5)
+#define TRIMS (POLL_VERSION == 7)
+
+#if HAS_TICKS
 static unsigned long ticks;
 #endif
-#if POLL_VERSION >= 3 && POLL_VERSION != 6
+#if HAS_WAKEUPS
 static unsigned long wakeups;
+#endif
+#if ACCEPTS_FIRST
+static unsigned long accepts;
+#endif
+#if HAS_CENSUS
+static unsigned long open_conns;
 #endif
 #if POLL_VERSION == 6
 static unsigned long loops;
@@ -78,13 +104,21 @@ static void handle(int fd, const char *line)
         snprintf(out, sizeof out, "PONG v%d\n", POLL_VERSION);
     else if (strcmp(line, "INCR") == 0)
         snprintf(out, sizeof out, "COUNT %lu\n", ++counter);
-#if POLL_VERSION >= 2 && POLL_VERSION != 6
+#if HAS_TICKS
     else if (strcmp(line, "TICKS") == 0)
         snprintf(out, sizeof out, "TICKS %lu\n", ticks);
 #endif
-#if POLL_VERSION >= 3 && POLL_VERSION != 6
+#if HAS_WAKEUPS
     else if (strcmp(line, "WAKEUPS") == 0)
         snprintf(out, sizeof out, "WAKEUPS %lu\n", wakeups);
+#endif
+#if ACCEPTS_FIRST
+    else if (strcmp(line, "ACCEPTS") == 0)
+        snprintf(out, sizeof out, "ACCEPTS %lu\n", accepts);
+#endif
+#if HAS_CENSUS
+    else if (strcmp(line, "CONNS") == 0)
+        snprintf(out, sizeof out, "CONNS %lu\n", open_conns);
 #endif
     else
         snprintf(out, sizeof out, "ERR unknown command\n");
@@ -138,9 +172,21 @@ static size_t accept_client(int listener, struct pollfd *fds, size_t nfds)
     return slot == nfds ? nfds + 1 : nfds;
 }
 
-#if POLL_VERSION == 5
+#if HAS_CENSUS
+/* Counts the connections open, for CONNS. */
+static void census(const struct pollfd *fds, size_t nfds)
+{
+    unsigned long n = 0;
+    for (size_t i = 1; i < nfds; i++)
+        if (fds[i].fd >= 0)
+            n++;
+    open_conns = n;
+}
+#endif
+
+#if TRIMS
 /* Drops closed entries from the end of the array. */
-static size_t housekeeping(struct pollfd *fds, size_t nfds)
+static size_t trim(const struct pollfd *fds, size_t nfds)
 {
     while (nfds > 1 && fds[nfds - 1].fd < 0)
         nfds--;
@@ -175,8 +221,11 @@ int main(void)
         loops++;
         int ready = poll(fds, nfds, -1);
 #else
-#if POLL_VERSION == 5
-        nfds = housekeeping(fds, nfds);
+#if TRIMS
+        nfds = trim(fds, nfds);
+#endif
+#if HAS_CENSUS
+        census(fds, nfds);
 #endif
         /* back off once the server has been idle for a while */
         int timeout = ticks < 1000 ? 20 : 50;
@@ -185,7 +234,7 @@ int main(void)
             ticks++;
             continue;
         }
-#if POLL_VERSION != 4
+#if !ACCEPTS_FIRST
         wakeups++;
 #endif
 #endif
@@ -195,9 +244,11 @@ int main(void)
             perror("poll-server: poll");
             return 1;
         }
-#if POLL_VERSION == 4
-        if (fds[0].revents & POLLIN)
+#if ACCEPTS_FIRST
+        if (fds[0].revents & POLLIN) {
+            accepts++;
             nfds = accept_client(listener, fds, nfds);
+        }
 #endif
         for (size_t i = 1; i < nfds; i++) {
             if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
@@ -208,12 +259,11 @@ int main(void)
                 pending[i].len = 0;
             }
         }
-#if POLL_VERSION != 4
+#if ACCEPTS_FIRST
+        wakeups++;
+#else
         if (fds[0].revents & POLLIN)
             nfds = accept_client(listener, fds, nfds);
-#endif
-#if POLL_VERSION == 4
-        wakeups++;
 #endif
     }
 }

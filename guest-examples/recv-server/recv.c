@@ -12,6 +12,10 @@
  *   ECHO <text> -> <text>      (v2: ECHO[<n>] <text>, n the text's length)
  *   LINES       -> LINES <n>   (v2: how many lines were begun, counted
  *                               before the recv() that brings their start)
+ *   DATA <n>    followed by n bytes (no line end): -> DATA <n> <sum>, sum
+ *               the bytes' total (v3: DATA <n> bytes, sum <sum>, v3); the
+ *               handler receives the n bytes itself, one recv() after
+ *               another, so a request sent in two halves waits inside it
  *   anything else -> ERR unknown command
  *
  * RECV_VERSION selects the version (undefined: 1):
@@ -20,6 +24,9 @@
  *      lines begun (a new global, `lines`); the reply buffer is twice as
  *      big and a second one holds ECHO's tag, so the loop's frame in linear
  *      memory grows (320 to 416 bytes) and the line buffer moves within it
+ *   3  v1 with DATA's handler changed: a new reply, and it counts the
+ *      requests it answered (a new global, `data_requests`); a request
+ *      half received waits in the handler when the update comes
  *
  * RECV_PINNED (defined or not, with either version) keeps a pointer to the
  * line buffer in a global (`line_in_progress`): a frame standing at recv()
@@ -48,6 +55,9 @@ static unsigned long counter;
 unsigned long reads;
 #if RECV_VERSION == 2
 unsigned long lines, connections;
+#endif
+#if RECV_VERSION == 3
+unsigned long data_requests;
 #endif
 #ifdef RECV_PINNED
 char *volatile line_in_progress;
@@ -96,6 +106,38 @@ struct pending {
     char buf[LINE_MAX_LEN];
 };
 
+#define DATA_MAX 4096
+
+/* Answers a DATA request of n bytes whose first len bytes are at have: it
+   receives the rest itself. */
+static __attribute__((noinline)) void data_request(int conn, size_t n, const char *have, size_t len)
+{
+    unsigned long sum = 0;
+    size_t got;
+    for (got = 0; got < len; got++)
+        sum += (unsigned char)have[got];
+    char chunk[64];
+    while (got < n) {
+        size_t want = n - got < sizeof chunk ? n - got : sizeof chunk;
+        ssize_t r = recv(conn, chunk, want, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return;
+        for (ssize_t i = 0; i < r; i++)
+            sum += (unsigned char)chunk[i];
+        got += (size_t)r;
+    }
+    char out[64];
+#if RECV_VERSION == 3
+    data_requests++;
+    int m = snprintf(out, sizeof out, "DATA %zu bytes, sum %lu, v3\n", n, sum);
+#else
+    int m = snprintf(out, sizeof out, "DATA %zu %lu\n", n, sum);
+#endif
+    reply(conn, out, m < 0 ? 0 : (size_t)m);
+}
+
 /* Answers every complete line at the start of p->buf and keeps the rest. */
 static __attribute__((noinline)) void take_lines(int conn, struct pending *p)
 {
@@ -107,6 +149,14 @@ static __attribute__((noinline)) void take_lines(int conn, struct pending *p)
         if (nl > start && nl[-1] == '\r')
             nl[-1] = '\0';
         done = (size_t)(nl - p->buf) + 1;
+        size_t n;
+        if (sscanf(start, "DATA %zu", &n) == 1 && n <= DATA_MAX) {
+            /* the payload's bytes already here are the request's */
+            size_t have = p->len - done < n ? p->len - done : n;
+            data_request(conn, n, p->buf + done, have);
+            done += have;
+            continue;
+        }
 #if RECV_VERSION == 2
         char out[128], tag[32];
         snprintf(tag, sizeof tag, "ECHO[%zu]", strlen(start) > 5 ? strlen(start) - 5 : 0);

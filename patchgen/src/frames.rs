@@ -111,8 +111,8 @@ pub enum Source {
     /// computed the local from the stack pointer alone (a frame base, the
     /// address of a variable in the frame). Only in retreats.
     Stack(i64),
-    /// This constant, the new code's only value for the local there. Only
-    /// in retreats.
+    /// This constant, the new code's only value for the local there, on
+    /// every path that reaches the point.
     Const(i64),
 }
 
@@ -747,9 +747,9 @@ impl FrameMapper<'_> {
             let local = local as u32;
             let ty = new_fn.locals[local as usize];
             let kept = |j: u32| !path.redefined.contains(&j) && old_fn.locals.get(j as usize) == Some(&ty);
-            let source = match new_body.value_at(local, new_at) {
-                Some(Sym::Sp(k)) if ty == ValType::I32 => Some(Source::Stack(k)),
-                Some(Sym::Const(c)) => Some(Source::Const(c)),
+            let source = match (new_body.value_at(local, new_at), new_body.constant_at(local, new_at)) {
+                (Some(Sym::Sp(k)), _) if ty == ValType::I32 => Some(Source::Stack(k)),
+                (_, Some(c)) => Some(Source::Const(c)),
                 _ => None,
             }
             .or_else(|| dwarf_source((old, &old_vars), (new, &new_vars), local).filter(|&j| kept(j)).map(Source::Old))
@@ -760,7 +760,8 @@ impl FrameMapper<'_> {
                 None if !is_live => locals.push(Source::Dead),
                 None => {
                     let what = describe_local(&new_vars, local);
-                    return Err(format!("local {local} ({what}) is live at the new loop header and has no counterpart in the old frame"));
+                    let why = self.why_unpaired(codes, old_fn.index, (old_at, new_at), true, local);
+                    return Err(format!("local {local} ({what}) is live at the new loop header and has no counterpart in the old frame{why}"));
                 }
             }
         }
@@ -1029,6 +1030,11 @@ impl FrameMapper<'_> {
         let (old_base, new_base) = (frame_base(old, old_pc), frame_base(new, new_pc));
 
         let prefix = pair.common_prefix(old_pc, new_pc).filter(|_| self.identical_code_rule);
+        let new_code = codes.new.code(new_fn.index);
+        let new_constant = |local: u32| {
+            let body = &new_code.as_ref()?.body;
+            body.constant_at(local, body.index_of(new_pc)?)
+        };
         // Computed only for the frames the rules above leave a local of.
         let same = std::cell::OnceCell::new();
         let same = || same.get_or_init(|| self.same_values(codes, old_fn.index, (old_rp, old_pc), (new_rp, new_pc)));
@@ -1056,14 +1062,24 @@ impl FrameMapper<'_> {
                     (param && same_type && !pair.assigned(local)).then_some(local)
                 });
             let typed = source.filter(|j| old_fn.locals.get(*j as usize) == Some(&new_fn.locals[local as usize]));
+            // A live local the new code holds the same constant in on every
+            // path to the point is given that constant: exactly what the
+            // new code would hold there.
+            let constant = || is_live.then(|| new_constant(local)).flatten();
             match typed {
                 Some(j) => locals[local as usize] = Source::Old(j),
                 _ if !is_live => locals[local as usize] = Source::Dead,
+                None if constant().is_some() => locals[local as usize] = Source::Const(constant().unwrap_or_default()),
                 _ => {
                     let what = describe_local(&new_vars, local);
-                    return Err(format!(
-                        "local {local} ({what}) is live there and has no counterpart in the old frame"
-                    ));
+                    let at = |body: Option<Rc<crate::retreat::Code>>, pc: u32| body.and_then(|c| c.body.index_of(pc));
+                    let why = match (at(codes.old.code(old_fn.index), old_pc), at(codes.new.code(new_fn.index), new_pc)) {
+                        (Some(old_at), Some(new_at)) => {
+                            self.why_unpaired(codes, old_fn.index, (old_at, new_at), old_rp.kind == ResumeKind::Loop, local)
+                        }
+                        _ => String::new(),
+                    };
+                    return Err(format!("local {local} ({what}) is live there and has no counterpart in the old frame{why}"));
                 }
             }
         }
@@ -1208,6 +1224,34 @@ impl FrameMapper<'_> {
             .filter(|(a, b)| x.get(**a as usize) == Some(&false) && y.get(**b as usize) == Some(&false))
             .map(|(a, b)| (*b, *a))
             .collect())
+    }
+}
+
+impl FrameMapper<'_> {
+    /// Why new local `local` of changed function `old_func` holds no value
+    /// the old frame holds too, at a point (a loop header, or a call) at
+    /// instructions `old_at` and `new_at` of the two versions: said as the
+    /// end of a refusal, empty if the comparison tells nothing.
+    fn why_unpaired(&self, codes: &Codes<'_>, old_func: u32, (old_at, new_at): (usize, usize), header: bool, local: u32) -> String {
+        let Some(paired) = self.paired(codes, old_func) else { return String::new() };
+        let PairedCode { pairs, walks: Some((o, n)) } = &*paired else { return String::new() };
+        let differs = |body: &crate::symbolic::Body, at: usize| match header {
+            true => body.differs_at_header(at).map(<[bool]>::to_vec),
+            false => body.at_call(at).map(|c| c.locals.clone()),
+        };
+        let (old_differs, new_differs) = (differs(o, old_at), differs(n, new_at));
+        let Some((&old_local, _)) = pairs.locals.iter().find(|(_, b)| **b == local) else {
+            return ": no local of the old version is written by the same code".into();
+        };
+        if new_differs.is_some_and(|d| d.get(local as usize) == Some(&true)) {
+            format!(
+                ": the new version computes it otherwise than the old one computed local {old_local} (code only the new version has writes it, or writes it from other values)"
+            )
+        } else if old_differs.is_some_and(|d| d.get(old_local as usize) == Some(&true)) {
+            format!(": the old version computed its counterpart, local {old_local}, with code the new version does not have")
+        } else {
+            String::new()
+        }
     }
 }
 

@@ -153,6 +153,9 @@ pub struct Body {
     /// Right before each call (by its index), when comparing: the same, and
     /// the values on the operand stack, bottom first, arguments included.
     calls: HashMap<usize, AtCall>,
+    /// At each loop header and right before each call (by index), the
+    /// locals that hold the same constant on every path there.
+    constants: HashMap<usize, Vec<(u32, i64)>>,
 }
 
 /// What the walk knows right before a call: the resume point a frame
@@ -261,6 +264,18 @@ impl Body {
             return None;
         }
         def.def.map(|(_, sym)| sym).filter(|s| matches!(s, Sym::Const(_) | Sym::Sp(_)))
+    }
+
+    /// The constant `local` holds right before instruction `at` (a loop
+    /// header or a call) on every path that reaches it: from one
+    /// definition that dominates `at`, or from definitions that all write
+    /// the same constant (a local the compiler keeps a global's address in
+    /// and sets on each branch that leads there).
+    pub fn constant_at(&self, local: u32, at: usize) -> Option<i64> {
+        if let Some(Sym::Const(c)) = self.value_at(local, at) {
+            return Some(c);
+        }
+        self.constants.get(&at)?.iter().find(|(l, _)| *l == local).map(|(_, c)| *c)
     }
 
     /// The `loop` instruction of the innermost loop holding instruction
@@ -397,6 +412,10 @@ impl Walk<'_> {
         let mut back_edges: HashMap<usize, Vec<V>> = HashMap::new();
         let mut headers: HashMap<usize, Vec<bool>> = HashMap::new();
         let mut calls: HashMap<usize, AtCall> = HashMap::new();
+        let mut constants: HashMap<usize, Vec<(u32, i64)>> = HashMap::new();
+        let known = |locals: &[V]| -> Vec<(u32, i64)> {
+            locals.iter().enumerate().filter_map(|(l, v)| if let Sym::Const(c) = v.0 { Some((l as u32, c)) } else { None }).collect()
+        };
         // Sends the current state along a branch to label `depth`.
         let send = |open: &mut Vec<Open>, back_edges: &mut HashMap<usize, Vec<V>>, state: &State, depth: u32| -> Option<()> {
             let target = open.len().checked_sub(1 + depth as usize)?;
@@ -437,6 +456,9 @@ impl Walk<'_> {
                 let stack = stack.iter().map(|v| (v.1, v.2)).collect();
                 calls.insert(index, AtCall { locals: locals.iter().map(|v| v.1).collect(), stack });
             }
+            if let (Operator::Call { .. } | Operator::CallIndirect { .. }, Some(locals)) = (op, &cur) {
+                constants.insert(index, known(locals));
+            }
             macro_rules! pop {
                 () => {
                     pop(&mut stack, unreachable, height)
@@ -461,6 +483,7 @@ impl Walk<'_> {
                         cur = join_states(cur, &self.back_edges.get(&at).cloned());
                         if let Some(locals) = &cur {
                             headers.insert(at, locals.iter().map(|v| v.1).collect());
+                            constants.insert(at, known(locals));
                         }
                     }
                     open.push(Open { height: stack.len(), results: r, arm: new_arm, loop_at, at_end: None, if_false });
@@ -522,8 +545,15 @@ impl Walk<'_> {
                         Some(locals) => *locals.get(*local_index as usize)?,
                         None => V(Sym::Unknown, false, Origin::Unknown),
                     };
-                    let moves = self.taint.transparent.contains(local_index);
-                    stack.push(V(v.0, v.1 || (differs && !moves), v.2));
+                    // Reading a local computes nothing: whether the value
+                    // read is the other version's is told by where it came
+                    // from (its origin, checked where it is used) and by
+                    // the definitions that reached the local, not by
+                    // whether this read pairs with one of the other
+                    // version's. Code that moved is paired piecemeal by the
+                    // diff, and an unpaired read of a paired variable is
+                    // no new value.
+                    stack.push(v);
                 }
                 Operator::LocalSet { local_index } | Operator::LocalTee { local_index } => {
                     let moves = self.taint.transparent.contains(local_index);
@@ -652,7 +682,7 @@ impl Walk<'_> {
             instrs.push(Instr { offset: *offset, access, def, sp: sp_before, value: pushed, is_control, differs, operands, arm });
         }
         self.back_edges = back_edges;
-        Some(Body { instrs, arm_parent, arm_loop, loops, params, writes_stack_pointer: writes_sp, headers, calls })
+        Some(Body { instrs, arm_parent, arm_loop, loops, params, writes_stack_pointer: writes_sp, headers, calls, constants })
     }
 
     fn block_arity(&self, ty: BlockType) -> Option<(usize, usize)> {

@@ -163,7 +163,7 @@ fn a_loop_that_reaches_changed_code_refuses_the_temporaries_it_writes() {
     let p = pair("frames-escape", &program("", ""), &program("acc ^= 3;", ""));
     let reason = p.refusal("main", "call to step #0");
     assert!(
-        reason.starts_with("local ") && reason.ends_with(" (a compiler temporary) is live there and has no counterpart in the old frame"),
+        reason.starts_with("local ") && reason.contains(" (a compiler temporary) is live there and has no counterpart in the old frame: "),
         "{reason}"
     );
 }
@@ -176,7 +176,7 @@ fn a_point_is_found_by_its_place_in_the_code_when_the_count_changed() {
     let p = pair("frames-count", &program("", ""), &program("acc += step(acc & 7);", ""));
     let reason = p.refusal("main", "call to step #0");
     assert!(
-        reason.starts_with("local ") && reason.ends_with(" (a compiler temporary) is live there and has no counterpart in the old frame"),
+        reason.starts_with("local ") && reason.contains(" (a compiler temporary) is live there and has no counterpart in the old frame: "),
         "{reason}"
     );
 }
@@ -288,7 +288,7 @@ fn a_live_temporary_without_a_counterpart_is_refused() {
             Err(e) => {
                 assert!(!expect_ok, "v2 -> v{v}: {e}");
                 assert!(
-                    e.reason.starts_with("local ") && e.reason.ends_with("is live there and has no counterpart in the old frame"),
+                    e.reason.starts_with("local ") && e.reason.contains("is live there and has no counterpart in the old frame: "),
                     "{e}"
                 );
             }
@@ -341,7 +341,7 @@ fn parameters_never_assigned_are_copied_and_assigned_ones_are_not() {
     // `c` (local 1) is assigned in the loop and read at its header.
     assert_eq!(
         p.refusal("clobber", "loop #0"),
-        "local 1 (a compiler temporary) is live there and has no counterpart in the old frame"
+        "local 1 (a compiler temporary) is live there and has no counterpart in the old frame: the new version computes it otherwise than the old one computed local 1 (code only the new version has writes it, or writes it from other values)"
     );
     // Right after the call `c` is written before any read: dead, so
     // neither frame saves it, and mapping a frame carries only the live
@@ -422,7 +422,7 @@ fn a_temporary_computed_the_same_way_moves_and_one_computed_otherwise_is_refused
     let sources = p.sources("same", "call to step #0");
     assert!(sources.iter().filter(|s| matches!(s, Old(_))).count() >= 1, "{sources:?}");
     let refusal = p.refusal("differs", "call to step #0");
-    assert!(refusal.starts_with("local ") && refusal.ends_with("(a compiler temporary) is live there and has no counterpart in the old frame"), "{refusal}");
+    assert!(refusal.starts_with("local ") && refusal.contains("(a compiler temporary) is live there and has no counterpart in the old frame: the new version computes it otherwise"), "{refusal}");
 }
 
 #[test]
@@ -511,15 +511,13 @@ fn a_named_variable_moves_to_the_local_dwarf_places_it_in_if_its_type_is_the_sam
 
     // The same without DWARF: `total` is then a temporary nobody can vouch for.
     let p = pair_with("frames-dwarf-g0", &named("int total = n * 7 + sink"), &named("int total = n * 9 + sink"), &["-g0"]);
-    assert!(p.refusal("named", point).ends_with("(a compiler temporary) is live there and has no counterpart in the old frame"));
+    assert!(p.refusal("named", point).contains("(a compiler temporary) is live there and has no counterpart in the old frame: "));
 
     // Another C type in the same wasm type: the bits would be read as
     // something else, so the variable has no counterpart.
     let p = pair("frames-dwarf-type", &named("int total = n * 7 + sink"), &named("unsigned total = n * 9u + sink"));
-    assert_eq!(
-        p.refusal("named", point),
-        format!("local {new_local} (`total`) is live there and has no counterpart in the old frame")
-    );
+    let refusal = p.refusal("named", point);
+    assert!(refusal.starts_with(&format!("local {new_local} (`total`) is live there and has no counterpart in the old frame: ")), "{refusal}");
 }
 
 /// Two buffers in linear memory; `first` names the one declared first,
@@ -622,7 +620,7 @@ fn the_identical_prefix_ends_exactly_at_the_first_difference() {
     let p = pair_with("frames-edge-reloc", &edge("one", "+ t"), &edge("other", "+ t"), &["-g0"]);
     assert_eq!(
         p.refusal("edge", "call to step #0"),
-        "local 1 (a compiler temporary) is live there and has no counterpart in the old frame"
+        "local 1 (a compiler temporary) is live there and has no counterpart in the old frame: the new version computes it otherwise than the old one computed local 1 (code only the new version has writes it, or writes it from other values)"
     );
 }
 
@@ -634,7 +632,7 @@ fn a_loop_with_a_branch_before_the_point_still_reaches_the_changed_code() {
     let body = |change: &str| program(&format!("if (acc & 1) sink = acc; {change}"), "");
     let p = pair("frames-escape-branch", &body(""), &body("acc ^= 3;"));
     let reason = p.refusal("main", "call to step #0");
-    assert!(reason.ends_with("(a compiler temporary) is live there and has no counterpart in the old frame"), "{reason}");
+    assert!(reason.contains("(a compiler temporary) is live there and has no counterpart in the old frame: "), "{reason}");
 }
 
 /// `b` is read after the call only in the new version: the old frame,
@@ -663,4 +661,49 @@ fn a_local_the_old_frame_did_not_save_is_refused_not_invented() {
     assert!(!old_rp.locals.contains(&1), "b is dead after the old call: {:?}", old_rp.locals);
     let reason = p.refusal("keep", "call to step #0");
     assert!(reason.contains("old local 1, which the old frame does not hold"), "{reason}");
+}
+
+/// A loop body whose two statements of the same shape swapped places,
+/// without DWARF: the diff pairs each statement with the other one's
+/// (they differ only in which local they read), so the renaming of locals
+/// comes out crosswise. The walks catch it, and each call point is
+/// refused naming the variable, never mapped crosswise. (Told apart only
+/// by which variable each reads, the two would need pairing by value
+/// rather than by position: not done.)
+#[test]
+fn a_loop_body_whose_look_alike_statements_swapped_is_refused_not_mapped_crosswise() {
+    let body = |first: &str, second: &str| {
+        format!(
+            r#"
+#include <stdio.h>
+volatile int sink, running = 300;
+__attribute__((noinline)) int step(int n) {{
+    int s = 0;
+    for (int i = 0; i < n; i++) {{ s += i * i; sink = s; }}
+    return s;
+}}
+int main(int argc, char **argv) {{
+    (void)argv;
+    int a = argc, b = 1;
+    while (running-- > 0) {{
+        {first}
+        {second}
+        sink = a ^ b;
+    }}
+    printf("%d %d\n", a, b);
+    return 0;
+}}
+"#
+        )
+    };
+    let (x, y) = ("a += step(a & 7);", "b += step(b & 7) * 2;");
+    let p = pair_with("frames-reordered", &body(x, y), &body(y, x), &["-g0"]);
+    assert!(p.changed.iter().any(|c| c == "main"), "{:?}", p.changed);
+    for point in ["call to step #0", "call to step #1"] {
+        let refusal = p.refusal("main", point);
+        assert!(
+            refusal.contains("(a compiler temporary) is live there and has no counterpart in the old frame: the new version computes it otherwise"),
+            "{point}: {refusal}"
+        );
+    }
 }

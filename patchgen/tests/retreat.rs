@@ -86,6 +86,41 @@ fn the_next_version_of_the_loop_goes_back_too() {
     assert!(p.retreat(MAIN, POLL).is_ok(), "{:?}", p.retreat(MAIN, POLL));
 }
 
+/// v4 reorders the loop body (accepting before serving) and v5 adds a call
+/// before poll(): the code that moved pairs piece by piece, and the count
+/// of entries in use, a temporary no debug information names, is still
+/// found in the old frame.
+#[test]
+fn a_reordered_body_and_a_new_call_before_poll_go_back_too() {
+    for (from, to) in [(3, 4), (4, 5)] {
+        let p = poll_server(from, to);
+        let (f, rp) = p.point(MAIN, POLL);
+        let moves = match p.frames.retreat(f, rp) {
+            Some(retreat) => retreat.as_ref().map(|_| ()).map_err(Clone::clone),
+            None => p.frames.recipe(f, rp).unwrap().as_ref().map(|_| ()).map_err(|e| e.reason.clone()),
+        };
+        assert!(moves.is_ok(), "v{from} to v{to}: {moves:?}");
+    }
+    // v4 keeps the address of the counter to increment (`ticks` on a
+    // timeout, `wakeups` at the end of the loop) in a local set on each
+    // branch that leads there: in the loop that serves the connections it
+    // is `wakeups`' on every path, and the frame is given that constant.
+    let p = poll_server(3, 4);
+    let (f, rp) = p.point(MAIN, "call to recv #0");
+    let recipe = p.frames.recipe(f, rp).unwrap().as_ref().unwrap_or_else(|e| panic!("{e}"));
+    assert!(recipe.locals.iter().any(|s| matches!(s, Source::Const(_))), "{:?}", recipe.locals);
+}
+
+/// v7 computes the count of entries in use anew before poll(), in code v4
+/// does not have: the old frame holds no value the new code would, and
+/// the refusal says so.
+#[test]
+fn a_temporary_the_new_code_computes_otherwise_is_refused_naming_why() {
+    let p = poll_server(4, 7);
+    let why = p.retreat(MAIN, POLL).as_ref().unwrap_err();
+    assert!(why.contains("(a compiler temporary) is live at the new loop header and has no counterpart in the old frame: the new version computes it otherwise than the old one computed local"), "{why}");
+}
+
 /// v6 counts its iterations in a global before poll(): going back to the
 /// header would count one twice.
 #[test]

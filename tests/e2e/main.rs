@@ -14,6 +14,7 @@ mod files;
 mod frames;
 mod fresh_memory;
 mod guests;
+mod handler;
 mod heap;
 mod interrupt;
 mod kv;

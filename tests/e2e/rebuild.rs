@@ -19,27 +19,34 @@ fn start(version: &str, tag: &str) -> (Server, Control) {
     (server, control)
 }
 
-/// Clients that each connect, send `INCR` and `PING`, and close, over and
-/// over: the server serves one connection at a time, so the others wait in
-/// the listen backlog meanwhile. Each checks that the shared counter only
-/// goes up.
-fn visitors(port: u16, clients: usize) -> ClientThreads {
-    ClientThreads::start(clients, || {
+/// Clients that each connect, send `INCR`, then what `then` sends and
+/// checks, and close, over and over: the server serves one connection at a
+/// time, so the others wait in the listen backlog meanwhile. Each checks
+/// that the shared counter only goes up.
+pub(crate) fn visitors(port: u16, clients: usize, then: fn(&mut Client) -> Result<(), String>) -> ClientThreads {
+    ClientThreads::start(clients, move || {
         let mut last = 0u64;
         move || {
             let mut client = Client::connect(port);
             let count = client.try_request("INCR");
             let n = count.as_deref().ok().and_then(|r| r.strip_prefix("COUNT ")).and_then(|n| n.parse::<u64>().ok());
-            let ping = client.try_request("PING");
-            match (n, ping.as_deref()) {
-                (Some(n), Ok("PONG v1" | "PONG v2")) if n > last => {
+            match (n, then(&mut client)) {
+                (Some(n), Ok(())) if n > last => {
                     last = n;
                     Ok(())
                 }
-                _ => Err(format!("INCR -> {count:?}, PING -> {ping:?} after COUNT {last}")),
+                (_, then) => Err(format!("INCR -> {count:?}, then {then:?}, after COUNT {last}")),
             }
         }
     })
+}
+
+/// `PING`, answered by either version.
+fn ping(client: &mut Client) -> Result<(), String> {
+    match client.try_request("PING") {
+        Ok(pong) if pong == "PONG v1" || pong == "PONG v2" => Ok(()),
+        other => Err(format!("PING -> {other:?}")),
+    }
 }
 
 #[test]
@@ -51,7 +58,7 @@ fn a_serving_loop_whose_frame_grew_is_rebuilt_at_recv_with_its_partial_line_unde
     assert_eq!(served.request("PING"), "PONG v1");
     served.send_raw("ECHO hel");
     // More clients queue behind it.
-    let visitors = visitors(server.port, 3);
+    let visitors = visitors(server.port, 3, ping);
     std::thread::sleep(Duration::from_millis(200));
 
     let report = expect_report(&control.update(&guest("recv-server-v2")));

@@ -1,5 +1,6 @@
 //! Frames that go back to their loop header: a poll-loop server whose every
-//! version changes its main loop before `poll()` (`guest-examples/poll-server`)
+//! version changes its main loop before `poll()` (`guest-examples/poll-server`:
+//! a timeout and a new branch, a new local, the body reordered, a new call)
 //! is updated along its version chain while clients keep talking to it.
 //! main waits in poll() for as long as the server runs, and its frame cannot
 //! move where it stands (the compiler lays the frame out anew); it moves back
@@ -67,11 +68,63 @@ fn a_main_loop_changed_before_poll_is_updated_at_its_header_under_load() {
     let n: u64 = wakeups.strip_prefix("WAKEUPS ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{wakeups}"));
     assert!(n > 0, "v3 counts poll()'s returns from its first iteration: {wakeups}");
 
+    // v4 reorders the loop body: connections are accepted before the
+    // others are served, and counted. The code that moved pairs piece by
+    // piece, so main's temporaries (the count of entries in use) keep
+    // their values.
+    expect_report(&control.update(&guest("poll-server-v4")));
+    load.wait_for(50);
+    let mut newcomer = server.client();
+    assert_eq!(newcomer.request("PING"), "PONG v4");
+    let accepts = newcomer.request("ACCEPTS");
+    let n: u64 = accepts.strip_prefix("ACCEPTS ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{accepts}"));
+    assert!(n >= 1, "v4 counted the newcomer's connection: {accepts}");
+    assert_eq!(fresh.request("PING"), "PONG v4", "the connections of v3 are served on");
+
+    // v5 makes a new call before poll(): census() counts the connections
+    // open each time round.
+    expect_report(&control.update(&guest("poll-server-v5")));
+    load.wait_for(50);
+    assert_eq!(newcomer.request("PING"), "PONG v5");
+    // partial, first, fresh, newcomer and the three incrementers.
+    assert_eq!(newcomer.request("CONNS"), "CONNS 7", "census() ran before the poll() that brought CONNS");
+
     partial.send_raw("NG\n");
-    assert_eq!(partial.read_line(), "PONG v3", "the half line sent under v1 was kept");
+    assert_eq!(partial.read_line(), "PONG v5", "the half line sent under v1 was kept");
     let (sent, failures) = load.stop();
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(fresh.request("INCR"), format!("COUNT {}", sent + 2), "no INCR lost or doubled");
+}
+
+/// v7 computes the count of entries in use anew before poll(), in code v4
+/// does not have: the value main's frame holds is not the one the new code
+/// would, neither where it stands nor at its loop header, so the update is
+/// refused naming that temporary, and v4 serves on, under load.
+#[test]
+fn a_temporary_the_new_loop_computes_otherwise_is_refused_naming_it() {
+    let (server, control) = start("poll-server-v4", "retreat-trim");
+    let mut client = server.client();
+    assert_eq!(client.request("PING"), "PONG v4");
+    // Idle, main waits in poll() at every attempt, so the reason given is
+    // the one for that point (busy, the last attempt may find main at any
+    // of its points, where the same temporary refuses in other words).
+    let (out, _) = control.update_with_timeout(&guest("poll-server-trim"), 300);
+    let reason = expect_error(&out, 1);
+    assert!(reason.starts_with("update refused: __original_main was still on the stack"), "{reason}");
+    assert!(
+        reason.contains("at call to poll #0: local ")
+            && reason.contains("it cannot go back to its loop header: local ")
+            && reason.contains(
+                "(a compiler temporary) is live at the new loop header and has no counterpart in the old frame: the new version computes it otherwise than the old one computed local "
+            ),
+        "{reason}"
+    );
+    let load = incrementers(server.port, 2);
+    load.wait_for(50);
+    let (sent, failures) = load.stop();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(client.request("PING"), "PONG v4", "the old version serves on");
+    assert_eq!(client.request("INCR"), format!("COUNT {}", sent + 1));
 }
 
 #[test]

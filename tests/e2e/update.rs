@@ -32,11 +32,15 @@ const TESTED_VERSIONS: &[(&str, &str, &str)] = &[
     ("kv-server", "kv-server-v5", "transform.rs: a_c_transformer_carries_what_the_automatic_mapping_cannot"),
     ("kv-server", "kv-server-v9", "frames.rs: an_update_waits_for_a_frame_that_cannot_move_to_leave_the_stack"),
     ("poll-server", "poll-server-effect", "retreat.rs: a_global_written_before_poll_keeps_the_frame_from_going_back"),
+    ("poll-server", "poll-server-trim", "retreat.rs: a_temporary_the_new_loop_computes_otherwise_is_refused_naming_it"),
     ("poll-server", "poll-server-v2", "retreat.rs: a_main_loop_changed_before_poll_is_updated_at_its_header_under_load"),
     ("poll-server", "poll-server-v3", "retreat.rs: a_main_loop_changed_before_poll_is_updated_at_its_header_under_load"),
+    ("poll-server", "poll-server-v4", "retreat.rs: a_main_loop_changed_before_poll_is_updated_at_its_header_under_load"),
+    ("poll-server", "poll-server-v5", "retreat.rs: a_main_loop_changed_before_poll_is_updated_at_its_header_under_load"),
     ("recv-server", "recv-server-pinned", "rebuild.rs: a_pointer_to_the_line_buffer_in_a_global_keeps_the_frame_from_being_rebuilt"),
     ("recv-server", "recv-server-pinned-v2", "rebuild.rs: a_pointer_to_the_line_buffer_in_a_global_keeps_the_frame_from_being_rebuilt"),
     ("recv-server", "recv-server-v2", "rebuild.rs: a_serving_loop_whose_frame_grew_is_rebuilt_at_recv_with_its_partial_line_under_load"),
+    ("recv-server", "recv-server-v3", "handler.rs: a_request_half_received_inside_a_changed_handler_completes_with_the_new_version"),
 ];
 
 #[test]
