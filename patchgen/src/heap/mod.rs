@@ -8,14 +8,18 @@
 //! before the pause; during the pause the paused frames add theirs
 //! ([`frame_roots`]), and [`trace`] walks the allocator's chunks
 //! ([`dlmalloc`]) and traces the roots ([`trace`](self::trace)), only when some
-//! root reaches a type that differs between the versions, so an update that
-//! changes no type costs nothing here. The host then allocates every converted object
+//! global's or struct's type differs between the versions or a frame's
+//! variable reaches one, so an update that changes no type costs nothing
+//! here. The host then allocates every converted object
 //! anew through the program's own `malloc`, rewrites the recorded pointers
 //! in place, copies each object through its map, and frees the old ones
 //! once the update has committed.
 //!
 //! What is refused (the conservative side): a `void *`, a union or memory
 //! no typed pointer reaches that holds the address of a converted object; a
+//! `void *` or union that holds an allocation no typed pointer reaches whose
+//! size fits a changed struct, unless the new version declares what it
+//! points to ([`Pointee`]); a
 //! pointer whose pointee type changed and that points outside every
 //! allocation and global; an allocation reached as two struct types when
 //! either changed; a pointer into a member the new version drops. Integers

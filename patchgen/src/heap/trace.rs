@@ -23,9 +23,10 @@ use std::sync::Arc;
 
 use super::dlmalloc::Chunks;
 use super::{FrameRoots, MemoryView, Moved, Plan, Pointee, Region, Roots, read_u32};
-
-type Pointees = std::collections::HashMap<(String, String), Pointee>;
 use crate::dwarf::{DebugInfo, Type, TypeId, ValueMap, same_type, value_map_through_pointers};
+
+/// What `void *` members point to, by (struct tag, member).
+type Pointees = std::collections::HashMap<(String, String), Pointee>;
 
 /// What a word inside a value is, for the tracer.
 #[derive(Debug, Clone)]
