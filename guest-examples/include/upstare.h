@@ -27,13 +27,8 @@
  *
  * Call it at startup, before accepting: an accepted connection is a socket
  * too and would be counted from then on.
- *
- * Not inlined: the `struct stat` it fills then lives in its own frame, gone
- * once it returns, rather than in its caller's, where a server's main loop
- * would keep the socket's inode number on its stack for good, and an update
- * that converts heap objects would have to take it for a possible pointer.
  */
-__attribute__((noinline, unused)) static int upstare_listener_fd(int n)
+static inline int upstare_listener_fd(int n)
 {
     int seen = 0;
     for (int fd = 3; fd < 1024; fd++) {
