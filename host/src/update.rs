@@ -409,8 +409,11 @@ impl Guest {
         };
         let shadow_stack = stack_from.zip(stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
         let frame_roots = match self.module.metadata() {
-            // Onto itself (`--stress-update`) no type changes.
-            Some(old_meta) if !Arc::ptr_eq(&current.version, &prepared.next.version) => heap::frame_roots(
+            // Typing the frames analyses each one's code: only when some
+            // global or struct changed type, so that an ordinary update's
+            // pause pays nothing for it (onto itself, `--stress-update`,
+            // nothing changes).
+            Some(old_meta) if prepared.plan.heap_roots.any_changed() && !Arc::ptr_eq(&current.version, &prepared.next.version) => heap::frame_roots(
                 &current.version,
                 old_meta,
                 &frames,
