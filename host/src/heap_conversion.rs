@@ -94,18 +94,21 @@ pub(crate) fn convert(
         let malloc = instance
             .get_typed_func::<i32, i32>(&mut *store, MALLOC)
             .map_err(|_| "the new version has no function named `malloc` to convert heap objects with".to_string())?;
-        for o in &plan.objects {
-            let at = with_pause_off(&unwinder.control, unwinder, store, |store| malloc.call(store, o.new_bytes() as i32))
-                .map_err(|e| format!("`malloc` failed: {e}"))?;
-            if at == 0 {
-                return Err(format!("`malloc({})` failed while converting {} ({})", o.new_bytes(), o.kind.type_name, plan.path_of(o)));
+        with_pause_off(&unwinder.control, unwinder, store, |store| {
+            for o in &plan.objects {
+                let at = malloc.call(&mut *store, o.new_bytes() as i32).map_err(|e| format!("`malloc` failed: {}", one_line(&e)))?;
+                if at == 0 {
+                    return Err(format!("`malloc({})` failed while converting {} ({})", o.new_bytes(), o.kind.type_name, plan.path_of(o)));
+                }
+                let at = at as u32;
+                if !memory.fill(u64::from(at), u64::from(o.new_bytes()), 0) {
+                    return Err(format!("`malloc` returned {at:#x}, out of bounds"));
+                }
+                new_starts.push(at);
             }
-            let at = at as u32;
-            if !memory.fill(u64::from(at), u64::from(o.new_bytes()), 0) {
-                return Err(format!("`malloc` returned {at:#x}, out of bounds"));
-            }
-            new_starts.push(at);
-        }
+            Ok(())
+        })
+        .map_err(|e| format!("converting the heap: {e}"))?;
     }
     let mut rewritten = 0;
     for (i, &(slot, _)) in plan.slots.iter().enumerate() {
@@ -137,11 +140,14 @@ pub(crate) fn convert(
         let convert = instance
             .get_typed_func::<(i32, i32), ()>(&mut *store, name)
             .map_err(|e| format!("converter `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))?;
-        for i in 0..o.count {
-            let (from, to) = ((o.start + i * o.kind.old_size) as i32, (to + i * o.kind.new_size) as i32);
-            with_pause_off(&unwinder.control, unwinder, store, |store| convert.call(store, (from, to)))
-                .map_err(|e| format!("converter `{name}` failed: {e}"))?;
-        }
+        with_pause_off(&unwinder.control, unwinder, store, |store| {
+            for i in 0..o.count {
+                let (from, to) = ((o.start + i * o.kind.old_size) as i32, (to + i * o.kind.new_size) as i32);
+                convert.call(&mut *store, (from, to)).map_err(|e| one_line(&e))?;
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("converter `{name}` failed: {e}"))?;
     }
     Ok((HeapCounts { converted: new_starts.len(), rewritten }, new_starts))
 }
@@ -166,25 +172,38 @@ pub(crate) fn rewrite_frames(plan: &heap::Plan, new_starts: &[u32], locals: &[(u
 /// bytes and the old value of every rewritten pointer. The new copies land
 /// in memory the allocator kept free (or grew), so with these written back
 /// the old version's memory, allocator included, is as it was.
-pub(crate) struct Undo {
-    regions: Vec<(u32, Vec<u8>)>,
-    slots: Vec<(u32, u32)>,
+pub(crate) struct Undo<'a> {
+    /// The allocator's regions, as (address, size), and their bytes one
+    /// after the other: a heap of a million objects has a million headers.
+    regions: &'a [(u32, u32)],
+    bytes: Vec<u8>,
+    /// The rewritten pointers, with their old values.
+    slots: &'a [(u32, u32)],
 }
 
-impl Undo {
-    pub(crate) fn take(plan: &heap::Plan, memory: &ProgramMemory) -> Result<Undo, String> {
-        let regions = plan
-            .allocator
-            .iter()
-            .map(|&(at, len)| {
-                memory.read(u64::from(at), u64::from(len)).map(|b| (at, b)).ok_or_else(|| format!("the allocator's bytes at {at:#x} lie out of bounds"))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Undo { regions, slots: plan.slots.clone() })
+impl<'a> Undo<'a> {
+    pub(crate) fn take(plan: &'a heap::Plan, memory: &ProgramMemory) -> Result<Undo<'a>, String> {
+        let total = plan.allocator.iter().map(|&(_, len)| len as usize).sum();
+        let mut bytes = vec![0; total];
+        let mut at = 0;
+        for &(address, len) in &plan.allocator {
+            let end = at + len as usize;
+            if !memory.read_into(u64::from(address), &mut bytes[at..end]) {
+                return Err(format!("the allocator's bytes at {address:#x} lie out of bounds"));
+            }
+            at = end;
+        }
+        Ok(Undo { regions: &plan.allocator, bytes, slots: &plan.slots })
     }
 
     pub(crate) fn restore(&self, memory: &ProgramMemory) -> bool {
-        let regions = self.regions.iter().all(|(at, bytes)| memory.write(u64::from(*at), bytes));
+        let mut at = 0;
+        let mut regions = true;
+        for &(address, len) in self.regions {
+            let end = at + len as usize;
+            regions &= memory.write(u64::from(address), &self.bytes[at..end]);
+            at = end;
+        }
         let slots = self.slots.iter().all(|(at, value)| memory.write(u64::from(*at), &value.to_le_bytes()));
         regions && slots
     }
@@ -203,27 +222,27 @@ pub(crate) fn free_old(
     let free = instance
         .get_typed_func::<i32, ()>(&mut *store, FREE)
         .map_err(|_| "the new version has no function named `free`".to_string())?;
-    for o in &plan.objects {
-        with_pause_off(&unwinder.control, unwinder, store, |store| free.call(store, o.start as i32))
-            .map_err(|e| format!("`free` failed: {e}"))?;
-    }
-    Ok(())
+    with_pause_off(&unwinder.control, unwinder, store, |store| {
+        plan.objects.iter().try_for_each(|o| free.call(&mut *store, o.start as i32).map_err(|e| one_line(&e)))
+    })
+    .map_err(|e| format!("`free` failed: {e}"))
 }
 
-/// Calls into the guest (its allocator, a converter) with no pause
-/// requested (its loops would otherwise unwind at once), and checks it
-/// returned normally.
+/// Makes `calls` into the guest (its allocator, a converter) with no pause
+/// requested (its loops would otherwise unwind at once), and checks they
+/// returned normally. One toggle for a whole batch: a million `malloc`s
+/// cost the calls alone.
 fn with_pause_off<T>(
     control: &ControlMemory,
     unwinder: &Unwinder,
     store: &mut Store<ProcessState>,
-    call: impl FnOnce(&mut Store<ProcessState>) -> wasmtime::Result<T>,
+    calls: impl FnOnce(&mut Store<ProcessState>) -> Result<T, String>,
 ) -> Result<T, String> {
     let paused = control.pause_requested();
     control.set_pause(false);
-    let result = call(&mut *store);
+    let result = calls(&mut *store);
     control.set_pause(paused);
-    let value = result.map_err(|e| one_line(&e))?;
+    let value = result?;
     match unwinder.state.get(&mut *store).i32() {
         Some(0) => Ok(value),
         _ => Err("it stopped at an update point instead of returning".into()),

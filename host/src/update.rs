@@ -343,14 +343,14 @@ struct Previous {
 }
 
 /// What an update copies before it writes memory the old version owns.
-enum Backup {
+enum Backup<'a> {
     /// All of it: C transformers and constructors may write anywhere.
     Whole(Vec<u8>),
     /// What converting the heap writes.
-    Heap(heap_conversion::Undo),
+    Heap(heap_conversion::Undo<'a>),
 }
 
-impl Backup {
+impl Backup<'_> {
     /// Writes the copy back; false if memory shrank under it (it cannot).
     fn restore(&self, memory: &ProgramMemory) -> bool {
         match self {
@@ -429,12 +429,14 @@ impl Guest {
         let stacks = heap_conversion::Stacks { live: shadow_stack, moving: &stack.moves, frames: &frame_roots };
         let heap = heap_conversion::trace(&current.version, &prepared.plan, &prepared.linked, memory, stacks)
             .map_err(UpdateError::Refused)?;
-        // Typed pointers the tracer found are rewritten, wherever they point.
+        // Typed pointers the tracer found are rewritten, wherever they
+        // point. Only those in the globals and the shadow stack matter to
+        // the scan; the heap's lie above both.
+        let holders = pointer_holders(&current.version, stack_from);
+        let holders_end = holders.iter().map(|&(_, at, size)| at.saturating_add(size)).max().unwrap_or(0);
         let rewritten: std::collections::HashSet<u32> =
-            heap.iter().flat_map(|h| h.slots.iter().map(|(slot, _)| *slot)).collect();
-        let stale = |c: &dyn Fn(u32) -> Option<String>, skip| {
-            find_pointer(kept, &current.version, memory, stack_from, c, skip, &rewritten)
-        };
+            heap.iter().flat_map(|h| h.slots.iter().map(|(slot, _)| *slot)).filter(|&slot| slot < holders_end).collect();
+        let stale = |c: &dyn Fn(u32) -> Option<String>, skip| find_pointer(kept, &current.version, memory, &holders, c, skip, &rewritten);
         let moved_from = |v: u32| {
             stack.moves.iter().any(|(from, _, len)| v >= *from && u64::from(v - from) < *len).then(|| match &stack.rebuilt {
                 Some(r) => format!(
@@ -847,7 +849,7 @@ fn find_pointer(
     frames: &[TypedFrame],
     old: &Version,
     memory: &ProgramMemory,
-    stack_pointer: Option<u32>,
+    holders: &[(String, u32, u32)],
     target: &dyn Fn(u32) -> Option<String>,
     skip_targets: bool,
     rewritten: &std::collections::HashSet<u32>,
@@ -864,10 +866,8 @@ fn find_pointer(
             }
         }
     }
-    let regions = pointer_holders(old, stack_pointer)
-        .into_iter()
-        .filter(|(_, at, _)| !(skip_targets && target(*at).is_some()));
-    for (holder, at, size) in regions {
+    let regions = holders.iter().filter(|(_, at, _)| !(skip_targets && target(*at).is_some()));
+    for &(ref holder, at, size) in regions {
         let bytes = memory.read(u64::from(at), u64::from(size))?;
         for (i, word) in bytes.chunks_exact(4).enumerate() {
             let here = at + 4 * i as u32;

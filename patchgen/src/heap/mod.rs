@@ -291,7 +291,16 @@ impl Object {
 #[derive(Debug, Clone, Default)]
 struct Paths {
     roots: Vec<String>,
-    claims: Vec<Option<trace::Claim>>,
+    origins: Vec<Option<trace::Origin>>,
+    /// The member paths [`trace::Name`]s index.
+    names: Vec<std::sync::Arc<str>>,
+}
+
+impl Paths {
+    /// The C expression of member `field` of the traced value `via`.
+    fn render(&self, via: trace::Via, field: trace::Name) -> String {
+        trace::path(&self.roots, &self.origins, &self.names, via, field)
+    }
 }
 
 /// What the host must do to the heap for an update.
@@ -386,8 +395,8 @@ impl Plan {
 
     /// How `o` was reached from a root, like `conns[3]->next`.
     pub fn path_of(&self, o: &Object) -> String {
-        match self.paths.claims.get(o.chunk).and_then(|c| c.as_ref()) {
-            Some(c) => trace::path(&self.paths.roots, &self.paths.claims, c.from, &c.field),
+        match self.paths.origins.get(o.chunk).and_then(|c| c.as_ref()) {
+            Some(c) => self.paths.render(c.from, c.field),
             None => format!("the allocation at {:#x}", o.start),
         }
     }

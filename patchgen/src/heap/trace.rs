@@ -29,44 +29,80 @@ use crate::dwarf::{DebugInfo, Type, TypeId, ValueMap, same_type, value_map_throu
 type Pointees = std::collections::HashMap<(String, String), Pointee>;
 
 /// What a word inside a value is, for the tracer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 enum FieldKind {
-    /// A data pointer to this (old) type.
-    Pointer(TypeId),
-    /// A `void *` the new version says points to this struct (old type),
-    /// converted to this new one when it changed (`UPSTARE_POINTS_TO`).
-    Declared(TypeId, Option<TypeId>),
+    /// A data pointer to `old`, whose pointee becomes `new` when its type
+    /// changed (known once the value's own type pair is: see [`Shape`]).
+    Pointer { old: TypeId, new: Option<TypeId> },
     /// Bytes that may hold a pointer of unknown type (`void *`, a union).
     Untyped(u32),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Field {
     offset: u32,
     kind: FieldKind,
-    /// Member path from the value, like `.next` or `.slots[3]`.
-    path: Arc<str>,
+    /// Member path from the value, like `.next` or `.slots[3]`, as an index
+    /// in [`Tracer::names`].
+    path: Name,
 }
+
+/// A member path, by its index in the tracer's table of them: claims and
+/// fields are copied by the million, their paths read only for messages.
+pub(super) type Name = u32;
+
+/// The empty member path: the value itself.
+const WHOLE: Name = 0;
+
+/// How the tracer walks each value of one type pair (old, new): the words
+/// that may hold pointers, each pointer with its pointee's new type when
+/// that changed. Made once per pair, so a visit neither hashes nor looks up
+/// offsets.
+struct Shape {
+    fields: Vec<Field>,
+}
+
+/// Index of a [`Shape`] in [`Tracer::shapes`].
+type ShapeId = u32;
 
 /// A value being traced: a root, or one element of an allocation.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Via {
-    Root(usize),
-    Object { chunk: usize, element: u32 },
+    Root(u32),
+    Object { chunk: u32, element: u32 },
 }
 
-/// The type an allocation was given.
-#[derive(Debug, Clone)]
-pub(super) struct Claim {
+/// The type an allocation was given, `old` becoming `new`. Read for every
+/// pointer into the allocation, so kept to 8 bytes, the allocations' array
+/// of them dense in the cache; where the type came from is an [`Origin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Claim {
+    /// [`NO_TYPE`]: not claimed yet.
     old: TypeId,
-    new: Option<TypeId>,
-    /// Whether the type has members (a struct, union, array or pointer), as
-    /// opposed to plain bytes.
-    shaped: bool,
-    /// The value holding the first pointer that gave this type, and the
-    /// pointer's member path in it, for messages.
+    /// [`NO_TYPE`]: the type stays.
+    new: TypeId,
+}
+
+const NO_TYPE: TypeId = TypeId(u32::MAX);
+
+impl Claim {
+    const NONE: Claim = Claim { old: NO_TYPE, new: NO_TYPE };
+
+    fn is_claimed(self) -> bool {
+        self.old != NO_TYPE
+    }
+
+    fn new(self) -> Option<TypeId> {
+        (self.new != NO_TYPE).then_some(self.new)
+    }
+}
+
+/// The value holding the first pointer that gave an allocation its type,
+/// and the pointer's member path in it, for messages.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Origin {
     pub(super) from: Via,
-    pub(super) field: Arc<str>,
+    pub(super) field: Name,
 }
 
 /// One trace of a paused heap: the work list, what each allocation was
@@ -83,15 +119,19 @@ pub(super) struct Tracer<'a> {
     /// variables in memory, then those in locals.
     root_names: Vec<String>,
     moved: &'a [Moved],
-    claims: Vec<Option<Claim>>,
-    fields: HashMap<TypeId, Arc<Vec<Field>>>,
+    claims: Vec<Claim>,
+    origins: Vec<Option<Origin>>,
+    /// The member paths [`Name`]s index.
+    names: Vec<Arc<str>>,
+    shapes: Vec<Shape>,
+    shape_ids: HashMap<(TypeId, Option<TypeId>), ShapeId>,
     pairs: HashMap<(TypeId, TypeId), Arc<(ValueMap, HashMap<u64, TypeId>)>>,
-    work: Vec<(u32, TypeId, Option<TypeId>, Via)>,
+    work: Vec<(u32, ShapeId, Via)>,
     slots: Vec<(u32, u32)>,
     /// The allocation each slot points into, or `u32::MAX`.
     slot_chunks: Vec<u32>,
     /// `void *` and union members met while tracing, named lazily.
-    untyped: Vec<(u32, u32, Via, Arc<str>)>,
+    untyped: Vec<(u32, u32, Via, Name)>,
     inside: Vec<Inside>,
     /// One description per changed type pair, shared by its objects.
     kinds: HashMap<(TypeId, TypeId), Arc<super::ObjectKind>>,
@@ -104,7 +144,7 @@ struct Inside {
     value: u32,
     pointee: TypeId,
     from: Via,
-    field: Arc<str>,
+    field: Name,
 }
 
 impl<'a> Tracer<'a> {
@@ -128,8 +168,11 @@ impl<'a> Tracer<'a> {
             frames,
             root_names: globals.chain(in_frames).cloned().collect(),
             moved,
-            claims: vec![None; chunks.all().len()],
-            fields: HashMap::default(),
+            claims: vec![Claim::NONE; chunks.all().len()],
+            origins: vec![None; chunks.all().len()],
+            names: vec![Arc::from("")],
+            shapes: Vec::new(),
+            shape_ids: HashMap::default(),
             pairs: HashMap::default(),
             work: Vec::new(),
             slots: Vec::new(),
@@ -146,38 +189,44 @@ impl<'a> Tracer<'a> {
     pub(super) fn run(mut self, untyped: Vec<Region>) -> Result<Plan, String> {
         let frames = self.frames;
         for (i, root) in self.roots.globals.iter().chain(&frames.memory).enumerate() {
-            self.work.push((root.address, root.old_ty, root.new_ty, Via::Root(i)));
+            let via = Via::Root(i as u32);
+            let shape = self.shape(root.old_ty, root.new_ty, via)?;
+            self.work.push((root.address, shape, via));
         }
         let first_value = self.roots.globals.len() + frames.memory.len();
-        let no_field: Arc<str> = Arc::from("");
         for (i, v) in frames.values.iter().enumerate() {
             self.pointers += 1;
-            self.pointer(None, v.value, v.pointee, v.new_pointee, Via::Root(first_value + i), &no_field)?;
+            self.pointer(None, v.value, v.pointee, v.new_pointee, Via::Root((first_value + i) as u32), WHOLE)?;
         }
-        while let Some((at, old, new, via)) = self.work.pop() {
-            self.visit(at, old, new, via)?;
+        while let Some((at, shape, via)) = self.work.pop() {
+            self.visit(at, shape, via)?;
         }
         if !self.roots.changed_structs.is_empty() {
-            for &(address, size, via, ref field) in &self.untyped {
+            for &(address, size, via, field) in &self.untyped {
                 self.check_untyped(address, size, via, field)?;
             }
         }
         for i in &self.inside {
-            if !self.claims[i.chunk].as_ref().is_some_and(|c| c.new.is_some()) {
+            if self.claims[i.chunk].new().is_none() {
                 let c = self.chunks.all()[i.chunk];
                 return Err(format!(
                     "{} points {} bytes into an allocation of {} bytes whose type the trace cannot tell, where an object of changed type {} cannot be converted (an allocator wrapper that keeps a header before each object hides it)",
-                    path(&self.root_names, &self.claims, i.from, &i.field),
+                    self.path(i.from, i.field),
                     i.value - c.start,
                     c.size,
                     self.old.type_name(i.pointee)
                 ));
             }
         }
-        let mut objects = Vec::new();
+        // Counted first: a million objects are 40 MB, which growing by
+        // doubling would copy and fault in twice over.
+        let mut objects = Vec::with_capacity(self.claims.iter().filter(|c| c.new().is_some()).count());
         for chunk in 0..self.claims.len() {
-            let Some(Claim { old, new: Some(new), from, field, .. }) = self.claims[chunk].clone() else { continue };
-            let Some(kind) = self.kind(old, new, from, &field)? else { continue };
+            let (Claim { old, new }, Some(Origin { from, field })) = (self.claims[chunk], self.origins[chunk]) else { continue };
+            if new == NO_TYPE {
+                continue;
+            }
+            let Some(kind) = self.kind(old, new, from, field)? else { continue };
             let c = self.chunks.all()[chunk];
             objects.push(super::Object {
                 start: c.start,
@@ -187,7 +236,9 @@ impl<'a> Tracer<'a> {
                 kind,
             });
         }
-        let paths = super::Paths { roots: self.root_names, claims: self.claims };
+        let unclaimed: Vec<usize> =
+            (0..self.claims.len()).filter(|&c| !self.claims[c].is_claimed() && !self.chunks.is_internal(c)).collect();
+        let paths = super::Paths { roots: self.root_names, origins: self.origins, names: self.names };
         let mut object_of_chunk = vec![u32::MAX; self.chunks.all().len()];
         for (i, o) in objects.iter().enumerate() {
             object_of_chunk[o.chunk] = i as u32;
@@ -207,7 +258,11 @@ impl<'a> Tracer<'a> {
             // In the untyped regions, the words the frames' DWARF accounts
             // for: pointers the trace rewrites, bytes of typed variables
             // (not pointers, as inside any typed value), dead variables.
-            let mut known: rustc_hash::FxHashSet<u32> = plan.slots.iter().map(|&(slot, _)| slot).collect();
+            // Only slots inside those regions matter; the heap's (nearly
+            // all of them) lie above every one.
+            let (low, high) = untyped.iter().fold((u32::MAX, 0), |(l, h), r| (l.min(r.address), h.max(r.address.saturating_add(r.size))));
+            let mut known: rustc_hash::FxHashSet<u32> =
+                plan.slots.iter().map(|&(slot, _)| slot).filter(|&slot| slot >= low && slot < high).collect();
             let spans = self.frames.memory.iter().map(|r| (r.address, r.size)).chain(self.frames.dead.iter().copied());
             for (address, size) in spans {
                 known.extend((address..address.saturating_add(size)).step_by(4));
@@ -216,16 +271,14 @@ impl<'a> Tracer<'a> {
                 plan.check_words(self.memory, r.address, r.size, &known, || r.what.clone())?;
             }
             let none = rustc_hash::FxHashSet::default();
-            for &(address, size, via, ref field) in &self.untyped {
-                plan.check_words(self.memory, address, size, &none, || path(&plan.paths.roots, &plan.paths.claims, via, field))?;
+            for &(address, size, via, field) in &self.untyped {
+                plan.check_words(self.memory, address, size, &none, || plan.paths.render(via, field))?;
             }
-            for (chunk, claim) in plan.paths.claims.iter().enumerate() {
-                if claim.is_none() && !self.chunks.is_internal(chunk) {
-                    let c = self.chunks.all()[chunk];
-                    plan.check_words(self.memory, c.start, c.size, &none, || {
-                        format!("an allocation at {:#x} that no typed pointer reaches", c.start)
-                    })?;
-                }
+            for chunk in unclaimed {
+                let c = self.chunks.all()[chunk];
+                plan.check_words(self.memory, c.start, c.size, &none, || {
+                    format!("an allocation at {:#x} that no typed pointer reaches", c.start)
+                })?;
             }
         }
         plan.check_slots()?;
@@ -237,7 +290,7 @@ impl<'a> Tracer<'a> {
     /// pointer reached and whose size fits an array of some struct whose
     /// type changed: what it holds cannot be told, so it could not be
     /// converted.
-    fn check_untyped(&self, address: u32, size: u32, via: Via, field: &str) -> Result<(), String> {
+    fn check_untyped(&self, address: u32, size: u32, via: Via, field: Name) -> Result<(), String> {
         let mut bytes = vec![0; size as usize];
         if !self.memory.read(address, &mut bytes) {
             return Ok(());
@@ -246,13 +299,13 @@ impl<'a> Tracer<'a> {
             let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
             let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) else { continue };
             let c = self.chunks.all()[chunk];
-            if c.start != value || self.claims[chunk].is_some() {
+            if c.start != value || self.claims[chunk].is_claimed() {
                 continue;
             }
             if let Some((tag, _)) = self.roots.changed_structs.iter().find(|(_, s)| fits(c.size, *s)) {
                 return Err(format!(
                     "{} points to an allocation of {} bytes whose type no typed pointer tells: it may hold `struct {tag}`, whose type changed, and would not be converted (declare what it points to with UPSTARE_POINTS_TO in the new version)",
-                    path(&self.root_names, &self.claims, via, field),
+                    self.path(via, field),
                     c.size
                 ));
             }
@@ -262,12 +315,12 @@ impl<'a> Tracer<'a> {
 
     /// What converting objects of `old` to `new` takes; `None` when their
     /// bytes need not move (only pointers inside them change type).
-    fn kind(&mut self, old: TypeId, new: TypeId, from: Via, field: &str) -> Result<Option<Arc<super::ObjectKind>>, String> {
+    fn kind(&mut self, old: TypeId, new: TypeId, from: Via, field: Name) -> Result<Option<Arc<super::ObjectKind>>, String> {
         if let Some(k) = self.kinds.get(&(old, new)) {
             return Ok(Some(k.clone()));
         }
         let Some(pair) = self.pair(old, new) else {
-            let root = format!("*{}", path(&self.root_names, &self.claims, from, field));
+            let root = format!("*{}", self.path(from, field));
             return Err(self.unmappable(old, new, &root));
         };
         let (old_size, new_size) = (self.size(self.old, old)?, self.size(self.new, new)?);
@@ -295,33 +348,21 @@ impl<'a> Tracer<'a> {
         }
     }
 
-    fn visit(&mut self, at: u32, old: TypeId, new: Option<TypeId>, via: Via) -> Result<(), String> {
-        let fields = self.fields_of(old);
-        let pair = match new {
-            Some(new) => match self.pair(old, new) {
-                Some(pair) => Some(pair),
-                None => return Err(self.unmappable(old, new, &path(&self.root_names, &self.claims, via, ""))),
-            },
-            None => None,
-        };
-        for f in fields.iter() {
+    fn visit(&mut self, at: u32, shape: ShapeId, via: Via) -> Result<(), String> {
+        for i in 0..self.shapes[shape as usize].fields.len() {
+            let f = self.shapes[shape as usize].fields[i];
             let slot = at.wrapping_add(f.offset);
-            match &f.kind {
-                FieldKind::Untyped(size) => self.untyped.push((slot, *size, via, f.path.clone())),
-                FieldKind::Pointer(_) | FieldKind::Declared(..) => {
+            match f.kind {
+                FieldKind::Untyped(size) => self.untyped.push((slot, size, via, f.path)),
+                FieldKind::Pointer { old, new } => {
                     let Some(value) = read_u32(self.memory, slot) else {
-                        return Err(format!("{} lies outside memory", path(&self.root_names, &self.claims, via, &f.path)));
+                        return Err(format!("{} lies outside memory", self.path(via, f.path)));
                     };
                     if value == 0 {
                         continue;
                     }
                     self.pointers += 1;
-                    let (pointee, new_pointee) = match f.kind {
-                        FieldKind::Declared(old, new) => (old, new),
-                        FieldKind::Pointer(old) => (old, pair.as_ref().and_then(|p| p.1.get(&u64::from(f.offset)).copied())),
-                        FieldKind::Untyped(_) => unreachable!("matched above"),
-                    };
-                    self.pointer(Some(slot), value, pointee, new_pointee, via, &f.path)?;
+                    self.pointer(Some(slot), value, old, new, via, f.path)?;
                 }
             }
         }
@@ -337,25 +378,25 @@ impl<'a> Tracer<'a> {
         pointee: TypeId,
         new_pointee: Option<TypeId>,
         via: Via,
-        field: &Arc<str>,
+        field: Name,
     ) -> Result<(), String> {
         if let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) {
             if let Some(slot) = slot {
                 self.slots.push((slot, value));
                 self.slot_chunks.push(chunk as u32);
             }
-            if value != self.chunks.all()[chunk].start {
+            if value != self.chunks.start(chunk) {
                 // Into the allocation, not at its start (an element, a
                 // member): an alias, rewritten with whatever the allocation
                 // turns out to be. Only the pointer `malloc` returned, or a
                 // copy of it, says what the allocation is; a pointer to a
                 // changed type must find that it was converted.
                 if new_pointee.is_some() {
-                    self.inside.push(Inside { chunk, value, pointee, from: via, field: field.clone() });
+                    self.inside.push(Inside { chunk, value, pointee, from: via, field });
                 }
                 return Ok(());
             }
-            return self.claim(chunk, pointee, new_pointee, via, field.clone());
+            return self.claim(chunk, pointee, new_pointee, via, field);
         }
         let Some(slot) = slot else {
             // A local pointing outside the heap: the frame checks of the
@@ -371,7 +412,7 @@ impl<'a> Tracer<'a> {
             // Not an allocation: a global of the same type, the shadow stack
             // or memory the tracer cannot see. A pointer whose pointee type
             // changed must not go on pointing at an old layout unseen.
-            let path = path(&self.root_names, &self.claims, via, field);
+            let path = self.path(via, field);
             if !self.roots.globals.iter().any(|r| value >= r.address && value - r.address < r.size.max(1)) {
                 return Err(format!(
                     "{path} points to {value:#x}, outside every allocation and global, at an object of changed type {}",
@@ -384,55 +425,106 @@ impl<'a> Tracer<'a> {
 
     /// Gives `chunk` the type `old` (converted to `new`), tracing its
     /// elements the first time it is given a shape.
-    fn claim(&mut self, chunk: usize, old: TypeId, new: Option<TypeId>, from: Via, field: Arc<str>) -> Result<(), String> {
-        let shaped = !matches!(self.old.ty(old), Type::Base { .. } | Type::Enum { .. } | Type::Unknown | Type::Function);
-        let expand = match &self.claims[chunk] {
-            None => true,
-            Some(c) if !c.shaped && shaped => true,
-            Some(c) if !shaped || !c.shaped => false,
-            Some(c) => {
-                if same_type(self.old, c.old, self.old, old) {
-                    // Reached again as the same type; a pair found now where
-                    // the first visit saw none is converted all the same.
-                    c.new.is_none() && new.is_some()
-                } else if c.new.is_some() || new.is_some() {
-                    return Err(format!(
-                        "the allocation at {:#x} is reached as {} ({}) and as {} ({}), and one of the two types changed",
-                        self.chunks.all()[chunk].start,
-                        self.old.type_name(c.old),
-                        path(&self.root_names, &self.claims, c.from, &c.field),
-                        self.old.type_name(old),
-                        path(&self.root_names, &self.claims, from, &field),
-                    ));
-                } else {
-                    false
-                }
+    fn claim(&mut self, chunk: usize, old: TypeId, new: Option<TypeId>, from: Via, field: Name) -> Result<(), String> {
+        let c = self.claims[chunk];
+        let expand = if !c.is_claimed() {
+            true
+        } else {
+            let (shaped, was_shaped) = (self.shaped(old), self.shaped(c.old));
+            if !was_shaped && shaped {
+                true
+            } else if !shaped || !was_shaped {
+                false
+            } else if c.old == old || same_type(self.old, c.old, self.old, old) {
+                // Reached again as the same type; a pair found now where
+                // the first visit saw none is converted all the same.
+                c.new().is_none() && new.is_some()
+            } else if c.new().is_some() || new.is_some() {
+                let first = self.origins[chunk].expect("a claimed allocation has an origin");
+                return Err(format!(
+                    "the allocation at {:#x} is reached as {} ({}) and as {} ({}), and one of the two types changed",
+                    self.chunks.all()[chunk].start,
+                    self.old.type_name(c.old),
+                    self.path(first.from, first.field),
+                    self.old.type_name(old),
+                    self.path(from, field),
+                ));
+            } else {
+                false
             }
         };
         if !expand {
             return Ok(());
         }
-        self.claims[chunk] = Some(Claim { old, new, shaped, from, field });
+        self.claims[chunk] = Claim { old, new: new.unwrap_or(NO_TYPE) };
+        self.origins[chunk] = Some(Origin { from, field });
         let c = self.chunks.all()[chunk];
         let size = self.old.size_of(old).unwrap_or(0) as u32;
         if size == 0 {
             return Ok(());
         }
         if size > c.size && new.is_some() {
-            let claim = self.claims[chunk].as_ref().expect("just made");
             return Err(format!(
                 "{} points to an allocation of {} bytes, smaller than its type {} ({size} bytes)",
-                path(&self.root_names, &self.claims, claim.from, &claim.field),
+                self.path(from, field),
                 c.size,
                 self.old.type_name(old)
             ));
         }
-        if !self.fields_of(old).is_empty() {
+        let chunk = chunk as u32;
+        let shape = self.shape(old, new, Via::Object { chunk, element: 0 })?;
+        if !self.shapes[shape as usize].fields.is_empty() {
             for i in 0..c.size / size {
-                self.work.push((c.start + i * size, old, new, Via::Object { chunk, element: i }));
+                self.work.push((c.start + i * size, shape, Via::Object { chunk, element: i }));
             }
         }
         Ok(())
+    }
+
+    /// The shape of values of `old` becoming `new`; an `Err` when no
+    /// automatic mapping carries one to the other (`via` is the first such
+    /// value, for the message).
+    fn shape(&mut self, old: TypeId, new: Option<TypeId>, via: Via) -> Result<ShapeId, String> {
+        if let Some(&id) = self.shape_ids.get(&(old, new)) {
+            return Ok(id);
+        }
+        let pair = match new {
+            Some(new) => match self.pair(old, new) {
+                Some(pair) => Some(pair),
+                None => return Err(self.unmappable(old, new, &self.path(via, WHOLE))),
+            },
+            None => None,
+        };
+        let mut fields = Vec::new();
+        collect_fields(self.old, &self.roots.pointees, old, 0, "", &mut fields, 0);
+        let fields = fields
+            .into_iter()
+            .map(|(offset, kind, path)| {
+                let kind = match (kind, &pair) {
+                    (FieldKind::Pointer { old, new: None }, Some(pair)) => {
+                        FieldKind::Pointer { old, new: pair.1.get(&u64::from(offset)).copied() }
+                    }
+                    (kind, _) => kind,
+                };
+                self.names.push(Arc::from(path));
+                Field { offset, kind, path: (self.names.len() - 1) as Name }
+            })
+            .collect();
+        let id = self.shapes.len() as ShapeId;
+        self.shapes.push(Shape { fields });
+        self.shape_ids.insert((old, new), id);
+        Ok(id)
+    }
+
+    /// The C expression of `field` in `via`, for messages.
+    fn path(&self, via: Via, field: Name) -> String {
+        path(&self.root_names, &self.origins, &self.names, via, field)
+    }
+
+    /// Whether values of `ty` have members (a struct, union, array or
+    /// pointer), as opposed to plain bytes.
+    fn shaped(&self, ty: TypeId) -> bool {
+        !matches!(self.old.ty(ty), Type::Base { .. } | Type::Enum { .. } | Type::Unknown | Type::Function)
     }
 
     /// How a value of `old` becomes one of `new`, and the pointee pairs of
@@ -458,17 +550,6 @@ impl<'a> Tracer<'a> {
             Ok(_) => format!("{root}: cannot be mapped"),
         }
     }
-
-    fn fields_of(&mut self, ty: TypeId) -> Arc<Vec<Field>> {
-        if let Some(f) = self.fields.get(&ty) {
-            return f.clone();
-        }
-        let mut out = Vec::new();
-        collect_fields(self.old, &self.roots.pointees, ty, 0, "", &mut out, 0);
-        let f = Arc::new(out);
-        self.fields.insert(ty, f.clone());
-        f
-    }
 }
 
 /// Whether an allocation of `usable` bytes may be an array of elements of
@@ -480,10 +561,12 @@ fn fits(usable: u32, size: u32) -> bool {
 /// Nesting deeper than this is a type this reader does not follow.
 const MAX_DEPTH: u32 = 32;
 
-fn collect_fields(debug: &DebugInfo, pointees: &Pointees, ty: TypeId, at: u32, path: &str, out: &mut Vec<Field>, depth: u32) {
-    let untyped = |out: &mut Vec<Field>, size: u64| {
-        out.push(Field { offset: at, kind: FieldKind::Untyped(size as u32), path: Arc::from(path) });
-    };
+/// A word of a value that may hold a pointer: its offset, what it is, and
+/// its member path (`.slots[3].value`).
+type RawField = (u32, FieldKind, String);
+
+fn collect_fields(debug: &DebugInfo, pointees: &Pointees, ty: TypeId, at: u32, path: &str, out: &mut Vec<RawField>, depth: u32) {
+    let untyped = |out: &mut Vec<RawField>, size: u64| out.push((at, FieldKind::Untyped(size as u32), path.to_string()));
     if depth > MAX_DEPTH {
         return untyped(out, debug.size_of(ty).unwrap_or(0));
     }
@@ -492,7 +575,7 @@ fn collect_fields(debug: &DebugInfo, pointees: &Pointees, ty: TypeId, at: u32, p
         Type::Pointer { to: None } => untyped(out, 4),
         Type::Pointer { to: Some(p) } => {
             if !matches!(debug.ty(*p), Type::Function) {
-                out.push(Field { offset: at, kind: FieldKind::Pointer(*p), path: Arc::from(path) });
+                out.push((at, FieldKind::Pointer { old: *p, new: None }, path.to_string()));
             }
         }
         Type::Struct { name: tag, members, .. } => {
@@ -504,11 +587,10 @@ fn collect_fields(debug: &DebugInfo, pointees: &Pointees, ty: TypeId, at: u32, p
                     _ => None,
                 };
                 match declared {
-                    Some(Pointee::Struct(old, new)) => out.push(Field {
-                        offset: at + m.offset as u32,
-                        kind: FieldKind::Declared(*old, *new),
-                        path: Arc::from(member_path),
-                    }),
+                    // A `void *` the new version says holds this struct.
+                    Some(&Pointee::Struct(old, new)) => {
+                        out.push((at + m.offset as u32, FieldKind::Pointer { old, new }, member_path))
+                    }
                     Some(Pointee::Data) => {}
                     None => collect_fields(debug, pointees, m.ty, at + m.offset as u32, &member_path, out, depth + 1),
                 }
@@ -523,12 +605,8 @@ fn collect_fields(debug: &DebugInfo, pointees: &Pointees, ty: TypeId, at: u32, p
                 return;
             }
             for i in 0..n {
-                for f in &inner {
-                    out.push(Field {
-                        offset: at + (i * size) as u32 + f.offset,
-                        kind: f.kind.clone(),
-                        path: Arc::from(format!("{path}[{i}]{}", f.path)),
-                    });
+                for (offset, kind, inner_path) in &inner {
+                    out.push((at + (i * size) as u32 + offset, *kind, format!("{path}[{i}]{inner_path}")));
                 }
             }
         }
@@ -536,23 +614,23 @@ fn collect_fields(debug: &DebugInfo, pointees: &Pointees, ty: TypeId, at: u32, p
     }
 }
 
-/// The C expression of `field` in the traced value `via`, from its root,
-/// for messages: `conns[3]->next->buf`.
-pub(super) fn path(roots: &[String], claims: &[Option<Claim>], via: Via, field: &str) -> String {
-    path_within(roots, claims, via, field, 0)
+/// The C expression of `field` (a [`Name`] in `names`) in the traced value
+/// `via`, from its root, for messages: `conns[3]->next->buf`.
+pub(super) fn path(roots: &[String], origins: &[Option<Origin>], names: &[Arc<str>], via: Via, field: Name) -> String {
+    path_within(roots, origins, names, via, &names[field as usize], 0)
 }
 
-fn path_within(roots: &[String], claims: &[Option<Claim>], via: Via, field: &str, depth: u32) -> String {
+fn path_within(roots: &[String], origins: &[Option<Origin>], names: &[Arc<str>], via: Via, field: &str, depth: u32) -> String {
     // A claim upgraded from bytes to a struct may name a value reached
     // through itself; a long path says nothing more anyway.
     if depth > 32 {
         return format!("...{field}");
     }
     match via {
-        Via::Root(r) => format!("{}{field}", roots[r]),
+        Via::Root(r) => format!("{}{field}", roots[r as usize]),
         Via::Object { chunk, element } => {
-            let Some(c) = claims.get(chunk).and_then(|c| c.as_ref()) else { return format!("?{field}") };
-            let pointer = path_within(roots, claims, c.from, &c.field, depth + 1);
+            let Some(c) = origins.get(chunk as usize).and_then(|c| c.as_ref()) else { return format!("?{field}") };
+            let pointer = path_within(roots, origins, names, c.from, &names[c.field as usize], depth + 1);
             match (element, field.strip_prefix('.')) {
                 (0, Some(member)) => format!("{pointer}->{member}"),
                 (0, None) if field.is_empty() => format!("*{pointer}"),
