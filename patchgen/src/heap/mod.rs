@@ -313,7 +313,9 @@ pub struct Plan {
     /// global is rewritten.
     pub slots: Vec<(u32, u32)>,
     /// For each slot, the index in `objects` of the object it points into,
-    /// or `u32::MAX` (a moved global, or nothing that moves).
+    /// with [`AT_START`] when it points at the object's start;
+    /// [`UNCONVERTED`] for an allocation that stays, [`NOT_IN_HEAP`] for
+    /// anything else (a moved global, or nothing that moves).
     slot_objects: Vec<u32>,
     /// Globals that move.
     pub moved: Vec<Moved>,
@@ -328,6 +330,15 @@ pub struct Plan {
     pub chunks: (usize, usize),
     paths: Paths,
 }
+
+/// In [`Plan::slot_objects`]: the slot points at its object's start, where
+/// its new copy starts too (the common case, decided without reading the
+/// object).
+const AT_START: u32 = 1 << 31;
+/// In [`Plan::slot_objects`]: into an allocation that is not converted.
+const UNCONVERTED: u32 = u32::MAX - 1;
+/// In [`Plan::slot_objects`]: outside every allocation.
+const NOT_IN_HEAP: u32 = u32::MAX;
 
 /// Where an address lands once converted objects are reallocated: the
 /// same address when nothing it points into moves.
@@ -367,9 +378,11 @@ impl Plan {
     /// [`Plan::translate`], without searching for the object.
     pub fn slot_landing(&self, i: usize, new_starts: &[u32]) -> Landing {
         let value = self.slots[i].1;
-        match self.slot_objects.get(i).copied().filter(|&o| o != u32::MAX) {
-            Some(o) => self.objects[o as usize].landing(value, new_starts[o as usize]),
-            None => self.translate(value, new_starts),
+        match self.slot_objects.get(i).copied().unwrap_or(NOT_IN_HEAP) {
+            NOT_IN_HEAP => self.translate(value, new_starts),
+            UNCONVERTED => Landing::Unmoved,
+            o if o & AT_START != 0 => Landing::At(new_starts[(o & !AT_START) as usize]),
+            o => self.objects[o as usize].landing(value, new_starts[o as usize]),
         }
     }
 
@@ -384,7 +397,10 @@ impl Plan {
     fn check_slots(&self) -> Result<(), String> {
         let starts: Vec<u32> = self.objects.iter().map(|o| o.start).collect();
         for (i, &(slot, value)) in self.slots.iter().enumerate() {
-            if self.slot_landing(i, &starts) == Landing::Dropped {
+            // A pointer to an object's start, or into one that stays, lands
+            // on something.
+            let landed = self.slot_objects[i] == UNCONVERTED || (self.slot_objects[i] != NOT_IN_HEAP && self.slot_objects[i] & AT_START != 0);
+            if !landed && self.slot_landing(i, &starts) == Landing::Dropped {
                 return Err(format!(
                     "the pointer at {slot:#x} points into a member that the new version drops ({value:#x})"
                 ));

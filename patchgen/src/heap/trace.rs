@@ -128,7 +128,8 @@ pub(super) struct Tracer<'a> {
     pairs: HashMap<(TypeId, TypeId), Arc<(ValueMap, HashMap<u64, TypeId>)>>,
     work: Vec<(u32, ShapeId, Via)>,
     slots: Vec<(u32, u32)>,
-    /// The allocation each slot points into, or `u32::MAX`.
+    /// The allocation each slot points into, with [`super::AT_START`] when
+    /// it holds the allocation's start, or [`super::NOT_IN_HEAP`].
     slot_chunks: Vec<u32>,
     /// `void *` and union members met while tracing, named lazily.
     untyped: Vec<(u32, u32, Via, Name)>,
@@ -243,7 +244,17 @@ impl<'a> Tracer<'a> {
         for (i, o) in objects.iter().enumerate() {
             object_of_chunk[o.chunk] = i as u32;
         }
-        let slot_objects = self.slot_chunks.iter().map(|&c| object_of_chunk.get(c as usize).copied().unwrap_or(u32::MAX)).collect();
+        let slot_objects = self
+            .slot_chunks
+            .iter()
+            .map(|&c| match c {
+                super::NOT_IN_HEAP => super::NOT_IN_HEAP,
+                c => match object_of_chunk[(c & !super::AT_START) as usize] {
+                    u32::MAX => super::UNCONVERTED,
+                    o => o | (c & super::AT_START),
+                },
+            })
+            .collect();
         let plan = Plan {
             objects,
             slots: self.slots,
@@ -381,11 +392,12 @@ impl<'a> Tracer<'a> {
         field: Name,
     ) -> Result<(), String> {
         if let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) {
+            let at_start = value == self.chunks.start(chunk);
             if let Some(slot) = slot {
                 self.slots.push((slot, value));
-                self.slot_chunks.push(chunk as u32);
+                self.slot_chunks.push(chunk as u32 | if at_start { super::AT_START } else { 0 });
             }
-            if value != self.chunks.start(chunk) {
+            if !at_start {
                 // Into the allocation, not at its start (an element, a
                 // member): an alias, rewritten with whatever the allocation
                 // turns out to be. Only the pointer `malloc` returned, or a
@@ -405,7 +417,7 @@ impl<'a> Tracer<'a> {
         };
         if self.moved.iter().any(|m| m.contains(value)) {
             self.slots.push((slot, value));
-            self.slot_chunks.push(u32::MAX);
+            self.slot_chunks.push(super::NOT_IN_HEAP);
             return Ok(());
         }
         if new_pointee.is_some() {
