@@ -24,6 +24,10 @@ impl MemoryView for ProgramMemory {
     fn read(&self, address: u32, out: &mut [u8]) -> bool {
         self.read_into(u64::from(address), out)
     }
+
+    fn prefetch(&self, address: u32) {
+        self.prefetch(u64::from(address));
+    }
 }
 
 /// What the paused stack gives the trace.

@@ -44,6 +44,10 @@ const ALLOCATOR_STATE: &str = "_gm_";
 pub trait MemoryView {
     /// Fills `out` from `address`; false when that lies out of bounds.
     fn read(&self, address: u32, out: &mut [u8]) -> bool;
+
+    /// Hints that `address` will be read soon; a view over memory the
+    /// process can touch directly starts loading it into the cache.
+    fn prefetch(&self, _address: u32) {}
 }
 
 pub(crate) fn read_u32(memory: &dyn MemoryView, address: u32) -> Option<u32> {
