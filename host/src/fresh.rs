@@ -189,8 +189,10 @@ pub fn unreferenced(
             pin(*v as u32, &mut dead, &mut live);
         }
     }
-    let mut regions: Vec<(u32, u32)> =
-        crate::update::pointer_holders(running, stack_pointer).into_iter().map(|(_, at, size)| (at, size)).collect();
+    let mut regions: Vec<(u32, u32)> = upstare_patchgen::heap::stale::pointer_holders(running, stack_pointer)
+        .into_iter()
+        .map(|h| (h.address, h.size))
+        .collect();
     while !dead.is_empty() {
         let Some((at, size)) = regions.pop() else { break };
         // Unreadable means out of bounds: nothing there to point anywhere.

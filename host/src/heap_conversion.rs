@@ -48,7 +48,13 @@ pub(crate) fn trace(old: &Version, plan: &Plan, linked: &Linked, memory: &Progra
     let moved = linked
         .conversions
         .iter()
-        .map(|c| Moved { old_address: c.old_address, old_size: c.old_size, new_address: c.new_address, map: c.map.clone() })
+        .map(|c| Moved {
+            name: c.key.to_string(),
+            old_address: c.old_address,
+            old_size: c.old_size,
+            new_address: c.new_address,
+            map: c.map.clone(),
+        })
         .collect();
     let live = stacks.live.map(|(address, size)| Region { address, size, what: "the shadow stack".into() });
     let moving = stacks.moving.iter().map(|&(from, _, len)| Region {

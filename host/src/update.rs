@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use upstare_instrument::abi::{exports, write_frames, TypedFrame, Value};
 use upstare_instrument::Metadata;
 use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack, Unmappable};
-use upstare_patchgen::heap;
+use upstare_patchgen::heap::{self, stale};
 use upstare_patchgen::plan::{plan, Linked, Plan};
 use upstare_patchgen::version::Version;
 use wasmtime::{Engine, InstancePre, Linker, Store};
@@ -407,7 +407,7 @@ impl Guest {
             (None, Some(from)) => (&frames[frames.len() + 1 - stack.frames.len()..], Some(from)),
             (None, None) => (&frames[..], sp),
         };
-        let shadow_stack = stack_from.zip(stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
+        let shadow_stack = stack_from.zip(stale::stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
         let frame_roots = match self.module.metadata() {
             // Typing the frames analyses each one's code: only when some
             // global or struct changed type, so that an ordinary update's
@@ -418,7 +418,7 @@ impl Guest {
                 old_meta,
                 &frames,
                 sp,
-                stack_top(&current.version),
+                stale::stack_top(&current.version),
                 &prepared.next.version,
                 &new_meta,
                 &stack.frames,
@@ -432,11 +432,11 @@ impl Guest {
         // Typed pointers the tracer found are rewritten, wherever they
         // point. Only those in the globals and the shadow stack matter to
         // the scan; the heap's lie above both.
-        let holders = pointer_holders(&current.version, stack_from);
-        let holders_end = holders.iter().map(|&(_, at, size)| at.saturating_add(size)).max().unwrap_or(0);
+        let holders = stale::pointer_holders(&current.version, stack_from);
+        let holders_end = holders.iter().map(|h| h.address.saturating_add(h.size)).max().unwrap_or(0);
         let rewritten: std::collections::HashSet<u32> =
             heap.iter().flat_map(|h| h.slots.iter().map(|(slot, _)| *slot)).filter(|&slot| slot < holders_end).collect();
-        let stale = |c: &dyn Fn(u32) -> Option<String>, skip| find_pointer(kept, &current.version, memory, &holders, c, skip, &rewritten);
+        let stale = |c: &dyn Fn(u32) -> Option<String>, skip| stale::find_pointer(kept, &current.version, memory, &holders, c, skip, &rewritten);
         let moved_from = |v: u32| {
             stack.moves.iter().any(|(from, _, len)| v >= *from && u64::from(v - from) < *len).then(|| match &stack.rebuilt {
                 Some(r) => format!(
@@ -838,52 +838,6 @@ fn instrumented(unwinder: &mut Option<Unwinder>) -> Result<&mut Unwinder, String
     unwinder.as_mut().ok_or_else(|| "the module runs without instrumentation".to_string())
 }
 
-/// A value that points where nothing will be once the update is done: a
-/// converted global's old copy (code that names it is relinked, but a
-/// pointer to its old place would go on reading and writing the old copy),
-/// or the old place of a frame variable that moves. `target` names what an
-/// address would point into. Frames, the old version's writable globals and
-/// the live shadow stack are searched, not the heap; an integer that merely
-/// looks like such an address refuses the update too (the check cannot tell).
-fn find_pointer(
-    frames: &[TypedFrame],
-    old: &Version,
-    memory: &ProgramMemory,
-    holders: &[(String, u32, u32)],
-    target: &dyn Fn(u32) -> Option<String>,
-    skip_targets: bool,
-    rewritten: &std::collections::HashSet<u32>,
-) -> Option<String> {
-    for frame in frames {
-        for value in frame.locals.iter().flatten().chain(&frame.operands) {
-            if let upstare_instrument::abi::Value::I32(v) = value {
-                if let Some(what) = target(*v as u32) {
-                    return Some(format!(
-                        "a frame of `{}` holds the address of {what}",
-                        old.info.function_name(frame.func),
-                    ));
-                }
-            }
-        }
-    }
-    let regions = holders.iter().filter(|(_, at, _)| !(skip_targets && target(*at).is_some()));
-    for &(ref holder, at, size) in regions {
-        let bytes = memory.read(u64::from(at), u64::from(size))?;
-        for (i, word) in bytes.chunks_exact(4).enumerate() {
-            let here = at + 4 * i as u32;
-            // A converted global's old copy is dropped, so what it holds
-            // does not matter; a moving variable keeps what it holds.
-            if (skip_targets && target(here).is_some()) || rewritten.contains(&here) {
-                continue;
-            }
-            if let Some(what) = target(u32::from_le_bytes([word[0], word[1], word[2], word[3]])) {
-                return Some(format!("{holder} holds the address of {what}"));
-            }
-        }
-    }
-    None
-}
-
 /// The paused program's memory, as patchgen reads it to rebuild a frame.
 struct StackReader<'m>(&'m ProgramMemory);
 
@@ -897,41 +851,6 @@ impl upstare_patchgen::rebuild::StackMemory for StackReader<'_> {
 /// Index of the `__stack_pointer` global in `version`.
 pub(crate) fn stack_pointer_index(version: &Version) -> Option<u32> {
     upstare_patchgen::symbolic::stack_pointer_global(version)
-}
-
-/// Where a version keeps values that may be pointers, besides its frames:
-/// its writable globals, and the live part of the shadow stack (from the
-/// stack pointer up to the stack's top), as (name, address, size).
-pub(crate) fn pointer_holders(version: &Version, stack_pointer: Option<u32>) -> Vec<(String, u32, u32)> {
-    let old = version;
-    let mut regions: Vec<(String, u32, u32)> = old
-        .info
-        .symbols
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.is_absolute())
-        .filter_map(|(i, s)| {
-            let d = s.data()?;
-            let writable = old.info.segments.get(d.segment? as usize)?.writable;
-            let at = old.layout.data.get(&(i as u32)).copied().unwrap_or(d.address);
-            let name = format!("global `{}`", s.name.clone().unwrap_or_default());
-            writable.then_some((name, at, d.size))
-        })
-        .collect();
-    if let (Some(sp), Some(top)) = (stack_pointer, stack_top(old)) {
-        regions.push(("the shadow stack".into(), sp, top.saturating_sub(sp)));
-    }
-    regions
-}
-
-/// The top of the shadow stack in the running layout: wasm-ld's
-/// `__stack_high`, else `__heap_base` (the stack ends where the heap
-/// starts).
-fn stack_top(old: &Version) -> Option<u32> {
-    ["__stack_high", "__heap_base"].iter().find_map(|name| {
-        let i = old.info.symbols.iter().position(|s| s.is_absolute() && s.name.as_deref() == Some(*name))?;
-        old.layout.data.get(&(i as u32)).copied().or(old.info.symbols[i].data().map(|d| d.address))
-    })
 }
 
 /// Runs the constructors the new version adds, then each conversion's C

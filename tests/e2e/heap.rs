@@ -108,6 +108,27 @@ fn a_void_pointer_to_an_object_of_a_changed_type_refuses_the_update() {
     assert_eq!(client.request("FRESH"), "ERROR unknown command", "the old version serves on");
 }
 
+/// A heap word that holds the address of a global whose type changes
+/// follows the global to its new place when its type says it is a pointer
+/// to it; a `void *` there refuses the update, naming the global (the
+/// tracer scans the heap's untyped words for what moves, globals included).
+#[test]
+fn a_heap_pointer_to_a_global_that_moves_is_rewritten_or_refuses() {
+    let (_server, control, mut client) = start_graph("heapgraph-boxed", "heap-boxed");
+    assert_eq!(client.request("BOX"), "BOX same calls=1");
+    let report = expect_report(&control.update(&guest("heapgraph-boxed-v2")));
+    assert!(report.count("heap", "pointers rewritten") >= 3002, "`box`'s target too: {report:?}");
+    assert_eq!(client.request("BOX"), "BOX same calls=1", "the heap word holds the counter's new address");
+    assert_eq!(client.request("GROW 1"), "GREW 1001");
+    assert_eq!(client.request("BOX"), "BOX same calls=2");
+
+    let (_server, control, mut client) = start_graph("heapgraph-boxed-opaque", "heap-boxed-opaque");
+    let reason = expect_error(&control.update(&guest("heapgraph-boxed-opaque-v2")), 1);
+    assert!(reason.starts_with("update refused: the heap cannot be converted: *box may hold a pointer to global `counter`, whose type changed"), "{reason}");
+    assert_eq!(client.request("BOX"), "BOX same calls=1", "the old version serves on");
+    assert_eq!(control.running_version(), sha256_file(&guest("heapgraph-boxed-opaque")));
+}
+
 /// A table of `void *` values holds copies of list nodes that no typed
 /// pointer reaches: the tracer cannot tell they are nodes, so an update
 /// that changes `struct node` is refused, naming the slot, rather than

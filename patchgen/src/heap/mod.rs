@@ -13,10 +13,13 @@
 //! here. The host then allocates every converted object
 //! anew through the program's own `malloc`, rewrites the recorded pointers
 //! in place, copies each object through its map, and frees the old ones
-//! once the update has committed.
+//! once the update has committed. On every update, traced or not, [`stale`]
+//! scans the frames' values, the globals and the live shadow stack for
+//! addresses of what moves (a converted global, a frame variable).
 //!
 //! What is refused (the conservative side): a `void *`, a union or memory
-//! no typed pointer reaches that holds the address of a converted object; a
+//! no typed pointer reaches that holds the address of a converted object
+//! or of a global that moves (typed pointers to it are rewritten); a
 //! `void *` or union that holds an allocation no typed pointer reaches whose
 //! size fits a changed struct, unless the new version declares what it
 //! points to ([`Pointee`]); a
@@ -28,6 +31,7 @@
 
 pub mod dlmalloc;
 mod frames;
+pub mod stale;
 mod trace;
 
 pub use frames::{FrameRoots, FrameValue, frame_pointers, frame_roots};
@@ -214,6 +218,8 @@ impl Roots {
 /// [`crate::plan::Conversion`]): typed pointers to it are rewritten too.
 #[derive(Debug, Clone)]
 pub struct Moved {
+    /// Its name, for messages.
+    pub name: String,
     /// Its running address.
     pub old_address: u32,
     /// Its old size.
@@ -225,8 +231,14 @@ pub struct Moved {
 }
 
 impl Moved {
+    /// Whether `address` points into the old copy, or one past its end.
     fn contains(&self, address: u32) -> bool {
         address.wrapping_sub(self.old_address) <= self.old_size
+    }
+
+    /// Whether `address` points at a byte of the old copy.
+    fn holds(&self, address: u32) -> bool {
+        address.wrapping_sub(self.old_address) < self.old_size.max(1)
     }
 }
 
@@ -421,10 +433,21 @@ impl Plan {
         }
     }
 
+    /// What `address` would go on pointing at once the update is done,
+    /// without a type to rewrite it by: a converted object's old copy, or a
+    /// moved global's.
+    fn stale(&self, address: u32) -> Option<String> {
+        if let Some(o) = self.object_at(address) {
+            return Some(format!("an object of changed type {} ({}", o.kind.type_name, self.path_of(o)));
+        }
+        let m = self.moved.iter().find(|m| m.holds(address))?;
+        Some(format!("global `{}`, whose type changed (its old copy", m.name))
+    }
+
     /// Refuses when a word of the `size` bytes at `address`, whose type is
-    /// unknown (`what` names them), holds an address in a converted object;
-    /// words at the addresses in `typed` are pointers the trace rewrites (a
-    /// frame's typed variable in the shadow stack).
+    /// unknown (`what` names them), holds an address in a converted object
+    /// or a moved global; words at the addresses in `typed` are pointers
+    /// the trace rewrites (a frame's typed variable in the shadow stack).
     fn check_words(
         &self,
         memory: &dyn MemoryView,
@@ -442,13 +465,11 @@ impl Plan {
                 continue;
             }
             let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-            if let Some(o) = self.object_at(value) {
+            if let Some(target) = self.stale(value) {
                 let at = address.wrapping_add(4 * i as u32);
                 return Err(format!(
-                    "{} may hold a pointer to an object of changed type {} ({}, at {value:#x}; the word at {at:#x}): it cannot be rewritten without knowing its type (give it one, or write a transformer)",
+                    "{} may hold a pointer to {target}, at {value:#x}; the word at {at:#x}): it cannot be rewritten without knowing its type (give it one, or write a transformer)",
                     what(),
-                    o.kind.type_name,
-                    self.path_of(o)
                 ));
             }
         }
@@ -508,7 +529,7 @@ mod tests {
         let map = ValueMap { copies: vec![ByteCopy { from: 0, to: 8, len: 4 }], ..ValueMap::default() };
         let kind = ObjectKind { old_size: 8, new_size: 16, map: map.clone(), type_name: "struct s".into(), converter: None };
         let object = Object { start: 0x1000, count: 3, chunk_size: 28, kind: std::sync::Arc::new(kind), chunk: 0 };
-        let moved = Moved { old_address: 0x200, old_size: 8, new_address: 0x9000, map };
+        let moved = Moved { name: "g".into(), old_address: 0x200, old_size: 8, new_address: 0x9000, map };
         Plan { objects: vec![object], moved: vec![moved], ..Plan::default() }
     }
 

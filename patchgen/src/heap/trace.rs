@@ -274,7 +274,11 @@ impl<'a> Tracer<'a> {
             chunks: (0, 0),
             paths,
         };
-        if !plan.objects.is_empty() {
+        // Words no type tells are checked for what moves: converted objects
+        // and globals. (The host's own scan covers the frames' locals, the
+        // globals and the shadow stack for globals that move; this one
+        // covers the heap too.)
+        if !plan.objects.is_empty() || !plan.moved.is_empty() {
             // In the untyped regions, the words the frames' DWARF accounts
             // for: pointers the trace rewrites, bytes of typed variables
             // (not pointers, as inside any typed value), dead variables.

@@ -35,6 +35,13 @@
  * `stamp`); -DGRAPH_TABLE_RULE declares what the values point to
  * (UPSTARE_POINTS_TO), so that an update that converts list nodes converts
  * the copies too instead of being refused.
+ * -DGRAPH_BOXED=1 keeps a global `counter` (of GROW's calls), whose struct
+ * gains a member in version 2, and its address in a heap allocation that
+ * the global `box` points to, with a command BOX (whether the heap word
+ * still holds the counter's address, and its count): an update 1 -> 2
+ * moves the counter and rewrites the heap word. -DGRAPH_BOXED=2 is the
+ * same with the heap word a `void *`: the tracer cannot tell it holds the
+ * counter, so that update is refused.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -102,6 +109,20 @@ struct slot {
 struct slot table[16];
 #if GRAPH_TABLE_RULE
 UPSTARE_POINTS_TO(slot, value, struct node);
+#endif
+#endif
+#if GRAPH_BOXED
+struct counter {
+    int calls;
+#if GRAPH_VERSION >= 2
+    long since; /* moves nothing, but the struct grows: `counter` moves */
+#endif
+};
+struct counter counter;
+#if GRAPH_BOXED == 1
+struct counter **box;
+#else
+void **box;
 #endif
 #endif
 #if GRAPH_UNION
@@ -188,6 +209,13 @@ static void grow(int n)
 #endif
 #if GRAPH_UNION
     either.node = list;
+#endif
+#if GRAPH_BOXED
+    counter.calls++;
+    if (!box) {
+        box = xmalloc(sizeof *box);
+        *box = &counter;
+    }
 #endif
 }
 
@@ -390,6 +418,10 @@ __attribute__((noinline)) static void handle(const char *line, char *out, size_t
 #if GRAPH_TABLE
     } else if (strcmp(line, "TABLE") == 0) {
         table_sum(out, cap);
+#endif
+#if GRAPH_BOXED
+    } else if (strcmp(line, "BOX") == 0) {
+        snprintf(out, cap, "BOX %s calls=%d", *box == (void *)&counter ? "same" : "stale", counter.calls);
 #endif
     } else if (strncmp(line, "CHAIN ", 6) == 0) {
         chain(atoi(line + 6), out, cap);
