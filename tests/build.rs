@@ -2,7 +2,8 @@
 //! examples through `guest-examples/build.sh`, the test-only guests in
 //! `tests/guests/` through `bin/upstare-cc`, and the test-only version
 //! chains in `tests/guests/chains/` (one folder each, laid out like an
-//! example's) through `guest-examples/build.sh` again. A missing toolchain is
+//! example's) through `guest-examples/build.sh` again, and the threaded
+//! guests in `tests/guests/threads/` through `bin/upstare-cc --threads`. A missing toolchain is
 //! installed by the scripts or fails the build loudly; tests never skip.
 
 use std::path::{Path, PathBuf};
@@ -34,8 +35,19 @@ fn main() {
             .arg(out.join(format!("{name}.wasm"))));
     }
 
+    // Threaded guests, built for wasi-threads.
+    for entry in std::fs::read_dir(manifest.join("guests/threads")).unwrap() {
+        let src = entry.unwrap().path();
+        let name = src.file_stem().unwrap().to_str().unwrap().to_string();
+        run(Command::new(root.join("bin/upstare-cc"))
+            .args(["--threads", "-Wall", "-Wextra"])
+            .arg(&src)
+            .arg("-o")
+            .arg(out.join(format!("{name}.wasm"))));
+    }
+
     println!("cargo:rustc-env=UPSTARE_GUESTS={}", out.display());
-    for p in ["guest-examples", "bin/upstare-cc", "scripts/install-toolchain"] {
+    for p in ["guest-examples", "bin/upstare-cc", "scripts/install-toolchain", "scripts/install-threads-sysroot"] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     println!("cargo:rerun-if-changed={}", Path::new(&manifest).join("guests").display());

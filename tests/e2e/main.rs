@@ -29,5 +29,6 @@ mod statuses;
 mod stress;
 mod stress_benches;
 mod stress_update;
+mod threads;
 mod transform;
 mod update;
