@@ -228,8 +228,8 @@ impl<'a> Tracer<'a> {
                 ));
             }
         }
-        // Counted first: a million objects are 40 MB, which growing by
-        // doubling would copy and fault in twice over.
+        // Counted first: a million objects are tens of megabytes, which
+        // growing by doubling would copy and fault in twice over.
         let mut objects = Vec::with_capacity(self.claims.iter().filter(|c| c.new().is_some()).count());
         for chunk in 0..self.claims.len() {
             let (Claim { old, new }, Some(Origin { from, field })) = (self.claims[chunk], self.origins[chunk]) else { continue };
