@@ -57,7 +57,7 @@ fn host_fd(object: &Object) -> BorrowedFd<'_> {
 }
 
 fn read_path(mem: &GuestMemory<'_>, ptr: u32, len: u32) -> CallResult<String> {
-    Ok(mem.read_str(ptr, len)?.to_string())
+    Ok(mem.read_str(ptr, len)?)
 }
 
 fn encode_filestat(dev: u64, ino: u64, kind: u8, nlink: u64, size: u64, times: [(i64, i64); 3]) -> [u8; layout::FILESTAT_SIZE] {

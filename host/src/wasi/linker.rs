@@ -45,17 +45,20 @@ fn dispatch<T: WasiView>(
         Some(Extern::SharedMemory(m)) => Some(ProgramMemory::from_shared(m.clone())),
         _ => None,
     };
-    let (bytes, state): (&mut [u8], &mut T) = match (&shared, export) {
-        // SAFETY: the guest is single-threaded and is inside this call, so
-        // nothing else touches its memory until the call returns.
-        (Some(memory), _) => (unsafe { memory.bytes_mut() }, caller.data_mut()),
-        (None, Some(Extern::Memory(m))) => m.data_and_store_mut(&mut *caller),
+    let (mut mem, state): (GuestMemory<'_>, &mut T) = match (&shared, export) {
+        (Some(memory), _) => (GuestMemory::shared(memory.shared().data()), caller.data_mut()),
+        (None, Some(Extern::Memory(m))) => {
+            let (bytes, state) = m.data_and_store_mut(&mut *caller);
+            (GuestMemory::exclusive(bytes), state)
+        }
         (None, _) => match caller.data().memory() {
-            Some(m) => m.data_and_store_mut(&mut *caller),
+            Some(m) => {
+                let (bytes, state) = m.data_and_store_mut(&mut *caller);
+                (GuestMemory::exclusive(bytes), state)
+            }
             None => bail!("`{name}` needs the guest's linear memory, but the module exports none named `memory`"),
         },
     };
-    let mut mem = GuestMemory::new(bytes);
     match f(state.wasi(), &mut mem) {
         Ok(()) => Ok(0),
         Err(CallError::Errno(e)) => Ok(i32::from(e.0)),

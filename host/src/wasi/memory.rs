@@ -1,71 +1,109 @@
 //! Bounds-checked access to a guest's linear memory for the WASI layer.
 //!
 //! Every WASI function reads and writes guest memory through
-//! [`GuestMemory`], so the one place that knows how memory is reached is here.
-//! Today it wraps the byte slice of a wasmtime `Memory`; a `SharedMemory`
-//! (wasi-threads) plugs in behind the same methods.
+//! [`GuestMemory`], so the one place that knows how memory is reached is
+//! here. It copies in and copies out and never lends a reference into the
+//! memory: a program's memory is a wasmtime `SharedMemory`, which other
+//! threads of the program may write while a call runs (wasi-threads), so a
+//! `&mut [u8]` over it would promise an exclusivity nobody can keep.
+
+use std::cell::UnsafeCell;
+use std::marker::PhantomData;
 
 use super::abi::Errno;
 
 /// A view of guest linear memory for the duration of one WASI call.
 pub struct GuestMemory<'a> {
-    bytes: &'a mut [u8],
+    base: *mut u8,
+    len: usize,
+    _memory: PhantomData<&'a [UnsafeCell<u8>]>,
 }
 
 /// Result alias for WASI calls that only fail with an errno.
 pub type Result<T> = std::result::Result<T, Errno>;
 
 impl<'a> GuestMemory<'a> {
-    /// Wraps the bytes of a guest memory.
-    pub fn new(bytes: &'a mut [u8]) -> Self {
-        GuestMemory { bytes }
+    /// Over the bytes of a memory this call has to itself (a module's own,
+    /// not shared).
+    pub fn exclusive(bytes: &'a mut [u8]) -> Self {
+        GuestMemory { base: bytes.as_mut_ptr(), len: bytes.len(), _memory: PhantomData }
+    }
+
+    /// Over a shared memory (`SharedMemory::data`), which other threads
+    /// may access meanwhile.
+    pub fn shared(bytes: &'a [UnsafeCell<u8>]) -> Self {
+        GuestMemory { base: UnsafeCell::raw_get(bytes.as_ptr()), len: bytes.len(), _memory: PhantomData }
     }
 
     fn range(&self, ptr: u32, len: u32) -> Result<std::ops::Range<usize>> {
         let start = ptr as usize;
         let end = start.checked_add(len as usize).ok_or(Errno::FAULT)?;
-        if end > self.bytes.len() {
+        if end > self.len {
             return Err(Errno::FAULT);
         }
         Ok(start..end)
     }
 
-    /// Borrows `len` bytes at `ptr`.
-    pub fn slice(&self, ptr: u32, len: u32) -> Result<&[u8]> {
-        let r = self.range(ptr, len)?;
-        Ok(&self.bytes[r])
+    /// Whether `len` bytes at `ptr` lie inside the memory (`EFAULT` if not).
+    pub fn check(&self, ptr: u32, len: u32) -> Result<()> {
+        self.range(ptr, len).map(|_| ())
     }
 
-    /// Mutably borrows `len` bytes at `ptr`.
-    pub fn slice_mut(&mut self, ptr: u32, len: u32) -> Result<&mut [u8]> {
+    /// Copies `out.len()` bytes at `ptr` into `out`.
+    pub fn read_into(&self, ptr: u32, out: &mut [u8]) -> Result<()> {
+        let len = u32::try_from(out.len()).map_err(|_| Errno::FAULT)?;
         let r = self.range(ptr, len)?;
-        Ok(&mut self.bytes[r])
+        // SAFETY: `r` lies inside the memory, which outlives `'a`; `out` is
+        // host memory, so the two cannot overlap. A byte another thread
+        // writes meanwhile may be read old or new, as the guest's own
+        // unsynchronised reads could.
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(r.start), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes at `ptr`.
+    pub fn read(&self, ptr: u32, len: u32) -> Result<Vec<u8>> {
+        self.range(ptr, len)?;
+        let mut out = vec![0; len as usize];
+        self.read_into(ptr, &mut out)?;
+        Ok(out)
     }
 
     /// Copies `data` to `ptr`.
     pub fn write(&mut self, ptr: u32, data: &[u8]) -> Result<()> {
         let len = u32::try_from(data.len()).map_err(|_| Errno::FAULT)?;
-        self.slice_mut(ptr, len)?.copy_from_slice(data);
+        let r = self.range(ptr, len)?;
+        // SAFETY: as for `read_into`, the other way.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(r.start), data.len()) };
         Ok(())
+    }
+
+    /// Reads one byte.
+    pub fn read_u8(&self, ptr: u32) -> Result<u8> {
+        let mut b = [0u8; 1];
+        self.read_into(ptr, &mut b)?;
+        Ok(b[0])
     }
 
     /// Reads a little-endian u32.
     pub fn read_u32(&self, ptr: u32) -> Result<u32> {
-        let b = self.slice(ptr, 4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        let mut b = [0u8; 4];
+        self.read_into(ptr, &mut b)?;
+        Ok(u32::from_le_bytes(b))
     }
 
     /// Reads a little-endian u64.
     pub fn read_u64(&self, ptr: u32) -> Result<u64> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.slice(ptr, 8)?);
-        Ok(u64::from_le_bytes(a))
+        let mut b = [0u8; 8];
+        self.read_into(ptr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
     }
 
     /// Reads a little-endian u16.
     pub fn read_u16(&self, ptr: u32) -> Result<u16> {
-        let b = self.slice(ptr, 2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+        let mut b = [0u8; 2];
+        self.read_into(ptr, &mut b)?;
+        Ok(u16::from_le_bytes(b))
     }
 
     /// Writes a little-endian u32.
@@ -79,8 +117,8 @@ impl<'a> GuestMemory<'a> {
     }
 
     /// Reads a UTF-8 string (paths, names).
-    pub fn read_str(&self, ptr: u32, len: u32) -> Result<&str> {
-        std::str::from_utf8(self.slice(ptr, len)?).map_err(|_| Errno::INVAL)
+    pub fn read_str(&self, ptr: u32, len: u32) -> Result<String> {
+        String::from_utf8(self.read(ptr, len)?).map_err(|_| Errno::INVAL)
     }
 
     /// Reads an array of `(buf, len)` iovecs.
@@ -103,7 +141,7 @@ impl<'a> GuestMemory<'a> {
     pub fn gather(&self, iovs: &[(u32, u32)]) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         for &(buf, len) in iovs {
-            out.extend_from_slice(self.slice(buf, len)?);
+            out.extend_from_slice(&self.read(buf, len)?);
         }
         Ok(out)
     }

@@ -43,7 +43,7 @@ impl Event {
 
 fn parse(ctx: &WasiCtx, mem: &GuestMemory<'_>, at: u32) -> CallResult<(u64, u8, Sub)> {
     let userdata = mem.read_u64(at)?;
-    let tag = mem.slice(at + 8, 1)?[0];
+    let tag = mem.read_u8(at + 8)?;
     let sub = match tag {
         eventtype::CLOCK => {
             let id = mem.read_u32(at + 16)?;
@@ -144,7 +144,7 @@ pub fn poll_oneoff(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, subs_ptr: u32, 
     // when the guest resumes: its timeouts count from the first attempt, or
     // a relative sleep would start over at every pause and, under repeated
     // pauses, never end.
-    let raw = mem.slice(subs_ptr, count.saturating_mul(layout::SUBSCRIPTION_SIZE))?.to_vec();
+    let raw = mem.read(subs_ptr, count.saturating_mul(layout::SUBSCRIPTION_SIZE))?;
     if let Some((previous, resumed)) = ctx.interrupted_poll.take() {
         if previous == raw {
             deadline = resumed;

@@ -87,12 +87,16 @@ pub fn clock_time_get(_: &mut WasiCtx, mem: &mut GuestMemory<'_>, id: u32, _prec
 
 /// `random_get`
 pub fn random_get(_: &mut WasiCtx, mem: &mut GuestMemory<'_>, buf: u32, len: u32) -> CallResult {
-    let dest = mem.slice_mut(buf, len)?;
+    // Checked before the bytes are made: a bad buffer is EFAULT, whatever
+    // its size.
+    mem.check(buf, len)?;
+    let mut bytes = vec![0; len as usize];
     let mut filled = 0;
-    while filled < dest.len() {
-        filled += rustix::rand::getrandom(&mut dest[filled..], rustix::rand::GetRandomFlags::empty())
+    while filled < bytes.len() {
+        filled += rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())
             .map_err(|e| Errno::from(std::io::Error::from(e)))?;
     }
+    mem.write(buf, &bytes)?;
     Ok(())
 }
 
