@@ -842,8 +842,8 @@ impl Emitter<'_> {
     }
 
     /// Rewind prologue: pop this function's frame and restore the shadow
-    /// locals of the operands its resume point saved, and the numeric
-    /// locals of a call point ([`Self::prologue_numbers`]).
+    /// locals of the operands its resume point saved. The locals wait for
+    /// the dispatch cases ([`Self::load_numbers_of`], [`Self::load_refs`]).
     fn prologue(&mut self) -> Result<()> {
         let h = self.cx.helpers;
         self.code.i32(self.func as i32);
@@ -871,17 +871,17 @@ impl Emitter<'_> {
                 }
             })
             .collect();
-        if !cases.is_empty() {
-            self.switch(0, &case_of_rp, cases.len() as u32, |e, case| {
-                let (first, saved) = cases[case as usize].clone();
-                for (p, t) in saved.iter().enumerate() {
-                    let s = e.shadow(p as u32, *t);
-                    frames::load(&mut e.code, &h, e.fb, s, *t, first + p as u32)?;
-                }
-                Ok(())
-            })?;
+        if cases.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.switch(0, &case_of_rp, cases.len() as u32, |e, case| {
+            let (first, saved) = cases[case as usize].clone();
+            for (p, t) in saved.iter().enumerate() {
+                let s = e.shadow(p as u32, *t);
+                frames::load(&mut e.code, &h, e.fb, s, *t, first + p as u32)?;
+            }
+            Ok(())
+        })
     }
 
     /// Restores the numeric locals of whichever point in `rps` the rewind
