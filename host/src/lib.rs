@@ -104,5 +104,10 @@ fn engine_config() -> wasmtime::Config {
     // run synchronously.
     config.async_stack_size(MAX_WASM_STACK);
     config.max_wasm_stack(MAX_WASM_STACK);
+    // `UPSTARE_PERF_MAP=1` writes /tmp/perf-PID.map, so `perf report`
+    // names the guest's functions (a diagnostic of the overhead's sources).
+    if std::env::var_os("UPSTARE_PERF_MAP").is_some_and(|v| v == "1") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     config
 }

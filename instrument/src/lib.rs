@@ -130,8 +130,12 @@
 //! calls `should_pause`, which also counts down the stress period, and a
 //! rewind to a header ends in the check and runs on into the loop, so a
 //! guest paused again at once still makes progress. `--stress-pause` and
-//! `--stress-update` run it; a function's entry point (which is in no
-//! loop) always has this shape.
+//! `--stress-update` run it. A function's entry point (which is in no
+//! loop) always has this shape, but outside the stress variant its pause
+//! decision is the pause byte, as at a loop header, not a call: a call on
+//! the cold path would keep the params in callee-saved registers, saved
+//! and restored on every call. The end of a rewind is inline code, not a
+//! call to `rewind_done`, for the same reason.
 //!
 //! # What a frame holds
 //!
@@ -144,12 +148,23 @@
 //! form a *save class*; each point unwinds straight to its class's code
 //! after the body, so the edge out of the point carries only the values the
 //! class saves (a tail shared by all points would make every local live at
-//! every point, and temporaries loop-carried). The rewind restores the
-//! locals in the dispatch case that reaches the point, right before its
-//! branch, reading the resume point from the popped frame rather than
-//! keeping it in a local through the loops on the way. It loads the
-//! numbers with one call to a *pack* helper, one per count of each numeric
-//! type (the slots group them by type); the class code stores them inline.
+//! every point, and temporaries loop-carried). The rewind reads the
+//! resume point from the popped frame rather than keeping it in a local
+//! through the loops on the way, and restores the numeric locals in the
+//! dispatch case of the function's top level that leads to the point, with
+//! one call to a *pack* helper (one per count of each numeric type; the
+//! slots group them by type). Nothing of the original code runs on the
+//! rewind's way from there to the point, so the values arrive unchanged,
+//! and they meet the normal path outside every loop, once per call: a
+//! second definition of every live local at a join inside a loop body
+//! makes Cranelift's allocator move values between stack slots on the
+//! loop's hot path. A *temporary*, a local live at the point but not at
+//! the header of a loop around it, is loaded again, inline, in the
+//! innermost case, so that it is not carried around that loop; except in
+//! a *crowded* loop (more than 8 integer or 14 float locals live there),
+//! where a join of many spilled values costs more than carrying them.
+//! References are restored in the innermost case. A class's code passes
+//! its values to a *save* helper, which pushes the frame.
 //!
 //! The rewind enters the block levels on the path to the resume point one
 //! by one: each level that contains a resume point starts with its own test

@@ -22,6 +22,17 @@ use crate::analysis::{Body, ModuleInfo};
 use crate::error::{internal, Error, ErrorKind, Result};
 use crate::plan::{AnchorKind, Plan, SaveClass};
 
+/// More integer locals than this, or float locals than
+/// [`CROWDED_FLOATS`], live at a loop header and a point inside it make
+/// the loop *crowded* (see [`Emitter::reload_temporaries`]). Chosen by
+/// instruction counts and samples (`docs/PERFORMANCE.md`): with a limit
+/// of 10, Lua's interpreter function took 35% more samples than with 8.
+const CROWDED_INTS: usize = 8;
+
+/// The float counterpart of [`CROWDED_INTS`] (x86-64 has 16 registers
+/// for floats).
+const CROWDED_FLOATS: usize = 14;
+
 /// Runs of copied original code: (offset in the output body, original
 /// offset), see [`crate::abi::offsets`].
 type Runs = Vec<(u32, u32)>;
@@ -48,8 +59,8 @@ enum Case {
     /// The loop header itself: the rewind ends here. `resume` runs on into
     /// the loop; `check` falls into the header's pause check.
     LoopHeader { resume: u32, check: u32 },
-    /// An anchor; for an `if`, which arm holds the target.
-    Anchor { anchor: usize, then_arm: Option<bool> },
+    /// An anchor, for the points `rps`; for an `if`, which arm holds them.
+    Anchor { anchor: usize, then_arm: Option<bool>, rps: std::ops::Range<u32> },
     /// The header of the loop that is this anchor: the rewind ends right
     /// before the `loop`, which then starts as on any other entry.
     LoopEntry { anchor: usize },
@@ -297,18 +308,10 @@ impl Emitter<'_> {
         self.br_to(self.class_block[class])
     }
 
-    /// Restores the locals the frame of resume point `rp` saved, from this
-    /// function's popped frame, which starts at the frame stack pointer
-    /// (see [`Self::saved_rp`]). Runs in the dispatch case that reaches the
-    /// point, right before the branch to it, so the values meet the normal
-    /// path only where the point is.
-    fn load_locals(&mut self, rp: u32) -> Result<()> {
-        self.load_refs(rp)?;
-        self.load_numbers(rp)
-    }
-
-    /// The numeric part of [`Self::load_locals`], in one call to the pack
-    /// helper of their type counts (which finds the frame itself).
+    /// Restores the numeric locals the frame of resume point `rp` saved,
+    /// from this function's popped frame, which starts at the frame stack
+    /// pointer, in one call to the pack helper of their type counts (which
+    /// finds the frame itself).
     fn load_numbers(&mut self, rp: u32) -> Result<()> {
         let locals = self.plan.rps[rp as usize].locals.clone();
         let (key, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
@@ -322,8 +325,55 @@ impl Emitter<'_> {
         Ok(())
     }
 
-    /// The reference part of [`Self::load_locals`], through the side
-    /// tables, which the end of the rewind releases.
+    /// Loads again, inline, the numeric locals of `rp` that a loop around
+    /// it does not have live at its header, in the innermost dispatch case
+    /// (the top level's loaded them all, see [`Self::load_numbers_of`]).
+    /// Defined here, such a temporary need not reach the point through the
+    /// loop's header, where the original code does not keep it: loaded
+    /// only at the top level, it would be carried around the loop on the
+    /// hot path.
+    fn reload_temporaries(&mut self, rp: u32) -> Result<()> {
+        let headers: Vec<u32> = (self.plan.levels.iter())
+            .filter_map(|lv| lv.loop_rp.filter(|&h| h != rp && lv.rps.contains(&rp)))
+            .collect();
+        let locals = &self.plan.rps[rp as usize].locals;
+        // Where the loop already holds more values than registers, its
+        // values are in stack slots anyway, and a join of many of them
+        // costs moves between slots on the hot path: carrying the
+        // temporaries around the loop is cheaper there.
+        let crowded = headers.iter().any(|&h| {
+            let at_header = &self.plan.rps[h as usize].locals;
+            let both = at_header.iter().chain(locals.iter().filter(|l| !at_header.contains(l)));
+            let floats = both.clone().filter(|&&l| matches!(self.body.locals[l as usize], Ty::F32 | Ty::F64)).count();
+            let ints = both.count() - floats;
+            ints > CROWDED_INTS || floats > CROWDED_FLOATS
+        });
+        if crowded {
+            return Ok(());
+        }
+        let temporaries: Vec<(u32, u32, Ty)> = (locals.iter().enumerate())
+            .map(|(slot, &l)| (slot as u32, l, self.body.locals[l as usize]))
+            .filter(|&(_, l, t)| {
+                !matches!(t, Ty::FuncRef | Ty::ExternRef)
+                    && headers.iter().any(|&h| !self.plan.rps[h as usize].locals.contains(&l))
+            })
+            .collect();
+        if temporaries.is_empty() {
+            return Ok(());
+        }
+        let h = self.cx.helpers;
+        self.code.i32(0);
+        self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
+        self.code.op(I::LocalSet(self.fb));
+        for (slot, l, t) in temporaries {
+            frames::load(&mut self.code, &h, self.fb, l, t, slot)?;
+        }
+        Ok(())
+    }
+
+    /// Restores the reference-typed locals the frame of `rp` saved,
+    /// through the side tables, which the end of the rewind releases: in
+    /// the dispatch case that reaches the point, right before its branch.
     fn load_refs(&mut self, rp: u32) -> Result<()> {
         let locals = self.plan.rps[rp as usize].locals.clone();
         let h = self.cx.helpers;
@@ -363,6 +413,15 @@ impl Emitter<'_> {
                 }
             }
         }
+    }
+
+    /// Ends the rewind with the `rewind_done` helper's code inline (two
+    /// stores without reference locals): a call on a rewind path inside a
+    /// loop would make every value live across it take a callee-saved
+    /// register or a stack slot, on the loop's hot path too.
+    fn end_rewind(&mut self) {
+        let code = super::helpers::rewind_done(&self.cx.helpers, self.cx.state_global);
+        self.code.raw(&code.0);
     }
 
     fn is_rewinding(&mut self) {
@@ -463,13 +522,22 @@ impl Emitter<'_> {
     }
 
     /// The check of the stress variant, and of a function's entry (which
-    /// is in no loop): the pause decision is a call, and a rewind to the
-    /// header ends here and runs on into the body, so that a guest paused
-    /// again at once still makes progress.
+    /// is in no loop): a rewind to the header ends here and runs on into
+    /// the body, so that a guest paused again at once still makes progress.
+    /// The pause decision is a call in the stress variant; otherwise, as
+    /// at a loop header, it is the pause byte: a call on the cold path
+    /// would make every value live across the check (the params) take a
+    /// callee-saved register, saved and restored on every call of the
+    /// function.
     fn loop_header_stress(&mut self, l: usize, loop_rp: u32) -> Result<()> {
         let params = self.plan.levels[l].params.clone();
         let base = self.plan.levels[l].base;
-        self.load_flags();
+        if self.cx.stress {
+            self.load_flags();
+        } else {
+            self.code.i32(0);
+            self.code.op(I::I32Load16U(ctrl(control::FLAGS, 1)));
+        }
         let bt = self.cx.types.block(&params, &params);
         self.if_(bt);
         for (i, t) in params.iter().enumerate().rev() {
@@ -486,7 +554,12 @@ impl Emitter<'_> {
         }
         self.dispatch(&[], l, Some((resume, check)))?;
         self.end()?;
-        self.code.op(I::Call(self.cx.helpers.should_pause));
+        if self.cx.stress {
+            self.code.op(I::Call(self.cx.helpers.should_pause));
+        } else {
+            self.code.i32(0);
+            self.code.op(I::I32Load8U(ctrl(control::PAUSE_BYTE, 0)));
+        }
         self.code.op(I::I32Eqz);
         let d = self.depth_of(resume)?;
         self.code.op(I::BrIf(d));
@@ -509,6 +582,9 @@ impl Emitter<'_> {
     fn dispatch(&mut self, deferred: &[usize], l: usize, header: Option<(u32, u32)>) -> Result<()> {
         let level = &self.plan.levels[l];
         let level_loop_rp = level.loop_rp;
+        // Only the top level's dispatch loads numbers (see
+        // [`Self::load_numbers_of`]); the levels inside find them set.
+        let top = deferred.first().copied().unwrap_or(l) == self.plan.top;
         let span = deferred.first().map_or(level.rps.clone(), |&d| self.plan.levels[d].rps.clone());
         let mut cases = Vec::new();
         let mut case_of_rp = vec![u32::MAX; (span.end - span.start) as usize];
@@ -526,22 +602,28 @@ impl Emitter<'_> {
         let outer = deferred.iter().flat_map(|&d| self.plan.levels[d].anchors.iter().skip(1));
         for &a in outer.chain(&level.anchors) {
             match &self.plan.anchors[a].kind {
-                AnchorKind::Call { rp } => assign(&mut cases, *rp..*rp + 1, Case::Anchor { anchor: a, then_arm: None }),
+                AnchorKind::Call { rp } => {
+                    let rps = *rp..*rp + 1;
+                    assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None, rps })
+                }
                 AnchorKind::Construct { rps, is_if: false, header_rp: Some(h), .. } if !self.cx.stress => {
                     assign(&mut cases, *h..*h + 1, Case::LoopEntry { anchor: a });
                     if h + 1 < rps.end {
-                        assign(&mut cases, h + 1..rps.end, Case::Anchor { anchor: a, then_arm: None })
+                        let rps = h + 1..rps.end;
+                        assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None, rps })
                     }
                 }
                 AnchorKind::Construct { rps, is_if: false, .. } => {
-                    assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None })
+                    assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None, rps: rps.clone() })
                 }
                 AnchorKind::Construct { rps, is_if: true, else_from, .. } => {
                     if rps.start < *else_from {
-                        assign(&mut cases, rps.start..*else_from, Case::Anchor { anchor: a, then_arm: Some(true) });
+                        let rps = rps.start..*else_from;
+                        assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: Some(true), rps });
                     }
                     if *else_from < rps.end {
-                        assign(&mut cases, *else_from..rps.end, Case::Anchor { anchor: a, then_arm: Some(false) });
+                        let rps = *else_from..rps.end;
+                        assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: Some(false), rps });
                     }
                 }
             }
@@ -568,13 +650,15 @@ impl Emitter<'_> {
                 Case::LoopHeader { resume, check } => {
                     let rp = level_loop_rp.ok_or_else(|| internal("a loop header case without its point"))?;
                     // References before the end of the rewind releases
-                    // their side tables; numbers after it, so that none of
-                    // them is live across the call (a value live across a
-                    // call takes a callee-saved register or a stack slot
-                    // from what the function's hot path keeps there).
+                    // their side tables. Numbers come from the top level's
+                    // case (this one, at the top level), temporaries again
+                    // here.
                     self.load_refs(rp)?;
-                    self.code.op(I::Call(self.cx.helpers.rewind_done));
-                    self.load_numbers(rp)?;
+                    self.end_rewind();
+                    if top {
+                        self.load_numbers(rp)?;
+                    }
+                    self.reload_temporaries(rp)?;
                     // In a checked rewind the guest stops again right here,
                     // before the loop runs, so the new code of an update
                     // runs nothing before it is committed. An ordinary
@@ -591,18 +675,24 @@ impl Emitter<'_> {
                     let AnchorKind::Construct { header_rp: Some(rp), .. } = self.plan.anchors[anchor].kind else {
                         return Err(internal("a loop entry case without its header point"));
                     };
-                    // As in the loop header case: no loaded number is live
-                    // across the call that ends the rewind.
+                    // As in the loop header case.
                     self.load_refs(rp)?;
-                    self.code.op(I::Call(self.cx.helpers.rewind_done));
-                    self.load_numbers(rp)?;
+                    self.end_rewind();
+                    if top {
+                        self.load_numbers(rp)?;
+                    }
+                    self.reload_temporaries(rp)?;
                     self.push_consumed(anchor, None);
                     let id = *self.anchor_block.get(&anchor).ok_or_else(|| internal("anchor block missing"))?;
                     self.br_to(id)?;
                 }
-                Case::Anchor { anchor, then_arm } => {
+                Case::Anchor { anchor, then_arm, rps } => {
                     if let AnchorKind::Call { rp } = self.plan.anchors[anchor].kind {
-                        self.load_locals(rp)?;
+                        self.load_refs(rp)?;
+                        self.reload_temporaries(rp)?;
+                    }
+                    if top {
+                        self.load_numbers_of(rps)?;
                     }
                     self.push_consumed(anchor, then_arm);
                     let id = *self.anchor_block.get(&anchor).ok_or_else(|| internal("anchor block missing"))?;
@@ -692,7 +782,7 @@ impl Emitter<'_> {
         self.code.op(I::I32LeU);
         self.code.op(I::I32And);
         self.if_(BlockType::Empty);
-        self.code.op(I::Call(self.cx.helpers.rewind_done));
+        self.end_rewind();
         self.end()?;
         self.end()
     }
@@ -721,15 +811,25 @@ impl Emitter<'_> {
         }
     }
 
-    /// `br_table` on the resume point of the frame at `$fb` to one of `n`
-    /// cases by `case_of_rp` (`u32::MAX`: none), running `each` for the
-    /// selected case, then continuing after the switch.
-    fn switch(&mut self, case_of_rp: &[u32], n: u32, mut each: impl FnMut(&mut Self, u32) -> Result<()>) -> Result<()> {
+    /// `br_table` on the saved resume point (counted from `first`) to one
+    /// of `n` cases by `case_of_rp` (`u32::MAX`: none), running `each` for
+    /// the selected case, then continuing after the switch.
+    fn switch(
+        &mut self,
+        first: u32,
+        case_of_rp: &[u32],
+        n: u32,
+        mut each: impl FnMut(&mut Self, u32) -> Result<()>,
+    ) -> Result<()> {
         let after = self.block(BlockType::Empty);
         for _ in 0..=n {
             self.block(BlockType::Empty);
         }
         self.saved_rp();
+        if first > 0 {
+            self.code.i32(first as i32);
+            self.code.op(I::I32Sub);
+        }
         let table: Vec<u32> = case_of_rp.iter().map(|&c| c.min(n)).collect();
         self.code.op(I::BrTable(table.into(), n));
         for case in 0..n {
@@ -743,7 +843,7 @@ impl Emitter<'_> {
 
     /// Rewind prologue: pop this function's frame and restore the shadow
     /// locals of the operands its resume point saved. The locals wait for
-    /// the dispatch case that reaches the point ([`Self::load_locals`]).
+    /// the dispatch cases ([`Self::load_numbers_of`], [`Self::load_refs`]).
     fn prologue(&mut self) -> Result<()> {
         let h = self.cx.helpers;
         self.code.i32(self.func as i32);
@@ -774,7 +874,7 @@ impl Emitter<'_> {
         if cases.is_empty() {
             return Ok(());
         }
-        self.switch(&case_of_rp, cases.len() as u32, |e, case| {
+        self.switch(0, &case_of_rp, cases.len() as u32, |e, case| {
             let (first, saved) = cases[case as usize].clone();
             for (p, t) in saved.iter().enumerate() {
                 let s = e.shadow(p as u32, *t);
@@ -782,6 +882,43 @@ impl Emitter<'_> {
             }
             Ok(())
         })
+    }
+
+    /// Restores the numeric locals of whichever point in `rps` the rewind
+    /// goes to, one case per list of locals: the top level's dispatch
+    /// case for a construct that holds them. On the rewind's way from there
+    /// to the point no original code runs, so the values reach it
+    /// unchanged, and they meet the normal path once per call, at the top
+    /// level, before the construct. Loaded in the innermost case instead,
+    /// right before the branch to the point, every live local would get a
+    /// second definition at a join inside a loop body, and Cranelift's
+    /// allocator then shuffles values between stack slots on the hot path
+    /// (Lua's `printf_core` spent three quarters of its time in such moves;
+    /// `docs/PERFORMANCE.md`).
+    fn load_numbers_of(&mut self, rps: std::ops::Range<u32>) -> Result<()> {
+        let mut cases: Vec<Vec<u32>> = Vec::new();
+        let mut first = Vec::new();
+        let mut case_of_rp = Vec::new();
+        for rp in rps.clone() {
+            let locals = &self.plan.rps[rp as usize].locals;
+            let numbers = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize])).1;
+            case_of_rp.push(if numbers == 0 {
+                u32::MAX
+            } else if let Some(i) = cases.iter().position(|c| c == locals) {
+                i as u32
+            } else {
+                cases.push(locals.clone());
+                first.push(rp);
+                cases.len() as u32 - 1
+            });
+        }
+        match cases.len() {
+            0 => Ok(()),
+            // The frame holds only its own point's slots: a point without
+            // numbers must load nothing.
+            1 if !case_of_rp.contains(&u32::MAX) => self.load_numbers(first[0]),
+            n => self.switch(rps.start, &case_of_rp, n as u32, |e, case| e.load_numbers(first[case as usize])),
+        }
     }
 
     /// Closes the body block, then emits the unwind code: per save class,

@@ -263,8 +263,9 @@ fn pre_call(h: &Helpers, state: u32) -> Code {
     c
 }
 
-/// Back to normal running once the rewind reached its resume point.
-fn rewind_done(h: &Helpers, state: u32) -> Code {
+/// Back to normal running once the rewind reached its resume point: the
+/// `rewind_done` helper's body, which instrumented code also inlines.
+pub(crate) fn rewind_done(h: &Helpers, state: u32) -> Code {
     let mut c = Code::default();
     set_state(&mut c, state, State::Normal);
     store8_const(&mut c, control::REWIND_BYTE, 0);
