@@ -99,12 +99,29 @@ impl ControlSocket {
             }
             std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
         }
-        // Created 0600 from the start: no window in which another user
-        // could connect.
+        // Bound under a staging name and moved into place once it listens:
+        // a client that sees the path can connect (between bind and listen
+        // it would be refused). Created 0600 from the start: no window in
+        // which another user could connect.
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let staging = path.with_file_name(format!(".{name}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&staging);
         let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
-        let bound = UnixListener::bind(path);
+        let bound = UnixListener::bind(&staging);
         rustix::process::umask(old);
         let listener = bound.map_err(|e| format!("cannot create control socket {}: {e}", path.display()))?;
+        // No replacing: a host that bound the same path meanwhile keeps it.
+        let moved = rustix::fs::renameat_with(rustix::fs::CWD, &staging, rustix::fs::CWD, path, rustix::fs::RenameFlags::NOREPLACE);
+        if let Err(e) = moved {
+            let _ = std::fs::remove_file(&staging);
+            return Err(match e {
+                rustix::io::Errno::EXIST => format!(
+                    "control socket {} is in use by another upstare-host (give this one --control PATH)",
+                    path.display()
+                ),
+                e => format!("cannot create control socket {}: {}", path.display(), std::io::Error::from(e)),
+            });
+        }
         Ok(ControlSocket { listener, path: path.to_path_buf() })
     }
 
