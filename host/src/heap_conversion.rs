@@ -195,28 +195,32 @@ impl<'a> Undo<'a> {
     pub(crate) fn take(plan: &'a heap::Plan, memory: &ProgramMemory) -> Result<Undo<'a>, String> {
         let total = plan.allocator.iter().map(|&(_, len)| len as usize).sum();
         let mut bytes = vec![0; total];
-        let mut at = 0;
-        for &(address, len) in &plan.allocator {
-            let end = at + len as usize;
-            if !memory.read_into(u64::from(address), &mut bytes[at..end]) {
+        for (address, range) in laid_out(&plan.allocator) {
+            if !memory.read_into(u64::from(address), &mut bytes[range]) {
                 return Err(format!("the allocator's bytes at {address:#x} lie out of bounds"));
             }
-            at = end;
         }
         Ok(Undo { regions: &plan.allocator, bytes, slots: &plan.slots })
     }
 
     pub(crate) fn restore(&self, memory: &ProgramMemory) -> bool {
-        let mut at = 0;
         let mut regions = true;
-        for &(address, len) in self.regions {
-            let end = at + len as usize;
-            regions &= memory.write(u64::from(address), &self.bytes[at..end]);
-            at = end;
+        for (address, range) in laid_out(self.regions) {
+            regions &= memory.write(u64::from(address), &self.bytes[range]);
         }
         let slots = self.slots.iter().all(|(at, value)| memory.write(u64::from(*at), &value.to_le_bytes()));
         regions && slots
     }
+}
+
+/// Each region's address and where its bytes lie in [`Undo::bytes`], one
+/// after the other.
+fn laid_out(regions: &[(u32, u32)]) -> impl Iterator<Item = (u32, std::ops::Range<usize>)> + '_ {
+    regions.iter().scan(0, |at: &mut usize, &(address, len)| {
+        let range = *at..*at + len as usize;
+        *at = range.end;
+        Some((address, range))
+    })
 }
 
 /// Frees the old copy of every converted object, once nothing refers to it.

@@ -59,6 +59,19 @@ pub(crate) fn read_u32(memory: &dyn MemoryView, address: u32) -> Option<u32> {
     memory.read(address, &mut word).then(|| u32::from_le_bytes(word))
 }
 
+/// The 4-byte words of the `size` bytes at `address`, as (address, value),
+/// read in one go; none when they lie out of bounds.
+pub fn words(memory: &dyn MemoryView, address: u32, size: u32) -> impl Iterator<Item = (u32, u32)> {
+    let mut bytes = vec![0; size as usize];
+    if !memory.read(address, &mut bytes) {
+        bytes.clear();
+    }
+    (0..bytes.len() / 4).map(move |i| {
+        let w = &bytes[4 * i..4 * i + 4];
+        (address.wrapping_add(4 * i as u32), u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+    })
+}
+
 /// A global the tracer starts from.
 #[derive(Debug, Clone)]
 pub struct Root {
@@ -356,6 +369,18 @@ const UNCONVERTED: u32 = u32::MAX - 1;
 /// In [`Plan::slot_objects`]: outside every allocation.
 const NOT_IN_HEAP: u32 = u32::MAX;
 
+/// What an entry of [`Plan::slot_objects`] says of its slot.
+enum SlotTarget {
+    /// Outside every allocation: a moved global, or nothing that moves.
+    NotInHeap,
+    /// Into an allocation that stays.
+    Unconverted,
+    /// At the start of this object.
+    StartOf(usize),
+    /// Somewhere in this object.
+    Inside(usize),
+}
+
 /// Where an address lands once converted objects are reallocated: the
 /// same address when nothing it points into moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,11 +419,20 @@ impl Plan {
     /// [`Plan::translate`], without searching for the object.
     pub fn slot_landing(&self, i: usize, new_starts: &[u32]) -> Landing {
         let value = self.slots[i].1;
+        match self.slot_target(i) {
+            SlotTarget::NotInHeap => self.translate(value, new_starts),
+            SlotTarget::Unconverted => Landing::Unmoved,
+            SlotTarget::StartOf(o) => Landing::At(new_starts[o]),
+            SlotTarget::Inside(o) => self.objects[o].landing(value, new_starts[o]),
+        }
+    }
+
+    fn slot_target(&self, i: usize) -> SlotTarget {
         match self.slot_objects.get(i).copied().unwrap_or(NOT_IN_HEAP) {
-            NOT_IN_HEAP => self.translate(value, new_starts),
-            UNCONVERTED => Landing::Unmoved,
-            o if o & AT_START != 0 => Landing::At(new_starts[(o & !AT_START) as usize]),
-            o => self.objects[o as usize].landing(value, new_starts[o as usize]),
+            NOT_IN_HEAP => SlotTarget::NotInHeap,
+            UNCONVERTED => SlotTarget::Unconverted,
+            o if o & AT_START != 0 => SlotTarget::StartOf((o & !AT_START) as usize),
+            o => SlotTarget::Inside(o as usize),
         }
     }
 
@@ -415,7 +449,7 @@ impl Plan {
         for (i, &(slot, value)) in self.slots.iter().enumerate() {
             // A pointer to an object's start, or into one that stays, lands
             // on something.
-            let landed = self.slot_objects[i] == UNCONVERTED || (self.slot_objects[i] != NOT_IN_HEAP && self.slot_objects[i] & AT_START != 0);
+            let landed = matches!(self.slot_target(i), SlotTarget::Unconverted | SlotTarget::StartOf(_));
             if !landed && self.slot_landing(i, &starts) == Landing::Dropped {
                 return Err(format!(
                     "the pointer at {slot:#x} points into a member that the new version drops ({value:#x})"
@@ -456,17 +490,11 @@ impl Plan {
         typed: &rustc_hash::FxHashSet<u32>,
         what: impl FnOnce() -> String,
     ) -> Result<(), String> {
-        let mut bytes = vec![0; size as usize];
-        if !memory.read(address, &mut bytes) {
-            return Ok(());
-        }
-        for (i, word) in bytes.chunks_exact(4).enumerate() {
-            if typed.contains(&address.wrapping_add(4 * i as u32)) {
+        for (at, value) in words(memory, address, size) {
+            if typed.contains(&at) {
                 continue;
             }
-            let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
             if let Some(target) = self.stale(value) {
-                let at = address.wrapping_add(4 * i as u32);
                 return Err(format!(
                     "{} may hold a pointer to {target}, at {value:#x}; the word at {at:#x}): it cannot be rewritten without knowing its type (give it one, or write a transformer)",
                     what(),

@@ -85,19 +85,13 @@ pub fn find_pointer(
             }
         }
     }
-    let mut bytes = Vec::new();
     for h in holders.iter().filter(|h| !(skip_targets && target(h.address).is_some())) {
-        bytes.resize(h.size as usize, 0);
         // Unreadable means out of bounds: nothing there to point anywhere.
-        if !memory.read(h.address, &mut bytes) {
-            continue;
-        }
-        for (i, word) in bytes.chunks_exact(4).enumerate() {
-            let here = h.address.wrapping_add(4 * i as u32);
+        for (here, value) in super::words(memory, h.address, h.size) {
             if (skip_targets && target(here).is_some()) || rewritten.contains(&here) {
                 continue;
             }
-            if let Some(what) = target(u32::from_le_bytes([word[0], word[1], word[2], word[3]])) {
+            if let Some(what) = target(value) {
                 return Some(format!("{} holds the address of {what}", h.name));
             }
         }

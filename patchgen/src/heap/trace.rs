@@ -315,12 +315,7 @@ impl<'a> Tracer<'a> {
     /// type changed: what it holds cannot be told, so it could not be
     /// converted.
     fn check_untyped(&self, address: u32, size: u32, via: Via, field: Name) -> Result<(), String> {
-        let mut bytes = vec![0; size as usize];
-        if !self.memory.read(address, &mut bytes) {
-            return Ok(());
-        }
-        for word in bytes.chunks_exact(4) {
-            let value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+        for (_, value) in super::words(self.memory, address, size) {
             let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) else { continue };
             let c = self.chunks.all()[chunk];
             if c.start != value || self.claims[chunk].is_claimed() {
