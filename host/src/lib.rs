@@ -28,6 +28,7 @@
 //! - [`cache`]: the on-disk cache of instrumented modules;
 //! - [`process`]: a guest process, running it, pausing and resuming it;
 //! - [`pause`]: the control memory shared with an instrumented guest;
+//! - [`threads`]: the threads of a wasi-threads program;
 //! - [`program_memory`]: the program's linear memory, owned by the host;
 //! - [`snapshot`]: a paused guest's state, its file format, restoring it;
 //! - [`control`]: the control socket and its protocol;
@@ -54,6 +55,7 @@ pub mod snapshot;
 pub mod sourcemap;
 pub mod stress_update;
 pub mod supervise;
+pub mod threads;
 pub mod trap;
 pub mod update;
 pub mod wasi;

@@ -134,6 +134,13 @@ impl std::fmt::Debug for GuestModule {
 }
 
 impl GuestModule {
+    /// Whether the module starts threads (imports wasi-threads' spawn).
+    pub fn spawns_threads(&self) -> bool {
+        self.module
+            .imports()
+            .any(|i| i.module() == crate::threads::SPAWN_MODULE && i.name() == crate::threads::SPAWN_NAME)
+    }
+
     /// Reads, validates, instruments and compiles the module at `path`.
     pub fn load(engine: &Engine, path: &Path) -> Result<Self, LoadError> {
         Self::load_with(engine, path, &LoadOptions::default())
@@ -166,12 +173,6 @@ impl GuestModule {
         // A wasi-threads module (`upstare-cc --threads`) imports a shared
         // memory and `wasi::thread-spawn`: instrumented or not, this host
         // runs one thread, so it says that rather than name an import.
-        if imports_shared_memory(bytes) {
-            return Err(LoadError::Unsupported {
-                path,
-                reason: "the module uses threads (wasi-threads, a shared memory), which upstare-host does not run yet".into(),
-            });
-        }
         let hash = crate::cache::content_hash(bytes);
         let (code, metadata, source_map) = if options.instrument {
             let out = crate::cache::instrumented(bytes, &hash, options.stress, options.cache_dir.as_deref()).map_err(|e| LoadError::Instrument {
@@ -259,17 +260,5 @@ pub(crate) fn one_line(e: &wasmtime::Error) -> String {
         .map(|c| c.to_string().replace('\n', " "))
         .collect::<Vec<_>>()
         .join(": ")
-}
-
-/// Whether a (validated) module imports a shared memory.
-fn imports_shared_memory(bytes: &[u8]) -> bool {
-    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
-        let Ok(wasmparser::Payload::ImportSection(imports)) = payload else { continue };
-        return imports
-            .into_imports()
-            .flatten()
-            .any(|i| matches!(i.ty, wasmparser::TypeRef::Memory(m) if m.shared));
-    }
-    false
 }
 

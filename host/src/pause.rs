@@ -15,6 +15,8 @@ use upstare_instrument::abi::{self, control, RawFrame};
 use wasmtime::{Engine, MemoryType, SharedMemory};
 
 use crate::interrupt::InterruptHandle;
+use crate::threads::Threads;
+use std::sync::Arc;
 
 /// Pages the host gives the control memory at most: 256 MiB of frames,
 /// about a million frames of C code. The module declares more; a smaller
@@ -155,11 +157,13 @@ impl ControlMemory {
 pub struct PauseHandle {
     control: ControlMemory,
     interrupt: InterruptHandle,
+    /// The program's other threads, which pause with the main one.
+    threads: Option<Arc<Threads>>,
 }
 
 impl PauseHandle {
-    pub(crate) fn new(control: ControlMemory, interrupt: InterruptHandle) -> Self {
-        PauseHandle { control, interrupt }
+    pub(crate) fn new(control: ControlMemory, interrupt: InterruptHandle, threads: Option<Arc<Threads>>) -> Self {
+        PauseHandle { control, interrupt, threads }
     }
 
     /// Asks the guest to pause: it unwinds at its next loop header or
@@ -170,6 +174,9 @@ impl PauseHandle {
         let asked = Instant::now();
         self.control.set_pause(true);
         self.interrupt.interrupt();
+        if let Some(threads) = &self.threads {
+            threads.request_pause();
+        }
         asked
     }
 
@@ -184,6 +191,9 @@ impl PauseHandle {
     pub fn cancel(&self) {
         self.control.set_pause(false);
         self.interrupt.withdraw();
+        if let Some(threads) = &self.threads {
+            threads.cancel_pause();
+        }
     }
 
     /// Asks the guest to pause at its next blocking call only, where a

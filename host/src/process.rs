@@ -21,6 +21,7 @@ use crate::program_memory::ProgramMemory;
 use crate::sourcemap::SourceMap;
 use crate::trap::TrapReport;
 use crate::wasi::fd_table::Stdio;
+use crate::threads::{SharedMemories, Threads};
 use crate::wasi::{self, GuestExit, Interrupted, UnwindHooks, WasiCtx, WasiView};
 
 /// Everything a guest is given at start: arguments, environment,
@@ -50,6 +51,9 @@ pub struct GuestConfig {
     /// [`Guest::at_stress_point`] tells it from a requested pause. What
     /// `--stress-update` and `--update-at` update the guest at.
     pub stress_stop: Option<u32>,
+    /// Threads a multi-threaded (wasi-threads) program may run besides its
+    /// main one; a `pthread_create` past it fails with `EAGAIN`.
+    pub max_threads: usize,
 }
 
 /// A host directory made visible to the guest.
@@ -74,6 +78,7 @@ impl GuestConfig {
             stderr: Stdio::Inherit,
             stress_pause: None,
             stress_stop: None,
+            max_threads: crate::threads::DEFAULT_MAX_THREADS,
         }
     }
 }
@@ -118,11 +123,13 @@ pub enum Exit {
     HostError(String),
 }
 
-/// The store data of a guest process.
+/// The store data of one thread of a guest process.
 #[derive(Debug)]
 pub struct ProcessState {
     pub(crate) wasi: WasiCtx,
     pub(crate) hooks: Option<UnwindHooks>,
+    /// The program's threads, for a module that spawns them.
+    pub(crate) threads: Option<Arc<Threads>>,
 }
 
 impl WasiView for ProcessState {
@@ -156,7 +163,17 @@ pub(crate) struct Unwinder {
     pub(crate) at_stress_point: bool,
 }
 
-/// A guest process, instantiated and ready to run.
+/// Where a guest thread starts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Entry {
+    /// The program's main thread: `_start`.
+    Main,
+    /// A spawned thread: `wasi_thread_start(tid, arg)`.
+    Thread { tid: u32, arg: i32 },
+}
+
+/// A guest process (its main thread), instantiated and ready to run; or,
+/// inside [`crate::threads`], one of its other threads.
 pub struct Guest {
     pub(crate) store: Store<ProcessState>,
     pub(crate) instance: Instance,
@@ -167,6 +184,12 @@ pub struct Guest {
     /// The module that runs now (the next version's, after an update); its
     /// bytes and hash name the guest in snapshots.
     pub(crate) module: GuestModule,
+    pub(crate) entry: Entry,
+    /// The program's other threads, for a module that spawns them.
+    pub(crate) threads: Option<Arc<Threads>>,
+    /// Whether the entry function returned (rather than the guest calling
+    /// `proc_exit`): a spawned thread's normal end.
+    pub(crate) returned: bool,
 }
 
 impl std::fmt::Debug for Guest {
@@ -192,20 +215,75 @@ impl Guest {
             wasi.push_preopen_dir(handle, &dir.host, &dir.guest)
                 .map_err(|_| SetupError::Host("fd table full".into()))?;
         }
-        let interrupt = wasi.interrupter().handle();
-
-        let mut linker = Linker::new(engine);
-        wasi::add_to_linker(&mut linker).map_err(|e| SetupError::Host(one_line(&e)))?;
-        let mut store = Store::new(engine, ProcessState { wasi, hooks: None });
         if (config.stress_pause.is_some() || config.stress_stop.is_some()) && module.metadata.is_some() && !module.stress {
             return Err(SetupError::Host(
                 "stress mode needs the module instrumented for it (LoadOptions::stress); its loop headers would not count".into(),
             ));
         }
-        let control = match &module.metadata {
-            Some(meta) => Some(define_memories(&mut store, &mut linker, meta, config.stress_pause.or(config.stress_stop))?),
-            None => None,
+        let host = |e: String| SetupError::Host(e);
+        let stress = config.stress_pause.or(config.stress_stop);
+        let (memories, control) = match &module.metadata {
+            Some(meta) => {
+                let memory = ProgramMemory::new(engine, &meta.memory).map_err(|e| host(e.to_string()))?;
+                let control = new_control(engine, stress)?;
+                (Some(SharedMemories::Instrumented(memory)), Some(control))
+            }
+            None => (plain_shared_memory(engine, module)?, None),
         };
+        let threads = match (&memories, module.spawns_threads()) {
+            (Some(memories), true) => Some(Arc::new(Threads::new(engine, module, memories.clone(), config.max_threads, stress))),
+            _ => None,
+        };
+        let mut guest = Guest::assemble(engine, module, wasi, memories.as_ref(), control, threads, Entry::Main)?;
+        if let Some(u) = &mut guest.unwinder {
+            u.stress_stops = config.stress_stop.is_some();
+        }
+        if let Some(threads) = &guest.threads {
+            let pause = guest.unwinder.as_ref().map(|u| (u.control.clone(), guest.interrupt.clone()));
+            threads.set_main(pause, guest.interrupt.clone());
+        }
+        Ok(guest)
+    }
+
+    /// A spawned thread of the program `threads` belongs to, which will
+    /// start at `wasi_thread_start(tid, arg)`.
+    pub(crate) fn thread(engine: &Engine, module: &GuestModule, threads: &Arc<Threads>, wasi: WasiCtx, tid: u32, arg: i32) -> Result<Self, SetupError> {
+        let control = match threads.memories() {
+            SharedMemories::Instrumented(_) => Some(new_control(engine, threads.stress())?),
+            SharedMemories::Plain { .. } => None,
+        };
+        let mut guest = Guest::assemble(engine, module, wasi, Some(threads.memories()), control, Some(threads.clone()), Entry::Thread { tid, arg })?;
+        // The program's memory is already initialised and its start
+        // function has run, in the main thread.
+        guest.started = true;
+        Ok(guest)
+    }
+
+    /// Links and instantiates one thread of a program over its memories.
+    fn assemble(
+        engine: &Engine,
+        module: &GuestModule,
+        wasi: WasiCtx,
+        memories: Option<&SharedMemories>,
+        control: Option<ControlMemory>,
+        threads: Option<Arc<Threads>>,
+        entry: Entry,
+    ) -> Result<Self, SetupError> {
+        let host = |e: wasmtime::Error| SetupError::Host(one_line(&e));
+        let interrupt = wasi.interrupter().handle();
+        let mut linker = Linker::new(engine);
+        wasi::add_to_linker(&mut linker).map_err(host)?;
+        if threads.is_some() {
+            crate::threads::add_to_linker(&mut linker).map_err(host)?;
+        }
+        let mut store = Store::new(engine, ProcessState { wasi, hooks: None, threads: threads.clone() });
+        match (memories, &control) {
+            (Some(SharedMemories::Instrumented(memory)), Some(control)) => link_memories(&mut store, &mut linker, memory, control).map_err(host)?,
+            (Some(SharedMemories::Plain { module, name, memory }), _) => {
+                linker.define(&mut store, module, name, memory.clone()).map_err(host)?;
+            }
+            _ => {}
+        }
         for import in module.module.imports() {
             if linker.get(&mut store, import.module(), import.name()).is_err() {
                 return Err(LoadError::UnknownImport {
@@ -220,11 +298,10 @@ impl Guest {
             path: module.path.clone(),
             reason: one_line(&e),
         })?;
-        let unwinder = match (control, &module.metadata) {
-            (Some((memory, control)), Some(metadata)) => {
-                let mut unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata.clone())
+        let unwinder = match (memories, control, &module.metadata) {
+            (Some(SharedMemories::Instrumented(memory)), Some(control), Some(metadata)) => {
+                let unwinder = Unwinder::new(&mut store, &instance, memory.clone(), control, metadata.clone())
                     .map_err(|e| SetupError::Host(format!("instrumented module is missing a host export: {e}")))?;
-                unwinder.stress_stops = config.stress_stop.is_some();
                 let stop_rewind = instance
                     .get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)
                     .map_err(|e| SetupError::Host(one_line(&e)))?;
@@ -241,13 +318,31 @@ impl Guest {
             started: false,
             source_map: module.source_map.clone(),
             module: module.clone(),
+            entry,
+            threads,
+            returned: false,
         })
     }
 
     /// A handle that pauses the guest from any thread; `None` for a module
     /// loaded without instrumentation.
     pub fn pause_handle(&self) -> Option<PauseHandle> {
-        self.unwinder.as_ref().map(|u| PauseHandle::new(u.control.clone(), self.interrupt.clone()))
+        self.unwinder.as_ref().map(|u| PauseHandle::new(u.control.clone(), self.interrupt.clone(), self.threads.clone()))
+    }
+
+    /// The program's other threads (a wasi-threads program's): their ids
+    /// and states. Empty for a program that has none running.
+    pub fn threads(&self) -> Vec<(u32, crate::threads::ThreadState)> {
+        self.threads.as_ref().map(|t| t.list()).unwrap_or_default()
+    }
+
+    /// Refuses to capture or change a program with threads running besides
+    /// the main one, which these operations do not cover yet.
+    pub(crate) fn single_threaded(&self, what: &str) -> Result<(), String> {
+        match self.threads.as_ref().map_or(0, |t| t.count()) {
+            0 => Ok(()),
+            n => Err(format!("{what} of a multi-threaded program is not supported yet: it runs {n} thread(s) besides its main one")),
+        }
     }
 
     /// The stack of a paused guest, innermost frame first.
@@ -299,12 +394,45 @@ impl Guest {
     }
 
     /// Runs `_start` until the guest exits, traps or pauses; after a pause,
-    /// resumes it where it stopped.
+    /// resumes it where it stopped. For a multi-threaded program, the
+    /// program is paused once every thread is (this returns when they all
+    /// are), a resume resumes them all, and a thread's `proc_exit` or trap
+    /// is the program's exit.
     pub fn run(&mut self) -> Exit {
-        let entry = match self.instance.get_typed_func::<(), ()>(&mut self.store, "_start") {
-            Ok(f) => f,
-            Err(e) => return Exit::HostError(format!("`_start` has the wrong type: {}", one_line(&e))),
+        let Some(threads) = self.threads.clone().filter(|_| matches!(self.entry, Entry::Main)) else {
+            return self.run_thread();
         };
+        let exit = self.run_thread();
+        if let Some(end) = threads.take_end() {
+            return end;
+        }
+        if matches!(exit, Exit::Paused) {
+            // A stress stop pauses the main thread alone; the program pauses
+            // with it.
+            threads.request_pause();
+            let control = self.unwinder.as_ref().map(|u| u.control.clone());
+            let at_stress_point = self.at_stress_point();
+            threads.wait_parked(|| !at_stress_point && control.as_ref().is_some_and(|c| !c.pause_requested()));
+            if let Some(end) = threads.take_end() {
+                return end;
+            }
+        }
+        exit
+    }
+
+    /// Calls the thread's entry function.
+    fn call_entry(&mut self) -> wasmtime::Result<()> {
+        match self.entry {
+            Entry::Main => self.instance.get_typed_func::<(), ()>(&mut self.store, "_start")?.call(&mut self.store, ()),
+            Entry::Thread { tid, arg } => self
+                .instance
+                .get_typed_func::<(i32, i32), ()>(&mut self.store, crate::threads::START_EXPORT)?
+                .call(&mut self.store, (tid as i32, arg)),
+        }
+    }
+
+    /// [`Guest::run`] for this thread alone.
+    pub(crate) fn run_thread(&mut self) -> Exit {
         if !self.started {
             self.started = true;
             if let Some(u) = &self.unwinder {
@@ -322,18 +450,27 @@ impl Guest {
             }
         } else if let Some(u) = &mut self.unwinder {
             if u.paused.take().is_some() {
+                if let (Some(threads), Entry::Main) = (&self.threads, self.entry) {
+                    threads.resume();
+                }
                 if let Err(e) = u.prepare_rewind(&mut self.store) {
                     return self.classify(e);
                 }
             }
         }
         loop {
-            if let Err(err) = entry.call(&mut self.store, ()) {
+            if let Err(err) = self.call_entry() {
                 return self.classify(err);
             }
-            let Some(u) = &mut self.unwinder else { return Exit::Status(0) };
+            let Some(u) = &mut self.unwinder else {
+                self.returned = true;
+                return Exit::Status(0);
+            };
             match u.after_return(&mut self.store) {
-                Ok(AfterReturn::Finished) => return Exit::Status(0),
+                Ok(AfterReturn::Finished) => {
+                    self.returned = true;
+                    return Exit::Status(0);
+                }
                 Ok(AfterReturn::Paused) => return Exit::Paused,
                 Ok(AfterReturn::Rewind) => {
                     // A stress unwind, or a stale wake-up of a blocking call
@@ -418,23 +555,33 @@ impl Unwinder {
     }
 }
 
-/// Creates the program memory and the control memory of an instrumented
-/// module and defines them as its `upstare` imports.
-fn define_memories(
-    store: &mut Store<ProcessState>,
-    linker: &mut Linker<ProcessState>,
-    meta: &Metadata,
-    stress: Option<u32>,
-) -> Result<(ProgramMemory, ControlMemory), SetupError> {
-    let host = |e: wasmtime::Error| SetupError::Host(one_line(&e));
-    let memory = ProgramMemory::new(store.engine(), &meta.memory).map_err(|e| SetupError::Host(e.to_string()))?;
+/// A control memory for one thread of an instrumented program.
+fn new_control(engine: &Engine, stress: Option<u32>) -> Result<ControlMemory, SetupError> {
     let header = match stress {
         Some(n) => control::Header::stress(n.max(1)),
         None => control::Header::default(),
     };
-    let control = ControlMemory::new(store.engine(), header).map_err(|e| SetupError::Host(e.to_string()))?;
-    link_memories(store, linker, &memory, &control).map_err(host)?;
-    Ok((memory, control))
+    ControlMemory::new(engine, header).map_err(|e| SetupError::Host(e.to_string()))
+}
+
+/// The shared memory a module run as it is imports (a wasi-threads
+/// program's), created here so that every thread's instance imports the
+/// same one; `None` for a module that imports no shared memory.
+fn plain_shared_memory(engine: &Engine, module: &GuestModule) -> Result<Option<SharedMemories>, SetupError> {
+    for import in module.module.imports() {
+        if let wasmtime::ExternType::Memory(ty) = import.ty() {
+            if ty.is_shared() {
+                let memory = wasmtime::SharedMemory::new(engine, ty)
+                    .map_err(|e| SetupError::Host(format!("cannot create the program's shared memory: {}", one_line(&e))))?;
+                return Ok(Some(SharedMemories::Plain {
+                    module: import.module().to_string(),
+                    name: import.name().to_string(),
+                    memory,
+                }));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Defines existing memories as the `upstare` imports: a new instance of a

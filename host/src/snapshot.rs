@@ -285,6 +285,7 @@ impl Guest {
         if u.paused.is_none() {
             return Err(state("the guest is not paused"));
         }
+        self.single_threaded("a checkpoint").map_err(SnapshotError::State)?;
         let fds = crate::wasi::persist::describe(&self.store.data().wasi)
             .map_err(|e| SnapshotError::State(format!("cannot describe the open files: {e}")))?;
         let mut globals = Vec::new();

@@ -63,6 +63,18 @@ enum Command {
     },
 }
 
+/// How long the main thread has to return by itself once another thread
+/// has ended the program, before the program is reported ended without it.
+const MAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// What ends a supervised run.
+enum Finish {
+    /// The main thread's run returned (or the guest could not be built).
+    Main(Result<Ended, String>),
+    /// Another thread ended the program (`proc_exit`, a trap).
+    Worker,
+}
+
 /// What the control thread needs to prepare updates while the guest runs.
 struct Updater {
     engine: wasmtime::Engine,
@@ -103,30 +115,42 @@ pub fn run(
     let stressed = stress.is_some();
     let (commands_tx, commands) = channel::<Command>();
     let (handle_tx, handle_rx) = channel();
+    let (finish_tx, finish) = channel::<Finish>();
+    let runner_finish = finish_tx.clone();
     let guest_live = live.clone();
     let runner = std::thread::Builder::new()
         .name("guest".into())
         .stack_size(GUEST_THREAD_STACK)
-        .spawn(move || -> Result<Ended, String> {
+        .spawn(move || {
             let mut guest = match make() {
                 Ok(g) => g,
                 Err(e) => {
                     drop(handle_tx);
-                    return Err(e);
+                    let _ = runner_finish.send(Finish::Main(Err(e)));
+                    return;
                 }
             };
+            if let Some(threads) = &guest.threads {
+                let finish = runner_finish.clone();
+                threads.on_end(Box::new(move || {
+                    let _ = finish.send(Finish::Worker);
+                }));
+            }
             let seed = guest
                 .unwinder
                 .as_ref()
                 .map(|u| (guest.engine().clone(), u.memory.clone(), u.control.clone(), guest.module().clone()));
-            let _ = handle_tx.send((guest.pause_handle(), seed));
+            let _ = handle_tx.send((guest.pause_handle(), seed, guest.threads.clone()));
             let exit = drive(&mut guest, &commands, &guest_live, stress.as_mut());
             guest_live.lock().map(|mut l| l.state = "exited").ok();
-            Ok(Ended { exit, unwinds: guest.unwinds(), stress: stress.map(|s| s.tally().clone()) })
+            let ended = Ended { exit, unwinds: guest.unwinds(), stress: stress.map(|s| s.tally().clone()) };
+            let _ = runner_finish.send(Finish::Main(Ok(ended)));
         })
         .map_err(|e| format!("cannot start the guest thread: {e}"))?;
     let socket_path = control.as_ref().map(|c| c.path().to_path_buf());
-    if let (Some(control), Ok((pause, seed))) = (control, handle_rx.recv()) {
+    let started = handle_rx.recv().ok();
+    let threads = started.as_ref().and_then(|(_, _, threads)| threads.clone());
+    if let (Some(control), Some((pause, seed, _))) = (control, started) {
         let updater =
             seed.map(|(engine, memory, control, first)| Updater {
                 engine,
@@ -153,7 +177,21 @@ pub fn run(
             .spawn(move || control.serve(move |req| server.handle(req)))
             .map_err(|e| format!("cannot start the control thread: {e}"))?;
     }
-    let outcome = runner.join().map_err(|_| "the guest thread failed".to_string());
+    drop(finish_tx);
+    let outcome = match finish.recv() {
+        Ok(Finish::Main(ended)) => Ok(ended),
+        Ok(Finish::Worker) => match finish.recv_timeout(MAIN_GRACE) {
+            Ok(Finish::Main(ended)) => Ok(ended),
+            // The main thread is blocked where no request reaches it (a
+            // futex wait of a module run as it is): the program has ended
+            // all the same, and its thread is left behind.
+            _ => match threads.as_ref().and_then(|t| t.take_end()) {
+                Some(exit) => Ok(Ok(Ended { exit, unwinds: 0, stress: None })),
+                None => runner.join().map_err(|_| "the guest thread failed".to_string()).and_then(|()| Err("the guest thread ended without a word".into())),
+            },
+        },
+        Err(_) => Err("the guest thread failed".to_string()),
+    };
     if let Some(path) = socket_path {
         let _ = std::fs::remove_file(path);
     }

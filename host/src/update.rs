@@ -326,9 +326,12 @@ fn link(
 ) -> wasmtime::Result<InstancePre<ProcessState>> {
     let mut linker = Linker::new(engine);
     wasi::add_to_linker(&mut linker)?;
+    if module.spawns_threads() {
+        crate::threads::add_to_linker(&mut linker)?;
+    }
     // `define` wants a store only to check types; the memories belong to
     // the engine, so the linked module is not tied to this one.
-    let mut scratch = Store::new(engine, ProcessState { wasi: WasiCtx::detached()?, hooks: None });
+    let mut scratch = Store::new(engine, ProcessState { wasi: WasiCtx::detached()?, hooks: None, threads: None });
     link_memories(&mut scratch, &mut linker, memory, control)?;
     linker.instantiate_pre(module.module())
 }
@@ -382,6 +385,7 @@ impl Guest {
         let rollback = |m: String| UpdateError::RolledBack(m);
         let u = self.unwinder.as_ref().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
         let frames = u.paused.clone().ok_or_else(|| UpdateError::Refused("the guest is not paused".into()))?;
+        self.single_threaded("an update").map_err(UpdateError::Refused)?;
         let new_meta: Arc<Metadata> = prepared
             .next
             .module
@@ -521,7 +525,7 @@ impl Guest {
         let engine = self.store.engine().clone();
         let detached = WasiCtx::detached().map_err(|e| format!("cannot set up the new store: {e}"))?;
         let wasi = std::mem::replace(&mut self.store.data_mut().wasi, detached);
-        let mut store = Store::new(&engine, ProcessState { wasi, hooks: None });
+        let mut store = Store::new(&engine, ProcessState { wasi, hooks: None, threads: self.threads.clone() });
         let built = prepared.instance_pre.instantiate(&mut store).and_then(|instance| {
             let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata)?;
             let stop_rewind = instance.get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)?;
@@ -544,6 +548,9 @@ impl Guest {
         let old_module = std::mem::replace(&mut self.module, module.clone());
         let old_instance = std::mem::replace(&mut self.instance, instance);
         self.source_map = module.source_map.clone();
+        if let Some(threads) = &self.threads {
+            threads.set_module(&self.module);
+        }
         Ok(Previous { module: old_module, store: old_store, instance: old_instance, unwinder: old_unwinder, frame_bytes })
     }
 
@@ -554,6 +561,9 @@ impl Guest {
         self.store = store;
         self.instance = instance;
         self.source_map = module.source_map.clone();
+        if let Some(threads) = &self.threads {
+            threads.set_module(&module);
+        }
         self.module = module;
         // The frames were read before the switch; writing them back cannot
         // need more memory than they had.
@@ -750,7 +760,7 @@ impl Guest {
         u.start_rewind.call(&mut *store, ()).map_err(|e| one_line(&e))?;
         // A request, not just the flag: a rewind that ends in a blocking
         // call must find its wake-up waiting, or it would block there.
-        crate::PauseHandle::new(u.control.clone(), self.interrupt.clone()).request();
+        crate::PauseHandle::new(u.control.clone(), self.interrupt.clone(), None).request();
         let entry = self
             .instance
             .get_typed_func::<(), ()>(&mut *store, "_start")

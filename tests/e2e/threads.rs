@@ -1,5 +1,5 @@
-//! Threaded programs: what `upstare-cc --threads` builds, and what the host
-//! does with one today (it runs one thread per program, so it says so).
+//! Threaded programs: what `upstare-cc --threads` builds, and the host
+//! running one as the wasi-threads proposal says, instrumented or not.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -84,11 +84,11 @@ fn run_reference(path: &Path) -> (i32, String) {
 /// code: it imports a shared memory and `wasi::thread-spawn` and exports
 /// `wasi_thread_start` (the entry of every thread but the first), and it
 /// computes what it should when run as wasi-threads says (four threads
-/// adding under one mutex). The host refuses it, instrumented or not, with
-/// one line that says why, before it would fail on an import it does not
-/// provide.
+/// adding under one mutex). The host runs it to the same output,
+/// instrumented, as it is, and unwound and rewound at every update point
+/// of every thread.
 #[test]
-fn a_threads_guest_builds_for_wasi_threads_and_the_host_says_it_does_not_run_it() {
+fn a_threads_guest_runs_under_the_host_as_under_the_reference() {
     let counter = guest("counter");
     let mut config = wasmtime::Config::new();
     config.wasm_threads(true).shared_memory(true);
@@ -98,15 +98,53 @@ fn a_threads_guest_builds_for_wasi_threads_and_the_host_says_it_does_not_run_it(
     assert!(memory.ty().memory().is_some_and(|m| m.is_shared()), "a shared memory");
     assert!(module.imports().any(|i| i.module() == "wasi" && i.name() == "thread-spawn"), "imports wasi::thread-spawn");
     assert!(module.get_export("wasi_thread_start").is_some(), "exports wasi_thread_start");
-    assert_eq!(run_reference(&counter), (0, "count=400000\n".to_string()), "the threads' increments, none lost");
+    let reference = run_reference(&counter);
+    assert_eq!(reference, (0, "count=400000\n".to_string()), "the threads' increments, none lost");
 
     let path = counter.to_str().unwrap();
-    for flags in [&[][..], &["--no-instrument"]] {
+    for flags in [&[][..], &["--no-instrument"], &["--stress-pause", "7"]] {
         let out = run_host(&[flags, &[path]].concat());
-        assert_eq!(
-            expect_error(&out, 2),
-            format!("{path}: the module uses threads (wasi-threads, a shared memory), which upstare-host does not run yet"),
-            "{flags:?}"
-        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!((out.status.code().unwrap_or(-1), stdout), reference, "{flags:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// A `pthread_create` past `--max-threads` fails with EAGAIN in the guest
+/// (which reports it), and the host says why on stderr.
+#[test]
+fn threads_past_the_limit_are_refused_with_a_reason() {
+    let counter = guest("counter");
+    let out = run_host(&["--max-threads", "2", counter.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the guest saw pthread_create fail: {stderr}");
+    assert!(stderr.contains("counter: pthread_create failed"), "{stderr}");
+    assert!(
+        stderr.contains("upstare-host: thread-spawn refused: the program already runs 2 threads besides its main one (--max-threads)"),
+        "{stderr}"
+    );
+    let out = run_host(&["--max-threads", "0", counter.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a limit of no threads is bad input: {stderr}");
+    assert!(stderr.contains("invalid value '0' for '--max-threads <N>': expected a number of threads from 1 to 4096"), "{stderr}");
+}
+
+/// A thread other than main ends the whole program: its `exit(7)` is the
+/// program's status, its trap is a trap (134), even while main waits for it
+/// in `pthread_join`; a thread that returns lets main go on.
+#[test]
+fn any_thread_ends_the_program() {
+    let ends = guest("ends");
+    let path = ends.to_str().unwrap();
+    for flags in [&[][..], &["--no-instrument"]] {
+        let out = run_host(&[flags, &[path, "return"]].concat());
+        assert_eq!(out.status.code(), Some(0), "{flags:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "main: starting a worker (return)\nmain: the worker returned\n");
+        let out = run_host(&[flags, &[path, "exit"]].concat());
+        assert_eq!(out.status.code(), Some(7), "{flags:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "main: starting a worker (exit)\n");
+        let out = run_host(&[flags, &[path, "trap"]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(134), "{flags:?}: {stderr}");
+        assert!(stderr.contains("unreachable"), "the trap is reported: {stderr}");
     }
 }

@@ -84,6 +84,12 @@ pub struct RunArgs {
     #[arg(long = "pause-limit", value_name = "MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     pause_limit: u64,
 
+    /// How many threads a multi-threaded (wasi-threads) program may run
+    /// besides its main one; `pthread_create` past that fails with EAGAIN
+    /// and the host says so on stderr.
+    #[arg(long = "max-threads", value_name = "N", default_value_t = crate::threads::DEFAULT_MAX_THREADS, value_parser = parse_max_threads)]
+    max_threads: usize,
+
     /// The module, then the guest's arguments.
     #[arg(required = true, value_name = "WASM", trailing_var_arg = true, allow_hyphen_values = true)]
     module_and_args: Vec<OsString>,
@@ -96,6 +102,13 @@ fn parse_update_at(spec: &str) -> Result<(u32, PathBuf), String> {
         return Err("expected K:MODULE with K at least 1, e.g. 100:app-v2.wasm".into());
     }
     Ok((k, PathBuf::from(module)))
+}
+
+fn parse_max_threads(spec: &str) -> Result<usize, String> {
+    match spec.parse::<usize>() {
+        Ok(n) if (1..=crate::threads::MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!("expected a number of threads from 1 to {}", crate::threads::MAX_THREADS)),
+    }
 }
 
 fn parse_dir(spec: &str) -> PreopenDir {
@@ -182,6 +195,7 @@ pub fn execute(args: RunArgs) -> ExitCode {
         (None, None) => None,
     };
     config.stress_stop = stress.as_ref().map(|(n, _)| *n);
+    config.max_threads = args.max_threads;
     let stress = stress.map(|(_, target)| StressUpdates::new(target));
     config.env = args.env.iter().filter_map(|s| parse_env(s)).collect();
     config.dirs = args.dirs.iter().map(|s| parse_dir(s)).collect();

@@ -2,7 +2,10 @@
 //!
 //! Open objects are reference-counted (`Arc`) so that a future fork or dup
 //! shares them the way POSIX does (a prefork server's workers share one
-//! listener). Each entry also keeps what a snapshot needs to describe it
+//! listener). The threads of a process share one table
+//! ([`SharedFdTable`]); its lock is held only to look up or change a slot,
+//! never across a call that waits, so a thread blocked reading a socket
+//! does not stop another from opening a file. Each entry also keeps what a snapshot needs to describe it
 //! (guest path, listener address), not only the host handle.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -295,5 +298,56 @@ impl FdTable {
             .iter()
             .enumerate()
             .filter_map(|(i, d)| d.as_ref().map(|d| (i as u32, d)))
+    }
+}
+
+/// The fd table of a process, shared by its threads. Lookups hand out a
+/// clone of the slot (its objects are `Arc`s), so no caller keeps the lock.
+#[derive(Debug, Clone, Default)]
+pub struct SharedFdTable {
+    table: Arc<Mutex<FdTable>>,
+}
+
+impl SharedFdTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FdTable> {
+        // A panic while holding the lock cannot leave a slot half written
+        // (every change is one assignment), so a poisoned table is usable.
+        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Looks up an fd.
+    pub fn get(&self, fd: u32) -> Result<Descriptor, Errno> {
+        self.lock().get(fd).cloned()
+    }
+
+    /// Sets the `fdflags` of an fd.
+    pub fn set_flags(&self, fd: u32, flags: u16) -> Result<(), Errno> {
+        self.lock().get_mut(fd)?.flags = flags;
+        Ok(())
+    }
+
+    /// Installs an object at the lowest free fd.
+    pub fn insert(&self, object: Object, flags: u16) -> Result<u32, Errno> {
+        self.lock().insert(object, flags)
+    }
+
+    /// Removes an fd, returning what it held.
+    pub fn remove(&self, fd: u32) -> Result<Descriptor, Errno> {
+        self.lock().remove(fd)
+    }
+
+    /// Moves `from` onto `to`, closing what `to` held.
+    pub fn renumber(&self, from: u32, to: u32) -> Result<(), Errno> {
+        self.lock().renumber(from, to)
+    }
+
+    /// Installs an object at exactly `fd`.
+    pub fn place(&self, fd: u32, object: Object, flags: u16) -> Result<(), Errno> {
+        self.lock().place(fd, object, flags)
+    }
+
+    /// Every open fd, in order, as it is now.
+    pub fn entries(&self) -> Vec<(u32, Descriptor)> {
+        self.lock().iter().map(|(fd, d)| (fd, d.clone())).collect()
     }
 }

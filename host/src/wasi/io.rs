@@ -97,7 +97,7 @@ fn write_std(ctx: &WasiCtx, stream: &StdStream, data: &[u8]) -> CallResult<usize
 pub fn fd_read(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, iovs: u32, iovs_len: u32, out: u32) -> CallResult {
     let iovs = mem.iovecs(iovs, iovs_len)?;
     let len = iovecs_len(&iovs).min(MAX_IO_CHUNK);
-    let desc = ctx.fds.get(fd)?.clone();
+    let desc = ctx.fds.get(fd)?;
     let data = match &desc.object {
         Object::Std(s) => read_std(ctx, &desc, s, len)?,
         Object::File(f) => {
@@ -123,7 +123,7 @@ pub fn fd_read(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, iovs: u32,
 pub fn fd_write(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, iovs: u32, iovs_len: u32, out: u32) -> CallResult {
     let iovs = mem.iovecs(iovs, iovs_len)?;
     let data = mem.gather(&iovs)?;
-    let desc = ctx.fds.get(fd)?.clone();
+    let desc = ctx.fds.get(fd)?;
     let n = match &desc.object {
         Object::Std(s) => write_std(ctx, s, &data)?,
         Object::File(f) => {
@@ -194,13 +194,13 @@ pub fn fd_fdstat_get(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, out:
 /// on files; the sync flags are accepted and have no further effect.
 pub fn fd_fdstat_set_flags(ctx: &mut WasiCtx, _: &mut GuestMemory<'_>, fd: u32, flags: u32) -> CallResult {
     let flags = u16::try_from(flags).map_err(|_| Errno::INVAL)?;
-    let desc = ctx.fds.get_mut(fd)?;
+    let desc = ctx.fds.get(fd)?;
     if let Object::File(f) = &desc.object {
         let mut host = rustix::fs::fcntl_getfl(f.file.as_fd()).map_err(std::io::Error::from)?;
         host.set(rustix::fs::OFlags::APPEND, flags & fdflags::APPEND != 0);
         rustix::fs::fcntl_setfl(f.file.as_fd(), host).map_err(std::io::Error::from)?;
     }
-    desc.flags = flags;
+    ctx.fds.set_flags(fd, flags)?;
     Ok(())
 }
 

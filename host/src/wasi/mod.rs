@@ -47,7 +47,7 @@ use std::sync::Arc;
 
 use crate::interrupt::Interrupter;
 use abi::Errno;
-use fd_table::{FdTable, Object, StdStream, Stdio};
+use fd_table::{Object, SharedFdTable, StdStream, Stdio};
 
 /// How a WASI call ended without a value for the guest.
 #[derive(Debug)]
@@ -89,12 +89,15 @@ pub struct Interrupted {
 #[error("guest exited with status {0}")]
 pub struct GuestExit(pub i32);
 
-/// The WASI state of one process.
+/// The WASI state of one thread of a process: what the process's threads
+/// share (the fd table; the arguments and environment, which never change
+/// once it runs) and what is the thread's own (the interrupter its blocking
+/// calls wait through, the poll a pause interrupted).
 #[derive(Debug)]
 pub struct WasiCtx {
     pub(crate) args: Vec<String>,
     pub(crate) env: Vec<(String, String)>,
-    pub(crate) fds: FdTable,
+    pub(crate) fds: SharedFdTable,
     pub(crate) interrupter: Interrupter,
     /// The subscriptions of a `poll_oneoff` a pause interrupted, and the
     /// deadline it had: the same call made again on resume keeps it.
@@ -142,7 +145,7 @@ pub trait WasiView {
 impl WasiCtx {
     /// A context with the standard streams installed at fds 0-2.
     pub fn new(stdin: Stdio, stdout: Stdio, stderr: Stdio) -> std::io::Result<Self> {
-        let mut fds = FdTable::default();
+        let fds = SharedFdTable::default();
         for (index, target) in [stdin, stdout, stderr].into_iter().enumerate() {
             let stream = StdStream {
                 index: index as u8,
@@ -166,7 +169,19 @@ impl WasiCtx {
         Ok(WasiCtx {
             args: Vec::new(),
             env: Vec::new(),
-            fds: FdTable::default(),
+            fds: SharedFdTable::default(),
+            interrupter: Interrupter::new()?,
+            interrupted_poll: None,
+        })
+    }
+
+    /// The context of a new thread of this process: the same fd table,
+    /// arguments and environment, its own interrupter.
+    pub(crate) fn for_thread(&self) -> std::io::Result<Self> {
+        Ok(WasiCtx {
+            args: self.args.clone(),
+            env: self.env.clone(),
+            fds: self.fds.clone(),
             interrupter: Interrupter::new()?,
             interrupted_poll: None,
         })
@@ -215,8 +230,8 @@ impl WasiCtx {
         &self.interrupter
     }
 
-    /// The fd table, for inspection.
-    pub fn fd_table(&self) -> &FdTable {
+    /// The fd table, shared with the process's other threads.
+    pub fn fd_table(&self) -> &SharedFdTable {
         &self.fds
     }
 }

@@ -43,7 +43,7 @@ pub fn send(ctx: &WasiCtx, desc: &Descriptor, stream: &Stream, data: &[u8]) -> C
 }
 
 fn stream_of(ctx: &WasiCtx, fd: u32) -> CallResult<(Descriptor, Arc<Stream>)> {
-    let desc = ctx.fds.get(fd)?.clone();
+    let desc = ctx.fds.get(fd)?;
     match &desc.object {
         Object::Stream(s) => {
             let s = s.clone();
@@ -59,7 +59,7 @@ pub fn sock_accept(ctx: &mut WasiCtx, mem: &mut GuestMemory<'_>, fd: u32, flags:
     if flags & !fdflags::NONBLOCK != 0 {
         return Err(Errno::INVAL.into());
     }
-    let desc = ctx.fds.get(fd)?.clone();
+    let desc = ctx.fds.get(fd)?;
     let Object::Listener(listener) = &desc.object else {
         return Err(Errno::NOTSOCK.into());
     };

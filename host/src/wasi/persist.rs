@@ -79,7 +79,7 @@ pub struct FdRecord {
 /// Describes every fd of `ctx`.
 pub fn describe(ctx: &WasiCtx) -> std::io::Result<Vec<FdRecord>> {
     let mut out = Vec::new();
-    for (fd, desc) in ctx.fds.iter() {
+    for (fd, desc) in ctx.fds.entries() {
         let kind = match &desc.object {
             Object::Std(s) => FdKind::Std { index: s.index },
             Object::Dir(d) => match (&d.preopen_name, &d.host_path) {
@@ -224,7 +224,7 @@ fn through_preopen(
         }
     }
     let (_, fd, rel) = best.ok_or_else(|| format!("{path} is under no preopened directory"))?;
-    match ctx.fds.get(fd).map(|d| &d.object) {
+    match ctx.fds.get(fd).map(|d| d.object) {
         Ok(Object::Dir(d)) => d.dir.try_clone().map(|dir| (dir, rel)).map_err(|e| e.to_string()),
         _ => Err(format!("the preopen for {path} is missing")),
     }

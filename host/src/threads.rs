@@ -1,0 +1,360 @@
+//! The threads of a program (wasi-threads): spawning one when the guest
+//! calls `wasi.thread-spawn`, each as its own store and instance over the
+//! program's shared memory on its own OS thread; pausing and resuming them
+//! with the main thread; ending the whole program when any thread exits or
+//! traps.
+//!
+//! The main thread is the [`Guest`] the embedder runs; the others are
+//! workers this module owns. A pause of the program asks every thread to
+//! pause; a worker that unwinds parks until the program resumes, and the
+//! main thread reports the program paused only once every worker is parked
+//! (or has finished). A `proc_exit` or a trap in a worker is the program's
+//! end: it is recorded here, and every thread is asked to stop.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use wasmtime::{Caller, Engine, Linker, SharedMemory};
+
+use crate::interrupt::InterruptHandle;
+use crate::pause::ControlMemory;
+use crate::process::{Exit, Guest, ProcessState};
+use crate::program_memory::ProgramMemory;
+use crate::{GuestModule, GUEST_THREAD_STACK};
+
+/// The import module and name of wasi-threads' spawn.
+pub const SPAWN_MODULE: &str = "wasi";
+/// See [`SPAWN_MODULE`].
+pub const SPAWN_NAME: &str = "thread-spawn";
+/// The export a new thread starts at: `wasi_thread_start(tid, arg)`.
+pub const START_EXPORT: &str = "wasi_thread_start";
+
+/// Threads a program may have running besides its main thread, unless the
+/// embedder says otherwise ([`crate::GuestConfig::max_threads`]).
+pub const DEFAULT_MAX_THREADS: usize = 256;
+
+/// The most threads besides the main one any program may be allowed: each
+/// holds a 64 MiB native stack reservation and an instance.
+pub const MAX_THREADS: usize = 4096;
+
+/// wasi-threads asks for a negative result on failure; wasi-libc's
+/// `pthread_create` turns any into `EAGAIN`.
+const SPAWN_FAILED: i32 = -6;
+
+/// What a worker is given to reach the program's memory.
+#[derive(Clone)]
+pub(crate) enum SharedMemories {
+    /// An instrumented module: the host's program memory (each thread gets
+    /// its own control memory).
+    Instrumented(ProgramMemory),
+    /// A module run as it is, importing its shared memory from `module.name`.
+    Plain { module: String, name: String, memory: SharedMemory },
+}
+
+/// What a thread is doing, as `status` and the pause see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadState {
+    /// Running guest code, or blocked in a call.
+    Running,
+    /// Unwound at an update point, waiting for the program to resume.
+    Parked,
+}
+
+/// One worker as the registry sees it.
+struct Worker {
+    state: ThreadState,
+    /// How to ask it to pause; `None` for a module that cannot pause.
+    pause: Option<(ControlMemory, InterruptHandle)>,
+    interrupt: InterruptHandle,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_tid: u32,
+    workers: BTreeMap<u32, Worker>,
+    /// Whether a pause of the program is under way: a worker spawned now
+    /// starts with its request already posted.
+    pausing: bool,
+    /// Bumped at every resume; a parked worker runs again when it changes.
+    resumes: u64,
+    /// The program's end, once a worker has ended it, until the main thread
+    /// takes it to report.
+    ended: Option<Exit>,
+    /// Whether the program has ended (stays set once `ended` is taken).
+    over: bool,
+    /// The main thread's pause request, to stop it when a worker ends the
+    /// program.
+    main: Option<(ControlMemory, InterruptHandle)>,
+    main_interrupt: Option<InterruptHandle>,
+}
+
+/// The threads of one program.
+pub struct Threads {
+    engine: Engine,
+    /// The version new threads instantiate: the running one.
+    module: Mutex<GuestModule>,
+    memories: SharedMemories,
+    max: usize,
+    /// Header of the control memories of new threads (stress counting).
+    stress: Option<u32>,
+    registry: Mutex<Registry>,
+    changed: Condvar,
+    /// Called once when a thread other than main ends the program.
+    on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for Threads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Threads").field("max", &self.max).finish_non_exhaustive()
+    }
+}
+
+impl Threads {
+    pub(crate) fn new(engine: &Engine, module: &GuestModule, memories: SharedMemories, max: usize, stress: Option<u32>) -> Self {
+        Threads {
+            engine: engine.clone(),
+            module: Mutex::new(module.clone()),
+            memories,
+            max,
+            stress,
+            registry: Mutex::new(Registry { next_tid: 1, ..Registry::default() }),
+            changed: Condvar::new(),
+            on_end: Mutex::new(None),
+        }
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // Every change to the registry is a few assignments made without
+        // calling out; a panic elsewhere cannot leave it half changed.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records how to stop the main thread.
+    pub(crate) fn set_main(&self, pause: Option<(ControlMemory, InterruptHandle)>, interrupt: InterruptHandle) {
+        let mut r = self.registry();
+        r.main = pause;
+        r.main_interrupt = Some(interrupt);
+    }
+
+    pub(crate) fn memories(&self) -> &SharedMemories {
+        &self.memories
+    }
+
+    pub(crate) fn stress(&self) -> Option<u32> {
+        self.stress
+    }
+
+    /// Makes `module` the version new threads start in (after an update).
+    pub(crate) fn set_module(&self, module: &GuestModule) {
+        *self.module.lock().unwrap_or_else(PoisonError::into_inner) = module.clone();
+    }
+
+    /// How many workers are alive (parked or running).
+    pub fn count(&self) -> usize {
+        self.registry().workers.len()
+    }
+
+    /// Each worker's id and state, in id order.
+    pub fn list(&self) -> Vec<(u32, ThreadState)> {
+        self.registry().workers.iter().map(|(tid, w)| (*tid, w.state)).collect()
+    }
+
+    /// The guest's `wasi.thread-spawn(arg)`: starts a worker at
+    /// `wasi_thread_start(tid, arg)` and returns its id, or a negative
+    /// value the guest's `pthread_create` reports as `EAGAIN`.
+    fn spawn(self: &Arc<Self>, parent: &ProcessState, arg: i32) -> i32 {
+        let tid = {
+            let mut r = self.registry();
+            if r.over {
+                return SPAWN_FAILED;
+            }
+            if r.workers.len() >= self.max {
+                drop(r);
+                tracing::warn!("thread-spawn refused: the program already runs {} threads besides its main one (--max-threads)", self.max);
+                eprintln!("upstare-host: thread-spawn refused: the program already runs {} threads besides its main one (--max-threads)", self.max);
+                return SPAWN_FAILED;
+            }
+            // Ids are positive and below 2^29, as wasi-threads asks.
+            let tid = r.next_tid;
+            r.next_tid = if tid >= (1 << 29) - 1 { 1 } else { tid + 1 };
+            tid
+        };
+        let module = self.module.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let guest = match parent.wasi.for_thread().map_err(|e| e.to_string()).and_then(|wasi| {
+            Guest::thread(&self.engine, &module, self, wasi, tid, arg).map_err(|e| e.to_string())
+        }) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("upstare-host: thread-spawn failed: {e}");
+                return SPAWN_FAILED;
+            }
+        };
+        let pause = guest.unwinder.as_ref().map(|u| (u.control.clone(), guest.interrupt.clone()));
+        {
+            let mut r = self.registry();
+            if r.pausing {
+                if let Some((control, _)) = &pause {
+                    control.set_pause(true);
+                }
+            }
+            let interrupt = guest.interrupt.clone();
+            r.workers.insert(tid, Worker { state: ThreadState::Running, pause, interrupt });
+        }
+        let threads = self.clone();
+        let started = std::thread::Builder::new()
+            .name(format!("guest-{tid}"))
+            .stack_size(GUEST_THREAD_STACK)
+            .spawn(move || threads.drive(tid, guest));
+        if let Err(e) = started {
+            self.registry().workers.remove(&tid);
+            eprintln!("upstare-host: thread-spawn failed: cannot start an OS thread: {e}");
+            return SPAWN_FAILED;
+        }
+        tid as i32
+    }
+
+    /// Runs a worker until it returns, parks it at each pause, and ends the
+    /// program if it exits or traps.
+    fn drive(&self, tid: u32, mut guest: Guest) {
+        loop {
+            let exit = guest.run();
+            match exit {
+                Exit::Paused => {
+                    if !self.park(tid) {
+                        break;
+                    }
+                }
+                Exit::Status(0) if guest.returned => break,
+                other => {
+                    self.end(other);
+                    break;
+                }
+            }
+        }
+        self.registry().workers.remove(&tid);
+        self.changed.notify_all();
+    }
+
+    /// Parks a paused worker until the program resumes (true) or ends
+    /// (false).
+    fn park(&self, tid: u32) -> bool {
+        let mut r = self.registry();
+        let resumes = r.resumes;
+        if let Some(w) = r.workers.get_mut(&tid) {
+            w.state = ThreadState::Parked;
+        }
+        self.changed.notify_all();
+        while r.resumes == resumes && !r.over {
+            r = self.changed.wait(r).unwrap_or_else(PoisonError::into_inner);
+        }
+        if let Some(w) = r.workers.get_mut(&tid) {
+            w.state = ThreadState::Running;
+        }
+        !r.over
+    }
+
+    /// Sets what to call when a thread other than main ends the program: a
+    /// main thread blocked where no request reaches it would otherwise keep
+    /// its runner waiting.
+    pub fn on_end(&self, call: Box<dyn FnOnce() + Send>) {
+        *self.on_end.lock().unwrap_or_else(PoisonError::into_inner) = Some(call);
+    }
+
+    /// Ends the program with `exit` (the first end wins) and asks every
+    /// thread to stop.
+    pub(crate) fn end(&self, exit: Exit) {
+        self.stop_all(exit);
+        if let Some(call) = self.on_end.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            call();
+        }
+    }
+
+    fn stop_all(&self, exit: Exit) {
+        let mut r = self.registry();
+        if r.over {
+            return;
+        }
+        r.over = true;
+        r.ended = Some(exit);
+        let stops = r.workers.values().map(|w| (w.pause.clone(), w.interrupt.clone()));
+        let main = r.main_interrupt.clone().map(|i| (r.main.clone(), i));
+        for (pause, interrupt) in stops.chain(main) {
+            if let Some((control, _)) = pause {
+                control.set_pause(true);
+            }
+            interrupt.interrupt();
+        }
+        self.changed.notify_all();
+    }
+
+    /// How a worker ended the program, if one did; taken once.
+    pub fn take_end(&self) -> Option<Exit> {
+        self.registry().ended.take()
+    }
+
+    /// Asks every worker to pause (the main thread is asked by the caller).
+    pub(crate) fn request_pause(&self) {
+        let mut r = self.registry();
+        r.pausing = true;
+        for w in r.workers.values() {
+            if let Some((control, interrupt)) = &w.pause {
+                control.set_pause(true);
+                interrupt.interrupt();
+            }
+        }
+    }
+
+    /// Withdraws a pause request; workers already parked stay parked until
+    /// [`Threads::resume`].
+    pub(crate) fn cancel_pause(&self) {
+        let mut r = self.registry();
+        r.pausing = false;
+        for w in r.workers.values() {
+            if let Some((control, interrupt)) = &w.pause {
+                control.set_pause(false);
+                interrupt.withdraw();
+            }
+        }
+    }
+
+    /// Waits until every worker is parked, the program ends, or `give_up`
+    /// says the pause was withdrawn. Returns whether all are parked.
+    pub(crate) fn wait_parked(&self, give_up: impl Fn() -> bool) -> bool {
+        let mut r = self.registry();
+        loop {
+            if r.over {
+                return false;
+            }
+            if r.workers.values().all(|w| w.state == ThreadState::Parked) {
+                return true;
+            }
+            if give_up() {
+                return false;
+            }
+            // The timeout only bounds how late a withdrawn pause is seen;
+            // parking workers wake this wait themselves.
+            r = self.changed.wait_timeout(r, Duration::from_millis(1)).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+
+    /// Lets every parked worker run again.
+    pub(crate) fn resume(&self) {
+        let mut r = self.registry();
+        r.pausing = false;
+        r.resumes += 1;
+        self.changed.notify_all();
+    }
+}
+
+/// Defines `wasi.thread-spawn` for a program's stores.
+pub(crate) fn add_to_linker(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
+    linker.func_wrap(SPAWN_MODULE, SPAWN_NAME, |caller: Caller<'_, ProcessState>, arg: i32| -> i32 {
+        let state = caller.data();
+        match &state.threads {
+            Some(threads) => threads.clone().spawn(state, arg),
+            None => SPAWN_FAILED,
+        }
+    })?;
+    Ok(())
+}
