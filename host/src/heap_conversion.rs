@@ -35,6 +35,9 @@ pub(crate) struct Stacks<'a> {
     /// The part of the shadow stack that stays where it is, as (start,
     /// size): its words are not typed, save the frames' variables.
     pub live: Option<(u32, u32)>,
+    /// The live shadow stacks of the program's other threads, as (start,
+    /// size, what): scanned untyped, as their frames are not typed.
+    pub threads: Vec<(u32, u32, String)>,
     /// Shadow-stack bytes the frame mapping moves, as (from, to, length):
     /// scanned untyped, since their pointers are not rewritten.
     pub moving: &'a [(u32, u32, u64)],
@@ -62,7 +65,8 @@ pub(crate) fn trace(old: &Version, plan: &Plan, linked: &Linked, memory: &Progra
         size: u32::try_from(len).unwrap_or(u32::MAX),
         what: "the memory of a frame that moves to its new layout".into(),
     });
-    let untyped = live.into_iter().chain(moving).collect();
+    let threads = stacks.threads.into_iter().map(|(address, size, what)| Region { address, size, what });
+    let untyped = live.into_iter().chain(threads).chain(moving).collect();
     let started = std::time::Instant::now();
     let traced = heap::trace(old, &plan.new, &plan.heap_roots, stacks.frames, moved, memory, untyped)?;
     if let Some(t) = &traced {

@@ -168,8 +168,9 @@ pub(crate) struct Unwinder {
 pub(crate) enum Entry {
     /// The program's main thread: `_start`.
     Main,
-    /// A spawned thread: `wasi_thread_start(tid, arg)`.
-    Thread { tid: u32, arg: i32 },
+    /// A spawned thread: `wasi_thread_start(tid, arg)`, its shadow stack
+    /// ending at `stack_top` (what `arg` points at, by wasi-libc's ABI).
+    Thread { tid: u32, arg: i32, stack_top: Option<u32> },
 }
 
 /// A guest process (its main thread), instantiated and ready to run; or,
@@ -248,11 +249,15 @@ impl Guest {
     /// A spawned thread of the program `threads` belongs to, which will
     /// start at `wasi_thread_start(tid, arg)`.
     pub(crate) fn thread(engine: &Engine, module: &GuestModule, threads: &Arc<Threads>, wasi: WasiCtx, tid: u32, arg: i32) -> Result<Self, SetupError> {
-        let control = match threads.memories() {
-            SharedMemories::Instrumented(_) => Some(new_control(engine, threads.stress())?),
-            SharedMemories::Plain { .. } => None,
+        let (control, stack_top) = match threads.memories() {
+            SharedMemories::Instrumented(memory) => {
+                let top = memory.read(u64::from(arg as u32), 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                (Some(new_control(engine, threads.stress())?), top)
+            }
+            SharedMemories::Plain { .. } => (None, None),
         };
-        let mut guest = Guest::assemble(engine, module, wasi, Some(threads.memories()), control, Some(threads.clone()), Entry::Thread { tid, arg })?;
+        let entry = Entry::Thread { tid, arg, stack_top };
+        let mut guest = Guest::assemble(engine, module, wasi, Some(threads.memories()), control, Some(threads.clone()), entry)?;
         // The program's memory is already initialised and its start
         // function has run, in the main thread.
         guest.started = true;
@@ -334,6 +339,15 @@ impl Guest {
     /// and states. Empty for a program that has none running.
     pub fn threads(&self) -> Vec<(u32, crate::threads::ThreadState)> {
         self.threads.as_ref().map(|t| t.list()).unwrap_or_default()
+    }
+
+    /// Where a spawned thread's shadow stack ends; `None` for the main
+    /// thread (its stack's end is in the module's layout).
+    pub(crate) fn thread_stack_top(&self) -> Option<u32> {
+        match self.entry {
+            Entry::Thread { stack_top, .. } => stack_top,
+            Entry::Main => None,
+        }
     }
 
     /// Refuses to capture or change a program with threads running besides
@@ -421,10 +435,10 @@ impl Guest {
     }
 
     /// Calls the thread's entry function.
-    fn call_entry(&mut self) -> wasmtime::Result<()> {
+    pub(crate) fn call_entry(&mut self) -> wasmtime::Result<()> {
         match self.entry {
             Entry::Main => self.instance.get_typed_func::<(), ()>(&mut self.store, "_start")?.call(&mut self.store, ()),
-            Entry::Thread { tid, arg } => self
+            Entry::Thread { tid, arg, .. } => self
                 .instance
                 .get_typed_func::<(i32, i32), ()>(&mut self.store, crate::threads::START_EXPORT)?
                 .call(&mut self.store, (tid as i32, arg)),

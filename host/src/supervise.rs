@@ -162,6 +162,7 @@ pub fn run(
             });
         let memory = updater.as_ref().map(|u| u.memory.clone());
         let server = Server {
+            threads: threads.clone(),
             identity,
             started: Instant::now(),
             live: live.clone(),
@@ -203,6 +204,8 @@ pub fn run(
 /// waits; checkpoints, updates and rollbacks take `changes` in turn, so one
 /// runs at a time and each sees the version the previous one left.
 struct Server {
+    /// The program's other threads, for `status`.
+    threads: Option<Arc<crate::threads::Threads>>,
     identity: Identity,
     started: Instant,
     live: Arc<Mutex<Live>>,
@@ -220,7 +223,10 @@ struct Server {
 impl Server {
     fn handle(&self, req: Request) -> Response {
         match req {
-            Request::Status => status(&self.identity, self.started, &self.live, self.pause.is_some(), self.memory.as_ref()),
+            Request::Status => {
+                let threads = self.threads.as_ref().map(|t| t.list()).unwrap_or_default();
+                status(&self.identity, self.started, &self.live, self.pause.is_some(), self.memory.as_ref(), &threads)
+            }
             Request::Update(path, timeout) => self.update(Target::Module(path), timeout),
             Request::Rollback(timeout) => self.update(Target::Previous, timeout),
             Request::Checkpoint(path) => self.checkpoint(&path),
@@ -294,7 +300,14 @@ fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>, mu
     }
 }
 
-fn status(identity: &Identity, started: Instant, live: &Mutex<Live>, pausable: bool, memory: Option<&ProgramMemory>) -> Response {
+fn status(
+    identity: &Identity,
+    started: Instant,
+    live: &Mutex<Live>,
+    pausable: bool,
+    memory: Option<&ProgramMemory>,
+    threads: &[(u32, crate::threads::ThreadState)],
+) -> Response {
     let live = match live.lock() {
         Ok(l) => l,
         Err(_) => return Response::refused("status unavailable: the guest thread failed"),
@@ -306,11 +319,22 @@ fn status(identity: &Identity, started: Instant, live: &Mutex<Live>, pausable: b
         format!("version: sha256:{hash}"),
         format!("uptime: {:.1} s", started.elapsed().as_secs_f64()),
         format!("updates: {}", live.updates),
-        "instances: 1".to_string(),
+        format!("instances: {}", 1 + threads.len()),
         format!("instance 0: {}{}", live.state, if pausable { "" } else { " (not instrumented: cannot pause)" }),
+    ];
+    // The other threads by their wasi-threads ids: a thread is paused from
+    // its unwind until the program resumes.
+    body.extend(threads.iter().map(|(tid, state)| {
+        let state = match state {
+            crate::threads::ThreadState::Running => "running",
+            crate::threads::ThreadState::Parked => "paused",
+        };
+        format!("instance {tid}: thread, {state}")
+    }));
+    body.extend([
         format!("pauses: {}", live.pauses),
         format!("last pause (request to paused): {last}"),
-    ];
+    ]);
     if let Some(figures) = &live.stress {
         body.push(format!("stress updates: {figures}"));
     }

@@ -64,6 +64,9 @@ pub enum ThreadState {
 /// One worker as the registry sees it.
 struct Worker {
     state: ThreadState,
+    /// Its guest: locked by its OS thread while it runs, by an update or a
+    /// snapshot while it is parked.
+    guest: Arc<Mutex<Guest>>,
     /// How to ask it to pause; `None` for a module that cannot pause.
     pause: Option<(ControlMemory, InterruptHandle)>,
     interrupt: InterruptHandle,
@@ -191,6 +194,8 @@ impl Threads {
             }
         };
         let pause = guest.unwinder.as_ref().map(|u| (u.control.clone(), guest.interrupt.clone()));
+        let interrupt = guest.interrupt.clone();
+        let guest = Arc::new(Mutex::new(guest));
         {
             let mut r = self.registry();
             if r.pausing {
@@ -198,14 +203,13 @@ impl Threads {
                     control.set_pause(true);
                 }
             }
-            let interrupt = guest.interrupt.clone();
-            r.workers.insert(tid, Worker { state: ThreadState::Running, pause, interrupt });
+            r.workers.insert(tid, Worker { state: ThreadState::Running, guest: guest.clone(), pause, interrupt });
         }
         let threads = self.clone();
         let started = std::thread::Builder::new()
             .name(format!("guest-{tid}"))
             .stack_size(GUEST_THREAD_STACK)
-            .spawn(move || threads.drive(tid, guest));
+            .spawn(move || threads.drive(tid, &guest));
         if let Err(e) = started {
             self.registry().workers.remove(&tid);
             eprintln!("upstare-host: thread-spawn failed: cannot start an OS thread: {e}");
@@ -216,16 +220,19 @@ impl Threads {
 
     /// Runs a worker until it returns, parks it at each pause, and ends the
     /// program if it exits or traps.
-    fn drive(&self, tid: u32, mut guest: Guest) {
+    fn drive(&self, tid: u32, guest: &Mutex<Guest>) {
         loop {
-            let exit = guest.run();
+            let (exit, returned) = {
+                let mut guest = guest.lock().unwrap_or_else(PoisonError::into_inner);
+                (guest.run(), guest.returned)
+            };
             match exit {
                 Exit::Paused => {
                     if !self.park(tid) {
                         break;
                     }
                 }
-                Exit::Status(0) if guest.returned => break,
+                Exit::Status(0) if returned => break,
                 other => {
                     self.end(other);
                     break;
@@ -336,6 +343,14 @@ impl Threads {
             // parking workers wake this wait themselves.
             r = self.changed.wait_timeout(r, Duration::from_millis(1)).unwrap_or_else(PoisonError::into_inner).0;
         }
+    }
+
+    /// The parked workers' guests, in id order, for an update or a
+    /// snapshot of the paused program. Lock each only while the program
+    /// stays paused.
+    pub(crate) fn parked(&self) -> Vec<(u32, Arc<Mutex<Guest>>)> {
+        let r = self.registry();
+        r.workers.iter().filter(|(_, w)| w.state == ThreadState::Parked).map(|(tid, w)| (*tid, w.guest.clone())).collect()
     }
 
     /// Lets every parked worker run again.

@@ -11,6 +11,7 @@
 
 mod error;
 mod linking;
+mod passive;
 
 use std::ops::Range;
 
@@ -32,6 +33,9 @@ pub const FLAG_UNDEFINED: u32 = 0x10;
 pub const FLAG_EXPLICIT_NAME: u32 = 0x40;
 /// Symbol flag: a data symbol with an absolute address (`__heap_base`).
 pub const FLAG_ABSOLUTE: u32 = 0x200;
+/// `WASM_SYM_TLS`: a thread-local variable; its address is an offset in
+/// each thread's block.
+pub const FLAG_TLS: u32 = 0x400;
 
 /// A function signature.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -162,6 +166,8 @@ impl ModuleInfo {
         let mut defined_types: Vec<u32> = Vec::new();
         let mut bodies = 0usize;
         let mut saw_code = false;
+        let mut start: Option<u32> = None;
+        let mut placements = passive::Placements::default();
         for payload in Parser::new(0).parse_all(wasm) {
             let payload = payload?;
             if let Some((_, range)) = payload.as_section() {
@@ -249,6 +255,7 @@ impl ModuleInfo {
                         });
                     }
                 }
+                Payload::StartSection { func, .. } => start = Some(func),
                 Payload::ElementSection(reader) => {
                     for element in reader {
                         let element = element?;
@@ -298,6 +305,9 @@ impl ModuleInfo {
                     };
                     func.body = Some((range.start - base) as u32..(range.end - base) as u32);
                     func.locals = locals;
+                    if start == Some(bodies as u32) {
+                        placements = passive::Placements::read(&body)?;
+                    }
                     bodies += 1;
                 }
                 Payload::CustomSection(reader) => match reader.as_known() {
@@ -347,6 +357,7 @@ impl ModuleInfo {
             .data_section
             .and_then(|d| raw.section_ranges.iter().position(|r| r.start == d))
             .map(|i| i as u32);
+        placements.place(&mut data_segments);
         raw.data_segments = data_segments;
         linking::read(&mut info, raw)?;
         for (index, name) in func_names {

@@ -272,6 +272,7 @@ pub fn plan(old: Arc<Version>, new_wasm: Arc<Vec<u8>>) -> Result<Plan, Error> {
         .collect();
 
     refuse_changed_splits(&old, &new, &mut refusals);
+    refuse_changed_thread_locals(&old, &new, &mut refusals);
     let table = plan_table(&old, &new, &mut refusals);
     let globals = carried_globals(&old, &new);
     let constructors = crate::constructors::added(&old, &new);
@@ -623,6 +624,39 @@ fn identity_map(size: u32) -> ValueMap {
 
 /// Functions in the old table keep their slots; new ones take slots above
 /// the old table.
+/// Thread-local variables as (name, offset in the thread's block, size),
+/// in offset order.
+fn thread_locals(version: &Version) -> Vec<(String, u32, u32)> {
+    let mut vars: Vec<(String, u32, u32)> = version
+        .info
+        .symbols
+        .iter()
+        .filter(|s| s.is_thread_local() && s.is_defined())
+        .filter_map(|s| s.data().map(|d| (s.name.clone().unwrap_or_default(), d.offset, d.size)))
+        .collect();
+    vars.sort_by_key(|(name, offset, _)| (*offset, name.clone()));
+    vars
+}
+
+/// Every thread of a running program keeps its own copy of each
+/// thread-local variable, in a block laid out by the old version; nothing
+/// converts those blocks, so the new version must lay them out the same.
+fn refuse_changed_thread_locals(old: &Version, new: &Version, refusals: &mut Vec<String>) {
+    let (before, after) = (thread_locals(old), thread_locals(new));
+    if before == after {
+        return;
+    }
+    let differs = before
+        .iter()
+        .zip(&after)
+        .find(|(a, b)| a != b)
+        .map(|(a, b)| format!("`{}` at offset {} ({} bytes) became `{}` at offset {} ({} bytes)", a.0, a.1, a.2, b.0, b.1, b.2))
+        .unwrap_or_else(|| format!("{} variables became {}", before.len(), after.len()));
+    refusals.push(format!(
+        "the thread-local variables changed layout ({differs}): every thread keeps its own copy laid out by the old version, which an update does not convert"
+    ));
+}
+
 fn plan_table(old: &Version, new: &Version, refusals: &mut Vec<String>) -> BTreeMap<u32, u32> {
     let old_slot_of_key: HashMap<&SymbolKey, u32> =
         old.layout.table.iter().map(|(slot, f)| (&old.function_keys[*f as usize], *slot)).collect();

@@ -334,7 +334,7 @@ fn read_field(bytes: &[u8], r: &Reloc) -> Option<i64> {
     let field = bytes.get(r.offset as usize..r.offset as usize + r.ty.extent())?;
     match r.ty {
         RelocType::MemoryAddrI32 | RelocType::TableIndexI32 => Some(i64::from(u32::from_le_bytes(field.try_into().ok()?))),
-        RelocType::MemoryAddrLeb | RelocType::MemoryAddrSleb | RelocType::TableIndexSleb => {
+        RelocType::MemoryAddrLeb | RelocType::MemoryAddrSleb | RelocType::MemoryAddrRelSleb | RelocType::TableIndexSleb => {
             let mut reader = wasmparser::BinaryReader::new(field, 0);
             match r.ty {
                 RelocType::MemoryAddrLeb => reader.read_var_u32().ok().map(i64::from),
@@ -362,7 +362,10 @@ fn final_value(
     };
     let symbol = info.symbols.get(r.symbol as usize);
     match r.ty {
-        MemoryAddrLeb | MemoryAddrSleb | MemoryAddrI32 => {
+        // An executable's `__memory_base` is 0, so an address relative to
+        // it (position-independent code, as wasi-libc's threads build has)
+        // is the address itself.
+        MemoryAddrLeb | MemoryAddrSleb | MemoryAddrI32 | MemoryAddrRelSleb => {
             let target = symbol
                 .map(|s| s.target)
                 .ok_or_else(|| wrong("data symbol"))?;
@@ -384,8 +387,10 @@ fn final_value(
             })?;
             Ok(Some(*slot as i64))
         }
+        // A thread-local variable's offset in every thread's block: the
+        // plan keeps the thread-local layout as it is, or refuses.
         FunctionIndexLeb | TypeIndexLeb | GlobalIndexLeb | FunctionOffsetI32 | SectionOffsetI32
-        | EventIndexLeb | GlobalIndexI32 | TableNumberLeb | FunctionIndexI32 => Ok(None),
+        | EventIndexLeb | GlobalIndexI32 | TableNumberLeb | FunctionIndexI32 | MemoryAddrTlsSleb => Ok(None),
         ty => Err(Error::UnsupportedReloc {
             offset: r.offset,
             ty,
@@ -409,7 +414,7 @@ fn write_field(bytes: &mut [u8], r: &Reloc, value: i64) -> Result<(), Error> {
             let v = u32::try_from(value).map_err(|_| overflow())?;
             field.copy_from_slice(&v.to_le_bytes());
         }
-        RelocType::MemoryAddrLeb | RelocType::MemoryAddrSleb | RelocType::TableIndexSleb => {
+        RelocType::MemoryAddrLeb | RelocType::MemoryAddrSleb | RelocType::MemoryAddrRelSleb | RelocType::TableIndexSleb => {
             if field[..4].iter().any(|b| b & 0x80 == 0) || field[4] & 0x80 != 0 {
                 return Err(Error::NotPadded { offset: r.offset });
             }

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use wasmparser::{BinaryReader, Linking, LinkingSectionReader, SymbolInfo};
 
-use super::{Error, ModuleInfo, Segment, FLAG_ABSOLUTE, FLAG_LOCAL, FLAG_UNDEFINED};
+use super::{Error, ModuleInfo, Segment, FLAG_ABSOLUTE, FLAG_LOCAL, FLAG_TLS, FLAG_UNDEFINED};
 
 /// The symbol index wasm-ld gives a relocation whose symbol is not in the
 /// output's symbol table.
@@ -109,6 +109,12 @@ impl Symbol {
     /// An absolute data symbol (`__heap_base`).
     pub fn is_absolute(&self) -> bool {
         self.flags & FLAG_ABSOLUTE != 0
+    }
+
+    /// A thread-local variable (`_Thread_local`, `errno` in a threads
+    /// build): every thread has its own copy at this offset of its block.
+    pub fn is_thread_local(&self) -> bool {
+        self.flags & FLAG_TLS != 0
     }
 
     /// The function, global, tag, table or section index it names.

@@ -51,6 +51,8 @@ use crate::program_memory::ProgramMemory;
 use crate::wasi::{self, UnwindHooks, WasiCtx};
 use crate::{Exit, Guest};
 
+mod threads;
+
 /// Why an update did not happen. In every case the old version runs on.
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
@@ -148,8 +150,10 @@ pub struct Report {
     /// Globals kept, moved (converted automatically), transformed (by C),
     /// added, removed.
     pub globals: (usize, usize, usize, usize, usize),
-    /// Frames moved to the new code.
+    /// Frames moved to the new code (the main thread's).
     pub frames: usize,
+    /// Threads moved to the new code, the main one included.
+    pub threads: usize,
     /// Frames that went back to their loop header, and frames above them
     /// dropped (their blocking calls start again in the new version).
     pub retreated: (usize, usize),
@@ -175,6 +179,9 @@ impl std::fmt::Display for Report {
         writeln!(f, "globals: {kept} kept, {moved} moved, {transformed} transformed, {added} added, {removed} removed")?;
         let (retreated, dropped) = self.retreated;
         writeln!(f, "frames: {} mapped, {retreated} retreated, {dropped} dropped, {} rebuilt", self.frames, self.rebuilt)?;
+        if self.threads > 1 {
+            writeln!(f, "threads: {} moved to the new version together", self.threads)?;
+        }
         let HeapCounts { converted, rewritten } = self.heap;
         writeln!(f, "heap: {converted} objects converted, {rewritten} pointers rewritten")?;
         writeln!(f, "pause: {} us", self.pause.as_micros())?;
@@ -363,6 +370,58 @@ impl Backup<'_> {
     }
 }
 
+/// A paused thread's frame variables moved and stack addresses rewritten
+/// for its mapped stack (a frame gone back to its loop header, a frame
+/// rebuilt where it stands), with what they overwrote, to put back.
+pub(crate) struct FrameUndo {
+    /// What each move's destination held, in the order of `stack.moves`.
+    overwritten: Vec<(u32, Vec<u8>)>,
+    /// What each rewritten address held.
+    patched: Vec<(u32, Vec<u8>)>,
+}
+
+impl FrameUndo {
+    /// Moves the variables of `stack`, then writes its rewritten addresses
+    /// over the moved bytes; on failure nothing stays written.
+    pub(crate) fn apply(stack: &MappedStack, memory: &ProgramMemory) -> Result<Self, String> {
+        let sources: Vec<Vec<u8>> = stack
+            .moves
+            .iter()
+            .map(|(from, _, len)| memory.read(u64::from(*from), *len).ok_or("a moving frame variable lies out of bounds"))
+            .collect::<Result<_, _>>()?;
+        let overwritten: Vec<(u32, Vec<u8>)> = stack
+            .moves
+            .iter()
+            .map(|(_, to, len)| memory.read(u64::from(*to), *len).map(|b| (*to, b)).ok_or("a frame variable's new place lies out of bounds"))
+            .collect::<Result<_, _>>()?;
+        // Then the rewritten addresses, over the moved bytes: what they
+        // overwrite is read after the moves, to be put back before them.
+        for ((_, to, _), bytes) in stack.moves.iter().zip(&sources) {
+            memory.write(u64::from(*to), bytes);
+        }
+        let mut undo = FrameUndo { overwritten, patched: Vec::with_capacity(stack.patches.len()) };
+        for (at, value) in &stack.patches {
+            let Some(before) = memory.read(u64::from(*at), 4) else {
+                undo.restore(memory);
+                return Err("a rewritten address in the stack lies out of bounds".into());
+            };
+            memory.write(u64::from(*at), &value.to_le_bytes());
+            undo.patched.push((*at, before));
+        }
+        Ok(undo)
+    }
+
+    /// Puts back what [`FrameUndo::apply`] overwrote, last write first.
+    pub(crate) fn restore(&self, memory: &ProgramMemory) {
+        for (at, before) in self.patched.iter().rev() {
+            memory.write(u64::from(*at), before);
+        }
+        for (to, bytes) in self.overwritten.iter().rev() {
+            memory.write(u64::from(*to), bytes);
+        }
+    }
+}
+
 /// The heap's part of an update, decided while paused.
 struct HeapStep {
     /// What to convert and rewrite in memory.
@@ -385,7 +444,6 @@ impl Guest {
         let rollback = |m: String| UpdateError::RolledBack(m);
         let u = self.unwinder.as_ref().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
         let frames = u.paused.clone().ok_or_else(|| UpdateError::Refused("the guest is not paused".into()))?;
-        self.single_threaded("an update").map_err(UpdateError::Refused)?;
         let new_meta: Arc<Metadata> = prepared
             .next
             .module
@@ -398,18 +456,12 @@ impl Guest {
         }
         let sp = self.stack_pointer(&current.version);
         let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
-        let stack = match sp {
-            Some(sp) => prepared.frames.map_stack(&frames, sp, &StackReader(memory)),
-            None => frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map(|frames| MappedStack { frames, ..MappedStack::default() }),
-        }
-        .map_err(UpdateError::Frame)?;
-        // Dropped frames and the retreating frame's old values are gone once
-        // the update is done, and a rebuilt frame's stack had its addresses
-        // rewritten by the plan; what the other frames hold still matters.
-        let (kept, stack_from) = match (&stack.rebuilt, stack.kept_stack_from) {
-            (Some(r), _) => (&frames[r.frames..], Some(r.stack_from)),
-            (None, Some(from)) => (&frames[frames.len() + 1 - stack.frames.len()..], Some(from)),
-            (None, None) => (&frames[..], sp),
+        let stack = map_frames(prepared, &frames, sp, memory).map_err(UpdateError::Frame)?;
+        let (kept, stack_from) = kept_frames(&frames, &stack, sp);
+        // The program's other threads, paused with it, move with it.
+        let workers = match &self.threads {
+            Some(threads) => threads::plan(threads, &current.version, prepared, memory)?,
+            None => Vec::new(),
         };
         let shadow_stack = stack_from.zip(stale::stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
         let frame_roots = match self.module.metadata() {
@@ -430,7 +482,12 @@ impl Guest {
             ),
             _ => heap::FrameRoots::default(),
         };
-        let stacks = heap_conversion::Stacks { live: shadow_stack, moving: &stack.moves, frames: &frame_roots };
+        let stacks = heap_conversion::Stacks {
+            live: shadow_stack,
+            threads: threads::live_stacks(&workers),
+            moving: &stack.moves,
+            frames: &frame_roots,
+        };
         let heap = heap_conversion::trace(&current.version, &prepared.plan, &prepared.linked, memory, stacks)
             .map_err(UpdateError::Refused)?;
         // Typed pointers the tracer found are rewritten, wherever they
@@ -442,6 +499,9 @@ impl Guest {
             heap.iter().flat_map(|h| h.slots.iter().map(|(slot, _)| *slot)).filter(|&slot| slot < holders_end).collect();
         let stale = |c: &dyn Fn(u32) -> Option<String>, skip| stale::find_pointer(kept, &current.version, memory, &holders, c, skip, &rewritten);
         let moved_from = |v: u32| {
+            if let Some((.., tid)) = threads::moves(&workers).find(|(from, _, len, _)| v >= *from && u64::from(v - from) < *len) {
+                return Some(format!("a variable of a frame of thread {tid} that moves: it would still point at the variable's old place"));
+            }
             stack.moves.iter().any(|(from, _, len)| v >= *from && u64::from(v - from) < *len).then(|| match &stack.rebuilt {
                 Some(r) => format!(
                     "the stack of `{}`, whose frame is rebuilt where it stands: it would still point at the old place",
@@ -459,9 +519,12 @@ impl Guest {
                 .map(|c| format!("`{}`, whose type changed: it would still point at the old copy", c.key))
         };
         for (check, skip) in [(&moved_from as &dyn Fn(u32) -> Option<String>, false), (&converted, true)] {
-            if let Some(reason) = stale(check, skip) {
+            if let Some(reason) = stale(check, skip).or_else(|| threads::find_stale(&workers, &current.version, memory, check, skip)) {
                 return Err(UpdateError::Refused(reason));
             }
+        }
+        if let Some(reason) = heap.as_ref().and_then(|h| threads::find_converted(&workers, h, &current.version, memory)) {
+            return Err(UpdateError::Refused(reason));
         }
         let frame_pointers = match &heap {
             Some(h) => heap::frame_pointers(h, &stack.frames, &prepared.next.version, &new_meta).map_err(UpdateError::Refused)?,
@@ -469,11 +532,18 @@ impl Guest {
         };
         let mapped = &stack.frames;
 
-        let mut previous = self.switch_to(prepared, new_meta).map_err(rollback)?;
+        let mut previous = self.switch_to(prepared, &prepared.instance_pre, new_meta.clone()).map_err(rollback)?;
         let heap = heap.map(|plan| HeapStep { plan, frame_pointers });
-        match self.finish_update(&mut previous, prepared, &stack, heap.as_ref()) {
+        let mut moved_workers = None;
+        let then_workers = |_: &mut Guest| {
+            moved_workers = Some(threads::apply(&workers, prepared, &new_meta)?);
+            Ok(())
+        };
+        match self.finish_update(&mut previous, prepared, &stack, heap.as_ref(), then_workers) {
             Ok(heap) => {
                 drop(previous);
+                // Every thread accepted the new code: the old instances go.
+                drop(moved_workers);
                 let sp = self.stack_pointer(&prepared.next.version);
                 let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
                 let freed = unreferenced(&prepared.retiring, &mapped, &prepared.next.version, memory, sp);
@@ -489,6 +559,7 @@ impl Guest {
                     ),
                     globals: p.data_counts(),
                     frames: mapped.len(),
+                    threads: 1 + workers.len(),
                     retreated: match stack.retreated {
                         Some(_) => (1, frames.len() - mapped.len()),
                         None => (0, 0),
@@ -508,7 +579,7 @@ impl Guest {
     }
 
     /// The running value of `__stack_pointer`, the shadow stack's top of use.
-    fn stack_pointer(&mut self, version: &Version) -> Option<u32> {
+    pub(crate) fn stack_pointer(&mut self, version: &Version) -> Option<u32> {
         let index = stack_pointer_index(version)?;
         let global = self.instance.get_global(&mut self.store, &exports::global(index))?;
         global.get(&mut self.store).i32().map(|v| v as u32)
@@ -517,7 +588,7 @@ impl Guest {
     /// Instantiates `module` in a fresh store over this guest's memories and
     /// makes it the guest's instance, moving the WASI state over. Returns
     /// the old instance.
-    fn switch_to(&mut self, prepared: &Prepared, metadata: Arc<Metadata>) -> Result<Previous, String> {
+    fn switch_to(&mut self, prepared: &Prepared, instance_pre: &InstancePre<ProcessState>, metadata: Arc<Metadata>) -> Result<Previous, String> {
         let module = &prepared.next.module;
         let u = instrumented(&mut self.unwinder)?;
         let (memory, control, unwinds, stress_stops) = (u.memory.clone(), u.control.clone(), u.unwinds, u.stress_stops);
@@ -526,7 +597,7 @@ impl Guest {
         let detached = WasiCtx::detached().map_err(|e| format!("cannot set up the new store: {e}"))?;
         let wasi = std::mem::replace(&mut self.store.data_mut().wasi, detached);
         let mut store = Store::new(&engine, ProcessState { wasi, hooks: None, threads: self.threads.clone() });
-        let built = prepared.instance_pre.instantiate(&mut store).and_then(|instance| {
+        let built = instance_pre.instantiate(&mut store).and_then(|instance| {
             let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata)?;
             let stop_rewind = instance.get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)?;
             store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state, stop_rewind });
@@ -572,6 +643,32 @@ impl Guest {
         self.unwinder = Some(unwinder);
     }
 
+    /// Sets the new instance's wasm globals from the old one's (the plan
+    /// says which carry over), and its stack pointer where the mapped stack
+    /// puts it.
+    fn carry_globals(&mut self, previous: &mut Previous, prepared: &Prepared, stack: &MappedStack) -> Result<(), String> {
+        let store = &mut self.store;
+        for (new_index, old_index) in &prepared.plan.globals {
+            let value = previous
+                .instance
+                .get_global(&mut previous.store, &exports::global(*old_index))
+                .ok_or_else(|| format!("the running version does not export global {old_index}"))?
+                .get(&mut previous.store);
+            let global = self
+                .instance
+                .get_global(&mut *store, &exports::global(*new_index))
+                .ok_or_else(|| format!("the new version does not export global {new_index}"))?;
+            global.set(&mut *store, value).map_err(|e| one_line(&e))?;
+        }
+        if let Some(sp) = stack.stack_pointer {
+            let new = &prepared.next.version;
+            let index = crate::update::stack_pointer_index(new).ok_or("the new version has no stack pointer global")?;
+            let global = self.instance.get_global(&mut *store, &exports::global(index)).ok_or("the new version does not export its stack pointer")?;
+            global.set(&mut *store, wasmtime::Val::I32(sp as i32)).map_err(|e| one_line(&e))?;
+        }
+        Ok(())
+    }
+
     /// Steps 3 and 4: state, then the verified rewind.
     fn finish_update(
         &mut self,
@@ -579,6 +676,7 @@ impl Guest {
         prepared: &Prepared,
         stack: &MappedStack,
         heap: Option<&HeapStep>,
+        and_then: impl FnOnce(&mut Self) -> Result<(), String>,
     ) -> Result<HeapCounts, String> {
         let linked = &prepared.linked;
         let store = &mut self.store;
@@ -600,24 +698,7 @@ impl Guest {
                 return Err(format!("fresh memory at {address:#x} is out of bounds"));
             }
         }
-        for (new_index, old_index) in &prepared.plan.globals {
-            let value = previous
-                .instance
-                .get_global(&mut previous.store, &exports::global(*old_index))
-                .ok_or_else(|| format!("the running version does not export global {old_index}"))?
-                .get(&mut previous.store);
-            let global = self
-                .instance
-                .get_global(&mut *store, &exports::global(*new_index))
-                .ok_or_else(|| format!("the new version does not export global {new_index}"))?;
-            global.set(&mut *store, value).map_err(|e| one_line(&e))?;
-        }
-        if let Some(sp) = stack.stack_pointer {
-            let new = &prepared.next.version;
-            let index = crate::update::stack_pointer_index(new).ok_or("the new version has no stack pointer global")?;
-            let global = self.instance.get_global(&mut *store, &exports::global(index)).ok_or("the new version does not export its stack pointer")?;
-            global.set(&mut *store, wasmtime::Val::I32(sp as i32)).map_err(|e| one_line(&e))?;
-        }
+        self.carry_globals(previous, prepared, stack)?;
         let u = instrumented(&mut self.unwinder)?;
         // From here on heap conversion, the user's transformers and the
         // constructors the new version adds write memory the old version
@@ -663,49 +744,20 @@ impl Guest {
                 return Err(reason);
             }
         };
-        // A retreating frame's variables move within the shadow stack: the
-        // bytes they overwrite are kept for a rollback.
-        let sources: Vec<Vec<u8>> = stack
-            .moves
-            .iter()
-            .map(|(from, _, len)| u.memory.read(u64::from(*from), *len).ok_or("a moving frame variable lies out of bounds"))
-            .collect::<Result<_, _>>()?;
-        let overwritten: Vec<Vec<u8>> = stack
-            .moves
-            .iter()
-            .map(|(_, to, len)| u.memory.read(u64::from(*to), *len).ok_or("a frame variable's new place lies out of bounds"))
-            .collect::<Result<_, _>>()?;
-        // Then the rewritten addresses, over the moved bytes: what they
-        // overwrite is read after the moves, to be put back before them.
-        for ((_, to, _), bytes) in stack.moves.iter().zip(&sources) {
-            u.memory.write(u64::from(*to), bytes);
-        }
-        let mut patched = Vec::with_capacity(stack.patches.len());
-        for (at, value) in &stack.patches {
-            let Some(before) = u.memory.read(u64::from(*at), 4) else { break };
-            u.memory.write(u64::from(*at), &value.to_le_bytes());
-            patched.push((*at, before));
-        }
-        let restore_frame = |u: &Unwinder| {
-            for (at, before) in patched.iter().rev() {
-                u.memory.write(u64::from(*at), before);
-            }
-            for ((_, to, _), bytes) in stack.moves.iter().zip(&overwritten).rev() {
-                u.memory.write(u64::from(*to), bytes);
+        let frame_undo = match FrameUndo::apply(stack, &u.memory) {
+            Ok(undo) => undo,
+            Err(reason) => {
+                if let Some(backup) = &backup {
+                    backup.restore(&u.memory);
+                }
+                return Err(reason);
             }
         };
-        if patched.len() != stack.patches.len() {
-            restore_frame(u);
-            if let Some(backup) = &backup {
-                backup.restore(&u.memory);
-            }
-            return Err("a rewritten address in the stack lies out of bounds".into());
-        }
         let mut frames = std::borrow::Cow::Borrowed(&stack.frames);
         if let Some(h) = heap.filter(|h| !h.frame_pointers.is_empty()) {
             counts.rewritten += heap_conversion::rewrite_frames(&h.plan, &new_starts, &h.frame_pointers, frames.to_mut());
         }
-        let result = self.transform_and_rewind(linked, &frames, &prepared.next.version);
+        let result = self.transform_and_rewind(linked, &frames, &prepared.next.version).and_then(|()| and_then(self));
         if let (Ok(()), Some(h)) = (&result, heap) {
             // The new code accepted the frames: the update is done, and the
             // old copies can go. A `free` that fails leaks them; it cannot
@@ -718,14 +770,14 @@ impl Guest {
         match (result, backup) {
             (Ok(()), _) => Ok(counts),
             (Err(reason), None) => {
-                restore_frame(instrumented(&mut self.unwinder)?);
+                frame_undo.restore(&instrumented(&mut self.unwinder)?.memory);
                 Err(reason)
             }
             (Err(reason), Some(backup)) => {
                 let u = instrumented(&mut self.unwinder)?;
                 // In the reverse order of the writes: the frame's moves
                 // came after the conversion the backup undoes.
-                restore_frame(u);
+                frame_undo.restore(&u.memory);
                 match backup.restore(&u.memory) {
                     true => Err(reason),
                     // Memory only grows, so the backup always fits; the
@@ -743,7 +795,12 @@ impl Guest {
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
         run_transformers(&self.instance, store, &u.control, linked)?;
+        self.rewind_checked(mapped, new)
+    }
 
+    /// Gives the new code the mapped frames and rewinds it, checked.
+    pub(crate) fn rewind_checked(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), String> {
+        let u = instrumented(&mut self.unwinder)?;
         u.control.set_frames(&write_frames(&mapped.iter().map(TypedFrame::to_raw).collect::<Vec<_>>()))?;
         u.paused = None;
         u.control.set_verify(true);
@@ -761,11 +818,7 @@ impl Guest {
         // A request, not just the flag: a rewind that ends in a blocking
         // call must find its wake-up waiting, or it would block there.
         crate::PauseHandle::new(u.control.clone(), self.interrupt.clone(), None).request();
-        let entry = self
-            .instance
-            .get_typed_func::<(), ()>(&mut *store, "_start")
-            .map_err(|e| one_line(&e))?;
-        if let Err(e) = entry.call(&mut *store, ()) {
+        if let Err(e) = self.call_entry() {
             let exit = classify(e, self.source_map.as_deref());
             return Err(format!("the new code did not accept the frames: {}", describe_exit(&exit)));
         }
@@ -846,6 +899,28 @@ fn has_transformers(linked: &Linked) -> bool {
 /// The unwinder of an instrumented guest; every step of an update needs it.
 fn instrumented(unwinder: &mut Option<Unwinder>) -> Result<&mut Unwinder, String> {
     unwinder.as_mut().ok_or_else(|| "the module runs without instrumentation".to_string())
+}
+
+/// Maps a paused thread's frames (innermost first) to the new version;
+/// with its stack pointer, a frame that cannot move as it stands may go
+/// back to its loop header or be rebuilt where it stands.
+fn map_frames(prepared: &Prepared, frames: &[TypedFrame], sp: Option<u32>, memory: &ProgramMemory) -> Result<MappedStack, Unmappable> {
+    match sp {
+        Some(sp) => prepared.frames.map_stack(frames, sp, &StackReader(memory)),
+        None => frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map(|frames| MappedStack { frames, ..MappedStack::default() }),
+    }
+}
+
+/// The old frames whose values still matter once `stack` is in place, and
+/// where the live shadow stack then starts. Dropped frames and the
+/// retreating frame's old values are gone once the update is done, and a
+/// rebuilt frame's stack had its addresses rewritten by the plan.
+fn kept_frames<'f>(frames: &'f [TypedFrame], stack: &MappedStack, sp: Option<u32>) -> (&'f [TypedFrame], Option<u32>) {
+    match (&stack.rebuilt, stack.kept_stack_from) {
+        (Some(r), _) => (&frames[r.frames..], Some(r.stack_from)),
+        (None, Some(from)) => (&frames[frames.len() + 1 - stack.frames.len()..], Some(from)),
+        (None, None) => (frames, sp),
+    }
 }
 
 /// The paused program's memory, as patchgen reads it to rebuild a frame.
