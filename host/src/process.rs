@@ -350,15 +350,6 @@ impl Guest {
         }
     }
 
-    /// Refuses to capture or change a program with threads running besides
-    /// the main one, which these operations do not cover yet.
-    pub(crate) fn single_threaded(&self, what: &str) -> Result<(), String> {
-        match self.threads.as_ref().map_or(0, |t| t.count()) {
-            0 => Ok(()),
-            n => Err(format!("{what} of a multi-threaded program is not supported yet: it runs {n} thread(s) besides its main one")),
-        }
-    }
-
     /// The stack of a paused guest, innermost frame first.
     pub fn frames(&self) -> Option<&[TypedFrame]> {
         self.unwinder.as_ref().and_then(|u| u.paused.as_deref())

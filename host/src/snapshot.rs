@@ -20,8 +20,14 @@
 //! globals    u32 count, then per global: index u32, type u8 (wasm code), bits u64
 //! memory     u64 length, bytes
 //! frames     u64 length, bytes (the frame stack, as in upstare_instrument::abi::frame)
+//! threads    u32 count, then per thread besides the main one (wasi-threads):
+//!              tid u32, arg u32 (its `wasi_thread_start` argument),
+//!              globals as above, frames as above
 //! checksum   32 bytes  SHA-256 of everything before it
 //! ```
+//!
+//! Version 1 had no threads section; it is read as a program of one
+//! thread.
 //!
 //! A snapshot names its module by hash: it can only be resumed by the same
 //! build, because the frames refer to its functions and resume points.
@@ -41,7 +47,9 @@ use crate::wasi::persist::{FdKind, FdRecord};
 /// The first 16 bytes of every snapshot file.
 pub const MAGIC: &[u8; 16] = b"UPSTARE SNAPSHOT";
 /// The version of the format this host reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this host still reads.
+const OLDEST_VERSION: u32 = 1;
 
 /// A paused guest's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +70,21 @@ pub struct Snapshot {
     pub memory: Vec<u8>,
     /// The frame stack, innermost frame first.
     pub frames: Vec<u8>,
+    /// The program's other threads, each paused at an update point.
+    pub threads: Vec<ThreadSnapshot>,
+}
+
+/// A paused thread of a multi-threaded program, besides its main one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadSnapshot {
+    /// Its wasi-threads id.
+    pub tid: u32,
+    /// The argument it was started with (`wasi_thread_start(tid, arg)`).
+    pub arg: u32,
+    /// Its instance's mutable globals (its stack pointer, its TLS base).
+    pub globals: Vec<(u32, ValType, u64)>,
+    /// Its frame stack, innermost frame first.
+    pub frames: Vec<u8>,
 }
 
 /// Why a snapshot could not be taken, read or resumed.
@@ -72,7 +95,7 @@ pub enum SnapshotError {
     #[error("not an upstare snapshot (bad magic number)")]
     NotASnapshot,
     /// Written by another version of the format.
-    #[error("snapshot format version {found}; this host reads version {FORMAT_VERSION}")]
+    #[error("snapshot format version {found}; this host reads versions {OLDEST_VERSION} to {FORMAT_VERSION}")]
     Version {
         /// The version in the file.
         found: u32,
@@ -156,15 +179,16 @@ impl Snapshot {
                 FdKind::Stream => out.push(5),
             }
         }
-        out.extend_from_slice(&(self.globals.len() as u32).to_le_bytes());
-        for (index, ty, bits) in &self.globals {
-            out.extend_from_slice(&index.to_le_bytes());
-            out.push(ty.code());
-            out.extend_from_slice(&bits.to_le_bytes());
-        }
+        encode_globals(&mut out, &self.globals);
         for blob in [&self.memory, &self.frames] {
-            out.extend_from_slice(&(blob.len() as u64).to_le_bytes());
-            out.extend_from_slice(blob);
+            encode_blob(&mut out, blob);
+        }
+        out.extend_from_slice(&(self.threads.len() as u32).to_le_bytes());
+        for t in &self.threads {
+            out.extend_from_slice(&t.tid.to_le_bytes());
+            out.extend_from_slice(&t.arg.to_le_bytes());
+            encode_globals(&mut out, &t.globals);
+            encode_blob(&mut out, &t.frames);
         }
         let sum = Sha256::digest(&out);
         out.extend_from_slice(&sum);
@@ -178,7 +202,7 @@ impl Snapshot {
         }
         let mut r = Reader { bytes, at: MAGIC.len() };
         let version = r.u32()?;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(SnapshotError::Version { found: version });
         }
         let body_len = bytes.len().checked_sub(32).ok_or(SnapshotError::Corrupt("too short"))?;
@@ -221,30 +245,35 @@ impl Snapshot {
             };
             fds.push(FdRecord { fd, flags, kind });
         }
-        let count = r.u32()?;
-        let mut globals = Vec::new();
-        for _ in 0..count {
-            let index = r.u32()?;
-            let ty = ValType::from_code(r.take(1)?[0]).ok_or(SnapshotError::Corrupt("unknown global type"))?;
-            let bits = u64::from_le_bytes(r.take(8)?.try_into().map_err(|_| SnapshotError::Corrupt("global"))?);
-            globals.push((index, ty, bits));
-        }
+        let globals = r.globals()?;
         let memory = r.blob()?.to_vec();
-        let frames = r.blob()?.to_vec();
+        let frames = r.frames()?;
+        let mut threads = Vec::new();
+        if version >= 2 {
+            for _ in 0..r.u32()? {
+                let (tid, arg) = (r.u32()?, r.u32()?);
+                threads.push(ThreadSnapshot { tid, arg, globals: r.globals()?, frames: r.frames()? });
+            }
+        }
         if r.at != body_len {
             return Err(SnapshotError::Corrupt("trailing bytes"));
         }
-        // The frames must at least parse; typing them needs the module.
-        let frame_sp = u32::try_from(frames.len())
-            .ok()
-            .and_then(|len| len.checked_add(abi::control::FRAMES_BASE))
-            .ok_or(SnapshotError::Corrupt("the frame stack is larger than a control memory can hold"))?;
-        let mut control = vec![0u8; abi::control::FRAMES_BASE as usize];
-        control[abi::control::FRAME_SP as usize..abi::control::FRAME_SP as usize + 4].copy_from_slice(&frame_sp.to_le_bytes());
-        control.extend_from_slice(&frames);
-        abi::read_frames(&control).map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
-        Ok(Snapshot { module_hash, module, args, env, fds, globals, memory, frames })
+        Ok(Snapshot { module_hash, module, args, env, fds, globals, memory, frames, threads })
     }
+}
+
+fn encode_globals(out: &mut Vec<u8>, globals: &[(u32, ValType, u64)]) {
+    out.extend_from_slice(&(globals.len() as u32).to_le_bytes());
+    for (index, ty, bits) in globals {
+        out.extend_from_slice(&index.to_le_bytes());
+        out.push(ty.code());
+        out.extend_from_slice(&bits.to_le_bytes());
+    }
+}
+
+fn encode_blob(out: &mut Vec<u8>, blob: &[u8]) {
+    out.extend_from_slice(&(blob.len() as u64).to_le_bytes());
+    out.extend_from_slice(blob);
 }
 
 struct Reader<'a> {
@@ -269,6 +298,31 @@ impl<'a> Reader<'a> {
         String::from_utf8(self.take(len)?.to_vec()).map_err(|_| SnapshotError::Corrupt("string is not UTF-8"))
     }
 
+    fn globals(&mut self) -> Result<Vec<(u32, ValType, u64)>, SnapshotError> {
+        let mut globals = Vec::new();
+        for _ in 0..self.u32()? {
+            let index = self.u32()?;
+            let ty = ValType::from_code(self.take(1)?[0]).ok_or(SnapshotError::Corrupt("unknown global type"))?;
+            let bits = u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| SnapshotError::Corrupt("global"))?);
+            globals.push((index, ty, bits));
+        }
+        Ok(globals)
+    }
+
+    /// A frame stack, which must at least parse; typing it needs the module.
+    fn frames(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let frames = self.blob()?.to_vec();
+        let frame_sp = u32::try_from(frames.len())
+            .ok()
+            .and_then(|len| len.checked_add(abi::control::FRAMES_BASE))
+            .ok_or(SnapshotError::Corrupt("the frame stack is larger than a control memory can hold"))?;
+        let mut control = vec![0u8; abi::control::FRAMES_BASE as usize];
+        control[abi::control::FRAME_SP as usize..abi::control::FRAME_SP as usize + 4].copy_from_slice(&frame_sp.to_le_bytes());
+        control.extend_from_slice(&frames);
+        abi::read_frames(&control).map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
+        Ok(frames)
+    }
+
     fn blob(&mut self) -> Result<&'a [u8], SnapshotError> {
         let len = u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| SnapshotError::Corrupt("length"))?);
         let len = usize::try_from(len).map_err(|_| SnapshotError::Corrupt("length"))?;
@@ -281,13 +335,47 @@ impl Guest {
     /// and frames. The guest stays paused; [`Guest::run`] resumes it.
     pub fn snapshot(&mut self) -> Result<Snapshot, SnapshotError> {
         let state = |m: &str| SnapshotError::State(m.to_string());
+        let (globals, frames) = self.thread_state()?;
+        let mut threads = Vec::new();
+        if let Some(program) = &self.threads {
+            let parked = program.parked();
+            if parked.len() != program.count() {
+                return Err(state("a thread of the program is not paused"));
+            }
+            for (tid, guest) in parked {
+                let mut g = guest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (globals, frames) = g.thread_state()?;
+                let arg = match g.entry {
+                    crate::process::Entry::Thread { arg, .. } => arg as u32,
+                    crate::process::Entry::Main => return Err(state("a thread recorded as the main one")),
+                };
+                threads.push(ThreadSnapshot { tid, arg, globals, frames });
+            }
+        }
+        let u = self.unwinder.as_ref().ok_or_else(|| state("a module loaded without instrumentation cannot be snapshotted"))?;
+        let fds = crate::wasi::persist::describe(&self.store.data().wasi)
+            .map_err(|e| SnapshotError::State(format!("cannot describe the open files: {e}")))?;
+        let wasi = &self.store.data().wasi;
+        Ok(Snapshot {
+            module_hash: self.module.hash,
+            module: self.module.original.to_vec(),
+            args: wasi.args.clone(),
+            env: wasi.env.clone(),
+            fds,
+            globals,
+            memory: u.memory.read(0, u.memory.size()).ok_or_else(|| state("the program memory cannot be read"))?,
+            frames,
+            threads,
+        })
+    }
+
+    /// A paused thread's own state: its mutable globals and its frames.
+    fn thread_state(&mut self) -> Result<(Vec<(u32, ValType, u64)>, Vec<u8>), SnapshotError> {
+        let state = |m: &str| SnapshotError::State(m.to_string());
         let u = self.unwinder.as_ref().ok_or_else(|| state("a module loaded without instrumentation cannot be snapshotted"))?;
         if u.paused.is_none() {
             return Err(state("the guest is not paused"));
         }
-        self.single_threaded("a checkpoint").map_err(SnapshotError::State)?;
-        let fds = crate::wasi::persist::describe(&self.store.data().wasi)
-            .map_err(|e| SnapshotError::State(format!("cannot describe the open files: {e}")))?;
         let mut globals = Vec::new();
         for g in &u.metadata.globals {
             let global = self
@@ -303,17 +391,7 @@ impl Guest {
             };
             globals.push((g.index, g.ty, bits));
         }
-        let wasi = &self.store.data().wasi;
-        Ok(Snapshot {
-            module_hash: self.module.hash,
-            module: self.module.original.to_vec(),
-            args: wasi.args.clone(),
-            env: wasi.env.clone(),
-            fds,
-            globals,
-            memory: u.memory.read(0, u.memory.size()).ok_or_else(|| state("the program memory cannot be read"))?,
-            frames: u.control.frame_bytes(),
-        })
+        Ok((globals, u.control.frame_bytes()))
     }
 
     /// A new guest process of `module` that resumes `snapshot` when run:
@@ -335,7 +413,6 @@ impl Guest {
         config.env = snapshot.env.clone();
         let mut guest = Guest::new(engine, module, config).map_err(|e| SnapshotError::State(e.to_string()))?;
         crate::wasi::persist::rebuild(guest.wasi(), &snapshot.fds, listeners).map_err(SnapshotError::State)?;
-        let store = &mut guest.store;
         let u = guest
             .unwinder
             .as_mut()
@@ -351,9 +428,40 @@ impl Guest {
         if !u.memory.write(0, &snapshot.memory) {
             return Err(SnapshotError::State("the program memory is smaller than the snapshot's".into()));
         }
-        for (index, ty, bits) in &snapshot.globals {
+        guest.resume_thread(&snapshot.globals, &snapshot.frames)?;
+        let store = &mut guest.store;
+        let drop_data = guest
+            .instance
+            .get_typed_func::<(), ()>(&mut *store, exports::DROP_DATA)
+            .map_err(|e| SnapshotError::State(one_line(&e)))?;
+        drop_data.call(&mut *store, ()).map_err(|e| SnapshotError::State(one_line(&e)))?;
+        guest.started = true;
+        if !snapshot.threads.is_empty() {
+            let Some(program) = guest.threads.clone() else {
+                return Err(SnapshotError::Corrupt("threads recorded for a module that starts none"));
+            };
+            for t in &snapshot.threads {
+                let wasi = guest.store.data().wasi.for_thread().map_err(|e| SnapshotError::State(e.to_string()))?;
+                let mut worker = Guest::thread(engine, module, &program, wasi, t.tid, t.arg as i32)
+                    .map_err(|e| SnapshotError::State(format!("cannot recreate thread {}: {e}", t.tid)))?;
+                worker.resume_thread(&t.globals, &t.frames)?;
+                program.adopt(t.tid, worker).map_err(SnapshotError::State)?;
+            }
+        }
+        Ok(guest)
+    }
+
+    /// Gives a thread of a restored program its globals and frames; it
+    /// rewinds into them when it next runs.
+    fn resume_thread(&mut self, globals: &[(u32, ValType, u64)], frames: &[u8]) -> Result<(), SnapshotError> {
+        let store = &mut self.store;
+        let u = self
+            .unwinder
+            .as_mut()
+            .ok_or_else(|| SnapshotError::State("a module loaded without instrumentation cannot resume a snapshot".into()))?;
+        for (index, ty, bits) in globals {
             let export = upstare_instrument::abi::exports::global(*index);
-            let global = guest
+            let global = self
                 .instance
                 .get_global(&mut *store, &export)
                 .ok_or(SnapshotError::Corrupt("a global the module does not have"))?;
@@ -366,7 +474,7 @@ impl Guest {
             };
             global.set(&mut *store, val).map_err(|_| SnapshotError::Corrupt("global of the wrong type"))?;
         }
-        u.control.set_frames(&snapshot.frames).map_err(SnapshotError::State)?;
+        u.control.set_frames(frames).map_err(SnapshotError::State)?;
         let raw = u.control.frames().map_err(|_| SnapshotError::Corrupt("unreadable frame stack"))?;
         let frames = raw
             .iter()
@@ -376,14 +484,9 @@ impl Guest {
         if frames.is_empty() {
             return Err(SnapshotError::Corrupt("no frames"));
         }
-        let drop_data = guest
-            .instance
-            .get_typed_func::<(), ()>(&mut *store, exports::DROP_DATA)
-            .map_err(|e| SnapshotError::State(one_line(&e)))?;
-        drop_data.call(&mut *store, ()).map_err(|e| SnapshotError::State(one_line(&e)))?;
         u.paused = Some(frames);
-        guest.started = true;
-        Ok(guest)
+        self.started = true;
+        Ok(())
     }
 }
 

@@ -178,8 +178,12 @@ impl Threads {
                 eprintln!("upstare-host: thread-spawn refused: the program already runs {} threads besides its main one (--max-threads)", self.max);
                 return SPAWN_FAILED;
             }
-            // Ids are positive and below 2^29, as wasi-threads asks.
-            let tid = r.next_tid;
+            // Ids are positive and below 2^29, as wasi-threads asks, and not
+            // one a live thread has (after a wrap).
+            let mut tid = r.next_tid;
+            while r.workers.contains_key(&tid) {
+                tid = if tid >= (1 << 29) - 1 { 1 } else { tid + 1 };
+            }
             r.next_tid = if tid >= (1 << 29) - 1 { 1 } else { tid + 1 };
             tid
         };
@@ -193,29 +197,57 @@ impl Threads {
                 return SPAWN_FAILED;
             }
         };
+        if let Err(e) = self.start(tid, guest, ThreadState::Running) {
+            eprintln!("upstare-host: thread-spawn failed: {e}");
+            return SPAWN_FAILED;
+        }
+        tid as i32
+    }
+
+    /// Takes in a thread of a restored program, paused in its frames; it
+    /// runs once the program resumes.
+    pub(crate) fn adopt(self: &Arc<Self>, tid: u32, guest: Guest) -> Result<(), String> {
+        {
+            let mut r = self.registry();
+            if r.workers.contains_key(&tid) {
+                return Err(format!("thread {tid} is recorded twice"));
+            }
+            r.next_tid = r.next_tid.max(tid.saturating_add(1));
+        }
+        self.start(tid, guest, ThreadState::Parked)
+    }
+
+    /// Registers a worker and starts its OS thread, running or parked.
+    fn start(self: &Arc<Self>, tid: u32, guest: Guest, state: ThreadState) -> Result<(), String> {
         let pause = guest.unwinder.as_ref().map(|u| (u.control.clone(), guest.interrupt.clone()));
         let interrupt = guest.interrupt.clone();
         let guest = Arc::new(Mutex::new(guest));
-        {
+        let resumes = {
             let mut r = self.registry();
             if r.pausing {
                 if let Some((control, _)) = &pause {
                     control.set_pause(true);
                 }
             }
-            r.workers.insert(tid, Worker { state: ThreadState::Running, guest: guest.clone(), pause, interrupt });
-        }
+            r.workers.insert(tid, Worker { state, guest: guest.clone(), pause, interrupt });
+            r.resumes
+        };
         let threads = self.clone();
         let started = std::thread::Builder::new()
             .name(format!("guest-{tid}"))
             .stack_size(GUEST_THREAD_STACK)
-            .spawn(move || threads.drive(tid, &guest));
+            .spawn(move || {
+                if state == ThreadState::Parked && !threads.park_since(tid, Some(resumes)) {
+                    threads.registry().workers.remove(&tid);
+                    return;
+                }
+                threads.drive(tid, &guest)
+            });
         if let Err(e) = started {
             self.registry().workers.remove(&tid);
-            eprintln!("upstare-host: thread-spawn failed: cannot start an OS thread: {e}");
-            return SPAWN_FAILED;
+            return Err(format!("cannot start an OS thread: {e}"));
         }
-        tid as i32
+        Ok(())
     }
 
     /// Runs a worker until it returns, parks it at each pause, and ends the
@@ -246,8 +278,15 @@ impl Threads {
     /// Parks a paused worker until the program resumes (true) or ends
     /// (false).
     fn park(&self, tid: u32) -> bool {
+        self.park_since(tid, None)
+    }
+
+    /// [`Threads::park`] until the program resumes after resume number
+    /// `resumes` (a thread started parked must not miss a resume that came
+    /// before its OS thread ran), or after the current one.
+    fn park_since(&self, tid: u32, resumes: Option<u64>) -> bool {
         let mut r = self.registry();
-        let resumes = r.resumes;
+        let resumes = resumes.unwrap_or(r.resumes);
         if let Some(w) = r.workers.get_mut(&tid) {
             w.state = ThreadState::Parked;
         }

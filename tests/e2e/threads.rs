@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use upstare_tests::{expect_error, guest, run_host};
+use std::time::Duration;
+
+use upstare_tests::{guest, host_command, run_host, Client, Control, Server};
 use wasmtime::{Config, Engine, Extern, Instance, Linker, Module, SharedMemory, Store};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -147,4 +149,127 @@ fn any_thread_ends_the_program() {
         assert_eq!(out.status.code(), Some(134), "{flags:?}: {stderr}");
         assert!(stderr.contains("unreachable"), "the trap is reported: {stderr}");
     }
+}
+
+/// A thread-pool server of `version` with `workers` workers and a control
+/// socket; waits for its first line.
+fn start_pool(version: &str, workers: usize, control: &Control) -> Server {
+    let (server, first) = Server::start(&guest(version), &["--control", &control.path()], &[&workers.to_string()]);
+    assert!(first.starts_with("pool v"), "{first}");
+    server
+}
+
+/// The version number in a `WHO` reply (`WORKER 3 V2 ...`), and the worker.
+fn who(reply: &str) -> (usize, u32) {
+    let mut words = reply.split(' ');
+    assert_eq!(words.next(), Some("WORKER"), "{reply}");
+    let worker = words.next().and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("{reply}"));
+    let version = words.next().and_then(|v| v.strip_prefix('V')).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{reply}"));
+    (worker, version)
+}
+
+/// `WHO` on `n` connections open at once: each is served by a worker of
+/// its own. Returns (worker, version) of each.
+fn every_worker(port: u16, n: usize) -> Vec<(usize, u32)> {
+    let mut clients: Vec<Client> = (0..n).map(|_| Client::connect(port)).collect();
+    let mut seen: Vec<(usize, u32)> = clients.iter_mut().map(|c| who(&c.request("WHO"))).collect();
+    seen.sort();
+    seen
+}
+
+/// The thread-pool server with 8 workers, updated v1 -> v2 -> v3 while 16
+/// clients connect, add and ask who serves them, over and over: no request
+/// fails and no connection drops, every thread moves at once (no reply
+/// after an update returned comes from the old version, on any worker),
+/// the total of every addition survives both updates, and v3's new field
+/// in the queue's element type starts at zero for connections v2 queued.
+#[test]
+fn the_pool_server_updates_every_worker_at_once_under_load() {
+    let control = Control::new("pool-load");
+    let server = start_pool("pool-server", 8, &control);
+    assert!(control.status().contains("instances: 9"), "main and 8 workers: {}", control.status());
+    let port = server.port;
+    // The version the clients must see from now on.
+    let floor = Arc::new(AtomicI32::new(1));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (floor, stop) = (floor.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut adds, mut connections) = (0u64, 0u64);
+                while !stop.load(Ordering::SeqCst) {
+                    let mut c = Client::connect(port);
+                    connections += 1;
+                    for _ in 0..3 {
+                        let at_least = floor.load(Ordering::SeqCst) as u32;
+                        assert!(c.request("ADD 1").starts_with("TOTAL "), "an addition failed");
+                        adds += 1;
+                        let (_, version) = who(&c.request("WHO"));
+                        assert!(version >= at_least, "a reply from v{version} after the update to v{at_least} returned");
+                    }
+                }
+                (adds, connections)
+            })
+        })
+        .collect();
+    for (version, name) in [(2, "pool-server-v2"), (3, "pool-server-v3")] {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = control.update(&guest(name));
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "update to {name}: {}{report}", String::from_utf8_lossy(&out.stderr));
+        assert!(report.contains("threads: 9 moved to the new version together"), "{report}");
+        floor.store(version, Ordering::SeqCst);
+        let seen = every_worker(port, 8);
+        assert_eq!(seen.iter().map(|(w, _)| *w).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>(), "8 workers serve 8 connections");
+        assert!(seen.iter().all(|(_, v)| *v == version as u32), "every worker runs v{version}: {seen:?}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (mut adds, mut connections) = (0, 0);
+    for c in clients {
+        let (a, n) = c.join().expect("no client failed");
+        adds += a;
+        connections += n;
+    }
+    assert!(connections > 16, "the clients reconnected through the updates ({connections} connections)");
+    let mut c = Client::connect(port);
+    assert_eq!(c.request("ADD 0"), format!("TOTAL {adds}"), "every addition counted once");
+    let reply = c.request("WHO");
+    assert!(reply.contains(" V3 SERVED ") && reply.contains(" CONN "), "{reply}");
+}
+
+/// Idle workers wait in a condition variable (a futex wait) for work: an
+/// update pauses them there and they wait on in the new version, which
+/// serves the next connections on every worker.
+#[test]
+fn workers_waiting_on_a_condition_variable_are_updated_where_they_wait() {
+    let control = Control::new("pool-idle");
+    let server = start_pool("pool-server", 8, &control);
+    // Every worker has reached its wait: none is serving anyone.
+    std::thread::sleep(Duration::from_millis(200));
+    let out = control.update(&guest("pool-server-v2"));
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    let seen = every_worker(server.port, 8);
+    assert_eq!(seen, (0..8).map(|w| (w, 2)).collect::<Vec<_>>());
+}
+
+/// A running 8-worker server checkpointed and restored in another process:
+/// the shared total carries over, and all 8 workers serve again.
+#[test]
+fn a_checkpointed_pool_server_restores_with_every_worker() {
+    let control = Control::new("pool-checkpoint");
+    let mut server = start_pool("pool-server", 8, &control);
+    let mut c = server.client();
+    assert_eq!(c.request("ADD 40"), "TOTAL 40");
+    drop(c);
+    let snapshot = control.checkpoint("pool");
+    assert_eq!(snapshot.threads.len(), 8, "every worker is in the snapshot");
+    server.kill();
+    let path = control.dir().join("pool.snap");
+    let restored = Server::spawn(host_command().args(["restore", "--tcplisten", "127.0.0.1:0", path.to_str().unwrap()]));
+    let mut c = restored.client();
+    assert_eq!(c.request("ADD 2"), "TOTAL 42");
+    drop(c);
+    let seen = every_worker(restored.port, 8);
+    assert_eq!(seen, (0..8).map(|w| (w, 1)).collect::<Vec<_>>());
 }
