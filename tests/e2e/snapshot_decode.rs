@@ -81,11 +81,16 @@ fn well_sealed_but_malformed_snapshots_are_refused_by_the_decoder() {
     trailer.frames[last] ^= 0x40;
     assert_eq!(corrupt(&trailer.encode()), "unreadable frame stack");
 
+    // A thread whose frame stack does not parse.
+    let mut thread = snapshot.clone();
+    thread.threads.push(upstare_host::snapshot::ThreadSnapshot { tid: 1, arg: 0, globals: Vec::new(), frames: vec![1, 2, 3] });
+    assert_eq!(corrupt(&thread.encode()), "unreadable frame stack");
+
     // Globals: a u32 count, then 13 bytes each (index u32, type u8, bits
-    // u64), before the memory and frame blobs.
+    // u64), before the memory and frame blobs and the thread count.
     let bytes = snapshot.encode();
     let n = snapshot.globals.len();
-    let count_at = bytes.len() - 32 - (8 + snapshot.frames.len()) - (8 + snapshot.memory.len()) - 13 * n - 4;
+    let count_at = bytes.len() - 32 - 4 - (8 + snapshot.frames.len()) - (8 + snapshot.memory.len()) - 13 * n - 4;
     assert_eq!(u32::from_le_bytes(bytes[count_at..count_at + 4].try_into().unwrap()) as usize, n, "the layout this test edits");
     let mut bad_type = bytes[..bytes.len() - 32].to_vec();
     bad_type[count_at + 4 + 4] = 0x99;
@@ -121,6 +126,9 @@ fn snapshots_that_decode_but_do_not_fit_the_module_are_refused_by_the_restore() 
     let mut empty = snapshot.clone();
     empty.frames.clear();
     assert_eq!(restore(&empty), "no frames");
+    let mut threads = snapshot.clone();
+    threads.threads.push(upstare_host::snapshot::ThreadSnapshot { tid: 1, arg: 0, globals: Vec::new(), frames: snapshot.frames.clone() });
+    assert_eq!(restore(&threads), "threads recorded for a module that starts none");
 
     // The same through the command line: one line, status 2, no panic.
     let dir = TempDir::new("snapshot-restore-bad");
@@ -154,8 +162,9 @@ fn randomly_edited_sealed_snapshots_never_panic() {
     snapshot.env = vec![("A".into(), "b".into())];
     let bytes = snapshot.encode();
     let body = &bytes[..bytes.len() - 32];
-    let tables = args_at(&snapshot)..body.len() - 8 - snapshot.frames.len() - 8 - snapshot.memory.len();
-    let frames = body.len() - snapshot.frames.len() - 16..body.len();
+    // The thread count (none) ends the body, after the frames.
+    let tables = args_at(&snapshot)..body.len() - 4 - 8 - snapshot.frames.len() - 8 - snapshot.memory.len();
+    let frames = body.len() - 4 - snapshot.frames.len() - 16..body.len();
     let engine = new_engine().unwrap();
     let module = GuestModule::load_with(&engine, &guest("compute"), &instrumented()).unwrap();
     let (mut decoded, mut restored) = (0, 0);

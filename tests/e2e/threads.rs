@@ -109,6 +109,11 @@ fn a_threads_guest_runs_under_the_host_as_under_the_reference() {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert_eq!((out.status.code().unwrap_or(-1), stdout), reference, "{flags:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    // Eight threads unwound and rewound at every 7th update point each,
+    // as many times as they wait or loop: the same count.
+    let out = run_host(&["--stress-pause", "7", path, "8"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "count=800000\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
 }
 
 /// A `pthread_create` past `--max-threads` fails with EAGAIN in the guest

@@ -56,8 +56,15 @@ fn in_thread(tid: u32, mut e: Unmappable) -> Unmappable {
 
 /// Maps the frames of every parked worker of `threads`.
 pub(super) fn plan(threads: &Threads, current: &Version, prepared: &Prepared, memory: &ProgramMemory) -> Result<Vec<ThreadStep>, UpdateError> {
+    let parked = threads.parked();
+    if parked.len() != threads.count() {
+        return Err(UpdateError::Refused(format!(
+            "{} of the program's threads did not pause",
+            threads.count() - parked.len().min(threads.count())
+        )));
+    }
     let mut steps = Vec::new();
-    for (tid, guest) in threads.parked() {
+    for (tid, guest) in parked {
         let mut g = lock(&guest);
         let frames = g
             .unwinder
