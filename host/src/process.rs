@@ -251,7 +251,8 @@ impl Guest {
     pub(crate) fn thread(engine: &Engine, module: &GuestModule, threads: &Arc<Threads>, wasi: WasiCtx, tid: u32, arg: i32) -> Result<Self, SetupError> {
         let (control, stack_top) = match threads.memories() {
             SharedMemories::Instrumented(memory) => {
-                let top = memory.read(u64::from(arg as u32), 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                // The spawning thread runs on, and others too.
+                let top = memory.load_u32(u64::from(arg as u32));
                 (Some(new_control(engine, threads.stress())?), top)
             }
             SharedMemories::Plain { .. } => (None, None),

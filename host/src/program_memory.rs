@@ -62,10 +62,9 @@ impl ProgramMemory {
     /// # Safety
     ///
     /// No other thread may access the memory for as long as the slice lives:
-    /// call it from the thread that runs the guest (while it is inside a host
-    /// call, or not running at all), never while another thread could write.
-    /// The programs the host runs are single-threaded, so the guest's own
-    /// accesses are the only others there are.
+    /// call it while no thread of the program runs (paused, or not started),
+    /// never while another thread could write. While threads run, use
+    /// [`ProgramMemory::load_u32`].
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn bytes_mut(&self) -> &mut [u8] {
         let data = self.memory.data();
@@ -73,6 +72,20 @@ impl ProgramMemory {
         // moves (shared memories are reserved at their maximum) and lives as
         // long as `self.memory`; exclusivity is the caller's promise.
         unsafe { std::slice::from_raw_parts_mut(data.as_ptr() as *mut u8, data.len()) }
+    }
+
+    /// The 32-bit word at `addr` (4-aligned), loaded atomically: sound while
+    /// the program's threads run and write the memory. `None` if out of
+    /// bounds or misaligned.
+    pub fn load_u32(&self, addr: u64) -> Option<u32> {
+        let data = self.memory.data();
+        let at = usize::try_from(addr).ok().filter(|a| a % 4 == 0 && a.checked_add(4).is_some_and(|end| end <= data.len()))?;
+        // SAFETY: in bounds and 4-aligned (the memory's base is page
+        // aligned); the cell lives as long as `self.memory`, and every
+        // access through the atomic is one the guest's own atomics may race
+        // with, as wasm threads allow.
+        let word = unsafe { std::sync::atomic::AtomicU32::from_ptr(data[at].get().cast()) };
+        Some(word.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Copies `len` bytes at `addr`; `None` if the range is out of bounds.
