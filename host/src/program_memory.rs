@@ -32,7 +32,26 @@ impl ProgramMemory {
     /// A fresh, zeroed memory of the type the instrumented module imports.
     pub fn new(engine: &Engine, meta: &MemoryMeta) -> anyhow::Result<Self> {
         let ty = MemoryType::shared(meta.min, meta.import_max());
-        Ok(ProgramMemory { memory: SharedMemory::new(engine, ty)? })
+        let memory = ProgramMemory { memory: SharedMemory::new(engine, ty)? };
+        memory.prefer_huge_pages(meta.import_max());
+        Ok(memory)
+    }
+
+    /// Asks the kernel to back the memory with transparent huge pages
+    /// where it can (Linux's `madvise` mode): a heap trace reads a large
+    /// heap in no order, and with 4 KiB pages nearly every read of a 1 GiB
+    /// heap misses the TLB. Memory below 2 MiB, or not yet touched, costs
+    /// nothing more. Failure only loses the hint.
+    fn prefer_huge_pages(&self, max_pages: u32) {
+        let base = self.memory.data().as_ptr() as *mut std::ffi::c_void;
+        // Shared memories are reserved at their maximum, in one mapping.
+        let len = (u64::from(max_pages) * PAGE) as usize;
+        // SAFETY: the range is the memory's own reservation, which lives as
+        // long as the memory; the advice changes how it is backed, never
+        // its contents.
+        if let Err(e) = unsafe { rustix::mm::madvise(base, len, rustix::mm::Advice::LinuxHugepage) } {
+            tracing::debug!("no huge pages for the program memory: {e}");
+        }
     }
 
     /// Wraps a memory the host created earlier (found again through an
