@@ -11,10 +11,15 @@
 //! A request that arrives while the guest is not blocked stays pending and is
 //! taken by the next blocking call, so none is lost in the race between
 //! "about to block" and "blocked".
+//!
+//! A futex wait (a thread of a wasi-threads program waiting on memory, see
+//! [`crate::futex`]) has no descriptor to poll: it parks on a condition
+//! variable instead ([`Interrupter::park`]), which a request wakes as well
+//! as the pipe.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
@@ -25,6 +30,22 @@ struct Shared {
     pending: AtomicBool,
     wake_read: OwnedFd,
     wake_write: OwnedFd,
+    /// Where a futex wait parks; locked around every wake-up so none falls
+    /// between a parked thread's check and its wait.
+    parking: Mutex<()>,
+    unpark: Condvar,
+}
+
+/// How a [`Interrupter::park`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parked {
+    /// What it waited for happened.
+    Woken,
+    /// The deadline passed.
+    TimedOut,
+    /// The host asked the guest to stop blocking (the request is left
+    /// pending for the caller to take or keep).
+    Interrupted,
 }
 
 /// Owned by a process's WASI context; blocking calls wait through it.
@@ -72,6 +93,8 @@ impl Interrupter {
                 pending: AtomicBool::new(false),
                 wake_read,
                 wake_write,
+                parking: Mutex::new(()),
+                unpark: Condvar::new(),
             }),
         })
     }
@@ -149,6 +172,38 @@ impl Interrupter {
         }
     }
 
+    /// Parks until `woken` says so (checked whenever [`Interrupter::unpark`]
+    /// or a request wakes the thread), `deadline` passes, or the host
+    /// interrupts.
+    pub fn park(&self, deadline: Option<Instant>, woken: impl Fn() -> bool) -> Parked {
+        let shared = &self.shared;
+        let mut guard = shared.parking.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if woken() {
+                return Parked::Woken;
+            }
+            if shared.pending.load(Ordering::Acquire) {
+                return Parked::Interrupted;
+            }
+            guard = match deadline {
+                None => shared.unpark.wait(guard).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Parked::TimedOut;
+                    }
+                    shared.unpark.wait_timeout(guard, left).unwrap_or_else(PoisonError::into_inner).0
+                }
+            };
+        }
+    }
+
+    /// Wakes this interrupter's thread if it is parked, to check what it
+    /// waits for.
+    pub fn unpark(&self) {
+        unpark(&self.shared);
+    }
+
     /// Sleeps for `duration` unless interrupted first.
     pub fn sleep(&self, duration: Duration) -> std::io::Result<Wait> {
         self.wait(&[], Some(Instant::now() + duration))
@@ -161,6 +216,7 @@ impl InterruptHandle {
         self.shared.pending.store(true, Ordering::Release);
         // A full pipe already holds a wake-up; nothing more is needed.
         let _ = rustix::io::write(&self.shared.wake_write, &[1]);
+        unpark(&self.shared);
     }
 
     /// Withdraws a request the guest has not taken yet. (A wake-up byte
@@ -168,4 +224,11 @@ impl InterruptHandle {
     pub fn withdraw(&self) {
         self.shared.pending.store(false, Ordering::Release);
     }
+}
+
+fn unpark(shared: &Shared) {
+    // Taking the lock orders this wake-up after a parked thread's check or
+    // before it: never between its check and its wait.
+    drop(shared.parking.lock().unwrap_or_else(PoisonError::into_inner));
+    shared.unpark.notify_all();
 }

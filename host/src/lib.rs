@@ -37,6 +37,7 @@
 //! - [`sourcemap`]: source lines for instrumented code, from the original's DWARF;
 //! - [`wasi`]: the WASI preview1 layer;
 //! - [`interrupt`]: waking a blocked guest from another thread;
+//! - [`futex`]: futex waits and wakes of a threads program, done by the host;
 //! - [`trap`]: trap reports with backtraces;
 //! - `cli`: the command line (binary only).
 
@@ -45,6 +46,7 @@
 pub mod cache;
 pub mod control;
 pub mod fresh;
+pub mod futex;
 mod heap_conversion;
 pub mod interrupt;
 pub mod module;

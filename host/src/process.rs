@@ -279,6 +279,7 @@ impl Guest {
         let interrupt = wasi.interrupter().handle();
         let mut linker = Linker::new(engine);
         wasi::add_to_linker(&mut linker).map_err(host)?;
+        crate::futex::add_to_linker(&mut linker).map_err(host)?;
         if threads.is_some() {
             crate::threads::add_to_linker(&mut linker).map_err(host)?;
         }

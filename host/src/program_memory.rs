@@ -107,6 +107,15 @@ impl ProgramMemory {
         Some(word.load(std::sync::atomic::Ordering::SeqCst))
     }
 
+    /// [`ProgramMemory::load_u32`] for the 64-bit word at `addr` (8-aligned).
+    pub fn load_u64(&self, addr: u64) -> Option<u64> {
+        let data = self.memory.data();
+        let at = usize::try_from(addr).ok().filter(|a| a % 8 == 0 && a.checked_add(8).is_some_and(|end| end <= data.len()))?;
+        // SAFETY: as in `load_u32`, 8-aligned.
+        let word = unsafe { std::sync::atomic::AtomicU64::from_ptr(data[at].get().cast()) };
+        Some(word.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
     /// Copies `len` bytes at `addr`; `None` if the range is out of bounds.
     pub fn read(&self, addr: u64, len: u64) -> Option<Vec<u8>> {
         // SAFETY: only called while the guest is not running (snapshots,

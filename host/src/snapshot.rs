@@ -518,6 +518,7 @@ mod tests {
             globals: vec![(0, ValType::I32, 66560), (2, ValType::F64, 1.5f64.to_bits())],
             memory: vec![7; 65536],
             frames: Vec::new(),
+            threads: vec![ThreadSnapshot { tid: 3, arg: 70000, globals: vec![(0, ValType::I32, 1)], frames: Vec::new() }],
         }
     }
 
@@ -541,12 +542,23 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_snapshot_reads_as_one_thread() {
+        let mut one = sample();
+        one.threads.clear();
+        let bytes = one.encode();
+        // Version 1 ends at the frames: no thread count.
+        let mut v1 = bytes[..bytes.len() - 32 - 4].to_vec();
+        v1[16..20].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(Snapshot::decode(&seal(v1)).unwrap(), one);
+    }
+
+    #[test]
     fn the_header_and_checksum_are_checked_first() {
         let bytes = sample().encode();
         assert!(matches!(Snapshot::decode(b"UPSTARE"), Err(SnapshotError::NotASnapshot)));
         let mut version = bytes.clone();
-        version[16] = 2;
-        assert!(matches!(Snapshot::decode(&version), Err(SnapshotError::Version { found: 2 })));
+        version[16] = 3;
+        assert!(matches!(Snapshot::decode(&version), Err(SnapshotError::Version { found: 3 })));
         let mut flipped = bytes.clone();
         flipped[40] ^= 1;
         assert_eq!(corrupt(&flipped), "checksum mismatch (truncated or modified)");
@@ -607,7 +619,10 @@ mod tests {
             FdKind::Listener { addr: "127.0.0.1:80".parse().unwrap() }
         );
 
-        let globals_at = body(&s).len() - (8 + s.frames.len()) - (8 + s.memory.len()) - 13 * s.globals.len() - 4;
+        // The threads section ends the body: its count, then per thread
+        // tid, arg, its globals (count, 13 bytes each) and frames.
+        let threads_len = 4 + s.threads.iter().map(|t| 4 + 4 + 4 + 13 * t.globals.len() + 8 + t.frames.len()).sum::<usize>();
+        let globals_at = body(&s).len() - threads_len - (8 + s.frames.len()) - (8 + s.memory.len()) - 13 * s.globals.len() - 4;
         let mut global = body(&s);
         assert_eq!(u32::from_le_bytes(global[globals_at..globals_at + 4].try_into().unwrap()), 2, "the layout this test edits");
         global[globals_at + 4 + 4] = 0x99;

@@ -333,6 +333,7 @@ fn link(
 ) -> wasmtime::Result<InstancePre<ProcessState>> {
     let mut linker = Linker::new(engine);
     wasi::add_to_linker(&mut linker)?;
+    crate::futex::add_to_linker(&mut linker)?;
     if module.spawns_threads() {
         crate::threads::add_to_linker(&mut linker)?;
     }

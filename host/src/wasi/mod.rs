@@ -98,6 +98,8 @@ pub struct WasiCtx {
     pub(crate) args: Vec<String>,
     pub(crate) env: Vec<(String, String)>,
     pub(crate) fds: SharedFdTable,
+    /// The futex waits of the process's threads.
+    pub(crate) futexes: Arc<crate::futex::Futexes>,
     pub(crate) interrupter: Interrupter,
     /// The subscriptions of a `poll_oneoff` a pause interrupted, and the
     /// deadline it had: the same call made again on resume keeps it.
@@ -158,6 +160,7 @@ impl WasiCtx {
             args: Vec::new(),
             env: Vec::new(),
             fds,
+            futexes: Arc::default(),
             interrupter: Interrupter::new()?,
             interrupted_poll: None,
         })
@@ -170,6 +173,7 @@ impl WasiCtx {
             args: Vec::new(),
             env: Vec::new(),
             fds: SharedFdTable::default(),
+            futexes: Arc::default(),
             interrupter: Interrupter::new()?,
             interrupted_poll: None,
         })
@@ -182,6 +186,7 @@ impl WasiCtx {
             args: self.args.clone(),
             env: self.env.clone(),
             fds: self.fds.clone(),
+            futexes: self.futexes.clone(),
             interrupter: Interrupter::new()?,
             interrupted_poll: None,
         })
@@ -228,6 +233,11 @@ impl WasiCtx {
     /// The interrupter blocking calls wait through.
     pub fn interrupter(&self) -> &Interrupter {
         &self.interrupter
+    }
+
+    /// The futex table, shared with the process's other threads.
+    pub fn futexes(&self) -> Arc<crate::futex::Futexes> {
+        self.futexes.clone()
     }
 
     /// The fd table, shared with the process's other threads.
