@@ -45,6 +45,29 @@ pub const CONTROL_IMPORT: &str = "control";
 /// declared none: all of wasm32's 4 GiB.
 pub const PROGRAM_MEMORY_MAX_PAGES: u32 = 65536;
 
+/// The imports that `memory.atomic.wait32`, `memory.atomic.wait64` and
+/// `memory.atomic.notify` become (module [`IMPORT_MODULE`]), present only
+/// in modules that use the instruction. Each takes the effective address
+/// as an i64 (the instruction's i32 address zero-extended, plus its memarg
+/// offset), and the host traps where the instruction would: an address out
+/// of bounds of the program memory, or not aligned to the access size. The
+/// two waits are update points, kind [`ResumeKind::AtomicWait`]: a thread
+/// interrupted there unwinds, and the rewind waits again (a futex wait may
+/// wake spuriously, so the program copes).
+pub mod futex {
+    /// `(addr: i64, expected: i32, timeout_ns: i64) -> i32`: waits while
+    /// the i32 at `addr` equals `expected`, for at most `timeout_ns`
+    /// nanoseconds (negative: forever). Returns 0 (woken by a notify),
+    /// 1 (the value differed) or 2 (timed out), as the instruction does.
+    pub const WAIT32: &str = "atomic_wait32";
+    /// `(addr: i64, expected: i64, timeout_ns: i64) -> i32`: [`WAIT32`] on
+    /// an i64.
+    pub const WAIT64: &str = "atomic_wait64";
+    /// `(addr: i64, count: i32) -> i32`: wakes at most `count` (unsigned)
+    /// threads waiting at `addr`; returns how many it woke.
+    pub const NOTIFY: &str = "atomic_notify";
+}
+
 /// Names of the exports the instrumenter adds.
 pub mod exports {
     /// Mutable i32 global holding the current [`super::State`].
