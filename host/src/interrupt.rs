@@ -11,10 +11,14 @@
 //! A request that arrives while the guest is not blocked stays pending and is
 //! taken by the next blocking call, so none is lost in the race between
 //! "about to block" and "blocked".
+//!
+//! A futex wait ([`crate::futex`]) waits on no descriptor: it parks on a
+//! condition variable, [`Interrupter::park_until`], which both a request and
+//! a notify ([`Waker`]) wake.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
@@ -25,6 +29,44 @@ struct Shared {
     pending: AtomicBool,
     wake_read: OwnedFd,
     wake_write: OwnedFd,
+    /// Where a futex wait parks. Whoever wakes it changes what the waiter
+    /// checks (the pending flag, its waiter's flag) first, then notifies
+    /// with the lock held: the waiter checks under the lock, so a wake-up
+    /// falls either before its check or after it sleeps, never between.
+    parked: Mutex<()>,
+    unpark: Condvar,
+}
+
+impl Shared {
+    fn unpark(&self) {
+        let _held = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.unpark.notify_all();
+    }
+}
+
+/// Wakes the thread parked in [`Interrupter::park_until`] so it looks at
+/// its condition again; `Send`, cloneable.
+#[derive(Debug, Clone)]
+pub struct Waker {
+    shared: Arc<Shared>,
+}
+
+impl Waker {
+    /// Wakes the parked thread, if any. Make its condition true first.
+    pub fn wake(&self) {
+        self.shared.unpark();
+    }
+}
+
+/// How [`Interrupter::park_until`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parked {
+    /// The condition held.
+    Ready,
+    /// A request is pending (left pending: the caller decides).
+    Interrupted,
+    /// The deadline passed.
+    TimedOut,
 }
 
 /// Owned by a process's WASI context; blocking calls wait through it.
@@ -72,6 +114,8 @@ impl Interrupter {
                 pending: AtomicBool::new(false),
                 wake_read,
                 wake_write,
+                parked: Mutex::new(()),
+                unpark: Condvar::new(),
             }),
         })
     }
@@ -149,6 +193,38 @@ impl Interrupter {
         }
     }
 
+    /// A waker for the thread that parks through this interrupter.
+    pub fn waker(&self) -> Waker {
+        Waker { shared: self.shared.clone() }
+    }
+
+    /// Parks the calling thread until `ready()` holds (checked first, so a
+    /// thread both woken and interrupted reports [`Parked::Ready`]), a
+    /// request is pending, or `deadline` passes. `ready` is checked with
+    /// the parking lock held: whoever makes it true then calls
+    /// [`Waker::wake`].
+    pub fn park_until(&self, deadline: Option<Instant>, ready: impl Fn() -> bool) -> Parked {
+        let mut held = self.shared.parked.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if ready() {
+                return Parked::Ready;
+            }
+            if self.shared.pending.load(Ordering::Acquire) {
+                return Parked::Interrupted;
+            }
+            held = match deadline {
+                None => self.shared.unpark.wait(held).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Parked::TimedOut;
+                    }
+                    self.shared.unpark.wait_timeout(held, left).unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
+        }
+    }
+
     /// Sleeps for `duration` unless interrupted first.
     pub fn sleep(&self, duration: Duration) -> std::io::Result<Wait> {
         self.wait(&[], Some(Instant::now() + duration))
@@ -161,6 +237,7 @@ impl InterruptHandle {
         self.shared.pending.store(true, Ordering::Release);
         // A full pipe already holds a wake-up; nothing more is needed.
         let _ = rustix::io::write(&self.shared.wake_write, &[1]);
+        self.shared.unpark();
     }
 
     /// Withdraws a request the guest has not taken yet. (A wake-up byte

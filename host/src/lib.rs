@@ -36,6 +36,7 @@
 //! - [`sourcemap`]: source lines for instrumented code, from the original's DWARF;
 //! - [`wasi`]: the WASI preview1 layer;
 //! - [`interrupt`]: waking a blocked guest from another thread;
+//! - [`futex`]: the program's futex table, behind the atomic wait and notify;
 //! - [`trap`]: trap reports with backtraces;
 //! - `cli`: the command line (binary only).
 
@@ -44,6 +45,7 @@
 pub mod cache;
 pub mod control;
 pub mod fresh;
+pub mod futex;
 mod heap_conversion;
 pub mod interrupt;
 pub mod module;

@@ -2,13 +2,19 @@
 //!
 //! Every function goes through [`dispatch`], which finds the guest memory,
 //! runs the implementation and turns its outcome into what wasm sees: an
-//! errno result, or a trap for exit and interruption.
+//! errno result, or a trap for exit and interruption. The futex imports of
+//! an instrumented module that uses atomic waits ([`add_futex_to_linker`])
+//! sit beside them: they block, and are interrupted, the same way.
 
 use upstare_instrument::abi::State;
 use wasmtime::{bail, Result, Val};
 use wasmtime::{Caller, Extern, Linker};
 
+use upstare_instrument::abi::{futex as names, IMPORT_MODULE};
+
 use super::memory::GuestMemory;
+use crate::futex::{FutexError, Futexes, WaitOutcome};
+use crate::interrupt::Interrupter;
 use crate::program_memory::ProgramMemory;
 use super::{fs, io, net, poll, proc};
 use super::{CallError, CallResult, GuestExit, Interrupted, WasiCtx, WasiView};
@@ -145,6 +151,73 @@ pub fn add_to_linker<T: WasiView + 'static>(linker: &mut Linker<T>) -> Result<()
     }
     linker.func_wrap(MODULE, "proc_exit", |_: Caller<'_, T>, code: u32| -> Result<()> {
         Err(GuestExit(code as i32).into())
+    })?;
+    add_futex_to_linker(linker)
+}
+
+/// Runs a futex wait or notify against the caller's shared program memory:
+/// an address the instruction would trap on traps, and an interrupted wait
+/// unwinds the guest as an interrupted blocking WASI call does.
+fn futex_call<T: WasiView>(
+    caller: &mut Caller<'_, T>,
+    name: &'static str,
+    f: impl FnOnce(&Futexes, &[std::cell::UnsafeCell<u8>], &Interrupter) -> std::result::Result<WaitOutcome, FutexError>,
+) -> Result<i32> {
+    let hooks = caller.data().unwind_hooks();
+    if let Some(h) = &hooks {
+        if h.state.get(&mut *caller).i32() == Some(State::Rewinding as i32) {
+            h.stop_rewind.call(&mut *caller, ())?;
+        }
+    }
+    // Only an instrumented module imports these, and its program memory
+    // is shared (and exported as `memory`).
+    let Some(Extern::SharedMemory(memory)) = caller.get_export("memory") else {
+        bail!("`{name}` needs the guest's shared memory, exported as `memory`")
+    };
+    let (futexes, interrupter) = {
+        let wasi = caller.data_mut().wasi();
+        (wasi.futexes().clone(), wasi.interrupter().clone())
+    };
+    let outcome = f(&futexes, memory.data(), &interrupter).map_err(|e| match e {
+        FutexError::OutOfBounds(_) => wasmtime::Trap::MemoryOutOfBounds,
+        FutexError::Unaligned(_) => wasmtime::Trap::HeapMisaligned,
+    })?;
+    match (outcome, hooks) {
+        // The guest ignores the result: it unwinds, and the rewind waits
+        // again.
+        (WaitOutcome::Interrupted, Some(h)) => {
+            h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+            Ok(0)
+        }
+        (WaitOutcome::Interrupted, None) => Err(Interrupted { call: name }.into()),
+        (done, _) => Ok(done as i32),
+    }
+}
+
+/// Adds the futex imports ([`upstare_instrument::abi::futex`]) to
+/// `linker`.
+pub fn add_futex_to_linker<T: WasiView + 'static>(linker: &mut Linker<T>) -> Result<()> {
+    linker.func_wrap(
+        IMPORT_MODULE,
+        names::WAIT32,
+        |mut caller: Caller<'_, T>, addr: i64, expected: i32, timeout: i64| -> Result<i32> {
+            futex_call(&mut caller, names::WAIT32, |f, mem, i| f.wait32(mem, addr as u64, expected as u32, timeout, i))
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        names::WAIT64,
+        |mut caller: Caller<'_, T>, addr: i64, expected: i64, timeout: i64| -> Result<i32> {
+            futex_call(&mut caller, names::WAIT64, |f, mem, i| f.wait64(mem, addr as u64, expected as u64, timeout, i))
+        },
+    )?;
+    linker.func_wrap(IMPORT_MODULE, names::NOTIFY, |mut caller: Caller<'_, T>, addr: i64, count: i32| -> Result<i32> {
+        let mut woken = 0;
+        futex_call(&mut caller, names::NOTIFY, |f, mem, _| {
+            woken = f.notify(mem, addr as u64, count as u32)?;
+            Ok(WaitOutcome::Woken)
+        })?;
+        Ok(woken as i32)
     })?;
     Ok(())
 }

@@ -41,7 +41,7 @@ pub mod poll;
 pub mod proc;
 mod linker;
 
-pub use linker::add_to_linker;
+pub use linker::{add_futex_to_linker, add_to_linker};
 
 use std::sync::Arc;
 
@@ -99,6 +99,8 @@ pub struct WasiCtx {
     /// The subscriptions of a `poll_oneoff` a pause interrupted, and the
     /// deadline it had: the same call made again on resume keeps it.
     pub(crate) interrupted_poll: Option<(Vec<u8>, Option<std::time::Instant>)>,
+    /// The program's futex table, shared by all its threads.
+    pub(crate) futexes: Arc<crate::futex::Futexes>,
 }
 
 /// What the WASI layer needs of an instrumented instance: when a blocking
@@ -157,6 +159,7 @@ impl WasiCtx {
             fds,
             interrupter: Interrupter::new()?,
             interrupted_poll: None,
+            futexes: Arc::default(),
         })
     }
 
@@ -169,6 +172,7 @@ impl WasiCtx {
             fds: FdTable::default(),
             interrupter: Interrupter::new()?,
             interrupted_poll: None,
+            futexes: Arc::default(),
         })
     }
 
@@ -213,6 +217,11 @@ impl WasiCtx {
     /// The interrupter blocking calls wait through.
     pub fn interrupter(&self) -> &Interrupter {
         &self.interrupter
+    }
+
+    /// The program's futex table.
+    pub fn futexes(&self) -> &Arc<crate::futex::Futexes> {
+        &self.futexes
     }
 
     /// The fd table, for inspection.
