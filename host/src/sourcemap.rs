@@ -20,6 +20,10 @@ pub struct SourceMap {
     out_bodies: Vec<usize>,
     /// Start of each defined function's body, original module.
     orig_bodies: Vec<usize>,
+    /// Function imports of the output module. The original has as many,
+    /// unless the instrumenter added imports (for atomic waits): then the
+    /// offset map lists every defined function, and function `i` of the
+    /// output is not function `i` of the original.
     num_imported: u32,
     /// Payload start of the original code section, DWARF's address zero.
     code_section: usize,
@@ -94,7 +98,7 @@ impl SourceMap {
         Some(SourceMap {
             out_bodies: out.bodies,
             orig_bodies: orig.bodies,
-            num_imported: orig.num_imported,
+            num_imported: out.num_imported,
             code_section: orig.code_section,
             offsets,
             dwarf,

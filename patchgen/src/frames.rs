@@ -954,6 +954,7 @@ impl FrameMapper<'_> {
                 (a, b) => old.info.types.get(a as usize).is_some() && old.info.types.get(a as usize) == new.info.types.get(b as usize),
             },
             ResumeKind::Entry => true,
+            ResumeKind::AtomicWait => old_rp.callee == new_rp.callee,
         }
     }
 
@@ -1595,5 +1596,6 @@ pub fn describe(version: &Version, rp: &ResumePoint) -> String {
         }
         ResumeKind::CallIndirect => format!("indirect call #{}", rp.ordinal),
         ResumeKind::Entry => "entry".into(),
+        ResumeKind::AtomicWait => format!("wait{} #{}", rp.callee, rp.ordinal),
     }
 }

@@ -238,12 +238,12 @@ fn a_relocation_type_relinking_does_not_handle_is_refused_by_name() {
     let f = fixture();
     let mut info = f.info.clone();
     let r = info.code_relocs.iter_mut().find(|r| r.ty == RelocType::MemoryAddrSleb).unwrap();
-    r.ty = RelocType::MemoryAddrTlsSleb;
+    r.ty = RelocType::MemoryAddrSleb64;
     let offset = r.offset;
     let e = relink(&f.wasm, &info, &f.placement).unwrap_err();
     assert_eq!(
         e.to_string(),
-        format!("relocation at {offset} has type MemoryAddrTlsSleb, which relinking does not handle (wasm32 executables only)")
+        format!("relocation at {offset} has type MemoryAddrSleb64, which relinking does not handle (wasm32 executables only)")
     );
 }
 

@@ -57,6 +57,13 @@ pub enum ResumeKind {
     /// update point. Operands: none. Rewinding completes here: the function
     /// starts over with its saved locals (its params).
     Entry = 4,
+    /// A `memory.atomic.wait32` or `memory.atomic.wait64`, lowered to a call
+    /// of the host's wait ([`super::futex`]). `callee` is the width of the
+    /// value waited on, 32 or 64. Operands: the whole stack at the call,
+    /// the import's arguments included (the effective address as an i64,
+    /// the expected value, the timeout): rewinding waits again with them.
+    /// Rewinding completes here, right before the call.
+    AtomicWait = 5,
 }
 
 impl ResumeKind {
@@ -67,6 +74,7 @@ impl ResumeKind {
             2 => ResumeKind::CallIndirect,
             3 => ResumeKind::BlockingCall,
             4 => ResumeKind::Entry,
+            5 => ResumeKind::AtomicWait,
             _ => return None,
         })
     }
@@ -77,7 +85,7 @@ impl ResumeKind {
 pub struct ResumePoint {
     /// Instruction kind.
     pub kind: ResumeKind,
-    /// Offset of the instruction (`loop`, `call`, `call_indirect`) in the
+    /// Offset of the instruction (`loop`, `call`, `call_indirect`, a wait) in the
     /// original module file; for [`ResumeKind::Entry`], of the function
     /// body (its local declarations).
     pub offset: u32,

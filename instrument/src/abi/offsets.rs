@@ -10,8 +10,11 @@
 //! function := index:u32 runs:vec<out:u32 orig:u32>
 //! ```
 //!
-//! Only instrumented functions are listed; every other function body is a
-//! byte-for-byte copy of the original one. A run says that from byte `out`
+//! Functions are named by their index in the output module. Only
+//! instrumented functions are listed; every other function body is a
+//! byte-for-byte copy of the original one. Except in a module whose atomic
+//! waits became imports (`rewrite::atomics`): there every defined function
+//! is listed, because its index and its calls' indices moved. A run says that from byte `out`
 //! of the function's output body (counted from the start of its local
 //! declarations) the original instruction at module offset `orig` was
 //! copied, followed by the next ones as long as no other run starts.

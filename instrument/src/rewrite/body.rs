@@ -102,12 +102,14 @@ struct Emitter<'a> {
 /// Instruments one body.
 pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: &Plan) -> Result<Output> {
     let n_locals = body.locals.len() as u32;
+    // Frames name the function by its index in the original module.
+    let func = cx.shift.back(body.func);
     let (classes, class_of_rp) = plan.save_classes();
     let mut e = Emitter {
         cx,
         plan,
         body,
-        func: body.func,
+        func,
         code: Code::default(),
         frames: Vec::new(),
         next_id: 0,

@@ -6,6 +6,7 @@
 //! holds what they share: the byte sink, the block-type interner and the
 //! indices of everything appended.
 
+pub(crate) mod atomics;
 pub(crate) mod body;
 pub(crate) mod frames;
 pub(crate) mod helpers;
@@ -244,4 +245,7 @@ pub(crate) struct Cx {
     /// The stress variant: loop headers call the pause decision.
     pub stress: bool,
     pub packs: Packs,
+    /// The function indices of a module whose futex instructions were
+    /// lowered ([`atomics`]) are shifted; frames name the original's.
+    pub shift: atomics::Shift,
 }

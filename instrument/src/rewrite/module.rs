@@ -17,7 +17,7 @@ use wasm_encoder::{
 };
 use wasmparser::{Parser, Payload};
 
-use super::{body, frames, helpers, val, Cx, Helpers, Packs, Types};
+use super::{atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types};
 use crate::abi::{
     self, control, exports, BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta,
     MemoryMeta, Metadata, ResumePoint,
@@ -38,8 +38,20 @@ fn describes_original_code(name: &str) -> bool {
 /// Instruments `wasm`, returning the output module and its metadata.
 pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress: bool) -> Result<(Vec<u8>, Metadata)> {
     check_names(wasm)?;
+    // Futex waits become calls of blocking imports first; the rest works
+    // on the lowered module.
+    let lowered = atomics::lower(wasm)?;
+    let (wasm, blocking) = match &lowered {
+        Some(l) => {
+            let mut all = blocking.clone();
+            all.extend(l.blocking());
+            (&l.wasm[..], std::borrow::Cow::Owned(all))
+        }
+        None => (wasm, std::borrow::Cow::Borrowed(blocking)),
+    };
+    let shift = lowered.as_ref().map_or(atomics::Shift::NONE, |l| l.shift);
     let info = analysis::analyze(wasm)?;
-    let graph = CallGraph::new(&info, blocking)?;
+    let graph = CallGraph::new(&info, &blocking)?;
 
     let mut plans: Vec<Option<Plan>> = Vec::with_capacity(info.bodies.len());
     for b in &info.bodies {
@@ -73,7 +85,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     }
     let packs = Packs::new(helpers.next, keys, saves);
     let rp_global = state_global + 1;
-    let mut cx = Cx { types: Types::new(&info.types), helpers, state_global, rp_global, stress, packs };
+    let mut cx = Cx { types: Types::new(&info.types), helpers, state_global, rp_global, stress, packs, shift };
 
     let mut bodies = Vec::with_capacity(info.bodies.len());
     let mut functions = Vec::new();
@@ -107,7 +119,10 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     }
     let mut appended = helpers::build(&info, &mut cx.types, &helpers, state_global);
     appended.extend(helpers::build_packs(&mut cx.types, &helpers, &cx.packs)?);
-    let metadata = metadata(&info, &graph, &helpers, state_global, functions);
+    let mut metadata = metadata(&info, &graph, &helpers, state_global, functions);
+    if let Some(l) = &lowered {
+        l.translate(&mut metadata, &mut offsets)?;
+    }
     let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata, &offsets)?;
 
     let mut validator = wasmparser::Validator::new_with_features(analysis::output_features());
