@@ -168,7 +168,7 @@ impl StressUpdates {
                 self.tally.waited += 1;
                 *self.tally.reasons.entry(frame.to_string()).or_default() += 1;
             }
-            UpdateError::Refused(reason) => {
+            UpdateError::Refused(reason) | UpdateError::Held(reason) => {
                 self.tally.refused += 1;
                 *self.tally.reasons.entry(reason).or_default() += 1;
             }

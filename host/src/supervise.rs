@@ -583,6 +583,14 @@ fn apply(
         };
         match outcome {
             Ok(report) => return Ok((report, prepared.next.clone())),
+            // A value that looks like a stale pointer may change as the
+            // program runs on (a counter passing through an address range,
+            // a pointer dropped): try again, as for a frame.
+            Err(UpdateError::Held(reason)) if Instant::now() < deadline => {
+                tracing::debug!("update waits: {reason}");
+                std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+            }
             Err(UpdateError::Frame(frame)) if Instant::now() < deadline => {
                 // Let the program run on, so that frame can leave the stack.
                 tracing::debug!("update waits: {frame}");

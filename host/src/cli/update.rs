@@ -32,7 +32,9 @@ pub struct UpdateArgs {
     control: Option<PathBuf>,
 
     /// How long to wait, in milliseconds, for functions whose frames cannot
-    /// move to the new version to leave the stack before refusing.
+    /// move to the new version to leave the stack, and for values that
+    /// would point at a converted global's old copy (or integers that look
+    /// like such an address) to change, before refusing.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     timeout: u64,
 

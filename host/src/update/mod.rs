@@ -66,6 +66,11 @@ pub enum UpdateError {
     /// A frame cannot move to the new version (yet).
     #[error("update refused: a frame cannot move to the new version: {0}")]
     Frame(Unmappable),
+    /// The program holds, right now, a value that would point where
+    /// nothing will be (an address of a converted global's old copy, or an
+    /// integer that looks like one): it may let go of it as it runs on.
+    #[error("update refused: {0}")]
+    Held(String),
     /// Applying the update failed; it was rolled back.
     #[error("update refused: applying it failed and it was rolled back: {0}")]
     RolledBack(String),
@@ -521,7 +526,7 @@ impl Guest {
         };
         for (check, skip) in [(&moved_from as &dyn Fn(u32) -> Option<String>, false), (&converted, true)] {
             if let Some(reason) = stale(check, skip).or_else(|| threads::find_stale(&workers, &current.version, memory, check, skip)) {
-                return Err(UpdateError::Refused(reason));
+                return Err(UpdateError::Held(reason));
             }
         }
         if let Some(reason) = heap.as_ref().and_then(|h| threads::find_converted(&workers, h, &current.version, memory)) {
