@@ -86,6 +86,33 @@ fn futex_ops(wasm: &[u8]) -> usize {
     n
 }
 
+/// In the `defined`-th function body of `wasm`: the first instruction
+/// `which` picks and the body's final `end`, each as (offset from the body's
+/// start, offset in the module).
+fn op_offsets(wasm: &[u8], defined: usize, which: impl Fn(&Operator<'_>) -> bool) -> ((u32, u32), (u32, u32)) {
+    let body = Parser::new(0)
+        .parse_all(wasm)
+        .filter_map(|p| match p.unwrap() {
+            Payload::CodeSectionEntry(b) => Some(b),
+            _ => None,
+        })
+        .nth(defined)
+        .unwrap();
+    let start = body.range().start;
+    let mut ops = body.get_operators_reader().unwrap();
+    let (mut found, mut end) = (None, 0);
+    while !ops.eof() {
+        let at = ops.original_position();
+        let op = ops.read().unwrap();
+        if found.is_none() && which(&op) {
+            found = Some(at);
+        }
+        end = at;
+    }
+    let found = found.expect("the instruction is there");
+    (((found - start) as u32, found as u32), ((end - start) as u32, end as u32))
+}
+
 #[test]
 fn futex_instructions_become_imports_and_the_waits_update_points() {
     let wasm = wat::parse_str(SUBJECT).unwrap();
@@ -134,6 +161,18 @@ fn futex_instructions_become_imports_and_the_waits_update_points() {
     assert!(calls.iter().any(|(f, rp)| *f == 4 && rp.callee == 3), "$outer calls $both: {calls:#?}");
     assert!(meta.functions.iter().all(|f| f.index >= 1 && f.index <= 4));
     assert!(meta.blocking.iter().all(|b| b.module != abi::IMPORT_MODULE));
+    // Traps map back to the original: in $notify (function 2, output
+    // function 5), the call of the import is where the notify was.
+    let offsets = abi::offsets::OffsetMap::from_module(&out.wasm).unwrap();
+    let (notify_at, notify_end) = op_offsets(&wasm, 1, |op| matches!(op, Operator::MemoryAtomicNotify { .. }));
+    let (call_at, call_end) = op_offsets(&out.wasm, 1, |op| matches!(op, Operator::Call { function_index: 3 }));
+    assert_eq!(offsets.original(5, call_at.0), Some(notify_at.1));
+    assert_eq!(offsets.original(5, call_end.0), Some(notify_end.1));
+    // And in the instrumented $wait (function 1, output function 4).
+    let (wait_at, _) = op_offsets(&wasm, 0, |op| matches!(op, Operator::MemoryAtomicWait32 { .. }));
+    let (call_at, _) = op_offsets(&out.wasm, 0, |op| matches!(op, Operator::Call { function_index: 1 }));
+    assert_eq!(offsets.original(4, call_at.0), Some(wait_at.1));
+
     // The scratch locals of the lowering are not the original's.
     let wait = meta.functions.iter().find(|f| f.index == 1).unwrap();
     assert_eq!(wait.locals, vec![abi::ValType::I32, abi::ValType::I64, abi::ValType::I32]);
