@@ -72,7 +72,7 @@ fn locate(memory: &[UnsafeCell<u8>], addr: u64, size: u64) -> Result<*mut u8, Fu
     if end > memory.len() as u64 {
         return Err(FutexError::OutOfBounds(addr));
     }
-    if addr % size != 0 {
+    if !addr.is_multiple_of(size) {
         return Err(FutexError::Unaligned(addr));
     }
     Ok(UnsafeCell::raw_get(memory[addr as usize..].as_ptr()))
