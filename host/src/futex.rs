@@ -199,11 +199,15 @@ mod tests {
         (thread, interrupter)
     }
 
-    /// Spins until `n` threads wait at address 8.
-    fn until_waiting(futexes: &Futexes, n: usize) {
-        while futexes.table().get(&8).map_or(0, Vec::len) < n {
+    /// Spins until `n` threads wait at `addr`.
+    fn until_waiting_at(futexes: &Futexes, addr: u64, n: usize) {
+        while futexes.table().get(&addr).map_or(0, Vec::len) < n {
             std::thread::yield_now();
         }
+    }
+
+    fn until_waiting(futexes: &Futexes, n: usize) {
+        until_waiting_at(futexes, 8, n)
     }
 
     #[test]
@@ -241,5 +245,87 @@ mod tests {
         assert!(interrupter.take_pending(), "the request is left for the caller");
         assert!(futexes.table().is_empty(), "an interrupted waiter is gone");
         assert_eq!(futexes.notify(8, 1), 0);
+    }
+
+    /// What the store of the instrumented test guest holds.
+    struct Store {
+        wasi: crate::wasi::WasiCtx,
+        hooks: Option<crate::wasi::UnwindHooks>,
+    }
+
+    impl WasiView for Store {
+        fn wasi(&mut self) -> &mut crate::wasi::WasiCtx {
+            &mut self.wasi
+        }
+        fn unwind_hooks(&self) -> Option<crate::wasi::UnwindHooks> {
+            self.hooks.clone()
+        }
+    }
+
+    /// Through the host's linker, an instrumented guest blocked in
+    /// `memory.atomic.wait32` is woken by a notify from another thread,
+    /// unwinds when the host interrupts it, and traps on a misaligned
+    /// address as the instruction would.
+    #[test]
+    fn an_instrumented_wait_is_woken_by_notify_and_unwinds_when_interrupted() {
+        use upstare_instrument::abi::{self, exports};
+        let wat = r#"(module
+          (import "env" "memory" (memory 1 1 shared))
+          (export "memory" (memory 0))
+          (func (export "wait") (param i32) (result i32)
+            local.get 0
+            i32.const 0
+            i64.const -1
+            memory.atomic.wait32 offset=4))"#;
+        let out = upstare_instrument::instrument(&wat::parse_str(wat).unwrap(), &Default::default()).unwrap();
+        let engine = crate::new_engine().unwrap();
+        let module = wasmtime::Module::new(&engine, &out.wasm).unwrap();
+        let wasi = crate::wasi::WasiCtx::detached().unwrap();
+        let (futexes, handle) = (wasi.futexes(), wasi.interrupter().handle());
+        let mut store = wasmtime::Store::new(&engine, Store { wasi, hooks: None });
+        let mut linker = wasmtime::Linker::new(&engine);
+        crate::wasi::add_to_linker(&mut linker).unwrap();
+        add_to_linker(&mut linker).unwrap();
+        let memory = ProgramMemory::new(&engine, &out.metadata.memory).unwrap();
+        let control = crate::pause::ControlMemory::new(&engine, abi::control::Header::default()).unwrap();
+        linker.define(&store, abi::IMPORT_MODULE, abi::MEMORY_IMPORT, memory.shared().clone()).unwrap();
+        linker.define(&store, abi::IMPORT_MODULE, abi::CONTROL_IMPORT, control.memory().clone()).unwrap();
+        let instance = linker.instantiate(&mut store, &module).unwrap();
+        let state = instance.get_global(&mut store, exports::STATE).unwrap();
+        let stop_rewind = instance.get_typed_func(&mut store, exports::STOP_REWIND).unwrap();
+        store.data_mut().hooks = Some(crate::wasi::UnwindHooks { state, stop_rewind });
+        instance.get_typed_func::<(), ()>(&mut store, exports::INIT_MEMORY).unwrap().call(&mut store, ()).unwrap();
+        let wait = instance.get_typed_func::<i32, i32>(&mut store, "wait").unwrap();
+
+        // Woken: the instruction's 0, and the guest runs on normally.
+        let notifier = {
+            let futexes = futexes.clone();
+            std::thread::spawn(move || {
+                until_waiting_at(&futexes, 68, 1);
+                futexes.notify(68, 1)
+            })
+        };
+        assert_eq!(wait.call(&mut store, 64).unwrap(), 0);
+        assert_eq!(notifier.join().unwrap(), 1);
+        assert_eq!(state.get(&mut store).i32(), Some(State::Normal as i32));
+
+        // Interrupted: the guest unwinds from the wait, and nobody waits.
+        let interrupter = {
+            let futexes = futexes.clone();
+            std::thread::spawn(move || {
+                until_waiting_at(&futexes, 68, 1);
+                handle.interrupt();
+            })
+        };
+        wait.call(&mut store, 64).unwrap();
+        interrupter.join().unwrap();
+        assert_eq!(state.get(&mut store).i32(), Some(State::Unwinding as i32));
+        assert!(futexes.table().is_empty());
+
+        // A misaligned address traps as the instruction would.
+        let stop_unwind = instance.get_typed_func::<(), ()>(&mut store, exports::STOP_UNWIND).unwrap();
+        stop_unwind.call(&mut store, ()).unwrap();
+        let trap = wait.call(&mut store, 65).unwrap_err();
+        assert_eq!(trap.downcast_ref::<Trap>(), Some(&Trap::HeapMisaligned), "{trap:?}");
     }
 }

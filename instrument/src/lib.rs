@@ -7,7 +7,11 @@
 //! The rewrite keeps the original: function indices, local indices, globals,
 //! tables, element and data segment indices stay as they were, and the
 //! operators of every function body are copied byte for byte except for
-//! branches whose depth changes. What the instrumenter adds is appended:
+//! branches whose depth changes. (One exception: a module that uses
+//! `memory.atomic.wait32`, `wait64` or `notify` gets those instructions
+//! lowered to calls of host imports first, [`abi::futex`], and the new
+//! imports move its defined functions up; the metadata still speaks of the
+//! original's indices and offsets.) What the instrumenter adds is appended:
 //! types, helper functions, a mutable `upstare_state` global, side tables for
 //! reference-typed frame slots, exports, and the `upstare.meta` custom
 //! section ([`abi::metadata`]).
@@ -25,7 +29,9 @@
 //! # Update points and states
 //!
 //! Update points are loop headers (except those of bounded loops, below),
-//! calls to imports the host marks as blocking ([`Options::blocking`]), and
+//! calls to imports the host marks as blocking ([`Options::blocking`]),
+//! atomic waits (lowered to blocking calls of the host's futex, so that a
+//! thread blocked in one can be paused; [`abi::ResumeKind::AtomicWait`]), and
 //! the entries of functions on a cycle of calls (so that recursion without
 //! loops reaches one too). A function is instrumented only if it can be on
 //! the stack when an unwind starts (see `callgraph`): it is on a call

@@ -13,6 +13,7 @@ mod embed;
 mod files;
 mod frames;
 mod fresh_memory;
+mod futex_lowering;
 mod guests;
 mod handler;
 mod heap;

@@ -405,7 +405,9 @@ impl Lowered {
     /// (whose functions are those of the output module): every body
     /// differs from the original now, at least by its calls' indices, so
     /// each one gets runs back to the original.
-    pub fn translate(&self, meta: &mut Metadata, offsets: &mut OffsetMap) -> Result<()> {
+    /// `bodies` are the output's function bodies, defined functions in
+    /// order.
+    pub fn translate(&self, meta: &mut Metadata, offsets: &mut OffsetMap, bodies: &[Vec<u8>]) -> Result<()> {
         let first = self.shift.first + self.shift.by;
         meta.code_section = self.original_code_section;
         meta.start = meta.start.map(|s| self.shift.back(s));
@@ -440,11 +442,19 @@ impl Lowered {
             // Runs of the rewrite into the lowered module; an uninstrumented
             // body is one run, a copy.
             let runs = listed.get(&func).cloned().unwrap_or_else(|| vec![(0, start)]);
+            let body = bodies.get(defined).ok_or_else(|| internal("an output body is missing"))?;
             let mut out: Vec<(u32, u32)> = Vec::new();
             for (i, &(o, low)) in runs.iter().enumerate() {
-                let limit = runs.get(i + 1).map_or(u32::MAX, |r| r.0);
+                let limit = runs.get(i + 1).map_or(body.len(), |r| r.0 as usize);
+                // The run's copy ends where inserted code starts: the
+                // first byte that differs from the lowered module.
+                let copied = body[o as usize..limit]
+                    .iter()
+                    .zip(&self.wasm[low as usize..end as usize])
+                    .take_while(|(a, b)| a == b)
+                    .count() as u32;
                 let from = map.partition_point(|&(l, _)| l < low);
-                for &(l, orig) in map[from..].iter().take_while(|&&(l, _)| l < end && o + (l - low) < limit) {
+                for &(l, orig) in map[from..].iter().take_while(|&&(l, _)| l < low + copied.max(1)) {
                     let here = o + (l - low);
                     if let Some(&(po, porig)) = out.last() {
                         if here >= po && orig >= porig && here - po == orig - porig {

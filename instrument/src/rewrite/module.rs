@@ -121,7 +121,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     appended.extend(helpers::build_packs(&mut cx.types, &helpers, &cx.packs)?);
     let mut metadata = metadata(&info, &graph, &helpers, state_global, functions);
     if let Some(l) = &lowered {
-        l.translate(&mut metadata, &mut offsets)?;
+        l.translate(&mut metadata, &mut offsets, &bodies)?;
     }
     let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata, &offsets)?;
 

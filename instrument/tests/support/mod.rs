@@ -743,6 +743,8 @@ pub fn check_metadata(wasm: &[u8], meta: &Metadata) -> Result<(), String> {
                 ResumeKind::CallIndirect => Some(0x11),
                 // The body's start: local declarations, any byte.
                 ResumeKind::Entry => None,
+                // The prefix of `memory.atomic.wait32` and `wait64`.
+                ResumeKind::AtomicWait => Some(0xfe),
             };
             if want.is_some() && op != want {
                 return Err(format!("function {} rp {i}: {:?} at {:#x} is opcode {op:?}", f.index, rp.kind, rp.offset));
@@ -756,6 +758,7 @@ pub fn check_metadata(wasm: &[u8], meta: &Metadata) -> Result<(), String> {
                 ResumeKind::Entry => (3, 0),
                 ResumeKind::Call | ResumeKind::BlockingCall => (1, rp.callee),
                 ResumeKind::CallIndirect => (2, rp.callee),
+                ResumeKind::AtomicWait => (4, rp.callee),
             };
             let next = seen.entry(class).or_default();
             // Unreachable instructions count too, so ordinals may skip.
