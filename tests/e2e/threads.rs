@@ -164,6 +164,29 @@ fn start_pool(version: &str, workers: usize, control: &Control) -> Server {
     server
 }
 
+/// A worker that traps after the program was paused and resumed (by a
+/// checkpoint) ends the program with status 134, main waiting in
+/// `pthread_join` meanwhile.
+#[test]
+fn a_trap_in_a_thread_after_a_resume_ends_the_program() {
+    let control = Control::new("ends-resumed");
+    let mut host = host_command()
+        .args(["--control", &control.path()])
+        .arg(guest("ends"))
+        .arg("trap-later")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    upstare_tests::wait_for_path(std::path::Path::new(&control.path()));
+    let snapshot = control.checkpoint("ends");
+    assert_eq!(snapshot.threads.len(), 1, "the worker was paused with main");
+    let out = host.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(134), "{stderr}");
+    assert!(stderr.contains("unreachable"), "{stderr}");
+}
+
 /// The version number in a `WHO` reply (`WORKER 3 V2 ...`), and the worker.
 fn who(reply: &str) -> (usize, u32) {
     let mut words = reply.split(' ');

@@ -24,8 +24,9 @@ pub use metadata::{
 pub const METADATA_SECTION: &str = "upstare.meta";
 
 /// Version of the metadata format (and of this whole ABI). Bumped whenever any
-/// constant or layout in this module changes meaning.
-pub const METADATA_VERSION: u32 = 5;
+/// constant or layout in this module changes meaning. 6: the futex imports
+/// and the resume kind of an atomic wait.
+pub const METADATA_VERSION: u32 = 6;
 
 /// Module name of every import the instrumenter adds.
 pub const IMPORT_MODULE: &str = "upstare";

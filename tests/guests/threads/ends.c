@@ -1,13 +1,16 @@
 /*
  * ends: a worker thread ends the whole program while main waits for it in
  * pthread_join. `ends exit` makes the worker call exit(7); `ends trap`
- * makes it trap; `ends return` lets it return, and main exits 0. What a
- * host must do when a thread other than main ends the program.
+ * makes it trap; `ends return` lets it return, and main exits 0; `ends
+ * trap-later` makes it sleep a second first (long enough to be paused and
+ * resumed), then trap. What a host must do when a thread other than main
+ * ends the program.
  */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static const char *mode = "return";
 
@@ -17,7 +20,9 @@ static void *worker(void *arg)
         fflush(stdout);
         exit(7);
     }
-    if (strcmp(mode, "trap") == 0)
+    if (strcmp(mode, "trap-later") == 0)
+        sleep(1);
+    if (strncmp(mode, "trap", 4) == 0)
         __builtin_trap();
     return arg;
 }
