@@ -53,16 +53,19 @@ fn main() {
     println!("{:>8} {:>22} {:>22}", "threads", "request->paused (us)", "update pause (us)");
     let snap = std::env::temp_dir().join(format!("upstare-bench-threads-{}.snap", std::process::id()));
     for workers in [1usize, 8, 64] {
-        let served = Served::start(&v1, &[&workers.to_string()], &format!("threads-{workers}"));
+        let served = Served::start(&v1, &["pool", &workers.to_string()], &format!("threads-{workers}"));
         // Half the workers hold a connection and wait in `read`.
         let idle: Vec<_> = (0..workers / 2).map(|_| served.connect()).collect();
         std::thread::sleep(Duration::from_millis(300));
         let (mut paused, mut updates) = (Vec::new(), Vec::new());
         for round in 0..rounds {
+            // Running again after the last update, not still paused by it.
+            std::thread::sleep(Duration::from_millis(20));
             paused.push(checkpoint_pause(&served, &snap));
             let to = if round % 2 == 0 { &v2 } else { &v1 };
             updates.push(field(&served.update(to, 5000), "pause: "));
         }
+        eprintln!("{workers} workers: request->paused {paused:?}, update pauses {updates:?}");
         let show = |v: &Vec<u64>| format!("{} ({})", median(v.clone()), v.iter().min().unwrap());
         println!("{:>8} {:>22} {:>22}", 1 + workers, show(&paused), show(&updates));
         drop(idle);

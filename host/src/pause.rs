@@ -83,6 +83,11 @@ impl ControlMemory {
         self.byte(control::STRESS_BYTE).store(0, Ordering::SeqCst);
     }
 
+    /// Whether a pause was requested, clearing the request: it is served.
+    pub fn take_pause(&self) -> bool {
+        self.byte(control::PAUSE_BYTE).swap(0, Ordering::SeqCst) != 0
+    }
+
     /// Whether a pause is requested.
     pub fn pause_requested(&self) -> bool {
         self.byte(control::PAUSE_BYTE).load(Ordering::SeqCst) != 0
@@ -172,11 +177,11 @@ impl PauseHandle {
     /// the guest has paused.
     pub fn request(&self) -> Instant {
         let asked = Instant::now();
-        self.control.set_pause(true);
-        self.interrupt.interrupt();
         if let Some(threads) = &self.threads {
             threads.request_pause();
         }
+        self.control.set_pause(true);
+        self.interrupt.interrupt();
         asked
     }
 

@@ -414,12 +414,12 @@ impl Guest {
             return end;
         }
         if matches!(exit, Exit::Paused) {
-            // A stress stop pauses the main thread alone; the program pauses
-            // with it.
+            // The main thread paused: the program pauses with it, whether
+            // the request reached the others first or not (a stress stop
+            // reaches none), and stays paused until a withdrawn request says
+            // otherwise.
             threads.request_pause();
-            let control = self.unwinder.as_ref().map(|u| u.control.clone());
-            let at_stress_point = self.at_stress_point();
-            threads.wait_parked(|| !at_stress_point && control.as_ref().is_some_and(|c| !c.pause_requested()));
+            threads.wait_parked();
             if let Some(end) = threads.take_end() {
                 return end;
             }
@@ -544,7 +544,9 @@ impl Unwinder {
             .map(|f| TypedFrame::new(f, &self.metadata))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("the guest saved a stack its metadata does not describe: {e}"))?;
-        let requested = self.control.pause_requested();
+        // The request is served: one posted from now on is another, which
+        // the next run honours.
+        let requested = self.control.take_pause();
         if requested || self.stress_stops {
             self.at_stress_point = !requested;
             self.paused = Some(frames);
@@ -553,11 +555,16 @@ impl Unwinder {
         Ok(AfterReturn::Rewind)
     }
 
-    /// Clears the request and any stale wake-up, and starts the rewind; the
-    /// caller then calls the entry point again.
+    /// Clears any stale wake-up and starts the rewind; the caller then calls
+    /// the entry point again. A pause requested since the last one was
+    /// served stays requested, its wake-up posted again, so the guest stops
+    /// at its next update point whether that is a loop or a blocking call.
     fn prepare_rewind(&mut self, store: &mut Store<ProcessState>) -> wasmtime::Result<()> {
-        self.control.set_pause(false);
-        store.data_mut().wasi.interrupter().take_pending();
+        let interrupter = store.data_mut().wasi.interrupter();
+        interrupter.take_pending();
+        if self.control.pause_requested() {
+            interrupter.handle().interrupt();
+        }
         self.start_rewind.call(&mut *store, ())
     }
 }

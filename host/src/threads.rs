@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
 use wasmtime::{Caller, Engine, Linker, SharedMemory};
 
@@ -286,6 +285,11 @@ impl Threads {
     /// before its OS thread ran), or after the current one.
     fn park_since(&self, tid: u32, resumes: Option<u64>) -> bool {
         let mut r = self.registry();
+        if resumes.is_none() && !r.pausing {
+            // The pause it stopped for was withdrawn, or the program has
+            // resumed since: it runs on.
+            return !r.over;
+        }
         let resumes = resumes.unwrap_or(r.resumes);
         if let Some(w) = r.workers.get_mut(&tid) {
             w.state = ThreadState::Parked;
@@ -339,11 +343,14 @@ impl Threads {
         self.registry().ended.take()
     }
 
-    /// Asks every worker to pause (the main thread is asked by the caller).
+    /// Asks every worker that is not parked already to pause (the main
+    /// thread is asked by the caller). A parked worker has served its
+    /// request; asking it again would stop it once more right after the
+    /// resume, with nobody to resume it.
     pub(crate) fn request_pause(&self) {
         let mut r = self.registry();
         r.pausing = true;
-        for w in r.workers.values() {
+        for w in r.workers.values().filter(|w| w.state != ThreadState::Parked) {
             if let Some((control, interrupt)) = &w.pause {
                 control.set_pause(true);
                 interrupt.interrupt();
@@ -362,25 +369,23 @@ impl Threads {
                 interrupt.withdraw();
             }
         }
+        // A main thread waiting for the workers to park stops waiting.
+        self.changed.notify_all();
     }
 
-    /// Waits until every worker is parked, the program ends, or `give_up`
-    /// says the pause was withdrawn. Returns whether all are parked.
-    pub(crate) fn wait_parked(&self, give_up: impl Fn() -> bool) -> bool {
+    /// Waits until every worker is parked, the program ends, or the pause
+    /// is withdrawn ([`Threads::cancel_pause`]). Returns whether all are
+    /// parked.
+    pub(crate) fn wait_parked(&self) -> bool {
         let mut r = self.registry();
         loop {
-            if r.over {
+            if r.over || !r.pausing {
                 return false;
             }
             if r.workers.values().all(|w| w.state == ThreadState::Parked) {
                 return true;
             }
-            if give_up() {
-                return false;
-            }
-            // The timeout only bounds how late a withdrawn pause is seen;
-            // parking workers wake this wait themselves.
-            r = self.changed.wait_timeout(r, Duration::from_millis(1)).unwrap_or_else(PoisonError::into_inner).0;
+            r = self.changed.wait(r).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -397,6 +402,11 @@ impl Threads {
         let mut r = self.registry();
         r.pausing = false;
         r.resumes += 1;
+        // Running from now on, before their OS threads wake: a request that
+        // comes first must ask them too.
+        for w in r.workers.values_mut() {
+            w.state = ThreadState::Running;
+        }
         self.changed.notify_all();
     }
 }

@@ -170,7 +170,7 @@ fn start_pool(version: &str, workers: usize, control: &Control) -> Server {
 #[test]
 fn a_trap_in_a_thread_after_a_resume_ends_the_program() {
     let control = Control::new("ends-resumed");
-    let mut host = host_command()
+    let host = host_command()
         .args(["--control", &control.path()])
         .arg(guest("ends"))
         .arg("trap-later")
