@@ -470,7 +470,7 @@ impl Guest {
             None => Vec::new(),
         };
         let shadow_stack = stack_from.zip(stale::stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
-        let frame_roots = match self.module.metadata() {
+        let mut frame_roots = match self.module.metadata() {
             // Typing the frames analyses each one's code: only when some
             // global or struct changed type, so that an ordinary update's
             // pause pays nothing for it (onto itself, `--stress-update`,
@@ -488,6 +488,7 @@ impl Guest {
             ),
             _ => heap::FrameRoots::default(),
         };
+        frame_roots.thread_stacks_from = threads::live_stacks(&workers).iter().map(|(from, ..)| *from).collect();
         let stacks = heap_conversion::Stacks {
             live: shadow_stack,
             threads: threads::live_stacks(&workers),

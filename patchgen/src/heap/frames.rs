@@ -41,6 +41,11 @@ pub struct FrameRoots {
     /// variables out of scope at the frame's point cover: dead, whatever
     /// they still hold (a `struct stat` an inlined call filled).
     pub dead: Vec<(u32, u32)>,
+    /// Where the live shadow stacks of the program's other threads start.
+    /// Their stacks are heap allocations (wasi-libc's `pthread_create`
+    /// allocates them), growing down: the words below one of these in its
+    /// allocation are dead frames, whatever they still hold.
+    pub thread_stacks_from: Vec<u32>,
 }
 
 impl FrameRoots {

@@ -300,7 +300,11 @@ impl<'a> Tracer<'a> {
             }
             for chunk in unclaimed {
                 let c = self.chunks.all()[chunk];
-                plan.check_words(self.memory, c.start, c.size, &none, || {
+                let end = c.start.saturating_add(c.size);
+                // Another thread's stack: its words below the live part are
+                // dead frames.
+                let from = self.frames.thread_stacks_from.iter().copied().filter(|&sp| sp > c.start && sp < end).max().unwrap_or(c.start);
+                plan.check_words(self.memory, from, end - from, &none, || {
                     format!("an allocation at {:#x} that no typed pointer reaches", c.start)
                 })?;
             }
