@@ -240,8 +240,7 @@ impl Guest {
             u.stress_stops = config.stress_stop.is_some();
         }
         if let Some(threads) = &guest.threads {
-            let pause = guest.unwinder.as_ref().map(|u| (u.control.clone(), guest.interrupt.clone()));
-            threads.set_main(pause, guest.interrupt.clone());
+            threads.set_main(guest.stopper());
         }
         Ok(guest)
     }
@@ -335,6 +334,11 @@ impl Guest {
     /// loaded without instrumentation.
     pub fn pause_handle(&self) -> Option<PauseHandle> {
         self.unwinder.as_ref().map(|u| PauseHandle::new(u.control.clone(), self.interrupt.clone(), self.threads.clone()))
+    }
+
+    /// How to stop this thread at its next update point.
+    pub(crate) fn stopper(&self) -> crate::threads::Stopper {
+        crate::threads::Stopper { control: self.unwinder.as_ref().map(|u| u.control.clone()), interrupt: self.interrupt.clone() }
     }
 
     /// The program's other threads (a wasi-threads program's): their ids

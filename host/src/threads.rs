@@ -60,15 +60,40 @@ pub enum ThreadState {
     Parked,
 }
 
+/// How to ask one thread to stop at its next update point.
+#[derive(Clone)]
+pub(crate) struct Stopper {
+    /// Its control memory; `None` for a module that cannot pause, whose
+    /// blocking calls an interrupt still ends.
+    pub(crate) control: Option<ControlMemory>,
+    pub(crate) interrupt: InterruptHandle,
+}
+
+impl Stopper {
+    /// Posts a pause request and wakes the thread's blocking call.
+    fn ask(&self) {
+        if let Some(control) = &self.control {
+            control.set_pause(true);
+        }
+        self.interrupt.interrupt();
+    }
+
+    /// Withdraws a request the thread has not acted on.
+    fn withdraw(&self) {
+        if let Some(control) = &self.control {
+            control.set_pause(false);
+        }
+        self.interrupt.withdraw();
+    }
+}
+
 /// One worker as the registry sees it.
 struct Worker {
     state: ThreadState,
     /// Its guest: locked by its OS thread while it runs, by an update or a
     /// snapshot while it is parked.
     guest: Arc<Mutex<Guest>>,
-    /// How to ask it to pause; `None` for a module that cannot pause.
-    pause: Option<(ControlMemory, InterruptHandle)>,
-    interrupt: InterruptHandle,
+    stopper: Stopper,
 }
 
 #[derive(Default)]
@@ -85,10 +110,8 @@ struct Registry {
     ended: Option<Exit>,
     /// Whether the program has ended (stays set once `ended` is taken).
     over: bool,
-    /// The main thread's pause request, to stop it when a worker ends the
-    /// program.
-    main: Option<(ControlMemory, InterruptHandle)>,
-    main_interrupt: Option<InterruptHandle>,
+    /// How to stop the main thread when a worker ends the program.
+    main: Option<Stopper>,
 }
 
 /// The threads of one program.
@@ -133,10 +156,8 @@ impl Threads {
     }
 
     /// Records how to stop the main thread.
-    pub(crate) fn set_main(&self, pause: Option<(ControlMemory, InterruptHandle)>, interrupt: InterruptHandle) {
-        let mut r = self.registry();
-        r.main = pause;
-        r.main_interrupt = Some(interrupt);
+    pub(crate) fn set_main(&self, main: Stopper) {
+        self.registry().main = Some(main);
     }
 
     pub(crate) fn memories(&self) -> &SharedMemories {
@@ -218,17 +239,14 @@ impl Threads {
 
     /// Registers a worker and starts its OS thread, running or parked.
     fn start(self: &Arc<Self>, tid: u32, guest: Guest, state: ThreadState) -> Result<(), String> {
-        let pause = guest.unwinder.as_ref().map(|u| (u.control.clone(), guest.interrupt.clone()));
-        let interrupt = guest.interrupt.clone();
+        let stopper = guest.stopper();
         let guest = Arc::new(Mutex::new(guest));
         let resumes = {
             let mut r = self.registry();
-            if r.pausing {
-                if let Some((control, _)) = &pause {
-                    control.set_pause(true);
-                }
+            if r.pausing && state == ThreadState::Running {
+                stopper.ask();
             }
-            r.workers.insert(tid, Worker { state, guest: guest.clone(), pause, interrupt });
+            r.workers.insert(tid, Worker { state, guest: guest.clone(), stopper });
             r.resumes
         };
         let threads = self.clone();
@@ -327,13 +345,8 @@ impl Threads {
         }
         r.over = true;
         r.ended = Some(exit);
-        let stops = r.workers.values().map(|w| (w.pause.clone(), w.interrupt.clone()));
-        let main = r.main_interrupt.clone().map(|i| (r.main.clone(), i));
-        for (pause, interrupt) in stops.chain(main) {
-            if let Some((control, _)) = pause {
-                control.set_pause(true);
-            }
-            interrupt.interrupt();
+        for stopper in r.workers.values().map(|w| &w.stopper).chain(&r.main) {
+            stopper.ask();
         }
         self.changed.notify_all();
     }
@@ -350,11 +363,8 @@ impl Threads {
     pub(crate) fn request_pause(&self) {
         let mut r = self.registry();
         r.pausing = true;
-        for w in r.workers.values().filter(|w| w.state != ThreadState::Parked) {
-            if let Some((control, interrupt)) = &w.pause {
-                control.set_pause(true);
-                interrupt.interrupt();
-            }
+        for w in r.workers.values().filter(|w| w.state != ThreadState::Parked && w.stopper.control.is_some()) {
+            w.stopper.ask();
         }
     }
 
@@ -363,11 +373,8 @@ impl Threads {
     pub(crate) fn cancel_pause(&self) {
         let mut r = self.registry();
         r.pausing = false;
-        for w in r.workers.values() {
-            if let Some((control, interrupt)) = &w.pause {
-                control.set_pause(false);
-                interrupt.withdraw();
-            }
+        for w in r.workers.values().filter(|w| w.stopper.control.is_some()) {
+            w.stopper.withdraw();
         }
         // A main thread waiting for the workers to park stops waiting.
         self.changed.notify_all();
