@@ -194,7 +194,6 @@ impl Threads {
             }
             if r.workers.len() >= self.max {
                 drop(r);
-                tracing::warn!("thread-spawn refused: the program already runs {} threads besides its main one (--max-threads)", self.max);
                 eprintln!("upstare-host: thread-spawn refused: the program already runs {} threads besides its main one (--max-threads)", self.max);
                 return SPAWN_FAILED;
             }

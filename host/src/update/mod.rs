@@ -488,10 +488,11 @@ impl Guest {
             ),
             _ => heap::FrameRoots::default(),
         };
-        frame_roots.thread_stacks_from = threads::live_stacks(&workers).iter().map(|(from, ..)| *from).collect();
+        let thread_stacks = threads::live_stacks(&workers);
+        frame_roots.thread_stacks_from = thread_stacks.iter().map(|(from, ..)| *from).collect();
         let stacks = heap_conversion::Stacks {
             live: shadow_stack,
-            threads: threads::live_stacks(&workers),
+            threads: thread_stacks,
             moving: &stack.moves,
             frames: &frame_roots,
         };
