@@ -232,7 +232,9 @@ impl Guest {
             None => (plain_shared_memory(engine, module)?, None),
         };
         let threads = match (&memories, module.spawns_threads()) {
-            (Some(memories), true) => Some(Arc::new(Threads::new(engine, module, memories.clone(), config.max_threads, stress))),
+            (Some(memories), true) => Some(Arc::new(
+                Threads::new(engine, module, memories.clone(), config.max_threads, stress).map_err(|e| SetupError::Host(one_line(&e)))?,
+            )),
             _ => None,
         };
         let mut guest = Guest::assemble(engine, module, wasi, memories.as_ref(), control, threads, Entry::Main)?;
@@ -276,20 +278,21 @@ impl Guest {
     ) -> Result<Self, SetupError> {
         let host = |e: wasmtime::Error| SetupError::Host(one_line(&e));
         let interrupt = wasi.interrupter().handle();
-        let mut linker = Linker::new(engine);
-        wasi::add_to_linker(&mut linker).map_err(host)?;
-        crate::futex::add_to_linker(&mut linker).map_err(host)?;
-        if threads.is_some() {
-            crate::threads::add_to_linker(&mut linker).map_err(host)?;
-        }
         let mut store = Store::new(engine, ProcessState { wasi, hooks: None, threads: threads.clone() });
-        match (memories, &control) {
-            (Some(SharedMemories::Instrumented(memory)), Some(control)) => link_memories(&mut store, &mut linker, memory, control).map_err(host)?,
-            (Some(SharedMemories::Plain { module, name, memory }), _) => {
-                linker.define(&mut store, module, name, memory.clone()).map_err(host)?;
+        let linker = match (&threads, memories, &control) {
+            (Some(threads), ..) => threads.linker(&store, control.as_ref()).map_err(host)?,
+            (None, Some(SharedMemories::Instrumented(memory)), Some(control)) => {
+                let mut linker = host_linker(engine, false).map_err(host)?;
+                link_memories(&mut store, &mut linker, memory, control).map_err(host)?;
+                linker
             }
-            _ => {}
-        }
+            (None, Some(SharedMemories::Plain { module, name, memory }), _) => {
+                let mut linker = host_linker(engine, false).map_err(host)?;
+                linker.define(&mut store, module, name, memory.clone()).map_err(host)?;
+                linker
+            }
+            (None, ..) => host_linker(engine, false).map_err(host)?,
+        };
         for import in module.module.imports() {
             if linker.get(&mut store, import.module(), import.name()).is_err() {
                 return Err(LoadError::UnknownImport {
@@ -604,6 +607,19 @@ fn plain_shared_memory(engine: &Engine, module: &GuestModule) -> Result<Option<S
 
 /// Defines existing memories as the `upstare` imports: a new instance of a
 /// program (its next version) over the memories of the running one.
+/// A linker with the host's functions: WASI, the futex waits the
+/// instrumenter lowers atomic waits to, and, for a program that spawns
+/// threads, `wasi.thread-spawn`. Memories are the caller's to add.
+pub(crate) fn host_linker(engine: &Engine, threads: bool) -> wasmtime::Result<Linker<ProcessState>> {
+    let mut linker = Linker::new(engine);
+    wasi::add_to_linker(&mut linker)?;
+    crate::futex::add_to_linker(&mut linker)?;
+    if threads {
+        crate::threads::add_to_linker(&mut linker)?;
+    }
+    Ok(linker)
+}
+
 pub(crate) fn link_memories(
     store: &mut Store<ProcessState>,
     linker: &mut Linker<ProcessState>,

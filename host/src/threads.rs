@@ -14,11 +14,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-use wasmtime::{Caller, Engine, Linker, SharedMemory};
+use wasmtime::{Caller, Engine, Linker, SharedMemory, Store};
 
 use crate::interrupt::InterruptHandle;
 use crate::pause::ControlMemory;
-use crate::process::{Exit, Guest, ProcessState};
+use crate::process::{host_linker, Exit, Guest, ProcessState};
 use crate::program_memory::ProgramMemory;
 use crate::{GuestModule, GUEST_THREAD_STACK};
 
@@ -120,11 +120,23 @@ pub struct Threads {
     /// The version new threads instantiate: the running one.
     module: Mutex<GuestModule>,
     memories: SharedMemories,
+    /// The host's imports and the program's memory, defined once: a thread's
+    /// link clones it and adds only its own control memory. Defining every
+    /// host function again cost about 50 us, which each spawn paid and each
+    /// worker added to an update's pause.
+    linker: Linker<ProcessState>,
     max: usize,
     /// Header of the control memories of new threads (stress counting).
     stress: Option<u32>,
     registry: Mutex<Registry>,
-    changed: Condvar,
+    /// Where the main thread waits for every worker to park; notified only
+    /// when that may have become true (or the pause ended), so that 64
+    /// workers parking one after another do not wake it 64 times.
+    settled: Condvar,
+    /// Where parked workers wait for the resume; kept apart from `settled`
+    /// because each park would otherwise wake every worker already parked,
+    /// a quadratic storm of wake-ups on a pause of many threads.
+    resumed: Condvar,
     /// Called once when a thread other than main ends the program.
     on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
@@ -136,17 +148,31 @@ impl std::fmt::Debug for Threads {
 }
 
 impl Threads {
-    pub(crate) fn new(engine: &Engine, module: &GuestModule, memories: SharedMemories, max: usize, stress: Option<u32>) -> Self {
-        Threads {
+    pub(crate) fn new(engine: &Engine, module: &GuestModule, memories: SharedMemories, max: usize, stress: Option<u32>) -> wasmtime::Result<Self> {
+        let mut linker = host_linker(engine, true)?;
+        // `define` wants a store only to check types; shared memories
+        // belong to the engine, so the linker is not tied to this one.
+        let scratch = Store::new(engine, ProcessState { wasi: crate::wasi::WasiCtx::detached()?, hooks: None, threads: None });
+        match &memories {
+            SharedMemories::Instrumented(memory) => {
+                linker.define(&scratch, upstare_instrument::abi::IMPORT_MODULE, upstare_instrument::abi::MEMORY_IMPORT, memory.shared().clone())?;
+            }
+            SharedMemories::Plain { module, name, memory } => {
+                linker.define(&scratch, module, name, memory.clone())?;
+            }
+        }
+        Ok(Threads {
             engine: engine.clone(),
             module: Mutex::new(module.clone()),
             memories,
+            linker,
             max,
             stress,
             registry: Mutex::new(Registry { next_tid: 1, ..Registry::default() }),
-            changed: Condvar::new(),
+            settled: Condvar::new(),
+            resumed: Condvar::new(),
             on_end: Mutex::new(None),
-        }
+        })
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -158,6 +184,17 @@ impl Threads {
     /// Records how to stop the main thread.
     pub(crate) fn set_main(&self, main: Stopper) {
         self.registry().main = Some(main);
+    }
+
+    /// What a thread of the program links against: the program's imports
+    /// and, for an instrumented module, `control`, the thread's own control
+    /// memory (`store` is any store of the engine; it only checks types).
+    pub(crate) fn linker(&self, store: &Store<ProcessState>, control: Option<&ControlMemory>) -> wasmtime::Result<Linker<ProcessState>> {
+        let mut linker = self.linker.clone();
+        if let Some(control) = control {
+            linker.define(store, upstare_instrument::abi::IMPORT_MODULE, upstare_instrument::abi::CONTROL_IMPORT, control.memory().clone())?;
+        }
+        Ok(linker)
     }
 
     pub(crate) fn memories(&self) -> &SharedMemories {
@@ -287,8 +324,9 @@ impl Threads {
                 }
             }
         }
-        self.registry().workers.remove(&tid);
-        self.changed.notify_all();
+        let mut r = self.registry();
+        r.workers.remove(&tid);
+        self.notify_if_settled(&r);
     }
 
     /// Parks a paused worker until the program resumes (true) or ends
@@ -311,9 +349,9 @@ impl Threads {
         if let Some(w) = r.workers.get_mut(&tid) {
             w.state = ThreadState::Parked;
         }
-        self.changed.notify_all();
+        self.notify_if_settled(&r);
         while r.resumes == resumes && !r.over {
-            r = self.changed.wait(r).unwrap_or_else(PoisonError::into_inner);
+            r = self.resumed.wait(r).unwrap_or_else(PoisonError::into_inner);
         }
         if let Some(w) = r.workers.get_mut(&tid) {
             w.state = ThreadState::Running;
@@ -347,7 +385,8 @@ impl Threads {
         for stopper in r.workers.values().map(|w| &w.stopper).chain(&r.main) {
             stopper.ask();
         }
-        self.changed.notify_all();
+        self.settled.notify_all();
+        self.resumed.notify_all();
     }
 
     /// How a worker ended the program, if one did; taken once.
@@ -359,11 +398,28 @@ impl Threads {
     /// thread is asked by the caller). A parked worker has served its
     /// request; asking it again would stop it once more right after the
     /// resume, with nobody to resume it.
+    ///
+    /// Asked once per pause: the main thread, stopping, asks again only for
+    /// a pause nobody requested (a stress stop). The asks, a system call
+    /// each, are made outside the registry's lock, which the workers they
+    /// wake need in order to park. A worker spawned meanwhile is asked by
+    /// [`Threads::start`]; one asked after the pause was withdrawn runs on
+    /// ([`Threads::park_since`]).
     pub(crate) fn request_pause(&self) {
-        let mut r = self.registry();
-        r.pausing = true;
-        for w in r.workers.values().filter(|w| w.state != ThreadState::Parked && w.stopper.control.is_some()) {
-            w.stopper.ask();
+        let stoppers: Vec<Stopper> = {
+            let mut r = self.registry();
+            if r.pausing {
+                return;
+            }
+            r.pausing = true;
+            r.workers
+                .values()
+                .filter(|w| w.state != ThreadState::Parked && w.stopper.control.is_some())
+                .map(|w| w.stopper.clone())
+                .collect()
+        };
+        for stopper in &stoppers {
+            stopper.ask();
         }
     }
 
@@ -376,7 +432,7 @@ impl Threads {
             w.stopper.withdraw();
         }
         // A main thread waiting for the workers to park stops waiting.
-        self.changed.notify_all();
+        self.settled.notify_all();
     }
 
     /// Waits until every worker is parked, the program ends, or the pause
@@ -388,10 +444,10 @@ impl Threads {
             if r.over || !r.pausing {
                 return false;
             }
-            if r.workers.values().all(|w| w.state == ThreadState::Parked) {
+            if all_parked(&r) {
                 return true;
             }
-            r = self.changed.wait(r).unwrap_or_else(PoisonError::into_inner);
+            r = self.settled.wait(r).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -413,8 +469,20 @@ impl Threads {
         for w in r.workers.values_mut() {
             w.state = ThreadState::Running;
         }
-        self.changed.notify_all();
+        self.resumed.notify_all();
     }
+
+    /// Wakes a main thread waiting in [`Threads::wait_parked`] if every
+    /// worker is now parked.
+    fn notify_if_settled(&self, r: &Registry) {
+        if all_parked(r) {
+            self.settled.notify_all();
+        }
+    }
+}
+
+fn all_parked(r: &Registry) -> bool {
+    r.workers.values().all(|w| w.state == ThreadState::Parked)
 }
 
 /// Defines `wasi.thread-spawn` for a program's stores.

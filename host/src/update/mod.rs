@@ -39,7 +39,7 @@ use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack, Unmappable};
 use upstare_patchgen::heap::{self, stale};
 use upstare_patchgen::plan::{plan, Linked, Plan};
 use upstare_patchgen::version::Version;
-use wasmtime::{Engine, InstancePre, Linker, Store};
+use wasmtime::{Engine, InstancePre, Store};
 
 use crate::module::{one_line, GuestModule};
 use crate::pause::ControlMemory;
@@ -48,7 +48,7 @@ use crate::fresh::{unreferenced, Area, FreshAreas};
 use crate::heap_conversion;
 pub use crate::heap_conversion::HeapCounts;
 use crate::program_memory::ProgramMemory;
-use crate::wasi::{self, UnwindHooks, WasiCtx};
+use crate::wasi::{UnwindHooks, WasiCtx};
 use crate::{Exit, Guest};
 
 mod threads;
@@ -336,12 +336,7 @@ fn link(
     memory: &ProgramMemory,
     control: &ControlMemory,
 ) -> wasmtime::Result<InstancePre<ProcessState>> {
-    let mut linker = Linker::new(engine);
-    wasi::add_to_linker(&mut linker)?;
-    crate::futex::add_to_linker(&mut linker)?;
-    if module.spawns_threads() {
-        crate::threads::add_to_linker(&mut linker)?;
-    }
+    let mut linker = crate::process::host_linker(engine, module.spawns_threads())?;
     // `define` wants a store only to check types; the memories belong to
     // the engine, so the linked module is not tied to this one.
     let mut scratch = Store::new(engine, ProcessState { wasi: WasiCtx::detached()?, hooks: None, threads: None });

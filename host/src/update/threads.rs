@@ -18,7 +18,8 @@ use upstare_patchgen::heap::stale::{self, Holder};
 use upstare_patchgen::heap;
 use upstare_patchgen::version::Version;
 
-use super::{instrumented, kept_frames, link, map_frames, FrameUndo, Prepared, Previous, UpdateError};
+use super::{instrumented, kept_frames, map_frames, FrameUndo, Prepared, Previous, UpdateError};
+use crate::module::one_line;
 use crate::program_memory::ProgramMemory;
 use crate::threads::Threads;
 use crate::Guest;
@@ -154,8 +155,11 @@ fn move_one(step: &ThreadStep, prepared: &Prepared, metadata: &Arc<Metadata>) ->
     };
     // Each thread has its own control memory, so its own link of the new
     // module; the main thread's was made before the pause.
-    let engine = g.engine().clone();
-    let instance_pre = link(&engine, &prepared.next.module, &memory, &control).map_err(|e| format!("cannot link the new version: {e}"))?;
+    let threads = g.threads.clone().ok_or("a worker without its program's threads")?;
+    let instance_pre = threads
+        .linker(&g.store, Some(&control))
+        .and_then(|linker| linker.instantiate_pre(prepared.next.module.module()))
+        .map_err(|e| format!("cannot link the new version: {}", one_line(&e)))?;
     let mut previous = g.switch_to(prepared, &instance_pre, metadata.clone())?;
     let carried = g.carry_globals(&mut previous, prepared, &step.stack).and_then(|()| FrameUndo::apply(&step.stack, &memory));
     let frames = match carried {
