@@ -22,6 +22,10 @@ use crate::interrupt::{Interrupter, Parked};
 use crate::program_memory::ProgramMemory;
 use crate::wasi::WasiView;
 
+/// What `status` says a thread blocked here is in: the instruction the
+/// guest executed (under a mutex, a condition variable or a join).
+const WAIT_CALL: &str = "memory.atomic.wait";
+
 /// How a wait ended, as the instruction reports it, or interrupted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitOutcome {
@@ -147,7 +151,12 @@ fn wait<T: WasiView>(caller: &mut Caller<'_, T>, addr: u64, matches: impl FnOnce
     }
     let futexes = caller.data_mut().wasi().futexes();
     let interrupter = caller.data_mut().wasi().interrupter().clone();
-    let outcome = if interrupter.take_pending() { WaitOutcome::Interrupted } else { futexes.wait(addr, matches, timeout_ns, &interrupter) };
+    let outcome = if interrupter.take_pending() {
+        WaitOutcome::Interrupted
+    } else {
+        let _in_call = interrupter.enter(WAIT_CALL);
+        futexes.wait(addr, matches, timeout_ns, &interrupter)
+    };
     Ok(match outcome {
         WaitOutcome::Woken => 0,
         WaitOutcome::NotEqual => 1,

@@ -34,6 +34,21 @@ struct Shared {
     /// between a parked thread's check and its wait.
     parking: Mutex<()>,
     unpark: Condvar,
+    /// The call that may block the thread right now, for `status`.
+    call: Mutex<Option<&'static str>>,
+}
+
+/// Marks a thread as in a call that may block until dropped
+/// ([`Interrupter::enter`]).
+#[must_use]
+pub struct InCall {
+    shared: Arc<Shared>,
+}
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        *self.shared.call.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 /// How a [`Interrupter::park`] ended.
@@ -95,6 +110,7 @@ impl Interrupter {
                 wake_write,
                 parking: Mutex::new(()),
                 unpark: Condvar::new(),
+                call: Mutex::new(None),
             }),
         })
     }
@@ -104,6 +120,13 @@ impl Interrupter {
         InterruptHandle {
             shared: self.shared.clone(),
         }
+    }
+
+    /// Records that the thread is in `call`, which may block, until the
+    /// returned guard is dropped.
+    pub fn enter(&self, call: &'static str) -> InCall {
+        *self.shared.call.lock().unwrap_or_else(PoisonError::into_inner) = Some(call);
+        InCall { shared: self.shared.clone() }
     }
 
     /// Takes a pending request, if any, clearing it.
@@ -217,6 +240,11 @@ impl InterruptHandle {
         // A full pipe already holds a wake-up; nothing more is needed.
         let _ = rustix::io::write(&self.shared.wake_write, &[1]);
         unpark(&self.shared);
+    }
+
+    /// The call that may block the guest's thread, if it is in one now.
+    pub fn current_call(&self) -> Option<&'static str> {
+        *self.shared.call.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Withdraws a request the guest has not taken yet. (A wake-up byte

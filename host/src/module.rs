@@ -7,6 +7,7 @@
 //! describe the running code for later updates. Instrumented output is
 //! cached on disk by the content hash of the input ([`crate::cache`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -125,6 +126,8 @@ pub struct GuestModule {
     pub(crate) source_map: Option<Arc<SourceMap>>,
     /// Instrumented as the stress variant ([`LoadOptions::stress`]).
     pub(crate) stress: bool,
+    /// Its functions' names (from the name section), by index.
+    names: Arc<HashMap<u32, String>>,
 }
 
 impl std::fmt::Debug for GuestModule {
@@ -134,6 +137,12 @@ impl std::fmt::Debug for GuestModule {
 }
 
 impl GuestModule {
+    /// The name of function `index`, or `function <index>` for a module
+    /// built without names.
+    pub fn function_name(&self, index: u32) -> String {
+        self.names.get(&index).cloned().unwrap_or_else(|| format!("function {index}"))
+    }
+
     /// Whether the module starts threads (imports wasi-threads' spawn).
     pub fn spawns_threads(&self) -> bool {
         self.module
@@ -170,9 +179,6 @@ impl GuestModule {
     ) -> Result<Self, LoadError> {
         Self::check_bytes(path, bytes)?;
         let path = path.to_path_buf();
-        // A wasi-threads module (`upstare-cc --threads`) imports a shared
-        // memory and `wasi::thread-spawn`: instrumented or not, this host
-        // runs one thread, so it says that rather than name an import.
         let hash = crate::cache::content_hash(bytes);
         let (code, metadata, source_map) = if options.instrument {
             let out = crate::cache::instrumented(bytes, &hash, options.stress, options.cache_dir.as_deref()).map_err(|e| LoadError::Instrument {
@@ -192,7 +198,12 @@ impl GuestModule {
             return Err(LoadError::NoStart { path });
         }
         let stress = options.instrument && options.stress;
-        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, source_map, stress })
+        // Named once here, off any pause: `status` says which function each
+        // paused thread stopped in. From the module as built: frames count
+        // functions as it does, and the instrumented module may import
+        // more functions ahead of them.
+        let names = Arc::new(function_names(bytes));
+        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, source_map, stress, names })
     }
 
     /// Checks that `bytes` are a valid core module the engine accepts,
@@ -262,3 +273,20 @@ pub(crate) fn one_line(e: &wasmtime::Error) -> String {
         .join(": ")
 }
 
+/// The function names in `bytes`' name section, by index: none for a
+/// module built without one, and those before any part that does not read.
+fn function_names(bytes: &[u8]) -> HashMap<u32, String> {
+    use wasmparser::{KnownCustom, Name, Payload};
+    let mut names = HashMap::new();
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let Ok(Payload::CustomSection(section)) = payload else { continue };
+        let KnownCustom::Name(reader) = section.as_known() else { continue };
+        for map in reader.into_iter().map_while(Result::ok).filter_map(|n| match n {
+            Name::Function(map) => Some(map),
+            _ => None,
+        }) {
+            names.extend(map.into_iter().map_while(Result::ok).map(|n| (n.index, n.name.to_string())));
+        }
+    }
+    names
+}

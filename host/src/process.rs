@@ -344,9 +344,9 @@ impl Guest {
         crate::threads::Stopper { control: self.unwinder.as_ref().map(|u| u.control.clone()), interrupt: self.interrupt.clone() }
     }
 
-    /// The program's other threads (a wasi-threads program's): their ids
-    /// and states. Empty for a program that has none running.
-    pub fn threads(&self) -> Vec<(u32, crate::threads::ThreadState)> {
+    /// The program's other threads (a wasi-threads program's): their ids,
+    /// states and where each is. Empty for a program that has none running.
+    pub fn threads(&self) -> Vec<crate::threads::ThreadStatus> {
         self.threads.as_ref().map(|t| t.list()).unwrap_or_default()
     }
 
@@ -362,6 +362,11 @@ impl Guest {
     /// The stack of a paused guest, innermost frame first.
     pub fn frames(&self) -> Option<&[TypedFrame]> {
         self.unwinder.as_ref().and_then(|u| u.paused.as_deref())
+    }
+
+    /// The function a paused guest stopped in (its innermost frame's).
+    pub fn paused_in(&self) -> Option<String> {
+        self.frames()?.first().map(|f| self.module.function_name(f.func))
     }
 
     /// The module the guest runs now.

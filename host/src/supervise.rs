@@ -16,8 +16,9 @@ use crate::fresh::{FreshAreas, FreshFigures};
 use crate::pause::ControlMemory;
 use crate::program_memory::ProgramMemory;
 use crate::stress_update::{StressUpdates, Tally};
+use crate::threads::{ThreadState, ThreadStatus};
 use crate::update::{self, Prepared, Report, RunningVersion, UpdateError};
-use crate::{Exit, Guest, GuestModule, PauseHandle, Snapshot, GUEST_THREAD_STACK};
+use crate::{Exit, Guest, GuestModule, InterruptHandle, PauseHandle, Snapshot, GUEST_THREAD_STACK};
 
 /// How long a checkpoint waits, by default, for the guest to reach an update
 /// point before it gives up and lets the guest run on.
@@ -35,6 +36,8 @@ pub struct Identity {
 #[derive(Debug, Default)]
 struct Live {
     state: &'static str,
+    /// The function the main thread stopped in, while paused.
+    paused_in: Option<String>,
     pauses: u64,
     last_pause: Option<Duration>,
     /// The version running after updates: module path and hash.
@@ -140,7 +143,7 @@ pub fn run(
                 .unwinder
                 .as_ref()
                 .map(|u| (guest.engine().clone(), u.memory.clone(), u.control.clone(), guest.module().clone()));
-            let _ = handle_tx.send((guest.pause_handle(), seed, guest.threads.clone()));
+            let _ = handle_tx.send((guest.pause_handle(), seed, guest.threads.clone(), guest.interrupt_handle()));
             let exit = drive(&mut guest, &commands, &guest_live, stress.as_mut());
             guest_live.lock().map(|mut l| l.state = "exited").ok();
             let ended = Ended { exit, unwinds: guest.unwinds(), stress: stress.map(|s| s.tally().clone()) };
@@ -149,8 +152,8 @@ pub fn run(
         .map_err(|e| format!("cannot start the guest thread: {e}"))?;
     let socket_path = control.as_ref().map(|c| c.path().to_path_buf());
     let started = handle_rx.recv().ok();
-    let threads = started.as_ref().and_then(|(_, _, threads)| threads.clone());
-    if let (Some(control), Some((pause, seed, _))) = (control, started) {
+    let threads = started.as_ref().and_then(|(_, _, threads, _)| threads.clone());
+    if let (Some(control), Some((pause, seed, _, main_interrupt))) = (control, started) {
         let updater =
             seed.map(|(engine, memory, control, first)| Updater {
                 engine,
@@ -163,6 +166,7 @@ pub fn run(
         let memory = updater.as_ref().map(|u| u.memory.clone());
         let server = Server {
             threads: threads.clone(),
+            main_interrupt,
             identity,
             started: Instant::now(),
             live: live.clone(),
@@ -206,6 +210,8 @@ pub fn run(
 struct Server {
     /// The program's other threads, for `status`.
     threads: Option<Arc<crate::threads::Threads>>,
+    /// The main thread's interrupter, for the call `status` finds it in.
+    main_interrupt: InterruptHandle,
     identity: Identity,
     started: Instant,
     live: Arc<Mutex<Live>>,
@@ -225,7 +231,8 @@ impl Server {
         match req {
             Request::Status => {
                 let threads = self.threads.as_ref().map(|t| t.list()).unwrap_or_default();
-                status(&self.identity, self.started, &self.live, self.pause.is_some(), self.memory.as_ref(), &threads)
+                let main_call = self.main_interrupt.current_call();
+                status(&self.identity, self.started, &self.live, self.pause.is_some(), self.memory.as_ref(), main_call, &threads)
             }
             Request::Update(path, timeout) => self.update(Target::Module(path), timeout),
             Request::Rollback(timeout) => self.update(Target::Previous, timeout),
@@ -267,13 +274,24 @@ impl Server {
 /// stress point, until it ends.
 fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>, mut stress: Option<&mut StressUpdates>) -> Exit {
     loop {
-        live.lock().map(|mut l| l.state = "running").ok();
+        live.lock()
+            .map(|mut l| {
+                l.state = "running";
+                l.paused_in = None;
+            })
+            .ok();
         let exit = guest.run();
         if !matches!(exit, Exit::Paused) {
             return exit;
         }
         let paused_at = Instant::now();
-        live.lock().map(|mut l| l.state = "paused").ok();
+        let paused_in = guest.paused_in();
+        live.lock()
+            .map(|mut l| {
+                l.state = "paused";
+                l.paused_in = paused_in;
+            })
+            .ok();
         while let Ok(command) = commands.try_recv() {
             match command {
                 Command::Checkpoint { reply, cancelled } => {
@@ -306,7 +324,8 @@ fn status(
     live: &Mutex<Live>,
     pausable: bool,
     memory: Option<&ProgramMemory>,
-    threads: &[(u32, crate::threads::ThreadState)],
+    main_call: Option<&'static str>,
+    threads: &[ThreadStatus],
 ) -> Response {
     let live = match live.lock() {
         Ok(l) => l,
@@ -320,16 +339,20 @@ fn status(
         format!("uptime: {:.1} s", started.elapsed().as_secs_f64()),
         format!("updates: {}", live.updates),
         format!("instances: {}", 1 + threads.len()),
-        format!("instance 0: {}{}", live.state, if pausable { "" } else { " (not instrumented: cannot pause)" }),
+        format!(
+            "instance 0: {}{}",
+            whereabouts(live.state, live.paused_in.as_deref(), main_call.filter(|_| live.state == "running")),
+            if pausable { "" } else { " (not instrumented: cannot pause)" }
+        ),
     ];
     // The other threads by their wasi-threads ids: a thread is paused from
     // its unwind until the program resumes.
-    body.extend(threads.iter().map(|(tid, state)| {
-        let state = match state {
-            crate::threads::ThreadState::Running => "running",
-            crate::threads::ThreadState::Parked => "paused",
+    body.extend(threads.iter().map(|t| {
+        let state = match t.state {
+            ThreadState::Running => "running",
+            ThreadState::Parked => "paused",
         };
-        format!("instance {tid}: thread, {state}")
+        format!("instance {}: thread, {}", t.tid, whereabouts(state, t.paused_in.as_deref(), t.in_call))
     }));
     body.extend([
         format!("pauses: {}", live.pauses),
@@ -343,6 +366,16 @@ fn status(
         body.push(format!("fresh memory: {} bytes in use, {} bytes free for reuse", live.fresh.used, live.fresh.free));
     }
     Response::Done { body, summary: None }
+}
+
+/// A thread's state and where it is: the function it paused in, or the
+/// call it may be blocked in (`running, in `sock_accept``).
+fn whereabouts(state: &str, paused_in: Option<&str>, in_call: Option<&str>) -> String {
+    match (paused_in, in_call) {
+        (Some(function), _) => format!("{state} in `{function}`"),
+        (None, Some(call)) => format!("{state}, in `{call}`"),
+        (None, None) => state.to_string(),
+    }
 }
 
 /// Pauses the guest for a snapshot and writes it to `path`, through a

@@ -87,9 +87,24 @@ impl Stopper {
     }
 }
 
+/// Where one thread is, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadStatus {
+    /// Its wasi-threads id.
+    pub tid: u32,
+    /// Running or parked.
+    pub state: ThreadState,
+    /// The function it stopped in, while parked.
+    pub paused_in: Option<String>,
+    /// The call that may block it, while it runs and is in one.
+    pub in_call: Option<&'static str>,
+}
+
 /// One worker as the registry sees it.
 struct Worker {
     state: ThreadState,
+    /// The function it stopped in, while parked.
+    paused_in: Option<String>,
     /// Its guest: locked by its OS thread while it runs, by an update or a
     /// snapshot while it is parked.
     guest: Arc<Mutex<Guest>>,
@@ -215,9 +230,18 @@ impl Threads {
         self.registry().workers.len()
     }
 
-    /// Each worker's id and state, in id order.
-    pub fn list(&self) -> Vec<(u32, ThreadState)> {
-        self.registry().workers.iter().map(|(tid, w)| (*tid, w.state)).collect()
+    /// Where each worker is, in id order.
+    pub fn list(&self) -> Vec<ThreadStatus> {
+        let r = self.registry();
+        r.workers
+            .iter()
+            .map(|(tid, w)| ThreadStatus {
+                tid: *tid,
+                state: w.state,
+                paused_in: w.paused_in.clone().filter(|_| w.state == ThreadState::Parked),
+                in_call: w.stopper.interrupt.current_call().filter(|_| w.state == ThreadState::Running),
+            })
+            .collect()
     }
 
     /// The guest's `wasi.thread-spawn(arg)`: starts a worker at
@@ -282,7 +306,8 @@ impl Threads {
             if r.pausing && state == ThreadState::Running {
                 stopper.ask();
             }
-            r.workers.insert(tid, Worker { state, guest: guest.clone(), stopper });
+            let paused_in = lock(&guest).paused_in();
+            r.workers.insert(tid, Worker { state, paused_in, guest: guest.clone(), stopper });
             r.resumes
         };
         let threads = self.clone();
@@ -307,13 +332,14 @@ impl Threads {
     /// program if it exits or traps.
     fn drive(&self, tid: u32, guest: &Mutex<Guest>) {
         loop {
-            let (exit, returned) = {
-                let mut guest = guest.lock().unwrap_or_else(PoisonError::into_inner);
-                (guest.run(), guest.returned)
+            let (exit, returned, paused_in) = {
+                let mut guest = lock(guest);
+                let exit = guest.run();
+                (exit, guest.returned, guest.paused_in())
             };
             match exit {
                 Exit::Paused => {
-                    if !self.park(tid) {
+                    if !self.park(tid, paused_in) {
                         break;
                     }
                 }
@@ -331,7 +357,10 @@ impl Threads {
 
     /// Parks a paused worker until the program resumes (true) or ends
     /// (false).
-    fn park(&self, tid: u32) -> bool {
+    fn park(&self, tid: u32, paused_in: Option<String>) -> bool {
+        if let Some(w) = self.registry().workers.get_mut(&tid) {
+            w.paused_in = paused_in;
+        }
         self.park_since(tid, None)
     }
 
@@ -479,6 +508,10 @@ impl Threads {
             self.settled.notify_all();
         }
     }
+}
+
+fn lock(guest: &Mutex<Guest>) -> MutexGuard<'_, Guest> {
+    guest.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn all_parked(r: &Registry) -> bool {

@@ -275,6 +275,12 @@ fn workers_waiting_on_a_condition_variable_are_updated_where_they_wait() {
     let server = start_pool("pool-server", 8, &control);
     // Every worker has reached its wait: none is serving anyone.
     std::thread::sleep(Duration::from_millis(200));
+    // `status` says where each thread is: main in `accept`, each worker in
+    // the futex wait under `pthread_cond_wait`.
+    let status = control.status();
+    assert!(status.contains("instance 0: running, in `sock_accept`"), "{status}");
+    let waiting = status.lines().filter(|l| l.ends_with(": thread, running, in `memory.atomic.wait`")).count();
+    assert_eq!(waiting, 8, "{status}");
     let out = control.update(&guest("pool-server-v2"));
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
     let seen = every_worker(server.port, 8);
@@ -300,4 +306,37 @@ fn a_checkpointed_pool_server_restores_with_every_worker() {
     drop(c);
     let seen = every_worker(restored.port, 8);
     assert_eq!(seen, (0..8).map(|w| (w, 1)).collect::<Vec<_>>());
+}
+
+/// A program paused through the library: every worker is parked, each
+/// with the function it stopped in, named from the module's name section
+/// (the module as built: the instrumented one has more imports ahead of
+/// its functions), as main's is.
+#[test]
+fn a_paused_program_names_where_each_thread_stopped() {
+    use upstare_host::threads::ThreadState;
+    use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule};
+    let engine = new_engine().unwrap();
+    let module = GuestModule::load(&engine, &guest("pool-server")).unwrap();
+    let mut config = GuestConfig::new(vec!["pool".into(), "4".into()]);
+    config.listeners.push(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let mut program = Guest::new(&engine, &module, config).unwrap();
+    let pause = program.pause_handle().expect("instrumented");
+    let asker = std::thread::spawn(move || {
+        // The workers have started and wait for connections.
+        std::thread::sleep(Duration::from_millis(300));
+        pause.request();
+    });
+    assert!(matches!(program.run(), Exit::Paused));
+    asker.join().unwrap();
+    let threads = program.threads();
+    assert_eq!(threads.len(), 4, "{threads:?}");
+    // wasi-libc's names: the workers wait in `pthread_cond_wait`'s futex
+    // wait, main in `accept`'s WASI call.
+    let waiting = |t: &upstare_host::threads::ThreadStatus| {
+        t.state == ThreadState::Parked && t.paused_in.as_deref() == Some("__wasilibc_futex_wait") && t.in_call.is_none()
+    };
+    assert!(threads.iter().all(waiting), "{threads:?}");
+    assert_eq!(program.paused_in().as_deref(), Some("__wasi_sock_accept"));
+    // The workers stay parked with the program, which is dropped paused.
 }

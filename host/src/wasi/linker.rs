@@ -23,6 +23,7 @@ fn dispatch<T: WasiView>(
     f: impl FnOnce(&mut WasiCtx, &mut GuestMemory<'_>) -> CallResult,
 ) -> Result<i32> {
     let hooks = caller.data().unwind_hooks();
+    let blocking = upstare_instrument::WASI_BLOCKING.contains(&name);
     if let Some(h) = &hooks {
         if h.state.get(&mut *caller).i32() == Some(State::Rewinding as i32) {
             h.stop_rewind.call(&mut *caller, ())?;
@@ -33,7 +34,7 @@ fn dispatch<T: WasiView>(
         // covers those that do not (a write to a file), which would
         // otherwise happen twice. An update's checked rewind, which ends
         // at the call with a pause always asked for, relies on it.
-        if upstare_instrument::WASI_BLOCKING.contains(&name) && caller.data_mut().wasi().interrupter().take_pending() {
+        if blocking && caller.data_mut().wasi().interrupter().take_pending() {
             h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
             return Ok(0);
         }
@@ -59,7 +60,10 @@ fn dispatch<T: WasiView>(
             None => bail!("`{name}` needs the guest's linear memory, but the module exports none named `memory`"),
         },
     };
-    match f(state.wasi(), &mut mem) {
+    let in_call = blocking.then(|| state.wasi().interrupter().enter(name));
+    let outcome = f(state.wasi(), &mut mem);
+    drop(in_call);
+    match outcome {
         Ok(()) => Ok(0),
         Err(CallError::Errno(e)) => Ok(i32::from(e.0)),
         Err(CallError::Interrupted) => match hooks {
