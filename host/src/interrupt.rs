@@ -139,6 +139,12 @@ impl Interrupter {
         true
     }
 
+    /// Posts again a request [`Interrupter::wait`] took but the call could
+    /// not serve (it had already done part of its work, and returns that).
+    pub fn repost(&self) {
+        self.handle().interrupt();
+    }
+
     /// Waits until one of `fds` is ready, `deadline` passes, or the host
     /// interrupts. An empty `fds` with a deadline is a sleep; with no deadline
     /// it waits for an interruption only.

@@ -8,7 +8,7 @@
 //! with `upstare_state == UNWINDING`. The frames are then in the control
 //! memory, readable here, until the host rewinds.
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::time::Instant;
 
 use upstare_instrument::abi::{self, control, RawFrame};
@@ -27,6 +27,12 @@ const CONTROL_MAX_PAGES: u32 = 4096;
 #[derive(Clone)]
 pub struct ControlMemory {
     memory: SharedMemory,
+    /// A request to pause only where the guest blocks in a call
+    /// ([`PauseHandle::request_at_blocking_call`]). The host's alone: the
+    /// guest's update points read the pause byte, which such a request
+    /// leaves clear, and the interrupt that comes with it unwinds the
+    /// guest at its next blocking call, where the host then stops it.
+    blocking_pause: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for ControlMemory {
@@ -40,7 +46,7 @@ impl ControlMemory {
     pub fn new(engine: &Engine, header: control::Header) -> anyhow::Result<Self> {
         let ty = MemoryType::shared(control::MIN_PAGES as u32, CONTROL_MAX_PAGES);
         let memory = SharedMemory::new(engine, ty)?;
-        let control = ControlMemory { memory };
+        let control = ControlMemory { memory, blocking_pause: Arc::default() };
         control.write_bytes(0, &header.encode());
         Ok(control)
     }
@@ -86,6 +92,16 @@ impl ControlMemory {
     /// Whether a pause was requested, clearing the request: it is served.
     pub fn take_pause(&self) -> bool {
         self.byte(control::PAUSE_BYTE).swap(0, Ordering::SeqCst) != 0
+    }
+
+    /// Sets or clears the request to pause at a blocking call only.
+    pub fn set_blocking_pause(&self, on: bool) {
+        self.blocking_pause.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether a pause at a blocking call only is requested.
+    pub fn blocking_pause_requested(&self) -> bool {
+        self.blocking_pause.load(Ordering::SeqCst)
     }
 
     /// Whether a pause is requested.
@@ -195,6 +211,7 @@ impl PauseHandle {
     /// Withdraws a request the guest has not acted on yet.
     pub fn cancel(&self) {
         self.control.set_pause(false);
+        self.control.set_blocking_pause(false);
         self.interrupt.withdraw();
         if let Some(threads) = &self.threads {
             threads.cancel_pause();
@@ -206,6 +223,7 @@ impl PauseHandle {
     /// loop headers and calls elsewhere run on.
     pub fn request_at_blocking_call(&self) -> Instant {
         let asked = Instant::now();
+        self.control.set_blocking_pause(true);
         self.interrupt.interrupt();
         asked
     }

@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use upstare_instrument::abi::{control, exports, State, TypedFrame};
+use upstare_instrument::abi::{control, exports, ResumeKind, State, TypedFrame};
 use upstare_instrument::Metadata;
 use wasmtime::{Engine, Global, Instance, Linker, Store, TypedFunc};
 
@@ -557,8 +557,14 @@ impl Unwinder {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("the guest saved a stack its metadata does not describe: {e}"))?;
         // The request is served: one posted from now on is another, which
-        // the next run honours.
-        let requested = self.control.take_pause();
+        // the next run honours. A request to pause at a blocking call only
+        // is served where the guest unwound from one (its innermost frame
+        // stands at the call); an unwind elsewhere leaves it for the next.
+        let at_blocking_call = self.control.blocking_pause_requested() && frames.first().is_some_and(|f| self.blocks_at(f));
+        let requested = self.control.take_pause() | at_blocking_call;
+        if requested {
+            self.control.set_blocking_pause(false);
+        }
         if requested || self.stress_stops {
             self.at_stress_point = !requested;
             self.paused = Some(frames);
@@ -567,14 +573,24 @@ impl Unwinder {
         Ok(AfterReturn::Rewind)
     }
 
+    /// Whether `innermost`, a paused guest's innermost frame, stands at a
+    /// call that blocks: a blocking import, a futex wait, or a
+    /// `call_indirect` (whose callee, having no frame of its own, was an
+    /// import that unwound).
+    fn blocks_at(&self, innermost: &TypedFrame) -> bool {
+        let point = self.metadata.function(innermost.func).and_then(|f| f.resume_points.get(innermost.resume_point as usize));
+        point.is_some_and(|p| matches!(p.kind, ResumeKind::BlockingCall | ResumeKind::AtomicWait | ResumeKind::CallIndirect))
+    }
+
     /// Clears any stale wake-up and starts the rewind; the caller then calls
     /// the entry point again. A pause requested since the last one was
     /// served stays requested, its wake-up posted again, so the guest stops
-    /// at its next update point whether that is a loop or a blocking call.
+    /// at its next update point whether that is a loop or a blocking call
+    /// (or at its next blocking call, for a request of that).
     fn prepare_rewind(&mut self, store: &mut Store<ProcessState>) -> wasmtime::Result<()> {
         let interrupter = store.data_mut().wasi.interrupter();
         interrupter.take_pending();
-        if self.control.pause_requested() {
+        if self.control.pause_requested() || self.control.blocking_pause_requested() {
             interrupter.handle().interrupt();
         }
         self.start_rewind.call(&mut *store, ())

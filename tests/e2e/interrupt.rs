@@ -259,3 +259,53 @@ fn every_blocking_call_pauses_an_instrumented_guest() {
         }
     }
 }
+
+/// A request to pause at a blocking call only stops a guest that spends
+/// most of its time computing at its next blocking call, not at the loop
+/// header where a plain request would mostly find it (the update's retry
+/// after a frame that cannot move where it stands relies on it). Each
+/// write is 64 KiB, which the host writes in pipe-sized pieces: a request
+/// that arrives between two pieces makes a short write and must stay
+/// pending for the next call.
+#[test]
+fn a_pause_at_a_blocking_call_waits_for_one() {
+    // Forever: count to 200 000, then write the 64 KiB buffer to stdout.
+    let wat = format!(
+        "(module {PRELUDE} (func (export \"_start\") (local $i i32)
+            (loop $forever
+              (local.set $i (i32.const 0))
+              (loop $spin
+                (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br_if $spin (i32.lt_u (local.get $i) (i32.const 200000))))
+              (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 516)))
+              (br $forever))))"
+    );
+    let wasm = wat::parse_str(&wat).unwrap();
+    let engine = new_engine().unwrap();
+    let module = GuestModule::from_bytes_with(&engine, "spinner.wasm".as_ref(), &wasm, &upstare_tests::instrumented()).unwrap();
+    let meta = module.metadata().unwrap().clone();
+    let mut config = GuestConfig::new(vec!["spinner".into()]);
+    config.stdout = Stdio::Fd(OwnedFd::from(std::fs::File::create("/dev/null").unwrap()));
+    const ROUNDS: usize = 5;
+    let (handle_tx, handle_rx) = mpsc::channel();
+    let (paused_tx, paused_rx) = mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let mut guest = Guest::new(&engine, &module, config).unwrap();
+        handle_tx.send(guest.pause_handle().unwrap()).unwrap();
+        for _ in 0..ROUNDS {
+            let exit = guest.run();
+            paused_tx.send((exit, guest.frames().map(|f| f.to_vec()).unwrap_or_default())).unwrap();
+        }
+    });
+    let pause = handle_rx.recv().unwrap();
+    for round in 0..ROUNDS {
+        std::thread::sleep(Duration::from_millis(20));
+        pause.request_at_blocking_call();
+        let (exit, frames) = paused_rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| panic!("round {round}: the guest never paused"));
+        assert!(matches!(exit, Exit::Paused), "round {round}: {exit:?}");
+        let inner = frames.first().expect("a paused guest has frames");
+        let rp = &meta.function(inner.func).unwrap().resume_points[inner.resume_point as usize];
+        assert_eq!(rp.kind, ResumeKind::BlockingCall, "round {round}: paused at {rp:?}");
+    }
+    runner.join().unwrap();
+}

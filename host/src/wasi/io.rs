@@ -68,8 +68,8 @@ fn read_std(ctx: &WasiCtx, desc: &Descriptor, stream: &StdStream, len: usize) ->
 /// the host shares with its parent (so it cannot be made non-blocking):
 /// wait until it is writable through the interrupter, then write no more
 /// than a pipe takes without blocking. An interruption after some bytes
-/// went out is a short write, as POSIX allows; before any, it is an
-/// interruption the guest does not see.
+/// went out is a short write, as POSIX allows, and the request stays
+/// pending; before any, it is an interruption the guest does not see.
 fn write_std(ctx: &WasiCtx, stream: &StdStream, data: &[u8]) -> CallResult<usize> {
     /// What a writable pipe is guaranteed to take at once (PIPE_BUF).
     const ATOMIC_PIPE_WRITE: usize = 4096;
@@ -81,7 +81,12 @@ fn write_std(ctx: &WasiCtx, stream: &StdStream, data: &[u8]) -> CallResult<usize
     let mut done = 0;
     while done < data.len() {
         if !regular && ctx.interrupter.wait(&[(fd, Interest::Write)], None)? == Wait::Interrupted {
-            return if done > 0 { Ok(done) } else { Err(CallError::Interrupted) };
+            if done == 0 {
+                return Err(CallError::Interrupted);
+            }
+            // The request is the next blocking call's to serve.
+            ctx.interrupter.repost();
+            return Ok(done);
         }
         let end = (done + chunk).min(data.len());
         match rustix::io::write(fd, &data[done..end]) {

@@ -246,8 +246,17 @@ pub fn write(ctx: &WasiCtx, desc: &Descriptor, pipe: &OpenPipe, data: &[u8]) -> 
                 } else {
                     None
                 };
-                if let Some(stop) = stop {
-                    return if done > 0 { Ok(done) } else { Err(stop) };
+                match stop {
+                    Some(stop) if done == 0 => return Err(stop),
+                    Some(stop) => {
+                        // A short write; an interruption stays pending for
+                        // the next blocking call to serve.
+                        if matches!(stop, CallError::Interrupted) {
+                            ctx.interrupter.repost();
+                        }
+                        return Ok(done);
+                    }
+                    None => {}
                 }
             }
             Err(e) => return if done > 0 { Ok(done) } else { Err(e.into()) },
