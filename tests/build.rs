@@ -46,6 +46,12 @@ fn main() {
             .arg(out.join(format!("{name}.wasm"))));
     }
 
+    for entry in std::fs::read_dir(manifest.join("guests/processes")).unwrap() {
+        let src = entry.unwrap().path();
+        let name = src.file_stem().unwrap().to_str().unwrap().to_string();
+        run(Command::new(root.join("bin/upstare-cc")).args(["-Wall", "-Wextra"]).arg(&src).arg("-o").arg(out.join(format!("{name}.wasm"))));
+    }
+
     println!("cargo:rustc-env=UPSTARE_GUESTS={}", out.display());
     for p in ["guest-examples", "bin/upstare-cc", "scripts/install-toolchain", "scripts/install-threads-sysroot"] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());

@@ -220,6 +220,13 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// The guest's next line of output (without its newline).
+    pub fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read the guest's stdout");
+        line.trim_end_matches('\n').to_string()
+    }
+
     /// The rest of the guest's stdout, after it exited.
     pub fn remaining_output(&mut self) -> String {
         let mut s = String::new();

@@ -8,12 +8,15 @@
  * It holds the guest side of UpStare: finding the listeners the host
  * preopens (upstare_listener_fd), and the naming convention for state
  * transformers written in C (UPSTARE_TRANSFORM, UPSTARE_CONVERT), and
- * what an untyped pointer holds (UPSTARE_POINTS_TO).
+ * what an untyped pointer holds (UPSTARE_POINTS_TO); and processes (fork,
+ * waitpid, kill), which only upstare-host provides: a guest that calls
+ * them imports them from the host and runs nowhere else.
  */
 #ifndef UPSTARE_H
 #define UPSTARE_H
 
 #include <sys/stat.h>
+#include <sys/types.h>
 
 /*
  * Returns the n-th (0-based) preopened TCP listener, or -1 if there is none.
@@ -105,5 +108,74 @@ static inline int upstare_listener_fd(int n)
  * is never used.
  */
 #define UPSTARE_POINTS_TO(tag, member, type) __attribute__((used)) type *upstare_points_to_##tag##__##member
+
+/*
+ * Processes. WASI has none; upstare-host gives a program several, each
+ * with its own copy of the memory, sharing open files and sockets:
+ *
+ *     pid_t pid = fork();            (0 in the child, the child's pid in
+ *     if (pid == 0) serve();          the parent, -1 and errno if not)
+ *     int status;
+ *     pid_t done = waitpid(-1, &status, 0);
+ *     if (WIFSIGNALED(status)) ...
+ *     kill(pid, SIGTERM);
+ *
+ * fork() copies the calling process's memory and stack into a new one
+ * (through an unwind, so the module must be instrumented: under
+ * --no-instrument it fails with ENOSYS), and the child shares every open
+ * descriptor of its parent. waitpid() takes -1 (any child) or a child's
+ * pid, and the option WNOHANG. kill() ends a process as SIGTERM or SIGKILL
+ * (no handlers: WASI has no signals) at its next update point; signal 0
+ * checks that it exists. A process that ends waits as a zombie for its
+ * parent's waitpid(); the children of one that ends pass to the host
+ * (getppid() returns 0 then), which reaps them. The end of process 1 ends
+ * the whole program. upstare-host --max-processes bounds how many there
+ * are at once (fork() fails with EAGAIN past it).
+ *
+ * fork, waitpid, getppid and kill are names wasi-libc's headers leave
+ * undeclared, so they are defined here, with WNOHANG, the W* status
+ * macros, SIGTERM and SIGKILL (<signal.h> refuses to compile without
+ * wasi-libc's signal emulation); getpid is declared there (for an
+ * emulation that returns a constant), so it is upstare_getpid() here.
+ */
+#include <errno.h>
+
+#ifndef WNOHANG
+#define WNOHANG 1
+#endif
+#ifndef WEXITSTATUS
+#define WEXITSTATUS(s) (((s) & 0xff00) >> 8)
+#define WTERMSIG(s) ((s) & 0x7f)
+#define WIFEXITED(s) (!WTERMSIG(s))
+#define WIFSIGNALED(s) (((s) & 0xffff) - 1U < 0xffu)
+#endif
+#ifndef SIGKILL
+#define SIGKILL 9
+#endif
+#ifndef SIGTERM
+#define SIGTERM 15
+#endif
+
+__attribute__((import_module("upstare"), import_name("fork"))) int upstare_fork_(void);
+__attribute__((import_module("upstare"), import_name("waitpid"))) int upstare_waitpid_(int pid, int *status, int options);
+__attribute__((import_module("upstare"), import_name("getpid"))) int upstare_getpid_(void);
+__attribute__((import_module("upstare"), import_name("getppid"))) int upstare_getppid_(void);
+__attribute__((import_module("upstare"), import_name("kill"))) int upstare_kill_(int pid, int signal);
+
+/* The imports return a negative errno on failure; these set errno. */
+static inline int upstare_result_(int r)
+{
+    if (r < 0) {
+        errno = -r;
+        return -1;
+    }
+    return r;
+}
+
+static inline pid_t fork(void) { return upstare_result_(upstare_fork_()); }
+static inline pid_t waitpid(pid_t pid, int *status, int options) { return upstare_result_(upstare_waitpid_(pid, status, options)); }
+static inline pid_t getppid(void) { return upstare_getppid_(); }
+static inline int kill(pid_t pid, int signal) { return upstare_result_(upstare_kill_(pid, signal)); }
+static inline pid_t upstare_getpid(void) { return upstare_getpid_(); }
 
 #endif /* UPSTARE_H */

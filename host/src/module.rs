@@ -150,6 +150,11 @@ impl GuestModule {
             .any(|i| i.module() == crate::threads::SPAWN_MODULE && i.name() == crate::threads::SPAWN_NAME)
     }
 
+    /// Whether the module forks (imports `upstare.fork`, see `upstare.h`).
+    pub fn forks(&self) -> bool {
+        self.module.imports().any(|i| i.module() == upstare_instrument::abi::IMPORT_MODULE && i.name() == upstare_instrument::abi::process::FORK)
+    }
+
     /// Reads, validates, instruments and compiles the module at `path`.
     pub fn load(engine: &Engine, path: &Path) -> Result<Self, LoadError> {
         Self::load_with(engine, path, &LoadOptions::default())

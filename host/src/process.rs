@@ -21,6 +21,7 @@ use crate::program_memory::ProgramMemory;
 use crate::sourcemap::SourceMap;
 use crate::trap::TrapReport;
 use crate::wasi::fd_table::Stdio;
+use crate::processes::{Membership, Processes};
 use crate::threads::{SharedMemories, Threads};
 use crate::wasi::{self, GuestExit, Interrupted, UnwindHooks, WasiCtx, WasiView};
 
@@ -54,6 +55,9 @@ pub struct GuestConfig {
     /// Threads a multi-threaded (wasi-threads) program may run besides its
     /// main one; a `pthread_create` past it fails with `EAGAIN`.
     pub max_threads: usize,
+    /// Processes a program that forks may have at once, zombies included;
+    /// a `fork` past it fails with `EAGAIN`.
+    pub max_processes: usize,
 }
 
 /// A host directory made visible to the guest.
@@ -79,6 +83,7 @@ impl GuestConfig {
             stress_pause: None,
             stress_stop: None,
             max_threads: crate::threads::DEFAULT_MAX_THREADS,
+            max_processes: crate::processes::DEFAULT_MAX_PROCESSES,
         }
     }
 }
@@ -244,7 +249,48 @@ impl Guest {
         if let Some(threads) = &guest.threads {
             threads.set_main(guest.stopper());
         }
+        // A program that forks: this is its first process. Only an
+        // instrumented module can fork (at an unwind).
+        if module.forks() && guest.unwinder.is_some() {
+            let waker = guest.store.data().wasi.interrupter.clone();
+            let program = Processes::new(config.max_processes, guest.stopper(), waker);
+            guest.store.data_mut().wasi.process = Some(Membership { program, pid: 1, fork_requested: false, fork_result: None });
+        }
         Ok(guest)
+    }
+
+    /// The other processes of the program, if it forks.
+    pub fn processes(&self) -> Option<Arc<Processes>> {
+        self.store.data().wasi.process.as_ref().map(|m| m.program.clone())
+    }
+
+    /// Why `doing` (an update, a checkpoint) cannot cover the program now:
+    /// it runs several processes, and only this one is paused.
+    pub(crate) fn several_processes(&self, doing: &str) -> Option<String> {
+        let running = self.processes()?.running();
+        (running > 1).then(|| format!("the program runs {running} processes, and {doing} a program of several processes is not supported yet"))
+    }
+
+    /// A copy of this process, stopped where it unwound to fork: its
+    /// memory, mutable globals and saved frames, in memories and a store of
+    /// its own, with a copy of its fd table. Run, it rewinds from there.
+    pub(crate) fn forked(&mut self) -> Result<Guest, String> {
+        let (globals, frames) = self.unwound_state().map_err(|e| e.to_string())?;
+        let source = self.unwinder.as_ref().map(|u| u.memory.clone()).ok_or("a module that cannot unwind cannot fork")?;
+        let wasi = self.store.data().wasi.for_process().map_err(|e| format!("cannot set up the child's WASI state: {e}"))?;
+        let engine = self.store.engine().clone();
+        let module = self.module.clone();
+        let meta = module.metadata.clone().ok_or("a module that cannot unwind cannot fork")?;
+        let memory = ProgramMemory::new(&engine, &meta.memory).map_err(|e| format!("cannot create the child's memory: {e}"))?;
+        memory.copy_from(&source).map_err(|e| format!("cannot copy the memory: {e}"))?;
+        let control = new_control(&engine, None).map_err(|e| e.to_string())?;
+        let mut child = Guest::assemble(&engine, &module, wasi, Some(&SharedMemories::Instrumented(memory)), Some(control), None, Entry::Main)
+            .map_err(|e| e.to_string())?;
+        child.resume_thread(&globals, &frames).map_err(|e| e.to_string())?;
+        // Its memory is initialised already: the data segments go unused.
+        let drop_data = child.instance.get_typed_func::<(), ()>(&mut child.store, exports::DROP_DATA).map_err(|e| one_line(&e))?;
+        drop_data.call(&mut child.store, ()).map_err(|e| one_line(&e))?;
+        Ok(child)
     }
 
     /// A spawned thread of the program `threads` belongs to, which will
@@ -418,6 +464,26 @@ impl Guest {
     /// are), a resume resumes them all, and a thread's `proc_exit` or trap
     /// is the program's exit.
     pub fn run(&mut self) -> Exit {
+        let exit = self.run_program();
+        // The first process of a program that forks: stopped by a `kill`,
+        // it ends as killed; its end is the program's.
+        if let Some(m) = self.store.data().wasi.process.clone().filter(|m| m.pid == 1) {
+            let exit = match (exit, m.program.killed(1)) {
+                (Exit::Paused, Some(signal)) => Exit::Status(128 + signal),
+                (exit, _) => exit,
+            };
+            match &exit {
+                Exit::Paused => {}
+                Exit::Status(code) => m.program.ended(1, (code & 0xff) << 8),
+                _ => m.program.ended(1, crate::processes::SIGKILL),
+            }
+            return exit;
+        }
+        exit
+    }
+
+    /// [`Guest::run`] for the threads of this process.
+    fn run_program(&mut self) -> Exit {
         let Some(threads) = self.threads.clone().filter(|_| matches!(self.entry, Entry::Main)) else {
             return self.run_thread();
         };
@@ -486,6 +552,17 @@ impl Guest {
                 return Exit::Status(0);
             };
             match u.after_return(&mut self.store) {
+                Ok(AfterReturn::Fork) => {
+                    let result = crate::processes::fork(self);
+                    if let Some(m) = self.store.data_mut().wasi.process.as_mut() {
+                        m.fork_result = Some(result);
+                    }
+                    if let Some(u) = &mut self.unwinder {
+                        if let Err(e) = u.prepare_rewind(&mut self.store) {
+                            return self.classify(e);
+                        }
+                    }
+                }
                 Ok(AfterReturn::Finished) => {
                     self.returned = true;
                     return Exit::Status(0);
@@ -509,6 +586,8 @@ pub(crate) enum AfterReturn {
     Finished,
     Paused,
     Rewind,
+    /// The guest unwound at its `fork`: the host forks, then rewinds it.
+    Fork,
 }
 
 impl Unwinder {
@@ -556,6 +635,11 @@ impl Unwinder {
             .map(|f| TypedFrame::new(f, &self.metadata))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("the guest saved a stack its metadata does not describe: {e}"))?;
+        // An unwind the guest's `fork` asked for; a pause request stays
+        // for after the fork.
+        if store.data_mut().wasi.process.as_mut().is_some_and(|m| std::mem::take(&mut m.fork_requested)) {
+            return Ok(AfterReturn::Fork);
+        }
         // The request is served: one posted from now on is another, which
         // the next run honours. A request to pause at a blocking call only
         // is served where the guest unwound from one (its innermost frame
@@ -629,8 +713,9 @@ fn plain_shared_memory(engine: &Engine, module: &GuestModule) -> Result<Option<S
 /// Defines existing memories as the `upstare` imports: a new instance of a
 /// program (its next version) over the memories of the running one.
 /// A linker with the host's functions: WASI, the futex waits the
-/// instrumenter lowers atomic waits to, and, for a program that spawns
-/// threads, `wasi.thread-spawn`. Memories are the caller's to add.
+/// instrumenter lowers atomic waits to, the process imports, and, for a
+/// program that spawns threads, `wasi.thread-spawn`. Memories are the
+/// caller's to add.
 pub(crate) fn host_linker(engine: &Engine, threads: bool) -> wasmtime::Result<Linker<ProcessState>> {
     let mut linker = Linker::new(engine);
     wasi::add_to_linker(&mut linker)?;
@@ -638,6 +723,7 @@ pub(crate) fn host_linker(engine: &Engine, threads: bool) -> wasmtime::Result<Li
     if threads {
         crate::threads::add_to_linker(&mut linker)?;
     }
+    crate::processes::add_to_linker(&mut linker)?;
     Ok(linker)
 }
 

@@ -93,6 +93,20 @@ impl ProgramMemory {
         unsafe { std::slice::from_raw_parts_mut(data.as_ptr() as *mut u8, data.len()) }
     }
 
+    /// Makes this memory a copy of `source`, grown to its size first: a
+    /// forked process's. Call only while no thread of either program runs.
+    pub(crate) fn copy_from(&self, source: &ProgramMemory) -> anyhow::Result<()> {
+        let (have, want) = (self.size(), source.size());
+        if want > have {
+            self.grow((want - have) / PAGE)?;
+        }
+        // SAFETY: neither program runs (the caller's promise), and the two
+        // memories are distinct reservations.
+        let (to, from) = unsafe { (self.bytes_mut(), source.bytes_mut()) };
+        to[..from.len()].copy_from_slice(from);
+        Ok(())
+    }
+
     /// The 32-bit word at `addr` (4-aligned), loaded atomically: sound while
     /// the program's threads run and write the memory. `None` if out of
     /// bounds or misaligned.

@@ -335,6 +335,9 @@ impl Guest {
     /// and frames. The guest stays paused; [`Guest::run`] resumes it.
     pub fn snapshot(&mut self) -> Result<Snapshot, SnapshotError> {
         let state = |m: &str| SnapshotError::State(m.to_string());
+        if let Some(reason) = self.several_processes("checkpointing") {
+            return Err(SnapshotError::State(reason));
+        }
         let (globals, frames) = self.thread_state()?;
         let mut threads = Vec::new();
         if let Some(program) = &self.threads {
@@ -371,11 +374,18 @@ impl Guest {
 
     /// A paused thread's own state: its mutable globals and its frames.
     fn thread_state(&mut self) -> Result<(Vec<(u32, ValType, u64)>, Vec<u8>), SnapshotError> {
+        let paused = self.unwinder.as_ref().is_some_and(|u| u.paused.is_some());
+        if self.unwinder.is_some() && !paused {
+            return Err(SnapshotError::State("the guest is not paused".into()));
+        }
+        self.unwound_state()
+    }
+
+    /// The mutable globals and saved frames of a thread that has unwound
+    /// (paused, or stopped where it asked the host to act, as at a fork).
+    pub(crate) fn unwound_state(&mut self) -> Result<(Vec<(u32, ValType, u64)>, Vec<u8>), SnapshotError> {
         let state = |m: &str| SnapshotError::State(m.to_string());
         let u = self.unwinder.as_ref().ok_or_else(|| state("a module loaded without instrumentation cannot be snapshotted"))?;
-        if u.paused.is_none() {
-            return Err(state("the guest is not paused"));
-        }
         let mut globals = Vec::new();
         for g in &u.metadata.globals {
             let global = self
@@ -453,7 +463,7 @@ impl Guest {
 
     /// Gives a thread of a restored program its globals and frames; it
     /// rewinds into them when it next runs.
-    fn resume_thread(&mut self, globals: &[(u32, ValType, u64)], frames: &[u8]) -> Result<(), SnapshotError> {
+    pub(crate) fn resume_thread(&mut self, globals: &[(u32, ValType, u64)], frames: &[u8]) -> Result<(), SnapshotError> {
         let store = &mut self.store;
         let u = self
             .unwinder

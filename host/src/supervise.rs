@@ -143,7 +143,13 @@ pub fn run(
                 .unwinder
                 .as_ref()
                 .map(|u| (guest.engine().clone(), u.memory.clone(), u.control.clone(), guest.module().clone()));
-            let _ = handle_tx.send((guest.pause_handle(), seed, guest.threads.clone(), guest.interrupt_handle()));
+            let _ = handle_tx.send(Started {
+                pause: guest.pause_handle(),
+                seed,
+                threads: guest.threads.clone(),
+                processes: guest.processes(),
+                main_interrupt: guest.interrupt_handle(),
+            });
             let exit = drive(&mut guest, &commands, &guest_live, stress.as_mut());
             guest_live.lock().map(|mut l| l.state = "exited").ok();
             let ended = Ended { exit, unwinds: guest.unwinds(), stress: stress.map(|s| s.tally().clone()) };
@@ -152,8 +158,8 @@ pub fn run(
         .map_err(|e| format!("cannot start the guest thread: {e}"))?;
     let socket_path = control.as_ref().map(|c| c.path().to_path_buf());
     let started = handle_rx.recv().ok();
-    let threads = started.as_ref().and_then(|(_, _, threads, _)| threads.clone());
-    if let (Some(control), Some((pause, seed, _, main_interrupt))) = (control, started) {
+    let threads = started.as_ref().and_then(|s| s.threads.clone());
+    if let (Some(control), Some(Started { pause, seed, processes, main_interrupt, .. })) = (control, started) {
         let updater =
             seed.map(|(engine, memory, control, first)| Updater {
                 engine,
@@ -166,6 +172,7 @@ pub fn run(
         let memory = updater.as_ref().map(|u| u.memory.clone());
         let server = Server {
             threads: threads.clone(),
+            processes,
             main_interrupt,
             identity,
             started: Instant::now(),
@@ -203,6 +210,17 @@ pub fn run(
     outcome
 }
 
+/// What the guest thread hands the control server once the guest is set up.
+struct Started {
+    pause: Option<PauseHandle>,
+    /// The engine, memories and module an updater starts from, for an
+    /// instrumented guest.
+    seed: Option<(wasmtime::Engine, ProgramMemory, ControlMemory, GuestModule)>,
+    threads: Option<Arc<crate::threads::Threads>>,
+    processes: Option<Arc<crate::processes::Processes>>,
+    main_interrupt: InterruptHandle,
+}
+
 /// What the control socket's requests are served against. Requests arrive
 /// on many threads at once: `status` reads only the live state and never
 /// waits; checkpoints, updates and rollbacks take `changes` in turn, so one
@@ -210,6 +228,8 @@ pub fn run(
 struct Server {
     /// The program's other threads, for `status`.
     threads: Option<Arc<crate::threads::Threads>>,
+    /// The program's other processes, for `status`.
+    processes: Option<Arc<crate::processes::Processes>>,
     /// The main thread's interrupter, for the call `status` finds it in.
     main_interrupt: InterruptHandle,
     identity: Identity,
@@ -231,8 +251,12 @@ impl Server {
         match req {
             Request::Status => {
                 let threads = self.threads.as_ref().map(|t| t.list()).unwrap_or_default();
-                let main_call = self.main_interrupt.current_call();
-                status(&self.identity, self.started, &self.live, self.pause.is_some(), self.memory.as_ref(), main_call, &threads)
+                let instances = Instances {
+                    main_call: self.main_interrupt.current_call(),
+                    threads,
+                    processes: self.processes.as_ref().map(|p| p.list()).unwrap_or_default(),
+                };
+                status(&self.identity, self.started, &self.live, self.pause.is_some(), self.memory.as_ref(), &instances)
             }
             Request::Update(path, timeout) => self.update(Target::Module(path), timeout),
             Request::Rollback(timeout) => self.update(Target::Previous, timeout),
@@ -318,15 +342,23 @@ fn drive(guest: &mut Guest, commands: &Receiver<Command>, live: &Mutex<Live>, mu
     }
 }
 
+/// Where the program's instances are, for `status`: the main thread's
+/// blocking call, the other threads, and the processes of one that forks.
+struct Instances {
+    main_call: Option<&'static str>,
+    threads: Vec<ThreadStatus>,
+    processes: Vec<crate::processes::ProcessStatus>,
+}
+
 fn status(
     identity: &Identity,
     started: Instant,
     live: &Mutex<Live>,
     pausable: bool,
     memory: Option<&ProgramMemory>,
-    main_call: Option<&'static str>,
-    threads: &[ThreadStatus],
+    instances: &Instances,
 ) -> Response {
+    let Instances { main_call, threads, processes } = instances;
     let live = match live.lock() {
         Ok(l) => l,
         Err(_) => return Response::refused("status unavailable: the guest thread failed"),
@@ -354,6 +386,15 @@ fn status(
         };
         format!("instance {}: thread, {}", t.tid, whereabouts(state, t.paused_in.as_deref(), t.in_call))
     }));
+    // A program that forks: its processes by pid, the first being the
+    // instance above.
+    if !processes.is_empty() {
+        body.push(format!("processes: {}", processes.len()));
+        body.extend(processes.iter().map(|p| match p.ended {
+            None => format!("process {}: parent {}, running", p.pid, p.parent),
+            Some(status) => format!("process {}: parent {}, ended (wait status {status:#x}), not waited for", p.pid, p.parent),
+        }));
+    }
     body.extend([
         format!("pauses: {}", live.pauses),
         format!("last pause (request to paused): {last}"),

@@ -71,7 +71,7 @@ pub(crate) struct Stopper {
 
 impl Stopper {
     /// Posts a pause request and wakes the thread's blocking call.
-    fn ask(&self) {
+    pub(crate) fn ask(&self) {
         if let Some(control) = &self.control {
             control.set_pause(true);
         }

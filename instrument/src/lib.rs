@@ -252,13 +252,13 @@ pub struct Options {
 }
 
 impl Default for Options {
-    /// The blocking calls of WASI preview1 ([`WASI_BLOCKING`]).
+    /// The blocking calls of WASI preview1 ([`WASI_BLOCKING`]) and of the
+    /// host's process imports ([`abi::process::BLOCKING`]).
     fn default() -> Self {
+        let wasi = WASI_BLOCKING.iter().map(|n| ("wasi_snapshot_preview1", *n));
+        let process = abi::process::BLOCKING.iter().map(|n| (abi::IMPORT_MODULE, *n));
         Options {
-            blocking: WASI_BLOCKING
-                .iter()
-                .map(|n| ("wasi_snapshot_preview1".to_string(), n.to_string()))
-                .collect(),
+            blocking: wasi.chain(process).map(|(m, n)| (m.to_string(), n.to_string())).collect(),
             stress: false,
         }
     }

@@ -4,7 +4,7 @@
 use upstare_tests::example_guest_names;
 
 /// The example guests and the test module that covers each.
-const TESTED: &[(&str, &str)] = &[("compute", "compute.rs"), ("files", "files.rs"), ("kv-server", "kv.rs"), ("poll-server", "retreat.rs"), ("pool-server", "threads.rs"), ("recv-server", "rebuild.rs")];
+const TESTED: &[(&str, &str)] = &[("compute", "compute.rs"), ("files", "files.rs"), ("kv-server", "kv.rs"), ("poll-server", "retreat.rs"), ("pool-server", "threads.rs"), ("prefork-server", "processes.rs"), ("recv-server", "rebuild.rs")];
 
 #[test]
 fn every_example_guest_has_tests() {

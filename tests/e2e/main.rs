@@ -20,6 +20,7 @@ mod heap;
 mod interrupt;
 mod kv;
 mod pipes;
+mod processes;
 mod rebuild;
 mod releases;
 mod retreat;

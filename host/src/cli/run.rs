@@ -90,6 +90,12 @@ pub struct RunArgs {
     #[arg(long = "max-threads", value_name = "N", default_value_t = crate::threads::DEFAULT_MAX_THREADS, value_parser = parse_max_threads)]
     max_threads: usize,
 
+    /// How many processes a program that forks (upstare.h's fork) may have
+    /// at once, ended ones not yet waited for included; `fork` past that
+    /// fails with EAGAIN and the host says so on stderr.
+    #[arg(long = "max-processes", value_name = "N", default_value_t = crate::processes::DEFAULT_MAX_PROCESSES, value_parser = parse_max_processes)]
+    max_processes: usize,
+
     /// The module, then the guest's arguments.
     #[arg(required = true, value_name = "WASM", trailing_var_arg = true, allow_hyphen_values = true)]
     module_and_args: Vec<OsString>,
@@ -108,6 +114,13 @@ fn parse_max_threads(spec: &str) -> Result<usize, String> {
     match spec.parse::<usize>() {
         Ok(n) if (1..=crate::threads::MAX_THREADS).contains(&n) => Ok(n),
         _ => Err(format!("expected a number of threads from 1 to {}", crate::threads::MAX_THREADS)),
+    }
+}
+
+fn parse_max_processes(spec: &str) -> Result<usize, String> {
+    match spec.parse::<usize>() {
+        Ok(n) if (1..=crate::processes::MAX_PROCESSES).contains(&n) => Ok(n),
+        _ => Err(format!("expected a number of processes from 1 to {}", crate::processes::MAX_PROCESSES)),
     }
 }
 
@@ -196,6 +209,7 @@ pub fn execute(args: RunArgs) -> ExitCode {
     };
     config.stress_stop = stress.as_ref().map(|(n, _)| *n);
     config.max_threads = args.max_threads;
+    config.max_processes = args.max_processes;
     let stress = stress.map(|(_, target)| StressUpdates::new(target));
     config.env = args.env.iter().filter_map(|s| parse_env(s)).collect();
     config.dirs = args.dirs.iter().map(|s| parse_dir(s)).collect();

@@ -443,6 +443,9 @@ impl Guest {
         paused_at: Instant,
     ) -> Result<Report, UpdateError> {
         let rollback = |m: String| UpdateError::RolledBack(m);
+        if let Some(reason) = self.several_processes("updating") {
+            return Err(UpdateError::Refused(reason));
+        }
         let u = self.unwinder.as_ref().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
         let frames = u.paused.clone().ok_or_else(|| UpdateError::Refused("the guest is not paused".into()))?;
         let new_meta: Arc<Metadata> = prepared

@@ -350,4 +350,11 @@ impl SharedFdTable {
     pub fn entries(&self) -> Vec<(u32, Descriptor)> {
         self.lock().iter().map(|(fd, d)| (fd, d.clone())).collect()
     }
+
+    /// A table of its own for a forked process: the same fds, sharing the
+    /// open objects, as POSIX's `fork` duplicates descriptors.
+    pub fn fork(&self) -> SharedFdTable {
+        let slots = self.lock().slots.clone();
+        SharedFdTable { table: Arc::new(Mutex::new(FdTable { slots })) }
+    }
 }

@@ -104,6 +104,8 @@ pub struct WasiCtx {
     /// The subscriptions of a `poll_oneoff` a pause interrupted, and the
     /// deadline it had: the same call made again on resume keeps it.
     pub(crate) interrupted_poll: Option<(Vec<u8>, Option<std::time::Instant>)>,
+    /// Its place among the program's processes, for a program that forks.
+    pub(crate) process: Option<crate::processes::Membership>,
 }
 
 /// What the WASI layer needs of an instrumented instance: when a blocking
@@ -163,6 +165,7 @@ impl WasiCtx {
             futexes: Arc::default(),
             interrupter: Interrupter::new()?,
             interrupted_poll: None,
+            process: None,
         })
     }
 
@@ -176,6 +179,7 @@ impl WasiCtx {
             futexes: Arc::default(),
             interrupter: Interrupter::new()?,
             interrupted_poll: None,
+            process: None,
         })
     }
 
@@ -189,6 +193,23 @@ impl WasiCtx {
             futexes: self.futexes.clone(),
             interrupter: Interrupter::new()?,
             interrupted_poll: None,
+            process: self.process.clone(),
+        })
+    }
+
+    /// The context of a process forked from this one: a copy of its fd
+    /// table sharing the open objects, its arguments and environment, and
+    /// waits of its own. Its place among the processes is the caller's to
+    /// set.
+    pub(crate) fn for_process(&self) -> std::io::Result<Self> {
+        Ok(WasiCtx {
+            args: self.args.clone(),
+            env: self.env.clone(),
+            fds: self.fds.fork(),
+            futexes: Arc::default(),
+            interrupter: Interrupter::new()?,
+            interrupted_poll: None,
+            process: None,
         })
     }
 

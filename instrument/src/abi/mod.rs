@@ -69,6 +69,36 @@ pub mod futex {
     pub const NOTIFY: &str = "atomic_notify";
 }
 
+/// The process imports a guest declares itself (module [`IMPORT_MODULE`],
+/// through `upstare.h`): a multi-process program's `fork`, `waitpid`,
+/// `getpid`, `getppid` and `kill`. [`process::FORK`] and
+/// [`process::WAITPID`] are blocking calls, update points like WASI's: the
+/// host makes a fork at the unwind it asks for there, and a wait is
+/// interrupted by a pause; the rewind calls each again.
+pub mod process {
+    /// `() -> i32`: the child's pid in the parent, 0 in the child, or a
+    /// negative errno.
+    pub const FORK: &str = "fork";
+    /// `(pid: i32, status: i32, options: i32) -> i32`: waits for a child
+    /// (`pid` -1: any) to end, writes its status (an i32) at `status`
+    /// unless 0; the child's pid, 0 with `WNOHANG` and none ended, or a
+    /// negative errno.
+    pub const WAITPID: &str = "waitpid";
+    /// `() -> i32`: the calling process's pid.
+    pub const GETPID: &str = "getpid";
+    /// `() -> i32`: its parent's pid (1's parent is 0).
+    pub const GETPPID: &str = "getppid";
+    /// `(pid: i32, signal: i32) -> i32`: ends process `pid` as `signal`
+    /// (`SIGTERM` or `SIGKILL`; 0 only checks it exists); 0 or a negative
+    /// errno.
+    pub const KILL: &str = "kill";
+    /// The ones that block.
+    pub const BLOCKING: &[&str] = &[FORK, WAITPID];
+    /// All of them: a module may import these from [`super::IMPORT_MODULE`]
+    /// before it is instrumented.
+    pub const ALL: &[&str] = &[FORK, WAITPID, GETPID, GETPPID, KILL];
+}
+
 /// Names of the exports the instrumenter adds.
 pub mod exports {
     /// Mutable i32 global holding the current [`super::State`].

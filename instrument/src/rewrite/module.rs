@@ -151,7 +151,7 @@ fn check_names(wasm: &[u8]) -> Result<()> {
             Payload::ImportSection(r) => {
                 for import in r.into_imports_with_offsets() {
                     let Ok((offset, i)) = import else { return Ok(()) };
-                    if i.module == abi::IMPORT_MODULE {
+                    if i.module == abi::IMPORT_MODULE && !abi::process::ALL.contains(&i.name) {
                         return conflict(
                             offset,
                             format!("the module already imports `{}.{}` (was it instrumented already?)", i.module, i.name),

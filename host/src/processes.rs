@@ -1,0 +1,438 @@
+//! The processes of a program (the `upstare` process imports of
+//! `upstare.h`): `fork` by unwind and copy, `waitpid`, `getpid`, `getppid`
+//! and `kill`, and the table of a program's processes with their parents
+//! and exit statuses.
+//!
+//! The first process is the [`Guest`] the embedder runs (pid 1); each fork
+//! makes another, with its own program memory, control memory, store and
+//! instance, on an OS thread of its own that this module drives. A fork
+//! happens at an unwind: the guest's `fork` call asks for one, and once the
+//! stack is saved the host copies the memory and the saved frames into the
+//! child and rewinds both, `fork` returning the child's pid in the parent
+//! and 0 in the child. The child's fd table is a copy of the parent's whose
+//! entries share the open objects (a prefork server's workers share the
+//! listener).
+//!
+//! A process that ends stays a zombie, with its wait status, until its
+//! parent waits for it; the children of a process that ends pass to the
+//! host (`getppid` says 0), which reaps them as they end. `kill`
+//! asks the target to stop at its next update point and ends it there as
+//! killed by the signal. The end of process 1 is the end of the program:
+//! every other process is killed.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use upstare_instrument::abi::{process, State, IMPORT_MODULE};
+use wasmtime::{Caller, Extern, Linker, Val};
+
+use crate::interrupt::{Interrupter, Parked};
+use crate::process::{Exit, Guest, ProcessState};
+use crate::program_memory::ProgramMemory;
+use crate::threads::Stopper;
+use crate::wasi::WasiView;
+use crate::GUEST_THREAD_STACK;
+
+/// Processes a program may have at once (zombies included), unless the
+/// embedder says otherwise ([`crate::GuestConfig::max_processes`]).
+pub const DEFAULT_MAX_PROCESSES: usize = 64;
+
+/// The most processes any program may be allowed: each holds a copy of the
+/// program memory.
+pub const MAX_PROCESSES: usize = 1024;
+
+/// The signals `kill` knows: both end the process (WASI has no handlers).
+pub const SIGKILL: i32 = 9;
+/// See [`SIGKILL`].
+pub const SIGTERM: i32 = 15;
+/// The signal a process that trapped is reported as killed by, as a
+/// native program that aborts is (the host's own exit status is then 134).
+const SIGABRT: i32 = 6;
+
+/// `waitpid`'s option not to wait.
+const WNOHANG: i32 = 1;
+
+/// WASI errno values the imports return negated.
+mod errno {
+    pub const AGAIN: i32 = 6;
+    pub const CHILD: i32 = 12;
+    pub const FAULT: i32 = 21;
+    pub const INVAL: i32 = 28;
+    pub const NOSYS: i32 = 52;
+    pub const SRCH: i32 = 71;
+}
+
+/// A wait status as `<stdlib.h>`'s `W*` macros read it: the exit code in
+/// the second byte, or the signal in the low seven bits.
+fn exited(code: i32) -> i32 {
+    (code & 0xff) << 8
+}
+
+fn signaled(signal: i32) -> i32 {
+    signal & 0x7f
+}
+
+/// A process's place in its program. It lives in the process's WASI
+/// context, which moves with the process to each version's store.
+#[derive(Debug, Clone)]
+pub(crate) struct Membership {
+    pub(crate) program: Arc<Processes>,
+    pub(crate) pid: u32,
+    /// Set by `fork`'s first call: the host forks at the unwind it asked
+    /// for.
+    pub(crate) fork_requested: bool,
+    /// What `fork` returns when the rewind calls it again.
+    pub(crate) fork_result: Option<i32>,
+}
+
+/// One process as the table sees it.
+struct Entry {
+    parent: u32,
+    /// Its wait status, once it has ended (a zombie until waited for).
+    ended: Option<i32>,
+    /// The signal `kill` ended it with, until it stops for it.
+    killed: Option<i32>,
+    stopper: Stopper,
+    /// Where it waits for its children, to wake it when one ends.
+    waker: Interrupter,
+}
+
+#[derive(Default)]
+struct Table {
+    next_pid: u32,
+    entries: BTreeMap<u32, Entry>,
+    /// Set once process 1 has ended: no more forks.
+    over: bool,
+}
+
+/// The processes of one program.
+pub struct Processes {
+    max: usize,
+    table: Mutex<Table>,
+}
+
+impl std::fmt::Debug for Processes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Processes").field("max", &self.max).finish_non_exhaustive()
+    }
+}
+
+/// A process as `status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessStatus {
+    /// Its pid.
+    pub pid: u32,
+    /// Its parent's pid (0 for process 1).
+    pub parent: u32,
+    /// Its wait status, if it has ended and its parent has not waited yet.
+    pub ended: Option<i32>,
+}
+
+impl Processes {
+    /// The table of a program whose first process (pid 1) stops through
+    /// `stopper` and waits through `waker`.
+    pub(crate) fn new(max: usize, stopper: Stopper, waker: Interrupter) -> Arc<Self> {
+        let first = Entry { parent: 0, ended: None, killed: None, stopper, waker };
+        Arc::new(Processes { max, table: Mutex::new(Table { next_pid: 2, entries: BTreeMap::from([(1, first)]), over: false }) })
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // Every change is a few assignments made without calling out.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The processes alive or not yet waited for, in pid order.
+    pub fn list(&self) -> Vec<ProcessStatus> {
+        self.table().entries.iter().map(|(pid, e)| ProcessStatus { pid: *pid, parent: e.parent, ended: e.ended }).collect()
+    }
+
+    /// How many processes have not ended.
+    pub fn running(&self) -> usize {
+        self.table().entries.values().filter(|e| e.ended.is_none()).count()
+    }
+
+    /// A pid for a child of `parent`, or the errno a fork returns: the
+    /// program is at its limit, or ending.
+    fn reserve(&self) -> Result<u32, i32> {
+        let mut t = self.table();
+        if t.over {
+            return Err(errno::AGAIN);
+        }
+        if t.entries.len() >= self.max {
+            drop(t);
+            eprintln!("upstare-host: fork refused: the program already has {} processes (--max-processes)", self.max);
+            return Err(errno::AGAIN);
+        }
+        let mut pid = t.next_pid;
+        while t.entries.contains_key(&pid) || pid < 2 {
+            pid = pid.checked_add(1).filter(|p| *p < 1 << 22).unwrap_or(2);
+        }
+        t.next_pid = pid + 1;
+        Ok(pid)
+    }
+
+    /// Starts a forked child: records it under `parent` and drives it on
+    /// an OS thread of its own.
+    fn start(self: &Arc<Self>, pid: u32, parent: u32, child: Guest) -> Result<(), String> {
+        let entry = Entry {
+            parent,
+            ended: None,
+            killed: None,
+            stopper: child.stopper(),
+            waker: child.store.data().wasi.interrupter.clone(),
+        };
+        self.table().entries.insert(pid, entry);
+        let program = self.clone();
+        let started = std::thread::Builder::new()
+            .name(format!("process-{pid}"))
+            .stack_size(GUEST_THREAD_STACK)
+            .spawn(move || program.drive(pid, child));
+        if let Err(e) = started {
+            self.table().entries.remove(&pid);
+            return Err(format!("cannot start an OS thread: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Runs a child until it ends, resuming it after every stop that is
+    /// not a `kill`.
+    fn drive(&self, pid: u32, mut guest: Guest) {
+        let status = loop {
+            match guest.run() {
+                Exit::Paused => {
+                    if let Some(signal) = self.killed(pid) {
+                        break signaled(signal);
+                    }
+                }
+                Exit::Status(code) => break exited(code),
+                Exit::Trap(report) => {
+                    eprintln!("upstare-host: process {pid} trapped: {}", report.message);
+                    break signaled(SIGABRT);
+                }
+                Exit::Interrupted { call } => {
+                    eprintln!("upstare-host: process {pid} was interrupted in `{call}`");
+                    break signaled(SIGKILL);
+                }
+                Exit::HostError(e) => {
+                    eprintln!("upstare-host: process {pid} failed: {e}");
+                    break signaled(SIGABRT);
+                }
+            }
+        };
+        drop(guest);
+        self.ended(pid, status);
+    }
+
+    /// The signal `pid` was killed with, if it was.
+    pub(crate) fn killed(&self, pid: u32) -> Option<i32> {
+        self.table().entries.get(&pid).and_then(|e| e.killed)
+    }
+
+    /// Records that `pid` ended with wait status `status`: its parent may
+    /// now wait for it (one that has none left, the host reaps), and its
+    /// own children pass to the host, which reaps them as they end. The
+    /// end of process 1 ends every other.
+    pub(crate) fn ended(&self, pid: u32, status: i32) {
+        // Wake-ups are made once the table is unlocked: a process waiting
+        // for a child checks the table from inside its wait.
+        let (waker, stop) = {
+            let mut t = self.table();
+            let Some(entry) = t.entries.get_mut(&pid) else { return };
+            entry.ended = Some(status);
+            let parent = entry.parent;
+            if parent == 0 && pid != 1 {
+                t.entries.remove(&pid);
+            }
+            t.entries.retain(|_, e| !(e.parent == pid && e.ended.is_some()));
+            for child in t.entries.values_mut().filter(|e| e.parent == pid) {
+                child.parent = 0;
+            }
+            let mut stop = Vec::new();
+            if pid == 1 {
+                t.over = true;
+                for e in t.entries.values_mut().filter(|e| e.ended.is_none()) {
+                    e.killed.get_or_insert(SIGKILL);
+                    stop.push(e.stopper.clone());
+                }
+            }
+            (t.entries.get(&parent).map(|p| p.waker.clone()), stop)
+        };
+        if let Some(waker) = waker {
+            waker.unpark();
+        }
+        for stopper in stop {
+            stopper.ask();
+        }
+    }
+
+    /// `kill(pid, signal)`: 0, or a negative errno.
+    fn kill(&self, pid: i32, signal: i32) -> i32 {
+        if ![0, SIGKILL, SIGTERM].contains(&signal) {
+            return -errno::INVAL;
+        }
+        let stopper = {
+            let mut t = self.table();
+            let Some(entry) = u32::try_from(pid).ok().and_then(|p| t.entries.get_mut(&p)).filter(|e| e.ended.is_none()) else {
+                return -errno::SRCH;
+            };
+            if signal == 0 {
+                return 0;
+            }
+            entry.killed.get_or_insert(signal);
+            entry.stopper.clone()
+        };
+        stopper.ask();
+        0
+    }
+
+    /// A child of `parent` that has ended and matches `pid` (-1: any),
+    /// taken from the table with its status; `Err` if `parent` has no such
+    /// child at all.
+    fn reap(&self, parent: u32, pid: i32) -> Result<Option<(u32, i32)>, i32> {
+        let mut t = self.table();
+        let mut children = t.entries.iter().filter(|(p, e)| e.parent == parent && (pid == -1 || i64::from(**p) == i64::from(pid)));
+        let mut any = false;
+        let found = children.find_map(|(p, e)| {
+            any = true;
+            e.ended.map(|s| (*p, s))
+        });
+        if !any && found.is_none() {
+            return Err(errno::CHILD);
+        }
+        if let Some((p, _)) = found {
+            t.entries.remove(&p);
+        }
+        Ok(found)
+    }
+}
+
+/// Copies `parent`'s memory, globals and saved frames into a new process
+/// of the same program, which resumes from the same unwind with `fork`
+/// returning 0. Returns the child's pid, or the errno the parent's `fork`
+/// returns.
+pub(crate) fn fork(parent: &mut Guest) -> i32 {
+    let Some(member) = parent.store.data().wasi.process.clone() else { return -errno::NOSYS };
+    let program = member.program.clone();
+    let pid = match program.reserve() {
+        Ok(pid) => pid,
+        Err(e) => return -e,
+    };
+    let child = parent.forked().and_then(|mut child| {
+        child.store.data_mut().wasi.process = Some(Membership { program: program.clone(), pid, fork_requested: false, fork_result: Some(0) });
+        program.start(pid, member.pid, child)
+    });
+    match child {
+        Ok(()) => pid as i32,
+        Err(e) => {
+            eprintln!("upstare-host: fork failed: {e}");
+            -errno::AGAIN
+        }
+    }
+}
+
+/// Defines the process imports for a program's stores.
+pub(crate) fn add_to_linker(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
+    linker.func_wrap(IMPORT_MODULE, process::FORK, |mut caller: Caller<'_, ProcessState>| -> wasmtime::Result<i32> {
+        let hooks = end_rewind(&mut caller)?;
+        let Some(member) = caller.data_mut().wasi.process.as_mut() else { return Ok(-errno::NOSYS) };
+        if let Some(result) = member.fork_result.take() {
+            return Ok(result);
+        }
+        let Some(hooks) = hooks else {
+            // Only an instrumented module unwinds, and a fork happens at an unwind.
+            return Ok(-errno::NOSYS);
+        };
+        if caller.data().threads.is_some() {
+            eprintln!("upstare-host: fork refused: the program runs threads");
+            return Ok(-errno::NOSYS);
+        }
+        if let Some(member) = caller.data_mut().wasi.process.as_mut() {
+            member.fork_requested = true;
+        }
+        hooks.state.set(&mut caller, Val::I32(State::Unwinding as i32))?;
+        Ok(0)
+    })?;
+    linker.func_wrap(IMPORT_MODULE, process::WAITPID, |mut caller: Caller<'_, ProcessState>, pid: i32, status: i32, options: i32| {
+        waitpid(&mut caller, pid, status, options)
+    })?;
+    linker.func_wrap(IMPORT_MODULE, process::GETPID, |caller: Caller<'_, ProcessState>| -> i32 {
+        caller.data().wasi.process.as_ref().map_or(1, |m| m.pid as i32)
+    })?;
+    linker.func_wrap(IMPORT_MODULE, process::GETPPID, |caller: Caller<'_, ProcessState>| -> i32 {
+        let Some(m) = &caller.data().wasi.process else { return 0 };
+        m.program.table().entries.get(&m.pid).map_or(0, |e| e.parent as i32)
+    })?;
+    linker.func_wrap(IMPORT_MODULE, process::KILL, |caller: Caller<'_, ProcessState>, pid: i32, signal: i32| -> i32 {
+        match &caller.data().wasi.process {
+            Some(m) => m.program.kill(pid, signal),
+            None if pid == 1 => 0,
+            None => -errno::SRCH,
+        }
+    })?;
+    Ok(())
+}
+
+/// Ends a rewind that reached the import (its re-call after an unwind
+/// there); returns the instance's unwind hooks, if it can unwind.
+fn end_rewind(caller: &mut Caller<'_, ProcessState>) -> wasmtime::Result<Option<crate::wasi::UnwindHooks>> {
+    let hooks = caller.data().unwind_hooks();
+    if let Some(h) = &hooks {
+        if h.state.get(&mut *caller).i32() == Some(State::Rewinding as i32) {
+            h.stop_rewind.call(&mut *caller, ())?;
+        }
+    }
+    Ok(hooks)
+}
+
+/// `waitpid`: waits, interruptibly, for a child to end.
+fn waitpid(caller: &mut Caller<'_, ProcessState>, pid: i32, status: i32, options: i32) -> wasmtime::Result<i32> {
+    let hooks = end_rewind(caller)?;
+    let Some(member) = caller.data().wasi.process.clone() else { return Ok(-errno::CHILD) };
+    if options & !WNOHANG != 0 || pid == 0 || pid < -1 {
+        return Ok(-errno::INVAL);
+    }
+    let interrupter = caller.data().wasi.interrupter.clone();
+    // What the wait found, taken from the table under the wait's lock.
+    let found = std::cell::Cell::new(None);
+    let outcome = if options & WNOHANG != 0 {
+        Parked::Woken
+    } else {
+        let _in_call = interrupter.enter("waitpid");
+        interrupter.park(None, || match member.program.reap(member.pid, pid) {
+            Ok(None) => false,
+            other => {
+                found.set(Some(other));
+                true
+            }
+        })
+    };
+    if outcome == Parked::Interrupted {
+        interrupter.take_pending();
+        return match hooks {
+            Some(h) => {
+                h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+                Ok(0)
+            }
+            None => Err(crate::wasi::Interrupted { call: "waitpid" }.into()),
+        };
+    }
+    let reaped = match found.take() {
+        Some(r) => r,
+        None => member.program.reap(member.pid, pid),
+    };
+    let (child, code) = match reaped {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(0),
+        Err(e) => return Ok(-e),
+    };
+    if status != 0 {
+        let memory = match caller.get_export("memory") {
+            Some(Extern::SharedMemory(m)) => ProgramMemory::from_shared(m),
+            _ => return Ok(-errno::FAULT),
+        };
+        if !memory.write(status as u32 as u64, &code.to_le_bytes()) {
+            return Ok(-errno::FAULT);
+        }
+    }
+    Ok(child as i32)
+}

@@ -1,0 +1,180 @@
+//! Programs of several processes (upstare.h's fork, waitpid, kill): the
+//! `forker` test guest's cases through the host binary, and the prefork
+//! example server under load, with a worker that ends and one that forks
+//! until the process limit stops it.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use upstare_tests::{guest, host_command, Control, Server};
+
+/// `upstare-host FLAGS forker CASE` with stdin open and silent: its
+/// status, stdout and stderr.
+fn forker(flags: &[&str], case: &str) -> (Option<i32>, String, String) {
+    let mut child: std::process::Child = host_command()
+        .args(flags)
+        .arg(guest("forker"))
+        .arg(case)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("upstare-host starts");
+    // Kept open: children that read stdin wait, and are killed or ended.
+    let stdin = child.stdin.take();
+    let out = child.wait_with_output().expect("upstare-host ends");
+    drop(stdin);
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Three children each change their copy of a counter and exit with what
+/// they added; the parent's copy is untouched, it reaps each with its
+/// status, and then has no child left.
+#[test]
+fn forked_children_have_their_own_memory_and_are_waited_for() {
+    let (code, out, err) = forker(&[], "basic");
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    let parent = lines.pop();
+    lines.sort_unstable();
+    assert_eq!(
+        lines,
+        [
+            "child 0 exited with 1",
+            "child 0: pid 2, parent 1, counter 101",
+            "child 1 exited with 2",
+            "child 1: pid 3, parent 1, counter 102",
+            "child 2 exited with 3",
+            "child 2: pid 4, parent 1, counter 103",
+        ]
+    );
+    assert_eq!(parent, Some("parent: pid 1, counter 100"));
+}
+
+#[test]
+fn a_killed_child_is_reported_killed_and_is_gone() {
+    let (code, out, err) = forker(&[], "kill");
+    assert_eq!((code, out.as_str()), (Some(0), "child killed by signal 15\n"), "{err}");
+}
+
+/// A fork bomb stops at `--max-processes` with EAGAIN and one line from
+/// the host; the program goes on and ends normally.
+#[test]
+fn forks_past_the_process_limit_fail_with_eagain() {
+    let (code, out, err) = forker(&["--max-processes", "8"], "bomb");
+    assert_eq!((code, out.as_str()), (Some(0), "fork failed after 7 children: EAGAIN\n"), "{err}");
+    assert!(err.contains("upstare-host: fork refused: the program already has 8 processes (--max-processes)"), "{err}");
+}
+
+/// A fork needs an unwind: run as it is, the module's fork fails with
+/// ENOSYS (and the guest says so), nothing else happens.
+#[test]
+fn without_instrumentation_fork_fails_with_enosys() {
+    let (code, _, err) = forker(&["--no-instrument"], "basic");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("fork: Function not implemented"), "{err}");
+}
+
+#[test]
+fn a_bad_process_limit_is_refused() {
+    let out = host_command().args(["--max-processes", "0", "x.wasm"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected a number of processes from 1 to"));
+}
+
+/// Which worker (index, pid) a PING on `client`'s connection reaches.
+fn ping_on(client: &mut upstare_tests::Client) -> (u32, u32) {
+    let reply = client.request("PING");
+    let words: Vec<&str> = reply.split(' ').collect();
+    match words[..] {
+        ["PONG", "v1", "WORKER", index, "PID", pid] => (index.parse().unwrap(), pid.parse().unwrap()),
+        _ => panic!("{reply}"),
+    }
+}
+
+/// [`ping_on`] a new connection.
+fn ping(port: u16) -> (u32, u32) {
+    ping_on(&mut upstare_tests::Client::connect(port))
+}
+
+/// The prefork server with 4 workers sharing its listener, under 16
+/// clients that connect over and over: every request is answered, by all
+/// four workers; a worker that exits is replaced by the master and the
+/// server serves on; `status` lists the processes; an update or a
+/// checkpoint, which cover one process so far, is refused saying why.
+#[test]
+fn the_prefork_server_serves_on_every_worker_and_replaces_one_that_ends() {
+    let control = Control::new("prefork");
+    let (mut server, first) = Server::start(&guest("prefork-server"), &["--control", &control.path()], &["4"]);
+    assert!(first.starts_with("prefork v1: 4 workers"), "{first}");
+    let port = server.port;
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut seen = BTreeSet::new();
+                for _ in 0..20 {
+                    let mut c = upstare_tests::Client::connect(port);
+                    let reply = c.request("ADD 1");
+                    assert!(reply.starts_with("TOTAL "), "{reply}");
+                    let pong = c.request("PING");
+                    seen.insert(pong.split(' ').nth(5).unwrap().to_string());
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut pids = BTreeSet::new();
+    for c in clients {
+        pids.extend(c.join().expect("no request failed"));
+    }
+    assert_eq!(pids.len(), 4, "all four workers served: {pids:?}");
+
+    let status = control.status();
+    assert!(status.contains("processes: 5"), "{status}");
+    assert!((2..=5).all(|p| status.contains(&format!("process {p}: parent 1, running"))), "{status}");
+
+    // The update and the checkpoint say why they cannot be done.
+    let out = control.update(&guest("prefork-server"));
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("the program runs 5 processes, and updating a program of several processes is not supported yet"), "{said}");
+    let out = upstare_tests::run_host(&["checkpoint", "--control", &control.path(), control.dir().join("x.snap").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpointing a program of several processes is not supported yet"));
+
+    // A worker ends; the master forks another in its place.
+    let mut c = upstare_tests::Client::connect(port);
+    let (index, pid) = ping_on(&mut c);
+    assert!(c.try_request("EXIT").is_err(), "the worker closed the connection as it ended");
+    assert_eq!(server.next_line(), format!("worker {index} (pid {pid}) exited with 3"));
+    let restarted = server.next_line();
+    assert!(restarted.starts_with(&format!("worker {index} restarted as pid ")), "{restarted}");
+    let mut seen = BTreeSet::new();
+    for _ in 0..200 {
+        seen.insert(ping(port));
+        if seen.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 1, 2, 3], "four workers serve again: {seen:?}");
+    assert!(!seen.iter().any(|(_, p)| *p == pid), "the old worker is gone: {seen:?}");
+    server.kill();
+}
+
+/// A worker that forks without end is stopped at `--max-processes`: its
+/// forks fail, the host says so once per refusal, and the server serves on.
+#[test]
+fn a_fork_bomb_in_a_worker_stops_at_the_limit_while_the_server_serves() {
+    let (mut server, _) = Server::start(&guest("prefork-server"), &["--max-processes", "12"], &["2"]);
+    let mut c = server.client();
+    // The master and two workers leave room for nine more.
+    assert_eq!(c.request("SPAWN 100"), "SPAWNED 9");
+    for _ in 0..10 {
+        let (index, _) = ping(server.port);
+        assert!(index < 2);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(server.stderr().contains("upstare-host: fork refused: the program already has 12 processes (--max-processes)"), "{}", server.stderr());
+    server.kill();
+}
