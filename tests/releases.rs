@@ -1,8 +1,10 @@
 //! Real programs at their real releases: C sources that crates bundle
 //! (SQLite's amalgamation in `libsqlite3-sys`, zstd in `zstd-sys`), one
 //! release per crate version, each built with a server of ours
-//! (`tests/releases/*.c`) into a guest that the release chains update live
-//! (`tests/e2e/releases.rs`, `docs/RELEASES.md`).
+//! (`tests/releases/*-kv.c`) into a guest that the release chains update
+//! live (`tests/e2e/releases.rs`, `docs/RELEASES.md`), and zstd's
+//! multi-threaded compression with a driver of ours
+//! (`tests/releases/zstd-mt.c`, run by `tests/e2e/threads.rs`).
 //!
 //! Each release has a manifest under `tests/releases/sources/` that is
 //! never built: `cargo metadata` on it makes cargo fetch the crate's
@@ -71,33 +73,58 @@ impl Program {
     /// [`Program::guest`] with the server's source built with `defines`
     /// (`-DNAME`), which select a variant of the server.
     pub fn guest_with(self, release: &str, defines: &[&str]) -> PathBuf {
+        let (mut flags, mut sources, libs) = self.library(release);
+        sources.push(repo().join(format!("tests/releases/{}-kv.c", self.name())));
+        let variant = with_defines(&mut flags, defines);
+        build(&format!("{}-kv{variant}-{release}", self.name()), &sources, &flags, libs)
+    }
+
+    /// The flags, the C sources and the libraries of the release's library,
+    /// as every guest of it is built.
+    fn library(self, release: &str) -> (Vec<String>, Vec<PathBuf>, &'static [&'static str]) {
         let dir = self.sources(release);
         let include = format!("-I{}", dir.display());
         // Every guest gets a 1 MiB shadow stack, as the benches' SQLite:
         // its parser and query planner recurse.
         let mut flags = vec!["-Wall".to_string(), "-Wl,-z,stack-size=1048576".to_string(), include];
-        let (mut sources, libs): (Vec<PathBuf>, &[&str]) = match self {
+        match self {
             Program::Sqlite => {
                 flags.extend(SQLITE_WASI_FLAGS.iter().map(|f| f.to_string()));
-                let libs = SQLITE_WASI_LIBS;
-                (vec![dir.join("sqlite3.c")], libs)
+                (flags, vec![dir.join("sqlite3.c")], SQLITE_WASI_LIBS)
             }
             Program::Zstd => {
                 // The portable C decoder (no x86 assembly), no legacy
-                // formats, single-threaded (zstd's default).
+                // formats, single-threaded (zstd's default; [`zstd_mt`]
+                // adds its threads).
                 flags.extend(["-DZSTD_DISABLE_ASM", "-DZSTD_LEGACY_SUPPORT=0"].map(String::from));
                 let mut sources = Vec::new();
                 for part in ["common", "compress", "decompress"] {
                     sources.extend(c_files(&dir.join(part)));
                 }
-                (sources, &[][..])
+                (flags, sources, &[])
             }
-        };
-        sources.push(repo().join(format!("tests/releases/{}-kv.c", self.name())));
-        flags.extend(defines.iter().map(|d| format!("-D{d}")));
-        let variant: String = defines.iter().map(|d| format!("-{}", d.to_lowercase())).collect();
-        build(&format!("{}-kv{variant}-{release}", self.name()), &sources, &flags, libs)
+        }
     }
+}
+
+/// zstd's multi-threaded compression at `release`: `tests/releases/zstd-mt.c`
+/// (built with `defines`, `-DNAME`, which select its version) with the
+/// library built with `-DZSTD_MULTITHREAD` (its pool of POSIX threads,
+/// `lib/common/pool.c`) for wasi-threads (`upstare-cc --threads`). Built
+/// now unless a build of the same sources and flags is kept.
+pub fn zstd_mt(release: &str, defines: &[&str]) -> PathBuf {
+    let (mut flags, mut sources, libs) = Program::Zstd.library(release);
+    flags.extend(["--threads", "-DZSTD_MULTITHREAD"].map(String::from));
+    sources.push(repo().join("tests/releases/zstd-mt.c"));
+    let variant = with_defines(&mut flags, defines);
+    build(&format!("zstd-mt{variant}-{release}"), &sources, &flags, libs)
+}
+
+/// Adds `defines` to `flags` as `-DNAME`; returns what they add to the
+/// build's name (`-name` each).
+fn with_defines(flags: &mut Vec<String>, defines: &[&str]) -> String {
+    flags.extend(defines.iter().map(|d| format!("-D{d}")));
+    defines.iter().map(|d| format!("-{}", d.to_lowercase())).collect()
 }
 
 /// What SQLite needs to build for wasm32-wasi: no threads, no extension

@@ -1203,6 +1203,8 @@ impl FrameMapper<'_> {
                             let f = v.info.functions.get(rp.callee as usize)?;
                             v.info.types.get(f.ty as usize)?.params.len()
                         }
+                        // The address, the expected value and the timeout.
+                        ResumeKind::AtomicWait => 3,
                         _ => 0,
                     };
                     stack.get(..rp.operands.len().checked_sub(taken)?).map(<[_]>::to_vec)

@@ -150,8 +150,9 @@ pub struct Body {
     /// At each loop header (by the index of its `loop`), which locals may
     /// differ from the compared version's.
     headers: HashMap<usize, Vec<bool>>,
-    /// Right before each call (by its index), when comparing: the same, and
-    /// the values on the operand stack, bottom first, arguments included.
+    /// Right before each call and futex wait (by its index), when
+    /// comparing: the same, and the values on the operand stack, bottom
+    /// first, arguments included.
     calls: HashMap<usize, AtCall>,
     /// At each loop header and right before each call (by index), the
     /// locals that hold the same constant on every path there.
@@ -450,13 +451,23 @@ impl Walk<'_> {
                 }
             };
             let height = open.last().map_or(0, |o| o.height);
-            // Only a comparison has anything to record: a plain walk
-            // differs nowhere.
-            if let (Operator::Call { .. } | Operator::CallIndirect { .. }, Some(locals), true) = (op, &cur, self.taint.tracking) {
+            // A futex wait is an update point as a call is (the
+            // instrumenter lowers it to a call of the host's wait), where a
+            // thread stands blocked: a frame stopped there moves by the
+            // same comparison. Only a comparison has anything to record: a
+            // plain walk differs nowhere.
+            let point = matches!(
+                op,
+                Operator::Call { .. }
+                    | Operator::CallIndirect { .. }
+                    | Operator::MemoryAtomicWait32 { .. }
+                    | Operator::MemoryAtomicWait64 { .. }
+            );
+            if let (true, Some(locals), true) = (point, &cur, self.taint.tracking) {
                 let stack = stack.iter().map(|v| (v.1, v.2)).collect();
                 calls.insert(index, AtCall { locals: locals.iter().map(|v| v.1).collect(), stack });
             }
-            if let (Operator::Call { .. } | Operator::CallIndirect { .. }, Some(locals)) = (op, &cur) {
+            if let (true, Some(locals)) = (point, &cur) {
                 constants.insert(index, known(locals));
             }
             macro_rules! pop {

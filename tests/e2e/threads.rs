@@ -17,6 +17,8 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 struct Program {
     engine: Engine,
     module: Module,
+    /// `argv`, the module's path first.
+    args: Vec<String>,
     memory: SharedMemory,
     stdout: MemoryOutputPipe,
     next_tid: AtomicI32,
@@ -28,7 +30,7 @@ struct Program {
 /// another thread that calls `wasi_thread_start(tid, arg)` in an instance
 /// of its own.
 fn instantiate(program: &Arc<Program>) -> (Store<WasiP1Ctx>, Instance) {
-    let ctx = WasiCtxBuilder::new().stdout(program.stdout.clone()).build_p1();
+    let ctx = WasiCtxBuilder::new().args(&program.args).stdout(program.stdout.clone()).build_p1();
     let mut store = Store::new(&program.engine, ctx);
     let mut linker: Linker<WasiP1Ctx> = Linker::new(&program.engine);
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |t| t).unwrap();
@@ -55,7 +57,7 @@ fn instantiate(program: &Arc<Program>) -> (Store<WasiP1Ctx>, Instance) {
 /// process, with wasmtime: one shared memory, a store and an instance per
 /// thread on an OS thread of its own. The reference for what a threaded
 /// guest prints. Returns main's exit status and what the program printed.
-fn run_reference(path: &Path) -> (i32, String) {
+fn run_reference(path: &Path, args: &[&str]) -> (i32, String) {
     let mut config = Config::new();
     config.wasm_threads(true).shared_memory(true);
     let engine = Engine::new(&config).unwrap();
@@ -65,6 +67,7 @@ fn run_reference(path: &Path) -> (i32, String) {
     let program = Arc::new(Program {
         engine,
         module,
+        args: [path.to_str().unwrap()].iter().chain(args).map(|a| a.to_string()).collect(),
         memory,
         stdout: MemoryOutputPipe::new(1 << 20),
         next_tid: AtomicI32::new(1),
@@ -100,7 +103,7 @@ fn a_threads_guest_runs_under_the_host_as_under_the_reference() {
     assert!(memory.ty().memory().is_some_and(|m| m.is_shared()), "a shared memory");
     assert!(module.imports().any(|i| i.module() == "wasi" && i.name() == "thread-spawn"), "imports wasi::thread-spawn");
     assert!(module.get_export("wasi_thread_start").is_some(), "exports wasi_thread_start");
-    let reference = run_reference(&counter);
+    let reference = run_reference(&counter, &[]);
     assert_eq!(reference, (0, "count=400000\n".to_string()), "the threads' increments, none lost");
 
     let path = counter.to_str().unwrap();
@@ -339,4 +342,155 @@ fn a_paused_program_names_where_each_thread_stopped() {
     assert!(threads.iter().all(waiting), "{threads:?}");
     assert_eq!(program.paused_in().as_deref(), Some("__wasi_sock_accept"));
     // The workers stay parked with the program, which is dropped paused.
+}
+
+/// The zstd release whose own multi-threaded compression the tests run.
+const ZSTD_MT_RELEASE: &str = "1.5.7";
+
+/// The hash of the frame in a line of `zstd-mt` (`... frame fnv1a HEX, ...`).
+fn zstd_frame(line: &str) -> &str {
+    line.split("frame fnv1a ").nth(1).and_then(|rest| rest.split(',').next()).unwrap_or_else(|| panic!("no frame hash in {line:?}"))
+}
+
+/// The number right after `prefix` in a summary line of `text`.
+fn number_after(text: &str, prefix: &str) -> u64 {
+    text.split(prefix)
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {prefix:?} in {text}"))
+}
+
+/// Asserts a run of `zstd-mt` ended with status 0 and printed `expected`.
+fn assert_zstd_run(out: &std::process::Output, expected: &str, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{what}: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{what}: {stderr}");
+}
+
+/// zstd's own thread pool (`lib/common/pool.c`, built with
+/// ZSTD_MULTITHREAD), which nobody here wrote, compressing 4 MiB in 8 jobs
+/// on 4 workers: the host prints what the reference prints, instrumented
+/// or not. The workers are real threads: zstd starts all 4 (with room for
+/// 3 its pool cannot start and the compression fails, the host saying
+/// why), and without them the frame is another one.
+#[test]
+fn zstd_compresses_on_its_own_thread_pool_under_the_host_as_under_the_reference() {
+    let zstd = upstare_tests::releases::zstd_mt(ZSTD_MT_RELEASE, &[]);
+    let path = zstd.to_str().unwrap();
+    let (status, reference) = run_reference(&zstd, &["4", "4"]);
+    assert_eq!(status, 0, "{reference}");
+    assert!(
+        reference.starts_with("zstd 1.5.7, 4 workers, round 1: 4194304 -> ")
+            && reference.contains(" bytes in 8 jobs, frame fnv1a ")
+            && reference.ends_with(", roundtrip ok\n")
+            && reference.lines().count() == 1,
+        "{reference}"
+    );
+    for flags in [&[][..], &["--no-instrument"], &["--max-threads", "4"]] {
+        assert_zstd_run(&run_host(&[flags, &[path, "4", "4"]].concat()), &reference, &format!("{flags:?}"));
+    }
+
+    let out = run_host(&["--max-threads", "3", path, "4", "4"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("upstare-host: thread-spawn refused: the program already runs 3 threads besides its main one"), "{stderr}");
+    assert!(stderr.contains("zstd-mt: compress: Allocation error"), "the pool could not start: {stderr}");
+
+    let out = run_host(&[path, "0", "4"]);
+    let single = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(single.starts_with("zstd 1.5.7, 0 workers, round 1: 4194304 -> ") && single.contains(" in 0 jobs, "), "{single}");
+    assert_ne!(zstd_frame(&single), zstd_frame(&reference), "one thread compresses to another frame");
+}
+
+/// zstd's pool paused and resumed at every 31st update point of each of
+/// its threads (mid-job, or waiting for work or for a job to finish) and
+/// of main: the same frame, the same roundtrip.
+#[test]
+fn zstd_thread_pool_paused_at_every_nth_point_compresses_the_same() {
+    let zstd = upstare_tests::releases::zstd_mt(ZSTD_MT_RELEASE, &[]);
+    let (status, reference) = run_reference(&zstd, &["4", "2"]);
+    assert_eq!(status, 0, "{reference}");
+    let out = run_host(&["--stress-pause", "31", zstd.to_str().unwrap(), "4", "2"]);
+    assert_zstd_run(&out, &reference, "--stress-pause 31");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(number_after(&stderr, "unwound and rewound ") > 10_000, "{stderr}");
+}
+
+/// zstd's compression updated while it runs, its 4 workers moving with
+/// main each time: onto its own module at every 10000th update point of
+/// main with every function treated as changed (`--stress-update`; a
+/// worker blocked in its futex wait moves by the rules for changed code
+/// too), and by `upstare-host update`, while it compresses round after
+/// round, onto itself and then onto the driver's next version (which says
+/// "verified" where the first said "ok"). Every update is applied and
+/// every frame is right.
+#[test]
+fn zstd_thread_pool_updated_while_it_compresses_compresses_the_same() {
+    let zstd = upstare_tests::releases::zstd_mt(ZSTD_MT_RELEASE, &[]);
+    let next = upstare_tests::releases::zstd_mt(ZSTD_MT_RELEASE, &["ZSTD_MT_V2"]);
+    let path = zstd.to_str().unwrap();
+    let dir = upstare_tests::TempDir::new("zstd-mt");
+    let stdout = dir.0.join("stdout");
+
+    let (status, reference) = run_reference(&zstd, &["4", "2", "2"]);
+    assert_eq!(status, 0, "{reference}");
+    // Its stdout a file: a write to a file never waits (see
+    // `stress_update.rs`).
+    let out = host_command()
+        .args(["--stress-update", "10000", path, "4", "2", "2"])
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .output()
+        .unwrap();
+    let out = std::process::Output { stdout: std::fs::read(&stdout).unwrap(), ..out };
+    assert_zstd_run(&out, &reference, "--stress-update 10000");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let points = number_after(&stderr, "--stress-update 10000: ");
+    assert!(points > 100, "{stderr}");
+    assert!(stderr.contains(&format!("{points} points: {points} moved, 0 retreated, 0 waited, 0 refused")), "{stderr}");
+
+    // Rounds until the file `stop` exists.
+    let control = Control::new("zstd-mt");
+    let mut host = upstare_tests::KillOnDrop::spawn(
+        host_command()
+            .args(["--control", &control.path(), "--dir", &format!("{}::/run", dir.0.display()), path, "4", "4", "1000000", "/run/stop"])
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::process::Stdio::piped()),
+    );
+    let rounds = || std::fs::read_to_string(&stdout).unwrap().lines().count();
+    let wait_for_rounds = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while rounds() < n {
+            assert!(std::time::Instant::now() < deadline, "zstd-mt printed {} rounds of {n}", rounds());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for_rounds(1);
+    for (module, changed) in [(&zstd, 0), (&next, 1)] {
+        let out = control.update(module);
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}{report}", String::from_utf8_lossy(&out.stderr));
+        assert!(report.contains(&format!("functions: {changed} changed, 0 added, 0 removed")), "{report}");
+        assert!(report.contains("threads: 5 moved to the new version together"), "{report}");
+    }
+    // A round compressed after the last update, then the end.
+    wait_for_rounds(rounds() + 2);
+    std::fs::write(dir.0.join("stop"), "").unwrap();
+    let status = host.0.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(host.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    // Each line the reference's first, but for its round, and the next
+    // version's word from some round on.
+    let (_, first) = run_reference(&zstd, &["4", "4"]);
+    let printed = std::fs::read_to_string(&stdout).unwrap();
+    let updated = printed.lines().position(|l| l.ends_with(" verified")).unwrap_or_else(|| panic!("no round of the next version: {printed}"));
+    for (i, line) in printed.lines().enumerate() {
+        let mut expected = first.trim_end().replace("round 1:", &format!("round {}:", i + 1));
+        if i >= updated {
+            expected = expected.replace("roundtrip ok", "roundtrip verified");
+        }
+        assert_eq!(line, expected, "{stderr}");
+    }
 }
