@@ -11,10 +11,12 @@
 //! - update pause: an update to v2 or back to v1 (the types do not change),
 //!   from the program paused to every thread ready in the new version.
 //!
-//! Then `tests/guests/threads/counter.c` (4 threads adding under a mutex,
-//! built with `upstare-cc --threads`) run by the `upstare-host` binary,
+//! Then two threaded programs run by the `upstare-host` binary,
 //! instrumented and as it is, side by side in rounds: the ratio of their
-//! medians.
+//! medians. zstd 1.5.7's own multi-threaded compression
+//! (`tests/releases/zstd-mt.c`, 4 worker threads), a real program busy in
+//! its workers; and `tests/guests/threads/counter.c` (4 threads adding
+//! under a mutex), which measures little but the host's futex waits.
 //!
 //! `cargo bench -p upstare-benches --bench threads [-- ROUNDS]` (default 10).
 
@@ -72,22 +74,22 @@ fn main() {
     }
     let _ = std::fs::remove_file(&snap);
 
-    let counter = CGuest {
-        name: "counter".into(),
-        sources: vec![root().join("tests/guests/threads/counter.c")],
-        flags: vec!["--threads".into()],
-        libs: Vec::new(),
-    }
-    .build();
+    threaded_overhead(rounds);
+}
+
+/// Runs `module ARGS` with the release `upstare-host`, instrumented and as
+/// it is, alternately for `rounds` rounds after one of each (instrumenting
+/// and compiling are cached after it): the medians, as it is and
+/// instrumented.
+fn instrumented_against_as_is(module: &Path, args: &[&str], rounds: usize) -> (Duration, Duration) {
     let host = root().join("target/release/upstare-host");
     assert!(host.exists(), "build the host first: cargo build --release -p upstare-host");
     let time = |flags: &[&str]| {
         let started = Instant::now();
-        let out = Command::new(&host).args(flags).arg(&counter).output().unwrap();
+        let out = Command::new(&host).args(flags).arg(module).args(args).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         started.elapsed()
     };
-    // Once each first: instrumenting and compiling are cached after.
     time(&[]);
     time(&["--no-instrument"]);
     let (mut plain, mut instrumented) = (Vec::new(), Vec::new());
@@ -95,11 +97,28 @@ fn main() {
         plain.push(time(&["--no-instrument"]));
         instrumented.push(time(&[]));
     }
-    let (p, i) = (median(plain), median(instrumented));
-    println!(
-        "counter (4 threads x 100000 mutex increments): as it is {:.1} ms, instrumented {:.1} ms, ratio {:.3}",
-        p.as_secs_f64() * 1e3,
-        i.as_secs_f64() * 1e3,
-        i.as_secs_f64() / p.as_secs_f64()
-    );
+    (median(plain), median(instrumented))
+}
+
+fn threaded_overhead(rounds: usize) {
+    let show = |what: &str, (p, i): (Duration, Duration)| {
+        println!(
+            "{what}: as it is {:.1} ms, instrumented {:.1} ms, ratio {:.3}",
+            p.as_secs_f64() * 1e3,
+            i.as_secs_f64() * 1e3,
+            i.as_secs_f64() / p.as_secs_f64()
+        );
+    };
+    // zstd's own pool of 4 threads compressing 16 MiB, 4 times over, and
+    // checking each frame: a real threaded program, busy in its workers.
+    let zstd = upstare_tests::releases::zstd_mt("1.5.7", &[]);
+    show("zstd-mt (zstd 1.5.7, 4 worker threads, 16 MiB x 4)", instrumented_against_as_is(&zstd, &["4", "16", "4"], rounds));
+    let counter = CGuest {
+        name: "counter".into(),
+        sources: vec![root().join("tests/guests/threads/counter.c")],
+        flags: vec!["--threads".into()],
+        libs: Vec::new(),
+    }
+    .build();
+    show("counter (4 threads x 100000 mutex increments)", instrumented_against_as_is(&counter, &[], rounds));
 }
