@@ -58,6 +58,14 @@ fn a_killed_child_is_reported_killed_and_is_gone() {
     assert_eq!((code, out.as_str()), (Some(0), "child killed by signal 15\n"), "{err}");
 }
 
+/// A process whose parent ended passes to the host: it sees parent 0, and
+/// the host reaps it when it ends (the grandparent has nothing to wait for).
+#[test]
+fn orphans_pass_to_the_host_which_reaps_them() {
+    let (code, out, err) = forker(&[], "orphan");
+    assert_eq!((code, out.as_str()), (Some(0), "grandchild 3: parent now 0\nparent: no child left\n"), "{err}");
+}
+
 /// A fork bomb stops at `--max-processes` with EAGAIN and one line from
 /// the host; the program goes on and ends normally.
 #[test]

@@ -7,6 +7,9 @@
  *   forker kill    a child that waits forever for input is killed with
  *                  SIGTERM, and the parent sees it so
  *   forker bomb    forks until fork() fails, then reaps every child
+ *   forker orphan  a child forks a grandchild and exits; the grandchild,
+ *                  an orphan, sees parent 0, and once it ends the host
+ *                  has reaped it (the parent has no child left to wait for)
  */
 #include <errno.h>
 #include <stdio.h>
@@ -106,6 +109,37 @@ static int bomb(void)
     return 0;
 }
 
+static int orphan(void)
+{
+    pid_t child = fork();
+    if (child == 0) {
+        pid_t grandchild = fork();
+        if (grandchild == 0) {
+            /* Until the child has ended: then this one is an orphan. */
+            while (getppid() != 0)
+                usleep(1000);
+            printf("grandchild %d: parent now %d\n", upstare_getpid(), getppid());
+            fflush(stdout);
+            exit(5);
+        }
+        exit(grandchild > 0 ? 0 : 1);
+    }
+    int status;
+    if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        fputs("the child failed\n", stderr);
+        return 1;
+    }
+    /* The grandchild is not ours to wait for; it ends, and nobody waits. */
+    while (kill(child + 1, 0) == 0)
+        usleep(1000);
+    if (waitpid(-1, &status, WNOHANG) != -1 || errno != ECHILD) {
+        fputs("a child left to wait for\n", stderr);
+        return 1;
+    }
+    printf("parent: no child left\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *what = argc > 1 ? argv[1] : "basic";
@@ -115,6 +149,8 @@ int main(int argc, char **argv)
         return killed();
     if (strcmp(what, "bomb") == 0)
         return bomb();
-    fprintf(stderr, "usage: forker basic|kill|bomb\n");
+    if (strcmp(what, "orphan") == 0)
+        return orphan();
+    fprintf(stderr, "usage: forker basic|kill|bomb|orphan\n");
     return 2;
 }
