@@ -151,29 +151,30 @@ impl Processes {
         self.table().entries.values().filter(|e| e.ended.is_none()).count()
     }
 
-    /// A pid for a child of `parent`, or the errno a fork returns: the
-    /// program is at its limit, or ending.
-    fn reserve(&self) -> Result<u32, i32> {
-        let mut t = self.table();
+    /// Whether the program may have one more process: the errno a fork
+    /// returns if not (the program is at its limit, or ending). Checked
+    /// before the memory is copied, and again as the child is recorded.
+    fn room(&self, t: &Table) -> Result<(), i32> {
         if t.over {
             return Err(errno::AGAIN);
         }
         if t.entries.len() >= self.max {
-            drop(t);
             eprintln!("upstare-host: fork refused: the program already has {} processes (--max-processes)", self.max);
             return Err(errno::AGAIN);
         }
+        Ok(())
+    }
+
+    /// Records a forked child of `parent` under a new pid, limits allowing,
+    /// and returns the pid.
+    fn admit(&self, parent: u32, child: &Guest) -> Result<u32, i32> {
+        let mut t = self.table();
+        self.room(&t)?;
         let mut pid = t.next_pid;
         while t.entries.contains_key(&pid) || pid < 2 {
             pid = pid.checked_add(1).filter(|p| *p < 1 << 22).unwrap_or(2);
         }
         t.next_pid = pid + 1;
-        Ok(pid)
-    }
-
-    /// Starts a forked child: records it under `parent` and drives it on
-    /// an OS thread of its own.
-    fn start(self: &Arc<Self>, pid: u32, parent: u32, child: Guest) -> Result<(), String> {
         let entry = Entry {
             parent,
             ended: None,
@@ -181,7 +182,12 @@ impl Processes {
             stopper: child.stopper(),
             waker: child.store.data().wasi.interrupter.clone(),
         };
-        self.table().entries.insert(pid, entry);
+        t.entries.insert(pid, entry);
+        Ok(pid)
+    }
+
+    /// Drives process `pid` on an OS thread of its own.
+    fn start(self: &Arc<Self>, pid: u32, child: Guest) -> Result<(), String> {
         let program = self.clone();
         let started = std::thread::Builder::new()
             .name(format!("process-{pid}"))
@@ -313,15 +319,23 @@ impl Processes {
 pub(crate) fn fork(parent: &mut Guest) -> i32 {
     let Some(member) = parent.store.data().wasi.process.clone() else { return -errno::NOSYS };
     let program = member.program.clone();
-    let pid = match program.reserve() {
+    // A fork bomb is refused before it copies anything.
+    if let Err(e) = program.room(&program.table()) {
+        return -e;
+    }
+    let mut child = match parent.forked() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("upstare-host: fork failed: {e}");
+            return -errno::AGAIN;
+        }
+    };
+    let pid = match program.admit(member.pid, &child) {
         Ok(pid) => pid,
         Err(e) => return -e,
     };
-    let child = parent.forked().and_then(|mut child| {
-        child.store.data_mut().wasi.process = Some(Membership { program: program.clone(), pid, fork_requested: false, fork_result: Some(0) });
-        program.start(pid, member.pid, child)
-    });
-    match child {
+    child.store.data_mut().wasi.process = Some(Membership { program: program.clone(), pid, fork_requested: false, fork_result: Some(0) });
+    match program.start(pid, child) {
         Ok(()) => pid as i32,
         Err(e) => {
             eprintln!("upstare-host: fork failed: {e}");
