@@ -2,9 +2,9 @@
 //! run it to an exit status; for an instrumented module, its control
 //! memory, and pausing and resuming it at update points.
 //!
-//! The process is the host's unit of execution: later, several of them (a
-//! forking server's workers) share open objects through their fd tables and
-//! are paused together.
+//! A program is one process with its threads ([`crate::threads`]), or, if
+//! it forks, several processes, each a `Guest` of its own, sharing open
+//! objects through their fd tables ([`crate::processes`]).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -462,22 +462,19 @@ impl Guest {
     /// resumes it where it stopped. For a multi-threaded program, the
     /// program is paused once every thread is (this returns when they all
     /// are), a resume resumes them all, and a thread's `proc_exit` or trap
-    /// is the program's exit.
+    /// is the program's exit. For the first process of a program that
+    /// forks, a `kill` ends it as killed (status 128 + the signal), and its
+    /// end ends the others.
     pub fn run(&mut self) -> Exit {
         let exit = self.run_program();
-        // The first process of a program that forks: stopped by a `kill`,
-        // it ends as killed; its end is the program's.
-        if let Some(m) = self.store.data().wasi.process.clone().filter(|m| m.pid == 1) {
-            let exit = match (exit, m.program.killed(1)) {
-                (Exit::Paused, Some(signal)) => Exit::Status(128 + signal),
-                (exit, _) => exit,
-            };
-            match &exit {
-                Exit::Paused => {}
-                Exit::Status(code) => m.program.ended(1, (code & 0xff) << 8),
-                _ => m.program.ended(1, crate::processes::SIGKILL),
-            }
-            return exit;
+        let Some(m) = self.store.data().wasi.process.clone().filter(|m| m.pid == 1) else { return exit };
+        let killed = m.program.killed(1);
+        let exit = match (exit, killed) {
+            (Exit::Paused, Some(signal)) => Exit::Status(128 + signal),
+            (exit, _) => exit,
+        };
+        if !matches!(exit, Exit::Paused) {
+            m.program.ended(1, crate::processes::wait_status(&exit, killed));
         }
         exit
     }

@@ -72,6 +72,18 @@ fn signaled(signal: i32) -> i32 {
     signal & 0x7f
 }
 
+/// The wait status of a process that ended with `exit`, or was stopped by
+/// a `kill` of `killed`. A trap, or a host failure, ends it as an abort
+/// does a native process.
+pub(crate) fn wait_status(exit: &Exit, killed: Option<i32>) -> i32 {
+    match (killed, exit) {
+        (Some(signal), _) => signaled(signal),
+        (None, Exit::Status(code)) => exited(*code),
+        (None, Exit::Interrupted { .. }) => signaled(SIGKILL),
+        (None, _) => signaled(SIGABRT),
+    }
+}
+
 /// A process's place in its program. It lives in the process's WASI
 /// context, which moves with the process to each version's store.
 #[derive(Debug, Clone)]
@@ -204,26 +216,16 @@ impl Processes {
     /// not a `kill`.
     fn drive(&self, pid: u32, mut guest: Guest) {
         let status = loop {
-            match guest.run() {
-                Exit::Paused => {
-                    if let Some(signal) = self.killed(pid) {
-                        break signaled(signal);
-                    }
-                }
-                Exit::Status(code) => break exited(code),
-                Exit::Trap(report) => {
-                    eprintln!("upstare-host: process {pid} trapped: {}", report.message);
-                    break signaled(SIGABRT);
-                }
-                Exit::Interrupted { call } => {
-                    eprintln!("upstare-host: process {pid} was interrupted in `{call}`");
-                    break signaled(SIGKILL);
-                }
-                Exit::HostError(e) => {
-                    eprintln!("upstare-host: process {pid} failed: {e}");
-                    break signaled(SIGABRT);
-                }
+            let exit = guest.run();
+            let killed = self.killed(pid);
+            match &exit {
+                Exit::Paused if killed.is_none() => continue,
+                Exit::Trap(report) => eprintln!("upstare-host: process {pid} trapped: {}", report.message),
+                Exit::Interrupted { call } => eprintln!("upstare-host: process {pid} was interrupted in `{call}`"),
+                Exit::HostError(e) => eprintln!("upstare-host: process {pid} failed: {e}"),
+                Exit::Paused | Exit::Status(_) => {}
             }
+            break wait_status(&exit, killed);
         };
         drop(guest);
         self.ended(pid, status);
