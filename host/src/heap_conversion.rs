@@ -10,9 +10,7 @@
 
 use upstare_instrument::abi::exports::{FREE, MALLOC};
 use upstare_instrument::abi::{TypedFrame, Value};
-use upstare_patchgen::heap::{self, Landing, MemoryView, Moved, Region};
-use upstare_patchgen::plan::{Linked, Plan};
-use upstare_patchgen::version::Version;
+use upstare_patchgen::heap::{self, Landing, MemoryView};
 use wasmtime::{Instance, Store};
 
 use crate::module::one_line;
@@ -28,58 +26,6 @@ impl MemoryView for ProgramMemory {
     fn prefetch(&self, address: u32) {
         self.prefetch(u64::from(address));
     }
-}
-
-/// What the paused stack gives the trace.
-pub(crate) struct Stacks<'a> {
-    /// The part of the shadow stack that stays where it is, as (start,
-    /// size): its words are not typed, save the frames' variables.
-    pub live: Option<(u32, u32)>,
-    /// The live shadow stacks of the program's other threads, as (start,
-    /// size, what): scanned untyped, as their frames are not typed.
-    pub threads: Vec<(u32, u32, String)>,
-    /// Shadow-stack bytes the frame mapping moves, as (from, to, length):
-    /// scanned untyped, since their pointers are not rewritten.
-    pub moving: &'a [(u32, u32, u64)],
-    /// The frames' typed variables.
-    pub frames: &'a heap::FrameRoots,
-}
-
-/// Traces the paused heap of `old` for the update `plan`; `None` when no
-/// root reaches a changed type. An `Err` refuses the update.
-pub(crate) fn trace(old: &Version, plan: &Plan, linked: &Linked, memory: &ProgramMemory, stacks: Stacks<'_>) -> Result<Option<heap::Plan>, String> {
-    let moved = linked
-        .conversions
-        .iter()
-        .map(|c| Moved {
-            name: c.key.to_string(),
-            old_address: c.old_address,
-            old_size: c.old_size,
-            new_address: c.new_address,
-            map: c.map.clone(),
-        })
-        .collect();
-    let live = stacks.live.map(|(address, size)| Region { address, size, what: "the shadow stack".into() });
-    let moving = stacks.moving.iter().map(|&(from, _, len)| Region {
-        address: from,
-        size: u32::try_from(len).unwrap_or(u32::MAX),
-        what: "the memory of a frame that moves to its new layout".into(),
-    });
-    let threads = stacks.threads.into_iter().map(|(address, size, what)| Region { address, size, what });
-    let untyped = live.into_iter().chain(threads).chain(moving).collect();
-    let started = std::time::Instant::now();
-    let traced = heap::trace(old, &plan.new, &plan.heap_roots, stacks.frames, moved, memory, untyped)?;
-    if let Some(t) = &traced {
-        tracing::debug!(
-            "update: heap traced in {:?}: {} allocations in {} segments, {} pointers followed, {} objects to convert",
-            started.elapsed(),
-            t.chunks.0,
-            t.chunks.1,
-            t.pointers_traced,
-            t.objects.len()
-        );
-    }
-    Ok(traced)
 }
 
 /// What [`convert`] did, for the update's report.

@@ -251,7 +251,7 @@ impl Guest {
         let (control, stack_top) = match threads.memories() {
             SharedMemories::Instrumented(memory) => {
                 // The spawning thread runs on, and others too.
-                let top = memory.load_u32(u64::from(arg as u32));
+                let top = memory.load_u32(u64::from(upstare_patchgen::paused::thread_stack_top_address(arg as u32)));
                 (Some(new_control(engine, threads.stress())?), top)
             }
             SharedMemories::Plain { .. } => (None, None),

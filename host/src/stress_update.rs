@@ -168,9 +168,13 @@ impl StressUpdates {
                 self.tally.waited += 1;
                 *self.tally.reasons.entry(frame.to_string()).or_default() += 1;
             }
-            UpdateError::Refused(reason) | UpdateError::Held(reason) => {
+            UpdateError::Refused(reason) => {
                 self.tally.refused += 1;
                 *self.tally.reasons.entry(reason).or_default() += 1;
+            }
+            UpdateError::Stale(stale) => {
+                self.tally.refused += 1;
+                *self.tally.reasons.entry(stale.to_string()).or_default() += 1;
             }
             e => return Err(e.to_string()),
         }

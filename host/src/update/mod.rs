@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use upstare_instrument::abi::{exports, write_frames, TypedFrame, Value};
 use upstare_instrument::Metadata;
 use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack, Unmappable};
-use upstare_patchgen::heap::{self, stale};
+use upstare_patchgen::heap;
+use upstare_patchgen::paused::{Findings, PausedProgram, PausedThread, Stale};
 use upstare_patchgen::plan::{plan, Linked, Plan};
 use upstare_patchgen::version::Version;
 use wasmtime::{Engine, InstancePre, Linker, Store};
@@ -66,11 +67,13 @@ pub enum UpdateError {
     /// A frame cannot move to the new version (yet).
     #[error("update refused: a frame cannot move to the new version: {0}")]
     Frame(Unmappable),
-    /// The program holds, right now, a value that would point where
-    /// nothing will be (an address of a converted global's old copy, or an
-    /// integer that looks like one): it may let go of it as it runs on.
+    /// The paused program holds what the update cannot carry over: a
+    /// value that would point where nothing will be ([`Stale::Held`]: an
+    /// address of a converted global's old copy, or an integer that looks
+    /// like one; the program may let go of it as it runs on), or a heap
+    /// it cannot convert.
     #[error("update refused: {0}")]
-    Held(String),
+    Stale(Stale),
     /// Applying the update failed; it was rolled back.
     #[error("update refused: applying it failed and it was rolled back: {0}")]
     RolledBack(String),
@@ -462,82 +465,31 @@ impl Guest {
         }
         let sp = self.stack_pointer(&current.version);
         let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
-        let stack = map_frames(prepared, &frames, sp, memory).map_err(UpdateError::Frame)?;
-        let (kept, stack_from) = kept_frames(&frames, &stack, sp);
+        let stack = prepared.frames.map_paused(&frames, sp, memory).map_err(UpdateError::Frame)?;
         // The program's other threads, paused with it, move with it.
         let workers = match &self.threads {
             Some(threads) => threads::plan(threads, &current.version, prepared, memory)?,
             None => Vec::new(),
         };
-        let shadow_stack = stack_from.zip(stale::stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
-        let mut frame_roots = match self.module.metadata() {
-            // Typing the frames analyses each one's code: only when some
-            // global or struct changed type, so that an ordinary update's
-            // pause pays nothing for it (onto itself, `--stress-update`,
-            // nothing changes).
-            Some(old_meta) if prepared.plan.heap_roots.any_changed() && !Arc::ptr_eq(&current.version, &prepared.next.version) => heap::frame_roots(
-                &current.version,
-                old_meta,
-                &frames,
-                sp,
-                stale::stack_top(&current.version),
-                &prepared.next.version,
-                &new_meta,
-                &stack.frames,
-                kept.len(),
-            ),
-            _ => heap::FrameRoots::default(),
+        let paused = PausedProgram {
+            version: &current.version,
+            memory,
+            main: PausedThread { tid: None, frames: &frames, stack_pointer: sp, stack_top: None, mapped: &stack },
+            workers: workers.iter().map(threads::ThreadStep::paused).collect(),
         };
-        let thread_stacks = threads::live_stacks(&workers);
-        frame_roots.thread_stacks_from = thread_stacks.iter().map(|(from, ..)| *from).collect();
-        let stacks = heap_conversion::Stacks {
-            live: shadow_stack,
-            threads: thread_stacks,
-            moving: &stack.moves,
-            frames: &frame_roots,
-        };
-        let heap = heap_conversion::trace(&current.version, &prepared.plan, &prepared.linked, memory, stacks)
-            .map_err(UpdateError::Refused)?;
-        // Typed pointers the tracer found are rewritten, wherever they
-        // point. Only those in the globals and the shadow stack matter to
-        // the scan; the heap's lie above both.
-        let holders = stale::pointer_holders(&current.version, stack_from);
-        let holders_end = holders.iter().map(|h| h.address.saturating_add(h.size)).max().unwrap_or(0);
-        let rewritten: std::collections::HashSet<u32> =
-            heap.iter().flat_map(|h| h.slots.iter().map(|(slot, _)| *slot)).filter(|&slot| slot < holders_end).collect();
-        let stale = |c: &dyn Fn(u32) -> Option<String>, skip| stale::find_pointer(kept, &current.version, memory, &holders, c, skip, &rewritten);
-        let moved_from = |v: u32| {
-            if let Some((.., tid)) = threads::moves(&workers).find(|(from, _, len, _)| v >= *from && u64::from(v - from) < *len) {
-                return Some(format!("a variable of a frame of thread {tid} that moves: it would still point at the variable's old place"));
-            }
-            stack.moves.iter().any(|(from, _, len)| v >= *from && u64::from(v - from) < *len).then(|| match &stack.rebuilt {
-                Some(r) => format!(
-                    "the stack of `{}`, whose frame is rebuilt where it stands: it would still point at the old place",
-                    r.frame
-                ),
-                None => "a variable of the frame that goes back to its loop header: it would still point at the variable's old place"
-                    .to_string(),
-            })
-        };
-        let converted = |v: u32| {
-            let conversions = &prepared.linked.conversions;
-            conversions
-                .iter()
-                .find(|c| v >= c.old_address && v - c.old_address < c.old_size.max(1))
-                .map(|c| format!("`{}`, whose type changed: it would still point at the old copy", c.key))
-        };
-        for (check, skip) in [(&moved_from as &dyn Fn(u32) -> Option<String>, false), (&converted, true)] {
-            if let Some(reason) = stale(check, skip).or_else(|| threads::find_stale(&workers, &current.version, memory, check, skip)) {
-                return Err(UpdateError::Held(reason));
-            }
+        let started = Instant::now();
+        let Findings { heap, frame_pointers } =
+            paused.check(&prepared.plan, &prepared.linked, self.module.metadata(), &prepared.next.version, &new_meta).map_err(UpdateError::Stale)?;
+        if let Some(t) = &heap {
+            tracing::debug!(
+                "update: heap traced in {:?}: {} allocations in {} segments, {} pointers followed, {} objects to convert",
+                started.elapsed(),
+                t.chunks.0,
+                t.chunks.1,
+                t.pointers_traced,
+                t.objects.len()
+            );
         }
-        if let Some(reason) = heap.as_ref().and_then(|h| threads::find_converted(&workers, h, &current.version, memory)) {
-            return Err(UpdateError::Refused(reason));
-        }
-        let frame_pointers = match &heap {
-            Some(h) => heap::frame_pointers(h, &stack.frames, &prepared.next.version, &new_meta).map_err(UpdateError::Refused)?,
-            None => Vec::new(),
-        };
         let mapped = &stack.frames;
 
         let mut previous = self.switch_to(prepared, &prepared.instance_pre, new_meta.clone()).map_err(rollback)?;
@@ -907,38 +859,6 @@ fn has_transformers(linked: &Linked) -> bool {
 /// The unwinder of an instrumented guest; every step of an update needs it.
 fn instrumented(unwinder: &mut Option<Unwinder>) -> Result<&mut Unwinder, String> {
     unwinder.as_mut().ok_or_else(|| "the module runs without instrumentation".to_string())
-}
-
-/// Maps a paused thread's frames (innermost first) to the new version;
-/// with its stack pointer, a frame that cannot move as it stands may go
-/// back to its loop header or be rebuilt where it stands.
-fn map_frames(prepared: &Prepared, frames: &[TypedFrame], sp: Option<u32>, memory: &ProgramMemory) -> Result<MappedStack, Unmappable> {
-    match sp {
-        Some(sp) => prepared.frames.map_stack(frames, sp, &StackReader(memory)),
-        None => frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map(|frames| MappedStack { frames, ..MappedStack::default() }),
-    }
-}
-
-/// The old frames whose values still matter once `stack` is in place, and
-/// where the live shadow stack then starts. Dropped frames and the
-/// retreating frame's old values are gone once the update is done, and a
-/// rebuilt frame's stack had its addresses rewritten by the plan.
-fn kept_frames<'f>(frames: &'f [TypedFrame], stack: &MappedStack, sp: Option<u32>) -> (&'f [TypedFrame], Option<u32>) {
-    match (&stack.rebuilt, stack.kept_stack_from) {
-        (Some(r), _) => (&frames[r.frames..], Some(r.stack_from)),
-        (None, Some(from)) => (&frames[frames.len() + 1 - stack.frames.len()..], Some(from)),
-        (None, None) => (frames, sp),
-    }
-}
-
-/// The paused program's memory, as patchgen reads it to rebuild a frame.
-struct StackReader<'m>(&'m ProgramMemory);
-
-impl upstare_patchgen::rebuild::StackMemory for StackReader<'_> {
-    fn read_u32(&self, address: u32) -> Option<u32> {
-        let bytes = self.0.read(u64::from(address), 4)?;
-        Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-    }
 }
 
 /// Index of the `__stack_pointer` global in `version`.
