@@ -264,8 +264,8 @@ impl PausedProgram<'_> {
                 .find(|c| v >= c.old_address && v - c.old_address < c.old_size.max(1))
                 .map(|c| Target::ConvertedGlobal(c.key.to_string()))
         };
-        let checks: [(&dyn Fn(u32) -> Option<Target>, bool); 2] = [(&moved_from, false), (&converted, true)];
-        let held = checks.into_iter().find_map(|(target, skip)| {
+        // Each check in the main thread, then in the others.
+        let find = |target: &dyn Fn(u32) -> Option<Target>, skip: bool| {
             let in_main = stale::find_pointer(kept, self.version, self.memory, &holders, target, skip, &rewritten)
                 .map(|(place, target)| Holding { thread: None, place, target });
             in_main.or_else(|| {
@@ -275,8 +275,8 @@ impl PausedProgram<'_> {
                         .map(|(place, target)| Holding { thread: w.tid, place, target })
                 })
             })
-        });
-        held
+        };
+        find(&moved_from, false).or_else(|| find(&converted, true))
     }
 
     /// The first value in a spawned thread's frames that points into a
@@ -293,5 +293,24 @@ impl PausedProgram<'_> {
             stale::find_pointer(w.kept().0, self.version, self.memory, &[], &converted, false, &HashSet::new())
                 .map(|(place, target)| Holding { thread: w.tid, place, target })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_value_names_its_thread_its_place_and_its_target() {
+        let main = Holding { thread: None, place: Place::Memory("global `line`".into()), target: Target::RebuiltStack("serve".into()) };
+        assert_eq!(
+            Stale::Held(main).to_string(),
+            "global `line` holds the address of the stack of `serve`, whose frame is rebuilt where it stands: it would still point at the old place"
+        );
+        let worker = Holding { thread: Some(3), place: Place::Frame("work".into()), target: Target::ConvertedObject("struct job".into()) };
+        assert_eq!(
+            Stale::ThreadFrame(worker).to_string(),
+            "in thread 3: a frame of `work` holds the address of a heap object of type struct job, which the update converts; only the main thread's frames are rewritten"
+        );
     }
 }
