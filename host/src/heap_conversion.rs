@@ -28,6 +28,97 @@ impl MemoryView for ProgramMemory {
     }
 }
 
+/// Why converting the heap failed, or freeing the old copies did.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeapError {
+    /// The new version exports no `malloc`.
+    #[error("the new version has no function named `malloc` to convert heap objects with")]
+    NoMalloc,
+    /// `malloc` trapped.
+    #[error("converting the heap: `malloc` failed: {}", one_line(.0))]
+    Malloc(#[source] wasmtime::Error),
+    /// `malloc` returned null.
+    #[error("converting the heap: `malloc({size})` failed while converting {type_name} ({path})")]
+    OutOfMemory {
+        /// The bytes asked for.
+        size: u32,
+        /// The object's type.
+        type_name: String,
+        /// How the trace reached it.
+        path: String,
+    },
+    /// `malloc` returned an address out of bounds.
+    #[error("converting the heap: `malloc` returned {0:#x}, out of bounds")]
+    MallocOutOfBounds(u32),
+    /// A pointer to rewrite lies out of bounds.
+    #[error("a pointer at {0:#x} lies out of bounds")]
+    SlotOutOfBounds(u32),
+    /// A pointer to rewrite points into a member the new layout drops
+    /// (the tracer refuses these before the pause ends).
+    #[error("the pointer at {0:#x} points into a dropped member")]
+    DroppedMember(u32),
+    /// Copying an object to its new copy ran out of bounds.
+    #[error("converting {type_name} ({path}) ran out of bounds")]
+    CopyOutOfBounds {
+        /// The object's type.
+        type_name: String,
+        /// How the trace reached it.
+        path: String,
+    },
+    /// A C converter does not have the converter's signature.
+    #[error("converter `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(source))]
+    ConverterSignature {
+        /// Its export name.
+        name: String,
+        /// What wasmtime said of its type.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// A C converter trapped.
+    #[error("converter `{name}` failed: {}", one_line(source))]
+    Converter {
+        /// Its export name.
+        name: String,
+        /// Why.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// The new version exports no `free`.
+    #[error("the new version has no function named `free`")]
+    NoFree,
+    /// `free` trapped.
+    #[error("`free` failed: {}", one_line(.0))]
+    Free(#[source] wasmtime::Error),
+    /// A batch of calls into the guest stopped at an update point.
+    #[error("{0}: it stopped at an update point instead of returning")]
+    Stopped(Calls),
+    /// The allocator's own bytes lie out of bounds.
+    #[error("the allocator's bytes at {0:#x} lie out of bounds")]
+    AllocatorOutOfBounds(u32),
+}
+
+/// A batch of calls into the guest, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Calls {
+    /// The `malloc`s of the new copies.
+    Malloc,
+    /// A C converter's calls.
+    Converter(String),
+    /// The `free`s of the old copies.
+    Free,
+}
+
+impl std::fmt::Display for Calls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Calls::Malloc => f.write_str("converting the heap"),
+            Calls::Converter(name) => write!(f, "converter `{name}` failed"),
+            Calls::Free => f.write_str("`free` failed"),
+        }
+    }
+}
+
 /// What [`convert`] did, for the update's report.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HeapCounts {
@@ -47,28 +138,27 @@ pub(crate) fn convert(
     instance: &Instance,
     store: &mut Store<ProcessState>,
     unwinder: &Unwinder,
-) -> Result<(HeapCounts, Vec<u32>), String> {
+) -> Result<(HeapCounts, Vec<u32>), HeapError> {
     let memory = &unwinder.memory;
     let mut new_starts = Vec::with_capacity(plan.objects.len());
     if !plan.objects.is_empty() {
         let malloc = instance
             .get_typed_func::<i32, i32>(&mut *store, MALLOC)
-            .map_err(|_| "the new version has no function named `malloc` to convert heap objects with".to_string())?;
-        with_pause_off(&unwinder.control, unwinder, store, |store| {
+            .map_err(|_| HeapError::NoMalloc)?;
+        with_pause_off(&unwinder.control, unwinder, store, Calls::Malloc, |store| {
             for o in &plan.objects {
-                let at = malloc.call(&mut *store, o.new_bytes() as i32).map_err(|e| format!("`malloc` failed: {}", one_line(&e)))?;
+                let at = malloc.call(&mut *store, o.new_bytes() as i32).map_err(HeapError::Malloc)?;
                 if at == 0 {
-                    return Err(format!("`malloc({})` failed while converting {} ({})", o.new_bytes(), o.kind.type_name, plan.path_of(o)));
+                    return Err(HeapError::OutOfMemory { size: o.new_bytes(), type_name: o.kind.type_name.clone(), path: plan.path_of(o) });
                 }
                 let at = at as u32;
                 if !memory.fill(u64::from(at), u64::from(o.new_bytes()), 0) {
-                    return Err(format!("`malloc` returned {at:#x}, out of bounds"));
+                    return Err(HeapError::MallocOutOfBounds(at));
                 }
                 new_starts.push(at);
             }
             Ok(())
-        })
-        .map_err(|e| format!("converting the heap: {e}"))?;
+        })?;
     }
     let mut rewritten = 0;
     for (i, &(slot, _)) in plan.slots.iter().enumerate() {
@@ -77,11 +167,11 @@ pub(crate) fn convert(
             Landing::At(to) => {
                 rewritten += 1;
                 if !memory.write(u64::from(slot), &to.to_le_bytes()) {
-                    return Err(format!("a pointer at {slot:#x} lies out of bounds"));
+                    return Err(HeapError::SlotOutOfBounds(slot));
                 }
             }
             // The tracer refuses these before the pause ends.
-            Landing::Dropped => return Err(format!("the pointer at {slot:#x} points into a dropped member")),
+            Landing::Dropped => return Err(HeapError::DroppedMember(slot)),
         }
     }
     for (o, &to) in plan.objects.iter().zip(&new_starts) {
@@ -90,7 +180,7 @@ pub(crate) fn convert(
             let (from, to) = (u64::from(o.start + i * k.old_size), u64::from(to + i * k.new_size));
             for c in &k.map.copies {
                 if !memory.copy_within(from + c.from, to + c.to, c.len) {
-                    return Err(format!("converting {} ({}) ran out of bounds", k.type_name, plan.path_of(o)));
+                    return Err(HeapError::CopyOutOfBounds { type_name: k.type_name.clone(), path: plan.path_of(o) });
                 }
             }
         }
@@ -99,15 +189,14 @@ pub(crate) fn convert(
         let Some(name) = &o.kind.converter else { continue };
         let convert = instance
             .get_typed_func::<(i32, i32), ()>(&mut *store, name)
-            .map_err(|e| format!("converter `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))?;
-        with_pause_off(&unwinder.control, unwinder, store, |store| {
+            .map_err(|source| HeapError::ConverterSignature { name: name.clone(), source })?;
+        with_pause_off(&unwinder.control, unwinder, store, Calls::Converter(name.clone()), |store| {
             for i in 0..o.count {
                 let (from, to) = ((o.start + i * o.kind.old_size) as i32, (to + i * o.kind.new_size) as i32);
-                convert.call(&mut *store, (from, to)).map_err(|e| one_line(&e))?;
+                convert.call(&mut *store, (from, to)).map_err(|source| HeapError::Converter { name: name.clone(), source })?;
             }
             Ok(())
-        })
-        .map_err(|e| format!("converter `{name}` failed: {e}"))?;
+        })?;
     }
     Ok((HeapCounts { converted: new_starts.len(), rewritten }, new_starts))
 }
@@ -142,12 +231,12 @@ pub(crate) struct Undo<'a> {
 }
 
 impl<'a> Undo<'a> {
-    pub(crate) fn take(plan: &'a heap::Plan, memory: &ProgramMemory) -> Result<Undo<'a>, String> {
+    pub(crate) fn take(plan: &'a heap::Plan, memory: &ProgramMemory) -> Result<Undo<'a>, HeapError> {
         let total = plan.allocator.iter().map(|&(_, len)| len as usize).sum();
         let mut bytes = vec![0; total];
         for (address, range) in laid_out(&plan.allocator) {
             if !memory.read_into(u64::from(address), &mut bytes[range]) {
-                return Err(format!("the allocator's bytes at {address:#x} lie out of bounds"));
+                return Err(HeapError::AllocatorOutOfBounds(address));
             }
         }
         Ok(Undo { regions: &plan.allocator, bytes, slots: &plan.slots })
@@ -179,17 +268,16 @@ pub(crate) fn free_old(
     instance: &Instance,
     store: &mut Store<ProcessState>,
     unwinder: &Unwinder,
-) -> Result<(), String> {
+) -> Result<(), HeapError> {
     if plan.objects.is_empty() {
         return Ok(());
     }
     let free = instance
         .get_typed_func::<i32, ()>(&mut *store, FREE)
-        .map_err(|_| "the new version has no function named `free`".to_string())?;
-    with_pause_off(&unwinder.control, unwinder, store, |store| {
-        plan.objects.iter().try_for_each(|o| free.call(&mut *store, o.start as i32).map_err(|e| one_line(&e)))
+        .map_err(|_| HeapError::NoFree)?;
+    with_pause_off(&unwinder.control, unwinder, store, Calls::Free, |store| {
+        plan.objects.iter().try_for_each(|o| free.call(&mut *store, o.start as i32).map_err(HeapError::Free))
     })
-    .map_err(|e| format!("`free` failed: {e}"))
 }
 
 /// Makes `calls` into the guest (its allocator, a converter) with no pause
@@ -200,8 +288,9 @@ fn with_pause_off<T>(
     control: &ControlMemory,
     unwinder: &Unwinder,
     store: &mut Store<ProcessState>,
-    calls: impl FnOnce(&mut Store<ProcessState>) -> Result<T, String>,
-) -> Result<T, String> {
+    what: Calls,
+    calls: impl FnOnce(&mut Store<ProcessState>) -> Result<T, HeapError>,
+) -> Result<T, HeapError> {
     let paused = control.pause_requested();
     control.set_pause(false);
     let result = calls(&mut *store);
@@ -209,6 +298,6 @@ fn with_pause_off<T>(
     let value = result?;
     match unwinder.state.get(&mut *store).i32() {
         Some(0) => Ok(value),
-        _ => Err("it stopped at an update point instead of returning".into()),
+        _ => Err(HeapError::Stopped(what)),
     }
 }

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use upstare_instrument::abi::{exports, write_frames, TypedFrame, Value};
 use upstare_instrument::Metadata;
-use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack, Unmappable};
+use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack};
 use upstare_patchgen::heap;
-use upstare_patchgen::paused::{Findings, PausedProgram, PausedThread, Stale};
+use upstare_patchgen::paused::{Findings, PausedProgram, PausedThread};
 use upstare_patchgen::plan::{plan, Linked, Plan};
 use upstare_patchgen::version::Version;
 use wasmtime::{Engine, InstancePre, Linker, Store};
@@ -47,41 +47,15 @@ use crate::pause::ControlMemory;
 use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinder};
 use crate::fresh::{unreferenced, Area, FreshAreas};
 use crate::heap_conversion;
-pub use crate::heap_conversion::HeapCounts;
+pub use crate::heap_conversion::{Calls, HeapCounts, HeapError};
 use crate::program_memory::ProgramMemory;
 use crate::wasi::{self, UnwindHooks, WasiCtx};
-use crate::{Exit, Guest};
+use crate::Guest;
 
+mod error;
 mod threads;
 
-/// Why an update did not happen. In every case the old version runs on.
-#[derive(Debug, thiserror::Error)]
-pub enum UpdateError {
-    /// The new module cannot be used at all (unreadable, not wasm, not built
-    /// with the documented flags, not instrumentable).
-    #[error("{0}")]
-    BadInput(String),
-    /// The update would not be safe.
-    #[error("update refused: {0}")]
-    Refused(String),
-    /// A frame cannot move to the new version (yet).
-    #[error("update refused: a frame cannot move to the new version: {0}")]
-    Frame(Unmappable),
-    /// The paused program holds what the update cannot carry over: a
-    /// value that would point where nothing will be ([`Stale::Held`]: an
-    /// address of a converted global's old copy, or an integer that looks
-    /// like one; the program may let go of it as it runs on), or a heap
-    /// it cannot convert.
-    #[error("update refused: {0}")]
-    Stale(Stale),
-    /// Applying the update failed; it was rolled back.
-    #[error("update refused: applying it failed and it was rolled back: {0}")]
-    RolledBack(String),
-    /// Something that cannot fail did: a bug in UpStare, not in the
-    /// program or its new version. Nothing was changed.
-    #[error("internal error (a bug in UpStare, please report it): {0}")]
-    Internal(String),
-}
+pub use error::{ApplyError, UpdateError};
 
 /// A version of the program the host can run: what patchgen knows of it,
 /// and its compiled, instrumented module.
@@ -292,7 +266,7 @@ pub fn prepare_onto_itself(
     let started = Instant::now();
     let internal = |e: String| UpdateError::Internal(format!("cannot plan the update onto the running module: {e}"));
     let (plan, linked) = upstare_patchgen::plan::onto_itself(current.version.clone()).map_err(|e| internal(e.to_string()))?;
-    let meta = current.module.metadata().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
+    let meta = current.module.metadata().ok_or(UpdateError::NotInstrumented)?;
     let frames = FrameMapper {
         old: (&current.version, meta),
         new: (&current.version, meta),
@@ -392,16 +366,16 @@ pub(crate) struct FrameUndo {
 impl FrameUndo {
     /// Moves the variables of `stack`, then writes its rewritten addresses
     /// over the moved bytes; on failure nothing stays written.
-    pub(crate) fn apply(stack: &MappedStack, memory: &ProgramMemory) -> Result<Self, String> {
+    pub(crate) fn apply(stack: &MappedStack, memory: &ProgramMemory) -> Result<Self, ApplyError> {
         let sources: Vec<Vec<u8>> = stack
             .moves
             .iter()
-            .map(|(from, _, len)| memory.read(u64::from(*from), *len).ok_or("a moving frame variable lies out of bounds"))
+            .map(|(from, _, len)| memory.read(u64::from(*from), *len).ok_or(ApplyError::MovingVariableOutOfBounds))
             .collect::<Result<_, _>>()?;
         let overwritten: Vec<(u32, Vec<u8>)> = stack
             .moves
             .iter()
-            .map(|(_, to, len)| memory.read(u64::from(*to), *len).map(|b| (*to, b)).ok_or("a frame variable's new place lies out of bounds"))
+            .map(|(_, to, len)| memory.read(u64::from(*to), *len).map(|b| (*to, b)).ok_or(ApplyError::NewPlaceOutOfBounds))
             .collect::<Result<_, _>>()?;
         // Then the rewritten addresses, over the moved bytes: what they
         // overwrite is read after the moves, to be put back before them.
@@ -412,7 +386,7 @@ impl FrameUndo {
         for (at, value) in &stack.patches {
             let Some(before) = memory.read(u64::from(*at), 4) else {
                 undo.restore(memory);
-                return Err("a rewritten address in the stack lies out of bounds".into());
+                return Err(ApplyError::RewrittenAddressOutOfBounds);
             };
             memory.write(u64::from(*at), &value.to_le_bytes());
             undo.patched.push((*at, before));
@@ -450,8 +424,7 @@ impl Guest {
         prepared: &Prepared,
         paused_at: Instant,
     ) -> Result<Report, UpdateError> {
-        let rollback = |m: String| UpdateError::RolledBack(m);
-        let u = self.unwinder.as_ref().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
+        let u = self.unwinder.as_ref().ok_or(UpdateError::NotInstrumented)?;
         let frames = u.paused.clone().ok_or_else(|| UpdateError::Refused("the guest is not paused".into()))?;
         let new_meta: Arc<Metadata> = prepared
             .next
@@ -464,7 +437,7 @@ impl Guest {
             return Err(UpdateError::Refused("the update was prepared for another version than the one running".into()));
         }
         let sp = self.stack_pointer(&current.version);
-        let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
+        let memory = &instrumented(&mut self.unwinder).map_err(|_| UpdateError::NotInstrumented)?.memory;
         let stack = prepared.frames.map_paused(&frames, sp, memory).map_err(UpdateError::Frame)?;
         // The program's other threads, paused with it, move with it.
         let workers = match &self.threads {
@@ -492,7 +465,7 @@ impl Guest {
         }
         let mapped = &stack.frames;
 
-        let mut previous = self.switch_to(prepared, &prepared.instance_pre, new_meta.clone()).map_err(rollback)?;
+        let mut previous = self.switch_to(prepared, &prepared.instance_pre, new_meta.clone()).map_err(UpdateError::RolledBack)?;
         let heap = heap.map(|plan| HeapStep { plan, frame_pointers });
         let mut moved_workers = None;
         let then_workers = |_: &mut Guest| {
@@ -505,7 +478,7 @@ impl Guest {
                 // Every thread accepted the new code: the old instances go.
                 drop(moved_workers);
                 let sp = self.stack_pointer(&prepared.next.version);
-                let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
+                let memory = &instrumented(&mut self.unwinder).map_err(|_| UpdateError::NotInstrumented)?.memory;
                 let freed = unreferenced(&prepared.retiring, &mapped, &prepared.next.version, memory, sp);
                 let p = &prepared.plan;
                 Ok(Report {
@@ -533,7 +506,7 @@ impl Guest {
             }
             Err(reason) => {
                 self.switch_back(previous);
-                Err(rollback(reason))
+                Err(UpdateError::RolledBack(reason))
             }
         }
     }
@@ -548,13 +521,13 @@ impl Guest {
     /// Instantiates `module` in a fresh store over this guest's memories and
     /// makes it the guest's instance, moving the WASI state over. Returns
     /// the old instance.
-    fn switch_to(&mut self, prepared: &Prepared, instance_pre: &InstancePre<ProcessState>, metadata: Arc<Metadata>) -> Result<Previous, String> {
+    fn switch_to(&mut self, prepared: &Prepared, instance_pre: &InstancePre<ProcessState>, metadata: Arc<Metadata>) -> Result<Previous, ApplyError> {
         let module = &prepared.next.module;
         let u = instrumented(&mut self.unwinder)?;
         let (memory, control, unwinds, stress_stops) = (u.memory.clone(), u.control.clone(), u.unwinds, u.stress_stops);
         let frame_bytes = control.frame_bytes();
         let engine = self.store.engine().clone();
-        let detached = WasiCtx::detached().map_err(|e| format!("cannot set up the new store: {e}"))?;
+        let detached = WasiCtx::detached().map_err(ApplyError::NewStore)?;
         let wasi = std::mem::replace(&mut self.store.data_mut().wasi, detached);
         let mut store = Store::new(&engine, ProcessState { wasi, hooks: None, threads: self.threads.clone() });
         let built = instance_pre.instantiate(&mut store).and_then(|instance| {
@@ -568,7 +541,7 @@ impl Guest {
             Err(e) => {
                 // The open files go back where they were.
                 std::mem::swap(&mut store.data_mut().wasi, &mut self.store.data_mut().wasi);
-                return Err(format!("cannot instantiate the new version: {}", one_line(&e)));
+                return Err(ApplyError::Instantiate(e));
             }
         };
         unwinder.unwinds = unwinds;
@@ -606,25 +579,25 @@ impl Guest {
     /// Sets the new instance's wasm globals from the old one's (the plan
     /// says which carry over), and its stack pointer where the mapped stack
     /// puts it.
-    fn carry_globals(&mut self, previous: &mut Previous, prepared: &Prepared, stack: &MappedStack) -> Result<(), String> {
+    fn carry_globals(&mut self, previous: &mut Previous, prepared: &Prepared, stack: &MappedStack) -> Result<(), ApplyError> {
         let store = &mut self.store;
         for (new_index, old_index) in &prepared.plan.globals {
             let value = previous
                 .instance
                 .get_global(&mut previous.store, &exports::global(*old_index))
-                .ok_or_else(|| format!("the running version does not export global {old_index}"))?
+                .ok_or(ApplyError::OldGlobalMissing(*old_index))?
                 .get(&mut previous.store);
             let global = self
                 .instance
                 .get_global(&mut *store, &exports::global(*new_index))
-                .ok_or_else(|| format!("the new version does not export global {new_index}"))?;
-            global.set(&mut *store, value).map_err(|e| one_line(&e))?;
+                .ok_or(ApplyError::NewGlobalMissing(*new_index))?;
+            global.set(&mut *store, value).map_err(|source| ApplyError::SetGlobal { index: *new_index, source })?;
         }
         if let Some(sp) = stack.stack_pointer {
             let new = &prepared.next.version;
-            let index = crate::update::stack_pointer_index(new).ok_or("the new version has no stack pointer global")?;
-            let global = self.instance.get_global(&mut *store, &exports::global(index)).ok_or("the new version does not export its stack pointer")?;
-            global.set(&mut *store, wasmtime::Val::I32(sp as i32)).map_err(|e| one_line(&e))?;
+            let index = crate::update::stack_pointer_index(new).ok_or(ApplyError::NoStackPointer)?;
+            let global = self.instance.get_global(&mut *store, &exports::global(index)).ok_or(ApplyError::StackPointerNotExported)?;
+            global.set(&mut *store, wasmtime::Val::I32(sp as i32)).map_err(|source| ApplyError::SetGlobal { index, source })?;
         }
         Ok(())
     }
@@ -636,26 +609,26 @@ impl Guest {
         prepared: &Prepared,
         stack: &MappedStack,
         heap: Option<&HeapStep>,
-        and_then: impl FnOnce(&mut Self) -> Result<(), String>,
-    ) -> Result<HeapCounts, String> {
+        and_then: impl FnOnce(&mut Self) -> Result<(), ApplyError>,
+    ) -> Result<HeapCounts, ApplyError> {
         let linked = &prepared.linked;
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
         let drop_data = self
             .instance
             .get_typed_func::<(), ()>(&mut *store, exports::DROP_DATA)
-            .map_err(|e| one_line(&e))?;
-        drop_data.call(&mut *store, ()).map_err(|e| one_line(&e))?;
+            .map_err(ApplyError::DropData)?;
+        drop_data.call(&mut *store, ()).map_err(ApplyError::DropData)?;
 
         // A reused area holds what its last version left there.
         if let Some(area) = prepared.fresh {
             if !u.memory.write(u64::from(area.base), &vec![0; area.len as usize]) {
-                return Err(format!("fresh memory at {:#x} is out of bounds", area.base));
+                return Err(ApplyError::FreshOutOfBounds(area.base));
             }
         }
         for (address, bytes) in &linked.writes {
             if !u.memory.write(u64::from(*address), bytes) {
-                return Err(format!("fresh memory at {address:#x} is out of bounds"));
+                return Err(ApplyError::FreshOutOfBounds(*address));
             }
         }
         self.carry_globals(previous, prepared, stack)?;
@@ -668,7 +641,7 @@ impl Guest {
         let backup = match heap {
             // C code may write anywhere.
             _ if user_code => Some(Backup::Whole(
-                u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before converting state")?,
+                u.memory.read(0, u.memory.size()).ok_or(ApplyError::Backup)?,
             )),
             // Heap conversion writes the slots it rewrites, the new copies
             // (free memory) and the allocator's own bytes: only those.
@@ -678,7 +651,7 @@ impl Guest {
             _ => None,
         };
         let converted = match heap {
-            Some(h) => heap_conversion::convert(&h.plan, &self.instance, &mut self.store, u),
+            Some(h) => heap_conversion::convert(&h.plan, &self.instance, &mut self.store, u).map_err(ApplyError::from),
             None => Ok((HeapCounts::default(), Vec::new())),
         };
         let u = instrumented(&mut self.unwinder)?;
@@ -689,7 +662,7 @@ impl Guest {
                 let (old, new) = (u64::from(conversion.old_address), u64::from(conversion.new_address));
                 for c in &conversion.map.copies {
                     if !u.memory.copy_within(old + c.from, new + c.to, c.len) {
-                        return Err("a converted global lies out of bounds".to_string());
+                        return Err(ApplyError::ConvertedGlobalOutOfBounds);
                     }
                 }
             }
@@ -742,7 +715,7 @@ impl Guest {
                     true => Err(reason),
                     // Memory only grows, so the backup always fits; the
                     // message says it if that ever stops being true.
-                    false => Err(format!("{reason}; memory could not be restored to its state before the update")),
+                    false => Err(ApplyError::NotRestored { source: Box::new(reason) }),
                 }
             }
         }
@@ -751,7 +724,7 @@ impl Guest {
     /// Runs the C transformers, then the verified rewind: the guest re-enters
     /// every frame and unwinds again at the innermost resume point, before
     /// running any code, and must save exactly the frames it was given.
-    fn transform_and_rewind(&mut self, linked: &Linked, mapped: &[TypedFrame], new: &Version) -> Result<(), String> {
+    fn transform_and_rewind(&mut self, linked: &Linked, mapped: &[TypedFrame], new: &Version) -> Result<(), ApplyError> {
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
         run_transformers(&self.instance, store, &u.control, linked)?;
@@ -759,9 +732,9 @@ impl Guest {
     }
 
     /// Gives the new code the mapped frames and rewinds it, checked.
-    pub(crate) fn rewind_checked(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), String> {
+    pub(crate) fn rewind_checked(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), ApplyError> {
         let u = instrumented(&mut self.unwinder)?;
-        u.control.set_frames(&write_frames(&mapped.iter().map(TypedFrame::to_raw).collect::<Vec<_>>()))?;
+        u.control.set_frames(&write_frames(&mapped.iter().map(TypedFrame::to_raw).collect::<Vec<_>>())).map_err(ApplyError::SetFrames)?;
         u.paused = None;
         u.control.set_verify(true);
         let result = self.checked_rewind(mapped, new);
@@ -771,25 +744,24 @@ impl Guest {
 
     /// Rewinds the mapped frames (already in the control memory) into the
     /// new code with a pause requested, and checks it saves them again.
-    fn checked_rewind(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), String> {
+    fn checked_rewind(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), ApplyError> {
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
-        u.start_rewind.call(&mut *store, ()).map_err(|e| one_line(&e))?;
+        u.start_rewind.call(&mut *store, ()).map_err(ApplyError::StartRewind)?;
         // A request, not just the flag: a rewind that ends in a blocking
         // call must find its wake-up waiting, or it would block there.
         crate::PauseHandle::new(u.control.clone(), self.interrupt.clone(), None).request();
         if let Err(e) = self.call_entry() {
-            let exit = classify(e, self.source_map.as_deref());
-            return Err(format!("the new code did not accept the frames: {}", describe_exit(&exit)));
+            return Err(ApplyError::Rejected(classify(e, self.source_map.as_deref())));
         }
         let u = instrumented(&mut self.unwinder)?;
         match u.after_return(&mut self.store) {
             Ok(AfterReturn::Paused) => {}
-            Ok(_) => return Err("the new code ran on instead of stopping at the resume point".into()),
-            Err(e) => return Err(e),
+            Ok(_) => return Err(ApplyError::RanOn),
+            Err(e) => return Err(e.into()),
         }
         let resaved = u.paused.as_deref().unwrap_or_default();
-        frames_disagree(mapped, resaved, &|f| new.info.function_name(f)).map_or(Ok(()), Err)
+        frames_disagree(mapped, resaved, &|f| new.info.function_name(f)).map_or(Ok(()), |d| Err(ApplyError::FramesDisagree(d)))
     }
 }
 
@@ -857,8 +829,8 @@ fn has_transformers(linked: &Linked) -> bool {
 }
 
 /// The unwinder of an instrumented guest; every step of an update needs it.
-fn instrumented(unwinder: &mut Option<Unwinder>) -> Result<&mut Unwinder, String> {
-    unwinder.as_mut().ok_or_else(|| "the module runs without instrumentation".to_string())
+fn instrumented(unwinder: &mut Option<Unwinder>) -> Result<&mut Unwinder, ApplyError> {
+    unwinder.as_mut().ok_or(ApplyError::NotInstrumented)
 }
 
 /// Index of the `__stack_pointer` global in `version`.
@@ -874,33 +846,24 @@ fn run_transformers(
     store: &mut Store<ProcessState>,
     control: &crate::pause::ControlMemory,
     linked: &Linked,
-) -> Result<(), String> {
+) -> Result<(), ApplyError> {
     control.set_pause(false);
     for (export, name) in &linked.constructors {
         instance
             .get_typed_func::<(), ()>(&mut *store, export)
             .and_then(|f| f.call(&mut *store, ()))
-            .map_err(|e| format!("constructor `{name}` failed: {}", one_line(&e)))?;
+            .map_err(|source| ApplyError::Constructor { name: name.clone(), source })?;
     }
     for conversion in &linked.conversions {
         let Some(name) = &conversion.transformer else { continue };
         let (old, new) = (conversion.old_address, conversion.new_address);
         instance
             .get_typed_func::<(i32, i32), ()>(&mut *store, name)
-            .map_err(|e| format!("transformer `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))?
+            .map_err(|source| ApplyError::TransformerSignature { name: name.clone(), source })?
             .call(&mut *store, (old as i32, new as i32))
-            .map_err(|e| format!("transformer `{name}` failed: {}", one_line(&e)))?;
+            .map_err(|source| ApplyError::Transformer { name: name.clone(), source })?;
     }
     Ok(())
-}
-
-fn describe_exit(exit: &Exit) -> String {
-    match exit {
-        Exit::Trap(t) => t.to_string().lines().next().unwrap_or("trap").to_string(),
-        Exit::Status(c) => format!("it exited with status {c}"),
-        Exit::HostError(e) => e.clone(),
-        other => format!("{other:?}"),
-    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use upstare_patchgen::frames::{MappedStack, Unmappable};
 use upstare_patchgen::paused::PausedThread;
 use upstare_patchgen::version::Version;
 
-use super::{instrumented, link, FrameUndo, Prepared, Previous, UpdateError};
+use super::{instrumented, link, ApplyError, FrameUndo, Prepared, Previous, UpdateError};
 use crate::program_memory::ProgramMemory;
 use crate::threads::Threads;
 use crate::Guest;
@@ -93,21 +93,21 @@ pub(super) fn plan(threads: &Threads, current: &Version, prepared: &Prepared, me
 /// Moves every worker to the new version: its own instance, its globals,
 /// its frame variables, its frames rewound into the new code and checked.
 /// On failure every worker is back as it was.
-pub(super) fn apply(steps: &[ThreadStep], prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Vec<Moved>, String> {
+pub(super) fn apply(steps: &[ThreadStep], prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Vec<Moved>, ApplyError> {
     let mut moved: Vec<Moved> = Vec::with_capacity(steps.len());
     for step in steps {
         match move_one(step, prepared, metadata) {
             Ok(m) => moved.push(m),
             Err(reason) => {
                 undo(moved);
-                return Err(format!("thread {}: {reason}", step.tid));
+                return Err(ApplyError::Thread { tid: step.tid, source: Box::new(reason) });
             }
         }
     }
     Ok(moved)
 }
 
-fn move_one(step: &ThreadStep, prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Moved, String> {
+fn move_one(step: &ThreadStep, prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Moved, ApplyError> {
     let mut g = lock(&step.guest);
     let (memory, control) = {
         let u = instrumented(&mut g.unwinder)?;
@@ -116,7 +116,7 @@ fn move_one(step: &ThreadStep, prepared: &Prepared, metadata: &Arc<Metadata>) ->
     // Each thread has its own control memory, so its own link of the new
     // module; the main thread's was made before the pause.
     let engine = g.engine().clone();
-    let instance_pre = link(&engine, &prepared.next.module, &memory, &control).map_err(|e| format!("cannot link the new version: {e}"))?;
+    let instance_pre = link(&engine, &prepared.next.module, &memory, &control).map_err(ApplyError::Link)?;
     let mut previous = g.switch_to(prepared, &instance_pre, metadata.clone())?;
     let carried = g.carry_globals(&mut previous, prepared, &step.stack).and_then(|()| FrameUndo::apply(&step.stack, &memory));
     let frames = match carried {
