@@ -10,9 +10,7 @@
 
 use upstare_instrument::abi::exports::{FREE, MALLOC};
 use upstare_instrument::abi::{TypedFrame, Value};
-use upstare_patchgen::heap::{self, Landing, MemoryView, Moved, Region};
-use upstare_patchgen::plan::{Linked, Plan};
-use upstare_patchgen::version::Version;
+use upstare_patchgen::heap::{self, Landing, MemoryView};
 use wasmtime::{Instance, Store};
 
 use crate::module::one_line;
@@ -30,56 +28,95 @@ impl MemoryView for ProgramMemory {
     }
 }
 
-/// What the paused stack gives the trace.
-pub(crate) struct Stacks<'a> {
-    /// The part of the shadow stack that stays where it is, as (start,
-    /// size): its words are not typed, save the frames' variables.
-    pub live: Option<(u32, u32)>,
-    /// The live shadow stacks of the program's other threads, as (start,
-    /// size, what): scanned untyped, as their frames are not typed.
-    pub threads: Vec<(u32, u32, String)>,
-    /// Shadow-stack bytes the frame mapping moves, as (from, to, length):
-    /// scanned untyped, since their pointers are not rewritten.
-    pub moving: &'a [(u32, u32, u64)],
-    /// The frames' typed variables.
-    pub frames: &'a heap::FrameRoots,
+/// Why converting the heap failed, or freeing the old copies did.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeapError {
+    /// The new version exports no `malloc`.
+    #[error("the new version has no function named `malloc` to convert heap objects with")]
+    NoMalloc,
+    /// `malloc` trapped.
+    #[error("converting the heap: `malloc` failed: {}", one_line(.0))]
+    Malloc(#[source] wasmtime::Error),
+    /// `malloc` returned null.
+    #[error("converting the heap: `malloc({size})` failed while converting {type_name} ({path})")]
+    OutOfMemory {
+        /// The bytes asked for.
+        size: u32,
+        /// The object's type.
+        type_name: String,
+        /// How the trace reached it.
+        path: String,
+    },
+    /// `malloc` returned an address out of bounds.
+    #[error("converting the heap: `malloc` returned {0:#x}, out of bounds")]
+    MallocOutOfBounds(u32),
+    /// A pointer to rewrite lies out of bounds.
+    #[error("a pointer at {0:#x} lies out of bounds")]
+    SlotOutOfBounds(u32),
+    /// A pointer to rewrite points into a member the new layout drops
+    /// (the tracer refuses these before the pause ends).
+    #[error("the pointer at {0:#x} points into a dropped member")]
+    DroppedMember(u32),
+    /// Copying an object to its new copy ran out of bounds.
+    #[error("converting {type_name} ({path}) ran out of bounds")]
+    CopyOutOfBounds {
+        /// The object's type.
+        type_name: String,
+        /// How the trace reached it.
+        path: String,
+    },
+    /// A C converter does not have the converter's signature.
+    #[error("converter `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(source))]
+    ConverterSignature {
+        /// Its export name.
+        name: String,
+        /// What wasmtime said of its type.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// A C converter trapped.
+    #[error("converter `{name}` failed: {}", one_line(source))]
+    Converter {
+        /// Its export name.
+        name: String,
+        /// Why.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// The new version exports no `free`.
+    #[error("the new version has no function named `free`")]
+    NoFree,
+    /// `free` trapped.
+    #[error("`free` failed: {}", one_line(.0))]
+    Free(#[source] wasmtime::Error),
+    /// A batch of calls into the guest stopped at an update point.
+    #[error("{0}: it stopped at an update point instead of returning")]
+    Stopped(Calls),
+    /// The allocator's own bytes lie out of bounds.
+    #[error("the allocator's bytes at {0:#x} lie out of bounds")]
+    AllocatorOutOfBounds(u32),
 }
 
-/// Traces the paused heap of `old` for the update `plan`; `None` when no
-/// root reaches a changed type. An `Err` refuses the update.
-pub(crate) fn trace(old: &Version, plan: &Plan, linked: &Linked, memory: &ProgramMemory, stacks: Stacks<'_>) -> Result<Option<heap::Plan>, String> {
-    let moved = linked
-        .conversions
-        .iter()
-        .map(|c| Moved {
-            name: c.key.to_string(),
-            old_address: c.old_address,
-            old_size: c.old_size,
-            new_address: c.new_address,
-            map: c.map.clone(),
-        })
-        .collect();
-    let live = stacks.live.map(|(address, size)| Region { address, size, what: "the shadow stack".into() });
-    let moving = stacks.moving.iter().map(|&(from, _, len)| Region {
-        address: from,
-        size: u32::try_from(len).unwrap_or(u32::MAX),
-        what: "the memory of a frame that moves to its new layout".into(),
-    });
-    let threads = stacks.threads.into_iter().map(|(address, size, what)| Region { address, size, what });
-    let untyped = live.into_iter().chain(threads).chain(moving).collect();
-    let started = std::time::Instant::now();
-    let traced = heap::trace(old, &plan.new, &plan.heap_roots, stacks.frames, moved, memory, untyped)?;
-    if let Some(t) = &traced {
-        tracing::debug!(
-            "update: heap traced in {:?}: {} allocations in {} segments, {} pointers followed, {} objects to convert",
-            started.elapsed(),
-            t.chunks.0,
-            t.chunks.1,
-            t.pointers_traced,
-            t.objects.len()
-        );
+/// A batch of calls into the guest, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Calls {
+    /// The `malloc`s of the new copies.
+    Malloc,
+    /// A C converter's calls.
+    Converter(String),
+    /// The `free`s of the old copies.
+    Free,
+}
+
+impl std::fmt::Display for Calls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Calls::Malloc => f.write_str("converting the heap"),
+            Calls::Converter(name) => write!(f, "converter `{name}` failed"),
+            Calls::Free => f.write_str("`free` failed"),
+        }
     }
-    Ok(traced)
 }
 
 /// What [`convert`] did, for the update's report.
@@ -101,28 +138,27 @@ pub(crate) fn convert(
     instance: &Instance,
     store: &mut Store<ProcessState>,
     unwinder: &Unwinder,
-) -> Result<(HeapCounts, Vec<u32>), String> {
+) -> Result<(HeapCounts, Vec<u32>), HeapError> {
     let memory = &unwinder.memory;
     let mut new_starts = Vec::with_capacity(plan.objects.len());
     if !plan.objects.is_empty() {
         let malloc = instance
             .get_typed_func::<i32, i32>(&mut *store, MALLOC)
-            .map_err(|_| "the new version has no function named `malloc` to convert heap objects with".to_string())?;
-        with_pause_off(&unwinder.control, unwinder, store, |store| {
+            .map_err(|_| HeapError::NoMalloc)?;
+        with_pause_off(&unwinder.control, unwinder, store, Calls::Malloc, |store| {
             for o in &plan.objects {
-                let at = malloc.call(&mut *store, o.new_bytes() as i32).map_err(|e| format!("`malloc` failed: {}", one_line(&e)))?;
+                let at = malloc.call(&mut *store, o.new_bytes() as i32).map_err(HeapError::Malloc)?;
                 if at == 0 {
-                    return Err(format!("`malloc({})` failed while converting {} ({})", o.new_bytes(), o.kind.type_name, plan.path_of(o)));
+                    return Err(HeapError::OutOfMemory { size: o.new_bytes(), type_name: o.kind.type_name.clone(), path: plan.path_of(o) });
                 }
                 let at = at as u32;
                 if !memory.fill(u64::from(at), u64::from(o.new_bytes()), 0) {
-                    return Err(format!("`malloc` returned {at:#x}, out of bounds"));
+                    return Err(HeapError::MallocOutOfBounds(at));
                 }
                 new_starts.push(at);
             }
             Ok(())
-        })
-        .map_err(|e| format!("converting the heap: {e}"))?;
+        })?;
     }
     let mut rewritten = 0;
     for (i, &(slot, _)) in plan.slots.iter().enumerate() {
@@ -131,11 +167,11 @@ pub(crate) fn convert(
             Landing::At(to) => {
                 rewritten += 1;
                 if !memory.write(u64::from(slot), &to.to_le_bytes()) {
-                    return Err(format!("a pointer at {slot:#x} lies out of bounds"));
+                    return Err(HeapError::SlotOutOfBounds(slot));
                 }
             }
             // The tracer refuses these before the pause ends.
-            Landing::Dropped => return Err(format!("the pointer at {slot:#x} points into a dropped member")),
+            Landing::Dropped => return Err(HeapError::DroppedMember(slot)),
         }
     }
     for (o, &to) in plan.objects.iter().zip(&new_starts) {
@@ -144,7 +180,7 @@ pub(crate) fn convert(
             let (from, to) = (u64::from(o.start + i * k.old_size), u64::from(to + i * k.new_size));
             for c in &k.map.copies {
                 if !memory.copy_within(from + c.from, to + c.to, c.len) {
-                    return Err(format!("converting {} ({}) ran out of bounds", k.type_name, plan.path_of(o)));
+                    return Err(HeapError::CopyOutOfBounds { type_name: k.type_name.clone(), path: plan.path_of(o) });
                 }
             }
         }
@@ -153,15 +189,14 @@ pub(crate) fn convert(
         let Some(name) = &o.kind.converter else { continue };
         let convert = instance
             .get_typed_func::<(i32, i32), ()>(&mut *store, name)
-            .map_err(|e| format!("converter `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))?;
-        with_pause_off(&unwinder.control, unwinder, store, |store| {
+            .map_err(|source| HeapError::ConverterSignature { name: name.clone(), source })?;
+        with_pause_off(&unwinder.control, unwinder, store, Calls::Converter(name.clone()), |store| {
             for i in 0..o.count {
                 let (from, to) = ((o.start + i * o.kind.old_size) as i32, (to + i * o.kind.new_size) as i32);
-                convert.call(&mut *store, (from, to)).map_err(|e| one_line(&e))?;
+                convert.call(&mut *store, (from, to)).map_err(|source| HeapError::Converter { name: name.clone(), source })?;
             }
             Ok(())
-        })
-        .map_err(|e| format!("converter `{name}` failed: {e}"))?;
+        })?;
     }
     Ok((HeapCounts { converted: new_starts.len(), rewritten }, new_starts))
 }
@@ -196,12 +231,12 @@ pub(crate) struct Undo<'a> {
 }
 
 impl<'a> Undo<'a> {
-    pub(crate) fn take(plan: &'a heap::Plan, memory: &ProgramMemory) -> Result<Undo<'a>, String> {
+    pub(crate) fn take(plan: &'a heap::Plan, memory: &ProgramMemory) -> Result<Undo<'a>, HeapError> {
         let total = plan.allocator.iter().map(|&(_, len)| len as usize).sum();
         let mut bytes = vec![0; total];
         for (address, range) in laid_out(&plan.allocator) {
             if !memory.read_into(u64::from(address), &mut bytes[range]) {
-                return Err(format!("the allocator's bytes at {address:#x} lie out of bounds"));
+                return Err(HeapError::AllocatorOutOfBounds(address));
             }
         }
         Ok(Undo { regions: &plan.allocator, bytes, slots: &plan.slots })
@@ -233,17 +268,16 @@ pub(crate) fn free_old(
     instance: &Instance,
     store: &mut Store<ProcessState>,
     unwinder: &Unwinder,
-) -> Result<(), String> {
+) -> Result<(), HeapError> {
     if plan.objects.is_empty() {
         return Ok(());
     }
     let free = instance
         .get_typed_func::<i32, ()>(&mut *store, FREE)
-        .map_err(|_| "the new version has no function named `free`".to_string())?;
-    with_pause_off(&unwinder.control, unwinder, store, |store| {
-        plan.objects.iter().try_for_each(|o| free.call(&mut *store, o.start as i32).map_err(|e| one_line(&e)))
+        .map_err(|_| HeapError::NoFree)?;
+    with_pause_off(&unwinder.control, unwinder, store, Calls::Free, |store| {
+        plan.objects.iter().try_for_each(|o| free.call(&mut *store, o.start as i32).map_err(HeapError::Free))
     })
-    .map_err(|e| format!("`free` failed: {e}"))
 }
 
 /// Makes `calls` into the guest (its allocator, a converter) with no pause
@@ -254,8 +288,9 @@ fn with_pause_off<T>(
     control: &ControlMemory,
     unwinder: &Unwinder,
     store: &mut Store<ProcessState>,
-    calls: impl FnOnce(&mut Store<ProcessState>) -> Result<T, String>,
-) -> Result<T, String> {
+    what: Calls,
+    calls: impl FnOnce(&mut Store<ProcessState>) -> Result<T, HeapError>,
+) -> Result<T, HeapError> {
     let paused = control.pause_requested();
     control.set_pause(false);
     let result = calls(&mut *store);
@@ -263,6 +298,6 @@ fn with_pause_off<T>(
     let value = result?;
     match unwinder.state.get(&mut *store).i32() {
         Some(0) => Ok(value),
-        _ => Err("it stopped at an update point instead of returning".into()),
+        _ => Err(HeapError::Stopped(what)),
     }
 }

@@ -299,7 +299,7 @@ impl Guest {
         let (control, stack_top) = match threads.memories() {
             SharedMemories::Instrumented(memory) => {
                 // The spawning thread runs on, and others too.
-                let top = memory.load_u32(u64::from(arg as u32));
+                let top = memory.load_u32(u64::from(upstare_patchgen::paused::thread_stack_top_address(arg as u32)));
                 (Some(new_control(engine, threads.stress())?), top)
             }
             SharedMemories::Plain { .. } => (None, None),
@@ -572,10 +572,25 @@ impl Guest {
                         return self.classify(e);
                     }
                 }
-                Err(e) => return Exit::HostError(e),
+                Err(e) => return Exit::HostError(e.to_string()),
             }
         }
     }
+}
+
+/// Why the frames an unwound guest saved cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AfterReturnError {
+    /// Ending the unwind failed.
+    #[error("{}", one_line(.0))]
+    StopUnwind(#[source] wasmtime::Error),
+    /// The saved stack cannot be decoded.
+    #[error("the guest saved an unreadable stack: {0}")]
+    Unreadable(#[source] upstare_instrument::Error),
+    /// A saved frame does not match the module's metadata.
+    #[error("the guest saved a stack its metadata does not describe: {0}")]
+    Undescribed(#[source] upstare_instrument::Error),
 }
 
 /// What the entry call's return meant.
@@ -620,18 +635,18 @@ impl Unwinder {
     }
 
     /// After the entry call returned normally: finished, or unwound.
-    pub(crate) fn after_return(&mut self, store: &mut Store<ProcessState>) -> Result<AfterReturn, String> {
+    pub(crate) fn after_return(&mut self, store: &mut Store<ProcessState>) -> Result<AfterReturn, AfterReturnError> {
         if self.state.get(&mut *store).i32() != Some(State::Unwinding as i32) {
             return Ok(AfterReturn::Finished);
         }
         self.unwinds += 1;
-        self.stop_unwind.call(&mut *store, ()).map_err(|e| one_line(&e))?;
-        let raw = self.control.frames().map_err(|e| format!("the guest saved an unreadable stack: {e}"))?;
+        self.stop_unwind.call(&mut *store, ()).map_err(AfterReturnError::StopUnwind)?;
+        let raw = self.control.frames().map_err(AfterReturnError::Unreadable)?;
         let frames = raw
             .iter()
             .map(|f| TypedFrame::new(f, &self.metadata))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("the guest saved a stack its metadata does not describe: {e}"))?;
+            .map_err(AfterReturnError::Undescribed)?;
         // An unwind the guest's `fork` asked for; a pause request stays
         // for after the fork.
         if store.data_mut().wasi.process.as_mut().is_some_and(|m| std::mem::take(&mut m.fork_requested)) {

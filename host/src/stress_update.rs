@@ -149,7 +149,7 @@ impl StressUpdates {
     }
 
     fn prepare(&mut self, guest: &Guest, current: &RunningVersion) -> Result<Prepared, UpdateError> {
-        let u = guest.unwinder.as_ref().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
+        let u = guest.unwinder.as_ref().ok_or(UpdateError::NotInstrumented)?;
         match &self.target {
             Target::Itself => update::prepare_onto_itself(guest.engine(), current, &u.memory, &u.control),
             Target::Module(path) => {
@@ -168,9 +168,17 @@ impl StressUpdates {
                 self.tally.waited += 1;
                 *self.tally.reasons.entry(frame.to_string()).or_default() += 1;
             }
-            UpdateError::Refused(reason) | UpdateError::Held(reason) => {
+            UpdateError::Refused(reason) => {
                 self.tally.refused += 1;
                 *self.tally.reasons.entry(reason).or_default() += 1;
+            }
+            UpdateError::NotInstrumented => {
+                self.tally.refused += 1;
+                *self.tally.reasons.entry("the module runs without instrumentation".into()).or_default() += 1;
+            }
+            UpdateError::Stale(stale) => {
+                self.tally.refused += 1;
+                *self.tally.reasons.entry(stale.to_string()).or_default() += 1;
             }
             e => return Err(e.to_string()),
         }

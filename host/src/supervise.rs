@@ -11,6 +11,8 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use upstare_patchgen::paused::Stale;
+
 use crate::control::{ControlSocket, Request, Response};
 use crate::fresh::{FreshAreas, FreshFigures};
 use crate::pause::ControlMemory;
@@ -660,7 +662,7 @@ fn apply(
             // A value that looks like a stale pointer may change as the
             // program runs on (a counter passing through an address range,
             // a pointer dropped): try again, as for a frame.
-            Err(UpdateError::Held(reason)) if Instant::now() < deadline => {
+            Err(UpdateError::Stale(Stale::Held(reason))) if Instant::now() < deadline => {
                 tracing::debug!("update waits: {reason}");
                 std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
                 backoff = (backoff * 2).min(Duration::from_millis(100));

@@ -59,6 +59,7 @@ use crate::body::shadow_frame_size;
 use crate::diff::FunctionMatch;
 use crate::dwarf::{same_type, Location, VarAt, VarKey};
 use crate::equivalence::{align, Side};
+use crate::heap::MemoryView;
 use crate::liveness::live_at_many;
 use crate::rebuild::{
     dwarf_pointer_locals, frame_address_locals, frame_base_offset, pointer_offsets, translate_frame, AboveFacts, Relayout, StackMemory,
@@ -224,6 +225,31 @@ pub struct MappedStack {
     pub rebuilt: Option<Rebuilt>,
 }
 
+impl MappedStack {
+    /// The old frames (`frames`, innermost first, paused with the stack
+    /// pointer at `stack_pointer`) whose values still matter once this
+    /// stack is in place, and where the live shadow stack then starts.
+    /// Dropped frames and the retreating frame's old values are gone once
+    /// the update is done, and a rebuilt frame's stack had its addresses
+    /// rewritten by the plan.
+    pub fn kept<'f>(&self, frames: &'f [TypedFrame], stack_pointer: Option<u32>) -> (&'f [TypedFrame], Option<u32>) {
+        match (&self.rebuilt, self.kept_stack_from) {
+            (Some(r), _) => (&frames[r.frames..], Some(r.stack_from)),
+            (None, Some(from)) => (&frames[frames.len() + 1 - self.frames.len()..], Some(from)),
+            (None, None) => (frames, stack_pointer),
+        }
+    }
+}
+
+/// The paused program's memory as [`FramePlan::map_stack`] reads it.
+struct Words<'m>(&'m dyn MemoryView);
+
+impl StackMemory for Words<'_> {
+    fn read_u32(&self, address: u32) -> Option<u32> {
+        crate::heap::read_u32(self.0, address)
+    }
+}
+
 /// A frame rebuilt where it stands, with the frames above it shifted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rebuilt {
@@ -253,6 +279,21 @@ impl FramePlan {
             });
         }
         build(recipe, frame, None)
+    }
+
+    /// A paused thread's stack `frames` (innermost first) as a stack of the
+    /// new version: with its stack pointer, as [`FramePlan::map_stack`]
+    /// does; without one (a module with no `__stack_pointer`), each frame
+    /// moves to its point or the stack cannot move.
+    pub fn map_paused(&self, frames: &[TypedFrame], stack_pointer: Option<u32>, memory: &dyn MemoryView) -> Result<MappedStack, Unmappable> {
+        match stack_pointer {
+            Some(sp) => self.map_stack(frames, sp, &Words(memory)),
+            None => frames
+                .iter()
+                .map(|f| self.map(f))
+                .collect::<Result<_, _>>()
+                .map(|frames| MappedStack { frames, ..MappedStack::default() }),
+        }
     }
 
     /// The stack `frames` (innermost first) of the old version, whose stack

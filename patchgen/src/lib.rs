@@ -25,6 +25,9 @@
 //!    [`liveness`] and DWARF for functions that changed; [`retreat`] sends
 //!    a frame back to its loop header, [`rebuild`] rebuilds one whose area
 //!    in linear memory changed where it stands.
+//! 6. [`paused`] answers, during the pause, what the update must convert
+//!    and rewrite in the paused program, or which value in which thread
+//!    would go stale; [`heap`] traces the heap for it.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -50,6 +53,7 @@ pub mod frames;
 pub mod heap;
 pub mod liveness;
 pub mod module;
+pub mod paused;
 pub mod plan;
 pub mod rebuild;
 pub mod relink;

@@ -35,8 +35,9 @@ use std::time::{Duration, Instant};
 
 use upstare_instrument::abi::{exports, write_frames, TypedFrame, Value};
 use upstare_instrument::Metadata;
-use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack, Unmappable};
-use upstare_patchgen::heap::{self, stale};
+use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack};
+use upstare_patchgen::heap;
+use upstare_patchgen::paused::{Findings, PausedProgram, PausedThread};
 use upstare_patchgen::plan::{plan, Linked, Plan};
 use upstare_patchgen::version::Version;
 use wasmtime::{Engine, InstancePre, Store};
@@ -46,39 +47,15 @@ use crate::pause::ControlMemory;
 use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinder};
 use crate::fresh::{unreferenced, Area, FreshAreas};
 use crate::heap_conversion;
-pub use crate::heap_conversion::HeapCounts;
+pub use crate::heap_conversion::{Calls, HeapCounts, HeapError};
 use crate::program_memory::ProgramMemory;
 use crate::wasi::{UnwindHooks, WasiCtx};
-use crate::{Exit, Guest};
+use crate::Guest;
 
+mod error;
 mod threads;
 
-/// Why an update did not happen. In every case the old version runs on.
-#[derive(Debug, thiserror::Error)]
-pub enum UpdateError {
-    /// The new module cannot be used at all (unreadable, not wasm, not built
-    /// with the documented flags, not instrumentable).
-    #[error("{0}")]
-    BadInput(String),
-    /// The update would not be safe.
-    #[error("update refused: {0}")]
-    Refused(String),
-    /// A frame cannot move to the new version (yet).
-    #[error("update refused: a frame cannot move to the new version: {0}")]
-    Frame(Unmappable),
-    /// The program holds, right now, a value that would point where
-    /// nothing will be (an address of a converted global's old copy, or an
-    /// integer that looks like one): it may let go of it as it runs on.
-    #[error("update refused: {0}")]
-    Held(String),
-    /// Applying the update failed; it was rolled back.
-    #[error("update refused: applying it failed and it was rolled back: {0}")]
-    RolledBack(String),
-    /// Something that cannot fail did: a bug in UpStare, not in the
-    /// program or its new version. Nothing was changed.
-    #[error("internal error (a bug in UpStare, please report it): {0}")]
-    Internal(String),
-}
+pub use error::{ApplyError, UpdateError};
 
 /// A version of the program the host can run: what patchgen knows of it,
 /// and its compiled, instrumented module.
@@ -289,7 +266,7 @@ pub fn prepare_onto_itself(
     let started = Instant::now();
     let internal = |e: String| UpdateError::Internal(format!("cannot plan the update onto the running module: {e}"));
     let (plan, linked) = upstare_patchgen::plan::onto_itself(current.version.clone()).map_err(|e| internal(e.to_string()))?;
-    let meta = current.module.metadata().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
+    let meta = current.module.metadata().ok_or(UpdateError::NotInstrumented)?;
     let frames = FrameMapper {
         old: (&current.version, meta),
         new: (&current.version, meta),
@@ -384,16 +361,16 @@ pub(crate) struct FrameUndo {
 impl FrameUndo {
     /// Moves the variables of `stack`, then writes its rewritten addresses
     /// over the moved bytes; on failure nothing stays written.
-    pub(crate) fn apply(stack: &MappedStack, memory: &ProgramMemory) -> Result<Self, String> {
+    pub(crate) fn apply(stack: &MappedStack, memory: &ProgramMemory) -> Result<Self, ApplyError> {
         let sources: Vec<Vec<u8>> = stack
             .moves
             .iter()
-            .map(|(from, _, len)| memory.read(u64::from(*from), *len).ok_or("a moving frame variable lies out of bounds"))
+            .map(|(from, _, len)| memory.read(u64::from(*from), *len).ok_or(ApplyError::MovingVariableOutOfBounds))
             .collect::<Result<_, _>>()?;
         let overwritten: Vec<(u32, Vec<u8>)> = stack
             .moves
             .iter()
-            .map(|(_, to, len)| memory.read(u64::from(*to), *len).map(|b| (*to, b)).ok_or("a frame variable's new place lies out of bounds"))
+            .map(|(_, to, len)| memory.read(u64::from(*to), *len).map(|b| (*to, b)).ok_or(ApplyError::NewPlaceOutOfBounds))
             .collect::<Result<_, _>>()?;
         // Then the rewritten addresses, over the moved bytes: what they
         // overwrite is read after the moves, to be put back before them.
@@ -404,7 +381,7 @@ impl FrameUndo {
         for (at, value) in &stack.patches {
             let Some(before) = memory.read(u64::from(*at), 4) else {
                 undo.restore(memory);
-                return Err("a rewritten address in the stack lies out of bounds".into());
+                return Err(ApplyError::RewrittenAddressOutOfBounds);
             };
             memory.write(u64::from(*at), &value.to_le_bytes());
             undo.patched.push((*at, before));
@@ -442,11 +419,10 @@ impl Guest {
         prepared: &Prepared,
         paused_at: Instant,
     ) -> Result<Report, UpdateError> {
-        let rollback = |m: String| UpdateError::RolledBack(m);
         if let Some(reason) = self.several_processes("updating") {
             return Err(UpdateError::Refused(reason));
         }
-        let u = self.unwinder.as_ref().ok_or_else(|| UpdateError::Refused("the module runs without instrumentation".into()))?;
+        let u = self.unwinder.as_ref().ok_or(UpdateError::NotInstrumented)?;
         let frames = u.paused.clone().ok_or_else(|| UpdateError::Refused("the guest is not paused".into()))?;
         let new_meta: Arc<Metadata> = prepared
             .next
@@ -459,86 +435,35 @@ impl Guest {
             return Err(UpdateError::Refused("the update was prepared for another version than the one running".into()));
         }
         let sp = self.stack_pointer(&current.version);
-        let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
-        let stack = map_frames(prepared, &frames, sp, memory).map_err(UpdateError::Frame)?;
-        let (kept, stack_from) = kept_frames(&frames, &stack, sp);
+        let memory = &instrumented(&mut self.unwinder).map_err(|_| UpdateError::NotInstrumented)?.memory;
+        let stack = prepared.frames.map_paused(&frames, sp, memory).map_err(UpdateError::Frame)?;
         // The program's other threads, paused with it, move with it.
         let workers = match &self.threads {
             Some(threads) => threads::plan(threads, &current.version, prepared, memory)?,
             None => Vec::new(),
         };
-        let shadow_stack = stack_from.zip(stale::stack_top(&current.version)).map(|(sp, top)| (sp, top.saturating_sub(sp)));
-        let mut frame_roots = match self.module.metadata() {
-            // Typing the frames analyses each one's code: only when some
-            // global or struct changed type, so that an ordinary update's
-            // pause pays nothing for it (onto itself, `--stress-update`,
-            // nothing changes).
-            Some(old_meta) if prepared.plan.heap_roots.any_changed() && !Arc::ptr_eq(&current.version, &prepared.next.version) => heap::frame_roots(
-                &current.version,
-                old_meta,
-                &frames,
-                sp,
-                stale::stack_top(&current.version),
-                &prepared.next.version,
-                &new_meta,
-                &stack.frames,
-                kept.len(),
-            ),
-            _ => heap::FrameRoots::default(),
+        let paused = PausedProgram {
+            version: &current.version,
+            memory,
+            main: PausedThread { tid: None, frames: &frames, stack_pointer: sp, stack_top: None, mapped: &stack },
+            workers: workers.iter().map(threads::ThreadStep::paused).collect(),
         };
-        let thread_stacks = threads::live_stacks(&workers);
-        frame_roots.thread_stacks_from = thread_stacks.iter().map(|(from, ..)| *from).collect();
-        let stacks = heap_conversion::Stacks {
-            live: shadow_stack,
-            threads: thread_stacks,
-            moving: &stack.moves,
-            frames: &frame_roots,
-        };
-        let heap = heap_conversion::trace(&current.version, &prepared.plan, &prepared.linked, memory, stacks)
-            .map_err(UpdateError::Refused)?;
-        // Typed pointers the tracer found are rewritten, wherever they
-        // point. Only those in the globals and the shadow stack matter to
-        // the scan; the heap's lie above both.
-        let holders = stale::pointer_holders(&current.version, stack_from);
-        let holders_end = holders.iter().map(|h| h.address.saturating_add(h.size)).max().unwrap_or(0);
-        let rewritten: std::collections::HashSet<u32> =
-            heap.iter().flat_map(|h| h.slots.iter().map(|(slot, _)| *slot)).filter(|&slot| slot < holders_end).collect();
-        let stale = |c: &dyn Fn(u32) -> Option<String>, skip| stale::find_pointer(kept, &current.version, memory, &holders, c, skip, &rewritten);
-        let moved_from = |v: u32| {
-            if let Some((.., tid)) = threads::moves(&workers).find(|(from, _, len, _)| v >= *from && u64::from(v - from) < *len) {
-                return Some(format!("a variable of a frame of thread {tid} that moves: it would still point at the variable's old place"));
-            }
-            stack.moves.iter().any(|(from, _, len)| v >= *from && u64::from(v - from) < *len).then(|| match &stack.rebuilt {
-                Some(r) => format!(
-                    "the stack of `{}`, whose frame is rebuilt where it stands: it would still point at the old place",
-                    r.frame
-                ),
-                None => "a variable of the frame that goes back to its loop header: it would still point at the variable's old place"
-                    .to_string(),
-            })
-        };
-        let converted = |v: u32| {
-            let conversions = &prepared.linked.conversions;
-            conversions
-                .iter()
-                .find(|c| v >= c.old_address && v - c.old_address < c.old_size.max(1))
-                .map(|c| format!("`{}`, whose type changed: it would still point at the old copy", c.key))
-        };
-        for (check, skip) in [(&moved_from as &dyn Fn(u32) -> Option<String>, false), (&converted, true)] {
-            if let Some(reason) = stale(check, skip).or_else(|| threads::find_stale(&workers, &current.version, memory, check, skip)) {
-                return Err(UpdateError::Held(reason));
-            }
+        let started = Instant::now();
+        let Findings { heap, frame_pointers } =
+            paused.check(&prepared.plan, &prepared.linked, self.module.metadata(), &prepared.next.version, &new_meta).map_err(UpdateError::Stale)?;
+        if let Some(t) = &heap {
+            tracing::debug!(
+                "update: heap traced in {:?}: {} allocations in {} segments, {} pointers followed, {} objects to convert",
+                started.elapsed(),
+                t.chunks.0,
+                t.chunks.1,
+                t.pointers_traced,
+                t.objects.len()
+            );
         }
-        if let Some(reason) = heap.as_ref().and_then(|h| threads::find_converted(&workers, h, &current.version, memory)) {
-            return Err(UpdateError::Refused(reason));
-        }
-        let frame_pointers = match &heap {
-            Some(h) => heap::frame_pointers(h, &stack.frames, &prepared.next.version, &new_meta).map_err(UpdateError::Refused)?,
-            None => Vec::new(),
-        };
         let mapped = &stack.frames;
 
-        let mut previous = self.switch_to(prepared, &prepared.instance_pre, new_meta.clone()).map_err(rollback)?;
+        let mut previous = self.switch_to(prepared, &prepared.instance_pre, new_meta.clone()).map_err(UpdateError::RolledBack)?;
         let heap = heap.map(|plan| HeapStep { plan, frame_pointers });
         let mut moved_workers = None;
         let then_workers = |_: &mut Guest| {
@@ -551,7 +476,7 @@ impl Guest {
                 // Every thread accepted the new code: the old instances go.
                 drop(moved_workers);
                 let sp = self.stack_pointer(&prepared.next.version);
-                let memory = &instrumented(&mut self.unwinder).map_err(UpdateError::Refused)?.memory;
+                let memory = &instrumented(&mut self.unwinder).map_err(|_| UpdateError::NotInstrumented)?.memory;
                 let freed = unreferenced(&prepared.retiring, &mapped, &prepared.next.version, memory, sp);
                 let p = &prepared.plan;
                 Ok(Report {
@@ -579,7 +504,7 @@ impl Guest {
             }
             Err(reason) => {
                 self.switch_back(previous);
-                Err(rollback(reason))
+                Err(UpdateError::RolledBack(reason))
             }
         }
     }
@@ -594,13 +519,13 @@ impl Guest {
     /// Instantiates `module` in a fresh store over this guest's memories and
     /// makes it the guest's instance, moving the WASI state over. Returns
     /// the old instance.
-    fn switch_to(&mut self, prepared: &Prepared, instance_pre: &InstancePre<ProcessState>, metadata: Arc<Metadata>) -> Result<Previous, String> {
+    fn switch_to(&mut self, prepared: &Prepared, instance_pre: &InstancePre<ProcessState>, metadata: Arc<Metadata>) -> Result<Previous, ApplyError> {
         let module = &prepared.next.module;
         let u = instrumented(&mut self.unwinder)?;
         let (memory, control, unwinds, stress_stops) = (u.memory.clone(), u.control.clone(), u.unwinds, u.stress_stops);
         let frame_bytes = control.frame_bytes();
         let engine = self.store.engine().clone();
-        let detached = WasiCtx::detached().map_err(|e| format!("cannot set up the new store: {e}"))?;
+        let detached = WasiCtx::detached().map_err(ApplyError::NewStore)?;
         let wasi = std::mem::replace(&mut self.store.data_mut().wasi, detached);
         let mut store = Store::new(&engine, ProcessState { wasi, hooks: None, threads: self.threads.clone() });
         let built = instance_pre.instantiate(&mut store).and_then(|instance| {
@@ -614,7 +539,7 @@ impl Guest {
             Err(e) => {
                 // The open files go back where they were.
                 std::mem::swap(&mut store.data_mut().wasi, &mut self.store.data_mut().wasi);
-                return Err(format!("cannot instantiate the new version: {}", one_line(&e)));
+                return Err(ApplyError::Instantiate(e));
             }
         };
         unwinder.unwinds = unwinds;
@@ -652,25 +577,25 @@ impl Guest {
     /// Sets the new instance's wasm globals from the old one's (the plan
     /// says which carry over), and its stack pointer where the mapped stack
     /// puts it.
-    fn carry_globals(&mut self, previous: &mut Previous, prepared: &Prepared, stack: &MappedStack) -> Result<(), String> {
+    fn carry_globals(&mut self, previous: &mut Previous, prepared: &Prepared, stack: &MappedStack) -> Result<(), ApplyError> {
         let store = &mut self.store;
         for (new_index, old_index) in &prepared.plan.globals {
             let value = previous
                 .instance
                 .get_global(&mut previous.store, &exports::global(*old_index))
-                .ok_or_else(|| format!("the running version does not export global {old_index}"))?
+                .ok_or(ApplyError::OldGlobalMissing(*old_index))?
                 .get(&mut previous.store);
             let global = self
                 .instance
                 .get_global(&mut *store, &exports::global(*new_index))
-                .ok_or_else(|| format!("the new version does not export global {new_index}"))?;
-            global.set(&mut *store, value).map_err(|e| one_line(&e))?;
+                .ok_or(ApplyError::NewGlobalMissing(*new_index))?;
+            global.set(&mut *store, value).map_err(|source| ApplyError::SetGlobal { index: *new_index, source })?;
         }
         if let Some(sp) = stack.stack_pointer {
             let new = &prepared.next.version;
-            let index = crate::update::stack_pointer_index(new).ok_or("the new version has no stack pointer global")?;
-            let global = self.instance.get_global(&mut *store, &exports::global(index)).ok_or("the new version does not export its stack pointer")?;
-            global.set(&mut *store, wasmtime::Val::I32(sp as i32)).map_err(|e| one_line(&e))?;
+            let index = crate::update::stack_pointer_index(new).ok_or(ApplyError::NoStackPointer)?;
+            let global = self.instance.get_global(&mut *store, &exports::global(index)).ok_or(ApplyError::StackPointerNotExported)?;
+            global.set(&mut *store, wasmtime::Val::I32(sp as i32)).map_err(|source| ApplyError::SetGlobal { index, source })?;
         }
         Ok(())
     }
@@ -682,26 +607,26 @@ impl Guest {
         prepared: &Prepared,
         stack: &MappedStack,
         heap: Option<&HeapStep>,
-        and_then: impl FnOnce(&mut Self) -> Result<(), String>,
-    ) -> Result<HeapCounts, String> {
+        and_then: impl FnOnce(&mut Self) -> Result<(), ApplyError>,
+    ) -> Result<HeapCounts, ApplyError> {
         let linked = &prepared.linked;
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
         let drop_data = self
             .instance
             .get_typed_func::<(), ()>(&mut *store, exports::DROP_DATA)
-            .map_err(|e| one_line(&e))?;
-        drop_data.call(&mut *store, ()).map_err(|e| one_line(&e))?;
+            .map_err(ApplyError::DropData)?;
+        drop_data.call(&mut *store, ()).map_err(ApplyError::DropData)?;
 
         // A reused area holds what its last version left there.
         if let Some(area) = prepared.fresh {
             if !u.memory.write(u64::from(area.base), &vec![0; area.len as usize]) {
-                return Err(format!("fresh memory at {:#x} is out of bounds", area.base));
+                return Err(ApplyError::FreshOutOfBounds(area.base));
             }
         }
         for (address, bytes) in &linked.writes {
             if !u.memory.write(u64::from(*address), bytes) {
-                return Err(format!("fresh memory at {address:#x} is out of bounds"));
+                return Err(ApplyError::FreshOutOfBounds(*address));
             }
         }
         self.carry_globals(previous, prepared, stack)?;
@@ -714,7 +639,7 @@ impl Guest {
         let backup = match heap {
             // C code may write anywhere.
             _ if user_code => Some(Backup::Whole(
-                u.memory.read(0, u.memory.size()).ok_or("cannot back up memory before converting state")?,
+                u.memory.read(0, u.memory.size()).ok_or(ApplyError::Backup)?,
             )),
             // Heap conversion writes the slots it rewrites, the new copies
             // (free memory) and the allocator's own bytes: only those.
@@ -724,7 +649,7 @@ impl Guest {
             _ => None,
         };
         let converted = match heap {
-            Some(h) => heap_conversion::convert(&h.plan, &self.instance, &mut self.store, u),
+            Some(h) => heap_conversion::convert(&h.plan, &self.instance, &mut self.store, u).map_err(ApplyError::from),
             None => Ok((HeapCounts::default(), Vec::new())),
         };
         let u = instrumented(&mut self.unwinder)?;
@@ -735,7 +660,7 @@ impl Guest {
                 let (old, new) = (u64::from(conversion.old_address), u64::from(conversion.new_address));
                 for c in &conversion.map.copies {
                     if !u.memory.copy_within(old + c.from, new + c.to, c.len) {
-                        return Err("a converted global lies out of bounds".to_string());
+                        return Err(ApplyError::ConvertedGlobalOutOfBounds);
                     }
                 }
             }
@@ -788,7 +713,7 @@ impl Guest {
                     true => Err(reason),
                     // Memory only grows, so the backup always fits; the
                     // message says it if that ever stops being true.
-                    false => Err(format!("{reason}; memory could not be restored to its state before the update")),
+                    false => Err(ApplyError::NotRestored { source: Box::new(reason) }),
                 }
             }
         }
@@ -797,7 +722,7 @@ impl Guest {
     /// Runs the C transformers, then the verified rewind: the guest re-enters
     /// every frame and unwinds again at the innermost resume point, before
     /// running any code, and must save exactly the frames it was given.
-    fn transform_and_rewind(&mut self, linked: &Linked, mapped: &[TypedFrame], new: &Version) -> Result<(), String> {
+    fn transform_and_rewind(&mut self, linked: &Linked, mapped: &[TypedFrame], new: &Version) -> Result<(), ApplyError> {
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
         run_transformers(&self.instance, store, &u.control, linked)?;
@@ -805,9 +730,9 @@ impl Guest {
     }
 
     /// Gives the new code the mapped frames and rewinds it, checked.
-    pub(crate) fn rewind_checked(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), String> {
+    pub(crate) fn rewind_checked(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), ApplyError> {
         let u = instrumented(&mut self.unwinder)?;
-        u.control.set_frames(&write_frames(&mapped.iter().map(TypedFrame::to_raw).collect::<Vec<_>>()))?;
+        u.control.set_frames(&write_frames(&mapped.iter().map(TypedFrame::to_raw).collect::<Vec<_>>())).map_err(ApplyError::SetFrames)?;
         u.paused = None;
         u.control.set_verify(true);
         let result = self.checked_rewind(mapped, new);
@@ -817,25 +742,24 @@ impl Guest {
 
     /// Rewinds the mapped frames (already in the control memory) into the
     /// new code with a pause requested, and checks it saves them again.
-    fn checked_rewind(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), String> {
+    fn checked_rewind(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), ApplyError> {
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
-        u.start_rewind.call(&mut *store, ()).map_err(|e| one_line(&e))?;
+        u.start_rewind.call(&mut *store, ()).map_err(ApplyError::StartRewind)?;
         // A request, not just the flag: a rewind that ends in a blocking
         // call must find its wake-up waiting, or it would block there.
         crate::PauseHandle::new(u.control.clone(), self.interrupt.clone(), None).request();
         if let Err(e) = self.call_entry() {
-            let exit = classify(e, self.source_map.as_deref());
-            return Err(format!("the new code did not accept the frames: {}", describe_exit(&exit)));
+            return Err(ApplyError::Rejected(classify(e, self.source_map.as_deref())));
         }
         let u = instrumented(&mut self.unwinder)?;
         match u.after_return(&mut self.store) {
             Ok(AfterReturn::Paused) => {}
-            Ok(_) => return Err("the new code ran on instead of stopping at the resume point".into()),
-            Err(e) => return Err(e),
+            Ok(_) => return Err(ApplyError::RanOn),
+            Err(e) => return Err(e.into()),
         }
         let resaved = u.paused.as_deref().unwrap_or_default();
-        frames_disagree(mapped, resaved, &|f| new.info.function_name(f)).map_or(Ok(()), Err)
+        frames_disagree(mapped, resaved, &|f| new.info.function_name(f)).map_or(Ok(()), |d| Err(ApplyError::FramesDisagree(d)))
     }
 }
 
@@ -903,40 +827,8 @@ fn has_transformers(linked: &Linked) -> bool {
 }
 
 /// The unwinder of an instrumented guest; every step of an update needs it.
-fn instrumented(unwinder: &mut Option<Unwinder>) -> Result<&mut Unwinder, String> {
-    unwinder.as_mut().ok_or_else(|| "the module runs without instrumentation".to_string())
-}
-
-/// Maps a paused thread's frames (innermost first) to the new version;
-/// with its stack pointer, a frame that cannot move as it stands may go
-/// back to its loop header or be rebuilt where it stands.
-fn map_frames(prepared: &Prepared, frames: &[TypedFrame], sp: Option<u32>, memory: &ProgramMemory) -> Result<MappedStack, Unmappable> {
-    match sp {
-        Some(sp) => prepared.frames.map_stack(frames, sp, &StackReader(memory)),
-        None => frames.iter().map(|f| prepared.frames.map(f)).collect::<Result<_, _>>().map(|frames| MappedStack { frames, ..MappedStack::default() }),
-    }
-}
-
-/// The old frames whose values still matter once `stack` is in place, and
-/// where the live shadow stack then starts. Dropped frames and the
-/// retreating frame's old values are gone once the update is done, and a
-/// rebuilt frame's stack had its addresses rewritten by the plan.
-fn kept_frames<'f>(frames: &'f [TypedFrame], stack: &MappedStack, sp: Option<u32>) -> (&'f [TypedFrame], Option<u32>) {
-    match (&stack.rebuilt, stack.kept_stack_from) {
-        (Some(r), _) => (&frames[r.frames..], Some(r.stack_from)),
-        (None, Some(from)) => (&frames[frames.len() + 1 - stack.frames.len()..], Some(from)),
-        (None, None) => (frames, sp),
-    }
-}
-
-/// The paused program's memory, as patchgen reads it to rebuild a frame.
-struct StackReader<'m>(&'m ProgramMemory);
-
-impl upstare_patchgen::rebuild::StackMemory for StackReader<'_> {
-    fn read_u32(&self, address: u32) -> Option<u32> {
-        let bytes = self.0.read(u64::from(address), 4)?;
-        Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-    }
+fn instrumented(unwinder: &mut Option<Unwinder>) -> Result<&mut Unwinder, ApplyError> {
+    unwinder.as_mut().ok_or(ApplyError::NotInstrumented)
 }
 
 /// Index of the `__stack_pointer` global in `version`.
@@ -952,33 +844,24 @@ fn run_transformers(
     store: &mut Store<ProcessState>,
     control: &crate::pause::ControlMemory,
     linked: &Linked,
-) -> Result<(), String> {
+) -> Result<(), ApplyError> {
     control.set_pause(false);
     for (export, name) in &linked.constructors {
         instance
             .get_typed_func::<(), ()>(&mut *store, export)
             .and_then(|f| f.call(&mut *store, ()))
-            .map_err(|e| format!("constructor `{name}` failed: {}", one_line(&e)))?;
+            .map_err(|source| ApplyError::Constructor { name: name.clone(), source })?;
     }
     for conversion in &linked.conversions {
         let Some(name) = &conversion.transformer else { continue };
         let (old, new) = (conversion.old_address, conversion.new_address);
         instance
             .get_typed_func::<(i32, i32), ()>(&mut *store, name)
-            .map_err(|e| format!("transformer `{name}` must be `void {name}(const void *old, void *new)`: {}", one_line(&e)))?
+            .map_err(|source| ApplyError::TransformerSignature { name: name.clone(), source })?
             .call(&mut *store, (old as i32, new as i32))
-            .map_err(|e| format!("transformer `{name}` failed: {}", one_line(&e)))?;
+            .map_err(|source| ApplyError::Transformer { name: name.clone(), source })?;
     }
     Ok(())
-}
-
-fn describe_exit(exit: &Exit) -> String {
-    match exit {
-        Exit::Trap(t) => t.to_string().lines().next().unwrap_or("trap").to_string(),
-        Exit::Status(c) => format!("it exited with status {c}"),
-        Exit::HostError(e) => e.clone(),
-        other => format!("{other:?}"),
-    }
 }
 
 #[cfg(test)]

@@ -1,39 +1,48 @@
 //! The other threads of a multi-threaded program in an update. Each parked
 //! worker's frames are mapped to the new version as the main thread's are
 //! (from its own stack pointer, so a frame may go back to its loop header
-//! or be rebuilt where it stands), its frames and the live part of its
-//! shadow stack join the scan for pointers that would go stale, and, once
+//! or be rebuilt where it stands), it joins patchgen's checks of the
+//! paused program ([`upstare_patchgen::paused`]), and, once
 //! the main thread has moved and the new code accepted its frames, each
 //! worker moves to the new version in a store of its own. A worker the new
 //! code does not accept undoes every worker moved before it, and the main
 //! thread's own rollback follows: all threads move, or none.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use upstare_instrument::abi::TypedFrame;
 use upstare_instrument::Metadata;
 use upstare_patchgen::frames::{MappedStack, Unmappable};
-use upstare_patchgen::heap::stale::{self, Holder};
-use upstare_patchgen::heap;
+use upstare_patchgen::paused::PausedThread;
 use upstare_patchgen::version::Version;
 
-use super::{instrumented, kept_frames, map_frames, FrameUndo, Prepared, Previous, UpdateError};
-use crate::module::one_line;
+use super::{instrumented, ApplyError, FrameUndo, Prepared, Previous, UpdateError};
 use crate::program_memory::ProgramMemory;
 use crate::threads::Threads;
 use crate::Guest;
 
-/// A parked worker and its frames mapped to the new version.
+/// A parked worker, what it was paused with, and its frames mapped to the
+/// new version.
 pub(super) struct ThreadStep {
     tid: u32,
     guest: Arc<Mutex<Guest>>,
+    frames: Vec<TypedFrame>,
+    stack_pointer: Option<u32>,
+    stack_top: Option<u32>,
     stack: MappedStack,
-    /// The old frames that stay (those not dropped or rebuilt), for the
-    /// stale-pointer scan.
-    kept: Vec<TypedFrame>,
-    /// The live part of its shadow stack, for the same scan.
-    live_stack: Option<Holder>,
+}
+
+impl ThreadStep {
+    /// The worker as patchgen's checks read it.
+    pub(super) fn paused(&self) -> PausedThread<'_> {
+        PausedThread {
+            tid: Some(self.tid),
+            frames: &self.frames,
+            stack_pointer: self.stack_pointer,
+            stack_top: self.stack_top,
+            mapped: &self.stack,
+        }
+    }
 }
 
 /// A worker moved to the new version, with what undoes it.
@@ -73,81 +82,32 @@ pub(super) fn plan(threads: &Threads, current: &Version, prepared: &Prepared, me
             .and_then(|u| u.paused.clone())
             .ok_or_else(|| UpdateError::Refused(format!("thread {tid} is not paused")))?;
         let sp = g.stack_pointer(current);
-        let stack = map_frames(prepared, &frames, sp, memory).map_err(|e| UpdateError::Frame(in_thread(tid, e)))?;
-        let (kept, stack_from) = kept_frames(&frames, &stack, sp);
-        let live_stack = stack_from.zip(g.thread_stack_top()).map(|(from, top)| Holder {
-            name: format!("the shadow stack of thread {tid}"),
-            address: from,
-            size: top.saturating_sub(from),
-        });
-        let kept = kept.to_vec();
+        let stack = prepared.frames.map_paused(&frames, sp, memory).map_err(|e| UpdateError::Frame(in_thread(tid, e)))?;
+        let stack_top = g.thread_stack_top();
         drop(g);
-        steps.push(ThreadStep { tid, guest, stack, kept, live_stack });
+        steps.push(ThreadStep { tid, guest, frames, stack_pointer: sp, stack_top, stack });
     }
     Ok(steps)
-}
-
-/// Where the workers' frame variables move: a pointer to their old place
-/// would go stale, wherever it is.
-pub(super) fn moves(steps: &[ThreadStep]) -> impl Iterator<Item = (u32, u32, u64, u32)> + '_ {
-    steps.iter().flat_map(|s| s.stack.moves.iter().map(move |(from, to, len)| (*from, *to, *len, s.tid)))
-}
-
-/// The first address `target` says would go stale in a worker's frames or
-/// shadow stack, as a message.
-pub(super) fn find_stale(
-    steps: &[ThreadStep],
-    version: &Version,
-    memory: &ProgramMemory,
-    target: &dyn Fn(u32) -> Option<String>,
-    skip_targets: bool,
-) -> Option<String> {
-    steps.iter().find_map(|s| {
-        let holders: Vec<Holder> = s.live_stack.iter().cloned().collect();
-        stale::find_pointer(&s.kept, version, memory, &holders, target, skip_targets, &HashSet::new())
-            .map(|m| format!("in thread {}: {m}", s.tid))
-    })
-}
-
-/// The workers' live shadow stacks, for the heap trace to scan untyped.
-pub(super) fn live_stacks(steps: &[ThreadStep]) -> Vec<(u32, u32, String)> {
-    steps.iter().filter_map(|s| s.live_stack.as_ref().map(|h| (h.address, h.size, h.name.clone()))).collect()
-}
-
-/// The first value in a worker's frames that points into a heap object the
-/// update converts, as a refusal: the trace types the main thread's frames
-/// alone, so nothing would rewrite it.
-pub(super) fn find_converted(steps: &[ThreadStep], plan: &heap::Plan, version: &Version, memory: &ProgramMemory) -> Option<String> {
-    let converted = |v: u32| {
-        plan.objects
-            .iter()
-            .find(|o| v >= o.start && u64::from(v - o.start) < u64::from(o.count) * u64::from(o.kind.old_size))
-            .map(|o| format!("a heap object of type {}, which the update converts", o.kind.type_name))
-    };
-    steps.iter().find_map(|s| {
-        stale::find_pointer(&s.kept, version, memory, &[], &converted, false, &HashSet::new())
-            .map(|m| format!("in thread {}: {m}; only the main thread's frames are rewritten", s.tid))
-    })
 }
 
 /// Moves every worker to the new version: its own instance, its globals,
 /// its frame variables, its frames rewound into the new code and checked.
 /// On failure every worker is back as it was.
-pub(super) fn apply(steps: &[ThreadStep], prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Vec<Moved>, String> {
+pub(super) fn apply(steps: &[ThreadStep], prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Vec<Moved>, ApplyError> {
     let mut moved: Vec<Moved> = Vec::with_capacity(steps.len());
     for step in steps {
         match move_one(step, prepared, metadata) {
             Ok(m) => moved.push(m),
             Err(reason) => {
                 undo(moved);
-                return Err(format!("thread {}: {reason}", step.tid));
+                return Err(ApplyError::Thread { tid: step.tid, source: Box::new(reason) });
             }
         }
     }
     Ok(moved)
 }
 
-fn move_one(step: &ThreadStep, prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Moved, String> {
+fn move_one(step: &ThreadStep, prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Moved, ApplyError> {
     let mut g = lock(&step.guest);
     let (memory, control) = {
         let u = instrumented(&mut g.unwinder)?;
@@ -155,11 +115,13 @@ fn move_one(step: &ThreadStep, prepared: &Prepared, metadata: &Arc<Metadata>) ->
     };
     // Each thread has its own control memory, so its own link of the new
     // module; the main thread's was made before the pause.
-    let threads = g.threads.clone().ok_or("a worker without its program's threads")?;
+    // A worker always belongs to a program's threads; its link is that
+    // program's linker with this thread's control memory.
+    let threads = g.threads.clone().ok_or_else(|| ApplyError::Link(wasmtime::Error::msg("a worker without its program's threads")))?;
     let instance_pre = threads
         .linker(&g.store, Some(&control))
         .and_then(|linker| linker.instantiate_pre(prepared.next.module.module()))
-        .map_err(|e| format!("cannot link the new version: {}", one_line(&e)))?;
+        .map_err(ApplyError::Link)?;
     let mut previous = g.switch_to(prepared, &instance_pre, metadata.clone())?;
     let carried = g.carry_globals(&mut previous, prepared, &step.stack).and_then(|()| FrameUndo::apply(&step.stack, &memory));
     let frames = match carried {

@@ -45,42 +45,50 @@ pub fn pointer_holders(version: &Version, stack_pointer: Option<u32>) -> Vec<Hol
             writable.then_some(Holder { name, address, size: d.size })
         })
         .collect();
-    if let (Some(sp), Some(top)) = (stack_pointer, stack_top(version)) {
+    if let (Some(sp), Some(top)) = (stack_pointer, crate::paused::stack_top(version)) {
         holders.push(Holder { name: "the shadow stack".into(), address: sp, size: top.saturating_sub(sp) });
     }
     holders
 }
 
-/// The top of the shadow stack in the running layout: wasm-ld's
-/// `__stack_high`, else `__heap_base` (the stack ends where the heap
-/// starts).
-pub fn stack_top(version: &Version) -> Option<u32> {
-    ["__stack_high", "__heap_base"].iter().find_map(|name| {
-        let i = version.info.symbols.iter().position(|s| s.is_absolute() && s.name.as_deref() == Some(*name))?;
-        version.layout.data.get(&(i as u32)).copied().or(version.info.symbols[i].data().map(|d| d.address))
-    })
+/// Where a value that would go stale is held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// A value of a paused frame of this function (a local or an operand).
+    Frame(String),
+    /// A word of memory, named as its [`Holder`] is.
+    Memory(String),
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Frame(function) => write!(f, "a frame of `{function}`"),
+            Place::Memory(name) => f.write_str(name),
+        }
+    }
 }
 
 /// The first value that `target` says points where nothing will be, in
-/// `frames` (running `version`) or in `holders`, as a message; `target`
-/// names what an address would point into. With `skip_targets`, words
-/// inside a target are not read (a converted global's old copy is dropped,
-/// so what it holds does not matter); words at the addresses in
-/// `rewritten` are pointers the trace rewrites.
-pub fn find_pointer(
+/// `frames` (running `version`) or in `holders`, with what `target` says
+/// it would point into. With `skip_targets`, words inside a target are
+/// not read (a converted global's old copy is dropped, so what it holds
+/// does not matter); words at the addresses in `rewritten` are pointers
+/// the trace rewrites.
+pub fn find_pointer<T>(
     frames: &[TypedFrame],
     version: &Version,
     memory: &dyn MemoryView,
     holders: &[Holder],
-    target: &dyn Fn(u32) -> Option<String>,
+    target: &dyn Fn(u32) -> Option<T>,
     skip_targets: bool,
     rewritten: &std::collections::HashSet<u32>,
-) -> Option<String> {
+) -> Option<(Place, T)> {
     for frame in frames {
         for value in frame.locals.iter().flatten().chain(&frame.operands) {
             if let Value::I32(v) = value {
                 if let Some(what) = target(*v as u32) {
-                    return Some(format!("a frame of `{}` holds the address of {what}", version.info.function_name(frame.func)));
+                    return Some((Place::Frame(version.info.function_name(frame.func)), what));
                 }
             }
         }
@@ -92,7 +100,7 @@ pub fn find_pointer(
                 continue;
             }
             if let Some(what) = target(value) {
-                return Some(format!("{} holds the address of {what}", h.name));
+                return Some((Place::Memory(h.name.clone()), what));
             }
         }
     }
