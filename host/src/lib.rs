@@ -52,6 +52,7 @@ pub mod interrupt;
 pub mod module;
 pub mod pause;
 pub mod process;
+pub mod pause_group;
 pub mod processes;
 pub mod program_memory;
 pub mod snapshot;

@@ -15,6 +15,7 @@ use upstare_instrument::abi::{self, control, RawFrame};
 use wasmtime::{Engine, MemoryType, SharedMemory};
 
 use crate::interrupt::InterruptHandle;
+use crate::processes::Processes;
 use crate::threads::Threads;
 use std::sync::Arc;
 
@@ -180,11 +181,13 @@ pub struct PauseHandle {
     interrupt: InterruptHandle,
     /// The program's other threads, which pause with the main one.
     threads: Option<Arc<Threads>>,
+    /// The program's other processes, which pause with the first.
+    processes: Option<Arc<Processes>>,
 }
 
 impl PauseHandle {
-    pub(crate) fn new(control: ControlMemory, interrupt: InterruptHandle, threads: Option<Arc<Threads>>) -> Self {
-        PauseHandle { control, interrupt, threads }
+    pub(crate) fn new(control: ControlMemory, interrupt: InterruptHandle, threads: Option<Arc<Threads>>, processes: Option<Arc<Processes>>) -> Self {
+        PauseHandle { control, interrupt, threads, processes }
     }
 
     /// Asks the guest to pause: it unwinds at its next loop header or
@@ -195,6 +198,9 @@ impl PauseHandle {
         let asked = Instant::now();
         if let Some(threads) = &self.threads {
             threads.request_pause();
+        }
+        if let Some(processes) = &self.processes {
+            processes.request_pause();
         }
         self.control.set_pause(true);
         self.interrupt.interrupt();
@@ -215,6 +221,9 @@ impl PauseHandle {
         self.interrupt.withdraw();
         if let Some(threads) = &self.threads {
             threads.cancel_pause();
+        }
+        if let Some(processes) = &self.processes {
+            processes.cancel_pause();
         }
     }
 

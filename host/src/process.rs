@@ -264,6 +264,12 @@ impl Guest {
         self.store.data().wasi.process.as_ref().map(|m| m.program.clone())
     }
 
+    /// The program's processes if this is its first, which pauses, updates
+    /// and resumes them with itself.
+    pub(crate) fn first_process_of(&self) -> Option<Arc<Processes>> {
+        self.store.data().wasi.process.as_ref().filter(|m| m.pid == 1).map(|m| m.program.clone())
+    }
+
     /// Why `doing` (an update, a checkpoint) cannot cover the program now:
     /// it runs several processes, and only this one is paused.
     pub(crate) fn several_processes(&self, doing: &str) -> Option<String> {
@@ -382,7 +388,8 @@ impl Guest {
     /// A handle that pauses the guest from any thread; `None` for a module
     /// loaded without instrumentation.
     pub fn pause_handle(&self) -> Option<PauseHandle> {
-        self.unwinder.as_ref().map(|u| PauseHandle::new(u.control.clone(), self.interrupt.clone(), self.threads.clone()))
+        let processes = self.first_process_of();
+        self.unwinder.as_ref().map(|u| PauseHandle::new(u.control.clone(), self.interrupt.clone(), self.threads.clone(), processes))
     }
 
     /// How to stop this thread at its next update point.
@@ -479,8 +486,18 @@ impl Guest {
         exit
     }
 
-    /// [`Guest::run`] for the threads of this process.
+    /// [`Guest::run`] for the threads of this process, and for the first
+    /// process of a program that forks, its other processes: the program
+    /// is paused once every one of them is parked.
     fn run_program(&mut self) -> Exit {
+        if let Some(processes) = self.first_process_of() {
+            let exit = self.run_thread();
+            if matches!(exit, Exit::Paused) {
+                processes.request_pause();
+                processes.wait_parked();
+            }
+            return exit;
+        }
         let Some(threads) = self.threads.clone().filter(|_| matches!(self.entry, Entry::Main)) else {
             return self.run_thread();
         };
@@ -534,6 +551,10 @@ impl Guest {
             if u.paused.take().is_some() {
                 if let (Some(threads), Entry::Main) = (&self.threads, self.entry) {
                     threads.resume();
+                }
+                let membership = self.store.data().wasi.process.as_ref();
+                if let Some(m) = membership.filter(|m| m.pid == 1) {
+                    m.program.resume();
                 }
                 if let Err(e) = u.prepare_rewind(&mut self.store) {
                     return self.classify(e);

@@ -13,6 +13,10 @@
 //! entries share the open objects (a prefork server's workers share the
 //! listener).
 //!
+//! The other processes pause with the first: they form a
+//! [`PauseGroup`], asked to stop when process 1 pauses and resumed with
+//! it, so that an update finds the whole program at update points.
+//!
 //! A process that ends stays a zombie, with its wait status, until its
 //! parent waits for it; the children of a process that ends pass to the
 //! host (`getppid` says 0), which reaps them as they end. `kill`
@@ -27,11 +31,11 @@ use upstare_instrument::abi::{process, State, IMPORT_MODULE};
 use wasmtime::{Caller, Extern, Linker, Val};
 
 use crate::interrupt::{Interrupter, Parked};
+use crate::pause_group::{lock, PauseGroup, RunState};
 use crate::process::{Exit, Guest, ProcessState};
 use crate::program_memory::ProgramMemory;
 use crate::threads::Stopper;
 use crate::wasi::WasiView;
-use crate::GUEST_THREAD_STACK;
 
 /// Processes a program may have at once (zombies included), unless the
 /// embedder says otherwise ([`crate::GuestConfig::max_processes`]).
@@ -107,6 +111,8 @@ struct Entry {
     stopper: Stopper,
     /// Where it waits for its children, to wake it when one ends.
     waker: Interrupter,
+    /// Its memory (the first process's is the embedder's to know).
+    memory: Option<ProgramMemory>,
 }
 
 #[derive(Default)]
@@ -121,6 +127,8 @@ struct Table {
 pub struct Processes {
     max: usize,
     table: Mutex<Table>,
+    /// Every process but the first, which pause with it.
+    children: Arc<PauseGroup>,
 }
 
 impl std::fmt::Debug for Processes {
@@ -138,14 +146,22 @@ pub struct ProcessStatus {
     pub parent: u32,
     /// Its wait status, if it has ended and its parent has not waited yet.
     pub ended: Option<i32>,
+    /// Whether it is parked in a pause of the program (always false for
+    /// process 1, whose state is the program's).
+    pub parked: bool,
+    /// The function it stopped in, while parked.
+    pub paused_in: Option<String>,
+    /// The call that may block it, while it runs and is in one.
+    pub in_call: Option<&'static str>,
 }
 
 impl Processes {
     /// The table of a program whose first process (pid 1) stops through
     /// `stopper` and waits through `waker`.
     pub(crate) fn new(max: usize, stopper: Stopper, waker: Interrupter) -> Arc<Self> {
-        let first = Entry { parent: 0, ended: None, killed: None, stopper, waker };
-        Arc::new(Processes { max, table: Mutex::new(Table { next_pid: 2, entries: BTreeMap::from([(1, first)]), over: false }) })
+        let first = Entry { parent: 0, ended: None, killed: None, stopper, waker, memory: None };
+        let table = Table { next_pid: 2, entries: BTreeMap::from([(1, first)]), over: false };
+        Arc::new(Processes { max, table: Mutex::new(table), children: Arc::default() })
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -155,7 +171,61 @@ impl Processes {
 
     /// The processes alive or not yet waited for, in pid order.
     pub fn list(&self) -> Vec<ProcessStatus> {
-        self.table().entries.iter().map(|(pid, e)| ProcessStatus { pid: *pid, parent: e.parent, ended: e.ended }).collect()
+        let children: BTreeMap<u32, _> = self.children.list().into_iter().map(|c| (c.id, c)).collect();
+        self.table()
+            .entries
+            .iter()
+            .map(|(pid, e)| {
+                let child = children.get(pid).filter(|_| e.ended.is_none());
+                ProcessStatus {
+                    pid: *pid,
+                    parent: e.parent,
+                    ended: e.ended,
+                    parked: child.is_some_and(|c| c.state == RunState::Parked),
+                    paused_in: child.and_then(|c| c.paused_in.clone()),
+                    in_call: child.and_then(|c| c.in_call),
+                }
+            })
+            .collect()
+    }
+
+    /// The largest memory of the processes other than the first: an
+    /// update's fresh area must lie above it in every process.
+    pub fn largest_child_memory(&self) -> u64 {
+        self.table().entries.values().filter(|e| e.ended.is_none()).filter_map(|e| e.memory.as_ref()).map(ProgramMemory::size).max().unwrap_or(0)
+    }
+
+    /// Asks every other process to pause (process 1 is asked by the
+    /// caller); see [`PauseGroup::request_pause`].
+    pub(crate) fn request_pause(&self) {
+        self.children.request_pause();
+    }
+
+    /// Withdraws a pause request.
+    pub(crate) fn cancel_pause(&self) {
+        self.children.cancel_pause();
+    }
+
+    /// Waits until every other process is parked (true), or the pause is
+    /// withdrawn or the program ends (false).
+    pub(crate) fn wait_parked(&self) -> bool {
+        self.children.wait_parked()
+    }
+
+    /// The parked processes' guests, in pid order, while the program is
+    /// paused.
+    pub(crate) fn parked(&self) -> Vec<(u32, Arc<Mutex<Guest>>)> {
+        self.children.parked()
+    }
+
+    /// How many processes besides the first are alive.
+    pub(crate) fn children(&self) -> usize {
+        self.children.count()
+    }
+
+    /// Lets every parked process run again.
+    pub(crate) fn resume(&self) {
+        self.children.resume();
     }
 
     /// How many processes have not ended.
@@ -193,6 +263,7 @@ impl Processes {
             killed: None,
             stopper: child.stopper(),
             waker: child.store.data().wasi.interrupter.clone(),
+            memory: child.unwinder.as_ref().map(|u| u.memory.clone()),
         };
         t.entries.insert(pid, entry);
         Ok(pid)
@@ -201,25 +272,31 @@ impl Processes {
     /// Drives process `pid` on an OS thread of its own.
     fn start(self: &Arc<Self>, pid: u32, child: Guest) -> Result<(), String> {
         let program = self.clone();
-        let started = std::thread::Builder::new()
-            .name(format!("process-{pid}"))
-            .stack_size(GUEST_THREAD_STACK)
-            .spawn(move || program.drive(pid, child));
-        if let Err(e) = started {
+        let started = self.children.start(pid, format!("process-{pid}"), child, RunState::Running, move |guest| program.drive(pid, guest));
+        if started.is_err() {
             self.table().entries.remove(&pid);
-            return Err(format!("cannot start an OS thread: {e}"));
         }
-        Ok(())
+        started
     }
 
-    /// Runs a child until it ends, resuming it after every stop that is
-    /// not a `kill`.
-    fn drive(&self, pid: u32, mut guest: Guest) {
+    /// Runs a child until it ends, parking it at each pause of the program
+    /// and resuming it after every stop that is not a `kill`.
+    fn drive(&self, pid: u32, guest: Arc<Mutex<Guest>>) {
         let status = loop {
-            let exit = guest.run();
+            let (exit, paused_in) = {
+                let mut g = lock(&guest);
+                let exit = g.run();
+                (exit, g.paused_in())
+            };
             let killed = self.killed(pid);
             match &exit {
-                Exit::Paused if killed.is_none() => continue,
+                Exit::Paused if killed.is_none() => {
+                    if self.children.park(pid, paused_in) {
+                        continue;
+                    }
+                    // The program ended while it was parked.
+                    break wait_status(&exit, Some(SIGKILL));
+                }
                 Exit::Trap(report) => eprintln!("upstare-host: process {pid} trapped: {}", report.message),
                 Exit::Interrupted { call } => eprintln!("upstare-host: process {pid} was interrupted in `{call}`"),
                 Exit::HostError(e) => eprintln!("upstare-host: process {pid} failed: {e}"),
@@ -227,6 +304,8 @@ impl Processes {
             }
             break wait_status(&exit, killed);
         };
+        // Its open files close before its parent learns it ended.
+        self.children.leave(pid);
         drop(guest);
         self.ended(pid, status);
     }
@@ -270,6 +349,10 @@ impl Processes {
         }
         for stopper in stop {
             stopper.ask();
+        }
+        if pid == 1 {
+            // Parked processes stop rather than wait for a resume.
+            self.children.end();
         }
     }
 

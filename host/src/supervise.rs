@@ -393,7 +393,12 @@ fn status(
     if !processes.is_empty() {
         body.push(format!("processes: {}", processes.len()));
         body.extend(processes.iter().map(|p| match p.ended {
-            None => format!("process {}: parent {}, running", p.pid, p.parent),
+            // Process 1 is instance 0.
+            None if p.pid == 1 => format!("process 1: {}", whereabouts(live.state, live.paused_in.as_deref(), *main_call)),
+            None => {
+                let state = if p.parked { "paused" } else { "running" };
+                format!("process {}: parent {}, {}", p.pid, p.parent, whereabouts(state, p.paused_in.as_deref(), p.in_call))
+            }
             Some(status) => format!("process {}: parent {}, ended (wait status {status:#x}), not waited for", p.pid, p.parent),
         }));
     }

@@ -11,16 +11,17 @@
 //! (or has finished). A `proc_exit` or a trap in a worker is the program's
 //! end: it is recorded here, and every thread is asked to stop.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use wasmtime::{Caller, Engine, Linker, SharedMemory, Store};
 
 use crate::interrupt::InterruptHandle;
 use crate::pause::ControlMemory;
+use crate::pause_group::{lock, PauseGroup};
+pub use crate::pause_group::RunState as ThreadState;
 use crate::process::{host_linker, Exit, Guest, ProcessState};
 use crate::program_memory::ProgramMemory;
-use crate::{GuestModule, GUEST_THREAD_STACK};
+use crate::GuestModule;
 
 /// The import module and name of wasi-threads' spawn.
 pub const SPAWN_MODULE: &str = "wasi";
@@ -51,15 +52,6 @@ pub(crate) enum SharedMemories {
     Plain { module: String, name: String, memory: SharedMemory },
 }
 
-/// What a thread is doing, as `status` and the pause see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThreadState {
-    /// Running guest code, or blocked in a call.
-    Running,
-    /// Unwound at an update point, waiting for the program to resume.
-    Parked,
-}
-
 /// How to ask one thread to stop at its next update point.
 #[derive(Clone)]
 pub(crate) struct Stopper {
@@ -79,7 +71,7 @@ impl Stopper {
     }
 
     /// Withdraws a request the thread has not acted on.
-    fn withdraw(&self) {
+    pub(crate) fn withdraw(&self) {
         if let Some(control) = &self.control {
             control.set_pause(false);
         }
@@ -100,26 +92,11 @@ pub struct ThreadStatus {
     pub in_call: Option<&'static str>,
 }
 
-/// One worker as the registry sees it.
-struct Worker {
-    state: ThreadState,
-    /// The function it stopped in, while parked.
-    paused_in: Option<String>,
-    /// Its guest: locked by its OS thread while it runs, by an update or a
-    /// snapshot while it is parked.
-    guest: Arc<Mutex<Guest>>,
-    stopper: Stopper,
-}
-
+/// What the program's threads share besides the pause: thread ids and
+/// the program's end.
 #[derive(Default)]
 struct Registry {
     next_tid: u32,
-    workers: BTreeMap<u32, Worker>,
-    /// Whether a pause of the program is under way: a worker spawned now
-    /// starts with its request already posted.
-    pausing: bool,
-    /// Bumped at every resume; a parked worker runs again when it changes.
-    resumes: u64,
     /// The program's end, once a worker has ended it, until the main thread
     /// takes it to report.
     ended: Option<Exit>,
@@ -144,14 +121,8 @@ pub struct Threads {
     /// Header of the control memories of new threads (stress counting).
     stress: Option<u32>,
     registry: Mutex<Registry>,
-    /// Where the main thread waits for every worker to park; notified only
-    /// when that may have become true (or the pause ended), so that 64
-    /// workers parking one after another do not wake it 64 times.
-    settled: Condvar,
-    /// Where parked workers wait for the resume; kept apart from `settled`
-    /// because each park would otherwise wake every worker already parked,
-    /// a quadratic storm of wake-ups on a pause of many threads.
-    resumed: Condvar,
+    /// The workers, which pause with the main thread.
+    workers: Arc<PauseGroup>,
     /// Called once when a thread other than main ends the program.
     on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
@@ -184,8 +155,7 @@ impl Threads {
             max,
             stress,
             registry: Mutex::new(Registry { next_tid: 1, ..Registry::default() }),
-            settled: Condvar::new(),
-            resumed: Condvar::new(),
+            workers: Arc::default(),
             on_end: Mutex::new(None),
         })
     }
@@ -227,20 +197,15 @@ impl Threads {
 
     /// How many workers are alive (parked or running).
     pub fn count(&self) -> usize {
-        self.registry().workers.len()
+        self.workers.count()
     }
 
     /// Where each worker is, in id order.
     pub fn list(&self) -> Vec<ThreadStatus> {
-        let r = self.registry();
-        r.workers
-            .iter()
-            .map(|(tid, w)| ThreadStatus {
-                tid: *tid,
-                state: w.state,
-                paused_in: w.paused_in.clone().filter(|_| w.state == ThreadState::Parked),
-                in_call: w.stopper.interrupt.current_call().filter(|_| w.state == ThreadState::Running),
-            })
+        self.workers
+            .list()
+            .into_iter()
+            .map(|w| ThreadStatus { tid: w.id, state: w.state, paused_in: w.paused_in, in_call: w.in_call })
             .collect()
     }
 
@@ -253,7 +218,7 @@ impl Threads {
             if r.over {
                 return SPAWN_FAILED;
             }
-            if r.workers.len() >= self.max {
+            if self.workers.count() >= self.max {
                 drop(r);
                 eprintln!("upstare-host: thread-spawn refused: the program already runs {} threads besides its main one (--max-threads)", self.max);
                 return SPAWN_FAILED;
@@ -261,7 +226,7 @@ impl Threads {
             // Ids are positive and below 2^29, as wasi-threads asks, and not
             // one a live thread has (after a wrap).
             let mut tid = r.next_tid;
-            while r.workers.contains_key(&tid) {
+            while self.workers.contains(tid) {
                 tid = if tid >= (1 << 29) - 1 { 1 } else { tid + 1 };
             }
             r.next_tid = if tid >= (1 << 29) - 1 { 1 } else { tid + 1 };
@@ -289,43 +254,15 @@ impl Threads {
     pub(crate) fn adopt(self: &Arc<Self>, tid: u32, guest: Guest) -> Result<(), String> {
         {
             let mut r = self.registry();
-            if r.workers.contains_key(&tid) {
-                return Err(format!("thread {tid} is recorded twice"));
-            }
             r.next_tid = r.next_tid.max(tid.saturating_add(1));
         }
-        self.start(tid, guest, ThreadState::Parked)
+        self.start(tid, guest, ThreadState::Parked).map_err(|e| format!("thread {e}"))
     }
 
     /// Registers a worker and starts its OS thread, running or parked.
     fn start(self: &Arc<Self>, tid: u32, guest: Guest, state: ThreadState) -> Result<(), String> {
-        let stopper = guest.stopper();
-        let guest = Arc::new(Mutex::new(guest));
-        let resumes = {
-            let mut r = self.registry();
-            if r.pausing && state == ThreadState::Running {
-                stopper.ask();
-            }
-            let paused_in = lock(&guest).paused_in();
-            r.workers.insert(tid, Worker { state, paused_in, guest: guest.clone(), stopper });
-            r.resumes
-        };
         let threads = self.clone();
-        let started = std::thread::Builder::new()
-            .name(format!("guest-{tid}"))
-            .stack_size(GUEST_THREAD_STACK)
-            .spawn(move || {
-                if state == ThreadState::Parked && !threads.park_since(tid, Some(resumes)) {
-                    threads.registry().workers.remove(&tid);
-                    return;
-                }
-                threads.drive(tid, &guest)
-            });
-        if let Err(e) = started {
-            self.registry().workers.remove(&tid);
-            return Err(format!("cannot start an OS thread: {e}"));
-        }
-        Ok(())
+        self.workers.start(tid, format!("guest-{tid}"), guest, state, move |guest| threads.drive(tid, &guest))
     }
 
     /// Runs a worker until it returns, parks it at each pause, and ends the
@@ -339,7 +276,7 @@ impl Threads {
             };
             match exit {
                 Exit::Paused => {
-                    if !self.park(tid, paused_in) {
+                    if !self.workers.park(tid, paused_in) {
                         break;
                     }
                 }
@@ -350,42 +287,7 @@ impl Threads {
                 }
             }
         }
-        let mut r = self.registry();
-        r.workers.remove(&tid);
-        self.notify_if_settled(&r);
-    }
-
-    /// Parks a paused worker until the program resumes (true) or ends
-    /// (false).
-    fn park(&self, tid: u32, paused_in: Option<String>) -> bool {
-        if let Some(w) = self.registry().workers.get_mut(&tid) {
-            w.paused_in = paused_in;
-        }
-        self.park_since(tid, None)
-    }
-
-    /// [`Threads::park`] until the program resumes after resume number
-    /// `resumes` (a thread started parked must not miss a resume that came
-    /// before its OS thread ran), or after the current one.
-    fn park_since(&self, tid: u32, resumes: Option<u64>) -> bool {
-        let mut r = self.registry();
-        if resumes.is_none() && !r.pausing {
-            // The pause it stopped for was withdrawn, or the program has
-            // resumed since: it runs on.
-            return !r.over;
-        }
-        let resumes = resumes.unwrap_or(r.resumes);
-        if let Some(w) = r.workers.get_mut(&tid) {
-            w.state = ThreadState::Parked;
-        }
-        self.notify_if_settled(&r);
-        while r.resumes == resumes && !r.over {
-            r = self.resumed.wait(r).unwrap_or_else(PoisonError::into_inner);
-        }
-        if let Some(w) = r.workers.get_mut(&tid) {
-            w.state = ThreadState::Running;
-        }
-        !r.over
+        self.workers.leave(tid);
     }
 
     /// Sets what to call when a thread other than main ends the program: a
@@ -405,17 +307,19 @@ impl Threads {
     }
 
     fn stop_all(&self, exit: Exit) {
-        let mut r = self.registry();
-        if r.over {
-            return;
+        let main = {
+            let mut r = self.registry();
+            if r.over {
+                return;
+            }
+            r.over = true;
+            r.ended = Some(exit);
+            r.main.clone()
+        };
+        self.workers.end();
+        if let Some(main) = main {
+            main.ask();
         }
-        r.over = true;
-        r.ended = Some(exit);
-        for stopper in r.workers.values().map(|w| &w.stopper).chain(&r.main) {
-            stopper.ask();
-        }
-        self.settled.notify_all();
-        self.resumed.notify_all();
     }
 
     /// How a worker ended the program, if one did; taken once.
@@ -424,98 +328,34 @@ impl Threads {
     }
 
     /// Asks every worker that is not parked already to pause (the main
-    /// thread is asked by the caller). A parked worker has served its
-    /// request; asking it again would stop it once more right after the
-    /// resume, with nobody to resume it.
-    ///
-    /// Asked once per pause: the main thread, stopping, asks again only for
-    /// a pause nobody requested (a stress stop). The asks, a system call
-    /// each, are made outside the registry's lock, which the workers they
-    /// wake need in order to park. A worker spawned meanwhile is asked by
-    /// [`Threads::start`]; one asked after the pause was withdrawn runs on
-    /// ([`Threads::park_since`]).
+    /// thread is asked by the caller); see [`PauseGroup::request_pause`].
     pub(crate) fn request_pause(&self) {
-        let stoppers: Vec<Stopper> = {
-            let mut r = self.registry();
-            if r.pausing {
-                return;
-            }
-            r.pausing = true;
-            r.workers
-                .values()
-                .filter(|w| w.state != ThreadState::Parked && w.stopper.control.is_some())
-                .map(|w| w.stopper.clone())
-                .collect()
-        };
-        for stopper in &stoppers {
-            stopper.ask();
-        }
+        self.workers.request_pause();
     }
 
     /// Withdraws a pause request; workers already parked stay parked until
     /// [`Threads::resume`].
     pub(crate) fn cancel_pause(&self) {
-        let mut r = self.registry();
-        r.pausing = false;
-        for w in r.workers.values().filter(|w| w.stopper.control.is_some()) {
-            w.stopper.withdraw();
-        }
-        // A main thread waiting for the workers to park stops waiting.
-        self.settled.notify_all();
+        self.workers.cancel_pause();
     }
 
     /// Waits until every worker is parked, the program ends, or the pause
-    /// is withdrawn ([`Threads::cancel_pause`]). Returns whether all are
-    /// parked.
+    /// is withdrawn. Returns whether all are parked.
     pub(crate) fn wait_parked(&self) -> bool {
-        let mut r = self.registry();
-        loop {
-            if r.over || !r.pausing {
-                return false;
-            }
-            if all_parked(&r) {
-                return true;
-            }
-            r = self.settled.wait(r).unwrap_or_else(PoisonError::into_inner);
-        }
+        self.workers.wait_parked()
     }
 
     /// The parked workers' guests, in id order, for an update or a
     /// snapshot of the paused program. Lock each only while the program
     /// stays paused.
     pub(crate) fn parked(&self) -> Vec<(u32, Arc<Mutex<Guest>>)> {
-        let r = self.registry();
-        r.workers.iter().filter(|(_, w)| w.state == ThreadState::Parked).map(|(tid, w)| (*tid, w.guest.clone())).collect()
+        self.workers.parked()
     }
 
     /// Lets every parked worker run again.
     pub(crate) fn resume(&self) {
-        let mut r = self.registry();
-        r.pausing = false;
-        r.resumes += 1;
-        // Running from now on, before their OS threads wake: a request that
-        // comes first must ask them too.
-        for w in r.workers.values_mut() {
-            w.state = ThreadState::Running;
-        }
-        self.resumed.notify_all();
+        self.workers.resume();
     }
-
-    /// Wakes a main thread waiting in [`Threads::wait_parked`] if every
-    /// worker is now parked.
-    fn notify_if_settled(&self, r: &Registry) {
-        if all_parked(r) {
-            self.settled.notify_all();
-        }
-    }
-}
-
-fn lock(guest: &Mutex<Guest>) -> MutexGuard<'_, Guest> {
-    guest.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn all_parked(r: &Registry) -> bool {
-    r.workers.values().all(|w| w.state == ThreadState::Parked)
 }
 
 /// Defines `wasi.thread-spawn` for a program's stores.

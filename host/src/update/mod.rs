@@ -748,7 +748,7 @@ impl Guest {
         u.start_rewind.call(&mut *store, ()).map_err(ApplyError::StartRewind)?;
         // A request, not just the flag: a rewind that ends in a blocking
         // call must find its wake-up waiting, or it would block there.
-        crate::PauseHandle::new(u.control.clone(), self.interrupt.clone(), None).request();
+        crate::PauseHandle::new(u.control.clone(), self.interrupt.clone(), None, None).request();
         if let Err(e) = self.call_entry() {
             return Err(ApplyError::Rejected(classify(e, self.source_map.as_deref())));
         }

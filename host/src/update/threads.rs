@@ -8,7 +8,7 @@
 //! code does not accept undoes every worker moved before it, and the main
 //! thread's own rollback follows: all threads move, or none.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use upstare_instrument::abi::TypedFrame;
 use upstare_instrument::Metadata;
@@ -17,6 +17,7 @@ use upstare_patchgen::paused::PausedThread;
 use upstare_patchgen::version::Version;
 
 use super::{instrumented, ApplyError, FrameUndo, Prepared, Previous, UpdateError};
+use crate::pause_group::lock;
 use crate::program_memory::ProgramMemory;
 use crate::threads::Threads;
 use crate::Guest;
@@ -50,12 +51,6 @@ pub(super) struct Moved {
     guest: Arc<Mutex<Guest>>,
     previous: Previous,
     frames: FrameUndo,
-}
-
-fn lock(guest: &Mutex<Guest>) -> MutexGuard<'_, Guest> {
-    // A worker's OS thread that panicked left its guest as its last call
-    // did; the update reads and replaces it whole.
-    guest.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Names the thread a frame that cannot move is in.
