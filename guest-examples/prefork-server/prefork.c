@@ -6,12 +6,18 @@
  * from upstare.h (fork, waitpid), which upstare-host provides.
  *
  * Each worker serves one connection at a time, a line at a time:
- *   PING        -> PONG v1 WORKER <index> PID <pid>
+ *   PING        -> PONG v<version> WORKER <index> PID <pid>
  *   ADD <n>     -> TOTAL <t>   (the worker's own total: processes share no
  *                               memory, each has its copy of the master's)
  *   SPAWN <n>   -> SPAWNED <k> (forks n children that only sleep; k of
  *                               them could be made)
  *   EXIT        -> the worker ends with status 3 (the master replaces it)
+ *   VERSION     -> VERSION <version> WORKER <index>   (version 2 on)
+ *
+ * One source, two versions, chosen with -DPREFORK_VERSION=N (default 1):
+ * version 2 changes the workers' request handling (the PONG, and VERSION)
+ * and the master's loop (it counts the workers it restarts, in a new
+ * global, and says so).
  *
  * Run: upstare-host --tcplisten 127.0.0.1:7000 prefork.wasm 8
  */
@@ -23,10 +29,20 @@
 #include <unistd.h>
 #include <upstare.h>
 
+#ifndef PREFORK_VERSION
+#define PREFORK_VERSION 1
+#endif
+#if PREFORK_VERSION < 1 || PREFORK_VERSION > 2
+#error "PREFORK_VERSION must be 1 or 2"
+#endif
+
 #define MAX_WORKERS 64
 
 static int listener;
 static long total;
+#if PREFORK_VERSION >= 2
+static long restarts;
+#endif
 
 static int send_all(int fd, const char *buf, size_t len)
 {
@@ -47,13 +63,20 @@ static void sleeper(void)
         sleep(1000);
 }
 
-/* Answers one request line; -1 ends the connection. */
-static int answer(int index, int fd, const char *line)
+/* Answers one request line; -1 ends the connection. Kept out of line so
+ * that a worker waiting for a client's next line waits in frames that
+ * version 2 does not change (serve's and worker's): the changed code is
+ * on the stack only while a request is answered. */
+__attribute__((noinline)) static int answer(int index, int fd, const char *line)
 {
     char reply[128];
     long n;
     if (strcmp(line, "PING") == 0) {
-        snprintf(reply, sizeof reply, "PONG v1 WORKER %d PID %d\n", index, upstare_getpid());
+        snprintf(reply, sizeof reply, "PONG v%d WORKER %d PID %d\n", PREFORK_VERSION, index, upstare_getpid());
+#if PREFORK_VERSION >= 2
+    } else if (strcmp(line, "VERSION") == 0) {
+        snprintf(reply, sizeof reply, "VERSION %d WORKER %d\n", PREFORK_VERSION, index);
+#endif
     } else if (sscanf(line, "ADD %ld", &n) == 1) {
         total += n;
         snprintf(reply, sizeof reply, "TOTAL %ld\n", total);
@@ -149,7 +172,7 @@ int main(int argc, char **argv)
             return 1;
         }
     }
-    printf("prefork v1: %d workers on fd %d\n", workers, listener);
+    printf("prefork v%d: %d workers on fd %d\n", PREFORK_VERSION, workers, listener);
     fflush(stdout);
     for (;;) {
         int status;
@@ -170,7 +193,12 @@ int main(int argc, char **argv)
             /* A fork refused (the process limit) is tried again later. */
             while ((pids[i] = start_worker(i)) < 0)
                 sleep(1);
+#if PREFORK_VERSION >= 2
+            restarts++;
+            printf("worker %d restarted as pid %d (restart %ld)\n", i, pids[i], restarts);
+#else
             printf("worker %d restarted as pid %d\n", i, pids[i]);
+#endif
             fflush(stdout);
         }
     }

@@ -81,9 +81,17 @@ pub struct FreshFigures {
 impl FreshAreas {
     /// An area of at least `bytes` for an update: a free one if one fits,
     /// else new pages at the end of `memory`.
-    pub fn reserve(&mut self, memory: &ProgramMemory, bytes: u32) -> Result<Area, String> {
+    ///
+    /// A program of several processes passes `floor`, the largest memory of
+    /// its other processes: each has its own heap above its data, which may
+    /// lie where this process has a free area or its end, so the area is
+    /// new pages at or above `floor`, which every process can grow to.
+    pub fn reserve(&mut self, memory: &ProgramMemory, bytes: u32, floor: u64) -> Result<Area, String> {
         let len = u64::from(bytes).div_ceil(PAGE) * PAGE;
         let len = u32::try_from(len).map_err(|_| format!("{bytes} bytes of fresh memory do not fit in a 32-bit memory"))?;
+        if floor > 0 {
+            return self.grow_above(memory, len, floor);
+        }
         let best = self
             .areas
             .iter()
@@ -100,9 +108,20 @@ impl FreshAreas {
             }
             return Ok(taken);
         }
-        let pages = u64::from(len) / PAGE;
-        let base = memory.grow(pages).map_err(|e| format!("cannot reserve {pages} pages of memory for the new version: {e}"))?;
-        let base = u32::try_from(base).map_err(|_| "memory is full".to_string())?;
+        self.grow_above(memory, len, 0)
+    }
+
+    /// New pages for an area of `len` bytes at the end of `memory`, and at
+    /// or above `floor`; the pages between are left unused.
+    fn grow_above(&mut self, memory: &ProgramMemory, len: u32, floor: u64) -> Result<Area, String> {
+        let floor = floor.div_ceil(PAGE) * PAGE;
+        let gap = floor.saturating_sub(memory.size());
+        let pages = (gap + u64::from(len)) / PAGE;
+        // The guest may grow memory meanwhile: the area starts where this
+        // growth does, or at the floor if that is higher.
+        let start = memory.grow(pages).map_err(|e| format!("cannot reserve {pages} pages of memory for the new version: {e}"))?;
+        let base = start.max(floor);
+        let base = u32::try_from(base).ok().filter(|b| u64::from(*b) + u64::from(len) <= 1 << 32).ok_or("memory is full")?;
         let area = Area { base, len };
         // The guest grows memory too, so a new area lies above every other.
         self.areas.push((area, false));
@@ -224,20 +243,35 @@ mod tests {
     fn a_released_area_is_reused_and_memory_grows_only_when_nothing_fits() {
         let memory = memory(2);
         let mut fresh = FreshAreas::default();
-        let first = fresh.reserve(&memory, 100).unwrap();
+        let first = fresh.reserve(&memory, 100, 0).unwrap();
         assert_eq!(first, Area { base: 2 * PAGE as u32, len: PAGE as u32 });
         fresh.release(first);
-        assert_eq!(fresh.reserve(&memory, PAGE as u32).unwrap(), first, "the same area again");
+        assert_eq!(fresh.reserve(&memory, PAGE as u32, 0).unwrap(), first, "the same area again");
         assert_eq!(memory.size(), 3 * PAGE);
         // Two pages do not fit in the one in use: new pages.
-        let second = fresh.reserve(&memory, PAGE as u32 + 1).unwrap();
+        let second = fresh.reserve(&memory, PAGE as u32 + 1, 0).unwrap();
         assert_eq!(second, Area { base: 3 * PAGE as u32, len: 2 * PAGE as u32 });
         fresh.free(&[first, second]);
         // Freed neighbours merged: one page is split off their three.
-        let third = fresh.reserve(&memory, 1).unwrap();
+        let third = fresh.reserve(&memory, 1, 0).unwrap();
         assert_eq!(third, first);
         assert_eq!(fresh.figures(), FreshFigures { used: PAGE, free: 2 * PAGE });
         assert_eq!(memory.size(), 5 * PAGE, "nothing grew after the first two");
+    }
+
+    /// With other processes whose memories reach `floor`, an area is new
+    /// pages at or above it, even when a free one would fit.
+    #[test]
+    fn an_area_for_several_processes_lies_above_every_memory() {
+        let memory = memory(2);
+        let mut fresh = FreshAreas::default();
+        let first = fresh.reserve(&memory, 100, 0).unwrap();
+        fresh.release(first);
+        let above = fresh.reserve(&memory, 100, 5 * PAGE + 1).unwrap();
+        assert_eq!(above, Area { base: 6 * PAGE as u32, len: PAGE as u32 });
+        assert_eq!(memory.size(), 7 * PAGE);
+        let next = fresh.reserve(&memory, 100, 2 * PAGE).unwrap();
+        assert_eq!(next, Area { base: 7 * PAGE as u32, len: PAGE as u32 }, "the free area below is not reused");
     }
 
     #[test]

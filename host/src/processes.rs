@@ -189,6 +189,11 @@ impl Processes {
             .collect()
     }
 
+    /// The pids of the processes other than the first that have not ended.
+    pub fn children_now(&self) -> Vec<u32> {
+        self.table().entries.iter().filter(|(pid, e)| **pid != 1 && e.ended.is_none()).map(|(pid, _)| *pid).collect()
+    }
+
     /// The largest memory of the processes other than the first: an
     /// update's fresh area must lie above it in every process.
     pub fn largest_child_memory(&self) -> u64 {

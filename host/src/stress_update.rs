@@ -155,7 +155,7 @@ impl StressUpdates {
             Target::Module(path) => {
                 let bytes =
                     std::fs::read(path).map_err(|e| UpdateError::BadInput(format!("cannot read {}: {e}", path.display())))?;
-                update::prepare(guest.engine(), current, &u.memory, &mut self.fresh, &u.control, path, bytes)
+                update::prepare(guest.engine(), current, &u.memory, &mut self.fresh, &u.control, guest.first_process_of().as_deref(), path, bytes)
             }
         }
     }

@@ -92,6 +92,8 @@ struct Updater {
     history: Vec<RunningVersion>,
     /// The memory updates reserved, for reuse by later ones.
     fresh: FreshAreas,
+    /// The program's processes, if it forks: every one is updated.
+    processes: Option<Arc<crate::processes::Processes>>,
 }
 
 /// How a supervised guest ended.
@@ -170,6 +172,7 @@ pub fn run(
                 first,
                 history: Vec::new(),
                 fresh: FreshAreas::default(),
+                processes: processes.clone(),
             });
         let memory = updater.as_ref().map(|u| u.memory.clone());
         let server = Server {
@@ -559,7 +562,7 @@ fn live_update(
         if std::env::var_os("UPSTARE_TEST_PANIC_IN_PREPARE").is_some() {
             panic!("UPSTARE_TEST_PANIC_IN_PREPARE is set");
         }
-        update::prepare(&updater.engine, &current, &updater.memory, &mut updater.fresh, &updater.control, &path, bytes)
+        update::prepare(&updater.engine, &current, &updater.memory, &mut updater.fresh, &updater.control, updater.processes.as_deref(), &path, bytes)
     }))
     .unwrap_or_else(|panic| Err(UpdateError::Internal(format!("preparing the update panicked: {}", panic_message(&*panic)))));
     let prepared = match prepared {

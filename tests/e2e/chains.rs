@@ -27,7 +27,7 @@ fn how_to_run(chain: &str) -> (&'static [&'static str], &'static [&'static str])
         "kv-server" | "poll-server" | "recv-server" | "heapgraph" | "heapsmall" => {
             (&["--tcplisten", "127.0.0.1:0"], &[])
         }
-        "pool-server" => (&["--tcplisten", "127.0.0.1:0"], &["4"]),
+        "pool-server" | "prefork-server" => (&["--tcplisten", "127.0.0.1:0"], &["4"]),
         "spin" => (&[], &["2000000000"]),
         "relink" => (
             &[

@@ -1,10 +1,12 @@
 //! Programs of several processes (upstare.h's fork, waitpid, kill): the
 //! `forker` test guest's cases through the host binary, and the prefork
-//! example server under load, with a worker that ends and one that forks
-//! until the process limit stops it.
+//! example server under load: updated with every worker, with a worker
+//! that ends and one that forks until the process limit stops it.
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use upstare_tests::{guest, host_command, Control, Server};
@@ -93,10 +95,19 @@ fn a_bad_process_limit_is_refused() {
 
 /// Which worker (index, pid) a PING on `client`'s connection reaches.
 fn ping_on(client: &mut upstare_tests::Client) -> (u32, u32) {
+    let (index, pid, _) = pong(client);
+    (index, pid)
+}
+
+/// A PING on `client`'s connection: the worker's index, its pid and the
+/// version that answered.
+fn pong(client: &mut upstare_tests::Client) -> (u32, u32, u32) {
     let reply = client.request("PING");
     let words: Vec<&str> = reply.split(' ').collect();
     match words[..] {
-        ["PONG", "v1", "WORKER", index, "PID", pid] => (index.parse().unwrap(), pid.parse().unwrap()),
+        ["PONG", version, "WORKER", index, "PID", pid] => {
+            (index.parse().unwrap(), pid.parse().unwrap(), version.trim_start_matches('v').parse().unwrap())
+        }
         _ => panic!("{reply}"),
     }
 }
@@ -109,8 +120,8 @@ fn ping(port: u16) -> (u32, u32) {
 /// The prefork server with 4 workers sharing its listener, under 16
 /// clients that connect over and over: every request is answered, by all
 /// four workers; a worker that exits is replaced by the master and the
-/// server serves on; `status` lists the processes; an update or a
-/// checkpoint, which cover one process so far, is refused saying why.
+/// server serves on; `status` lists the processes; a checkpoint, which
+/// covers one process so far, is refused saying why.
 #[test]
 fn the_prefork_server_serves_on_every_worker_and_replaces_one_that_ends() {
     let control = Control::new("prefork");
@@ -142,11 +153,7 @@ fn the_prefork_server_serves_on_every_worker_and_replaces_one_that_ends() {
     assert!(status.contains("processes: 5"), "{status}");
     assert!((2..=5).all(|p| status.contains(&format!("process {p}: parent 1, running"))), "{status}");
 
-    // The update and the checkpoint say why they cannot be done.
-    let out = control.update(&guest("prefork-server"));
-    assert!(!out.status.success());
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.contains("the program runs 5 processes, and updating a program of several processes is not supported yet"), "{said}");
+    // The checkpoint says why it cannot be done.
     let out = upstare_tests::run_host(&["checkpoint", "--control", &control.path(), control.dir().join("x.snap").to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("checkpointing a program of several processes is not supported yet"));
@@ -167,6 +174,69 @@ fn the_prefork_server_serves_on_every_worker_and_replaces_one_that_ends() {
     }
     assert_eq!(seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 1, 2, 3], "four workers serve again: {seen:?}");
     assert!(!seen.iter().any(|(_, p)| *p == pid), "the old worker is gone: {seen:?}");
+    server.kill();
+}
+
+/// The prefork server with 8 workers, updated from v1 to v2 while 16
+/// clients connect, add and ping over and over: no request fails and no
+/// connection drops, all nine processes move at once (no reply after the
+/// update returned comes from v1, and 8 connections held at once reach 8
+/// workers on v2), and the master runs its new loop: a worker that ends is
+/// restarted with v2's count of restarts, a global v2 adds.
+#[test]
+fn the_prefork_server_updates_every_process_at_once_under_load() {
+    let control = Control::new("prefork-update");
+    let (mut server, first) = Server::start(&guest("prefork-server"), &["--control", &control.path()], &["8"]);
+    assert!(first.starts_with("prefork v1: 8 workers"), "{first}");
+    let port = server.port;
+    // The version the clients must see from now on.
+    let floor = Arc::new(AtomicU32::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (floor, stop) = (floor.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut connections = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let mut c = upstare_tests::Client::connect(port);
+                    connections += 1;
+                    for _ in 0..3 {
+                        let at_least = floor.load(Ordering::SeqCst);
+                        assert!(c.request("ADD 1").starts_with("TOTAL "), "an addition failed");
+                        let (_, _, version) = pong(&mut c);
+                        assert!(version >= at_least, "a reply from v{version} after the update to v{at_least} returned");
+                    }
+                }
+                connections
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = control.update(&guest("prefork-server-v2"));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "update: {}{report}{}", String::from_utf8_lossy(&out.stderr), server.stderr());
+    assert!(report.contains("processes: 9 moved to the new version together"), "{report}");
+    floor.store(2, Ordering::SeqCst);
+    // Eight connections held at once are served by eight workers.
+    let mut held: Vec<_> = (0..8).map(|_| upstare_tests::Client::connect(port)).collect();
+    let seen: BTreeSet<(u32, u32)> = held.iter_mut().map(|c| pong(c)).map(|(index, _, version)| (index, version)).collect();
+    assert_eq!(seen, (0..8).map(|i| (i, 2)).collect(), "every worker runs v2");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let connections: u64 = clients.into_iter().map(|c| c.join().expect("no client failed")).sum();
+    assert!(connections > 16, "the clients reconnected through the update ({connections} connections)");
+
+    // The master's new loop restarts a worker that ends, and counts it.
+    let mut c = upstare_tests::Client::connect(port);
+    let (index, pid) = ping_on(&mut c);
+    assert!(c.try_request("EXIT").is_err(), "the worker closed the connection as it ended");
+    assert_eq!(server.next_line(), format!("worker {index} (pid {pid}) exited with 3"));
+    let restarted = server.next_line();
+    assert!(restarted.starts_with(&format!("worker {index} restarted as pid ")) && restarted.ends_with(" (restart 1)"), "{restarted}");
+    let status = control.status();
+    assert!(status.contains("processes: 9"), "{status}");
+    assert!(status.contains("updates: 1"), "{status}");
     server.kill();
 }
 

@@ -171,6 +171,15 @@ pub enum ApplyError {
         /// Why.
         source: Box<ApplyError>,
     },
+    /// Another process of the program could not move; every process is
+    /// back in the old version.
+    #[error("process {pid}: {source}")]
+    Process {
+        /// Its pid.
+        pid: u32,
+        /// Why.
+        source: Box<ApplyError>,
+    },
 }
 
 /// How the rewound new code ended, in a few words.

@@ -48,11 +48,13 @@ use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinde
 use crate::fresh::{unreferenced, Area, FreshAreas};
 use crate::heap_conversion;
 pub use crate::heap_conversion::{Calls, HeapCounts, HeapError};
+use crate::processes::Processes;
 use crate::program_memory::ProgramMemory;
 use crate::wasi::{UnwindHooks, WasiCtx};
 use crate::Guest;
 
 mod error;
+mod processes;
 mod threads;
 
 pub use error::{ApplyError, UpdateError};
@@ -118,6 +120,10 @@ pub struct Prepared {
     /// Fresh areas the new version no longer uses: freed at the commit if
     /// nothing points into them.
     pub retiring: Vec<Area>,
+    /// The program's other processes when the update was prepared, by pid:
+    /// the fresh area lies above their memories as they were then, and
+    /// none of them may have grown into it since.
+    pub processes_at_prepare: Vec<u32>,
 }
 
 /// What an update did.
@@ -136,6 +142,8 @@ pub struct Report {
     pub frames: usize,
     /// Threads moved to the new code, the main one included.
     pub threads: usize,
+    /// Processes moved to the new code, the first included.
+    pub processes: usize,
     /// Frames that went back to their loop header, and frames above them
     /// dropped (their blocking calls start again in the new version).
     pub retreated: (usize, usize),
@@ -164,6 +172,9 @@ impl std::fmt::Display for Report {
         if self.threads > 1 {
             writeln!(f, "threads: {} moved to the new version together", self.threads)?;
         }
+        if self.processes > 1 {
+            writeln!(f, "processes: {} moved to the new version together", self.processes)?;
+        }
         let HeapCounts { converted, rewritten } = self.heap;
         writeln!(f, "heap: {converted} objects converted, {rewritten} pointers rewritten")?;
         writeln!(f, "pause: {} us", self.pause.as_micros())?;
@@ -172,16 +183,19 @@ impl std::fmt::Display for Report {
 }
 
 /// Plans the update of `current` to the module `bytes` and gets it ready:
-/// fresh memory reserved in `memory` from `fresh`, module relinked,
+/// fresh memory reserved in `memory` from `fresh` (above the memories of
+/// the program's other `processes`, if it forks), module relinked,
 /// instrumented and compiled. The program keeps running meanwhile. An
 /// update that is not applied must hand its area back
 /// ([`FreshAreas::release`]); on error here that is already done.
+#[allow(clippy::too_many_arguments)]
 pub fn prepare(
     engine: &Engine,
     current: &RunningVersion,
     memory: &ProgramMemory,
     fresh: &mut FreshAreas,
     control: &ControlMemory,
+    processes: Option<&Processes>,
     path: &Path,
     bytes: Vec<u8>,
 ) -> Result<Prepared, UpdateError> {
@@ -196,9 +210,11 @@ pub fn prepare(
     if !plan.is_safe() {
         return Err(UpdateError::Refused(plan.refusals.join("; ")));
     }
+    let others = processes.map(Processes::children_now).unwrap_or_default();
+    let floor = processes.map_or(0, Processes::largest_child_memory);
     let area = match plan.fresh_size {
         0 => None,
-        size => Some(fresh.reserve(memory, size).map_err(UpdateError::Refused)?),
+        size => Some(fresh.reserve(memory, size, floor).map_err(UpdateError::Refused)?),
     };
     let placed = place(engine, current, memory, control, path, plan, area, hash, started);
     if let (Err(_), Some(area)) = (&placed, area) {
@@ -206,6 +222,7 @@ pub fn prepare(
     }
     let mut prepared = placed?;
     prepared.retiring = fresh.retiring(&prepared.next.version, area);
+    prepared.processes_at_prepare = others;
     Ok(prepared)
 }
 
@@ -248,7 +265,17 @@ fn place(
     tracing::debug!("update: frame recipes at {:?}", started.elapsed());
     let instance_pre = link(engine, &next.module, memory, control)
         .map_err(|e| UpdateError::BadInput(format!("{}: cannot link the new version: {}", path.display(), one_line(&e))))?;
-    Ok(Prepared { plan, linked, next, frames, instance_pre, prepare_time: started.elapsed(), fresh: area, retiring: Vec::new() })
+    Ok(Prepared {
+        plan,
+        linked,
+        next,
+        frames,
+        instance_pre,
+        prepare_time: started.elapsed(),
+        fresh: area,
+        retiring: Vec::new(),
+        processes_at_prepare: Vec::new(),
+    })
 }
 
 /// Gets the update of `current` to its own module ready, with every
@@ -284,6 +311,7 @@ pub fn prepare_onto_itself(
         prepare_time: started.elapsed(),
         fresh: None,
         retiring: Vec::new(),
+        processes_at_prepare: Vec::new(),
     })
 }
 
@@ -408,10 +436,24 @@ struct HeapStep {
     frame_pointers: Vec<(usize, usize)>,
 }
 
+/// One process's part of an update, decided while the program is paused:
+/// its threads' frames mapped to the new version and its heap's
+/// conversion.
+pub(super) struct ProcessPlan {
+    /// The main thread's frames as it paused, innermost first.
+    frames: Vec<TypedFrame>,
+    /// The main thread's frames mapped.
+    stack: MappedStack,
+    /// The other threads, their frames mapped.
+    workers: Vec<threads::ThreadStep>,
+    heap: Option<HeapStep>,
+}
+
 impl Guest {
     /// Applies a prepared update to this paused guest (see the module
-    /// docs); `paused_at` is when it stopped, for the report's pause time.
-    /// On success the guest is paused in the new version; on failure it is
+    /// docs), and to every other thread and process of its program;
+    /// `paused_at` is when it stopped, for the report's pause time. On
+    /// success the program is paused in the new version; on failure it is
     /// paused in the old one, exactly as before.
     pub fn apply_update(
         &mut self,
@@ -419,25 +461,59 @@ impl Guest {
         prepared: &Prepared,
         paused_at: Instant,
     ) -> Result<Report, UpdateError> {
-        if let Some(reason) = self.several_processes("updating") {
-            return Err(UpdateError::Refused(reason));
-        }
-        let u = self.unwinder.as_ref().ok_or(UpdateError::NotInstrumented)?;
-        let frames = u.paused.clone().ok_or_else(|| UpdateError::Refused("the guest is not paused".into()))?;
         let new_meta: Arc<Metadata> = prepared
             .next
             .module
             .metadata
             .clone()
             .ok_or_else(|| UpdateError::Refused("the new module is not instrumented".into()))?;
+        let plan = self.plan_update(current, prepared, &new_meta)?;
+        // The program's other processes, paused with it, move with it.
+        let others = match self.first_process_of() {
+            Some(program) => processes::plan(&program, current, prepared, &new_meta)?,
+            None => Vec::new(),
+        };
+        let heap = self
+            .apply_plan(prepared, &prepared.instance_pre, &plan, &new_meta, |_| processes::apply(&others, prepared, &new_meta))
+            .map_err(UpdateError::RolledBack)?;
+        let sp = self.stack_pointer(&prepared.next.version);
+        let memory = &instrumented(&mut self.unwinder).map_err(|_| UpdateError::NotInstrumented)?.memory;
+        let mapped = &plan.stack.frames;
+        let freed = processes::unreferenced(&others, unreferenced(&prepared.retiring, mapped, &prepared.next.version, memory, sp), prepared);
+        let p = &prepared.plan;
+        Ok(Report {
+            path: prepared.next.path.clone(),
+            hash: prepared.next.hash.clone(),
+            functions: (p.functions.changed.len(), p.functions.added.len(), p.functions.removed.len(), p.functions.unchanged.len()),
+            globals: p.data_counts(),
+            frames: mapped.len(),
+            threads: 1 + plan.workers.len(),
+            processes: 1 + others.len(),
+            retreated: match plan.stack.retreated {
+                Some(_) => (1, plan.frames.len() - mapped.len()),
+                None => (0, 0),
+            },
+            rebuilt: usize::from(plan.stack.rebuilt.is_some()),
+            pause: paused_at.elapsed(),
+            prepare: prepared.prepare_time,
+            freed,
+            heap,
+        })
+    }
 
+    /// Decides, while paused, how this process moves to the new version:
+    /// its threads' frames mapped, and patchgen's checks of what it holds
+    /// ([`PausedProgram::check`]). Changes nothing.
+    pub(super) fn plan_update(&mut self, current: &RunningVersion, prepared: &Prepared, new_meta: &Arc<Metadata>) -> Result<ProcessPlan, UpdateError> {
+        let u = self.unwinder.as_ref().ok_or(UpdateError::NotInstrumented)?;
+        let frames = u.paused.clone().ok_or_else(|| UpdateError::Refused("the guest is not paused".into()))?;
         if self.module.hash != current.module.hash {
             return Err(UpdateError::Refused("the update was prepared for another version than the one running".into()));
         }
         let sp = self.stack_pointer(&current.version);
         let memory = &instrumented(&mut self.unwinder).map_err(|_| UpdateError::NotInstrumented)?.memory;
         let stack = prepared.frames.map_paused(&frames, sp, memory).map_err(UpdateError::Frame)?;
-        // The program's other threads, paused with it, move with it.
+        // The process's other threads, paused with it, move with it.
         let workers = match &self.threads {
             Some(threads) => threads::plan(threads, &current.version, prepared, memory)?,
             None => Vec::new(),
@@ -450,7 +526,7 @@ impl Guest {
         };
         let started = Instant::now();
         let Findings { heap, frame_pointers } =
-            paused.check(&prepared.plan, &prepared.linked, self.module.metadata(), &prepared.next.version, &new_meta).map_err(UpdateError::Stale)?;
+            paused.check(&prepared.plan, &prepared.linked, self.module.metadata(), &prepared.next.version, new_meta).map_err(UpdateError::Stale)?;
         if let Some(t) = &heap {
             tracing::debug!(
                 "update: heap traced in {:?}: {} allocations in {} segments, {} pointers followed, {} objects to convert",
@@ -461,50 +537,42 @@ impl Guest {
                 t.objects.len()
             );
         }
-        let mapped = &stack.frames;
+        Ok(ProcessPlan { frames, stack, workers, heap: heap.map(|plan| HeapStep { plan, frame_pointers }) })
+    }
 
-        let mut previous = self.switch_to(prepared, &prepared.instance_pre, new_meta.clone()).map_err(UpdateError::RolledBack)?;
-        let heap = heap.map(|plan| HeapStep { plan, frame_pointers });
+    /// Moves this process to the new version as `plan` says, linked by
+    /// `instance_pre`, then its other threads, then runs `and_then` (the
+    /// program's other processes). If any of it fails, everything it moved
+    /// is put back as it was.
+    pub(super) fn apply_plan(
+        &mut self,
+        prepared: &Prepared,
+        instance_pre: &InstancePre<ProcessState>,
+        plan: &ProcessPlan,
+        new_meta: &Arc<Metadata>,
+        and_then: impl FnOnce(&mut Guest) -> Result<(), ApplyError>,
+    ) -> Result<HeapCounts, ApplyError> {
+        let mut previous = self.switch_to(prepared, instance_pre, new_meta.clone())?;
         let mut moved_workers = None;
-        let then_workers = |_: &mut Guest| {
-            moved_workers = Some(threads::apply(&workers, prepared, &new_meta)?);
+        let then = |g: &mut Guest| {
+            let moved = threads::apply(&plan.workers, prepared, new_meta)?;
+            if let Err(reason) = and_then(g) {
+                threads::undo(moved);
+                return Err(reason);
+            }
+            moved_workers = Some(moved);
             Ok(())
         };
-        match self.finish_update(&mut previous, prepared, &stack, heap.as_ref(), then_workers) {
+        match self.finish_update(&mut previous, prepared, &plan.stack, plan.heap.as_ref(), then) {
             Ok(heap) => {
-                drop(previous);
                 // Every thread accepted the new code: the old instances go.
+                drop(previous);
                 drop(moved_workers);
-                let sp = self.stack_pointer(&prepared.next.version);
-                let memory = &instrumented(&mut self.unwinder).map_err(|_| UpdateError::NotInstrumented)?.memory;
-                let freed = unreferenced(&prepared.retiring, &mapped, &prepared.next.version, memory, sp);
-                let p = &prepared.plan;
-                Ok(Report {
-                    path: prepared.next.path.clone(),
-                    hash: prepared.next.hash.clone(),
-                    functions: (
-                        p.functions.changed.len(),
-                        p.functions.added.len(),
-                        p.functions.removed.len(),
-                        p.functions.unchanged.len(),
-                    ),
-                    globals: p.data_counts(),
-                    frames: mapped.len(),
-                    threads: 1 + workers.len(),
-                    retreated: match stack.retreated {
-                        Some(_) => (1, frames.len() - mapped.len()),
-                        None => (0, 0),
-                    },
-                    rebuilt: usize::from(stack.rebuilt.is_some()),
-                    pause: paused_at.elapsed(),
-                    prepare: prepared.prepare_time,
-                    freed,
-                    heap,
-                })
+                Ok(heap)
             }
             Err(reason) => {
                 self.switch_back(previous);
-                Err(UpdateError::RolledBack(reason))
+                Err(reason)
             }
         }
     }
