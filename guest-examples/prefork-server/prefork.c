@@ -12,12 +12,16 @@
  *   SPAWN <n>   -> SPAWNED <k> (forks n children that only sleep; k of
  *                               them could be made)
  *   EXIT        -> the worker ends with status 3 (the master replaces it)
+ *   KILL <pid>  -> KILLED <r>  (kill(pid, SIGKILL): 0, or -1 and errno)
  *   VERSION     -> VERSION <version> WORKER <index>   (version 2 on)
  *
- * One source, two versions, chosen with -DPREFORK_VERSION=N (default 1):
+ * One source, three versions, chosen with -DPREFORK_VERSION=N (default 1):
  * version 2 changes the workers' request handling (the PONG, and VERSION)
  * and the master's loop (it counts the workers it restarts, in a new
- * global, and says so).
+ * global, and says so); version 3 is version 2 with a bug in a constructor
+ * it adds, which scribbles over a worker's total and traps in every
+ * process but the master, so that an update to it must roll back in all
+ * of them.
  *
  * Run: upstare-host --tcplisten 127.0.0.1:7000 prefork.wasm 8
  */
@@ -32,8 +36,8 @@
 #ifndef PREFORK_VERSION
 #define PREFORK_VERSION 1
 #endif
-#if PREFORK_VERSION < 1 || PREFORK_VERSION > 2
-#error "PREFORK_VERSION must be 1 or 2"
+#if PREFORK_VERSION < 1 || PREFORK_VERSION > 3
+#error "PREFORK_VERSION must be 1 to 3"
 #endif
 
 #define MAX_WORKERS 64
@@ -42,6 +46,17 @@ static int listener;
 static long total;
 #if PREFORK_VERSION >= 2
 static long restarts;
+#endif
+
+#if PREFORK_VERSION == 3
+/* Runs when an update brings it in, in every process. */
+__attribute__((constructor)) static void broken(void)
+{
+    if (upstare_getpid() != 1) {
+        total = -1;
+        __builtin_trap();
+    }
+}
 #endif
 
 static int send_all(int fd, const char *buf, size_t len)
@@ -90,6 +105,8 @@ __attribute__((noinline)) static int answer(int index, int fd, const char *line)
                 break;
         }
         snprintf(reply, sizeof reply, "SPAWNED %ld\n", made);
+    } else if (sscanf(line, "KILL %ld", &n) == 1) {
+        snprintf(reply, sizeof reply, "KILLED %d\n", kill((pid_t)n, SIGKILL));
     } else if (strcmp(line, "EXIT") == 0) {
         close(fd);
         exit(3);

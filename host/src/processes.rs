@@ -206,9 +206,13 @@ impl Processes {
         self.children.request_pause();
     }
 
-    /// Withdraws a pause request.
+    /// Withdraws a pause request, but not the stop a `kill` asked for.
     pub(crate) fn cancel_pause(&self) {
         self.children.cancel_pause();
+        let killed: Vec<Stopper> = self.table().entries.values().filter(|e| e.killed.is_some() && e.ended.is_none()).map(|e| e.stopper.clone()).collect();
+        for stopper in killed {
+            stopper.ask();
+        }
     }
 
     /// Waits until every other process is parked (true), or the pause is
@@ -296,11 +300,16 @@ impl Processes {
             let killed = self.killed(pid);
             match &exit {
                 Exit::Paused if killed.is_none() => {
-                    if self.children.park(pid, paused_in) {
-                        continue;
+                    if !self.children.park(pid, paused_in) {
+                        // The program ended while it was parked.
+                        break wait_status(&exit, Some(SIGKILL));
                     }
-                    // The program ended while it was parked.
-                    break wait_status(&exit, Some(SIGKILL));
+                    // Killed while parked: the request the kill posted may
+                    // have been served by an update's checked rewind.
+                    if let Some(signal) = self.killed(pid) {
+                        break wait_status(&exit, Some(signal));
+                    }
+                    continue;
                 }
                 Exit::Trap(report) => eprintln!("upstare-host: process {pid} trapped: {}", report.message),
                 Exit::Interrupted { call } => eprintln!("upstare-host: process {pid} was interrupted in `{call}`"),
@@ -491,6 +500,16 @@ fn end_rewind(caller: &mut Caller<'_, ProcessState>) -> wasmtime::Result<Option<
 /// `waitpid`: waits, interruptibly, for a child to end.
 fn waitpid(caller: &mut Caller<'_, ProcessState>, pid: i32, status: i32, options: i32) -> wasmtime::Result<i32> {
     let hooks = end_rewind(caller)?;
+    // As before a blocking WASI call: a pause asked for stops the guest
+    // here, before it reaps a child. An update's checked rewind ends here
+    // with a pause always asked for; reaping then would lose the child's
+    // status if the update rolls back.
+    if let Some(h) = &hooks {
+        if caller.data().wasi.interrupter.take_pending() {
+            h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+            return Ok(0);
+        }
+    }
     let Some(member) = caller.data().wasi.process.clone() else { return Ok(-errno::CHILD) };
     if options & !WNOHANG != 0 || pid == 0 || pid < -1 {
         return Ok(-errno::INVAL);

@@ -214,7 +214,7 @@ fn the_prefork_server_updates_every_process_at_once_under_load() {
     std::thread::sleep(Duration::from_millis(300));
     let out = control.update(&guest("prefork-server-v2"));
     let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "update: {}{report}{}", String::from_utf8_lossy(&out.stderr), server.stderr());
+    assert!(out.status.success(), "update: {}{report}", String::from_utf8_lossy(&out.stderr));
     assert!(report.contains("processes: 9 moved to the new version together"), "{report}");
     floor.store(2, Ordering::SeqCst);
     // Eight connections held at once are served by eight workers.
@@ -238,6 +238,100 @@ fn the_prefork_server_updates_every_process_at_once_under_load() {
     assert!(status.contains("processes: 9"), "{status}");
     assert!(status.contains("updates: 1"), "{status}");
     server.kill();
+}
+
+/// An update whose new constructor scribbles over a worker's state and
+/// traps in every process but the master rolls back in all of them: the
+/// master, which moved first, and the workers, each with its memory as it
+/// was; connections held through it keep their worker and its total. The
+/// next update goes through, on every process.
+#[test]
+fn a_constructor_that_traps_in_the_workers_rolls_the_update_back_in_every_process() {
+    let control = Control::new("prefork-trap");
+    let (mut server, _) = Server::start(&guest("prefork-server"), &["--control", &control.path()], &["4"]);
+    // One connection held on each worker, each with a total of its own.
+    let mut held: Vec<_> = (0..4).map(|_| upstare_tests::Client::connect(server.port)).collect();
+    let mut totals = Vec::new();
+    for (i, c) in held.iter_mut().enumerate() {
+        totals.push(c.request(&format!("ADD {}", 10 * (i + 1))));
+    }
+    let workers: BTreeSet<u32> = held.iter_mut().map(|c| ping_on(c).0).collect();
+    assert_eq!(workers.len(), 4, "each connection has a worker of its own");
+
+    let out = control.update(&guest("prefork-server-trap"));
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("rolled back") && said.contains("constructor `broken` failed"), "{said}");
+    assert!(said.contains(": process "), "the process is named: {said}");
+    for (c, total) in held.iter_mut().zip(&totals) {
+        assert_eq!(&c.request("ADD 0"), total, "the worker's total is as it was");
+        assert_eq!(pong(c).2, 1, "the worker runs v1");
+    }
+    assert!(control.status().contains("updates: 0"));
+
+    let out = control.update(&guest("prefork-server-v2"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("processes: 5 moved to the new version together"));
+    for (c, total) in held.iter_mut().zip(&totals) {
+        assert_eq!(&c.request("ADD 0"), total);
+        assert_eq!(pong(c).2, 2, "the worker runs v2");
+    }
+    drop(held);
+    server.kill();
+}
+
+/// Workers killed with SIGKILL (by another worker) over and over while the
+/// program is updated and rolled back: every update either moves every
+/// process or is refused with a reason, a worker killed while paused ends
+/// when the program resumes, and the master restarts each killed worker,
+/// in the version then running.
+#[test]
+fn workers_killed_during_updates_end_and_are_restarted_in_the_running_version() {
+    let control = Control::new("prefork-kill");
+    let (mut server, _) = Server::start(&guest("prefork-server"), &["--control", &control.path()], &["4"]);
+    let port = server.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            while !stop.load(Ordering::SeqCst) {
+                // The victim is busy with `victim`, so the kill comes from
+                // another worker.
+                let mut victim = upstare_tests::Client::connect(port);
+                let (_, pid) = ping_on(&mut victim);
+                let mut c = upstare_tests::Client::connect(port);
+                assert_eq!(c.request(&format!("KILL {pid}")), "KILLED 0");
+                kills += 1;
+                assert!(victim.try_request("PING").is_err(), "a killed worker answers no more");
+            }
+            kills
+        })
+    };
+    let mut moved = 0;
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(50));
+        let out = if round % 2 == 0 { control.update(&guest("prefork-server-v2")) } else { control.rollback() };
+        let (said, report) = (String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        if out.status.success() {
+            assert!(report.contains(" moved to the new version together"), "{report}");
+            moved += 1;
+        } else {
+            assert!(said.contains("refused") && !said.contains("internal error"), "{said}");
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let kills = killer.join().expect("every kill worked");
+    assert!(kills > 0 && moved > 0, "{kills} kills, {moved} updates");
+    // Four workers serve, all in the version running now.
+    let version = if control.status().contains("prefork-server-v2") { 2 } else { 1 };
+    let mut held: Vec<_> = (0..4).map(|_| upstare_tests::Client::connect(port)).collect();
+    let seen: BTreeSet<(u32, u32)> = held.iter_mut().map(|c| pong(c)).map(|(index, _, v)| (index, v)).collect();
+    assert_eq!(seen, (0..4).map(|i| (i, version)).collect());
+    drop(held);
+    server.kill();
+    let out = server.remaining_output();
+    assert!(out.contains("killed by signal 9"), "{out}");
 }
 
 /// A worker that forks without end is stopped at `--max-processes`: its

@@ -39,6 +39,7 @@ const TESTED_VERSIONS: &[(&str, &str, &str)] = &[
     ("poll-server", "poll-server-v5", "retreat.rs: a_main_loop_changed_before_poll_is_updated_at_its_header_under_load"),
     ("pool-server", "pool-server-v2", "threads.rs: the_pool_server_updates_every_worker_at_once_under_load"),
     ("pool-server", "pool-server-v3", "threads.rs: the_pool_server_updates_every_worker_at_once_under_load"),
+    ("prefork-server", "prefork-server-trap", "processes.rs: a_constructor_that_traps_in_the_workers_rolls_the_update_back_in_every_process"),
     ("prefork-server", "prefork-server-v2", "processes.rs: the_prefork_server_updates_every_process_at_once_under_load"),
     ("recv-server", "recv-server-pinned", "rebuild.rs: a_pointer_to_the_line_buffer_in_a_global_keeps_the_frame_from_being_rebuilt"),
     ("recv-server", "recv-server-pinned-v2", "rebuild.rs: a_pointer_to_the_line_buffer_in_a_global_keeps_the_frame_from_being_rebuilt"),
