@@ -1,4 +1,6 @@
-//! How long a guest's `fork()` takes against the size of its memory.
+//! How long a guest's `fork()` takes against the size of its memory, and
+//! how long pausing and updating a program takes against its number of
+//! processes.
 //!
 //! `tests/guests/processes/forktime.c` allocates and writes N MiB, then
 //! forks ROUNDS times (each child exits at once) and prints the parent's
@@ -8,16 +10,30 @@
 //! process is reported apart: the child's memory comes from pages the
 //! kernel has not handed out before.
 //!
-//! `cargo bench -p upstare-benches --bench processes [-- ROUNDS]` (default
-//! 10), after `cargo build --release -p upstare-host`.
+//! The prefork example server (`guest-examples/prefork-server`) runs
+//! under the host library exactly as `upstare-host` runs it, with 1, 8 and
+//! 64 workers, half of them serving an idle connection (blocked in `recv`),
+//! the others in `accept`, the master in `waitpid`; it is updated to v2
+//! and back to v1 (no type changes) in turns. Per case, median of the
+//! rounds: request to paused (from the update's pause request until every
+//! process has unwound and parked) and the update's pause (from then until
+//! every process is ready in the new version), both from the report.
+//!
+//! `cargo bench -p upstare-benches --bench processes [-- ROUNDS] [pause]`
+//! (default 10 rounds; `pause` runs the second part only), after
+//! `cargo build --release -p upstare-host`.
 
 use std::process::Command;
+use std::time::Duration;
 
 mod common;
-use common::{median, root, CGuest};
+use common::{median, report_field as field, root, CGuest, Served};
 
 fn main() {
     let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(10);
+    if std::env::args().any(|a| a == "pause") {
+        return pause_and_update(rounds);
+    }
     let forktime = CGuest {
         name: "forktime".into(),
         sources: vec![root().join("tests/guests/processes/forktime.c")],
@@ -43,5 +59,45 @@ fn main() {
         let med = median(rest);
         let rate = (mib as f64 / 1024.0) / (med as f64 / 1e6);
         println!("{mib:>8} {first:>12} {med:>12} {min:>12} {rate:>10.1}");
+    }
+    pause_and_update(rounds);
+}
+
+fn prefork(version: u32) -> std::path::PathBuf {
+    CGuest {
+        name: format!("prefork-v{version}"),
+        sources: vec![root().join("guest-examples/prefork-server/prefork.c")],
+        flags: vec!["-Wall".into(), "-Wextra".into(), format!("-DPREFORK_VERSION={version}")],
+        libs: Vec::new(),
+    }
+    .build()
+}
+
+fn pause_and_update(rounds: usize) {
+    let (v1, v2) = (prefork(1), prefork(2));
+    println!();
+    println!("prefork server, updated v1 <-> v2, {rounds} rounds per case; median (min)");
+    println!("{:>10} {:>22} {:>22}", "processes", "request->paused (us)", "update pause (us)");
+    for workers in [1usize, 8, 64] {
+        let served = Served::start_with(&v1, &["prefork", &workers.to_string()], &format!("processes-{workers}"), move |config| {
+            config.max_processes = workers + 1;
+        });
+        // Half the workers hold a connection and wait in `recv`.
+        let idle: Vec<_> = (0..workers / 2).map(|_| served.connect()).collect();
+        std::thread::sleep(Duration::from_millis(300 + 10 * workers as u64));
+        let (mut paused, mut updates) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Running again after the last update, not still paused by it.
+            std::thread::sleep(Duration::from_millis(20));
+            let to = if round % 2 == 0 { &v2 } else { &v1 };
+            let report = served.update(to, 5000);
+            assert!(report.contains(&format!("processes: {} moved", workers + 1)), "{report}");
+            paused.push(field(&report, "request to paused: "));
+            updates.push(field(&report, "pause: "));
+        }
+        eprintln!("{workers} workers: request->paused {paused:?}, update pauses {updates:?}");
+        let show = |v: &Vec<u64>| format!("{} ({})", median(v.clone()), v.iter().min().unwrap());
+        println!("{:>10} {:>22} {:>22}", 1 + workers, show(&paused), show(&updates));
+        drop(idle);
     }
 }

@@ -270,13 +270,6 @@ impl Guest {
         self.store.data().wasi.process.as_ref().filter(|m| m.pid == 1).map(|m| m.program.clone())
     }
 
-    /// Why `doing` (an update, a checkpoint) cannot cover the program now:
-    /// it runs several processes, and only this one is paused.
-    pub(crate) fn several_processes(&self, doing: &str) -> Option<String> {
-        let running = self.processes()?.running();
-        (running > 1).then(|| format!("the program runs {running} processes, and {doing} a program of several processes is not supported yet"))
-    }
-
     /// A copy of this process, stopped where it unwound to fork: its
     /// memory, mutable globals and saved frames, in memories and a store of
     /// its own, with a copy of its fd table. Run, it rewinds from there.
@@ -284,15 +277,29 @@ impl Guest {
         let (globals, frames) = self.unwound_state().map_err(|e| e.to_string())?;
         let source = self.unwinder.as_ref().map(|u| u.memory.clone()).ok_or("a module that cannot unwind cannot fork")?;
         let wasi = self.store.data().wasi.for_process().map_err(|e| format!("cannot set up the child's WASI state: {e}"))?;
+        self.another_process(wasi, |memory| memory.copy_from(&source).map_err(|e| format!("cannot copy the memory: {e}")), &globals, &frames)
+    }
+
+    /// A new process of this guest's program (its module, not yet its
+    /// process table) with `wasi`, in memories and a store of its own:
+    /// `fill` writes its memory, and run, it rewinds into `frames` with
+    /// `globals`.
+    pub(crate) fn another_process(
+        &self,
+        wasi: WasiCtx,
+        fill: impl FnOnce(&ProgramMemory) -> Result<(), String>,
+        globals: &[(u32, upstare_instrument::abi::ValType, u64)],
+        frames: &[u8],
+    ) -> Result<Guest, String> {
         let engine = self.store.engine().clone();
         let module = self.module.clone();
         let meta = module.metadata.clone().ok_or("a module that cannot unwind cannot fork")?;
-        let memory = ProgramMemory::new(&engine, &meta.memory).map_err(|e| format!("cannot create the child's memory: {e}"))?;
-        memory.copy_from(&source).map_err(|e| format!("cannot copy the memory: {e}"))?;
+        let memory = ProgramMemory::new(&engine, &meta.memory).map_err(|e| format!("cannot create the process's memory: {e}"))?;
+        fill(&memory)?;
         let control = new_control(&engine, None).map_err(|e| e.to_string())?;
         let mut child = Guest::assemble(&engine, &module, wasi, Some(&SharedMemories::Instrumented(memory)), Some(control), None, Entry::Main)
             .map_err(|e| e.to_string())?;
-        child.resume_thread(&globals, &frames).map_err(|e| e.to_string())?;
+        child.resume_thread(globals, frames).map_err(|e| e.to_string())?;
         // Its memory is initialised already: the data segments go unused.
         let drop_data = child.instance.get_typed_func::<(), ()>(&mut child.store, exports::DROP_DATA).map_err(|e| one_line(&e))?;
         drop_data.call(&mut child.store, ()).map_err(|e| one_line(&e))?;

@@ -278,6 +278,52 @@ impl Processes {
         Ok(pid)
     }
 
+    /// Takes in a process of a restored program, paused in its frames
+    /// under `pid`; it runs once the program resumes.
+    pub(crate) fn adopt(self: &Arc<Self>, pid: u32, parent: u32, mut child: Guest) -> Result<(), String> {
+        if pid < 2 {
+            return Err(format!("a process recorded as pid {pid}"));
+        }
+        {
+            let mut t = self.table();
+            if t.entries.contains_key(&pid) {
+                return Err(format!("process {pid} is recorded twice"));
+            }
+            t.next_pid = t.next_pid.max(pid.saturating_add(1));
+            let entry = Entry {
+                parent,
+                ended: None,
+                killed: None,
+                stopper: child.stopper(),
+                waker: child.store.data().wasi.interrupter.clone(),
+                memory: child.unwinder.as_ref().map(|u| u.memory.clone()),
+            };
+            t.entries.insert(pid, entry);
+        }
+        child.store.data_mut().wasi.process = Some(Membership { program: self.clone(), pid, fork_requested: false, fork_result: None });
+        let program = self.clone();
+        let started = self.children.start(pid, format!("process-{pid}"), child, RunState::Parked, move |guest| program.drive(pid, guest));
+        if started.is_err() {
+            self.table().entries.remove(&pid);
+        }
+        started
+    }
+
+    /// Takes in a process of a restored program that had ended and was not
+    /// waited for yet.
+    pub(crate) fn adopt_ended(&self, pid: u32, parent: u32, status: i32) -> Result<(), String> {
+        let mut t = self.table();
+        if pid < 2 || t.entries.contains_key(&pid) {
+            return Err(format!("process {pid} is recorded twice"));
+        }
+        t.next_pid = t.next_pid.max(pid.saturating_add(1));
+        // Never asked to stop or woken: it has ended.
+        let stopper = t.entries.get(&1).map(|e| e.stopper.clone()).ok_or("the first process is missing")?;
+        let waker = Interrupter::new().map_err(|e| e.to_string())?;
+        t.entries.insert(pid, Entry { parent, ended: Some(status), killed: None, stopper, waker, memory: None });
+        Ok(())
+    }
+
     /// Drives process `pid` on an OS thread of its own.
     fn start(self: &Arc<Self>, pid: u32, child: Guest) -> Result<(), String> {
         let program = self.clone();

@@ -16,6 +16,8 @@
 //!              0 std: index u8            1 preopen: name str, host path str
 //!              2 dir: path str            3 file: path str, offset u64, readable u8, writable u8
 //!              4 listener: address str    5 connected socket
+//!              6 shared: pid u32, fd u32 (the object of that fd of a
+//!                process recorded before)
 //!            (str: u32 length, UTF-8 bytes)
 //! globals    u32 count, then per global: index u32, type u8 (wasm code), bits u64
 //! memory     u64 length, bytes
@@ -23,11 +25,16 @@
 //! threads    u32 count, then per thread besides the main one (wasi-threads):
 //!              tid u32, arg u32 (its `wasi_thread_start` argument),
 //!              globals as above, frames as above
+//! processes  u32 count, then per process besides the first (a program
+//!            that forks), in pid order: pid u32, parent u32, ended u8;
+//!            if ended (a zombie): its wait status i32; else fds, globals,
+//!            memory and frames as above
 //! checksum   32 bytes  SHA-256 of everything before it
 //! ```
 //!
 //! Version 1 had no threads section; it is read as a program of one
-//! thread.
+//! thread. Version 2 had no processes section; it is read as a program of
+//! one process.
 //!
 //! A snapshot names its module by hash: it can only be resumed by the same
 //! build, because the frames refer to its functions and resume points.
@@ -42,12 +49,13 @@ use wasmtime::{Engine, Val};
 use crate::cache::hex;
 use crate::module::{one_line, GuestModule};
 use crate::process::{Guest, GuestConfig};
-use crate::wasi::persist::{FdKind, FdRecord};
+use crate::pause_group::lock;
+use crate::wasi::persist::{self, Described, FdKind, FdRecord};
 
 /// The first 16 bytes of every snapshot file.
 pub const MAGIC: &[u8; 16] = b"UPSTARE SNAPSHOT";
 /// The version of the format this host reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this host still reads.
 const OLDEST_VERSION: u32 = 1;
 
@@ -72,6 +80,28 @@ pub struct Snapshot {
     pub frames: Vec<u8>,
     /// The program's other threads, each paused at an update point.
     pub threads: Vec<ThreadSnapshot>,
+    /// The program's other processes, if it forks, in pid order.
+    pub processes: Vec<ProcessSnapshot>,
+}
+
+/// A process of a program that forks, besides its first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSnapshot {
+    /// Its pid.
+    pub pid: u32,
+    /// Its parent's pid (0: it passed to the host).
+    pub parent: u32,
+    /// Its wait status, if it has ended and was not waited for yet; it has
+    /// no state then.
+    pub ended: Option<i32>,
+    /// Its fd table.
+    pub fds: Vec<FdRecord>,
+    /// Its mutable globals.
+    pub globals: Vec<(u32, ValType, u64)>,
+    /// Its memory.
+    pub memory: Vec<u8>,
+    /// Its frame stack, innermost frame first.
+    pub frames: Vec<u8>,
 }
 
 /// A paused thread of a multi-threaded program, besides its main one.
@@ -138,10 +168,7 @@ impl Snapshot {
         out.extend_from_slice(&self.module_hash);
         out.extend_from_slice(&(self.module.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.module);
-        let string = |out: &mut Vec<u8>, s: &str| {
-            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        };
+        let string = encode_string;
         out.extend_from_slice(&(self.args.len() as u32).to_le_bytes());
         for a in &self.args {
             string(&mut out, a);
@@ -151,34 +178,7 @@ impl Snapshot {
             string(&mut out, k);
             string(&mut out, v);
         }
-        out.extend_from_slice(&(self.fds.len() as u32).to_le_bytes());
-        for r in &self.fds {
-            out.extend_from_slice(&r.fd.to_le_bytes());
-            out.extend_from_slice(&r.flags.to_le_bytes());
-            match &r.kind {
-                FdKind::Std { index } => out.extend_from_slice(&[0, *index]),
-                FdKind::Preopen { name, host } => {
-                    out.push(1);
-                    string(&mut out, name);
-                    string(&mut out, &host.to_string_lossy());
-                }
-                FdKind::Dir { path } => {
-                    out.push(2);
-                    string(&mut out, path);
-                }
-                FdKind::File { path, offset, readable, writable } => {
-                    out.push(3);
-                    string(&mut out, path);
-                    out.extend_from_slice(&offset.to_le_bytes());
-                    out.extend_from_slice(&[*readable as u8, *writable as u8]);
-                }
-                FdKind::Listener { addr } => {
-                    out.push(4);
-                    string(&mut out, &addr.to_string());
-                }
-                FdKind::Stream => out.push(5),
-            }
-        }
+        encode_fds(&mut out, &self.fds);
         encode_globals(&mut out, &self.globals);
         for blob in [&self.memory, &self.frames] {
             encode_blob(&mut out, blob);
@@ -189,6 +189,24 @@ impl Snapshot {
             out.extend_from_slice(&t.arg.to_le_bytes());
             encode_globals(&mut out, &t.globals);
             encode_blob(&mut out, &t.frames);
+        }
+        out.extend_from_slice(&(self.processes.len() as u32).to_le_bytes());
+        for p in &self.processes {
+            out.extend_from_slice(&p.pid.to_le_bytes());
+            out.extend_from_slice(&p.parent.to_le_bytes());
+            match p.ended {
+                Some(status) => {
+                    out.push(1);
+                    out.extend_from_slice(&status.to_le_bytes());
+                }
+                None => {
+                    out.push(0);
+                    encode_fds(&mut out, &p.fds);
+                    encode_globals(&mut out, &p.globals);
+                    encode_blob(&mut out, &p.memory);
+                    encode_blob(&mut out, &p.frames);
+                }
+            }
         }
         let sum = Sha256::digest(&out);
         out.extend_from_slice(&sum);
@@ -223,28 +241,7 @@ impl Snapshot {
         for _ in 0..r.u32()? {
             env.push((r.string()?, r.string()?));
         }
-        let mut fds = Vec::new();
-        for _ in 0..r.u32()? {
-            let fd = r.u32()?;
-            let flags = u16::from_le_bytes(r.take(2)?.try_into().map_err(|_| SnapshotError::Corrupt("fd flags"))?);
-            let kind = match r.take(1)?[0] {
-                0 => FdKind::Std { index: r.take(1)?[0] },
-                1 => FdKind::Preopen { name: r.string()?, host: r.string()?.into() },
-                2 => FdKind::Dir { path: r.string()? },
-                3 => {
-                    let path = r.string()?;
-                    let offset = u64::from_le_bytes(r.take(8)?.try_into().map_err(|_| SnapshotError::Corrupt("offset"))?);
-                    let rw = r.take(2)?;
-                    FdKind::File { path, offset, readable: rw[0] != 0, writable: rw[1] != 0 }
-                }
-                4 => FdKind::Listener {
-                    addr: r.string()?.parse().map_err(|_| SnapshotError::Corrupt("listener address"))?,
-                },
-                5 => FdKind::Stream,
-                _ => return Err(SnapshotError::Corrupt("unknown fd kind")),
-            };
-            fds.push(FdRecord { fd, flags, kind });
-        }
+        let fds = r.fds()?;
         let globals = r.globals()?;
         let memory = r.blob()?.to_vec();
         let frames = r.frames()?;
@@ -255,10 +252,90 @@ impl Snapshot {
                 threads.push(ThreadSnapshot { tid, arg, globals: r.globals()?, frames: r.frames()? });
             }
         }
+        let mut processes = Vec::new();
+        if version >= 3 {
+            for _ in 0..r.u32()? {
+                let (pid, parent) = (r.u32()?, r.u32()?);
+                let p = match r.take(1)?[0] {
+                    1 => {
+                        let status = i32::from_le_bytes(r.take(4)?.try_into().map_err(|_| SnapshotError::Corrupt("wait status"))?);
+                        ProcessSnapshot { pid, parent, ended: Some(status), fds: Vec::new(), globals: Vec::new(), memory: Vec::new(), frames: Vec::new() }
+                    }
+                    0 => {
+                        let fds = r.fds()?;
+                        let globals = r.globals()?;
+                        let memory = r.blob()?.to_vec();
+                        ProcessSnapshot { pid, parent, ended: None, fds, globals, memory, frames: r.frames()? }
+                    }
+                    _ => return Err(SnapshotError::Corrupt("unknown process state")),
+                };
+                processes.push(p);
+            }
+        }
         if r.at != body_len {
             return Err(SnapshotError::Corrupt("trailing bytes"));
         }
-        Ok(Snapshot { module_hash, module, args, env, fds, globals, memory, frames, threads })
+        Ok(Snapshot { module_hash, module, args, env, fds, globals, memory, frames, threads, processes })
+    }
+}
+
+fn cannot_describe(e: std::io::Error) -> SnapshotError {
+    SnapshotError::State(format!("cannot describe the open files: {e}"))
+}
+
+/// Gives a fresh program memory the contents of a snapshot's.
+fn load_memory(memory: &crate::program_memory::ProgramMemory, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let have = memory.size() as usize;
+    if bytes.len() < have || !bytes.len().is_multiple_of(64 << 10) {
+        return Err(SnapshotError::Corrupt("memory size is not a whole number of pages above the module's minimum"));
+    }
+    let grow = ((bytes.len() - have) >> 16) as u64;
+    memory.grow(grow).map_err(|e| SnapshotError::State(format!("cannot grow memory to the snapshot's size: {e}")))?;
+    if !memory.write(0, bytes) {
+        return Err(SnapshotError::State("the program memory is smaller than the snapshot's".into()));
+    }
+    Ok(())
+}
+
+fn encode_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn encode_fds(out: &mut Vec<u8>, fds: &[FdRecord]) {
+    let string = encode_string;
+    out.extend_from_slice(&(fds.len() as u32).to_le_bytes());
+    for r in fds {
+        out.extend_from_slice(&r.fd.to_le_bytes());
+        out.extend_from_slice(&r.flags.to_le_bytes());
+        match &r.kind {
+            FdKind::Std { index } => out.extend_from_slice(&[0, *index]),
+            FdKind::Preopen { name, host } => {
+                out.push(1);
+                string(out, name);
+                string(out, &host.to_string_lossy());
+            }
+            FdKind::Dir { path } => {
+                out.push(2);
+                string(out, path);
+            }
+            FdKind::File { path, offset, readable, writable } => {
+                out.push(3);
+                string(out, path);
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&[*readable as u8, *writable as u8]);
+            }
+            FdKind::Listener { addr } => {
+                out.push(4);
+                string(out, &addr.to_string());
+            }
+            FdKind::Stream => out.push(5),
+            FdKind::Shared { pid, fd } => {
+                out.push(6);
+                out.extend_from_slice(&pid.to_le_bytes());
+                out.extend_from_slice(&fd.to_le_bytes());
+            }
+        }
     }
 }
 
@@ -298,6 +375,33 @@ impl<'a> Reader<'a> {
         String::from_utf8(self.take(len)?.to_vec()).map_err(|_| SnapshotError::Corrupt("string is not UTF-8"))
     }
 
+    fn fds(&mut self) -> Result<Vec<FdRecord>, SnapshotError> {
+        let mut fds = Vec::new();
+        for _ in 0..self.u32()? {
+            let fd = self.u32()?;
+            let flags = u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| SnapshotError::Corrupt("fd flags"))?);
+            let kind = match self.take(1)?[0] {
+                0 => FdKind::Std { index: self.take(1)?[0] },
+                1 => FdKind::Preopen { name: self.string()?, host: self.string()?.into() },
+                2 => FdKind::Dir { path: self.string()? },
+                3 => {
+                    let path = self.string()?;
+                    let offset = u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| SnapshotError::Corrupt("offset"))?);
+                    let rw = self.take(2)?;
+                    FdKind::File { path, offset, readable: rw[0] != 0, writable: rw[1] != 0 }
+                }
+                4 => FdKind::Listener {
+                    addr: self.string()?.parse().map_err(|_| SnapshotError::Corrupt("listener address"))?,
+                },
+                5 => FdKind::Stream,
+                6 => FdKind::Shared { pid: self.u32()?, fd: self.u32()? },
+                _ => return Err(SnapshotError::Corrupt("unknown fd kind")),
+            };
+            fds.push(FdRecord { fd, flags, kind });
+        }
+        Ok(fds)
+    }
+
     fn globals(&mut self) -> Result<Vec<(u32, ValType, u64)>, SnapshotError> {
         let mut globals = Vec::new();
         for _ in 0..self.u32()? {
@@ -335,9 +439,6 @@ impl Guest {
     /// and frames. The guest stays paused; [`Guest::run`] resumes it.
     pub fn snapshot(&mut self) -> Result<Snapshot, SnapshotError> {
         let state = |m: &str| SnapshotError::State(m.to_string());
-        if let Some(reason) = self.several_processes("checkpointing") {
-            return Err(SnapshotError::State(reason));
-        }
         let (globals, frames) = self.thread_state()?;
         let mut threads = Vec::new();
         if let Some(program) = &self.threads {
@@ -356,8 +457,9 @@ impl Guest {
             }
         }
         let u = self.unwinder.as_ref().ok_or_else(|| state("a module loaded without instrumentation cannot be snapshotted"))?;
-        let fds = crate::wasi::persist::describe(&self.store.data().wasi)
-            .map_err(|e| SnapshotError::State(format!("cannot describe the open files: {e}")))?;
+        let mut described = Described::new();
+        let fds = persist::describe_process(&self.store.data().wasi, 1, &mut described).map_err(cannot_describe)?;
+        let processes = self.other_processes(&mut described)?;
         let wasi = &self.store.data().wasi;
         Ok(Snapshot {
             module_hash: self.module.hash,
@@ -369,7 +471,43 @@ impl Guest {
             memory: u.memory.read(0, u.memory.size()).ok_or_else(|| state("the program memory cannot be read"))?,
             frames,
             threads,
+            processes,
         })
+    }
+
+    /// The other processes of a paused program that forks, in pid order;
+    /// `described` holds the open objects described so far.
+    fn other_processes(&self, described: &mut Described) -> Result<Vec<ProcessSnapshot>, SnapshotError> {
+        let Some(program) = self.first_process_of() else { return Ok(Vec::new()) };
+        let mut parked: std::collections::BTreeMap<u32, _> = program.parked().into_iter().collect();
+        if parked.len() != program.children() {
+            return Err(SnapshotError::State("a process of the program is not paused".into()));
+        }
+        let mut processes = Vec::new();
+        for p in program.list().into_iter().filter(|p| p.pid != 1) {
+            let recorded = match (p.ended, parked.remove(&p.pid)) {
+                (Some(status), _) => ProcessSnapshot {
+                    pid: p.pid,
+                    parent: p.parent,
+                    ended: Some(status),
+                    fds: Vec::new(),
+                    globals: Vec::new(),
+                    memory: Vec::new(),
+                    frames: Vec::new(),
+                },
+                (None, Some(guest)) => {
+                    let mut g = lock(&guest);
+                    let (globals, frames) = g.thread_state()?;
+                    let fds = persist::describe_process(&g.store.data().wasi, p.pid, described).map_err(cannot_describe)?;
+                    let u = g.unwinder.as_ref().ok_or_else(|| SnapshotError::State("a process without instrumentation".into()))?;
+                    let memory = u.memory.read(0, u.memory.size()).ok_or_else(|| SnapshotError::State(format!("the memory of process {} cannot be read", p.pid)))?;
+                    ProcessSnapshot { pid: p.pid, parent: p.parent, ended: None, fds, globals, memory, frames }
+                }
+                (None, None) => return Err(SnapshotError::State(format!("process {} is not paused", p.pid))),
+            };
+            processes.push(recorded);
+        }
+        Ok(processes)
     }
 
     /// A paused thread's own state: its mutable globals and its frames.
@@ -422,22 +560,14 @@ impl Guest {
         config.args = snapshot.args.clone();
         config.env = snapshot.env.clone();
         let mut guest = Guest::new(engine, module, config).map_err(|e| SnapshotError::State(e.to_string()))?;
-        crate::wasi::persist::rebuild(guest.wasi(), &snapshot.fds, listeners).map_err(SnapshotError::State)?;
+        // The standard streams alone, for the other processes' tables.
+        let standard = guest.wasi().fds.fork();
+        persist::rebuild(guest.wasi(), &snapshot.fds, listeners, &|_, _| None).map_err(SnapshotError::State)?;
         let u = guest
             .unwinder
             .as_mut()
             .ok_or_else(|| SnapshotError::State("a module loaded without instrumentation cannot resume a snapshot".into()))?;
-        let have = u.memory.size() as usize;
-        if snapshot.memory.len() < have || !snapshot.memory.len().is_multiple_of(64 << 10) {
-            return Err(SnapshotError::Corrupt("memory size is not a whole number of pages above the module's minimum"));
-        }
-        let grow = ((snapshot.memory.len() - have) >> 16) as u64;
-        u.memory
-            .grow(grow)
-            .map_err(|e| SnapshotError::State(format!("cannot grow memory to the snapshot's size: {e}")))?;
-        if !u.memory.write(0, &snapshot.memory) {
-            return Err(SnapshotError::State("the program memory is smaller than the snapshot's".into()));
-        }
+        load_memory(&u.memory, &snapshot.memory)?;
         guest.resume_thread(&snapshot.globals, &snapshot.frames)?;
         let store = &mut guest.store;
         let drop_data = guest
@@ -446,6 +576,7 @@ impl Guest {
             .map_err(|e| SnapshotError::State(one_line(&e)))?;
         drop_data.call(&mut *store, ()).map_err(|e| SnapshotError::State(one_line(&e)))?;
         guest.started = true;
+        guest.restore_processes(&snapshot.processes, &standard)?;
         if !snapshot.threads.is_empty() {
             let Some(program) = guest.threads.clone() else {
                 return Err(SnapshotError::Corrupt("threads recorded for a module that starts none"));
@@ -459,6 +590,36 @@ impl Guest {
             }
         }
         Ok(guest)
+    }
+
+    /// Recreates the other processes of a restored program that forks,
+    /// each paused in its frames, with fd tables that share what they
+    /// shared; `standard` is a table of the standard streams alone.
+    fn restore_processes(&mut self, processes: &[ProcessSnapshot], standard: &crate::wasi::fd_table::SharedFdTable) -> Result<(), SnapshotError> {
+        if processes.is_empty() {
+            return Ok(());
+        }
+        let Some(program) = self.first_process_of() else {
+            return Err(SnapshotError::Corrupt("processes recorded for a module that does not fork"));
+        };
+        let mut tables = std::collections::HashMap::from([(1, self.store.data().wasi.fds.clone())]);
+        for p in processes {
+            let Some(status) = p.ended else { continue };
+            program.adopt_ended(p.pid, p.parent, status).map_err(SnapshotError::State)?;
+        }
+        for p in processes.iter().filter(|p| p.ended.is_none()) {
+            let mut wasi = self.store.data().wasi.for_process().map_err(|e| SnapshotError::State(e.to_string()))?;
+            wasi.fds = standard.fork();
+            let shared = |pid: u32, fd: u32| tables.get(&pid).and_then(|t| t.get(fd).ok()).map(|d| d.object);
+            persist::rebuild(&mut wasi, &p.fds, Vec::new(), &shared).map_err(|e| SnapshotError::State(format!("process {}: {e}", p.pid)))?;
+            tables.insert(p.pid, wasi.fds.clone());
+            let fill = |memory: &crate::program_memory::ProgramMemory| load_memory(memory, &p.memory).map_err(|e| e.to_string());
+            let child = self
+                .another_process(wasi, fill, &p.globals, &p.frames)
+                .map_err(|e| SnapshotError::State(format!("cannot recreate process {}: {e}", p.pid)))?;
+            program.adopt(p.pid, p.parent, child).map_err(SnapshotError::State)?;
+        }
+        Ok(())
     }
 
     /// Gives a thread of a restored program its globals and frames; it
@@ -529,6 +690,29 @@ mod tests {
             memory: vec![7; 65536],
             frames: Vec::new(),
             threads: vec![ThreadSnapshot { tid: 3, arg: 70000, globals: vec![(0, ValType::I32, 1)], frames: Vec::new() }],
+            processes: vec![
+                ProcessSnapshot {
+                    pid: 2,
+                    parent: 1,
+                    ended: None,
+                    fds: vec![
+                        FdRecord { fd: 0, flags: 0, kind: FdKind::Std { index: 0 } },
+                        FdRecord { fd: 3, flags: 0, kind: FdKind::Shared { pid: 1, fd: 3 } },
+                    ],
+                    globals: vec![(0, ValType::I32, 66000)],
+                    memory: vec![9; 65536],
+                    frames: Vec::new(),
+                },
+                ProcessSnapshot {
+                    pid: 5,
+                    parent: 2,
+                    ended: Some(3 << 8),
+                    fds: Vec::new(),
+                    globals: Vec::new(),
+                    memory: Vec::new(),
+                    frames: Vec::new(),
+                },
+            ],
         }
     }
 
@@ -555,11 +739,23 @@ mod tests {
     fn a_version_1_snapshot_reads_as_one_thread() {
         let mut one = sample();
         one.threads.clear();
+        one.processes.clear();
         let bytes = one.encode();
-        // Version 1 ends at the frames: no thread count.
-        let mut v1 = bytes[..bytes.len() - 32 - 4].to_vec();
+        // Version 1 ends at the frames: no thread or process count.
+        let mut v1 = bytes[..bytes.len() - 32 - 8].to_vec();
         v1[16..20].copy_from_slice(&1u32.to_le_bytes());
         assert_eq!(Snapshot::decode(&seal(v1)).unwrap(), one);
+    }
+
+    #[test]
+    fn a_version_2_snapshot_reads_as_one_process() {
+        let mut one = sample();
+        one.processes.clear();
+        let bytes = one.encode();
+        // Version 2 ends at the threads: no process count.
+        let mut v2 = bytes[..bytes.len() - 32 - 4].to_vec();
+        v2[16..20].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(Snapshot::decode(&seal(v2)).unwrap(), one);
     }
 
     #[test]
@@ -567,8 +763,8 @@ mod tests {
         let bytes = sample().encode();
         assert!(matches!(Snapshot::decode(b"UPSTARE"), Err(SnapshotError::NotASnapshot)));
         let mut version = bytes.clone();
-        version[16] = 3;
-        assert!(matches!(Snapshot::decode(&version), Err(SnapshotError::Version { found: 3 })));
+        version[16] = 4;
+        assert!(matches!(Snapshot::decode(&version), Err(SnapshotError::Version { found: 4 })));
         let mut flipped = bytes.clone();
         flipped[40] ^= 1;
         assert_eq!(corrupt(&flipped), "checksum mismatch (truncated or modified)");
@@ -629,13 +825,26 @@ mod tests {
             FdKind::Listener { addr: "127.0.0.1:80".parse().unwrap() }
         );
 
-        // The threads section ends the body: its count, then per thread
-        // tid, arg, its globals (count, 13 bytes each) and frames.
+        // Without processes, the threads section ends the body before
+        // their empty count: its count, then per thread tid, arg, its
+        // globals (count, 13 bytes each) and frames.
+        let mut s = s.clone();
+        s.processes.clear();
         let threads_len = 4 + s.threads.iter().map(|t| 4 + 4 + 4 + 13 * t.globals.len() + 8 + t.frames.len()).sum::<usize>();
-        let globals_at = body(&s).len() - threads_len - (8 + s.frames.len()) - (8 + s.memory.len()) - 13 * s.globals.len() - 4;
+        let globals_at = body(&s).len() - 4 - threads_len - (8 + s.frames.len()) - (8 + s.memory.len()) - 13 * s.globals.len() - 4;
         let mut global = body(&s);
         assert_eq!(u32::from_le_bytes(global[globals_at..globals_at + 4].try_into().unwrap()), 2, "the layout this test edits");
         global[globals_at + 4 + 4] = 0x99;
         assert_eq!(corrupt(&seal(global)), "unknown global type");
+
+        // The last process's state byte made unknown.
+        let mut one = sample();
+        one.processes.truncate(1);
+        let mut state = body(&one);
+        let p = &one.processes[0];
+        let state_at = state.len() - (8 + p.frames.len()) - (8 + p.memory.len()) - (4 + 13 * p.globals.len()) - (4 + (4 + 2 + 2) + (4 + 2 + 1 + 8)) - 1;
+        assert_eq!(state[state_at - 4..state_at], 1u32.to_le_bytes(), "the layout this test edits");
+        state[state_at] = 7;
+        assert_eq!(corrupt(&seal(state)), "unknown process state");
     }
 }

@@ -630,15 +630,9 @@ fn apply(
         if commands.send(command).is_err() {
             return Err(Response::refused("the guest has exited"));
         }
-        let wait = match at_blocking_call {
-            true => {
-                pause.request_at_blocking_call();
-                pause_limit.min(BLOCKING_CALL_WAIT)
-            }
-            false => {
-                pause.request();
-                pause_limit
-            }
+        let (asked, wait) = match at_blocking_call {
+            true => (pause.request_at_blocking_call(), pause_limit.min(BLOCKING_CALL_WAIT)),
+            false => (pause.request(), pause_limit),
         };
         let outcome = match answer.recv_timeout(wait) {
             Ok(outcome) => outcome,
@@ -666,7 +660,10 @@ fn apply(
             Err(RecvTimeoutError::Disconnected) => return Err(Response::refused("the guest has exited")),
         };
         match outcome {
-            Ok(report) => return Ok((report, prepared.next.clone())),
+            Ok(mut report) => {
+                report.request_to_paused = Some(report.paused_at.saturating_duration_since(asked));
+                return Ok((report, prepared.next.clone()));
+            }
             // A value that looks like a stale pointer may change as the
             // program runs on (a counter passing through an address range,
             // a pointer dropped): try again, as for a frame.

@@ -120,8 +120,7 @@ fn ping(port: u16) -> (u32, u32) {
 /// The prefork server with 4 workers sharing its listener, under 16
 /// clients that connect over and over: every request is answered, by all
 /// four workers; a worker that exits is replaced by the master and the
-/// server serves on; `status` lists the processes; a checkpoint, which
-/// covers one process so far, is refused saying why.
+/// server serves on; `status` lists the processes.
 #[test]
 fn the_prefork_server_serves_on_every_worker_and_replaces_one_that_ends() {
     let control = Control::new("prefork");
@@ -152,11 +151,6 @@ fn the_prefork_server_serves_on_every_worker_and_replaces_one_that_ends() {
     let status = control.status();
     assert!(status.contains("processes: 5"), "{status}");
     assert!((2..=5).all(|p| status.contains(&format!("process {p}: parent 1, running"))), "{status}");
-
-    // The checkpoint says why it cannot be done.
-    let out = upstare_tests::run_host(&["checkpoint", "--control", &control.path(), control.dir().join("x.snap").to_str().unwrap()]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpointing a program of several processes is not supported yet"));
 
     // A worker ends; the master forks another in its place.
     let mut c = upstare_tests::Client::connect(port);
@@ -332,6 +326,58 @@ fn workers_killed_during_updates_end_and_are_restarted_in_the_running_version() 
     server.kill();
     let out = server.remaining_output();
     assert!(out.contains("killed by signal 9"), "{out}");
+}
+
+/// A checkpoint of the prefork server holds the master and its four
+/// workers, each with its own memory, pid and parent, and the listener
+/// they share: restored in another host, the same workers (same pids, each
+/// with its own total) accept on the one listener, and the master restarts
+/// a worker that ends, as it knows it by pid.
+#[test]
+fn a_checkpointed_prefork_server_restores_with_every_process() {
+    let control = Control::new("prefork-checkpoint");
+    let (mut server, _) = Server::start(&guest("prefork-server"), &["--control", &control.path()], &["4"]);
+    // Connections held on every worker, each with a total of its own.
+    let mut held: Vec<_> = (0..4).map(|_| server.client()).collect();
+    let mut before = std::collections::BTreeMap::new();
+    for (i, c) in held.iter_mut().enumerate() {
+        let total = c.request(&format!("ADD {}", 10 * (i + 1)));
+        before.insert(ping_on(c), total);
+    }
+    let snapshot = control.checkpoint("prefork");
+    assert_eq!(snapshot.processes.iter().map(|p| (p.pid, p.parent, p.ended)).collect::<Vec<_>>(), (2..=5).map(|p| (p, 1, None)).collect::<Vec<_>>());
+    drop(held);
+    server.kill();
+
+    let path = control.dir().join("prefork.snap");
+    let restored_control = Control::new("prefork-restored");
+    let mut restored = Server::spawn(host_command().args([
+        "restore",
+        "--control",
+        &restored_control.path(),
+        "--tcplisten",
+        "127.0.0.1:0",
+        path.to_str().unwrap(),
+    ]));
+    // The connections held at the checkpoint are gone; four new ones reach
+    // the four workers, as they were.
+    let mut held: Vec<_> = (0..4).map(|_| restored.client()).collect();
+    let mut after = std::collections::BTreeMap::new();
+    for c in &mut held {
+        let total = c.request("ADD 0");
+        after.insert(ping_on(c), total);
+    }
+    assert_eq!(after, before, "every worker, by index and pid, with its total");
+    drop(held);
+    let status = restored_control.status();
+    assert!(status.contains("processes: 5") && status.contains("process 5: parent 1, "), "{status}");
+
+    let mut c = restored.client();
+    let (index, pid) = ping_on(&mut c);
+    assert!(c.try_request("EXIT").is_err());
+    assert_eq!(restored.next_line(), format!("worker {index} (pid {pid}) exited with 3"));
+    assert!(restored.next_line().starts_with(&format!("worker {index} restarted as pid 6")));
+    restored.kill();
 }
 
 /// A worker that forks without end is stopped at `--max-processes`: its

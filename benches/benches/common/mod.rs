@@ -228,6 +228,16 @@ pub struct Served {
 impl Served {
     /// Starts `module` with `args` on a thread of its own.
     pub fn start(module: &Path, args: &[&str], tag: &str) -> Served {
+        Self::start_with(module, args, tag, |_| {})
+    }
+
+    /// [`Served::start`] with the guest's configuration changed by `tweak`.
+    pub fn start_with(
+        module: &Path,
+        args: &[&str],
+        tag: &str,
+        tweak: impl FnOnce(&mut upstare_host::GuestConfig) + Send + 'static,
+    ) -> Served {
         use upstare_host::control::ControlSocket;
         use upstare_host::supervise::{self, Identity};
         use upstare_host::{new_engine, Guest, GuestConfig, GuestModule};
@@ -244,6 +254,7 @@ impl Served {
             let make = move || {
                 let mut config = GuestConfig::new(args);
                 config.listeners.push(listener);
+                tweak(&mut config);
                 Guest::new(&engine, &loaded, config).map_err(|e| e.to_string())
             };
             let _ = supervise::run(make, identity, Some(control), Duration::from_secs(5), None);

@@ -152,6 +152,11 @@ pub struct Report {
     pub rebuilt: usize,
     /// From the guest stopped (unwound) to the new version ready to run.
     pub pause: Duration,
+    /// When the guest stopped (the whole program paused).
+    pub paused_at: Instant,
+    /// From the pause request to the program paused, when the caller
+    /// knows when it asked (the supervisor does).
+    pub request_to_paused: Option<Duration>,
     /// Planning, relinking, instrumenting and compiling, before the pause.
     pub prepare: Duration,
     /// Retired fresh areas found unreferenced at the commit: free for reuse.
@@ -177,6 +182,9 @@ impl std::fmt::Display for Report {
         }
         let HeapCounts { converted, rewritten } = self.heap;
         writeln!(f, "heap: {converted} objects converted, {rewritten} pointers rewritten")?;
+        if let Some(d) = self.request_to_paused {
+            writeln!(f, "request to paused: {} us", d.as_micros())?;
+        }
         writeln!(f, "pause: {} us", self.pause.as_micros())?;
         write!(f, "prepare: {} ms", self.prepare.as_millis())
     }
@@ -495,6 +503,8 @@ impl Guest {
             },
             rebuilt: usize::from(plan.stack.rebuilt.is_some()),
             pause: paused_at.elapsed(),
+            paused_at,
+            request_to_paused: None,
             prepare: prepared.prepare_time,
             freed,
             heap,

@@ -169,6 +169,19 @@ pub enum Object {
 }
 
 impl Object {
+    /// Which open object this is: equal for two fds (of one process or of
+    /// several) that share it, as a forked child's fds share its parent's.
+    pub fn identity(&self) -> usize {
+        match self {
+            Object::Std(s) => Arc::as_ptr(s) as usize,
+            Object::File(f) => Arc::as_ptr(f) as usize,
+            Object::Pipe(p) => Arc::as_ptr(p) as usize,
+            Object::Dir(d) => Arc::as_ptr(d) as usize,
+            Object::Listener(l) => Arc::as_ptr(l) as usize,
+            Object::Stream(s) => Arc::as_ptr(s) as usize,
+        }
+    }
+
     /// The preview1 file type the guest sees.
     pub fn filetype(&self) -> u8 {
         match self {

@@ -12,6 +12,11 @@
 //! A connected socket cannot move between processes: it is restored as a
 //! connection whose peer has closed it, which the program sees as an
 //! ordinary hang-up (end of stream on read, an error on write).
+//!
+//! The processes of a program that forks share open objects (a prefork
+//! server's workers share its listener): an fd whose object a process
+//! described before is recorded as [`FdKind::Shared`], and a restore gives
+//! it that same object again.
 
 use std::io::{Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -63,7 +68,19 @@ pub enum FdKind {
     },
     /// A connected socket.
     Stream,
+    /// The object of another process's fd, described with that process
+    /// (one recorded before this one).
+    Shared {
+        /// That process's pid.
+        pid: u32,
+        /// Its fd.
+        fd: u32,
+    },
 }
+
+/// The open objects already described, by identity: which process's fd
+/// holds each first.
+pub type Described = std::collections::HashMap<usize, (u32, u32)>;
 
 /// One fd of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,8 +95,23 @@ pub struct FdRecord {
 
 /// Describes every fd of `ctx`.
 pub fn describe(ctx: &WasiCtx) -> std::io::Result<Vec<FdRecord>> {
+    describe_process(ctx, 1, &mut Described::new())
+}
+
+/// Describes every fd of process `pid`'s `ctx`, as shared where `seen`
+/// holds its object already; records the others in `seen`.
+pub fn describe_process(ctx: &WasiCtx, pid: u32, seen: &mut Described) -> std::io::Result<Vec<FdRecord>> {
     let mut out = Vec::new();
     for (fd, desc) in ctx.fds.entries() {
+        // Standard streams are the host's own, in every process.
+        let identity = desc.object.identity();
+        if !matches!(desc.object, Object::Std(_)) {
+            if let Some(&(first, at)) = seen.get(&identity) {
+                out.push(FdRecord { fd, flags: desc.flags, kind: FdKind::Shared { pid: first, fd: at } });
+                continue;
+            }
+            seen.insert(identity, (pid, fd));
+        }
         let kind = match &desc.object {
             Object::Std(s) => FdKind::Std { index: s.index },
             Object::Dir(d) => match (&d.preopen_name, &d.host_path) {
@@ -110,7 +142,14 @@ pub fn describe(ctx: &WasiCtx) -> std::io::Result<Vec<FdRecord>> {
 /// Rebuilds the fds of `records` in `ctx`, whose standard streams are
 /// already installed. `listeners` replace the recorded listeners in order;
 /// recorded listeners beyond them are bound to their old addresses.
-pub fn rebuild(ctx: &mut WasiCtx, records: &[FdRecord], listeners: Vec<TcpListener>) -> Result<(), String> {
+/// `shared` gives the object of a process restored before, for the fds
+/// recorded as [`FdKind::Shared`].
+pub fn rebuild(
+    ctx: &mut WasiCtx,
+    records: &[FdRecord],
+    listeners: Vec<TcpListener>,
+    shared: &dyn Fn(u32, u32) -> Option<Object>,
+) -> Result<(), String> {
     let mut listeners = listeners.into_iter();
     let preopens: Vec<(String, FdRecord)> = records
         .iter()
@@ -191,6 +230,9 @@ pub fn rebuild(ctx: &mut WasiCtx, records: &[FdRecord], listeners: Vec<TcpListen
                 Object::Listener(Arc::new(Listener { socket, addr }))
             }
             FdKind::Stream => Object::Stream(Arc::new(Stream { socket: hung_up().map_err(|e| fail(e.to_string()))? })),
+            FdKind::Shared { pid, fd } => {
+                shared(*pid, *fd).ok_or_else(|| fail(format!("it shares fd {fd} of process {pid}, which the snapshot does not hold")))?
+            }
         };
         ctx.fds.place(r.fd, object, r.flags).map_err(|e| fail(format!("fd table: {e:?}")))?;
     }
