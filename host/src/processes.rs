@@ -115,6 +115,20 @@ struct Entry {
     memory: Option<ProgramMemory>,
 }
 
+impl Entry {
+    /// A process that runs `child`, forked by `parent`.
+    fn running(parent: u32, child: &Guest) -> Entry {
+        Entry {
+            parent,
+            ended: None,
+            killed: None,
+            stopper: child.stopper(),
+            waker: child.store.data().wasi.interrupter.clone(),
+            memory: child.unwinder.as_ref().map(|u| u.memory.clone()),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Table {
     next_pid: u32,
@@ -266,15 +280,7 @@ impl Processes {
             pid = pid.checked_add(1).filter(|p| *p < 1 << 22).unwrap_or(2);
         }
         t.next_pid = pid + 1;
-        let entry = Entry {
-            parent,
-            ended: None,
-            killed: None,
-            stopper: child.stopper(),
-            waker: child.store.data().wasi.interrupter.clone(),
-            memory: child.unwinder.as_ref().map(|u| u.memory.clone()),
-        };
-        t.entries.insert(pid, entry);
+        t.entries.insert(pid, Entry::running(parent, child));
         Ok(pid)
     }
 
@@ -290,23 +296,10 @@ impl Processes {
                 return Err(format!("process {pid} is recorded twice"));
             }
             t.next_pid = t.next_pid.max(pid.saturating_add(1));
-            let entry = Entry {
-                parent,
-                ended: None,
-                killed: None,
-                stopper: child.stopper(),
-                waker: child.store.data().wasi.interrupter.clone(),
-                memory: child.unwinder.as_ref().map(|u| u.memory.clone()),
-            };
-            t.entries.insert(pid, entry);
+            t.entries.insert(pid, Entry::running(parent, &child));
         }
         child.store.data_mut().wasi.process = Some(Membership { program: self.clone(), pid, fork_requested: false, fork_result: None });
-        let program = self.clone();
-        let started = self.children.start(pid, format!("process-{pid}"), child, RunState::Parked, move |guest| program.drive(pid, guest));
-        if started.is_err() {
-            self.table().entries.remove(&pid);
-        }
-        started
+        self.start(pid, child, RunState::Parked)
     }
 
     /// Takes in a process of a restored program that had ended and was not
@@ -324,10 +317,11 @@ impl Processes {
         Ok(())
     }
 
-    /// Drives process `pid` on an OS thread of its own.
-    fn start(self: &Arc<Self>, pid: u32, child: Guest) -> Result<(), String> {
+    /// Drives process `pid` on an OS thread of its own, from now or (a
+    /// restored one) from the program's resume.
+    fn start(self: &Arc<Self>, pid: u32, child: Guest, state: RunState) -> Result<(), String> {
         let program = self.clone();
-        let started = self.children.start(pid, format!("process-{pid}"), child, RunState::Running, move |guest| program.drive(pid, guest));
+        let started = self.children.start(pid, format!("process-{pid}"), child, state, move |guest| program.drive(pid, guest));
         if started.is_err() {
             self.table().entries.remove(&pid);
         }
@@ -480,7 +474,7 @@ pub(crate) fn fork(parent: &mut Guest) -> i32 {
         Err(e) => return -e,
     };
     child.store.data_mut().wasi.process = Some(Membership { program: program.clone(), pid, fork_requested: false, fork_result: Some(0) });
-    match program.start(pid, child) {
+    match program.start(pid, child, RunState::Running) {
         Ok(()) => pid as i32,
         Err(e) => {
             eprintln!("upstare-host: fork failed: {e}");
