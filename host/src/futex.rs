@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use upstare_instrument::abi::{futex, State, IMPORT_MODULE};
-use wasmtime::{Caller, Extern, Linker, Trap, Val};
+use upstare_instrument::abi::{futex, IMPORT_MODULE};
+use wasmtime::{Caller, Linker, Trap};
 
 use crate::interrupt::{Interrupter, Parked};
 use crate::program_memory::ProgramMemory;
-use crate::wasi::WasiView;
+use crate::wasi::{UnwindHooks, WasiView};
 
 /// What `status` says a thread blocked here is in: the instruction the
 /// guest executed (under a mutex, a condition variable or a join).
@@ -119,10 +119,7 @@ impl Futexes {
 /// The program memory of the calling instance (an instrumented module
 /// exports its imported memory again as `memory`).
 fn program_memory<T>(caller: &mut Caller<'_, T>) -> wasmtime::Result<ProgramMemory> {
-    match caller.get_export("memory") {
-        Some(Extern::SharedMemory(m)) => Ok(ProgramMemory::from_shared(m)),
-        _ => wasmtime::bail!("a futex import needs the program's shared memory, exported as `memory`"),
-    }
+    ProgramMemory::exported_by(caller).ok_or_else(|| wasmtime::format_err!("a futex import needs the program's shared memory, exported as `memory`"))
 }
 
 /// The address as the instruction would use it: in bounds for `width`
@@ -141,14 +138,9 @@ fn checked(memory: &ProgramMemory, addr: i64, width: u64) -> wasmtime::Result<u6
 /// Runs a wait for the calling thread, and turns an interruption into an
 /// unwind (the rewind makes the call again).
 fn wait<T: WasiView>(caller: &mut Caller<'_, T>, addr: u64, matches: impl FnOnce() -> bool, timeout_ns: i64) -> wasmtime::Result<i32> {
-    let hooks = caller.data().unwind_hooks();
-    if let Some(h) = &hooks {
-        // Reached through `call_indirect` with the rewind still on: it ends
-        // here, as for a blocking WASI call.
-        if h.state.get(&mut *caller).i32() == Some(State::Rewinding as i32) {
-            h.stop_rewind.call(&mut *caller, ())?;
-        }
-    }
+    // Reached through `call_indirect` with the rewind still on: it ends
+    // here, as for a blocking WASI call.
+    let hooks = UnwindHooks::end_rewind(caller)?;
     let futexes = caller.data_mut().wasi().futexes();
     let interrupter = caller.data_mut().wasi().interrupter().clone();
     let outcome = if interrupter.take_pending() {
@@ -165,7 +157,7 @@ fn wait<T: WasiView>(caller: &mut Caller<'_, T>, addr: u64, matches: impl FnOnce
             interrupter.take_pending();
             match hooks {
                 Some(h) => {
-                    h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+                    h.unwind(caller)?;
                     0
                 }
                 // Nothing can unwind: waking is always allowed.
@@ -200,6 +192,7 @@ pub fn add_to_linker<T: WasiView + 'static>(linker: &mut Linker<T>) -> wasmtime:
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
+    use upstare_instrument::abi::State;
 
     fn waiting(futexes: &Arc<Futexes>, value: &Arc<AtomicU32>, timeout_ns: i64) -> (std::thread::JoinHandle<WaitOutcome>, Interrupter) {
         let interrupter = Interrupter::new().unwrap();

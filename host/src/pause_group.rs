@@ -209,8 +209,9 @@ impl PauseGroup {
         }
     }
 
-    /// Withdraws a pause request; members already parked stay parked until
-    /// [`PauseGroup::resume`].
+    /// Withdraws a pause request, and lets members that parked for it run
+    /// on: the main instance did not pause in time, and would not resume
+    /// them. (If it pauses after all, it asks them again.)
     pub(crate) fn cancel_pause(&self) {
         let mut m = self.members();
         m.pausing = false;
@@ -219,6 +220,13 @@ impl PauseGroup {
         }
         // A main instance waiting for the members to park stops waiting.
         self.settled.notify_all();
+        if m.by_id.values().any(|x| x.state == RunState::Parked) {
+            m.resumes += 1;
+            for x in m.by_id.values_mut() {
+                x.state = RunState::Running;
+            }
+            self.resumed.notify_all();
+        }
     }
 
     /// Waits until every member is parked, the program ends, or the pause

@@ -27,15 +27,15 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use upstare_instrument::abi::{process, State, IMPORT_MODULE};
-use wasmtime::{Caller, Extern, Linker, Val};
+use upstare_instrument::abi::{process, IMPORT_MODULE};
+use wasmtime::{Caller, Linker};
 
 use crate::interrupt::{Interrupter, Parked};
 use crate::pause_group::{lock, PauseGroup, RunState};
 use crate::process::{Exit, Guest, ProcessState};
 use crate::program_memory::ProgramMemory;
 use crate::threads::Stopper;
-use crate::wasi::WasiView;
+use crate::wasi::UnwindHooks;
 
 /// Processes a program may have at once (zombies included), unless the
 /// embedder says otherwise ([`crate::GuestConfig::max_processes`]).
@@ -486,7 +486,7 @@ pub(crate) fn fork(parent: &mut Guest) -> i32 {
 /// Defines the process imports for a program's stores.
 pub(crate) fn add_to_linker(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
     linker.func_wrap(IMPORT_MODULE, process::FORK, |mut caller: Caller<'_, ProcessState>| -> wasmtime::Result<i32> {
-        let hooks = end_rewind(&mut caller)?;
+        let hooks = UnwindHooks::end_rewind(&mut caller)?;
         let Some(member) = caller.data_mut().wasi.process.as_mut() else { return Ok(-errno::NOSYS) };
         if let Some(result) = member.fork_result.take() {
             return Ok(result);
@@ -502,7 +502,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<ProcessState>) -> wasmtime::Resu
         if let Some(member) = caller.data_mut().wasi.process.as_mut() {
             member.fork_requested = true;
         }
-        hooks.state.set(&mut caller, Val::I32(State::Unwinding as i32))?;
+        hooks.unwind(&mut caller)?;
         Ok(0)
     })?;
     linker.func_wrap(IMPORT_MODULE, process::WAITPID, |mut caller: Caller<'_, ProcessState>, pid: i32, status: i32, options: i32| {
@@ -525,28 +525,16 @@ pub(crate) fn add_to_linker(linker: &mut Linker<ProcessState>) -> wasmtime::Resu
     Ok(())
 }
 
-/// Ends a rewind that reached the import (its re-call after an unwind
-/// there); returns the instance's unwind hooks, if it can unwind.
-fn end_rewind(caller: &mut Caller<'_, ProcessState>) -> wasmtime::Result<Option<crate::wasi::UnwindHooks>> {
-    let hooks = caller.data().unwind_hooks();
-    if let Some(h) = &hooks {
-        if h.state.get(&mut *caller).i32() == Some(State::Rewinding as i32) {
-            h.stop_rewind.call(&mut *caller, ())?;
-        }
-    }
-    Ok(hooks)
-}
-
 /// `waitpid`: waits, interruptibly, for a child to end.
 fn waitpid(caller: &mut Caller<'_, ProcessState>, pid: i32, status: i32, options: i32) -> wasmtime::Result<i32> {
-    let hooks = end_rewind(caller)?;
+    let hooks = UnwindHooks::end_rewind(caller)?;
     // As before a blocking WASI call: a pause asked for stops the guest
     // here, before it reaps a child. An update's checked rewind ends here
     // with a pause always asked for; reaping then would lose the child's
     // status if the update rolls back.
     if let Some(h) = &hooks {
         if caller.data().wasi.interrupter.take_pending() {
-            h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+            h.unwind(caller)?;
             return Ok(0);
         }
     }
@@ -573,7 +561,7 @@ fn waitpid(caller: &mut Caller<'_, ProcessState>, pid: i32, status: i32, options
         interrupter.take_pending();
         return match hooks {
             Some(h) => {
-                h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+                h.unwind(caller)?;
                 Ok(0)
             }
             None => Err(crate::wasi::Interrupted { call: "waitpid" }.into()),
@@ -589,10 +577,7 @@ fn waitpid(caller: &mut Caller<'_, ProcessState>, pid: i32, status: i32, options
         Err(e) => return Ok(-e),
     };
     if status != 0 {
-        let memory = match caller.get_export("memory") {
-            Some(Extern::SharedMemory(m)) => ProgramMemory::from_shared(m),
-            _ => return Ok(-errno::FAULT),
-        };
+        let Some(memory) = ProgramMemory::exported_by(caller) else { return Ok(-errno::FAULT) };
         if !memory.write(status as u32 as u64, &code.to_le_bytes()) {
             return Ok(-errno::FAULT);
         }

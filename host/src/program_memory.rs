@@ -70,6 +70,15 @@ impl ProgramMemory {
         self.memory.data().len() as u64
     }
 
+    /// The program memory of the instance calling a host import: an
+    /// instrumented module exports its imported memory again as `memory`.
+    pub(crate) fn exported_by<T>(caller: &mut wasmtime::Caller<'_, T>) -> Option<ProgramMemory> {
+        match caller.get_export("memory") {
+            Some(wasmtime::Extern::SharedMemory(m)) => Some(ProgramMemory::from_shared(m)),
+            _ => None,
+        }
+    }
+
     /// Grows the memory by `pages`; returns the old size in bytes, which is
     /// where the new pages start.
     pub fn grow(&self, pages: u64) -> anyhow::Result<u64> {

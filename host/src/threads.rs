@@ -333,8 +333,7 @@ impl Threads {
         self.workers.request_pause();
     }
 
-    /// Withdraws a pause request; workers already parked stay parked until
-    /// [`Threads::resume`].
+    /// Withdraws a pause request; see [`PauseGroup::cancel_pause`].
     pub(crate) fn cancel_pause(&self) {
         self.workers.cancel_pause();
     }

@@ -4,14 +4,13 @@
 //! runs the implementation and turns its outcome into what wasm sees: an
 //! errno result, or a trap for exit and interruption.
 
-use upstare_instrument::abi::State;
-use wasmtime::{bail, Result, Val};
+use wasmtime::{bail, Result};
 use wasmtime::{Caller, Extern, Linker};
 
 use super::memory::GuestMemory;
 use crate::program_memory::ProgramMemory;
 use super::{fs, io, net, poll, proc};
-use super::{CallError, CallResult, GuestExit, Interrupted, WasiCtx, WasiView};
+use super::{CallError, CallResult, GuestExit, Interrupted, UnwindHooks, WasiCtx, WasiView};
 
 /// The import module name of WASI preview1.
 pub const MODULE: &str = "wasi_snapshot_preview1";
@@ -22,12 +21,9 @@ fn dispatch<T: WasiView>(
     name: &'static str,
     f: impl FnOnce(&mut WasiCtx, &mut GuestMemory<'_>) -> CallResult,
 ) -> Result<i32> {
-    let hooks = caller.data().unwind_hooks();
+    let hooks = UnwindHooks::end_rewind(caller)?;
     let blocking = upstare_instrument::WASI_BLOCKING.contains(&name);
     if let Some(h) = &hooks {
-        if h.state.get(&mut *caller).i32() == Some(State::Rewinding as i32) {
-            h.stop_rewind.call(&mut *caller, ())?;
-        }
         // A pause asked for before a blocking call runs stops the guest
         // here, before it runs: the call is made again once the guest
         // resumes. Calls that wait check for the request themselves; this
@@ -35,7 +31,7 @@ fn dispatch<T: WasiView>(
         // otherwise happen twice. An update's checked rewind, which ends
         // at the call with a pause always asked for, relies on it.
         if blocking && caller.data_mut().wasi().interrupter().take_pending() {
-            h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+            h.unwind(caller)?;
             return Ok(0);
         }
     }
@@ -70,7 +66,7 @@ fn dispatch<T: WasiView>(
             // The guest ignores the result: it unwinds, and the rewind makes
             // the call again.
             Some(h) => {
-                h.state.set(&mut *caller, Val::I32(State::Unwinding as i32))?;
+                h.unwind(caller)?;
                 Ok(0)
             }
             None => Err(Interrupted { call: name }.into()),

@@ -122,6 +122,26 @@ pub struct UnwindHooks {
     pub stop_rewind: wasmtime::TypedFunc<(), ()>,
 }
 
+impl UnwindHooks {
+    /// Ends a rewind that reached a host import (its re-call after an
+    /// unwind there); the hooks of the caller's instance, if it can unwind.
+    pub(crate) fn end_rewind<T: WasiView>(caller: &mut wasmtime::Caller<'_, T>) -> wasmtime::Result<Option<UnwindHooks>> {
+        let hooks = caller.data().unwind_hooks();
+        if let Some(h) = &hooks {
+            if h.state.get(&mut *caller).i32() == Some(upstare_instrument::abi::State::Rewinding as i32) {
+                h.stop_rewind.call(&mut *caller, ())?;
+            }
+        }
+        Ok(hooks)
+    }
+
+    /// Has the guest unwind from the host import it is in, which it makes
+    /// again when it is rewound.
+    pub(crate) fn unwind<T>(&self, caller: &mut wasmtime::Caller<'_, T>) -> wasmtime::Result<()> {
+        self.state.set(&mut *caller, wasmtime::Val::I32(upstare_instrument::abi::State::Unwinding as i32))
+    }
+}
+
 impl std::fmt::Debug for UnwindHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UnwindHooks").finish_non_exhaustive()
