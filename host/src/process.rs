@@ -242,7 +242,7 @@ impl Guest {
             )),
             _ => None,
         };
-        let mut guest = Guest::assemble(engine, module, wasi, memories.as_ref(), control, threads, Entry::Main)?;
+        let mut guest = Guest::assemble(engine, module, wasi, memories.as_ref(), control, threads, None, Entry::Main)?;
         if let Some(u) = &mut guest.unwinder {
             u.stress_stops = config.stress_stop.is_some();
         }
@@ -253,7 +253,8 @@ impl Guest {
         // instrumented module can fork (at an unwind).
         if module.forks() && guest.unwinder.is_some() {
             let waker = guest.store.data().wasi.interrupter.clone();
-            let program = Processes::new(config.max_processes, guest.stopper(), waker);
+            let imports = host_linker(engine, false).map_err(|e| SetupError::Host(one_line(&e)))?;
+            let program = Processes::new(config.max_processes, guest.stopper(), waker, imports);
             guest.store.data_mut().wasi.process = Some(Membership { program, pid: 1, fork_requested: false, fork_result: None });
         }
         Ok(guest)
@@ -297,8 +298,9 @@ impl Guest {
         let memory = ProgramMemory::new(&engine, &meta.memory).map_err(|e| format!("cannot create the process's memory: {e}"))?;
         fill(&memory)?;
         let control = new_control(&engine, None).map_err(|e| e.to_string())?;
-        let mut child = Guest::assemble(&engine, &module, wasi, Some(&SharedMemories::Instrumented(memory)), Some(control), None, Entry::Main)
-            .map_err(|e| e.to_string())?;
+        let imports = self.processes().map(|p| p.imports());
+        let memories = SharedMemories::Instrumented(memory);
+        let mut child = Guest::assemble(&engine, &module, wasi, Some(&memories), Some(control), None, imports, Entry::Main).map_err(|e| e.to_string())?;
         child.resume_thread(globals, frames).map_err(|e| e.to_string())?;
         // Its memory is initialised already: the data segments go unused.
         let drop_data = child.instance.get_typed_func::<(), ()>(&mut child.store, exports::DROP_DATA).map_err(|e| one_line(&e))?;
@@ -318,7 +320,7 @@ impl Guest {
             SharedMemories::Plain { .. } => (None, None),
         };
         let entry = Entry::Thread { tid, arg, stack_top };
-        let mut guest = Guest::assemble(engine, module, wasi, Some(threads.memories()), control, Some(threads.clone()), entry)?;
+        let mut guest = Guest::assemble(engine, module, wasi, Some(threads.memories()), control, Some(threads.clone()), None, entry)?;
         // The program's memory is already initialised and its start
         // function has run, in the main thread.
         guest.started = true;
@@ -326,6 +328,9 @@ impl Guest {
     }
 
     /// Links and instantiates one thread of a program over its memories.
+    /// `imports` are the host's imports already defined (a program that
+    /// forks keeps them for its processes); else they are defined here.
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         engine: &Engine,
         module: &GuestModule,
@@ -333,6 +338,7 @@ impl Guest {
         memories: Option<&SharedMemories>,
         control: Option<ControlMemory>,
         threads: Option<Arc<Threads>>,
+        imports: Option<Linker<ProcessState>>,
         entry: Entry,
     ) -> Result<Self, SetupError> {
         let host = |e: wasmtime::Error| SetupError::Host(one_line(&e));
@@ -341,7 +347,10 @@ impl Guest {
         let linker = match (&threads, memories, &control) {
             (Some(threads), ..) => threads.linker(&store, control.as_ref()).map_err(host)?,
             (None, Some(SharedMemories::Instrumented(memory)), Some(control)) => {
-                let mut linker = host_linker(engine, false).map_err(host)?;
+                let mut linker = match imports {
+                    Some(linker) => linker,
+                    None => host_linker(engine, false).map_err(host)?,
+                };
                 link_memories(&mut store, &mut linker, memory, control).map_err(host)?;
                 linker
             }

@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use upstare_instrument::Metadata;
 use wasmtime::InstancePre;
 
-use super::{instrumented, link, ApplyError, Prepared, ProcessPlan, RunningVersion, UpdateError};
+use super::{instrumented, ApplyError, Prepared, ProcessPlan, RunningVersion, UpdateError};
 use crate::fresh::{unreferenced as unreferenced_in, Area};
 use crate::pause_group::lock;
-use crate::process::ProcessState;
+use crate::process::{link_memories, ProcessState};
 use crate::processes::Processes;
 use crate::program_memory::{ProgramMemory, PAGE};
 use crate::Guest;
@@ -63,7 +63,9 @@ pub(super) fn plan(
         if let Some(area) = prepared.fresh {
             make_room(pid, &memory, area, prepared)?;
         }
-        let instance_pre = link(g.engine(), &prepared.next.module, &memory, &control)
+        let mut linker = program.imports();
+        let instance_pre = link_memories(&mut g.store, &mut linker, &memory, &control)
+            .and_then(|()| linker.instantiate_pre(prepared.next.module.module()))
             .map_err(|e| UpdateError::RolledBack(ApplyError::Process { pid, source: Box::new(ApplyError::Link(e)) }))?;
         drop(g);
         steps.push(ProcessStep { pid, guest, plan, instance_pre });
