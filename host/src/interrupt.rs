@@ -16,10 +16,17 @@
 //! [`crate::futex`]) has no descriptor to poll: it parks on a condition
 //! variable instead ([`Interrupter::park`]), which a request wakes as well
 //! as the pipe.
+//!
+//! The instances that pause with a program's main one (its threads, its
+//! processes) also poll a pipe they share, a [`Broadcast`]: a pause posts
+//! each one's request without a system call and wakes them all with one
+//! write. Woken one write each, 64 of them took about 1 ms on two cores,
+//! each woken instance running its unwind before the asking thread could
+//! post the next request.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
@@ -30,12 +37,50 @@ struct Shared {
     pending: AtomicBool,
     wake_read: OwnedFd,
     wake_write: OwnedFd,
-    /// Where a futex wait parks; locked around every wake-up so none falls
-    /// between a parked thread's check and its wait.
-    parking: Mutex<()>,
+    /// Where a futex wait parks, with how many threads are parked there;
+    /// locked around every wake-up so none falls between a parked thread's
+    /// check and its wait, and read by it so that a wake-up with nobody
+    /// parked makes no system call (a pause posts one to every member).
+    parking: Mutex<usize>,
     unpark: Condvar,
     /// The call that may block the thread right now, for `status`.
     call: Mutex<Option<&'static str>>,
+    /// The wake-up shared with the instances it pauses with, once it
+    /// joins a [`crate::pause_group::PauseGroup`].
+    group: OnceLock<Arc<Broadcast>>,
+}
+
+/// A wake-up pipe shared by the instances of a program that pause
+/// together: one write wakes every one of them blocked in
+/// [`Interrupter::wait`] or parked. Only those with a request posted
+/// ([`InterruptHandle::post`]) stop blocking; the others wait on, until
+/// the pipe is drained ([`Broadcast::settle`]).
+#[derive(Debug)]
+pub(crate) struct Broadcast {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Broadcast {
+    pub(crate) fn new() -> std::io::Result<Arc<Self>> {
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)?;
+        Ok(Arc::new(Broadcast { read, write }))
+    }
+
+    /// Wakes every member: those with a request posted stop blocking.
+    pub(crate) fn wake(&self) {
+        // A full pipe already holds a wake-up.
+        let _ = rustix::io::write(&self.write, &[1]);
+    }
+
+    /// Drains the wake-up, so that members waiting again block again; done
+    /// when none of them is left to act on it (all parked, or the pause
+    /// withdrawn), since a member whose request is not pending would
+    /// otherwise find the pipe readable at every poll.
+    pub(crate) fn settle(&self) {
+        let mut buf = [0u8; 64];
+        while matches!(rustix::io::read(&self.read, &mut buf), Ok(n) if n > 0) {}
+    }
 }
 
 /// Marks a thread as in a call that may block until dropped
@@ -108,9 +153,10 @@ impl Interrupter {
                 pending: AtomicBool::new(false),
                 wake_read,
                 wake_write,
-                parking: Mutex::new(()),
+                parking: Mutex::new(0),
                 unpark: Condvar::new(),
                 call: Mutex::new(None),
+                group: OnceLock::new(),
             }),
         })
     }
@@ -171,6 +217,9 @@ impl Interrupter {
                 self.shared.wake_read.as_fd(),
                 PollFlags::IN,
             ));
+            if let Some(group) = self.shared.group.get() {
+                set.push(PollFd::from_borrowed_fd(group.read.as_fd(), PollFlags::IN));
+            }
             let timeout = deadline.map(|d| {
                 let left = d.saturating_duration_since(Instant::now());
                 rustix::time::Timespec {
@@ -207,24 +256,27 @@ impl Interrupter {
     pub fn park(&self, deadline: Option<Instant>, woken: impl Fn() -> bool) -> Parked {
         let shared = &self.shared;
         let mut guard = shared.parking.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
+        *guard += 1;
+        let outcome = loop {
             if woken() {
-                return Parked::Woken;
+                break Parked::Woken;
             }
             if shared.pending.load(Ordering::Acquire) {
-                return Parked::Interrupted;
+                break Parked::Interrupted;
             }
             guard = match deadline {
                 None => shared.unpark.wait(guard).unwrap_or_else(PoisonError::into_inner),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Parked::TimedOut;
+                        break Parked::TimedOut;
                     }
                     shared.unpark.wait_timeout(guard, left).unwrap_or_else(PoisonError::into_inner).0
                 }
             };
-        }
+        };
+        *guard -= 1;
+        outcome
     }
 
     /// Wakes this interrupter's thread if it is parked, to check what it
@@ -258,11 +310,27 @@ impl InterruptHandle {
     pub fn withdraw(&self) {
         self.shared.pending.store(false, Ordering::Release);
     }
+
+    /// Posts a request and wakes a parked wait, but leaves a blocked
+    /// `poll` to the group's [`Broadcast`], which the caller wakes once for
+    /// all its members.
+    pub(crate) fn post(&self) {
+        self.shared.pending.store(true, Ordering::Release);
+        unpark(&self.shared);
+    }
+
+    /// Joins `group`: waits also wake when it is woken.
+    pub(crate) fn join(&self, group: &Arc<Broadcast>) {
+        // An instance belongs to one program for its whole life.
+        let _ = self.shared.group.set(group.clone());
+    }
 }
 
 fn unpark(shared: &Shared) {
     // Taking the lock orders this wake-up after a parked thread's check or
     // before it: never between its check and its wait.
-    drop(shared.parking.lock().unwrap_or_else(PoisonError::into_inner));
-    shared.unpark.notify_all();
+    let parked = *shared.parking.lock().unwrap_or_else(PoisonError::into_inner);
+    if parked > 0 {
+        shared.unpark.notify_all();
+    }
 }

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
+use crate::interrupt::Broadcast;
 use crate::threads::Stopper;
 use crate::{Guest, GUEST_THREAD_STACK};
 
@@ -60,7 +61,6 @@ struct Members {
 }
 
 /// The members of one program.
-#[derive(Default)]
 pub(crate) struct PauseGroup {
     members: Mutex<Members>,
     /// Where the main instance waits for every member to park; notified
@@ -71,6 +71,20 @@ pub(crate) struct PauseGroup {
     /// because each park would otherwise wake every member already parked,
     /// a quadratic storm of wake-ups on a pause of many members.
     resumed: Condvar,
+    /// One wake-up for every member's blocked call; `None` if its pipe
+    /// could not be made, when each member is woken on its own.
+    broadcast: Option<Arc<Broadcast>>,
+}
+
+impl Default for PauseGroup {
+    fn default() -> Self {
+        PauseGroup {
+            members: Mutex::default(),
+            settled: Condvar::new(),
+            resumed: Condvar::new(),
+            broadcast: Broadcast::new().ok(),
+        }
+    }
 }
 
 impl PauseGroup {
@@ -116,6 +130,11 @@ impl PauseGroup {
         drive: impl FnOnce(Arc<Mutex<Guest>>) + Send + 'static,
     ) -> Result<(), String> {
         let stopper = guest.stopper();
+        // Only a member that can pause is ever asked through it; another
+        // would find it readable, with nothing pending, until it settles.
+        if let (Some(b), Some(_)) = (&self.broadcast, &stopper.control) {
+            stopper.interrupt.join(b);
+        }
         let paused_in = guest.paused_in();
         let guest = Arc::new(Mutex::new(guest));
         let resumes = {
@@ -204,8 +223,14 @@ impl PauseGroup {
             m.pausing = true;
             m.by_id.values().filter(|x| x.state != RunState::Parked && x.stopper.control.is_some()).map(|x| x.stopper.clone()).collect()
         };
-        for stopper in &stoppers {
-            stopper.ask();
+        match &self.broadcast {
+            Some(b) => {
+                for stopper in &stoppers {
+                    stopper.post();
+                }
+                b.wake();
+            }
+            None => stoppers.iter().for_each(Stopper::ask),
         }
     }
 
@@ -220,6 +245,9 @@ impl PauseGroup {
         }
         // A main instance waiting for the members to park stops waiting.
         self.settled.notify_all();
+        if let Some(b) = &self.broadcast {
+            b.settle();
+        }
         if m.by_id.values().any(|x| x.state == RunState::Parked) {
             m.resumes += 1;
             for x in m.by_id.values_mut() {
@@ -257,6 +285,9 @@ impl PauseGroup {
     pub(crate) fn resume(&self) {
         let mut m = self.members();
         m.pausing = false;
+        if let Some(b) = &self.broadcast {
+            b.settle();
+        }
         m.resumes += 1;
         // Running from now on, before their OS threads wake: a request that
         // comes first must ask them too.

@@ -70,6 +70,15 @@ impl Stopper {
         self.interrupt.interrupt();
     }
 
+    /// Posts a pause request, leaving the wake-up of a blocked call to the
+    /// program's [`crate::interrupt::Broadcast`].
+    pub(crate) fn post(&self) {
+        if let Some(control) = &self.control {
+            control.set_pause(true);
+        }
+        self.interrupt.post();
+    }
+
     /// Withdraws a request the thread has not acted on.
     pub(crate) fn withdraw(&self) {
         if let Some(control) = &self.control {

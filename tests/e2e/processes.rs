@@ -287,19 +287,20 @@ fn workers_killed_during_updates_end_and_are_restarted_in_the_running_version() 
     let stop = Arc::new(AtomicBool::new(false));
     let killer = {
         let stop = stop.clone();
-        std::thread::spawn(move || {
+        std::thread::spawn(move || -> Result<u32, String> {
             let mut kills = 0;
             while !stop.load(Ordering::SeqCst) {
                 // The victim is busy with `victim`, so the kill comes from
                 // another worker.
                 let mut victim = upstare_tests::Client::connect(port);
-                let (_, pid) = ping_on(&mut victim);
+                let pong = victim.try_request("PING")?;
+                let pid = pong.rsplit(' ').next().unwrap_or_default().to_string();
                 let mut c = upstare_tests::Client::connect(port);
-                assert_eq!(c.request(&format!("KILL {pid}")), "KILLED 0");
+                assert_eq!(c.try_request(&format!("KILL {pid}"))?, "KILLED 0");
                 kills += 1;
                 assert!(victim.try_request("PING").is_err(), "a killed worker answers no more");
             }
-            kills
+            Ok(kills)
         })
     };
     let mut moved = 0;
@@ -315,7 +316,11 @@ fn workers_killed_during_updates_end_and_are_restarted_in_the_running_version() 
         }
     }
     stop.store(true, Ordering::SeqCst);
-    let kills = killer.join().expect("every kill worked");
+    let kills = killer.join().expect("every kill worked").unwrap_or_else(|e| {
+        let status = control.status();
+        server.kill();
+        panic!("{e}\n{status}\n{}\n{}", server.stderr(), server.remaining_output())
+    });
     assert!(kills > 0 && moved > 0, "{kills} kills, {moved} updates");
     // Four workers serve, all in the version running now.
     let version = if control.status().contains("prefork-server-v2") { 2 } else { 1 };

@@ -86,11 +86,25 @@ fn well_sealed_but_malformed_snapshots_are_refused_by_the_decoder() {
     thread.threads.push(upstare_host::snapshot::ThreadSnapshot { tid: 1, arg: 0, globals: Vec::new(), frames: vec![1, 2, 3] });
     assert_eq!(corrupt(&thread.encode()), "unreadable frame stack");
 
+    // A process whose frame stack does not parse.
+    let mut process = snapshot.clone();
+    process.processes.push(upstare_host::snapshot::ProcessSnapshot {
+        pid: 2,
+        parent: 1,
+        ended: None,
+        fds: Vec::new(),
+        globals: Vec::new(),
+        memory: Vec::new(),
+        frames: vec![1, 2, 3],
+    });
+    assert_eq!(corrupt(&process.encode()), "unreadable frame stack");
+
     // Globals: a u32 count, then 13 bytes each (index u32, type u8, bits
-    // u64), before the memory and frame blobs and the thread count.
+    // u64), before the memory and frame blobs and the thread and process
+    // counts.
     let bytes = snapshot.encode();
     let n = snapshot.globals.len();
-    let count_at = bytes.len() - 32 - 4 - (8 + snapshot.frames.len()) - (8 + snapshot.memory.len()) - 13 * n - 4;
+    let count_at = bytes.len() - 32 - 4 - 4 - (8 + snapshot.frames.len()) - (8 + snapshot.memory.len()) - 13 * n - 4;
     assert_eq!(u32::from_le_bytes(bytes[count_at..count_at + 4].try_into().unwrap()) as usize, n, "the layout this test edits");
     let mut bad_type = bytes[..bytes.len() - 32].to_vec();
     bad_type[count_at + 4 + 4] = 0x99;
