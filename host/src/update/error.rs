@@ -53,9 +53,6 @@ pub enum ApplyError {
     /// The guest has no unwinder: it was loaded without instrumentation.
     #[error("the module runs without instrumentation")]
     NotInstrumented,
-    /// The new store's WASI placeholder could not be made.
-    #[error("cannot set up the new store: {0}")]
-    NewStore(#[source] std::io::Error),
     /// A worker's link of the new module to its own control memory failed.
     #[error("cannot link the new version: {0}")]
     Link(#[source] wasmtime::Error),

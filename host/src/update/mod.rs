@@ -603,8 +603,8 @@ impl Guest {
         let (memory, control, unwinds, stress_stops) = (u.memory.clone(), u.control.clone(), u.unwinds, u.stress_stops);
         let frame_bytes = control.frame_bytes();
         let engine = self.store.engine().clone();
-        let detached = WasiCtx::detached().map_err(ApplyError::NewStore)?;
-        let wasi = std::mem::replace(&mut self.store.data_mut().wasi, detached);
+        let stand_in = self.store.data().wasi.stand_in();
+        let wasi = std::mem::replace(&mut self.store.data_mut().wasi, stand_in);
         let mut store = Store::new(&engine, ProcessState { wasi, hooks: None, threads: self.threads.clone() });
         let built = instance_pre.instantiate(&mut store).and_then(|instance| {
             let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata)?;

@@ -189,8 +189,7 @@ impl WasiCtx {
         })
     }
 
-    /// A context holding nothing: what a store keeps once its process has
-    /// moved to another store (the next version of the program).
+    /// A context holding nothing, for a store that only checks types.
     pub(crate) fn detached() -> std::io::Result<Self> {
         Ok(WasiCtx {
             args: Vec::new(),
@@ -201,6 +200,22 @@ impl WasiCtx {
             interrupted_poll: None,
             process: None,
         })
+    }
+
+    /// A context holding nothing but this one's interrupter: what a store
+    /// keeps once its process has moved to another store (the next version
+    /// of the program). Made at every update's pause, for every thread and
+    /// process, so it makes no system call.
+    pub(crate) fn stand_in(&self) -> Self {
+        WasiCtx {
+            args: Vec::new(),
+            env: Vec::new(),
+            fds: SharedFdTable::default(),
+            futexes: Arc::default(),
+            interrupter: self.interrupter.clone(),
+            interrupted_poll: None,
+            process: None,
+        }
     }
 
     /// The context of a new thread of this process: the same fd table,
