@@ -108,6 +108,13 @@ struct Entry {
     ended: Option<i32>,
     /// The signal `kill` ended it with, until it stops for it.
     killed: Option<i32>,
+    /// How to reach it while it runs; dropped when it ends, with its
+    /// memory.
+    live: Option<Live>,
+}
+
+/// How the table reaches a running process.
+struct Live {
     stopper: Stopper,
     /// Where it waits for its children, to wake it when one ends.
     waker: Interrupter,
@@ -118,14 +125,12 @@ struct Entry {
 impl Entry {
     /// A process that runs `child`, forked by `parent`.
     fn running(parent: u32, child: &Guest) -> Entry {
-        Entry {
-            parent,
-            ended: None,
-            killed: None,
+        let live = Live {
             stopper: child.stopper(),
             waker: child.store.data().wasi.interrupter.clone(),
             memory: child.unwinder.as_ref().map(|u| u.memory.clone()),
-        }
+        };
+        Entry { parent, ended: None, killed: None, live: Some(live) }
     }
 }
 
@@ -177,7 +182,7 @@ impl Processes {
     /// The table of a program whose first process (pid 1) stops through
     /// `stopper` and waits through `waker`.
     pub(crate) fn new(max: usize, stopper: Stopper, waker: Interrupter, imports: Linker<ProcessState>) -> Arc<Self> {
-        let first = Entry { parent: 0, ended: None, killed: None, stopper, waker, memory: None };
+        let first = Entry { parent: 0, ended: None, killed: None, live: Some(Live { stopper, waker, memory: None }) };
         let table = Table { next_pid: 2, entries: BTreeMap::from([(1, first)]), over: false };
         Arc::new(Processes { max, table: Mutex::new(table), children: Arc::default(), imports })
     }
@@ -220,7 +225,7 @@ impl Processes {
     /// The largest memory of the processes other than the first: an
     /// update's fresh area must lie above it in every process.
     pub fn largest_child_memory(&self) -> u64 {
-        self.table().entries.values().filter(|e| e.ended.is_none()).filter_map(|e| e.memory.as_ref()).map(ProgramMemory::size).max().unwrap_or(0)
+        self.table().entries.values().filter_map(|e| e.live.as_ref()?.memory.as_ref()).map(ProgramMemory::size).max().unwrap_or(0)
     }
 
     /// Asks every other process to pause (process 1 is asked by the
@@ -232,7 +237,8 @@ impl Processes {
     /// Withdraws a pause request, but not the stop a `kill` asked for.
     pub(crate) fn cancel_pause(&self) {
         self.children.cancel_pause();
-        let killed: Vec<Stopper> = self.table().entries.values().filter(|e| e.killed.is_some() && e.ended.is_none()).map(|e| e.stopper.clone()).collect();
+        let killed: Vec<Stopper> =
+            self.table().entries.values().filter(|e| e.killed.is_some()).filter_map(|e| e.live.as_ref()).map(|l| l.stopper.clone()).collect();
         for stopper in killed {
             stopper.ask();
         }
@@ -319,10 +325,7 @@ impl Processes {
             return Err(format!("process {pid} is recorded twice"));
         }
         t.next_pid = t.next_pid.max(pid.saturating_add(1));
-        // Never asked to stop or woken: it has ended.
-        let stopper = t.entries.get(&1).map(|e| e.stopper.clone()).ok_or("the first process is missing")?;
-        let waker = Interrupter::new().map_err(|e| e.to_string())?;
-        t.entries.insert(pid, Entry { parent, ended: Some(status), killed: None, stopper, waker, memory: None });
+        t.entries.insert(pid, Entry { parent, ended: Some(status), killed: None, live: None });
         Ok(())
     }
 
@@ -389,6 +392,7 @@ impl Processes {
             let mut t = self.table();
             let Some(entry) = t.entries.get_mut(&pid) else { return };
             entry.ended = Some(status);
+            entry.live = None;
             let parent = entry.parent;
             if parent == 0 && pid != 1 {
                 t.entries.remove(&pid);
@@ -400,12 +404,14 @@ impl Processes {
             let mut stop = Vec::new();
             if pid == 1 {
                 t.over = true;
-                for e in t.entries.values_mut().filter(|e| e.ended.is_none()) {
-                    e.killed.get_or_insert(SIGKILL);
-                    stop.push(e.stopper.clone());
+                for e in t.entries.values_mut() {
+                    if let Some(live) = &e.live {
+                        e.killed.get_or_insert(SIGKILL);
+                        stop.push(live.stopper.clone());
+                    }
                 }
             }
-            (t.entries.get(&parent).map(|p| p.waker.clone()), stop)
+            (t.entries.get(&parent).and_then(|p| p.live.as_ref()).map(|l| l.waker.clone()), stop)
         };
         if let Some(waker) = waker {
             waker.unpark();
@@ -426,14 +432,15 @@ impl Processes {
         }
         let stopper = {
             let mut t = self.table();
-            let Some(entry) = u32::try_from(pid).ok().and_then(|p| t.entries.get_mut(&p)).filter(|e| e.ended.is_none()) else {
+            let Some(entry) = u32::try_from(pid).ok().and_then(|p| t.entries.get_mut(&p)).filter(|e| e.live.is_some()) else {
                 return -errno::SRCH;
             };
             if signal == 0 {
                 return 0;
             }
             entry.killed.get_or_insert(signal);
-            entry.stopper.clone()
+            let Some(live) = &entry.live else { return -errno::SRCH };
+            live.stopper.clone()
         };
         stopper.ask();
         0
