@@ -232,10 +232,16 @@ impl MappedStack {
     /// Dropped frames and the retreating frame's old values are gone once
     /// the update is done, and a rebuilt frame's stack had its addresses
     /// rewritten by the plan.
+    ///
+    /// `frames` are the ones this stack was mapped from; given others, it
+    /// keeps them all, which checks more, never less.
     pub fn kept<'f>(&self, frames: &'f [TypedFrame], stack_pointer: Option<u32>) -> (&'f [TypedFrame], Option<u32>) {
         match (&self.rebuilt, self.kept_stack_from) {
-            (Some(r), _) => (&frames[r.frames..], Some(r.stack_from)),
-            (None, Some(from)) => (&frames[frames.len() + 1 - self.frames.len()..], Some(from)),
+            (Some(r), _) => (frames.get(r.frames..).unwrap_or(frames), Some(r.stack_from)),
+            (None, Some(from)) => {
+                let first = (frames.len() + 1).checked_sub(self.frames.len());
+                (first.and_then(|i| frames.get(i..)).unwrap_or(frames), Some(from))
+            }
             (None, None) => (frames, stack_pointer),
         }
     }
