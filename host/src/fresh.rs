@@ -38,7 +38,7 @@
 //! is not recorded, see [`crate::update::RunningVersion::initial`]), so it
 //! never reserves fresh memory and has no use for the list.
 
-use upstare_instrument::abi::{TypedFrame, Value};
+use upstare_instrument::abi::TypedFrame;
 use upstare_patchgen::version::Version;
 
 use crate::program_memory::{ProgramMemory, PAGE};
@@ -196,33 +196,11 @@ pub fn unreferenced(
     memory: &ProgramMemory,
     stack_pointer: Option<u32>,
 ) -> Vec<Area> {
-    let mut dead: Vec<Area> = candidates.to_vec();
-    let mut live: Vec<Area> = Vec::new();
-    let pin = |value: u32, dead: &mut Vec<Area>, live: &mut Vec<Area>| {
-        if let Some(i) = dead.iter().position(|a| a.contains(value)) {
-            live.push(dead.swap_remove(i));
-        }
-    };
-    for value in frames.iter().flat_map(|f| f.locals.iter().flatten().chain(&f.operands)) {
-        if let Value::I32(v) = value {
-            pin(*v as u32, &mut dead, &mut live);
-        }
-    }
-    let mut regions: Vec<(u32, u32)> = upstare_patchgen::heap::stale::pointer_holders(running, stack_pointer)
+    let ranges: Vec<(u32, u32)> = candidates.iter().map(|a| (a.base, a.len)).collect();
+    upstare_patchgen::paused::unreferenced(&ranges, frames, running, memory, stack_pointer)
         .into_iter()
-        .map(|h| (h.address, h.size))
-        .collect();
-    while !dead.is_empty() {
-        let Some((at, size)) = regions.pop() else { break };
-        // Unreadable means out of bounds: nothing there to point anywhere.
-        let Some(bytes) = memory.read(u64::from(at), u64::from(size)) else { continue };
-        let pinned = live.len();
-        for word in bytes.chunks_exact(4) {
-            pin(u32::from_le_bytes([word[0], word[1], word[2], word[3]]), &mut dead, &mut live);
-        }
-        regions.extend(live[pinned..].iter().map(|a| (a.base, a.len)));
-    }
-    dead
+        .map(|(base, len)| Area { base, len })
+        .collect()
 }
 
 #[cfg(test)]

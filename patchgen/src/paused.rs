@@ -9,11 +9,13 @@
 //!
 //! The layout facts live here too: where the main thread's shadow stack
 //! ends in the running layout ([`stack_top`]), and where wasi-libc's
-//! thread start keeps a spawned thread's ([`thread_stack_top_address`]).
+//! thread start keeps a spawned thread's ([`thread_stack_top_address`]);
+//! and, after an update, which memory ranges a retiring version left that
+//! nothing points into any more ([`unreferenced`]).
 
 use std::collections::HashSet;
 
-use upstare_instrument::abi::{Metadata, TypedFrame};
+use upstare_instrument::abi::{Metadata, TypedFrame, Value};
 
 use crate::frames::MappedStack;
 use crate::heap::stale::{self, Holder, Place};
@@ -38,6 +40,44 @@ pub fn stack_top(version: &Version) -> Option<u32> {
 /// `__stack_pointer`). Read the 32-bit word there before the thread runs.
 pub fn thread_stack_top_address(arg: u32) -> u32 {
     arg
+}
+
+/// The ranges of `candidates` (base, length) that nothing in the paused
+/// program points into: no frame value, no word of a global or of the live
+/// shadow stack (above `stack_pointer`) in the `running` layout, and no
+/// word of a candidate something points into (followed transitively). The
+/// heap is not searched, so as not to make the pause depend on its size.
+pub fn unreferenced(
+    candidates: &[(u32, u32)],
+    frames: &[TypedFrame],
+    running: &Version,
+    memory: &dyn MemoryView,
+    stack_pointer: Option<u32>,
+) -> Vec<(u32, u32)> {
+    let mut dead: Vec<(u32, u32)> = candidates.to_vec();
+    let mut live: Vec<(u32, u32)> = Vec::new();
+    let inside = |value: u32, (base, len): (u32, u32)| value >= base && u64::from(value) < u64::from(base) + u64::from(len);
+    let pin = |value: u32, dead: &mut Vec<(u32, u32)>, live: &mut Vec<(u32, u32)>| {
+        if let Some(i) = dead.iter().position(|r| inside(value, *r)) {
+            live.push(dead.swap_remove(i));
+        }
+    };
+    for value in frames.iter().flat_map(|f| f.locals.iter().flatten().chain(&f.operands)) {
+        if let Value::I32(v) = value {
+            pin(*v as u32, &mut dead, &mut live);
+        }
+    }
+    let mut regions: Vec<(u32, u32)> = stale::pointer_holders(running, stack_pointer).into_iter().map(|h| (h.address, h.size)).collect();
+    while !dead.is_empty() {
+        let Some((at, size)) = regions.pop() else { break };
+        let pinned = live.len();
+        // Out of bounds reads as nothing: nothing there to point anywhere.
+        for (_, word) in heap::words(memory, at, size) {
+            pin(word, &mut dead, &mut live);
+        }
+        regions.extend_from_slice(&live[pinned..]);
+    }
+    dead
 }
 
 /// One paused thread: what the host read of it, and its frames mapped to
