@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use upstare_host::wasi::persist::FdKind;
 use upstare_tests::{guest, host_command, Control, Server};
 
 /// `upstare-host FLAGS forker CASE` with stdin open and silent: its
@@ -357,6 +358,20 @@ fn a_checkpointed_prefork_server_restores_with_every_process() {
     assert_eq!(snapshot.processes.iter().map(|p| (p.pid, p.parent, p.ended)).collect::<Vec<_>>(), (2..=5).map(|p| (p, 1, None)).collect::<Vec<_>>());
     drop(held);
     server.kill();
+
+    // A process whose listener is shared with one the snapshot does not
+    // hold is refused in one line, before anything runs.
+    let mut broken = snapshot.clone();
+    for fd in broken.processes[0].fds.iter_mut().filter(|f| matches!(f.kind, FdKind::Shared { .. })) {
+        fd.kind = FdKind::Shared { pid: 99, fd: fd.fd };
+    }
+    let broken_path = control.dir().join("broken.snap");
+    std::fs::write(&broken_path, broken.encode()).unwrap();
+    let out = upstare_tests::run_host(&["restore", "--tcplisten", "127.0.0.1:0", broken_path.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("process 2: cannot restore fd 3: it shares fd 3 of process 99, which the snapshot does not hold"), "{said}");
+    assert_eq!(said.lines().filter(|l| l.starts_with("error:")).count(), 1, "{said}");
+    assert!(!said.contains("panicked"), "{said}");
 
     let path = control.dir().join("prefork.snap");
     let restored_control = Control::new("prefork-restored");
