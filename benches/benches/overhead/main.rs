@@ -7,7 +7,9 @@
 //! preopened directory): per guest, the median run time of each variant,
 //! its ratio to the original, and code-section sizes. Only `Guest::run` is
 //! timed: instrumentation, compilation and instantiation happen before.
-//! Then the KV server under a loopback load ([`server`]): requests per
+//! After the rounds, per batch guest, the compile times of the original
+//! and the instrumented module, and the pause bound as one run of the
+//! instrumented module meets it ([`pauses`]). Then the KV server under a loopback load ([`server`]): requests per
 //! second and p99 latency of each variant, and their ratios.
 //!
 //! `cargo bench -p upstare-benches --bench overhead [-- ROUNDS] [-- --only NAME]`
@@ -17,6 +19,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod pauses;
 mod server;
 
 use std::path::{Path, PathBuf};
@@ -82,7 +85,9 @@ fn output(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path) 
     printed
 }
 
-fn run(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path, stdout: &Path) -> Duration {
+/// How `batch` runs: its arguments, its scratch directory, and its
+/// standard output into `stdout`.
+fn config(batch: &Batch, scratch: &Path, stdout: &Path) -> GuestConfig {
     let mut argv = vec![batch.guest.name.clone()];
     argv.extend(batch.args.iter().cloned());
     let mut config = GuestConfig::new(argv);
@@ -90,7 +95,11 @@ fn run(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path, std
     if let Some(guest) = batch.dir {
         config.dirs.push(PreopenDir { host: scratch.to_path_buf(), guest: guest.into() });
     }
-    let mut guest = Guest::new(engine, module, config).unwrap();
+    config
+}
+
+fn run(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path, stdout: &Path) -> Duration {
+    let mut guest = Guest::new(engine, module, config(batch, scratch, stdout)).unwrap();
     let start = Instant::now();
     let exit = guest.run();
     let took = start.elapsed();
@@ -105,7 +114,14 @@ struct Variants {
     asyncify: GuestModule,
     /// Code-section sizes: original, instrumented, Asyncify.
     code: [usize; 3],
+    /// Compile times, original, instrumented and Asyncify: medians of
+    /// [`COMPILES`] interleaved compilations by the bench's engine, which
+    /// caches nothing.
+    compile: [Duration; 3],
 }
+
+/// Compilations of each module whose median is its compile time.
+const COMPILES: usize = 3;
 
 fn load(engine: &Engine, guest: &CGuest) -> Variants {
     let original_path = guest.build();
@@ -114,11 +130,20 @@ fn load(engine: &Engine, guest: &CGuest) -> Variants {
     let async_bytes = std::fs::read(&async_path).unwrap();
     let as_is = LoadOptions { instrument: false, stress: false, cache_dir: None };
     let instrumented = upstare_instrument::instrument(&original_bytes, &Default::default()).unwrap().wasm;
+    let mut compile: [Vec<Duration>; 3] = Default::default();
+    for _ in 0..COMPILES {
+        for (bytes, times) in [&original_bytes, &instrumented, &async_bytes].into_iter().zip(&mut compile) {
+            let start = Instant::now();
+            wasmtime::Module::new(engine, bytes).unwrap();
+            times.push(start.elapsed());
+        }
+    }
     Variants {
         original: GuestModule::from_bytes_with(engine, &original_path, &original_bytes, &as_is).unwrap(),
         upstare: GuestModule::from_bytes(engine, &original_path, &original_bytes).unwrap(),
         asyncify: GuestModule::from_bytes_with(engine, &async_path, &async_bytes, &as_is).unwrap(),
         code: [code_size(&original_bytes), code_size(&instrumented), code_size(&async_bytes)],
+        compile: compile.map(median),
     }
 }
 
@@ -147,6 +172,8 @@ fn main() {
         );
     }
     let mut ratios: [Vec<f64>; 4] = Default::default();
+    let mut compile_ratios: [Vec<f64>; 2] = Default::default();
+    let mut bounds = Vec::new();
     for batch in batches {
         let v = load(&engine, &batch.guest);
         let name = &batch.guest.name;
@@ -182,6 +209,10 @@ fn main() {
         for (list, r) in ratios.iter_mut().zip([ru, ra, su, sa]) {
             list.push(r);
         }
+        let [compile_o, compile_u, compile_a] = v.compile;
+        compile_ratios[0].push(compile_u.as_secs_f64() / compile_o.as_secs_f64());
+        compile_ratios[1].push(compile_a.as_secs_f64() / compile_o.as_secs_f64());
+        bounds.push((name.clone(), v.compile, pauses::measure(&engine, &v.upstare, &batch, &dirs[1], &expected)));
         for dir in dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -194,6 +225,27 @@ fn main() {
             geomean(&ratios[2]),
             geomean(&ratios[3])
         );
+        println!();
+        println!("compile: median of {COMPILES}; pauses: the instrumented variant run once under random pause requests, request to paused");
+        println!(
+            "{:<9} {:>10} {:>10} {:>7} {:>10} {:>7} | {:>7} {:>9} {:>9} {:>9}",
+            "guest", "compile", "upstare", "ratio", "asyncify", "ratio", "pauses", "median", "p99", "worst"
+        );
+        for (name, [o, u, a], p) in &bounds {
+            println!(
+                "{name:<9} {:>8.1}ms {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x | {:>7} {:>7.0}us {:>7.0}us {:>7.0}us",
+                ms(*o),
+                ms(*u),
+                u.as_secs_f64() / o.as_secs_f64(),
+                ms(*a),
+                a.as_secs_f64() / o.as_secs_f64(),
+                p.count,
+                p.median.as_secs_f64() * 1e6,
+                p.p99.as_secs_f64() * 1e6,
+                p.worst.as_secs_f64() * 1e6
+            );
+        }
+        println!("geomean: compile upstare {:.3}x, asyncify {:.3}x", geomean(&compile_ratios[0]), geomean(&compile_ratios[1]));
     }
     if only.is_none_or(|o| o == "kv") {
         println!();
