@@ -110,13 +110,6 @@ impl ControlMemory {
         self.byte(control::PAUSE_BYTE).load(Ordering::SeqCst) != 0
     }
 
-    /// The current header.
-    pub fn header(&self) -> control::Header {
-        let mut bytes = [0u8; control::HEADER_SIZE as usize];
-        self.read_bytes(0, &mut bytes);
-        control::Header::decode(&bytes).unwrap_or_default()
-    }
-
     /// The frames the guest saved, innermost first. Call only while the
     /// guest is not running.
     pub fn frames(&self) -> Result<Vec<RawFrame>, upstare_instrument::Error> {

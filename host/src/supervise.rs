@@ -26,6 +26,11 @@ use crate::{Exit, Guest, GuestModule, InterruptHandle, PauseHandle, Snapshot, GU
 /// point before it gives up and lets the guest run on.
 pub const DEFAULT_PAUSE_LIMIT: Duration = Duration::from_secs(2);
 
+/// How long `update` and `rollback` keep retrying, by default, while frames
+/// that cannot move yet, or pointers to a converted global's old copy,
+/// hold the update back.
+pub const DEFAULT_UPDATE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What `status` reports besides the live state.
 #[derive(Debug, Clone)]
 pub struct Identity {

@@ -32,7 +32,7 @@ pub struct RestoreArgs {
 
     /// How long a checkpoint may wait for the guest to reach an update point
     /// before it is refused, in milliseconds.
-    #[arg(long = "pause-limit", value_name = "MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long = "pause-limit", value_name = "MS", default_value_t = supervise::DEFAULT_PAUSE_LIMIT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pause_limit: u64,
 
     /// The snapshot file.

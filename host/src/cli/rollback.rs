@@ -23,7 +23,7 @@ pub struct RollbackArgs {
 
     /// How long to wait, in milliseconds, for frames that cannot move to
     /// leave the stack before refusing.
-    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    #[arg(long, value_name = "MS", default_value_t = crate::supervise::DEFAULT_UPDATE_TIMEOUT.as_millis() as u64)]
     timeout: u64,
 }
 

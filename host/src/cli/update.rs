@@ -35,7 +35,7 @@ pub struct UpdateArgs {
     /// move to the new version to leave the stack, and for values that
     /// would point at a converted global's old copy (or integers that look
     /// like such an address) to change, before refusing.
-    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    #[arg(long, value_name = "MS", default_value_t = crate::supervise::DEFAULT_UPDATE_TIMEOUT.as_millis() as u64)]
     timeout: u64,
 
     /// The new version of the program.

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use upstare_instrument::abi::{exports, write_frames, TypedFrame, Value};
+use upstare_instrument::abi::{exports, relinked, write_frames, TypedFrame, Value};
 use upstare_instrument::Metadata;
 use upstare_patchgen::frames::{FrameMapper, FramePlan, MappedStack};
 use upstare_patchgen::heap;
@@ -83,7 +83,7 @@ impl RunningVersion {
     /// The first version of a program: its module runs at the addresses it
     /// was linked for.
     pub fn initial(module: &GuestModule) -> Result<Self, UpdateError> {
-        if has_custom_section(module.original_bytes(), RELINKED_SECTION) {
+        if relinked::is_marked(module.original_bytes()) {
             return Err(UpdateError::Refused(
                 "this program was restored from a snapshot taken after a live update; its layout is not recorded in the snapshot, so it cannot be updated again (restart it from its module, or update it before checkpointing)".into(),
             ));
@@ -251,7 +251,7 @@ fn place(
     // The plan's verdict already covers the relink: a failure here is ours.
     let mut linked =
         plan.link(base).map_err(|e| UpdateError::Internal(format!("the plan's trial relink passed, but relinking at {base:#x} failed: {e}")))?;
-    mark_relinked(&mut linked.wasm);
+    relinked::mark(&mut linked.wasm);
     tracing::debug!("update: relinked at {:?}", started.elapsed());
     // The same variant as the running version: under --stress-update the
     // next version must count loop headers too.
@@ -321,24 +321,6 @@ pub fn prepare_onto_itself(
         retiring: Vec::new(),
         processes_at_prepare: Vec::new(),
     })
-}
-
-/// Custom section marking a module relinked against a running layout: its
-/// own `linking` section no longer says where its data is.
-const RELINKED_SECTION: &str = "upstare.relinked";
-
-fn mark_relinked(wasm: &mut Vec<u8>) {
-    let name = RELINKED_SECTION.as_bytes();
-    wasm.push(0);
-    wasm.push((1 + name.len()) as u8);
-    wasm.push(name.len() as u8);
-    wasm.extend_from_slice(name);
-}
-
-fn has_custom_section(wasm: &[u8], name: &str) -> bool {
-    wasmparser::Parser::new(0)
-        .parse_all(wasm)
-        .any(|p| matches!(p, Ok(wasmparser::Payload::CustomSection(c)) if c.name() == name))
 }
 
 /// Links the new module against the WASI layer and the running memories,

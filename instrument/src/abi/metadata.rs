@@ -375,13 +375,14 @@ impl Metadata {
     }
 }
 
-struct Writer(Vec<u8>);
+/// Writes the LEB128 encodings the abi's custom sections are made of.
+pub(crate) struct Writer(pub(crate) Vec<u8>);
 
 impl Writer {
     fn byte(&mut self, b: u8) {
         self.0.push(b);
     }
-    fn u32(&mut self, mut v: u32) {
+    pub(crate) fn u32(&mut self, mut v: u32) {
         loop {
             let b = (v & 0x7f) as u8;
             v >>= 7;

@@ -99,6 +99,29 @@ pub mod process {
     pub const ALL: &[&str] = &[FORK, WAITPID, GETPID, GETPPID, KILL];
 }
 
+/// The mark of a module relinked against a running program's layout
+/// (patchgen's relinker places its data and functions where the running
+/// version has room): its own `linking` section no longer says where its
+/// data is, so such a module is not relinked again.
+pub mod relinked {
+    /// The custom section, empty, that marks a relinked module.
+    pub const SECTION: &str = "upstare.relinked";
+
+    /// Appends the mark to a module's bytes.
+    pub fn mark(wasm: &mut Vec<u8>) {
+        use wasm_encoder::Encode;
+        wasm.push(0);
+        wasm_encoder::CustomSection { name: SECTION.into(), data: (&[][..]).into() }.encode(wasm);
+    }
+
+    /// Whether `wasm` carries the mark.
+    pub fn is_marked(wasm: &[u8]) -> bool {
+        wasmparser::Parser::new(0)
+            .parse_all(wasm)
+            .any(|p| matches!(p, Ok(wasmparser::Payload::CustomSection(c)) if c.name() == SECTION))
+    }
+}
+
 /// Names of the exports the instrumenter adds.
 pub mod exports {
     /// Mutable i32 global holding the current [`super::State`].
@@ -180,18 +203,6 @@ pub enum State {
     Unwinding = 1,
     /// Re-entering the saved frames, outermost first, up to the resume point.
     Rewinding = 2,
-}
-
-impl State {
-    /// The state for a raw global value, if it is one.
-    pub fn from_i32(value: i32) -> Option<State> {
-        match value {
-            0 => Some(State::Normal),
-            1 => Some(State::Unwinding),
-            2 => Some(State::Rewinding),
-            _ => None,
-        }
-    }
 }
 
 /// Layout of the control memory header.

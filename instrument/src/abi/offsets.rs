@@ -47,30 +47,18 @@ impl OffsetMap {
 
     /// Serialises to the custom section payload.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let u32 = |out: &mut Vec<u8>, v: u32| {
-            let mut v = v;
-            loop {
-                let b = (v & 0x7f) as u8;
-                v >>= 7;
-                if v == 0 {
-                    out.push(b);
-                    break;
-                }
-                out.push(b | 0x80);
-            }
-        };
-        u32(&mut out, METADATA_VERSION);
-        u32(&mut out, self.functions.len() as u32);
+        let mut out = super::metadata::Writer(Vec::new());
+        out.u32(METADATA_VERSION);
+        out.u32(self.functions.len() as u32);
         for (func, runs) in &self.functions {
-            u32(&mut out, *func);
-            u32(&mut out, runs.len() as u32);
+            out.u32(*func);
+            out.u32(runs.len() as u32);
             for &(o, orig) in runs {
-                u32(&mut out, o);
-                u32(&mut out, orig);
+                out.u32(o);
+                out.u32(orig);
             }
         }
-        out
+        out.0
     }
 
     /// Parses the custom section payload.
