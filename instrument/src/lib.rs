@@ -184,6 +184,20 @@
 //! cases call functions that can unwind, this makes one test per nest on
 //! every dispatch instead of one per case.
 //!
+//! A small body (at most 400 bytes of code, with levels below its top one)
+//! is emitted twice: `if state == REWINDING { body as above } else { body
+//! without rewind tests, anchor blocks or dispatch }`. An activation
+//! entered in the normal state never sees a rewind in its own body: only
+//! the host starts one, with the stack empty, every frame on a rewind's
+//! path is entered rewinding, and no original code runs until the rewind
+//! has ended. So a call that is not part of a rewind runs none of those
+//! tests, which in small functions called often are a large part of what
+//! instrumentation adds (`docs/PERFORMANCE.md`). The two copies share the
+//! resume points and save classes, so a frame is the same whichever copy
+//! unwound it; a frame rewound into the first copy runs there until it
+//! returns. The update points are those of the body, in both copies, so
+//! the pause bound below holds unchanged.
+//!
 //! Operands that are on the stack at a resume point live in extra *shadow
 //! locals* across it, so the frame saves them after the locals and the
 //! rewind pushes them back. Each frame is self-describing with the

@@ -97,6 +97,29 @@ struct Emitter<'a> {
     /// Where copied original code sits: (offset in `code`, original offset),
     /// one entry per contiguous run.
     runs: Vec<(u32, u32)>,
+    /// Emitting the *normal copy* of the body ([`copies_body`]): no rewind
+    /// reaches it, so it has no rewind tests, anchor blocks or dispatch.
+    normal: bool,
+}
+
+/// Bodies of at most this many bytes of code are emitted twice, see
+/// [`copies_body`].
+const COPY_LIMIT: usize = 400;
+
+/// Whether the body is emitted twice: `if rewinding { body with its rewind
+/// dispatch } else { body without it }`. An activation entered in the
+/// normal state never sees a rewind in its own body (only the host starts
+/// one, with the stack empty, and every frame of a rewind is entered
+/// rewinding), so the second copy needs no rewind test at the start of each
+/// level that holds a resume point, nor the dispatch at each loop check:
+/// about a quarter of the instructions instrumentation adds, most of them
+/// in small functions called often (`docs/PERFORMANCE.md`). Both copies
+/// share the resume points and the save classes, so a frame is the same
+/// whichever copy unwound it. The price is the original code twice, and a
+/// frame rewound into the first copy runs there until it returns: so only
+/// small bodies, with levels below the top one, get the copy.
+fn copies_body(body: &Body, plan: &Plan) -> bool {
+    body.range.end - body.ops_start <= COPY_LIMIT && plan.levels.len() > 1
 }
 
 /// Instruments one body.
@@ -126,97 +149,113 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
         deferred: Vec::new(),
         originals_open: 0,
         runs: Vec::new(),
+        normal: false,
     };
-    e.open_function()?;
-    let wasm = info.wasm;
-    let reader = BinaryReader::new(&wasm[body.ops_start..body.range.end], body.ops_start);
-    let mut ops = OperatorsReader::new(reader);
-    let mut index = 0u32;
-    while !ops.eof() {
-        let start = ops.original_position();
-        let op = ops.read().map_err(|e| Error::from_reader(ErrorKind::Invalid, e))?;
-        let bytes = &wasm[start..ops.original_position()];
-        if !e.deferred.is_empty() && !matches!(op, Operator::Block { .. }) {
-            return Err(internal("a deferred rewind dispatch is not followed by its block"));
-        }
-        let anchor = plan.anchor_at.get(&index).copied();
-        if let Some(a) = anchor {
-            e.anchor_prelude(a)?;
-        }
-        match op {
-            Operator::Call { .. } | Operator::CallIndirect { .. } if anchor.is_some() => {
-                e.call_anchor(anchor.unwrap_or_default(), bytes, start)?;
-            }
-            Operator::Block { .. } | Operator::Loop { .. } | Operator::If { .. } => {
-                e.copy(bytes, start);
-                e.push(true, anchor);
-                e.originals_open += 1;
-                if let Some(&l) = plan.level_after.get(&index) {
-                    e.open_level(l)?;
-                }
-            }
-            Operator::Else => {
-                e.copy(bytes, start);
-                if let Some(&l) = plan.level_after.get(&index) {
-                    e.open_level(l)?;
-                }
-            }
-            Operator::End if e.originals_open == 1 => {
-                e.close_function()?;
-                break;
-            }
-            Operator::End => {
-                e.copy(bytes, start);
-                let f = e.pop()?;
-                if !f.original {
-                    return Err(internal("original end closes an inserted block"));
-                }
-                e.originals_open -= 1;
-                if let Some(a) = f.restore {
-                    e.restore_after(a);
-                }
-            }
-            Operator::Br { relative_depth } => {
-                let d = e.remap(relative_depth)?;
-                if d == relative_depth { e.copy(bytes, start) } else { e.mark(start); e.code.op(I::Br(d)) }
-            }
-            Operator::BrIf { relative_depth } => {
-                let d = e.remap(relative_depth)?;
-                if d == relative_depth { e.copy(bytes, start) } else { e.mark(start); e.code.op(I::BrIf(d)) }
-            }
-            Operator::BrTable { targets } => {
-                let mut all = Vec::with_capacity(targets.len() as usize);
-                let mut same = true;
-                for t in targets.targets() {
-                    let t = t.map_err(|e| Error::from_reader(ErrorKind::Invalid, e))?;
-                    let d = e.remap(t)?;
-                    same &= d == t;
-                    all.push(d);
-                }
-                let default = e.remap(targets.default())?;
-                same &= default == targets.default();
-                if same {
-                    e.copy(bytes, start)
-                } else {
-                    e.mark(start);
-                    e.code.op(I::BrTable(all.into(), default))
-                }
-            }
-            _ => e.copy(bytes, start),
-        }
-        index += 1;
+    let copy = copies_body(body, plan);
+    e.open_function(copy)?;
+    e.emit_ops(info, body, plan)?;
+    if copy {
+        e.code.op(I::Else);
+        e.normal = true;
+        e.open_level(plan.top)?;
+        e.emit_ops(info, body, plan)?;
+        e.end()?;
     }
+    e.close_function()?;
     Ok(e.finish(body))
 }
 
 impl Emitter<'_> {
+    /// Emits the body's operators up to its final `end` (not included).
+    fn emit_ops(&mut self, info: &ModuleInfo<'_>, body: &Body, plan: &Plan) -> Result<()> {
+        let e = self;
+        let wasm = info.wasm;
+        let reader = BinaryReader::new(&wasm[body.ops_start..body.range.end], body.ops_start);
+        let mut ops = OperatorsReader::new(reader);
+        let mut index = 0u32;
+        while !ops.eof() {
+            let start = ops.original_position();
+            let op = ops.read().map_err(|e| Error::from_reader(ErrorKind::Invalid, e))?;
+            let bytes = &wasm[start..ops.original_position()];
+            if !e.deferred.is_empty() && !matches!(op, Operator::Block { .. }) {
+                return Err(internal("a deferred rewind dispatch is not followed by its block"));
+            }
+            let anchor = plan.anchor_at.get(&index).copied();
+            if let Some(a) = anchor {
+                e.anchor_prelude(a)?;
+            }
+            match op {
+                Operator::Call { .. } | Operator::CallIndirect { .. } if anchor.is_some() => {
+                    e.call_anchor(anchor.unwrap_or_default(), bytes, start)?;
+                }
+                Operator::Block { .. } | Operator::Loop { .. } | Operator::If { .. } => {
+                    e.copy(bytes, start);
+                    e.push(true, anchor);
+                    e.originals_open += 1;
+                    if let Some(&l) = plan.level_after.get(&index) {
+                        e.open_level(l)?;
+                    }
+                }
+                Operator::Else => {
+                    e.copy(bytes, start);
+                    if let Some(&l) = plan.level_after.get(&index) {
+                        e.open_level(l)?;
+                    }
+                }
+                Operator::End if e.originals_open == 1 => return Ok(()),
+                Operator::End => {
+                    e.copy(bytes, start);
+                    let f = e.pop()?;
+                    if !f.original {
+                        return Err(internal("original end closes an inserted block"));
+                    }
+                    e.originals_open -= 1;
+                    if let Some(a) = f.restore {
+                        e.restore_after(a);
+                    }
+                }
+                Operator::Br { relative_depth } => {
+                    let d = e.remap(relative_depth)?;
+                    if d == relative_depth { e.copy(bytes, start) } else { e.mark(start); e.code.op(I::Br(d)) }
+                }
+                Operator::BrIf { relative_depth } => {
+                    let d = e.remap(relative_depth)?;
+                    if d == relative_depth { e.copy(bytes, start) } else { e.mark(start); e.code.op(I::BrIf(d)) }
+                }
+                Operator::BrTable { targets } => {
+                    let mut all = Vec::with_capacity(targets.len() as usize);
+                    let mut same = true;
+                    for t in targets.targets() {
+                        let t = t.map_err(|e| Error::from_reader(ErrorKind::Invalid, e))?;
+                        let d = e.remap(t)?;
+                        same &= d == t;
+                        all.push(d);
+                    }
+                    let default = e.remap(targets.default())?;
+                    same &= default == targets.default();
+                    if same {
+                        e.copy(bytes, start)
+                    } else {
+                        e.mark(start);
+                        e.code.op(I::BrTable(all.into(), default))
+                    }
+                }
+                _ => e.copy(bytes, start),
+            }
+            index += 1;
+        }
+        Err(internal("the body has no final end"))
+    }
+
     /// Notes that the original instruction at `orig` starts here, unless it
     /// continues the current run of copied code.
     fn mark(&mut self, orig: usize) {
         let here = self.code.0.len() as u32;
         let orig = orig as u32;
         if let Some(&(out, from)) = self.runs.last() {
-            if out + (orig.wrapping_sub(from)) == here && orig >= from {
+            // (A body emitted twice starts its second copy back at the
+            // first original offset.)
+            if orig >= from && out + (orig - from) == here {
                 return;
             }
         }
@@ -437,7 +476,10 @@ impl Emitter<'_> {
         self.code.op(I::I32Load(ctrl(control::FLAGS, 2)));
     }
 
-    fn open_function(&mut self) -> Result<()> {
+    /// Opens the unwind code's blocks and the body's; with `copy`, the
+    /// `if` whose first arm is the copy of the body a rewind enters
+    /// ([`copies_body`]).
+    fn open_function(&mut self, copy: bool) -> Result<()> {
         self.done = self.block(BlockType::Empty);
         for _ in 0..self.classes.len() {
             let id = self.block(BlockType::Result(wasm_encoder::ValType::I32));
@@ -448,6 +490,10 @@ impl Emitter<'_> {
         self.code.op(I::Block(bt));
         self.push(true, None);
         self.originals_open = 1;
+        if copy {
+            self.is_rewinding();
+            self.if_(bt);
+        }
         self.open_level(self.plan.top)
     }
 
@@ -458,6 +504,12 @@ impl Emitter<'_> {
     /// opens, whose test then covers both.
     fn open_level(&mut self, l: usize) -> Result<()> {
         let level = &self.plan.levels[l];
+        if self.normal {
+            return match level.loop_rp {
+                Some(loop_rp) => self.loop_header(l, loop_rp),
+                None => Ok(()),
+            };
+        }
         let params = level.params.clone();
         for (i, &a) in level.anchors.iter().enumerate().rev() {
             if level.defer && i == 0 {
@@ -504,7 +556,7 @@ impl Emitter<'_> {
             return self.loop_header_stress(l, loop_rp);
         }
         let level = &self.plan.levels[l];
-        let (params, base, inner) = (level.params.clone(), level.base, !level.anchors.is_empty());
+        let (params, base, inner) = (level.params.clone(), level.base, !level.anchors.is_empty() && !self.normal);
         self.code.i32(0);
         self.code.op(I::I32Load16U(ctrl(control::FLAGS, 1)));
         let bt = self.cx.types.block(&params, &params);
@@ -547,15 +599,17 @@ impl Emitter<'_> {
             self.code.op(I::LocalSet(s));
         }
         let resume = self.block(BlockType::Empty);
-        self.is_rewinding();
-        let check = self.if_(BlockType::Empty);
-        // The function's own level has a "loop header" when its entry is an
-        // update point; rewinding must pop the frame there first.
-        if l == self.plan.top {
-            self.prologue()?;
+        if !self.normal {
+            self.is_rewinding();
+            let check = self.if_(BlockType::Empty);
+            // The function's own level has a "loop header" when its entry
+            // is an update point; rewinding must pop the frame there first.
+            if l == self.plan.top {
+                self.prologue()?;
+            }
+            self.dispatch(&[], l, Some((resume, check)))?;
+            self.end()?;
         }
-        self.dispatch(&[], l, Some((resume, check)))?;
-        self.end()?;
         if self.cx.stress {
             self.code.op(I::Call(self.cx.helpers.should_pause));
         } else {
@@ -733,6 +787,9 @@ impl Emitter<'_> {
                 self.code.op(I::LocalGet(s));
             }
         }
+        if self.normal {
+            return Ok(());
+        }
         let id = *self.anchor_block.get(&a).ok_or_else(|| internal("anchor block missing"))?;
         if self.frames.last().map(|f| f.id) != Some(id) {
             return Err(internal("anchor block is not the innermost block"));
@@ -755,7 +812,7 @@ impl Emitter<'_> {
             self.end()?;
             self.end()?;
         }
-        if self.plan.rps[rp as usize].kind == ResumeKind::CallIndirect {
+        if self.plan.rps[rp as usize].kind == ResumeKind::CallIndirect && !self.normal {
             self.indirect_rewind_end()?;
         }
         self.copy(bytes, start);
