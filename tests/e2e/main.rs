@@ -21,6 +21,7 @@ mod interrupt;
 mod kv;
 mod pipes;
 mod processes;
+mod random_pauses;
 mod rebuild;
 mod releases;
 mod retreat;

@@ -1,0 +1,106 @@
+//! Real pauses, as an update or a checkpoint makes them, at moments no
+//! guest loop can keep in step with: the guest, instrumented as
+//! `upstare-host` runs it (not the stress variant), is paused hundreds of
+//! times and resumed each time, and must print exactly what its
+//! uninstrumented module prints. Small functions have two copies of their
+//! body (one a rewind enters, one for normal calls); these pauses land in
+//! both, and every resume continues in the first.
+
+use std::path::Path;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::time::Duration;
+
+use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, Stdio, GUEST_THREAD_STACK};
+use upstare_tests::{guest, instrumented, TempDir};
+
+/// At least this many pauses must land before the guest ends, or the test
+/// proves nothing. (Alone on this machine each guest meets hundreds; tests
+/// running beside it on two cores take most of them away.)
+const MIN_PAUSES: usize = 20;
+
+/// A guest that neither pauses nor ends within this long after a request
+/// has broken the pause bound (or its rewind): the test fails rather than
+/// hang.
+const PAUSE_DEADLINE: Duration = Duration::from_secs(30);
+
+fn config(args: &[&str], stdout: &Path) -> GuestConfig {
+    let mut config = GuestConfig::new(args.iter().map(|s| s.to_string()).collect());
+    config.stdout = Stdio::Fd(std::fs::File::create(stdout).unwrap().into());
+    config
+}
+
+/// Runs `name` with `args` as is, then instrumented under random pauses,
+/// and compares what the two print.
+fn same_under_random_pauses(name: &str, args: &[&str]) {
+    let dir = TempDir::new(&format!("random-pauses-{name}"));
+    let engine = new_engine().unwrap();
+    let as_is = LoadOptions { instrument: false, stress: false, cache_dir: None };
+    let plain = GuestModule::load_with(&engine, &guest(name), &as_is).unwrap();
+    let expected_out = dir.0.join("plain.txt");
+    let exit = Guest::new(&engine, &plain, config(args, &expected_out)).unwrap().run();
+    assert!(matches!(exit, Exit::Status(0)), "{name} as is: {exit:?}");
+
+    let module = GuestModule::load_with(&engine, &guest(name), &instrumented()).unwrap();
+    let out = dir.0.join("paused.txt");
+    let mut g = Guest::new(&engine, &module, config(args, &out)).unwrap();
+    let pause = g.pause_handle().expect("an instrumented guest can pause");
+    let (paused_tx, paused) = channel();
+    let (resume, resumed) = channel::<()>();
+    let runner = std::thread::Builder::new()
+        .stack_size(GUEST_THREAD_STACK)
+        .spawn(move || loop {
+            match g.run() {
+                Exit::Paused => {
+                    paused_tx.send(None).unwrap();
+                    if resumed.recv().is_err() {
+                        return;
+                    }
+                }
+                exit => {
+                    paused_tx.send(Some(exit)).unwrap();
+                    return;
+                }
+            }
+        })
+        .unwrap();
+    let (mut pauses, mut rng) = (0, 0x2545_f491_u64);
+    let exit = loop {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        match paused.recv_timeout(Duration::from_micros(100 + rng % 400)) {
+            Ok(Some(exit)) => break exit,
+            Ok(None) => panic!("{name} paused with no request"),
+            Err(RecvTimeoutError::Disconnected) => panic!("{name}'s thread ended without an exit"),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        pause.request();
+        let answer = paused.recv_timeout(PAUSE_DEADLINE);
+        match answer.unwrap_or_else(|_| panic!("{name} did not pause within {PAUSE_DEADLINE:?} after {pauses} pauses")) {
+            None => {
+                pauses += 1;
+                resume.send(()).unwrap();
+                let resuming = std::time::Instant::now();
+                while !pause.frame_stack_empty() {
+                    assert!(resuming.elapsed() < PAUSE_DEADLINE, "{name} did not finish its rewind after {pauses} pauses");
+                    std::thread::yield_now();
+                }
+            }
+            Some(exit) => break exit,
+        }
+    };
+    runner.join().unwrap();
+    assert!(matches!(exit, Exit::Status(0)), "{name} under pauses: {exit:?}");
+    assert!(pauses >= MIN_PAUSES, "{name} ended after {pauses} pauses; give it more work");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), std::fs::read_to_string(&expected_out).unwrap(), "{name} after {pauses} pauses");
+}
+
+#[test]
+fn the_switch_interpreter_paused_at_random_moments_prints_what_it_prints_as_is() {
+    same_under_random_pauses("switchvm", &["switchvm", "10000"]);
+}
+
+#[test]
+fn compute_paused_at_random_moments_prints_what_it_prints_as_is() {
+    same_under_random_pauses("compute", &["compute", "2000", "200"]);
+}
