@@ -153,12 +153,12 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
     };
     let copy = copies_body(body, plan);
     e.open_function(copy)?;
-    e.emit_ops(info, body, plan)?;
+    e.emit_ops(info.wasm)?;
     if copy {
         e.code.op(I::Else);
         e.normal = true;
         e.open_level(plan.top)?;
-        e.emit_ops(info, body, plan)?;
+        e.emit_ops(info.wasm)?;
         e.end()?;
     }
     e.close_function()?;
@@ -167,9 +167,8 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
 
 impl Emitter<'_> {
     /// Emits the body's operators up to its final `end` (not included).
-    fn emit_ops(&mut self, info: &ModuleInfo<'_>, body: &Body, plan: &Plan) -> Result<()> {
-        let e = self;
-        let wasm = info.wasm;
+    fn emit_ops(&mut self, wasm: &[u8]) -> Result<()> {
+        let (plan, body) = (self.plan, self.body);
         let reader = BinaryReader::new(&wasm[body.ops_start..body.range.end], body.ops_start);
         let mut ops = OperatorsReader::new(reader);
         let mut index = 0u32;
@@ -177,70 +176,70 @@ impl Emitter<'_> {
             let start = ops.original_position();
             let op = ops.read().map_err(|e| Error::from_reader(ErrorKind::Invalid, e))?;
             let bytes = &wasm[start..ops.original_position()];
-            if !e.deferred.is_empty() && !matches!(op, Operator::Block { .. }) {
+            if !self.deferred.is_empty() && !matches!(op, Operator::Block { .. }) {
                 return Err(internal("a deferred rewind dispatch is not followed by its block"));
             }
             let anchor = plan.anchor_at.get(&index).copied();
             if let Some(a) = anchor {
-                e.anchor_prelude(a)?;
+                self.anchor_prelude(a)?;
             }
             match op {
                 Operator::Call { .. } | Operator::CallIndirect { .. } if anchor.is_some() => {
-                    e.call_anchor(anchor.unwrap_or_default(), bytes, start)?;
+                    self.call_anchor(anchor.unwrap_or_default(), bytes, start)?;
                 }
                 Operator::Block { .. } | Operator::Loop { .. } | Operator::If { .. } => {
-                    e.copy(bytes, start);
-                    e.push(true, anchor);
-                    e.originals_open += 1;
+                    self.copy(bytes, start);
+                    self.push(true, anchor);
+                    self.originals_open += 1;
                     if let Some(&l) = plan.level_after.get(&index) {
-                        e.open_level(l)?;
+                        self.open_level(l)?;
                     }
                 }
                 Operator::Else => {
-                    e.copy(bytes, start);
+                    self.copy(bytes, start);
                     if let Some(&l) = plan.level_after.get(&index) {
-                        e.open_level(l)?;
+                        self.open_level(l)?;
                     }
                 }
-                Operator::End if e.originals_open == 1 => return Ok(()),
+                Operator::End if self.originals_open == 1 => return Ok(()),
                 Operator::End => {
-                    e.copy(bytes, start);
-                    let f = e.pop()?;
+                    self.copy(bytes, start);
+                    let f = self.pop()?;
                     if !f.original {
                         return Err(internal("original end closes an inserted block"));
                     }
-                    e.originals_open -= 1;
+                    self.originals_open -= 1;
                     if let Some(a) = f.restore {
-                        e.restore_after(a);
+                        self.restore_after(a);
                     }
                 }
                 Operator::Br { relative_depth } => {
-                    let d = e.remap(relative_depth)?;
-                    if d == relative_depth { e.copy(bytes, start) } else { e.mark(start); e.code.op(I::Br(d)) }
+                    let d = self.remap(relative_depth)?;
+                    if d == relative_depth { self.copy(bytes, start) } else { self.mark(start); self.code.op(I::Br(d)) }
                 }
                 Operator::BrIf { relative_depth } => {
-                    let d = e.remap(relative_depth)?;
-                    if d == relative_depth { e.copy(bytes, start) } else { e.mark(start); e.code.op(I::BrIf(d)) }
+                    let d = self.remap(relative_depth)?;
+                    if d == relative_depth { self.copy(bytes, start) } else { self.mark(start); self.code.op(I::BrIf(d)) }
                 }
                 Operator::BrTable { targets } => {
                     let mut all = Vec::with_capacity(targets.len() as usize);
                     let mut same = true;
                     for t in targets.targets() {
                         let t = t.map_err(|e| Error::from_reader(ErrorKind::Invalid, e))?;
-                        let d = e.remap(t)?;
+                        let d = self.remap(t)?;
                         same &= d == t;
                         all.push(d);
                     }
-                    let default = e.remap(targets.default())?;
+                    let default = self.remap(targets.default())?;
                     same &= default == targets.default();
                     if same {
-                        e.copy(bytes, start)
+                        self.copy(bytes, start)
                     } else {
-                        e.mark(start);
-                        e.code.op(I::BrTable(all.into(), default))
+                        self.mark(start);
+                        self.code.op(I::BrTable(all.into(), default))
                     }
                 }
-                _ => e.copy(bytes, start),
+                _ => self.copy(bytes, start),
             }
             index += 1;
         }
