@@ -7,10 +7,10 @@
 //! both, and every resume continues in the first.
 
 use std::path::Path;
-use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::time::Duration;
 
-use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, Stdio, GUEST_THREAD_STACK};
+use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, Stdio};
+use upstare_tests::random_pauses::{pause_at_random, RandomPauses};
 use upstare_tests::{guest, instrumented, TempDir};
 
 /// At least this many pauses must land before the guest ends, or the test
@@ -42,54 +42,9 @@ fn same_under_random_pauses(name: &str, args: &[&str]) {
 
     let module = GuestModule::load_with(&engine, &guest(name), &instrumented()).unwrap();
     let out = dir.0.join("paused.txt");
-    let mut g = Guest::new(&engine, &module, config(args, &out)).unwrap();
-    let pause = g.pause_handle().expect("an instrumented guest can pause");
-    let (paused_tx, paused) = channel();
-    let (resume, resumed) = channel::<()>();
-    let runner = std::thread::Builder::new()
-        .stack_size(GUEST_THREAD_STACK)
-        .spawn(move || loop {
-            match g.run() {
-                Exit::Paused => {
-                    paused_tx.send(None).unwrap();
-                    if resumed.recv().is_err() {
-                        return;
-                    }
-                }
-                exit => {
-                    paused_tx.send(Some(exit)).unwrap();
-                    return;
-                }
-            }
-        })
-        .unwrap();
-    let (mut pauses, mut rng) = (0, 0x2545_f491_u64);
-    let exit = loop {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        match paused.recv_timeout(Duration::from_micros(100 + rng % 400)) {
-            Ok(Some(exit)) => break exit,
-            Ok(None) => panic!("{name} paused with no request"),
-            Err(RecvTimeoutError::Disconnected) => panic!("{name}'s thread ended without an exit"),
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-        pause.request();
-        let answer = paused.recv_timeout(PAUSE_DEADLINE);
-        match answer.unwrap_or_else(|_| panic!("{name} did not pause within {PAUSE_DEADLINE:?} after {pauses} pauses")) {
-            None => {
-                pauses += 1;
-                resume.send(()).unwrap();
-                let resuming = std::time::Instant::now();
-                while !pause.frame_stack_empty() {
-                    assert!(resuming.elapsed() < PAUSE_DEADLINE, "{name} did not finish its rewind after {pauses} pauses");
-                    std::thread::yield_now();
-                }
-            }
-            Some(exit) => break exit,
-        }
-    };
-    runner.join().unwrap();
+    let g = Guest::new(&engine, &module, config(args, &out)).unwrap();
+    let RandomPauses { exit, times } = pause_at_random(g, 100..500, PAUSE_DEADLINE);
+    let pauses = times.len();
     assert!(matches!(exit, Exit::Status(0)), "{name} under pauses: {exit:?}");
     assert!(pauses >= MIN_PAUSES, "{name} ended after {pauses} pauses; give it more work");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), std::fs::read_to_string(&expected_out).unwrap(), "{name} after {pauses} pauses");
