@@ -1,7 +1,8 @@
 //! Which functions can be on the stack when the program pauses.
 //!
 //! A function can unwind if it can call itself (through any chain of calls:
-//! its entry is then an update point, or deep recursion without loops would
+//! its entry is then a resume point, and the entries of a feedback set of
+//! such functions are update points, or deep recursion without loops would
 //! never reach one), has a reachable loop that is not bounded (see
 //! `bound`), a reachable call to a blocking
 //! import, a reachable direct call to a function that can unwind, or a
@@ -29,8 +30,13 @@ pub(crate) struct CallGraph {
     pub blocking: Vec<bool>,
     /// The function can be on the stack during an unwind.
     pub can_unwind: Vec<bool>,
-    /// The function is on a cycle of calls: its entry is an update point.
+    /// The function is on a cycle of calls: its entry is a resume point, so
+    /// that a rewind can start it over.
     pub recursive: Vec<bool>,
+    /// Its entry is also an update point, checked on every call: a set of
+    /// the recursive functions that every cycle of calls passes through
+    /// ([`entry_checks`]).
+    pub entry_checked: Vec<bool>,
     /// For each type index used by a `call_indirect`: whether some escaping
     /// function of that type can unwind or blocks.
     indirect: HashMap<u32, bool>,
@@ -60,12 +66,15 @@ impl CallGraph {
                 by_sig.entry(info.func_type(func as u32).clone()).or_default().push(func as u32);
             }
         }
-        let recursive = on_cycles(info, &by_sig);
+        let edges = call_edges(info, &by_sig);
+        let recursive = on_cycles(info, &edges);
+        let entry_checked = entry_checks(info, &edges, &recursive);
         let loops = Loops::scan(info)?;
         let mut g = CallGraph {
             blocking,
             can_unwind: recursive.clone(),
             recursive,
+            entry_checked,
             indirect: HashMap::new(),
             by_sig,
             bounded: loops.counted(info),
@@ -137,13 +146,10 @@ impl CallGraph {
     }
 }
 
-/// Which functions lie on a cycle of the call graph, counting a
-/// `call_indirect` as a call to every escaping function of its type.
-/// Tarjan's algorithm, iterative so that deep call chains cannot overflow
-/// the host's stack.
-fn on_cycles(info: &ModuleInfo<'_>, by_sig: &HashMap<FuncType, Vec<u32>>) -> Vec<bool> {
-    let n = info.func_types.len();
-    let mut edges: Vec<Vec<u32>> = vec![Vec::new(); n];
+/// Each function's callees, sorted, counting a `call_indirect` as a call to
+/// every escaping function of its type.
+fn call_edges(info: &ModuleInfo<'_>, by_sig: &HashMap<FuncType, Vec<u32>>) -> Vec<Vec<u32>> {
+    let mut edges: Vec<Vec<u32>> = vec![Vec::new(); info.func_types.len()];
     for body in &info.bodies {
         let from = &mut edges[body.func as usize];
         for s in body.sites.iter().filter(|s| s.live) {
@@ -160,15 +166,107 @@ fn on_cycles(info: &ModuleInfo<'_>, by_sig: &HashMap<FuncType, Vec<u32>>) -> Vec
         from.sort_unstable();
         from.dedup();
     }
+    edges
+}
+
+/// Which functions lie on a cycle of the call graph.
+fn on_cycles(info: &ModuleInfo<'_>, edges: &[Vec<u32>]) -> Vec<bool> {
+    let n = edges.len();
+    let mut cyclic = vec![false; n];
+    for component in cycles(edges, &vec![true; n], 0..n as u32) {
+        for w in component {
+            cyclic[w as usize] = true;
+        }
+    }
+    // Imports have no body: they are never on a cycle of this module's code.
+    for c in cyclic.iter_mut().take(info.num_imported_funcs as usize) {
+        *c = false;
+    }
+    cyclic
+}
+
+/// The recursive functions whose entries are update points: a *feedback
+/// set*, so that every cycle of calls passes through one of them and a
+/// recursion reaches an update point within one turn of any of its cycles.
+/// The other recursive functions run no check when called; their entries
+/// stay resume points, so a frame unwound at the entry of a version that
+/// checked it still has somewhere to rewind to in one that does not.
+///
+/// The smallest such set is hard to find; this takes, in each strongly
+/// connected part of the graph, the function that the most cycles are likely
+/// to pass through (calls in times calls out, within the part), the largest
+/// body on a tie (a check costs it least against its work), and repeats on
+/// what is left of the part without it until no cycle remains.
+fn entry_checks(info: &ModuleInfo<'_>, edges: &[Vec<u32>], recursive: &[bool]) -> Vec<bool> {
+    let n = edges.len();
+    let mut size = vec![0usize; n];
+    for body in &info.bodies {
+        size[body.func as usize] = body.range.end - body.range.start;
+    }
+    let mut checked = vec![false; n];
+    let mut parts = cycles(
+        edges,
+        recursive,
+        (0..n as u32).filter(|&f| recursive[f as usize]),
+    );
+    let mut in_part = vec![false; n];
+    while let Some(part) = parts.pop() {
+        let self_call = part
+            .iter()
+            .copied()
+            .find(|&f| edges[f as usize].binary_search(&f).is_ok());
+        let pick = self_call.unwrap_or_else(|| {
+            let index: HashMap<u32, usize> =
+                part.iter().enumerate().map(|(i, &f)| (f, i)).collect();
+            let (mut calls_in, mut calls_out) = (vec![0u64; part.len()], vec![0u64; part.len()]);
+            for (i, &f) in part.iter().enumerate() {
+                for w in &edges[f as usize] {
+                    if let Some(&j) = index.get(w) {
+                        calls_out[i] += 1;
+                        calls_in[j] += 1;
+                    }
+                }
+            }
+            let best = (0..part.len())
+                .max_by_key(|&i| {
+                    (
+                        calls_in[i] * calls_out[i],
+                        size[part[i] as usize],
+                        std::cmp::Reverse(part[i]),
+                    )
+                })
+                .expect("a cycle has members");
+            part[best]
+        });
+        checked[pick as usize] = true;
+        // What is left of the part may still hold cycles, among its own
+        // members only: the other parts are dealt with on their own.
+        for &f in &part {
+            in_part[f as usize] = f != pick;
+        }
+        parts.extend(cycles(edges, &in_part, part.iter().copied()));
+        for &f in &part {
+            in_part[f as usize] = false;
+        }
+    }
+    checked
+}
+
+/// The strongly connected components of the graph restricted to `alive`
+/// functions, reached from `roots` (themselves alive), that hold a cycle (more than one member,
+/// or one that calls itself). Tarjan's algorithm, iterative so that deep
+/// call chains cannot overflow the host's stack.
+fn cycles(edges: &[Vec<u32>], alive: &[bool], roots: impl Iterator<Item = u32>) -> Vec<Vec<u32>> {
+    let n = edges.len();
     const UNSEEN: u32 = u32::MAX;
     let mut index = vec![UNSEEN; n];
     let mut low = vec![0u32; n];
     let mut on_stack = vec![false; n];
     let mut stack: Vec<u32> = Vec::new();
-    let mut cyclic = vec![false; n];
+    let mut found = Vec::new();
     let mut next = 0u32;
-    for root in 0..n as u32 {
-        if index[root as usize] != UNSEEN {
+    for root in roots {
+        if index[root as usize] != UNSEEN || !alive[root as usize] {
             continue;
         }
         // (function, position in its edge list)
@@ -183,6 +281,9 @@ fn on_cycles(info: &ModuleInfo<'_>, by_sig: &HashMap<FuncType, Vec<u32>>) -> Vec
             if let Some(&w) = edges[vu].get(*i) {
                 *i += 1;
                 let wu = w as usize;
+                if !alive[wu] {
+                    continue;
+                }
                 if index[wu] == UNSEEN {
                     index[wu] = next;
                     low[wu] = next;
@@ -208,18 +309,11 @@ fn on_cycles(info: &ModuleInfo<'_>, by_sig: &HashMap<FuncType, Vec<u32>>) -> Vec
                         break;
                     }
                 }
-                let self_loop = edges[vu].binary_search(&v).is_ok();
-                if members.len() > 1 || self_loop {
-                    for w in members {
-                        cyclic[w as usize] = true;
-                    }
+                if members.len() > 1 || edges[vu].binary_search(&v).is_ok() {
+                    found.push(members);
                 }
             }
         }
     }
-    // Imports have no body: they are never on a cycle of this module's code.
-    for c in cyclic.iter_mut().take(info.num_imported_funcs as usize) {
-        *c = false;
-    }
-    cyclic
+    found
 }

@@ -32,8 +32,13 @@
 //! calls to imports the host marks as blocking ([`Options::blocking`]),
 //! atomic waits (lowered to blocking calls of the host's futex, so that a
 //! thread blocked in one can be paused; [`abi::ResumeKind::AtomicWait`]), and
-//! the entries of functions on a cycle of calls (so that recursion without
-//! loops reaches one too). A function is instrumented only if it can be on
+//! the entries of a *feedback set* of the functions on cycles of calls:
+//! some of them, such that every cycle passes through one, so that
+//! recursion without loops reaches an update point too. Every function on
+//! a cycle keeps a resume point at its entry, so that a frame unwound there
+//! by a version whose set held the function can rewind into one whose set
+//! does not; only the set's members check on every call (the stress
+//! variant checks them all). A function is instrumented only if it can be on
 //! the stack when an unwind starts (see `callgraph`): it is on a call
 //! cycle, has a reachable loop that is not bounded, a
 //! call to a blocking import, or a call (direct, or indirect through a
@@ -64,7 +69,9 @@
 //! callees' (uninstrumented functions are on no call cycle, so that is a
 //! finite sum), or to an instrumented function, where the same argument
 //! applies; and such a chain of calls cannot come back to a function already
-//! on it without passing that function's entry check. So the work until the
+//! on it without passing an entry check, since the calls between the two
+//! activations close a cycle, and every cycle passes through a member of
+//! the feedback set. So the work until the
 //! next update point is at most, for each frame on the stack when the
 //! request comes, one such path in it and in the chain of calls it makes:
 //! bounded by the stack depth times the code of the program, plus at most
@@ -136,7 +143,7 @@
 //! calls `should_pause`, which also counts down the stress period, and a
 //! rewind to a header ends in the check and runs on into the loop, so a
 //! guest paused again at once still makes progress. `--stress-pause` and
-//! `--stress-update` run it. A function's entry point (which is in no
+//! `--stress-update` run it. A checked function entry (which is in no
 //! loop) always has this shape, but outside the stress variant its pause
 //! decision is the pause byte, as at a loop header, not a call: a call on
 //! the cold path would keep the params in callee-saved registers, saved
@@ -184,15 +191,17 @@
 //! cases call functions that can unwind, this makes one test per nest on
 //! every dispatch instead of one per case.
 //!
-//! A small body (at most 400 bytes of code, with levels below its top one)
-//! is emitted twice: `if state == REWINDING { body as above } else { body
-//! without rewind tests, anchor blocks or dispatch }`. An activation
-//! entered in the normal state never sees a rewind in its own body: only
-//! the host starts one, with the stack empty, every frame on a rewind's
-//! path is entered rewinding, and no original code runs until the rewind
-//! has ended. So a call that is not part of a rewind runs none of those
-//! tests, which in small functions called often are a large part of what
-//! instrumentation adds (`docs/PERFORMANCE.md`). The two copies share the
+//! A body with levels below its top one is emitted twice: `if state ==
+//! REWINDING { body as above } else { body without rewind tests, anchor
+//! blocks or dispatch }`. An activation entered in the normal state never
+//! sees a rewind in its own body: only the host starts one, with the stack
+//! empty, every frame on a rewind's path is entered rewinding, and no
+//! original code runs until the rewind has ended. So a call that is not
+//! part of a rewind runs none of those tests, nor the cold edges they add
+//! into loop bodies, which in small functions called often and in large
+//! interpreter loops are most of what instrumentation adds
+//! (`docs/PERFORMANCE.md`). The price is code: about a third more than
+//! with one copy, and compile time with it. The two copies share the
 //! resume points and save classes, so a frame is the same whichever copy
 //! unwound it; a frame rewound into the first copy runs there until it
 //! returns. The update points are those of the body, in both copies, so

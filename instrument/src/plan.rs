@@ -136,6 +136,9 @@ pub(crate) struct Plan {
     pub top: usize,
     /// The function's result types.
     pub results: Vec<Ty>,
+    /// Its entry is an update point ([`CallGraph::entry_checked`]), not only
+    /// a resume point.
+    pub entry_checked: bool,
 }
 
 struct Open {
@@ -362,7 +365,8 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
         level.defer = level.defers(&anchors, &anchor_at);
     }
     live_locals(info, body, fty.params().len() as u32, &mut rps)?;
-    Ok(Plan { rps, anchors, anchor_at, levels, level_after, top, results })
+    let entry_checked = graph.entry_checked[body.func as usize];
+    Ok(Plan { rps, anchors, anchor_at, levels, level_after, top, results, entry_checked })
 }
 
 /// Fills in the locals live at each resume point. Where the frame resumes

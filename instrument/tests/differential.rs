@@ -845,3 +845,68 @@ fn drop_data_over_live_memory_and_abandoned_rewind() {
     assert_eq!(spin.call(&mut store, ()).expect("spin runs"), 100);
     assert_eq!(state.get(&mut store).i32(), Some(0));
 }
+
+/// Two functions that call each other: every cycle of calls passes through
+/// both, so the plain variant checks the entry of one of them only (the
+/// stress variant checks both). A frame unwound at the other's entry, as
+/// a version that checked it leaves one, still rewinds into the plain
+/// variant and the call ends as the original's does.
+#[test]
+fn a_recursive_entry_without_a_check_still_takes_a_rewind() {
+    let wasm = wat::parse_str(
+        r#"(module
+          (import "env" "work" (func $work (param i32) (result i32)))
+          (memory (export "mem") 1)
+          (func $f (export "f") (param $n i32) (result i32)
+            local.get $n
+            i32.eqz
+            if (result i32)
+              i32.const 1
+            else
+              local.get $n
+              call $work
+              local.get $n
+              i32.const 1
+              i32.sub
+              call $g
+              i32.add
+            end)
+          (func $g (param $n i32) (result i32)
+            local.get $n
+            i32.eqz
+            if (result i32)
+              i32.const 2
+            else
+              local.get $n
+              i32.const 1
+              i32.sub
+              call $f
+              local.get $n
+              i32.mul
+            end))"#,
+    )
+    .expect("wat");
+    let engine = engine();
+    let (f, g) = (1, 2);
+    // With a pause requested all the time, the plain variant stops at the
+    // entry of one function only.
+    let stops = support::plain_stops(&engine, &wasm, "f", 9, 4).expect("plain run");
+    assert_eq!(
+        stops.len(),
+        4,
+        "the plain variant stopped {} times",
+        stops.len()
+    );
+    let checked = stops[0].0;
+    assert!(
+        stops.iter().all(|&s| s == (checked, true)),
+        "stops at {stops:?}"
+    );
+    let unchecked = if checked == f { g } else { f };
+    let want = support::call_original(&engine, &wasm, "f", 9).expect("original");
+    for func in [unchecked, checked] {
+        let got =
+            support::rewind_entry_across(&engine, &wasm, "f", 9, func).expect("rewind across");
+        assert_eq!(got, want, "rewound at the entry of function {func}");
+    }
+}

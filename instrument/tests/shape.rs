@@ -330,13 +330,13 @@ fn a_switch_nest_tests_for_a_rewind_once() {
     let (_, original_blocks) = rewind_tests_and_blocks(&before.bodies[at], u32::MAX);
     assert!(original_blocks >= 10, "the switch is a nest of blocks: {original_blocks}");
     let (tests, _) = rewind_tests_and_blocks(&after.bodies[at], meta.state_global);
-    // `run` is small, so its body comes twice, behind one test that picks
-    // the copy a rewind enters; the other copy has none. In the rewind's
-    // copy: one at the function's start (which stores to memory before its
-    // first block, so it keeps its own), one in the block around the loop
-    // (whose first instruction is the loop), one at the loop header, and
-    // one for the whole switch nest inside the loop, where a test per block
-    // would make one per case.
+    // `run` has levels below its top one, so its body comes twice, behind
+    // one test that picks the copy a rewind enters; the other copy has
+    // none. In the rewind's copy: one at the function's start (which stores
+    // to memory before its first block, so it keeps its own), one in the
+    // block around the loop (whose first instruction is the loop), one at
+    // the loop header, and one for the whole switch nest inside the loop,
+    // where a test per block would make one per case.
     assert_eq!(tests, 1 + 4, "rewind tests in `run`, whose switch has {calls} cases");
 }
 

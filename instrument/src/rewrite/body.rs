@@ -102,24 +102,22 @@ struct Emitter<'a> {
     normal: bool,
 }
 
-/// Bodies of at most this many bytes of code are emitted twice, see
-/// [`copies_body`].
-const COPY_LIMIT: usize = 400;
-
 /// Whether the body is emitted twice: `if rewinding { body with its rewind
 /// dispatch } else { body without it }`. An activation entered in the
 /// normal state never sees a rewind in its own body (only the host starts
 /// one, with the stack empty, and every frame of a rewind is entered
 /// rewinding), so the second copy needs no rewind test at the start of each
-/// level that holds a resume point, nor the dispatch at each loop check:
-/// about a quarter of the instructions instrumentation adds, most of them
-/// in small functions called often (`docs/PERFORMANCE.md`). Both copies
-/// share the resume points and the save classes, so a frame is the same
-/// whichever copy unwound it. The price is the original code twice, and a
-/// frame rewound into the first copy runs there until it returns: so only
-/// small bodies, with levels below the top one, get the copy.
-fn copies_body(body: &Body, plan: &Plan) -> bool {
-    body.range.end - body.ops_start <= COPY_LIMIT && plan.levels.len() > 1
+/// level that holds a resume point, nor the dispatch at each loop check,
+/// nor the cold edges from those into loop bodies: about a quarter of the
+/// instructions instrumentation adds, and in large interpreter loops the
+/// joins that make the register allocator shuffle values between stack
+/// slots (`docs/PERFORMANCE.md`). Both copies share the resume points and
+/// the save classes, so a frame is the same whichever copy unwound it. The
+/// price is the original code twice (a third more code, and compile time),
+/// and a frame rewound into the first copy runs there until it returns. A
+/// body whose only level is its top one has no level tests to drop.
+fn copies_body(plan: &Plan) -> bool {
+    plan.levels.len() > 1
 }
 
 /// Instruments one body.
@@ -151,7 +149,7 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
         runs: Vec::new(),
         normal: false,
     };
-    let copy = copies_body(body, plan);
+    let copy = copies_body(plan);
     e.open_function(copy)?;
     e.emit_ops(info.wasm)?;
     if copy {
@@ -574,15 +572,45 @@ impl Emitter<'_> {
         self.end()
     }
 
-    /// The check of the stress variant, and of a function's entry (which
-    /// is in no loop): a rewind to the header ends here and runs on into
-    /// the body, so that a guest paused again at once still makes progress.
+    /// The entry of a recursive function that is no update point: nothing
+    /// runs on a call that is not a rewind (the normal copy of the body has
+    /// nothing at all), but a frame unwound at this entry, by a version that
+    /// checked it, can still rewind here and start the function over with
+    /// its params. A checked rewind stops again here, as at any entry.
+    fn entry_rewind_only(&mut self, entry_rp: u32) -> Result<()> {
+        if self.normal {
+            return Ok(());
+        }
+        let top = self.plan.top;
+        let resume = self.block(BlockType::Empty);
+        self.is_rewinding();
+        self.code.op(I::I32Eqz);
+        self.code.op(I::BrIf(0));
+        let check = self.block(BlockType::Empty);
+        self.prologue()?;
+        self.dispatch(&[], top, Some((resume, check)))?;
+        self.end()?;
+        self.code.i32(0);
+        self.code.op(I::I32Load8U(ctrl(control::PAUSE_BYTE, 0)));
+        self.code.op(I::I32Eqz);
+        let d = self.depth_of(resume)?;
+        self.code.op(I::BrIf(d));
+        self.unwind_at(entry_rp)?;
+        self.end()
+    }
+
+    /// The check of the stress variant, and of a checked function entry
+    /// (which is in no loop): a rewind to the header ends here and runs on
+    /// into the body, so that a guest paused again at once still makes progress.
     /// The pause decision is a call in the stress variant; otherwise, as
     /// at a loop header, it is the pause byte: a call on the cold path
     /// would make every value live across the check (the params) take a
     /// callee-saved register, saved and restored on every call of the
     /// function.
     fn loop_header_stress(&mut self, l: usize, loop_rp: u32) -> Result<()> {
+        if l == self.plan.top && !self.cx.stress && !self.plan.entry_checked {
+            return self.entry_rewind_only(loop_rp);
+        }
         let params = self.plan.levels[l].params.clone();
         let base = self.plan.levels[l].base;
         if self.cx.stress {

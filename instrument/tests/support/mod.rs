@@ -419,13 +419,44 @@ const MAX_CYCLES: u64 = 200_000;
 struct Driver<'a> {
     store: Store<Host>,
     instance: Instance,
+    program: SharedMemory,
     control: SharedMemory,
     meta: &'a Metadata,
     exports: &'a Exports,
     stats: Stats,
 }
 
-impl Driver<'_> {
+impl<'a> Driver<'a> {
+    /// An instance of `inst` over a fresh program memory and control
+    /// memory (with a fresh header), nothing called yet.
+    fn over_fresh_memories(engine: &Engine, inst: &'a Instrumented, exports: &'a Exports) -> Result<Self, String> {
+        let meta = &inst.metadata;
+        let mut store = new_store(engine, None, None);
+        let program = SharedMemory::new(engine, MemoryType::shared(meta.memory.min, meta.memory.import_max()))
+            .map_err(|e| format!("cannot create the program memory: {e}"))?;
+        let control = SharedMemory::new(engine, MemoryType::shared(control::MIN_PAGES as u32, control::MAX_PAGES as u32))
+            .map_err(|e| format!("cannot create the control memory: {e}"))?;
+        let instance = instantiate_over(engine, &mut store, inst, &program, &control)?;
+        store.data_mut().control = Some(control.clone());
+        let d = Driver { store, instance, program, control, meta, exports, stats: Stats::default() };
+        d.write_control(0, &control::Header::default().encode());
+        Ok(d)
+    }
+
+    /// Calls `export(arg)` of the instance, a function of i32 results.
+    fn call_i32(&mut self, export: &str, arg: i32) -> Result<Vec<i32>, String> {
+        call_i32(&mut self.store, &self.instance, export, arg)
+    }
+
+    /// The function of the innermost frame an unwind left, and whether it
+    /// stopped at the function's entry.
+    fn innermost(&self) -> Result<(u32, bool), String> {
+        let frames = abi::read_frames(&self.control_bytes()).map_err(|e| e.to_string())?;
+        let frame = frames.first().ok_or("an unwind saved no frame")?;
+        let f = self.meta.function(frame.func).ok_or("a frame of no instrumented function")?;
+        Ok((frame.func, f.resume_points[frame.resume_point as usize].kind == ResumeKind::Entry))
+    }
+
     fn control_bytes(&self) -> Vec<u8> {
         // SAFETY: no wasm runs while the host reads: calls are synchronous on
         // this thread and nothing else holds the memory.
@@ -572,18 +603,13 @@ pub fn run_instrumented(
     let mut store = new_store(engine, inject, pause);
     // The instrumented module imports its program memory shared (see
     // `abi::MEMORY_IMPORT`).
-    let memory = Mem::Shared(
-        SharedMemory::new(engine, MemoryType::shared(meta.memory.min, meta.memory.import_max()))
-            .map_err(|e| format!("cannot create the program memory: {e}"))?,
-    );
+    let program = SharedMemory::new(engine, MemoryType::shared(meta.memory.min, meta.memory.import_max()))
+        .map_err(|e| format!("cannot create the program memory: {e}"))?;
+    let memory = Mem::Shared(program.clone());
     let control = SharedMemory::new(engine, MemoryType::shared(control::MIN_PAGES as u32, control::MAX_PAGES as u32))
         .map_err(|e| format!("cannot create the control memory: {e}"))?;
     let mut l = linker(engine);
-    let program: Extern = match &memory {
-        Mem::Plain(m) => (*m).into(),
-        Mem::Shared(m) => m.clone().into(),
-    };
-    l.define(&mut store, abi::IMPORT_MODULE, abi::MEMORY_IMPORT, program).map_err(|e| e.to_string())?;
+    l.define(&mut store, abi::IMPORT_MODULE, abi::MEMORY_IMPORT, program.clone()).map_err(|e| e.to_string())?;
     l.define(&mut store, abi::IMPORT_MODULE, abi::CONTROL_IMPORT, control.clone()).map_err(|e| e.to_string())?;
     let mut outcome = Outcome {
         init: Ret::Values(vec![]),
@@ -600,7 +626,7 @@ pub fn run_instrumented(
             return Ok((outcome, Stats::default()));
         }
     };
-    let mut d = Driver { store, instance, control, meta, exports: &ex, stats: Stats::default() };
+    let mut d = Driver { store, instance, program, control, meta, exports: &ex, stats: Stats::default() };
     d.store.data_mut().control = Some(d.control.clone());
     let header = match mode {
         Mode::Plain | Mode::Pause { .. } => control::Header::default(),
@@ -769,4 +795,99 @@ pub fn check_metadata(wasm: &[u8], meta: &Metadata) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Where the plain variant (`options()`) stops when a pause is requested
+/// all the time: the function of the innermost frame, and whether it was at
+/// the function's entry, for each of the first `stops` unwinds of one call
+/// of `export(arg)`.
+#[allow(dead_code)]
+pub fn plain_stops(engine: &Engine, wasm: &[u8], export: &str, arg: i32, stops: usize) -> Result<Vec<(u32, bool)>, String> {
+    let plain = upstare_instrument::instrument(wasm, &options()).map_err(|e| e.to_string())?;
+    let ex = exports_of(wasm);
+    let mut d = Driver::over_fresh_memories(engine, &plain, &ex)?;
+    d.helper(exports::INIT_MEMORY)?;
+    let mut seen = Vec::new();
+    while seen.len() < stops {
+        d.write_control(control::PAUSE_BYTE as usize, &[1]);
+        d.call_i32(export, arg)?;
+        if d.state() != 1 {
+            break;
+        }
+        d.helper(exports::STOP_UNWIND)?;
+        seen.push(d.innermost()?);
+        d.helper(exports::START_REWIND)?;
+    }
+    Ok(seen)
+}
+
+/// Calls `export(arg)` in the stress variant (period 1: every update point
+/// unwinds, the entry of every recursive function among them) until an
+/// unwind leaves its innermost frame at the entry of `func`, then rewinds
+/// that stack into a fresh instance of the plain variant over the same
+/// memories and lets the call finish there. The plain variant checks the
+/// entries of only some recursive functions; a frame at the entry of one it
+/// does not check must still rewind (an update from a version that checked
+/// it leaves one). Returns the call's results and the log of `env` calls, to
+/// compare with the original's.
+#[allow(dead_code)]
+pub fn rewind_entry_across(engine: &Engine, wasm: &[u8], export: &str, arg: i32, func: u32) -> Result<(Vec<i32>, Vec<String>), String> {
+    let plain = upstare_instrument::instrument(wasm, &options()).map_err(|e| e.to_string())?;
+    let stressed = upstare_instrument::instrument(wasm, &options_for(MODES[1])).map_err(|e| e.to_string())?;
+    let ex = exports_of(wasm);
+    let mut d = Driver::over_fresh_memories(engine, &stressed, &ex)?;
+    d.write_control(0, &control::Header::stress(1).encode());
+    d.helper(exports::INIT_MEMORY)?;
+    loop {
+        d.call_i32(export, arg)?;
+        if d.state() != 1 {
+            return Err(format!("returned without stopping at the entry of function {func}"));
+        }
+        d.helper(exports::STOP_UNWIND)?;
+        if d.innermost()? == (func, true) {
+            break;
+        }
+        d.helper(exports::START_REWIND)?;
+    }
+    let header = control::Header { stress: false, stress_countdown: 0, stress_period: 0, ..d.header() };
+    d.write_control(0, &header.encode());
+    d.instance = instantiate_over(engine, &mut d.store, &plain, &d.program, &d.control)?;
+    d.meta = &plain.metadata;
+    d.helper(exports::DROP_DATA)?;
+    d.helper(exports::START_REWIND)?;
+    let results = d.call_i32(export, arg)?;
+    let h = d.header();
+    if d.state() != 0 || h.rewinding || h.frame_sp != control::FRAMES_BASE {
+        return Err(format!("the plain variant ended in state {} with header {h:?}", d.state()));
+    }
+    Ok((results, std::mem::take(&mut d.store.data_mut().log)))
+}
+
+/// Calls `export(arg)` in the original module: its results and the log of
+/// `env` calls.
+#[allow(dead_code)]
+pub fn call_original(engine: &Engine, wasm: &[u8], export: &str, arg: i32) -> Result<(Vec<i32>, Vec<String>), String> {
+    let mut store = new_store(engine, None, None);
+    let module = Module::new(engine, wasm).map_err(|e| format!("{e:?}"))?;
+    let instance = linker(engine).instantiate(&mut store, &module).map_err(|e| format!("{e:?}"))?;
+    let results = call_i32(&mut store, &instance, export, arg)?;
+    Ok((results, std::mem::take(&mut store.data_mut().log)))
+}
+
+/// Calls `export(arg)`, a function of i32 results.
+fn call_i32(store: &mut Store<Host>, instance: &Instance, export: &str, arg: i32) -> Result<Vec<i32>, String> {
+    let f = instance.get_func(&mut *store, export).ok_or_else(|| format!("no export {export}"))?;
+    let mut results = vec![Val::I32(0); f.ty(&*store).results().len()];
+    f.call(&mut *store, &[Val::I32(arg)], &mut results).map_err(|e| format!("{export} failed: {e:?}"))?;
+    Ok(results.iter().map(|v| v.i32().unwrap_or(i32::MIN)).collect())
+}
+
+/// An instance of the instrumented module over the given program and
+/// control memories.
+fn instantiate_over(engine: &Engine, store: &mut Store<Host>, inst: &Instrumented, program: &SharedMemory, control: &SharedMemory) -> Result<Instance, String> {
+    let mut l = linker(engine);
+    l.define(&mut *store, abi::IMPORT_MODULE, abi::MEMORY_IMPORT, program.clone()).map_err(|e| e.to_string())?;
+    l.define(&mut *store, abi::IMPORT_MODULE, abi::CONTROL_IMPORT, control.clone()).map_err(|e| e.to_string())?;
+    let module = Module::new(engine, &inst.wasm).map_err(|e| format!("instrumented module does not compile: {e:?}"))?;
+    l.instantiate(&mut *store, &module).map_err(|e| format!("{e:?}"))
 }
