@@ -166,8 +166,9 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
     let mut levels: Vec<Level> = Vec::new();
     let mut level_after = HashMap::new();
     let mut ordinals: HashMap<(u8, u32), u32> = HashMap::new();
-    // A function on a call cycle gets an update point at its entry, which
-    // the rewrite treats like a loop header around the whole body.
+    // A function on a call cycle gets a resume point at its entry, which
+    // the rewrite treats like a loop header around the whole body (checked
+    // on each call only in the feedback set, `CallGraph::entry_checked`).
     let mut entry_rp = None;
     if graph.recursive[body.func as usize] {
         rps.push(Rp {
