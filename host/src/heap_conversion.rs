@@ -8,10 +8,10 @@
 //! up before [`convert`] and restored on any failure, and the old objects
 //! are freed ([`free_old`]) only once the new code has accepted the frames.
 
-use upstare_instrument::abi::exports::{FREE, MALLOC};
+use upstare_instrument::abi::exports::{FREE_BATCH, MALLOC_BATCH};
 use upstare_instrument::abi::{TypedFrame, Value};
 use upstare_patchgen::heap::{self, Landing, MemoryView};
-use wasmtime::{Instance, Store};
+use wasmtime::{Instance, Store, TypedFunc};
 
 use crate::module::one_line;
 use crate::pause::ControlMemory;
@@ -93,6 +93,9 @@ pub enum HeapError {
     /// A batch of calls into the guest stopped at an update point.
     #[error("{0}: it stopped at an update point instead of returning")]
     Stopped(Calls),
+    /// The control memory has no room for a batch of allocator calls.
+    #[error("converting the heap: {0}")]
+    NoScratch(String),
     /// The allocator's own bytes lie out of bounds.
     #[error("the allocator's bytes at {0:#x} lie out of bounds")]
     AllocatorOutOfBounds(u32),
@@ -143,15 +146,16 @@ pub(crate) fn convert(
     let mut new_starts = Vec::with_capacity(plan.objects.len());
     if !plan.objects.is_empty() {
         let malloc = instance
-            .get_typed_func::<i32, i32>(&mut *store, MALLOC)
+            .get_typed_func::<(i32, i32), i32>(&mut *store, MALLOC_BATCH)
             .map_err(|_| HeapError::NoMalloc)?;
+        let mut words: Vec<u32> = plan.objects.iter().map(|o| o.new_bytes()).collect();
         with_pause_off(&unwinder.control, unwinder, store, Calls::Malloc, |store| {
-            for o in &plan.objects {
-                let at = malloc.call(&mut *store, o.new_bytes() as i32).map_err(HeapError::Malloc)?;
-                if at == 0 {
-                    return Err(HeapError::OutOfMemory { size: o.new_bytes(), type_name: o.kind.type_name.clone(), path: plan.path_of(o) });
-                }
-                let at = at as u32;
+            let done = call_in_batches(&unwinder.control, store, &malloc, &mut words, HeapError::Malloc)?;
+            let normal = unwinder.state.get(&mut *store).i32() == Some(0);
+            if let (Some(o), true) = (plan.objects.get(done), normal) {
+                return Err(HeapError::OutOfMemory { size: o.new_bytes(), type_name: o.kind.type_name.clone(), path: plan.path_of(o) });
+            }
+            for (o, &at) in plan.objects.iter().zip(&words[..done]) {
                 if !memory.fill(u64::from(at), u64::from(o.new_bytes()), 0) {
                     return Err(HeapError::MallocOutOfBounds(at));
                 }
@@ -273,11 +277,45 @@ pub(crate) fn free_old(
         return Ok(());
     }
     let free = instance
-        .get_typed_func::<i32, ()>(&mut *store, FREE)
+        .get_typed_func::<(i32, i32), i32>(&mut *store, FREE_BATCH)
         .map_err(|_| HeapError::NoFree)?;
+    let mut words: Vec<u32> = plan.objects.iter().map(|o| o.start).collect();
     with_pause_off(&unwinder.control, unwinder, store, Calls::Free, |store| {
-        plan.objects.iter().try_for_each(|o| free.call(&mut *store, o.start as i32).map_err(HeapError::Free))
+        call_in_batches(&unwinder.control, store, &free, &mut words, HeapError::Free).map(|_| ())
     })
+}
+
+/// Entries per call of an allocator batch: its scratch array in the
+/// control memory (256 KiB) stays small next to the frames.
+const BATCH: usize = 1 << 16;
+
+/// Calls the allocator batch `batch` ([`MALLOC_BATCH`] or [`FREE_BATCH`])
+/// over `words` (sizes, or addresses), a chunk of at most [`BATCH`] at a
+/// time through a scratch array above the frame stack; `words` get what the
+/// batch wrote back (the addresses `malloc` returned). Returns how many
+/// calls completed: all of them, or fewer where one stopped the batch (a
+/// null from `malloc`, or a call that left the normal state). A call from
+/// the host costs about as much as a `malloc`; a million objects make 16.
+fn call_in_batches(
+    control: &ControlMemory,
+    store: &mut Store<ProcessState>,
+    batch: &TypedFunc<(i32, i32), i32>,
+    words: &mut [u32],
+    trapped: fn(wasmtime::Error) -> HeapError,
+) -> Result<usize, HeapError> {
+    let at = control.scratch(BATCH.min(words.len())).map_err(HeapError::NoScratch)?;
+    let mut done = 0;
+    for chunk in words.chunks_mut(BATCH) {
+        control.write_words(at, chunk);
+        let n = batch.call(&mut *store, (at as i32, chunk.len() as i32)).map_err(trapped)?;
+        control.read_words(at, chunk);
+        let n = (n as u32 as usize).min(chunk.len());
+        done += n;
+        if n < chunk.len() {
+            break;
+        }
+    }
+    Ok(done)
 }
 
 /// Makes `calls` into the guest (its allocator, a converter) with no pause

@@ -145,6 +145,38 @@ impl ControlMemory {
         Ok(())
     }
 
+    /// The address of a scratch array of `words` u32 just above the frame
+    /// stack, growing the memory if needed, for the allocator's batches
+    /// ([`abi::exports::MALLOC_BATCH`]). Call only while the guest is not
+    /// running; the frames below stay as they are.
+    pub(crate) fn scratch(&self, words: usize) -> Result<u32, String> {
+        let sp = self.word(control::FRAME_SP).load(Ordering::SeqCst) as usize;
+        let at = sp.max(control::FRAMES_BASE as usize).next_multiple_of(8);
+        let end = at + 4 * words;
+        let have = self.memory.data().len();
+        if end > have {
+            let pages = (end - have).div_ceil(64 << 10) as u64;
+            self.memory.grow(pages).map_err(|e| format!("cannot grow the control memory: {e}"))?;
+        }
+        u32::try_from(at).map_err(|_| "the frame stack fills the control memory".to_string())
+    }
+
+    /// Writes `words` at `at` (4-aligned). Call only while the guest is not
+    /// running.
+    pub(crate) fn write_words(&self, at: u32, words: &[u32]) {
+        for (i, w) in words.iter().enumerate() {
+            self.word(at + 4 * i as u32).store(*w, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads `out.len()` words at `at` (4-aligned). Call only while the
+    /// guest is not running.
+    pub(crate) fn read_words(&self, at: u32, out: &mut [u32]) {
+        for (i, w) in out.iter_mut().enumerate() {
+            *w = self.word(at + 4 * i as u32).load(Ordering::Relaxed);
+        }
+    }
+
     fn read_bytes(&self, at: u32, out: &mut [u8]) {
         let data = self.memory.data();
         let src = &data[at as usize..at as usize + out.len()];

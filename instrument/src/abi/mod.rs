@@ -163,6 +163,16 @@ pub mod exports {
     pub const MALLOC: &str = "upstare_malloc";
     /// The program's `free`, like [`MALLOC`].
     pub const FREE: &str = "upstare_free";
+    /// `(at, n) -> done`, present with [`MALLOC`]: calls `malloc` for each
+    /// of the `n` sizes (u32) at `at` in the control memory, replacing each
+    /// with the address returned, and returns how many it allocated; it
+    /// stops early at a null or when the state leaves normal. One call for
+    /// a batch instead of one per object.
+    pub const MALLOC_BATCH: &str = "upstare_malloc_batch";
+    /// `(at, n) -> done`, present with [`FREE`]: calls `free` for each of
+    /// the `n` addresses at `at` in the control memory, like
+    /// [`MALLOC_BATCH`].
+    pub const FREE_BATCH: &str = "upstare_free_batch";
     /// Prefix of the export of each mutable global: `upstare_global_<index>`.
     pub const GLOBAL_PREFIX: &str = "upstare_global_";
 
@@ -188,6 +198,8 @@ pub mod exports {
             EXTERNREF_TABLE,
             MALLOC,
             FREE,
+            MALLOC_BATCH,
+            FREE_BATCH,
         ]
         .contains(&name)
             || name.starts_with(GLOBAL_PREFIX)

@@ -1,6 +1,7 @@
 //! The functions the instrumenter appends after the original ones: frame
 //! stack push and pop, the pause decision, the end of a rewind, memory
-//! initialisation, the state-changing exports, and the reference side tables.
+//! initialisation, the state-changing exports, the reference side tables,
+//! and the allocator's batches.
 //!
 //! They are small and written once here, so that the code inserted into
 //! every instrumented function stays a call instead of a copy.
@@ -84,7 +85,62 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
         add(types, &[t], &[I32], &[ValType::I32], spill_ref(t, side.table));
         add(types, &[I32], &[t], &[], load_ref(side.table));
     }
+    if let Some(b) = h.malloc_batch {
+        add(types, &[I32, I32], &[I32], &[ValType::I32; 2], allocator_batch(b.target, true, state));
+    }
+    if let Some(b) = h.free_batch {
+        add(types, &[I32, I32], &[I32], &[ValType::I32; 2], allocator_batch(b.target, false, state));
+    }
     out
+}
+
+/// `batch(at, n) -> done`: calls the allocator function `target` once for
+/// each of the `n` words at `at` in the control memory, in order: `malloc`
+/// replaces each size with the address it returns, `free` takes each
+/// address. Stops early, returning how many calls succeeded, at a `malloc`
+/// that returns null or at a call that leaves the normal state. A host
+/// converting a million heap objects makes two calls instead of two
+/// million. Locals: 2 = index, 3 = address of the entry.
+fn allocator_batch(target: u32, malloc: bool, state: u32) -> Code {
+    let mut c = Code::default();
+    c.op(I::Block(BlockType::Empty));
+    c.op(I::Loop(BlockType::Empty));
+    c.op(I::LocalGet(2));
+    c.op(I::LocalGet(1));
+    c.op(I::I32GeU);
+    c.op(I::BrIf(1));
+    c.op(I::LocalGet(0));
+    c.op(I::LocalGet(2));
+    c.i32(2);
+    c.op(I::I32Shl);
+    c.op(I::I32Add);
+    c.op(I::LocalSet(3));
+    if malloc {
+        c.op(I::LocalGet(3));
+        c.op(I::LocalGet(3));
+        c.op(I::I32Load(ctrl(0, 2)));
+        c.op(I::Call(target));
+        c.op(I::I32Store(ctrl(0, 2)));
+        c.op(I::LocalGet(3));
+        c.op(I::I32Load(ctrl(0, 2)));
+        c.op(I::I32Eqz);
+        c.op(I::BrIf(1));
+    } else {
+        c.op(I::LocalGet(3));
+        c.op(I::I32Load(ctrl(0, 2)));
+        c.op(I::Call(target));
+    }
+    c.op(I::GlobalGet(state));
+    c.op(I::BrIf(1));
+    c.op(I::LocalGet(2));
+    c.i32(1);
+    c.op(I::I32Add);
+    c.op(I::LocalSet(2));
+    c.op(I::Br(0));
+    c.op(I::End);
+    c.op(I::End);
+    c.op(I::LocalGet(2));
+    c
 }
 
 /// The pack helpers ([`Packs`]), in the order they are numbered: the

@@ -126,6 +126,10 @@ pub(crate) struct Helpers {
     pub funcrefs: Option<RefSide>,
     /// Present when some frame can hold an externref.
     pub externrefs: Option<RefSide>,
+    /// `malloc` over a batch of sizes, present when the program has one.
+    pub malloc_batch: Option<Batch>,
+    /// `free` over a batch of addresses, present when the program has one.
+    pub free_batch: Option<Batch>,
     /// The first function index after these helpers.
     pub next: u32,
 }
@@ -183,10 +187,20 @@ pub(crate) struct RefSide {
     pub table: u32,
 }
 
+/// A helper that calls one of the program's allocator functions once per
+/// entry of an array in the control memory ([`crate::abi::exports::MALLOC_BATCH`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batch {
+    pub helper: u32,
+    /// The allocator function it calls.
+    pub target: u32,
+}
+
 impl Helpers {
     /// Lays the helpers out after `first` (the number of functions in the
-    /// original module), and the side tables after `tables`.
-    pub fn new(first: u32, tables: u32, funcrefs: bool, externrefs: bool) -> Helpers {
+    /// original module), and the side tables after `tables`. `malloc` and
+    /// `free` are the program's allocator functions, if it has them.
+    pub fn new(first: u32, tables: u32, funcrefs: bool, externrefs: bool, malloc: Option<u32>, free: Option<u32>) -> Helpers {
         let mut next_func = first + 11;
         let mut next_table = tables;
         let mut side = |present: bool| {
@@ -199,6 +213,13 @@ impl Helpers {
         };
         let funcrefs = side(funcrefs);
         let externrefs = side(externrefs);
+        let mut batch = |target: Option<u32>| {
+            target.map(|target| {
+                next_func += 1;
+                Batch { helper: next_func - 1, target }
+            })
+        };
+        let (malloc_batch, free_batch) = (batch(malloc), batch(free));
         Helpers {
             frame_push: first,
             frame_pop: first + 1,
@@ -213,6 +234,8 @@ impl Helpers {
             stop_rewind: first + 10,
             funcrefs,
             externrefs,
+            malloc_batch,
+            free_batch,
             next: next_func,
         }
     }

@@ -64,11 +64,14 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
             })
         })
     };
+    let allocator = |name: &str| info.allocator.iter().find(|(export, _)| *export == name).map(|&(_, func)| func);
     let helpers = Helpers::new(
         info.func_types.len() as u32,
         info.num_tables,
         in_frames(Ty::FuncRef),
         in_frames(Ty::ExternRef),
+        allocator(exports::MALLOC),
+        allocator(exports::FREE),
     );
     let state_global = info.globals.len() as u32;
     let keys = info
@@ -571,5 +574,11 @@ fn add_exports(s: &mut ExportSection, info: &ModuleInfo<'_>, h: &Helpers, meta: 
     }
     for &(name, func) in &info.allocator {
         s.export(name, ExportKind::Func, func);
+    }
+    if let Some(b) = h.malloc_batch {
+        s.export(exports::MALLOC_BATCH, ExportKind::Func, b.helper);
+    }
+    if let Some(b) = h.free_batch {
+        s.export(exports::FREE_BATCH, ExportKind::Func, b.helper);
     }
 }
