@@ -204,20 +204,12 @@ fn entry_checks(info: &ModuleInfo<'_>, edges: &[Vec<u32>], recursive: &[bool]) -
         size[body.func as usize] = body.range.end - body.range.start;
     }
     let mut checked = vec![false; n];
-    let mut parts = cycles(
-        edges,
-        recursive,
-        (0..n as u32).filter(|&f| recursive[f as usize]),
-    );
+    let mut parts = cycles(edges, recursive, (0..n as u32).filter(|&f| recursive[f as usize]));
     let mut in_part = vec![false; n];
     while let Some(part) = parts.pop() {
-        let self_call = part
-            .iter()
-            .copied()
-            .find(|&f| edges[f as usize].binary_search(&f).is_ok());
+        let self_call = part.iter().copied().find(|&f| edges[f as usize].binary_search(&f).is_ok());
         let pick = self_call.unwrap_or_else(|| {
-            let index: HashMap<u32, usize> =
-                part.iter().enumerate().map(|(i, &f)| (f, i)).collect();
+            let index: HashMap<u32, usize> = part.iter().enumerate().map(|(i, &f)| (f, i)).collect();
             let (mut calls_in, mut calls_out) = (vec![0u64; part.len()], vec![0u64; part.len()]);
             for (i, &f) in part.iter().enumerate() {
                 for w in &edges[f as usize] {
@@ -228,13 +220,7 @@ fn entry_checks(info: &ModuleInfo<'_>, edges: &[Vec<u32>], recursive: &[bool]) -
                 }
             }
             let best = (0..part.len())
-                .max_by_key(|&i| {
-                    (
-                        calls_in[i] * calls_out[i],
-                        size[part[i] as usize],
-                        std::cmp::Reverse(part[i]),
-                    )
-                })
+                .max_by_key(|&i| (calls_in[i] * calls_out[i], size[part[i] as usize], std::cmp::Reverse(part[i])))
                 .expect("a cycle has members");
             part[best]
         });
@@ -253,9 +239,9 @@ fn entry_checks(info: &ModuleInfo<'_>, edges: &[Vec<u32>], recursive: &[bool]) -
 }
 
 /// The strongly connected components of the graph restricted to `alive`
-/// functions, reached from `roots` (themselves alive), that hold a cycle (more than one member,
-/// or one that calls itself). Tarjan's algorithm, iterative so that deep
-/// call chains cannot overflow the host's stack.
+/// functions, reached from `roots`, that hold a cycle (more than one
+/// member, or one that calls itself). Tarjan's algorithm, iterative so that
+/// deep call chains cannot overflow the host's stack.
 fn cycles(edges: &[Vec<u32>], alive: &[bool], roots: impl Iterator<Item = u32>) -> Vec<Vec<u32>> {
     let n = edges.len();
     const UNSEEN: u32 = u32::MAX;

@@ -831,7 +831,13 @@ pub fn plain_stops(engine: &Engine, wasm: &[u8], export: &str, arg: i32, stops: 
 /// it leaves one). Returns the call's results and the log of `env` calls, to
 /// compare with the original's.
 #[allow(dead_code)]
-pub fn rewind_entry_across(engine: &Engine, wasm: &[u8], export: &str, arg: i32, func: u32) -> Result<(Vec<i32>, Vec<String>), String> {
+pub fn rewind_entry_across(
+    engine: &Engine,
+    wasm: &[u8],
+    export: &str,
+    arg: i32,
+    func: u32,
+) -> Result<(Vec<i32>, Vec<String>), String> {
     let plain = upstare_instrument::instrument(wasm, &options()).map_err(|e| e.to_string())?;
     let stressed = upstare_instrument::instrument(wasm, &options_for(MODES[1])).map_err(|e| e.to_string())?;
     let ex = exports_of(wasm);
@@ -884,7 +890,13 @@ fn call_i32(store: &mut Store<Host>, instance: &Instance, export: &str, arg: i32
 
 /// An instance of the instrumented module over the given program and
 /// control memories.
-fn instantiate_over(engine: &Engine, store: &mut Store<Host>, inst: &Instrumented, program: &SharedMemory, control: &SharedMemory) -> Result<Instance, String> {
+fn instantiate_over(
+    engine: &Engine,
+    store: &mut Store<Host>,
+    inst: &Instrumented,
+    program: &SharedMemory,
+    control: &SharedMemory,
+) -> Result<Instance, String> {
     let mut l = linker(engine);
     l.define(&mut *store, abi::IMPORT_MODULE, abi::MEMORY_IMPORT, program.clone()).map_err(|e| e.to_string())?;
     l.define(&mut *store, abi::IMPORT_MODULE, abi::CONTROL_IMPORT, control.clone()).map_err(|e| e.to_string())?;
