@@ -195,8 +195,23 @@ pub struct Host {
     blocking_calls: u32,
 }
 
+/// The most memory a module may have, in bytes: the store's limit for
+/// the original's own memory, and the maximum of the shared program memory
+/// the instrumented module imports, which no store limits. A `memory.grow`
+/// past it fails in both.
+const MEMORY_LIMIT: usize = 1 << 24;
+
+/// The program memory an instrumented module imports, with at most
+/// [`MEMORY_LIMIT`] bytes (or its minimum, if that is more, as the store
+/// would refuse the original's).
+fn program_memory(engine: &Engine, meta: &Metadata) -> Result<SharedMemory, String> {
+    let limit = (MEMORY_LIMIT / 65536) as u32;
+    let max = meta.memory.import_max().min(limit.max(meta.memory.min));
+    SharedMemory::new(engine, MemoryType::shared(meta.memory.min, max)).map_err(|e| format!("cannot create the program memory: {e}"))
+}
+
 fn new_store(engine: &Engine, inject_every: Option<u32>, pause_every: Option<u32>) -> Store<Host> {
-    let limits = StoreLimitsBuilder::new().memory_size(1 << 24).table_elements(100_000).instances(10).build();
+    let limits = StoreLimitsBuilder::new().memory_size(MEMORY_LIMIT).table_elements(100_000).instances(10).build();
     let mut store = Store::new(
         engine,
         Host {
@@ -432,8 +447,7 @@ impl<'a> Driver<'a> {
     fn over_fresh_memories(engine: &Engine, inst: &'a Instrumented, exports: &'a Exports) -> Result<Self, String> {
         let meta = &inst.metadata;
         let mut store = new_store(engine, None, None);
-        let program = SharedMemory::new(engine, MemoryType::shared(meta.memory.min, meta.memory.import_max()))
-            .map_err(|e| format!("cannot create the program memory: {e}"))?;
+        let program = program_memory(engine, meta)?;
         let control = SharedMemory::new(engine, MemoryType::shared(control::MIN_PAGES as u32, control::MAX_PAGES as u32))
             .map_err(|e| format!("cannot create the control memory: {e}"))?;
         let instance = instantiate_over(engine, &mut store, inst, &program, &control)?;
@@ -603,8 +617,7 @@ pub fn run_instrumented(
     let mut store = new_store(engine, inject, pause);
     // The instrumented module imports its program memory shared (see
     // `abi::MEMORY_IMPORT`).
-    let program = SharedMemory::new(engine, MemoryType::shared(meta.memory.min, meta.memory.import_max()))
-        .map_err(|e| format!("cannot create the program memory: {e}"))?;
+    let program = program_memory(engine, meta)?;
     let memory = Mem::Shared(program.clone());
     let control = SharedMemory::new(engine, MemoryType::shared(control::MIN_PAGES as u32, control::MAX_PAGES as u32))
         .map_err(|e| format!("cannot create the control memory: {e}"))?;
