@@ -235,6 +235,30 @@ fn a_module_that_cannot_unwind_keeps_every_body() {
     assert_eq!(shape(&out.wasm).bodies[..2], shape(&wasm).bodies[..]);
 }
 
+/// The allocator is exported for the host, with a batch helper around it
+/// where it has C's wasm32 signature; a function merely named `malloc`
+/// with another type is exported as it is, and the module still
+/// instruments.
+#[test]
+fn the_allocator_gets_batch_helpers_only_with_its_c_signature() {
+    let module = |malloc: &str, free: &str| {
+        wat::parse_str(format!(
+            r#"(module (memory 1)
+              (func $malloc {malloc} unreachable)
+              (func $free {free} unreachable)
+              (func (export "f") (loop)))"#
+        ))
+        .expect("wat")
+    };
+    let exported = |wasm: &[u8]| {
+        let out = instrument(wasm, &Options::default()).expect("instrument");
+        let e = shape(&out.wasm).exports;
+        [exports::MALLOC, exports::MALLOC_BATCH, exports::FREE, exports::FREE_BATCH].map(|n| e.contains_key(n))
+    };
+    assert_eq!(exported(&module("(param i32) (result i32)", "(param i32)")), [true; 4]);
+    assert_eq!(exported(&module("(param i64) (result i64)", "(param i32) (result i32)")), [true, false, true, false]);
+}
+
 #[test]
 fn blocking_option_adds_update_points() {
     let wasm = wat::parse_str(

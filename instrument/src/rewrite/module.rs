@@ -64,14 +64,21 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
             })
         })
     };
-    let allocator = |name: &str| info.allocator.iter().find(|(export, _)| *export == name).map(|&(_, func)| func);
+    // A batch helper calls the allocator with C's wasm32 signatures; a
+    // function of the same name and another type is exported as it is,
+    // without one.
+    let allocator = |name: &str, results: &[wasmparser::ValType]| {
+        let (_, func) = *info.allocator.iter().find(|(export, _)| *export == name)?;
+        let ty = info.func_type(func);
+        (ty.params() == [wasmparser::ValType::I32] && ty.results() == results).then_some(func)
+    };
     let helpers = Helpers::new(
         info.func_types.len() as u32,
         info.num_tables,
         in_frames(Ty::FuncRef),
         in_frames(Ty::ExternRef),
-        allocator(exports::MALLOC),
-        allocator(exports::FREE),
+        allocator(exports::MALLOC, &[wasmparser::ValType::I32]),
+        allocator(exports::FREE, &[]),
     );
     let state_global = info.globals.len() as u32;
     let keys = info
