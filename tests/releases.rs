@@ -120,6 +120,44 @@ pub fn zstd_mt(release: &str, defines: &[&str]) -> PathBuf {
     build(&format!("zstd-mt{variant}-{release}"), &sources, &flags, libs)
 }
 
+/// The Lua workload: Lua 5.4's core with its base, table, string and math
+/// libraries (the C sources the `lua-src` crate bundles, fetched through
+/// `tests/releases/sources/lua-5.4.7`) and `tests/releases/lua-workload.c`,
+/// whose script spreads its work over what a Lua program does. A real
+/// interpreter nobody here wrote, whose opcode cases call helper functions.
+/// Returns its sources, flags and libraries, for a build of it.
+///
+/// Lua raises errors with setjmp/longjmp, which wasm32-wasi has only with
+/// exception handling: `LUAI_THROW` aborts instead (the workload raises
+/// none), and `tests/releases/lua-shim` stands in for `<setjmp.h>`.
+/// `l_signalT` is a plain int, as wasi-libc's `sig_atomic_t` needs its
+/// signal emulation.
+pub fn lua_recipe() -> (Vec<PathBuf>, Vec<String>, &'static [&'static str]) {
+    let dir = crate_dir(&repo().join("tests/releases/sources/lua-5.4.7/Cargo.toml"), "lua-src").join("lua-5.4.7");
+    let skipped = ["lua.c", "luac.c", "linit.c", "loslib.c", "liolib.c", "loadlib.c", "lcorolib.c", "ldblib.c"];
+    let mut sources: Vec<PathBuf> =
+        c_files(&dir).into_iter().filter(|p| !skipped.iter().any(|s| p.file_name().is_some_and(|n| n == *s))).collect();
+    sources.push(repo().join("tests/releases/lua-workload.c"));
+    let mut flags = vec![
+        format!("-I{}", repo().join("tests/releases/lua-shim").display()),
+        format!("-I{}", dir.display()),
+    ];
+    flags.extend(
+        ["-DLUAI_THROW(L,c)=abort()", "-DLUAI_TRY(L,c,a)=a", "-Dluai_jmpbuf=int", "-Dl_signalT=int", "-D_WASI_EMULATED_PROCESS_CLOCKS"]
+            .map(String::from),
+    );
+    (sources, flags, &["-lwasi-emulated-process-clocks"])
+}
+
+/// The Lua workload ([`lua_recipe`]) with a 1 MiB shadow stack, built now
+/// unless a build of the same sources and flags is kept. Its argument is
+/// the scale of its work; what it prints depends on that alone.
+pub fn lua_workload() -> PathBuf {
+    let (sources, mut flags, libs) = lua_recipe();
+    flags.insert(0, "-Wl,-z,stack-size=1048576".into());
+    build("lua-workload", &sources, &flags, libs)
+}
+
 /// Adds `defines` to `flags` as `-DNAME`; returns what they add to the
 /// build's name (`-name` each).
 fn with_defines(flags: &mut Vec<String>, defines: &[&str]) -> String {

@@ -119,46 +119,13 @@ pub fn sqlite_dir() -> PathBuf {
     upstare_tests::releases::crate_dir(&manifest, "libsqlite3-sys").join("sqlite3")
 }
 
-/// The directory of Lua 5.4's C sources in the `lua-src` crate, which
-/// `cargo metadata` on `benches/lua-source` fetches and locates.
-pub fn lua_dir() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("lua-source/Cargo.toml");
-    upstare_tests::releases::crate_dir(&manifest, "lua-src").join("lua-5.4.7")
-}
-
-/// The Lua workload guest (`benches/guests/lua-workload.c` linked with
-/// Lua's core and its base, table, string and math libraries). Lua raises
-/// errors with setjmp/longjmp, which wasm32-wasi has only with exception
-/// handling: `LUAI_THROW` aborts instead (the workload raises none), and
-/// `benches/guests/lua-shim` stands in for `<setjmp.h>`. `l_signalT` is a
-/// plain int, as wasi-libc's `sig_atomic_t` needs its signal emulation.
+/// The Lua workload guest ([`upstare_tests::releases::lua_recipe`]: Lua's
+/// core and its base, table, string and math libraries, driven by
+/// `tests/releases/lua-workload.c`), with the benches' stack.
 pub fn lua_guest() -> CGuest {
-    let dir = lua_dir();
-    let skipped = ["lua.c", "luac.c", "linit.c", "loslib.c", "liolib.c", "loadlib.c", "lcorolib.c", "ldblib.c"];
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "c"))
-        .filter(|p| !skipped.iter().any(|s| p.file_name().is_some_and(|n| n == *s)))
-        .collect();
-    sources.sort();
-    sources.push(root().join("benches/guests/lua-workload.c"));
-    let mut flags = vec![
-        STACK.to_string(),
-        format!("-I{}", root().join("benches/guests/lua-shim").display()),
-        format!("-I{}", dir.display()),
-    ];
-    flags.extend(
-        [
-            "-DLUAI_THROW(L,c)=abort()",
-            "-DLUAI_TRY(L,c,a)=a",
-            "-Dluai_jmpbuf=int",
-            "-Dl_signalT=int",
-            "-D_WASI_EMULATED_PROCESS_CLOCKS",
-        ]
-        .map(String::from),
-    );
-    CGuest { name: "lua".into(), sources, flags, libs: vec!["-lwasi-emulated-process-clocks".into()] }
+    let (sources, recipe, libs) = upstare_tests::releases::lua_recipe();
+    let flags = std::iter::once(STACK.to_string()).chain(recipe).collect();
+    CGuest { name: "lua".into(), sources, flags, libs: libs.iter().map(|l| l.to_string()).collect() }
 }
 
 /// The SQLite workload guest (`benches/guests/sqlite-workload.c` linked

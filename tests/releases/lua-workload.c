@@ -1,5 +1,5 @@
 /*
- * The Lua workload of the overhead bench: Lua 5.4 (from the sources the
+ * The Lua workload of the overhead bench and the random-pause tests: Lua 5.4 (from the sources the
  * lua-src crate bundles) runs the script below, whose work is spread over
  * what a Lua program does: numeric loops, table inserts, lookups and sorts,
  * string building, formatting and pattern matching, and calls of Lua
