@@ -4,7 +4,9 @@
 //! (`tests/releases/*-kv.c`) into a guest that the release chains update
 //! live (`tests/e2e/releases.rs`, `docs/RELEASES.md`), and zstd's
 //! multi-threaded compression with a driver of ours
-//! (`tests/releases/zstd-mt.c`, run by `tests/e2e/threads.rs`).
+//! (`tests/releases/zstd-mt.c`, run by `tests/e2e/threads.rs`); and Lua
+//! 5.4 (`lua-src`) with a workload of ours (`tests/releases/lua-workload.c`,
+//! run by the overhead bench and `tests/e2e/random_pauses.rs`).
 //!
 //! Each release has a manifest under `tests/releases/sources/` that is
 //! never built: `cargo metadata` on it makes cargo fetch the crate's
