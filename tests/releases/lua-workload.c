@@ -3,9 +3,10 @@
  * Lua 5.4 (from the sources the lua-src crate bundles) runs the script
  * below, whose work is spread over what a Lua program does: numeric
  * loops, table inserts, lookups and sorts, string building, formatting and
- * pattern matching, and calls of Lua functions and closures. Lua's bytecode interpreter (luaV_execute) is one
- * switch whose opcode cases call helper functions (table access, string
- * concatenation, calls), the shape where update support used to cost most.
+ * pattern matching, and calls of Lua functions and closures. Lua's
+ * bytecode interpreter (luaV_execute) is one switch whose opcode cases
+ * call helper functions (table access, string concatenation, calls), the
+ * shape where update support used to cost most.
  *
  * Usage: lua-workload [SCALE]   (default 10; the output depends only on SCALE)
  *
