@@ -590,19 +590,31 @@ impl Emitter<'_> {
         self.prologue()?;
         self.dispatch(&[], top, Some((resume, check)))?;
         self.end()?;
-        self.code.i32(0);
-        self.code.op(I::I32Load8U(ctrl(control::PAUSE_BYTE, 0)));
+        self.unwind_if_paused(resume, entry_rp)?;
+        self.end()
+    }
+
+    /// The pause decision of an entry or a stress check: on no pause,
+    /// branches to `resume` (the end of the check); on one, unwinds at
+    /// `rp`. The stress variant decides by a call to `should_pause`, which
+    /// counts down its period; the others read the pause byte.
+    fn unwind_if_paused(&mut self, resume: u32, rp: u32) -> Result<()> {
+        if self.cx.stress {
+            self.code.op(I::Call(self.cx.helpers.should_pause));
+        } else {
+            self.code.i32(0);
+            self.code.op(I::I32Load8U(ctrl(control::PAUSE_BYTE, 0)));
+        }
         self.code.op(I::I32Eqz);
         let d = self.depth_of(resume)?;
         self.code.op(I::BrIf(d));
-        self.unwind_at(entry_rp)?;
-        self.end()
+        self.unwind_at(rp)
     }
 
     /// The check of the stress variant, and of a checked function entry
     /// (which is in no loop): a rewind to the header ends here and runs on
-    /// into the body, so that a guest paused again at once still makes progress.
-    /// The pause decision is a call in the stress variant; otherwise, as
+    /// into the body, so that a guest paused again at once still makes
+    /// progress. The pause decision is a call in the stress variant; otherwise, as
     /// at a loop header, it is the pause byte: a call on the cold path
     /// would make every value live across the check (the params) take a
     /// callee-saved register, saved and restored on every call of the
@@ -637,16 +649,7 @@ impl Emitter<'_> {
             self.dispatch(&[], l, Some((resume, check)))?;
             self.end()?;
         }
-        if self.cx.stress {
-            self.code.op(I::Call(self.cx.helpers.should_pause));
-        } else {
-            self.code.i32(0);
-            self.code.op(I::I32Load8U(ctrl(control::PAUSE_BYTE, 0)));
-        }
-        self.code.op(I::I32Eqz);
-        let d = self.depth_of(resume)?;
-        self.code.op(I::BrIf(d));
-        self.unwind_at(loop_rp)?;
+        self.unwind_if_paused(resume, loop_rp)?;
         self.end()?;
         for (i, t) in params.iter().enumerate() {
             let s = self.shadow(base + i as u32, *t);
