@@ -135,11 +135,7 @@ impl ControlMemory {
     /// while the guest is not running.
     pub fn set_frames(&self, frames: &[u8]) -> Result<(), String> {
         let end = control::FRAMES_BASE as usize + frames.len();
-        let have = self.memory.data().len();
-        if end > have {
-            let pages = (end - have).div_ceil(64 << 10) as u64;
-            self.memory.grow(pages).map_err(|e| format!("cannot grow the frame stack: {e}"))?;
-        }
+        self.grow_to(end).map_err(|e| format!("cannot grow the frame stack: {e}"))?;
         self.write_bytes(control::FRAMES_BASE, frames);
         self.word(control::FRAME_SP).store(end as u32, Ordering::SeqCst);
         Ok(())
@@ -152,13 +148,17 @@ impl ControlMemory {
     pub(crate) fn scratch(&self, words: usize) -> Result<u32, String> {
         let sp = self.word(control::FRAME_SP).load(Ordering::SeqCst) as usize;
         let at = sp.max(control::FRAMES_BASE as usize).next_multiple_of(8);
-        let end = at + 4 * words;
+        self.grow_to(at + 4 * words).map_err(|e| format!("cannot grow the control memory: {e}"))?;
+        u32::try_from(at).map_err(|_| "the frame stack fills the control memory".to_string())
+    }
+
+    /// Grows the memory to hold at least `end` bytes.
+    fn grow_to(&self, end: usize) -> anyhow::Result<()> {
         let have = self.memory.data().len();
         if end > have {
-            let pages = (end - have).div_ceil(64 << 10) as u64;
-            self.memory.grow(pages).map_err(|e| format!("cannot grow the control memory: {e}"))?;
+            self.memory.grow((end - have).div_ceil(64 << 10) as u64)?;
         }
-        u32::try_from(at).map_err(|_| "the frame stack fills the control memory".to_string())
+        Ok(())
     }
 
     /// Writes `words` at `at` (4-aligned). Call only while the guest is not

@@ -210,6 +210,12 @@ fn program_memory(engine: &Engine, meta: &Metadata) -> Result<SharedMemory, Stri
     SharedMemory::new(engine, MemoryType::shared(meta.memory.min, max)).map_err(|e| format!("cannot create the program memory: {e}"))
 }
 
+/// A control memory as the host makes one.
+fn control_memory(engine: &Engine) -> Result<SharedMemory, String> {
+    SharedMemory::new(engine, MemoryType::shared(control::MIN_PAGES as u32, control::MAX_PAGES as u32))
+        .map_err(|e| format!("cannot create the control memory: {e}"))
+}
+
 fn new_store(engine: &Engine, inject_every: Option<u32>, pause_every: Option<u32>) -> Store<Host> {
     let limits = StoreLimitsBuilder::new().memory_size(MEMORY_LIMIT).table_elements(100_000).instances(10).build();
     let mut store = Store::new(
@@ -448,8 +454,7 @@ impl<'a> Driver<'a> {
         let meta = &inst.metadata;
         let mut store = new_store(engine, None, None);
         let program = program_memory(engine, meta)?;
-        let control = SharedMemory::new(engine, MemoryType::shared(control::MIN_PAGES as u32, control::MAX_PAGES as u32))
-            .map_err(|e| format!("cannot create the control memory: {e}"))?;
+        let control = control_memory(engine)?;
         let instance = instantiate_over(engine, &mut store, inst, &program, &control)?;
         store.data_mut().control = Some(control.clone());
         let d = Driver { store, instance, program, control, meta, exports, stats: Stats::default() };
@@ -619,8 +624,7 @@ pub fn run_instrumented(
     // `abi::MEMORY_IMPORT`).
     let program = program_memory(engine, meta)?;
     let memory = Mem::Shared(program.clone());
-    let control = SharedMemory::new(engine, MemoryType::shared(control::MIN_PAGES as u32, control::MAX_PAGES as u32))
-        .map_err(|e| format!("cannot create the control memory: {e}"))?;
+    let control = control_memory(engine)?;
     let mut l = linker(engine);
     l.define(&mut store, abi::IMPORT_MODULE, abi::MEMORY_IMPORT, program.clone()).map_err(|e| e.to_string())?;
     l.define(&mut store, abi::IMPORT_MODULE, abi::CONTROL_IMPORT, control.clone()).map_err(|e| e.to_string())?;
