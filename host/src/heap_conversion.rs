@@ -22,9 +22,55 @@ impl MemoryView for ProgramMemory {
     fn read(&self, address: u32, out: &mut [u8]) -> bool {
         self.read_into(u64::from(address), out)
     }
+}
+
+/// The paused program's memory as patchgen's heap trace reads it: one
+/// slice, taken once.
+/// Each access through [`ProgramMemory`] asks wasmtime for the memory's
+/// length under a lock, and a heap trace reads millions of words.
+pub(crate) struct PausedView<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> PausedView<'a> {
+    /// # Safety
+    ///
+    /// No thread of the program may run, nor the memory grow, while the
+    /// view lives (as for [`ProgramMemory::bytes_mut`]).
+    pub(crate) unsafe fn new(memory: &'a ProgramMemory) -> Self {
+        // SAFETY: the caller's promise; the view only reads.
+        PausedView { bytes: unsafe { memory.bytes_mut() } }
+    }
+}
+
+impl MemoryView for PausedView<'_> {
+    fn read(&self, address: u32, out: &mut [u8]) -> bool {
+        let start = address as usize;
+        match self.bytes.get(start..start.saturating_add(out.len())) {
+            Some(bytes) => {
+                out.copy_from_slice(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn read_u32(&self, address: u32) -> Option<u32> {
+        let start = address as usize;
+        let word = self.bytes.get(start..start.checked_add(4)?)?;
+        Some(u32::from_le_bytes(word.try_into().ok()?))
+    }
 
     fn prefetch(&self, address: u32) {
-        self.prefetch(u64::from(address));
+        #[cfg(target_arch = "x86_64")]
+        if let Some(byte) = self.bytes.get(address as usize) {
+            // SAFETY: a prefetch of an address inside the slice reads
+            // nothing the program sees and cannot fault; SSE is part of
+            // x86_64.
+            unsafe { std::arch::x86_64::_mm_prefetch((byte as *const u8).cast::<i8>(), std::arch::x86_64::_MM_HINT_T0) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = address;
     }
 }
 

@@ -149,8 +149,7 @@ impl ProgramMemory {
     }
 
     /// Fills `out` from `addr`; `false` if the range is out of bounds. Like
-    /// [`ProgramMemory::read`], without allocating: the heap tracer reads
-    /// one pointer at a time.
+    /// [`ProgramMemory::read`], without allocating.
     pub fn read_into(&self, addr: u64, out: &mut [u8]) -> bool {
         // SAFETY: as for `read`.
         let bytes = unsafe { self.bytes_mut() };
@@ -161,24 +160,6 @@ impl ProgramMemory {
             }
             None => false,
         }
-    }
-
-    /// Starts loading the cache line at `addr` (a hint: no effect on
-    /// other architectures, none out of bounds).
-    pub fn prefetch(&self, addr: u64) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let data = self.memory.data();
-            if addr < data.len() as u64 {
-                // SAFETY: a prefetch reads nothing the program sees and
-                // cannot fault; SSE is part of x86_64.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch(data.as_ptr().add(addr as usize) as *const i8, std::arch::x86_64::_MM_HINT_T0)
-                }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = addr;
     }
 
     /// Sets `len` bytes at `addr` to `byte`; `false` if the range is out of

@@ -252,7 +252,7 @@ struct Words<'m>(&'m dyn MemoryView);
 
 impl StackMemory for Words<'_> {
     fn read_u32(&self, address: u32) -> Option<u32> {
-        crate::heap::read_u32(self.0, address)
+        self.0.read_u32(address)
     }
 }
 

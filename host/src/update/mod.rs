@@ -46,7 +46,7 @@ use crate::module::{one_line, GuestModule};
 use crate::pause::ControlMemory;
 use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinder};
 use crate::fresh::{unreferenced, Area, FreshAreas};
-use crate::heap_conversion;
+use crate::heap_conversion::{self, PausedView};
 pub use crate::heap_conversion::{Calls, HeapCounts, HeapError};
 use crate::processes::Processes;
 use crate::program_memory::ProgramMemory;
@@ -504,7 +504,10 @@ impl Guest {
         }
         let sp = self.stack_pointer(&current.version);
         let memory = &instrumented(&mut self.unwinder).map_err(|_| UpdateError::NotInstrumented)?.memory;
-        let stack = prepared.frames.map_paused(&frames, sp, memory).map_err(UpdateError::Frame)?;
+        // SAFETY: the process is paused, with its threads; nothing runs or
+        // grows its memory until this plan is made.
+        let view = unsafe { PausedView::new(memory) };
+        let stack = prepared.frames.map_paused(&frames, sp, &view).map_err(UpdateError::Frame)?;
         // The process's other threads, paused with it, move with it.
         let workers = match &self.threads {
             Some(threads) => threads::plan(threads, &current.version, prepared, memory)?,
@@ -512,7 +515,7 @@ impl Guest {
         };
         let paused = PausedProgram {
             version: &current.version,
-            memory,
+            memory: &view,
             main: PausedThread { tid: None, frames: &frames, stack_pointer: sp, stack_top: None, mapped: &stack },
             workers: workers.iter().map(threads::ThreadStep::paused).collect(),
         };

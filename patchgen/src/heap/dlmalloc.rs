@@ -10,7 +10,7 @@
 //! member offsets come from DWARF (wasi-libc is built with `-g`), the flag
 //! bits and alignment from dlmalloc's 32-bit configuration in wasi-libc.
 
-use super::{MemoryView, read_u32};
+use super::MemoryView;
 use crate::dwarf::{DebugInfo, Type, TypeId};
 use crate::version::Version;
 
@@ -32,6 +32,9 @@ const MAX_SEGMENTS: usize = 1 << 16;
 /// The finest granule of the index [`Chunks::containing`] searches by:
 /// one allocation's alignment.
 const MIN_PAGE_SHIFT: u32 = 4;
+/// The index's coarse level: 64 KiB regions (a wasm page), each split into
+/// pages of its own size.
+const REGION_SHIFT: u32 = 16;
 
 /// One allocation in use: the address `malloc` returned and how many bytes
 /// from there belong to it (at least what was asked for).
@@ -53,15 +56,19 @@ pub struct Chunks {
     starts: Vec<u32>,
     /// The memory segments, as (base, size).
     segments: Vec<(u32, u32)>,
-    /// For each page (of `1 << page_shift` bytes) from `first_page` on,
-    /// the index of the first allocation that ends after the page's start:
-    /// a lookup searches only the allocations of one page.
+    /// For each 64 KiB region from `first_region` on, where its pages
+    /// start in `pages` and their size. Each region has about two pages
+    /// per allocation it overlaps, so a page of small objects holds one or
+    /// two of them however sparse the rest of the heap is (a heap of a
+    /// million small objects beside a 1 GiB buffer had 43 per page when
+    /// one page size served the whole heap), and a region inside one large
+    /// allocation costs one entry.
+    regions: Vec<RegionPages>,
+    first_region: u32,
+    /// For each page, the index of the first allocation that ends after
+    /// the page's start, and one more entry (the allocation count) after
+    /// the last: a lookup searches only the allocations of one page.
     pages: Vec<u32>,
-    first_page: u32,
-    /// Pages are as small as keeps them at most two per allocation, so a
-    /// dense heap's page holds a few allocations (one cache line of
-    /// starts) and a sparse one's index stays small.
-    page_shift: u32,
     /// Chunks the allocator keeps for itself (the record of each segment
     /// after the first lives in an allocation marked in use), by index.
     internal: Vec<usize>,
@@ -121,9 +128,10 @@ impl Chunks {
 
     /// The allocation whose bytes contain `address`.
     pub fn containing(&self, address: u32) -> Option<usize> {
-        let page = (address >> self.page_shift).checked_sub(self.first_page)? as usize;
-        let from = *self.pages.get(page)? as usize;
-        let to = self.pages.get(page + 1).map_or(self.chunks.len(), |&t| (t as usize + 1).min(self.chunks.len()));
+        let region = self.regions.get((address >> REGION_SHIFT).checked_sub(self.first_region)? as usize)?;
+        let page = region.first as usize + ((address & ((1 << REGION_SHIFT) - 1)) >> region.shift) as usize;
+        let from = self.pages[page] as usize;
+        let to = (self.pages[page + 1] as usize + 1).min(self.chunks.len());
         let after = from + self.starts[from..to].partition_point(|&start| start <= address);
         let i = after.checked_sub(1)?;
         // Most pointers hold what `malloc` returned: no need to read the
@@ -131,27 +139,49 @@ impl Chunks {
         (address == self.starts[i] || address - self.starts[i] < self.chunks[i].size).then_some(i)
     }
 
-    /// Fills [`Chunks::pages`] once the allocations are sorted.
+    /// Fills [`Chunks::regions`] and [`Chunks::pages`] once the
+    /// allocations are sorted.
     fn index_pages(&mut self) {
         self.starts = self.chunks.iter().map(|c| c.start).collect();
         let (Some(first), Some(last)) = (self.chunks.first(), self.chunks.last()) else { return };
         let end = u64::from(last.start) + u64::from(last.size);
-        let span = end - u64::from(first.start);
-        let per_page = (span / (2 * self.chunks.len() as u64)).max(1);
-        self.page_shift = (u64::BITS - per_page.leading_zeros()).max(MIN_PAGE_SHIFT);
-        self.first_page = first.start >> self.page_shift;
-        let end_page = (end >> self.page_shift) as u32;
+        self.first_region = first.start >> REGION_SHIFT;
+        let regions = ((end.saturating_sub(1) >> REGION_SHIFT) - u64::from(self.first_region) + 1) as usize;
+        let mut overlaps = vec![0u32; regions];
+        for c in &self.chunks {
+            let from = (c.start >> REGION_SHIFT) - self.first_region;
+            let to = ((u64::from(c.start) + u64::from(c.size.max(1)) - 1) >> REGION_SHIFT) as u32 - self.first_region;
+            for n in &mut overlaps[from as usize..=to as usize] {
+                *n += 1;
+            }
+        }
         let mut i = 0;
-        self.pages = (self.first_page..=end_page)
-            .map(|page| {
-                let page_start = u64::from(page) << self.page_shift;
+        self.regions = Vec::with_capacity(regions);
+        self.pages.clear();
+        for (r, &n) in overlaps.iter().enumerate() {
+            // About two pages per allocation: `2n` rounded up to a power of two.
+            let pages_log2 = (2 * n.max(1)).next_power_of_two().trailing_zeros();
+            let shift = REGION_SHIFT.saturating_sub(pages_log2).max(MIN_PAGE_SHIFT);
+            self.regions.push(RegionPages { first: self.pages.len() as u32, shift });
+            let base = u64::from(self.first_region + r as u32) << REGION_SHIFT;
+            for page in 0..1u64 << (REGION_SHIFT - shift) {
+                let page_start = base + (page << shift);
                 while i < self.chunks.len() && u64::from(self.chunks[i].start) + u64::from(self.chunks[i].size) <= page_start {
                     i += 1;
                 }
-                i as u32
-            })
-            .collect();
+                self.pages.push(i as u32);
+            }
+        }
+        self.pages.push(self.chunks.len() as u32);
     }
+}
+
+/// One 64 KiB region of [`Chunks`]' index: its pages are `pages[first..]`,
+/// `1 << shift` bytes each.
+#[derive(Debug, Clone, Copy, Default)]
+struct RegionPages {
+    first: u32,
+    shift: u32,
 }
 
 /// Why the allocator's state could not be read.
@@ -182,7 +212,7 @@ pub fn walk(version: &Version, memory: &dyn MemoryView) -> Result<Option<Chunks>
     let Some(layout) = layout(version)? else { return Ok(None) };
     let word = |at: u64| -> Result<u32, Error> {
         let at = u32::try_from(at).map_err(|_| Error::Corrupt(format!("address {at:#x}")))?;
-        read_u32(memory, at).ok_or_else(|| Error::Corrupt(format!("{at:#x} is out of bounds")))
+        memory.read_u32(at).ok_or_else(|| Error::Corrupt(format!("{at:#x} is out of bounds")))
     };
     let base = u64::from(layout.address);
     let top = word(base + layout.top)?;
@@ -295,4 +325,51 @@ pub(crate) fn running_address(version: &Version, own: u32, name: &str) -> Option
         (!s.is_absolute() && d.address == own && s.name.as_deref() == Some(name)).then_some((i, d))
     })?;
     Some(version.layout.data.get(&(i as u32)).copied().unwrap_or(def.address))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The allocations `layout` lists as (gap before it, size), from 0x1_0000.
+    fn chunks(layout: &[(u32, u32)]) -> Chunks {
+        let mut at = 0x1_0000;
+        let chunks = layout
+            .iter()
+            .map(|&(gap, size)| {
+                let c = Chunk { start: at + gap, size };
+                at = c.start + size;
+                c
+            })
+            .collect();
+        let mut found = Chunks { chunks, ..Chunks::default() };
+        found.index_pages();
+        found
+    }
+
+    fn by_scan(chunks: &Chunks, address: u32) -> Option<usize> {
+        chunks.all().iter().position(|c| address >= c.start && address - c.start < c.size)
+    }
+
+    #[test]
+    fn every_address_finds_the_allocation_holding_it() {
+        // Dense small objects beside a buffer of 3 MiB, which gives
+        // neighbouring regions very different page sizes, gaps of free
+        // memory, and an allocation straddling regions.
+        let mut layout = vec![(0, 24); 3000];
+        layout.push((8, 3 << 20));
+        layout.extend([(0, 40); 500]);
+        layout.push((200_000, 100_000));
+        layout.extend((0..2000).map(|i| (16 * (i % 3), 8 + 16 * (i % 5))));
+        let chunks = chunks(&layout);
+        let (low, high) = (0x1_0000 - 100, chunks.all().last().map_or(0, |c| c.start + c.size) + 100);
+        for address in (low..high).step_by(4).chain([low, high, 0, u32::MAX]) {
+            assert_eq!(chunks.containing(address), by_scan(&chunks, address), "address {address:#x}");
+        }
+    }
+
+    #[test]
+    fn an_empty_heap_holds_nothing() {
+        assert_eq!(chunks(&[]).containing(0x1_0000), None);
+    }
 }

@@ -52,11 +52,14 @@ pub trait MemoryView {
     /// Hints that `address` will be read soon; a view over memory the
     /// process can touch directly starts loading it into the cache.
     fn prefetch(&self, _address: u32) {}
-}
 
-pub(crate) fn read_u32(memory: &dyn MemoryView, address: u32) -> Option<u32> {
-    let mut word = [0; 4];
-    memory.read(address, &mut word).then(|| u32::from_le_bytes(word))
+    /// The little-endian word at `address`; `None` when it lies out of
+    /// bounds. The tracer reads millions of them one at a time, so a view
+    /// that can load a word directly should say so here.
+    fn read_u32(&self, address: u32) -> Option<u32> {
+        let mut word = [0; 4];
+        self.read(address, &mut word).then(|| u32::from_le_bytes(word))
+    }
 }
 
 /// The 4-byte words of the `size` bytes at `address`, as (address, value),

@@ -22,7 +22,7 @@ use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use super::dlmalloc::Chunks;
-use super::{FrameRoots, MemoryView, Moved, Plan, Pointee, Region, Roots, read_u32};
+use super::{FrameRoots, MemoryView, Moved, Plan, Pointee, Region, Roots};
 use crate::dwarf::{DebugInfo, Type, TypeId, ValueMap, same_type, value_map_through_pointers};
 
 /// How many values ahead of the one visited the tracer prefetches: enough
@@ -378,7 +378,7 @@ impl<'a> Tracer<'a> {
             match f.kind {
                 FieldKind::Untyped(size) => self.untyped.push((slot, size, via, f.path)),
                 FieldKind::Pointer { old, new } => {
-                    let Some(value) = read_u32(self.memory, slot) else {
+                    let Some(value) = self.memory.read_u32(slot) else {
                         return Err(format!("{} lies outside memory", self.path(via, f.path)));
                     };
                     if value == 0 {
