@@ -93,6 +93,21 @@ fn a_list_a_tree_with_parents_and_a_grown_array_are_converted_element_by_element
     assert_eq!(client.request("FRESH"), "FRESH nodes=1000 trees=1000 recs=1000");
 }
 
+/// A tree wide enough that the tracer reads its widest generations on two
+/// threads converts as a small one does: every node, every pointer, the
+/// same sums after.
+#[test]
+fn a_heap_traced_on_two_threads_is_converted_whole() {
+    let (_server, control, mut client) = start_graph("heapgraph", "heap-wide");
+    assert_eq!(client.request("GROW 99000"), "GREW 100000");
+    let sums = client.request("SUM");
+    let report = expect_report(&control.update(&guest("heapgraph-v2")));
+    assert_eq!(report.count("heap", "objects converted"), 200_001, "{report:?}");
+    assert_eq!(report.count("heap", "pointers rewritten"), 300_001, "{report:?}");
+    assert_eq!(client.request("SUM"), sums, "every structure whole, in the new layout");
+    assert_eq!(client.request("FRESH"), "FRESH nodes=100000 trees=100000 recs=100000");
+}
+
 /// The tracer cannot tell what a `void *` holds: when it holds the address
 /// of an object that would be converted, the update is refused, naming it.
 #[test]

@@ -44,8 +44,9 @@ use crate::version::{SymbolKey, Version};
 /// dlmalloc's state in wasi-libc.
 const ALLOCATOR_STATE: &str = "_gm_";
 
-/// Reads a paused program's memory.
-pub trait MemoryView {
+/// Reads a paused program's memory (from two threads while the heap is
+/// traced).
+pub trait MemoryView: Sync {
     /// Fills `out` from `address`; false when that lies out of bounds.
     fn read(&self, address: u32, out: &mut [u8]) -> bool;
 

@@ -29,6 +29,25 @@ use crate::dwarf::{DebugInfo, Type, TypeId, ValueMap, same_type, value_map_throu
 /// for a cache miss to complete while the values between are visited.
 const LOOKAHEAD: usize = 8;
 
+/// A generation of at least this many values is resolved on two threads:
+/// enough work to repay starting one (tens of microseconds), which a list's
+/// generations of one node each never are.
+const PARALLEL_FROM: usize = 4096;
+
+/// A value to visit: where it lies, how to walk it, and how it was reached.
+type Item = (u32, ShapeId, Via);
+
+/// What the read-only half of a visit found for one pointer member: the
+/// word it holds (`None`: out of memory) and the allocation holding the
+/// address in it ([`NO_CHUNK`]: none, or a null pointer).
+#[derive(Debug, Clone, Copy)]
+struct Resolved {
+    value: Option<u32>,
+    chunk: u32,
+}
+
+const NO_CHUNK: u32 = u32::MAX;
+
 /// What `void *` members point to, by (struct tag, member).
 type Pointees = std::collections::HashMap<(String, String), Pointee>;
 
@@ -130,9 +149,10 @@ pub(super) struct Tracer<'a> {
     shapes: Vec<Shape>,
     shape_ids: HashMap<(TypeId, Option<TypeId>), ShapeId>,
     pairs: HashMap<(TypeId, TypeId), Arc<(ValueMap, HashMap<u64, TypeId>)>>,
-    /// Values to visit, first in first out: the queue's head is read a few
-    /// visits after it is prefetched ([`LOOKAHEAD`]).
-    work: std::collections::VecDeque<(u32, ShapeId, Via)>,
+    /// The values the generation being visited reached, to visit next
+    /// (breadth first: a generation's values can be read in any order,
+    /// and are followed in this one).
+    work: Vec<Item>,
     slots: Vec<(u32, u32)>,
     /// The allocation each slot points into, with [`super::AT_START`] when
     /// it holds the allocation's start, or [`super::NOT_IN_HEAP`].
@@ -181,7 +201,7 @@ impl<'a> Tracer<'a> {
             shapes: Vec::new(),
             shape_ids: HashMap::default(),
             pairs: HashMap::default(),
-            work: std::collections::VecDeque::new(),
+            work: Vec::new(),
             slots: Vec::new(),
             slot_chunks: Vec::new(),
             untyped: Vec::new(),
@@ -198,18 +218,18 @@ impl<'a> Tracer<'a> {
         for (i, root) in self.roots.globals.iter().chain(&frames.memory).enumerate() {
             let via = Via::Root(i as u32);
             let shape = self.shape(root.old_ty, root.new_ty, via)?;
-            self.work.push_back((root.address, shape, via));
+            self.work.push((root.address, shape, via));
         }
         let first_value = self.roots.globals.len() + frames.memory.len();
         for (i, v) in frames.values.iter().enumerate() {
             self.pointers += 1;
             self.pointer(None, v.value, v.pointee, v.new_pointee, Via::Root((first_value + i) as u32), WHOLE)?;
         }
-        while let Some((at, shape, via)) = self.work.pop_front() {
-            if let Some(&(ahead, ..)) = self.work.get(LOOKAHEAD) {
-                self.memory.prefetch(ahead);
-            }
-            self.visit(at, shape, via)?;
+        let (mut generation, mut resolved) = (Vec::new(), Vec::new());
+        while !self.work.is_empty() {
+            std::mem::swap(&mut generation, &mut self.work);
+            self.visit_generation(&generation, &mut resolved)?;
+            generation.clear();
         }
         if !self.roots.changed_structs.is_empty() {
             for &(address, size, via, field) in &self.untyped {
@@ -371,21 +391,61 @@ impl<'a> Tracer<'a> {
         }
     }
 
-    fn visit(&mut self, at: u32, shape: ShapeId, via: Via) -> Result<(), String> {
-        for i in 0..self.shapes[shape as usize].fields.len() {
-            let f = self.shapes[shape as usize].fields[i];
-            let slot = at.wrapping_add(f.offset);
-            match f.kind {
-                FieldKind::Untyped(size) => self.untyped.push((slot, size, via, f.path)),
-                FieldKind::Pointer { old, new } => {
-                    let Some(value) = self.memory.read_u32(slot) else {
-                        return Err(format!("{} lies outside memory", self.path(via, f.path)));
-                    };
-                    if value == 0 {
-                        continue;
+    /// Visits one generation of values: first what can be read without
+    /// changing anything (the pointers' values and the allocations they
+    /// point into, the cache misses of the trace), on two threads when the
+    /// generation is wide; then, in order, what each pointer claims.
+    fn visit_generation(&mut self, items: &[Item], resolved: &mut Vec<Resolved>) -> Result<(), String> {
+        let (memory, chunks, shapes) = (self.memory, self.chunks, &self.shapes);
+        resolved.clear();
+        if items.len() < PARALLEL_FROM {
+            resolve(memory, chunks, shapes, items, resolved);
+            return self.follow(items, resolved);
+        }
+        let (first, second) = items.split_at(items.len() / 2);
+        let mut rest = Vec::new();
+        std::thread::scope(|scope| {
+            let helper = std::thread::Builder::new()
+                .name("heap-trace".into())
+                .spawn_scoped(scope, || {
+                    let mut out = Vec::new();
+                    resolve(memory, chunks, shapes, second, &mut out);
+                    out
+                })
+                .ok();
+            resolve(memory, chunks, shapes, first, resolved);
+            match helper.map(|h| h.join()) {
+                Some(Ok(out)) => rest = out,
+                // Without a second thread the work is all this one's.
+                _ => resolve(memory, chunks, shapes, second, &mut rest),
+            }
+        });
+        self.follow(first, resolved)?;
+        self.follow(second, &rest)
+    }
+
+    /// The second half of visiting `items`: each pointer found, in order,
+    /// with what [`resolve`] read for it.
+    fn follow(&mut self, items: &[Item], resolved: &[Resolved]) -> Result<(), String> {
+        let mut resolved = resolved.iter();
+        for &(at, shape, via) in items {
+            for i in 0..self.shapes[shape as usize].fields.len() {
+                let f = self.shapes[shape as usize].fields[i];
+                let slot = at.wrapping_add(f.offset);
+                match f.kind {
+                    FieldKind::Untyped(size) => self.untyped.push((slot, size, via, f.path)),
+                    FieldKind::Pointer { old, new } => {
+                        let r = resolved.next().expect("resolve reads every pointer member once");
+                        let Some(value) = r.value else {
+                            return Err(format!("{} lies outside memory", self.path(via, f.path)));
+                        };
+                        if value == 0 {
+                            continue;
+                        }
+                        self.pointers += 1;
+                        let chunk = (r.chunk != NO_CHUNK).then_some(r.chunk as usize);
+                        self.pointer_into(Some(slot), value, chunk, old, new, via, f.path)?;
                     }
-                    self.pointers += 1;
-                    self.pointer(Some(slot), value, old, new, via, f.path)?;
                 }
             }
         }
@@ -403,7 +463,23 @@ impl<'a> Tracer<'a> {
         via: Via,
         field: Name,
     ) -> Result<(), String> {
-        if let Some(chunk) = self.chunks.containing(value).filter(|&c| !self.chunks.is_internal(c)) {
+        self.pointer_into(slot, value, self.chunks.containing(value), pointee, new_pointee, via, field)
+    }
+
+    /// [`Tracer::pointer`], with the allocation that holds `value`
+    /// (`containing`) looked up already.
+    #[allow(clippy::too_many_arguments)]
+    fn pointer_into(
+        &mut self,
+        slot: Option<u32>,
+        value: u32,
+        containing: Option<usize>,
+        pointee: TypeId,
+        new_pointee: Option<TypeId>,
+        via: Via,
+        field: Name,
+    ) -> Result<(), String> {
+        if let Some(chunk) = containing.filter(|&c| !self.chunks.is_internal(c)) {
             let at_start = value == self.chunks.start(chunk);
             if let Some(slot) = slot {
                 self.slots.push((slot, value));
@@ -499,7 +575,7 @@ impl<'a> Tracer<'a> {
         let shape = self.shape(old, new, Via::Object { chunk, element: 0 })?;
         if !self.shapes[shape as usize].fields.is_empty() {
             for i in 0..c.size / size {
-                self.work.push_back((c.start + i * size, shape, Via::Object { chunk, element: i }));
+                self.work.push((c.start + i * size, shape, Via::Object { chunk, element: i }));
             }
         }
         Ok(())
@@ -572,6 +648,24 @@ impl<'a> Tracer<'a> {
         match value_map_through_pointers(self.old, old, self.new, new, root) {
             Err(e) => e.to_string(),
             Ok(_) => format!("{root}: cannot be mapped"),
+        }
+    }
+}
+
+/// The read-only half of visiting `items`, into `out`: for each pointer
+/// member of each value, in order, its word and the allocation it points
+/// into. Prefetches the value [`LOOKAHEAD`] items ahead.
+fn resolve(memory: &dyn MemoryView, chunks: &Chunks, shapes: &[Shape], items: &[Item], out: &mut Vec<Resolved>) {
+    for (i, &(at, shape, _)) in items.iter().enumerate() {
+        if let Some(&(ahead, ..)) = items.get(i + LOOKAHEAD) {
+            memory.prefetch(ahead);
+        }
+        for f in &shapes[shape as usize].fields {
+            if let FieldKind::Pointer { .. } = f.kind {
+                let value = memory.read_u32(at.wrapping_add(f.offset));
+                let chunk = value.filter(|&v| v != 0).and_then(|v| chunks.containing(v)).map_or(NO_CHUNK, |c| c as u32);
+                out.push(Resolved { value, chunk });
+            }
         }
     }
 }
