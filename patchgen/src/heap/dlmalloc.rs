@@ -120,12 +120,6 @@ impl Chunks {
         self.internal.contains(&i)
     }
 
-    /// The address allocation `i` starts at (as `all()[i].start`, from
-    /// the denser array lookups search).
-    pub fn start(&self, i: usize) -> u32 {
-        self.starts[i]
-    }
-
     /// The allocation whose bytes contain `address`.
     pub fn containing(&self, address: u32) -> Option<usize> {
         let region = self.regions.get((address >> REGION_SHIFT).checked_sub(self.first_region)? as usize)?;

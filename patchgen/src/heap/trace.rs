@@ -39,14 +39,31 @@ type Item = (u32, ShapeId, Via);
 
 /// What the read-only half of a visit found for one pointer member: the
 /// word it holds (`None`: out of memory) and the allocation holding the
-/// address in it ([`NO_CHUNK`]: none, or a null pointer).
+/// address in it (none for a null pointer).
 #[derive(Debug, Clone, Copy)]
 struct Resolved {
     value: Option<u32>,
-    chunk: u32,
+    target: Option<Target>,
 }
 
-const NO_CHUNK: u32 = u32::MAX;
+/// The allocation a pointer points into. Found where the trace reads its
+/// pointers, on two threads, so that the thread following them in order
+/// reads no more of the chunk index.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    chunk: u32,
+    /// Whether the pointer holds the allocation's start.
+    at_start: bool,
+    /// The allocation's usable bytes.
+    size: u32,
+}
+
+/// The allocation holding `address`, if any.
+fn locate(chunks: &Chunks, address: u32) -> Option<Target> {
+    let chunk = chunks.containing(address)?;
+    let c = chunks.all()[chunk];
+    Some(Target { chunk: chunk as u32, at_start: address == c.start, size: c.size })
+}
 
 /// What `void *` members point to, by (struct tag, member).
 type Pointees = std::collections::HashMap<(String, String), Pointee>;
@@ -443,8 +460,7 @@ impl<'a> Tracer<'a> {
                             continue;
                         }
                         self.pointers += 1;
-                        let chunk = (r.chunk != NO_CHUNK).then_some(r.chunk as usize);
-                        self.pointer_into(Some(slot), value, chunk, old, new, via, f.path)?;
+                        self.pointer_into(Some(slot), value, r.target, old, new, via, f.path)?;
                     }
                 }
             }
@@ -463,24 +479,24 @@ impl<'a> Tracer<'a> {
         via: Via,
         field: Name,
     ) -> Result<(), String> {
-        self.pointer_into(slot, value, self.chunks.containing(value), pointee, new_pointee, via, field)
+        self.pointer_into(slot, value, locate(self.chunks, value), pointee, new_pointee, via, field)
     }
 
     /// [`Tracer::pointer`], with the allocation that holds `value`
-    /// (`containing`) looked up already.
+    /// (`target`) looked up already.
     #[allow(clippy::too_many_arguments)]
     fn pointer_into(
         &mut self,
         slot: Option<u32>,
         value: u32,
-        containing: Option<usize>,
+        target: Option<Target>,
         pointee: TypeId,
         new_pointee: Option<TypeId>,
         via: Via,
         field: Name,
     ) -> Result<(), String> {
-        if let Some(chunk) = containing.filter(|&c| !self.chunks.is_internal(c)) {
-            let at_start = value == self.chunks.start(chunk);
+        if let Some(Target { chunk, at_start, size }) = target.filter(|t| !self.chunks.is_internal(t.chunk as usize)) {
+            let chunk = chunk as usize;
             if let Some(slot) = slot {
                 self.slots.push((slot, value));
                 self.slot_chunks.push(chunk as u32 | if at_start { super::AT_START } else { 0 });
@@ -496,7 +512,7 @@ impl<'a> Tracer<'a> {
                 }
                 return Ok(());
             }
-            return self.claim(chunk, pointee, new_pointee, via, field);
+            return self.claim(chunk, value, size, pointee, new_pointee, via, field);
         }
         let Some(slot) = slot else {
             // A local pointing outside the heap: the frame checks of the
@@ -523,9 +539,11 @@ impl<'a> Tracer<'a> {
         Ok(())
     }
 
-    /// Gives `chunk` the type `old` (converted to `new`), tracing its
-    /// elements the first time it is given a shape.
-    fn claim(&mut self, chunk: usize, old: TypeId, new: Option<TypeId>, from: Via, field: Name) -> Result<(), String> {
+    /// Gives `chunk` (of `size` bytes from `start`) the type `old`
+    /// (converted to `new`), tracing its elements the first time it is
+    /// given a shape.
+    #[allow(clippy::too_many_arguments)]
+    fn claim(&mut self, chunk: usize, start: u32, size: u32, old: TypeId, new: Option<TypeId>, from: Via, field: Name) -> Result<(), String> {
         let c = self.claims[chunk];
         let expand = if !c.is_claimed() {
             true
@@ -542,8 +560,7 @@ impl<'a> Tracer<'a> {
             } else if c.new().is_some() || new.is_some() {
                 let first = self.origins[chunk].expect("a claimed allocation has an origin");
                 return Err(format!(
-                    "the allocation at {:#x} is reached as {} ({}) and as {} ({}), and one of the two types changed",
-                    self.chunks.all()[chunk].start,
+                    "the allocation at {start:#x} is reached as {} ({}) and as {} ({}), and one of the two types changed",
                     self.old.type_name(c.old),
                     self.path(first.from, first.field),
                     self.old.type_name(old),
@@ -558,24 +575,23 @@ impl<'a> Tracer<'a> {
         }
         self.claims[chunk] = Claim { old, new: new.unwrap_or(NO_TYPE) };
         self.origins[chunk] = Some(Origin { from, field });
-        let c = self.chunks.all()[chunk];
+        let chunk_size = size;
         let size = self.old.size_of(old).unwrap_or(0) as u32;
         if size == 0 {
             return Ok(());
         }
-        if size > c.size && new.is_some() {
+        if size > chunk_size && new.is_some() {
             return Err(format!(
-                "{} points to an allocation of {} bytes, smaller than its type {} ({size} bytes)",
+                "{} points to an allocation of {chunk_size} bytes, smaller than its type {} ({size} bytes)",
                 self.path(from, field),
-                c.size,
                 self.old.type_name(old)
             ));
         }
         let chunk = chunk as u32;
         let shape = self.shape(old, new, Via::Object { chunk, element: 0 })?;
         if !self.shapes[shape as usize].fields.is_empty() {
-            for i in 0..c.size / size {
-                self.work.push((c.start + i * size, shape, Via::Object { chunk, element: i }));
+            for i in 0..chunk_size / size {
+                self.work.push((start + i * size, shape, Via::Object { chunk, element: i }));
             }
         }
         Ok(())
@@ -663,8 +679,8 @@ fn resolve(memory: &dyn MemoryView, chunks: &Chunks, shapes: &[Shape], items: &[
         for f in &shapes[shape as usize].fields {
             if let FieldKind::Pointer { .. } = f.kind {
                 let value = memory.read_u32(at.wrapping_add(f.offset));
-                let chunk = value.filter(|&v| v != 0).and_then(|v| chunks.containing(v)).map_or(NO_CHUNK, |c| c as u32);
-                out.push(Resolved { value, chunk });
+                let target = value.filter(|&v| v != 0).and_then(|v| locate(chunks, v));
+                out.push(Resolved { value, target });
             }
         }
     }
