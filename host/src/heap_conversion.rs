@@ -16,7 +16,7 @@ use wasmtime::{Instance, Store, TypedFunc};
 use crate::module::one_line;
 use crate::pause::ControlMemory;
 use crate::process::{ProcessState, Unwinder};
-use crate::program_memory::ProgramMemory;
+use crate::program_memory::{Bytes, ProgramMemory};
 
 impl MemoryView for ProgramMemory {
     fn read(&self, address: u32, out: &mut [u8]) -> bool {
@@ -24,46 +24,21 @@ impl MemoryView for ProgramMemory {
     }
 }
 
-/// The paused program's memory as patchgen's heap trace reads it: one
-/// slice, taken once.
-/// Each access through [`ProgramMemory`] asks wasmtime for the memory's
-/// length under a lock, and a heap trace reads millions of words.
-pub(crate) struct PausedView<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> PausedView<'a> {
-    /// # Safety
-    ///
-    /// No thread of the program may run, nor the memory grow, while the
-    /// view lives (as for [`ProgramMemory::bytes_mut`]).
-    pub(crate) unsafe fn new(memory: &'a ProgramMemory) -> Self {
-        // SAFETY: the caller's promise; the view only reads.
-        PausedView { bytes: unsafe { memory.bytes_mut() } }
-    }
-}
-
-impl MemoryView for PausedView<'_> {
+/// The paused memory as patchgen's heap trace reads it: through one slice,
+/// taken once.
+impl MemoryView for Bytes<'_> {
     fn read(&self, address: u32, out: &mut [u8]) -> bool {
-        let start = address as usize;
-        match self.bytes.get(start..start.saturating_add(out.len())) {
-            Some(bytes) => {
-                out.copy_from_slice(bytes);
-                true
-            }
-            None => false,
-        }
+        self.read_into(u64::from(address), out)
     }
 
     fn read_u32(&self, address: u32) -> Option<u32> {
-        let start = address as usize;
-        let word = self.bytes.get(start..start.checked_add(4)?)?;
-        Some(u32::from_le_bytes(word.try_into().ok()?))
+        let mut word = [0; 4];
+        self.read_into(u64::from(address), &mut word).then(|| u32::from_le_bytes(word))
     }
 
     fn prefetch(&self, address: u32) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(byte) = self.bytes.get(address as usize) {
+        if let Some(byte) = self.as_slice().get(address as usize) {
             // SAFETY: a prefetch of an address inside the slice reads
             // nothing the program sees and cannot fault; SSE is part of
             // x86_64.
@@ -194,15 +169,18 @@ pub(crate) fn convert(
         let malloc = instance
             .get_typed_func::<(i32, i32), i32>(&mut *store, MALLOC_BATCH)
             .map_err(|_| HeapError::NoMalloc)?;
-        let mut words: Vec<u32> = plan.objects.iter().map(|o| o.new_bytes()).collect();
+        let mut words: Vec<u32> = plan.objects.iter().map(|o| plan.new_bytes(o)).collect();
         with_pause_off(&unwinder.control, unwinder, store, Calls::Malloc, |store| {
             let done = call_in_batches(&unwinder.control, store, &malloc, &mut words, HeapError::Malloc)?;
             let normal = unwinder.state.get(&mut *store).i32() == Some(0);
             if let (Some(o), true) = (plan.objects.get(done), normal) {
-                return Err(HeapError::OutOfMemory { size: o.new_bytes(), type_name: o.kind.type_name.clone(), path: plan.path_of(o) });
+                return Err(HeapError::OutOfMemory { size: plan.new_bytes(o), type_name: plan.kind(o).type_name.clone(), path: plan.path_of(o) });
             }
+            // SAFETY: paused, and `malloc` has returned: nothing runs or
+            // grows the memory while `bytes` lives.
+            let mut bytes = unsafe { memory.bytes() };
             for (o, &at) in plan.objects.iter().zip(&words[..done]) {
-                if !memory.fill(u64::from(at), u64::from(o.new_bytes()), 0) {
+                if !bytes.fill(u64::from(at), u64::from(plan.new_bytes(o)), 0) {
                     return Err(HeapError::MallocOutOfBounds(at));
                 }
                 new_starts.push(at);
@@ -211,12 +189,15 @@ pub(crate) fn convert(
         })?;
     }
     let mut rewritten = 0;
+    // SAFETY: paused; no guest code runs until the converters below, after
+    // the last use of `bytes`.
+    let mut bytes = unsafe { memory.bytes() };
     for (i, &(slot, _)) in plan.slots.iter().enumerate() {
         match plan.slot_landing(i, &new_starts) {
             Landing::Unmoved => {}
             Landing::At(to) => {
                 rewritten += 1;
-                if !memory.write(u64::from(slot), &to.to_le_bytes()) {
+                if !bytes.write(u64::from(slot), &to.to_le_bytes()) {
                     return Err(HeapError::SlotOutOfBounds(slot));
                 }
             }
@@ -225,24 +206,27 @@ pub(crate) fn convert(
         }
     }
     for (o, &to) in plan.objects.iter().zip(&new_starts) {
-        let k = &o.kind;
+        let k = plan.kind(o);
         for i in 0..o.count {
             let (from, to) = (u64::from(o.start + i * k.old_size), u64::from(to + i * k.new_size));
             for c in &k.map.copies {
-                if !memory.copy_within(from + c.from, to + c.to, c.len) {
+                if !bytes.copy_within(from + c.from, to + c.to, c.len) {
                     return Err(HeapError::CopyOutOfBounds { type_name: k.type_name.clone(), path: plan.path_of(o) });
                 }
             }
         }
     }
+    // The converters are guest code.
+    drop(bytes);
     for (o, &to) in plan.objects.iter().zip(&new_starts) {
-        let Some(name) = &o.kind.converter else { continue };
+        let Some(name) = &plan.kind(o).converter else { continue };
         let convert = instance
             .get_typed_func::<(i32, i32), ()>(&mut *store, name)
             .map_err(|source| HeapError::ConverterSignature { name: name.clone(), source })?;
         with_pause_off(&unwinder.control, unwinder, store, Calls::Converter(name.clone()), |store| {
             for i in 0..o.count {
-                let (from, to) = ((o.start + i * o.kind.old_size) as i32, (to + i * o.kind.new_size) as i32);
+                let k = plan.kind(o);
+                let (from, to) = ((o.start + i * k.old_size) as i32, (to + i * k.new_size) as i32);
                 convert.call(&mut *store, (from, to)).map_err(|source| HeapError::Converter { name: name.clone(), source })?;
             }
             Ok(())
@@ -284,8 +268,10 @@ impl<'a> Undo<'a> {
     pub(crate) fn take(plan: &'a heap::Plan, memory: &ProgramMemory) -> Result<Undo<'a>, HeapError> {
         let total = plan.allocator.iter().map(|&(_, len)| len as usize).sum();
         let mut bytes = vec![0; total];
+        // SAFETY: paused; nothing runs while the copy is taken.
+        let view = unsafe { memory.bytes() };
         for (address, range) in laid_out(&plan.allocator) {
-            if !memory.read_into(u64::from(address), &mut bytes[range]) {
+            if !view.read_into(u64::from(address), &mut bytes[range]) {
                 return Err(HeapError::AllocatorOutOfBounds(address));
             }
         }
@@ -293,11 +279,13 @@ impl<'a> Undo<'a> {
     }
 
     pub(crate) fn restore(&self, memory: &ProgramMemory) -> bool {
+        // SAFETY: paused; nothing runs while the copy is put back.
+        let mut bytes = unsafe { memory.bytes() };
         let mut regions = true;
         for (address, range) in laid_out(self.regions) {
-            regions &= memory.write(u64::from(address), &self.bytes[range]);
+            regions &= bytes.write(u64::from(address), &self.bytes[range]);
         }
-        let slots = self.slots.iter().all(|(at, value)| memory.write(u64::from(*at), &value.to_le_bytes()));
+        let slots = self.slots.iter().all(|(at, value)| bytes.write(u64::from(*at), &value.to_le_bytes()));
         regions && slots
     }
 }

@@ -152,51 +152,91 @@ impl ProgramMemory {
     /// [`ProgramMemory::read`], without allocating.
     pub fn read_into(&self, addr: u64, out: &mut [u8]) -> bool {
         // SAFETY: as for `read`.
-        let bytes = unsafe { self.bytes_mut() };
-        match range(addr, out.len() as u64, bytes.len()) {
-            Some(r) => {
-                out.copy_from_slice(&bytes[r]);
-                true
-            }
-            None => false,
-        }
+        unsafe { self.bytes() }.read_into(addr, out)
     }
 
     /// Sets `len` bytes at `addr` to `byte`; `false` if the range is out of
     /// bounds.
     pub fn fill(&self, addr: u64, len: u64, byte: u8) -> bool {
         // SAFETY: as for `read`.
-        let bytes = unsafe { self.bytes_mut() };
-        match range(addr, len, bytes.len()) {
-            Some(r) => {
-                bytes[r].fill(byte);
-                true
-            }
-            None => false,
-        }
+        unsafe { self.bytes() }.fill(addr, len, byte)
     }
 
     /// Writes `data` at `addr`; `false` if the range is out of bounds.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         // SAFETY: as for `read`.
-        let bytes = unsafe { self.bytes_mut() };
-        match range(addr, data.len() as u64, bytes.len()) {
-            Some(r) => {
-                bytes[r].copy_from_slice(data);
-                true
-            }
-            None => false,
-        }
+        unsafe { self.bytes() }.write(addr, data)
     }
 
     /// Copies `len` bytes from `from` to `to` within the memory (the ranges
     /// may overlap); `false` if either is out of bounds.
     pub fn copy_within(&self, from: u64, to: u64, len: u64) -> bool {
         // SAFETY: as for `read`.
-        let bytes = unsafe { self.bytes_mut() };
-        match (range(from, len, bytes.len()), range(to, len, bytes.len())) {
+        unsafe { self.bytes() }.copy_within(from, to, len)
+    }
+
+    /// The memory's bytes, looked up once for many writes in a row: each
+    /// of the methods above asks wasmtime for the memory's length, under a
+    /// lock, and converting a heap makes millions of writes.
+    ///
+    /// # Safety
+    ///
+    /// As for [`ProgramMemory::bytes_mut`]; and the memory must not grow
+    /// (no guest code may run) while the result lives.
+    pub unsafe fn bytes(&self) -> Bytes<'_> {
+        // SAFETY: the caller's promise.
+        Bytes(unsafe { self.bytes_mut() })
+    }
+}
+
+/// A program memory's bytes, with bounds-checked writes: see
+/// [`ProgramMemory::bytes`].
+pub struct Bytes<'a>(&'a mut [u8]);
+
+impl Bytes<'_> {
+    /// The bytes themselves.
+    pub fn as_slice(&self) -> &[u8] {
+        self.0
+    }
+
+    /// As [`ProgramMemory::read_into`].
+    pub fn read_into(&self, addr: u64, out: &mut [u8]) -> bool {
+        match range(addr, out.len() as u64, self.0.len()) {
+            Some(r) => {
+                out.copy_from_slice(&self.0[r]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// As [`ProgramMemory::fill`].
+    pub fn fill(&mut self, addr: u64, len: u64, byte: u8) -> bool {
+        match range(addr, len, self.0.len()) {
+            Some(r) => {
+                self.0[r].fill(byte);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// As [`ProgramMemory::write`].
+    pub fn write(&mut self, addr: u64, data: &[u8]) -> bool {
+        match range(addr, data.len() as u64, self.0.len()) {
+            Some(r) => {
+                self.0[r].copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// As [`ProgramMemory::copy_within`].
+    pub fn copy_within(&mut self, from: u64, to: u64, len: u64) -> bool {
+        match (range(from, len, self.0.len()), range(to, len, self.0.len())) {
             (Some(src), Some(dst)) => {
-                bytes.copy_within(src, dst.start);
+                self.0.copy_within(src, dst.start);
                 true
             }
             _ => false,

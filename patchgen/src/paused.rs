@@ -326,8 +326,8 @@ impl PausedProgram<'_> {
         let converted = |v: u32| {
             plan.objects
                 .iter()
-                .find(|o| v >= o.start && u64::from(v - o.start) < u64::from(o.count) * u64::from(o.kind.old_size))
-                .map(|o| Target::ConvertedObject(o.kind.type_name.clone()))
+                .find(|o| v >= o.start && u64::from(v - o.start) < u64::from(o.count) * u64::from(plan.kind(o).old_size))
+                .map(|o| Target::ConvertedObject(plan.kind(o).type_name.clone()))
         };
         self.workers.iter().find_map(|w| {
             stale::find_pointer(w.kept().0, self.version, self.memory, &[], &converted, false, &HashSet::new())

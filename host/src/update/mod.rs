@@ -46,7 +46,7 @@ use crate::module::{one_line, GuestModule};
 use crate::pause::ControlMemory;
 use crate::process::{classify, link_memories, AfterReturn, ProcessState, Unwinder};
 use crate::fresh::{unreferenced, Area, FreshAreas};
-use crate::heap_conversion::{self, PausedView};
+use crate::heap_conversion;
 pub use crate::heap_conversion::{Calls, HeapCounts, HeapError};
 use crate::processes::Processes;
 use crate::program_memory::ProgramMemory;
@@ -504,15 +504,16 @@ impl Guest {
         }
         let sp = self.stack_pointer(&current.version);
         let memory = &instrumented(&mut self.unwinder).map_err(|_| UpdateError::NotInstrumented)?.memory;
-        // SAFETY: the process is paused, with its threads; nothing runs or
-        // grows its memory until this plan is made.
-        let view = unsafe { PausedView::new(memory) };
-        let stack = prepared.frames.map_paused(&frames, sp, &view).map_err(UpdateError::Frame)?;
+        let stack = prepared.frames.map_paused(&frames, sp, memory).map_err(UpdateError::Frame)?;
         // The process's other threads, paused with it, move with it.
         let workers = match &self.threads {
             Some(threads) => threads::plan(threads, &current.version, prepared, memory)?,
             None => Vec::new(),
         };
+        // SAFETY: the process is paused, with its threads; nothing runs or
+        // grows its memory until this plan is made, and nothing else
+        // touches it meanwhile.
+        let view = unsafe { memory.bytes() };
         let paused = PausedProgram {
             version: &current.version,
             memory: &view,
@@ -697,7 +698,7 @@ impl Guest {
         // From here on heap conversion, the user's transformers and the
         // constructors the new version adds write memory the old version
         // owns: a failure at any later step must find it as it was.
-        let converters = heap.is_some_and(|h| h.plan.objects.iter().any(|o| o.kind.converter.is_some()));
+        let converters = heap.is_some_and(|h| h.plan.kinds.iter().any(|k| k.converter.is_some()));
         let user_code = has_transformers(linked) || !linked.constructors.is_empty() || converters;
         let backup = match heap {
             // C code may write anywhere.

@@ -248,7 +248,7 @@ pub fn frame_pointers(plan: &Plan, frames: &[TypedFrame], new: &Version, meta: &
             format!(
                 "a frame of `{}` holds the address of a heap object whose type changed ({} reached as {}) where it has no pointer type: it would go on pointing at the old copy",
                 new.info.function_name(frame.func),
-                o.kind.type_name,
+                plan.kind(o).type_name,
                 plan.path_of(o)
             )
         };
@@ -276,7 +276,7 @@ pub fn frame_pointers(plan: &Plan, frames: &[TypedFrame], new: &Version, meta: &
                     return Err(format!(
                         "a frame of `{}` points into a member of {} ({}) that the new version drops",
                         new.info.function_name(frame.func),
-                        o.kind.type_name,
+                        plan.kind(o).type_name,
                         plan.path_of(o)
                     ));
                 }

@@ -285,22 +285,18 @@ pub struct Object {
     pub count: u32,
     /// Usable bytes of its chunk (at least `count * old_size`).
     pub chunk_size: u32,
-    /// Its type and how it converts.
-    pub kind: std::sync::Arc<ObjectKind>,
+    /// Its type and how it converts, as an index in [`Plan::kinds`]
+    /// ([`Plan::kind`]): a million objects share a handful.
+    kind: u32,
     /// Its chunk's index in the trace, for [`Plan::path_of`].
-    chunk: usize,
+    chunk: u32,
 }
 
 impl Object {
-    /// Bytes to allocate for the new copy.
-    pub fn new_bytes(&self) -> u32 {
-        self.count.max(1) * self.kind.new_size
-    }
-
-    /// Where `address` lands once this object's new copy is at `new_start`;
-    /// `Unmoved` when it lies outside the object's chunk.
-    fn landing(&self, address: u32, new_start: u32) -> Landing {
-        let k = &self.kind;
+    /// Where `address` lands once this object (of kind `k`) has its new
+    /// copy at `new_start`; `Unmoved` when it lies outside the object's
+    /// chunk.
+    fn landing(&self, k: &ObjectKind, address: u32, new_start: u32) -> Landing {
         let Some(offset) = address.checked_sub(self.start) else { return Landing::Unmoved };
         let end = self.count * k.old_size;
         if offset == end {
@@ -341,6 +337,8 @@ impl Paths {
 pub struct Plan {
     /// The allocations to convert, by address.
     pub objects: Vec<Object>,
+    /// The types of [`Plan::objects`] and how each converts.
+    pub kinds: Vec<ObjectKind>,
     /// Typed pointers found by the trace, as (address of the pointer, value
     /// it holds): each one pointing into a converted object or a moved
     /// global is rewritten.
@@ -403,7 +401,8 @@ impl Plan {
     pub fn translate(&self, address: u32, new_starts: &[u32]) -> Landing {
         let after = self.objects.partition_point(|o| o.start <= address);
         if let Some(i) = after.checked_sub(1) {
-            match self.objects[i].landing(address, new_starts[i]) {
+            let o = &self.objects[i];
+            match o.landing(self.kind(o), address, new_starts[i]) {
                 Landing::Unmoved => {}
                 landing => return landing,
             }
@@ -427,7 +426,10 @@ impl Plan {
             SlotTarget::NotInHeap => self.translate(value, new_starts),
             SlotTarget::Unconverted => Landing::Unmoved,
             SlotTarget::StartOf(o) => Landing::At(new_starts[o]),
-            SlotTarget::Inside(o) => self.objects[o].landing(value, new_starts[o]),
+            SlotTarget::Inside(i) => {
+                let o = &self.objects[i];
+                o.landing(self.kind(o), value, new_starts[i])
+            }
         }
     }
 
@@ -463,9 +465,19 @@ impl Plan {
         Ok(())
     }
 
+    /// The type of `o`, one of [`Plan::objects`], and how it converts.
+    pub fn kind(&self, o: &Object) -> &ObjectKind {
+        &self.kinds[o.kind as usize]
+    }
+
+    /// Bytes to allocate for the new copy of `o`, one of [`Plan::objects`].
+    pub fn new_bytes(&self, o: &Object) -> u32 {
+        o.count.max(1) * self.kind(o).new_size
+    }
+
     /// How `o` was reached from a root, like `conns[3]->next`.
     pub fn path_of(&self, o: &Object) -> String {
-        match self.paths.origins.get(o.chunk).and_then(|c| c.as_ref()) {
+        match self.paths.origins.get(o.chunk as usize).and_then(|c| c.as_ref()) {
             Some(c) => self.paths.render(c.from, c.field),
             None => format!("the allocation at {:#x}", o.start),
         }
@@ -476,7 +488,7 @@ impl Plan {
     /// moved global's.
     fn stale(&self, address: u32) -> Option<String> {
         if let Some(o) = self.object_at(address) {
-            return Some(format!("an object of changed type {} ({}", o.kind.type_name, self.path_of(o)));
+            return Some(format!("an object of changed type {} ({}", self.kind(o).type_name, self.path_of(o)));
         }
         let m = self.moved.iter().find(|m| m.holds(address))?;
         Some(format!("global `{}`, whose type changed (its old copy", m.name))
@@ -560,9 +572,9 @@ mod tests {
     fn plan() -> Plan {
         let map = ValueMap { copies: vec![ByteCopy { from: 0, to: 8, len: 4 }], ..ValueMap::default() };
         let kind = ObjectKind { old_size: 8, new_size: 16, map: map.clone(), type_name: "struct s".into(), converter: None };
-        let object = Object { start: 0x1000, count: 3, chunk_size: 28, kind: std::sync::Arc::new(kind), chunk: 0 };
+        let object = Object { start: 0x1000, count: 3, chunk_size: 28, kind: 0, chunk: 0 };
         let moved = Moved { name: "g".into(), old_address: 0x200, old_size: 8, new_address: 0x9000, map };
-        Plan { objects: vec![object], moved: vec![moved], ..Plan::default() }
+        Plan { objects: vec![object], kinds: vec![kind], moved: vec![moved], ..Plan::default() }
     }
 
     #[test]

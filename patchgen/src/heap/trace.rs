@@ -177,8 +177,11 @@ pub(super) struct Tracer<'a> {
     /// `void *` and union members met while tracing, named lazily.
     untyped: Vec<(u32, u32, Via, Name)>,
     inside: Vec<Inside>,
+    /// For each changed type pair, its index in `object_kinds`, or `None`
+    /// when its objects' bytes need not move.
+    kinds: HashMap<(TypeId, TypeId), Option<u32>>,
     /// One description per changed type pair, shared by its objects.
-    kinds: HashMap<(TypeId, TypeId), Arc<super::ObjectKind>>,
+    object_kinds: Vec<super::ObjectKind>,
     pointers: u64,
 }
 
@@ -224,6 +227,7 @@ impl<'a> Tracer<'a> {
             untyped: Vec::new(),
             inside: Vec::new(),
             kinds: HashMap::default(),
+            object_kinds: Vec::new(),
             pointers: 0,
         }
     }
@@ -268,18 +272,29 @@ impl<'a> Tracer<'a> {
         // Counted first: a million objects are tens of megabytes, which
         // growing by doubling would copy and fault in twice over.
         let mut objects = Vec::with_capacity(self.claims.iter().filter(|c| c.new().is_some()).count());
+        // Neighbouring objects tend to be of the same few types.
+        let mut last = None;
         for chunk in 0..self.claims.len() {
-            let (Claim { old, new }, Some(Origin { from, field })) = (self.claims[chunk], self.origins[chunk]) else { continue };
+            let Claim { old, new } = self.claims[chunk];
             if new == NO_TYPE {
                 continue;
             }
-            let Some(kind) = self.kind(old, new, from, field)? else { continue };
+            let kind = match last {
+                Some((pair, kind)) if pair == (old, new) => kind,
+                _ => {
+                    let Some(Origin { from, field }) = self.origins[chunk] else { continue };
+                    let kind = self.kind(old, new, from, field)?;
+                    last = Some(((old, new), kind));
+                    kind
+                }
+            };
+            let Some(kind) = kind else { continue };
             let c = self.chunks.all()[chunk];
             objects.push(super::Object {
                 start: c.start,
-                count: c.size / kind.old_size,
+                count: c.size / self.object_kinds[kind as usize].old_size,
                 chunk_size: c.size,
-                chunk,
+                chunk: chunk as u32,
                 kind,
             });
         }
@@ -288,7 +303,7 @@ impl<'a> Tracer<'a> {
         let paths = super::Paths { roots: self.root_names, origins: self.origins, names: self.names };
         let mut object_of_chunk = vec![u32::MAX; self.chunks.all().len()];
         for (i, o) in objects.iter().enumerate() {
-            object_of_chunk[o.chunk] = i as u32;
+            object_of_chunk[o.chunk as usize] = i as u32;
         }
         let slot_objects = self
             .slot_chunks
@@ -303,6 +318,7 @@ impl<'a> Tracer<'a> {
             .collect();
         let plan = Plan {
             objects,
+            kinds: self.object_kinds,
             slots: self.slots,
             slot_objects,
             moved: self.moved.to_vec(),
@@ -373,11 +389,12 @@ impl<'a> Tracer<'a> {
         Ok(())
     }
 
-    /// What converting objects of `old` to `new` takes; `None` when their
-    /// bytes need not move (only pointers inside them change type).
-    fn kind(&mut self, old: TypeId, new: TypeId, from: Via, field: Name) -> Result<Option<Arc<super::ObjectKind>>, String> {
-        if let Some(k) = self.kinds.get(&(old, new)) {
-            return Ok(Some(k.clone()));
+    /// What converting objects of `old` to `new` takes, as an index in
+    /// `object_kinds`; `None` when their bytes need not move (only
+    /// pointers inside them change type).
+    fn kind(&mut self, old: TypeId, new: TypeId, from: Via, field: Name) -> Result<Option<u32>, String> {
+        if let Some(&k) = self.kinds.get(&(old, new)) {
+            return Ok(k);
         }
         let Some(pair) = self.pair(old, new) else {
             let root = format!("*{}", self.path(from, field));
@@ -385,9 +402,10 @@ impl<'a> Tracer<'a> {
         };
         let (old_size, new_size) = (self.size(self.old, old)?, self.size(self.new, new)?);
         if pair.0.is_whole_copy(old_size, new_size) {
+            self.kinds.insert((old, new), None);
             return Ok(None);
         }
-        let kind = Arc::new(super::ObjectKind {
+        let kind = super::ObjectKind {
             old_size,
             new_size,
             map: pair.0.clone(),
@@ -396,9 +414,11 @@ impl<'a> Tracer<'a> {
                 Type::Struct { name: Some(tag), .. } => self.roots.converters.get(tag).cloned(),
                 _ => None,
             },
-        });
-        self.kinds.insert((old, new), kind.clone());
-        Ok(Some(kind))
+        };
+        let index = self.object_kinds.len() as u32;
+        self.object_kinds.push(kind);
+        self.kinds.insert((old, new), Some(index));
+        Ok(Some(index))
     }
 
     fn size(&self, debug: &DebugInfo, ty: TypeId) -> Result<u32, String> {
