@@ -5,9 +5,11 @@
 //!
 //! A fixed handful of seeds runs by default; `UPSTARE_CSMITH_SEEDS=FIRST..LAST`
 //! runs that range instead, by hand. csmith's programs may run for a long
-//! time; the default seeds each finish in well under a second, and a seed of
-//! a hand-picked range whose plain run passes the time limit is reported
-//! and passed over (it says nothing about the instrumentation).
+//! time, and a few trap (clang turns some undefined behaviour into
+//! `unreachable`); the default seeds each finish in well under a second,
+//! and a seed of a hand-picked range whose plain run passes the time limit
+//! or traps is reported and passed over (it says nothing about the
+//! instrumentation).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -36,9 +38,18 @@ fn seeds() -> std::ops::RangeInclusive<u64> {
     }
 }
 
-/// Runs `upstare-host ARGS`, killed after `limit`: its stdout, or `None` if
-/// it ran out of time.
-fn run_limited(args: &[&str], limit: Duration) -> Option<String> {
+/// How a run of `upstare-host` ended.
+enum Ran {
+    /// It exited with success, printing this.
+    Printed(String),
+    /// It failed, saying this on stderr.
+    Failed(String),
+    /// It ran out of time and was killed.
+    OutOfTime,
+}
+
+/// Runs `upstare-host ARGS`, killed after `limit`.
+fn run_limited(args: &[&str], limit: Duration) -> Ran {
     let mut cmd = host_command();
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = KillOnDrop::spawn(&mut cmd);
@@ -62,14 +73,13 @@ fn run_limited(args: &[&str], limit: Duration) -> Option<String> {
                 .expect("stderr")
                 .read_to_string(&mut err)
                 .expect("read stderr");
-            assert!(
-                status.success(),
-                "upstare-host {args:?} failed ({status}): {err}"
-            );
-            return Some(out);
+            return match status.success() {
+                true => Ran::Printed(out),
+                false => Ran::Failed(format!("upstare-host {args:?} failed ({status}): {err}")),
+            };
         }
         if start.elapsed() > limit {
-            return None;
+            return Ran::OutOfTime;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -89,10 +99,18 @@ fn random_csmith_programs_print_the_same_checksum_instrumented_and_under_stress(
         } else {
             Duration::from_secs(60)
         };
-        let Some(plain) = run_limited(&["run", "--no-instrument", wasm], limit) else {
-            assert!(hand_picked, "seed {seed} ran longer than {limit:?} as is");
-            eprintln!("seed {seed}: runs longer than {limit:?} as is, passed over");
-            continue;
+        let plain = match run_limited(&["run", "--no-instrument", wasm], limit) {
+            Ran::Printed(out) => out,
+            Ran::Failed(why) => {
+                assert!(hand_picked, "seed {seed} as is: {why}");
+                eprintln!("seed {seed}: fails as is, passed over: {}", why.lines().next().unwrap_or_default());
+                continue;
+            }
+            Ran::OutOfTime => {
+                assert!(hand_picked, "seed {seed} ran longer than {limit:?} as is");
+                eprintln!("seed {seed}: runs longer than {limit:?} as is, passed over");
+                continue;
+            }
         };
         assert!(
             plain.contains("checksum = "),
@@ -111,8 +129,11 @@ fn random_csmith_programs_print_the_same_checksum_instrumented_and_under_stress(
                 .chain(mode.iter().copied())
                 .chain([wasm])
                 .collect();
-            let out = run_limited(&args, slow)
-                .unwrap_or_else(|| panic!("seed {seed} {mode:?}: no end in {slow:?}"));
+            let out = match run_limited(&args, slow) {
+                Ran::Printed(out) => out,
+                Ran::Failed(why) => panic!("seed {seed} {mode:?}: {why}"),
+                Ran::OutOfTime => panic!("seed {seed} {mode:?}: no end in {slow:?}"),
+            };
             assert_eq!(
                 out, plain,
                 "seed {seed} {mode:?}: output differs from the run as is"
