@@ -16,7 +16,7 @@ use wasmtime::{Instance, Store, TypedFunc};
 use crate::module::one_line;
 use crate::pause::ControlMemory;
 use crate::process::{ProcessState, Unwinder};
-use crate::program_memory::{Bytes, ProgramMemory};
+use crate::program_memory::{advise_huge_pages, Bytes, ProgramMemory};
 
 impl MemoryView for ProgramMemory {
     fn read(&self, address: u32, out: &mut [u8]) -> bool {
@@ -267,13 +267,23 @@ pub(crate) struct Undo<'a> {
 impl<'a> Undo<'a> {
     pub(crate) fn take(plan: &'a heap::Plan, memory: &ProgramMemory) -> Result<Undo<'a>, HeapError> {
         let total = plan.allocator.iter().map(|&(_, len)| len as usize).sum();
-        let mut bytes = vec![0; total];
+        let mut bytes: Vec<u8> = Vec::with_capacity(total);
+        // Tens of megabytes once earlier conversions left free chunks
+        // behind, faulted in as they are written: in 2 MiB pages, the
+        // whole ones inside the buffer.
+        let aligned = bytes.as_ptr().align_offset(HUGE_PAGE);
+        let whole = total.saturating_sub(aligned) / HUGE_PAGE * HUGE_PAGE;
+        if whole > 0 {
+            advise_huge_pages(bytes.as_ptr().wrapping_add(aligned), whole, "the heap conversion's undo copy");
+        }
         // SAFETY: paused; nothing runs while the copy is taken.
         let view = unsafe { memory.bytes() };
-        for (address, range) in laid_out(&plan.allocator) {
-            if !view.read_into(u64::from(address), &mut bytes[range]) {
+        for &(address, len) in &plan.allocator {
+            let start = address as usize;
+            let Some(region) = view.as_slice().get(start..start + len as usize) else {
                 return Err(HeapError::AllocatorOutOfBounds(address));
-            }
+            };
+            bytes.extend_from_slice(region);
         }
         Ok(Undo { regions: &plan.allocator, bytes, slots: &plan.slots })
     }
@@ -299,6 +309,9 @@ fn laid_out(regions: &[(u32, u32)]) -> impl Iterator<Item = (u32, std::ops::Rang
         Some((address, range))
     })
 }
+
+/// A transparent huge page.
+const HUGE_PAGE: usize = 2 << 20;
 
 /// Frees the old copy of every converted object, once nothing refers to it.
 pub(crate) fn free_old(
