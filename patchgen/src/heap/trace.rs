@@ -48,7 +48,8 @@ struct Resolved {
 
 /// The allocation a pointer points into. Found where the trace reads its
 /// pointers, on two threads, so that the thread following them in order
-/// reads no more of the chunk index.
+/// reads no more of the chunk index, and for most pointers to objects met
+/// before (a tree's parent pointers) nothing of the claims either.
 #[derive(Debug, Clone, Copy)]
 struct Target {
     chunk: u32,
@@ -56,13 +57,26 @@ struct Target {
     at_start: bool,
     /// The allocation's usable bytes.
     size: u32,
+    /// Whether the allocation was claimed already when the pointer was
+    /// read, as the pointer's own pointee with nothing for it to add (see
+    /// [`Tracer::claim`]): claiming it again would change nothing, and no
+    /// claim made between the read and the follow changes that (a claim
+    /// only changes by gaining a shape or a new type, after which this
+    /// pointer adds neither).
+    settled: bool,
 }
 
-/// The allocation holding `address`, if any.
-fn locate(chunks: &Chunks, address: u32) -> Option<Target> {
+/// The allocation holding `address`, if any, for a pointer to `old`
+/// becoming `new`.
+fn locate(chunks: &Chunks, claims: &[Claim], address: u32, old: TypeId, new: Option<TypeId>) -> Option<Target> {
     let chunk = chunks.containing(address)?;
     let c = chunks.all()[chunk];
-    Some(Target { chunk: chunk as u32, at_start: address == c.start, size: c.size })
+    let at_start = address == c.start;
+    let settled = at_start && {
+        let claim = claims[chunk];
+        claim.old == old && (claim.new().is_some() || new.is_none())
+    };
+    Some(Target { chunk: chunk as u32, at_start, size: c.size, settled })
 }
 
 /// What `void *` members point to, by (struct tag, member).
@@ -433,10 +447,10 @@ impl<'a> Tracer<'a> {
     /// point into, the cache misses of the trace), on two threads when the
     /// generation is wide; then, in order, what each pointer claims.
     fn visit_generation(&mut self, items: &[Item], resolved: &mut Vec<Resolved>) -> Result<(), String> {
-        let (memory, chunks, shapes) = (self.memory, self.chunks, &self.shapes);
+        let (memory, chunks, claims, shapes) = (self.memory, self.chunks, &self.claims, &self.shapes);
         resolved.clear();
         if items.len() < PARALLEL_FROM {
-            resolve(memory, chunks, shapes, items, resolved);
+            resolve(memory, chunks, claims, shapes, items, resolved);
             return self.follow(items, resolved);
         }
         let (first, second) = items.split_at(items.len() / 2);
@@ -446,15 +460,15 @@ impl<'a> Tracer<'a> {
                 .name("heap-trace".into())
                 .spawn_scoped(scope, || {
                     let mut out = Vec::new();
-                    resolve(memory, chunks, shapes, second, &mut out);
+                    resolve(memory, chunks, claims, shapes, second, &mut out);
                     out
                 })
                 .ok();
-            resolve(memory, chunks, shapes, first, resolved);
+            resolve(memory, chunks, claims, shapes, first, resolved);
             match helper.map(|h| h.join()) {
                 Some(Ok(out)) => rest = out,
                 // Without a second thread the work is all this one's.
-                _ => resolve(memory, chunks, shapes, second, &mut rest),
+                _ => resolve(memory, chunks, claims, shapes, second, &mut rest),
             }
         });
         self.follow(first, resolved)?;
@@ -499,7 +513,7 @@ impl<'a> Tracer<'a> {
         via: Via,
         field: Name,
     ) -> Result<(), String> {
-        self.pointer_into(slot, value, locate(self.chunks, value), pointee, new_pointee, via, field)
+        self.pointer_into(slot, value, locate(self.chunks, &self.claims, value, pointee, new_pointee), pointee, new_pointee, via, field)
     }
 
     /// [`Tracer::pointer`], with the allocation that holds `value`
@@ -515,7 +529,7 @@ impl<'a> Tracer<'a> {
         via: Via,
         field: Name,
     ) -> Result<(), String> {
-        if let Some(Target { chunk, at_start, size }) = target.filter(|t| !self.chunks.is_internal(t.chunk as usize)) {
+        if let Some(Target { chunk, at_start, size, settled }) = target.filter(|t| !self.chunks.is_internal(t.chunk as usize)) {
             let chunk = chunk as usize;
             if let Some(slot) = slot {
                 self.slots.push((slot, value));
@@ -530,6 +544,9 @@ impl<'a> Tracer<'a> {
                 if new_pointee.is_some() {
                     self.inside.push(Inside { chunk, value, pointee, from: via, field });
                 }
+                return Ok(());
+            }
+            if settled {
                 return Ok(());
             }
             return self.claim(chunk, value, size, pointee, new_pointee, via, field);
@@ -691,15 +708,15 @@ impl<'a> Tracer<'a> {
 /// The read-only half of visiting `items`, into `out`: for each pointer
 /// member of each value, in order, its word and the allocation it points
 /// into. Prefetches the value [`LOOKAHEAD`] items ahead.
-fn resolve(memory: &dyn MemoryView, chunks: &Chunks, shapes: &[Shape], items: &[Item], out: &mut Vec<Resolved>) {
+fn resolve(memory: &dyn MemoryView, chunks: &Chunks, claims: &[Claim], shapes: &[Shape], items: &[Item], out: &mut Vec<Resolved>) {
     for (i, &(at, shape, _)) in items.iter().enumerate() {
         if let Some(&(ahead, ..)) = items.get(i + LOOKAHEAD) {
             memory.prefetch(ahead);
         }
         for f in &shapes[shape as usize].fields {
-            if let FieldKind::Pointer { .. } = f.kind {
+            if let FieldKind::Pointer { old, new } = f.kind {
                 let value = memory.read_u32(at.wrapping_add(f.offset));
-                let target = value.filter(|&v| v != 0).and_then(|v| locate(chunks, v));
+                let target = value.filter(|&v| v != 0).and_then(|v| locate(chunks, claims, v, old, new));
                 out.push(Resolved { value, target });
             }
         }
