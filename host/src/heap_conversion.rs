@@ -188,12 +188,34 @@ pub(crate) fn convert(
             Ok(())
         })?;
     }
-    let mut rewritten = 0;
-    // SAFETY: paused; no guest code runs until the converters below, after
-    // the last use of `bytes`.
+    let rewritten = rewrite_and_copy(plan, &new_starts, memory)?;
+    for (o, &to) in plan.objects.iter().zip(&new_starts) {
+        let Some(name) = &plan.kind(o).converter else { continue };
+        let convert = instance
+            .get_typed_func::<(i32, i32), ()>(&mut *store, name)
+            .map_err(|source| HeapError::ConverterSignature { name: name.clone(), source })?;
+        let k = plan.kind(o);
+        with_pause_off(&unwinder.control, unwinder, store, Calls::Converter(name.clone()), |store| {
+            for i in 0..o.count {
+                let (from, to) = ((o.start + i * k.old_size) as i32, (to + i * k.new_size) as i32);
+                convert.call(&mut *store, (from, to)).map_err(|source| HeapError::Converter { name: name.clone(), source })?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok((HeapCounts { converted: new_starts.len(), rewritten }, new_starts))
+}
+
+/// Rewrites every pointer the plan found to where it lands now that the
+/// converted objects have their new copies at `new_starts`, and copies each
+/// object's members into its new copy. Returns how many pointers changed.
+fn rewrite_and_copy(plan: &heap::Plan, new_starts: &[u32], memory: &ProgramMemory) -> Result<usize, HeapError> {
+    // SAFETY: paused, and no guest code runs while `bytes` lives (the
+    // converters run after).
     let mut bytes = unsafe { memory.bytes() };
+    let mut rewritten = 0;
     for (i, &(slot, _)) in plan.slots.iter().enumerate() {
-        match plan.slot_landing(i, &new_starts) {
+        match plan.slot_landing(i, new_starts) {
             Landing::Unmoved => {}
             Landing::At(to) => {
                 rewritten += 1;
@@ -205,7 +227,7 @@ pub(crate) fn convert(
             Landing::Dropped => return Err(HeapError::DroppedMember(slot)),
         }
     }
-    for (o, &to) in plan.objects.iter().zip(&new_starts) {
+    for (o, &to) in plan.objects.iter().zip(new_starts) {
         let k = plan.kind(o);
         for i in 0..o.count {
             let (from, to) = (u64::from(o.start + i * k.old_size), u64::from(to + i * k.new_size));
@@ -216,23 +238,7 @@ pub(crate) fn convert(
             }
         }
     }
-    // The converters are guest code.
-    drop(bytes);
-    for (o, &to) in plan.objects.iter().zip(&new_starts) {
-        let Some(name) = &plan.kind(o).converter else { continue };
-        let convert = instance
-            .get_typed_func::<(i32, i32), ()>(&mut *store, name)
-            .map_err(|source| HeapError::ConverterSignature { name: name.clone(), source })?;
-        with_pause_off(&unwinder.control, unwinder, store, Calls::Converter(name.clone()), |store| {
-            for i in 0..o.count {
-                let k = plan.kind(o);
-                let (from, to) = ((o.start + i * k.old_size) as i32, (to + i * k.new_size) as i32);
-                convert.call(&mut *store, (from, to)).map_err(|source| HeapError::Converter { name: name.clone(), source })?;
-            }
-            Ok(())
-        })?;
-    }
-    Ok((HeapCounts { converted: new_starts.len(), rewritten }, new_starts))
+    Ok(rewritten)
 }
 
 /// Rewrites the frame locals [`heap::frame_pointers`] found to the new
