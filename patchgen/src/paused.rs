@@ -323,11 +323,12 @@ impl PausedProgram<'_> {
     /// heap object the update converts: the trace types the main thread's
     /// frames alone, so nothing would rewrite it.
     fn find_converted_in_threads(&self, plan: &heap::Plan) -> Option<Holding> {
+        // The objects are in address order: a search, not a scan, per word
+        // of every thread's frames.
         let converted = |v: u32| {
-            plan.objects
-                .iter()
-                .find(|o| v >= o.start && u64::from(v - o.start) < u64::from(o.count) * u64::from(plan.kind(o).old_size))
-                .map(|o| Target::ConvertedObject(plan.kind(o).type_name.clone()))
+            let o = &plan.objects[plan.objects.partition_point(|o| o.start <= v).checked_sub(1)?];
+            (u64::from(v - o.start) < u64::from(o.count) * u64::from(plan.kind(o).old_size))
+                .then(|| Target::ConvertedObject(plan.kind(o).type_name.clone()))
         };
         self.workers.iter().find_map(|w| {
             stale::find_pointer(w.kept().0, self.version, self.memory, &[], &converted, false, &HashSet::new())
