@@ -74,6 +74,16 @@ impl ControlMemory {
         unsafe { AtomicU32::from_ptr(cell.get().cast()) }
     }
 
+    /// The `n` words from `at` (4-aligned). The memory is looked up once:
+    /// wasmtime takes a lock to tell a shared memory's length, and the
+    /// allocator's batches pass a million words.
+    fn words(&self, at: u32, n: usize) -> impl Iterator<Item = &AtomicU32> {
+        debug_assert!(at.is_multiple_of(4));
+        let cells = &self.memory.data()[at as usize..at as usize + 4 * n];
+        // SAFETY: as in `word`, for each word.
+        cells.chunks_exact(4).map(|cell| unsafe { AtomicU32::from_ptr(cell[0].get().cast()) })
+    }
+
     /// Sets or clears the pause request.
     pub fn set_pause(&self, on: bool) {
         self.byte(control::PAUSE_BYTE).store(on as u8, Ordering::SeqCst);
@@ -164,16 +174,16 @@ impl ControlMemory {
     /// Writes `words` at `at` (4-aligned). Call only while the guest is not
     /// running.
     pub(crate) fn write_words(&self, at: u32, words: &[u32]) {
-        for (i, w) in words.iter().enumerate() {
-            self.word(at + 4 * i as u32).store(*w, Ordering::Relaxed);
+        for (cell, w) in self.words(at, words.len()).zip(words) {
+            cell.store(*w, Ordering::Relaxed);
         }
     }
 
     /// Reads `out.len()` words at `at` (4-aligned). Call only while the
     /// guest is not running.
     pub(crate) fn read_words(&self, at: u32, out: &mut [u32]) {
-        for (i, w) in out.iter_mut().enumerate() {
-            *w = self.word(at + 4 * i as u32).load(Ordering::Relaxed);
+        for (cell, w) in self.words(at, out.len()).zip(out) {
+            *w = cell.load(Ordering::Relaxed);
         }
     }
 
