@@ -4,11 +4,13 @@
 //!
 //! `tests/guests/processes/forktime.c` allocates and writes N MiB, then
 //! forks ROUNDS times (each child exits at once) and prints the parent's
-//! time in `fork()`: the unwind, the copy of the memory into the child's,
-//! the child's store and instance, and the rewind. Run by the release
-//! `upstare-host` binary for 1, 10, 100 and 1024 MiB. The first fork of a
-//! process is reported apart: the child's memory comes from pages the
-//! kernel has not handed out before.
+//! time in `fork()`: the unwind, the child's memory, its store and
+//! instance, and the rewind. Run by the release `upstare-host` binary for
+//! 1, 10, 100 and 1024 MiB, with each `--fork-memory` (`copy`, `cow`), and
+//! each once more with the parent writing its whole memory again after
+//! every fork (what copy-on-write makes a parent pay, and the next fork
+//! copy), timed too. The first fork of a process is reported apart: the
+//! child's memory comes from pages the kernel has not handed out before.
 //!
 //! The prefork example server (`guest-examples/prefork-server`) runs
 //! under the host library exactly as `upstare-host` runs it, with 1, 8 and
@@ -44,21 +46,48 @@ fn main() {
     .build();
     let host = root().join("target/release/upstare-host");
     assert!(host.exists(), "build the host first: cargo build --release -p upstare-host");
-    println!("fork of a process with N MiB written, {rounds} rounds per size");
-    println!("{:>8} {:>12} {:>12} {:>12} {:>10}", "MiB", "first (us)", "median (us)", "min (us)", "GiB/s");
-    for mib in [1u64, 10, 100, 1024] {
-        let out = Command::new(&host).arg(&forktime).arg(mib.to_string()).arg((rounds + 1).to_string()).output().unwrap();
+    // One host run: `rounds` forks after the first, each line's figures.
+    let run = |mib: u64, memory: &str, rewrite: bool| -> (u64, Vec<u64>, Vec<u64>) {
+        let mut cmd = Command::new(&host);
+        cmd.args(["--fork-memory", memory]).arg(&forktime).arg(mib.to_string()).arg((rounds + 1).to_string());
+        if rewrite {
+            cmd.arg("rewrite");
+        }
+        let out = cmd.output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let times: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.strip_prefix("fork ").and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{l}")))
-            .collect();
-        assert_eq!(times.len(), rounds + 1, "one line per fork");
-        let (first, rest) = (times[0], times[1..].to_vec());
-        let min = *rest.iter().min().unwrap();
-        let med = median(rest);
-        let rate = (mib as f64 / 1024.0) / (med as f64 / 1e6);
-        println!("{mib:>8} {first:>12} {med:>12} {min:>12} {rate:>10.1}");
+        let (mut forks, mut writes) = (Vec::new(), Vec::new());
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let (what, us) = line.split_once(' ').unwrap_or_else(|| panic!("{line}"));
+            let us: u64 = us.parse().unwrap_or_else(|_| panic!("{line}"));
+            match what {
+                "fork" => forks.push(us),
+                "write" => writes.push(us),
+                _ => panic!("{line}"),
+            }
+        }
+        assert_eq!(forks.len(), rounds + 1, "one line per fork");
+        (forks[0], forks[1..].to_vec(), writes)
+    };
+    let show = |v: &[u64]| format!("{} ({})", median(v.to_vec()), v.iter().min().unwrap());
+    println!("fork of a process with N MiB written, {rounds} rounds per size after the first fork; median (min), us");
+    println!(
+        "{:>6} {:>6} {:>12} {:>18} {:>8} | {:>18} {:>18}",
+        "MiB", "memory", "first fork", "fork", "GiB/s", "fork, rewriting", "rewrite"
+    );
+    for mib in [1u64, 10, 100, 1024] {
+        // The variants of one size run back to back, so that they share
+        // the machine's mood.
+        for memory in ["copy", "cow"] {
+            let (first, forks, _) = run(mib, memory, false);
+            let (_, forks_rewriting, writes) = run(mib, memory, true);
+            let rate = (mib as f64 / 1024.0) / (median(forks.clone()) as f64 / 1e6);
+            println!(
+                "{mib:>6} {memory:>6} {first:>12} {:>18} {rate:>8.1} | {:>18} {:>18}",
+                show(&forks),
+                show(&forks_rewriting),
+                show(&writes)
+            );
+        }
     }
     pause_and_update(rounds);
 }

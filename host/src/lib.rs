@@ -45,6 +45,7 @@
 
 pub mod cache;
 pub mod control;
+pub mod fork_memory;
 pub mod fresh;
 pub mod futex;
 mod heap_conversion;

@@ -14,6 +14,7 @@ use upstare_instrument::abi::{control, exports, ResumeKind, State, TypedFrame};
 use upstare_instrument::Metadata;
 use wasmtime::{Engine, Global, Instance, Linker, Store, TypedFunc};
 
+use crate::fork_memory::ForkMemory;
 use crate::interrupt::InterruptHandle;
 use crate::module::{one_line, GuestModule, LoadError};
 use crate::pause::{ControlMemory, PauseHandle};
@@ -58,6 +59,8 @@ pub struct GuestConfig {
     /// Processes a program that forks may have at once, zombies included;
     /// a `fork` past it fails with `EAGAIN`.
     pub max_processes: usize,
+    /// How a fork gives the child its memory, for a program that forks.
+    pub fork_memory: ForkMemory,
 }
 
 /// A host directory made visible to the guest.
@@ -84,6 +87,7 @@ impl GuestConfig {
             stress_stop: None,
             max_threads: crate::threads::DEFAULT_MAX_THREADS,
             max_processes: crate::processes::DEFAULT_MAX_PROCESSES,
+            fork_memory: ForkMemory::default(),
         }
     }
 }
@@ -230,7 +234,11 @@ impl Guest {
         let stress = config.stress_pause.or(config.stress_stop);
         let (memories, control) = match &module.metadata {
             Some(meta) => {
-                let memory = ProgramMemory::new(engine, &meta.memory).map_err(|e| host(e.to_string()))?;
+                let memory = match module.forks() {
+                    true => ProgramMemory::for_forking_program(engine, &meta.memory, config.fork_memory),
+                    false => ProgramMemory::new(engine, &meta.memory),
+                };
+                let memory = memory.map_err(|e| host(e.to_string()))?;
                 let control = new_control(engine, stress)?;
                 (Some(SharedMemories::Instrumented(memory)), Some(control))
             }
@@ -254,7 +262,7 @@ impl Guest {
         if module.forks() && guest.unwinder.is_some() {
             let waker = guest.store.data().wasi.interrupter.clone();
             let imports = host_linker(engine, false).map_err(|e| SetupError::Host(one_line(&e)))?;
-            let program = Processes::new(config.max_processes, guest.stopper(), waker, imports);
+            let program = Processes::new(config.max_processes, config.fork_memory, guest.stopper(), waker, imports);
             guest.store.data_mut().wasi.process = Some(Membership { program, pid: 1, fork_requested: false, fork_result: None });
         }
         Ok(guest)
@@ -278,25 +286,31 @@ impl Guest {
         let (globals, frames) = self.unwound_state().map_err(|e| e.to_string())?;
         let source = self.unwinder.as_ref().map(|u| u.memory.clone()).ok_or("a module that cannot unwind cannot fork")?;
         let wasi = self.store.data().wasi.for_process().map_err(|e| format!("cannot set up the child's WASI state: {e}"))?;
-        self.another_process(wasi, |memory| memory.copy_from(&source).map_err(|e| format!("cannot copy the memory: {e}")), &globals, &frames)
+        let meta = self.module.metadata.clone().ok_or("a module that cannot unwind cannot fork")?;
+        let memory = ProgramMemory::fork_of(self.store.engine(), &meta.memory, &source).map_err(|e| format!("cannot copy the memory: {e}"))?;
+        self.another_process(wasi, memory, &globals, &frames)
+    }
+
+    /// A fresh memory for another process of the program `program` runs.
+    pub(crate) fn process_memory(&self, program: &Processes) -> Result<ProgramMemory, String> {
+        let meta = self.module.metadata.as_ref().ok_or("a module that cannot unwind has no processes")?;
+        ProgramMemory::for_forking_program(self.store.engine(), &meta.memory, program.fork_memory())
+            .map_err(|e| format!("cannot create the process's memory: {e}"))
     }
 
     /// A new process of this guest's program (its module, not yet its
-    /// process table) with `wasi`, in memories and a store of its own:
-    /// `fill` writes its memory, and run, it rewinds into `frames` with
-    /// `globals`.
+    /// process table) with `wasi`, over `memory` (already holding its
+    /// bytes) and memories and a store of its own: run, it rewinds into
+    /// `frames` with `globals`.
     pub(crate) fn another_process(
         &self,
         wasi: WasiCtx,
-        fill: impl FnOnce(&ProgramMemory) -> Result<(), String>,
+        memory: ProgramMemory,
         globals: &[(u32, upstare_instrument::abi::ValType, u64)],
         frames: &[u8],
     ) -> Result<Guest, String> {
         let engine = self.store.engine().clone();
         let module = self.module.clone();
-        let meta = module.metadata.clone().ok_or("a module that cannot unwind cannot fork")?;
-        let memory = ProgramMemory::new(&engine, &meta.memory).map_err(|e| format!("cannot create the process's memory: {e}"))?;
-        fill(&memory)?;
         let control = new_control(&engine, None).map_err(|e| e.to_string())?;
         let imports = self.processes().map(|p| p.imports());
         let memories = SharedMemories::Instrumented(memory);

@@ -1,5 +1,5 @@
 //! The processes of a program (the `upstare` process imports of
-//! `upstare.h`): `fork` by unwind and copy, `waitpid`, `getpid`, `getppid`
+//! `upstare.h`): `fork` at an unwind, `waitpid`, `getpid`, `getppid`
 //! and `kill`, and the table of a program's processes with their parents
 //! and exit statuses.
 //!
@@ -7,8 +7,8 @@
 //! makes another, with its own program memory, control memory, store and
 //! instance, on an OS thread of its own that this module drives. A fork
 //! happens at an unwind: the guest's `fork` call asks for one, and once the
-//! stack is saved the host copies the memory and the saved frames into the
-//! child and rewinds both, `fork` returning the child's pid in the parent
+//! stack is saved the host gives the child the memory (copy-on-write, or
+//! a copy: [`crate::fork_memory`]) and the saved frames, and rewinds both, `fork` returning the child's pid in the parent
 //! and 0 in the child. The child's fd table is a copy of the parent's whose
 //! entries share the open objects (a prefork server's workers share the
 //! listener).
@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use upstare_instrument::abi::{process, IMPORT_MODULE};
 use wasmtime::{Caller, Linker};
 
+use crate::fork_memory::ForkMemory;
 use crate::interrupt::{Interrupter, Parked};
 use crate::pause_group::{lock, PauseGroup, RunState};
 use crate::process::{Exit, Guest, ProcessState};
@@ -41,8 +42,8 @@ use crate::wasi::UnwindHooks;
 /// embedder says otherwise ([`crate::GuestConfig::max_processes`]).
 pub const DEFAULT_MAX_PROCESSES: usize = 64;
 
-/// The most processes any program may be allowed: each holds a copy of the
-/// program memory.
+/// The most processes any program may be allowed: each holds a program
+/// memory of its own.
 pub const MAX_PROCESSES: usize = 1024;
 
 /// The signals `kill` knows: both end the process (WASI has no handlers).
@@ -145,6 +146,9 @@ struct Table {
 /// The processes of one program.
 pub struct Processes {
     max: usize,
+    /// How forks give a child its memory; also how a restore makes the
+    /// processes' memories.
+    fork_memory: ForkMemory,
     table: Mutex<Table>,
     /// Every process but the first, which pause with it.
     children: Arc<PauseGroup>,
@@ -181,10 +185,15 @@ pub struct ProcessStatus {
 impl Processes {
     /// The table of a program whose first process (pid 1) stops through
     /// `stopper` and waits through `waker`.
-    pub(crate) fn new(max: usize, stopper: Stopper, waker: Interrupter, imports: Linker<ProcessState>) -> Arc<Self> {
+    pub(crate) fn new(max: usize, fork_memory: ForkMemory, stopper: Stopper, waker: Interrupter, imports: Linker<ProcessState>) -> Arc<Self> {
         let first = Entry { parent: 0, ended: None, killed: None, live: Some(Live { stopper, waker, memory: None }) };
         let table = Table { next_pid: 2, entries: BTreeMap::from([(1, first)]), over: false };
-        Arc::new(Processes { max, table: Mutex::new(table), children: Arc::default(), imports })
+        Arc::new(Processes { max, fork_memory, table: Mutex::new(table), children: Arc::default(), imports })
+    }
+
+    /// How the program's forks give a child its memory.
+    pub(crate) fn fork_memory(&self) -> ForkMemory {
+        self.fork_memory
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {

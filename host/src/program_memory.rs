@@ -9,9 +9,13 @@
 //! Everything the host does to guest memory goes through here: the WASI
 //! layer's view during a call, snapshots, and the update's writes.
 
+use std::sync::Arc;
+
 use wasmtime::{Engine, MemoryType, SharedMemory};
 
 use upstare_instrument::abi::MemoryMeta;
+
+use crate::fork_memory::{ForkMemory, MemoryFile};
 
 /// Size of a wasm page.
 pub const PAGE: u64 = 64 << 10;
@@ -20,6 +24,9 @@ pub const PAGE: u64 = 64 << 10;
 #[derive(Clone)]
 pub struct ProgramMemory {
     memory: SharedMemory,
+    /// The memory file it is laid over, for a program that forks with
+    /// copy-on-write ([`crate::fork_memory`]).
+    file: Option<Arc<MemoryFile>>,
 }
 
 impl std::fmt::Debug for ProgramMemory {
@@ -32,9 +39,46 @@ impl ProgramMemory {
     /// A fresh, zeroed memory of the type the instrumented module imports.
     pub fn new(engine: &Engine, meta: &MemoryMeta) -> anyhow::Result<Self> {
         let ty = MemoryType::shared(meta.min, meta.import_max());
-        let memory = ProgramMemory { memory: SharedMemory::new(engine, ty)? };
-        memory.prefer_huge_pages(meta.import_max());
+        let memory = ProgramMemory { memory: SharedMemory::new(engine, ty)?, file: None };
+        memory.prefer_huge_pages(meta);
         Ok(memory)
+    }
+
+    /// A fresh memory for a process of a program that forks, laid over a
+    /// memory file when `fork` says copy-on-write and the kernel has memory
+    /// files (else as [`ProgramMemory::new`]).
+    pub(crate) fn for_forking_program(engine: &Engine, meta: &MemoryMeta, fork: ForkMemory) -> anyhow::Result<Self> {
+        let mut memory = Self::new(engine, meta)?;
+        if fork == ForkMemory::CopyOnWrite {
+            let (base, size) = (memory.memory.data().as_ptr() as *mut u8, memory.size() as usize);
+            match MemoryFile::lay_over(base, reserved_bytes(meta), size) {
+                Ok(Some(file)) => memory.file = Some(Arc::new(file)),
+                Ok(None) => tracing::debug!("no memory files here: forks copy the memory"),
+                Err(e) => anyhow::bail!("cannot map a memory file over the program memory: {e}"),
+            }
+        }
+        Ok(memory)
+    }
+
+    /// A fresh memory holding the bytes of `parent` (a process stopped to
+    /// fork, which no thread runs): copy-on-write if `parent` is laid over
+    /// a memory file, else a copy.
+    pub(crate) fn fork_of(engine: &Engine, meta: &MemoryMeta, parent: &ProgramMemory) -> anyhow::Result<Self> {
+        let mut child = Self::new(engine, meta)?;
+        let Some(file) = &parent.file else {
+            child.copy_from(parent)?;
+            tracing::debug!("fork: {} bytes of memory copied", parent.size());
+            return Ok(child);
+        };
+        let (have, want) = (child.size(), parent.size());
+        if want > have {
+            child.grow((want - have) / PAGE)?;
+        }
+        let base = child.memory.data().as_ptr() as *mut u8;
+        let (forked, copied) = file.fork(base, want as usize).map_err(|e| anyhow::anyhow!("cannot map the parent's memory file: {e}"))?;
+        tracing::debug!("fork: copy-on-write of {want} bytes of memory, {copied} bytes of the parent's own pages copied");
+        child.file = Some(Arc::new(forked));
+        Ok(child)
     }
 
     /// Asks the kernel to back the memory with transparent huge pages
@@ -42,16 +86,14 @@ impl ProgramMemory {
     /// heap in no order, and with 4 KiB pages nearly every read of a 1 GiB
     /// heap misses the TLB. Memory below 2 MiB, or not yet touched, costs
     /// nothing more. Failure only loses the hint.
-    fn prefer_huge_pages(&self, max_pages: u32) {
-        // Shared memories are reserved at their maximum, in one mapping.
-        let len = (u64::from(max_pages) * PAGE) as usize;
-        advise_huge_pages(self.memory.data().as_ptr().cast(), len, "the program memory");
+    fn prefer_huge_pages(&self, meta: &MemoryMeta) {
+        advise_huge_pages(self.memory.data().as_ptr().cast(), reserved_bytes(meta), "the program memory");
     }
 
     /// Wraps a memory the host created earlier (found again through an
     /// instance's exports).
     pub fn from_shared(memory: SharedMemory) -> Self {
-        ProgramMemory { memory }
+        ProgramMemory { memory, file: None }
     }
 
     /// The memory, to be imported as `upstare.memory`.
@@ -98,7 +140,7 @@ impl ProgramMemory {
 
     /// Makes this memory a copy of `source`, grown to its size first: a
     /// forked process's. Call only while no thread of either program runs.
-    pub(crate) fn copy_from(&self, source: &ProgramMemory) -> anyhow::Result<()> {
+    fn copy_from(&self, source: &ProgramMemory) -> anyhow::Result<()> {
         let (have, want) = (self.size(), source.size());
         if want > have {
             self.grow((want - have) / PAGE)?;
@@ -249,6 +291,12 @@ pub(crate) fn advise_huge_pages(base: *const u8, len: usize, what: &str) {
     if let Err(e) = unsafe { rustix::mm::madvise(base as *mut std::ffi::c_void, len, rustix::mm::Advice::LinuxHugepage) } {
         tracing::debug!("no huge pages for {what}: {e}");
     }
+}
+
+/// The bytes a program memory reserves: shared memories are reserved at
+/// their maximum, in one mapping.
+fn reserved_bytes(meta: &MemoryMeta) -> usize {
+    (u64::from(meta.import_max()) * PAGE) as usize
 }
 
 fn range(addr: u64, len: u64, size: usize) -> Option<std::ops::Range<usize>> {

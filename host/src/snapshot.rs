@@ -613,9 +613,10 @@ impl Guest {
             let shared = |pid: u32, fd: u32| tables.get(&pid).and_then(|t| t.get(fd).ok()).map(|d| d.object);
             persist::rebuild(&mut wasi, &p.fds, Vec::new(), &shared).map_err(|e| SnapshotError::State(format!("process {}: {e}", p.pid)))?;
             tables.insert(p.pid, wasi.fds.clone());
-            let fill = |memory: &crate::program_memory::ProgramMemory| load_memory(memory, &p.memory).map_err(|e| e.to_string());
+            let memory = self.process_memory(&program).map_err(|e| SnapshotError::State(format!("cannot recreate process {}: {e}", p.pid)))?;
+            load_memory(&memory, &p.memory)?;
             let child = self
-                .another_process(wasi, fill, &p.globals, &p.frames)
+                .another_process(wasi, memory, &p.globals, &p.frames)
                 .map_err(|e| SnapshotError::State(format!("cannot recreate process {}: {e}", p.pid)))?;
             program.adopt(p.pid, p.parent, child).map_err(SnapshotError::State)?;
         }

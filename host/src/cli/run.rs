@@ -12,6 +12,7 @@ use super::bad_input;
 use crate::control::{self, ControlSocket};
 use crate::stress_update::{StressUpdates, Target};
 use crate::supervise::{self, Ended, Identity};
+use crate::fork_memory::ForkMemory;
 use crate::{new_cached_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, PreopenDir};
 
 /// Exit status when the guest traps (as a C program that aborts).
@@ -96,6 +97,13 @@ pub struct RunArgs {
     #[arg(long = "max-processes", value_name = "N", default_value_t = crate::processes::DEFAULT_MAX_PROCESSES, value_parser = parse_max_processes)]
     max_processes: usize,
 
+    /// How a fork gives the child its memory: `cow` shares the parent's
+    /// pages until either writes one (each page written after a fork then
+    /// faults once; memory files, which Linux may back without huge
+    /// pages); `copy` copies the whole memory at each fork.
+    #[arg(long = "fork-memory", value_name = "HOW", default_value = "cow", value_parser = parse_fork_memory)]
+    fork_memory: ForkMemory,
+
     /// The module, then the guest's arguments.
     #[arg(required = true, value_name = "WASM", trailing_var_arg = true, allow_hyphen_values = true)]
     module_and_args: Vec<OsString>,
@@ -121,6 +129,14 @@ fn parse_max_processes(spec: &str) -> Result<usize, String> {
     match spec.parse::<usize>() {
         Ok(n) if (1..=crate::processes::MAX_PROCESSES).contains(&n) => Ok(n),
         _ => Err(format!("expected a number of processes from 1 to {}", crate::processes::MAX_PROCESSES)),
+    }
+}
+
+fn parse_fork_memory(spec: &str) -> Result<ForkMemory, String> {
+    match spec {
+        "cow" => Ok(ForkMemory::CopyOnWrite),
+        "copy" => Ok(ForkMemory::Copy),
+        _ => Err("expected `cow` or `copy`".into()),
     }
 }
 
@@ -210,6 +226,7 @@ pub fn execute(args: RunArgs) -> ExitCode {
     config.stress_stop = stress.as_ref().map(|(n, _)| *n);
     config.max_threads = args.max_threads;
     config.max_processes = args.max_processes;
+    config.fork_memory = args.fork_memory;
     let stress = stress.map(|(_, target)| StressUpdates::new(target));
     config.env = args.env.iter().filter_map(|s| parse_env(s)).collect();
     config.dirs = args.dirs.iter().map(|s| parse_dir(s)).collect();

@@ -1,13 +1,17 @@
 /*
  * forktime: how long fork() takes against the size of the memory.
  *
- *   forktime MIB ROUNDS
+ *   forktime MIB ROUNDS [rewrite]
  *
  * Allocates MIB MiB and writes every page of it, then forks ROUNDS times,
  * each child exiting at once, and prints the parent's time in fork() (from
  * the call to its return in the parent: the unwind, the copy, the child's
  * creation and the rewind), in microseconds, one line per round:
  * "fork <us>". The child checks a byte of the copy and exits with it.
+ *
+ * With "rewrite", the parent then writes every page again after each
+ * child has ended, and prints that time too: "write <us>". Memory shared
+ * copy-on-write makes these writes fault, and the next fork copy them.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +30,7 @@ int main(int argc, char **argv)
 {
     long mib = argc > 1 ? atol(argv[1]) : 1;
     int rounds = argc > 2 ? atoi(argv[2]) : 5;
+    int rewrite = argc > 3 && strcmp(argv[3], "rewrite") == 0;
     size_t len = (size_t)mib << 20;
     unsigned char *block = malloc(len);
     if (block == NULL) {
@@ -50,6 +55,11 @@ int main(int argc, char **argv)
             return 1;
         }
         printf("fork %lld\n", t1 - t0);
+        if (rewrite) {
+            long long t2 = now_us();
+            memset(block, 7, len);
+            printf("write %lld\n", now_us() - t2);
+        }
     }
     return 0;
 }
