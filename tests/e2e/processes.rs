@@ -150,6 +150,13 @@ fn a_bad_process_limit_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected a number of processes from 1 to"));
 }
 
+#[test]
+fn a_bad_fork_memory_is_refused() {
+    let out = host_command().args(["--fork-memory", "share", "x.wasm"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected `cow` or `copy`"));
+}
+
 /// Which worker (index, pid) a PING on `client`'s connection reaches.
 fn ping_on(client: &mut upstare_tests::Client) -> (u32, u32) {
     let (index, pid, _) = pong(client);
