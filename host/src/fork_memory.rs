@@ -91,7 +91,8 @@ impl MemoryFile {
     /// pages.
     pub(crate) fn fork(&self, child_base: *mut u8, accessible: usize) -> rustix::io::Result<(MemoryFile, usize)> {
         let mut private = self.private.lock().unwrap_or_else(PoisonError::into_inner);
-        if !*private {
+        let first_fork = !*private;
+        if first_fork {
             // SAFETY: the parent is stopped, and the file holds every byte
             // of its memory (its only mapping was shared): mapping it
             // privately changes no byte.
@@ -102,8 +103,18 @@ impl MemoryFile {
             MemoryFile { file: self.file.clone(), base: child_base as usize, reserved: self.reserved, private: Mutex::new(true) };
         // SAFETY: the child's reservation is its own, unused yet.
         unsafe { child.map(accessible, MapFlags::PRIVATE)? };
+        // At its first fork the parent has no page of its own yet. Without
+        // a page map (no `/proc`), every page counts as its own: the child
+        // gets a whole copy.
+        let own = match first_fork {
+            true => Vec::new(),
+            false => self.own_pages(accessible).unwrap_or_else(|e| {
+                tracing::debug!("no page map ({e}): the fork copies the whole memory");
+                vec![0..accessible]
+            }),
+        };
         let mut copied = 0;
-        for run in self.own_pages(accessible)? {
+        for run in own {
             if let Some(huge) = huge_pages_within(child.base, &run) {
                 // SAFETY: inside the child's accessible bytes, unused yet.
                 unsafe { child.map_anonymous(huge)? };
