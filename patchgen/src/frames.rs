@@ -1511,7 +1511,8 @@ fn walk_paired(
 }
 
 /// The old local where DWARF places the variable that the new DWARF places
-/// in new local `local` (same scope path, name and type).
+/// in new local `local` (same scope path, name and type, or pointers to a
+/// struct or union of the same tag whose layout changed).
 fn dwarf_source(
     (old, old_vars): (&Version, &HashMap<VarKey, VarAt>),
     (new, new_vars): (&Version, &[VarAt]),
@@ -1519,11 +1520,29 @@ fn dwarf_source(
 ) -> Option<u32> {
     new_vars.iter().filter(|v| v.location == Location::Local(local)).find_map(|v| {
         let o = old_vars.get(&v.key)?;
+        let carried = same_type(&old.debug, o.ty, &new.debug, v.ty) || pointers_to_a_changed_aggregate((old, o.ty), (new, v.ty));
         match o.location {
-            Location::Local(j) if same_type(&old.debug, o.ty, &new.debug, v.ty) => Some(j),
+            Location::Local(j) if carried => Some(j),
             _ => None,
         }
     })
+}
+
+/// Whether `old` and `new` are pointers to a struct (or union) of the same
+/// tag, defined in both: the pointer's value carries over as it is, and if
+/// it points at an object the update converts, the heap conversion
+/// rewrites it to the new copy ([`crate::heap::frame_pointers`], which
+/// refuses what it cannot rewrite). A function that allocates such an
+/// object changes code with its size, so without this rule the frame that
+/// holds it could not move.
+fn pointers_to_a_changed_aggregate((old, ot): (&Version, crate::dwarf::TypeId), (new, nt): (&Version, crate::dwarf::TypeId)) -> bool {
+    use crate::dwarf::Type;
+    let (Type::Pointer { to: Some(op) }, Type::Pointer { to: Some(np) }) = (old.debug.ty(ot), new.debug.ty(nt)) else { return false };
+    match (old.debug.ty(*op), new.debug.ty(*np)) {
+        (Type::Struct { name: Some(a), size: s1, .. }, Type::Struct { name: Some(b), size: s2, .. })
+        | (Type::Union { name: Some(a), size: s1, .. }, Type::Union { name: Some(b), size: s2, .. }) => a == b && *s1 > 0 && *s2 > 0,
+        _ => false,
+    }
 }
 
 /// A local for people: the variables DWARF places in it, or "a compiler

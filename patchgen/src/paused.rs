@@ -140,6 +140,9 @@ pub struct Findings {
     /// The main thread's mapped frame locals to rewrite, as (frame,
     /// local).
     pub frame_pointers: Vec<(usize, usize)>,
+    /// The same for each of the other threads, in the order of
+    /// [`PausedProgram::workers`].
+    pub thread_frame_pointers: Vec<Vec<(usize, usize)>>,
 }
 
 /// What a value that would go stale points into.
@@ -194,13 +197,9 @@ pub enum Stale {
     /// nothing will be; it may let go of it as it runs on.
     #[error("{0}")]
     Held(Holding),
-    /// A spawned thread's frame holds the address of a heap object the
-    /// update converts: only the main thread's frames are typed and
-    /// rewritten.
-    #[error("{0}; only the main thread's frames are rewritten")]
-    ThreadFrame(Holding),
-    /// A main-thread frame holds the address of a converted heap object
-    /// where it has no pointer type (see [`heap::frame_pointers`]).
+    /// A frame holds the address of a converted heap object where it has
+    /// no pointer type (see [`heap::frame_pointers`]); for a spawned
+    /// thread, the message names it.
     #[error("{0}")]
     Frame(String),
 }
@@ -214,38 +213,42 @@ impl PausedProgram<'_> {
     pub fn check(&self, plan: &Plan, linked: &Linked, old_meta: Option<&Metadata>, new: &Version, new_meta: &Metadata) -> Result<Findings, Stale> {
         let heap = self.trace(plan, linked, old_meta, new, new_meta).map_err(Stale::Heap)?;
         self.find_held(linked, heap.as_ref()).map_or(Ok(()), |h| Err(Stale::Held(h)))?;
-        if let Some(h) = heap.as_ref().and_then(|h| self.find_converted_in_threads(h)) {
-            return Err(Stale::ThreadFrame(h));
-        }
-        let frame_pointers = match &heap {
-            Some(h) => heap::frame_pointers(h, &self.main.mapped.frames, new, new_meta).map_err(Stale::Frame)?,
-            None => Vec::new(),
+        let Some(h) = &heap else {
+            return Ok(Findings { heap, frame_pointers: Vec::new(), thread_frame_pointers: vec![Vec::new(); self.workers.len()] });
         };
-        Ok(Findings { heap, frame_pointers })
+        let frame_pointers = heap::frame_pointers(h, &self.main.mapped.frames, new, new_meta).map_err(Stale::Frame)?;
+        let thread_frame_pointers = self
+            .workers
+            .iter()
+            .map(|w| {
+                heap::frame_pointers(h, &w.mapped.frames, new, new_meta)
+                    .map_err(|e| Stale::Frame(format!("in thread {}: {e}", w.tid.unwrap_or_default())))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Findings { heap, frame_pointers, thread_frame_pointers })
     }
 
     /// Traces the paused heap; `None` when no root reaches a changed type.
     fn trace(&self, plan: &Plan, linked: &Linked, old_meta: Option<&Metadata>, new: &Version, new_meta: &Metadata) -> Result<Option<heap::Plan>, String> {
         let main = &self.main;
-        let (kept, stack_from) = main.kept();
-        let mut frame_roots = match old_meta {
-            // Typing the frames analyses each one's code: only when some
-            // global or struct changed type, so that an ordinary update's
-            // pause pays nothing for it (onto itself, `--stress-update`,
-            // nothing changes).
-            Some(old_meta) if plan.heap_roots.any_changed() && !std::ptr::eq(self.version, new) => heap::frame_roots(
-                self.version,
-                old_meta,
-                main.frames,
-                main.stack_pointer,
-                stack_top(self.version),
-                new,
-                new_meta,
-                &main.mapped.frames,
-                kept.len(),
-            ),
-            _ => heap::FrameRoots::default(),
-        };
+        let (_, stack_from) = main.kept();
+        let mut frame_roots = heap::FrameRoots::default();
+        // Typing the frames analyses each one's code: only when some
+        // global or struct changed type, so that an ordinary update's pause
+        // pays nothing for it (onto itself, `--stress-update`, nothing
+        // changes).
+        if let Some(old_meta) = old_meta.filter(|_| plan.heap_roots.any_changed() && !std::ptr::eq(self.version, new)) {
+            let main_top = stack_top(self.version);
+            let threads = std::iter::once((main, main_top)).chain(self.workers.iter().map(|w| (w, w.stack_top)));
+            for (thread, top) in threads {
+                let in_place = thread.kept().0.len();
+                let (frames, sp, mapped) = (thread.frames, thread.stack_pointer, &thread.mapped.frames);
+                let roots = heap::frame_roots(self.version, old_meta, frames, sp, top, new, new_meta, mapped, in_place);
+                frame_roots.memory.extend(roots.memory);
+                frame_roots.values.extend(roots.values);
+                frame_roots.dead.extend(roots.dead);
+            }
+        }
         let thread_stacks: Vec<Holder> = self.workers.iter().filter_map(PausedThread::live_stack).collect();
         frame_roots.thread_stacks_from = thread_stacks.iter().map(|h| h.address).collect();
         let moved = linked
@@ -318,23 +321,6 @@ impl PausedProgram<'_> {
         };
         find(&moved_from, false).or_else(|| find(&converted, true))
     }
-
-    /// The first value in a spawned thread's frames that points into a
-    /// heap object the update converts: the trace types the main thread's
-    /// frames alone, so nothing would rewrite it.
-    fn find_converted_in_threads(&self, plan: &heap::Plan) -> Option<Holding> {
-        // The objects are in address order: a search, not a scan, per word
-        // of every thread's frames.
-        let converted = |v: u32| {
-            let o = &plan.objects[plan.objects.partition_point(|o| o.start <= v).checked_sub(1)?];
-            (u64::from(v - o.start) < u64::from(o.count) * u64::from(plan.kind(o).old_size))
-                .then(|| Target::ConvertedObject(plan.kind(o).type_name.clone()))
-        };
-        self.workers.iter().find_map(|w| {
-            stale::find_pointer(w.kept().0, self.version, self.memory, &[], &converted, false, &HashSet::new())
-                .map(|(place, target)| Holding { thread: w.tid, place, target })
-        })
-    }
 }
 
 #[cfg(test)]
@@ -350,8 +336,8 @@ mod tests {
         );
         let worker = Holding { thread: Some(3), place: Place::Frame("work".into()), target: Target::ConvertedObject("struct job".into()) };
         assert_eq!(
-            Stale::ThreadFrame(worker).to_string(),
-            "in thread 3: a frame of `work` holds the address of a heap object of type struct job, which the update converts; only the main thread's frames are rewritten"
+            Stale::Held(worker).to_string(),
+            "in thread 3: a frame of `work` holds the address of a heap object of type struct job, which the update converts"
         );
     }
 }

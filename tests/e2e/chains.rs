@@ -24,7 +24,7 @@ fn patchgen(old: &str, new: &str) -> Verdict {
 fn how_to_run(chain: &str) -> (&'static [&'static str], &'static [&'static str]) {
     match chain {
         "compute" => (&[], &["4000", "2000"]),
-        "kv-server" | "poll-server" | "recv-server" | "heapgraph" | "heapsmall" => {
+        "kv-server" | "poll-server" | "recv-server" | "heapgraph" | "heapsmall" | "sessions" => {
             (&["--tcplisten", "127.0.0.1:0"], &[])
         }
         "pool-server" | "prefork-server" => (&["--tcplisten", "127.0.0.1:0"], &["4"]),

@@ -167,6 +167,41 @@ fn start_pool(version: &str, workers: usize, control: &Control) -> Server {
     server
 }
 
+/// Heap objects whose type changes, which worker threads hold only in
+/// wasm locals of their frames while they wait in `read()` (the
+/// `sessions` chain: each connection's `struct session` gains a member
+/// ahead of its name): the update converts them and rewrites the workers'
+/// locals, and each connection goes on with its count and its name, the
+/// new member counting from zero. A local left pointing at the old copy
+/// would read the name's bytes as the new member; one not rewritten at all
+/// refuses the update, as it did when only the main thread's frames were
+/// typed.
+#[test]
+fn heap_objects_that_workers_hold_in_their_frames_are_converted_and_the_frames_rewritten() {
+    let control = Control::new("sessions");
+    let (server, first) = Server::start(&guest("sessions"), &["--control", &control.path()], &[]);
+    assert!(first.starts_with("sessions v1: 4 workers"), "{first}");
+    let mut clients: Vec<Client> = (0..3).map(|_| Client::connect(server.port)).collect();
+    let mut names = Vec::new();
+    for c in &mut clients {
+        assert!(c.request("COUNT").starts_with("v1 LINES 1 NAME conn-"));
+        let reply = c.request("COUNT");
+        let (lines, name) = reply.split_once(" NAME ").unwrap_or_else(|| panic!("{reply}"));
+        assert_eq!(lines, "v1 LINES 2");
+        names.push(name.to_string());
+    }
+    let out = control.update(&guest("sessions-v2"));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}{report}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("threads: 5 moved to the new version together"), "{report}");
+    // Two frames of each connection's worker hold its session: `worker`'s and `serve`'s.
+    assert!(report.contains("heap: 3 objects converted, 6 pointers rewritten"), "{report}");
+    for (c, name) in clients.iter_mut().zip(&names) {
+        assert_eq!(c.request("COUNT"), format!("v2 LINES 3 BYTES 6 NAME {name}"));
+        assert_eq!(c.request("COUNT"), format!("v2 LINES 4 BYTES 12 NAME {name}"));
+    }
+}
+
 /// A worker that traps after the program was paused and resumed (by a
 /// checkpoint) ends the program with status 134, main waiting in
 /// `pthread_join` meanwhile.

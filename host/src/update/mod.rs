@@ -424,6 +424,9 @@ struct HeapStep {
     plan: heap::Plan,
     /// Frame locals to rewrite, as (mapped frame, local).
     frame_pointers: Vec<(usize, usize)>,
+    /// The same for each of the other threads, in the order of
+    /// [`ProcessPlan::workers`].
+    thread_frame_pointers: Vec<Vec<(usize, usize)>>,
 }
 
 /// One process's part of an update, decided while the program is paused:
@@ -521,7 +524,7 @@ impl Guest {
             workers: workers.iter().map(threads::ThreadStep::paused).collect(),
         };
         let started = Instant::now();
-        let Findings { heap, frame_pointers } =
+        let Findings { heap, frame_pointers, thread_frame_pointers } =
             paused.check(&prepared.plan, &prepared.linked, self.module.metadata(), &prepared.next.version, new_meta).map_err(UpdateError::Stale)?;
         if let Some(t) = &heap {
             tracing::debug!(
@@ -533,7 +536,8 @@ impl Guest {
                 t.objects.len()
             );
         }
-        Ok(ProcessPlan { frames, stack, workers, heap: heap.map(|plan| HeapStep { plan, frame_pointers }) })
+        let heap = heap.map(|plan| HeapStep { plan, frame_pointers, thread_frame_pointers });
+        Ok(ProcessPlan { frames, stack, workers, heap })
     }
 
     /// Moves this process to the new version as `plan` says, linked by
@@ -550,14 +554,15 @@ impl Guest {
     ) -> Result<HeapCounts, ApplyError> {
         let mut previous = self.switch_to(prepared, instance_pre, new_meta.clone())?;
         let mut moved_workers = None;
-        let then = |g: &mut Guest| {
-            let moved = threads::apply(&plan.workers, prepared, new_meta)?;
+        let then = |g: &mut Guest, new_starts: &[u32]| {
+            let heap = plan.heap.as_ref().map(|h| threads::HeapRewrites { plan: &h.plan, new_starts, locals: &h.thread_frame_pointers });
+            let (moved, rewritten) = threads::apply(&plan.workers, prepared, new_meta, heap)?;
             if let Err(reason) = and_then(g) {
                 threads::undo(moved);
                 return Err(reason);
             }
             moved_workers = Some(moved);
-            Ok(())
+            Ok(rewritten)
         };
         match self.finish_update(&mut previous, prepared, &plan.stack, plan.heap.as_ref(), then) {
             Ok(heap) => {
@@ -671,7 +676,7 @@ impl Guest {
         prepared: &Prepared,
         stack: &MappedStack,
         heap: Option<&HeapStep>,
-        and_then: impl FnOnce(&mut Self) -> Result<(), ApplyError>,
+        and_then: impl FnOnce(&mut Self, &[u32]) -> Result<usize, ApplyError>,
     ) -> Result<HeapCounts, ApplyError> {
         let linked = &prepared.linked;
         let store = &mut self.store;
@@ -752,7 +757,8 @@ impl Guest {
         if let Some(h) = heap.filter(|h| !h.frame_pointers.is_empty()) {
             counts.rewritten += heap_conversion::rewrite_frames(&h.plan, &new_starts, &h.frame_pointers, frames.to_mut());
         }
-        let result = self.transform_and_rewind(linked, &frames, &prepared.next.version).and_then(|()| and_then(self));
+        let result = self.transform_and_rewind(linked, &frames, &prepared.next.version).and_then(|()| and_then(self, &new_starts));
+        let result = result.map(|rewritten_elsewhere| counts.rewritten += rewritten_elsewhere);
         if let (Ok(()), Some(h)) = (&result, heap) {
             // The new code accepted the frames: the update is done, and the
             // old copies can go. A `free` that fails leaks them; it cannot

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use upstare_instrument::abi::TypedFrame;
 use upstare_instrument::Metadata;
 use upstare_patchgen::frames::{MappedStack, Unmappable};
+use upstare_patchgen::heap;
 use upstare_patchgen::paused::PausedThread;
 use upstare_patchgen::version::Version;
 
@@ -85,13 +86,37 @@ pub(super) fn plan(threads: &Threads, current: &Version, prepared: &Prepared, me
     Ok(steps)
 }
 
+/// The heap conversion's part in the workers' frames: the locals of each
+/// worker's mapped frames that point at converted objects, and where the
+/// new copies went.
+pub(super) struct HeapRewrites<'a> {
+    pub(super) plan: &'a heap::Plan,
+    pub(super) new_starts: &'a [u32],
+    /// Per worker, in the order of the steps: (mapped frame, local).
+    pub(super) locals: &'a [Vec<(usize, usize)>],
+}
+
 /// Moves every worker to the new version: its own instance, its globals,
-/// its frame variables, its frames rewound into the new code and checked.
-/// On failure every worker is back as it was.
-pub(super) fn apply(steps: &[ThreadStep], prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Vec<Moved>, ApplyError> {
+/// its frame variables, its frames (their pointers to converted heap
+/// objects rewritten) rewound into the new code and checked. On failure
+/// every worker is back as it was. Also returns how many frame locals were
+/// rewritten.
+pub(super) fn apply(
+    steps: &[ThreadStep],
+    prepared: &Prepared,
+    metadata: &Arc<Metadata>,
+    heap: Option<HeapRewrites<'_>>,
+) -> Result<(Vec<Moved>, usize), ApplyError> {
     let mut moved: Vec<Moved> = Vec::with_capacity(steps.len());
-    for step in steps {
-        match move_one(step, prepared, metadata) {
+    let mut rewritten = 0;
+    for (i, step) in steps.iter().enumerate() {
+        let mut frames = std::borrow::Cow::Borrowed(&step.stack.frames);
+        if let Some(h) = &heap {
+            if let Some(locals) = h.locals.get(i).filter(|l| !l.is_empty()) {
+                rewritten += crate::heap_conversion::rewrite_frames(h.plan, h.new_starts, locals, frames.to_mut());
+            }
+        }
+        match move_one(step, &frames, prepared, metadata) {
             Ok(m) => moved.push(m),
             Err(reason) => {
                 undo(moved);
@@ -99,10 +124,12 @@ pub(super) fn apply(steps: &[ThreadStep], prepared: &Prepared, metadata: &Arc<Me
             }
         }
     }
-    Ok(moved)
+    Ok((moved, rewritten))
 }
 
-fn move_one(step: &ThreadStep, prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Moved, ApplyError> {
+/// Moves one worker, rewinding it into `frames` (its mapped frames, their
+/// heap pointers rewritten).
+fn move_one(step: &ThreadStep, frames: &[TypedFrame], prepared: &Prepared, metadata: &Arc<Metadata>) -> Result<Moved, ApplyError> {
     let mut g = lock(&step.guest);
     let (memory, control) = {
         let u = instrumented(&mut g.unwinder)?;
@@ -119,20 +146,20 @@ fn move_one(step: &ThreadStep, prepared: &Prepared, metadata: &Arc<Metadata>) ->
         .map_err(ApplyError::Link)?;
     let mut previous = g.switch_to(prepared, &instance_pre, metadata.clone())?;
     let carried = g.carry_globals(&mut previous, prepared, &step.stack).and_then(|()| FrameUndo::apply(&step.stack, &memory));
-    let frames = match carried {
-        Ok(frames) => frames,
+    let undo = match carried {
+        Ok(undo) => undo,
         Err(reason) => {
             g.switch_back(previous);
             return Err(reason);
         }
     };
-    if let Err(reason) = g.rewind_checked(&step.stack.frames, &prepared.next.version) {
-        frames.restore(&memory);
+    if let Err(reason) = g.rewind_checked(frames, &prepared.next.version) {
+        undo.restore(&memory);
         g.switch_back(previous);
         return Err(reason);
     }
     drop(g);
-    Ok(Moved { guest: step.guest.clone(), previous, frames })
+    Ok(Moved { guest: step.guest.clone(), previous, frames: undo })
 }
 
 /// Puts moved workers back on the old version, last moved first.

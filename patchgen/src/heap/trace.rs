@@ -369,11 +369,14 @@ impl<'a> Tracer<'a> {
                 let c = self.chunks.all()[chunk];
                 let end = c.start.saturating_add(c.size);
                 // Another thread's stack: its words below the live part are
-                // dead frames.
+                // dead frames, and the live part is one of the untyped
+                // regions, checked above with what its frames tell.
                 let from = self.frames.thread_stacks_from.iter().copied().filter(|&sp| sp > c.start && sp < end).max().unwrap_or(c.start);
-                plan.check_words(self.memory, from, end - from, &none, || {
-                    format!("an allocation at {:#x} that no typed pointer reaches", c.start)
-                })?;
+                for (at, to) in outside(from, end, &untyped) {
+                    plan.check_words(self.memory, at, to - at, &none, || {
+                        format!("an allocation at {:#x} that no typed pointer reaches", c.start)
+                    })?;
+                }
             }
         }
         plan.check_slots()?;
@@ -809,5 +812,42 @@ fn path_within(roots: &[String], origins: &[Option<Origin>], names: &[Arc<str>],
                 (i, _) => format!("{pointer}[{i}]{field}"),
             }
         }
+    }
+}
+
+/// The parts of the bytes from `from` to `to` that no region of `regions`
+/// covers, in address order.
+fn outside(from: u32, to: u32, regions: &[Region]) -> Vec<(u32, u32)> {
+    let mut covered: Vec<(u32, u32)> =
+        regions.iter().map(|r| (r.address.max(from), r.address.saturating_add(r.size).min(to))).filter(|(a, b)| a < b).collect();
+    covered.sort_unstable();
+    let mut pieces = Vec::new();
+    let mut at = from;
+    for (a, b) in covered {
+        if a > at {
+            pieces.push((at, a));
+        }
+        at = at.max(b);
+    }
+    if at < to {
+        pieces.push((at, to));
+    }
+    pieces
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(address: u32, size: u32) -> Region {
+        Region { address, size, what: String::new() }
+    }
+
+    #[test]
+    fn outside_leaves_what_no_region_covers() {
+        assert_eq!(outside(0, 100, &[]), [(0, 100)]);
+        assert_eq!(outside(0, 100, &[region(10, 20), region(25, 10), region(90, 50)]), [(0, 10), (35, 90)]);
+        assert_eq!(outside(10, 20, &[region(0, 100)]), []);
+        assert_eq!(outside(10, 20, &[region(0, 5), region(30, 5)]), [(10, 20)]);
     }
 }
