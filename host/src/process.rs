@@ -300,8 +300,8 @@ impl Guest {
 
     /// A new process of this guest's program (its module, not yet its
     /// process table) with `wasi`, over `memory` (already holding its
-    /// bytes) and memories and a store of its own: run, it rewinds into
-    /// `frames` with `globals`.
+    /// bytes), with a control memory and a store of its own: run, it
+    /// rewinds into `frames` with `globals`.
     pub(crate) fn another_process(
         &self,
         wasi: WasiCtx,

@@ -2,9 +2,10 @@
 //! worker's frames are mapped to the new version as the main thread's are
 //! (from its own stack pointer, so a frame may go back to its loop header
 //! or be rebuilt where it stands), it joins patchgen's checks of the
-//! paused program ([`upstare_patchgen::paused`]), and, once
-//! the main thread has moved and the new code accepted its frames, each
-//! worker moves to the new version in a store of its own. A worker the new
+//! paused program and its heap trace ([`upstare_patchgen::paused`]), and,
+//! once the main thread has moved and the new code accepted its frames,
+//! each worker moves to the new version in a store of its own, its frame
+//! locals that point at converted heap objects rewritten. A worker the new
 //! code does not accept undoes every worker moved before it, and the main
 //! thread's own rollback follows: all threads move, or none.
 
@@ -146,20 +147,20 @@ fn move_one(step: &ThreadStep, frames: &[TypedFrame], prepared: &Prepared, metad
         .map_err(ApplyError::Link)?;
     let mut previous = g.switch_to(prepared, &instance_pre, metadata.clone())?;
     let carried = g.carry_globals(&mut previous, prepared, &step.stack).and_then(|()| FrameUndo::apply(&step.stack, &memory));
-    let undo = match carried {
-        Ok(undo) => undo,
+    let frame_undo = match carried {
+        Ok(frame_undo) => frame_undo,
         Err(reason) => {
             g.switch_back(previous);
             return Err(reason);
         }
     };
     if let Err(reason) = g.rewind_checked(frames, &prepared.next.version) {
-        undo.restore(&memory);
+        frame_undo.restore(&memory);
         g.switch_back(previous);
         return Err(reason);
     }
     drop(g);
-    Ok(Moved { guest: step.guest.clone(), previous, frames: undo })
+    Ok(Moved { guest: step.guest.clone(), previous, frames: frame_undo })
 }
 
 /// Puts moved workers back on the old version, last moved first.
