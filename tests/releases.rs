@@ -160,6 +160,24 @@ pub fn lua_workload() -> PathBuf {
     build("lua-workload", &sources, &flags, libs)
 }
 
+/// The compression workload: bzip2 1.0.8 and LZ4 1.10.0 from the C
+/// sources the `bzip2-sys` and `lz4-sys` crates bundle (fetched through
+/// `tests/releases/sources/compressors`), driven by
+/// `tests/releases/compress-workload.c`. Built now unless a build of the
+/// same sources and flags is kept. Its arguments are rounds and KiB per
+/// round; what it prints depends on them alone.
+pub fn compress_workload() -> PathBuf {
+    let manifest = repo().join("tests/releases/sources/compressors/Cargo.toml");
+    let bzip2 = crate_dir(&manifest, "bzip2-sys").join("bzip2-1.0.8");
+    let lz4 = crate_dir(&manifest, "lz4-sys").join("liblz4/lib");
+    let mut sources: Vec<PathBuf> =
+        ["blocksort.c", "bzlib.c", "compress.c", "crctable.c", "decompress.c", "huffman.c", "randtable.c"].map(|f| bzip2.join(f)).into();
+    sources.extend(["lz4.c", "lz4hc.c"].map(|f| lz4.join(f)));
+    sources.push(repo().join("tests/releases/compress-workload.c"));
+    let flags = vec![format!("-I{}", bzip2.display()), format!("-I{}", lz4.display()), "-DBZ_NO_STDIO".into()];
+    build("compress-workload", &sources, &flags, &[])
+}
+
 /// Adds `defines` to `flags` as `-DNAME`; returns what they add to the
 /// build's name (`-name` each).
 fn with_defines(flags: &mut Vec<String>, defines: &[&str]) -> String {

@@ -62,6 +62,13 @@ fn compute_paused_at_random_moments_prints_what_it_prints_as_is() {
     same_under_random_pauses("compute", guest("compute"), &["compute", "2000", "200"]);
 }
 
+/// bzip2 and LZ4, from the C sources their crates bundle: sorting and
+/// hashing loops nobody here wrote.
+#[test]
+fn bzip2_and_lz4_paused_at_random_moments_print_what_they_print_as_is() {
+    same_under_random_pauses("compress", upstare_tests::releases::compress_workload(), &["compress", "4", "64"]);
+}
+
 #[test]
 fn lua_paused_at_random_moments_prints_what_it_prints_as_is() {
     same_under_random_pauses("lua", upstare_tests::releases::lua_workload(), &["lua", "15"]);

@@ -133,6 +133,23 @@ fn example_programs_updated_onto_themselves_at_every_nth_point_print_what_a_plai
     }
 }
 
+/// bzip2 and LZ4 from the C sources their crates bundle, updated onto
+/// themselves every 97th and 997th point (their loops reach hundreds of
+/// thousands of points on a few KiB): every frame moves by the rules for
+/// changed code, and what they print is what they print as is.
+#[test]
+fn bzip2_and_lz4_updated_onto_themselves_at_every_nth_point_print_what_they_print_as_is() {
+    let wasm = upstare_tests::releases::compress_workload();
+    let wasm = wasm.to_str().unwrap();
+    let plain = run_to_file(&["--no-instrument", wasm, "2", "8"]);
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    for n in ["97", "997"] {
+        let tally = same_output(&run_to_file(&["--stress-update", n, wasm, "2", "8"]), &plain.stdout, "--stress-update", &format!("N={n}"));
+        assert!(tally.points > 100, "N={n}: {tally:?}");
+        assert_eq!(tally.applied(), tally.points, "N={n}: {tally:?}");
+    }
+}
+
 #[test]
 fn servers_updated_onto_themselves_at_every_nth_point_serve_their_clients() {
     for n in PERIODS {
