@@ -168,14 +168,15 @@ fn start_pool(version: &str, workers: usize, control: &Control) -> Server {
 }
 
 /// Heap objects whose type changes, which worker threads hold only in
-/// wasm locals of their frames while they wait in `read()` (the
-/// `sessions` chain: each connection's `struct session` gains a member
-/// ahead of its name): the update converts them and rewrites the workers'
-/// locals, and each connection goes on with its count and its name, the
-/// new member counting from zero. A local left pointing at the old copy
-/// would read the name's bytes as the new member; one not rewritten at all
-/// refuses the update, as it did when only the main thread's frames were
-/// typed.
+/// their frames while they wait in `read()`, in a wasm local and in a
+/// frame's linear memory (the `sessions` chain: each connection's `struct
+/// session` gains a member ahead of its name): the update converts them
+/// and rewrites both, and each connection goes on with its count and its
+/// name, the new member counting from zero; closed, each session is freed
+/// through the rewritten pointer, and the server serves on. A pointer left
+/// at the old copy would read the name's bytes as the new member, or free
+/// the old copy a second time; one not rewritten at all refuses the
+/// update, as it did when only the main thread's frames were typed.
 #[test]
 fn heap_objects_that_workers_hold_in_their_frames_are_converted_and_the_frames_rewritten() {
     let control = Control::new("sessions");
@@ -194,11 +195,17 @@ fn heap_objects_that_workers_hold_in_their_frames_are_converted_and_the_frames_r
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}{report}", String::from_utf8_lossy(&out.stderr));
     assert!(report.contains("threads: 5 moved to the new version together"), "{report}");
-    // Two frames of each connection's worker hold its session: `worker`'s and `serve`'s.
+    // Two places in each connection's worker hold its session: `worker`'s
+    // frame in memory and `serve`'s local.
     assert!(report.contains("heap: 3 objects converted, 6 pointers rewritten"), "{report}");
     for (c, name) in clients.iter_mut().zip(&names) {
         assert_eq!(c.request("COUNT"), format!("v2 LINES 3 BYTES 6 NAME {name}"));
         assert_eq!(c.request("COUNT"), format!("v2 LINES 4 BYTES 12 NAME {name}"));
+    }
+    drop(clients);
+    for _ in 0..6 {
+        let mut c = Client::connect(server.port);
+        assert!(c.request("COUNT").starts_with("v2 LINES 1 BYTES 6 NAME conn-"), "a new connection after the old ones closed");
     }
 }
 

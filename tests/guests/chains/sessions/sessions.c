@@ -13,9 +13,11 @@
  *   anything else -> "ERR"
  *
  * Version 2 (-DSESSIONS_VERSION=2) adds `bytes` to struct session, ahead
- * of its name. A worker waits in read() with the only pointer to its
- * session in a wasm local of serve(): an update must convert the session
- * and rewrite that local, in a spawned thread's frame.
+ * of its name. A worker waits in read() with pointers to its session in
+ * a wasm local of serve() and in worker()'s frame in linear memory: an
+ * update must convert the session and rewrite both, in a spawned thread's
+ * frames; the worker frees the session through the second when the
+ * client closes the connection.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -119,6 +121,15 @@ __attribute__((noinline)) static void serve(struct session *s)
     }
 }
 
+/* Takes the address of the worker's pointer to its session, which puts
+   the pointer in the worker's frame in linear memory: an update rewrites
+   it there, and the worker frees the session through it. */
+__attribute__((noinline)) static void look_at(struct session **sp)
+{
+    if ((*sp)->fd < 0)
+        *sp = NULL;
+}
+
 static void *worker(void *arg)
 {
     (void)arg;
@@ -131,7 +142,11 @@ static void *worker(void *arg)
         }
         s->fd = fd;
         snprintf(s->name, sizeof s->name, "conn-%d", fd);
+        look_at(&s);
         serve(s);
+        look_at(&s);
+        if (s == NULL)
+            continue;
         close(s->fd);
         free(s);
     }
