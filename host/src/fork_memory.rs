@@ -27,6 +27,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rustix::mm::{MapFlags, ProtFlags};
 
+use crate::program_memory::{advise_huge_pages, whole_huge_pages};
+
 /// How a program's forks give the child its memory
 /// ([`crate::GuestConfig::fork_memory`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,9 +117,13 @@ impl MemoryFile {
         };
         let mut copied = 0;
         for run in own {
-            if let Some(huge) = huge_pages_within(child.base, &run) {
+            // Only whole huge pages get a mapping of their own, so that a
+            // process's mappings stay few (the kernel limits them per host
+            // process, and all of a program's processes live in one).
+            if let Some(huge) = whole_huge_pages(child.base + run.start, run.len()) {
+                let at = run.start + huge.start;
                 // SAFETY: inside the child's accessible bytes, unused yet.
-                unsafe { child.map_anonymous(huge)? };
+                unsafe { child.map_anonymous(at..at + huge.len())? };
             }
             // SAFETY: both spans lie in the first `accessible` bytes of
             // distinct reservations, and neither process runs.
@@ -170,7 +176,7 @@ impl MemoryFile {
         let (rw, flags) = (ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE | MapFlags::FIXED);
         // SAFETY: the caller's promise.
         unsafe { rustix::mm::mmap_anonymous(at, span.len(), rw, flags)? };
-        crate::program_memory::advise_huge_pages(at as *const u8, span.len(), "a forked process's copied pages");
+        advise_huge_pages(at as *const u8, span.len(), "a forked process's copied pages");
         Ok(())
     }
 
@@ -206,18 +212,6 @@ impl MemoryFile {
         }
         Ok(runs)
     }
-}
-
-/// The part of `run` (offsets into a memory at `base`) made of whole,
-/// aligned huge pages, if any: the bytes worth an anonymous mapping of
-/// their own. Only that large, so that a process's mappings stay few
-/// (the kernel limits them per host process, and all of a program's
-/// processes live in one).
-fn huge_pages_within(base: usize, run: &std::ops::Range<usize>) -> Option<std::ops::Range<usize>> {
-    const HUGE: usize = 2 << 20;
-    let first = (base + run.start).next_multiple_of(HUGE);
-    let last = (base + run.end) / HUGE * HUGE;
-    (first < last).then(|| first - base..last - base)
 }
 
 fn io_errno(e: std::io::Error) -> rustix::io::Errno {

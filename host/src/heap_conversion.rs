@@ -16,7 +16,7 @@ use wasmtime::{Instance, Store, TypedFunc};
 use crate::module::one_line;
 use crate::pause::ControlMemory;
 use crate::process::{ProcessState, Unwinder};
-use crate::program_memory::{advise_huge_pages, Bytes, ProgramMemory};
+use crate::program_memory::{advise_huge_pages, whole_huge_pages, Bytes, ProgramMemory};
 
 impl MemoryView for ProgramMemory {
     fn read(&self, address: u32, out: &mut [u8]) -> bool {
@@ -277,10 +277,8 @@ impl<'a> Undo<'a> {
         // Tens of megabytes once earlier conversions left free chunks
         // behind, faulted in as they are written: in 2 MiB pages, the
         // whole ones inside the buffer.
-        let aligned = bytes.as_ptr().align_offset(HUGE_PAGE);
-        let whole = total.saturating_sub(aligned) / HUGE_PAGE * HUGE_PAGE;
-        if whole > 0 {
-            advise_huge_pages(bytes.as_ptr().wrapping_add(aligned), whole, "the heap conversion's undo copy");
+        if let Some(whole) = whole_huge_pages(bytes.as_ptr() as usize, total) {
+            advise_huge_pages(bytes.as_ptr().wrapping_add(whole.start), whole.len(), "the heap conversion's undo copy");
         }
         // SAFETY: paused; nothing runs while the copy is taken.
         let view = unsafe { memory.bytes() };
@@ -315,9 +313,6 @@ fn laid_out(regions: &[(u32, u32)]) -> impl Iterator<Item = (u32, std::ops::Rang
         Some((address, range))
     })
 }
-
-/// A transparent huge page.
-const HUGE_PAGE: usize = 2 << 20;
 
 /// Frees the old copy of every converted object, once nothing refers to it.
 pub(crate) fn free_old(

@@ -286,7 +286,7 @@ impl Guest {
         let (globals, frames) = self.unwound_state().map_err(|e| e.to_string())?;
         let source = self.unwinder.as_ref().map(|u| u.memory.clone()).ok_or("a module that cannot unwind cannot fork")?;
         let wasi = self.store.data().wasi.for_process().map_err(|e| format!("cannot set up the child's WASI state: {e}"))?;
-        let meta = self.module.metadata.clone().ok_or("a module that cannot unwind cannot fork")?;
+        let meta = self.module.metadata.as_ref().ok_or("a module that cannot unwind cannot fork")?;
         let memory = ProgramMemory::fork_of(self.store.engine(), &meta.memory, &source).map_err(|e| format!("cannot copy the memory: {e}"))?;
         self.another_process(wasi, memory, &globals, &frames)
     }

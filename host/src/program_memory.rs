@@ -70,10 +70,8 @@ impl ProgramMemory {
             tracing::debug!("fork: {} bytes of memory copied", parent.size());
             return Ok(child);
         };
-        let (have, want) = (child.size(), parent.size());
-        if want > have {
-            child.grow((want - have) / PAGE)?;
-        }
+        let want = parent.size();
+        child.grow_to(want)?;
         let base = child.memory.data().as_ptr() as *mut u8;
         let (forked, copied) = file.fork(base, want as usize).map_err(|e| anyhow::anyhow!("cannot map the parent's memory file: {e}"))?;
         tracing::debug!("fork: copy-on-write of {want} bytes of memory, {copied} bytes of the parent's own pages copied");
@@ -138,13 +136,20 @@ impl ProgramMemory {
         unsafe { std::slice::from_raw_parts_mut(data.as_ptr() as *mut u8, data.len()) }
     }
 
+    /// Grows the memory to `bytes` (a whole number of wasm pages) if it is
+    /// smaller.
+    fn grow_to(&self, bytes: u64) -> anyhow::Result<()> {
+        let have = self.size();
+        if bytes > have {
+            self.grow((bytes - have) / PAGE)?;
+        }
+        Ok(())
+    }
+
     /// Makes this memory a copy of `source`, grown to its size first: a
     /// forked process's. Call only while no thread of either program runs.
     fn copy_from(&self, source: &ProgramMemory) -> anyhow::Result<()> {
-        let (have, want) = (self.size(), source.size());
-        if want > have {
-            self.grow((want - have) / PAGE)?;
-        }
+        self.grow_to(source.size())?;
         // SAFETY: neither program runs (the caller's promise), and the two
         // memories are distinct reservations.
         let (to, from) = unsafe { (self.bytes_mut(), source.bytes_mut()) };
@@ -293,6 +298,17 @@ pub(crate) fn advise_huge_pages(base: *const u8, len: usize, what: &str) {
     }
 }
 
+/// A transparent huge page.
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
+
+/// The whole, aligned huge pages among the `len` bytes at address `start`,
+/// as offsets from `start`; `None` if there is none.
+pub(crate) fn whole_huge_pages(start: usize, len: usize) -> Option<std::ops::Range<usize>> {
+    let first = start.next_multiple_of(HUGE_PAGE);
+    let last = start.saturating_add(len) / HUGE_PAGE * HUGE_PAGE;
+    (first < last).then(|| first - start..last - start)
+}
+
 /// The bytes a program memory reserves: shared memories are reserved at
 /// their maximum, in one mapping.
 fn reserved_bytes(meta: &MemoryMeta) -> usize {
@@ -302,4 +318,18 @@ fn reserved_bytes(meta: &MemoryMeta) -> usize {
 fn range(addr: u64, len: u64, size: usize) -> Option<std::ops::Range<usize>> {
     let end = addr.checked_add(len)?;
     (end <= size as u64).then_some(addr as usize..end as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_huge_pages_are_the_aligned_ones_inside() {
+        assert_eq!(whole_huge_pages(HUGE_PAGE, 2 * HUGE_PAGE), Some(0..2 * HUGE_PAGE));
+        assert_eq!(whole_huge_pages(HUGE_PAGE - 4096, 2 * HUGE_PAGE), Some(4096..4096 + HUGE_PAGE));
+        assert_eq!(whole_huge_pages(HUGE_PAGE + 1, 2 * HUGE_PAGE), Some(HUGE_PAGE - 1..2 * HUGE_PAGE - 1));
+        assert_eq!(whole_huge_pages(HUGE_PAGE + 1, 2 * HUGE_PAGE - 2), None);
+        assert_eq!(whole_huge_pages(0, HUGE_PAGE - 1), None);
+    }
 }
