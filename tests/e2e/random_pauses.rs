@@ -66,7 +66,7 @@ fn compute_paused_at_random_moments_prints_what_it_prints_as_is() {
 /// hashing loops nobody here wrote.
 #[test]
 fn bzip2_and_lz4_paused_at_random_moments_print_what_they_print_as_is() {
-    same_under_random_pauses("compress", upstare_tests::releases::compress_workload(), &["compress", "4", "64"]);
+    same_under_random_pauses("compress", upstare_tests::releases::compress_workload(), &["compress", "16", "128"]);
 }
 
 #[test]
