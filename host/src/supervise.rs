@@ -27,7 +27,8 @@ use crate::{Exit, Guest, GuestModule, InterruptHandle, PauseHandle, Snapshot, GU
 pub const DEFAULT_PAUSE_LIMIT: Duration = Duration::from_secs(2);
 
 /// How long `update` and `rollback` keep retrying, by default, while frames
-/// that cannot move yet, or pointers to a converted global's old copy,
+/// that cannot move yet, pointers to a converted global's old copy, or
+/// untyped values holding an allocation that may hold a changed struct,
 /// hold the update back.
 pub const DEFAULT_UPDATE_TIMEOUT: Duration = Duration::from_secs(2);
 

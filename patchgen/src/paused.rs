@@ -165,6 +165,14 @@ pub enum Target {
     /// A heap object of this type, which the update converts.
     #[error("a heap object of type {0}, which the update converts")]
     ConvertedObject(String),
+    /// An allocation no typed pointer reaches, which may hold objects of a
+    /// changed struct that would not be converted.
+    #[error(
+        "an allocation of {} bytes that no typed pointer reaches: it may hold `struct {}`, whose type changed, and would not be converted",
+        .0.size,
+        .0.tag
+    )]
+    UntypedAllocation(heap::Suspicion),
 }
 
 /// A value that would go stale: in which thread, where, and into what.
@@ -216,6 +224,7 @@ impl PausedProgram<'_> {
         let Some(h) = &heap else {
             return Ok(Findings { heap, frame_pointers: Vec::new(), thread_frame_pointers: vec![Vec::new(); self.workers.len()] });
         };
+        self.find_untyped_holder(h, new).map_or(Ok(()), |holding| Err(Stale::Held(holding)))?;
         let frame_pointers = heap::frame_pointers(h, &self.main.mapped.frames, new, new_meta).map_err(Stale::Frame)?;
         let thread_frame_pointers = self
             .workers
@@ -275,6 +284,24 @@ impl PausedProgram<'_> {
         });
         let untyped = live.into_iter().chain(threads).chain(moving).collect();
         heap::trace(self.version, &plan.new, &plan.heap_roots, &frame_roots, moved, self.memory, untyped)
+    }
+
+    /// The first frame value or stack word, in any thread, that holds the
+    /// start of an allocation the trace could not type and that may hold
+    /// objects of a changed struct ([`heap::Plan::suspect_at`]). Such a
+    /// value is most often a temporary, gone a moment later, so the update
+    /// waits for it like for a held pointer.
+    fn find_untyped_holder(&self, heap: &heap::Plan, new: &Version) -> Option<Holding> {
+        let threads = std::iter::once(&self.main).chain(&self.workers);
+        let in_frames = threads.into_iter().find_map(|t| {
+            let (f, suspicion) = heap::untyped_frame_holder(heap, &t.mapped.frames)?;
+            let function = new.info.function_name(t.mapped.frames[f].func);
+            Some(Holding { thread: t.tid, place: Place::Frame(function), target: Target::UntypedAllocation(suspicion) })
+        });
+        in_frames.or_else(|| {
+            let (what, suspicion) = heap.untyped_stack_holder.clone()?;
+            Some(Holding { thread: None, place: Place::Memory(what), target: Target::UntypedAllocation(suspicion) })
+        })
     }
 
     /// The first value, in any thread, that would point at the old place

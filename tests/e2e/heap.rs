@@ -219,6 +219,30 @@ fn a_pointer_held_in_a_waiting_frame_follows_its_object() {
     assert_eq!(client.request("SUM"), SUM_OF_1000);
 }
 
+/// A list node that only an integer in a waiting frame holds (LOOSE), as a
+/// compiler temporary would: no typed pointer reaches it, so the trace
+/// cannot see that it is a node. Its allocation fits `struct node`, whose
+/// layout changes, so the update waits for the value to go and is refused
+/// when it stays: the old version serves on and reads the node as it was.
+/// Once the frame has let go, the same update applies.
+#[test]
+fn an_object_that_only_an_untyped_frame_value_holds_stops_the_update() {
+    let (_server, control, mut client) = start_graph("heapgraph", "heap-loose");
+    assert_eq!(client.request("LOOSE"), "LOOSE", "inside LOOSE, waiting");
+    let reason = expect_error(&control.update(&guest("heapgraph-v2")), 1);
+    assert!(
+        reason.contains("a frame of `loose` holds the address of an allocation of")
+            && reason.contains("that no typed pointer reaches: it may hold `struct node`"),
+        "{reason}"
+    );
+    assert_eq!(control.running_version(), sha256_file(&guest("heapgraph")));
+    client.send("go on");
+    assert_eq!(client.read_line(), "LOOSE 7", "the node, as the old version laid it out");
+    let report = expect_report(&control.update(&guest("heapgraph-v2")));
+    assert_eq!(report.count("heap", "objects converted"), 2001, "{report:?}");
+    assert_eq!(client.request("SUM"), SUM_OF_1000);
+}
+
 /// A list that no global reaches (CHAIN): its head is a local of a frame
 /// waiting for input, its last node sits in the frame's memory. The frame's
 /// variables are roots of the trace too, so its 50 nodes are converted with

@@ -34,7 +34,9 @@ pub struct UpdateArgs {
     /// How long to wait, in milliseconds, for functions whose frames cannot
     /// move to the new version to leave the stack, and for values that
     /// would point at a converted global's old copy (or integers that look
-    /// like such an address) to change, before refusing.
+    /// like such an address), or at a heap allocation that may hold a
+    /// struct whose type changed where no typed pointer says so, to change,
+    /// before refusing.
     #[arg(long, value_name = "MS", default_value_t = crate::supervise::DEFAULT_UPDATE_TIMEOUT.as_millis() as u64)]
     timeout: u64,
 

@@ -32,8 +32,9 @@ pub enum UpdateError {
     /// The paused program holds what the update cannot carry over: a
     /// value that would point where nothing will be ([`Stale::Held`]: an
     /// address of a converted global's old copy, or an integer that looks
-    /// like one; the program may let go of it as it runs on), or a heap
-    /// it cannot convert.
+    /// like one, or of an allocation the heap trace could not type that may
+    /// hold a changed struct; the program may let go of it as it runs on),
+    /// or a heap it cannot convert.
     #[error("update refused: {0}")]
     Stale(Stale),
     /// Applying the update failed; it was rolled back.

@@ -10,7 +10,7 @@
 
 use upstare_instrument::abi::{Metadata, TypedFrame, Value};
 
-use super::{Landing, Object, Plan, Root};
+use super::{Landing, Object, Plan, Root, Suspicion};
 use crate::dwarf::{Location, Type, TypeId, same_type, value_map_through_pointers};
 use crate::symbolic::Sym;
 use crate::version::Version;
@@ -228,6 +228,27 @@ fn dead_bytes(version: &Version, pc: u32, vars: &[crate::dwarf::VarAt], base: u3
         }
     }
     dead
+}
+
+/// The first value of `frames` (mapped to the new version) that holds the
+/// start of an allocation no typed pointer reached and that may hold
+/// objects of a changed struct ([`Plan::suspect_at`]): a temporary, an
+/// operand, a variable outside its location list, an integer or a
+/// `void *`. The trace saw no type for the allocation, so its objects
+/// would not be converted. (A local with a pointer type at its point was a
+/// root of the trace: had it held the start, the allocation would have
+/// been reached.) Returns the frame's index.
+pub fn untyped_frame_holder(plan: &Plan, frames: &[TypedFrame]) -> Option<(usize, Suspicion)> {
+    frames.iter().enumerate().find_map(|(f, frame)| {
+        let values = frame.locals.iter().flatten().chain(&frame.operands);
+        values
+            .filter_map(|v| match v {
+                Value::I32(v) if *v != 0 => plan.suspect_at(*v as u32),
+                _ => None,
+            })
+            .next()
+            .map(|s| (f, s))
+    })
 }
 
 /// The locals of `frames` (already mapped to the new version, which `meta`

@@ -34,7 +34,7 @@ mod frames;
 pub mod stale;
 mod trace;
 
-pub use frames::{FrameRoots, FrameValue, frame_pointers, frame_roots};
+pub use frames::{FrameRoots, FrameValue, frame_pointers, frame_roots, untyped_frame_holder};
 
 use std::collections::HashMap;
 
@@ -359,7 +359,37 @@ pub struct Plan {
     pub allocator: Vec<(u32, u32)>,
     /// Allocations in use, and the allocator's segments, for diagnostics.
     pub chunks: (usize, usize),
+    /// Allocations no typed pointer reached whose size fits an array of a
+    /// struct whose type changed, by address: they may hold such objects,
+    /// which the trace could not see and so does not convert. A value that
+    /// holds the start of one where no type says what it points to stops
+    /// the update ([`Plan::suspect_at`]).
+    suspects: Vec<Suspect>,
+    /// The tags of the changed structs [`Suspect::tag`] indexes.
+    suspect_tags: Vec<String>,
+    /// The first word of a shadow stack, outside every typed variable,
+    /// that holds the start of a suspect: what holds it, and the suspect.
+    pub untyped_stack_holder: Option<(String, Suspicion)>,
     paths: Paths,
+}
+
+/// An allocation that may hold objects of a changed struct unseen (see
+/// [`Plan::suspects`]); the struct, as an index in [`Plan::suspect_tags`].
+#[derive(Debug, Clone, Copy)]
+struct Suspect {
+    start: u32,
+    size: u32,
+    tag: u32,
+}
+
+/// What [`Plan::suspect_at`] says of an address: an allocation of `size`
+/// bytes that may hold objects of `struct tag`, whose type changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspicion {
+    /// The allocation's usable bytes.
+    pub size: u32,
+    /// The changed struct it fits.
+    pub tag: String,
 }
 
 /// In [`Plan::slot_objects`]: the slot points at its object's start, where
@@ -440,6 +470,14 @@ impl Plan {
             o if o & AT_START != 0 => SlotTarget::StartOf((o & !AT_START) as usize),
             o => SlotTarget::Inside(o as usize),
         }
+    }
+
+    /// The allocation that starts at `address`, when no typed pointer
+    /// reached it and it may hold objects of a changed struct.
+    pub fn suspect_at(&self, address: u32) -> Option<Suspicion> {
+        let i = self.suspects.partition_point(|s| s.start < address);
+        let s = self.suspects.get(i).filter(|s| s.start == address)?;
+        Some(Suspicion { size: s.size, tag: self.suspect_tags[s.tag as usize].clone() })
     }
 
     /// The converted object whose bytes hold `address`, for messages about
@@ -551,9 +589,10 @@ pub fn trace(
         .map_err(|e| format!("the heap cannot be converted: {e}"))?
         .unwrap_or_default();
     let mut untyped = roots.untyped.clone();
+    let stacks_from = untyped.len();
     untyped.extend(extra_untyped);
     let mut plan = trace::Tracer::new(&old.debug, &new.debug, memory, &chunks, roots, frames, &moved)
-        .run(untyped)
+        .run(untyped, stacks_from)
         .map_err(|e| format!("the heap cannot be converted: {e}"))?;
     if !plan.objects.is_empty() {
         plan.allocator = chunks.allocator_bytes();

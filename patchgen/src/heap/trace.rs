@@ -248,7 +248,9 @@ impl<'a> Tracer<'a> {
 
     /// Traces from every root and plans the conversion. `untyped` are the
     /// regions outside the heap whose words may hold pointers.
-    pub(super) fn run(mut self, untyped: Vec<Region>) -> Result<Plan, String> {
+    /// Traces from the roots; `untyped` are the regions no type describes,
+    /// those from `stacks_from` on the shadow stacks.
+    pub(super) fn run(mut self, untyped: Vec<Region>, stacks_from: usize) -> Result<Plan, String> {
         let frames = self.frames;
         for (i, root) in self.roots.globals.iter().chain(&frames.memory).enumerate() {
             let via = Via::Root(i as u32);
@@ -314,6 +316,7 @@ impl<'a> Tracer<'a> {
         }
         let unclaimed: Vec<usize> =
             (0..self.claims.len()).filter(|&c| !self.claims[c].is_claimed() && !self.chunks.is_internal(c)).collect();
+        let suspects = self.suspects(&unclaimed);
         let paths = super::Paths { roots: self.root_names, origins: self.origins, names: self.names };
         let mut object_of_chunk = vec![u32::MAX; self.chunks.all().len()];
         for (i, o) in objects.iter().enumerate() {
@@ -330,7 +333,7 @@ impl<'a> Tracer<'a> {
                 },
             })
             .collect();
-        let plan = Plan {
+        let mut plan = Plan {
             objects,
             kinds: self.object_kinds,
             slots: self.slots,
@@ -339,13 +342,16 @@ impl<'a> Tracer<'a> {
             pointers_traced: self.pointers,
             allocator: Vec::new(),
             chunks: (0, 0),
+            suspects,
+            suspect_tags: self.roots.changed_structs.iter().map(|(tag, _)| tag.clone()).collect(),
+            untyped_stack_holder: None,
             paths,
         };
         // Words no type tells are checked for what moves: converted objects
         // and globals. (The host's own scan covers the frames' locals, the
         // globals and the shadow stack for globals that move; this one
         // covers the heap too.)
-        if !plan.objects.is_empty() || !plan.moved.is_empty() {
+        if !plan.objects.is_empty() || !plan.moved.is_empty() || !plan.suspects.is_empty() {
             // In the untyped regions, the words the frames' DWARF accounts
             // for: pointers the trace rewrites, bytes of typed variables
             // (not pointers, as inside any typed value), dead variables.
@@ -361,6 +367,16 @@ impl<'a> Tracer<'a> {
             for r in &untyped {
                 plan.check_words(self.memory, r.address, r.size, &known, || r.what.clone())?;
             }
+            // A word of a stack that no variable accounts for (a libc
+            // frame's, a spill) may be all that holds an object of a changed
+            // struct; the data without debug info is left out: libc keeps
+            // pointers to its own allocations there for good.
+            plan.untyped_stack_holder = untyped[stacks_from.min(untyped.len())..].iter().find_map(|r| {
+                let (at, s) = super::words(self.memory, r.address, r.size)
+                    .filter(|(at, _)| !known.contains(at))
+                    .find_map(|(at, value)| Some((at, plan.suspect_at(value)?)))?;
+                Some((format!("{} (the word at {at:#x})", r.what), s))
+            });
             let none = rustc_hash::FxHashSet::default();
             for &(address, size, via, field) in &self.untyped {
                 plan.check_words(self.memory, address, size, &none, || plan.paths.render(via, field))?;
@@ -381,6 +397,24 @@ impl<'a> Tracer<'a> {
         }
         plan.check_slots()?;
         Ok(plan)
+    }
+
+    /// The `unclaimed` allocations (by index, in address order) whose size
+    /// fits an array of some struct whose type changed: see
+    /// [`Plan::suspects`].
+    fn suspects(&self, unclaimed: &[usize]) -> Vec<super::Suspect> {
+        let changed = &self.roots.changed_structs;
+        if changed.is_empty() {
+            return Vec::new();
+        }
+        unclaimed
+            .iter()
+            .filter_map(|&chunk| {
+                let c = self.chunks.all()[chunk];
+                let tag = changed.iter().position(|&(_, size)| fits(c.size, size))?;
+                Some(super::Suspect { start: c.start, size: c.size, tag: tag as u32 })
+            })
+            .collect()
     }
 
     /// Refuses when the `size` bytes at `address`, a `void *` or a union

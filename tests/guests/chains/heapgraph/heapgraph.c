@@ -15,8 +15,12 @@
  * CHAIN n (answers CHAINING, builds a list of n nodes that only its frame
  * holds, waits for the next line, then answers with the list's sum and its
  * last node's value, and from version 2 on how many nodes have a zero
- * `stamp`), and from version 2 on, FRESH (counts the elements whose new members are
- * still zero).
+ * `stamp`), LOOSE (answers LOOSE, makes a list node that only an integer
+ * in its frame holds, waits for the next line, then answers with the node's
+ * value: no typed pointer reaches the node, so an update that lands
+ * meanwhile cannot convert it and must wait, or be refused), and from
+ * version 2 on, FRESH (counts the elements whose new members are still
+ * zero).
  *
  * -DGRAPH_VERSION=N:
  *   1  as above.
@@ -43,6 +47,7 @@
  * same with the heap word a `void *`: the tracer cannot tell it holds the
  * counter, so that update is refused.
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -400,6 +405,30 @@ __attribute__((noinline)) static void chain(int n, char *out, size_t cap)
     chained(head, ends[0], out, cap);
 }
 
+/* Out of line, so that what loose() holds across its wait is computed the
+   same in every version. */
+__attribute__((noinline)) static struct node *loose_node(void)
+{
+    return new_node(7, NULL);
+}
+
+/* Waits for a line with a list node that only an integer holds, as a
+   compiler temporary would: the trace cannot see it. */
+__attribute__((noinline)) static void loose(char *out, size_t cap)
+{
+    uintptr_t held = (uintptr_t)loose_node();
+    /* Made now: nothing else would keep clang from sinking the malloc past
+       the wait, where its result is used. */
+    __asm__ volatile("" : : "r"(held) : "memory");
+    char c = 0;
+    send(client, "LOOSE\n", 6, 0);
+    while (recv(client, &c, 1, 0) == 1 && c != '\n')
+        ;
+    struct node *node = (struct node *)held;
+    snprintf(out, cap, "LOOSE %d", node->value);
+    free(node);
+}
+
 /* Answers one line into `out`. Out of line, so that main's frame stays the
    same in every version. */
 __attribute__((noinline)) static void handle(const char *line, char *out, size_t cap)
@@ -423,6 +452,8 @@ __attribute__((noinline)) static void handle(const char *line, char *out, size_t
     } else if (strcmp(line, "BOX") == 0) {
         snprintf(out, cap, "BOX %s calls=%d", *box == (void *)&counter ? "same" : "stale", counter.calls);
 #endif
+    } else if (strcmp(line, "LOOSE") == 0) {
+        loose(out, cap);
     } else if (strncmp(line, "CHAIN ", 6) == 0) {
         chain(atoi(line + 6), out, cap);
     } else if (strcmp(line, "SUM") == 0) {
