@@ -84,7 +84,7 @@ pub fn instrument_cache() -> PathBuf {
 /// How in-process tests load a guest: instrumented, through the suite's
 /// cache as [`host_command`]'s hosts do.
 pub fn instrumented() -> upstare_host::LoadOptions {
-    upstare_host::LoadOptions { instrument: true, stress: false, cache_dir: Some(instrument_cache()) }
+    upstare_host::LoadOptions { cache_dir: Some(instrument_cache()), ..upstare_host::LoadOptions::default() }
 }
 
 /// This test process's runtime directory (mode 0700, as XDG asks). A

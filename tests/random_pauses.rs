@@ -17,6 +17,9 @@ pub struct RandomPauses {
     /// For each pause, from the request until `Guest::run` had returned
     /// `Exit::Paused` (the stack unwound and its frames read).
     pub times: Vec<Duration>,
+    /// Whether the guest ran its module's unwind-only variant
+    /// (`GuestModule::is_unwind_only`) when it started, and when it ended.
+    pub unwind_only: [bool; 2],
 }
 
 /// Runs `guest` (instrumented) to its end, asking for a pause after each
@@ -30,6 +33,7 @@ pub fn pause_at_random(mut guest: Guest, gaps: Range<u64>, deadline: Duration) -
     // What the guest's thread reports: when it paused (no exit) or ended.
     let (report, reports) = channel::<(Instant, Option<Exit>)>();
     let (resume, resumed) = channel::<()>();
+    let at_start = guest.module().is_unwind_only();
     let runner = std::thread::Builder::new()
         .stack_size(GUEST_THREAD_STACK)
         .spawn(move || loop {
@@ -37,12 +41,12 @@ pub fn pause_at_random(mut guest: Guest, gaps: Range<u64>, deadline: Duration) -
                 Exit::Paused => {
                     report.send((Instant::now(), None)).unwrap();
                     if resumed.recv().is_err() {
-                        return;
+                        return guest.module().is_unwind_only();
                     }
                 }
                 exit => {
                     report.send((Instant::now(), Some(exit))).unwrap();
-                    return;
+                    return guest.module().is_unwind_only();
                 }
             }
         })
@@ -76,6 +80,6 @@ pub fn pause_at_random(mut guest: Guest, gaps: Range<u64>, deadline: Duration) -
             (_, Some(exit)) => break exit,
         }
     };
-    runner.join().unwrap();
-    RandomPauses { exit, times }
+    let at_end = runner.join().unwrap();
+    RandomPauses { exit, times, unwind_only: [at_start, at_end] }
 }

@@ -54,7 +54,7 @@ fn bench(c: &mut Criterion) {
 
     let engine = new_engine().unwrap();
     let sleeper = wat::parse_str(SLEEPER).unwrap();
-    let as_is = LoadOptions { instrument: false, stress: false, cache_dir: None };
+    let as_is = LoadOptions { instrument: false, ..LoadOptions::default() };
     let module = GuestModule::from_bytes_with(&engine, "sleeper.wasm".as_ref(), &sleeper, &as_is).unwrap();
     group.bench_function("guest_blocked_in_poll_oneoff", |b| {
         b.iter_custom(|iters| {

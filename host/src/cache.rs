@@ -1,6 +1,6 @@
 //! The on-disk cache of instrumented modules, keyed by the SHA-256 of the
 //! input, the fingerprint of the instrumenter that rewrote it and the
-//! variant (plain or stress, [`crate::LoadOptions::stress`]), so a
+//! variant (unwind-only, full or stress, [`crate::LoadOptions`]), so a
 //! server restarted on the same build skips the rewrite; and, in its
 //! `compiled/` directory, wasmtime's cache of the machine code compiled
 //! from them, so it skips compiling too.
@@ -14,6 +14,8 @@ use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 use upstare_instrument::{abi, Instrumented, Metadata, Options};
+
+use crate::module::Variant;
 
 fn cache_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("UPSTARE_CACHE_DIR") {
@@ -56,27 +58,27 @@ pub fn hex(hash: &[u8]) -> String {
 }
 
 /// Instruments `wasm`, whose [`content_hash`] is `hash`, with the default
-/// options (the stress variant when `stress` is set), through the cache in
-/// `dir` (else the default place). The variant is part of the entry's name:
-/// the two variants of one module differ in code, not in metadata.
-pub fn instrumented(
+/// options as `variant`, through the cache in `dir` (else the default
+/// place). The variant is part of the entry's name: the variants of one
+/// module differ in code, not in metadata.
+pub(crate) fn instrumented(
     wasm: &[u8],
     hash: &[u8; 32],
-    stress: bool,
+    variant: Variant,
     dir: Option<&std::path::Path>,
 ) -> Result<Instrumented, upstare_instrument::Error> {
-    let name = format!(
-        "{}-m{}-{}{}.wasm",
-        hex(hash),
-        abi::METADATA_VERSION,
-        upstare_instrument::FINGERPRINT,
-        if stress { "-stress" } else { "" }
-    );
+    let suffix = match variant {
+        Variant::UnwindOnly => "-unwind",
+        Variant::Full => "",
+        Variant::Stress => "-stress",
+    };
+    let name = format!("{}-m{}-{}{suffix}.wasm", hex(hash), abi::METADATA_VERSION, upstare_instrument::FINGERPRINT);
     let entry = dir.map(PathBuf::from).or_else(cache_dir).map(|d| d.join(name));
     if let Some(hit) = entry.as_deref().and_then(load) {
         return Ok(hit);
     }
-    let out = upstare_instrument::instrument(wasm, &Options { stress, ..Options::default() })?;
+    let options = Options { stress: variant == Variant::Stress, unwind_only: variant == Variant::UnwindOnly, ..Options::default() };
+    let out = upstare_instrument::instrument(wasm, &options)?;
     if let Some(path) = &entry {
         if let Err(e) = store(path, &out.wasm) {
             tracing::debug!("cannot cache {}: {e}", path.display());

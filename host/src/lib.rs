@@ -56,6 +56,7 @@ pub mod process;
 pub mod pause_group;
 pub mod processes;
 pub mod program_memory;
+mod rewinding;
 pub mod snapshot;
 pub mod sourcemap;
 pub mod stress_update;

@@ -75,6 +75,14 @@ pub enum LoadError {
         /// The instrumenter's reason, with the byte offset.
         reason: String,
     },
+    /// The full variant of a module loaded unwind-only could not be made.
+    #[error("{path}: cannot compile the code that resumes it: {reason}")]
+    Rewinding {
+        /// The module path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The module's imports exist but have the wrong types, or
     /// instantiation failed for another reason.
     #[error("{path} cannot be instantiated: {reason}")]
@@ -103,12 +111,37 @@ pub struct LoadOptions {
     /// Where instrumented modules are cached; `None` for the default place
     /// (see [`crate::cache`]).
     pub cache_dir: Option<PathBuf>,
+    /// Compile only the unwind-only variant now, and the code that rewinds
+    /// when the first rewind needs it ([`GuestModule::rewinding`]): about
+    /// half the code and compile time of the full variant, for a program
+    /// that may never be paused (the default). Without it, or with
+    /// [`LoadOptions::stress`], the full variant is compiled at once.
+    pub lazy_rewind: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { instrument: true, stress: false, cache_dir: None }
+        LoadOptions { instrument: true, stress: false, cache_dir: None, lazy_rewind: true }
     }
+}
+
+/// Which of the instrumenter's variants of a module is compiled: the
+/// unwind-only one ([`upstare_instrument::Options::unwind_only`]), the full
+/// one, or the full one's stress variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Variant {
+    UnwindOnly,
+    Full,
+    Stress,
+}
+
+/// How a module loaded as the unwind-only variant gets its full variant:
+/// instrumented and compiled once, by whichever clone of the module asks
+/// first, and shared by all of them.
+struct FullVariant {
+    engine: Engine,
+    cache_dir: Option<PathBuf>,
+    compiled: std::sync::OnceLock<Result<(Module, Option<Arc<SourceMap>>), String>>,
 }
 
 /// A compiled guest module and where it came from.
@@ -126,6 +159,8 @@ pub struct GuestModule {
     pub(crate) source_map: Option<Arc<SourceMap>>,
     /// Instrumented as the stress variant ([`LoadOptions::stress`]).
     pub(crate) stress: bool,
+    /// For the unwind-only variant, its full variant, compiled on demand.
+    full: Option<Arc<FullVariant>>,
     /// Its functions' names (from the name section), by index.
     names: Arc<HashMap<u32, String>>,
 }
@@ -185,11 +220,13 @@ impl GuestModule {
         Self::check_bytes(path, bytes)?;
         let path = path.to_path_buf();
         let hash = crate::cache::content_hash(bytes);
+        let variant = match (options.stress, options.lazy_rewind) {
+            (true, _) => Variant::Stress,
+            (false, true) => Variant::UnwindOnly,
+            (false, false) => Variant::Full,
+        };
         let (code, metadata, source_map) = if options.instrument {
-            let out = crate::cache::instrumented(bytes, &hash, options.stress, options.cache_dir.as_deref()).map_err(|e| LoadError::Instrument {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            let out = instrument(bytes, &hash, variant, options.cache_dir.as_deref(), &path)?;
             let source_map = SourceMap::new(bytes, &out.wasm).map(Arc::new);
             (out.wasm, Some(Arc::new(out.metadata)), source_map)
         } else {
@@ -208,7 +245,37 @@ impl GuestModule {
         // functions as it does, and the instrumented module may import
         // more functions ahead of them.
         let names = Arc::new(function_names(bytes));
-        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, source_map, stress, names })
+        let full = (options.instrument && variant == Variant::UnwindOnly).then(|| {
+            Arc::new(FullVariant { engine: engine.clone(), cache_dir: options.cache_dir.clone(), compiled: Default::default() })
+        });
+        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, source_map, stress, full, names })
+    }
+
+    /// The module whose instances a rewind can enter: this one, or for the
+    /// unwind-only variant ([`LoadOptions::lazy_rewind`]) its full variant,
+    /// instrumented and compiled the first time any clone of this module
+    /// asks (from the instrumentation cache, and wasmtime's cache of
+    /// compiled code, when they hold it). The two share their metadata, so
+    /// a stack one unwound rewinds into the other. A host calls this before
+    /// it pauses the program, so that the pause does not wait for a compile.
+    pub fn rewinding(&self) -> Result<GuestModule, LoadError> {
+        let Some(full) = &self.full else {
+            return Ok(self.clone());
+        };
+        let compiled = full.compiled.get_or_init(|| {
+            let out = instrument(&self.original, &self.hash, Variant::Full, full.cache_dir.as_deref(), &self.path).map_err(|e| e.to_string())?;
+            debug_assert!(self.metadata.as_deref() == Some(&out.metadata), "the two variants must share their metadata");
+            let module = Module::new(&full.engine, &out.wasm).map_err(|e| format!("{} cannot be compiled: {}", self.path.display(), one_line(&e)))?;
+            Ok((module, SourceMap::new(&self.original, &out.wasm).map(Arc::new)))
+        });
+        let (module, source_map) = compiled.clone().map_err(|reason| LoadError::Rewinding { path: self.path.clone(), reason })?;
+        Ok(GuestModule { module, source_map, full: None, ..self.clone() })
+    }
+
+    /// Whether this is the unwind-only variant: an instance of it must be
+    /// replaced by one of [`GuestModule::rewinding`] before it rewinds.
+    pub fn is_unwind_only(&self) -> bool {
+        self.full.is_some()
     }
 
     /// Checks that `bytes` are a valid core module the engine accepts,
@@ -262,6 +329,11 @@ impl GuestModule {
     pub fn module(&self) -> &Module {
         &self.module
     }
+}
+
+/// Instruments `bytes` (hashed `hash`) as `variant`, through the cache.
+fn instrument(bytes: &[u8], hash: &[u8; 32], variant: Variant, cache_dir: Option<&Path>, path: &Path) -> Result<upstare_instrument::Instrumented, LoadError> {
+    crate::cache::instrumented(bytes, hash, variant, cache_dir).map_err(|e| LoadError::Instrument { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 /// The wasm features the engine accepts, mirrored for the validator so both

@@ -230,6 +230,15 @@ impl Guest {
                 "stress mode needs the module instrumented for it (LoadOptions::stress); its loop headers would not count".into(),
             ));
         }
+        // A program that forks rewinds at every fork, from the first one on.
+        let full;
+        let module = match module.forks() {
+            true => {
+                full = module.rewinding()?;
+                &full
+            }
+            false => module,
+        };
         let host = |e: String| SetupError::Host(e);
         let stress = config.stress_pause.or(config.stress_stop);
         let (memories, control) = match &module.metadata {
@@ -310,7 +319,7 @@ impl Guest {
         frames: &[u8],
     ) -> Result<Guest, String> {
         let engine = self.store.engine().clone();
-        let module = self.module.clone();
+        let module = self.module.rewinding().map_err(|e| e.to_string())?;
         let control = new_control(&engine, None).map_err(|e| e.to_string())?;
         let imports = self.processes().map(|p| p.imports());
         let memories = SharedMemories::Instrumented(memory);
@@ -560,6 +569,19 @@ impl Guest {
         }
     }
 
+    /// Rewinds this thread's saved frames when it next calls its entry: on
+    /// an instance of the full variant, which takes the place of an
+    /// unwind-only one first ([`Guest::make_rewindable`]).
+    fn start_rewind(&mut self) -> Result<(), Exit> {
+        if let Err(e) = self.make_rewindable() {
+            return Err(Exit::HostError(format!("cannot resume the guest: {e}")));
+        }
+        let Some(u) = &mut self.unwinder else { return Ok(()) };
+        u.paused = None;
+        let started = u.prepare_rewind(&mut self.store);
+        started.map_err(|e| self.classify(e))
+    }
+
     /// [`Guest::run`] for this thread alone.
     pub(crate) fn run_thread(&mut self) -> Exit {
         if !self.started {
@@ -577,18 +599,16 @@ impl Guest {
                     }
                 }
             }
-        } else if let Some(u) = &mut self.unwinder {
-            if u.paused.take().is_some() {
-                if let (Some(threads), Entry::Main) = (&self.threads, self.entry) {
-                    threads.resume();
-                }
-                let membership = self.store.data().wasi.process.as_ref();
-                if let Some(m) = membership.filter(|m| m.pid == 1) {
-                    m.program.resume();
-                }
-                if let Err(e) = u.prepare_rewind(&mut self.store) {
-                    return self.classify(e);
-                }
+        } else if self.unwinder.as_ref().is_some_and(|u| u.paused.is_some()) {
+            if let (Some(threads), Entry::Main) = (&self.threads, self.entry) {
+                threads.resume();
+            }
+            let membership = self.store.data().wasi.process.as_ref();
+            if let Some(m) = membership.filter(|m| m.pid == 1) {
+                m.program.resume();
+            }
+            if let Err(exit) = self.start_rewind() {
+                return exit;
             }
         }
         loop {
@@ -605,10 +625,8 @@ impl Guest {
                     if let Some(m) = self.store.data_mut().wasi.process.as_mut() {
                         m.fork_result = Some(result);
                     }
-                    if let Some(u) = &mut self.unwinder {
-                        if let Err(e) = u.prepare_rewind(&mut self.store) {
-                            return self.classify(e);
-                        }
+                    if let Err(exit) = self.start_rewind() {
+                        return exit;
                     }
                 }
                 Ok(AfterReturn::Finished) => {
@@ -619,8 +637,8 @@ impl Guest {
                 Ok(AfterReturn::Rewind) => {
                     // A stress unwind, or a stale wake-up of a blocking call
                     // with no pause behind it: continue at once.
-                    if let Err(e) = u.prepare_rewind(&mut self.store) {
-                        return self.classify(e);
+                    if let Err(exit) = self.start_rewind() {
+                        return exit;
                     }
                 }
                 Err(e) => return Exit::HostError(e.to_string()),

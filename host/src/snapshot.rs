@@ -555,6 +555,8 @@ impl Guest {
         snapshot: &Snapshot,
     ) -> Result<Guest, SnapshotError> {
         snapshot.check_module(module)?;
+        // Every thread rewinds at once: no use for the unwind-only variant.
+        let module = &module.rewinding().map_err(|e| SnapshotError::State(e.to_string()))?;
         let listeners = std::mem::take(&mut config.listeners);
         config.dirs.clear();
         config.args = snapshot.args.clone();

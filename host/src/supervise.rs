@@ -102,6 +102,16 @@ struct Updater {
     processes: Option<Arc<crate::processes::Processes>>,
 }
 
+impl Updater {
+    /// Compiles the code that resumes the running version, if it was
+    /// loaded without it ([`GuestModule::rewinding`]), before a pause that
+    /// may resume it: so that the pause does not wait for a compile.
+    fn ready_to_resume(&self) -> Result<(), String> {
+        let running = self.history.last().map_or(&self.first, |v| &v.module);
+        running.rewinding().map(drop).map_err(|e| e.to_string())
+    }
+}
+
 /// How a supervised guest ended.
 #[derive(Debug)]
 pub struct Ended {
@@ -295,7 +305,10 @@ impl Server {
         let Some(pause) = &self.pause else {
             return Response::refused("the module runs without instrumentation (--no-instrument): it cannot be paused");
         };
-        let _turn = self.changes();
+        let turn = self.changes();
+        if let Some(Err(e)) = turn.as_ref().map(Updater::ready_to_resume) {
+            return Response::Internal(format!("cannot checkpoint the guest: {e}"));
+        }
         let (reply, latency) = checkpoint(pause, &self.commands, path, self.pause_limit);
         if let (Some(d), Ok(mut l)) = (latency, self.live.lock()) {
             l.pauses += 1;
@@ -578,6 +591,13 @@ fn live_update(
         Err(e) => return Response::refused(e),
     };
     let area = prepared.fresh;
+    // A refused update resumes the running version.
+    if let Err(e) = updater.ready_to_resume() {
+        if let Some(area) = area {
+            updater.fresh.release(area);
+        }
+        return Response::Internal(format!("{e}; the old version runs on"));
+    }
     let outcome = match (&target, lossy_conversions(&prepared)) {
         (Target::Previous, Some(lost)) => Err(Response::refused(format!(
             "cannot roll back: the update changed the type of {lost}, and going back would lose it"

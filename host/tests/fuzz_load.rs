@@ -43,7 +43,7 @@ fn random_modules_load_or_are_refused_in_one_line() {
     let mut rng = fastrand::Rng::with_seed(seed);
     let engine = new_engine().unwrap();
     let cache = std::env::temp_dir().join(format!("upstare-fuzz-load-{}", std::process::id()));
-    let options = LoadOptions { instrument: true, stress: false, cache_dir: Some(cache.clone()) };
+    let options = LoadOptions { cache_dir: Some(cache.clone()), ..LoadOptions::default() };
     let (mut loaded, mut refused, mut unbuilt) = (0u64, 0u64, 0u64);
     for i in 0..iters {
         let data: Vec<u8> = (0..rng.usize(64..16384)).map(|_| rng.u8(..)).collect();

@@ -207,6 +207,21 @@
 //! returns. The update points are those of the body, in both copies, so
 //! the pause bound below holds unchanged.
 //!
+//! # Two variants
+//!
+//! The *full variant* is everything above. The *unwind-only variant*
+//! ([`Options::unwind_only`]) is each body's normal copy alone, with its
+//! update points and save classes and no code that rewinds (its
+//! `upstare_start_rewind` traps): about half the full variant's code, and
+//! well under half its compile time (`docs/PERFORMANCE.md`). Both have the
+//! same metadata, resume points and frame layout, so a stack the
+//! unwind-only variant saved rewinds into an instance of the full one
+//! created over the same memories with the same globals. A host runs the
+//! unwind-only variant until the first rewind, and only then needs the
+//! full one: a program that is never paused never compiles the code that
+//! resumes it. The pause bound is the same in both: their update points
+//! are.
+//!
 //! Operands that are on the stack at a resume point live in extra *shadow
 //! locals* across it, so the frame saves them after the locals and the
 //! rewind pushes them back. Each frame is self-describing with the
@@ -272,6 +287,14 @@ pub struct Options {
     /// it a loop header only tests the pause and rewind bytes, with no
     /// call, and the stress byte counts blocking calls alone.
     pub stress: bool,
+    /// Instrument the *unwind-only variant*: every body is its normal copy
+    /// alone, with its update points and the code that saves frames, and
+    /// no code that rewinds (`upstare_start_rewind` traps). Its metadata,
+    /// resume points and save classes are those of the full variant, so a
+    /// stack it unwound rewinds into an instance of the full one over the
+    /// same memories. A host runs it until the first rewind, and compiles
+    /// the full variant only then (see "Two variants" in the crate docs).
+    pub unwind_only: bool,
 }
 
 impl Default for Options {
@@ -283,6 +306,7 @@ impl Default for Options {
         Options {
             blocking: wasi.chain(process).map(|(m, n)| (m.to_string(), n.to_string())).collect(),
             stress: false,
+            unwind_only: false,
         }
     }
 }
@@ -299,6 +323,6 @@ pub struct Instrumented {
 /// Instruments `wasm`. Invalid or unsupported input is an [`Error`] naming
 /// the offset and the reason; the output always validates.
 pub fn instrument(wasm: &[u8], options: &Options) -> Result<Instrumented> {
-    let (wasm, metadata) = rewrite::module::rewrite(wasm, &options.blocking, options.stress)?;
+    let (wasm, metadata) = rewrite::module::rewrite(wasm, &options.blocking, options.stress, options.unwind_only)?;
     Ok(Instrumented { wasm, metadata })
 }

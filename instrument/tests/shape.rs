@@ -407,3 +407,26 @@ fn a_loop_check_calls_nothing_but_in_the_stress_variant() {
     let stressed = calls_in_first_loop(&shape(&stress.wasm).bodies[spin]);
     assert!(stressed >= 1, "the stress variant calls should_pause at the header: {stressed} calls");
 }
+
+/// The unwind-only variant is the full one without the code that rewinds:
+/// the same metadata (a stack it unwinds rewinds into an instance of the
+/// full one), less code, and an `upstare_start_rewind` that traps rather
+/// than let a rewind run its bodies from the top.
+#[test]
+fn the_unwind_only_variant_shares_the_metadata_and_cannot_start_a_rewind() {
+    let wasm = wat::parse_str(SUBJECT).expect("wat");
+    let full = instrument(&wasm, &Options::default()).expect("instrument");
+    let lean = instrument(&wasm, &Options { unwind_only: true, ..Options::default() }).expect("instrument");
+    assert_eq!(full.metadata, lean.metadata, "the variants share their frames");
+    let (f, l) = (shape(&full.wasm), shape(&lean.wasm));
+    let code = |s: &Shape| s.bodies.iter().map(Vec::len).sum::<usize>();
+    assert!(code(&l) < code(&f), "unwind-only {} bytes of code, full {}", code(&l), code(&f));
+    let body = |s: &Shape| {
+        let (_, func) = s.exports[exports::START_REWIND];
+        let imported = s.imports.iter().filter(|i| i.2 == "func").count() as u32;
+        s.bodies[(func - imported) as usize].clone()
+    };
+    // No locals, `unreachable`, `end`.
+    assert_eq!(body(&l), [0x00, 0x00, 0x0b], "the unwind-only variant's start of a rewind traps");
+    assert_ne!(body(&f), body(&l));
+}

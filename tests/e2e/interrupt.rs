@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use upstare_host::{new_engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, Stdio};
 use upstare_instrument::abi::ResumeKind;
 
-const AS_IS: LoadOptions = LoadOptions { instrument: false, stress: false, cache_dir: None };
+const AS_IS: LoadOptions = LoadOptions { instrument: false, stress: false, cache_dir: None, lazy_rewind: false };
 
 /// Memory layout shared by the guests: an iovec at 0 (64 KiB buffer at
 /// 1024), a subscription at 128, events at 256, results at 512.

@@ -36,7 +36,7 @@ fn config(args: &[&str], stdout: &Path) -> GuestConfig {
 fn same_under_random_pauses(name: &str, wasm: PathBuf, args: &[&str]) {
     let dir = TempDir::new(&format!("random-pauses-{name}"));
     let engine = new_engine().unwrap();
-    let as_is = LoadOptions { instrument: false, stress: false, cache_dir: None };
+    let as_is = LoadOptions { instrument: false, ..LoadOptions::default() };
     let plain = GuestModule::load_with(&engine, &wasm, &as_is).unwrap();
     let expected_out = dir.0.join("plain.txt");
     let exit = Guest::new(&engine, &plain, config(args, &expected_out)).unwrap().run();
@@ -45,10 +45,12 @@ fn same_under_random_pauses(name: &str, wasm: PathBuf, args: &[&str]) {
     let module = GuestModule::load_with(&engine, &wasm, &instrumented()).unwrap();
     let out = dir.0.join("paused.txt");
     let g = Guest::new(&engine, &module, config(args, &out)).unwrap();
-    let RandomPauses { exit, times } = pause_at_random(g, 100..500, PAUSE_DEADLINE);
+    let RandomPauses { exit, times, unwind_only } = pause_at_random(g, 100..500, PAUSE_DEADLINE);
     let pauses = times.len();
     assert!(matches!(exit, Exit::Status(0)), "{name} under pauses: {exit:?}");
     assert!(pauses >= MIN_PAUSES, "{name} ended after {pauses} pauses; give it more work");
+    // Loaded without the code that rewinds, it took it on at its first resume.
+    assert_eq!(unwind_only, [true, false], "{name}: the variant it ran at its start and at its end");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), std::fs::read_to_string(&expected_out).unwrap(), "{name} after {pauses} pauses");
 }
 

@@ -1,7 +1,9 @@
 //! Steady-state cost of instrumentation: the original module, the module
-//! as `upstare-host` instruments it, and the module after Binaryen's
-//! `wasm-opt --asyncify -O2` (the known alternative), all run by the same
-//! host library and engine, interleaved, in one process.
+//! as `upstare-host` instruments it (the unwind-only variant a program
+//! starts on, and the full variant it runs on from its first resume), and
+//! the module after Binaryen's `wasm-opt --asyncify -O2` (the known
+//! alternative), all run by the same host library and engine, interleaved,
+//! in one process.
 //!
 //! Batch guests (the CPU-bound examples, a Lua workload, and an SQLite workload in a
 //! preopened directory): per guest, the median run time of each variant,
@@ -107,17 +109,20 @@ fn run(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path, std
     took
 }
 
-/// The three variants of one guest, loaded and ready to run.
+/// The variants of one guest, loaded and ready to run: the original, the
+/// instrumented module as a program starts on it (the unwind-only
+/// variant), the full variant it runs on from its first resume, and
+/// Asyncify's.
 struct Variants {
     original: GuestModule,
     upstare: GuestModule,
+    full: GuestModule,
     asyncify: GuestModule,
-    /// Code-section sizes: original, instrumented, Asyncify.
-    code: [usize; 3],
-    /// Compile times, original, instrumented and Asyncify: medians of
-    /// [`COMPILES`] interleaved compilations by the bench's engine, which
-    /// caches nothing.
-    compile: [Duration; 3],
+    /// Code-section sizes, in that order.
+    code: [usize; 4],
+    /// Compile times, in that order: medians of [`COMPILES`] interleaved
+    /// compilations by the bench's engine, which caches nothing.
+    compile: [Duration; 4],
 }
 
 /// Compilations of each module whose median is its compile time.
@@ -128,21 +133,25 @@ fn load(engine: &Engine, guest: &CGuest) -> Variants {
     let async_path = asyncify(&original_path);
     let original_bytes = std::fs::read(&original_path).unwrap();
     let async_bytes = std::fs::read(&async_path).unwrap();
-    let as_is = LoadOptions { instrument: false, stress: false, cache_dir: None };
-    let instrumented = upstare_instrument::instrument(&original_bytes, &Default::default()).unwrap().wasm;
-    let mut compile: [Vec<Duration>; 3] = Default::default();
+    let as_is = LoadOptions { instrument: false, ..LoadOptions::default() };
+    let unwind_only = upstare_instrument::Options { unwind_only: true, ..Default::default() };
+    let instrumented = upstare_instrument::instrument(&original_bytes, &unwind_only).unwrap().wasm;
+    let full = upstare_instrument::instrument(&original_bytes, &Default::default()).unwrap().wasm;
+    let mut compile: [Vec<Duration>; 4] = Default::default();
     for _ in 0..COMPILES {
-        for (bytes, times) in [&original_bytes, &instrumented, &async_bytes].into_iter().zip(&mut compile) {
+        for (bytes, times) in [&original_bytes, &instrumented, &full, &async_bytes].into_iter().zip(&mut compile) {
             let start = Instant::now();
             wasmtime::Module::new(engine, bytes).unwrap();
             times.push(start.elapsed());
         }
     }
+    let eager = LoadOptions { lazy_rewind: false, ..LoadOptions::default() };
     Variants {
         original: GuestModule::from_bytes_with(engine, &original_path, &original_bytes, &as_is).unwrap(),
         upstare: GuestModule::from_bytes(engine, &original_path, &original_bytes).unwrap(),
+        full: GuestModule::from_bytes_with(engine, &original_path, &original_bytes, &eager).unwrap(),
         asyncify: GuestModule::from_bytes_with(engine, &async_path, &async_bytes, &as_is).unwrap(),
-        code: [code_size(&original_bytes), code_size(&instrumented), code_size(&async_bytes)],
+        code: [code_size(&original_bytes), code_size(&instrumented), code_size(&full), code_size(&async_bytes)],
         compile: compile.map(median),
     }
 }
@@ -166,23 +175,25 @@ fn main() {
     let batches = batches(only);
     if !batches.is_empty() {
         println!("{rounds} interleaved rounds per guest; median run time; code = code section bytes");
+        println!("upstare: the unwind-only variant a program starts on; full: the variant it runs on from its first resume");
         println!(
-            "{:<9} {:>10} {:>10} {:>7} {:>10} {:>7} | {:>8} {:>8} {:>6} {:>8} {:>6}",
-            "guest", "original", "upstare", "ratio", "asyncify", "ratio", "code", "upstare", "ratio", "asyncify", "ratio"
+            "{:<9} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>7} | {:>8} {:>8} {:>6} {:>8} {:>6} {:>8} {:>6}",
+            "guest", "original", "upstare", "ratio", "full", "ratio", "asyncify", "ratio", "code", "upstare", "ratio", "full", "ratio", "asyncify", "ratio"
         );
     }
-    let mut ratios: [Vec<f64>; 4] = Default::default();
-    let mut compile_ratios: [Vec<f64>; 2] = Default::default();
+    // Runtime, then code, of upstare, full and asyncify against the original.
+    let mut ratios: [Vec<f64>; 6] = Default::default();
+    let mut compile_ratios: [Vec<f64>; 3] = Default::default();
     let mut bounds = Vec::new();
     for batch in batches {
         let v = load(&engine, &batch.guest);
         let name = &batch.guest.name;
-        let dirs = [scratch(name, "original"), scratch(name, "upstare"), scratch(name, "asyncify")];
-        let (mut o, mut u, mut a) = (Vec::new(), Vec::new(), Vec::new());
+        let modules = [&v.original, &v.upstare, &v.full, &v.asyncify];
+        let dirs = ["original", "upstare", "full", "asyncify"].map(|variant| scratch(name, variant));
         // Also the warm-up.
         let expected = output(&engine, &v.original, &batch, &dirs[0]);
-        for (variant, module, dir) in [("upstare", &v.upstare, &dirs[1]), ("asyncify", &v.asyncify, &dirs[2])] {
-            let printed = output(&engine, module, &batch, dir);
+        for (i, variant) in ["upstare", "full", "asyncify"].into_iter().enumerate() {
+            let printed = output(&engine, modules[i + 1], &batch, &dirs[i + 1]);
             assert!(
                 printed == expected,
                 "{name}: the {variant} variant prints something else than the original:\n{}\n---\n{}",
@@ -190,62 +201,74 @@ fn main() {
                 String::from_utf8_lossy(&expected)
             );
         }
+        let mut times: [Vec<Duration>; 4] = Default::default();
         for _ in 0..rounds {
-            o.push(time_run(&engine, &v.original, &batch, &dirs[0]));
-            u.push(time_run(&engine, &v.upstare, &batch, &dirs[1]));
-            a.push(time_run(&engine, &v.asyncify, &batch, &dirs[2]));
+            for ((list, module), dir) in times.iter_mut().zip(modules).zip(&dirs) {
+                list.push(time_run(&engine, module, &batch, dir));
+            }
         }
-        let (o, u, a) = (median(o), median(u), median(a));
-        let ru = u.as_secs_f64() / o.as_secs_f64();
-        let ra = a.as_secs_f64() / o.as_secs_f64();
-        let [co, cu, ca] = v.code;
-        let (su, sa) = (cu as f64 / co as f64, ca as f64 / co as f64);
+        let t = times.map(median);
+        let run = [1, 2, 3].map(|i| t[i].as_secs_f64() / t[0].as_secs_f64());
+        let code = [1, 2, 3].map(|i| v.code[i] as f64 / v.code[0] as f64);
         println!(
-            "{name:<9} {:>8.1}ms {:>8.1}ms {ru:>6.3}x {:>8.1}ms {ra:>6.3}x | {co:>8} {cu:>8} {su:>5.2}x {ca:>8} {sa:>5.2}x",
-            ms(o),
-            ms(u),
-            ms(a),
+            "{name:<9} {:>8.1}ms {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x | {:>8} {:>8} {:>5.2}x {:>8} {:>5.2}x {:>8} {:>5.2}x",
+            ms(t[0]),
+            ms(t[1]),
+            run[0],
+            ms(t[2]),
+            run[1],
+            ms(t[3]),
+            run[2],
+            v.code[0],
+            v.code[1],
+            code[0],
+            v.code[2],
+            code[1],
+            v.code[3],
+            code[2],
         );
-        for (list, r) in ratios.iter_mut().zip([ru, ra, su, sa]) {
+        for (list, r) in ratios.iter_mut().zip(run.into_iter().chain(code)) {
             list.push(r);
         }
-        let [compile_o, compile_u, compile_a] = v.compile;
-        compile_ratios[0].push(compile_u.as_secs_f64() / compile_o.as_secs_f64());
-        compile_ratios[1].push(compile_a.as_secs_f64() / compile_o.as_secs_f64());
+        for (i, list) in compile_ratios.iter_mut().enumerate() {
+            list.push(v.compile[i + 1].as_secs_f64() / v.compile[0].as_secs_f64());
+        }
         bounds.push((name.clone(), v.compile, pauses::measure(&engine, &v.upstare, &batch, &dirs[1], &expected)));
         for dir in dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
     if !ratios[0].is_empty() {
+        let g = ratios.each_ref().map(|r| geomean(r));
         println!(
-            "geomean: runtime upstare {:.3}x, asyncify {:.3}x; code upstare {:.2}x, asyncify {:.2}x",
-            geomean(&ratios[0]),
-            geomean(&ratios[1]),
-            geomean(&ratios[2]),
-            geomean(&ratios[3])
+            "geomean: runtime upstare {:.3}x, full {:.3}x, asyncify {:.3}x; code upstare {:.2}x, full {:.2}x, asyncify {:.2}x",
+            g[0], g[1], g[2], g[3], g[4], g[5]
         );
         println!();
-        println!("compile: median of {COMPILES}; pauses: the instrumented variant run once under random pause requests, request to paused");
+        println!("compile: median of {COMPILES}; pauses: the instrumented module run once under random pause requests, request to paused");
         println!(
-            "{:<9} {:>10} {:>10} {:>7} {:>10} {:>7} | {:>7} {:>9} {:>9} {:>9}",
-            "guest", "compile", "upstare", "ratio", "asyncify", "ratio", "pauses", "median", "p99", "worst"
+            "{:<9} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>7} | {:>7} {:>9} {:>9} {:>9}",
+            "guest", "compile", "upstare", "ratio", "full", "ratio", "asyncify", "ratio", "pauses", "median", "p99", "worst"
         );
-        for (name, [o, u, a], p) in &bounds {
+        for (name, c, p) in &bounds {
+            let r = [1, 2, 3].map(|i| c[i].as_secs_f64() / c[0].as_secs_f64());
             println!(
-                "{name:<9} {:>8.1}ms {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x | {:>7} {:>7.0}us {:>7.0}us {:>7.0}us",
-                ms(*o),
-                ms(*u),
-                u.as_secs_f64() / o.as_secs_f64(),
-                ms(*a),
-                a.as_secs_f64() / o.as_secs_f64(),
+                "{name:<9} {:>8.1}ms {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x | {:>7} {:>7.0}us {:>7.0}us {:>7.0}us",
+                ms(c[0]),
+                ms(c[1]),
+                r[0],
+                ms(c[2]),
+                r[1],
+                ms(c[3]),
+                r[2],
                 p.count,
                 p.median.as_secs_f64() * 1e6,
                 p.p99.as_secs_f64() * 1e6,
                 p.worst.as_secs_f64() * 1e6
             );
         }
-        println!("geomean: compile upstare {:.3}x, asyncify {:.3}x", geomean(&compile_ratios[0]), geomean(&compile_ratios[1]));
+        let g = compile_ratios.each_ref().map(|r| geomean(r));
+        println!("geomean: compile upstare {:.3}x, full {:.3}x, asyncify {:.3}x", g[0], g[1], g[2]);
     }
     if only.is_none_or(|o| o == "kv") {
         println!();

@@ -37,7 +37,7 @@ pub struct Pauses {
 pub fn measure(engine: &Engine, module: &GuestModule, batch: &Batch, scratch: &Path, expected: &[u8]) -> Pauses {
     let out = scratch.with_extension("paused.stdout");
     let guest = Guest::new(engine, module, crate::config(batch, scratch, &out)).unwrap();
-    let RandomPauses { exit, mut times } = pause_at_random(guest, 0..MAX_GAP_US, DEADLINE);
+    let RandomPauses { exit, mut times, .. } = pause_at_random(guest, 0..MAX_GAP_US, DEADLINE);
     assert!(matches!(exit, Exit::Status(0)), "{} under pauses: {exit:?}", batch.guest.name);
     let printed = std::fs::read(&out).unwrap();
     let _ = std::fs::remove_file(&out);

@@ -120,8 +120,8 @@ fn trial(engine: &Engine, module: &GuestModule) -> Trial {
 
 /// Runs the interleaved trials and prints the comparison.
 pub fn compare(engine: &Engine, v: &Variants, rounds: usize) {
-    let modules = [("original", &v.original), ("upstare", &v.upstare), ("asyncify", &v.asyncify)];
-    let mut trials: [Vec<Trial>; 3] = Default::default();
+    let modules = [("original", &v.original), ("upstare", &v.upstare), ("full", &v.full), ("asyncify", &v.asyncify)];
+    let mut trials: [Vec<Trial>; 4] = Default::default();
     trial(engine, &v.original); // warm-up
     for _ in 0..rounds {
         for (list, (_, module)) in trials.iter_mut().zip(modules) {

@@ -202,7 +202,7 @@ pub fn execute(args: RunArgs) -> ExitCode {
         }
     };
     let stress = args.stress_pause.is_some() || args.stress_update.is_some() || args.update_at.is_some();
-    let options = LoadOptions { instrument: !args.no_instrument, stress, cache_dir: None };
+    let options = LoadOptions { instrument: !args.no_instrument, stress, ..LoadOptions::default() };
     let module = match GuestModule::load_with(&engine, &module_path, &options) {
         Ok(m) => m,
         Err(e) => return bad_input(e),

@@ -253,9 +253,10 @@ fn place(
         plan.link(base).map_err(|e| UpdateError::Internal(format!("the plan's trial relink passed, but relinking at {base:#x} failed: {e}")))?;
     relinked::mark(&mut linked.wasm);
     tracing::debug!("update: relinked at {:?}", started.elapsed());
-    // The same variant as the running version: under --stress-update the
-    // next version must count loop headers too.
-    let options = crate::LoadOptions { stress: current.module.stress, ..crate::LoadOptions::default() };
+    // The full variant at once, since the update rewinds into it; the
+    // stress one under --stress-update, whose next version must count loop
+    // headers too.
+    let options = crate::LoadOptions { stress: current.module.stress, lazy_rewind: false, ..crate::LoadOptions::default() };
     let module = GuestModule::from_bytes_with(engine, path, &linked.wasm, &options).map_err(|e| UpdateError::BadInput(e.to_string()))?;
     tracing::debug!("update: instrumented and compiled at {:?}", started.elapsed());
     let next = RunningVersion { version: Arc::new(linked.version.clone()), module, path: path.to_path_buf(), hash };
@@ -325,7 +326,7 @@ pub fn prepare_onto_itself(
 
 /// Links the new module against the WASI layer and the running memories,
 /// so that instantiating it at the pause costs only the instantiation.
-fn link(
+pub(crate) fn link(
     engine: &Engine,
     module: &GuestModule,
     memory: &ProgramMemory,
@@ -340,7 +341,7 @@ fn link(
 }
 
 /// The old instance, kept aside until the update commits.
-struct Previous {
+pub(crate) struct Previous {
     module: GuestModule,
     store: Store<ProcessState>,
     instance: wasmtime::Instance,
@@ -552,7 +553,7 @@ impl Guest {
         new_meta: &Arc<Metadata>,
         and_then: impl FnOnce(&mut Guest) -> Result<(), ApplyError>,
     ) -> Result<HeapCounts, ApplyError> {
-        let mut previous = self.switch_to(prepared, instance_pre, new_meta.clone())?;
+        let mut previous = self.switch_to(&prepared.next.module, instance_pre, new_meta.clone())?;
         let mut moved_workers = None;
         let then = |g: &mut Guest, new_starts: &[u32]| {
             let heap = plan.heap.as_ref().map(|h| threads::HeapRewrites { plan: &h.plan, new_starts, locals: &h.thread_frame_pointers });
@@ -588,8 +589,7 @@ impl Guest {
     /// Instantiates `module` in a fresh store over this guest's memories and
     /// makes it the guest's instance, moving the WASI state over. Returns
     /// the old instance.
-    fn switch_to(&mut self, prepared: &Prepared, instance_pre: &InstancePre<ProcessState>, metadata: Arc<Metadata>) -> Result<Previous, ApplyError> {
-        let module = &prepared.next.module;
+    pub(crate) fn switch_to(&mut self, module: &GuestModule, instance_pre: &InstancePre<ProcessState>, metadata: Arc<Metadata>) -> Result<Previous, ApplyError> {
         let u = instrumented(&mut self.unwinder)?;
         let (memory, control, unwinds, stress_stops) = (u.memory.clone(), u.control.clone(), u.unwinds, u.stress_stops);
         let frame_bytes = control.frame_bytes();
@@ -626,7 +626,7 @@ impl Guest {
     }
 
     /// Puts the old instance back, with its WASI state and frames.
-    fn switch_back(&mut self, previous: Previous) {
+    pub(crate) fn switch_back(&mut self, previous: Previous) {
         let Previous { module, mut store, instance, unwinder, frame_bytes } = previous;
         std::mem::swap(&mut store.data_mut().wasi, &mut self.store.data_mut().wasi);
         self.store = store;

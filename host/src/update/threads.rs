@@ -145,7 +145,7 @@ fn move_one(step: &ThreadStep, frames: &[TypedFrame], prepared: &Prepared, metad
         .linker(&g.store, Some(&control))
         .and_then(|linker| linker.instantiate_pre(prepared.next.module.module()))
         .map_err(ApplyError::Link)?;
-    let mut previous = g.switch_to(prepared, &instance_pre, metadata.clone())?;
+    let mut previous = g.switch_to(&prepared.next.module, &instance_pre, metadata.clone())?;
     let carried = g.carry_globals(&mut previous, prepared, &step.stack).and_then(|()| FrameUndo::apply(&step.stack, &memory));
     let frame_undo = match carried {
         Ok(frame_undo) => frame_undo,

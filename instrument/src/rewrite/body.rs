@@ -149,7 +149,9 @@ pub(crate) fn instrument(cx: &mut Cx, info: &ModuleInfo<'_>, body: &Body, plan: 
         runs: Vec::new(),
         normal: false,
     };
-    let copy = copies_body(plan);
+    // The unwind-only variant is the normal copy alone: no rewind enters it.
+    e.normal = e.cx.unwind_only;
+    let copy = copies_body(plan) && !e.cx.unwind_only;
     e.open_function(copy)?;
     e.emit_ops(info.wasm)?;
     if copy {

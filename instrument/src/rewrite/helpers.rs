@@ -63,7 +63,7 @@ fn set_state(code: &mut Code, state_global: u32, s: State) {
 }
 
 /// Builds every helper in the order [`Helpers::new`] numbers them.
-pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state: u32) -> Vec<HelperFunc> {
+pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state: u32, unwind_only: bool) -> Vec<HelperFunc> {
     let mut out = Vec::new();
     let mut add = |types: &mut Types, params: &[Ty], results: &[Ty], locals: &[ValType], code: Code| {
         out.push(HelperFunc { type_index: types.func(params, results), body: body(locals, code) });
@@ -79,7 +79,13 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
     add(types, &[], &[], &[], drop_data(info));
     add(types, &[], &[], &[], just_state(state, State::Unwinding, None));
     add(types, &[], &[], &[], just_state(state, State::Normal, None));
-    add(types, &[], &[], &[], just_state(state, State::Rewinding, Some(1)));
+    // A rewind into the unwind-only variant would run its bodies from the
+    // top with the state set: it must trap instead.
+    let start_rewind = match unwind_only {
+        true => trap(),
+        false => just_state(state, State::Rewinding, Some(1)),
+    };
+    add(types, &[], &[], &[], start_rewind);
     add(types, &[], &[], &[], stop_rewind(h, state));
     for (t, side) in h.sides() {
         add(types, &[t], &[I32], &[ValType::I32], spill_ref(t, side.table));
@@ -92,6 +98,13 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
         add(types, &[I32, I32], &[I32], &[ValType::I32; 2], allocator_batch(b.target, false, state));
     }
     out
+}
+
+/// A body that traps.
+fn trap() -> Code {
+    let mut c = Code::default();
+    c.op(I::Unreachable);
+    c
 }
 
 /// `batch(at, n) -> done`: calls the allocator function `target` once for

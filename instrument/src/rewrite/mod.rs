@@ -267,6 +267,8 @@ pub(crate) struct Cx {
     pub rp_global: u32,
     /// The stress variant: loop headers call the pause decision.
     pub stress: bool,
+    /// The unwind-only variant ([`crate::Options::unwind_only`]).
+    pub unwind_only: bool,
     pub packs: Packs,
     /// The function indices of a module whose futex instructions were
     /// lowered ([`atomics`]) are shifted; frames name the original's.

@@ -36,7 +36,7 @@ fn describes_original_code(name: &str) -> bool {
 }
 
 /// Instruments `wasm`, returning the output module and its metadata.
-pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress: bool) -> Result<(Vec<u8>, Metadata)> {
+pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress: bool, unwind_only: bool) -> Result<(Vec<u8>, Metadata)> {
     check_names(wasm)?;
     // Futex waits become calls of blocking imports first; the rest works
     // on the lowered module.
@@ -95,7 +95,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     }
     let packs = Packs::new(helpers.next, keys, saves);
     let rp_global = state_global + 1;
-    let mut cx = Cx { types: Types::new(&info.types), helpers, state_global, rp_global, stress, packs, shift };
+    let mut cx = Cx { types: Types::new(&info.types), helpers, state_global, rp_global, stress, unwind_only, packs, shift };
 
     let mut bodies = Vec::with_capacity(info.bodies.len());
     let mut functions = Vec::new();
@@ -127,7 +127,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
             None => bodies.push(wasm[b.range.clone()].to_vec()),
         }
     }
-    let mut appended = helpers::build(&info, &mut cx.types, &helpers, state_global);
+    let mut appended = helpers::build(&info, &mut cx.types, &helpers, state_global, cx.unwind_only);
     appended.extend(helpers::build_packs(&mut cx.types, &helpers, &cx.packs)?);
     let mut metadata = metadata(&info, &graph, &helpers, state_global, functions);
     if let Some(l) = &lowered {
