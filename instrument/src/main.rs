@@ -19,6 +19,11 @@ struct Args {
     /// The blocking calls of WASI preview1 are always included.
     #[arg(long = "blocking", value_name = "MODULE.NAME")]
     blocking: Vec<String>,
+    /// Write the unwind-only variant: it can pause, but a stack it unwound
+    /// rewinds only into the full variant (what upstare-host starts a
+    /// program on, to compile the code that resumes it when first needed).
+    #[arg(long)]
+    unwind_only: bool,
     /// Print the resume points of every instrumented function.
     #[arg(long)]
     verbose: bool,
@@ -37,7 +42,7 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<(), String> {
     let input = std::fs::read(&args.input).map_err(|e| format!("cannot read {}: {e}", args.input.display()))?;
-    let mut options = upstare_instrument::Options::default();
+    let mut options = upstare_instrument::Options { unwind_only: args.unwind_only, ..Default::default() };
     for b in &args.blocking {
         let (m, n) = b
             .split_once('.')

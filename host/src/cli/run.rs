@@ -26,9 +26,12 @@ const EXIT_HOST_ERROR: u8 = 1;
 /// to the guest as its arguments. Listeners from --tcplisten get guest fds
 /// 3, 4, ... in order, then each --dir gets the next fd.
 ///
-/// The instrumented module and the machine code compiled from it are cached
-/// in $UPSTARE_CACHE_DIR (else $XDG_CACHE_HOME/upstare, else
-/// ~/.cache/upstare), so a restart neither instruments nor compiles again.
+/// The program starts on code that can pause but not resume; the code that
+/// resumes it is compiled before its first pause (by `update` or
+/// `checkpoint`, before they pause it). The instrumented module and the
+/// machine code compiled from it are cached in $UPSTARE_CACHE_DIR (else
+/// $XDG_CACHE_HOME/upstare, else ~/.cache/upstare), so a restart neither
+/// instruments nor compiles again.
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Give the guest a host directory, as GUEST (default: the HOST path

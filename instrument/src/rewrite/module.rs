@@ -93,6 +93,8 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     for (b, p) in info.bodies.iter().zip(&plans) {
         saves.extend(p.iter().flat_map(|p| p.save_classes().0).map(|class| class.types(&b.locals)));
     }
+    // The unwind-only variant restores nothing: it needs no load helpers.
+    let keys = if unwind_only { Default::default() } else { keys };
     let packs = Packs::new(helpers.next, keys, saves);
     let rp_global = state_global + 1;
     let mut cx = Cx { types: Types::new(&info.types), helpers, state_global, rp_global, stress, unwind_only, packs, shift };
