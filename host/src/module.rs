@@ -264,7 +264,10 @@ impl GuestModule {
         };
         let compiled = full.compiled.get_or_init(|| {
             let out = instrument(&self.original, &self.hash, Variant::Full, full.cache_dir.as_deref(), &self.path).map_err(|e| e.to_string())?;
-            debug_assert!(self.metadata.as_deref() == Some(&out.metadata), "the two variants must share their metadata");
+            // Frames one variant saved are read by the other's metadata.
+            if self.metadata.as_deref() != Some(&out.metadata) {
+                return Err("its two instrumented variants describe different frames (a bug in UpStare, please report it)".into());
+            }
             let module = Module::new(&full.engine, &out.wasm).map_err(|e| format!("{} cannot be compiled: {}", self.path.display(), one_line(&e)))?;
             Ok((module, SourceMap::new(&self.original, &out.wasm).map(Arc::new)))
         });
