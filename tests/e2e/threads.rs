@@ -333,7 +333,9 @@ fn workers_waiting_on_a_condition_variable_are_updated_where_they_wait() {
 }
 
 /// A running 8-worker server checkpointed and restored in another process:
-/// the shared total carries over, and all 8 workers serve again.
+/// the shared total carries over, and all 8 workers serve again. The
+/// checkpointed server runs on too: each of its threads resumed, on the
+/// full variant of the module, which they started without.
 #[test]
 fn a_checkpointed_pool_server_restores_with_every_worker() {
     let control = Control::new("pool-checkpoint");
@@ -343,6 +345,8 @@ fn a_checkpointed_pool_server_restores_with_every_worker() {
     drop(c);
     let snapshot = control.checkpoint("pool");
     assert_eq!(snapshot.threads.len(), 8, "every worker is in the snapshot");
+    assert_eq!(every_worker(server.port, 8), (0..8).map(|w| (w, 1)).collect::<Vec<_>>(), "the checkpointed server's workers");
+    assert_eq!(server.client().request("ADD 1"), "TOTAL 41");
     server.kill();
     let path = control.dir().join("pool.snap");
     let restored = Server::spawn(host_command().args(["restore", "--tcplisten", "127.0.0.1:0", path.to_str().unwrap()]));
