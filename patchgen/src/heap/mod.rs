@@ -629,6 +629,17 @@ mod tests {
     }
 
     #[test]
+    fn only_the_start_of_a_suspect_allocation_is_suspect() {
+        let suspects = vec![Suspect { start: 0x2000, size: 12, tag: 1 }, Suspect { start: 0x3000, size: 40, tag: 0 }];
+        let p = Plan { suspects, suspect_tags: vec!["a".into(), "node".into()], ..Plan::default() };
+        assert_eq!(p.suspect_at(0x2000), Some(Suspicion { size: 12, tag: "node".into() }));
+        assert_eq!(p.suspect_at(0x3000).map(|s| s.tag), Some("a".into()));
+        for inside_or_between in [0x1fff, 0x2004, 0x2fff, 0x3008, 0] {
+            assert_eq!(p.suspect_at(inside_or_between), None, "{inside_or_between:#x}");
+        }
+    }
+
+    #[test]
     fn addresses_in_a_moved_global_follow_it() {
         let p = plan();
         assert_eq!(p.translate(0x200, &[0x5000]), Landing::At(0x9000));

@@ -247,9 +247,8 @@ impl<'a> Tracer<'a> {
     }
 
     /// Traces from every root and plans the conversion. `untyped` are the
-    /// regions outside the heap whose words may hold pointers.
-    /// Traces from the roots; `untyped` are the regions no type describes,
-    /// those from `stacks_from` on the shadow stacks.
+    /// regions outside the heap whose words may hold pointers; those from
+    /// index `stacks_from` on are shadow stacks.
     pub(super) fn run(mut self, untyped: Vec<Region>, stacks_from: usize) -> Result<Plan, String> {
         let frames = self.frames;
         for (i, root) in self.roots.globals.iter().chain(&frames.memory).enumerate() {
