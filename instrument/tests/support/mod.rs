@@ -424,6 +424,11 @@ pub enum Mode {
     /// No stress; the host requests a pause at every `every`-th call of
     /// `env.work` and interrupts every `every`-th blocking call.
     Pause { every: u32 },
+    /// `Header::stress(period)` on the unwind-only variant, as a host
+    /// starts a program: at the first unwind the run moves to an instance
+    /// of the full variant over the same memories, with the globals, and
+    /// rewinds there.
+    Switch { period: u32 },
 }
 
 /// What an instrumented run did besides its outcome.
@@ -431,6 +436,8 @@ pub enum Mode {
 pub struct Stats {
     pub unwinds: u64,
     pub max_depth: usize,
+    /// Runs that moved from the unwind-only variant to the full one.
+    pub switched: u64,
 }
 
 /// Bounds the unwind/rewind cycles of one call: each cycle must make
@@ -445,6 +452,9 @@ struct Driver<'a> {
     meta: &'a Metadata,
     exports: &'a Exports,
     stats: Stats,
+    /// The full variant to move to at the next unwind, for a run that
+    /// starts on the unwind-only one ([`Mode::Switch`]).
+    next: Option<(&'a Engine, &'a Instrumented)>,
 }
 
 impl<'a> Driver<'a> {
@@ -457,7 +467,7 @@ impl<'a> Driver<'a> {
         let control = control_memory(engine)?;
         let instance = instantiate_over(engine, &mut store, inst, &program, &control)?;
         store.data_mut().control = Some(control.clone());
-        let d = Driver { store, instance, program, control, meta, exports, stats: Stats::default() };
+        let d = Driver { store, instance, program, control, meta, exports, stats: Stats::default(), next: None };
         d.write_control(0, &control::Header::default().encode());
         Ok(d)
     }
@@ -497,6 +507,27 @@ impl<'a> Driver<'a> {
     fn state(&mut self) -> i32 {
         let g = self.instance.get_global(&mut self.store, exports::STATE).expect("state export");
         g.get(&mut self.store).i32().expect("i32 state")
+    }
+
+    /// Puts the run, unwound, on a fresh instance of `full` over the same
+    /// memories, with the mutable globals of the one it leaves: what a host
+    /// does before the first rewind of a program it started on the
+    /// unwind-only variant. The data segments were applied already. The new
+    /// instance gets a store of its own, with the host state moved over, as
+    /// in the host: wasmtime finds the instance a memory fault belongs to
+    /// by its memory, which two instances in one store would share.
+    fn move_to(&mut self, engine: &Engine, full: &Instrumented) -> Result<(), String> {
+        let mut store = new_store(engine, None, None);
+        std::mem::swap(store.data_mut(), self.store.data_mut());
+        let instance = instantiate_over(engine, &mut store, full, &self.program, &self.control)?;
+        for g in &self.meta.globals {
+            let value = self.instance.get_global(&mut self.store, &g.export).ok_or("a global export is missing")?.get(&mut self.store);
+            let global = instance.get_global(&mut store, &g.export).ok_or("the full variant lacks a global export")?;
+            global.set(&mut store, value).map_err(|e| format!("{e:?}"))?;
+        }
+        self.store = store;
+        self.instance = instance;
+        self.helper(exports::DROP_DATA)
     }
 
     fn helper(&mut self, name: &str) -> Result<(), String> {
@@ -548,7 +579,7 @@ impl<'a> Driver<'a> {
 
     /// Calls `f` until it returns without unwinding, rewinding after each
     /// unwind.
-    fn call(&mut self, f: Func, entry: u32, is_import: bool, name: &str, args: &[Val]) -> Result<Ret, String> {
+    fn call(&mut self, mut f: Func, entry: u32, is_import: bool, name: &str, args: &[Val]) -> Result<Ret, String> {
         let ty = f.ty(&self.store);
         let mut results = vec![Val::I32(0); ty.results().len()];
         // A host calling an import directly is not guest code the import
@@ -592,6 +623,10 @@ impl<'a> Driver<'a> {
                         return Err(format!("{name}: an import called by the host unwound"));
                     }
                     self.check_frames(entry, name)?;
+                    if let Some((engine, full)) = self.next.take() {
+                        self.move_to(engine, full)?;
+                        f = self.instance.get_func(&mut self.store, name).ok_or_else(|| format!("the full variant lacks {name}"))?;
+                    }
                     self.helper(exports::START_REWIND)?;
                 }
                 s => return Err(format!("{name}: returned in state {s}")),
@@ -607,6 +642,7 @@ pub fn run_instrumented(
     original: &[u8],
     inst: &Instrumented,
     mode: Mode,
+    next: Option<&Instrumented>,
 ) -> Result<(Outcome, Stats), String> {
     let module = Module::new(engine, &inst.wasm).map_err(|e| format!("instrumented module does not compile: {e:?}"))?;
     let meta = &inst.metadata;
@@ -617,7 +653,7 @@ pub fn run_instrumented(
     let (inject, pause) = match mode {
         Mode::Stress { inject, .. } => (inject, None),
         Mode::Pause { every } => (Some(every), Some(every)),
-        Mode::Plain => (None, None),
+        Mode::Plain | Mode::Switch { .. } => (None, None),
     };
     let mut store = new_store(engine, inject, pause);
     // The instrumented module imports its program memory shared (see
@@ -643,11 +679,12 @@ pub fn run_instrumented(
             return Ok((outcome, Stats::default()));
         }
     };
-    let mut d = Driver { store, instance, program, control, meta, exports: &ex, stats: Stats::default() };
+    let next = next.map(|full| (engine, full));
+    let mut d = Driver { store, instance, program, control, meta, exports: &ex, stats: Stats::default(), next };
     d.store.data_mut().control = Some(d.control.clone());
     let header = match mode {
         Mode::Plain | Mode::Pause { .. } => control::Header::default(),
-        Mode::Stress { period, .. } => control::Header::stress(period),
+        Mode::Stress { period, .. } | Mode::Switch { period } => control::Header::stress(period),
     };
     d.write_control(0, &header.encode());
 
@@ -741,8 +778,39 @@ pub fn check(engine: &Engine, wasm: &[u8]) -> Result<Stats, String> {
 /// stress variant.
 pub fn options_for(mode: Mode) -> Options {
     let mut o = options();
-    o.stress = matches!(mode, Mode::Stress { .. });
+    o.stress = matches!(mode, Mode::Stress { .. } | Mode::Switch { .. });
+    o.unwind_only = matches!(mode, Mode::Switch { .. });
     o
+}
+
+/// The periods of [`Mode::Switch`] runs: each moves at a different first
+/// unwind.
+pub const SWITCH_PERIODS: &[u32] = &[1, 2, 5, 13];
+
+/// Whether a run can move between instances as a host does: a module that
+/// changes its tables at run time keeps state in its instance that the
+/// move does not carry (nor does a host's, for the C programs it runs,
+/// which do not). Data segments the program dropped stay dropped only in
+/// the instance it leaves; no module here used one after that.
+fn movable(wasm: &[u8]) -> bool {
+    use wasmparser::{Operator as O, Payload};
+    wasmparser::Parser::new(0).parse_all(wasm).all(|p| match p {
+        Ok(Payload::CodeSectionEntry(body)) => body.get_operators_reader().is_ok_and(|ops| {
+            ops.into_iter().all(|op| {
+                !matches!(
+                    op,
+                    Ok(O::TableSet { .. }
+                        | O::TableGrow { .. }
+                        | O::TableFill { .. }
+                        | O::TableCopy { .. }
+                        | O::TableInit { .. }
+                        | O::ElemDrop { .. })
+                        | Err(_)
+                )
+            })
+        }),
+        p => p.is_ok(),
+    })
 }
 
 fn check_here(engine: &Engine, wasm: &[u8]) -> Result<Stats, String> {
@@ -756,12 +824,27 @@ fn check_here(engine: &Engine, wasm: &[u8]) -> Result<Stats, String> {
     let mut total = Stats::default();
     for &mode in MODES {
         let inst = if options_for(mode).stress { &stressed } else { &plain };
-        let (got, stats) = run_instrumented(engine, wasm, inst, mode).map_err(|e| format!("{mode:?}: {e}"))?;
+        let (got, stats) = run_instrumented(engine, wasm, inst, mode, None).map_err(|e| format!("{mode:?}: {e}"))?;
         if let Some(d) = diff(&want, &got) {
             return Err(format!("{mode:?}: {d}"));
         }
         total.unwinds += stats.unwinds;
         total.max_depth = total.max_depth.max(stats.max_depth);
+    }
+    if movable(wasm) {
+        let unwind_only = upstare_instrument::instrument(wasm, &options_for(Mode::Switch { period: 1 })).map_err(|e| format!("instrument unwind-only: {e}"))?;
+        if unwind_only.metadata != plain.metadata {
+            return Err("the unwind-only variant's metadata differs from the full one's".into());
+        }
+        for &period in SWITCH_PERIODS {
+            let mode = Mode::Switch { period };
+            let (got, stats) = run_instrumented(engine, wasm, &unwind_only, mode, Some(&stressed)).map_err(|e| format!("{mode:?}: {e}"))?;
+            if let Some(d) = diff(&want, &got) {
+                return Err(format!("{mode:?}: {d}"));
+            }
+            total.unwinds += stats.unwinds;
+            total.switched += u64::from(stats.unwinds > 0);
+        }
     }
     Ok(total)
 }
