@@ -12,7 +12,9 @@ use crate::control::Request;
 ///
 /// The snapshot is versioned and checksummed; resume it with
 /// `upstare-host restore FILE`. The program pauses at its next update point
-/// for the capture only, then goes on.
+/// for the capture only, then goes on. A program starts without the code
+/// that resumes it; the first checkpoint or update compiles that, before
+/// the pause, so it takes longer.
 #[derive(Args, Debug)]
 pub struct CheckpointArgs {
     /// The host's control socket [default: the only running host's, in

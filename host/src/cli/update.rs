@@ -15,6 +15,8 @@ use crate::control::{self, Request};
 /// slots), compiles the new version while the program runs, then pauses it
 /// at its next update point, moves its state and stack to the new code and
 /// resumes it. It prints what changed and how long the program was paused.
+/// A program starts without the code that resumes it; the first update or
+/// checkpoint compiles that too, before the pause, so it takes longer.
 ///
 /// Exit status: 0 updated; 1 refused (`error: update refused: REASON`),
 /// the old version runs on untouched; 2 bad input, nothing tried (the
