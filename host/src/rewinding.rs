@@ -17,9 +17,10 @@ use crate::Guest;
 impl Guest {
     /// Puts this thread, unwound, on an instance of its module's full
     /// variant, if it runs the unwind-only one: the same globals, frames
-    /// and memories. The full variant compiles here if no one asked for it
-    /// before ([`crate::GuestModule::rewinding`]). On failure the thread is
-    /// left as it was.
+    /// and memories, the frames left paused for the caller to rewind. The
+    /// full variant compiles here if no one asked for it before
+    /// ([`crate::GuestModule::rewinding`]). On failure the thread is left
+    /// as it was.
     pub(crate) fn make_rewindable(&mut self) -> Result<(), String> {
         if !self.module.is_unwind_only() {
             return Ok(());
@@ -28,7 +29,6 @@ impl Guest {
         let (globals, frames) = self.unwound_state().map_err(|e| e.to_string())?;
         let u = self.unwinder.as_ref().ok_or("the module cannot unwind")?;
         let (memory, control, metadata) = (u.memory.clone(), u.control.clone(), u.metadata.clone());
-        let (paused, at_stress_point) = (u.paused.is_some(), u.at_stress_point);
         let instance_pre = crate::update::link(self.store.engine(), &full, &memory, &control).map_err(|e| one_line(&e))?;
         let previous = self.switch_to(&full, &instance_pre, metadata).map_err(|e| e.to_string())?;
         let carried = self.resume_thread(&globals, &frames).map_err(|e| e.to_string()).and_then(|()| {
@@ -39,12 +39,6 @@ impl Guest {
         if let Err(e) = carried {
             self.switch_back(previous);
             return Err(e);
-        }
-        if let Some(u) = &mut self.unwinder {
-            u.at_stress_point = at_stress_point;
-            if !paused {
-                u.paused = None;
-            }
         }
         tracing::debug!("resumes on the full variant of {}", self.module.path().display());
         Ok(())
