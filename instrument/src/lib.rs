@@ -152,16 +152,20 @@
 //!
 //! # What a frame holds
 //!
-//! A frame saves exactly the locals live at its resume point
+//! A frame saves the values of exactly the locals live at its resume point
 //! ([`liveness`], the analysis patchgen uses too), numbers grouped by type,
 //! then the operands below the anchor; the metadata lists, per resume
-//! point, which locals its slots hold ([`abi::ResumePoint::locals`]). A
-//! local that is not live needs no value: the code writes it before any
-//! read. Resume points whose frames hold the same locals and operand types
-//! form a *save class*; each point unwinds straight to its class's code
-//! after the body, so the edge out of the point carries only the values the
-//! class saves (a tail shared by all points would make every local live at
-//! every point, and temporaries loop-carried). The rewind reads the
+//! point, which locals have slots ([`abi::ResumePoint::slots`]) and which
+//! of those hold values ([`abi::ResumePoint::locals`]). A local that is not
+//! live needs no value: the code writes it before any read. Resume points
+//! whose frames have the same slots form a *save class*; each point unwinds
+//! straight to its class's code after the body, so the edge out of the
+//! point carries only the values the class saves (a tail shared by all
+//! points would make every local live at every point, and temporaries
+//! loop-carried). A point may share a class whose slots are more than its
+//! live locals, when that saves code (`slots`): its edge sets the locals it
+//! does not need to zero first, so their slots hold zero and no dead value
+//! is kept alive up to the point. The rewind reads the
 //! resume point from the popped frame rather than keeping it in a local
 //! through the loops on the way, and restores the numeric locals in the
 //! dispatch case of the function's top level that leads to the point, with
@@ -257,6 +261,7 @@ mod error;
 pub mod liveness;
 mod plan;
 mod rewrite;
+mod slots;
 
 use std::collections::HashSet;
 

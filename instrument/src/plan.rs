@@ -29,17 +29,20 @@ pub(crate) struct Rp {
     /// Types of the saved operands: the flat stack positions `0..len`.
     pub saved: Vec<Ty>,
     /// The locals live at the point ([`crate::liveness`]), in slot order
-    /// (by type, then index): the only ones its frame saves and its rewind
-    /// restores.
+    /// (by type, then index): the only ones whose values its frame saves
+    /// and its rewind restores.
     pub locals: Vec<u32>,
+    /// The locals its frame has slots for, in slot order: `locals`, and
+    /// any others its save class has ([`crate::slots`]), which hold zero.
+    pub slots: Vec<u32>,
 }
 
 /// A *save class*: the resume points whose frames hold the same slots (the
-/// same live locals, then operands of the same types) share one piece of
+/// same locals, then operands of the same types) share one piece of
 /// unwind code, so the class count, not the point count, sets its size.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct SaveClass {
-    /// Locals saved, in slot order.
+    /// Locals with a slot, in slot order.
     pub locals: Vec<u32>,
     /// Types of the operands saved after them.
     pub operands: Vec<Ty>,
@@ -178,6 +181,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
             ordinal: 0,
             saved: vec![],
             locals: vec![],
+            slots: vec![],
         });
         entry_rp = Some(0);
     }
@@ -253,6 +257,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
                     ordinal,
                     saved: site.stack[..saved_len as usize].to_vec(),
                     locals: vec![],
+                    slots: vec![],
                 });
                 anchors.push(Anchor {
                     kind: AnchorKind::Call { rp: next_rp },
@@ -281,6 +286,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
                         ordinal,
                         saved: site.stack.clone(),
                         locals: vec![],
+                        slots: vec![],
                     });
                     loop_rp = Some(next_rp);
                 }
@@ -366,6 +372,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
         level.defer = level.defers(&anchors, &anchor_at);
     }
     live_locals(info, body, fty.params().len() as u32, &mut rps)?;
+    crate::slots::assign(&body.locals, &mut rps);
     let entry_checked = graph.entry_checked[body.func as usize];
     Ok(Plan { rps, anchors, anchor_at, levels, level_after, top, results, entry_checked })
 }
@@ -410,7 +417,7 @@ impl Plan {
             .rps
             .iter()
             .map(|rp| {
-                let class = SaveClass { locals: rp.locals.clone(), operands: rp.saved.clone() };
+                let class = SaveClass { locals: rp.slots.clone(), operands: rp.saved.clone() };
                 *index.entry(class.clone()).or_insert_with(|| {
                     classes.push(class);
                     classes.len() as u32 - 1
@@ -438,7 +445,8 @@ mod tests {
     }
 
     /// Each point saves the locals live after it, numbers grouped by type;
-    /// points that save the same locals and operand types share a class.
+    /// points that save the same operand types share a class when the
+    /// slots one adds for the other are cheap.
     #[test]
     fn save_classes_group_points_by_live_locals_and_operand_types() {
         let plans = plans(
@@ -478,16 +486,16 @@ mod tests {
         let main = &plans[&1];
         let locals: Vec<&[u32]> = main.rps.iter().map(|rp| rp.locals.as_slice()).collect();
         assert_eq!(locals, [&[1][..], &[1, 2], &[], &[]]);
+        // The first point shares the second's class: a slot for $t, which
+        // is dead there, costs less than unwind code of its own.
+        let slots: Vec<&[u32]> = main.rps.iter().map(|rp| rp.slots.as_slice()).collect();
+        assert_eq!(slots, [&[1, 2][..], &[1, 2], &[], &[]]);
         let (classes, class_of) = main.save_classes();
         assert_eq!(
             classes,
-            [
-                SaveClass { locals: vec![1], operands: vec![] },
-                SaveClass { locals: vec![1, 2], operands: vec![] },
-                SaveClass { locals: vec![], operands: vec![Ty::I32] },
-            ]
+            [SaveClass { locals: vec![1, 2], operands: vec![] }, SaveClass { locals: vec![], operands: vec![Ty::I32] }]
         );
-        assert_eq!(class_of, [0, 1, 2, 2]);
+        assert_eq!(class_of, [0, 0, 1, 1]);
 
         let mix = &plans[&2];
         assert_eq!(mix.rps[0].locals, [1, 0], "the i32 before the f64, whatever their indices");

@@ -97,7 +97,7 @@ fn runnable(wasm: &[u8]) -> bool {
 fn random_modules_behave_the_same_instrumented() {
     let engine = engine();
     let started = std::time::Instant::now();
-    let (mut ran, mut unwinds, mut depth, mut not_run, mut rejected, mut switched) = (0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
+    let (mut ran, mut unwinds, mut depth, mut not_run, mut rejected, mut switched, mut dead_slots) = (0u64, 0u64, 0usize, 0u64, 0u64, 0u64, 0u64);
     let mut failures = Vec::new();
     // UPSTARE_SEEDS=FIRST..LAST runs another range, for longer searches.
     let seeds = match std::env::var("UPSTARE_SEEDS") {
@@ -138,6 +138,7 @@ fn random_modules_behave_the_same_instrumented() {
                 unwinds += stats.unwinds;
                 depth = depth.max(stats.max_depth);
                 switched += stats.switched;
+                dead_slots += stats.dead_slots;
             }
             Err(e) => {
                 // Set UPSTARE_DUMP to a directory to keep the failing modules.
@@ -149,7 +150,7 @@ fn random_modules_behave_the_same_instrumented() {
         }
     }
     eprintln!(
-        "{ran} modules run, {not_run} only instrumented, {rejected} seeds wasm-smith could not build, {unwinds} unwinds, deepest {depth} frames, {switched} runs moved from the unwind-only variant to the full one, {:?}",
+        "{ran} modules run, {not_run} only instrumented, {rejected} seeds wasm-smith could not build, {unwinds} unwinds, deepest {depth} frames, {switched} runs moved from the unwind-only variant to the full one, {dead_slots} dead slots scrambled, {:?}",
         started.elapsed()
     );
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
@@ -606,6 +607,67 @@ fn numeric_and_reference_locals_survive_unwinds() {
             ref.is_null)
         )"#,
     );
+}
+
+/// Calls whose live locals differ by one or two share their unwind code,
+/// so their frames have slots for locals dead at the call. Those slots
+/// hold zero; the harness overwrites them before every rewind, which
+/// changes nothing as long as the rewind reads no dead local.
+#[test]
+fn dead_locals_in_a_shared_frame_layout_hold_zero_and_are_never_read() {
+    let wasm = wat::parse_str(
+        r#"(module
+          (memory (export "mem") 1)
+          (func $spin (param $n i32) (result i32)
+            (local $i i32)
+            (loop $l
+              local.get $i
+              i32.const 1
+              i32.add
+              local.tee $i
+              local.get $n
+              i32.lt_u
+              br_if $l)
+            local.get $n)
+          (func (export "chain") (param $n i32) (result i64)
+            (local $a i32) (local $b i32) (local $c i32) (local $w i64) (local $x f64)
+            local.get $n
+            i32.const 3
+            i32.add
+            local.set $a
+            local.get $n
+            i64.extend_i32_u
+            local.set $w
+            f64.const 2.5
+            local.set $x
+            local.get $n
+            call $spin           ;; $a $n $w $x live
+            local.set $b
+            local.get $a
+            call $spin           ;; $a dead from here: $b $n $w $x live
+            local.get $b
+            i32.add
+            local.set $c
+            local.get $c
+            call $spin           ;; $c $n $w $x live
+            local.set $b
+            local.get $w
+            local.get $x
+            i64.trunc_f64_s
+            i64.add
+            local.set $w
+            local.get $b
+            call $spin           ;; only $n $w live: $x, $b dead
+            local.get $n
+            i32.add
+            i64.extend_i32_u
+            local.get $w
+            i64.mul))"#,
+    )
+    .expect("wat");
+    let stats = support::check(&support::engine(), &wasm).unwrap_or_else(|e| panic!("{e}"));
+    assert!(stats.unwinds > 0, "stress mode never unwound");
+    assert!(stats.dead_slots > 0, "no frame had a slot for a dead local");
 }
 
 /// wasmtime here has no GC, so modules with externref are checked by the

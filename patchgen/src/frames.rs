@@ -133,8 +133,11 @@ pub struct Recipe {
     /// how the frame is rebuilt where it stands ([`crate::rebuild`]).
     pub relayout: Option<Box<Relayout>>,
     /// The locals the new frame saves ([`ResumePoint::locals`]): only these
-    /// get a value; the others have no slot.
+    /// get a value.
     pub saved: Vec<u32>,
+    /// The locals the new frame has slots for ([`ResumePoint::slots`]):
+    /// `saved`, and any dead at the point, which hold zero.
+    pub slots: Vec<u32>,
 }
 
 impl Recipe {
@@ -835,6 +838,7 @@ impl FrameMapper<'_> {
             types: new_fn.locals.clone(),
             relayout: None,
             saved: new_header.locals.clone(),
+            slots: new_header.slots.clone(),
         };
         recipe.check_saved(old_rp)?;
         Ok(Retreat { recipe, path, new_stack_at_header, moves })
@@ -928,6 +932,7 @@ impl FrameMapper<'_> {
             types: new_fn.locals.clone(),
             relayout: relayout.map(Box::new),
             saved: new_rp.locals.clone(),
+            slots: new_rp.slots.clone(),
         };
         recipe.check_saved(old_rp).map_err(fail)?;
         Ok(recipe)
@@ -1623,7 +1628,7 @@ fn build(recipe: &Recipe, frame: &TypedFrame, entry: Option<u32>) -> Result<Type
         locals[local as usize] = Some(value);
     }
     let operands = if entry.is_some() { Vec::new() } else { frame.operands.clone() };
-    Ok(TypedFrame { func: recipe.func, resume_point: recipe.resume_point, locals, slots: recipe.saved.clone(), operands })
+    Ok(TypedFrame { func: recipe.func, resume_point: recipe.resume_point, locals, slots: recipe.slots.clone(), operands })
 }
 
 fn unknown_point(frame: &TypedFrame) -> Unmappable {

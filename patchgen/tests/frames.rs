@@ -97,9 +97,9 @@ impl Pair {
 /// A frame of `meta`'s function at `resume_point` holding, of `locals`,
 /// those the point saves.
 fn saved_frame(meta: &upstare_instrument::abi::FunctionMeta, resume_point: u32, locals: Vec<Value>) -> TypedFrame {
-    let slots = meta.resume_points[resume_point as usize].locals.clone();
-    let locals = locals.into_iter().enumerate().map(|(i, v)| slots.contains(&(i as u32)).then_some(v)).collect();
-    TypedFrame { func: meta.index, resume_point, locals, slots, operands: Vec::new() }
+    let rp = &meta.resume_points[resume_point as usize];
+    let locals = locals.into_iter().enumerate().map(|(i, v)| rp.locals.contains(&(i as u32)).then_some(v)).collect();
+    TypedFrame { func: meta.index, resume_point, locals, slots: rp.slots.clone(), operands: Vec::new() }
 }
 
 /// A leaf with a loop (so calls to it are resume points), called from a

@@ -7,9 +7,9 @@
 //!  4            4     resume point: index into that function's list in the metadata
 //!  8            4     frame size in bytes, header and trailer included: 24 + 8 * slots
 //! 12            4     reserved, zero
-//! 16            8*n   slots: the locals live at the resume point, in index order
-//!                     ([`super::ResumePoint::locals`]), then the saved operands
-//!                     from the bottom of the stack up
+//! 16            8*n   slots: the locals of [`super::ResumePoint::slots`], in
+//!                     that order, then the saved operands from the bottom of
+//!                     the stack up
 //! 16+8n         4     frame size again, so a frame can be found from the top
 //! 20+8n         4     TRAILER_MAGIC
 //! ```
@@ -21,9 +21,10 @@
 //! zero-extended; `f64` bits; `funcref`/`externref` the zero-extended index of
 //! the reference in the matching side table. Which locals the slots hold, and
 //! their types, are not in the frame: they are in the metadata of the
-//! resume point ([`super::ResumePoint::locals`], [`super::FunctionMeta::locals`]
+//! resume point ([`super::ResumePoint::slots`], [`super::FunctionMeta::locals`]
 //! and [`super::ResumePoint::operands`]). A local that is not live at the
-//! point has no slot: nothing may read or invent a value for it.
+//! point has no value in the frame (no slot, or a slot holding zero): nothing
+//! may read or invent a value for it.
 
 use super::{metadata::Metadata, ValType};
 use crate::error::{Error, ErrorKind, Result};
@@ -202,8 +203,8 @@ pub struct TypedFrame {
     /// The function's locals, params first: `None` for a local the frame
     /// does not save (it is not live at the resume point).
     pub locals: Vec<Option<Value>>,
-    /// The saved locals in the order of their slots
-    /// ([`super::ResumePoint::locals`]).
+    /// The locals with a slot, in slot order ([`super::ResumePoint::slots`]);
+    /// those without a value are stored as zero.
     pub slots: Vec<u32>,
     /// The saved operands, bottom of the stack first.
     pub operands: Vec<Value>,
@@ -219,28 +220,30 @@ impl TypedFrame {
         let rp = func.resume_points.get(raw.resume_point as usize).ok_or_else(|| {
             bad(format!("frame of function {} names unknown resume point {}", raw.func, raw.resume_point))
         })?;
-        if raw.slots.len() != rp.locals.len() + rp.operands.len() {
+        if raw.slots.len() != rp.slots.len() + rp.operands.len() {
             return Err(bad(format!(
                 "frame of function {} at resume point {} has {} slots, metadata says {}",
                 raw.func,
                 raw.resume_point,
                 raw.slots.len(),
-                rp.locals.len() + rp.operands.len()
+                rp.slots.len() + rp.operands.len()
             )));
         }
-        let (l, o) = raw.slots.split_at(rp.locals.len());
+        let (l, o) = raw.slots.split_at(rp.slots.len());
         let mut locals = vec![None; func.locals.len()];
-        for (&local, slot) in rp.locals.iter().zip(l) {
+        for (&local, slot) in rp.slots.iter().zip(l) {
             let ty = func.locals.get(local as usize).ok_or_else(|| {
                 bad(format!("resume point {} of function {} saves local {local}, which it does not have", raw.resume_point, raw.func))
             })?;
-            locals[local as usize] = Some(Value::from_slot(*ty, *slot));
+            if rp.locals.contains(&local) {
+                locals[local as usize] = Some(Value::from_slot(*ty, *slot));
+            }
         }
         Ok(TypedFrame {
             func: raw.func,
             resume_point: raw.resume_point,
             locals,
-            slots: rp.locals.clone(),
+            slots: rp.slots.clone(),
             operands: rp.operands.iter().zip(o).map(|(t, s)| Value::from_slot(*t, *s)).collect(),
         })
     }

@@ -20,13 +20,16 @@
 //!               functions:vec<function>
 //! memory     := original_import:opt<str str> min:u32 max:opt<u32> shared:u8
 //! function   := index:u32 type:u32 locals:vec<ty> saved:vec<vec<u32>> resume_points:vec<rp>
-//! rp         := kind:u8 offset:u32 callee:u32 ordinal:u32 saved_locals:u32 operands:vec<ty>
+//! rp         := kind:u8 offset:u32 callee:u32 ordinal:u32 slots:u32 live:u32 operands:vec<ty>
 //! ```
 //!
-//! `saved` lists the distinct lists of locals the function's frames save
-//! (each in slot order, by local index); a resume point names its list by
-//! position (`saved_locals`), and parsing expands it into
-//! [`ResumePoint::locals`].
+//! `saved` lists the distinct lists of locals the function's frames have
+//! slots for or save values of (each in slot order, by local index); a
+//! resume point names two of them by position: `slots`, the locals its
+//! frame has a slot for, and `live`, those of them whose slot holds a
+//! value (the others hold zero). Parsing expands them into
+//! [`ResumePoint::slots`] and [`ResumePoint::locals`], and rejects a `live`
+//! list that is not a subsequence of `slots`.
 //!
 //! Offsets are byte offsets in the ORIGINAL module file (subtract
 //! `code_section` for the code-section-relative offsets DWARF uses).
@@ -96,11 +99,15 @@ pub struct ResumePoint {
     /// (0-based, in code order, counting unreachable ones too): "the 2nd call
     /// to `f` in `g`", "the 3rd loop in `g`".
     pub ordinal: u32,
-    /// The locals its frame saves, in the order of their slots: those live
-    /// at the point, which the rewind restores. Any other local needs no
-    /// value there (the code writes it before reading it) and has no slot in
-    /// the frame.
+    /// The locals whose values its frame saves, in the order of their
+    /// slots: those live at the point, which the rewind restores. Any other
+    /// local needs no value there (the code writes it before reading it).
     pub locals: Vec<u32>,
+    /// The locals its frame has a slot for, in slot order: [`Self::locals`]
+    /// and, where the point shares its unwind code with points that save
+    /// more, locals dead at this point, whose slots hold zero and mean
+    /// nothing. A local in neither list has no slot.
+    pub slots: Vec<u32>,
     /// Types of the saved operands, bottom of the stack first.
     pub operands: Vec<ValType>,
 }
@@ -243,21 +250,23 @@ impl Metadata {
             let set_of: Vec<u32> = f
                 .resume_points
                 .iter()
-                .map(|rp| match sets.iter().position(|s| *s == rp.locals.as_slice()) {
+                .flat_map(|rp| [rp.slots.as_slice(), rp.locals.as_slice()])
+                .map(|list| match sets.iter().position(|s| *s == list) {
                     Some(i) => i as u32,
                     None => {
-                        sets.push(&rp.locals);
+                        sets.push(list);
                         sets.len() as u32 - 1
                     }
                 })
                 .collect();
             w.vec(&sets, |w, s| w.vec(s, |w, l| w.u32(*l)));
-            w.vec(&f.resume_points.iter().zip(&set_of).collect::<Vec<_>>(), |w, (rp, set)| {
+            w.vec(&f.resume_points.iter().zip(set_of.chunks(2)).collect::<Vec<_>>(), |w, (rp, lists)| {
                 w.byte(rp.kind as u8);
                 w.u32(rp.offset);
                 w.u32(rp.callee);
                 w.u32(rp.ordinal);
-                w.u32(**set);
+                w.u32(lists[0]);
+                w.u32(lists[1]);
                 w.vec(&rp.operands, |w, t| w.byte(t.code()));
             });
         });
@@ -331,9 +340,19 @@ impl Metadata {
                 let at = r.at;
                 let kind = ResumeKind::from_u8(r.byte()?).ok_or_else(|| r.error(at, "unknown resume point kind"))?;
                 let (offset, callee, ordinal) = (r.u32()?, r.u32()?, r.u32()?);
+                let list = |r: &mut Reader| {
+                    let at = r.at;
+                    sets.get(r.u32()? as usize).ok_or_else(|| r.error(at, "unknown list of saved locals"))
+                };
+                let slots = list(r)?;
                 let at = r.at;
-                let set = sets.get(r.u32()? as usize).ok_or_else(|| r.error(at, "unknown set of saved locals"))?;
-                Ok(ResumePoint { kind, offset, callee, ordinal, locals: set.clone(), operands: r.vec(|r| r.ty())? })
+                let locals = list(r)?;
+                let mut rest = slots.iter();
+                if !locals.iter().all(|l| rest.any(|s| s == l)) {
+                    return Err(r.error(at, "a resume point saves the value of a local it has no slot for"));
+                }
+                let (slots, locals) = (slots.clone(), locals.clone());
+                Ok(ResumePoint { kind, offset, callee, ordinal, locals, slots, operands: r.vec(|r| r.ty())? })
             })?;
             Ok(FunctionMeta { index, type_index, locals, resume_points })
         })?;
@@ -470,5 +489,30 @@ impl Reader<'_> {
             return Err(self.error(self.at, "count larger than the metadata"));
         }
         (0..n).map(|_| f(self)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_point(locals: Vec<u32>, slots: Vec<u32>) -> Metadata {
+        let rp = ResumePoint { kind: ResumeKind::Call, offset: 40, callee: 1, ordinal: 0, locals, slots, operands: vec![ValType::F64] };
+        let f = FunctionMeta { index: 2, type_index: 0, locals: vec![ValType::I32; 4], resume_points: vec![rp] };
+        Metadata { functions: vec![f], ..Metadata::default() }
+    }
+
+    #[test]
+    fn a_frame_may_have_slots_for_locals_whose_values_it_does_not_save() {
+        let meta = with_point(vec![1, 3], vec![0, 1, 3]);
+        assert_eq!(Metadata::parse(&meta.encode()).expect("parses"), meta);
+    }
+
+    #[test]
+    fn a_saved_value_without_a_slot_is_refused() {
+        for (locals, slots) in [(vec![2], vec![0, 1]), (vec![3, 1], vec![1, 3])] {
+            let err = Metadata::parse(&with_point(locals, slots).encode()).expect_err("refused");
+            assert!(err.to_string().contains("no slot for"), "{err}");
+        }
     }
 }

@@ -25,8 +25,9 @@ pub const METADATA_SECTION: &str = "upstare.meta";
 
 /// Version of the metadata format (and of this whole ABI). Bumped whenever any
 /// constant or layout in this module changes meaning. 6: the futex imports
-/// and the resume kind of an atomic wait.
-pub const METADATA_VERSION: u32 = 6;
+/// and the resume kind of an atomic wait. 7: frames may have slots for
+/// locals dead at their point ([`ResumePoint::slots`]).
+pub const METADATA_VERSION: u32 = 7;
 
 /// Module name of every import the instrumenter adds.
 pub const IMPORT_MODULE: &str = "upstare";

@@ -343,9 +343,28 @@ impl Emitter<'_> {
     /// so the edge carries only the locals that class saves (a tail shared
     /// by all points would make every local live at every point).
     fn unwind_at(&mut self, rp: u32) -> Result<()> {
+        self.zero_dead_slots(rp);
         self.code.i32(rp as i32);
         let class = self.class_of_rp[rp as usize] as usize;
         self.br_to(self.class_block[class])
+    }
+
+    /// Sets to zero the locals that have a slot in the frame of `rp` but are
+    /// dead there ([`crate::slots`]): the frame then holds zero for them,
+    /// and their values need not live up to the point.
+    fn zero_dead_slots(&mut self, rp: u32) {
+        let p = &self.plan.rps[rp as usize];
+        let dead: Vec<u32> = p.slots.iter().copied().filter(|l| !p.locals.contains(l)).collect();
+        for t in [Ty::I32, Ty::I64, Ty::F32, Ty::F64] {
+            let of_type: Vec<u32> = dead.iter().copied().filter(|&l| self.body.locals[l as usize] == t).collect();
+            if let Some((&last, rest)) = of_type.split_last() {
+                self.code.zero(t);
+                for &l in rest {
+                    self.code.op(I::LocalTee(l));
+                }
+                self.code.op(I::LocalSet(last));
+            }
+        }
     }
 
     /// Restores the numeric locals the frame of resume point `rp` saved,
@@ -353,7 +372,7 @@ impl Emitter<'_> {
     /// pointer, in one call to the pack helper of their type counts (which
     /// finds the frame itself).
     fn load_numbers(&mut self, rp: u32) -> Result<()> {
-        let locals = self.plan.rps[rp as usize].locals.clone();
+        let locals = self.plan.rps[rp as usize].slots.clone();
         let (key, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
         if n > 0 {
             let load = self.cx.packs.get(key)?;
@@ -391,10 +410,12 @@ impl Emitter<'_> {
         if crowded {
             return Ok(());
         }
-        let temporaries: Vec<(u32, u32, Ty)> = (locals.iter().enumerate())
+        let slots = &self.plan.rps[rp as usize].slots;
+        let temporaries: Vec<(u32, u32, Ty)> = (slots.iter().enumerate())
             .map(|(slot, &l)| (slot as u32, l, self.body.locals[l as usize]))
             .filter(|&(_, l, t)| {
                 !matches!(t, Ty::FuncRef | Ty::ExternRef)
+                    && locals.contains(&l)
                     && headers.iter().any(|&h| !self.plan.rps[h as usize].locals.contains(&l))
             })
             .collect();
@@ -415,7 +436,8 @@ impl Emitter<'_> {
     /// through the side tables, which the end of the rewind releases: in
     /// the dispatch case that reaches the point, right before its branch.
     fn load_refs(&mut self, rp: u32) -> Result<()> {
-        let locals = self.plan.rps[rp as usize].locals.clone();
+        // A class adds only numeric slots: every reference slot is live.
+        let locals = self.plan.rps[rp as usize].slots.clone();
         let h = self.cx.helpers;
         let (_, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
         if n < locals.len() {
@@ -952,7 +974,7 @@ impl Emitter<'_> {
                 if rp.saved.is_empty() {
                     return u32::MAX;
                 }
-                let key = (rp.locals.len() as u32, rp.saved.clone());
+                let key = (rp.slots.len() as u32, rp.saved.clone());
                 match cases.iter().position(|c| *c == key) {
                     Some(i) => i as u32,
                     None => {
@@ -991,7 +1013,7 @@ impl Emitter<'_> {
         let mut first = Vec::new();
         let mut case_of_rp = Vec::new();
         for rp in rps.clone() {
-            let locals = &self.plan.rps[rp as usize].locals;
+            let locals = &self.plan.rps[rp as usize].slots;
             let numbers = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize])).1;
             case_of_rp.push(if numbers == 0 {
                 u32::MAX

@@ -86,7 +86,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         .iter()
         .zip(&plans)
         .filter_map(|(b, p)| Some((b, p.as_ref()?)))
-        .flat_map(|(b, p)| p.rps.iter().map(move |rp| frames::pack_key(rp.locals.iter().map(|&l| b.locals[l as usize])).0))
+        .flat_map(|(b, p)| p.rps.iter().map(move |rp| frames::pack_key(rp.slots.iter().map(|&l| b.locals[l as usize])).0))
         .filter(|k| k.iter().any(|&n| n > 0))
         .collect();
     let mut saves = std::collections::BTreeSet::new();
@@ -121,6 +121,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
                             callee: r.callee,
                             ordinal: r.ordinal,
                             locals: r.locals.clone(),
+                            slots: r.slots.clone(),
                             operands: r.saved.clone(),
                         })
                         .collect(),

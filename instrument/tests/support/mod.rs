@@ -438,6 +438,9 @@ pub struct Stats {
     pub max_depth: usize,
     /// Runs that moved from the unwind-only variant to the full one.
     pub switched: u64,
+    /// Frame slots of locals dead at their point ([`abi::ResumePoint::slots`]),
+    /// each checked to hold zero and overwritten before the rewind.
+    pub dead_slots: u64,
 }
 
 /// Bounds the unwind/rewind cycles of one call: each cycle must make
@@ -549,12 +552,24 @@ impl<'a> Driver<'a> {
             return Err(format!("{name}: frames do not re-encode to the same bytes"));
         }
         let last = raws.len() - 1;
+        let mut scrambled = raws.clone();
         for (i, raw) in raws.iter().enumerate() {
             let typed = abi::TypedFrame::new(raw, self.meta).map_err(|e| format!("{name}: frame {i}: {e}"))?;
             if typed.to_raw() != *raw {
                 return Err(format!("{name}: frame {i} does not round-trip through TypedFrame"));
             }
             let rp = &self.meta.function(raw.func).ok_or("no function")?.resume_points[raw.resume_point as usize];
+            // A slot of a local dead at the point holds zero, and no rewind
+            // may depend on it: it gets a value the program never had.
+            for (j, local) in rp.slots.iter().enumerate() {
+                if !rp.locals.contains(local) {
+                    if raw.slots[j] != 0 {
+                        return Err(format!("{name}: frame {i} holds {:#x} for local {local}, dead at its point", raw.slots[j]));
+                    }
+                    scrambled[i].slots[j] = 0x5a5a_5a5a_5a5a_5a5a;
+                    self.stats.dead_slots += 1;
+                }
+            }
             let ok = if i == 0 {
                 matches!(rp.kind, ResumeKind::Loop | ResumeKind::Entry | ResumeKind::BlockingCall | ResumeKind::CallIndirect)
             } else {
@@ -573,6 +588,7 @@ impl<'a> Driver<'a> {
         if raws[last].func != entry {
             return Err(format!("{name}: outermost frame is of function {}, export is {entry}", raws[last].func));
         }
+        self.write_control(control::FRAMES_BASE as usize, &abi::write_frames(&scrambled));
         self.stats.max_depth = self.stats.max_depth.max(raws.len());
         Ok(())
     }
@@ -830,6 +846,7 @@ fn check_here(engine: &Engine, wasm: &[u8]) -> Result<Stats, String> {
         }
         total.unwinds += stats.unwinds;
         total.max_depth = total.max_depth.max(stats.max_depth);
+        total.dead_slots += stats.dead_slots;
     }
     if movable(wasm) {
         let unwind_only = upstare_instrument::instrument(wasm, &options_for(Mode::Switch { period: 1 })).map_err(|e| format!("instrument unwind-only: {e}"))?;
@@ -844,6 +861,7 @@ fn check_here(engine: &Engine, wasm: &[u8]) -> Result<Stats, String> {
             }
             total.unwinds += stats.unwinds;
             total.switched += u64::from(stats.unwinds > 0);
+            total.dead_slots += stats.dead_slots;
         }
     }
     Ok(total)
