@@ -160,7 +160,8 @@ struct Open {
 }
 
 /// Builds the plan of an instrumented function.
-pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Result<Plan> {
+/// `shapes` are the save helpers' slot types so far ([`crate::slots`]).
+pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body, shapes: &mut crate::slots::Shapes) -> Result<Plan> {
     let fty = info.func_type(body.func);
     let results = crate::analysis::tys(fty.results(), body.range.start)?;
     let mut rps: Vec<Rp> = Vec::new();
@@ -372,7 +373,7 @@ pub(crate) fn plan(info: &ModuleInfo<'_>, graph: &CallGraph, body: &Body) -> Res
         level.defer = level.defers(&anchors, &anchor_at);
     }
     live_locals(info, body, fty.params().len() as u32, &mut rps)?;
-    crate::slots::assign(&body.locals, &mut rps);
+    crate::slots::assign(&body.locals, &mut rps, shapes);
     let entry_checked = graph.entry_checked[body.func as usize];
     Ok(Plan { rps, anchors, anchor_at, levels, level_after, top, results, entry_checked })
 }
@@ -440,7 +441,7 @@ mod tests {
         info.bodies
             .iter()
             .filter(|b| graph.can_unwind[b.func as usize])
-            .map(|b| (b.func, plan(&info, &graph, b).expect("plan")))
+            .map(|b| (b.func, plan(&info, &graph, b, &mut Default::default()).expect("plan")))
             .collect()
     }
 

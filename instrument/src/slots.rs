@@ -17,22 +17,26 @@
 //! and the metadata lists which slots hold a value
 //! ([`crate::abi::ResumePoint::locals`] within
 //! [`crate::abi::ResumePoint::slots`]). The grouping is greedy on a byte
-//! estimate (`Cost`): larger live sets first, each joins the class whose
-//! cost it raises least, or opens its own. Only locals of numeric types are
-//! ever added: a reference slot goes through a side table.
+//! estimate (`Cost`), function by function in index order: larger live sets
+//! first, each joins the class whose cost it raises least, or opens its
+//! own. Only locals of numeric types are ever added: a reference slot goes
+//! through a side table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::abi::ValType as Ty;
 use crate::plan::Rp;
 use crate::rewrite::frames::rank;
 
+/// The slot types (locals, then operands) of the save helpers the module
+/// has so far: a class of one of these shapes costs no new helper.
+pub(crate) type Shapes = HashSet<Vec<Ty>>;
+
 /// Estimated bytes of code a class costs: its block (a constant, the
-/// slots passed, a call and a branch) and its save helper (a store per
-/// slot). Helpers of the same slot types are shared across functions,
-/// which this estimate ignores: it errs on fewer classes. (Weighing each
-/// helper's function type as well, as the code its trampoline compiles
-/// like, changed the classes little and made the code larger.)
+/// slots passed, a call and a branch) and, unless a class of another
+/// function already has one of its shape, its save helper (a store per
+/// slot). Fewer helpers also mean fewer function types, each of which
+/// wasmtime compiles a trampoline for.
 struct Cost;
 
 impl Cost {
@@ -41,8 +45,9 @@ impl Cost {
     const HELPER: usize = 25;
     const PER_SLOT_STORED: usize = 9;
 
-    fn class(slots: usize) -> usize {
-        Self::BLOCK + Self::PER_SLOT_PASSED * slots + Self::HELPER + Self::PER_SLOT_STORED * slots
+    fn class(shape: &[Ty], known: &Shapes) -> usize {
+        let helper = if known.contains(shape) { 0 } else { Self::HELPER + Self::PER_SLOT_STORED * shape.len() };
+        Self::BLOCK + Self::PER_SLOT_PASSED * shape.len() + helper
     }
 
     /// The zeroing of `dead` locals on one point's unwind path: a constant
@@ -64,22 +69,35 @@ struct Class {
     members: Vec<(Vec<u32>, usize)>,
 }
 
-impl Class {
-    fn cost(slots: &[u32], members: &[(Vec<u32>, usize)], types: &[Ty]) -> usize {
+/// What a class's choices are costed against: the function's local types,
+/// the operand types every member saves, and the helpers known so far.
+struct Costing<'a> {
+    types: &'a [Ty],
+    operands: &'a [Ty],
+    known: &'a Shapes,
+}
+
+impl Costing<'_> {
+    fn shape(&self, slots: &[u32]) -> Vec<Ty> {
+        slots.iter().map(|&l| self.types[l as usize]).chain(self.operands.iter().copied()).collect()
+    }
+
+    fn cost(&self, slots: &[u32], members: &[(Vec<u32>, usize)]) -> usize {
         let zeroing: usize = members
             .iter()
             .map(|(live, n)| {
-                let dead: Vec<Ty> = slots.iter().filter(|l| !live.contains(l)).map(|&l| types[l as usize]).collect();
+                let dead: Vec<Ty> = slots.iter().filter(|l| !live.contains(l)).map(|&l| self.types[l as usize]).collect();
                 n * Cost::zeroing(&dead)
             })
             .sum();
-        Cost::class(slots.len()) + zeroing
+        Cost::class(&self.shape(slots), self.known) + zeroing
     }
 }
 
 /// Sets every point's `slots` from its live `locals` (both in slot order),
-/// grouping points that save the same operand types and reference locals.
-pub(crate) fn assign(types: &[Ty], rps: &mut [Rp]) {
+/// grouping points that save the same operand types and reference locals,
+/// and adds the shapes of the classes chosen to `shapes`.
+pub(crate) fn assign(types: &[Ty], rps: &mut [Rp], shapes: &mut Shapes) {
     let is_ref = |l: u32| matches!(types[l as usize], Ty::FuncRef | Ty::ExternRef);
     // Distinct live sets per group, with how many points have each.
     let mut groups: Vec<((Vec<Ty>, Vec<u32>), Vec<(Vec<u32>, usize)>)> = Vec::new();
@@ -101,9 +119,10 @@ pub(crate) fn assign(types: &[Ty], rps: &mut [Rp]) {
     let mut slots_of: HashMap<(Vec<Ty>, Vec<u32>), Vec<u32>> = HashMap::new();
     for ((operands, _), mut sets) in groups {
         sets.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        let costing = Costing { types, operands: &operands, known: shapes };
         let mut classes: Vec<Class> = Vec::new();
         for (live, n) in sets {
-            let alone = Cost::class(live.len());
+            let alone = costing.cost(&live, &[(live.clone(), n)]);
             let best = classes
                 .iter()
                 .enumerate()
@@ -113,23 +132,26 @@ pub(crate) fn assign(types: &[Ty], rps: &mut [Rp]) {
                     slots.sort_by_key(order);
                     let mut members = c.members.clone();
                     members.push((live.clone(), n));
-                    let grown = Class::cost(&slots, &members, types) - Class::cost(&c.slots, &c.members, types);
+                    // Signed: a grown class may reach a shape another function has.
+                    let grown = costing.cost(&slots, &members) as i64 - costing.cost(&c.slots, &c.members) as i64;
                     (grown, i, slots)
                 })
                 .min_by_key(|(grown, i, _)| (*grown, *i));
             match best {
-                Some((grown, i, slots)) if grown < alone => {
+                Some((grown, i, slots)) if grown < alone as i64 => {
                     classes[i].slots = slots;
                     classes[i].members.push((live, n));
                 }
                 _ => classes.push(Class { slots: live.clone(), members: vec![(live, n)] }),
             }
         }
+        let new_shapes: Vec<Vec<Ty>> = classes.iter().map(|c| costing.shape(&c.slots)).collect();
         for c in classes {
             for (live, _) in c.members {
                 slots_of.insert((operands.clone(), live), c.slots.clone());
             }
         }
+        shapes.extend(new_shapes);
     }
     for rp in rps.iter_mut() {
         // Every point's live set was grouped above.

@@ -54,8 +54,9 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     let graph = CallGraph::new(&info, &blocking)?;
 
     let mut plans: Vec<Option<Plan>> = Vec::with_capacity(info.bodies.len());
+    let mut shapes = Default::default();
     for b in &info.bodies {
-        plans.push(if graph.can_unwind[b.func as usize] { Some(plan::plan(&info, &graph, b)?) } else { None });
+        plans.push(if graph.can_unwind[b.func as usize] { Some(plan::plan(&info, &graph, b, &mut shapes)?) } else { None });
     }
     let in_frames = |want: Ty| {
         info.bodies.iter().zip(&plans).any(|(b, p)| {
