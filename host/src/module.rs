@@ -155,6 +155,8 @@ pub struct GuestModule {
     pub(crate) hash: [u8; 32],
     /// The instrumenter's metadata, for an instrumented module.
     pub(crate) metadata: Option<Arc<Metadata>>,
+    /// Its [`crate::snapshot::frames_layout`], hashed once here, off any pause.
+    pub(crate) frames_layout: Option<[u8; 32]>,
     /// Source lines for the instrumented code, from the original's DWARF.
     pub(crate) source_map: Option<Arc<SourceMap>>,
     /// Instrumented as the stress variant ([`LoadOptions::stress`]).
@@ -248,7 +250,8 @@ impl GuestModule {
         let full = (options.instrument && variant == Variant::UnwindOnly).then(|| {
             Arc::new(FullVariant { engine: engine.clone(), cache_dir: options.cache_dir.clone(), compiled: Default::default() })
         });
-        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, source_map, stress, full, names })
+        let frames_layout = metadata.as_deref().map(crate::snapshot::frames_layout);
+        Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, frames_layout, source_map, stress, full, names })
     }
 
     /// The module whose instances a rewind can enter: this one, or for the

@@ -29,15 +29,20 @@
 //!            that forks), in pid order: pid u32, parent u32, ended u8;
 //!            if ended (a zombie): its wait status i32; else fds, globals,
 //!            memory and frames as above
+//! layout     32 bytes  SHA-256 of the instrumenter's metadata for the module
+//!            (`upstare_instrument::abi::Metadata::encode`): what the frames mean
 //! checksum   32 bytes  SHA-256 of everything before it
 //! ```
 //!
 //! Version 1 had no threads section; it is read as a program of one
 //! thread. Version 2 had no processes section; it is read as a program of
-//! one process.
+//! one process. Version 3 had no layout; it is read, but not resumed.
 //!
 //! A snapshot names its module by hash: it can only be resumed by the same
-//! build, because the frames refer to its functions and resume points.
+//! build, because the frames refer to its functions and resume points. And
+//! only by a host whose instrumenter describes that build's frames the same
+//! way (the layout): another version may save other locals at other points,
+//! and would read the frames' slots as the wrong values.
 //! The fd table is described, not copied: see [`crate::wasi::persist`] for
 //! how each kind of fd is opened again.
 
@@ -55,7 +60,7 @@ use crate::wasi::persist::{self, Described, FdKind, FdRecord};
 /// The first 16 bytes of every snapshot file.
 pub const MAGIC: &[u8; 16] = b"UPSTARE SNAPSHOT";
 /// The version of the format this host reads and writes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format version this host still reads.
 const OLDEST_VERSION: u32 = 1;
 
@@ -82,6 +87,21 @@ pub struct Snapshot {
     pub threads: Vec<ThreadSnapshot>,
     /// The program's other processes, if it forks, in pid order.
     pub processes: Vec<ProcessSnapshot>,
+    /// What the frames mean: the [`frames_layout`] of the instrumented
+    /// module that saved them; `None` in a snapshot of format 3 or before.
+    pub frames_layout: Option<[u8; 32]>,
+}
+
+/// The SHA-256 of an instrumented module's metadata, which says which
+/// locals and operands every frame's slots hold: two hosts whose
+/// instrumenters give a module the same layout read its frames alike.
+pub fn frames_layout(metadata: &abi::Metadata) -> [u8; 32] {
+    Sha256::digest(metadata.encode()).into()
+}
+
+/// The first bytes of a layout, as errors show it.
+fn short(layout: &[u8; 32]) -> String {
+    hex(&layout[..6])
 }
 
 /// A process of a program that forks, besides its first.
@@ -141,6 +161,15 @@ pub enum SnapshotError {
         /// Hash of the module given.
         module: String,
     },
+    /// Its frames were saved by an instrumenter that laid them out
+    /// otherwise, or by a host that did not record the layout.
+    #[error("the snapshot's frames were saved by another version of UpStare ({saved}; this host's layout is {here}): resume it with the version that took it")]
+    OtherLayout {
+        /// The layout in the snapshot, or why there is none.
+        saved: String,
+        /// This host's layout for the module.
+        here: String,
+    },
     /// The guest is not in a state that can be captured or resumed.
     #[error("{0}")]
     State(String),
@@ -152,19 +181,30 @@ impl Snapshot {
         hex(&self.module_hash)
     }
 
-    /// Checks that the snapshot belongs to `module`.
+    /// Checks that the snapshot belongs to `module`, and that this host
+    /// instruments it so that the frames mean what they meant.
     pub fn check_module(&self, module: &GuestModule) -> Result<(), SnapshotError> {
         if module.hash != self.module_hash {
             return Err(SnapshotError::WrongModule { snapshot: hex(&self.module_hash), module: module.hash_hex() });
         }
-        Ok(())
+        match (self.frames_layout, module.frames_layout) {
+            (Some(saved), Some(here)) if saved == here => Ok(()),
+            (_, None) => Err(SnapshotError::State("a module loaded without instrumentation cannot resume a snapshot".into())),
+            (saved, Some(here)) => Err(SnapshotError::OtherLayout {
+                saved: saved.map_or_else(|| "format 3 or before, which did not record the layout".into(), |l| format!("layout {}", short(&l))),
+                here: short(&here),
+            }),
+        }
     }
 
     /// The file bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.memory.len() + self.frames.len() + 256);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        // A snapshot decoded from format 3 or before, which has no layout,
+        // is written as format 3 again: it keeps saying so.
+        let version = if self.frames_layout.is_some() { FORMAT_VERSION } else { 3 };
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&self.module_hash);
         out.extend_from_slice(&(self.module.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.module);
@@ -207,6 +247,9 @@ impl Snapshot {
                     encode_blob(&mut out, &p.frames);
                 }
             }
+        }
+        if let Some(layout) = &self.frames_layout {
+            out.extend_from_slice(layout);
         }
         let sum = Sha256::digest(&out);
         out.extend_from_slice(&sum);
@@ -272,10 +315,14 @@ impl Snapshot {
                 processes.push(p);
             }
         }
+        let frames_layout = match version {
+            4.. => Some(r.take(32)?.try_into().map_err(|_| SnapshotError::Corrupt("frames layout"))?),
+            _ => None,
+        };
         if r.at != body_len {
             return Err(SnapshotError::Corrupt("trailing bytes"));
         }
-        Ok(Snapshot { module_hash, module, args, env, fds, globals, memory, frames, threads, processes })
+        Ok(Snapshot { module_hash, module, args, env, fds, globals, memory, frames, threads, processes, frames_layout })
     }
 }
 
@@ -472,6 +519,7 @@ impl Guest {
             frames,
             threads,
             processes,
+            frames_layout: self.module.frames_layout,
         })
     }
 
@@ -716,6 +764,7 @@ mod tests {
                     frames: Vec::new(),
                 },
             ],
+            frames_layout: Some([5; 32]),
         }
     }
 
@@ -744,10 +793,23 @@ mod tests {
         one.threads.clear();
         one.processes.clear();
         let bytes = one.encode();
-        // Version 1 ends at the frames: no thread or process count.
-        let mut v1 = bytes[..bytes.len() - 32 - 8].to_vec();
+        one.frames_layout = None;
+        // Version 1 ends at the frames: no thread or process count, no layout.
+        let mut v1 = bytes[..bytes.len() - 32 - 32 - 8].to_vec();
         v1[16..20].copy_from_slice(&1u32.to_le_bytes());
         assert_eq!(Snapshot::decode(&seal(v1)).unwrap(), one);
+    }
+
+    #[test]
+    fn a_version_3_snapshot_reads_without_a_layout_and_is_written_as_one() {
+        let mut three = sample();
+        let bytes = three.encode();
+        three.frames_layout = None;
+        let mut v3 = bytes[..bytes.len() - 32 - 32].to_vec();
+        v3[16..20].copy_from_slice(&3u32.to_le_bytes());
+        let v3 = seal(v3);
+        assert_eq!(Snapshot::decode(&v3).unwrap(), three);
+        assert_eq!(three.encode(), v3);
     }
 
     #[test]
@@ -755,8 +817,9 @@ mod tests {
         let mut one = sample();
         one.processes.clear();
         let bytes = one.encode();
-        // Version 2 ends at the threads: no process count.
-        let mut v2 = bytes[..bytes.len() - 32 - 4].to_vec();
+        one.frames_layout = None;
+        // Version 2 ends at the threads: no process count, no layout.
+        let mut v2 = bytes[..bytes.len() - 32 - 32 - 4].to_vec();
         v2[16..20].copy_from_slice(&2u32.to_le_bytes());
         assert_eq!(Snapshot::decode(&seal(v2)).unwrap(), one);
     }
@@ -766,8 +829,8 @@ mod tests {
         let bytes = sample().encode();
         assert!(matches!(Snapshot::decode(b"UPSTARE"), Err(SnapshotError::NotASnapshot)));
         let mut version = bytes.clone();
-        version[16] = 4;
-        assert!(matches!(Snapshot::decode(&version), Err(SnapshotError::Version { found: 4 })));
+        version[16] = 5;
+        assert!(matches!(Snapshot::decode(&version), Err(SnapshotError::Version { found: 5 })));
         let mut flipped = bytes.clone();
         flipped[40] ^= 1;
         assert_eq!(corrupt(&flipped), "checksum mismatch (truncated or modified)");
@@ -829,23 +892,24 @@ mod tests {
         );
 
         // Without processes, the threads section ends the body before
-        // their empty count: its count, then per thread tid, arg, its
-        // globals (count, 13 bytes each) and frames.
+        // their empty count and the layout: its count, then per thread
+        // tid, arg, its globals (count, 13 bytes each) and frames.
         let mut s = s.clone();
         s.processes.clear();
         let threads_len = 4 + s.threads.iter().map(|t| 4 + 4 + 4 + 13 * t.globals.len() + 8 + t.frames.len()).sum::<usize>();
-        let globals_at = body(&s).len() - 4 - threads_len - (8 + s.frames.len()) - (8 + s.memory.len()) - 13 * s.globals.len() - 4;
+        let globals_at = body(&s).len() - 32 - 4 - threads_len - (8 + s.frames.len()) - (8 + s.memory.len()) - 13 * s.globals.len() - 4;
         let mut global = body(&s);
         assert_eq!(u32::from_le_bytes(global[globals_at..globals_at + 4].try_into().unwrap()), 2, "the layout this test edits");
         global[globals_at + 4 + 4] = 0x99;
         assert_eq!(corrupt(&seal(global)), "unknown global type");
 
-        // The last process's state byte made unknown.
+        // The last process's state byte made unknown (its frames end the
+        // body before the layout).
         let mut one = sample();
         one.processes.truncate(1);
         let mut state = body(&one);
         let p = &one.processes[0];
-        let state_at = state.len() - (8 + p.frames.len()) - (8 + p.memory.len()) - (4 + 13 * p.globals.len()) - (4 + (4 + 2 + 2) + (4 + 2 + 1 + 8)) - 1;
+        let state_at = state.len() - 32 - (8 + p.frames.len()) - (8 + p.memory.len()) - (4 + 13 * p.globals.len()) - (4 + (4 + 2 + 2) + (4 + 2 + 1 + 8)) - 1;
         assert_eq!(state[state_at - 4..state_at], 1u32.to_le_bytes(), "the layout this test edits");
         state[state_at] = 7;
         assert_eq!(corrupt(&seal(state)), "unknown process state");

@@ -100,11 +100,11 @@ fn well_sealed_but_malformed_snapshots_are_refused_by_the_decoder() {
     assert_eq!(corrupt(&process.encode()), "unreadable frame stack");
 
     // Globals: a u32 count, then 13 bytes each (index u32, type u8, bits
-    // u64), before the memory and frame blobs and the thread and process
-    // counts.
+    // u64), before the memory and frame blobs, the thread and process
+    // counts, the layout and the checksum.
     let bytes = snapshot.encode();
     let n = snapshot.globals.len();
-    let count_at = bytes.len() - 32 - 4 - 4 - (8 + snapshot.frames.len()) - (8 + snapshot.memory.len()) - 13 * n - 4;
+    let count_at = bytes.len() - 32 - 32 - 4 - 4 - (8 + snapshot.frames.len()) - (8 + snapshot.memory.len()) - 13 * n - 4;
     assert_eq!(u32::from_le_bytes(bytes[count_at..count_at + 4].try_into().unwrap()) as usize, n, "the layout this test edits");
     let mut bad_type = bytes[..bytes.len() - 32].to_vec();
     bad_type[count_at + 4 + 4] = 0x99;
@@ -144,15 +144,50 @@ fn snapshots_that_decode_but_do_not_fit_the_module_are_refused_by_the_restore() 
     threads.threads.push(upstare_host::snapshot::ThreadSnapshot { tid: 1, arg: 0, globals: Vec::new(), frames: snapshot.frames.clone() });
     assert_eq!(restore(&threads), "threads recorded for a module that starts none");
 
-    // The same through the command line: one line, status 2, no panic.
-    let dir = TempDir::new("snapshot-restore-bad");
-    let path = dir.0.join("bad.snap");
-    std::fs::write(&path, empty.encode()).unwrap();
+    // The same through the command line.
+    let stderr = refused_by_the_command_line(&empty.encode());
+    assert!(stderr.contains("the snapshot is damaged: no frames"), "{stderr}");
+}
+
+/// What `upstare-host restore` says of a snapshot file of `bytes`, having
+/// refused it as it must: one line, status 2, no panic.
+fn refused_by_the_command_line(bytes: &[u8]) -> String {
+    let dir = TempDir::new("snapshot-restore-refused");
+    let path = dir.0.join("refused.snap");
+    std::fs::write(&path, bytes).unwrap();
     let out = host_command().args(["restore", path.to_str().unwrap()]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("the snapshot is damaged: no frames"), "{stderr}");
+    stderr
+}
+
+/// Frames mean what the instrumenter that saved them said: a snapshot
+/// whose frames another instrumenter laid out (or that does not say,
+/// format 3) is refused before anything is restored, even where its frames
+/// would parse.
+#[test]
+fn a_snapshot_whose_frames_another_instrumenter_laid_out_is_refused() {
+    let snapshot = bare_snapshot();
+    let engine = new_engine().unwrap();
+    let module = GuestModule::load_with(&engine, &guest("compute"), &instrumented()).unwrap();
+    let layout = |s: &Snapshot| match Guest::restore(&engine, &module, GuestConfig::new(vec![]), s) {
+        Err(e @ SnapshotError::OtherLayout { .. }) => e.to_string(),
+        Err(other) => panic!("expected another layout, got {other}"),
+        Ok(_) => panic!("the restore accepted it"),
+    };
+    let mut other = snapshot.clone();
+    other.frames_layout.as_mut().expect("a layout")[0] ^= 1;
+    assert!(layout(&other).contains("another version of UpStare"), "{}", layout(&other));
+    // Format 3 had no layout; it still decodes, and says so when written.
+    let mut old = snapshot.clone();
+    old.frames_layout = None;
+    let bytes = old.encode();
+    assert_eq!(bytes[16..20], 3u32.to_le_bytes());
+    assert_eq!(Snapshot::decode(&bytes).unwrap(), old);
+    assert!(layout(&old).contains("format 3 or before"), "{}", layout(&old));
+    let stderr = refused_by_the_command_line(&bytes);
+    assert!(stderr.contains("resume it with the version that took it"), "{stderr}");
 }
 
 /// How many random edits the fuzz tests below try, and from which seed:
@@ -176,9 +211,11 @@ fn randomly_edited_sealed_snapshots_never_panic() {
     snapshot.env = vec![("A".into(), "b".into())];
     let bytes = snapshot.encode();
     let body = &bytes[..bytes.len() - 32];
-    // The thread count (none) ends the body, after the frames.
-    let tables = args_at(&snapshot)..body.len() - 4 - 8 - snapshot.frames.len() - 8 - snapshot.memory.len();
-    let frames = body.len() - 4 - snapshot.frames.len() - 16..body.len();
+    // The thread and process counts (none) and the layout end the body,
+    // after the frames.
+    let end = body.len() - 32;
+    let tables = args_at(&snapshot)..end - 4 - 8 - snapshot.frames.len() - 8 - snapshot.memory.len();
+    let frames = end - 4 - snapshot.frames.len() - 16..end;
     let engine = new_engine().unwrap();
     let module = GuestModule::load_with(&engine, &guest("compute"), &instrumented()).unwrap();
     let (mut decoded, mut restored) = (0, 0);
