@@ -234,6 +234,7 @@ impl GuestModule {
         } else {
             (bytes.to_vec(), None, None)
         };
+        let frames_layout = metadata.is_some().then(|| crate::snapshot::frames_layout(&code)).flatten();
         let module = Module::new(engine, &code).map_err(|e| LoadError::Invalid {
             path: path.clone(),
             reason: one_line(&e),
@@ -250,7 +251,6 @@ impl GuestModule {
         let full = (options.instrument && variant == Variant::UnwindOnly).then(|| {
             Arc::new(FullVariant { engine: engine.clone(), cache_dir: options.cache_dir.clone(), compiled: Default::default() })
         });
-        let frames_layout = metadata.as_deref().map(crate::snapshot::frames_layout);
         Ok(GuestModule { module, path, original: Arc::new(bytes.to_vec()), hash, metadata, frames_layout, source_map, stress, full, names })
     }
 
