@@ -167,9 +167,9 @@
 //! does not need to zero first, so their slots hold zero and no dead value
 //! is kept alive up to the point. The rewind reads the
 //! resume point from the popped frame rather than keeping it in a local
-//! through the loops on the way, and restores the numeric locals in the
-//! dispatch case of the function's top level that leads to the point, with
-//! one call to a *pack* helper (one per count of each numeric type; the
+//! through the loops on the way, and restores the numeric locals right
+//! before the dispatch of the function's top level, in a case per list of
+//! slots, with one call to a *pack* helper (one per count of each numeric type; the
 //! slots group them by type). Nothing of the original code runs on the
 //! rewind's way from there to the point, so the values arrive unchanged,
 //! and they meet the normal path outside every loop, once per call: a

@@ -59,8 +59,8 @@ enum Case {
     /// The loop header itself: the rewind ends here. `resume` runs on into
     /// the loop; `check` falls into the header's pause check.
     LoopHeader { resume: u32, check: u32 },
-    /// An anchor, for the points `rps`; for an `if`, which arm holds them.
-    Anchor { anchor: usize, then_arm: Option<bool>, rps: std::ops::Range<u32> },
+    /// An anchor; for an `if`, which arm holds the points.
+    Anchor { anchor: usize, then_arm: Option<bool> },
     /// The header of the loop that is this anchor: the rewind ends right
     /// before the `loop`, which then starts as on any other entry.
     LoopEntry { anchor: usize },
@@ -714,26 +714,26 @@ impl Emitter<'_> {
             match &self.plan.anchors[a].kind {
                 AnchorKind::Call { rp } => {
                     let rps = *rp..*rp + 1;
-                    assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None, rps })
+                    assign(&mut cases, rps, Case::Anchor { anchor: a, then_arm: None })
                 }
                 AnchorKind::Construct { rps, is_if: false, header_rp: Some(h), .. } if !self.cx.stress => {
                     assign(&mut cases, *h..*h + 1, Case::LoopEntry { anchor: a });
                     if h + 1 < rps.end {
                         let rps = h + 1..rps.end;
-                        assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None, rps })
+                        assign(&mut cases, rps, Case::Anchor { anchor: a, then_arm: None })
                     }
                 }
                 AnchorKind::Construct { rps, is_if: false, .. } => {
-                    assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None, rps: rps.clone() })
+                    assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: None })
                 }
                 AnchorKind::Construct { rps, is_if: true, else_from, .. } => {
                     if rps.start < *else_from {
                         let rps = rps.start..*else_from;
-                        assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: Some(true), rps });
+                        assign(&mut cases, rps, Case::Anchor { anchor: a, then_arm: Some(true) });
                     }
                     if *else_from < rps.end {
                         let rps = *else_from..rps.end;
-                        assign(&mut cases, rps.clone(), Case::Anchor { anchor: a, then_arm: Some(false), rps });
+                        assign(&mut cases, rps, Case::Anchor { anchor: a, then_arm: Some(false) });
                     }
                 }
             }
@@ -744,6 +744,11 @@ impl Emitter<'_> {
             if *c == u32::MAX {
                 *c = k;
             }
+        }
+        // The top level restores the numbers first, one case per list of
+        // slots whichever anchor leads to the point ([`Self::load_numbers_of`]).
+        if top {
+            self.load_numbers_of(span.clone())?;
         }
         for _ in 0..=k {
             self.block(BlockType::Empty);
@@ -761,13 +766,9 @@ impl Emitter<'_> {
                     let rp = level_loop_rp.ok_or_else(|| internal("a loop header case without its point"))?;
                     // References before the end of the rewind releases
                     // their side tables. Numbers come from the top level's
-                    // case (this one, at the top level), temporaries again
-                    // here.
+                    // dispatch, temporaries again here.
                     self.load_refs(rp)?;
                     self.end_rewind();
-                    if top {
-                        self.load_numbers(rp)?;
-                    }
                     self.reload_temporaries(rp)?;
                     // In a checked rewind the guest stops again right here,
                     // before the loop runs, so the new code of an update
@@ -788,21 +789,15 @@ impl Emitter<'_> {
                     // As in the loop header case.
                     self.load_refs(rp)?;
                     self.end_rewind();
-                    if top {
-                        self.load_numbers(rp)?;
-                    }
                     self.reload_temporaries(rp)?;
                     self.push_consumed(anchor, None);
                     let id = *self.anchor_block.get(&anchor).ok_or_else(|| internal("anchor block missing"))?;
                     self.br_to(id)?;
                 }
-                Case::Anchor { anchor, then_arm, rps } => {
+                Case::Anchor { anchor, then_arm } => {
                     if let AnchorKind::Call { rp } = self.plan.anchors[anchor].kind {
                         self.load_refs(rp)?;
                         self.reload_temporaries(rp)?;
-                    }
-                    if top {
-                        self.load_numbers_of(rps)?;
                     }
                     self.push_consumed(anchor, then_arm);
                     let id = *self.anchor_block.get(&anchor).ok_or_else(|| internal("anchor block missing"))?;
@@ -997,12 +992,15 @@ impl Emitter<'_> {
         })
     }
 
-    /// Restores the numeric locals of whichever point in `rps` the rewind
-    /// goes to, one case per list of locals: the top level's dispatch
-    /// case for a construct that holds them. On the rewind's way from there
-    /// to the point no original code runs, so the values reach it
-    /// unchanged, and they meet the normal path once per call, at the top
-    /// level, before the construct. Loaded in the innermost case instead,
+    /// Restores the numeric locals of whichever point in `rps` (all of the
+    /// function's) the rewind goes to, one case per list of slots, right
+    /// before the top level's dispatch. On the rewind's way from there to
+    /// the point no original code runs, so the values reach it unchanged,
+    /// and they meet the normal path once per call, at the top level,
+    /// before the construct that holds the point. One case per list rather
+    /// than per anchor: in straight-line code every call is an anchor of
+    /// the top level, and points of one save class share a list. Loaded in
+    /// the innermost case instead,
     /// right before the branch to the point, every live local would get a
     /// second definition at a join inside a loop body, and Cranelift's
     /// allocator then shuffles values between stack slots on the hot path
