@@ -609,26 +609,34 @@ fn numeric_and_reference_locals_survive_unwinds() {
     );
 }
 
-/// Calls whose live locals differ by one or two share their unwind code,
-/// so their frames have slots for locals dead at the call. Those slots
-/// hold zero; the harness overwrites them before every rewind, which
-/// changes nothing as long as the rewind reads no dead local.
-#[test]
-fn dead_locals_in_a_shared_frame_layout_hold_zero_and_are_never_read() {
-    let wasm = wat::parse_str(
-        r#"(module
-          (memory (export "mem") 1)
-          (func $spin (param $n i32) (result i32)
+/// A function with a loop, so that calls to it can unwind: it counts to
+/// its argument's low two bits and adds the count to it.
+const SPIN: &str = r#"(func $spin (param $v i32) (result i32)
             (local $i i32)
             (loop $l
               local.get $i
               i32.const 1
               i32.add
               local.tee $i
-              local.get $n
+              local.get $v
+              i32.const 3
+              i32.and
               i32.lt_u
               br_if $l)
-            local.get $n)
+            local.get $v
+            local.get $i
+            i32.add)"#;
+
+/// Calls whose live locals differ by one or two share their unwind code,
+/// so their frames have slots for locals dead at the call. Those slots
+/// hold zero; the harness overwrites them before every rewind, which
+/// changes nothing as long as the rewind reads no dead local.
+#[test]
+fn dead_locals_in_a_shared_frame_layout_hold_zero_and_are_never_read() {
+    let wasm = wat::parse_str(format!(
+        r#"(module
+          (memory (export "mem") 1)
+          {SPIN}
           (func (export "chain") (param $n i32) (result i64)
             (local $a i32) (local $b i32) (local $c i32) (local $w i64) (local $x f64)
             local.get $n
@@ -662,12 +670,73 @@ fn dead_locals_in_a_shared_frame_layout_hold_zero_and_are_never_read() {
             i32.add
             i64.extend_i32_u
             local.get $w
-            i64.mul))"#,
-    )
+            i64.mul))"#
+    ))
     .expect("wat");
     let stats = support::check(&support::engine(), &wasm).unwrap_or_else(|e| panic!("{e}"));
     assert!(stats.unwinds > 0, "stress mode never unwound");
     assert!(stats.dead_slots > 0, "no frame had a slot for a dead local");
+}
+
+/// A generated function of straight-line code: 80 calls that can unwind,
+/// and 24 locals of three types, each set before one call and read after
+/// a later one, so nearly every call has its own set of live locals and
+/// most share unwind code with others through slots of dead locals. The
+/// result folds every value read in order, so a local restored wrongly,
+/// or a dead slot a rewind read, changes it.
+fn straight_line_module(seed: u64) -> String {
+    const CALLS: usize = 80;
+    const LOCALS: usize = 24;
+    let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut set_at = vec![Vec::new(); CALLS];
+    let mut read_at = vec![Vec::new(); CALLS];
+    for l in 0..LOCALS {
+        let set = rng.next() as usize % CALLS;
+        let read = set + rng.next() as usize % (CALLS - set);
+        set_at[set].push(l);
+        read_at[read].push(l);
+    }
+    let ty = |l: usize| ["i32", "i64", "f64"][l % 3];
+    let mut body = String::new();
+    for i in 0..CALLS {
+        for &l in &set_at[i] {
+            body += &match ty(l) {
+                "i32" => format!("local.get $n i32.const {} i32.add local.set $x{l}\n", i * 7 + l),
+                "i64" => format!("local.get $n i64.extend_i32_u i64.const {} i64.mul local.set $x{l}\n", i + l + 3),
+                _ => format!("local.get $n f64.convert_i32_s f64.const {}.5 f64.add local.set $x{l}\n", i + l),
+            };
+        }
+        body += "local.get $acc i32.wrap_i64 call $spin i64.extend_i32_u local.get $acc i64.add local.set $acc\n";
+        for &l in &read_at[i] {
+            let value = match ty(l) {
+                "i32" => format!("local.get $x{l} i64.extend_i32_s"),
+                "i64" => format!("local.get $x{l}"),
+                _ => format!("local.get $x{l} i64.trunc_f64_s"),
+            };
+            body += &format!("local.get $acc i64.const 31 i64.mul {value} i64.add local.set $acc\n");
+        }
+    }
+    let locals: String = (0..LOCALS).map(|l| format!("(local $x{l} {})", ty(l))).collect();
+    format!(
+        r#"(module
+          (memory (export "mem") 1)
+          {SPIN}
+          (func (export "line") (param $n i32) (result i64) (local $acc i64) {locals}
+            {body}
+            local.get $acc))"#
+    )
+}
+
+#[test]
+fn straight_line_code_with_many_calls_restores_every_live_local() {
+    let mut dead_slots = 0;
+    for seed in 1..=6 {
+        let wasm = wat::parse_str(straight_line_module(seed)).expect("wat");
+        let stats = support::check(&support::engine(), &wasm).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert!(stats.unwinds > 0, "seed {seed}: stress mode never unwound");
+        dead_slots += stats.dead_slots;
+    }
+    assert!(dead_slots > 1000, "only {dead_slots} dead slots: the points did not share unwind code");
 }
 
 /// wasmtime here has no GC, so modules with externref are checked by the
