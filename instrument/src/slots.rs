@@ -50,23 +50,47 @@ impl Cost {
         Self::BLOCK + Self::PER_SLOT_PASSED * shape.len() + helper
     }
 
-    /// The zeroing of `dead` locals on one point's unwind path: a constant
-    /// per type, then a `local.tee` or `local.set` per local.
-    fn zeroing(dead: &[Ty]) -> usize {
+    /// The zeroing of `dead` locals of the types in `types` (a [`type_bit`]
+    /// mask) on one point's unwind path: a constant per type, then a
+    /// `local.tee` or `local.set` per local.
+    fn zeroing(dead: usize, types: u8) -> usize {
         let constants: usize = [(Ty::I32, 2), (Ty::I64, 2), (Ty::F32, 5), (Ty::F64, 9)]
             .iter()
-            .filter(|(t, _)| dead.contains(t))
+            .filter(|(t, _)| types & type_bit(*t) != 0)
             .map(|(_, bytes)| bytes)
             .sum();
-        constants + 2 * dead.len()
+        constants + 2 * dead
     }
 }
 
-/// A class being grown: its slots (in slot order) and its members (a live
-/// set and how many points have it).
+/// A numeric type as one bit of a mask (references are never dead slots).
+fn type_bit(t: Ty) -> u8 {
+    match t {
+        Ty::I32 => 1,
+        Ty::I64 => 2,
+        Ty::F32 => 4,
+        Ty::F64 => 8,
+        Ty::FuncRef | Ty::ExternRef => 0,
+    }
+}
+
+/// Points of one live set in a class: how many, and the locals the class
+/// has slots for that are dead at them (their count and types), which
+/// their unwind edges set to zero.
+struct Member {
+    live: Vec<u32>,
+    points: usize,
+    dead: usize,
+    dead_types: u8,
+}
+
+/// A class being grown: its slots (in slot order, and as a mask by local
+/// index), its members, and the estimated cost of its block and helper.
 struct Class {
     slots: Vec<u32>,
-    members: Vec<(Vec<u32>, usize)>,
+    has_slot: Vec<bool>,
+    members: Vec<Member>,
+    code: usize,
 }
 
 /// What a class's choices are costed against: the function's local types,
@@ -82,15 +106,31 @@ impl Costing<'_> {
         slots.iter().map(|&l| self.types[l as usize]).chain(self.operands.iter().copied()).collect()
     }
 
-    fn cost(&self, slots: &[u32], members: &[(Vec<u32>, usize)]) -> usize {
-        let zeroing: usize = members
-            .iter()
-            .map(|(live, n)| {
-                let dead: Vec<Ty> = slots.iter().filter(|l| !live.contains(l)).map(|&l| self.types[l as usize]).collect();
-                n * Cost::zeroing(&dead)
-            })
+    fn code(&self, slots: &[u32]) -> usize {
+        Cost::class(&self.shape(slots), self.known)
+    }
+
+    fn mask(&self, locals: impl Iterator<Item = u32>) -> u8 {
+        locals.fold(0, |m, l| m | type_bit(self.types[l as usize]))
+    }
+
+    /// How much the cost of class `c` grows if `points` points live at
+    /// `live` (also given as a mask by local index) join it, and its slots
+    /// then. Computed from what changes: the block and helper, the locals
+    /// every member now zeroes too, and the new member's zeroing.
+    fn growth(&self, c: &Class, live: &[u32], is_live: &[bool], points: usize) -> (i64, Vec<u32>) {
+        let added: Vec<u32> = live.iter().copied().filter(|&l| !c.has_slot[l as usize]).collect();
+        let added_types = self.mask(added.iter().copied());
+        let mut slots = c.slots.clone();
+        slots.extend_from_slice(&added);
+        slots.sort_by_key(|&l| (rank(self.types[l as usize]), l));
+        let code = self.code(&slots) as i64 - c.code as i64;
+        let members: usize = (c.members.iter())
+            .map(|m| m.points * (Cost::zeroing(m.dead + added.len(), m.dead_types | added_types) - Cost::zeroing(m.dead, m.dead_types)))
             .sum();
-        Cost::class(&self.shape(slots), self.known) + zeroing
+        let dead = c.slots.iter().copied().filter(|&l| !is_live[l as usize]);
+        let new = points * Cost::zeroing(dead.clone().count(), self.mask(dead));
+        (code + members as i64 + new as i64, slots)
     }
 }
 
@@ -115,40 +155,59 @@ pub(crate) fn assign(types: &[Ty], rps: &mut [Rp], shapes: &mut Shapes) {
             None => sets.push((rp.locals.clone(), 1)),
         }
     }
-    let order = |l: &u32| (rank(types[*l as usize]), *l);
     let mut slots_of: HashMap<(Vec<Ty>, Vec<u32>), Vec<u32>> = HashMap::new();
+    let mut is_live = vec![false; types.len()];
     for ((operands, _), mut sets) in groups {
         sets.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         let costing = Costing { types, operands: &operands, known: shapes };
         let mut classes: Vec<Class> = Vec::new();
-        for (live, n) in sets {
-            let alone = costing.cost(&live, &[(live.clone(), n)]);
-            let best = classes
-                .iter()
-                .enumerate()
+        for (live, points) in sets {
+            for &l in &live {
+                is_live[l as usize] = true;
+            }
+            let alone = costing.code(&live) as i64;
+            let best = (classes.iter().enumerate())
                 .map(|(i, c)| {
-                    let mut slots = c.slots.clone();
-                    slots.extend(live.iter().filter(|l| !c.slots.contains(l)));
-                    slots.sort_by_key(order);
-                    let mut members = c.members.clone();
-                    members.push((live.clone(), n));
-                    // Signed: a grown class may reach a shape another function has.
-                    let grown = costing.cost(&slots, &members) as i64 - costing.cost(&c.slots, &c.members) as i64;
+                    let (grown, slots) = costing.growth(c, &live, &is_live, points);
                     (grown, i, slots)
                 })
                 .min_by_key(|(grown, i, _)| (*grown, *i));
             match best {
-                Some((grown, i, slots)) if grown < alone as i64 => {
-                    classes[i].slots = slots;
-                    classes[i].members.push((live, n));
+                Some((grown, i, slots)) if grown < alone => {
+                    let c = &mut classes[i];
+                    let added: Vec<u32> = live.iter().copied().filter(|&l| !c.has_slot[l as usize]).collect();
+                    let added_types = costing.mask(added.iter().copied());
+                    for m in &mut c.members {
+                        m.dead += added.len();
+                        m.dead_types |= added_types;
+                    }
+                    let dead = c.slots.iter().copied().filter(|&l| !is_live[l as usize]);
+                    let member = Member { live: live.clone(), points, dead: dead.clone().count(), dead_types: costing.mask(dead) };
+                    for &l in &added {
+                        c.has_slot[l as usize] = true;
+                    }
+                    c.members.push(member);
+                    c.code = costing.code(&slots);
+                    c.slots = slots;
                 }
-                _ => classes.push(Class { slots: live.clone(), members: vec![(live, n)] }),
+                _ => {
+                    let mut has_slot = vec![false; types.len()];
+                    for &l in &live {
+                        has_slot[l as usize] = true;
+                    }
+                    let code = costing.code(&live);
+                    let member = Member { live: live.clone(), points, dead: 0, dead_types: 0 };
+                    classes.push(Class { slots: live.clone(), has_slot, members: vec![member], code });
+                }
+            }
+            for &l in &live {
+                is_live[l as usize] = false;
             }
         }
         let new_shapes: Vec<Vec<Ty>> = classes.iter().map(|c| costing.shape(&c.slots)).collect();
         for c in classes {
-            for (live, _) in c.members {
-                slots_of.insert((operands.clone(), live), c.slots.clone());
+            for m in c.members {
+                slots_of.insert((operands.clone(), m.live), c.slots.clone());
             }
         }
         shapes.extend(new_shapes);
