@@ -93,6 +93,37 @@ struct Class {
     code: usize,
 }
 
+impl Class {
+    /// A class of its own for `points` points live at `live`.
+    fn new(costing: &Costing<'_>, live: &[u32], points: usize) -> Class {
+        let mut has_slot = vec![false; costing.types.len()];
+        for &l in live {
+            has_slot[l as usize] = true;
+        }
+        let member = Member { live: live.to_vec(), points, dead: 0, dead_types: 0 };
+        Class { slots: live.to_vec(), has_slot, members: vec![member], code: costing.code(live) }
+    }
+
+    /// Takes in `points` points live at `live` (also given as a mask by
+    /// local index), which makes its slots `slots` ([`Costing::growth`]).
+    fn join(&mut self, costing: &Costing<'_>, live: &[u32], is_live: &[bool], points: usize, slots: Vec<u32>) {
+        let added: Vec<u32> = live.iter().copied().filter(|&l| !self.has_slot[l as usize]).collect();
+        let added_types = costing.mask(added.iter().copied());
+        for m in &mut self.members {
+            m.dead += added.len();
+            m.dead_types |= added_types;
+        }
+        let dead = self.slots.iter().copied().filter(|&l| !is_live[l as usize]);
+        let member = Member { live: live.to_vec(), points, dead: dead.clone().count(), dead_types: costing.mask(dead) };
+        self.members.push(member);
+        for &l in &added {
+            self.has_slot[l as usize] = true;
+        }
+        self.code = costing.code(&slots);
+        self.slots = slots;
+    }
+}
+
 /// What a class's choices are costed against: the function's local types,
 /// the operand types every member saves, and the helpers known so far.
 struct Costing<'a> {
@@ -173,32 +204,8 @@ pub(crate) fn assign(types: &[Ty], rps: &mut [Rp], shapes: &mut Shapes) {
                 })
                 .min_by_key(|(grown, i, _)| (*grown, *i));
             match best {
-                Some((grown, i, slots)) if grown < alone => {
-                    let c = &mut classes[i];
-                    let added: Vec<u32> = live.iter().copied().filter(|&l| !c.has_slot[l as usize]).collect();
-                    let added_types = costing.mask(added.iter().copied());
-                    for m in &mut c.members {
-                        m.dead += added.len();
-                        m.dead_types |= added_types;
-                    }
-                    let dead = c.slots.iter().copied().filter(|&l| !is_live[l as usize]);
-                    let member = Member { live: live.clone(), points, dead: dead.clone().count(), dead_types: costing.mask(dead) };
-                    for &l in &added {
-                        c.has_slot[l as usize] = true;
-                    }
-                    c.members.push(member);
-                    c.code = costing.code(&slots);
-                    c.slots = slots;
-                }
-                _ => {
-                    let mut has_slot = vec![false; types.len()];
-                    for &l in &live {
-                        has_slot[l as usize] = true;
-                    }
-                    let code = costing.code(&live);
-                    let member = Member { live: live.clone(), points, dead: 0, dead_types: 0 };
-                    classes.push(Class { slots: live.clone(), has_slot, members: vec![member], code });
-                }
+                Some((grown, i, slots)) if grown < alone => classes[i].join(&costing, &live, &is_live, points, slots),
+                _ => classes.push(Class::new(&costing, &live, points)),
             }
             for &l in &live {
                 is_live[l as usize] = false;
