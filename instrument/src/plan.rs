@@ -396,7 +396,7 @@ fn live_locals(info: &ModuleInfo<'_>, body: &Body, params: u32, rps: &mut [Rp]) 
         rp.locals = set.iter().enumerate().filter(|(_, l)| **l).map(|(i, _)| i as u32).collect();
         // Slot order: numbers grouped by type, so that one pack helper per
         // type count loads them (`rewrite::Packs`).
-        rp.locals.sort_by_key(|&l| (crate::rewrite::frames::rank(body.locals[l as usize]), l));
+        crate::rewrite::frames::sort_into_slot_order(&mut rp.locals, &body.locals);
     }
     Ok(())
 }

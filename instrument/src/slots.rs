@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::abi::ValType as Ty;
 use crate::plan::Rp;
-use crate::rewrite::frames::rank;
+use crate::rewrite::frames::sort_into_slot_order;
 
 /// The slot types (locals, then operands) of the save helpers the module
 /// has so far: a class of one of these shapes costs no new helper.
@@ -154,7 +154,7 @@ impl Costing<'_> {
         let added_types = self.mask(added.iter().copied());
         let mut slots = c.slots.clone();
         slots.extend_from_slice(&added);
-        slots.sort_by_key(|&l| (rank(self.types[l as usize]), l));
+        sort_into_slot_order(&mut slots, self.types);
         let code = self.code(&slots) as i64 - c.code as i64;
         let members: usize = (c.members.iter())
             .map(|m| m.points * (Cost::zeroing(m.dead + added.len(), m.dead_types | added_types) - Cost::zeroing(m.dead, m.dead_types)))

@@ -80,6 +80,12 @@ pub(crate) fn rank(t: Ty) -> u8 {
     }
 }
 
+/// Sorts `locals` (indices into `types`) into slot order: by [`rank`],
+/// then by index.
+pub(crate) fn sort_into_slot_order(locals: &mut [u32], types: &[Ty]) {
+    locals.sort_by_key(|&l| (rank(types[l as usize]), l));
+}
+
 /// The pack key of a slot-ordered list of local types, and how many of
 /// them the pack covers (the numeric ones, which come first).
 pub(crate) fn pack_key(types: impl IntoIterator<Item = Ty>) -> (PackKey, usize) {
