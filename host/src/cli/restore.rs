@@ -18,7 +18,10 @@ use crate::{new_cached_engine, Guest, GuestConfig, GuestModule, Snapshot};
 /// paths, files reopened at their offsets, listeners bound again (to the
 /// addresses given with --tcplisten, in order, else to their old ones);
 /// connections cannot move between processes and reach the program closed
-/// by their peer.
+/// by their peer. A damaged or foreign file is refused (status 2), and so
+/// is one whose frames another version of UpStare laid out otherwise, or
+/// that does not record the layout (format 3 and before): resume it with
+/// the version that took it.
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// Listen on this address in place of the snapshot's next listener
