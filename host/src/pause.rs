@@ -43,11 +43,13 @@ impl std::fmt::Debug for ControlMemory {
 }
 
 impl ControlMemory {
-    /// A control memory holding `header`.
+    /// A control memory holding `header`, with the room the guest stores a
+    /// frame in past its frame stack pointer ([`control::FRAME_HEADROOM`]).
     pub fn new(engine: &Engine, header: control::Header) -> anyhow::Result<Self> {
         let ty = MemoryType::shared(control::MIN_PAGES as u32, CONTROL_MAX_PAGES);
         let memory = SharedMemory::new(engine, ty)?;
         let control = ControlMemory { memory, blocking_pause: Arc::default() };
+        control.grow_to(header.frame_sp as usize + control::FRAME_HEADROOM as usize)?;
         control.write_bytes(0, &header.encode());
         Ok(control)
     }
@@ -141,11 +143,12 @@ impl ControlMemory {
         bytes
     }
 
-    /// Replaces the frame stack, growing the memory if needed. Call only
-    /// while the guest is not running.
+    /// Replaces the frame stack, growing the memory if needed to hold it
+    /// and the room past it that the guest stores its next frame in. Call
+    /// only while the guest is not running.
     pub fn set_frames(&self, frames: &[u8]) -> Result<(), String> {
         let end = control::FRAMES_BASE as usize + frames.len();
-        self.grow_to(end).map_err(|e| format!("cannot grow the frame stack: {e}"))?;
+        self.grow_to(end + control::FRAME_HEADROOM as usize).map_err(|e| format!("cannot grow the frame stack: {e}"))?;
         self.write_bytes(control::FRAMES_BASE, frames);
         self.word(control::FRAME_SP).store(end as u32, Ordering::SeqCst);
         Ok(())

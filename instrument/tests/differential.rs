@@ -739,6 +739,48 @@ fn straight_line_code_with_many_calls_restores_every_live_local() {
     assert!(dead_slots > 1000, "only {dead_slots} dead slots: the points did not share unwind code");
 }
 
+/// Two functions, each with `LOCALS` `i32`s live across a call that
+/// unwinds and across a recursive call: frames larger than the first page
+/// of the control memory, with more slots than a function type may have
+/// params or results, and a list of slot types two save classes share.
+/// Their code stores and loads the slots inline and grows the control
+/// memory itself before storing a frame that the room it keeps past the
+/// frame stack pointer cannot hold.
+fn big_frames_module() -> String {
+    const LOCALS: usize = 9000;
+    let function = |name: &str| {
+        let locals: String = (0..LOCALS).map(|l| format!("(local $x{l} i32)")).collect();
+        let set: String = (0..LOCALS).map(|l| format!("local.get $n i32.const {l} i32.add local.set $x{l}\n")).collect();
+        let sum: String = (0..LOCALS).map(|l| format!("local.get $acc local.get $x{l} i64.extend_i32_u i64.add local.set $acc\n")).collect();
+        format!(
+            r#"(func ${name} (export "{name}") (param $n i32) (result i64) (local $acc i64) {locals}
+              {set}
+              local.get $n call $spin drop
+              (if (i32.gt_u (local.get $n) (i32.const 0))
+                (then (local.set $acc (call ${name} (i32.sub (local.get $n) (i32.const 1))))))
+              {sum}
+              local.get $acc)"#
+        )
+    };
+    format!(r#"(module (memory (export "mem") 1) {SPIN} {} {})"#, function("big"), function("twin"))
+}
+
+/// One stress run only (an unwind and rewind at every update point): the
+/// full check's other modes add a minute and nothing to what this tests.
+#[test]
+fn frames_larger_than_the_control_headroom_are_saved_and_restored() {
+    let wasm = wat::parse_str(big_frames_module()).expect("wat");
+    let engine = support::engine();
+    let mode = support::Mode::Stress { period: 1, inject: None };
+    let inst = upstare_instrument::instrument(&wasm, &support::options_for(mode)).expect("instrument");
+    let want = support::run_original(&engine, &wasm);
+    let (got, stats) = support::run_instrumented(&engine, &wasm, &inst, mode, None).unwrap_or_else(|e| panic!("{e}"));
+    if let Some(d) = support::diff(&want, &got) {
+        panic!("{d}");
+    }
+    assert!(stats.unwinds > 0, "stress mode never unwound");
+}
+
 /// wasmtime here has no GC, so modules with externref are checked by the
 /// validator and the metadata only.
 #[test]

@@ -1,9 +1,9 @@
 //! What the benches share: building C guests with the documented recipe
 //! (`bin/upstare-cc`), cached under `target/bench-guests` by a key of their
 //! sources and flags; their Asyncify variants; locating SQLite's
-//! amalgamation and Lua's sources; code-section sizes and medians; a guest
-//! served by the host library behind a control socket, and the figures of
-//! an update's report.
+//! amalgamation and Lua's sources; code-section sizes, medians and the
+//! process's CPU clock; a guest served by the host library behind a control
+//! socket, and the figures of an update's report.
 //!
 //! Each bench target includes this with `mod common;` and uses a part of it.
 #![allow(dead_code)]
@@ -171,6 +171,15 @@ pub fn code_size(wasm: &[u8]) -> usize {
 pub fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
     v.sort();
     v[v.len() / 2]
+}
+
+/// CPU time the process has used so far, on all its threads. wasmtime
+/// compiles a module's functions in parallel, so the wall time of a compile
+/// depends on how its largest functions fall on the threads; the CPU time is
+/// the work done.
+pub fn process_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 /// Milliseconds, for printing.

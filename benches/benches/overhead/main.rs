@@ -9,8 +9,8 @@
 //! preopened directory): per guest, the median run time of each variant,
 //! its ratio to the original, and code-section sizes. Only `Guest::run` is
 //! timed: instrumentation, compilation and instantiation happen before.
-//! After the rounds, per batch guest, the compile times of the original
-//! and the instrumented module, and the pause bound as one run of the
+//! After the rounds, per batch guest, the compile times of each module
+//! (wall and CPU time: wasmtime compiles functions in parallel), and the pause bound as one run of the
 //! instrumented module meets it ([`pauses`]). Then the KV server under a loopback load ([`server`]): requests per
 //! second and p99 latency of each variant, and their ratios.
 //!
@@ -27,7 +27,7 @@ mod server;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{asyncify, code_size, geomean, median, ms, CGuest};
+use common::{asyncify, code_size, geomean, median, ms, process_cpu_time, CGuest};
 use upstare_host::{new_engine, Engine, Exit, Guest, GuestConfig, GuestModule, LoadOptions, PreopenDir, Stdio};
 
 /// Rows the SQLite workload inserts (then indexes, queries, updates).
@@ -123,10 +123,12 @@ struct Variants {
     /// Compile times, in that order: medians of [`COMPILES`] interleaved
     /// compilations by the bench's engine, which caches nothing.
     compile: [Duration; 4],
+    /// The CPU time of the same compilations (medians), on all threads.
+    compile_cpu: [Duration; 4],
 }
 
 /// Compilations of each module whose median is its compile time.
-const COMPILES: usize = 3;
+const COMPILES: usize = 5;
 
 fn load(engine: &Engine, guest: &CGuest) -> Variants {
     let original_path = guest.build();
@@ -138,11 +140,14 @@ fn load(engine: &Engine, guest: &CGuest) -> Variants {
     let instrumented = upstare_instrument::instrument(&original_bytes, &unwind_only).unwrap().wasm;
     let full = upstare_instrument::instrument(&original_bytes, &Default::default()).unwrap().wasm;
     let mut compile: [Vec<Duration>; 4] = Default::default();
+    let mut compile_cpu: [Vec<Duration>; 4] = Default::default();
     for _ in 0..COMPILES {
-        for (bytes, times) in [&original_bytes, &instrumented, &full, &async_bytes].into_iter().zip(&mut compile) {
-            let start = Instant::now();
+        let modules = [&original_bytes, &instrumented, &full, &async_bytes];
+        for ((bytes, times), cpu) in modules.into_iter().zip(&mut compile).zip(&mut compile_cpu) {
+            let (start, start_cpu) = (Instant::now(), process_cpu_time());
             wasmtime::Module::new(engine, bytes).unwrap();
             times.push(start.elapsed());
+            cpu.push(process_cpu_time() - start_cpu);
         }
     }
     let eager = LoadOptions { lazy_rewind: false, ..LoadOptions::default() };
@@ -153,7 +158,24 @@ fn load(engine: &Engine, guest: &CGuest) -> Variants {
         asyncify: GuestModule::from_bytes_with(engine, &async_path, &async_bytes, &as_is).unwrap(),
         code: [code_size(&original_bytes), code_size(&instrumented), code_size(&full), code_size(&async_bytes)],
         compile: compile.map(median),
+        compile_cpu: compile_cpu.map(median),
     }
+}
+
+/// The compile times of the four variants and the ratios of the last
+/// three to the original's, as table columns.
+fn compile_columns(c: &[Duration; 4]) -> String {
+    let r = [1, 2, 3].map(|i| c[i].as_secs_f64() / c[0].as_secs_f64());
+    format!(
+        "{:>8.1}ms {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x",
+        ms(c[0]),
+        ms(c[1]),
+        r[0],
+        ms(c[2]),
+        r[1],
+        ms(c[3]),
+        r[2]
+    )
 }
 
 /// A fresh scratch directory per variant, so that no run sees another's
@@ -184,6 +206,7 @@ fn main() {
     // Runtime, then code, of upstare, full and asyncify against the original.
     let mut ratios: [Vec<f64>; 6] = Default::default();
     let mut compile_ratios: [Vec<f64>; 3] = Default::default();
+    let mut compile_cpu_ratios: [Vec<f64>; 3] = Default::default();
     let mut bounds = Vec::new();
     for batch in batches {
         let v = load(&engine, &batch.guest);
@@ -233,7 +256,10 @@ fn main() {
         for (i, list) in compile_ratios.iter_mut().enumerate() {
             list.push(v.compile[i + 1].as_secs_f64() / v.compile[0].as_secs_f64());
         }
-        bounds.push((name.clone(), v.compile, pauses::measure(&engine, &v.upstare, &batch, &dirs[1], &expected)));
+        for (i, list) in compile_cpu_ratios.iter_mut().enumerate() {
+            list.push(v.compile_cpu[i + 1].as_secs_f64() / v.compile_cpu[0].as_secs_f64());
+        }
+        bounds.push((name.clone(), v.compile, v.compile_cpu, pauses::measure(&engine, &v.upstare, &batch, &dirs[1], &expected)));
         for dir in dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -245,22 +271,15 @@ fn main() {
             g[0], g[1], g[2], g[3], g[4], g[5]
         );
         println!();
-        println!("compile: median of {COMPILES}; pauses: the instrumented module run once under random pause requests, request to paused");
+        println!("compile: wall time, median of {COMPILES}; pauses: the instrumented module run once under random pause requests, request to paused");
         println!(
             "{:<9} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>7} | {:>7} {:>9} {:>9} {:>9}",
             "guest", "compile", "upstare", "ratio", "full", "ratio", "asyncify", "ratio", "pauses", "median", "p99", "worst"
         );
-        for (name, c, p) in &bounds {
-            let r = [1, 2, 3].map(|i| c[i].as_secs_f64() / c[0].as_secs_f64());
+        for (name, c, _, p) in &bounds {
             println!(
-                "{name:<9} {:>8.1}ms {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x {:>8.1}ms {:>6.3}x | {:>7} {:>7.0}us {:>7.0}us {:>7.0}us",
-                ms(c[0]),
-                ms(c[1]),
-                r[0],
-                ms(c[2]),
-                r[1],
-                ms(c[3]),
-                r[2],
+                "{name:<9} {} | {:>7} {:>7.0}us {:>7.0}us {:>7.0}us",
+                compile_columns(c),
                 p.count,
                 p.median.as_secs_f64() * 1e6,
                 p.p99.as_secs_f64() * 1e6,
@@ -269,6 +288,17 @@ fn main() {
         }
         let g = compile_ratios.each_ref().map(|r| geomean(r));
         println!("geomean: compile upstare {:.3}x, full {:.3}x, asyncify {:.3}x", g[0], g[1], g[2]);
+        println!();
+        println!("compile CPU time (all of the process's threads), median of {COMPILES}");
+        println!(
+            "{:<9} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>7}",
+            "guest", "compile", "upstare", "ratio", "full", "ratio", "asyncify", "ratio"
+        );
+        for (name, _, c, _) in &bounds {
+            println!("{name:<9} {}", compile_columns(c));
+        }
+        let g = compile_cpu_ratios.each_ref().map(|r| geomean(r));
+        println!("geomean: compile CPU upstare {:.3}x, full {:.3}x, asyncify {:.3}x", g[0], g[1], g[2]);
     }
     if only.is_none_or(|o| o == "kv") {
         println!();

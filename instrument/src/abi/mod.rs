@@ -26,8 +26,9 @@ pub const METADATA_SECTION: &str = "upstare.meta";
 /// Version of the metadata format (and of this whole ABI). Bumped whenever any
 /// constant or layout in this module changes meaning. 6: the futex imports
 /// and the resume kind of an atomic wait. 7: frames may have slots for
-/// locals dead at their point ([`ResumePoint::slots`]).
-pub const METADATA_VERSION: u32 = 7;
+/// locals dead at their point ([`ResumePoint::slots`]). 8: the control
+/// memory keeps [`control::FRAME_HEADROOM`] bytes past the frame stack.
+pub const METADATA_VERSION: u32 = 8;
 
 /// Module name of every import the instrumenter adds.
 pub const IMPORT_MODULE: &str = "upstare";
@@ -234,6 +235,13 @@ pub enum State {
 /// 64            guest       frame stack, growing upwards
 /// ```
 ///
+/// The memory always extends at least [`control::FRAME_HEADROOM`] bytes past
+/// the frame stack pointer: a save class stores a frame's slots above the
+/// pointer first, then pushes the frame (which grows the memory for the
+/// next one), so that no saved value is live across a call. Whoever sets
+/// the pointer keeps that room: the guest's push, and the host when it
+/// creates the memory or writes frames in.
+///
 /// Bytes 0..2 (pause and rewind) form one little-endian half-word that every
 /// loop header loads; the stress variant's loop headers, and the checks
 /// before blocking and indirect calls, load the whole word 0..4. It is zero on
@@ -270,6 +278,9 @@ pub mod control {
     pub const VERIFY_BYTE: u32 = 3;
     /// Frame stack pointer (u32).
     pub const FRAME_SP: u32 = 4;
+    /// Bytes the memory always holds past the frame stack pointer (see
+    /// above). A frame larger than this grows the memory before its stores.
+    pub const FRAME_HEADROOM: u32 = 32 << 10;
     /// Stress countdown (u32).
     pub const STRESS_COUNTDOWN: u32 = 8;
     /// Stress period (u32).
@@ -280,6 +291,7 @@ pub mod control {
     pub const HEADER_SIZE: u32 = 64;
     /// Address of the first frame.
     pub const FRAMES_BASE: u32 = HEADER_SIZE;
+    const _: () = assert!((FRAMES_BASE + FRAME_HEADROOM) as u64 <= MIN_PAGES << 16, "a new control memory has the headroom");
 
     /// The control header as plain values, for hosts and tests that copy it
     /// in or out.

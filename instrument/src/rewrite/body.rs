@@ -17,7 +17,7 @@ use wasm_encoder::{BlockType, Instruction as I};
 use wasmparser::{BinaryReader, Operator, OperatorsReader};
 
 use super::{ctrl, frames, Code, Cx};
-use crate::abi::{control, ResumeKind, State, ValType as Ty};
+use crate::abi::{control, frame, ResumeKind, State, ValType as Ty};
 use crate::analysis::{Body, ModuleInfo};
 use crate::error::{internal, Error, ErrorKind, Result};
 use crate::plan::{AnchorKind, Plan, SaveClass};
@@ -374,11 +374,23 @@ impl Emitter<'_> {
     fn load_numbers(&mut self, rp: u32) -> Result<()> {
         let locals = self.plan.rps[rp as usize].slots.clone();
         let (key, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
-        if n > 0 {
-            let load = self.cx.packs.get(key)?;
-            self.code.op(I::Call(load));
-            for &l in locals[..n].iter().rev() {
-                self.code.op(I::LocalSet(l));
+        if n == 0 {
+            return Ok(());
+        }
+        match self.cx.packs.load(key) {
+            Some(load) => {
+                self.code.op(I::Call(load));
+                for &l in locals[..n].iter().rev() {
+                    self.code.op(I::LocalSet(l));
+                }
+            }
+            None => {
+                self.code.i32(0);
+                self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
+                self.code.op(I::LocalSet(self.fb));
+                for (slot, &l) in locals[..n].iter().enumerate() {
+                    frames::load(&mut self.code, &self.cx.helpers, self.fb, l, self.body.locals[l as usize], slot as u32)?;
+                }
             }
         }
         Ok(())
@@ -1064,25 +1076,72 @@ impl Emitter<'_> {
 
     /// The unwind code of one save class, with the resume point on the
     /// stack (its block's result): the class's locals and the operands'
-    /// shadow locals, in slot order, passed to the class's save helper
-    /// ([`super::Packs`]), which pushes the frame and stores them. Passing
-    /// the values to a call rather than storing them inline makes the code
-    /// smaller, and the guests run no more instructions for it
+    /// shadow locals, in slot order, passed to the save helper of their
+    /// types ([`super::Packs`]), which pushes the frame and stores them;
+    /// or, for slot types no other class has, stored inline. Passing the
+    /// values to a call rather than storing them makes the code smaller,
+    /// and the guests run no more instructions for it
     /// (`docs/PERFORMANCE.md`).
     fn save_class(&mut self, class: usize) -> Result<()> {
-        let slots = self.classes[class].types(&self.body.locals);
-        let save = self.cx.packs.save(&slots)?;
         let SaveClass { locals, operands } = self.classes[class].clone();
-        self.code.i32(self.func as i32);
-        for &l in &locals {
-            self.code.op(I::LocalGet(l));
+        let mut values: Vec<(u32, Ty)> = locals.iter().map(|&l| (l, self.body.locals[l as usize])).collect();
+        for (p, &t) in operands.iter().enumerate() {
+            values.push((self.shadow(p as u32, t), t));
         }
-        for (p, t) in operands.iter().enumerate() {
-            let s = self.shadow(p as u32, *t);
-            self.code.op(I::LocalGet(s));
+        let types: Vec<Ty> = values.iter().map(|&(_, t)| t).collect();
+        match self.cx.packs.save(&types) {
+            Some(save) => {
+                self.code.i32(self.func as i32);
+                for &(local, _) in &values {
+                    self.code.op(I::LocalGet(local));
+                }
+                self.code.op(I::Call(save));
+            }
+            None => self.store_frame(&values)?,
         }
-        self.code.op(I::Call(save));
         Ok(())
+    }
+
+    /// Stores `values` (locals and their types, in slot order) above the
+    /// frame stack pointer, then calls `frame_push` with the resume point on
+    /// the stack, which makes them a frame. The stores come first so that
+    /// no saved value is live across a call; the control memory keeps room
+    /// past the pointer for them ([`control::FRAME_HEADROOM`]), or, for a
+    /// frame larger than that, this code grows it first.
+    fn store_frame(&mut self, values: &[(u32, Ty)]) -> Result<()> {
+        self.code.i32(0);
+        self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
+        self.code.op(I::LocalSet(self.fb));
+        let size = frame::frame_size(values.len() as u32);
+        if size > control::FRAME_HEADROOM {
+            self.grow_control_for(size);
+        }
+        for (slot, &(local, t)) in values.iter().enumerate() {
+            frames::store(&mut self.code, &self.cx.helpers, self.fb, local, t, slot as u32)?;
+        }
+        self.code.i32(self.func as i32);
+        self.code.i32(values.len() as i32);
+        self.code.op(I::Call(self.cx.helpers.frame_push));
+        self.code.op(I::Drop);
+        Ok(())
+    }
+
+    /// Grows the control memory, if needed, to hold a frame of `size` bytes
+    /// at the frame stack pointer (in `fb`): only frames larger than the
+    /// headroom the memory always keeps need this.
+    fn grow_control_for(&mut self, size: u32) {
+        self.code.op(I::LocalGet(self.fb));
+        self.code.i32(size as i32);
+        self.code.op(I::I32Add);
+        self.code.op(I::MemorySize(control::MEMORY_INDEX));
+        self.code.i32(16);
+        self.code.op(I::I32Shl);
+        self.code.op(I::I32GtU);
+        self.code.op(I::If(BlockType::Empty));
+        self.code.i32(((size >> 16) + 1) as i32);
+        self.code.op(I::MemoryGrow(control::MEMORY_INDEX));
+        super::helpers::trap_if_grow_failed(&mut self.code);
+        self.code.op(I::End);
     }
 
     /// Local declarations (original groups, then the added locals) and code,

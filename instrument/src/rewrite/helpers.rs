@@ -49,7 +49,7 @@ fn store8_const(code: &mut Code, at: u32, v: i32) {
 
 /// Consumes the result of a `memory.grow` or `table.grow` and traps if it
 /// failed (-1): a frame that does not fit cannot be saved.
-fn trap_if_grow_failed(c: &mut Code) {
+pub(crate) fn trap_if_grow_failed(c: &mut Code) {
     c.i32(-1);
     c.op(I::I32Eq);
     c.op(I::If(BlockType::Empty));
@@ -188,10 +188,14 @@ pub(crate) fn build_packs(types: &mut Types, h: &Helpers, packs: &Packs) -> crat
     Ok(out)
 }
 
-/// `frame_push(rp, func, slots) -> frame`: reserves a frame on the frame
-/// stack, growing the control memory when needed, and writes its header and
-/// trailer. Locals: 3 = frame address, 4 = frame size, 5 = frame end. The
-/// resume point comes first because a save class finds it on the stack.
+/// `frame_push(rp, func, slots) -> frame`: pushes the frame at the frame
+/// stack pointer, whose slots the caller stores (a save helper after the
+/// call, a class that stores inline before it): writes its header and
+/// trailer, moves the pointer past it, and grows the control memory when
+/// less than [`control::FRAME_HEADROOM`] bytes would remain past the
+/// pointer, so that the next class can store its slots before calling.
+/// Locals: 3 = frame address, 4 = frame size, 5 = frame end. The resume
+/// point comes first because a save class finds it on the stack.
 fn frame_push() -> Code {
     let (rp, func, slots, fb, size, end) = (0, 1, 2, 3, 4, 5);
     let mut c = Code::default();
@@ -203,9 +207,11 @@ fn frame_push() -> Code {
     c.i32(frame::frame_size(0) as i32);
     c.op(I::I32Add);
     c.op(I::LocalSet(size));
-    // Grow when the frame would end past the memory.
+    // Grow when the headroom past the frame would end past the memory.
     c.op(I::LocalGet(fb));
     c.op(I::LocalGet(size));
+    c.op(I::I32Add);
+    c.i32(control::FRAME_HEADROOM as i32);
     c.op(I::I32Add);
     c.op(I::MemorySize(control::MEMORY_INDEX));
     c.i32(16);
@@ -213,6 +219,8 @@ fn frame_push() -> Code {
     c.op(I::I32GtU);
     c.op(I::If(BlockType::Empty));
     c.op(I::LocalGet(size));
+    c.i32(control::FRAME_HEADROOM as i32);
+    c.op(I::I32Add);
     c.i32(16);
     c.op(I::I32ShrU);
     c.i32(1);

@@ -134,21 +134,30 @@ pub(crate) struct Helpers {
     pub next: u32,
 }
 
+/// The most params, and the most results, a helper's function type may
+/// have: engines refuse more (the limit the JS API sets and wasmparser's
+/// validator enforces). Frames with more slots are moved inline.
+pub(crate) const MAX_FUNCTION_VALUES: usize = 1000;
+
 /// The pack helpers, appended after the [`Helpers`], which move a frame's
 /// slots in one call instead of a load or a store per value at every
 /// resume point or save class.
 ///
 /// - For each count of numeric locals a resume point saves
-///   ([`frames::PackKey`]), `load() -> values` reads them from the first
+///   ([`frames::PackKey`]) up to [`MAX_FUNCTION_VALUES`], `load() -> values` reads them from the first
 ///   slots of the frame at the frame stack pointer (the one the rewind
 ///   prologue popped). A rewind case restores all of a point's numbers
 ///   with it; nothing the hot path keeps lives across the call (the case
 ///   restores every local live at its point).
-/// - For the slot types of each save class, `save(rp, func, values...)`
-///   pushes the frame and stores them all. (Splitting the values into
-///   chunks by type, so that helpers are shared more, made the code 10%
-///   smaller and nbody run 9% more instructions: the values of later
-///   chunks live across the earlier calls; `docs/PERFORMANCE.md`.)
+/// - For the slot types that two or more save classes of the module have,
+///   `save(rp, func, values...)` pushes the frame and stores them all. A
+///   class whose slot types no other class has stores its slots inline
+///   instead (`body`): a helper for it would be no smaller, and wasmtime
+///   compiles a trampoline for every function type of a module, which
+///   costs a small program more compile time than the stores. (Splitting
+///   the values into chunks by type, so that helpers are shared more, made
+///   the code 10% smaller and nbody run 9% more instructions: the values
+///   of later chunks live across the earlier calls; `docs/PERFORMANCE.md`.)
 pub(crate) struct Packs {
     /// Load function index by key.
     pub map: BTreeMap<frames::PackKey, u32>,
@@ -166,14 +175,15 @@ impl Packs {
         Packs { map, saves }
     }
 
-    /// The load helper of `key`.
-    pub fn get(&self, key: frames::PackKey) -> crate::error::Result<u32> {
-        self.map.get(&key).copied().ok_or_else(|| crate::error::internal("a pack helper is missing"))
+    /// The load helper of `key`, unless it would have too many results.
+    pub fn load(&self, key: frames::PackKey) -> Option<u32> {
+        self.map.get(&key).copied()
     }
 
-    /// The save helper of a frame whose slots have types `slots`.
-    pub fn save(&self, slots: &[Ty]) -> crate::error::Result<u32> {
-        self.saves.get(slots).copied().ok_or_else(|| crate::error::internal("a save helper is missing"))
+    /// The save helper of a frame whose slots have types `slots`, if
+    /// classes share one for them.
+    pub fn save(&self, slots: &[Ty]) -> Option<u32> {
+        self.saves.get(slots).copied()
     }
 }
 

@@ -17,7 +17,7 @@ use wasm_encoder::{
 };
 use wasmparser::{Parser, Payload};
 
-use super::{atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types};
+use super::{atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types, MAX_FUNCTION_VALUES};
 use crate::abi::{
     self, control, exports, BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta,
     MemoryMeta, Metadata, ResumePoint,
@@ -88,12 +88,19 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         .zip(&plans)
         .filter_map(|(b, p)| Some((b, p.as_ref()?)))
         .flat_map(|(b, p)| p.rps.iter().map(move |rp| frames::pack_key(rp.slots.iter().map(|&l| b.locals[l as usize])).0))
-        .filter(|k| k.iter().any(|&n| n > 0))
+        .filter(|k| k.iter().any(|&n| n > 0) && k.iter().sum::<u32>() as usize <= MAX_FUNCTION_VALUES)
         .collect();
-    let mut saves = std::collections::BTreeSet::new();
+    // Slot types that one class alone has are stored inline (`Packs`).
+    let mut classes_of: std::collections::HashMap<Vec<Ty>, usize> = Default::default();
     for (b, p) in info.bodies.iter().zip(&plans) {
-        saves.extend(p.iter().flat_map(|p| p.save_classes().0).map(|class| class.types(&b.locals)));
+        for class in p.iter().flat_map(|p| p.save_classes().0) {
+            *classes_of.entry(class.types(&b.locals)).or_default() += 1;
+        }
     }
+    let saves = (classes_of.into_iter())
+        .filter(|(slots, n)| *n > 1 && 2 + slots.len() <= MAX_FUNCTION_VALUES)
+        .map(|(slots, _)| slots)
+        .collect();
     // The unwind-only variant restores nothing: it needs no load helpers.
     let keys = if unwind_only { Default::default() } else { keys };
     let packs = Packs::new(helpers.next, keys, saves);
