@@ -1078,7 +1078,8 @@ impl Emitter<'_> {
     /// stack (its block's result): the class's locals and the operands'
     /// shadow locals, in slot order, passed to the save helper of their
     /// types ([`super::Packs`]), which pushes the frame and stores them;
-    /// or, for slot types no other class has, stored inline. Passing the
+    /// or, for a long list of slot types no other class has, stored
+    /// inline. Passing the
     /// values to a call rather than storing them makes the code smaller,
     /// and the guests run no more instructions for it
     /// (`docs/PERFORMANCE.md`).

@@ -139,6 +139,13 @@ pub(crate) struct Helpers {
 /// validator enforces). Frames with more slots are moved inline.
 pub(crate) const MAX_FUNCTION_VALUES: usize = 1000;
 
+/// The most slots a save class may have and still get a save helper of
+/// its own when no other class has its slot types. Longer lists are stored
+/// inline, which spares wasmtime a large trampoline; shorter ones are not:
+/// stored inline, wasi-libc's `printf_core` (classes of 26 to 28 slots)
+/// made compute run 8% more instructions (`docs/PERFORMANCE.md`).
+pub(crate) const MAX_UNSHARED_SAVE_SLOTS: usize = 40;
+
 /// The pack helpers, appended after the [`Helpers`], which move a frame's
 /// slots in one call instead of a load or a store per value at every
 /// resume point or save class.
@@ -150,11 +157,12 @@ pub(crate) const MAX_FUNCTION_VALUES: usize = 1000;
 ///   with it; nothing the hot path keeps lives across the call (the case
 ///   restores every local live at its point).
 /// - For the slot types that two or more save classes of the module have,
+///   and for short lists of them ([`MAX_UNSHARED_SAVE_SLOTS`]),
 ///   `save(rp, func, values...)` pushes the frame and stores them all. A
-///   class whose slot types no other class has stores its slots inline
-///   instead (`body`): a helper for it would be no smaller, and wasmtime
-///   compiles a trampoline for every function type of a module, which
-///   costs a small program more compile time than the stores. (Splitting
+///   class with a longer list of slot types that no other class has
+///   stores its slots inline instead (`body`): a helper for it would be no
+///   smaller, and wasmtime compiles a trampoline for every function type
+///   of a module, whose compile time grows with its params. (Splitting
 ///   the values into chunks by type, so that helpers are shared more, made
 ///   the code 10% smaller and nbody run 9% more instructions: the values
 ///   of later chunks live across the earlier calls; `docs/PERFORMANCE.md`.)

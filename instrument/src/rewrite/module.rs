@@ -17,7 +17,7 @@ use wasm_encoder::{
 };
 use wasmparser::{Parser, Payload};
 
-use super::{atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types, MAX_FUNCTION_VALUES};
+use super::{atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types, MAX_FUNCTION_VALUES, MAX_UNSHARED_SAVE_SLOTS};
 use crate::abi::{
     self, control, exports, BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta,
     MemoryMeta, Metadata, ResumePoint,
@@ -90,7 +90,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         .flat_map(|(b, p)| p.rps.iter().map(move |rp| frames::pack_key(rp.slots.iter().map(|&l| b.locals[l as usize])).0))
         .filter(|k| k.iter().any(|&n| n > 0) && k.iter().sum::<u32>() as usize <= MAX_FUNCTION_VALUES)
         .collect();
-    // Slot types that one class alone has are stored inline (`Packs`).
+    // Long lists of slot types that one class alone has are stored inline (`Packs`).
     let mut classes_of: std::collections::HashMap<Vec<Ty>, usize> = Default::default();
     for (b, p) in info.bodies.iter().zip(&plans) {
         for class in p.iter().flat_map(|p| p.save_classes().0) {
@@ -98,7 +98,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         }
     }
     let saves = (classes_of.into_iter())
-        .filter(|(slots, n)| *n > 1 && 2 + slots.len() <= MAX_FUNCTION_VALUES)
+        .filter(|(slots, n)| (*n > 1 || slots.len() <= MAX_UNSHARED_SAVE_SLOTS) && 2 + slots.len() <= MAX_FUNCTION_VALUES)
         .map(|(slots, _)| slots)
         .collect();
     // The unwind-only variant restores nothing: it needs no load helpers.
