@@ -181,11 +181,12 @@
 //! a *crowded* loop (more than 8 integer or 14 float locals live there),
 //! where a join of many spilled values costs more than carrying them.
 //! References are restored in the innermost case. A class's code passes
-//! its values to a *save* helper, which pushes the frame, when other
-//! classes have the same slot types; otherwise it stores them inline above
-//! the frame stack pointer and then pushes the frame, so that no value is
-//! live across a call (the control memory keeps room there,
-//! [`abi::control::FRAME_HEADROOM`]).
+//! its values to a *save* helper, which pushes the frame; a class with a
+//! long list of slot types that no other class has stores them inline
+//! above the frame stack pointer instead and then pushes the frame, so
+//! that no value is live across a call (the control memory keeps room
+//! there, [`abi::control::FRAME_HEADROOM`]), and wasmtime compiles no
+//! large trampoline for a helper's type.
 //!
 //! The rewind enters the block levels on the path to the resume point one
 //! by one: each level that contains a resume point starts with its own test

@@ -4,10 +4,10 @@
 //!
 //! A frame holds the locals live at its point, so points with different
 //! live sets would each need unwind code of their own: a block that passes
-//! every slot to a save helper (one per list of slot types that several
-//! classes share, each with a function type of its own: wasmtime compiles
-//! a trampoline for every function type of a module) or, for slot types no
-//! other class has, stores them inline (`rewrite::Packs`).
+//! every slot to a save helper (one per list of slot types, each with a
+//! function type of its own: wasmtime compiles a trampoline for every
+//! function type of a module) or, for a long list no other class has,
+//! stores them inline (`rewrite::Packs`).
 //! wasi-libc's `printf_core` has 133 points with 70 distinct live sets of 1
 //! to 40 `i32`s, most of them one or two locals apart.
 //!
@@ -36,9 +36,9 @@ pub(crate) type Shapes = HashSet<Vec<Ty>>;
 /// Estimated bytes of code a class costs: its block (a constant, the
 /// slots passed, a call and a branch) and, unless a class of another
 /// function already has one of its shape, its save helper (a store per
-/// slot), about what the class costs storing its slots inline if no other
-/// class takes its shape later. Fewer helpers also mean fewer function
-/// types, each of which wasmtime compiles a trampoline for.
+/// slot), which is also about what a long list costs stored inline when
+/// no other class takes its shape later. Fewer helpers also mean fewer
+/// function types, each of which wasmtime compiles a trampoline for.
 struct Cost;
 
 impl Cost {

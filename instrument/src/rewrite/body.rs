@@ -1079,10 +1079,9 @@ impl Emitter<'_> {
     /// shadow locals, in slot order, passed to the save helper of their
     /// types ([`super::Packs`]), which pushes the frame and stores them;
     /// or, for a long list of slot types no other class has, stored
-    /// inline. Passing the
-    /// values to a call rather than storing them makes the code smaller,
-    /// and the guests run no more instructions for it
-    /// (`docs/PERFORMANCE.md`).
+    /// inline. Passing the values to a shared call rather than storing them
+    /// makes the code smaller, and the guests run no more instructions for
+    /// it (`docs/PERFORMANCE.md`).
     fn save_class(&mut self, class: usize) -> Result<()> {
         let SaveClass { locals, operands } = self.classes[class].clone();
         let mut values: Vec<(u32, Ty)> = locals.iter().map(|&l| (l, self.body.locals[l as usize])).collect();

@@ -151,11 +151,12 @@ pub(crate) const MAX_UNSHARED_SAVE_SLOTS: usize = 40;
 /// resume point or save class.
 ///
 /// - For each count of numeric locals a resume point saves
-///   ([`frames::PackKey`]) up to [`MAX_FUNCTION_VALUES`], `load() -> values` reads them from the first
-///   slots of the frame at the frame stack pointer (the one the rewind
-///   prologue popped). A rewind case restores all of a point's numbers
-///   with it; nothing the hot path keeps lives across the call (the case
-///   restores every local live at its point).
+///   ([`frames::PackKey`]), up to [`MAX_FUNCTION_VALUES`], `load() ->
+///   values` reads them from the first slots of the frame at the frame
+///   stack pointer (the one the rewind prologue popped). A rewind case
+///   restores all of a point's numbers with it; nothing the hot path keeps
+///   lives across the call (the case restores every local live at its
+///   point). Larger frames are loaded inline.
 /// - For the slot types that two or more save classes of the module have,
 ///   and for short lists of them ([`MAX_UNSHARED_SAVE_SLOTS`]),
 ///   `save(rp, func, values...)` pushes the frame and stores them all. A
