@@ -10,8 +10,8 @@
 //! its ratio to the original, and code-section sizes. Only `Guest::run` is
 //! timed: instrumentation, compilation and instantiation happen before.
 //! After the rounds, per batch guest, the compile times of each module
-//! (wall and CPU time: wasmtime compiles functions in parallel), and the pause bound as one run of the
-//! instrumented module meets it ([`pauses`]). Then the KV server under a loopback load ([`server`]): requests per
+//! (wall and CPU time: wasmtime compiles functions in parallel), and the
+//! pause bound as one run of the instrumented module meets it ([`pauses`]). Then the KV server under a loopback load ([`server`]): requests per
 //! second and p99 latency of each variant, and their ratios.
 //!
 //! `cargo bench -p upstare-benches --bench overhead [-- ROUNDS] [-- --only NAME]`
@@ -178,6 +178,12 @@ fn compile_columns(c: &[Duration; 4]) -> String {
     )
 }
 
+/// The geomeans over guests of the last three variants' compile times
+/// against the original's.
+fn compile_geomeans<'a>(times: impl Iterator<Item = &'a [Duration; 4]> + Clone) -> [f64; 3] {
+    [1, 2, 3].map(|i| geomean(&times.clone().map(|c| c[i].as_secs_f64() / c[0].as_secs_f64()).collect::<Vec<_>>()))
+}
+
 /// A fresh scratch directory per variant, so that no run sees another's
 /// files.
 fn scratch(name: &str, variant: &str) -> PathBuf {
@@ -205,8 +211,6 @@ fn main() {
     }
     // Runtime, then code, of upstare, full and asyncify against the original.
     let mut ratios: [Vec<f64>; 6] = Default::default();
-    let mut compile_ratios: [Vec<f64>; 3] = Default::default();
-    let mut compile_cpu_ratios: [Vec<f64>; 3] = Default::default();
     let mut bounds = Vec::new();
     for batch in batches {
         let v = load(&engine, &batch.guest);
@@ -253,12 +257,6 @@ fn main() {
         for (list, r) in ratios.iter_mut().zip(run.into_iter().chain(code)) {
             list.push(r);
         }
-        for (i, list) in compile_ratios.iter_mut().enumerate() {
-            list.push(v.compile[i + 1].as_secs_f64() / v.compile[0].as_secs_f64());
-        }
-        for (i, list) in compile_cpu_ratios.iter_mut().enumerate() {
-            list.push(v.compile_cpu[i + 1].as_secs_f64() / v.compile_cpu[0].as_secs_f64());
-        }
         bounds.push((name.clone(), v.compile, v.compile_cpu, pauses::measure(&engine, &v.upstare, &batch, &dirs[1], &expected)));
         for dir in dirs {
             let _ = std::fs::remove_dir_all(dir);
@@ -286,7 +284,7 @@ fn main() {
                 p.worst.as_secs_f64() * 1e6
             );
         }
-        let g = compile_ratios.each_ref().map(|r| geomean(r));
+        let g = compile_geomeans(bounds.iter().map(|b| &b.1));
         println!("geomean: compile upstare {:.3}x, full {:.3}x, asyncify {:.3}x", g[0], g[1], g[2]);
         println!();
         println!("compile CPU time (all of the process's threads), median of {COMPILES}");
@@ -297,7 +295,7 @@ fn main() {
         for (name, _, c, _) in &bounds {
             println!("{name:<9} {}", compile_columns(c));
         }
-        let g = compile_cpu_ratios.each_ref().map(|r| geomean(r));
+        let g = compile_geomeans(bounds.iter().map(|b| &b.2));
         println!("geomean: compile CPU upstare {:.3}x, full {:.3}x, asyncify {:.3}x", g[0], g[1], g[2]);
     }
     if only.is_none_or(|o| o == "kv") {

@@ -385,9 +385,7 @@ impl Emitter<'_> {
                 }
             }
             None => {
-                self.code.i32(0);
-                self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
-                self.code.op(I::LocalSet(self.fb));
+                self.fb_at_frame_sp();
                 for (slot, &l) in locals[..n].iter().enumerate() {
                     frames::load(&mut self.code, &self.cx.helpers, self.fb, l, self.body.locals[l as usize], slot as u32)?;
                 }
@@ -435,9 +433,7 @@ impl Emitter<'_> {
             return Ok(());
         }
         let h = self.cx.helpers;
-        self.code.i32(0);
-        self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
-        self.code.op(I::LocalSet(self.fb));
+        self.fb_at_frame_sp();
         for (slot, l, t) in temporaries {
             frames::load(&mut self.code, &h, self.fb, l, t, slot)?;
         }
@@ -453,9 +449,7 @@ impl Emitter<'_> {
         let h = self.cx.helpers;
         let (_, n) = frames::pack_key(locals.iter().map(|&l| self.body.locals[l as usize]));
         if n < locals.len() {
-            self.code.i32(0);
-            self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
-            self.code.op(I::LocalSet(self.fb));
+            self.fb_at_frame_sp();
             for (slot, &l) in locals.iter().enumerate().skip(n) {
                 frames::load(&mut self.code, &h, self.fb, l, self.body.locals[l as usize], slot as u32)?;
             }
@@ -1102,6 +1096,14 @@ impl Emitter<'_> {
         Ok(())
     }
 
+    /// Sets `fb` to the frame stack pointer: the frame the rewind prologue
+    /// popped, or where a class stores the frame it pushes.
+    fn fb_at_frame_sp(&mut self) {
+        self.code.i32(0);
+        self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
+        self.code.op(I::LocalSet(self.fb));
+    }
+
     /// Stores `values` (locals and their types, in slot order) above the
     /// frame stack pointer, then calls `frame_push` with the resume point on
     /// the stack, which makes them a frame. The stores come first so that
@@ -1109,9 +1111,7 @@ impl Emitter<'_> {
     /// past the pointer for them ([`control::FRAME_HEADROOM`]), or, for a
     /// frame larger than that, this code grows it first.
     fn store_frame(&mut self, values: &[(u32, Ty)]) -> Result<()> {
-        self.code.i32(0);
-        self.code.op(I::I32Load(ctrl(control::FRAME_SP, 2)));
-        self.code.op(I::LocalSet(self.fb));
+        self.fb_at_frame_sp();
         let size = frame::frame_size(values.len() as u32);
         if size > control::FRAME_HEADROOM {
             self.grow_control_for(size);
@@ -1130,18 +1130,16 @@ impl Emitter<'_> {
     /// at the frame stack pointer (in `fb`): only frames larger than the
     /// headroom the memory always keeps need this.
     fn grow_control_for(&mut self, size: u32) {
-        self.code.op(I::LocalGet(self.fb));
-        self.code.i32(size as i32);
-        self.code.op(I::I32Add);
-        self.code.op(I::MemorySize(control::MEMORY_INDEX));
-        self.code.i32(16);
-        self.code.op(I::I32Shl);
-        self.code.op(I::I32GtU);
-        self.code.op(I::If(BlockType::Empty));
-        self.code.i32(((size >> 16) + 1) as i32);
-        self.code.op(I::MemoryGrow(control::MEMORY_INDEX));
-        super::helpers::trap_if_grow_failed(&mut self.code);
-        self.code.op(I::End);
+        let fb = self.fb;
+        super::helpers::grow_control_past(
+            &mut self.code,
+            |c| {
+                c.op(I::LocalGet(fb));
+                c.i32(size as i32);
+                c.op(I::I32Add);
+            },
+            |c| c.i32(((size >> 16) + 1) as i32),
+        );
     }
 
     /// Local declarations (original groups, then the added locals) and code,

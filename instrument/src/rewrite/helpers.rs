@@ -49,11 +49,26 @@ fn store8_const(code: &mut Code, at: u32, v: i32) {
 
 /// Consumes the result of a `memory.grow` or `table.grow` and traps if it
 /// failed (-1): a frame that does not fit cannot be saved.
-pub(crate) fn trap_if_grow_failed(c: &mut Code) {
+fn trap_if_grow_failed(c: &mut Code) {
     c.i32(-1);
     c.op(I::I32Eq);
     c.op(I::If(BlockType::Empty));
     c.op(I::Unreachable);
+    c.op(I::End);
+}
+
+/// Grows the control memory by the pages `pages` pushes when the address
+/// `end` pushes lies past its end; traps when it cannot grow.
+pub(crate) fn grow_control_past(c: &mut Code, end: impl FnOnce(&mut Code), pages: impl FnOnce(&mut Code)) {
+    end(c);
+    c.op(I::MemorySize(control::MEMORY_INDEX));
+    c.i32(16);
+    c.op(I::I32Shl);
+    c.op(I::I32GtU);
+    c.op(I::If(BlockType::Empty));
+    pages(c);
+    c.op(I::MemoryGrow(control::MEMORY_INDEX));
+    trap_if_grow_failed(c);
     c.op(I::End);
 }
 
@@ -208,26 +223,25 @@ fn frame_push() -> Code {
     c.op(I::I32Add);
     c.op(I::LocalSet(size));
     // Grow when the headroom past the frame would end past the memory.
-    c.op(I::LocalGet(fb));
-    c.op(I::LocalGet(size));
-    c.op(I::I32Add);
-    c.i32(control::FRAME_HEADROOM as i32);
-    c.op(I::I32Add);
-    c.op(I::MemorySize(control::MEMORY_INDEX));
-    c.i32(16);
-    c.op(I::I32Shl);
-    c.op(I::I32GtU);
-    c.op(I::If(BlockType::Empty));
-    c.op(I::LocalGet(size));
-    c.i32(control::FRAME_HEADROOM as i32);
-    c.op(I::I32Add);
-    c.i32(16);
-    c.op(I::I32ShrU);
-    c.i32(1);
-    c.op(I::I32Add);
-    c.op(I::MemoryGrow(control::MEMORY_INDEX));
-    trap_if_grow_failed(&mut c);
-    c.op(I::End);
+    grow_control_past(
+        &mut c,
+        |c| {
+            c.op(I::LocalGet(fb));
+            c.op(I::LocalGet(size));
+            c.op(I::I32Add);
+            c.i32(control::FRAME_HEADROOM as i32);
+            c.op(I::I32Add);
+        },
+        |c| {
+            c.op(I::LocalGet(size));
+            c.i32(control::FRAME_HEADROOM as i32);
+            c.op(I::I32Add);
+            c.i32(16);
+            c.op(I::I32ShrU);
+            c.i32(1);
+            c.op(I::I32Add);
+        },
+    );
     for (at, local) in [(frame::FUNC, func), (frame::RESUME_POINT, rp), (frame::SIZE, size)] {
         c.op(I::LocalGet(fb));
         c.op(I::LocalGet(local));
