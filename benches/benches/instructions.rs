@@ -11,6 +11,15 @@
 //! way, with smaller arguments, since valgrind runs them about 50 times
 //! slower.
 //!
+//! A second table counts compiling (SQLite too): the instructions of one
+//! `wasmtime::Module::new` of the original, the instrumented (unwind-only,
+//! as the host loads it) and the Asyncify module, on the host's engine,
+//! all threads. This bench runs itself under cachegrind for it
+//! (`--compile-once FILE N`), compiling a module once and not at all, and
+//! the difference is the compile. Wall and CPU times of compiles (the
+//! `overhead` bench) follow how wasmtime's threads get scheduled and the
+//! machine's load; these counts do not.
+//!
 //! `cargo build --release -p upstare-host && cargo bench -p upstare-benches
 //! --bench instructions [-- --only NAME]`. Needs valgrind
 //! (`apt-get install valgrind`).
@@ -89,8 +98,48 @@ fn unsymbolised(out: &Path) -> u64 {
     total
 }
 
+/// The instructions of compiling `wasm` once on the host's engine, in
+/// millions: this bench under cachegrind compiling it once, less compiling
+/// it zero times (the engine's creation and the file's reading).
+fn compile_count(wasm: &Path, scratch: &Path) -> f64 {
+    let me = std::env::current_exe().expect("the bench's own path");
+    let run = |times: &str| {
+        let out = scratch.join("cachegrind.compile");
+        let mut counted = Command::new("valgrind");
+        counted.args(["--tool=cachegrind", "--cache-sim=no"]).arg(format!("--cachegrind-out-file={}", out.display()));
+        counted.arg(&me).arg("--compile-once").arg(wasm).arg(times);
+        counted.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        common::run(&mut counted);
+        let total = summary(&out);
+        let _ = std::fs::remove_file(&out);
+        total
+    };
+    run("1").saturating_sub(run("0")) as f64 / 1e6
+}
+
+/// The `summary:` line of a cachegrind output file: every instruction counted.
+fn summary(out: &Path) -> u64 {
+    let text = std::fs::read_to_string(out).unwrap_or_else(|e| panic!("cannot read {}: {e}", out.display()));
+    let line = text.lines().find_map(|l| l.strip_prefix("summary:"));
+    line.and_then(|n| n.trim().parse().ok()).unwrap_or_else(|| panic!("no summary in {}", out.display()))
+}
+
+/// `--compile-once FILE N`: what [`compile_count`] runs under cachegrind.
+fn compile_once(file: &str, times: &str) {
+    let engine = upstare_host::new_engine().expect("engine");
+    let wasm = std::fs::read(file).unwrap_or_else(|e| panic!("cannot read {file}: {e}"));
+    for _ in 0..times.parse::<usize>().expect("a count") {
+        wasmtime::Module::new(&engine, &wasm).expect("the module compiles");
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, file, times, ..] = &args[..] {
+        if mode == "--compile-once" {
+            return compile_once(file, times);
+        }
+    }
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).map(String::as_str);
     let host = root().join("target/release/upstare-host");
     assert!(host.exists(), "build the host first: cargo build --release -p upstare-host");
@@ -103,6 +152,7 @@ fn main() {
     println!("guest code instructions (cachegrind), millions");
     println!("{:<9} {:>10} {:>10} {:>7} {:>10} {:>7}", "guest", "original", "upstare", "ratio", "asyncify", "ratio");
     let (mut upstare_ratios, mut asyncify_ratios) = (Vec::new(), Vec::new());
+    let mut compiles = Vec::new();
     for counted in guests(only) {
         let original = counted.guest.build();
         let asyncified = asyncify(&original);
@@ -111,6 +161,33 @@ fn main() {
         let a = count(&host, &cache, &asyncified, true, &counted.args);
         let (ru, ra) = (u / o, a / o);
         println!("{:<9} {o:>10.1} {u:>10.1} {ru:>6.3}x {a:>10.1} {ra:>6.3}x", counted.guest.name);
+        upstare_ratios.push(ru);
+        asyncify_ratios.push(ra);
+        compiles.push((counted.guest.name.clone(), original, asyncified));
+    }
+    println!("geomean: upstare {:.3}x, asyncify {:.3}x", geomean(&upstare_ratios), geomean(&asyncify_ratios));
+    // SQLite runs too long under valgrind to count its run, but compiles in
+    // a few minutes there.
+    if only.is_none_or(|o| o == "sqlite") {
+        let original = common::sqlite_guest().build();
+        let asyncified = asyncify(&original);
+        compiles.push(("sqlite".to_string(), original, asyncified));
+    }
+
+    println!();
+    println!("compile instructions (cachegrind, one Module::new, all threads), millions");
+    println!("{:<9} {:>10} {:>10} {:>7} {:>10} {:>7}", "guest", "original", "upstare", "ratio", "asyncify", "ratio");
+    let (mut upstare_ratios, mut asyncify_ratios) = (Vec::new(), Vec::new());
+    for (name, original, asyncified) in compiles {
+        let bytes = std::fs::read(&original).unwrap();
+        let unwind_only = upstare_instrument::Options { unwind_only: true, ..Default::default() };
+        let instrumented = cache.join(format!("{name}.upstare.wasm"));
+        std::fs::write(&instrumented, upstare_instrument::instrument(&bytes, &unwind_only).unwrap().wasm).unwrap();
+        let o = compile_count(&original, &cache);
+        let u = compile_count(&instrumented, &cache);
+        let a = compile_count(&asyncified, &cache);
+        let (ru, ra) = (u / o, a / o);
+        println!("{name:<9} {o:>10.1} {u:>10.1} {ru:>6.3}x {a:>10.1} {ra:>6.3}x");
         upstare_ratios.push(ru);
         asyncify_ratios.push(ra);
     }

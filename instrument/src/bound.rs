@@ -20,6 +20,12 @@
 //!   from entering the loop to its back edge then runs the write once, so
 //!   running the arithmetic on the constants says how often the back edge
 //!   can be taken: at most [`MAX_TRIPS`] times, or the loop is not bounded;
+//!   or it is a *shrinking loop* (`shrinking`): its body up to that `br_if`
+//!   has no control flow or call, leaves the counter shifted right (unsigned) or
+//!   divided (unsigned) by a constant that makes it smaller, and tests the
+//!   counter, before or after that step, by a test that fails at zero; from
+//!   the largest start, the counter is zero within its width in bits of
+//!   steps (again at most [`MAX_TRIPS`] runs, or not bounded);
 //! - its body calls only functions that need no instrumentation themselves
 //!   and imports that do not block (no `call_indirect`), and every loop
 //!   nested in it is bounded;
@@ -49,6 +55,8 @@ use wasmparser::{BinaryReader, BlockType, Operator, OperatorsReader};
 use crate::abi::ValType as Ty;
 use crate::analysis::{Body, ModuleInfo};
 use crate::error::{Error, ErrorKind, Result};
+
+mod shrinking;
 
 /// The most iterations a loop without a check may run.
 pub const MAX_TRIPS: u64 = 64;
@@ -356,7 +364,7 @@ fn is_cmp(op: &Operator<'_>) -> bool {
 }
 
 /// How often the body of the loop at `l` (whose `end` is at `e`) can run,
-/// if the loop is counted and that is at most [`MAX_TRIPS`].
+/// if the loop is counted or shrinking and that is at most [`MAX_TRIPS`].
 fn trip_bound(ops: &[Operator<'_>], l: usize, e: usize, locals: &[Ty]) -> Option<u64> {
     if !matches!(
         ops[l],
@@ -389,6 +397,12 @@ fn trip_bound(ops: &[Operator<'_>], l: usize, e: usize, locals: &[Ty]) -> Option
         }
     }
     let b = back?;
+    counted_trips(ops, l, b, e, locals).or_else(|| shrinking::trips(ops, l, b, locals, MAX_TRIPS))
+}
+
+/// The trip count of a counted loop (the module docs), whose one back edge
+/// is the `br_if` at `b`.
+fn counted_trips(ops: &[Operator<'_>], l: usize, b: usize, e: usize, locals: &[Ty]) -> Option<u64> {
     // The condition right before the br_if.
     let at = |k: usize| {
         if b >= l + 1 + k {

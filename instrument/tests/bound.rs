@@ -264,11 +264,20 @@ fn a_function_over_the_budget_keeps_its_checks() {
 /// the differential harness, and still unwind at the loop that has a check.
 #[test]
 fn exempted_loops_run_the_same_under_stress() {
-    // The harness calls exports with zero arguments, and `main` with n = 0
-    // would run its loop 2^32 times: this one counts from a constant.
-    let wat = counted(0, "i32.const 1 i32.add", "i32.ne", 16).replace(
-        r#"(func $main (export "main") (param $n i32) (result i32)
-            (local $t i32)"#,
+    check_under_stress(&counted(0, "i32.const 1 i32.add", "i32.ne", 16));
+}
+
+/// Runs the module `wat` (of [`counted`] or [`shrinking`]) in the
+/// differential harness, which checks it behaves the same instrumented in
+/// every stress mode, and that stress mode unwinds. The harness calls
+/// exports with zero arguments, and `main` with n = 0 would run its loop
+/// 2^32 times: this `main` counts from a constant instead.
+fn check_under_stress(wat: &str) {
+    let with_param = r#"(func $main (export "main") (param $n i32) (result i32)
+            (local $t i32)"#;
+    assert!(wat.contains(with_param), "main takes n");
+    let wat = wat.replace(
+        with_param,
         r#"(func $main (export "main") (result i32)
             (local $t i32) (local $n i32)
             i32.const 300 local.set $n"#,
@@ -276,4 +285,113 @@ fn exempted_loops_run_the_same_under_stress() {
     let wasm = wat::parse_str(&wat).expect("wat");
     let stats = support::check(&support::engine(), &wasm).unwrap_or_else(|e| panic!("{e}"));
     assert!(stats.unwinds > 0, "stress mode never unwound");
+}
+
+/// A function `digits` that writes the digits of its parameter below
+/// address 64, one per iteration of a loop whose body is `body` (with the
+/// parameter in `$x`, an i64 when `wide`), and returns how many it wrote;
+/// `main` calls it in a loop that is not counted.
+fn shrinking(wide: bool, body: &str) -> String {
+    let t = if wide { "i64" } else { "i32" };
+    format!(
+        r#"(module
+          (memory (export "memory") 1)
+          (func $digits (export "digits") (param $x {t}) (result i32)
+            (local $p i32) (local $q {t}) (local $c i32)
+            i32.const 64
+            local.set $p
+            (loop $l
+              local.get $p i32.const -1 i32.add local.tee $p
+              local.get $x {t}.const 10 {t}.rem_u {wrap} i32.const 48 i32.or
+              i32.store8
+              {body})
+            i32.const 64 local.get $p i32.sub)
+          (func $main (export "main") (param $n i32) (result i32)
+            (local $t i32)
+            (loop $o
+              local.get $t
+              local.get $n {extend}
+              call $digits
+              i32.add
+              local.set $t
+              local.get $n i32.const 1 i32.sub local.tee $n
+              br_if $o)
+            local.get $t))"#,
+        wrap = if wide { "i32.wrap_i64" } else { "" },
+        extend = if wide { "i64.extend_i32_u" } else { "" },
+    )
+}
+
+/// Division by ten as clang emits it for `while (y >= 10) y /= 10`: the
+/// test reads the counter before the step, through temporaries.
+const DIV_TEST_BEFORE: &str = "local.get $x i32.const 10 i32.div_u local.set $q \
+     local.get $x i32.const 9 i32.gt_u local.set $c \
+     local.get $q local.set $x \
+     local.get $c br_if $l";
+
+#[test]
+fn a_counter_shifted_or_divided_towards_zero_needs_no_check() {
+    for (why, wide, body) in [
+        ("i32 divided by ten, tested before", false, DIV_TEST_BEFORE),
+        (
+            "i64 shifted by four, tested after",
+            true,
+            "local.get $x i64.const 4 i64.shr_u local.tee $x i64.const 0 i64.ne br_if $l",
+        ),
+        (
+            "i64 divided by ten, tested as nonzero after",
+            true,
+            "local.get $x i64.const 10 i64.div_u local.tee $x i32.wrap_i64 drop local.get $x i64.eqz i32.eqz drop \
+             local.get $x i64.const 0 i64.gt_u br_if $l",
+        ),
+        ("i32 shifted by one, tested bare", false, "local.get $x i32.const 1 i32.shr_u local.tee $x br_if $l"),
+    ] {
+        let meta = metadata(&shrinking(wide, body));
+        assert_eq!(kinds(&meta, 0), None, "{why}: digits is left alone");
+        assert_eq!(kinds(&meta, 1), Some(vec![ResumeKind::Loop]), "{why}: calling digits is no resume point");
+    }
+}
+
+/// Steps that do not reach zero, tests that hold at zero, a counter written
+/// twice or in a nested block, control flow before the back edge, and 65
+/// steps of one bit each all keep the check.
+#[test]
+fn counters_that_need_not_reach_zero_keep_the_check() {
+    for (why, wide, body) in [
+        ("a signed shift stays at -1", false, "local.get $x i32.const 1 i32.shr_s local.tee $x br_if $l"),
+        ("a shift by the width is no shift", false, "local.get $x i32.const 32 i32.shr_u local.tee $x br_if $l"),
+        ("a division by one", false, "local.get $x i32.const 1 i32.div_u local.tee $x br_if $l"),
+        ("a test that holds at zero", false, "local.get $x i32.const 10 i32.div_u local.tee $x i32.const 5 i32.lt_u br_if $l"),
+        (
+            "the counter grows back",
+            false,
+            "local.get $x i32.const 10 i32.div_u i32.const 7 i32.add local.tee $x br_if $l",
+        ),
+        (
+            "the test reads another local",
+            false,
+            "local.get $x i32.const 10 i32.div_u local.set $x local.get $q br_if $l",
+        ),
+        (
+            "the step is written in an if",
+            false,
+            "local.get $x (if (then local.get $x i32.const 10 i32.div_u local.set $x)) local.get $x br_if $l",
+        ),
+        (
+            "a second write after the step",
+            false,
+            "local.get $x i32.const 10 i32.div_u local.set $x local.get $q local.set $x local.get $x br_if $l",
+        ),
+        ("65 runs of one bit", true, "local.get $x i64.const 1 i64.shr_u local.set $q local.get $x local.get $q local.set $x i64.const 0 i64.ne br_if $l"),
+    ] {
+        let meta = metadata(&shrinking(wide, body));
+        assert_eq!(kinds(&meta, 0), Some(vec![ResumeKind::Loop]), "{why}");
+    }
+}
+
+/// The shrinking loops run the same instrumented, under every stress mode
+/// of the differential harness.
+#[test]
+fn shrinking_loops_run_the_same_under_stress() {
+    check_under_stress(&shrinking(false, DIV_TEST_BEFORE));
 }
