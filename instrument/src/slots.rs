@@ -8,8 +8,8 @@
 //! function type of its own: wasmtime compiles a trampoline for every
 //! function type of a module) or, for a long list no other class has,
 //! stores them inline (`rewrite::Packs`).
-//! wasi-libc's `printf_core` has 133 points with 70 distinct live sets of 1
-//! to 40 `i32`s, most of them one or two locals apart.
+//! wasi-libc's `printf_core` has over 120 points with about 70 distinct
+//! live sets of 1 to 40 `i32`s, most of them one or two locals apart.
 //!
 //! So a point may take a class whose slots are a superset of its live
 //! locals. The slots it does not need hold zero: its unwind path sets those
