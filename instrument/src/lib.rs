@@ -48,9 +48,9 @@
 //! Two kinds of code get no update point because their running time is
 //! bounded by a budget (`bound` checks the rules): a *bounded loop*, whose
 //! counter runs from a constant by a constant step against a constant bound,
-//! or is shifted right or divided by a constant towards zero with the loop
-//! going on only while it is not zero (a digit loop), for at most 64
-//! iterations either way, calls nothing that can unwind, and costs at
+//! or is shifted right or divided by a constant towards zero while the loop
+//! goes on only under a test that fails at zero (a digit loop), for at most
+//! 64 iterations either way, calls nothing that can unwind, and costs at
 //! most 4,096 instructions (its trip count times its body, nested bounded
 //! loops and short callees included); and a *short function*, whose loops
 //! are all bounded and whose cost is at most 4,096 instructions: it is not
