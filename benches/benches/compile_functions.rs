@@ -159,19 +159,13 @@ fn main() {
         }
     }
     let name = args.iter().find(|a| !a.starts_with("--")).map_or("nbody", String::as_str);
-    let source = match name {
-        "compute" => "guest-examples/compute/compute.c",
-        "nbody" => "benches/guests/nbody.c",
-        "interp" => "benches/guests/interp.c",
-        "kernels" => "benches/guests/kernels.c",
-        other => panic!("unknown guest {other}: compute, nbody, interp or kernels"),
+    let Some(&(_, source)) = common::CPU_GUESTS.iter().find(|(n, _)| *n == name) else {
+        panic!("unknown guest {name}: compute, nbody, interp or kernels");
     };
-    let valgrind = Command::new("valgrind").arg("--version").output();
-    assert!(valgrind.is_ok_and(|o| o.status.success()), "valgrind is needed: apt-get install valgrind");
+    common::require_valgrind();
 
     let original = std::fs::read(CGuest::single(name, source).build()).unwrap();
-    let unwind_only = upstare_instrument::Options { unwind_only: true, ..Default::default() };
-    let instrumented = upstare_instrument::instrument(&original, &unwind_only).unwrap().wasm;
+    let instrumented = common::unwind_only(&original);
     let scratch = common::out_dir().join("compile-functions");
     let (o, o_base) = per_function(&original, &scratch.join("original"));
     let (u, u_base) = per_function(&instrumented, &scratch.join("upstare"));

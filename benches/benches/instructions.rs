@@ -143,8 +143,7 @@ fn main() {
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).map(String::as_str);
     let host = root().join("target/release/upstare-host");
     assert!(host.exists(), "build the host first: cargo build --release -p upstare-host");
-    let valgrind = Command::new("valgrind").arg("--version").output();
-    assert!(valgrind.is_ok_and(|o| o.status.success()), "valgrind is needed: apt-get install valgrind");
+    common::require_valgrind();
     let cache: PathBuf = common::out_dir().join("instructions-cache");
     let _ = std::fs::remove_dir_all(&cache);
     std::fs::create_dir_all(&cache).unwrap();
@@ -179,10 +178,8 @@ fn main() {
     println!("{:<9} {:>10} {:>10} {:>7} {:>10} {:>7}", "guest", "original", "upstare", "ratio", "asyncify", "ratio");
     let (mut upstare_ratios, mut asyncify_ratios) = (Vec::new(), Vec::new());
     for (name, original, asyncified) in compiles {
-        let bytes = std::fs::read(&original).unwrap();
-        let unwind_only = upstare_instrument::Options { unwind_only: true, ..Default::default() };
         let instrumented = cache.join(format!("{name}.upstare.wasm"));
-        std::fs::write(&instrumented, upstare_instrument::instrument(&bytes, &unwind_only).unwrap().wasm).unwrap();
+        std::fs::write(&instrumented, common::unwind_only(&std::fs::read(&original).unwrap())).unwrap();
         let o = compile_count(&original, &cache);
         let u = compile_count(&instrumented, &cache);
         let a = compile_count(&asyncified, &cache);

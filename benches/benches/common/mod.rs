@@ -26,6 +26,27 @@ pub fn out_dir() -> PathBuf {
     out
 }
 
+/// The CPU-bound guests every bench of the guest code runs: name and source.
+pub const CPU_GUESTS: [(&str, &str); 4] = [
+    ("compute", "guest-examples/compute/compute.c"),
+    ("nbody", "benches/guests/nbody.c"),
+    ("interp", "benches/guests/interp.c"),
+    ("kernels", "benches/guests/kernels.c"),
+];
+
+/// The module as `upstare-host` starts a program on it: the unwind-only
+/// variant.
+pub fn unwind_only(original: &[u8]) -> Vec<u8> {
+    let options = upstare_instrument::Options { unwind_only: true, ..Default::default() };
+    upstare_instrument::instrument(original, &options).unwrap().wasm
+}
+
+/// Panics unless valgrind runs (the instruction-counting benches need it).
+pub fn require_valgrind() {
+    let valgrind = Command::new("valgrind").arg("--version").output();
+    assert!(valgrind.is_ok_and(|o| o.status.success()), "valgrind is needed: apt-get install valgrind");
+}
+
 /// Runs a command to success, or panics naming it.
 pub fn run(cmd: &mut Command) {
     let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));

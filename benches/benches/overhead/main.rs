@@ -48,12 +48,7 @@ fn batches(only: Option<&str>) -> Vec<Batch> {
     let cpu = |name: &str, src: &str| Batch { guest: CGuest::single(name, src), args: Vec::new(), dir: None };
     let wanted = |name: &str| only.is_none_or(|o| o == name);
     let mut all = Vec::new();
-    for (name, src) in [
-        ("compute", "guest-examples/compute/compute.c"),
-        ("nbody", "benches/guests/nbody.c"),
-        ("interp", "benches/guests/interp.c"),
-        ("kernels", "benches/guests/kernels.c"),
-    ] {
+    for (name, src) in common::CPU_GUESTS {
         if wanted(name) {
             all.push(cpu(name, src));
         }
@@ -136,8 +131,7 @@ fn load(engine: &Engine, guest: &CGuest) -> Variants {
     let original_bytes = std::fs::read(&original_path).unwrap();
     let async_bytes = std::fs::read(&async_path).unwrap();
     let as_is = LoadOptions { instrument: false, ..LoadOptions::default() };
-    let unwind_only = upstare_instrument::Options { unwind_only: true, ..Default::default() };
-    let instrumented = upstare_instrument::instrument(&original_bytes, &unwind_only).unwrap().wasm;
+    let instrumented = common::unwind_only(&original_bytes);
     let full = upstare_instrument::instrument(&original_bytes, &Default::default()).unwrap().wasm;
     let mut compile: [Vec<Duration>; 4] = Default::default();
     let mut compile_cpu: [Vec<Duration>; 4] = Default::default();
