@@ -293,9 +293,8 @@ mod tests {
         linker.define(&store, abi::IMPORT_MODULE, abi::MEMORY_IMPORT, memory.shared().clone()).unwrap();
         linker.define(&store, abi::IMPORT_MODULE, abi::CONTROL_IMPORT, control.memory().clone()).unwrap();
         let instance = linker.instantiate(&mut store, &module).unwrap();
-        let state = instance.get_global(&mut store, exports::STATE).unwrap();
-        let stop_rewind = instance.get_typed_func(&mut store, exports::STOP_REWIND).unwrap();
-        store.data_mut().hooks = Some(crate::wasi::UnwindHooks { state, stop_rewind });
+        let unwind_state = crate::unwind_state::UnwindState::of(&mut store, &instance, control.clone(), true).unwrap();
+        store.data_mut().hooks = Some(crate::wasi::UnwindHooks { state: unwind_state.clone() });
         instance.get_typed_func::<(), ()>(&mut store, exports::INIT_MEMORY).unwrap().call(&mut store, ()).unwrap();
         let wait = instance.get_typed_func::<i32, i32>(&mut store, "wait").unwrap();
 
@@ -309,7 +308,7 @@ mod tests {
         };
         assert_eq!(wait.call(&mut store, 64).unwrap(), 0);
         assert_eq!(notifier.join().unwrap(), 1);
-        assert_eq!(state.get(&mut store).i32(), Some(State::Normal as i32));
+        assert!(unwind_state.is(&mut store, State::Normal));
 
         // Interrupted: the guest unwinds from the wait, and nobody waits.
         let interrupter = {
@@ -321,12 +320,11 @@ mod tests {
         };
         wait.call(&mut store, 64).unwrap();
         interrupter.join().unwrap();
-        assert_eq!(state.get(&mut store).i32(), Some(State::Unwinding as i32));
+        assert!(unwind_state.is(&mut store, State::Unwinding));
         assert!(futexes.table().is_empty());
 
         // A misaligned address traps as the instruction would.
-        let stop_unwind = instance.get_typed_func::<(), ()>(&mut store, exports::STOP_UNWIND).unwrap();
-        stop_unwind.call(&mut store, ()).unwrap();
+        unwind_state.stop_unwind(&mut store).unwrap();
         let trap = wait.call(&mut store, 65).unwrap_err();
         assert_eq!(trap.downcast_ref::<Trap>(), Some(&Trap::HeapMisaligned), "{trap:?}");
     }

@@ -9,7 +9,7 @@
 //! are freed ([`free_old`]) only once the new code has accepted the frames.
 
 use upstare_instrument::abi::exports::{FREE_BATCH, MALLOC_BATCH};
-use upstare_instrument::abi::{TypedFrame, Value};
+use upstare_instrument::abi::{State, TypedFrame, Value};
 use upstare_patchgen::heap::{self, Landing, MemoryView};
 use wasmtime::{Instance, Store, TypedFunc};
 
@@ -172,7 +172,7 @@ pub(crate) fn convert(
         let mut words: Vec<u32> = plan.objects.iter().map(|o| plan.new_bytes(o)).collect();
         with_pause_off(&unwinder.control, unwinder, store, Calls::Malloc, |store| {
             let done = call_in_batches(&unwinder.control, store, &malloc, &mut words, HeapError::Malloc)?;
-            let normal = unwinder.state.get(&mut *store).i32() == Some(0);
+            let normal = unwinder.state.is(&mut *store, State::Normal);
             if let (Some(o), true) = (plan.objects.get(done), normal) {
                 return Err(HeapError::OutOfMemory { size: plan.new_bytes(o), type_name: plan.kind(o).type_name.clone(), path: plan.path_of(o) });
             }
@@ -382,8 +382,8 @@ fn with_pause_off<T>(
     let result = calls(&mut *store);
     control.set_pause(paused);
     let value = result?;
-    match unwinder.state.get(&mut *store).i32() {
-        Some(0) => Ok(value),
-        _ => Err(HeapError::Stopped(what)),
+    match unwinder.state.is(&mut *store, State::Normal) {
+        true => Ok(value),
+        false => Err(HeapError::Stopped(what)),
     }
 }

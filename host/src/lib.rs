@@ -56,6 +56,7 @@ pub mod process;
 pub mod pause_group;
 pub mod processes;
 pub mod program_memory;
+mod unwind_state;
 mod rewinding;
 pub mod snapshot;
 pub mod sourcemap;

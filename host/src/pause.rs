@@ -102,6 +102,18 @@ impl ControlMemory {
         self.byte(control::STRESS_BYTE).store(0, Ordering::SeqCst);
     }
 
+    /// Sets or clears the rewinding byte.
+    pub(crate) fn set_rewinding(&self, on: bool) {
+        self.byte(control::REWIND_BYTE).store(on as u8, Ordering::SeqCst);
+    }
+
+    /// Empties the frame stack and the reference side tables' count. Call
+    /// only while the guest is not running.
+    pub(crate) fn clear_frames(&self) {
+        self.word(control::FRAME_SP).store(control::FRAMES_BASE, Ordering::SeqCst);
+        self.word(control::REF_TOP).store(0, Ordering::SeqCst);
+    }
+
     /// Whether a pause was requested, clearing the request: it is served.
     pub fn take_pause(&self) -> bool {
         self.byte(control::PAUSE_BYTE).swap(0, Ordering::SeqCst) != 0

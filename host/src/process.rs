@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use upstare_instrument::abi::{control, exports, ResumeKind, State, TypedFrame};
 use upstare_instrument::Metadata;
-use wasmtime::{Engine, Global, Instance, Linker, Store, TypedFunc};
+use wasmtime::{Engine, Instance, Linker, Store, TypedFunc};
 
 use crate::fork_memory::ForkMemory;
 use crate::interrupt::InterruptHandle;
@@ -21,6 +21,7 @@ use crate::pause::{ControlMemory, PauseHandle};
 use crate::program_memory::ProgramMemory;
 use crate::sourcemap::SourceMap;
 use crate::trap::TrapReport;
+use crate::unwind_state::UnwindState;
 use crate::wasi::fd_table::Stdio;
 use crate::processes::{Membership, Processes};
 use crate::threads::{SharedMemories, Threads};
@@ -157,11 +158,9 @@ pub(crate) struct Unwinder {
     /// The program memory, which the host created.
     pub(crate) memory: ProgramMemory,
     pub(crate) metadata: Arc<Metadata>,
-    pub(crate) state: Global,
+    pub(crate) state: UnwindState,
     init_memory: TypedFunc<(), ()>,
     start: Option<TypedFunc<(), ()>>,
-    pub(crate) stop_unwind: TypedFunc<(), ()>,
-    pub(crate) start_rewind: TypedFunc<(), ()>,
     /// The frames of a paused guest, innermost first.
     pub(crate) paused: Option<Vec<TypedFrame>>,
     /// Unwinds so far (pauses and stress unwinds), for diagnostics.
@@ -400,12 +399,9 @@ impl Guest {
         })?;
         let unwinder = match (memories, control, &module.metadata) {
             (Some(SharedMemories::Instrumented(memory)), Some(control), Some(metadata)) => {
-                let unwinder = Unwinder::new(&mut store, &instance, memory.clone(), control, metadata.clone())
+                let unwinder = Unwinder::new(&mut store, &instance, memory.clone(), control, metadata.clone(), !module.is_unwind_only())
                     .map_err(|e| SetupError::Host(format!("instrumented module is missing a host export: {e}")))?;
-                let stop_rewind = instance
-                    .get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)
-                    .map_err(|e| SetupError::Host(one_line(&e)))?;
-                store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state, stop_rewind });
+                store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state.clone() });
                 Some(unwinder)
             }
             _ => None,
@@ -672,17 +668,18 @@ pub(crate) enum AfterReturn {
 }
 
 impl Unwinder {
+    /// The unwinder of `instance`; `rewinds` is false for the unwind-only
+    /// variant, which a thread leaves before it rewinds.
     pub(crate) fn new(
         store: &mut Store<ProcessState>,
         instance: &Instance,
         memory: ProgramMemory,
         control: ControlMemory,
         metadata: Arc<Metadata>,
+        rewinds: bool,
     ) -> wasmtime::Result<Self> {
         let func = |store: &mut Store<ProcessState>, name: &str| instance.get_typed_func::<(), ()>(&mut *store, name);
-        let state = instance
-            .get_global(&mut *store, exports::STATE)
-            .ok_or_else(|| wasmtime::format_err!("no `{}` global", exports::STATE))?;
+        let state = UnwindState::of(&mut *store, instance, control.clone(), rewinds)?;
         let start = match metadata.start {
             Some(_) => Some(func(store, exports::START)?),
             None => None,
@@ -690,8 +687,6 @@ impl Unwinder {
         Ok(Unwinder {
             init_memory: func(store, exports::INIT_MEMORY)?,
             start,
-            stop_unwind: func(store, exports::STOP_UNWIND)?,
-            start_rewind: func(store, exports::START_REWIND)?,
             control,
             memory,
             metadata,
@@ -705,11 +700,11 @@ impl Unwinder {
 
     /// After the entry call returned normally: finished, or unwound.
     pub(crate) fn after_return(&mut self, store: &mut Store<ProcessState>) -> Result<AfterReturn, AfterReturnError> {
-        if self.state.get(&mut *store).i32() != Some(State::Unwinding as i32) {
+        if !self.state.is(&mut *store, State::Unwinding) {
             return Ok(AfterReturn::Finished);
         }
         self.unwinds += 1;
-        self.stop_unwind.call(&mut *store, ()).map_err(AfterReturnError::StopUnwind)?;
+        self.state.stop_unwind(&mut *store).map_err(AfterReturnError::StopUnwind)?;
         let raw = self.control.frames().map_err(AfterReturnError::Unreadable)?;
         let frames = raw
             .iter()
@@ -758,7 +753,7 @@ impl Unwinder {
         if self.control.pause_requested() || self.control.blocking_pause_requested() {
             interrupter.handle().interrupt();
         }
-        self.start_rewind.call(&mut *store, ())
+        self.state.start_rewind(&mut *store)
     }
 }
 

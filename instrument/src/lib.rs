@@ -222,8 +222,10 @@
 //!
 //! The *full variant* is everything above. The *unwind-only variant*
 //! ([`Options::unwind_only`]) is each body's normal copy alone, with its
-//! update points and save classes and no code that rewinds (its
-//! `upstare_start_rewind` traps): about half the full variant's code, and
+//! update points and save classes and no code that rewinds (nor the
+//! allocator exports an update's heap conversion calls, which runs in the
+//! new version's instance; it must never be set rewinding, [`abi::State`]):
+//! about half the full variant's code, and
 //! well under half its compile time (`docs/PERFORMANCE.md`). Both have the
 //! same metadata, resume points and frame layout, so a stack the
 //! unwind-only variant saved rewinds into an instance of the full one
@@ -249,13 +251,14 @@
 //!    exported, then the entry point.
 //! 2. To pause: set the pause byte. The guest unwinds at its next update
 //!    point; the entry call returns with `upstare_state == 1`. A blocking
-//!    import that the host interrupts calls `upstare_start_unwind` (or sets
-//!    the state) and returns; its work must count as not done, because the
-//!    rewind calls it again with the same arguments. Call
-//!    `upstare_stop_unwind` and read the frames ([`abi::read_frames`]).
+//!    import that the host interrupts sets the state to 1 and returns; its
+//!    work must count as not done, because the rewind calls it again with
+//!    the same arguments. Set the state to 0 and read the frames
+//!    ([`abi::read_frames`]).
 //! 3. To resume: clear the pause byte, write the frames back if they moved,
-//!    call `upstare_start_rewind`, then the same entry point again. The guest
-//!    returns to normal running at the resume point.
+//!    set the rewinding byte and the state to 2 ([`abi::State`]), then call
+//!    the same entry point again. The guest returns to normal running at the
+//!    resume point.
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
@@ -301,7 +304,7 @@ pub struct Options {
     pub stress: bool,
     /// Instrument the *unwind-only variant*: every body is its normal copy
     /// alone, with its update points and the code that saves frames, and
-    /// no code that rewinds (`upstare_start_rewind` traps). Its metadata,
+    /// no code that rewinds (it must never be set rewinding). Its metadata,
     /// resume points and save classes are those of the full variant, so a
     /// stack it unwound rewinds into an instance of the full one over the
     /// same memories. A host runs it until the first rewind, and compiles

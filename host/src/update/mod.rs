@@ -598,9 +598,8 @@ impl Guest {
         let wasi = std::mem::replace(&mut self.store.data_mut().wasi, stand_in);
         let mut store = Store::new(&engine, ProcessState { wasi, hooks: None, threads: self.threads.clone() });
         let built = instance_pre.instantiate(&mut store).and_then(|instance| {
-            let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata)?;
-            let stop_rewind = instance.get_typed_func::<(), ()>(&mut store, exports::STOP_REWIND)?;
-            store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state, stop_rewind });
+            let unwinder = Unwinder::new(&mut store, &instance, memory, control, metadata, !module.is_unwind_only())?;
+            store.data_mut().hooks = Some(UnwindHooks { state: unwinder.state.clone() });
             Ok((instance, unwinder))
         });
         let (instance, mut unwinder) = match built {
@@ -815,7 +814,7 @@ impl Guest {
     fn checked_rewind(&mut self, mapped: &[TypedFrame], new: &Version) -> Result<(), ApplyError> {
         let store = &mut self.store;
         let u = instrumented(&mut self.unwinder)?;
-        u.start_rewind.call(&mut *store, ()).map_err(ApplyError::StartRewind)?;
+        u.state.start_rewind(&mut *store).map_err(ApplyError::StartRewind)?;
         // A request, not just the flag: a rewind that ends in a blocking
         // call must find its wake-up waiting, or it would block there.
         crate::PauseHandle::new(u.control.clone(), self.interrupt.clone(), None, None).request();

@@ -116,10 +116,8 @@ pub struct WasiCtx {
 /// rewind first.
 #[derive(Clone)]
 pub struct UnwindHooks {
-    /// The `upstare_state` global.
-    pub state: wasmtime::Global,
-    /// The `upstare_stop_rewind` export.
-    pub stop_rewind: wasmtime::TypedFunc<(), ()>,
+    /// The instance's unwind state.
+    pub(crate) state: crate::unwind_state::UnwindState,
 }
 
 impl UnwindHooks {
@@ -128,8 +126,8 @@ impl UnwindHooks {
     pub(crate) fn end_rewind<T: WasiView>(caller: &mut wasmtime::Caller<'_, T>) -> wasmtime::Result<Option<UnwindHooks>> {
         let hooks = caller.data().unwind_hooks();
         if let Some(h) = &hooks {
-            if h.state.get(&mut *caller).i32() == Some(upstare_instrument::abi::State::Rewinding as i32) {
-                h.stop_rewind.call(&mut *caller, ())?;
+            if h.state.is(&mut *caller, upstare_instrument::abi::State::Rewinding) {
+                h.state.stop_rewind(&mut *caller)?;
             }
         }
         Ok(hooks)
@@ -138,7 +136,7 @@ impl UnwindHooks {
     /// Has the guest unwind from the host import it is in, which it makes
     /// again when it is rewound.
     pub(crate) fn unwind<T>(&self, caller: &mut wasmtime::Caller<'_, T>) -> wasmtime::Result<()> {
-        self.state.set(&mut *caller, wasmtime::Val::I32(upstare_instrument::abi::State::Unwinding as i32))
+        self.state.unwind(&mut *caller)
     }
 }
 

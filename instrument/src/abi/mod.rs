@@ -28,7 +28,9 @@ pub const METADATA_SECTION: &str = "upstare.meta";
 /// and the resume kind of an atomic wait. 7: frames may have slots for
 /// locals dead at their point ([`ResumePoint::slots`]). 8: the control
 /// memory keeps [`control::FRAME_HEADROOM`] bytes past the frame stack.
-pub const METADATA_VERSION: u32 = 8;
+/// 9: the host changes the [`State`] itself (see [`State`]); modules export
+/// no functions for it.
+pub const METADATA_VERSION: u32 = 9;
 
 /// Module name of every import the instrumenter adds.
 pub const IMPORT_MODULE: &str = "upstare";
@@ -138,20 +140,6 @@ pub mod exports {
     /// The original start function (present only if the module had a start
     /// section). The host calls it after [`INIT_MEMORY`].
     pub const START: &str = "upstare_start";
-    /// `() -> ()`: sets the state to UNWINDING. A host import marked blocking
-    /// calls this (or sets [`STATE`] itself) to make the guest unwind as soon
-    /// as the import returns; the import's work must then count as not done,
-    /// because rewinding calls it again with the same arguments.
-    pub const START_UNWIND: &str = "upstare_start_unwind";
-    /// `() -> ()`: sets the state back to NORMAL once the outermost export has
-    /// returned with the frames saved.
-    pub const STOP_UNWIND: &str = "upstare_stop_unwind";
-    /// `() -> ()`: sets the state to REWINDING and raises the rewinding flag
-    /// byte. The host then calls the export that was unwound again.
-    pub const START_REWIND: &str = "upstare_start_rewind";
-    /// `() -> ()`: abandons a rewind: state NORMAL, flag cleared, side tables
-    /// released. Not needed when a rewind completes (the guest does it).
-    pub const STOP_REWIND: &str = "upstare_stop_rewind";
     /// Table of funcref values saved in frames (present only if some frame can
     /// hold a funcref). A frame slot of type funcref holds an index into it.
     pub const FUNCREF_TABLE: &str = "upstare_funcrefs";
@@ -192,10 +180,6 @@ pub mod exports {
             INIT_MEMORY,
             DROP_DATA,
             START,
-            START_UNWIND,
-            STOP_UNWIND,
-            START_REWIND,
-            STOP_REWIND,
             FUNCREF_TABLE,
             EXTERNREF_TABLE,
             MALLOC,
@@ -209,6 +193,26 @@ pub mod exports {
 }
 
 /// Values of the `upstare_state` global.
+///
+/// The guest moves from normal to unwinding at an update point that
+/// pauses, and from rewinding to normal at the resume point it re-enters.
+/// The host makes the other moves, between calls into the instance, by
+/// setting the global (and the control header, [`control`]):
+///
+/// - a blocking import the host interrupts sets unwinding and returns; its
+///   work must count as not done, because the rewind calls it again with
+///   the same arguments;
+/// - once the entry call returned unwinding, the host sets normal and reads
+///   the frames;
+/// - to rewind, it sets the rewinding byte and rewinding, then calls the
+///   same entry point again;
+/// - to abandon a rewind, it sets normal, clears the rewinding byte, sets
+///   the frame stack pointer to [`control::FRAMES_BASE`] and the side-table
+///   count to zero, and fills the side tables ([`exports::FUNCREF_TABLE`],
+///   [`exports::EXTERNREF_TABLE`]) with nulls.
+///
+/// Only the full variant may be set rewinding: the unwind-only variant
+/// has no code that rewinds, and would run its bodies from the top.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Running normally.
@@ -224,7 +228,7 @@ pub enum State {
 /// ```text
 /// offset  size  written by  meaning
 ///  0      1     host        pause requested (nonzero: unwind at the next update point)
-///  1      1     guest/host  rewinding (set by upstare_start_rewind, cleared when done)
+///  1      1     guest/host  rewinding (set by the host to rewind, cleared when done)
 ///  2      1     host        stress mode (nonzero: count update points, see below)
 ///  3      1     -           reserved, zero
 ///  4      4     guest/host  frame stack pointer: address of the first free byte

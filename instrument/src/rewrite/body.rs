@@ -859,9 +859,14 @@ impl Emitter<'_> {
             return Err(internal("call anchor expected"));
         };
         if self.plan.rps[rp as usize].kind == ResumeKind::BlockingCall {
+            // The unwind-only variant never rewinds: only the pause decision.
+            let decide = match self.cx.helpers.rewind {
+                Some(r) => r.pre_call,
+                None => self.cx.helpers.should_pause,
+            };
             self.load_flags();
             self.if_(BlockType::Empty);
-            self.code.op(I::Call(self.cx.helpers.pre_call));
+            self.code.op(I::Call(decide));
             self.if_(BlockType::Empty);
             self.unwind_at(rp)?;
             self.end()?;
@@ -961,7 +966,7 @@ impl Emitter<'_> {
     fn prologue(&mut self) -> Result<()> {
         let h = self.cx.helpers;
         self.code.i32(self.func as i32);
-        self.code.op(I::Call(h.frame_pop));
+        self.code.op(I::Call(h.rewind()?.frame_pop));
         self.code.op(I::LocalTee(self.fb));
         self.code.op(I::I32Load(ctrl(crate::abi::frame::RESUME_POINT, 2)));
         self.code.op(I::GlobalSet(self.cx.rp_global));
@@ -1072,10 +1077,10 @@ impl Emitter<'_> {
     /// stack (its block's result): the class's locals and the operands'
     /// shadow locals, in slot order, passed to the save helper of their
     /// types ([`super::Packs`]), which pushes the frame and stores them;
-    /// or, for a long list of slot types no other class has, stored
-    /// inline. Passing the values to a shared call rather than storing them
-    /// makes the code smaller, and the guests run no more instructions for
-    /// it (`docs/PERFORMANCE.md`).
+    /// or, for slot types no other class has, stored inline. Passing the
+    /// values to a shared call rather than storing them makes the code
+    /// smaller, and the guests run no more instructions for it
+    /// (`docs/PERFORMANCE.md`).
     fn save_class(&mut self, class: usize) -> Result<()> {
         let SaveClass { locals, operands } = self.classes[class].clone();
         let mut values: Vec<(u32, Ty)> = locals.iter().map(|&l| (l, self.body.locals[l as usize])).collect();

@@ -8,7 +8,7 @@
 
 use wasm_encoder::{BlockType, Encode, HeapType, Instruction as I, ValType};
 
-use super::{ctrl, frames, Code, Helpers, Packs, Types};
+use super::{ctrl, frames, Code, Helpers, Packs, RewindHelpers, Types};
 use crate::abi::{control, frame, State, ValType as Ty};
 use crate::analysis::ModuleInfo;
 
@@ -78,7 +78,7 @@ fn set_state(code: &mut Code, state_global: u32, s: State) {
 }
 
 /// Builds every helper in the order [`Helpers::new`] numbers them.
-pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state: u32, unwind_only: bool) -> Vec<HelperFunc> {
+pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state: u32) -> Vec<HelperFunc> {
     let mut out = Vec::new();
     let mut add = |types: &mut Types, params: &[Ty], results: &[Ty], locals: &[ValType], code: Code| {
         out.push(HelperFunc { type_index: types.func(params, results), body: body(locals, code) });
@@ -86,22 +86,14 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
     use Ty::I32;
 
     add(types, &[I32, I32, I32], &[I32], &[ValType::I32; 3], frame_push());
-    add(types, &[I32], &[I32], &[ValType::I32], frame_pop());
     add(types, &[], &[I32], &[ValType::I32], should_pause());
-    add(types, &[], &[I32], &[], pre_call(h, state));
-    add(types, &[], &[], &[], rewind_done(h, state));
     add(types, &[], &[], &[], init_memory(info));
     add(types, &[], &[], &[], drop_data(info));
-    add(types, &[], &[], &[], just_state(state, State::Unwinding, None));
-    add(types, &[], &[], &[], just_state(state, State::Normal, None));
-    // A rewind into the unwind-only variant would run its bodies from the
-    // top with the state set: it must trap instead.
-    let start_rewind = match unwind_only {
-        true => trap(),
-        false => just_state(state, State::Rewinding, Some(1)),
-    };
-    add(types, &[], &[], &[], start_rewind);
-    add(types, &[], &[], &[], stop_rewind(h, state));
+    if let Some(r) = h.rewind {
+        add(types, &[I32], &[I32], &[ValType::I32], frame_pop());
+        add(types, &[], &[I32], &[], pre_call(h, r, state));
+        add(types, &[], &[], &[], rewind_done(h, state));
+    }
     for (t, side) in h.sides() {
         add(types, &[t], &[I32], &[ValType::I32], spill_ref(t, side.table));
         add(types, &[I32], &[t], &[], load_ref(side.table));
@@ -113,13 +105,6 @@ pub(crate) fn build(info: &ModuleInfo<'_>, types: &mut Types, h: &Helpers, state
         add(types, &[I32, I32], &[I32], &[ValType::I32; 2], allocator_batch(b.target, false, state));
     }
     out
-}
-
-/// A body that traps.
-fn trap() -> Code {
-    let mut c = Code::default();
-    c.op(I::Unreachable);
-    c
 }
 
 /// `batch(at, n) -> done`: calls the allocator function `target` once for
@@ -340,13 +325,13 @@ fn should_pause() -> Code {
 /// `pre_call() -> i32`, before a blocking import when the flag word is
 /// nonzero: while rewinding, this is the resume target, so the rewind ends
 /// and the call goes ahead (0); otherwise the pause decision.
-fn pre_call(h: &Helpers, state: u32) -> Code {
+fn pre_call(h: &Helpers, r: RewindHelpers, state: u32) -> Code {
     let mut c = Code::default();
     c.op(I::GlobalGet(state));
     c.i32(State::Rewinding as i32);
     c.op(I::I32Eq);
     c.op(I::If(BlockType::Empty));
-    c.op(I::Call(h.rewind_done));
+    c.op(I::Call(r.rewind_done));
     c.i32(0);
     c.op(I::Return);
     c.op(I::End);
@@ -403,24 +388,6 @@ fn drop_data(info: &ModuleInfo<'_>) -> Code {
             c.op(I::DataDrop(index as u32));
         }
     }
-    c
-}
-
-fn just_state(state: u32, s: State, rewind_byte: Option<i32>) -> Code {
-    let mut c = Code::default();
-    set_state(&mut c, state, s);
-    if let Some(v) = rewind_byte {
-        store8_const(&mut c, control::REWIND_BYTE, v);
-    }
-    c
-}
-
-/// Abandons a rewind: normal state, empty frame stack, references released.
-fn stop_rewind(h: &Helpers, state: u32) -> Code {
-    let mut c = rewind_done(h, state);
-    c.i32(0);
-    c.i32(control::FRAMES_BASE as i32);
-    c.op(I::I32Store(ctrl(control::FRAME_SP, 2)));
     c
 }
 

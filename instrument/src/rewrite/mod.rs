@@ -112,39 +112,40 @@ impl Types {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Helpers {
     pub frame_push: u32,
-    pub frame_pop: u32,
     pub should_pause: u32,
-    pub pre_call: u32,
-    pub rewind_done: u32,
     pub init_memory: u32,
     pub drop_data: u32,
-    pub start_unwind: u32,
-    pub stop_unwind: u32,
-    pub start_rewind: u32,
-    pub stop_rewind: u32,
+    /// The helpers only code that rewinds calls: absent from the
+    /// unwind-only variant.
+    pub rewind: Option<RewindHelpers>,
     /// Present when some frame can hold a funcref.
     pub funcrefs: Option<RefSide>,
     /// Present when some frame can hold an externref.
     pub externrefs: Option<RefSide>,
-    /// `malloc` over a batch of sizes, present when the program has one.
+    /// `malloc` over a batch of sizes, present when the program has one
+    /// (in the full variant: an update converts the heap in the new
+    /// version's instance, which rewinds).
     pub malloc_batch: Option<Batch>,
-    /// `free` over a batch of addresses, present when the program has one.
+    /// `free` over a batch of addresses, present with `malloc_batch`.
     pub free_batch: Option<Batch>,
     /// The first function index after these helpers.
     pub next: u32,
+}
+
+/// The helpers of the full variant's code that rewinds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RewindHelpers {
+    pub frame_pop: u32,
+    /// Before a blocking import: ends a rewind that reached it, or decides
+    /// to pause.
+    pub pre_call: u32,
+    pub rewind_done: u32,
 }
 
 /// The most params, and the most results, a helper's function type may
 /// have: engines refuse more (the limit the JS API sets and wasmparser's
 /// validator enforces). Frames with more slots are moved inline.
 pub(crate) const MAX_FUNCTION_VALUES: usize = 1000;
-
-/// The most slots a save class may have and still get a save helper of
-/// its own when no other class has its slot types. Longer lists are stored
-/// inline, which spares wasmtime a large trampoline; shorter ones are not:
-/// stored inline, wasi-libc's `printf_core` (classes of 26 to 28 slots)
-/// made compute run 8% more instructions (`docs/PERFORMANCE.md`).
-pub(crate) const MAX_UNSHARED_SAVE_SLOTS: usize = 40;
 
 /// The pack helpers, appended after the [`Helpers`], which move a frame's
 /// slots in one call instead of a load or a store per value at every
@@ -158,15 +159,17 @@ pub(crate) const MAX_UNSHARED_SAVE_SLOTS: usize = 40;
 ///   lives across the call (the case restores every local live at its
 ///   point). Larger frames are loaded inline.
 /// - For the slot types that two or more save classes of the module have,
-///   and for short lists of them ([`MAX_UNSHARED_SAVE_SLOTS`]),
 ///   `save(rp, func, values...)` pushes the frame and stores them all. A
-///   class with a longer list of slot types that no other class has
-///   stores its slots inline instead (`body`): a helper for it would be no
-///   smaller, and wasmtime compiles a trampoline for every function type
-///   of a module, whose compile time grows with its params. (Splitting
-///   the values into chunks by type, so that helpers are shared more, made
-///   the code 10% smaller and nbody run 9% more instructions: the values
-///   of later chunks live across the earlier calls; `docs/PERFORMANCE.md`.)
+///   class whose slot types no other class has stores its slots inline
+///   instead (`body`): a helper for it would be no smaller, and wasmtime
+///   compiles a trampoline for every function type of a module, whose
+///   compile time grows with its params; the helper's body, its unit and
+///   its trampoline cost more compile than the stores. (Splitting the
+///   values into chunks by type, so that helpers are shared more, made the
+///   code 10% smaller and nbody run 9% more instructions: the values of
+///   later chunks live across the earlier calls; passing every value as the
+///   64 bits of its slot, so that classes share a helper by count, cost as
+///   much compile in the conversions as it saved; `docs/PERFORMANCE.md`.)
 pub(crate) struct Packs {
     /// Load function index by key.
     pub map: BTreeMap<frames::PackKey, u32>,
@@ -218,9 +221,14 @@ pub(crate) struct Batch {
 impl Helpers {
     /// Lays the helpers out after `first` (the number of functions in the
     /// original module), and the side tables after `tables`. `malloc` and
-    /// `free` are the program's allocator functions, if it has them.
-    pub fn new(first: u32, tables: u32, funcrefs: bool, externrefs: bool, malloc: Option<u32>, free: Option<u32>) -> Helpers {
-        let mut next_func = first + 11;
+    /// `free` are the program's allocator functions, if it has them. The
+    /// unwind-only variant gets only what code that cannot rewind calls.
+    pub fn new(first: u32, tables: u32, funcrefs: bool, externrefs: bool, malloc: Option<u32>, free: Option<u32>, unwind_only: bool) -> Helpers {
+        let mut next_func = first + 4;
+        let rewind = (!unwind_only).then(|| {
+            next_func += 3;
+            RewindHelpers { frame_pop: next_func - 3, pre_call: next_func - 2, rewind_done: next_func - 1 }
+        });
         let mut next_table = tables;
         let mut side = |present: bool| {
             present.then(|| {
@@ -233,7 +241,7 @@ impl Helpers {
         let funcrefs = side(funcrefs);
         let externrefs = side(externrefs);
         let mut batch = |target: Option<u32>| {
-            target.map(|target| {
+            target.filter(|_| !unwind_only).map(|target| {
                 next_func += 1;
                 Batch { helper: next_func - 1, target }
             })
@@ -241,22 +249,22 @@ impl Helpers {
         let (malloc_batch, free_batch) = (batch(malloc), batch(free));
         Helpers {
             frame_push: first,
-            frame_pop: first + 1,
-            should_pause: first + 2,
-            pre_call: first + 3,
-            rewind_done: first + 4,
-            init_memory: first + 5,
-            drop_data: first + 6,
-            start_unwind: first + 7,
-            stop_unwind: first + 8,
-            start_rewind: first + 9,
-            stop_rewind: first + 10,
+            should_pause: first + 1,
+            init_memory: first + 2,
+            drop_data: first + 3,
+            rewind,
             funcrefs,
             externrefs,
             malloc_batch,
             free_batch,
             next: next_func,
         }
+    }
+
+    /// The helpers of the code that rewinds, which only the full variant
+    /// has.
+    pub fn rewind(&self) -> crate::error::Result<RewindHelpers> {
+        self.rewind.ok_or_else(|| crate::error::internal("code that rewinds in the unwind-only variant"))
     }
 
     /// The side of reference type `t` (`None` for other types, or when no

@@ -17,7 +17,7 @@ use wasm_encoder::{
 };
 use wasmparser::{Parser, Payload};
 
-use super::{atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types, MAX_FUNCTION_VALUES, MAX_UNSHARED_SAVE_SLOTS};
+use super::{atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types, MAX_FUNCTION_VALUES};
 use crate::abi::{
     self, control, exports, BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta,
     MemoryMeta, Metadata, ResumePoint,
@@ -80,6 +80,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         in_frames(Ty::ExternRef),
         allocator(exports::MALLOC, &[wasmparser::ValType::I32]),
         allocator(exports::FREE, &[]),
+        unwind_only,
     );
     let state_global = info.globals.len() as u32;
     let keys = info
@@ -90,7 +91,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         .flat_map(|(b, p)| p.rps.iter().map(move |rp| frames::pack_key(rp.slots.iter().map(|&l| b.locals[l as usize])).0))
         .filter(|k| k.iter().any(|&n| n > 0) && k.iter().sum::<u32>() as usize <= MAX_FUNCTION_VALUES)
         .collect();
-    // Long lists of slot types that one class alone has are stored inline (`Packs`).
+    // Slot types that one class alone has are stored inline (`Packs`).
     let mut classes_of: std::collections::HashMap<Vec<Ty>, usize> = Default::default();
     for (b, p) in info.bodies.iter().zip(&plans) {
         for class in p.iter().flat_map(|p| p.save_classes().0) {
@@ -98,7 +99,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         }
     }
     let saves = (classes_of.into_iter())
-        .filter(|(slots, n)| (*n > 1 || slots.len() <= MAX_UNSHARED_SAVE_SLOTS) && 2 + slots.len() <= MAX_FUNCTION_VALUES)
+        .filter(|(slots, n)| *n > 1 && 2 + slots.len() <= MAX_FUNCTION_VALUES)
         .map(|(slots, _)| slots)
         .collect();
     // The unwind-only variant restores nothing: it needs no load helpers.
@@ -138,7 +139,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
             None => bodies.push(wasm[b.range.clone()].to_vec()),
         }
     }
-    let mut appended = helpers::build(&info, &mut cx.types, &helpers, state_global, cx.unwind_only);
+    let mut appended = helpers::build(&info, &mut cx.types, &helpers, state_global);
     appended.extend(helpers::build_packs(&mut cx.types, &helpers, &cx.packs)?);
     let mut metadata = metadata(&info, &graph, &helpers, state_global, functions);
     if let Some(l) = &lowered {
@@ -574,10 +575,6 @@ fn add_exports(s: &mut ExportSection, info: &ModuleInfo<'_>, h: &Helpers, meta: 
     s.export(exports::STATE, ExportKind::Global, meta.state_global);
     s.export(exports::INIT_MEMORY, ExportKind::Func, h.init_memory);
     s.export(exports::DROP_DATA, ExportKind::Func, h.drop_data);
-    s.export(exports::START_UNWIND, ExportKind::Func, h.start_unwind);
-    s.export(exports::STOP_UNWIND, ExportKind::Func, h.stop_unwind);
-    s.export(exports::START_REWIND, ExportKind::Func, h.start_rewind);
-    s.export(exports::STOP_REWIND, ExportKind::Func, h.stop_rewind);
     if let Some(start) = info.start {
         s.export(exports::START, ExportKind::Func, start);
     }
@@ -590,8 +587,12 @@ fn add_exports(s: &mut ExportSection, info: &ModuleInfo<'_>, h: &Helpers, meta: 
     for g in &meta.globals {
         s.export(&g.export, ExportKind::Global, g.index);
     }
-    for &(name, func) in &info.allocator {
-        s.export(name, ExportKind::Func, func);
+    // The allocator serves an update's heap conversion, which runs in the
+    // new version's instance: the full variant's.
+    if h.rewind.is_some() {
+        for &(name, func) in &info.allocator {
+            s.export(name, ExportKind::Func, func);
+        }
     }
     if let Some(b) = h.malloc_batch {
         s.export(exports::MALLOC_BATCH, ExportKind::Func, b.helper);

@@ -13,7 +13,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use upstare_instrument::abi::{self, control, exports, ResumeKind};
+use upstare_instrument::abi::{self, control, exports, ResumeKind, State};
 use upstare_instrument::{Instrumented, Metadata, Options};
 use wasmtime::{
     Caller, Config, Engine, Extern, Func, Instance, Linker, Memory, MemoryType, Module, SharedMemory,
@@ -248,8 +248,8 @@ fn interrupt(caller: &mut Caller<'_, Host>) -> bool {
     if h.blocking_calls % n != 1 % n {
         return false;
     }
-    let f = caller.get_export(exports::START_UNWIND).and_then(Extern::into_func).expect("start_unwind export");
-    f.call(caller, &[], &mut []).expect("start_unwind");
+    let state = caller.get_export(exports::STATE).and_then(Extern::into_global).expect("state export");
+    state.set(caller, Val::I32(State::Unwinding as i32)).expect("set the state");
     true
 }
 
@@ -512,6 +512,22 @@ impl<'a> Driver<'a> {
         g.get(&mut self.store).i32().expect("i32 state")
     }
 
+    fn set_state(&mut self, state: State) -> Result<(), String> {
+        let g = self.instance.get_global(&mut self.store, exports::STATE).ok_or("no state export")?;
+        g.set(&mut self.store, Val::I32(state as i32)).map_err(|e| format!("{e:?}"))
+    }
+
+    /// Ends an unwind, as a host does before it reads the frames.
+    fn stop_unwind(&mut self) -> Result<(), String> {
+        self.set_state(State::Normal)
+    }
+
+    /// Starts a rewind, as a host does before it calls the entry again.
+    fn start_rewind(&mut self) -> Result<(), String> {
+        self.write_control(control::REWIND_BYTE as usize, &[1]);
+        self.set_state(State::Rewinding)
+    }
+
     /// Puts the run, unwound, on a fresh instance of `full` over the same
     /// memories, with the mutable globals of the one it leaves: what a host
     /// does before the first rewind of a program it started on the
@@ -632,7 +648,7 @@ impl<'a> Driver<'a> {
                     if cycles > MAX_CYCLES {
                         return Err(format!("{name}: no progress after {MAX_CYCLES} unwinds"));
                     }
-                    self.helper(exports::STOP_UNWIND)?;
+                    self.stop_unwind()?;
                     // A requested pause is served: clear it before resuming.
                     self.write_control(control::PAUSE_BYTE as usize, &[0]);
                     if is_import {
@@ -643,7 +659,7 @@ impl<'a> Driver<'a> {
                         self.move_to(engine, full)?;
                         f = self.instance.get_func(&mut self.store, name).ok_or_else(|| format!("the full variant lacks {name}"))?;
                     }
-                    self.helper(exports::START_REWIND)?;
+                    self.start_rewind()?;
                 }
                 s => return Err(format!("{name}: returned in state {s}")),
             }
@@ -932,9 +948,9 @@ pub fn plain_stops(engine: &Engine, wasm: &[u8], export: &str, arg: i32, stops: 
         if d.state() != 1 {
             break;
         }
-        d.helper(exports::STOP_UNWIND)?;
+        d.stop_unwind()?;
         seen.push(d.innermost()?);
-        d.helper(exports::START_REWIND)?;
+        d.start_rewind()?;
     }
     Ok(seen)
 }
@@ -967,18 +983,18 @@ pub fn rewind_entry_across(
         if d.state() != 1 {
             return Err(format!("returned without stopping at the entry of function {func}"));
         }
-        d.helper(exports::STOP_UNWIND)?;
+        d.stop_unwind()?;
         if d.innermost()? == (func, true) {
             break;
         }
-        d.helper(exports::START_REWIND)?;
+        d.start_rewind()?;
     }
     let header = control::Header { stress: false, stress_countdown: 0, stress_period: 0, ..d.header() };
     d.write_control(0, &header.encode());
     d.instance = instantiate_over(engine, &mut d.store, &plain, &d.program, &d.control)?;
     d.meta = &plain.metadata;
     d.helper(exports::DROP_DATA)?;
-    d.helper(exports::START_REWIND)?;
+    d.start_rewind()?;
     let results = d.call_i32(export, arg)?;
     let h = d.header();
     if d.state() != 0 || h.rewinding || h.frame_sp != control::FRAMES_BASE {
