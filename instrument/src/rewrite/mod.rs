@@ -147,6 +147,10 @@ pub(crate) struct RewindHelpers {
 /// validator enforces). Frames with more slots are moved inline.
 pub(crate) const MAX_FUNCTION_VALUES: usize = 1000;
 
+/// The most slots a save class with float slots may have and still get a
+/// save helper when no other class has its slot types ([`Packs`]).
+pub(crate) const MAX_UNSHARED_FLOAT_SAVE_SLOTS: usize = 40;
+
 /// The pack helpers, appended after the [`Helpers`], which move a frame's
 /// slots in one call instead of a load or a store per value at every
 /// resume point or save class.
@@ -163,13 +167,21 @@ pub(crate) const MAX_FUNCTION_VALUES: usize = 1000;
 ///   class whose slot types no other class has stores its slots inline
 ///   instead (`body`): a helper for it would be no smaller, and wasmtime
 ///   compiles a trampoline for every function type of a module, whose
-///   compile time grows with its params; the helper's body, its unit and
-///   its trampoline cost more compile than the stores. (Splitting the
-///   values into chunks by type, so that helpers are shared more, made the
-///   code 10% smaller and nbody run 9% more instructions: the values of
-///   later chunks live across the earlier calls; passing every value as the
-///   64 bits of its slot, so that classes share a helper by count, cost as
-///   much compile in the conversions as it saved; `docs/PERFORMANCE.md`.)
+///   compile time grows with its params, so the helper, its unit and its
+///   trampoline cost more compile than the stores. Classes with float
+///   slots, up to [`MAX_UNSHARED_FLOAT_SAVE_SLOTS`], keep a helper of
+///   their own all the same: with compute's `main` class of 24 slots (6 of
+///   them floats) stored inline, a loop of `main` keeps its pointer in a
+///   stack slot and the guest runs 8% more instructions; with a helper for
+///   the float classes, no guest runs more than 0.4% more than with a
+///   helper for every class (`docs/PERFORMANCE.md`). Measured, not
+///   derived: the register allocator's choice for a cold block outside
+///   the loop is not understood. (Splitting the values into chunks by
+///   type, so that helpers are shared more, made the code 10% smaller and
+///   nbody run 9% more instructions: the values of later chunks live
+///   across the earlier calls; passing every value as the 64 bits of its
+///   slot, so that classes share a helper by count, cost about as much
+///   compile in the conversions as it saved.)
 pub(crate) struct Packs {
     /// Load function index by key.
     pub map: BTreeMap<frames::PackKey, u32>,
