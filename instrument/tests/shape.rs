@@ -409,11 +409,9 @@ fn a_loop_check_calls_nothing_but_in_the_stress_variant() {
 
 /// The unwind-only variant is the full one without the code that rewinds:
 /// the same metadata (a stack it unwinds rewinds into an instance of the
-/// full one), less code, and an `upstare_start_rewind` that traps rather
-/// than let a rewind run its bodies from the top.
-/// The unwind-only variant has the full one's frames, and neither the code
-/// that rewinds nor the helpers only that code calls (`frame_pop`, the
-/// blocking calls' `pre_call` and the `rewind_done` it calls).
+/// full one), less code, and none of the helpers only that code calls
+/// (`frame_pop`, the blocking calls' `pre_call` and the `rewind_done` it
+/// calls).
 #[test]
 fn the_unwind_only_variant_shares_the_metadata_and_carries_no_code_that_rewinds() {
     let wasm = wat::parse_str(SUBJECT).expect("wat");
