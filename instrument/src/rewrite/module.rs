@@ -17,7 +17,9 @@ use wasm_encoder::{
 };
 use wasmparser::{Parser, Payload};
 
-use super::{atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types, MAX_FUNCTION_VALUES, MAX_UNSHARED_FLOAT_SAVE_SLOTS};
+use super::{
+    atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types, MAX_FUNCTION_VALUES, MAX_UNSHARED_FLOAT_SAVE_SLOTS,
+};
 use crate::abi::{
     self, control, exports, BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta,
     MemoryMeta, Metadata, ResumePoint,
@@ -91,7 +93,7 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         .flat_map(|(b, p)| p.rps.iter().map(move |rp| frames::pack_key(rp.slots.iter().map(|&l| b.locals[l as usize])).0))
         .filter(|k| k.iter().any(|&n| n > 0) && k.iter().sum::<u32>() as usize <= MAX_FUNCTION_VALUES)
         .collect();
-    // Slot types that one class alone has are stored inline, but short
+    // Slot types that one class alone has are stored inline, except short
     // lists with floats (`Packs`).
     let mut classes_of: std::collections::HashMap<Vec<Ty>, usize> = Default::default();
     for (b, p) in info.bodies.iter().zip(&plans) {
@@ -99,7 +101,9 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
             *classes_of.entry(class.types(&b.locals)).or_default() += 1;
         }
     }
-    let keeps_helper = |slots: &[Ty]| slots.len() <= MAX_UNSHARED_FLOAT_SAVE_SLOTS && slots.iter().any(|t| matches!(t, Ty::F32 | Ty::F64));
+    let keeps_helper = |slots: &[Ty]| {
+        slots.len() <= MAX_UNSHARED_FLOAT_SAVE_SLOTS && slots.iter().any(|t| matches!(t, Ty::F32 | Ty::F64))
+    };
     let saves = (classes_of.into_iter())
         .filter(|(slots, n)| (*n > 1 || keeps_helper(slots)) && 2 + slots.len() <= MAX_FUNCTION_VALUES)
         .map(|(slots, _)| slots)
