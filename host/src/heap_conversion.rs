@@ -382,8 +382,9 @@ fn with_pause_off<T>(
     let result = calls(&mut *store);
     control.set_pause(paused);
     let value = result?;
-    match unwinder.state.is(&mut *store, State::Normal) {
-        true => Ok(value),
-        false => Err(HeapError::Stopped(what)),
+    if unwinder.state.is(&mut *store, State::Normal) {
+        Ok(value)
+    } else {
+        Err(HeapError::Stopped(what))
     }
 }
