@@ -2,10 +2,10 @@
 //!
 //! The instrumented module carries no DWARF: its code moved, so the original
 //! DWARF would point at the wrong lines. Instead the host keeps the
-//! original module and maps an output offset back to it: through the
-//! instrumenter's offset map for instrumented functions, and by the body's
-//! start for functions it copied unchanged. The original DWARF then gives
-//! the file and line. Used for trap backtraces.
+//! original module and maps an output offset back to it through the
+//! instrumenter's offset map, which lists every function of the original.
+//! The original DWARF then gives the file and line. Used for trap
+//! backtraces.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,12 +18,7 @@ type Reader = gimli::EndianArcSlice<gimli::LittleEndian>;
 pub struct SourceMap {
     /// Start of each defined function's body, output module.
     out_bodies: Vec<usize>,
-    /// Start of each defined function's body, original module.
-    orig_bodies: Vec<usize>,
-    /// Function imports of the output module. The original has as many,
-    /// unless the instrumenter added imports (for atomic waits): then the
-    /// offset map lists every defined function, and function `i` of the
-    /// output is not function `i` of the original.
+    /// Function imports of the output module.
     num_imported: u32,
     /// Payload start of the original code section, DWARF's address zero.
     code_section: usize,
@@ -97,7 +92,6 @@ impl SourceMap {
         let dwarf = orig.customs;
         Some(SourceMap {
             out_bodies: out.bodies,
-            orig_bodies: orig.bodies,
             num_imported: out.num_imported,
             code_section: orig.code_section,
             offsets,
@@ -110,13 +104,7 @@ impl SourceMap {
     pub fn original_offset(&self, func: u32, offset: usize) -> Option<usize> {
         let defined = func.checked_sub(self.num_imported)? as usize;
         let rel = offset.checked_sub(*self.out_bodies.get(defined)?)?;
-        match self.offsets.original(func, rel as u32) {
-            Some(orig) => Some(orig as usize),
-            None if self.offsets.functions.binary_search_by_key(&func, |(f, _)| *f).is_err() => {
-                Some(self.orig_bodies.get(defined)? + rel)
-            }
-            None => None,
-        }
+        self.offsets.original(func, rel as u32).map(|orig| orig as usize)
     }
 
     /// Parses the original's DWARF for lookups; `None` without DWARF.

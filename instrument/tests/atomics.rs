@@ -86,10 +86,26 @@ fn futex_ops(wasm: &[u8]) -> usize {
     n
 }
 
-/// In the `defined`-th function body of `wasm`: the first instruction
-/// `which` picks and the body's final `end`, each as (offset from the body's
-/// start, offset in the module).
-fn op_offsets(wasm: &[u8], defined: usize, which: impl Fn(&Operator<'_>) -> bool) -> ((u32, u32), (u32, u32)) {
+/// The index of the function the name section calls `name`.
+fn named(wasm: &[u8], name: &str) -> u32 {
+    for payload in Parser::new(0).parse_all(wasm) {
+        let Payload::CustomSection(c) = payload.unwrap() else { continue };
+        let wasmparser::KnownCustom::Name(names) = c.as_known() else { continue };
+        for n in names {
+            let wasmparser::Name::Function(map) = n.unwrap() else { continue };
+            if let Some(n) = map.into_iter().map(Result::unwrap).find(|n| n.name == name) {
+                return n.index;
+            }
+        }
+    }
+    panic!("no function is named {name}")
+}
+
+/// In the body of function `func` of `wasm`: the first instruction `which`
+/// picks and the body's final `end`, each as (offset from the body's start,
+/// offset in the module).
+fn op_offsets(wasm: &[u8], func: u32, which: impl Fn(&Operator<'_>) -> bool) -> ((u32, u32), (u32, u32)) {
+    let defined = (func as usize) - func_imports(wasm).len();
     let body = Parser::new(0)
         .parse_all(wasm)
         .filter_map(|p| match p.unwrap() {
@@ -161,17 +177,22 @@ fn futex_instructions_become_imports_and_the_waits_update_points() {
     assert!(calls.iter().any(|(f, rp)| *f == 4 && rp.callee == 3), "$outer calls $both: {calls:#?}");
     assert!(meta.functions.iter().all(|f| f.index >= 1 && f.index <= 4));
     assert!(meta.blocking.iter().all(|b| b.module != abi::IMPORT_MODULE));
-    // Traps map back to the original: in $notify (function 2, output
-    // function 5), the call of the import is where the notify was.
+    // Traps map back to the original: in $notify (function 2), the call of
+    // the import is where the notify was. The output names its functions
+    // by other indices: the three imports and the instrumenter's own
+    // functions come before them.
     let offsets = abi::offsets::OffsetMap::from_module(&out.wasm).unwrap();
-    let (notify_at, notify_end) = op_offsets(&wasm, 1, |op| matches!(op, Operator::MemoryAtomicNotify { .. }));
-    let (call_at, call_end) = op_offsets(&out.wasm, 1, |op| matches!(op, Operator::Call { function_index: 3 }));
-    assert_eq!(offsets.original(5, call_at.0), Some(notify_at.1));
-    assert_eq!(offsets.original(5, call_end.0), Some(notify_end.1));
-    // And in the instrumented $wait (function 1, output function 4).
-    let (wait_at, _) = op_offsets(&wasm, 0, |op| matches!(op, Operator::MemoryAtomicWait32 { .. }));
-    let (call_at, _) = op_offsets(&out.wasm, 0, |op| matches!(op, Operator::Call { function_index: 1 }));
-    assert_eq!(offsets.original(4, call_at.0), Some(wait_at.1));
+    let notify = named(&out.wasm, "notify");
+    assert!(notify > 5, "the output's $notify is function {notify}");
+    let (notify_at, notify_end) = op_offsets(&wasm, 2, |op| matches!(op, Operator::MemoryAtomicNotify { .. }));
+    let (call_at, call_end) = op_offsets(&out.wasm, notify, |op| matches!(op, Operator::Call { function_index: 3 }));
+    assert_eq!(offsets.original(notify, call_at.0), Some(notify_at.1));
+    assert_eq!(offsets.original(notify, call_end.0), Some(notify_end.1));
+    // And in the instrumented $wait (function 1).
+    let wait = named(&out.wasm, "wait");
+    let (wait_at, _) = op_offsets(&wasm, 1, |op| matches!(op, Operator::MemoryAtomicWait32 { .. }));
+    let (call_at, _) = op_offsets(&out.wasm, wait, |op| matches!(op, Operator::Call { function_index: 1 }));
+    assert_eq!(offsets.original(wait, call_at.0), Some(wait_at.1));
 
     // The scratch locals of the lowering are not the original's.
     let wait = meta.functions.iter().find(|f| f.index == 1).unwrap();

@@ -1,7 +1,9 @@
 //! The shape of the output, as the crate docs promise it: original indices
-//! kept, functions that cannot unwind copied byte for byte, memory moved to
-//! imports, data made passive, only appended types, functions, globals and
-//! exports, and metadata that points at the original instructions.
+//! kept but for defined functions, which move up behind the instrumenter's
+//! own, functions that cannot unwind copied but for the indices they call,
+//! memory moved to imports, data made passive, only appended types,
+//! globals and exports, and metadata that points at the original
+//! instructions.
 
 use std::collections::HashMap;
 
@@ -60,6 +62,8 @@ struct Shape {
     globals: usize,
     exports: HashMap<String, (ExternalKind, u32)>,
     start: Option<u32>,
+    /// The functions of the element segments, in order.
+    elements: Vec<u32>,
     bodies: Vec<Vec<u8>>,
     data_active: Vec<bool>,
     data_count: Option<u32>,
@@ -102,6 +106,13 @@ fn shape(wasm: &[u8]) -> Shape {
                 }
             }
             Payload::StartSection { func, .. } => s.start = Some(func),
+            Payload::ElementSection(r) => {
+                for e in r {
+                    if let wasmparser::ElementItems::Functions(f) = e.expect("element").items {
+                        s.elements.extend(f.into_iter().map(|f| f.expect("element function")));
+                    }
+                }
+            }
             Payload::CodeSectionStart { range, .. } => s.code_start = range.start,
             Payload::CodeSectionEntry(b) => s.bodies.push(wasm[b.range()].to_vec()),
             Payload::DataCountSection { count, .. } => s.data_count = Some(count),
@@ -117,8 +128,24 @@ fn shape(wasm: &[u8]) -> Shape {
     s
 }
 
+/// The operators of `body`, printed, with calls of and references to
+/// defined functions (from `imported` on) moved up by `by`.
+fn moved_calls(body: &[u8], imported: u32, by: u32) -> Vec<String> {
+    use wasmparser::Operator as O;
+    let moved = |f: u32| if f >= imported { f + by } else { f };
+    let body = wasmparser::FunctionBody::new(wasmparser::BinaryReader::new(body, 0));
+    let ops = body.get_operators_reader().expect("operators");
+    ops.into_iter()
+        .map(|op| match op.expect("operator") {
+            O::Call { function_index } => format!("{:?}", O::Call { function_index: moved(function_index) }),
+            O::RefFunc { function_index } => format!("{:?}", O::RefFunc { function_index: moved(function_index) }),
+            op => format!("{op:?}"),
+        })
+        .collect()
+}
+
 #[test]
-fn output_keeps_the_original_and_only_appends() {
+fn output_keeps_the_original_and_puts_its_own_functions_first() {
     let wasm = wat::parse_str(SUBJECT).expect("wat");
     let out = instrument(&wasm, &Options::default()).expect("instrument");
     let (before, after) = (shape(&wasm), shape(&out.wasm));
@@ -137,8 +164,17 @@ fn output_keeps_the_original_and_only_appends() {
     assert_eq!(meta.memory.min, 2);
     assert_eq!(meta.memory.max, Some(10));
 
-    // Every original function keeps its index and type; helpers follow.
-    assert_eq!(after.funcs[..before.funcs.len()], before.funcs[..]);
+    // Imported functions keep their index, the instrumenter's own come
+    // next, then the defined ones, in their order and with their types.
+    let imported = 2;
+    let own = (after.funcs.len() - before.funcs.len()) as u32;
+    assert!(own >= 4, "frame_push, should_pause, init_memory, drop_data at least");
+    assert_eq!(after.funcs[..imported], before.funcs[..imported]);
+    assert_eq!(after.funcs[imported + own as usize..], before.funcs[imported..]);
+    for name in ["leaf", "spin", "caller", "waits", "start"] {
+        assert_eq!(function_named(&out.wasm, name), function_named(&wasm, name) + own, "{name} in the name section");
+    }
+    assert_eq!(after.elements, before.elements.iter().map(|f| f + own).collect::<Vec<_>>(), "the table");
     assert!(after.types >= before.types);
     assert_eq!(after.tables, before.tables, "no reference slot, so no side table");
     assert_eq!(after.globals, before.globals + 2, "the state, and the resume point of a rewind");
@@ -147,19 +183,21 @@ fn output_keeps_the_original_and_only_appends() {
     // Functions: 0 log, 1 poll, 2 leaf, 3 spin, 4 caller, 5 waits, 6 start.
     let instrumented: Vec<u32> = meta.functions.iter().map(|f| f.index).collect();
     assert_eq!(instrumented, [3, 4, 5], "leaf and start cannot unwind");
-    let imported = 2;
     for (i, body) in before.bodies.iter().enumerate() {
-        let index = imported + i as u32;
+        let index = imported as u32 + i as u32;
+        let (before, after) = (moved_calls(body, imported as u32, own), moved_calls(&after.bodies[own as usize + i], 0, 0));
         if meta.function(index).is_none() {
-            assert_eq!(&after.bodies[i], body, "function {index} is not copied byte for byte");
+            assert_eq!(after, before, "function {index} is copied, its calls renumbered");
         } else {
-            assert_ne!(&after.bodies[i], body, "function {index} is not instrumented");
+            assert_ne!(after, before, "function {index} is not instrumented");
         }
     }
 
-    // Exports: the original ones unchanged, the reserved ones added.
-    for (name, e) in &before.exports {
-        assert_eq!(after.exports.get(name), Some(e), "export {name}");
+    // Exports: the original ones of the renumbered functions, the reserved
+    // ones added.
+    for (name, &(kind, index)) in &before.exports {
+        let index = if kind == ExternalKind::Func { index + own } else { index };
+        assert_eq!(after.exports.get(name), Some(&(kind, index)), "export {name}");
     }
     for name in [
         exports::STATE,
@@ -169,11 +207,11 @@ fn output_keeps_the_original_and_only_appends() {
     ] {
         assert!(after.exports.contains_key(name), "missing export {name}");
     }
-    assert_eq!(after.exports[exports::START], (ExternalKind::Func, 6));
+    assert_eq!(after.exports[exports::START], (ExternalKind::Func, 6 + own));
     assert_eq!(after.exports[&exports::global(0)], (ExternalKind::Global, 0));
     assert!(!after.exports.contains_key(&exports::global(1)), "immutable globals are not exported");
     assert_eq!(after.start, None, "the host calls the start function");
-    assert_eq!(meta.start, Some(6));
+    assert_eq!(meta.start, Some(6), "the metadata counts functions as the original does");
 
     // Data: all passive now; the active one is applied by the init export.
     assert_eq!(before.data_active, [true, false]);
@@ -228,7 +266,10 @@ fn a_module_that_cannot_unwind_keeps_every_body() {
     .expect("wat");
     let out = instrument(&wasm, &Options::default()).expect("instrument");
     assert!(out.metadata.functions.is_empty());
-    assert_eq!(shape(&out.wasm).bodies[..2], shape(&wasm).bodies[..]);
+    // They call no defined function: even their indices stay.
+    let (before, after) = (shape(&wasm), shape(&out.wasm));
+    let own = after.bodies.len() - before.bodies.len();
+    assert_eq!(after.bodies[own..], before.bodies[..]);
 }
 
 /// The allocator is exported for the host, with a batch helper around it
@@ -349,9 +390,9 @@ fn a_switch_nest_tests_for_a_rewind_once() {
 
     let imported = shape(&wasm).imports.iter().filter(|i| i.2 == "func").count() as u32;
     let (before, after) = (shape(&wasm), shape(&out.wasm));
-    let at = (run - imported) as usize;
-    let (_, original_blocks) = rewind_tests_and_blocks(&before.bodies[at], u32::MAX);
+    let (_, original_blocks) = rewind_tests_and_blocks(&before.bodies[(run - imported) as usize], u32::MAX);
     assert!(original_blocks >= 10, "the switch is a nest of blocks: {original_blocks}");
+    let at = (function_named(&out.wasm, "run") - imported) as usize;
     let (tests, _) = rewind_tests_and_blocks(&after.bodies[at], meta.state_global);
     // `run` has levels below its top one, so its body comes twice, behind
     // one test that picks the copy a rewind enters; the other copy has
@@ -396,14 +437,14 @@ fn calls_in_first_loop(body: &[u8]) -> usize {
 #[test]
 fn a_loop_check_calls_nothing_but_in_the_stress_variant() {
     let wasm = wat::parse_str(SUBJECT).expect("wat");
-    let imported = shape(&wasm).imports.iter().filter(|i| i.2 == "func").count();
-    let spin = 3 - imported;
+    let imported = shape(&wasm).imports.iter().filter(|i| i.2 == "func").count() as u32;
+    let spin = |wasm: &[u8]| shape(wasm).bodies[(function_named(wasm, "spin") - imported) as usize].clone();
     let plain = instrument(&wasm, &Options::default()).expect("instrument");
     let stress = instrument(&wasm, &Options { stress: true, ..Options::default() }).expect("instrument");
     assert_eq!(plain.metadata, stress.metadata, "the variants differ in code only");
-    assert_eq!(calls_in_first_loop(&shape(&wasm).bodies[spin]), 0, "spin's loop calls nothing");
-    assert_eq!(calls_in_first_loop(&shape(&plain.wasm).bodies[spin]), 0);
-    let stressed = calls_in_first_loop(&shape(&stress.wasm).bodies[spin]);
+    assert_eq!(calls_in_first_loop(&spin(&wasm)), 0, "spin's loop calls nothing");
+    assert_eq!(calls_in_first_loop(&spin(&plain.wasm)), 0);
+    let stressed = calls_in_first_loop(&spin(&stress.wasm));
     assert!(stressed >= 1, "the stress variant calls should_pause at the header: {stressed} calls");
 }
 

@@ -29,8 +29,9 @@ pub const METADATA_SECTION: &str = "upstare.meta";
 /// locals dead at their point ([`ResumePoint::slots`]). 8: the control
 /// memory keeps [`control::FRAME_HEADROOM`] bytes past the frame stack.
 /// 9: the host changes the [`State`] itself (see [`State`]); modules export
-/// no functions for it.
-pub const METADATA_VERSION: u32 = 9;
+/// no functions for it. 10: the instrumenter's functions come before the
+/// program's, and the offset map lists every function of the original.
+pub const METADATA_VERSION: u32 = 10;
 
 /// Module name of every import the instrumenter adds.
 pub const IMPORT_MODULE: &str = "upstare";

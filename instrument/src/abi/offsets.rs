@@ -10,15 +10,14 @@
 //! function := index:u32 runs:vec<out:u32 orig:u32>
 //! ```
 //!
-//! Functions are named by their index in the output module. Only
-//! instrumented functions are listed; every other function body is a
-//! byte-for-byte copy of the original one. Except in a module whose atomic
-//! waits became imports (`rewrite::atomics`): there every defined function
-//! is listed, because its index and its calls' indices moved. A run says that from byte `out`
-//! of the function's output body (counted from the start of its local
-//! declarations) the original instruction at module offset `orig` was
-//! copied, followed by the next ones as long as no other run starts.
-//! Inserted code belongs to the run before it.
+//! Functions are named by their index in the output module, which is not
+//! their index in the original: the instrumenter's own functions come
+//! first (and imports for atomic waits may come before them). Every
+//! function of the original is listed, the instrumenter's are not. A run
+//! says that from byte `out` of the function's output body (counted from
+//! the start of its local declarations) the original instruction at module
+//! offset `orig` was copied, followed by the next ones as long as no other
+//! run starts. Inserted code belongs to the run before it.
 
 use super::METADATA_VERSION;
 use crate::error::{Error, ErrorKind, Result};
@@ -26,7 +25,7 @@ use crate::error::{Error, ErrorKind, Result};
 /// Name of the custom section.
 pub const SECTION: &str = "upstare.offsets";
 
-/// The runs of copied code of every instrumented function.
+/// The runs of copied code of every function of the original.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OffsetMap {
     /// (function index, runs in increasing output order).
@@ -35,8 +34,8 @@ pub struct OffsetMap {
 
 impl OffsetMap {
     /// The original module offset of byte `out` of the output body of
-    /// function `func`; `None` if the function is not listed (its body is an
-    /// unchanged copy) or `out` lies before its first run.
+    /// function `func`; `None` if the function is not listed (the
+    /// instrumenter added it) or `out` lies before its first run.
     pub fn original(&self, func: u32, out: u32) -> Option<u32> {
         let i = self.functions.binary_search_by_key(&func, |(f, _)| *f).ok()?;
         let runs = &self.functions[i].1;

@@ -401,10 +401,9 @@ impl Lowered {
     }
 
     /// Turns the metadata, which the rewrite wrote in terms of the lowered
-    /// module, into the original's terms, and completes the offset map
-    /// (whose functions are those of the output module): every body
-    /// differs from the original now, at least by its calls' indices, so
-    /// each one gets runs back to the original.
+    /// module, into the original's terms, and the runs of the offset map
+    /// (whose functions are those of the output module) into runs back to
+    /// the original.
     /// `bodies` are the output's function bodies, defined functions in
     /// order.
     pub fn translate(&self, meta: &mut Metadata, offsets: &mut OffsetMap, bodies: &[Vec<u8>]) -> Result<()> {
@@ -437,11 +436,10 @@ impl Lowered {
         let listed: HashMap<u32, Vec<(u32, u32)>> = std::mem::take(&mut offsets.functions).into_iter().collect();
         for (defined, map) in self.map.iter().enumerate() {
             let func = first + defined as u32;
-            let start = map[0].0;
             let end = self.ends[defined];
             // Runs of the rewrite into the lowered module; an uninstrumented
             // body is one run, a copy.
-            let runs = listed.get(&func).cloned().unwrap_or_else(|| vec![(0, start)]);
+            let runs = listed.get(&func).ok_or_else(|| internal("a function without runs"))?;
             let body = bodies.get(defined).ok_or_else(|| internal("an output body is missing"))?;
             let mut out: Vec<(u32, u32)> = Vec::new();
             for (i, &(o, low)) in runs.iter().enumerate() {

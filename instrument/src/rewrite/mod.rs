@@ -2,7 +2,8 @@
 //!
 //! [`body`] instruments one function body, [`frames`] emits the code that
 //! saves and restores a frame's slots, [`helpers`] builds the functions the
-//! instrumenter appends, and [`module`] assembles the sections. This file
+//! instrumenter appends, [`module`] assembles the sections and [`order`]
+//! puts the appended functions first. This file
 //! holds what they share: the byte sink, the block-type interner and the
 //! indices of everything appended.
 
@@ -11,6 +12,7 @@ pub(crate) mod body;
 pub(crate) mod frames;
 pub(crate) mod helpers;
 pub(crate) mod module;
+pub(crate) mod order;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -1,16 +1,18 @@
 //! Assembles the output module: the original sections passed through or
 //! extended, the instrumented bodies, the appended helpers, and the metadata.
 //!
-//! Indices of everything the original defines stay where they were: the
-//! instrumenter only appends (types, functions, tables, two globals, exports)
-//! and moves the program memory from a definition (or its own import) to the
-//! `upstare.memory` import, which keeps memory index 0.
+//! Indices of everything the original defines stay where they were, except
+//! its defined functions: the instrumenter appends (types, functions,
+//! tables, two globals, exports) and moves the program memory from a
+//! definition (or its own import) to the `upstare.memory` import, which
+//! keeps memory index 0; then [`order`] moves the appended functions ahead
+//! of the program's.
 
 use std::collections::HashSet;
 
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{
-    CodeSection, ConstExpr, CustomSection, DataCountSection, DataSection,
+    CodeSection, Section, ConstExpr, CustomSection, DataCountSection, DataSection,
     EntityType, ExportKind, ExportSection, FunctionSection, GlobalSection, GlobalType,
     ImportSection, MemoryType, Module, RawSection, RefType, TableSection, TableType,
     TypeSection,
@@ -18,7 +20,7 @@ use wasm_encoder::{
 use wasmparser::{Parser, Payload};
 
 use super::{
-    atomics, body, frames, helpers, val, Cx, Helpers, Packs, Types, MAX_FUNCTION_VALUES, MAX_UNSHARED_FLOAT_SAVE_SLOTS,
+    atomics, body, frames, helpers, order, val, Cx, Helpers, Packs, Types, MAX_FUNCTION_VALUES, MAX_UNSHARED_FLOAT_SAVE_SLOTS,
 };
 use crate::abi::{
     self, control, exports, BlockingImport, DataSegmentMeta, FunctionMeta, GlobalMeta,
@@ -142,7 +144,10 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
                         .collect(),
                 });
             }
-            None => bodies.push(wasm[b.range.clone()].to_vec()),
+            None => {
+                bodies.push(wasm[b.range.clone()].to_vec());
+                offsets.functions.push((b.func, vec![(0, b.range.start as u32)]));
+            }
         }
     }
     let mut appended = helpers::build(&info, &mut cx.types, &helpers, state_global);
@@ -151,7 +156,10 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
     if let Some(l) = &lowered {
         l.translate(&mut metadata, &mut offsets, &bodies)?;
     }
-    let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata, &offsets)?;
+    let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata)?;
+    let (mut out, offsets) = order::helpers_first(&out, offsets, appended.len() as u32)?;
+    let encoded = offsets.encode();
+    CustomSection { name: abi::offsets::SECTION.into(), data: encoded.as_slice().into() }.append_to(&mut out);
 
     let mut validator = wasmparser::Validator::new_with_features(analysis::output_features());
     validator.validate_all(&out).map_err(|e| {
@@ -299,7 +307,6 @@ fn assemble(
     bodies: &[Vec<u8>],
     appended: &[helpers::HelperFunc],
     meta: &Metadata,
-    offsets: &abi::offsets::OffsetMap,
 ) -> Result<Vec<u8>> {
     let mut re = RoundtripReencoder;
     let mut out = Out { info, types, helpers, appended, meta, module: Module::new(), next: Stage::Types };
@@ -423,8 +430,6 @@ fn assemble(
     }
     let encoded = meta.encode();
     module.section(&CustomSection { name: abi::METADATA_SECTION.into(), data: encoded.as_slice().into() });
-    let encoded = offsets.encode();
-    module.section(&CustomSection { name: abi::offsets::SECTION.into(), data: encoded.as_slice().into() });
     Ok(module.finish())
 }
 
