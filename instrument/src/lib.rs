@@ -4,15 +4,20 @@
 //!
 //! # What the output looks like
 //!
-//! The rewrite keeps the original: function indices, local indices, globals,
-//! tables, element and data segment indices stay as they were, and the
-//! operators of every function body are copied byte for byte except for
-//! branches whose depth changes. (One exception: a module that uses
-//! `memory.atomic.wait32`, `wait64` or `notify` gets those instructions
-//! lowered to calls of host imports first, [`abi::futex`], and the new
-//! imports move its defined functions up; the metadata still speaks of the
-//! original's indices and offsets.) What the instrumenter adds is appended:
-//! types, helper functions, a mutable `upstare_state` global, side tables for
+//! The rewrite keeps the original: local indices, globals, tables, element
+//! and data segment indices and imported functions stay as they were, and
+//! the operators of every function body are copied byte for byte except
+//! for branches whose depth changes and the indices of the functions it
+//! calls. Those move: the helper functions the instrumenter adds come
+//! before the original's defined functions, which wasmtime then compiles
+//! sooner (`rewrite::order`), and each defined function moves up by their
+//! number. (A module that uses `memory.atomic.wait32`, `wait64` or
+//! `notify` also gets those instructions lowered to calls of host imports
+//! first, [`abi::futex`], whose new imports move its defined functions up
+//! once more.) The metadata speaks of the original's function indices and
+//! offsets, and `upstare.offsets` ([`abi::offsets`]) maps each output
+//! function back to the original. The rest of what the instrumenter adds
+//! is appended: types, a mutable `upstare_state` global, side tables for
 //! reference-typed frame slots, exports, and the `upstare.meta` custom
 //! section ([`abi::metadata`]).
 //!
@@ -43,7 +48,7 @@
 //! cycle, has a reachable loop that is not bounded, a
 //! call to a blocking import, or a call (direct, or indirect through a
 //! signature some such function has) to a function that can. All other
-//! functions are copied unchanged.
+//! functions are copied unchanged but for the indices they call.
 //!
 //! Two kinds of code get no update point because their running time is
 //! bounded by a budget (`bound` checks the rules): a *bounded loop*, whose
