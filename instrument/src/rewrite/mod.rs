@@ -3,9 +3,9 @@
 //! [`body`] instruments one function body, [`frames`] emits the code that
 //! saves and restores a frame's slots, [`helpers`] builds the functions the
 //! instrumenter appends, [`module`] assembles the sections and [`order`]
-//! puts the appended functions first. This file
-//! holds what they share: the byte sink, the block-type interner and the
-//! indices of everything appended.
+//! puts the appended functions first. This file holds what they share: the
+//! byte sink, the block-type interner and the indices of everything
+//! appended.
 
 pub(crate) mod atomics;
 pub(crate) mod body;

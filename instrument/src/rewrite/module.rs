@@ -12,10 +12,10 @@ use std::collections::HashSet;
 
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{
-    CodeSection, Section, ConstExpr, CustomSection, DataCountSection, DataSection,
+    CodeSection, ConstExpr, CustomSection, DataCountSection, DataSection,
     EntityType, ExportKind, ExportSection, FunctionSection, GlobalSection, GlobalType,
-    ImportSection, MemoryType, Module, RawSection, RefType, TableSection, TableType,
-    TypeSection,
+    ImportSection, MemoryType, Module, RawSection, RefType, Section, TableSection,
+    TableType, TypeSection,
 };
 use wasmparser::{Parser, Payload};
 
