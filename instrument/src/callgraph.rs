@@ -67,6 +67,12 @@ impl CallGraph {
             }
         }
         let edges = call_edges(info, &by_sig);
+        let mut callers: Vec<Vec<u32>> = vec![Vec::new(); n];
+        for (from, callees) in edges.iter().enumerate() {
+            for &to in callees {
+                callers[to as usize].push(from as u32);
+            }
+        }
         let recursive = on_cycles(info, &edges);
         let entry_checked = entry_checks(info, &edges, &recursive);
         let loops = Loops::scan(info)?;
@@ -82,31 +88,40 @@ impl CallGraph {
         // Loops only ever lose their exemption, functions only ever become
         // able to unwind: this ends.
         loop {
-            g.unwind_fixpoint(info);
+            g.unwind_closure(info, &callers);
             if !loops.shrink(info, &g.can_unwind, &g.blocking, &mut g.bounded) {
                 return Ok(g);
             }
         }
     }
 
-    /// Which functions can unwind, given the bounded loops.
-    fn unwind_fixpoint(&mut self, info: &ModuleInfo<'_>) {
+    /// Which functions can unwind, given the bounded loops: the recursive
+    /// ones, those with a live loop that is not bounded, and, walking up
+    /// `callers` (the call edges reversed, a `call_indirect` calling every
+    /// escaping function of its type), every caller of a blocking import
+    /// or of a function that can unwind. One walk, where re-checking every
+    /// site until nothing changes took a pass per level of calls.
+    fn unwind_closure(&mut self, info: &ModuleInfo<'_>, callers: &[Vec<u32>]) {
         self.can_unwind.clone_from(&self.recursive);
-        loop {
-            let mut changed = false;
-            self.refresh_indirect(info);
-            for body in &info.bodies {
-                if !self.can_unwind[body.func as usize]
-                    && body.sites.iter().any(|s| self.resume_kind(body.func, s).is_some())
-                {
-                    self.can_unwind[body.func as usize] = true;
-                    changed = true;
-                }
-            }
-            if !changed {
-                return;
+        let mut work: Vec<u32> = (0..self.blocking.len() as u32).filter(|&f| self.blocking[f as usize]).collect();
+        for body in &info.bodies {
+            let unbounded_loop = |s: &Site| {
+                s.live && matches!(s.kind, SiteKind::Loop { .. }) && !self.bounded.contains(&(body.func, s.op_index))
+            };
+            if self.can_unwind[body.func as usize] || body.sites.iter().any(unbounded_loop) {
+                self.can_unwind[body.func as usize] = true;
+                work.push(body.func);
             }
         }
+        while let Some(callee) = work.pop() {
+            for &caller in &callers[callee as usize] {
+                if !self.can_unwind[caller as usize] {
+                    self.can_unwind[caller as usize] = true;
+                    work.push(caller);
+                }
+            }
+        }
+        self.refresh_indirect(info);
     }
 
     fn refresh_indirect(&mut self, info: &ModuleInfo<'_>) {
@@ -199,6 +214,12 @@ fn on_cycles(info: &ModuleInfo<'_>, edges: &[Vec<u32>]) -> Vec<bool> {
 /// what is left of the part without it until no cycle remains.
 fn entry_checks(info: &ModuleInfo<'_>, edges: &[Vec<u32>], recursive: &[bool]) -> Vec<bool> {
     let n = edges.len();
+    // Every part is made of recursive functions: calls of the others count
+    // for nothing here, and leaving them out saves a third of the walks in
+    // SQLite, whose largest part (1,112 functions) takes about 190 picks.
+    let edges: Vec<Vec<u32>> =
+        edges.iter().map(|e| e.iter().copied().filter(|&w| recursive[w as usize]).collect()).collect();
+    let edges = &edges[..];
     let mut size = vec![0usize; n];
     for body in &info.bodies {
         size[body.func as usize] = body.range.end - body.range.start;
@@ -206,18 +227,27 @@ fn entry_checks(info: &ModuleInfo<'_>, edges: &[Vec<u32>], recursive: &[bool]) -
     let mut checked = vec![false; n];
     let mut parts = cycles(edges, recursive, (0..n as u32).filter(|&f| recursive[f as usize]));
     let mut in_part = vec![false; n];
+    // Position of each member of the part at hand, `NONE` for the others.
+    const NONE: u32 = u32::MAX;
+    let mut position = vec![NONE; n];
     while let Some(part) = parts.pop() {
         let self_call = part.iter().copied().find(|&f| edges[f as usize].binary_search(&f).is_ok());
         let pick = self_call.unwrap_or_else(|| {
-            let index: HashMap<u32, usize> = part.iter().enumerate().map(|(i, &f)| (f, i)).collect();
+            for (i, &f) in part.iter().enumerate() {
+                position[f as usize] = i as u32;
+            }
             let (mut calls_in, mut calls_out) = (vec![0u64; part.len()], vec![0u64; part.len()]);
             for (i, &f) in part.iter().enumerate() {
-                for w in &edges[f as usize] {
-                    if let Some(&j) = index.get(w) {
+                for &w in &edges[f as usize] {
+                    let j = position[w as usize];
+                    if j != NONE {
                         calls_out[i] += 1;
-                        calls_in[j] += 1;
+                        calls_in[j as usize] += 1;
                     }
                 }
+            }
+            for &f in &part {
+                position[f as usize] = NONE;
             }
             let best = (0..part.len())
                 .max_by_key(|&i| (calls_in[i] * calls_out[i], size[part[i] as usize], std::cmp::Reverse(part[i])))
