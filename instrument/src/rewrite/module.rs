@@ -157,9 +157,11 @@ pub(crate) fn rewrite(wasm: &[u8], blocking: &HashSet<(String, String)>, stress:
         l.translate(&mut metadata, &mut offsets, &bodies)?;
     }
     let out = assemble(&info, &cx.types, &helpers, &bodies, &appended, &metadata)?;
-    let (mut out, offsets) = order::helpers_first(&out, offsets, appended.len() as u32)?;
-    let encoded = offsets.encode();
-    CustomSection { name: abi::offsets::SECTION.into(), data: encoded.as_slice().into() }.append_to(&mut out);
+    let (imported, program) = (info.num_imported_funcs, info.bodies.len() as u32);
+    let (mut out, offsets) = order::helpers_first(&out, offsets, imported, program, appended.len() as u32)?;
+    for (name, data) in [(abi::METADATA_SECTION, metadata.encode()), (abi::offsets::SECTION, offsets.encode())] {
+        CustomSection { name: name.into(), data: data.as_slice().into() }.append_to(&mut out);
+    }
 
     let mut validator = wasmparser::Validator::new_with_features(analysis::output_features());
     validator.validate_all(&out).map_err(|e| {
@@ -428,8 +430,6 @@ fn assemble(
     for (name, data) in &customs {
         module.section(&CustomSection { name: name.into(), data: data.into() });
     }
-    let encoded = meta.encode();
-    module.section(&CustomSection { name: abi::METADATA_SECTION.into(), data: encoded.as_slice().into() });
     Ok(module.finish())
 }
 

@@ -17,22 +17,29 @@
 //! exports, the name section) and copies everything else as it is: a body
 //! changes only where a call's index does, so the offset map keeps its
 //! runs, split where a renumbered call's encoding changes length. The
-//! metadata names functions by their index in the original module, which
-//! this pass does not touch; only the offset map counts output indices.
+//! metadata names functions by their index in the original module, so it
+//! does not change; it and the offset map, which counts output indices,
+//! are appended to the module after this pass.
 
 use wasm_encoder::reencode::{self, Reencode};
 use wasm_encoder::{Encode, Instruction, NameMap, NameSection};
 use wasmparser::{FunctionBody, KnownCustom, Name, Operator};
 
 use crate::abi::offsets::OffsetMap;
-use crate::error::{internal, Error, ErrorKind, Result};
+use crate::error::{internal, Result};
 
-/// Moves the last `helpers` defined functions of `wasm` ahead of the others;
-/// `offsets` lists the runs of every other defined function, by its index
-/// before the move, and comes back with the indices after it.
-pub(crate) fn helpers_first(wasm: &[u8], offsets: OffsetMap, helpers: u32) -> Result<(Vec<u8>, OffsetMap)> {
-    let (imported, defined) = function_counts(wasm)?;
-    let program = defined.checked_sub(helpers).ok_or_else(|| internal("more helpers than functions"))?;
+/// Moves the `helpers` defined functions that follow the program's own
+/// `program` ones (after `imported` function imports) ahead of them;
+/// `offsets` lists the runs of every program function, by its index before
+/// the move, and comes back with the indices after it.
+pub(crate) fn helpers_first(
+    wasm: &[u8],
+    offsets: OffsetMap,
+    imported: u32,
+    program: u32,
+    helpers: u32,
+) -> Result<(Vec<u8>, OffsetMap)> {
+    let defined = program + helpers;
     // Old defined position of each output position.
     let order: Vec<u32> = (program..defined).chain(0..program).collect();
     let mut new_position = vec![0; defined as usize];
@@ -46,24 +53,6 @@ pub(crate) fn helpers_first(wasm: &[u8], offsets: OffsetMap, helpers: u32) -> Re
     let mut moved = r.moved;
     moved.functions.sort_by_key(|(f, _)| *f);
     Ok((module.finish(), moved))
-}
-
-/// Function imports and defined functions of a valid module.
-fn function_counts(wasm: &[u8]) -> Result<(u32, u32)> {
-    let invalid = |e| Error::from_reader(ErrorKind::Internal, e);
-    let (mut imported, mut defined) = (0, 0);
-    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
-        match payload.map_err(invalid)? {
-            wasmparser::Payload::ImportSection(r) => {
-                for i in r.into_imports() {
-                    imported += matches!(i.map_err(invalid)?.ty, wasmparser::TypeRef::Func(_) | wasmparser::TypeRef::FuncExact(_)) as u32;
-                }
-            }
-            wasmparser::Payload::FunctionSection(r) => defined = r.count(),
-            _ => {}
-        }
-    }
-    Ok((imported, defined))
 }
 
 struct Reorder<'a> {
